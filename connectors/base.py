@@ -1,0 +1,108 @@
+"""Connector protocols: what every platform provides, as a source and as a target.
+
+The shapes fit bitmap/CBT hypervisors (KVM, VMware, Hyper-V: a snapshot plus a change id per disk,
+blocks read over NBD or a file) as well as snapshot-diff clouds (AWS, Azure, Nutanix: two snapshots
+diffed by an API, blocks read over HTTP). Data moves through `SourceDisk` / `TargetDisk`, which hand
+the copy engine one reader or writer per connection; how bytes travel is the connector's business.
+Connectors know nothing of Temporal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from sendense.datapath.copy import BlockReader, BlockWriter
+from sendense.datapath.extents import Extent
+from sendense.models import DiskInfo, PointInfo, SnapshotRef, VmInfo
+
+
+class SourceDisk(Protocol):
+    """One disk of a source snapshot, opened for reading."""
+
+    size: int
+
+    def extents(self, since: str | None, start: int = 0) -> Iterator[Extent]:
+        """Ranges to replicate from `start`, in offset order.
+
+        `since` is the change id of the last committed point: only ranges changed after it, each
+        tagged data or zero. None: every range of the disk (allocated data, and zero ranges).
+        Raises ChangeTrackingLost if the change id cannot be used.
+        """
+        ...
+
+    def connect(self) -> BlockReader:
+        """A new reader; the copy engine opens one per connection."""
+        ...
+
+
+class TargetDisk(Protocol):
+    """One replica disk being written by a sync."""
+
+    size: int
+    has_base: bool  # True when it starts from an earlier point's content (incremental or resync)
+
+    def connect(self) -> BlockWriter: ...
+
+
+@runtime_checkable
+class SourceConnector(Protocol):
+    platform: str
+
+    def validate(self) -> None:
+        """Check that the VM and its resources exist and are usable; one-line errors."""
+        ...
+
+    def discover(self) -> VmInfo: ...
+
+    def create_snapshot(self, snapshot_id: str, base: dict[str, str | None]) -> SnapshotRef:
+        """A crash-consistent point across all disks; `base` maps disk key -> change id to diff against.
+
+        A disk whose change id is unusable comes back with `tracking_lost` set, never silently full.
+        """
+        ...
+
+    def open_disk(self, snap: SnapshotRef, key: str) -> AbstractContextManager[SourceDisk]: ...
+
+    def release_snapshot(self, snap: SnapshotRef, committed: bool) -> None:
+        """Drop what the snapshot holds. If committed, its change ids become the base of the next sync
+        and older change tracking state may go; if not, the previous base must stay usable."""
+        ...
+
+
+@runtime_checkable
+class TargetConnector(Protocol):
+    platform: str
+
+    def validate(self) -> None: ...
+
+    def prepare(self, sync_id: str, disks: list[DiskInfo]) -> None:
+        """Make replica disks ready for a sync, sized as given. Idempotent for the same sync id;
+        a different sync id discards the unfinished writes of an abandoned sync."""
+        ...
+
+    def open_disk(self, sync_id: str, key: str) -> AbstractContextManager[TargetDisk]: ...
+
+    def commit(self, sync_id: str, point: PointInfo) -> PointInfo:
+        """Atomically turn the sync's writes into an immutable recovery point."""
+        ...
+
+    def abort(self, sync_id: str) -> None: ...
+
+    def list_points(self) -> list[PointInfo]:
+        """Committed points, newest first."""
+        ...
+
+    def prune(self, keep: int) -> list[str]:
+        """Delete the oldest points beyond `keep`; newer points keep their content."""
+        ...
+
+    def export(self, point_id: str, fmt: str, out_dir: Path) -> list[tuple[str, Path]]:
+        """Write the point's disks as standalone images; returns (disk key, path)."""
+        ...
+
+    def destroy(self) -> None:
+        """Remove every replica and point of the job."""
+        ...

@@ -1,0 +1,145 @@
+"""qemu-img and qemu-nbd, run as subprocesses."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sendense.errors import ResourceNotFound, ResourceUnavailable, SendenseError, TargetError
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise SendenseError(f"{name} is not installed (run scripts/install.sh)")
+    return path
+
+
+def qemu_img(*args: str, check: bool = True, timeout: float = 3600) -> subprocess.CompletedProcess[str]:
+    cmd = [tool("qemu-img"), *args]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        msg = (p.stderr.strip().splitlines() or ["failed"])[-1]
+        low = msg.lower()
+        if "no space left" in low:
+            raise TargetError(f"qemu-img {args[0]}: {msg}")
+        if "failed to get" in low and "lock" in low:
+            raise ResourceUnavailable(f"qemu-img {args[0]}: {msg}")
+        raise SendenseError(f"qemu-img {args[0]}: {msg}")
+    return p
+
+
+def image_info(path: Path, *, force_share: bool = True) -> dict[str, Any]:
+    """`qemu-img info` as JSON. Raises ResourceNotFound for a missing file."""
+    if not path.exists():
+        raise ResourceNotFound(f"disk image {path}: not found")
+    args = ["info", "--output=json"]
+    if force_share:
+        args.append("-U")
+    p = qemu_img(*args, str(path))
+    return json.loads(p.stdout)
+
+
+def qcow2_bitmaps(info: dict[str, Any]) -> dict[str, list[str]]:
+    """Bitmap name -> flags (e.g. ['auto'], or ['in-use'] for one left inconsistent by a crash)."""
+    data = info.get("format-specific", {}).get("data", {})
+    return {b["name"]: list(b.get("flags", [])) for b in data.get("bitmaps", [])}
+
+
+class NbdServer:
+    """A qemu-nbd process serving one image on a private unix socket."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], sock: Path, tmpdir: str) -> None:
+        self.proc, self.socket, self._tmpdir = proc, sock, tmpdir
+
+    @property
+    def uri(self) -> str:
+        return f"nbd+unix:///?socket={self.socket}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self._tmpdir, ignore_errors=True)
+
+
+def start_qemu_nbd(
+    image: Path,
+    *,
+    fmt: str = "qcow2",
+    readonly: bool = True,
+    bitmaps: Sequence[str] = (),
+    connections: int = 8,
+    extra: Sequence[str] = (),
+) -> NbdServer:
+    """Start qemu-nbd on `image`; it dies with this process (PDEATHSIG) so a killed worker leaks nothing."""
+    tmpdir = tempfile.mkdtemp(prefix="sendense-nbd-")
+    sock = Path(tmpdir) / "nbd.sock"
+    cmd = [tool("qemu-nbd"), "--persistent", "--shared", str(connections), "--format", fmt, "--socket", str(sock)]
+    cmd += ["--cache=writeback", "--aio=threads"]
+    if readonly:
+        cmd.append("--read-only")
+    else:
+        cmd += ["--discard=unmap"]
+    for b in bitmaps:
+        cmd += ["--bitmap", b]
+    cmd += [*extra, str(image)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=_die_with_parent)
+    deadline = time.monotonic() + 30
+    while not sock.exists():
+        if proc.poll() is not None:
+            err = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
+            shutil.rmtree(tmpdir, ignore_errors=True)
+            last = (err.splitlines() or ["exited"])[-1]
+            if "lock" in last.lower():
+                raise ResourceUnavailable(f"disk image {image} is in use by another process ({last})")
+            raise SendenseError(f"qemu-nbd could not serve {image}: {last}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            shutil.rmtree(tmpdir, ignore_errors=True)
+            raise ResourceUnavailable(f"qemu-nbd did not start for {image}")
+        time.sleep(0.01)
+    return NbdServer(proc, sock, tmpdir)
+
+
+@contextmanager
+def qemu_nbd(image: Path, **kw: Any) -> Iterator[NbdServer]:
+    srv = start_qemu_nbd(image, **kw)
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

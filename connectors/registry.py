@@ -1,0 +1,46 @@
+"""One table from platform name to connector factories."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from connectors.base import SourceConnector, TargetConnector
+from sendense.errors import InvalidSpec
+from sendense.models import JobSpec
+
+SourceFactory = Callable[[str, Any, Path], SourceConnector]
+TargetFactory = Callable[[str, Any], TargetConnector]
+
+
+def _kvm_source(job: str, spec: Any, work_dir: Path) -> SourceConnector:
+    from connectors.kvm.source import make_kvm_source
+
+    return make_kvm_source(job, spec, work_dir)
+
+
+def _kvm_target(job: str, spec: Any) -> TargetConnector:
+    from connectors.kvm.target import KvmTarget
+
+    return KvmTarget(job, spec.path)
+
+
+SOURCES: dict[str, SourceFactory] = {"kvm": _kvm_source}
+TARGETS: dict[str, TargetFactory] = {"kvm": _kvm_target}
+
+
+def source_for(spec: JobSpec, work_dir: Path) -> SourceConnector:
+    try:
+        factory = SOURCES[spec.source.platform]
+    except KeyError:
+        raise InvalidSpec(f"source.platform: {spec.source.platform!r} is not supported") from None
+    return factory(spec.name, spec.source, work_dir)
+
+
+def target_for(spec: JobSpec) -> TargetConnector:
+    try:
+        factory = TARGETS[spec.target.platform]
+    except KeyError:
+        raise InvalidSpec(f"target.platform: {spec.target.platform!r} is not supported") from None
+    return factory(spec.name, spec.target)

@@ -1,0 +1,212 @@
+"""The copy engine: extents in, blocks out.
+
+Several connections read and write in parallel (one reader and one writer per thread; libnbd
+releases the GIL while it waits). Data chunks that turn out to be all zero are written as zero
+ranges, with no payload. In compare mode (resync after change tracking was lost) each source chunk
+is hashed against the target's current chunk and written only when they differ.
+
+Progress is a watermark: every request is numbered in offset order; the watermark is the end of the
+longest fully completed prefix. At each checkpoint the target is flushed and the watermark handed to
+`on_checkpoint` as the resume token, so a crash re-copies at most one checkpoint window.
+Memory is bounded by connections x chunk size, whatever the disk size.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import xxhash
+
+from sendense.datapath.extents import Extent, split
+from sendense.datapath.throttle import Throttle
+from sendense.errors import DataPathError
+from sendense.models import CopyStats
+
+log = logging.getLogger(__name__)
+
+
+class BlockReader(Protocol):
+    def read(self, offset: int, length: int) -> bytes: ...
+    def close(self) -> None: ...
+
+
+class BlockWriter(Protocol):
+    def read(self, offset: int, length: int) -> bytes: ...
+    def write(self, offset: int, data: bytes) -> None: ...
+    def zero(self, offset: int, length: int) -> None: ...
+    def flush(self) -> None: ...
+    def close(self) -> None: ...
+
+
+Mode = Literal["copy", "compare"]
+CheckpointFn = Callable[[int, int, CopyStats], None]
+
+
+@dataclass
+class CopyPlan:
+    extents: Iterable[Extent]
+    open_reader: Callable[[], BlockReader]
+    open_writer: Callable[[], BlockWriter]
+    mode: Mode = "copy"
+    chunk_size: int = 4 << 20
+    connections: int = 4
+    checkpoint_bytes: int = 64 << 20
+    checkpoint_seconds: float = 2.0
+    throttle: Throttle | None = None
+    on_checkpoint: CheckpointFn | None = None
+    cancelled: Callable[[], bool] = field(default=lambda: False)
+
+
+_STOP = object()
+
+
+def _is_zero(data: bytes, zeros: bytes) -> bool:
+    return data == zeros if len(data) == len(zeros) else data == bytes(len(data))
+
+
+class _Worker(threading.Thread):
+    def __init__(self, plan: CopyPlan, work: queue.Queue, done: queue.Queue, abort: threading.Event) -> None:
+        super().__init__(daemon=True, name="copy-worker")
+        self.plan, self.work, self.done, self.abort = plan, work, done, abort
+        self.zeros = bytes(plan.chunk_size)
+
+    def run(self) -> None:
+        reader = writer = None
+        try:
+            reader = self.plan.open_reader()
+            writer = self.plan.open_writer()
+            while not self.abort.is_set():
+                item = self.work.get()
+                if item is _STOP:
+                    break
+                seq, ext = item
+                self.done.put((seq, ext, self._one(reader, writer, ext)))
+        except BaseException as e:  # noqa: BLE001 - handed to the coordinating thread
+            self.abort.set()
+            self.done.put(("error", e, None))
+        finally:
+            for c in (reader, writer):
+                if c is not None:
+                    try:
+                        c.close()
+                    except Exception:  # noqa: BLE001
+                        log.debug("close failed", exc_info=True)
+
+    def _one(self, reader: BlockReader, writer: BlockWriter, e: Extent) -> CopyStats:
+        s = CopyStats(extents=1)
+        if e.zero:
+            writer.zero(e.offset, e.length)
+            s.bytes_zeroed = e.length
+            return s
+        if self.plan.throttle is not None:
+            self.plan.throttle.consume(e.length)
+        data = reader.read(e.offset, e.length)
+        s.bytes_read = e.length
+        zero = _is_zero(data, self.zeros)
+        if self.plan.mode == "compare":
+            current = writer.read(e.offset, e.length)
+            if xxhash.xxh3_128_digest(current) == xxhash.xxh3_128_digest(data):
+                s.bytes_skipped = e.length
+                return s
+        if zero:
+            writer.zero(e.offset, e.length)
+            s.bytes_zeroed = e.length
+        else:
+            writer.write(e.offset, data)
+            s.bytes_written = e.length
+        return s
+
+
+def run_copy(plan: CopyPlan) -> tuple[CopyStats, int]:
+    """Copy every extent of the plan. Returns the stats and the final watermark offset."""
+    started = time.monotonic()
+    work: queue.Queue = queue.Queue(maxsize=plan.connections * 2)
+    done: queue.Queue = queue.Queue()
+    abort = threading.Event()
+    dispatched: list[int] = []  # [count] once the dispatcher has finished
+
+    def dispatch() -> None:
+        n = 0
+        try:
+            for ext in split(plan.extents, plan.chunk_size):
+                while not abort.is_set():
+                    try:
+                        work.put((n, ext), timeout=0.2)
+                        break
+                    except queue.Full:
+                        continue
+                if abort.is_set():
+                    return
+                n += 1
+            dispatched.append(n)
+            done.put(("dispatched", n, None))
+        except BaseException as e:  # noqa: BLE001
+            abort.set()
+            done.put(("error", e, None))
+        finally:
+            for _ in range(plan.connections):
+                try:
+                    work.put(_STOP, timeout=0.5)
+                except queue.Full:
+                    pass
+
+    control = plan.open_writer()  # flushes at checkpoints
+    workers = [_Worker(plan, work, done, abort) for _ in range(plan.connections)]
+    feeder = threading.Thread(target=dispatch, daemon=True, name="copy-dispatch")
+    stats = CopyStats()
+    pending: dict[int, Extent] = {}
+    next_seq = 0
+    watermark = 0
+    completed = 0
+    last_ck_bytes = 0
+    last_ck_time = time.monotonic()
+    progressed = 0
+    total: int | None = None
+    try:
+        for w in workers:
+            w.start()
+        feeder.start()
+        while total is None or completed < total:
+            if plan.cancelled():
+                raise DataPathError("copy cancelled")
+            try:
+                seq, ext, delta = done.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if seq == "error":
+                raise ext
+            if seq == "dispatched":
+                total = ext
+                continue
+            completed += 1
+            stats.add(delta)
+            pending[seq] = ext
+            while next_seq in pending:
+                e = pending.pop(next_seq)
+                watermark = e.end
+                progressed += 0 if e.zero else e.length
+                next_seq += 1
+            now = time.monotonic()
+            due = progressed - last_ck_bytes >= plan.checkpoint_bytes or now - last_ck_time >= plan.checkpoint_seconds
+            if due and plan.on_checkpoint is not None:
+                control.flush()
+                stats.seconds = now - started
+                plan.on_checkpoint(watermark, progressed, stats)
+                last_ck_bytes, last_ck_time = progressed, now
+        control.flush()
+        stats.seconds = time.monotonic() - started
+        if plan.on_checkpoint is not None:
+            plan.on_checkpoint(watermark, progressed, stats)
+        return stats, watermark
+    finally:
+        abort.set()
+        for w in workers:
+            w.join(timeout=30)
+        feeder.join(timeout=5)
+        control.close()

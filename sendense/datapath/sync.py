@@ -1,0 +1,78 @@
+"""One disk of one sync: choose full / incremental / resync, plan the extents, run the copy.
+
+- full: the target starts empty; only the source's data ranges are copied (zero ranges are
+  already zero on a fresh replica).
+- incremental: only ranges changed since the base change id; changed ranges that read as zero are
+  written as zero ranges.
+- resync: change tracking was lost (or never existed for this target): every range is read, its
+  digest compared with the replica's current block, and only differing blocks are written.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+
+from connectors.base import SourceDisk, TargetDisk
+from sendense.datapath.copy import CopyPlan, run_copy
+from sendense.datapath.extents import Extent, clip, coalesce
+from sendense.datapath.throttle import Throttle
+from sendense.models import CopyStats, DiskCopyResult, DiskSnapshot, SyncKind, Tuning
+
+log = logging.getLogger(__name__)
+
+Checkpoint = Callable[[int, int, int, CopyStats], None]  # offset, done, total, stats
+
+
+def sync_kind(disk: DiskSnapshot, target_has_base: bool) -> SyncKind:
+    if not target_has_base:
+        return "full"
+    if disk.base_change_id is None or disk.tracking_lost:
+        return "resync"
+    return "incremental"
+
+
+def plan_extents(src: SourceDisk, kind: SyncKind, since: str | None, start: int, end: int) -> Iterator[Extent]:
+    if kind == "incremental":
+        raw = src.extents(since, start)
+    else:
+        raw = src.extents(None, start)
+        if kind == "full":
+            raw = (e for e in raw if not e.zero)
+    return coalesce(clip(raw, start, end))
+
+
+def copy_disk(
+    src: SourceDisk,
+    dst: TargetDisk,
+    disk: DiskSnapshot,
+    tuning: Tuning,
+    *,
+    start: int = 0,
+    on_checkpoint: Checkpoint | None = None,
+    cancelled: Callable[[], bool] = lambda: False,
+    throttle: Throttle | None = None,
+) -> DiskCopyResult:
+    kind = sync_kind(disk, dst.has_base)
+    end = min(src.size, dst.size)
+    total = sum(e.length for e in plan_extents(src, kind, disk.base_change_id, start, end) if not e.zero)
+    log.info("disk %s: %s sync from %d, %d bytes to read", disk.key, kind, start, total)
+
+    def ck(offset: int, done: int, stats: CopyStats) -> None:
+        if on_checkpoint is not None:
+            on_checkpoint(offset, done, total, stats)
+
+    plan = CopyPlan(
+        extents=plan_extents(src, kind, disk.base_change_id, start, end),
+        open_reader=src.connect,
+        open_writer=dst.connect,
+        mode="compare" if kind == "resync" else "copy",
+        chunk_size=tuning.chunk_size,
+        connections=tuning.connections,
+        checkpoint_bytes=tuning.checkpoint_bytes,
+        throttle=throttle or (Throttle(tuning.bandwidth_limit) if tuning.bandwidth_limit else None),
+        on_checkpoint=ck,
+        cancelled=cancelled,
+    )
+    stats, _ = run_copy(plan)
+    return DiskCopyResult(key=disk.key, kind=kind, stats=stats, resumed_from=start)

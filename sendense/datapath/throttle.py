@@ -1,0 +1,33 @@
+"""A token bucket shared by the copy threads of one job: the bandwidth the job is granted."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+
+class Throttle:
+    def __init__(self, rate: int | None, burst: int | None = None) -> None:
+        self.rate = rate
+        self.burst = burst or (rate or 0)
+        self._tokens = float(self.burst)
+        self._last = time.monotonic()
+        self._lock = threading.Lock()
+
+    def set_rate(self, rate: int | None) -> None:
+        with self._lock:
+            self.rate = rate
+            self.burst = rate or 0
+
+    def consume(self, n: int) -> None:
+        """Block until `n` bytes may pass. A request larger than the burst passes at the average rate."""
+        if not self.rate:
+            return
+        with self._lock:
+            now = time.monotonic()
+            self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
+            self._last = now
+            self._tokens -= n
+            wait = -self._tokens / self.rate if self._tokens < 0 else 0.0
+        if wait > 0:
+            time.sleep(wait)

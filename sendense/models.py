@@ -1,0 +1,265 @@
+"""Pydantic models: the job spec users write, and what activities and workflows exchange.
+
+Everything here is small and serializable: disk data never travels in these models, only
+references (disk keys, change ids, offsets, digests). New fields always get defaults so that old and
+new workers can run side by side.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+def parse_duration(value: Any) -> Any:
+    """Accept `30s`, `5m`, `1h`, `1.5h`, plain seconds, or a timedelta."""
+    if isinstance(value, str):
+        m = _DURATION.match(value)
+        if not m:
+            raise ValueError(f"invalid duration {value!r} (use e.g. 30s, 5m, 1h)")
+        return timedelta(seconds=float(m.group(1)) * _UNITS[m.group(2)])
+    if isinstance(value, int | float):
+        return timedelta(seconds=value)
+    return value
+
+
+Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+
+JOB_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+
+
+class Strict(BaseModel):
+    """Spec models reject unknown fields, so a typo is an error and not a silent default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Wire(BaseModel):
+    """Models exchanged between workflows and activities: tolerant of fields added by newer workers."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+# --------------------------------------------------------------------------------------------- spec
+
+
+class LibvirtDomain(Strict):
+    uri: str = Field(description="libvirt connection URI, e.g. qemu:///system")
+    domain: str = Field(description="domain name")
+
+
+class KvmSource(Strict):
+    """A KVM VM, given in exactly one of three forms."""
+
+    platform: Literal["kvm"]
+    disks: list[Path] | None = Field(default=None, description="stopped VM: its qcow2 disk images")
+    qmp: Path | None = Field(default=None, description="running VM: its QMP unix socket")
+    libvirt: LibvirtDomain | None = Field(default=None, description="running VM managed by libvirt")
+    host: str | None = Field(default=None, description="host id whose agent reads the disks (default: local)")
+
+    @model_validator(mode="after")
+    def _one_form(self) -> KvmSource:
+        forms = [n for n in ("disks", "qmp", "libvirt") if getattr(self, n) is not None]
+        if len(forms) != 1:
+            raise ValueError("give exactly one of disks, qmp or libvirt")
+        if self.disks is not None and not self.disks:
+            raise ValueError("disks must list at least one qcow2 image")
+        if self.disks is not None and len(set(self.disks)) != len(self.disks):
+            raise ValueError("disks lists the same image twice")
+        return self
+
+    @property
+    def mode(self) -> str:
+        return "offline" if self.disks is not None else "qmp" if self.qmp is not None else "libvirt"
+
+
+class KvmTarget(Strict):
+    """Replica volumes as qcow2 files in a directory, as on a KVM host's primary storage."""
+
+    platform: Literal["kvm"]
+    path: Path = Field(description="directory that holds the replicas and recovery points")
+    host: str | None = Field(default=None, description="host id whose agent writes the replicas")
+
+
+SourceSpec = KvmSource
+TargetSpec = KvmTarget
+
+
+class Schedule(Strict):
+    interval: Duration = Field(default=timedelta(minutes=5), description="time between sync starts")
+
+    @field_validator("interval")
+    @classmethod
+    def _positive(cls, v: timedelta) -> timedelta:
+        if v.total_seconds() < 1:
+            raise ValueError("interval must be at least 1s")
+        return v
+
+
+class Retention(Strict):
+    points: int = Field(default=24, ge=1, le=10000, description="recovery points kept per job")
+
+
+class Tuning(Strict):
+    """Data path settings; the defaults suit local disks."""
+
+    chunk_size: int = Field(default=4 << 20, ge=64 << 10, le=32 << 20)
+    connections: int = Field(default=4, ge=1, le=16)
+    checkpoint_bytes: int = Field(default=64 << 20, ge=1 << 20, description="resume token granularity")
+    bandwidth_limit: int | None = Field(default=None, ge=1 << 20, description="bytes/s, none = unlimited")
+
+
+class JobSpec(Strict):
+    name: str
+    source: SourceSpec
+    target: TargetSpec
+    schedule: Schedule = Field(default_factory=Schedule)
+    retention: Retention = Field(default_factory=Retention)
+    tuning: Tuning = Field(default_factory=Tuning)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not JOB_NAME.match(v):
+            raise ValueError("must be 1-63 chars of a-z 0-9 . _ - starting with a letter or digit")
+        return v
+
+
+class Settings(Strict):
+    """What `job settings` may change on a running job."""
+
+    interval: Duration | None = None
+    retention_points: int | None = Field(default=None, ge=1, le=10000)
+    bandwidth_limit: int | None = Field(default=None, ge=0)
+
+
+# --------------------------------------------------------------------------------------- runtime
+
+
+class DiskInfo(Wire):
+    key: str = Field(description="stable disk id within the VM, e.g. disk0 or vda")
+    size: int
+    ref: str = Field(default="", description="platform reference: image path, node name, volume id")
+
+
+class VmInfo(Wire):
+    name: str
+    platform: str
+    disks: list[DiskInfo]
+
+
+class DiskSnapshot(Wire):
+    key: str
+    size: int
+    change_id: str = Field(description="change id that the next sync will diff against")
+    base_change_id: str | None = Field(default=None, description="None: no base, a full sync")
+    tracking_lost: str | None = Field(default=None, description="why change tracking was lost, if it was")
+    handle: dict[str, str] = Field(default_factory=dict, description="connector data: export, paths")
+
+
+class SnapshotRef(Wire):
+    snapshot_id: str
+    created_at: datetime
+    disks: list[DiskSnapshot]
+    handle: dict[str, str] = Field(default_factory=dict)
+
+    def disk(self, key: str) -> DiskSnapshot:
+        for d in self.disks:
+            if d.key == key:
+                return d
+        raise KeyError(key)
+
+
+SyncKind = Literal["full", "incremental", "resync"]
+
+
+class CopyStats(Wire):
+    bytes_read: int = 0
+    bytes_written: int = 0
+    bytes_zeroed: int = 0
+    bytes_skipped: int = Field(default=0, description="read but equal on the target (resync)")
+    extents: int = 0
+    seconds: float = 0.0
+    recopied: int = Field(default=0, description="bytes copied again after a resume")
+
+    def add(self, other: CopyStats) -> None:
+        for name in type(self).model_fields:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+class DiskCopyResult(Wire):
+    key: str
+    kind: SyncKind
+    stats: CopyStats
+    resumed_from: int = 0
+
+
+class CopyToken(Wire):
+    """Heartbeated resume token: everything below `offset` of this disk is on the target and flushed."""
+
+    sync_id: str
+    disk: str
+    offset: int
+    done: int = 0
+    total: int = 0
+    stats: CopyStats = Field(default_factory=CopyStats)
+
+
+class PointDisk(Wire):
+    key: str
+    size: int
+    change_id: str
+    path: str = ""
+
+
+class PointInfo(Wire):
+    point_id: str
+    job: str
+    created_at: datetime = Field(description="the snapshot instant the point holds")
+    committed_at: datetime
+    kind: SyncKind
+    disks: list[PointDisk]
+    stats: CopyStats = Field(default_factory=CopyStats)
+
+
+class SyncResult(Wire):
+    point_id: str
+    kind: SyncKind
+    bytes_read: int
+    bytes_written: int
+    bytes_zeroed: int
+    bytes_skipped: int = 0
+    seconds: float
+    created_at: datetime
+    resync_reason: str | None = None
+
+
+JobState = Literal["starting", "idle", "syncing", "paused", "error", "deleting", "deleted"]
+
+
+class JobStatus(Wire):
+    name: str
+    state: JobState
+    source: str
+    target: str
+    interval_seconds: float
+    retention_points: int
+    syncs: int = 0
+    failures: int = 0
+    last_point: str | None = None
+    last_point_at: datetime | None = None
+    last_sync: SyncResult | None = None
+    next_sync_at: datetime | None = None
+    rpo_lag_seconds: float | None = None
+    last_error: str | None = None
+    last_resync_reason: str | None = None
+    resyncs: int = 0
+    total_bytes_written: int = 0
+    current_sync: str | None = None
