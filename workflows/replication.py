@@ -1,0 +1,392 @@
+"""ReplicationWorkflow: one long-lived workflow per replication job.
+
+Seed (full sync), then incremental syncs on the job's interval or on request. Each sync:
+create_snapshot -> prepare_target -> copy_disk per disk -> commit_point -> release_snapshot ->
+prune_points. A failed sync aborts its pending writes and releases its snapshot without
+committing, so no point is touched and the next sync diffs from the last committed change ids.
+Deterministic: no I/O, no clocks but workflow.now(), no connector imports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timedelta
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy, SearchAttributeKey
+from temporalio.exceptions import ActivityError, ApplicationError, FailureError
+
+with workflow.unsafe.imports_passed_through():
+    from sendense.models import (
+        AbortRequest,
+        CarriedState,
+        CommitRequest,
+        CopyRequest,
+        DeleteRequest,
+        DiskCopyResult,
+        DiskInfo,
+        JobRequest,
+        JobStatus,
+        PointInfo,
+        PrepareRequest,
+        PruneRequest,
+        PruneResult,
+        ReleaseRequest,
+        ReplicationInput,
+        Settings,
+        SnapshotRef,
+        SnapshotRequest,
+        SyncNowRequest,
+        SyncResult,
+        VmInfo,
+    )
+
+SA_JOB = SearchAttributeKey.for_keyword("SendenseJob")
+SA_SOURCE = SearchAttributeKey.for_keyword("SendenseSource")
+SA_TARGET = SearchAttributeKey.for_keyword("SendenseTarget")
+SA_VM = SearchAttributeKey.for_keyword("SendenseVm")
+SA_STATE = SearchAttributeKey.for_keyword("SendenseState")
+
+SHORT = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30), maximum_attempts=5)
+COPY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=20), maximum_attempts=20)
+
+
+def failure_message(e: BaseException) -> str:
+    """The root cause's one-line message (activity failures wrap it)."""
+    cause: BaseException | None = e
+    while isinstance(cause, ActivityError) and cause.cause is not None:
+        cause = cause.cause
+    if isinstance(cause, FailureError):
+        return cause.message
+    return str(cause)
+
+
+@workflow.defn(name="ReplicationWorkflow")
+class ReplicationWorkflow:
+    def __init__(self) -> None:
+        self.inp: ReplicationInput | None = None
+        self.st = CarriedState()
+        self.state = "starting"
+        self.deleting: DeleteRequest | None = None
+        self.current: str | None = None
+        self.started_count = 0
+        self.outcomes: dict[int, SyncResult | str] = {}
+        self.next_sync_at: datetime | None = None
+        self.vm: VmInfo | None = None
+
+    # ------------------------------------------------------------------ handlers
+
+    @workflow.query
+    def status(self) -> JobStatus:
+        assert self.inp is not None
+        spec = self.inp.spec
+        return JobStatus(
+            name=spec.name,
+            state=self.state,  # type: ignore[arg-type]
+            source=_describe_source(self.inp),
+            target=f"{spec.target.platform}:{spec.target.path}",
+            interval_seconds=spec.schedule.interval.total_seconds(),
+            retention_points=spec.retention.points,
+            syncs=self.st.syncs,
+            failures=self.st.failures,
+            last_point=self.st.last_point.point_id if self.st.last_point else None,
+            last_point_at=self.st.last_point.created_at if self.st.last_point else None,
+            last_sync=self.st.last_sync,
+            next_sync_at=self.next_sync_at,
+            last_error=self.st.last_error,
+            last_resync_reason=self.st.last_resync_reason,
+            resyncs=self.st.resyncs,
+            total_bytes_written=self.st.total_bytes_written,
+            current_sync=self.current,
+        )
+
+    @workflow.signal
+    def pause(self) -> None:
+        self.st.paused = True
+
+    @workflow.signal
+    def resume(self) -> None:
+        self.st.paused = False
+
+    @workflow.signal
+    def request_sync(self) -> None:
+        self.st.pending_requests += 1
+
+    @workflow.update
+    async def sync_now(self, req: SyncNowRequest) -> SyncResult:
+        """Start a sync now (or right after the running one) and return its result."""
+        self.st.pending_requests += 1
+        ticket = self.st.seq + 1
+        await workflow.wait_condition(lambda: ticket in self.outcomes or self.deleting is not None)
+        outcome = self.outcomes.get(ticket)
+        if isinstance(outcome, SyncResult):
+            return outcome
+        if outcome is None:
+            raise ApplicationError("job is being deleted", type="JobDeleted", non_retryable=True)
+        raise ApplicationError(outcome, type="SyncFailed", non_retryable=True)
+
+    @sync_now.validator
+    def _validate_sync_now(self, req: SyncNowRequest) -> None:
+        if self.deleting is not None:
+            raise ApplicationError("job is being deleted", type="JobDeleted")
+        if self.st.paused:
+            raise ApplicationError("job is paused; resume it first", type="JobPaused")
+
+    @workflow.update
+    def update_settings(self, settings: Settings) -> JobStatus:
+        assert self.inp is not None
+        spec = self.inp.spec
+        if settings.interval is not None:
+            spec.schedule.interval = settings.interval
+        if settings.retention_points is not None:
+            spec.retention.points = settings.retention_points
+        if settings.bandwidth_limit is not None:
+            spec.tuning.bandwidth_limit = settings.bandwidth_limit or None
+        self._reschedule()
+        return self.status()
+
+    @workflow.update
+    async def delete(self, req: DeleteRequest) -> None:
+        self.deleting = req
+        await workflow.wait_condition(lambda: self.state == "deleted")
+
+    # ------------------------------------------------------------------ main loop
+
+    @workflow.run
+    async def run(self, inp: ReplicationInput) -> JobStatus:
+        self.inp = inp
+        self.st = inp.state
+        self.outcomes = {}
+        spec = inp.spec
+        if not self.st.validated:
+            self._set_state("starting")
+            self.vm = await workflow.execute_activity(
+                "validate_job",
+                JobRequest(spec=spec),
+                result_type=VmInfo,
+                task_queue=inp.source_queue,
+                start_to_close_timeout=timedelta(minutes=5),
+                retry_policy=SHORT,
+            )
+            self.st.validated = True
+            if inp.search_attributes:
+                workflow.upsert_search_attributes([SA_VM.value_set(self.vm.name)])
+        self._reschedule()
+        syncs_this_run = 0
+        while self.deleting is None:
+            self._set_state("paused" if self.st.paused else ("error" if self.st.last_error else "idle"))
+            if self.st.paused:
+                await workflow.wait_condition(lambda: not self.st.paused or self.deleting is not None)
+                self._reschedule()
+                continue
+            if self.st.pending_requests == 0:
+                delay = self._delay()
+                if delay > 0:
+                    try:
+                        await workflow.wait_condition(
+                            lambda: self.st.pending_requests > 0 or self.st.paused or self.deleting is not None,
+                            timeout=delay,
+                        )
+                    except asyncio.TimeoutError:
+                        pass
+                    if self.st.paused or self.deleting is not None:
+                        continue
+            if self.st.paused or self.deleting is not None:
+                continue
+            self.st.pending_requests = 0
+            await self._sync()
+            syncs_this_run += 1
+            if (
+                syncs_this_run >= inp.max_syncs_per_run or workflow.info().is_continue_as_new_suggested()
+            ) and workflow.all_handlers_finished():
+                self._set_state("idle")
+                workflow.continue_as_new(
+                    ReplicationInput(
+                        spec=spec,
+                        state=self.st,
+                        source_queue=inp.source_queue,
+                        target_queue=inp.target_queue,
+                        search_attributes=inp.search_attributes,
+                        max_syncs_per_run=inp.max_syncs_per_run,
+                    )
+                )
+        self._set_state("deleting")
+        if self.deleting.purge:
+            await workflow.execute_activity(
+                "destroy_target",
+                JobRequest(spec=spec),
+                task_queue=inp.target_queue,
+                start_to_close_timeout=timedelta(minutes=30),
+                retry_policy=SHORT,
+            )
+        self._set_state("deleted")
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        return self.status()
+
+    # ------------------------------------------------------------------ one sync
+
+    async def _sync(self) -> None:
+        assert self.inp is not None
+        inp, spec = self.inp, self.inp.spec
+        self.st.seq += 1
+        seq = self.st.seq
+        now = workflow.now()
+        sync_id = f"{now:%Y%m%dT%H%M%SZ}-{seq:04d}"
+        self.current = sync_id
+        self.st.last_sync_started_at = now
+        self._set_state("syncing")
+        self._reschedule()
+        t0 = workflow.now()
+        snap: SnapshotRef | None = None
+        try:
+            snap = await workflow.execute_activity(
+                "create_snapshot",
+                SnapshotRequest(spec=spec, snapshot_id=sync_id, base=self.st.base),
+                result_type=SnapshotRef,
+                task_queue=inp.source_queue,
+                start_to_close_timeout=timedelta(minutes=10),
+                retry_policy=SHORT,
+            )
+            await workflow.execute_activity(
+                "prepare_target",
+                PrepareRequest(spec=spec, sync_id=sync_id, disks=[DiskInfo(key=d.key, size=d.size) for d in snap.disks]),
+                task_queue=inp.target_queue,
+                start_to_close_timeout=timedelta(minutes=10),
+                retry_policy=SHORT,
+            )
+            results: list[DiskCopyResult] = []
+            for d in snap.disks:
+                results.append(
+                    await workflow.execute_activity(
+                        "copy_disk",
+                        CopyRequest(spec=spec, sync_id=sync_id, snapshot=snap, disk=d.key),
+                        result_type=DiskCopyResult,
+                        task_queue=inp.source_queue,
+                        start_to_close_timeout=timedelta(hours=48),
+                        heartbeat_timeout=timedelta(seconds=30),
+                        retry_policy=COPY,
+                    )
+                )
+            point = await workflow.execute_activity(
+                "commit_point",
+                CommitRequest(spec=spec, sync_id=sync_id, snapshot=snap, results=results),
+                result_type=PointInfo,
+                task_queue=inp.target_queue,
+                start_to_close_timeout=timedelta(minutes=10),
+                retry_policy=SHORT,
+            )
+        except (ActivityError, ApplicationError) as e:
+            msg = failure_message(e)
+            workflow.logger.warning("sync %s of job %s failed: %s", sync_id, spec.name, msg)
+            self.st.failures += 1
+            self.st.last_error = f"sync {sync_id}: {msg}"
+            self.outcomes[seq] = msg
+            await self._cleanup_failed(sync_id, snap)
+            self.current = None
+            return
+        self.st.base = {d.key: d.change_id for d in snap.disks}
+        self.st.last_point = point
+        self.st.syncs += 1
+        self.st.last_error = None
+        resync = [f"{d.key}: {d.tracking_lost}" for d in snap.disks if d.tracking_lost]
+        if point.kind == "resync":
+            self.st.resyncs += 1
+            self.st.last_resync_reason = "; ".join(resync) or "no change tracking for the existing replica"
+        self.st.total_bytes_written += point.stats.bytes_written
+        result = SyncResult(
+            point_id=point.point_id,
+            kind=point.kind,
+            bytes_read=point.stats.bytes_read,
+            bytes_written=point.stats.bytes_written,
+            bytes_zeroed=point.stats.bytes_zeroed,
+            bytes_skipped=point.stats.bytes_skipped,
+            seconds=(workflow.now() - t0).total_seconds(),
+            created_at=point.created_at,
+            resync_reason=self.st.last_resync_reason if point.kind == "resync" else None,
+        )
+        self.st.last_sync = result
+        self.outcomes[seq] = result
+        self.current = None
+        await self._after_commit(snap)
+
+    async def _after_commit(self, snap: SnapshotRef) -> None:
+        assert self.inp is not None
+        inp, spec = self.inp, self.inp.spec
+        try:
+            await workflow.execute_activity(
+                "release_snapshot",
+                ReleaseRequest(spec=spec, snapshot=snap, committed=True),
+                task_queue=inp.source_queue,
+                start_to_close_timeout=timedelta(minutes=10),
+                retry_policy=SHORT,
+            )
+            await workflow.execute_activity(
+                "prune_points",
+                PruneRequest(spec=spec, keep=spec.retention.points),
+                result_type=PruneResult,
+                task_queue=inp.target_queue,
+                start_to_close_timeout=timedelta(minutes=60),
+                retry_policy=SHORT,
+            )
+        except ActivityError as e:  # the point is committed; housekeeping is retried after the next sync
+            workflow.logger.warning("housekeeping after %s failed: %s", snap.snapshot_id, failure_message(e))
+
+    async def _cleanup_failed(self, sync_id: str, snap: SnapshotRef | None) -> None:
+        assert self.inp is not None
+        inp, spec = self.inp, self.inp.spec
+        try:
+            await workflow.execute_activity(
+                "abort_sync",
+                AbortRequest(spec=spec, sync_id=sync_id),
+                task_queue=inp.target_queue,
+                start_to_close_timeout=timedelta(minutes=5),
+                retry_policy=SHORT,
+            )
+            if snap is not None:
+                await workflow.execute_activity(
+                    "release_snapshot",
+                    ReleaseRequest(spec=spec, snapshot=snap, committed=False),
+                    task_queue=inp.source_queue,
+                    start_to_close_timeout=timedelta(minutes=5),
+                    retry_policy=SHORT,
+                )
+        except ActivityError as e:
+            workflow.logger.warning("cleanup of %s failed: %s", sync_id, failure_message(e))
+
+    # ------------------------------------------------------------------ helpers
+
+    def _delay(self) -> float:
+        if self.next_sync_at is None:
+            return 0.0
+        return max(0.0, (self.next_sync_at - workflow.now()).total_seconds())
+
+    def _reschedule(self) -> None:
+        assert self.inp is not None
+        if self.st.last_sync_started_at is None:
+            self.next_sync_at = workflow.now()
+        else:
+            self.next_sync_at = self.st.last_sync_started_at + self.inp.spec.schedule.interval
+
+    def _set_state(self, state: str) -> None:
+        assert self.inp is not None
+        if state == self.state:
+            return
+        self.state = state
+        if self.inp.search_attributes:
+            workflow.upsert_search_attributes([SA_STATE.value_set(state)])
+        lp = self.st.last_point
+        workflow.set_current_details(
+            f"**{state}** · syncs {self.st.syncs} · failures {self.st.failures}"
+            + (f" · last point `{lp.point_id}` ({lp.kind})" if lp else "")
+            + (f"\n\nlast error: {self.st.last_error}" if self.st.last_error else "")
+        )
+
+
+def _describe_source(inp: ReplicationInput) -> str:
+    s = inp.spec.source
+    if s.disks is not None:
+        return f"kvm:disks({len(s.disks)})"
+    if s.qmp is not None:
+        return f"kvm:qmp:{s.qmp}"
+    assert s.libvirt is not None
+    return f"kvm:libvirt:{s.libvirt.domain}"
