@@ -116,6 +116,9 @@ class Tuning(Strict):
     connections: int = Field(default=4, ge=1, le=16)
     checkpoint_bytes: int = Field(default=64 << 20, ge=1 << 20, description="resume token granularity")
     bandwidth_limit: int | None = Field(default=None, ge=1 << 20, description="bytes/s, none = unlimited")
+    heartbeat_timeout: Duration = Field(
+        default=timedelta(seconds=20), description="a copy whose worker died is resumed after this long"
+    )
 
 
 class JobSpec(Strict):

@@ -134,13 +134,15 @@ def _alive(pid: int | None, create_time: float | None = None) -> bool:
         return False
     child = _children.get(pid)
     if child is not None and child.poll() is not None:
-        _children.pop(pid, None)
         return False
     try:
         proc = psutil.Process(pid)
         if proc.status() == psutil.STATUS_ZOMBIE:
-            with contextlib.suppress(ChildProcessError, OSError):
-                os.waitpid(pid, os.WNOHANG)
+            if child is not None:
+                child.poll()  # reap it and keep its exit code
+            else:
+                with contextlib.suppress(ChildProcessError, OSError):
+                    os.waitpid(pid, os.WNOHANG)
             return False
         if create_time is not None and abs(proc.create_time() - create_time) > 0.5:
             return False
@@ -177,15 +179,14 @@ def _wait_dead(pid: int, create_time: float | None, timeout: float) -> bool:
 
 
 def _stop(pid: int, create_time: float | None, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
-    if not _alive(pid, create_time):
-        return
-    _signal(pid, sig)
-    if _wait_dead(pid, create_time, timeout):
-        return
-    log.warning("process %d did not stop within %.0fs after %s; killing it", pid, timeout, sig)
-    _signal(pid, signal.SIGKILL)
-    if not _wait_dead(pid, create_time, 5.0):
-        raise StackError(f"process {pid} survived SIGKILL")
+    if _alive(pid, create_time):
+        _signal(pid, sig)
+        if not _wait_dead(pid, create_time, timeout):
+            log.warning("process %d did not stop within %.0fs after %s; killing it", pid, timeout, sig)
+            _signal(pid, signal.SIGKILL)
+            if not _wait_dead(pid, create_time, 5.0):
+                raise StackError(f"process {pid} survived SIGKILL")
+    _children.pop(pid, None)
 
 
 def _spawn(cmd: list[str], log_path: Path, env: dict[str, str] | None = None) -> tuple[int, int]:
@@ -210,8 +211,8 @@ def _spawn(cmd: list[str], log_path: Path, env: dict[str, str] | None = None) ->
 
 
 def _exit_code(pid: int) -> int | None:
-    child = _children.get(pid)
-    return child.returncode if child is not None else None
+    child = _children.pop(pid, None)
+    return child.poll() if child is not None else None
 
 
 def temporal_binary() -> str:
@@ -269,7 +270,7 @@ def reachable(address: str, namespace: str = "default", timeout: float = 3.0, tl
     async def attempt() -> bool:
         try:
             await _probe(address, namespace, timeout, tls)
-        except Exception as exc:  # noqa: BLE001 - any failure means "not reachable"
+        except Exception as exc:  # any failure means "not reachable"
             log.debug("Temporal at %s not reachable: %s", address, exc)
             return False
         return True
@@ -308,7 +309,7 @@ def _wait_reachable(info: StackInfo, log_path: Path, offset: int, timeout: float
                 return
             except StackError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - still starting
+            except Exception as exc:  # still starting
                 log.debug("waiting for Temporal at %s: %s", info.address, exc)
             await asyncio.sleep(0.2)
 
@@ -386,7 +387,9 @@ def up(
                 )
 
         sa_flags = [
-            arg for name, kind in config.SEARCH_ATTRIBUTES.items() for arg in ("--search-attribute", f"{name}={kind}")
+            arg
+            for name, kind in config.SEARCH_ATTRIBUTES.items()
+            for arg in ("--search-attribute", f"{name}={kind}")
         ]
         cmd = [
             temporal_binary(), "server", "start-dev",

@@ -10,6 +10,7 @@ import asyncio
 import concurrent.futures
 import logging
 import signal
+from datetime import timedelta
 from pathlib import Path
 
 from temporalio.client import Client, TLSConfig
@@ -58,6 +59,9 @@ def build_workers(client: Client, host: str | None = None, max_activities: int =
         activities=HOST_ACTIVITIES,
         activity_executor=pool,
         max_concurrent_activities=max_activities,
+        # resume tokens reach the server within a second, so a killed worker re-copies little
+        max_heartbeat_throttle_interval=timedelta(seconds=1),
+        default_heartbeat_throttle_interval=timedelta(seconds=1),
     )
     return [control, host_worker]
 

@@ -26,6 +26,7 @@ with workflow.unsafe.imports_passed_through():
         DiskCopyResult,
         DiskInfo,
         JobRequest,
+        JobSpec,
         JobStatus,
         PointInfo,
         PrepareRequest,
@@ -99,6 +100,11 @@ class ReplicationWorkflow:
             total_bytes_written=self.st.total_bytes_written,
             current_sync=self.current,
         )
+
+    @workflow.query
+    def get_spec(self) -> JobSpec:
+        assert self.inp is not None
+        return self.inp.spec
 
     @workflow.signal
     def pause(self) -> None:
@@ -263,7 +269,7 @@ class ReplicationWorkflow:
                         result_type=DiskCopyResult,
                         task_queue=inp.source_queue,
                         start_to_close_timeout=timedelta(hours=48),
-                        heartbeat_timeout=timedelta(seconds=30),
+                        heartbeat_timeout=spec.tuning.heartbeat_timeout,
                         retry_policy=COPY,
                     )
                 )

@@ -58,6 +58,7 @@ class CopyPlan:
     connections: int = 4
     checkpoint_bytes: int = 64 << 20
     checkpoint_seconds: float = 2.0
+    compare_block: int = 64 << 10  # resync granularity: the qcow2 cluster / bitmap granularity
     throttle: Throttle | None = None
     on_checkpoint: CheckpointFn | None = None
     cancelled: Callable[[], bool] = field(default=lambda: False)
@@ -108,19 +109,41 @@ class _Worker(threading.Thread):
             self.plan.throttle.consume(e.length)
         data = reader.read(e.offset, e.length)
         s.bytes_read = e.length
-        zero = _is_zero(data, self.zeros)
         if self.plan.mode == "compare":
-            current = writer.read(e.offset, e.length)
-            if xxhash.xxh3_128_digest(current) == xxhash.xxh3_128_digest(data):
-                s.bytes_skipped = e.length
-                return s
-        if zero:
-            writer.zero(e.offset, e.length)
-            s.bytes_zeroed = e.length
-        else:
-            writer.write(e.offset, data)
-            s.bytes_written = e.length
+            self._compare(writer, e, data, s)
+            return s
+        self._put(writer, e.offset, data, s)
         return s
+
+    def _put(self, writer: BlockWriter, offset: int, data: bytes, s: CopyStats) -> None:
+        if _is_zero(data, self.zeros):
+            writer.zero(offset, len(data))
+            s.bytes_zeroed += len(data)
+        else:
+            writer.write(offset, data)
+            s.bytes_written += len(data)
+
+    def _compare(self, writer: BlockWriter, e: Extent, data: bytes, s: CopyStats) -> None:
+        """Write only the compare blocks whose digests differ from the replica's, as coalesced runs."""
+        current = writer.read(e.offset, e.length)
+        if xxhash.xxh3_128_digest(current) == xxhash.xxh3_128_digest(data):
+            s.bytes_skipped += e.length
+            return
+        bs = self.plan.compare_block
+        view, cur = memoryview(data), memoryview(current)
+        run_start: int | None = None
+        for pos in range(0, e.length + bs, bs):
+            differs = pos < e.length and xxhash.xxh3_128_digest(view[pos : pos + bs]) != xxhash.xxh3_128_digest(
+                cur[pos : pos + bs]
+            )
+            if differs and run_start is None:
+                run_start = pos
+            elif not differs and run_start is not None:
+                end = min(pos, e.length)
+                self._put(writer, e.offset + run_start, data[run_start:end], s)
+                run_start = None
+            elif not differs and pos < e.length:
+                s.bytes_skipped += min(bs, e.length - pos)
 
 
 def run_copy(plan: CopyPlan) -> tuple[CopyStats, int]:

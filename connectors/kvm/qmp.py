@@ -1,0 +1,188 @@
+"""A small synchronous QMP client over a unix socket.
+
+QMP is newline-delimited JSON: the server greets, the client negotiates with `qmp_capabilities`, then
+every command gets exactly one `return` or `error` reply; asynchronous events may arrive in between
+and are kept (bounded) in `events`. One command at a time per client (a lock serializes callers).
+
+A QEMU monitor serves one client at a time: a second client's connection is accepted by the kernel
+but gets no greeting until the first one leaves, hence the greeting timeout.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from sendense.errors import ResourceNotFound, ResourceUnavailable, SendenseError
+
+
+class QmpError(SendenseError):
+    """QEMU answered a command with an error; `error_class` is QMP's class (GenericError, ...)."""
+
+    kind = "QmpError"
+
+    def __init__(self, message: str, *, error_class: str = "GenericError", desc: str = "") -> None:
+        super().__init__(message)
+        self.error_class = error_class
+        self.desc = desc
+
+
+class VmNotRunning(ResourceUnavailable):
+    """The QMP socket file exists but nothing listens on it (QEMU exited or crashed)."""
+
+    kind = "ResourceUnavailable"
+
+
+class QmpClient:
+    def __init__(self, path: Path | str, *, timeout: float = 10.0, command_timeout: float = 60.0) -> None:
+        self.path = Path(path)
+        self.timeout = timeout
+        self.command_timeout = command_timeout
+        self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=256)
+        self._sock: socket.socket | None = None
+        self._buf = b""
+        self._lock = threading.RLock()
+        self.greeting: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ connection
+
+    def connect(self) -> QmpClient:
+        with self._lock:
+            if self._sock is not None:
+                return self
+            if not self.path.exists():
+                raise ResourceNotFound(f"QMP socket {self.path}: not found (is the VM running?)")
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(self.timeout)
+            try:
+                s.connect(str(self.path))
+            except FileNotFoundError:
+                s.close()
+                raise ResourceNotFound(f"QMP socket {self.path}: not found (is the VM running?)") from None
+            except ConnectionRefusedError:
+                s.close()
+                raise VmNotRunning(f"QMP socket {self.path}: connection refused (the VM is not running)") from None
+            except OSError as e:
+                s.close()
+                raise ResourceUnavailable(f"QMP socket {self.path}: {e.strerror or e}") from None
+            self._sock, self._buf = s, b""
+            try:
+                greeting = self._recv(self.timeout, what="greeting")
+                if "QMP" not in greeting:
+                    raise ResourceUnavailable(f"QMP socket {self.path}: not a QMP monitor")
+                self.greeting = greeting["QMP"]
+                self._command("qmp_capabilities", {}, self.timeout)
+            except BaseException:
+                self.close()
+                raise
+            return self
+
+    def close(self) -> None:
+        with self._lock:
+            if self._sock is not None:
+                try:
+                    self._sock.close()
+                finally:
+                    self._sock, self._buf = None, b""
+
+    def __enter__(self) -> QmpClient:
+        return self.connect()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ commands
+
+    def execute(self, cmd: str, **args: Any) -> Any:
+        """Run one command and return its `return` value. Hyphenated argument names go through a dict:
+        `execute("block-export-add", **{"node-name": "n"})`."""
+        with self._lock:
+            self.connect()
+            return self._command(cmd, args, self.command_timeout)
+
+    def hmp(self, cmdline: str) -> str:
+        """An HMP command through `human-monitor-command`; returns its text output."""
+        return str(self.execute("human-monitor-command", **{"command-line": cmdline}))
+
+    def wait_event(self, name: str, timeout: float = 30.0, match: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The first event `name` (already received or arriving within `timeout`) whose data holds `match`."""
+
+        def ok(ev: dict[str, Any]) -> bool:
+            data = ev.get("data", {})
+            return ev.get("event") == name and all(data.get(k) == v for k, v in (match or {}).items())
+
+        with self._lock:
+            self.connect()
+            for ev in list(self.events):
+                if ok(ev):
+                    self.events.remove(ev)
+                    return ev
+            deadline = time.monotonic() + timeout
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ResourceUnavailable(f"QMP socket {self.path}: no {name} event within {timeout:.0f}s")
+                msg = self._recv(left, what=f"{name} event")
+                if "event" in msg:
+                    if ok(msg):
+                        return msg
+                    self.events.append(msg)
+
+    # ------------------------------------------------------------------ wire
+
+    def _command(self, cmd: str, args: dict[str, Any], timeout: float) -> Any:
+        assert self._sock is not None
+        msg: dict[str, Any] = {"execute": cmd}
+        if args:
+            msg["arguments"] = args
+        try:
+            self._sock.sendall(json.dumps(msg).encode() + b"\n")
+        except OSError as e:
+            self.close()
+            raise ResourceUnavailable(f"QMP socket {self.path}: {cmd}: {e.strerror or e}") from None
+        deadline = time.monotonic() + timeout
+        while True:
+            reply = self._recv(max(0.001, deadline - time.monotonic()), what=f"reply to {cmd}")
+            if "event" in reply:
+                self.events.append(reply)
+                continue
+            if "error" in reply:
+                err = reply["error"]
+                desc = str(err.get("desc", "unknown error"))
+                raise QmpError(f"QMP {cmd} on {self.path}: {desc}", error_class=err.get("class", ""), desc=desc)
+            if "return" in reply:
+                return reply["return"]
+
+    def _recv(self, timeout: float, *, what: str) -> dict[str, Any]:
+        assert self._sock is not None
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.close()
+                raise ResourceUnavailable(
+                    f"QMP socket {self.path}: no {what} within {timeout:.0f}s (monitor busy or held by another client)"
+                )
+            self._sock.settimeout(left)
+            try:
+                chunk = self._sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError as e:
+                self.close()
+                raise ResourceUnavailable(f"QMP socket {self.path}: {what}: {e.strerror or e}") from None
+            if not chunk:
+                self.close()
+                raise ResourceUnavailable(f"QMP socket {self.path}: connection closed by QEMU while waiting for {what}")
+            self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        try:
+            return json.loads(line)
+        except ValueError:
+            self.close()
+            raise ResourceUnavailable(f"QMP socket {self.path}: malformed reply {line[:80]!r}") from None

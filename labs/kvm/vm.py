@@ -1,0 +1,337 @@
+"""A lab VM: a real QEMU with qcow2 disks and no guest, written to like a guest would.
+
+`LabVm` starts `qemu-system-x86_64 -S -nodefaults -machine pc -accel tcg -display none` (paused, no
+guest OS: nothing but the lab writes to the disks) with each disk as a `-blockdev` file + qcow2 pair
+(`diskN-file`, `diskN`) behind `virtio-blk-pci` device `vdN`. Guest-like writes go through the
+device's block backend with HMP `qemu-io -d /machine/peripheral/vdN/virtio-backend "write ..."`, so
+dirty bitmaps, copy-before-write filters and resizes see them exactly as guest I/O.
+
+Two QMP monitors: `qmp_path` for the code under test (a monitor serves one client at a time) and a
+private one the lab uses for its writes, so a `Workload` can write while a source talks to QEMU.
+
+With `shadow=True` every write is also applied to a sparse raw file per disk (`shadow_path(n)`): the
+bytes the guest wrote, to compare replicas against. Take `snapshot_shadow` inside `frozen()` (which
+holds writes back) at the moment that matters, e.g. around a source's `create_snapshot`.
+
+QEMU runs as a child process that gets SIGKILL if the thread that started it dies (PDEATHSIG), and
+writes a `-pidfile`; `stop()` quits over QMP (persistent bitmaps are stored), `kill()` simulates a
+crash. Unix socket paths must stay under 108 bytes: use a short directory (e.g. under /tmp).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from connectors.kvm.qemu import _die_with_parent, qemu_img, tool
+from connectors.kvm.qmp import QmpClient, QmpError
+from sendense.errors import SendenseError
+
+UNIX_PATH_MAX = 107
+
+
+class LabVm:
+    def __init__(
+        self,
+        directory: Path,
+        sizes: Sequence[int],
+        *,
+        name: str = "labvm",
+        shadow: bool = False,
+        cluster_size: int = 64 << 10,
+    ) -> None:
+        self.dir = Path(directory)
+        self.sizes = list(sizes)
+        self.name = name
+        self.shadow = shadow
+        self.cluster_size = cluster_size
+        self.qmp_path = self.dir / "qmp.sock"
+        self.lab_qmp_path = self.dir / "lab.sock"
+        self.pidfile = self.dir / "qemu.pid"
+        self.log = self.dir / "qemu.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.monitor: QmpClient | None = None
+        self._lock = threading.RLock()  # one write at a time; shadow and disk change together
+        if len(str(self.qmp_path)) > UNIX_PATH_MAX:
+            raise ValueError(f"lab VM directory {self.dir} is too long for a unix socket path")
+
+    # ------------------------------------------------------------------ files
+
+    def disk_path(self, disk: int) -> Path:
+        return self.dir / f"disk{disk}.qcow2"
+
+    def shadow_path(self, disk: int) -> Path:
+        return self.dir / f"disk{disk}.shadow.raw"
+
+    def node(self, disk: int) -> str:
+        return f"disk{disk}"
+
+    def device(self, disk: int) -> str:
+        return f"/machine/peripheral/vd{disk}/virtio-backend"
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self) -> LabVm:
+        """Create missing disks (and shadows) and start QEMU; existing disks are reused, so a stopped or
+        killed VM can be started again on the same images."""
+        if self.running:
+            return self
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for i, size in enumerate(self.sizes):
+            if not self.disk_path(i).exists():
+                qemu_img("create", "-q", "-f", "qcow2", "-o", f"cluster_size={self.cluster_size}",
+                         str(self.disk_path(i)), str(size))
+            if self.shadow and not self.shadow_path(i).exists():
+                with open(self.shadow_path(i), "wb") as f:
+                    f.truncate(size)
+        for p in (self.qmp_path, self.lab_qmp_path, self.pidfile):
+            p.unlink(missing_ok=True)
+        cmd = [tool("qemu-system-x86_64"), "-S", "-nodefaults", "-machine", "pc", "-accel", "tcg",
+               "-display", "none", "-name", self.name, "-pidfile", str(self.pidfile),
+               "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
+               "-qmp", f"unix:{self.lab_qmp_path},server=on,wait=off"]
+        for i in range(len(self.sizes)):
+            cmd += ["-blockdev", f"driver=file,filename={self.disk_path(i)},node-name=disk{i}-file",
+                    "-blockdev", f"driver=qcow2,file=disk{i}-file,node-name=disk{i}",
+                    "-device", f"virtio-blk-pci,drive=disk{i},id=vd{i},share-rw=on"]
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                         preexec_fn=_die_with_parent)
+        deadline = time.monotonic() + 30
+        while not (self.qmp_path.exists() and self.lab_qmp_path.exists()):
+            if self.proc.poll() is not None:
+                err = self.log.read_text(errors="replace").strip().splitlines()
+                self.proc = None
+                raise SendenseError(f"lab VM {self.name}: qemu exited: {err[-1] if err else 'no output'}")
+            if time.monotonic() > deadline:
+                self.kill()
+                raise SendenseError(f"lab VM {self.name}: qemu did not open its QMP sockets in 30s")
+            time.sleep(0.01)
+        self.monitor = QmpClient(self.lab_qmp_path).connect()
+        return self
+
+    def stop(self, timeout: float = 30) -> None:
+        """Quit over QMP (QEMU stores persistent bitmaps in the images), then reap the process."""
+        if self.proc is None:
+            return
+        if self.running and self.monitor is not None:
+            try:
+                self.monitor.execute("quit")
+            except SendenseError:
+                pass  # QEMU may close the socket before replying
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._reset()
+
+    def kill(self) -> None:
+        """SIGKILL: a host crash as far as the images are concerned (unflushed writes may be lost and
+        persistent bitmaps come back inconsistent). Also kills a QEMU known only by its pidfile."""
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+        elif self.pidfile.exists():
+            try:
+                os.kill(int(self.pidfile.read_text().strip()), signal.SIGKILL)
+            except (ValueError, ProcessLookupError, PermissionError):
+                pass
+        self._reset()
+
+    def _reset(self) -> None:
+        if self.monitor is not None:
+            self.monitor.close()
+        self.monitor, self.proc = None, None
+        for p in (self.qmp_path, self.lab_qmp_path, self.pidfile):
+            p.unlink(missing_ok=True)
+
+    def __enter__(self) -> LabVm:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.stop(timeout=10)
+        finally:
+            self.kill()
+
+    # ------------------------------------------------------------------ guest-like I/O
+
+    def _mon(self) -> QmpClient:
+        if self.monitor is None or not self.running:
+            raise SendenseError(f"lab VM {self.name} is not running")
+        return self.monitor
+
+    def qemu_io(self, disk: int, command: str) -> None:
+        """Run a qemu-io command on the device's block backend.
+
+        QEMU 7.2 trap: through QMP `human-monitor-command` the qemu-io report ("wrote N/N bytes ...",
+        also "write failed: ...") goes to QEMU's stdout, not to the reply; only monitor-level errors
+        ("Error: Device ... not found") come back. So an empty reply means success, and callers check
+        ranges themselves.
+        """
+        out = self._mon().hmp(f'qemu-io -d {self.device(disk)} "{command}"').strip()
+        if out and not out.startswith(("wrote", "read")):
+            raise SendenseError(f"lab VM {self.name} vd{disk}: qemu-io {command!r}: {out.splitlines()[0]}")
+
+    def write(self, disk: int, offset: int, data_or_pattern: bytes | int, length: int | None = None) -> None:
+        """Write `length` bytes of pattern byte `data_or_pattern` (an int), or the given bytes.
+
+        Bytes are written as runs of equal bytes, one `write -P` each (QEMU 7.2's `write -s file` sends
+        its report, and every later qemu-io report, to QEMU's stdout instead of the monitor), so keep
+        them to a few runs (at most 256).
+        """
+        if isinstance(data_or_pattern, int):
+            if length is None:
+                raise ValueError("length is required with a pattern")
+            runs = [(offset, length, data_or_pattern)]
+        else:
+            data = bytes(data_or_pattern)[:length]
+            runs = []
+            i = 0
+            while i < len(data):
+                j = i + 1
+                while j < len(data) and data[j] == data[i]:
+                    j += 1
+                runs.append((offset + i, j - i, data[i]))
+                i = j
+            if len(runs) > 256:
+                raise ValueError(f"data has {len(runs)} runs of equal bytes: write patterns instead")
+        end = offset + sum(n for _, n, _ in runs)
+        if end > self.sizes[disk]:
+            raise ValueError(f"write up to {end} is beyond the end of disk{disk} ({self.sizes[disk]} bytes)")
+        with self._lock:
+            for off, n, byte in runs:
+                self.qemu_io(disk, f"write -P 0x{byte:02x} {off} {n}")
+                self._shadow_write(disk, off, bytes([byte]) * n)
+
+    def write_zeroes(self, disk: int, offset: int, length: int) -> None:
+        """A zero write (`write -z`): zero clusters in qcow2, dirty in bitmaps."""
+        if offset + length > self.sizes[disk]:
+            raise ValueError(f"write up to {offset + length} is beyond the end of disk{disk} ({self.sizes[disk]} bytes)")
+        with self._lock:
+            self.qemu_io(disk, f"write -z {offset} {length}")
+            step = 4 << 20
+            for off in range(offset, offset + length, step):
+                self._shadow_write(disk, off, bytes(min(step, offset + length - off)))
+
+    def flush(self, disk: int) -> None:
+        with self._lock:
+            self.qemu_io(disk, "flush")
+
+    def resize(self, disk: int, new_size: int) -> None:
+        """Grow (or shrink) a disk online with QMP block_resize."""
+        with self._lock:
+            self._mon().execute("block_resize", **{"node-name": self.node(disk), "size": new_size})
+            self.sizes[disk] = new_size
+            if self.shadow:
+                with open(self.shadow_path(disk), "r+b") as f:
+                    f.truncate(new_size)
+
+    def _shadow_write(self, disk: int, offset: int, data: bytes) -> None:
+        if not self.shadow:
+            return
+        fd = os.open(self.shadow_path(disk), os.O_WRONLY)
+        try:
+            os.pwrite(fd, data, offset)
+        finally:
+            os.close(fd)
+
+    @contextmanager
+    def frozen(self) -> Iterator[None]:
+        """Hold lab writes back (a running Workload blocks) for the duration of the block."""
+        with self._lock:
+            yield
+
+    def snapshot_shadow(self, disk: int, dest: Path) -> Path:
+        """Copy (sparse) what the guest had written to `disk` by now."""
+        if not self.shadow:
+            raise SendenseError(f"lab VM {self.name} was created without shadow=True")
+        with self._lock:
+            subprocess.run(["cp", "--sparse=always", str(self.shadow_path(disk)), str(dest)], check=True)
+        return Path(dest)
+
+
+class Workload:
+    """A background thread writing random-pattern blocks through `LabVm.write`.
+
+    `rate`: writes per second (None: as fast as QEMU takes them). Offsets are aligned to
+    `block_size` and drawn over each disk's current size; `zero_fraction` of the writes are zero writes.
+    """
+
+    def __init__(
+        self,
+        vm: LabVm,
+        *,
+        disks: Sequence[int] | None = None,
+        block_size: int = 64 << 10,
+        rate: float | None = 50.0,
+        zero_fraction: float = 0.0,
+        seed: int | None = None,
+    ) -> None:
+        self.vm = vm
+        self.disks = list(disks) if disks is not None else list(range(len(vm.sizes)))
+        self.block_size, self.rate, self.zero_fraction = block_size, rate, zero_fraction
+        self.rng = random.Random(seed)
+        self.bytes_written = 0
+        self.writes = 0
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> Workload:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="lab-workload", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop and wait; re-raises the error that stopped the thread, if any."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self.error is not None:
+            raise self.error
+
+    def __enter__(self) -> Workload:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _run(self) -> None:
+        period = 1.0 / self.rate if self.rate else 0.0
+        next_at = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                disk = self.rng.choice(self.disks)
+                blocks = self.vm.sizes[disk] // self.block_size
+                off = self.rng.randrange(blocks) * self.block_size
+                if self.rng.random() < self.zero_fraction:
+                    self.vm.write_zeroes(disk, off, self.block_size)
+                else:
+                    self.vm.write(disk, off, self.rng.randrange(1, 256), self.block_size)
+                self.writes += 1
+                self.bytes_written += self.block_size
+                if period:
+                    next_at += period
+                    self._stop.wait(max(0.0, next_at - time.monotonic()))
+        except (SendenseError, QmpError) as e:
+            if not self._stop.is_set():
+                self.error = e
+
+
+__all__ = ["LabVm", "Workload"]

@@ -1,0 +1,169 @@
+"""Client-side operations on jobs, shared by the CLI and by services using the SDK."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle, WorkflowUpdateStage
+from temporalio.common import SearchAttributePair, TypedSearchAttributes, WorkflowIDConflictPolicy, WorkflowIDReusePolicy
+from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.service import RPCError, RPCStatusCode
+
+from sendense import config
+from sendense.errors import InvalidSpec, ResourceNotFound, SendenseError
+from sendense.models import (
+    CopyToken,
+    DeleteRequest,
+    JobSpec,
+    JobStatus,
+    ReplicationInput,
+    Settings,
+    SyncNowRequest,
+    SyncResult,
+)
+from workers.worker import connect
+from workflows.replication import SA_JOB, SA_SOURCE, SA_STATE, SA_TARGET, ReplicationWorkflow
+
+ProgressFn = Callable[[dict[str, CopyToken]], None]
+
+
+class Jobs:
+    def __init__(self, client: Client) -> None:
+        self.client = client
+
+    @classmethod
+    async def connect(cls) -> Jobs:
+        return cls(await connect())
+
+    def handle(self, name: str) -> WorkflowHandle[Any, Any]:
+        return self.client.get_workflow_handle(config.workflow_id(name))
+
+    async def _running(self, name: str) -> WorkflowHandle[Any, Any]:
+        h = self.handle(name)
+        try:
+            desc = await h.describe()
+        except RPCError as e:
+            if e.status == RPCStatusCode.NOT_FOUND:
+                raise ResourceNotFound(f"job {name}: not found") from None
+            raise
+        if desc.status != WorkflowExecutionStatus.RUNNING:
+            status = desc.status.name.lower() if desc.status else "closed"
+            raise ResourceNotFound(f"job {name}: not running ({status})")
+        return h
+
+    async def create(self, spec: JobSpec, search_attributes: bool = True) -> WorkflowHandle[Any, Any]:
+        source_q = config.host_queue(spec.source.host)
+        target_q = config.host_queue(spec.target.host)
+        sa = TypedSearchAttributes(
+            [
+                SearchAttributePair(SA_JOB, spec.name),
+                SearchAttributePair(SA_SOURCE, spec.source.platform),
+                SearchAttributePair(SA_TARGET, spec.target.platform),
+                SearchAttributePair(SA_STATE, "starting"),
+            ]
+        )
+        try:
+            return await self.client.start_workflow(
+                ReplicationWorkflow.run,
+                ReplicationInput(spec=spec, source_queue=source_q, target_queue=target_q),
+                id=config.workflow_id(spec.name),
+                task_queue=config.CONTROL_QUEUE,
+                id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+                id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
+                search_attributes=sa if search_attributes else TypedSearchAttributes.empty,
+                static_summary=f"Replication {spec.name}: {spec.source.platform} -> {spec.target.platform}",
+                static_details=f"Replicates to {spec.target.path}, every {spec.schedule.interval}, "
+                f"keeping {spec.retention.points} recovery points.",
+            )
+        except WorkflowAlreadyStartedError:
+            raise InvalidSpec(f"name: job {spec.name!r} already exists") from None
+
+    async def wait_started(self, name: str, timeout: float = 120) -> JobStatus:
+        """Wait until the job has validated its source and target (or failed doing so)."""
+        h = self.handle(name)
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            desc = await h.describe()
+            if desc.status != WorkflowExecutionStatus.RUNNING:
+                raise SendenseError(f"job {name}: {await self._failure(h)}")
+            st: JobStatus = await h.query(ReplicationWorkflow.status)
+            if st.state != "starting" or asyncio.get_running_loop().time() > deadline:
+                return st
+            await asyncio.sleep(0.3)
+
+    async def _failure(self, h: WorkflowHandle[Any, Any]) -> str:
+        try:
+            await h.result()
+        except Exception as e:  # noqa: BLE001 - we want the root cause's message
+            cause: BaseException | None = e
+            while getattr(cause, "cause", None) is not None:
+                cause = cause.cause  # type: ignore[union-attr]
+            return getattr(cause, "message", None) or str(cause)
+        return "ended"
+
+    async def list(self) -> list[JobStatus]:
+        out = []
+        query = "WorkflowType='ReplicationWorkflow' AND ExecutionStatus='Running'"
+        async for wf in self.client.list_workflows(query):
+            try:
+                out.append(await self.client.get_workflow_handle(wf.id).query(ReplicationWorkflow.status))
+            except RPCError:
+                continue
+        return sorted(out, key=lambda s: s.name)
+
+    async def status(self, name: str) -> JobStatus:
+        h = await self._running(name)
+        return await h.query(ReplicationWorkflow.status)
+
+    async def spec(self, name: str) -> JobSpec:
+        h = self.handle(name)
+        try:
+            return await h.query(ReplicationWorkflow.get_spec)
+        except RPCError as e:
+            if e.status == RPCStatusCode.NOT_FOUND:
+                raise ResourceNotFound(f"job {name}: not found") from None
+            raise
+
+    async def sync_now(self, name: str, wait: bool, progress: ProgressFn | None = None) -> SyncResult | None:
+        h = await self._running(name)
+        if not wait:
+            await h.signal(ReplicationWorkflow.request_sync)
+            return None
+        upd = await h.start_update(
+            ReplicationWorkflow.sync_now, SyncNowRequest(), wait_for_stage=WorkflowUpdateStage.ACCEPTED
+        )
+        task = asyncio.ensure_future(upd.result())
+        while not task.done():
+            if progress is not None:
+                progress(await self.copy_progress(h))
+            await asyncio.wait({task}, timeout=0.5)
+        return task.result()
+
+    async def copy_progress(self, h: WorkflowHandle[Any, Any]) -> dict[str, CopyToken]:
+        desc = await h.describe()
+        out: dict[str, CopyToken] = {}
+        for pa in desc.raw_description.pending_activities:
+            if pa.activity_type.name != "copy_disk" or not pa.heartbeat_details.payloads:
+                continue
+            vals = await self.client.data_converter.decode(list(pa.heartbeat_details.payloads))
+            if vals:
+                tok = CopyToken.model_validate(vals[0])
+                out[tok.disk] = tok
+        return out
+
+    async def pause(self, name: str) -> None:
+        await (await self._running(name)).signal(ReplicationWorkflow.pause)
+
+    async def resume(self, name: str) -> None:
+        await (await self._running(name)).signal(ReplicationWorkflow.resume)
+
+    async def settings(self, name: str, settings: Settings) -> JobStatus:
+        h = await self._running(name)
+        return await h.execute_update(ReplicationWorkflow.update_settings, settings)
+
+    async def delete(self, name: str, purge: bool) -> None:
+        h = await self._running(name)
+        await h.execute_update(ReplicationWorkflow.delete, DeleteRequest(purge=purge))
+        await h.result()

@@ -1,0 +1,268 @@
+"""Job specs: the documented forms parse; every mistake is a one-line InvalidSpec naming the field."""
+
+from __future__ import annotations
+
+import copy
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sendense.errors import InvalidSpec, ResourceNotFound
+from sendense.spec import load_spec, parse_spec
+
+STOPPED_VM = """\
+name: web1
+source:
+  platform: kvm
+  disks:
+    - /var/lib/libvirt/images/web1.qcow2
+    - /var/lib/libvirt/images/web1-data.qcow2
+target:
+  platform: kvm
+  path: /srv/replicas
+schedule:
+  interval: 5m
+retention:
+  points: 24
+tuning:
+  chunk_size: 4194304
+  connections: 4
+  bandwidth_limit: 104857600
+"""
+
+QMP_VM = """\
+name: db-01
+source:
+  platform: kvm
+  qmp: /run/vms/db-01.qmp
+target:
+  platform: kvm
+  path: /srv/replicas
+  host: dr-host-1
+schedule:
+  interval: 30s
+"""
+
+LIBVIRT_VM = """\
+name: app.prod_2
+source:
+  platform: kvm
+  libvirt:
+    uri: qemu:///system
+    domain: app-prod-2
+  host: kvm-host-3
+target:
+  platform: kvm
+  path: /srv/replicas
+schedule:
+  interval: 1h
+retention:
+  points: 48
+"""
+
+MINIMAL: dict[str, Any] = {
+    "name": "web1",
+    "source": {"platform": "kvm", "disks": ["/img/web1.qcow2"]},
+    "target": {"platform": "kvm", "path": "/srv/replicas"},
+}
+
+
+def write(tmp_path: Path, text: str, name: str = "job.yaml") -> Path:
+    p = tmp_path / name
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(text)
+    return p
+
+
+def spec_error(data: Any) -> str:
+    with pytest.raises(InvalidSpec) as ei:
+        parse_spec(data, "job.yaml")
+    msg = str(ei.value)
+    assert "\n" not in msg, msg
+    return msg
+
+
+def with_(**changes: Any) -> dict[str, Any]:
+    """MINIMAL with dotted-path changes; a value of ... deletes the field."""
+    d = copy.deepcopy(MINIMAL)
+    for dotted, value in changes.items():
+        *parents, leaf = dotted.split("__")
+        node = d
+        for p in parents:
+            node = node.setdefault(p, {})
+        if value is ...:
+            del node[leaf]
+        else:
+            node[leaf] = value
+    return d
+
+
+# ----------------------------------------------------------------------------------- documented forms
+
+
+def test_stopped_vm_form(tmp_path: Path) -> None:
+    spec = load_spec(write(tmp_path, STOPPED_VM))
+    assert spec.name == "web1"
+    assert spec.source.mode == "offline"
+    assert spec.source.disks == [
+        Path("/var/lib/libvirt/images/web1.qcow2"),
+        Path("/var/lib/libvirt/images/web1-data.qcow2"),
+    ]
+    assert spec.target.path == Path("/srv/replicas")
+    assert spec.schedule.interval == timedelta(minutes=5)
+    assert spec.retention.points == 24
+    assert (spec.tuning.chunk_size, spec.tuning.connections) == (4 << 20, 4)
+    assert spec.tuning.bandwidth_limit == 100 << 20
+
+
+def test_qmp_form(tmp_path: Path) -> None:
+    spec = load_spec(write(tmp_path, QMP_VM))
+    assert spec.source.mode == "qmp"
+    assert spec.source.qmp == Path("/run/vms/db-01.qmp")
+    assert spec.source.disks is None and spec.source.libvirt is None
+    assert spec.target.host == "dr-host-1"
+    assert spec.schedule.interval == timedelta(seconds=30)
+    assert spec.retention.points == 24  # default
+
+
+def test_libvirt_form(tmp_path: Path) -> None:
+    spec = load_spec(write(tmp_path, LIBVIRT_VM))
+    assert spec.source.mode == "libvirt"
+    assert spec.source.libvirt is not None
+    assert (spec.source.libvirt.uri, spec.source.libvirt.domain) == ("qemu:///system", "app-prod-2")
+    assert spec.source.host == "kvm-host-3"
+    assert spec.schedule.interval == timedelta(hours=1)
+    assert spec.retention.points == 48
+
+
+def test_defaults() -> None:
+    spec = parse_spec(MINIMAL)
+    assert spec.schedule.interval == timedelta(minutes=5)
+    assert spec.retention.points == 24
+    assert spec.tuning.chunk_size == 4 << 20
+    assert spec.tuning.bandwidth_limit is None
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [("30s", 30), ("5m", 300), ("1h", 3600), ("1.5h", 5400), ("2d", 172800), ("1500ms", 1.5), (90, 90), ("45", 45)],
+)
+def test_durations(value: Any, seconds: float) -> None:
+    assert parse_spec(with_(schedule__interval=value)).schedule.interval == timedelta(seconds=seconds)
+
+
+# ------------------------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (with_(source__disk=["/x.qcow2"]), "job.yaml: source.disk: unknown field"),
+        (with_(tuning__chunk_sise=1), "job.yaml: tuning.chunk_sise: unknown field"),
+        (with_(schedule__every="5m"), "job.yaml: schedule.every: unknown field"),
+        (with_(colour="red"), "job.yaml: colour: unknown field"),
+        (
+            with_(source__disks=..., source__libvirt={"uri": "qemu:///system", "domain": "d", "domian": "x"}),
+            "job.yaml: source.libvirt.domian: unknown field",
+        ),
+        (with_(target=...), "job.yaml: target: field required"),
+        (with_(target__path=...), "job.yaml: target.path: field required"),
+        (with_(source__platform=...), "job.yaml: source.platform: field required"),
+        (with_(source__qmp="/run/vm.qmp"), "job.yaml: source: give exactly one of disks, qmp or libvirt"),
+        (with_(source__disks=...), "job.yaml: source: give exactly one of disks, qmp or libvirt"),
+        (with_(source__disks=[]), "job.yaml: source: disks must list at least one qcow2 image"),
+        (with_(source__disks=["/a.qcow2", "/a.qcow2"]), "job.yaml: source: disks lists the same image twice"),
+        (
+            with_(schedule__interval="5 minutes"),
+            "job.yaml: schedule.interval: invalid duration '5 minutes' (use e.g. 30s, 5m, 1h)",
+        ),
+        (with_(schedule__interval="0s"), "job.yaml: schedule.interval: interval must be at least 1s"),
+        (with_(schedule__interval="500ms"), "job.yaml: schedule.interval: interval must be at least 1s"),
+        (
+            with_(name="My Job"),
+            "job.yaml: name: must be 1-63 chars of a-z 0-9 . _ - starting with a letter or digit",
+        ),
+        (with_(name="-web"), "job.yaml: name: must be 1-63 chars of a-z 0-9 . _ - starting with a letter or digit"),
+        (with_(name="a" * 64), "job.yaml: name: must be 1-63 chars of a-z 0-9 . _ - starting with a letter or digit"),
+    ],
+)
+def test_invalid_spec_is_one_line_naming_the_field(data: dict[str, Any], expected: str) -> None:
+    assert spec_error(data) == expected
+
+
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [
+        (with_(source__platform="vmware"), "source.platform: "),
+        (with_(tuning__connections=99), "tuning.connections: "),
+        (with_(tuning__chunk_size=4096), "tuning.chunk_size: "),
+        (with_(retention__points=0), "retention.points: "),
+        (with_(tuning__bandwidth_limit=10), "tuning.bandwidth_limit: "),
+    ],
+)
+def test_out_of_range_values_name_the_field(data: dict[str, Any], field: str) -> None:
+    assert spec_error(data).startswith(f"job.yaml: {field}")
+
+
+def test_several_problems_report_the_first_and_a_count() -> None:
+    msg = spec_error(with_(colour="red", tuning__connections=99))
+    assert msg.endswith("(+1 more)")
+
+
+def test_name_at_the_length_limit_is_accepted() -> None:
+    assert parse_spec(with_(name="a" * 63)).name == "a" * 63
+
+
+def test_not_a_mapping() -> None:
+    assert spec_error(["name", "web1"]) == "job.yaml: expected a mapping with name, source and target"
+    assert spec_error(None) == "job.yaml: expected a mapping with name, source and target"
+
+
+def test_load_errors(tmp_path: Path) -> None:
+    with pytest.raises(ResourceNotFound, match="not found"):
+        load_spec(tmp_path / "absent.yaml")
+    bad = write(tmp_path, "name: web1\nsource: [unclosed\n", "bad.yaml")
+    with pytest.raises(InvalidSpec) as ei:
+        load_spec(bad)
+    assert str(ei.value).startswith(f"{bad} line ")
+    assert str(ei.value).endswith("not valid YAML")
+    empty = write(tmp_path, "", "empty.yaml")
+    with pytest.raises(InvalidSpec, match="expected a mapping"):
+        load_spec(empty)
+    typo = write(tmp_path, STOPPED_VM.replace("  interval: 5m", "  intervall: 5m"), "typo.yaml")
+    with pytest.raises(InvalidSpec) as ei:
+        load_spec(typo)
+    assert str(ei.value) == f"{typo}: schedule.intervall: unknown field"
+
+
+# ---------------------------------------------------------------------------------- relative paths
+
+
+def test_relative_paths_are_resolved_against_the_spec_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # elsewhere than the spec's directory
+    spec_dir = tmp_path / "jobs" / "web"
+    text = (
+        "name: web1\n"
+        "source: {platform: kvm, disks: [web1.qcow2, ../shared/data.qcow2, /abs/other.qcow2]}\n"
+        "target: {platform: kvm, path: replicas}\n"
+    )
+    spec = load_spec(write(spec_dir, text))
+    assert spec.source.disks == [
+        spec_dir / "web1.qcow2",
+        tmp_path / "jobs" / "shared" / "data.qcow2",
+        Path("/abs/other.qcow2"),
+    ]
+    assert spec.target.path == spec_dir / "replicas"
+
+    qmp = load_spec(write(spec_dir, "name: db\nsource: {platform: kvm, qmp: sock/db.qmp}\n"
+                      "target: {platform: kvm, path: /srv/r}\n", "qmp.yaml"))
+    assert qmp.source.qmp == spec_dir / "sock" / "db.qmp"
+    assert qmp.target.path == Path("/srv/r")
+
+
+def test_parse_spec_alone_leaves_paths_as_given() -> None:
+    spec = parse_spec(with_(source__disks=["rel.qcow2"], target__path="out"))
+    assert spec.source.disks == [Path("rel.qcow2")]
+    assert spec.target.path == Path("out")

@@ -1,0 +1,649 @@
+"""ReplicationWorkflow logic under the time-skipping test server, with every activity faked by name.
+
+The fakes record each call and answer with realistic models: change ids are `<sync_id>:<disk>`, so a
+test can tell exactly which point a snapshot diffed from. Time only moves when a test calls
+`env.sleep` (or awaits a workflow result), so "no sync happened" assertions are exact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from temporalio import activity
+from temporalio.api.enums.v1 import IndexedValueType
+from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
+from temporalio.client import (
+    WorkflowExecutionStatus,
+    WorkflowFailureError,
+    WorkflowHandle,
+    WorkflowUpdateFailedError,
+    WorkflowUpdateStage,
+)
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
+
+from sendense.models import (
+    AbortRequest,
+    CommitRequest,
+    CopyRequest,
+    CopyStats,
+    CopyToken,
+    DeleteRequest,
+    DiskCopyResult,
+    DiskInfo,
+    DiskSnapshot,
+    JobRequest,
+    JobSpec,
+    JobStatus,
+    KvmSource,
+    KvmTarget,
+    PointDisk,
+    PointInfo,
+    PrepareRequest,
+    PruneRequest,
+    PruneResult,
+    ReleaseRequest,
+    ReplicationInput,
+    Retention,
+    Schedule,
+    Settings,
+    SnapshotRef,
+    SnapshotRequest,
+    SyncNowRequest,
+    SyncResult,
+    VmInfo,
+)
+from workflows.replication import SA_JOB, SA_SOURCE, SA_STATE, SA_TARGET, SA_VM, ReplicationWorkflow
+
+DISKS = {"disk0": 8 << 30, "disk1": 2 << 30}
+WRITTEN = 3 << 20  # bytes each fake copy writes per disk
+
+
+# --------------------------------------------------------------------------------- environment
+
+
+@pytest_asyncio.fixture(scope="module")
+async def env() -> AsyncIterator[WorkflowEnvironment]:
+    server = shutil.which("temporal-test-server") or ".venv/bin/temporal-test-server"
+    e = await WorkflowEnvironment.start_time_skipping(
+        data_converter=pydantic_data_converter, test_server_existing_path=server
+    )
+    try:
+        yield e
+    finally:
+        await e.shutdown()
+
+
+def spec(name: str = "web01", interval: timedelta = timedelta(minutes=10), keep: int = 24) -> JobSpec:
+    return JobSpec(
+        name=name,
+        source=KvmSource(platform="kvm", disks=[Path(f"/vms/web01/{k}.qcow2") for k in DISKS]),
+        target=KvmTarget(platform="kvm", path=Path("/replicas")),
+        schedule=Schedule(interval=interval),
+        retention=Retention(points=keep),
+    )
+
+
+def change_ids(sync_id: str) -> dict[str, str | None]:
+    return {k: f"{sync_id}:{k}" for k in DISKS}
+
+
+class FakeHost:
+    """The nine host activities, by name, recording every call.
+
+    Behaviour hooks (set by a test before the sync it targets):
+    - `copy_hook(req, info)`: called at the start of each copy_disk attempt; may raise or await.
+    - `validate_error`: raised by validate_job.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any]] = []
+        self.copy_attempts: list[tuple[str, str, int, list[Any]]] = []  # sync_id, disk, attempt, details
+        self.copy_hook: Callable[[CopyRequest, activity.Info], Awaitable[None]] | None = None
+        self.validate_error: BaseException | None = None
+
+    def of(self, name: str) -> list[Any]:
+        return [req for n, req in self.calls if n == name]
+
+    @property
+    def activities(self) -> list[Callable[..., Any]]:
+        return [
+            self.validate_job,
+            self.create_snapshot,
+            self.prepare_target,
+            self.copy_disk,
+            self.commit_point,
+            self.release_snapshot,
+            self.abort_sync,
+            self.prune_points,
+            self.destroy_target,
+        ]
+
+    @activity.defn(name="validate_job")
+    async def validate_job(self, req: JobRequest) -> VmInfo:
+        self.calls.append(("validate_job", req))
+        if self.validate_error is not None:
+            raise self.validate_error
+        return VmInfo(
+            name=req.spec.name,
+            platform="kvm",
+            disks=[DiskInfo(key=k, size=s, ref=f"/vms/web01/{k}.qcow2") for k, s in DISKS.items()],
+        )
+
+    @activity.defn(name="create_snapshot")
+    async def create_snapshot(self, req: SnapshotRequest) -> SnapshotRef:
+        self.calls.append(("create_snapshot", req))
+        return SnapshotRef(
+            snapshot_id=req.snapshot_id,
+            created_at=datetime.now(UTC),
+            disks=[
+                DiskSnapshot(
+                    key=k,
+                    size=s,
+                    change_id=change_ids(req.snapshot_id)[k],  # type: ignore[arg-type]
+                    base_change_id=req.base.get(k),
+                    handle={"export": f"nbd+unix:///{k}?socket=/run/sendense/{req.snapshot_id}.sock"},
+                )
+                for k, s in DISKS.items()
+            ],
+        )
+
+    @activity.defn(name="prepare_target")
+    async def prepare_target(self, req: PrepareRequest) -> None:
+        self.calls.append(("prepare_target", req))
+
+    @activity.defn(name="copy_disk")
+    async def copy_disk(self, req: CopyRequest) -> DiskCopyResult:
+        info = activity.info()
+        self.calls.append(("copy_disk", req))
+        self.copy_attempts.append((req.sync_id, req.disk, info.attempt, list(info.heartbeat_details)))
+        if self.copy_hook is not None:
+            await self.copy_hook(req, info)
+        d = req.snapshot.disk(req.disk)
+        kind = "full" if d.base_change_id is None else "incremental"
+        return DiskCopyResult(
+            key=req.disk,
+            kind=kind,
+            stats=CopyStats(bytes_read=WRITTEN, bytes_written=WRITTEN, bytes_zeroed=1 << 20, extents=3),
+        )
+
+    @activity.defn(name="commit_point")
+    async def commit_point(self, req: CommitRequest) -> PointInfo:
+        self.calls.append(("commit_point", req))
+        stats = CopyStats()
+        for r in req.results:
+            stats.add(r.stats)
+        kinds = {r.kind for r in req.results}
+        return PointInfo(
+            point_id=req.sync_id,
+            job=req.spec.name,
+            created_at=req.snapshot.created_at,
+            committed_at=datetime.now(UTC),
+            kind="full" if kinds == {"full"} else "incremental",
+            disks=[PointDisk(key=d.key, size=d.size, change_id=d.change_id) for d in req.snapshot.disks],
+            stats=stats,
+        )
+
+    @activity.defn(name="release_snapshot")
+    async def release_snapshot(self, req: ReleaseRequest) -> None:
+        self.calls.append(("release_snapshot", req))
+
+    @activity.defn(name="abort_sync")
+    async def abort_sync(self, req: AbortRequest) -> None:
+        self.calls.append(("abort_sync", req))
+
+    @activity.defn(name="prune_points")
+    async def prune_points(self, req: PruneRequest) -> PruneResult:
+        self.calls.append(("prune_points", req))
+        return PruneResult(removed=[])
+
+    @activity.defn(name="destroy_target")
+    async def destroy_target(self, req: JobRequest) -> None:
+        self.calls.append(("destroy_target", req))
+
+
+class Job:
+    """One workflow on its own task queue with its own fakes."""
+
+    def __init__(self, env: WorkflowEnvironment, host: FakeHost, handle: WorkflowHandle[Any, JobStatus]):
+        self.env, self.host, self.handle = env, host, handle
+
+    async def status(self) -> JobStatus:
+        return await self.handle.query(ReplicationWorkflow.status)
+
+    async def until(self, pred: Callable[[JobStatus], bool], what: str, timeout: float = 10.0) -> JobStatus:
+        """Poll the status query (real time; the virtual clock stays put) until `pred` holds."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            st = await self.status()
+            if pred(st):
+                return st
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"timed out waiting for {what}; status: {st!r}")
+            await asyncio.sleep(0.02)
+
+    async def settled(self, syncs: int, failures: int = 0) -> JobStatus:
+        """Wait until `syncs` succeeded, `failures` failed and the loop is idle again (housekeeping done)."""
+        return await self.until(
+            lambda s: s.syncs == syncs and s.failures == failures and s.current_sync is None
+            and s.state in ("idle", "error"),
+            f"{syncs} syncs / {failures} failures settled",
+        )
+
+    def snapshots(self) -> list[SnapshotRequest]:
+        return self.host.of("create_snapshot")
+
+
+async def _run(
+    env: WorkflowEnvironment,
+    job_spec: JobSpec,
+    body: Callable[[Job], Awaitable[None]],
+    host: FakeHost | None = None,
+    **inp: Any,
+) -> None:
+    host = host or FakeHost()
+    q = f"repl-{uuid.uuid4()}"
+    async with Worker(env.client, task_queue=q, workflows=[ReplicationWorkflow], activities=host.activities):
+        handle = await env.client.start_workflow(
+            ReplicationWorkflow.run,
+            ReplicationInput(
+                spec=job_spec, source_queue=q, target_queue=q, **{"search_attributes": False, **inp}
+            ),
+            id=f"job-{job_spec.name}-{uuid.uuid4()}",
+            task_queue=q,
+        )
+        job = Job(env, host, handle)
+        try:
+            await body(job)
+        finally:
+            if (await handle.describe()).status == WorkflowExecutionStatus.RUNNING:
+                await handle.terminate("test over")
+
+
+# ------------------------------------------------------------------------------------------ tests
+
+
+async def test_seed_then_incremental_syncs_on_the_interval(env: WorkflowEnvironment) -> None:
+    async def body(job: Job) -> None:
+        st = await job.settled(1)
+        assert st.last_sync is not None and st.last_sync.kind == "full"
+        first = job.snapshots()[0]
+        assert first.base == {}
+        assert st.last_point == first.snapshot_id
+        assert st.total_bytes_written == WRITTEN * len(DISKS)
+        assert [r.disk for r in job.host.of("copy_disk")] == list(DISKS)
+        t1 = st.next_sync_at
+        assert t1 is not None
+
+        # Nothing before the interval is up ...
+        await job.env.sleep(timedelta(minutes=9))
+        assert len(job.snapshots()) == 1
+        # ... then one sync per interval, each diffing from the previous point.
+        await job.env.sleep(timedelta(minutes=1, seconds=1))
+        st = await job.settled(2)
+        assert st.last_sync is not None and st.last_sync.kind == "incremental"
+        assert st.next_sync_at is not None
+        # scheduled from the sync's actual start: a timer fires a few ms after its due time
+        assert timedelta(0) <= st.next_sync_at - (t1 + timedelta(minutes=10)) < timedelta(seconds=1)
+        await job.env.sleep(timedelta(minutes=10))
+        st = await job.settled(3)
+
+        snaps = job.snapshots()
+        assert len(snaps) == 3
+        assert snaps[1].base == change_ids(snaps[0].snapshot_id)
+        assert snaps[2].base == change_ids(snaps[1].snapshot_id)
+        assert st.last_point == snaps[2].snapshot_id
+        released = job.host.of("release_snapshot")
+        assert [(r.snapshot.snapshot_id, r.committed) for r in released] == [(s.snapshot_id, True) for s in snaps]
+        assert [p.keep for p in job.host.of("prune_points")] == [24, 24, 24]
+        assert len(job.host.of("validate_job")) == 1
+        assert job.host.of("abort_sync") == []
+
+    await _run(env, spec(interval=timedelta(minutes=10)), body)
+
+
+async def test_sync_now_returns_the_result_of_a_new_sync_at_once(env: WorkflowEnvironment) -> None:
+    async def body(job: Job) -> None:
+        await job.settled(1)
+        seed = job.snapshots()[0].snapshot_id
+        # The interval is an hour and the virtual clock is locked: only sync_now can make this return.
+        res = await asyncio.wait_for(job.handle.execute_update(ReplicationWorkflow.sync_now, SyncNowRequest()), 10)
+        assert isinstance(res, SyncResult)
+        snaps = job.snapshots()
+        assert len(snaps) == 2
+        assert res.point_id == snaps[1].snapshot_id and res.point_id.endswith("-0002")
+        assert res.kind == "incremental"
+        assert res.bytes_written == WRITTEN * len(DISKS)
+        assert snaps[1].base == change_ids(seed)
+        st = await job.settled(2)
+        assert st.last_point == res.point_id
+
+    await _run(env, spec(interval=timedelta(hours=1)), body)
+
+
+async def test_sync_now_during_a_sync_returns_the_next_sync(env: WorkflowEnvironment) -> None:
+    host = FakeHost()
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    async def hold_second_sync(req: CopyRequest, info: activity.Info) -> None:
+        if req.sync_id.endswith("-0002") and req.disk == "disk0":
+            entered.set()
+            await release.wait()
+
+    async def body(job: Job) -> None:
+        await job.settled(1)
+        host.copy_hook = hold_second_sync
+        first = await job.handle.start_update(
+            ReplicationWorkflow.sync_now, SyncNowRequest(), wait_for_stage=WorkflowUpdateStage.ACCEPTED
+        )
+        await asyncio.wait_for(entered.wait(), 10)
+        second = await job.handle.start_update(
+            ReplicationWorkflow.sync_now,
+            SyncNowRequest(reason="while running"),
+            wait_for_stage=WorkflowUpdateStage.ACCEPTED,
+        )
+        release.set()
+        r1 = await asyncio.wait_for(first.result(), 10)
+        r2 = await asyncio.wait_for(second.result(), 10)
+        snaps = job.snapshots()
+        assert [s.snapshot_id[-4:] for s in snaps] == ["0001", "0002", "0003"]
+        assert r1.point_id == snaps[1].snapshot_id
+        assert r2.point_id == snaps[2].snapshot_id
+        assert snaps[2].base == change_ids(snaps[1].snapshot_id)
+        await job.settled(3)
+
+    await _run(env, spec(interval=timedelta(hours=1)), body, host=host)
+
+
+async def test_pause_stops_syncs_and_rejects_sync_now_until_resume(env: WorkflowEnvironment) -> None:
+    async def body(job: Job) -> None:
+        await job.settled(1)
+        await job.handle.signal(ReplicationWorkflow.pause)
+        await job.until(lambda s: s.state == "paused", "paused")
+
+        await job.env.sleep(timedelta(minutes=35))  # three and a half intervals
+        assert len(job.snapshots()) == 1
+        with pytest.raises(WorkflowUpdateFailedError) as ei:
+            await job.handle.execute_update(ReplicationWorkflow.sync_now, SyncNowRequest())
+        cause = ei.value.cause
+        assert isinstance(cause, ApplicationError)
+        assert cause.type == "JobPaused"
+        assert "paused" in cause.message and "resume" in cause.message
+        assert len(job.snapshots()) == 1
+        assert (await job.status()).state == "paused"
+
+        # The interval has long passed: resuming syncs at once, then on the interval again.
+        await job.handle.signal(ReplicationWorkflow.resume)
+        st = await job.settled(2)
+        snaps = job.snapshots()
+        assert snaps[1].base == change_ids(snaps[0].snapshot_id)
+        assert st.state == "idle"
+        res = await job.handle.execute_update(ReplicationWorkflow.sync_now, SyncNowRequest())
+        assert res.point_id == job.snapshots()[2].snapshot_id
+
+    await _run(env, spec(interval=timedelta(minutes=10)), body)
+
+
+async def test_update_settings_lengthens_the_interval_and_changes_retention(env: WorkflowEnvironment) -> None:
+    async def body(job: Job) -> None:
+        st = await job.settled(1)
+        assert st.next_sync_at is not None
+        started = st.next_sync_at - timedelta(minutes=10)
+        new = await job.handle.execute_update(
+            ReplicationWorkflow.update_settings, Settings(interval=timedelta(minutes=30), retention_points=3)
+        )
+        assert new.interval_seconds == 1800 and new.retention_points == 3
+        assert new.next_sync_at == started + timedelta(minutes=30)
+
+        await job.env.sleep(timedelta(minutes=15))  # past the old interval, before the new one
+        await asyncio.sleep(0.3)  # let a (wrong) sync show up if the old timer started one
+        assert len(job.snapshots()) == 1, "sync ran on the old 10m interval after it was changed to 30m"
+        await job.env.sleep(timedelta(minutes=15, seconds=1))
+        await job.settled(2)
+        assert [p.keep for p in job.host.of("prune_points")] == [24, 3]
+
+    await _run(env, spec(interval=timedelta(minutes=10)), body)
+
+
+async def test_update_settings_shortens_the_interval(env: WorkflowEnvironment) -> None:
+    async def body(job: Job) -> None:
+        await job.settled(1)
+        await job.handle.execute_update(ReplicationWorkflow.update_settings, Settings(interval=timedelta(minutes=5)))
+        await job.env.sleep(timedelta(minutes=5, seconds=1))
+        # The workflow was waiting on a 1h timer: the new 5m interval must wake it.
+        await job.settled(2)
+        assert len(job.snapshots()) == 2
+
+    await _run(env, spec(interval=timedelta(hours=1)), body)
+
+
+async def test_continue_as_new_carries_state(env: WorkflowEnvironment) -> None:
+    async def body(job: Job) -> None:
+        await job.settled(1)
+        await job.env.sleep(timedelta(minutes=10))
+        await job.until(lambda s: s.syncs == 2, "second sync")
+        # The second sync ends the run (max_syncs_per_run=2): the handle follows the new run.
+        await job.env.sleep(timedelta(minutes=10))
+        st = await job.settled(3)
+
+        latest = await job.env.client.get_workflow_handle(job.handle.id).describe()
+        assert latest.run_id != job.handle.first_execution_run_id
+        assert latest.status == WorkflowExecutionStatus.RUNNING
+        first = await job.env.client.get_workflow_handle(job.handle.id, run_id=job.handle.first_execution_run_id).describe()
+        assert first.status == WorkflowExecutionStatus.CONTINUED_AS_NEW
+
+        snaps = job.snapshots()
+        assert [s.snapshot_id[-4:] for s in snaps] == ["0001", "0002", "0003"]  # seq carried on
+        assert snaps[2].base == change_ids(snaps[1].snapshot_id)  # base carried on
+        assert st.syncs == 3 and st.failures == 0
+        assert st.last_point == snaps[2].snapshot_id
+        assert st.total_bytes_written == 3 * WRITTEN * len(DISKS)
+        assert st.interval_seconds == 600
+        assert len(job.host.of("validate_job")) == 1  # not validated again after continue-as-new
+
+    await _run(env, spec(interval=timedelta(minutes=10)), body, max_syncs_per_run=2)
+
+
+async def test_copy_retries_resume_from_the_heartbeated_token(env: WorkflowEnvironment) -> None:
+    host = FakeHost()
+
+    async def flaky(req: CopyRequest, info: activity.Info) -> None:
+        if not req.sync_id.endswith("-0002") or req.disk != "disk0":
+            return
+        if info.attempt < 3:
+            activity.heartbeat(
+                CopyToken(sync_id=req.sync_id, disk=req.disk, offset=info.attempt << 30, done=info.attempt << 30,
+                          total=DISKS["disk0"], stats=CopyStats(bytes_written=info.attempt << 30))
+            )
+            await asyncio.sleep(0.05)  # let the heartbeat reach the server before failing
+            raise ApplicationError(f"connection reset (attempt {info.attempt})", type="OSError")
+
+    async def body(job: Job) -> None:
+        await job.settled(1)
+        host.copy_hook = flaky
+        res = await asyncio.wait_for(job.handle.execute_update(ReplicationWorkflow.sync_now, SyncNowRequest()), 15)
+        assert res.kind == "incremental"
+        attempts = [(a, d) for s, k, a, d in host.copy_attempts if s.endswith("-0002") and k == "disk0"]
+        assert [a for a, _ in attempts] == [1, 2, 3]
+        assert attempts[0][1] == []
+        tokens = [CopyToken.model_validate(d[0]) for _, d in attempts[1:]]
+        assert [t.offset for t in tokens] == [1 << 30, 2 << 30]
+        assert all(t.sync_id == res.point_id and t.disk == "disk0" for t in tokens)
+        st = await job.settled(2)
+        assert st.failures == 0 and st.last_error is None
+        assert job.host.of("abort_sync") == []
+
+    await _run(env, spec(interval=timedelta(hours=1)), body, host=host)
+
+
+async def test_non_retryable_copy_failure_aborts_and_keeps_the_last_point(env: WorkflowEnvironment) -> None:
+    host = FakeHost()
+    entered, release = asyncio.Event(), asyncio.Event()
+    msg = "replica volume /replicas/web01/disk0.qcow2 is read-only"
+
+    async def target_error(req: CopyRequest, info: activity.Info) -> None:
+        if req.sync_id.endswith("-0002") and req.disk == "disk0":
+            entered.set()
+            await release.wait()
+            raise ApplicationError(msg, type="TargetError", non_retryable=True)
+
+    async def body(job: Job) -> None:
+        st = await job.settled(1)
+        seed = job.snapshots()[0].snapshot_id
+        host.copy_hook = target_error
+        failing = await job.handle.start_update(
+            ReplicationWorkflow.sync_now, SyncNowRequest(), wait_for_stage=WorkflowUpdateStage.ACCEPTED
+        )
+        await asyncio.wait_for(entered.wait(), 10)
+        after = await job.handle.start_update(
+            ReplicationWorkflow.sync_now, SyncNowRequest(), wait_for_stage=WorkflowUpdateStage.ACCEPTED
+        )
+        release.set()
+
+        # The caller whose sync failed gets the root cause's message.
+        with pytest.raises(WorkflowUpdateFailedError) as ei:
+            await asyncio.wait_for(failing.result(), 10)
+        cause = ei.value.cause
+        assert isinstance(cause, ApplicationError) and cause.type == "SyncFailed"
+        assert cause.message == msg
+
+        # The caller who asked during the failing sync gets the next one, which diffs from the seed.
+        ok = await asyncio.wait_for(after.result(), 10)
+        snaps = job.snapshots()
+        failed_id = snaps[1].snapshot_id
+        assert ok.point_id == snaps[2].snapshot_id
+        assert snaps[2].base == change_ids(seed), "the sync after a failure must diff from the last committed point"
+
+        attempts = [a for s, k, a, _ in host.copy_attempts if s == failed_id and k == "disk0"]
+        assert attempts == [1]
+        assert [r.disk for r in host.of("copy_disk") if r.sync_id == failed_id] == ["disk0"]
+        assert [c.sync_id for c in host.of("commit_point")] == [seed, snaps[2].snapshot_id]
+        assert [a.sync_id for a in host.of("abort_sync")] == [failed_id]
+        assert [(r.snapshot.snapshot_id, r.committed) for r in host.of("release_snapshot")] == [
+            (seed, True),
+            (failed_id, False),
+            (snaps[2].snapshot_id, True),
+        ]
+        st = await job.settled(2, failures=1)
+        assert st.last_error is None and st.state == "idle"  # cleared by the successful sync
+
+    await _run(env, spec(interval=timedelta(hours=1)), body, host=host)
+
+
+async def test_failed_sync_is_reported_in_status(env: WorkflowEnvironment) -> None:
+    host = FakeHost()
+    msg = "replica volume /replicas/web01/disk1.qcow2 is read-only"
+
+    async def target_error(req: CopyRequest, info: activity.Info) -> None:
+        if req.sync_id.endswith("-0002") and req.disk == "disk1":
+            raise ApplicationError(msg, type="TargetError", non_retryable=True)
+
+    async def body(job: Job) -> None:
+        seed = (await job.settled(1)).last_point
+        host.copy_hook = target_error
+        with pytest.raises(WorkflowUpdateFailedError) as ei:
+            await asyncio.wait_for(job.handle.execute_update(ReplicationWorkflow.sync_now, SyncNowRequest()), 10)
+        assert isinstance(ei.value.cause, ApplicationError) and ei.value.cause.message == msg
+        st = await job.settled(1, failures=1)
+        failed_id = job.snapshots()[1].snapshot_id
+        assert st.state == "error"
+        assert st.last_error == f"sync {failed_id}: {msg}"
+        assert st.last_point == seed  # no point committed
+        assert len(host.of("commit_point")) == 1
+        assert [a.sync_id for a in host.of("abort_sync")] == [failed_id]
+        assert host.of("release_snapshot")[-1].committed is False
+        assert host.of("release_snapshot")[-1].snapshot.snapshot_id == failed_id
+        # disk0 was copied before disk1 failed; abort_sync is what discards it.
+        assert [(r.disk) for r in host.of("copy_disk") if r.sync_id == failed_id] == ["disk0", "disk1"]
+
+        # The scheduled sync (not only sync_now) recovers and diffs from the seed.
+        host.copy_hook = None
+        await job.env.sleep(timedelta(hours=1, seconds=1))
+        st = await job.settled(2, failures=1)
+        assert job.snapshots()[2].base == change_ids(seed or "")
+        assert st.last_error is None
+
+    await _run(env, spec(interval=timedelta(hours=1)), body, host=host)
+
+
+async def test_invalid_spec_fails_the_workflow(env: WorkflowEnvironment) -> None:
+    host = FakeHost()
+    msg = "source disk /vms/web01/disk0.qcow2 does not exist"
+    host.validate_error = ApplicationError(msg, type="InvalidSpec", non_retryable=True)
+
+    async def body(job: Job) -> None:
+        with pytest.raises(WorkflowFailureError) as ei:
+            await asyncio.wait_for(job.handle.result(), 10)
+        act = ei.value.cause
+        assert isinstance(act, ActivityError)
+        root = act.cause
+        assert isinstance(root, ApplicationError) and root.type == "InvalidSpec" and root.message == msg
+        assert len(host.of("validate_job")) == 1  # non-retryable: one attempt
+        assert job.snapshots() == []
+
+    await _run(env, spec(), body, host=host)
+
+
+@pytest.mark.parametrize("purge", [False, True])
+async def test_delete_ends_the_workflow(env: WorkflowEnvironment, purge: bool) -> None:
+    async def body(job: Job) -> None:
+        await job.settled(1)
+        await asyncio.wait_for(job.handle.execute_update(ReplicationWorkflow.delete, DeleteRequest(purge=purge)), 10)
+        final = await asyncio.wait_for(job.handle.result(), 10)
+        assert isinstance(final, JobStatus)
+        assert final.state == "deleted" and final.syncs == 1
+        assert (await job.handle.describe()).status == WorkflowExecutionStatus.COMPLETED
+        destroyed = job.host.of("destroy_target")
+        if purge:
+            assert len(destroyed) == 1 and destroyed[0].spec.name == "web01"
+        else:
+            assert destroyed == []
+        assert len(job.snapshots()) == 1
+
+    await _run(env, spec(interval=timedelta(minutes=10)), body)
+
+
+async def test_delete_while_paused(env: WorkflowEnvironment) -> None:
+    async def body(job: Job) -> None:
+        await job.settled(1)
+        await job.handle.signal(ReplicationWorkflow.pause)
+        await job.until(lambda s: s.state == "paused", "paused")
+        await job.handle.execute_update(ReplicationWorkflow.delete, DeleteRequest(purge=True))
+        final = await asyncio.wait_for(job.handle.result(), 10)
+        assert final.state == "deleted"
+        assert len(job.host.of("destroy_target")) == 1
+
+    await _run(env, spec(interval=timedelta(minutes=10)), body)
+
+
+async def test_search_attributes_when_registered(env: WorkflowEnvironment) -> None:
+    """The time-skipping server rejects undeclared custom search attributes, but accepts them once added."""
+    await env.client.operator_service.add_search_attributes(
+        AddSearchAttributesRequest(
+            namespace=env.client.namespace,
+            search_attributes={
+                k.name: IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD for k in (SA_JOB, SA_SOURCE, SA_TARGET, SA_VM, SA_STATE)
+            },
+        )
+    )
+
+    async def body(job: Job) -> None:
+        await job.settled(1)
+        sa = (await job.handle.describe()).typed_search_attributes
+        assert sa.get(SA_VM) == "web02"
+        assert sa.get(SA_STATE) == "idle"
+        await job.handle.signal(ReplicationWorkflow.pause)
+        await job.until(lambda s: s.state == "paused", "paused")
+        assert (await job.handle.describe()).typed_search_attributes.get(SA_STATE) == "paused"
+
+    await _run(env, spec(name="web02"), body, search_attributes=True)
