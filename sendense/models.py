@@ -34,7 +34,7 @@ def parse_duration(value: Any) -> Any:
 
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
 
-JOB_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+JOB_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")  # no dots: bitmap names use them as separators
 
 
 class Strict(BaseModel):
@@ -133,7 +133,7 @@ class JobSpec(Strict):
     @classmethod
     def _name(cls, v: str) -> str:
         if not JOB_NAME.match(v):
-            raise ValueError("must be 1-63 chars of a-z 0-9 . _ - starting with a letter or digit")
+            raise ValueError("must be 1-63 chars of a-z 0-9 _ - starting with a letter or digit")
         return v
 
 

@@ -41,12 +41,13 @@ def qemu_img(*args: str, check: bool = True, timeout: float = 3600) -> subproces
     cmd = [tool("qemu-img"), *args]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0:
-        msg = (p.stderr.strip().splitlines() or ["failed"])[-1]
-        low = msg.lower()
+        err = p.stderr.strip()
+        msg = (err.splitlines() or ["failed"])[-1]
+        low = err.lower()
         if "no space left" in low:
             raise TargetError(f"qemu-img {args[0]}: {msg}")
         if "failed to get" in low and "lock" in low:
-            raise ResourceUnavailable(f"qemu-img {args[0]}: {msg}")
+            raise ResourceUnavailable(f"qemu-img {args[0]}: image is in use by another process ({msg})")
         raise SendenseError(f"qemu-img {args[0]}: {msg}")
     return p
 

@@ -57,19 +57,7 @@ class QmpClient:
                 return self
             if not self.path.exists():
                 raise ResourceNotFound(f"QMP socket {self.path}: not found (is the VM running?)")
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.settimeout(self.timeout)
-            try:
-                s.connect(str(self.path))
-            except FileNotFoundError:
-                s.close()
-                raise ResourceNotFound(f"QMP socket {self.path}: not found (is the VM running?)") from None
-            except ConnectionRefusedError:
-                s.close()
-                raise VmNotRunning(f"QMP socket {self.path}: connection refused (the VM is not running)") from None
-            except OSError as e:
-                s.close()
-                raise ResourceUnavailable(f"QMP socket {self.path}: {e.strerror or e}") from None
+            s = self._open_socket()
             self._sock, self._buf = s, b""
             try:
                 greeting = self._recv(self.timeout, what="greeting")
@@ -81,6 +69,35 @@ class QmpClient:
                 self.close()
                 raise
             return self
+
+    def _open_socket(self) -> socket.socket:
+        # QEMU listens with a backlog of 1: while another client holds the monitor and one more waits,
+        # connect() fails with EAGAIN; retry until the connect timeout.
+        deadline = time.monotonic() + self.timeout
+        while True:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(self.timeout)
+            try:
+                s.connect(str(self.path))
+                return s
+            except FileNotFoundError:
+                s.close()
+                raise ResourceNotFound(f"QMP socket {self.path}: not found (is the VM running?)") from None
+            except ConnectionRefusedError:
+                s.close()
+                raise VmNotRunning(
+                    f"QMP socket {self.path}: connection refused (the VM is not running)"
+                ) from None
+            except (BlockingIOError, TimeoutError) as e:
+                s.close()
+                if time.monotonic() >= deadline:
+                    raise ResourceUnavailable(
+                        f"QMP socket {self.path}: busy (other clients hold the monitor): {e.strerror or e}"
+                    ) from None
+                time.sleep(0.05)
+            except OSError as e:
+                s.close()
+                raise ResourceUnavailable(f"QMP socket {self.path}: {e.strerror or e}") from None
 
     def close(self) -> None:
         with self._lock:
@@ -109,7 +126,9 @@ class QmpClient:
         """An HMP command through `human-monitor-command`; returns its text output."""
         return str(self.execute("human-monitor-command", **{"command-line": cmdline}))
 
-    def wait_event(self, name: str, timeout: float = 30.0, match: dict[str, Any] | None = None) -> dict[str, Any]:
+    def wait_event(
+        self, name: str, timeout: float = 30.0, match: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         """The first event `name` (already received or arriving within `timeout`) whose data holds `match`."""
 
         def ok(ev: dict[str, Any]) -> bool:
@@ -126,7 +145,9 @@ class QmpClient:
             while True:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise ResourceUnavailable(f"QMP socket {self.path}: no {name} event within {timeout:.0f}s")
+                    raise ResourceUnavailable(
+                        f"QMP socket {self.path}: no {name} event within {timeout:.0f}s"
+                    )
                 msg = self._recv(left, what=f"{name} event")
                 if "event" in msg:
                     if ok(msg):
@@ -154,7 +175,9 @@ class QmpClient:
             if "error" in reply:
                 err = reply["error"]
                 desc = str(err.get("desc", "unknown error"))
-                raise QmpError(f"QMP {cmd} on {self.path}: {desc}", error_class=err.get("class", ""), desc=desc)
+                raise QmpError(
+                    f"QMP {cmd} on {self.path}: {desc}", error_class=err.get("class", ""), desc=desc
+                )
             if "return" in reply:
                 return reply["return"]
 
@@ -166,7 +189,8 @@ class QmpClient:
             if left <= 0:
                 self.close()
                 raise ResourceUnavailable(
-                    f"QMP socket {self.path}: no {what} within {timeout:.0f}s (monitor busy or held by another client)"
+                    f"QMP socket {self.path}: no {what} within {timeout:.0f}s "
+                    "(monitor busy or held by another client)"
                 )
             self._sock.settimeout(left)
             try:
@@ -178,7 +202,9 @@ class QmpClient:
                 raise ResourceUnavailable(f"QMP socket {self.path}: {what}: {e.strerror or e}") from None
             if not chunk:
                 self.close()
-                raise ResourceUnavailable(f"QMP socket {self.path}: connection closed by QEMU while waiting for {what}")
+                raise ResourceUnavailable(
+                    f"QMP socket {self.path}: connection closed by QEMU while waiting for {what}"
+                )
             self._buf += chunk
         line, self._buf = self._buf.split(b"\n", 1)
         try:

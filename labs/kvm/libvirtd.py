@@ -187,10 +187,15 @@ class LabLibvirtd:
         def work() -> None:
             try:
                 conn = self.connect()
-                try:
-                    for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
-                        with suppress(libvirt.libvirtError):
-                            dom.destroy()
+                try:  # in parallel: libvirt takes over a second to tear each QEMU down
+                    doms = conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+                    threads = [
+                        threading.Thread(target=_destroy_quietly, args=(d,), daemon=True) for d in doms
+                    ]
+                    for t in threads:
+                        t.start()
+                    for t in threads:
+                        t.join()
                 finally:
                     conn.close()
             except BaseException as e:  # noqa: BLE001
@@ -218,6 +223,11 @@ class LabLibvirtd:
             proc.wait()
 
 
+def _destroy_quietly(dom: libvirt.virDomain) -> None:
+    with suppress(libvirt.libvirtError):
+        dom.destroy()
+
+
 def _kill_if_qemu(pid: int) -> None:
     try:
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -243,7 +253,9 @@ def start_libvirtd(base: Path, *, cache_dir: Path | None = None, timeout: float 
     base = Path(base).absolute()
     lab = LabLibvirtd(base)
     if len(str(lab.socket).encode()) > SOCKET_PATH_MAX:
-        raise ValueError(f"lab libvirtd base {base} is too long: {lab.socket} exceeds {SOCKET_PATH_MAX} bytes")
+        raise ValueError(
+            f"lab libvirtd base {base} is too long: {lab.socket} exceeds {SOCKET_PATH_MAX} bytes"
+        )
     unshare, nsenter, virtlogd, libvirtd = (_tool(t) for t in ("unshare", "nsenter", "virtlogd", "libvirtd"))
 
     for sub, _ in _BINDS:
@@ -259,7 +271,9 @@ def start_libvirtd(base: Path, *, cache_dir: Path | None = None, timeout: float 
     binds: list[tuple[Path, str]] = [(base / sub, mnt) for sub, mnt in _BINDS]
     if cache_dir is not None:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        binds = [(Path(cache_dir).absolute() if mnt == "/var/cache/libvirt" else src, mnt) for src, mnt in binds]
+        binds = [
+            (Path(cache_dir).absolute() if mnt == "/var/cache/libvirt" else src, mnt) for src, mnt in binds
+        ]
     for _, mnt in binds:
         os.makedirs(mnt, exist_ok=True)  # mount points; only /run/libvirt may be missing on a Debian host
 
@@ -288,14 +302,18 @@ while :; do sleep 1 & wait $!; done
 
     t0 = time.monotonic()
     try:
-        lab.holder = spawn([unshare, "--mount", "--propagation", "private", "--", "sh", "-c", script], "holder.log")
+        lab.holder = spawn(
+            [unshare, "--mount", "--propagation", "private", "--", "sh", "-c", script], "holder.log"
+        )
         _wait_for((base / "ns.ready").exists, 10, "lab namespace holder", lab.holder, base / "holder.log")
         enter = [nsenter, "-t", str(lab.holder.pid), "-m", "--"]
         lab.virtlogd = spawn(
             [*enter, virtlogd, "-f", str(base / "etc" / "virtlogd.conf"), "-p", str(base / "virtlogd.pid")],
             "virtlogd.log",
         )
-        _wait_for((base / "run" / "virtlogd-sock").exists, 20, "virtlogd", lab.virtlogd, base / "virtlogd.log")
+        _wait_for(
+            (base / "run" / "virtlogd-sock").exists, 20, "virtlogd", lab.virtlogd, base / "virtlogd.log"
+        )
         lab.libvirtd = spawn(
             [*enter, libvirtd, "-f", str(base / "etc" / "libvirtd.conf"), "-p", str(base / "libvirtd.pid")],
             "libvirtd.log",
@@ -305,7 +323,10 @@ while :; do sleep 1 & wait $!; done
         _first_call(lab, max(10.0, timeout - (t1 - t0)))
         lab.first_call_seconds = time.monotonic() - t1
         log.info(
-            "lab libvirtd %s: up in %.1f s (first call %.1f s)", base, time.monotonic() - t0, lab.first_call_seconds
+            "lab libvirtd %s: up in %.1f s (first call %.1f s)",
+            base,
+            time.monotonic() - t0,
+            lab.first_call_seconds,
         )
     except BaseException:
         lab.stop(timeout=10)
@@ -340,10 +361,14 @@ def _first_call(lab: LabLibvirtd, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while th.is_alive() and time.monotonic() < deadline:
         if lab.libvirtd is not None and lab.libvirtd.poll() is not None:
-            raise RuntimeError(f"libvirtd exited with {lab.libvirtd.returncode}: {_tail(lab.base / 'libvirtd.log')}")
+            raise RuntimeError(
+                f"libvirtd exited with {lab.libvirtd.returncode}: {_tail(lab.base / 'libvirtd.log')}"
+            )
         th.join(0.1)
     if th.is_alive():
-        raise RuntimeError(f"libvirtd did not answer within {timeout:.0f} s: {_tail(lab.base / 'libvirtd.log')}")
+        raise RuntimeError(
+            f"libvirtd did not answer within {timeout:.0f} s: {_tail(lab.base / 'libvirtd.log')}"
+        )
     if result and result[0] is not None:
         raise RuntimeError(f"libvirtd at {lab.uri} refused connections: {result[0]}")
 
@@ -445,7 +470,9 @@ def _qemu_io(dom: libvirt.virDomain, target: str, io_cmd: str, offset: int, leng
     # device or command comes back here, so check the range first.
     size = int(dom.blockInfo(target)[0])
     if offset < 0 or length <= 0 or offset + length > size or offset % 512 or length % 512:
-        raise ValueError(f"{dom.name()}:{target}: bad range {length}@{offset} (disk size {size}, 512-byte units)")
+        raise ValueError(
+            f"{dom.name()}:{target}: bad range {length}@{offset} (disk size {size}, 512-byte units)"
+        )
     qdev = f"/machine/peripheral/{device_alias(dom, target)}/virtio-backend"
     out = hmp(dom, f'qemu-io -d {qdev} "{io_cmd}"').strip()
     if out:

@@ -46,12 +46,14 @@ class LabVm:
         name: str = "labvm",
         shadow: bool = False,
         cluster_size: int = 64 << 10,
+        detached: bool = False,
     ) -> None:
         self.dir = Path(directory)
         self.sizes = list(sizes)
         self.name = name
         self.shadow = shadow
         self.cluster_size = cluster_size
+        self.detached = detached  # outlives this process (the demo's VM); stop it with stop_detached()
         self.qmp_path = self.dir / "qmp.sock"
         self.lab_qmp_path = self.dir / "lab.sock"
         self.pidfile = self.dir / "qemu.pid"
@@ -61,6 +63,8 @@ class LabVm:
         self._lock = threading.RLock()  # one write at a time; shadow and disk change together
         if len(str(self.qmp_path)) > UNIX_PATH_MAX:
             raise ValueError(f"lab VM directory {self.dir} is too long for a unix socket path")
+        if "," in str(self.dir):
+            raise ValueError(f"lab VM directory {self.dir}: commas would break QEMU's option syntax")
 
     # ------------------------------------------------------------------ files
 
@@ -90,24 +94,30 @@ class LabVm:
         self.dir.mkdir(parents=True, exist_ok=True)
         for i, size in enumerate(self.sizes):
             if not self.disk_path(i).exists():
-                qemu_img("create", "-q", "-f", "qcow2", "-o", f"cluster_size={self.cluster_size}",
-                         str(self.disk_path(i)), str(size))
+                opts = f"cluster_size={self.cluster_size}"
+                qemu_img("create", "-q", "-f", "qcow2", "-o", opts, str(self.disk_path(i)), str(size))
             if self.shadow and not self.shadow_path(i).exists():
                 with open(self.shadow_path(i), "wb") as f:
                     f.truncate(size)
         for p in (self.qmp_path, self.lab_qmp_path, self.pidfile):
             p.unlink(missing_ok=True)
-        cmd = [tool("qemu-system-x86_64"), "-S", "-nodefaults", "-machine", "pc", "-accel", "tcg",
-               "-display", "none", "-name", self.name, "-pidfile", str(self.pidfile),
-               "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
-               "-qmp", f"unix:{self.lab_qmp_path},server=on,wait=off"]
+        cmd = [tool("qemu-system-x86_64"), *"-S -nodefaults -machine pc -accel tcg -display none".split()]
+        cmd += ["-name", self.name, "-pidfile", str(self.pidfile)]
+        for sock in (self.qmp_path, self.lab_qmp_path):
+            cmd += ["-qmp", f"unix:{sock},server=on,wait=off"]
         for i in range(len(self.sizes)):
-            cmd += ["-blockdev", f"driver=file,filename={self.disk_path(i)},node-name=disk{i}-file",
-                    "-blockdev", f"driver=qcow2,file=disk{i}-file,node-name=disk{i}",
-                    "-device", f"virtio-blk-pci,drive=disk{i},id=vd{i},share-rw=on"]
+            cmd += ["-blockdev", f"driver=file,filename={self.disk_path(i)},node-name=disk{i}-file"]
+            cmd += ["-blockdev", f"driver=qcow2,file=disk{i}-file,node-name=disk{i}"]
+            cmd += ["-device", f"virtio-blk-pci,drive=disk{i},id=vd{i},share-rw=on"]
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                         preexec_fn=_die_with_parent)
+            self.proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                preexec_fn=None if self.detached else _die_with_parent,
+                start_new_session=self.detached,
+            )
         deadline = time.monotonic() + 30
         while not (self.qmp_path.exists() and self.lab_qmp_path.exists()):
             if self.proc.poll() is not None:
@@ -136,6 +146,30 @@ class LabVm:
             self.proc.kill()
             self.proc.wait()
         self._reset()
+
+    def stop_detached(self, timeout: float = 30) -> bool:
+        """Stop a QEMU started by an earlier process (known by its pidfile): quit over QMP, else SIGKILL."""
+        try:
+            pid = int(self.pidfile.read_text().strip())
+            os.kill(pid, 0)
+        except (OSError, ValueError):
+            self._reset()
+            return False
+        try:
+            QmpClient(self.lab_qmp_path).connect().execute("quit")
+        except SendenseError:
+            pass
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except OSError:
+                break
+            time.sleep(0.1)
+        else:
+            os.kill(pid, signal.SIGKILL)
+        self._reset()
+        return True
 
     def kill(self) -> None:
         """SIGKILL: a host crash as far as the images are concerned (unflushed writes may be lost and
@@ -220,7 +254,9 @@ class LabVm:
     def write_zeroes(self, disk: int, offset: int, length: int) -> None:
         """A zero write (`write -z`): zero clusters in qcow2, dirty in bitmaps."""
         if offset + length > self.sizes[disk]:
-            raise ValueError(f"write up to {offset + length} is beyond the end of disk{disk} ({self.sizes[disk]} bytes)")
+            raise ValueError(
+                f"write up to {offset + length} is beyond the end of disk{disk} ({self.sizes[disk]} bytes)"
+            )
         with self._lock:
             self.qemu_io(disk, f"write -z {offset} {length}")
             step = 4 << 20

@@ -112,7 +112,7 @@ def up(
         info = stack.up(state_dir or config.home(), port=port, ui_port=ui_port)
     except SendenseError as e:
         fail(e.message)
-    data = _dump(info) if isinstance(info, BaseModel) else (info if isinstance(info, dict) else vars(info))
+    data = info.to_dict()
     if as_json:
         emit_json(data)
     else:
@@ -410,12 +410,16 @@ def demo(
     ui_port: int = typer.Option(8233),
     incrementals: int = typer.Option(3, help="incremental syncs to run while the workload writes"),
     disk_mib: int = typer.Option(1024, help="size of the lab VM's first disk (the second is half)"),
+    clean: bool = typer.Option(False, "--clean", help="delete the demo job and stop the lab VM"),
 ) -> None:
     """Run the whole product on this machine: stack, lab VM with a workload, a job, syncs, points."""
-    from sendense.cli.demo import run_demo
+    from sendense.cli.demo import clean_demo, run_demo
 
     try:
-        run_demo(out, state_dir or config.home(), port, ui_port, incrementals, disk_mib)
+        if clean:
+            clean_demo(out, state_dir or config.home())
+        else:
+            run_demo(out, state_dir or config.home(), port, ui_port, incrementals, disk_mib)
     except SendenseError as e:
         fail(e.message)
 

@@ -132,10 +132,10 @@ class NbdConnection:
                 raise ChangeTrackingLost(f"NBD export {_safe(self.uri)} gave no {missing[0]} extents")
             cover = min(min(got[c][-1][1] for c in contexts), end)
             for c in contexts:
-                for s, e, f in got[c]:
-                    if s >= cover:
+                for lo, hi, flags in got[c]:
+                    if lo >= cover:
                         break
-                    out[c].append((s, min(e, cover), f))
+                    out[c].append((lo, min(hi, cover), flags))
             pos = cover
         return out
 

@@ -147,7 +147,16 @@ def test_defaults() -> None:
 
 @pytest.mark.parametrize(
     ("value", "seconds"),
-    [("30s", 30), ("5m", 300), ("1h", 3600), ("1.5h", 5400), ("2d", 172800), ("1500ms", 1.5), (90, 90), ("45", 45)],
+    [
+        ("30s", 30),
+        ("5m", 300),
+        ("1h", 3600),
+        ("1.5h", 5400),
+        ("2d", 172800),
+        ("1500ms", 1.5),
+        (90, 90),
+        ("45", 45),
+    ],
 )
 def test_durations(value: Any, seconds: float) -> None:
     assert parse_spec(with_(schedule__interval=value)).schedule.interval == timedelta(seconds=seconds)
@@ -184,8 +193,14 @@ def test_durations(value: Any, seconds: float) -> None:
             with_(name="My Job"),
             "job.yaml: name: must be 1-63 chars of a-z 0-9 . _ - starting with a letter or digit",
         ),
-        (with_(name="-web"), "job.yaml: name: must be 1-63 chars of a-z 0-9 . _ - starting with a letter or digit"),
-        (with_(name="a" * 64), "job.yaml: name: must be 1-63 chars of a-z 0-9 . _ - starting with a letter or digit"),
+        (
+            with_(name="-web"),
+            "job.yaml: name: must be 1-63 chars of a-z 0-9 . _ - starting with a letter or digit",
+        ),
+        (
+            with_(name="a" * 64),
+            "job.yaml: name: must be 1-63 chars of a-z 0-9 . _ - starting with a letter or digit",
+        ),
     ],
 )
 def test_invalid_spec_is_one_line_naming_the_field(data: dict[str, Any], expected: str) -> None:
@@ -240,7 +255,9 @@ def test_load_errors(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------- relative paths
 
 
-def test_relative_paths_are_resolved_against_the_spec_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_relative_paths_are_resolved_against_the_spec_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)  # elsewhere than the spec's directory
     spec_dir = tmp_path / "jobs" / "web"
     text = (
@@ -256,8 +273,13 @@ def test_relative_paths_are_resolved_against_the_spec_file(tmp_path: Path, monke
     ]
     assert spec.target.path == spec_dir / "replicas"
 
-    qmp = load_spec(write(spec_dir, "name: db\nsource: {platform: kvm, qmp: sock/db.qmp}\n"
-                      "target: {platform: kvm, path: /srv/r}\n", "qmp.yaml"))
+    qmp = load_spec(
+        write(
+            spec_dir,
+            "name: db\nsource: {platform: kvm, qmp: sock/db.qmp}\ntarget: {platform: kvm, path: /srv/r}\n",
+            "qmp.yaml",
+        )
+    )
     assert qmp.source.qmp == spec_dir / "sock" / "db.qmp"
     assert qmp.target.path == Path("/srv/r")
 
@@ -266,3 +288,16 @@ def test_parse_spec_alone_leaves_paths_as_given() -> None:
     spec = parse_spec(with_(source__disks=["rel.qcow2"], target__path="out"))
     assert spec.source.disks == [Path("rel.qcow2")]
     assert spec.target.path == Path("out")
+
+
+def test_the_same_image_twice_is_caught_after_paths_are_resolved(tmp_path: Path) -> None:
+    """`vm.qcow2` and `<spec dir>/vm.qcow2` name one image: replicating it as two disks is a mistake."""
+    text = (
+        "name: web1\n"
+        f"source: {{platform: kvm, disks: [vm.qcow2, {tmp_path / 'vm.qcow2'}]}}\n"
+        "target: {platform: kvm, path: /srv/replicas}\n"
+    )
+    path = write(tmp_path, text)
+    with pytest.raises(InvalidSpec) as ei:
+        load_spec(path)
+    assert str(ei.value) == f"{path}: source: disks lists the same image twice"

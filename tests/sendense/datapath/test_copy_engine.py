@@ -132,26 +132,47 @@ def test_zero_extents_are_written_as_zero_ranges(source, target) -> None:
         assert r.read(20 * MiB, MiB) == bytes(MiB)
 
 
-def test_compare_mode_writes_only_differing_chunks(source, target) -> None:
+def test_compare_mode_writes_only_differing_blocks(source, target) -> None:
+    """A resync reads every chunk, compares it with the replica block by block (64 KiB) and writes
+    only the blocks that differ; every byte read is accounted as skipped, written or zeroed."""
     src_img, src, _ = source
     tgt_img, tgt = target
     run_copy(plan(src, tgt, data_extents(src)))
     with NbdConnection(tgt.uri, writable=True) as w:
-        w.write(1 * MiB + 4096, b"\xaa" * 4096)  # differs inside data chunk 1M..2M
-        w.write(44 * MiB, b"\xbb" * 10)  # differs inside data chunk 44M..45M
+        w.write(1 * MiB + 4096, b"\xaa" * 4096)  # differs inside data block 1M..1M+64K
+        w.write(44 * MiB, b"\xbb" * 10)  # differs inside data block 44M..44M+64K
         w.write(30 * MiB, b"\xcc" * 512)  # garbage in a hole of the source
-        w.write(8 * MiB + 5, b"\xdd")  # garbage in the explicit-zero chunk 8M..9M
+        w.write(8 * MiB + 5, b"\xdd")  # garbage in the explicit-zero block 8M..8M+64K
         w.flush()
     extents = all_extents(src)  # a resync reads every range
+    block = 64 << 10
 
     stats, _ = run_copy(plan(src, tgt, extents, mode="compare"))
 
     data = sum(e.length for e in extents if not e.zero)
     holes = sum(e.length for e in extents if e.zero)
     assert stats.bytes_read == data
-    assert stats.bytes_written == 2 * MiB  # the two differing data chunks, nothing else
-    assert stats.bytes_zeroed == holes + MiB  # holes are zeroed unread; one differing zero chunk
-    assert stats.bytes_skipped == data - 3 * MiB
+    assert stats.bytes_written == 2 * block  # the two differing data blocks, nothing else
+    assert stats.bytes_zeroed == holes + block  # holes are zeroed unread; one differing zero block
+    assert stats.bytes_skipped == data - 3 * block  # everything else read was equal
+    tgt.stop()
+    assert same_content(src_img, tgt_img)
+
+
+def test_compare_mode_with_whole_chunks_differing(source, target) -> None:
+    """Runs of differing blocks up to the end of a chunk, and whole differing chunks."""
+    src_img, src, _ = source
+    tgt_img, tgt = target
+    run_copy(plan(src, tgt, data_extents(src)))
+    with NbdConnection(tgt.uri, writable=True) as w:
+        w.write(2 * MiB - 128 * 1024, b"\xaa" * 128 * 1024)  # the last two blocks of chunk 1M..2M
+        w.write(41 * MiB, b"\xbb" * MiB)  # all of chunk 41M..42M
+        w.flush()
+    extents = all_extents(src)
+    stats, _ = run_copy(plan(src, tgt, extents, mode="compare"))
+    data = sum(e.length for e in extents if not e.zero)
+    assert stats.bytes_written == 128 * 1024 + MiB
+    assert stats.bytes_skipped == data - stats.bytes_written
     tgt.stop()
     assert same_content(src_img, tgt_img)
 
@@ -177,7 +198,9 @@ def test_checkpoint_watermarks_are_monotonic_and_below_them_the_target_is_comple
 
     try:
         stats, watermark = run_copy(
-            plan(src, tgt, extents, chunk_size=256 << 10, checkpoint_bytes=1 * MiB, on_checkpoint=on_checkpoint)
+            plan(
+                src, tgt, extents, chunk_size=256 << 10, checkpoint_bytes=1 * MiB, on_checkpoint=on_checkpoint
+            )
         )
     finally:
         probe.close()

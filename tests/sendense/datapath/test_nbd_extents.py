@@ -108,7 +108,12 @@ def test_a_small_window_gives_the_same_extents(export: NbdServer, window: int) -
 
 @pytest.mark.parametrize(
     ("start", "end"),
-    [(0, SIZE), (2 * MiB + 64 * KiB, 5 * MiB + 64 * KiB), (20 * MiB + 4 * KiB, 50 * MiB + 96 * KiB), (60 * MiB, SIZE)],
+    [
+        (0, SIZE),
+        (2 * MiB + 64 * KiB, 5 * MiB + 64 * KiB),
+        (20 * MiB + 4 * KiB, 50 * MiB + 96 * KiB),
+        (60 * MiB, SIZE),
+    ],
 )
 def test_start_and_end_clip_exactly(export: NbdServer, start: int, end: int) -> None:
     assert list(coalesce(changed(export, BITMAP, start=start, end=end, window=1 * MiB))) == list(

@@ -1,0 +1,500 @@
+"""QmpSource (a running VM over QMP) replicating into KvmTarget, against a real QEMU lab VM.
+
+The lab VM keeps a shadow of every write; the shadow is copied inside `vm.frozen()` around
+create_snapshot, so it is exactly what the guest had written at the snapshot instant.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers_kvm import CLUSTER, KiB, MiB, Synced, fast_tuning, same_content, sync_point
+
+from connectors.base import SourceConnector
+from connectors.kvm.live import QmpSource
+from connectors.kvm.qmp import QmpClient, QmpError, VmNotRunning
+from connectors.kvm.target import KvmTarget
+from labs.kvm.vm import LabVm, Workload
+from sendense.datapath.extents import coalesce
+from sendense.datapath.nbd import NbdConnection, unix_uri
+from sendense.datapath.sync import copy_disk
+from sendense.errors import InvalidSpec, ResourceNotFound, SnapshotInconsistent
+from sendense.models import DiskInfo, SnapshotRef
+
+JOB = "j1"
+
+
+def bm(snapshot_id: str) -> str:
+    return f"sendense.{JOB}.{snapshot_id}"
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """Unix socket paths must be < 108 bytes: pytest's tmp_path can be longer."""
+    d = Path(tempfile.mkdtemp(prefix="sdl-", dir="/tmp"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+class Rig:
+    """A lab VM, a QmpSource on its QMP socket, a KvmTarget, and shadows taken at each snapshot."""
+
+    def __init__(self, base: Path, sizes: list[int]) -> None:
+        self.base = base
+        self.vm = LabVm(base / "vm", sizes, shadow=True)
+        self.work = base / "work"
+        self.src = QmpSource(JOB, self.vm.qmp_path, self.work)
+        self.tgt = KvmTarget(JOB, base / "replicas")
+        self.shadows: dict[tuple[str, str], Path] = {}
+
+    # a SourceConnector whose create_snapshot also records the shadows at the snapshot instant
+    def create_snapshot(self, snapshot_id: str, base: dict[str, str | None]) -> SnapshotRef:
+        with self.vm.frozen():
+            snap = self.src.create_snapshot(snapshot_id, base)
+            for d in snap.disks:
+                dest = self.base / f"{snapshot_id}-{d.key}.raw"
+                self.shadows[(snapshot_id, d.key)] = self.vm.snapshot_shadow(int(d.key[4:]), dest)
+        return snap
+
+    def __getattr__(self, name: str) -> Any:  # validate, discover, open_disk, release_snapshot
+        return getattr(self.src, name)
+
+    def sync(self, sync_id: str, base: dict[str, str | None] | None = None, **kw: Any) -> Synced:
+        return sync_point(self, self.tgt, sync_id, base, **kw)
+
+    def assert_point_exact(self, sync_id: str) -> None:
+        keys = [k for (sid, k) in self.shadows if sid == sync_id]
+        assert keys
+        for key in keys:
+            point = self.tgt.point_path(sync_id, key)
+            assert same_content(point, self.shadows[(sync_id, key)]), f"point {sync_id} disk {key} differs"
+
+    def qmp(self) -> QmpClient:
+        return QmpClient(self.vm.qmp_path)
+
+    def bitmaps(self, node: str = "disk0") -> dict[str, dict[str, Any]]:
+        with self.qmp() as c:
+            nodes = {n["node-name"]: n for n in c.execute("query-named-block-nodes", flat=True)}
+        return {b["name"]: b for b in nodes[node].get("dirty-bitmaps", []) if b.get("name")}
+
+    def assert_clean(self) -> None:
+        """Nothing of a snapshot is left in QEMU or in work_dir."""
+        with self.qmp() as c:
+            assert c.execute("query-block-exports") == []
+            assert c.execute("query-jobs") == []
+            nodes = [n["node-name"] for n in c.execute("query-named-block-nodes", flat=True)]
+        assert not [n for n in nodes if not n.startswith("disk")], nodes
+        assert not [b for b in self.bitmaps() if not b.startswith("sendense.")]
+        assert not list((self.work / "fleece").glob("*/*")), "fleece files left"
+        assert not list((self.work / "nbd").glob("*.sock")), "NBD server left running"
+
+
+@pytest.fixture
+def rig_factory(short_dir: Path) -> Iterator[Any]:
+    rigs: list[Rig] = []
+
+    def make(sizes: list[int]) -> Rig:
+        r = Rig(short_dir / f"r{len(rigs)}", sizes)
+        rigs.append(r)
+        r.vm.start()
+        return r
+
+    yield make
+    for r in rigs:  # never leak a QEMU, even when the test failed
+        try:
+            r.vm.stop(timeout=10)
+        finally:
+            r.vm.kill()
+
+
+def extents(
+    src: SourceConnector, snap: SnapshotRef, key: str, since: str | None
+) -> list[tuple[int, int, bool]]:
+    with src.open_disk(snap, key) as disk:
+        return [(e.offset, e.length, e.zero) for e in coalesce(disk.extents(since))]
+
+
+def data_ranges(ext: list[tuple[int, int, bool]]) -> list[tuple[int, int]]:
+    return [(o, n) for o, n, z in ext if not z]
+
+
+def read_export(snap: SnapshotRef, key: str) -> bytes:
+    h = snap.disk(key).handle
+    with NbdConnection(unix_uri(h["socket"], h["export"])) as c:
+        return b"".join(c.read(off, min(4 * MiB, c.size - off)) for off in range(0, c.size, 4 * MiB))
+
+
+# ------------------------------------------------------------------------- validate, discover
+
+
+def test_validate_and_discover(rig_factory: Any) -> None:
+    rig = rig_factory([32 * MiB, 48 * MiB])
+    assert isinstance(rig.src, SourceConnector)
+    rig.src.validate()
+    vm = rig.src.discover()
+    assert vm.name == "labvm" and vm.platform == "kvm"
+    assert [(d.key, d.size, d.ref) for d in vm.disks] == [
+        ("disk0", 32 * MiB, str(rig.vm.disk_path(0))),
+        ("disk1", 48 * MiB, str(rig.vm.disk_path(1))),
+    ]
+
+
+def test_missing_or_dead_socket_is_a_one_line_error_naming_it(short_dir: Path) -> None:
+    sock = short_dir / "gone.sock"
+    with pytest.raises(ResourceNotFound, match=f"QMP socket {sock}: not found"):
+        QmpSource(JOB, sock, short_dir).validate()
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(sock))  # a socket file nobody listens on: what a crashed QEMU leaves
+    s.close()
+    with pytest.raises(VmNotRunning, match=f"QMP socket {sock}: connection refused") as ei:
+        QmpSource(JOB, sock, short_dir).discover()
+    assert "\n" not in str(ei.value)
+
+
+def test_qmp_errors_carry_qemus_description(rig_factory: Any) -> None:
+    rig = rig_factory([32 * MiB])
+    with rig.qmp() as c:
+        with pytest.raises(QmpError, match="Dirty bitmap 'nope' not found") as ei:
+            c.execute("block-dirty-bitmap-remove", node="disk0", name="nope")
+        assert ei.value.error_class == "GenericError"
+        assert c.execute("query-status")["status"] == "prelaunch"  # still usable after an error
+
+
+# --------------------------------------------------------------------------------- extents
+
+
+def test_incremental_extents_are_exact_at_bitmap_granularity(rig_factory: Any) -> None:
+    rig = rig_factory([64 * MiB])
+    vm = rig.vm
+    vm.write(0, 0, 0x11, 1 * MiB)
+    vm.write(0, 4 * MiB, 0x22, 128 * KiB)
+    seen: list[list[tuple[int, int, bool]]] = []
+    p1 = rig.sync("p1", before_copy=lambda snap: seen.append(extents(rig.src, snap, "disk0", None)))
+    assert data_ranges(seen[0]) == [(0, 1 * MiB), (4 * MiB, 128 * KiB)]
+    assert p1.results["disk0"].kind == "full" and p1.results["disk0"].stats.bytes_read == 1 * MiB + 128 * KiB
+
+    vm.write(0, 8 * MiB, 0x33, CLUSTER)  # one granule of data
+    vm.write_zeroes(0, 4 * MiB, CLUSTER)  # zero write over data
+    vm.write(0, 16 * MiB, 0x44, CLUSTER)  # two adjacent writes: one extent
+    vm.write(0, 16 * MiB + CLUSTER, 0x55, CLUSTER)
+    vm.write(0, 20 * MiB + 4 * KiB, 0x66, 4 * KiB)  # a small write dirties its whole granule
+    vm.write_zeroes(0, 24 * MiB, CLUSTER)  # a zero write where nothing was
+    vm.write(0, 64 * MiB - CLUSTER, 0x77, CLUSTER)  # the last granule
+
+    snap = rig.create_snapshot("p2", p1.base)
+    d = snap.disk("disk0")
+    assert (d.base_change_id, d.change_id, d.tracking_lost) == (bm("p1"), bm("p2"), None)
+    assert extents(rig.src, snap, "disk0", bm("p1")) == [
+        (4 * MiB, CLUSTER, True),
+        (8 * MiB, CLUSTER, False),
+        (16 * MiB, 2 * CLUSTER, False),
+        (20 * MiB, CLUSTER, False),
+        (24 * MiB, CLUSTER, True),
+        (64 * MiB - CLUSTER, CLUSTER, False),
+    ]
+    rig.src.release_snapshot(snap, committed=True)
+    bitmaps = rig.bitmaps()
+    assert set(bitmaps) == {bm("p2")} and bitmaps[bm("p2")]["recording"]
+    rig.assert_clean()
+
+
+def test_writes_after_the_snapshot_do_not_leak_and_the_next_sync_gets_them(rig_factory: Any) -> None:
+    rig = rig_factory([32 * MiB])
+    vm = rig.vm
+    vm.write(0, 0, 0x11, 2 * MiB)
+    p1 = rig.sync("p1")
+    vm.write(0, 4 * MiB, 0x22, 256 * KiB)
+
+    def write_during_backup(snap: SnapshotRef) -> None:
+        # after the snapshot instant: over the changed range, over clean data, into a hole, a zero write
+        vm.write(0, 4 * MiB, 0x99, 64 * KiB)
+        vm.write(0, 1 * MiB, 0x98, 64 * KiB)
+        vm.write(0, 10 * MiB, 0x97, 1 * MiB)
+        vm.write_zeroes(0, 0, 64 * KiB)
+        assert read_export(snap, "disk0") == rig.shadows[("p2", "disk0")].read_bytes()
+        assert extents(rig.src, snap, "disk0", bm("p1")) == [(4 * MiB, 256 * KiB, False)]
+        assert data_ranges(extents(rig.src, snap, "disk0", None)) == [(0, 2 * MiB), (4 * MiB, 256 * KiB)]
+
+    p2 = rig.sync("p2", p1.base, before_copy=write_during_backup)
+    assert p2.results["disk0"].kind == "incremental"
+    assert p2.results["disk0"].stats.bytes_read == 256 * KiB
+    rig.assert_point_exact("p2")
+
+    seen: list[list[tuple[int, int, bool]]] = []
+    p3 = rig.sync(
+        "p3", p2.base, before_copy=lambda snap: seen.append(extents(rig.src, snap, "disk0", bm("p2")))
+    )
+    assert seen[0] == [
+        (0, 64 * KiB, True),
+        (1 * MiB, 64 * KiB, False),
+        (4 * MiB, 64 * KiB, False),
+        (10 * MiB, 1 * MiB, False),
+    ]
+    assert p3.results["disk0"].kind == "incremental"
+    rig.assert_point_exact("p3")
+    rig.assert_clean()
+
+
+# ------------------------------------------------------------------------------- replication
+
+
+def test_full_and_incrementals_of_two_disks_are_bit_exact_under_load(rig_factory: Any) -> None:
+    rig = rig_factory([32 * MiB, 48 * MiB])
+    vm = rig.vm
+    vm.write(0, 0, 0x11, 3 * MiB)
+    vm.write(1, 40 * MiB, 0x22, 1 * MiB)
+    vm.write_zeroes(1, 41 * MiB, 64 * KiB)
+    with Workload(vm, rate=200, block_size=64 * KiB, zero_fraction=0.1, seed=1) as load:
+        p1 = rig.sync("p1")
+        p2 = rig.sync("p2", p1.base)
+        p3 = rig.sync("p3", p2.base)
+    assert load.bytes_written > 0
+    assert [p.results["disk0"].kind for p in (p1, p2, p3)] == ["full", "incremental", "incremental"]
+    assert [p.results["disk1"].kind for p in (p1, p2, p3)] == ["full", "incremental", "incremental"]
+    for p in ("p1", "p2", "p3"):
+        rig.assert_point_exact(p)
+    # both disks' checkpoints come from one transaction: same names, one chain per disk
+    assert set(rig.bitmaps("disk0")) == set(rig.bitmaps("disk1")) == {bm("p3")}
+    rig.assert_clean()
+
+
+def test_an_aborted_sync_then_a_good_one_loses_no_write(rig_factory: Any) -> None:
+    rig = rig_factory([32 * MiB])
+    vm = rig.vm
+    vm.write(0, 0, 0x11, 1 * MiB)
+    p1 = rig.sync("p1")
+    vm.write(0, 2 * MiB, 0x22, 64 * KiB)  # before the failed snapshot
+    snap = rig.create_snapshot("p2", p1.base)
+    vm.write(0, 3 * MiB, 0x33, 64 * KiB)  # while it exists
+    assert set(rig.bitmaps()) >= {bm("p1"), bm("p2")}
+    rig.tgt.prepare("p2", [DiskInfo(key="disk0", size=32 * MiB)])
+    rig.tgt.abort("p2")
+    rig.src.release_snapshot(snap, committed=False)
+    rig.src.release_snapshot(snap, committed=False)  # idempotent
+    bitmaps = rig.bitmaps()
+    assert set(bitmaps) == {bm("p1")} and bitmaps[bm("p1")]["recording"]
+    rig.assert_clean()
+    vm.write(0, 4 * MiB, 0x44, 64 * KiB)  # after it
+
+    seen: list[list[tuple[int, int, bool]]] = []
+    p3 = rig.sync(
+        "p3", p1.base, before_copy=lambda snap: seen.append(extents(rig.src, snap, "disk0", bm("p1")))
+    )
+    assert seen[0] == [(2 * MiB, 64 * KiB, False), (3 * MiB, 64 * KiB, False), (4 * MiB, 64 * KiB, False)]
+    assert p3.results["disk0"].kind == "incremental"
+    rig.assert_point_exact("p3")
+
+
+def test_lost_bitmap_sets_tracking_lost_and_resyncs_bit_exact(rig_factory: Any) -> None:
+    rig = rig_factory([32 * MiB])
+    vm = rig.vm
+    vm.write(0, 0, 0x11, 2 * MiB)
+    p1 = rig.sync("p1")
+    with rig.qmp() as c:
+        c.execute("block-dirty-bitmap-remove", node="disk0", name=bm("p1"))
+    vm.write(0, 1 * MiB, 0x22, 64 * KiB)
+    vm.write(0, 8 * MiB, 0x33, 64 * KiB)
+
+    p2 = rig.sync("p2", p1.base)
+    d = p2.snap.disk("disk0")
+    assert d.tracking_lost == f"dirty bitmap {bm('p1')} is missing from node disk0"
+    assert p2.results["disk0"].kind == "resync"
+    rig.assert_point_exact("p2")
+
+    vm.write(0, 9 * MiB, 0x44, 64 * KiB)
+    p3 = rig.sync("p3", p2.base)
+    assert p3.results["disk0"].kind == "incremental"
+    assert p3.results["disk0"].stats.bytes_read == 64 * KiB
+    rig.assert_point_exact("p3")
+
+
+def test_restart_keeps_tracking_and_a_crash_loses_it(rig_factory: Any) -> None:
+    rig = rig_factory([32 * MiB])
+    vm = rig.vm
+    vm.write(0, 0, 0x11, 1 * MiB)
+    p1 = rig.sync("p1")
+    vm.stop()  # a clean shutdown stores the persistent checkpoint in the image
+    vm.start()
+    assert rig.bitmaps()[bm("p1")]["recording"]
+    vm.write(0, 2 * MiB, 0x22, 64 * KiB)
+    p2 = rig.sync("p2", p1.base)
+    assert p2.results["disk0"].kind == "incremental" and p2.results["disk0"].stats.bytes_read == 64 * KiB
+    rig.assert_point_exact("p2")
+
+    vm.stop()
+    vm.start()  # p2 is loaded from the image, which marks it in use until the next clean close
+    vm.write(0, 3 * MiB, 0x33, 64 * KiB)
+    snap = rig.create_snapshot("p3", p2.base)
+    vm.flush(0)
+    vm.kill()  # crash with a snapshot open
+    rig.src.release_snapshot(snap, committed=False)  # VM down: only local files go, no error
+    assert not list((rig.work / "fleece").glob("*/*"))
+    vm.start()
+    with pytest.raises(SnapshotInconsistent, match="is gone"):
+        with rig.src.open_disk(snap, "disk0"):
+            pass
+    rig.src.release_snapshot(snap, committed=False)  # after the restart: no error either
+    bitmaps = rig.bitmaps()
+    assert bitmaps[bm("p2")].get("inconsistent") and bm("p3") not in bitmaps  # p3 never reached the image
+
+    p4 = rig.sync("p4", p2.base)
+    lost = p4.snap.disk("disk0").tracking_lost or ""
+    assert lost.startswith(f"dirty bitmap {bm('p2')} in node disk0 is inconsistent"), lost
+    assert p4.results["disk0"].kind == "resync"
+    rig.assert_point_exact("p4")
+    assert set(rig.bitmaps()) == {bm("p4")}
+    rig.assert_clean()
+
+
+def test_a_disk_grown_between_syncs_is_replicated(rig_factory: Any) -> None:
+    rig = rig_factory([32 * MiB])
+    vm = rig.vm
+    vm.write(0, 0, 0x11, 1 * MiB)
+    p1 = rig.sync("p1")
+    vm.resize(0, 64 * MiB)
+    vm.write(0, 512 * KiB, 0x22, 64 * KiB)
+    vm.write(0, 60 * MiB, 0x33, 1 * MiB)
+    p2 = rig.sync("p2", p1.base)
+    d = p2.snap.disk("disk0")
+    assert d.size == 64 * MiB and p2.results["disk0"].kind == "incremental"
+    rig.assert_point_exact("p2")
+    vm.write(0, 40 * MiB, 0x44, 64 * KiB)
+    p3 = rig.sync("p3", p2.base)
+    rig.assert_point_exact("p3")
+    assert p3.results["disk0"].stats.bytes_read == 64 * KiB
+
+
+def test_another_worker_reopens_the_export_from_the_snapshot_ref(rig_factory: Any) -> None:
+    rig = rig_factory([32 * MiB, 32 * MiB])
+    vm = rig.vm
+    vm.write(0, 0, 0x11, 1 * MiB)
+    vm.write(1, 1 * MiB, 0x22, 1 * MiB)
+    p1 = rig.sync("p1")
+    vm.write(1, 5 * MiB, 0x33, 64 * KiB)
+    snap = rig.create_snapshot("p2", p1.base)
+    wire = snap.model_dump_json()
+    del snap
+
+    other = QmpSource(JOB, rig.vm.qmp_path, rig.work)  # a fresh process knows only the spec and the ref
+    snap2 = SnapshotRef.model_validate_json(wire)
+    assert json.loads(wire)["disks"][1]["handle"]["export"] == f"sendense-{JOB}-disk1"
+    assert extents(other, snap2, "disk1", bm("p1")) == [(5 * MiB, 64 * KiB, False)]
+    assert extents(other, snap2, "disk0", bm("p1")) == []
+    rig.tgt.prepare("p2", [DiskInfo(key=d.key, size=d.size) for d in snap2.disks])
+    for d in snap2.disks:
+        with other.open_disk(snap2, d.key) as sd, rig.tgt.open_disk("p2", d.key) as td:
+            assert copy_disk(sd, td, d, fast_tuning()).kind == "incremental"
+    other.release_snapshot(snap2, committed=True)
+    with pytest.raises(SnapshotInconsistent, match=f"NBD export sendense-{JOB}-disk0 of snapshot p2 is gone"):
+        with other.open_disk(snap2, "disk0"):
+            pass
+    other.release_snapshot(snap2, committed=True)
+    rig.assert_clean()
+
+
+def test_a_crashed_sync_is_cleaned_up_by_the_next_snapshot(rig_factory: Any) -> None:
+    rig = rig_factory([32 * MiB])
+    vm = rig.vm
+    vm.write(0, 0, 0x11, 1 * MiB)
+    p1 = rig.sync("p1")
+    vm.write(0, 2 * MiB, 0x22, 64 * KiB)
+    abandoned = rig.src.create_snapshot("p2", p1.base)  # the worker dies: never released
+    vm.write(0, 3 * MiB, 0x33, 64 * KiB)
+    # the retried activity creates the same snapshot again, from a new process
+    rig.src = QmpSource(JOB, rig.vm.qmp_path, rig.work)
+    p2 = rig.sync("p2", p1.base)
+    assert p2.results["disk0"].kind == "incremental"
+    rig.assert_point_exact("p2")
+    assert set(rig.bitmaps()) == {bm("p2")}
+    rig.assert_clean()
+    # a late release of the abandoned attempt touches nothing of the current one
+    vm.write(0, 5 * MiB, 0x55, 64 * KiB)
+    rig.src.release_snapshot(abandoned, committed=False)
+    p3 = rig.sync("p3", p2.base)
+    assert p3.results["disk0"].kind == "incremental"
+    rig.assert_point_exact("p3")
+
+
+def test_a_late_release_of_an_abandoned_attempt_spares_the_current_export(rig_factory: Any) -> None:
+    rig = rig_factory([32 * MiB])
+    vm = rig.vm
+    vm.write(0, 0, 0x11, 1 * MiB)
+    p1 = rig.sync("p1")
+    vm.write(0, 2 * MiB, 0x22, 64 * KiB)
+    abandoned = rig.src.create_snapshot("p2", p1.base)
+    snap = rig.create_snapshot("p2", p1.base)  # the retry
+    rig.src.release_snapshot(abandoned, committed=False)  # the first worker wakes up
+    assert extents(rig.src, snap, "disk0", bm("p1")) == [(2 * MiB, 64 * KiB, False)]
+    assert read_export(snap, "disk0") == rig.shadows[("p2", "disk0")].read_bytes()
+    rig.src.release_snapshot(snap, committed=True)
+    rig.assert_clean()
+    vm.write(0, 3 * MiB, 0x33, 64 * KiB)
+    p3 = rig.sync("p3", {"disk0": bm("p2")})  # whatever the late rollback did, nothing is lost
+    assert p3.results["disk0"].kind in ("incremental", "resync")  # never a silent full copy
+    rig.assert_point_exact("p3")
+
+
+def test_a_vm_without_qcow2_disks_is_invalid(short_dir: Path) -> None:
+    vm = LabVm(short_dir / "vm", [])
+    try:
+        vm.start()
+        with pytest.raises(InvalidSpec, match="has no qcow2 disk"):
+            QmpSource(JOB, vm.qmp_path, short_dir / "work").validate()
+    finally:
+        vm.kill()
+
+
+def test_a_new_snapshot_after_an_unreleased_one_still_covers_every_write(rig_factory: Any) -> None:
+    rig = rig_factory([32 * MiB])
+    vm = rig.vm
+    vm.write(0, 0, 0x11, 1 * MiB)
+    p1 = rig.sync("p1")
+    vm.write(0, 2 * MiB, 0x22, 64 * KiB)
+    rig.src.create_snapshot("p2", p1.base)  # crashed sync: p2 stays the recording checkpoint
+    vm.write(0, 3 * MiB, 0x33, 64 * KiB)
+    seen: list[list[tuple[int, int, bool]]] = []
+    p3 = rig.sync(
+        "p3", p1.base, before_copy=lambda snap: seen.append(extents(rig.src, snap, "disk0", bm("p1")))
+    )
+    assert seen[0] == [(2 * MiB, 64 * KiB, False), (3 * MiB, 64 * KiB, False)]
+    assert p3.results["disk0"].kind == "incremental"
+    rig.assert_point_exact("p3")
+    assert set(rig.bitmaps()) == {bm("p3")}
+    rig.assert_clean()
+
+
+def test_disks_open_concurrently_as_parallel_activities_would(rig_factory: Any) -> None:
+    rig = rig_factory([32 * MiB, 32 * MiB, 32 * MiB])
+    for i in range(3):
+        rig.vm.write(i, i * MiB, 0x10 + i, 1 * MiB)
+    snap = rig.create_snapshot("p1", {})
+    rig.tgt.prepare("p1", [DiskInfo(key=d.key, size=d.size) for d in snap.disks])
+    errors: list[BaseException] = []
+
+    def copy(key: str) -> None:
+        try:
+            with QmpSource(JOB, rig.vm.qmp_path, rig.work).open_disk(snap, key) as sd:
+                with rig.tgt.open_disk("p1", key) as td:
+                    copy_disk(sd, td, snap.disk(key), fast_tuning())
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=copy, args=(d.key,)) for d in snap.disks]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    rig.src.release_snapshot(snap, committed=True)
+    for d in snap.disks:
+        pending = rig.tgt.dir / "disks" / d.key / "p1.pending.qcow2"  # copied, never committed here
+        assert same_content(pending, rig.shadows[("p1", d.key)])
+    rig.assert_clean()

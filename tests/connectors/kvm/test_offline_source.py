@@ -1,0 +1,383 @@
+"""OfflineQcow2Source (a stopped VM's qcow2 images) replicating into KvmTarget."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from helpers_kvm import (
+    MiB,
+    Synced,
+    bitmap_names,
+    fast_tuning,
+    make_qcow2,
+    qemu_io,
+    run,
+    same_content,
+    sync_point,
+    to_raw,
+)
+
+from connectors.kvm.offline import OfflineQcow2Source
+from connectors.kvm.qemu import qemu_nbd
+from connectors.kvm.target import KvmTarget
+from sendense.datapath.sync import copy_disk
+from sendense.errors import (
+    DataPathError,
+    InvalidSpec,
+    ResourceNotFound,
+    ResourceUnavailable,
+    SnapshotInconsistent,
+)
+from sendense.models import PointDisk, PointInfo, SnapshotRef
+
+JOB = "j"
+
+
+def bm(snapshot_id: str, job: str = JOB) -> str:
+    return f"sendense.{job}.{snapshot_id}"
+
+
+class Rig:
+    """A source with its images, a target, and raw copies of the source taken at each snapshot."""
+
+    def __init__(self, tmp: Path, sizes: list[int], job: str = JOB) -> None:
+        self.tmp = tmp
+        self.images = [make_qcow2(tmp / f"vm-disk{i}.qcow2", s) for i, s in enumerate(sizes)]
+        self.src = OfflineQcow2Source(job, self.images)
+        self.tgt = KvmTarget(job, tmp / "replicas")
+        self.raws: dict[tuple[str, str], Path] = {}
+
+    def snapshot_raws(self, snap: SnapshotRef) -> None:
+        """What the point must hold: the source right after create_snapshot."""
+        for d in snap.disks:
+            self.raws[(snap.snapshot_id, d.key)] = to_raw(
+                Path(d.handle["path"]), self.tmp / f"{snap.snapshot_id}-{d.key}.raw"
+            )
+
+    def sync(self, sync_id: str, base: dict[str, str | None] | None = None, **kw: object) -> Synced:
+        return sync_point(self.src, self.tgt, sync_id, base, before_copy=self.snapshot_raws, **kw)  # type: ignore[arg-type]
+
+    def assert_point_exact(self, sync_id: str) -> None:
+        for (sid, key), raw in self.raws.items():
+            if sid == sync_id:
+                assert same_content(self.tgt.point_path(sid, key), raw), f"point {sid} disk {key} differs"
+
+
+def error_text(excinfo: pytest.ExceptionInfo[BaseException]) -> str:
+    msg = str(excinfo.value)
+    assert "\n" not in msg
+    return msg
+
+
+# -------------------------------------------------------------------------------- validate, discover
+
+
+def test_missing_image_is_resource_not_found_naming_the_field(tmp_path: Path) -> None:
+    good = make_qcow2(tmp_path / "a.qcow2", 16 * MiB)
+    with pytest.raises(ResourceNotFound) as ei:
+        OfflineQcow2Source(JOB, [tmp_path / "gone.qcow2"]).validate()
+    assert error_text(ei).startswith("source.disks[0]: ")
+    assert "gone.qcow2" in str(ei.value)
+    with pytest.raises(ResourceNotFound, match=r"^source\.disks\[1\]: .*gone\.qcow2"):
+        OfflineQcow2Source(JOB, [good, tmp_path / "gone.qcow2"]).validate()
+
+
+def test_raw_image_is_invalid_spec_not_qcow2(tmp_path: Path) -> None:
+    raw = tmp_path / "vm.img"
+    run("qemu-img", "create", "-q", "-f", "raw", raw, 16 * MiB)
+    with pytest.raises(InvalidSpec) as ei:
+        OfflineQcow2Source(JOB, [raw]).validate()
+    assert error_text(ei).startswith("source.disks[0]: ")
+    assert "not qcow2" in str(ei.value)
+
+
+def test_a_directory_is_invalid_spec(tmp_path: Path) -> None:
+    with pytest.raises(InvalidSpec, match=r"^source\.disks\[0\]: .* is not a file"):
+        OfflineQcow2Source(JOB, [tmp_path]).validate()
+
+
+def test_discover_reports_every_disk_with_its_size(tmp_path: Path) -> None:
+    a = make_qcow2(tmp_path / "web1.qcow2", 32 * MiB)
+    b = make_qcow2(tmp_path / "web1-data.qcow2", 16 * MiB + 512 * 1024)
+    vm = OfflineQcow2Source(JOB, [a, b]).discover()
+    assert vm.name == "web1" and vm.platform == "kvm"
+    assert [(d.key, d.size, d.ref) for d in vm.disks] == [
+        ("disk0", 32 * MiB, str(a)),
+        ("disk1", 16 * MiB + 512 * 1024, str(b)),
+    ]
+
+
+# ------------------------------------------------------------------------------------- replication
+
+
+def test_full_then_two_incrementals_are_bit_exact(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, [64 * MiB])
+    img = rig.images[0]
+    qemu_io(img, "write -P 0x11 0 10M", "write -z 20M 1M", "write -P 0x22 50M 3M")
+    p1 = rig.sync("p1")
+    qemu_io(img, "write -P 0x33 5M 64k", "write -z 50M 1M", "write -P 0x44 40M 2M")
+    p2 = rig.sync("p2", p1.base)
+    qemu_io(img, "write -P 0x55 6M 4k", "write -P 0x66 63M 1M")
+    p3 = rig.sync("p3", p2.base)
+
+    assert [p1.results["disk0"].kind, p2.results["disk0"].kind, p3.results["disk0"].kind] == [
+        "full",
+        "incremental",
+        "incremental",
+    ]
+    for sid in ("p1", "p2", "p3"):
+        rig.assert_point_exact(sid)
+    assert [p.point_id for p in rig.tgt.list_points()] == ["p3", "p2", "p1"]
+    assert [p.kind for p in rig.tgt.list_points()] == ["incremental", "incremental", "full"]
+    assert same_content(rig.tgt.point_path("p3", "disk0"), img)
+
+
+def test_incremental_copies_exactly_the_changed_clusters(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, [64 * MiB])
+    img = rig.images[0]
+    qemu_io(img, "write -P 0x01 0 16M")  # allocate the region first, so changed clusters are all data
+    p1 = rig.sync("p1")
+    assert p1.results["disk0"].stats.bytes_written == 16 * MiB
+
+    qemu_io(
+        img,
+        "write -P 0x51 5M 4k",  # one 64 KiB cluster
+        "write -P 0x52 7200k 1M",  # 7M+16K .. 8M+16K: clusters 7M .. 8M+64K = 1088 KiB
+        "write -P 0x53 7300k 8k",  # inside the previous write: nothing more
+        "write -z 12M 1M",  # a zeroed range: zeroed on the target, no payload
+    )
+    p2 = rig.sync("p2", p1.base)
+    stats = p2.results["disk0"].stats
+    assert stats.bytes_read == stats.bytes_written == (64 + 1088) * 1024
+    assert stats.bytes_zeroed == 1 * MiB
+    assert stats.bytes_skipped == 0
+    rig.assert_point_exact("p2")
+
+    p3 = rig.sync("p3", p2.base)  # nothing changed
+    assert (p3.results["disk0"].stats.bytes_read, p3.results["disk0"].stats.bytes_zeroed) == (0, 0)
+    rig.assert_point_exact("p3")
+
+
+def test_multi_disk(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, [32 * MiB, 16 * MiB])
+    a, b = rig.images
+    qemu_io(a, "write -P 0x11 0 4M")
+    qemu_io(b, "write -P 0x22 8M 4M")
+    p1 = rig.sync("p1")
+    assert sorted(p1.results) == ["disk0", "disk1"]
+    qemu_io(a, "write -P 0x33 1M 64k")
+    qemu_io(b, "write -P 0x44 15M 128k", "write -z 8M 1M")
+    p2 = rig.sync("p2", p1.base)
+    assert p2.results["disk0"].stats.bytes_written == 64 * 1024
+    assert p2.results["disk1"].stats.bytes_written == 128 * 1024
+    assert p2.results["disk1"].stats.bytes_zeroed == 1 * MiB
+    for sid in ("p1", "p2"):
+        rig.assert_point_exact(sid)
+    assert {d.key: d.size for d in rig.tgt.list_points()[0].disks} == {"disk0": 32 * MiB, "disk1": 16 * MiB}
+
+
+def test_a_disk_grown_between_syncs_replicates_correctly(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, [32 * MiB])
+    img = rig.images[0]
+    qemu_io(img, "write -P 0x11 0 8M", "write -P 0x12 31M 1M")
+    p1 = rig.sync("p1")
+    run("qemu-img", "resize", "-q", img, 48 * MiB)
+    qemu_io(img, "write -P 0x13 40M 2M", "write -P 0x14 1M 64k", "write -P 0x15 49088k 64k")
+    p2 = rig.sync("p2", p1.base)
+    assert p2.results["disk0"].kind == "incremental"
+    assert p2.snap.disks[0].size == 48 * MiB
+    rig.assert_point_exact("p1")
+    rig.assert_point_exact("p2")
+    assert {d.size for d in rig.tgt.list_points()[0].disks} == {48 * MiB}
+    qemu_io(img, "write -P 0x16 33M 64k")  # the grown area, changed again
+    p3 = rig.sync("p3", p2.base)
+    assert p3.results["disk0"].stats.bytes_written == 64 * 1024
+    rig.assert_point_exact("p3")
+
+
+# ------------------------------------------------------------------------ consistency and locking
+
+
+def test_a_write_after_the_snapshot_makes_open_disk_fail_and_the_retry_is_exact(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, [32 * MiB])
+    img = rig.images[0]
+    qemu_io(img, "write -P 0x11 0 4M")
+    p1 = rig.sync("p1")
+
+    qemu_io(img, "write -P 0x22 1M 64k")
+    snap = rig.src.create_snapshot("p2", p1.base)
+    qemu_io(img, "write -P 0x33 20M 64k")  # the VM keeps writing: the snapshot instant is gone
+    with pytest.raises(SnapshotInconsistent) as ei, rig.src.open_disk(snap, "disk0"):
+        pass
+    assert error_text(ei) and str(img) in str(ei.value)
+    assert ei.value.retryable
+    rig.src.release_snapshot(snap, committed=False)
+    assert bitmap_names(img) == [bm("p1")]
+
+    p2 = rig.sync("p2b", p1.base)  # the retried sync still diffs against p1 and sees both writes
+    assert p2.results["disk0"].kind == "incremental"
+    assert p2.results["disk0"].stats.bytes_written == 2 * 64 * 1024
+    rig.assert_point_exact("p2b")
+
+
+def test_an_image_in_use_by_a_writer_is_resource_unavailable(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, [16 * MiB])
+    img = rig.images[0]
+    rig.src.validate()
+    with qemu_nbd(img, readonly=False):  # e.g. the VM is running after all
+        with pytest.raises(ResourceUnavailable) as ei:
+            rig.src.create_snapshot("p1", {})
+        assert str(img) in error_text(ei)
+        assert ei.value.retryable
+    assert bitmap_names(img) == []
+
+
+def test_opening_a_disk_in_use_by_a_writer_is_resource_unavailable(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, [16 * MiB])
+    img = rig.images[0]
+    snap = rig.src.create_snapshot("p1", {})
+    with qemu_nbd(img, readonly=False), pytest.raises(ResourceUnavailable) as ei:
+        with rig.src.open_disk(snap, "disk0"):
+            pass
+    assert str(img) in error_text(ei) and "in use" in str(ei.value)
+    assert ei.value.retryable
+
+
+# --------------------------------------------------------------------------- change tracking lost
+
+
+def test_a_removed_bitmap_falls_back_to_a_resync_that_writes_only_differing_blocks(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, [32 * MiB])
+    img = rig.images[0]
+    qemu_io(img, "write -P 0x11 0 8M", "write -P 0x12 16M 4M")
+    p1 = rig.sync("p1")
+    qemu_io(img, "write -P 0x21 3M 4k", "write -P 0x22 17M 64k", "write -z 18M 64k")
+    run("qemu-img", "bitmap", "--remove", img, bm("p1"))
+
+    tuning = fast_tuning(chunk_size=1 * MiB)
+    p2 = rig.sync("p2", p1.base, tuning=tuning)
+    disk = p2.snap.disks[0]
+    assert disk.tracking_lost is not None and bm("p1") in disk.tracking_lost
+    result = p2.results["disk0"]
+    assert result.kind == "resync"
+    # every data block read and compared; only the two changed 64 KiB blocks written
+    assert result.stats.bytes_written == 2 * 64 * 1024
+    assert result.stats.bytes_read == 12 * MiB - 64 * 1024
+    rig.assert_point_exact("p2")
+    assert bitmap_names(img) == [bm("p2")]  # tracking is back for the next sync
+
+    qemu_io(img, "write -P 0x31 5M 64k")
+    p3 = rig.sync("p3", p2.base, tuning=tuning)
+    assert p3.results["disk0"].kind == "incremental"
+    assert p3.results["disk0"].stats.bytes_written == 64 * 1024
+    rig.assert_point_exact("p3")
+
+
+def test_a_bitmap_left_in_use_by_a_crash_falls_back_to_a_resync(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, [16 * MiB])
+    img = rig.images[0]
+    qemu_io(img, "write -P 0x11 0 4M")
+    p1 = rig.sync("p1")
+    # a writer killed mid-way leaves the bitmap flagged in-use (its content cannot be trusted)
+    proc = subprocess.Popen(
+        ["qemu-io", "-f", "qcow2", "-c", "write -P 0x22 1M 64k", "-c", "sleep 30000", str(img)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while "in-use" not in run("qemu-img", "info", "-U", img) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.2)  # let the write land
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert "in-use" in run("qemu-img", "info", "-U", img)
+
+    p2 = rig.sync("p2", p1.base)
+    assert "inconsistent" in (p2.snap.disks[0].tracking_lost or "")
+    assert p2.results["disk0"].kind == "resync"
+    rig.assert_point_exact("p2")
+    assert bitmap_names(img) == [bm("p2")]
+
+
+# --------------------------------------------------------------------------------------- release
+
+
+def test_release_keeps_only_the_newest_job_bitmap(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, [16 * MiB])
+    img = rig.images[0]
+    run("qemu-img", "bitmap", "--add", "--enable", img, "backup.tool")  # someone else's
+    p1 = rig.sync("p1")
+    assert bitmap_names(img) == ["backup.tool", bm("p1")]
+
+    snap = rig.src.create_snapshot("p2", p1.base)
+    assert bitmap_names(img) == ["backup.tool", bm("p1"), bm("p2")]
+    rig.src.release_snapshot(snap, committed=False)  # the sync failed: the base must stay usable
+    assert bitmap_names(img) == ["backup.tool", bm("p1")]
+
+    snap = rig.src.create_snapshot("p3", p1.base)
+    rig.src.release_snapshot(snap, committed=True)
+    assert bitmap_names(img) == ["backup.tool", bm("p3")]
+    rig.src.release_snapshot(snap, committed=True)  # idempotent
+    assert bitmap_names(img) == ["backup.tool", bm("p3")]
+
+
+def test_release_leaves_the_bitmaps_of_a_job_whose_name_extends_this_one(tmp_path: Path) -> None:
+    """Job names may contain dots: committing job `web` must not drop the bitmaps of job `web.db`
+    on the same image (that job would silently lose change tracking and fall back to a resync)."""
+    img = make_qcow2(tmp_path / "shared.qcow2", 16 * MiB)
+    web = OfflineQcow2Source("web", [img])
+    web_db = OfflineQcow2Source("web.db", [img])
+    other = web_db.create_snapshot("s1", {})
+    web_db.release_snapshot(other, committed=True)
+    snap = web.create_snapshot("s1", {})
+    web.release_snapshot(snap, committed=True)
+    assert bitmap_names(img) == sorted([bm("s1", "web"), bm("s1", "web.db")])
+
+
+def test_copy_disk_resumes_from_a_token_offset(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, [32 * MiB])
+    img = rig.images[0]
+    qemu_io(img, "write -P 0x11 0 12M", "write -P 0x12 20M 4M")
+    snap = rig.src.create_snapshot("p1", {})
+    rig.snapshot_raws(snap)
+    rig.tgt.prepare("p1", rig.src.discover().disks)
+    ds = snap.disks[0]
+    tokens: list[int] = []
+
+    def cancel() -> bool:
+        return any(t > 0 for t in tokens)
+
+    with rig.src.open_disk(snap, "disk0") as sd, rig.tgt.open_disk("p1", "disk0") as td:
+        with pytest.raises(DataPathError, match="cancelled"):
+            copy_disk(
+                sd,
+                td,
+                ds,
+                fast_tuning(chunk_size=256 * 1024),
+                on_checkpoint=lambda o, d, t, s: tokens.append(o),
+                cancelled=cancel,
+            )
+    resume = next(t for t in tokens if t > 0)
+    with rig.src.open_disk(snap, "disk0") as sd, rig.tgt.open_disk("p1", "disk0") as td:
+        result = copy_disk(sd, td, ds, fast_tuning(), start=resume)
+    assert result.resumed_from == resume
+    assert result.stats.bytes_read == 16 * MiB - min(resume, 12 * MiB)
+    rig.tgt.commit(
+        "p1",
+        PointInfo(
+            point_id="p1",
+            job=JOB,
+            created_at=snap.created_at,
+            committed_at=snap.created_at,
+            kind="full",
+            disks=[PointDisk(key="disk0", size=ds.size, change_id=ds.change_id)],
+        ),
+    )
+    rig.assert_point_exact("p1")
