@@ -67,7 +67,7 @@ class ReplicationWorkflow:
     def __init__(self) -> None:
         self.inp: ReplicationInput | None = None
         self.st = CarriedState()
-        self.state = "starting"
+        self.state = ""
         self.deleting: DeleteRequest | None = None
         self.current: str | None = None
         self.started_count = 0
@@ -83,7 +83,7 @@ class ReplicationWorkflow:
         spec = self.inp.spec
         return JobStatus(
             name=spec.name,
-            state=self.state,  # type: ignore[arg-type]
+            state=self.state or "starting",  # type: ignore[arg-type]
             source=_describe_source(self.inp),
             target=f"{spec.target.platform}:{spec.target.path}",
             interval_seconds=spec.schedule.interval.total_seconds(),
@@ -188,15 +188,18 @@ class ReplicationWorkflow:
             if self.st.pending_requests == 0:
                 delay = self._delay()
                 if delay > 0:
+                    due = self.next_sync_at
                     try:
                         await workflow.wait_condition(
-                            lambda: self.st.pending_requests > 0 or self.st.paused or self.deleting is not None,
+                            lambda: self.st.pending_requests > 0
+                            or self.st.paused
+                            or self.deleting is not None
+                            or self.next_sync_at != due,  # update_settings changed the interval
                             timeout=delay,
                         )
                     except asyncio.TimeoutError:
                         pass
-                    if self.st.paused or self.deleting is not None:
-                        continue
+                    continue  # re-check pause, delete, requests and the (possibly new) due time
             if self.st.paused or self.deleting is not None:
                 continue
             self.st.pending_requests = 0
@@ -348,16 +351,20 @@ class ReplicationWorkflow:
                 start_to_close_timeout=timedelta(minutes=5),
                 retry_policy=SHORT,
             )
-            if snap is not None:
-                await workflow.execute_activity(
-                    "release_snapshot",
-                    ReleaseRequest(spec=spec, snapshot=snap, committed=False),
-                    task_queue=inp.source_queue,
-                    start_to_close_timeout=timedelta(minutes=5),
-                    retry_policy=SHORT,
-                )
         except ActivityError as e:
-            workflow.logger.warning("cleanup of %s failed: %s", sync_id, failure_message(e))
+            workflow.logger.warning("abort of %s failed: %s", sync_id, failure_message(e))
+        if snap is None:
+            return
+        try:  # independent of the abort: a leaked source snapshot would block the next sync
+            await workflow.execute_activity(
+                "release_snapshot",
+                ReleaseRequest(spec=spec, snapshot=snap, committed=False),
+                task_queue=inp.source_queue,
+                start_to_close_timeout=timedelta(minutes=5),
+                retry_policy=SHORT,
+            )
+        except ActivityError as e:
+            workflow.logger.warning("release of %s failed: %s", snap.snapshot_id, failure_message(e))
 
     # ------------------------------------------------------------------ helpers
 

@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -113,7 +114,7 @@ def start_qemu_nbd(
     cmd += [*extra, str(image)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=_die_with_parent)
     deadline = time.monotonic() + 30
-    while not sock.exists():
+    while not _accepts(sock):
         if proc.poll() is not None:
             err = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
             shutil.rmtree(tmpdir, ignore_errors=True)
@@ -127,6 +128,18 @@ def start_qemu_nbd(
             raise ResourceUnavailable(f"qemu-nbd did not start for {image}")
         time.sleep(0.01)
     return NbdServer(proc, sock, tmpdir)
+
+
+def _accepts(sock: Path) -> bool:
+    """True once the server listens (the socket file appears at bind, before listen)."""
+    if not sock.exists():
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(str(sock))
+            return True
+        except OSError:
+            return False
 
 
 @contextmanager

@@ -173,10 +173,9 @@ class FakeHost:
         if self.copy_hook is not None:
             await self.copy_hook(req, info)
         d = req.snapshot.disk(req.disk)
-        kind = "full" if d.base_change_id is None else "incremental"
         return DiskCopyResult(
             key=req.disk,
-            kind=kind,
+            kind="full" if d.base_change_id is None else "incremental",
             stats=CopyStats(bytes_read=WRITTEN, bytes_written=WRITTEN, bytes_zeroed=1 << 20, extents=3),
         )
 
@@ -220,7 +219,9 @@ class FakeHost:
 class Job:
     """One workflow on its own task queue with its own fakes."""
 
-    def __init__(self, env: WorkflowEnvironment, host: FakeHost, handle: WorkflowHandle[Any, JobStatus], first_run: str):
+    def __init__(
+        self, env: WorkflowEnvironment, host: FakeHost, handle: WorkflowHandle[Any, JobStatus], first_run: str
+    ) -> None:
         self.env, self.host, self.handle, self.first_run = env, host, handle, first_run
 
     async def status(self) -> JobStatus:
@@ -240,10 +241,19 @@ class Job:
     async def settled(self, syncs: int, failures: int = 0, timeout: float = 10.0) -> JobStatus:
         """Wait until `syncs` succeeded, `failures` failed and the loop is idle again (housekeeping done)."""
         return await self.until(
-            lambda s: s.syncs == syncs and s.failures == failures and s.current_sync is None
-            and s.state in ("idle", "error"),
+            lambda s: (
+                s.syncs == syncs
+                and s.failures == failures
+                and s.current_sync is None
+                and s.state in ("idle", "error")
+            ),
             f"{syncs} syncs / {failures} failures settled",
             timeout,
+        )
+
+    async def sync_now(self) -> SyncResult:
+        return await asyncio.wait_for(
+            self.handle.execute_update(ReplicationWorkflow.sync_now, SyncNowRequest()), 10
         )
 
     def snapshots(self) -> list[SnapshotRequest]:
@@ -329,7 +339,9 @@ async def test_seed_then_incremental_syncs_on_the_interval(env: WorkflowEnvironm
         assert snaps[2].base == change_ids(snaps[1].snapshot_id)
         assert st.last_point == snaps[2].snapshot_id
         released = job.host.of("release_snapshot")
-        assert [(r.snapshot.snapshot_id, r.committed) for r in released] == [(s.snapshot_id, True) for s in snaps]
+        assert [(r.snapshot.snapshot_id, r.committed) for r in released] == [
+            (s.snapshot_id, True) for s in snaps
+        ]
         assert [p.keep for p in job.host.of("prune_points")] == [24, 24, 24]
         assert len(job.host.of("validate_job")) == 1
         assert job.host.of("abort_sync") == []
@@ -342,7 +354,7 @@ async def test_sync_now_returns_the_result_of_a_new_sync_at_once(env: WorkflowEn
         await job.settled(1)
         seed = job.snapshots()[0].snapshot_id
         # The interval is an hour and the virtual clock is locked: only sync_now can make this return.
-        res = await asyncio.wait_for(job.handle.execute_update(ReplicationWorkflow.sync_now, SyncNowRequest()), 10)
+        res = await job.sync_now()
         assert isinstance(res, SyncResult)
         snaps = job.snapshots()
         assert len(snaps) == 2
@@ -372,6 +384,8 @@ async def test_sync_now_during_a_sync_returns_the_next_sync(env: WorkflowEnviron
             ReplicationWorkflow.sync_now, SyncNowRequest(), wait_for_stage=WorkflowUpdateStage.ACCEPTED
         )
         await asyncio.wait_for(entered.wait(), 10)
+        running = await job.status()
+        assert running.state == "syncing" and running.current_sync == job.snapshots()[1].snapshot_id
         second = await job.handle.start_update(
             ReplicationWorkflow.sync_now,
             SyncNowRequest(reason="while running"),
@@ -399,7 +413,7 @@ async def test_pause_stops_syncs_and_rejects_sync_now_until_resume(env: Workflow
         await job.env.sleep(timedelta(minutes=35))  # three and a half intervals
         assert len(job.snapshots()) == 1
         with pytest.raises(WorkflowUpdateFailedError) as ei:
-            await job.handle.execute_update(ReplicationWorkflow.sync_now, SyncNowRequest())
+            await job.sync_now()
         cause = ei.value.cause
         assert isinstance(cause, ApplicationError)
         assert cause.type == "JobPaused"
@@ -413,7 +427,7 @@ async def test_pause_stops_syncs_and_rejects_sync_now_until_resume(env: Workflow
         snaps = job.snapshots()
         assert snaps[1].base == change_ids(snaps[0].snapshot_id)
         assert st.state == "idle"
-        res = await job.handle.execute_update(ReplicationWorkflow.sync_now, SyncNowRequest())
+        res = await job.sync_now()
         assert res.point_id == job.snapshots()[2].snapshot_id
 
     await _run(env, spec(interval=timedelta(minutes=10)), body)
@@ -443,7 +457,9 @@ async def test_update_settings_lengthens_the_interval_and_changes_retention(env:
 async def test_update_settings_shortens_the_interval(env: WorkflowEnvironment) -> None:
     async def body(job: Job) -> None:
         await job.settled(1)
-        await job.handle.execute_update(ReplicationWorkflow.update_settings, Settings(interval=timedelta(minutes=5)))
+        await job.handle.execute_update(
+            ReplicationWorkflow.update_settings, Settings(interval=timedelta(minutes=5))
+        )
         await job.env.sleep(timedelta(minutes=5, seconds=1))
         # The workflow was waiting on a 1h timer: the new 5m interval must wake it.
         await job.settled(2, timeout=3)
@@ -487,16 +503,25 @@ async def test_copy_retries_resume_from_the_heartbeated_token(env: WorkflowEnvir
             return
         if info.attempt < 3:
             activity.heartbeat(
-                CopyToken(sync_id=req.sync_id, disk=req.disk, offset=info.attempt << 30, done=info.attempt << 30,
-                          total=DISKS["disk0"], stats=CopyStats(bytes_written=info.attempt << 30))
+                CopyToken(
+                    sync_id=req.sync_id,
+                    disk=req.disk,
+                    offset=info.attempt << 30,
+                    done=info.attempt << 30,
+                    total=DISKS["disk0"],
+                    stats=CopyStats(bytes_written=info.attempt << 30),
+                )
             )
-            pass
             raise ApplicationError(f"connection reset (attempt {info.attempt})", type="OSError")
 
     async def body(job: Job) -> None:
         await job.settled(1)
         host.copy_hook = flaky
-        res = await asyncio.wait_for(job.handle.execute_update(ReplicationWorkflow.sync_now, SyncNowRequest()), 15)
+        upd = await job.handle.start_update(
+            ReplicationWorkflow.sync_now, SyncNowRequest(), wait_for_stage=WorkflowUpdateStage.ACCEPTED
+        )
+        await job.env.sleep(timedelta(seconds=4))  # skip the retry backoff (1s, then 2s)
+        res = await asyncio.wait_for(upd.result(), 15)
         assert res.kind == "incremental"
         attempts = [(a, d) for s, k, a, d in host.copy_attempts if s.endswith("-0002") and k == "disk0"]
         assert [a for a, _ in attempts] == [1, 2, 3]
@@ -549,7 +574,8 @@ async def test_non_retryable_copy_failure_aborts_and_keeps_the_last_point(env: W
         snaps = job.snapshots()
         failed_id = snaps[1].snapshot_id
         assert ok.point_id == snaps[2].snapshot_id
-        assert snaps[2].base == change_ids(seed), "the sync after a failure must diff from the last committed point"
+        # the sync after a failure diffs from the last committed point
+        assert snaps[2].base == change_ids(seed)
 
         attempts = [a for s, k, a, _ in host.copy_attempts if s == failed_id and k == "disk0"]
         assert attempts == [1]
@@ -575,9 +601,10 @@ async def test_failed_sync_is_reported_in_status(env: WorkflowEnvironment) -> No
 
     async def body(job: Job) -> None:
         seed = (await job.settled(1)).last_point
+        assert seed is not None
         host.copy_hook = target_error
         with pytest.raises(WorkflowUpdateFailedError) as ei:
-            await asyncio.wait_for(job.handle.execute_update(ReplicationWorkflow.sync_now, SyncNowRequest()), 10)
+            await job.sync_now()
         assert isinstance(ei.value.cause, ApplicationError) and ei.value.cause.message == msg
         st = await job.settled(1, failures=1)
         failed_id = job.snapshots()[1].snapshot_id
@@ -589,13 +616,13 @@ async def test_failed_sync_is_reported_in_status(env: WorkflowEnvironment) -> No
         assert host.of("release_snapshot")[-1].committed is False
         assert host.of("release_snapshot")[-1].snapshot.snapshot_id == failed_id
         # disk0 was copied before disk1 failed; abort_sync is what discards it.
-        assert [(r.disk) for r in host.of("copy_disk") if r.sync_id == failed_id] == ["disk0", "disk1"]
+        assert [r.disk for r in host.of("copy_disk") if r.sync_id == failed_id] == ["disk0", "disk1"]
 
         # The scheduled sync (not only sync_now) recovers and diffs from the seed.
         host.copy_hook = None
         await job.env.sleep(timedelta(hours=1, seconds=1))
         st = await job.settled(2, failures=1)
-        assert job.snapshots()[2].base == change_ids(seed or "")
+        assert job.snapshots()[2].base == change_ids(seed)
         assert st.last_error is None
 
     await _run(env, spec(interval=timedelta(hours=1)), body, host=host)
@@ -605,7 +632,9 @@ async def test_failed_abort_still_releases_the_snapshot(env: WorkflowEnvironment
     """The source snapshot (a libvirt backup job, a fleece image, a VMware snapshot) must not leak
     because the target could not abort its pending writes."""
     host = FakeHost()
-    host.abort_error = ApplicationError("target agent on kvm02 is unreachable", type="TargetError", non_retryable=True)
+    host.abort_error = ApplicationError(
+        "target agent on kvm02 is unreachable", type="TargetError", non_retryable=True
+    )
 
     async def target_error(req: CopyRequest, info: activity.Info) -> None:
         if req.sync_id.endswith("-0002"):
@@ -615,7 +644,7 @@ async def test_failed_abort_still_releases_the_snapshot(env: WorkflowEnvironment
         await job.settled(1)
         host.copy_hook = target_error
         with pytest.raises(WorkflowUpdateFailedError):
-            await asyncio.wait_for(job.handle.execute_update(ReplicationWorkflow.sync_now, SyncNowRequest()), 10)
+            await job.sync_now()
         await job.settled(1, failures=1)
         failed_id = job.snapshots()[1].snapshot_id
         assert [a.sync_id for a in host.of("abort_sync")] == [failed_id]
@@ -647,7 +676,9 @@ async def test_invalid_spec_fails_the_workflow(env: WorkflowEnvironment) -> None
 async def test_delete_ends_the_workflow(env: WorkflowEnvironment, purge: bool) -> None:
     async def body(job: Job) -> None:
         await job.settled(1)
-        await asyncio.wait_for(job.handle.execute_update(ReplicationWorkflow.delete, DeleteRequest(purge=purge)), 10)
+        await asyncio.wait_for(
+            job.handle.execute_update(ReplicationWorkflow.delete, DeleteRequest(purge=purge)), 10
+        )
         final = await asyncio.wait_for(job.handle.result(), 10)
         assert isinstance(final, JobStatus)
         assert final.state == "deleted" and final.syncs == 1
@@ -681,7 +712,8 @@ async def test_search_attributes_when_registered(env: WorkflowEnvironment) -> No
         AddSearchAttributesRequest(
             namespace=env.client.namespace,
             search_attributes={
-                k.name: IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD for k in (SA_JOB, SA_SOURCE, SA_TARGET, SA_VM, SA_STATE)
+                k.name: IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD
+                for k in (SA_JOB, SA_SOURCE, SA_TARGET, SA_VM, SA_STATE)
             },
         )
     )

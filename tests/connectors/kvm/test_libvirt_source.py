@@ -548,8 +548,8 @@ def test_reopen_from_ref_alone_and_stale_leftovers(
     foreign = (
         "<domainbackup mode='pull'>"
         f"<server transport='unix' socket='{tmp_path}/foreign.sock'/>"
-        f"<disks><disk name='vda' backup='yes' type='file'><scratch file='{tmp_path}/foreign.scratch'/></disk>"
-        "</disks></domainbackup>"
+        "<disks><disk name='vda' backup='yes' type='file'>"
+        f"<scratch file='{tmp_path}/foreign.scratch'/></disk></disks></domainbackup>"
     )
     g.dom.backupBegin(foreign, None, 0)
     try:
