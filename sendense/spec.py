@@ -45,8 +45,11 @@ def load_spec(path: Path) -> JobSpec:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
         raise InvalidSpec(f"{path}{where}: not valid YAML") from None
-    spec = parse_spec(data, str(path))
-    return _resolve_paths(spec, path.parent)
+    spec = _resolve_paths(parse_spec(data, str(path)), path.parent)
+    disks = spec.source.disks
+    if disks is not None and len(set(disks)) != len(disks):
+        raise InvalidSpec(f"{path}: source: disks lists the same image twice")
+    return spec
 
 
 def _resolve_paths(spec: JobSpec, base: Path) -> JobSpec:

@@ -6,19 +6,24 @@ every qcow2 disk, recording since the checkpoint).
 create_snapshot starts one pull-mode backup job (`virDomainBackupBegin`) that creates, atomically and
 crash-consistently across all disks, both the point in time and the new checkpoint. QEMU then serves
 that point over NBD on a unix socket in `work_dir`, one export per disk (named after the disk target,
-vda, vdb...); writes the guest makes afterwards are copied first into per-disk scratch files, so reads
-always see the snapshot instant. A disk diffed against a usable base checkpoint is exported
-incrementally, with its changes since the base as the bitmap `backup-<target>`; a disk without one is
-exported in full. Everything needed to reopen an export (socket, export and bitmap names) goes into the
-snapshot's handles, so another process can read it from the SnapshotRef alone.
+vda, vdb...); writes the guest makes afterwards are first copied into per-disk scratch files in
+`work_dir`, so reads always see the snapshot instant. A disk diffed against a usable base checkpoint
+is exported incrementally, its changes since the base as the bitmap `backup-<target>`; a disk without
+one is exported in full. libvirt >= 7.6 mixes both per disk (`backupmode`); an older one takes a single
+`<incremental>` for the whole backup, so one disk without usable tracking makes every disk full (each
+then marked `tracking_lost`). Everything needed to reopen an export (socket, export and bitmap names)
+goes into the snapshot's handles, so another process can read it from the SnapshotRef alone.
 
-release_snapshot ends the job (`virDomainAbortJob` is how a pull backup ends). Committed: this job's
-checkpoints older than the new one are deleted (libvirt merges their bitmaps). Not committed: the new
-checkpoint is deleted, its bitmap merged into its parent, so the next sync from the old base still sees
-every write.
+release_snapshot ends the job (`virDomainAbortJob` is how a pull backup ends; libvirt removes the
+scratch files). Committed: this job's checkpoints older than the new one are deleted. Not committed:
+the new checkpoint is deleted and libvirt keeps its parent's bitmap covering every write since the
+parent (merging the deleted bitmap into it where needed), so the next sync from the old base misses
+nothing.
 
-A base checkpoint that is gone, does not cover a disk, or whose bitmap QEMU lost or marked
-inconsistent (a crash) sets `tracking_lost` on that disk, which then gets a full export and a resync.
+A base checkpoint that is gone, does not cover a disk, or whose bitmap QEMU lost or found inconsistent
+(the VM crashed) sets `tracking_lost` on that disk with a one-line reason: it gets a full export and
+the sync resyncs it. Leftovers of a crashed worker (our backup job still running, our checkpoints that
+are no base) are cleared by the next create_snapshot; a backup job of someone else is never touched.
 """
 
 from __future__ import annotations

@@ -298,9 +298,12 @@ class QmpSource:
     # ------------------------------------------------------------------ protocol
 
     def validate(self) -> None:
-        with self._client() as c:
-            if not self._disks(c):
-                raise InvalidSpec(f"source.qmp: the VM behind {self.qmp} has no qcow2 disk")
+        try:
+            with self._client() as c:
+                if not self._disks(c):
+                    raise InvalidSpec(f"source.qmp: the VM behind {self.qmp} has no qcow2 disk")
+        except (ResourceNotFound, ResourceUnavailable) as e:
+            raise type(e)(f"source.qmp: {e.message}") from None
 
     def discover(self) -> VmInfo:
         with self._client() as c:

@@ -103,7 +103,9 @@ def start_qemu_nbd(
     """Start qemu-nbd on `image`; it dies with this process (PDEATHSIG) so a killed worker leaks nothing."""
     tmpdir = tempfile.mkdtemp(prefix="sendense-nbd-")
     sock = Path(tmpdir) / "nbd.sock"
+    pidfile = Path(tmpdir) / "pid"  # written once the export is ready (the socket exists earlier)
     cmd = [tool("qemu-nbd"), "--persistent", "--shared", str(connections), "--format", fmt, "--socket", str(sock)]
+    cmd += ["--pid-file", str(pidfile)]
     cmd += ["--cache=writeback", "--aio=threads"]
     if readonly:
         cmd.append("--read-only")
@@ -114,12 +116,12 @@ def start_qemu_nbd(
     cmd += [*extra, str(image)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=_die_with_parent)
     deadline = time.monotonic() + 30
-    while not _accepts(sock):
+    while not (pidfile.exists() and _accepts(sock)):
         if proc.poll() is not None:
             err = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
             shutil.rmtree(tmpdir, ignore_errors=True)
             last = (err.splitlines() or ["exited"])[-1]
-            if "lock" in last.lower():
+            if "lock" in err.lower():
                 raise ResourceUnavailable(f"disk image {image} is in use by another process ({last})")
             raise SendenseError(f"qemu-nbd could not serve {image}: {last}")
         if time.monotonic() > deadline:

@@ -138,7 +138,11 @@ class KvmTarget:
                     f.unlink()
 
     def _merge_into_base(self, child: Path, base: Path) -> None:
+        # points are kept read-only; qemu-img commit opens both images read-write
+        child.chmod(0o644)
+        base.chmod(0o644)
         qemu_img("commit", "-q", "-f", "qcow2", "-d", str(child))
+        base.chmod(0o444)
         os.replace(base, child)
         fsync_dir(child.parent)
 

@@ -83,7 +83,10 @@ class _Worker(threading.Thread):
             reader = self.plan.open_reader()
             writer = self.plan.open_writer()
             while not self.abort.is_set():
-                item = self.work.get()
+                try:
+                    item = self.work.get(timeout=0.2)
+                except queue.Empty:
+                    continue
                 if item is _STOP:
                     break
                 seq, ext = item
@@ -142,6 +145,8 @@ class _Worker(threading.Thread):
                 end = min(pos, e.length)
                 self._put(writer, e.offset + run_start, data[run_start:end], s)
                 run_start = None
+                if pos < e.length:
+                    s.bytes_skipped += min(bs, e.length - pos)
             elif not differs and pos < e.length:
                 s.bytes_skipped += min(bs, e.length - pos)
 
@@ -173,7 +178,7 @@ def run_copy(plan: CopyPlan) -> tuple[CopyStats, int]:
             abort.set()
             done.put(("error", e, None))
         finally:
-            for _ in range(plan.connections):
+            for _ in range(0 if abort.is_set() else plan.connections):
                 try:
                     work.put(_STOP, timeout=0.5)
                 except queue.Full:

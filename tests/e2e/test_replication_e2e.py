@@ -168,7 +168,7 @@ def test_bad_specs_fail_with_one_line_errors(e2e_stack: Cli, tmp_path: Path) -> 
     assert "source.disks[0]" in err({**base, "source": {"platform": "kvm", "disks": [str(tmp_path / "nope.qcow2")]}})
     assert "not qcow2" in err({**base, "source": {"platform": "kvm", "disks": [str(raw)]}})
     assert "target: field required" in err({"name": "bad", "source": base["source"]})
-    assert "qmp" in err({**base, "source": {"platform": "kvm", "qmp": str(tmp_path / "no.sock")}})
+    assert "source.qmp: QMP socket" in err({**base, "source": {"platform": "kvm", "qmp": str(tmp_path / "no.sock")}})
     assert "schedule.interval" in err({**base, "schedule": {"interval": "often"}})
     ok = tmp_path / "ok.yaml"
     ok.write_text(yaml.safe_dump({**base, "name": "e2e-dup", "schedule": {"interval": "1h"}}))
