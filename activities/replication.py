@@ -7,8 +7,10 @@ Activities that touch a host's disks are routed by the workflow to that host's t
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from temporalio import activity
 
@@ -60,7 +62,9 @@ def create_snapshot(req: SnapshotRequest) -> SnapshotRef:
     snap = src.create_snapshot(req.snapshot_id, req.base)
     for d in snap.disks:
         if d.tracking_lost:
-            activity.logger.warning("job %s disk %s: change tracking lost: %s", req.spec.name, d.key, d.tracking_lost)
+            activity.logger.warning(
+                "job %s disk %s: change tracking lost: %s", req.spec.name, d.key, d.tracking_lost
+            )
     return snap
 
 
@@ -90,12 +94,25 @@ def copy_disk(req: CopyRequest) -> DiskCopyResult:
         merged = carried.model_copy()
         merged.add(stats)
         activity.heartbeat(
-            CopyToken(sync_id=req.sync_id, disk=req.disk, offset=max(offset, start), done=done, total=total, stats=merged)
+            CopyToken(
+                sync_id=req.sync_id,
+                disk=req.disk,
+                offset=max(offset, start),
+                done=done,
+                total=total,
+                stats=merged,
+            )
         )
 
     with src.open_disk(req.snapshot, req.disk) as sd, tgt.open_disk(req.sync_id, req.disk) as td:
         result = run_copy_disk(
-            sd, td, disk, req.spec.tuning, start=start, on_checkpoint=checkpoint, cancelled=activity.is_cancelled
+            sd,
+            td,
+            disk,
+            req.spec.tuning,
+            start=start,
+            on_checkpoint=checkpoint,
+            cancelled=activity.is_cancelled,
         )
     result.stats.add(carried)
     return result
@@ -145,7 +162,7 @@ def destroy_target(req: JobRequest) -> None:
     target_for(req.spec).destroy()
 
 
-HOST_ACTIVITIES = [
+HOST_ACTIVITIES: list[Callable[..., Any]] = [
     validate_job,
     create_snapshot,
     prepare_target,

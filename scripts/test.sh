@@ -9,6 +9,9 @@ cd "$ROOT"
 bash scripts/install.sh
 
 rc=0
+# lint and types first: cheap, and they catch what tests do not (STYLE.md)
+.venv/bin/ruff check . || rc=$?
+.venv/bin/mypy sendense connectors activities workflows workers || rc=$?
 .venv/bin/pytest "$@" || rc=$?
 
 if [[ "${SENDENSE_SKIP_SLOW:-0}" != "1" ]]; then

@@ -56,7 +56,7 @@ def build_workers(client: Client, host: str | None = None, max_activities: int =
     host_worker = Worker(
         client,
         task_queue=config.host_queue(host),
-        activities=HOST_ACTIVITIES,
+        activities=list(HOST_ACTIVITIES),
         activity_executor=pool,
         max_concurrent_activities=max_activities,
         # resume tokens reach the server within a second, so a killed worker re-copies little

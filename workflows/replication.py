@@ -9,7 +9,6 @@ Deterministic: no I/O, no clocks but workflow.now(), no connector imports.
 
 from __future__ import annotations
 
-import asyncio
 from datetime import datetime, timedelta
 
 from temporalio import workflow
@@ -48,8 +47,12 @@ SA_TARGET = SearchAttributeKey.for_keyword("SendenseTarget")
 SA_VM = SearchAttributeKey.for_keyword("SendenseVm")
 SA_STATE = SearchAttributeKey.for_keyword("SendenseState")
 
-SHORT = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30), maximum_attempts=5)
-COPY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=20), maximum_attempts=20)
+SHORT = RetryPolicy(
+    initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30), maximum_attempts=5
+)
+COPY = RetryPolicy(
+    initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=20), maximum_attempts=20
+)
 
 
 def failure_message(e: BaseException) -> str:
@@ -191,13 +194,15 @@ class ReplicationWorkflow:
                     due = self.next_sync_at
                     try:
                         await workflow.wait_condition(
-                            lambda: self.st.pending_requests > 0
-                            or self.st.paused
-                            or self.deleting is not None
-                            or self.next_sync_at != due,  # update_settings changed the interval
+                            lambda: (
+                                self.st.pending_requests > 0
+                                or self.st.paused
+                                or self.deleting is not None
+                                or self.next_sync_at != due  # noqa: B023
+                            ),  # update_settings changed the interval
                             timeout=delay,
                         )
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         pass
                     continue  # re-check pause, delete, requests and the (possibly new) due time
             if self.st.paused or self.deleting is not None:
@@ -258,7 +263,9 @@ class ReplicationWorkflow:
             )
             await workflow.execute_activity(
                 "prepare_target",
-                PrepareRequest(spec=spec, sync_id=sync_id, disks=[DiskInfo(key=d.key, size=d.size) for d in snap.disks]),
+                PrepareRequest(
+                    spec=spec, sync_id=sync_id, disks=[DiskInfo(key=d.key, size=d.size) for d in snap.disks]
+                ),
                 task_queue=inp.target_queue,
                 start_to_close_timeout=timedelta(minutes=10),
                 retry_policy=SHORT,

@@ -88,7 +88,9 @@ class OfflineQcow2Source:
 
     def discover(self) -> VmInfo:
         self.validate()
-        disks = [DiskInfo(key=k, size=int(image_info(p)["virtual-size"]), ref=str(p)) for k, p in self._keys()]
+        disks = [
+            DiskInfo(key=k, size=int(image_info(p)["virtual-size"]), ref=str(p)) for k, p in self._keys()
+        ]
         return VmInfo(name=self.paths[0].stem, platform="kvm", disks=disks)
 
     def create_snapshot(self, snapshot_id: str, base: dict[str, str | None]) -> SnapshotRef:
@@ -130,7 +132,9 @@ class OfflineQcow2Source:
         with qemu_nbd(path, readonly=True, bitmaps=bitmaps) as srv:
             disk = NbdSourceDisk(srv.uri, d.size)
             if disk.size != d.size:
-                raise SnapshotInconsistent(f"source disk {path} was resized after snapshot {snap.snapshot_id}")
+                raise SnapshotInconsistent(
+                    f"source disk {path} was resized after snapshot {snap.snapshot_id}"
+                )
             with disk._conn(d.change_id) as c:
                 if next(iter(c.changed_extents(d.change_id)), None) is not None:
                     raise SnapshotInconsistent(

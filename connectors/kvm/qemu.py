@@ -104,7 +104,16 @@ def start_qemu_nbd(
     tmpdir = tempfile.mkdtemp(prefix="sendense-nbd-")
     sock = Path(tmpdir) / "nbd.sock"
     pidfile = Path(tmpdir) / "pid"  # written once the export is ready (the socket exists earlier)
-    cmd = [tool("qemu-nbd"), "--persistent", "--shared", str(connections), "--format", fmt, "--socket", str(sock)]
+    cmd = [
+        tool("qemu-nbd"),
+        "--persistent",
+        "--shared",
+        str(connections),
+        "--format",
+        fmt,
+        "--socket",
+        str(sock),
+    ]
     cmd += ["--pid-file", str(pidfile)]
     cmd += ["--cache=writeback", "--aio=threads"]
     if readonly:
@@ -114,7 +123,9 @@ def start_qemu_nbd(
     for b in bitmaps:
         cmd += ["--bitmap", b]
     cmd += [*extra, str(image)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=_die_with_parent)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=_die_with_parent
+    )
     deadline = time.monotonic() + 30
     while not (pidfile.exists() and _accepts(sock)):
         if proc.poll() is not None:

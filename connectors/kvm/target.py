@@ -17,7 +17,6 @@ the next operation.
 from __future__ import annotations
 
 import fcntl
-import json
 import logging
 import os
 import shutil
@@ -33,7 +32,12 @@ from sendense.models import DiskInfo, PointDisk, PointInfo
 
 log = logging.getLogger(__name__)
 
-EXPORT_FORMATS = {"raw": ("raw", "img"), "qcow2": ("qcow2", "qcow2"), "vmdk": ("vmdk", "vmdk"), "vhdx": ("vhdx", "vhdx")}
+EXPORT_FORMATS = {
+    "raw": ("raw", "img"),
+    "qcow2": ("qcow2", "qcow2"),
+    "vmdk": ("vmdk", "vmdk"),
+    "vhdx": ("vhdx", "vhdx"),
+}
 
 
 def _safe_key(key: str) -> str:

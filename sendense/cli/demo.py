@@ -32,8 +32,13 @@ def _human(n: float) -> str:
 
 
 def _progress(console: Console) -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
-                    TransferSpeedColumn(), console=console)
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        DownloadColumn(binary_units=True),
+        TransferSpeedColumn(),
+        console=console,
+    )
 
 
 async def _watch(jobs: Any, name: str, console: Console, done: Any) -> Any:
@@ -67,7 +72,9 @@ def _prefill(vm: Any, rng: random.Random) -> int:
     return written
 
 
-def run_demo(console: Console, state: Path, port: int, ui_port: int, incrementals: int, disk_mib: int) -> None:
+def run_demo(
+    console: Console, state: Path, port: int, ui_port: int, incrementals: int, disk_mib: int
+) -> None:
     from labs.kvm.vm import LabVm, Workload
 
     console.rule("[bold]Sendense Replication demo")
@@ -89,23 +96,30 @@ def run_demo(console: Console, state: Path, port: int, ui_port: int, incremental
     )
 
     spec_path = state / "demo.yaml"
-    spec_path.write_text(yaml.safe_dump({
-        "name": JOB,
-        "source": {"platform": "kvm", "qmp": str(vm.qmp_path)},
-        "target": {"platform": "kvm", "path": str(state / "replicas")},
-        "schedule": {"interval": "2m"},
-        "retention": {"points": 10},
-    }, sort_keys=False))
+    spec_path.write_text(
+        yaml.safe_dump(
+            {
+                "name": JOB,
+                "source": {"platform": "kvm", "qmp": str(vm.qmp_path)},
+                "target": {"platform": "kvm", "path": str(state / "replicas")},
+                "schedule": {"interval": "2m"},
+                "retention": {"points": 10},
+            },
+            sort_keys=False,
+        )
+    )
     console.print(f"job spec {spec_path}:\n[dim]{spec_path.read_text().rstrip()}[/]")
     asyncio.run(_run_job(console, spec_path, vm, Workload, incrementals))
     ui = f"{info.ui_url}/namespaces/{config.temporal_config().namespace}/workflows/{config.workflow_id(JOB)}"
     console.rule("[bold]done")
     console.print(f"Watch the job in the Temporal web UI: [bold link={ui}]{ui}[/]")
-    console.print("The job keeps syncing every 2 minutes. Try:\n"
-                  f"  .venv/bin/sendense job status {JOB}\n"
-                  f"  .venv/bin/sendense point export {JOB} --format qcow2 --output /tmp/demo-export\n"
-                  "  .venv/bin/sendense demo --clean    (delete the demo job and lab VM)\n"
-                  "  .venv/bin/sendense down            (stop the embedded stack)")
+    console.print(
+        "The job keeps syncing every 2 minutes. Try:\n"
+        f"  .venv/bin/sendense job status {JOB}\n"
+        f"  .venv/bin/sendense point export {JOB} --format qcow2 --output /tmp/demo-export\n"
+        "  .venv/bin/sendense demo --clean    (delete the demo job and lab VM)\n"
+        "  .venv/bin/sendense down            (stop the embedded stack)"
+    )
 
 
 async def _forget_previous(console: Console) -> None:
@@ -143,11 +157,14 @@ async def _run_job(console: Console, spec_path: Path, vm: Any, workload_cls: Any
     try:
         for i in range(incrementals):
             await asyncio.sleep(3)
-            console.print(f"[bold]incremental sync {i + 1}/{incrementals}[/] (workload wrote {_human(workload.bytes_written)})")
+            console.print(
+                f"[bold]incremental sync {i + 1}/{incrementals}[/] "
+                f"(workload wrote {_human(workload.bytes_written)})"
+            )
             task = asyncio.ensure_future(jobs.sync_now(JOB, wait=True))
 
             async def finished() -> SyncResult | None:
-                return task.result() if task.done() else None
+                return task.result() if task.done() else None  # noqa: B023 - awaited in this iteration
 
             _print_result(console, await _watch(jobs, JOB, console, finished))
     finally:
@@ -156,7 +173,9 @@ async def _run_job(console: Console, spec_path: Path, vm: Any, workload_cls: Any
     points = await asyncio.to_thread(_points, spec)
     t = Table("point_id", "snapshot instant", "kind", "written", title=f"recovery points of job {JOB}")
     for p in points:
-        t.add_row(p.point_id, p.created_at.isoformat(timespec="seconds"), p.kind, _human(p.stats.bytes_written))
+        t.add_row(
+            p.point_id, p.created_at.isoformat(timespec="seconds"), p.kind, _human(p.stats.bytes_written)
+        )
     console.print(t)
 
 
@@ -168,7 +187,8 @@ def _points(spec: Any) -> list[Any]:
 
 def _print_result(console: Console, r: SyncResult) -> None:
     console.print(
-        f"  point [bold]{r.point_id}[/] ({r.kind}): read {_human(r.bytes_read)}, wrote {_human(r.bytes_written)}, "
+        f"  point [bold]{r.point_id}[/] ({r.kind}): read {_human(r.bytes_read)}, "
+        f"wrote {_human(r.bytes_written)}, "
         f"zeroed {_human(r.bytes_zeroed)} in {r.seconds:.1f}s"
     )
 

@@ -116,7 +116,10 @@ def up(
     if as_json:
         emit_json(data)
     else:
-        out.print(f"Temporal at {data.get('address')}, web UI {data.get('ui_url')}, worker pid {data.get('worker_pid')}")
+        out.print(
+            f"Temporal at {data.get('address')}, web UI {data.get('ui_url')}, "
+            f"worker pid {data.get('worker_pid')}"
+        )
 
 
 @app.command()
@@ -247,8 +250,12 @@ def sync_with_progress(name: str, console: Console) -> SyncResult:
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
     with Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
-        TransferSpeedColumn(), console=console, transient=False,
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        DownloadColumn(binary_units=True),
+        TransferSpeedColumn(),
+        console=console,
+        transient=False,
     ) as bar:
         tasks: dict[str, Any] = {}
 
@@ -321,7 +328,9 @@ def job_settings(
     from sendense.spec import format_validation_error
 
     try:
-        s = Settings(interval=interval, retention_points=retention, bandwidth_limit=bandwidth)
+        s = Settings.model_validate(
+            {"interval": interval, "retention_points": retention, "bandwidth_limit": bandwidth}
+        )
     except ValidationError as e:
         fail(format_validation_error(e, "settings."))
 
@@ -329,7 +338,9 @@ def job_settings(
         return await (await _jobs()).settings(name, s)
 
     st = run(go)
-    emit_json(st) if as_json else out.print(f"interval {st.interval_seconds:.0f}s, retention {st.retention_points}")
+    emit_json(st) if as_json else out.print(
+        f"interval {st.interval_seconds:.0f}s, retention {st.retention_points}"
+    )
 
 
 @job_app.command("delete")
@@ -372,8 +383,13 @@ def point_list(name: str, as_json: bool = JsonOpt) -> None:
         return
     t = Table("point_id", "created_at (snapshot instant)", "kind", "disks", "written")
     for p in points:
-        t.add_row(p.point_id, p.created_at.isoformat(timespec="seconds"), p.kind, str(len(p.disks)),
-                  _human(p.stats.bytes_written))
+        t.add_row(
+            p.point_id,
+            p.created_at.isoformat(timespec="seconds"),
+            p.kind,
+            str(len(p.disks)),
+            _human(p.stats.bytes_written),
+        )
     out.print(t)
 
 

@@ -136,9 +136,9 @@ class _Worker(threading.Thread):
         view, cur = memoryview(data), memoryview(current)
         run_start: int | None = None
         for pos in range(0, e.length + bs, bs):
-            differs = pos < e.length and xxhash.xxh3_128_digest(view[pos : pos + bs]) != xxhash.xxh3_128_digest(
-                cur[pos : pos + bs]
-            )
+            differs = pos < e.length and xxhash.xxh3_128_digest(
+                view[pos : pos + bs]
+            ) != xxhash.xxh3_128_digest(cur[pos : pos + bs])
             if differs and run_start is None:
                 run_start = pos
             elif not differs and run_start is not None:
@@ -221,7 +221,10 @@ def run_copy(plan: CopyPlan) -> tuple[CopyStats, int]:
                 progressed += 0 if e.zero else e.length
                 next_seq += 1
             now = time.monotonic()
-            due = progressed - last_ck_bytes >= plan.checkpoint_bytes or now - last_ck_time >= plan.checkpoint_seconds
+            due = (
+                progressed - last_ck_bytes >= plan.checkpoint_bytes
+                or now - last_ck_time >= plan.checkpoint_seconds
+            )
             if due and plan.on_checkpoint is not None:
                 control.flush()
                 stats.seconds = now - started

@@ -115,10 +115,10 @@ class NbdConnection:
             got: dict[str, list[tuple[int, int, int]]] = {c: [] for c in contexts}
 
             def cb(metacontext: str, offset: int, entries: list[int], err: Any) -> int:
-                if metacontext in got and not got[metacontext]:
+                if metacontext in got and not got[metacontext]:  # noqa: B023 - called synchronously
                     o = offset
                     for i in range(0, len(entries), 2):
-                        got[metacontext].append((o, o + entries[i], entries[i + 1]))
+                        got[metacontext].append((o, o + entries[i], entries[i + 1]))  # noqa: B023
                         o += entries[i]
                 return 0
 

@@ -32,7 +32,9 @@ def sync_kind(disk: DiskSnapshot, target_has_base: bool) -> SyncKind:
     return "incremental"
 
 
-def plan_extents(src: SourceDisk, kind: SyncKind, since: str | None, start: int, end: int) -> Iterator[Extent]:
+def plan_extents(
+    src: SourceDisk, kind: SyncKind, since: str | None, start: int, end: int
+) -> Iterator[Extent]:
     if kind == "incremental":
         raw = src.extents(since, start)
     else:

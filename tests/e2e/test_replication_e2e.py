@@ -75,7 +75,9 @@ def test_full_then_incremental_bit_exact_and_points_immutable(e2e_stack: Cli, tm
     files = export_raw(cli, "e2e-basic", p1, tmp_path / "again")
     assert same(files["disk0"], ref0[0]) and same(files["disk1"], ref0[1])
     for fmt in ("qcow2", "vmdk", "vhdx"):
-        res = cli.json("point", "export", "e2e-basic", "--point", p2, "--format", fmt, "--output", str(tmp_path / fmt))
+        res = cli.json(
+            "point", "export", "e2e-basic", "--point", p2, "--format", fmt, "--output", str(tmp_path / fmt)
+        )
         assert same(Path(res["files"][0]["path"]), ref1[0])
 
     status = cli.json("job", "status", "e2e-basic")
@@ -118,7 +120,12 @@ def test_worker_killed_mid_copy_resumes_bit_exact(e2e_stack: Cli, tmp_path: Path
     d0 = make_qcow2(tmp_path / "big.qcow2", 256 * MiB)
     qemu_io(d0, "write -P 0x5a 0 160M")
     ref = to_raw(d0, tmp_path / "ref.raw")
-    tuning = {"bandwidth_limit": 24 * MiB, "checkpoint_bytes": 8 * MiB, "heartbeat_timeout": "4s", "connections": 2}
+    tuning = {
+        "bandwidth_limit": 24 * MiB,
+        "checkpoint_bytes": 8 * MiB,
+        "heartbeat_timeout": "4s",
+        "connections": 2,
+    }
     spec = write_spec(tmp_path / "j.yaml", "e2e-kill", [d0], tmp_path / "rep", tuning=tuning)
     cli.json("job", "create", "-f", str(spec))
     # wait until the copy has heartbeated some progress, then kill the worker hard
@@ -162,13 +169,20 @@ def test_bad_specs_fail_with_one_line_errors(e2e_stack: Cli, tmp_path: Path) -> 
         assert len(lines) == 1, p.stderr
         return lines[0]
 
-    base = {"name": "bad", "source": {"platform": "kvm", "disks": [str(d0)]},
-            "target": {"platform": "kvm", "path": str(tmp_path / "r")}}
+    base = {
+        "name": "bad",
+        "source": {"platform": "kvm", "disks": [str(d0)]},
+        "target": {"platform": "kvm", "path": str(tmp_path / "r")},
+    }
     assert "source.colour: unknown field" in err({**base, "source": {**base["source"], "colour": "red"}})
-    assert "source.disks[0]" in err({**base, "source": {"platform": "kvm", "disks": [str(tmp_path / "nope.qcow2")]}})
+    assert "source.disks[0]" in err(
+        {**base, "source": {"platform": "kvm", "disks": [str(tmp_path / "nope.qcow2")]}}
+    )
     assert "not qcow2" in err({**base, "source": {"platform": "kvm", "disks": [str(raw)]}})
     assert "target: field required" in err({"name": "bad", "source": base["source"]})
-    assert "source.qmp: QMP socket" in err({**base, "source": {"platform": "kvm", "qmp": str(tmp_path / "no.sock")}})
+    assert "source.qmp: QMP socket" in err(
+        {**base, "source": {"platform": "kvm", "qmp": str(tmp_path / "no.sock")}}
+    )
     assert "schedule.interval" in err({**base, "schedule": {"interval": "often"}})
     ok = tmp_path / "ok.yaml"
     ok.write_text(yaml.safe_dump({**base, "name": "e2e-dup", "schedule": {"interval": "1h"}}))
