@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sendense.datapath.sync import copy_disk
-from sendense.models import DiskCopyResult, PointDisk, PointInfo, SnapshotRef, Tuning
+from sendense.models import DiskCopyResult, DiskInfo, PointDisk, PointInfo, SnapshotRef, Tuning
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -125,7 +125,7 @@ def sync_point(
     snap = src.create_snapshot(sync_id, base or {})
     if before_copy is not None:
         before_copy(snap)
-    tgt.prepare(sync_id, src.discover().disks)
+    tgt.prepare(sync_id, [DiskInfo(key=d.key, size=d.size) for d in snap.disks])
     results: dict[str, DiskCopyResult] = {}
     try:
         for ds in snap.disks:

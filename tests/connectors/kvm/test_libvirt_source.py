@@ -19,13 +19,13 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import libvirt
 import libvirt_qemu
 import pytest
+from helpers_kvm import Synced, sync_point
 
 from connectors.base import SourceConnector
 from connectors.kvm.libvirt_source import LibvirtSource
@@ -48,7 +48,7 @@ from sendense.errors import (
     ResourceUnavailable,
     SnapshotInconsistent,
 )
-from sendense.models import DiskCopyResult, PointDisk, PointInfo, SnapshotRef, Tuning
+from sendense.models import SnapshotRef, Tuning
 
 pytestmark = [
     pytest.mark.slow,
@@ -184,15 +184,6 @@ def source(lab: LabLibvirtd, g: Guest, work: Path, job: str = "job1") -> Libvirt
 # ------------------------------------------------------------------------------------------ helpers
 
 
-class Synced:
-    def __init__(self, snap: SnapshotRef, results: dict[str, DiskCopyResult], point: PointInfo) -> None:
-        self.snap, self.results, self.point = snap, results, point
-
-    @property
-    def base(self) -> dict[str, str | None]:
-        return {d.key: d.change_id for d in self.snap.disks}
-
-
 def sync(
     src: SourceConnector,
     tgt: KvmTarget,
@@ -202,33 +193,7 @@ def sync(
     before_copy: Callable[[SnapshotRef], Any] | None = None,
 ) -> Synced:
     """One sync as the workflow runs it: snapshot, copy every disk, commit, release."""
-    snap = src.create_snapshot(sync_id, base or {})
-    if before_copy is not None:
-        before_copy(snap)
-    tgt.prepare(sync_id, src.discover().disks)
-    results = {}
-    try:
-        for ds in snap.disks:
-            with src.open_disk(snap, ds.key) as sd, tgt.open_disk(sync_id, ds.key) as td:
-                results[ds.key] = copy_disk(sd, td, ds, TUNING)
-    except BaseException:
-        src.release_snapshot(snap, committed=False)
-        tgt.abort(sync_id)
-        raise
-    kinds = {r.kind for r in results.values()}
-    point = tgt.commit(
-        sync_id,
-        PointInfo(
-            point_id=sync_id,
-            job=tgt.job,
-            created_at=snap.created_at,
-            committed_at=datetime.now(UTC),
-            kind="full" if kinds == {"full"} else "resync" if "resync" in kinds else "incremental",
-            disks=[PointDisk(key=d.key, size=d.size, change_id=d.change_id) for d in snap.disks],
-        ),
-    )
-    src.release_snapshot(snap, committed=True)
-    return Synced(snap, results, point)
+    return sync_point(src, tgt, sync_id, base, tuning=TUNING, before_copy=before_copy)
 
 
 def same(point: Path, ref: Path) -> bool:
