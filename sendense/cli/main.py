@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import typer
 from pydantic import BaseModel
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from sendense import config
 from sendense.errors import InvalidSpec, SendenseError
@@ -381,7 +381,9 @@ def point_list(name: str, as_json: bool = JsonOpt) -> None:
     if as_json:
         emit_json(points)
         return
-    t = Table("point_id", "created_at (snapshot instant)", "kind", "disks", "written")
+    t = Table(
+        Column("point_id", no_wrap=True), Column("snapshot instant", no_wrap=True), "kind", "disks", "written"
+    )
     for p in points:
         t.add_row(
             p.point_id,
