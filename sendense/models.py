@@ -116,6 +116,14 @@ class Tuning(Strict):
     connections: int = Field(default=4, ge=1, le=16)
     checkpoint_bytes: int = Field(default=64 << 20, ge=1 << 20, description="resume token granularity")
     bandwidth_limit: int | None = Field(default=None, ge=1 << 20, description="bytes/s, none = unlimited")
+    compare_block: int = Field(
+        default=4096, ge=512, le=1 << 20, description="granularity of digest compares (resync, dedupe)"
+    )
+    dedupe_incremental: bool = Field(
+        default=True,
+        description="compare changed ranges with the replica and send only blocks that differ "
+        "(costs a read of the replica; dirty bitmaps track 64 KiB, guests often write 4 KiB)",
+    )
     heartbeat_timeout: Duration = Field(
         default=timedelta(seconds=20), description="a copy whose worker died is resumed after this long"
     )

@@ -58,7 +58,7 @@ class CopyPlan:
     connections: int = 4
     checkpoint_bytes: int = 64 << 20
     checkpoint_seconds: float = 2.0
-    compare_block: int = 64 << 10  # resync granularity: the qcow2 cluster / bitmap granularity
+    compare_block: int = 4 << 10  # granularity of compare mode writes
     throttle: Throttle | None = None
     on_checkpoint: CheckpointFn | None = None
     cancelled: Callable[[], bool] = field(default=lambda: False)

@@ -6,6 +6,10 @@
   written as zero ranges.
 - resync: change tracking was lost (or never existed for this target): every range is read, its
   digest compared with the replica's current block, and only differing blocks are written.
+
+Incrementals compare too (`tuning.dedupe_incremental`): a bitmap marks 64 KiB dirty for a 4 KiB guest
+write, so the changed range is compared block by block with the replica and only differing
+`compare_block`s are sent.
 """
 
 from __future__ import annotations
@@ -68,7 +72,8 @@ def copy_disk(
         extents=plan_extents(src, kind, disk.base_change_id, start, end),
         open_reader=src.connect,
         open_writer=dst.connect,
-        mode="compare" if kind == "resync" else "copy",
+        mode="compare" if kind == "resync" or (kind == "incremental" and tuning.dedupe_incremental) else "copy",
+        compare_block=tuning.compare_block,
         chunk_size=tuning.chunk_size,
         connections=tuning.connections,
         checkpoint_bytes=tuning.checkpoint_bytes,

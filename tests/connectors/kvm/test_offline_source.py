@@ -153,10 +153,18 @@ def test_incremental_copies_exactly_the_changed_clusters(tmp_path: Path) -> None
     )
     p2 = rig.sync("p2", p1.base)
     stats = p2.results["disk0"].stats
-    assert stats.bytes_read == stats.bytes_written == (64 + 1088) * 1024
+    assert stats.bytes_read == (64 + 1088) * 1024  # the dirty 64 KiB clusters are read
+    assert stats.bytes_written == 4 * 1024 + 1 * MiB  # only the 4 KiB blocks that changed are sent
+    assert stats.bytes_skipped == stats.bytes_read - stats.bytes_written
     assert stats.bytes_zeroed == 1 * MiB
-    assert stats.bytes_skipped == 0
     rig.assert_point_exact("p2")
+
+    # without dedupe, the whole dirty clusters are written
+    qemu_io(img, "write -P 0x54 5M 4k")
+    raw = rig.sync("p2b", p2.base, tuning=fast_tuning(dedupe_incremental=False))
+    assert raw.results["disk0"].stats.bytes_written == 64 * 1024
+    rig.assert_point_exact("p2b")
+    p2 = raw
 
     p3 = rig.sync("p3", p2.base)  # nothing changed
     assert (p3.results["disk0"].stats.bytes_read, p3.results["disk0"].stats.bytes_zeroed) == (0, 0)
@@ -265,8 +273,8 @@ def test_a_removed_bitmap_falls_back_to_a_resync_that_writes_only_differing_bloc
     assert disk.tracking_lost is not None and bm("p1") in disk.tracking_lost
     result = p2.results["disk0"]
     assert result.kind == "resync"
-    # every data block read and compared; only the two changed 64 KiB blocks written
-    assert result.stats.bytes_written == 2 * 64 * 1024
+    # every data block read and compared; only the changed 4 KiB blocks written (4k + 64k)
+    assert result.stats.bytes_written == 4 * 1024 + 64 * 1024
     assert result.stats.bytes_read == 12 * MiB - 64 * 1024
     rig.assert_point_exact("p2")
     assert bitmap_names(img) == [bm("p2")]  # tracking is back for the next sync

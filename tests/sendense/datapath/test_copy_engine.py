@@ -133,8 +133,9 @@ def test_zero_extents_are_written_as_zero_ranges(source, target) -> None:
 
 
 def test_compare_mode_writes_only_differing_blocks(source, target) -> None:
-    """A resync reads every chunk, compares it with the replica block by block (64 KiB) and writes
-    only the blocks that differ; every byte read is accounted as skipped, written or zeroed."""
+    """A resync reads every chunk, compares it with the replica block by block and writes
+    only the blocks that differ (compare_block, 4 KiB by default); every byte read is accounted as
+    skipped, written or zeroed."""
     src_img, src, _ = source
     tgt_img, tgt = target
     run_copy(plan(src, tgt, data_extents(src)))
@@ -145,7 +146,7 @@ def test_compare_mode_writes_only_differing_blocks(source, target) -> None:
         w.write(8 * MiB + 5, b"\xdd")  # garbage in the explicit-zero block 8M..8M+64K
         w.flush()
     extents = all_extents(src)  # a resync reads every range
-    block = 64 << 10
+    block = 4 << 10
 
     stats, _ = run_copy(plan(src, tgt, extents, mode="compare"))
 
