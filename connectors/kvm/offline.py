@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from connectors.kvm.qemu import image_info, qcow2_bitmaps, qemu_img, qemu_nbd
 from sendense.datapath.extents import Extent
@@ -76,29 +77,32 @@ class OfflineQcow2Source:
                 return p
         raise ResourceNotFound(f"source disk {key}: not part of job {self.job}")
 
+    def _info(self, i: int, path: Path) -> dict[str, Any]:
+        if not path.exists():
+            raise ResourceNotFound(f"source.disks[{i}]: {path} not found")
+        if not path.is_file():
+            raise InvalidSpec(f"source.disks[{i}]: {path} is not a file")
+        info = image_info(path)
+        if info.get("format") != "qcow2":
+            raise InvalidSpec(f"source.disks[{i}]: {path} is {info.get('format')}, not qcow2")
+        return info
+
     def validate(self) -> None:
         for i, p in enumerate(self.paths):
-            if not p.exists():
-                raise ResourceNotFound(f"source.disks[{i}]: {p} not found")
-            if not p.is_file():
-                raise InvalidSpec(f"source.disks[{i}]: {p} is not a file")
-            fmt = image_info(p).get("format")
-            if fmt != "qcow2":
-                raise InvalidSpec(f"source.disks[{i}]: {p} is {fmt}, not qcow2")
+            self._info(i, p)
 
     def discover(self) -> VmInfo:
-        self.validate()
         disks = [
-            DiskInfo(key=k, size=int(image_info(p)["virtual-size"]), ref=str(p)) for k, p in self._keys()
+            DiskInfo(key=k, size=int(self._info(i, p)["virtual-size"]), ref=str(p))
+            for i, (k, p) in enumerate(self._keys())
         ]
         return VmInfo(name=self.paths[0].stem, platform="kvm", disks=disks)
 
     def create_snapshot(self, snapshot_id: str, base: dict[str, str | None]) -> SnapshotRef:
-        self.validate()
         new = bitmap_prefix(self.job) + snapshot_id
         disks = []
-        for key, path in self._keys():
-            info = image_info(path)
+        for i, (key, path) in enumerate(self._keys()):
+            info = self._info(i, path)
             bitmaps = qcow2_bitmaps(info)
             since = base.get(key)
             lost = tracking_problem(bitmaps, since, str(path)) if since else None

@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import tempfile
 import time
@@ -68,6 +69,19 @@ def qcow2_bitmaps(info: dict[str, Any]) -> dict[str, list[str]]:
     """Bitmap name -> flags (e.g. ['auto'], or ['in-use'] for one left inconsistent by a crash)."""
     data = info.get("format-specific", {}).get("data", {})
     return {b["name"]: list(b.get("flags", [])) for b in data.get("bitmaps", [])}
+
+
+def qcow2_backing_name(path: Path) -> str | None:
+    """The backing file's name from the qcow2 header, without spawning qemu-img (hot in recovery)."""
+    with open(path, "rb") as f:
+        header = f.read(20)
+        if len(header) < 20 or header[:4] != b"QFI\xfb":
+            raise SendenseError(f"{path} is not a qcow2 image")
+        offset, size = struct.unpack(">QI", header[8:20])
+        if offset == 0 or size == 0:
+            return None
+        f.seek(offset)
+        return Path(f.read(size).decode("utf-8", "replace")).name
 
 
 class NbdServer:

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
-from connectors.kvm.qemu import fsync_dir, image_info, qemu_img, qemu_nbd
+from connectors.kvm.qemu import fsync_dir, image_info, qcow2_backing_name, qemu_img, qemu_nbd
 from sendense.datapath.nbd import NbdConnection
 from sendense.errors import InvalidSpec, ResourceNotFound, TargetError
 from sendense.models import DiskInfo, PointDisk, PointInfo
@@ -103,41 +103,30 @@ class KvmTarget:
                 log.warning("unreadable point manifest %s", f)
         return sorted(pts, key=lambda p: (p.committed_at, p.point_id))
 
-    def _backing_name(self, path: Path) -> str | None:
-        info = image_info(path)
-        b = info.get("backing-filename")
-        return Path(b).name if b else None
-
     # ------------------------------------------------------------------ recovery
 
     def _recover(self, keep_sync: str | None = None) -> None:
         """Finish or undo what a crash interrupted: half-done prunes, half-done commits, stale syncs."""
-        committed = {p.point_id for p in self._manifests()}
         if not self.disks_dir.is_dir():
             return
+        committed = {p.point_id for p in self._manifests()}
+        keep = {f"{keep_sync}.pending.qcow2", f"{keep_sync}.qcow2"} if keep_sync else set()
         for ddir in self.disks_dir.iterdir():
             files = {f.name: f for f in ddir.glob("*.qcow2")}
-            backing_of: dict[str, str] = {}  # child name -> backing name
-            for name, f in files.items():
-                b = self._backing_name(f)
-                if b:
-                    backing_of[name] = b
+            odd = [n for n in files if n.removesuffix(".qcow2") not in committed and n not in keep]
+            if not odd:
+                continue  # the common case: nothing was interrupted, no image needs opening
+            backing_of = {n: b for n, f in files.items() if (b := qcow2_backing_name(f))}  # child -> backing
             parents = set(backing_of.values())
-            for name, f in sorted(files.items()):
+            for name in sorted(odd):
+                f = files[name]
                 if name.endswith(".pending.qcow2"):
-                    if keep_sync is None or name != f"{keep_sync}.pending.qcow2":
-                        log.info("discarding unfinished sync %s", f)
-                        f.unlink()
-                    continue
-                pid = name.removesuffix(".qcow2")
-                if pid in committed:
-                    continue
-                if name in parents:  # an interrupted prune: merge the child into it and take its place
+                    log.info("discarding unfinished sync %s", f)
+                    f.unlink()
+                elif name in parents:  # an interrupted prune: merge the child into it and take its place
                     child = next(c for c, b in backing_of.items() if b == name)
                     self._merge_into_base(files[child], f)
-                elif not name.endswith(".pending.qcow2"):
-                    if keep_sync is not None and pid == keep_sync:
-                        continue  # renamed by an interrupted commit of this very sync
+                else:
                     log.info("discarding uncommitted point file %s", f)
                     f.unlink()
 
@@ -247,7 +236,7 @@ class KvmTarget:
                 for d in oldest.disks:
                     base = self._point_file(oldest.point_id, d.key)
                     child = self._point_file(successor.point_id, d.key)
-                    if child.exists() and self._backing_name(child) == base.name:
+                    if child.exists() and qcow2_backing_name(child) == base.name:
                         self._merge_into_base(child, base)
                     elif base.exists():
                         base.unlink()

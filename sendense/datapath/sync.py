@@ -18,7 +18,7 @@ import logging
 from collections.abc import Callable, Iterator
 
 from connectors.base import SourceDisk, TargetDisk
-from sendense.datapath.copy import CopyPlan, run_copy
+from sendense.datapath.copy import CopyPlan, Mode, run_copy
 from sendense.datapath.extents import Extent, clip, coalesce
 from sendense.datapath.throttle import Throttle
 from sendense.models import CopyStats, DiskCopyResult, DiskSnapshot, SyncKind, Tuning
@@ -34,6 +34,10 @@ def sync_kind(disk: DiskSnapshot, target_has_base: bool) -> SyncKind:
     if disk.base_change_id is None or disk.tracking_lost:
         return "resync"
     return "incremental"
+
+
+def _mode(kind: SyncKind, tuning: Tuning) -> Mode:
+    return "compare" if kind == "resync" or (kind == "incremental" and tuning.dedupe_incremental) else "copy"
 
 
 def plan_extents(
@@ -72,10 +76,10 @@ def copy_disk(
         extents=plan_extents(src, kind, disk.base_change_id, start, end),
         open_reader=src.connect,
         open_writer=dst.connect,
-        mode="compare" if kind == "resync" or (kind == "incremental" and tuning.dedupe_incremental) else "copy",
+        mode=_mode(kind, tuning),
         compare_block=tuning.compare_block,
         chunk_size=tuning.chunk_size,
-        connections=tuning.connections,
+        connections=max(1, min(tuning.connections, -(-total // tuning.chunk_size))),  # small syncs, few conns
         checkpoint_bytes=tuning.checkpoint_bytes,
         throttle=throttle or (Throttle(tuning.bandwidth_limit) if tuning.bandwidth_limit else None),
         on_checkpoint=ck,
