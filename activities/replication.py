@@ -7,6 +7,7 @@ Activities that touch a host's disks are routed by the workflow to that host's t
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -77,32 +78,42 @@ def prepare_target(req: PrepareRequest) -> None:
 @activity.defn(name="copy_disk")
 @mapped
 def copy_disk(req: CopyRequest) -> DiskCopyResult:
-    """Copy one disk of a snapshot into the sync's replica, resuming from the last heartbeat."""
-    info = activity.info()
+    """Copy one disk of a snapshot into the sync's replica, resuming from the last resume token.
+
+    The token (everything below `offset` is on the target and flushed) is heartbeated, and also kept
+    in a local file: heartbeats reach the server at most once a second, but a retry of this activity
+    runs on the same host queue, so the local token bounds what is copied again to one checkpoint.
+    """
     start = 0
     carried = CopyStats()
-    if info.heartbeat_details:
-        token = CopyToken.model_validate(info.heartbeat_details[0])
-        if token.sync_id == req.sync_id and token.disk == req.disk:
-            start, carried = token.offset, token.stats
-            activity.logger.info("resuming disk %s of %s at offset %d", req.disk, req.sync_id, start)
+    tokens = [CopyToken.model_validate(d) for d in activity.info().heartbeat_details[:1]]
+    store = work_dir(req.spec.name) / "tokens" / f"{req.sync_id}-{req.disk}.json"
+    try:
+        tokens.append(CopyToken.model_validate_json(store.read_text()))
+    except (OSError, ValueError):
+        pass
+    valid = [t for t in tokens if t.sync_id == req.sync_id and t.disk == req.disk]
+    if valid:
+        best = max(valid, key=lambda t: t.offset)
+        start, carried = best.offset, best.stats
+        activity.logger.info("resuming disk %s of %s at offset %d", req.disk, req.sync_id, start)
     src = source_for(req.spec, work_dir(req.spec.name))
     tgt = target_for(req.spec)
     disk = req.snapshot.disk(req.disk)
+    store.parent.mkdir(parents=True, exist_ok=True)
+    for stale in store.parent.glob("*.json"):  # tokens of abandoned syncs of this job
+        if not stale.name.startswith(f"{req.sync_id}-"):
+            stale.unlink(missing_ok=True)
 
     def checkpoint(offset: int, done: int, total: int, stats: CopyStats) -> None:
         merged = carried.model_copy()
         merged.add(stats)
-        activity.heartbeat(
-            CopyToken(
-                sync_id=req.sync_id,
-                disk=req.disk,
-                offset=max(offset, start),
-                done=done,
-                total=total,
-                stats=merged,
-            )
-        )
+        token = CopyToken(sync_id=req.sync_id, disk=req.disk, offset=max(offset, start), stats=merged)
+        token.done, token.total = done, total
+        tmp = store.with_suffix(".tmp")
+        tmp.write_text(token.model_dump_json())
+        os.replace(tmp, store)
+        activity.heartbeat(token)
 
     with src.open_disk(req.snapshot, req.disk) as sd, tgt.open_disk(req.sync_id, req.disk) as td:
         result = run_copy_disk(
@@ -115,6 +126,7 @@ def copy_disk(req: CopyRequest) -> DiskCopyResult:
             cancelled=activity.is_cancelled,
         )
     result.stats.add(carried)
+    store.unlink(missing_ok=True)
     return result
 
 
