@@ -1,0 +1,144 @@
+"""Full sync throughput: a real job's first sync against nbdcopy and qemu-img convert on the same image.
+
+Each run copies the same source qcow2 (a 40/20/40 random/zero/text mix) three ways, in alternating
+order, into a fresh qcow2 target each time:
+
+- engine: a real job (new name per run) on the embedded stack; the copy_disk activity's own duration
+  (its ActivityTaskStarted -> Completed events) and the whole sync (SyncResult.seconds);
+- nbdcopy: from a `qemu-nbd -r` export into a writable `qemu-nbd` export of a fresh qcow2, with
+  `--flush` (the engine flushes the target too) and `--destination-is-zero` (the engine knows a
+  fresh replica reads as zeroes too);
+- qemu-img convert -W -m 8 from the same kind of export into a qcow2 file.
+
+Both NBD exports use the engine's own qemu-nbd settings (connectors.kvm.qemu.start_qemu_nbd).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.harness import Bench, GiB, RssSampler, median, mib, remove_job_bitmaps
+from bench.images import make_mixed, qcow2, run, same_content
+from connectors.kvm.qemu import qemu_nbd
+
+
+def source_image(bench: Bench) -> Path:
+    """The shared mixed source image of `--size` (built once per benchmark run)."""
+    if "source" not in bench.shared:
+        path = bench.dir("src") / "src.qcow2"
+        t0 = time.monotonic()
+        bench.shared["source_mix"] = make_mixed(path, bench.opts.size)
+        bench.shared["source_build_seconds"] = round(time.monotonic() - t0, 2)
+        bench.shared["source"] = path
+    return Path(bench.shared["source"])
+
+
+async def engine_run(bench: Bench, src: Path, name: str, verify: bool, size: int) -> dict[str, Any]:
+    """One real job's first (full) sync of `src` (virtual size `size`); deleted and purged afterwards."""
+    target = bench.dir(f"t-{name}")
+    try:
+        with RssSampler(bench.worker_pid) as rss:
+            await bench.create(bench.spec(name, [src], target))
+            res = await bench.wait_syncs(name, 1, poll=0.1)
+        acts = await bench.copy_activities(name)
+        act = acts[-1]
+        stats = act["result"]["stats"]
+        out: dict[str, Any] = {
+            "kind": res.kind,
+            "copy_seconds": round(act["seconds"], 3),
+            "copy_inner_seconds": round(float(stats["seconds"]), 3),
+            "sync_seconds": round(res.seconds, 3),
+            "gibps": size / GiB / act["seconds"],
+            "sync_gibps": size / GiB / res.seconds,
+            "bytes_read": res.bytes_read,
+            "bytes_written": res.bytes_written,
+            "bytes_zeroed": res.bytes_zeroed,
+            **rss.report(),
+        }
+        if verify:
+            point = target / name / "disks" / "disk0" / f"{res.point_id}.qcow2"
+            out["bit_exact"] = same_content(point, src)
+        return out
+    finally:
+        await bench.delete(name, purge=True)
+        remove_job_bitmaps(src, name)
+
+
+def nbdcopy_run(bench: Bench, src: Path) -> float:
+    dst = qcow2(bench.dir("ref") / "nbdcopy.qcow2", bench.opts.size)
+    try:
+        with qemu_nbd(src, readonly=True) as s, qemu_nbd(dst, readonly=False) as d:
+            t0 = time.monotonic()
+            run("nbdcopy", "--flush", "--destination-is-zero", s.uri, d.uri)
+            return time.monotonic() - t0
+    finally:
+        dst.unlink(missing_ok=True)
+
+
+def qemu_img_run(bench: Bench, src: Path) -> float:
+    dst = bench.dir("ref") / "convert.qcow2"
+    try:
+        with qemu_nbd(src, readonly=True) as s:
+            t0 = time.monotonic()
+            run("qemu-img", "convert", "-W", "-m", "8", "-f", "raw", s.uri,
+                "-O", "qcow2", "-o", "cluster_size=65536", dst)  # fmt: skip
+            return time.monotonic() - t0
+    finally:
+        dst.unlink(missing_ok=True)
+
+
+async def measure(bench: Bench) -> dict[str, Any]:
+    src = source_image(bench)
+    size = bench.opts.size
+    runs: list[dict[str, Any]] = []
+    tag = int(time.time()) % 100000
+    for i in range(bench.opts.runs):
+        order = ["engine", "nbdcopy", "qemu_img"]
+        if i % 2:
+            order.reverse()
+        r: dict[str, Any] = {"order": order}
+        for tool in order:
+            if tool == "engine":
+                r["engine"] = await engine_run(bench, src, f"full-{tag}-{i}", verify=(i == 0), size=size)
+            elif tool == "nbdcopy":
+                r["nbdcopy_seconds"] = round(nbdcopy_run(bench, src), 3)
+            else:
+                r["qemu_img_seconds"] = round(qemu_img_run(bench, src), 3)
+        r["nbdcopy_gibps"] = size / GiB / r["nbdcopy_seconds"]
+        r["qemu_img_gibps"] = size / GiB / r["qemu_img_seconds"]
+        r["ratio_vs_nbdcopy"] = r["engine"]["gibps"] / r["nbdcopy_gibps"]
+        runs.append(r)
+
+    bench.shared["full_sync_rss"] = [r["engine"] for r in runs]
+    first = runs[0]["engine"]
+    return {
+        "size_gib": round(size / GiB, 3),
+        "source_mix_mib": {k: mib(v) for k, v in bench.shared["source_mix"].items()},
+        "runs_count": len(runs),
+        "engine_gibps": round(median([r["engine"]["gibps"] for r in runs]), 3),
+        "engine_sync_gibps": round(median([r["engine"]["sync_gibps"] for r in runs]), 3),
+        "nbdcopy_gibps": round(median([r["nbdcopy_gibps"] for r in runs]), 3),
+        "qemu_img_gibps": round(median([r["qemu_img_gibps"] for r in runs]), 3),
+        "ratio_vs_nbdcopy": round(median([r["ratio_vs_nbdcopy"] for r in runs]), 3),
+        "ratio_vs_qemu_img": round(median([r["engine"]["gibps"] / r["qemu_img_gibps"] for r in runs]), 3),
+        "copy_seconds_median": round(median([r["engine"]["copy_seconds"] for r in runs]), 3),
+        "sync_seconds_median": round(median([r["engine"]["sync_seconds"] for r in runs]), 3),
+        "bytes_written": first["bytes_written"],
+        "bit_exact": bool(first.get("bit_exact")),
+        "notes": "GiB/s = virtual size / seconds; engine_gibps uses the copy_disk activity's own duration "
+        "(history events), engine_sync_gibps the whole sync; ratio = median of per-run ratios; "
+        "nbdcopy runs with --flush --destination-is-zero",
+        "runs": [_round(r) for r in runs],
+    }
+
+
+def _round(d: Any) -> Any:
+    if isinstance(d, float):
+        return round(d, 3)
+    if isinstance(d, dict):
+        return {k: _round(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_round(v) for v in d]
+    return d
