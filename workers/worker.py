@@ -52,6 +52,8 @@ def build_workers(client: Client, host: str | None = None, max_activities: int =
         task_queue=config.CONTROL_QUEUE,
         workflows=[ReplicationWorkflow],
         max_concurrent_workflow_tasks=100,
+        # after a worker restart, its workflows move to the new worker in 3 s instead of the default 10 s
+        sticky_queue_schedule_to_start_timeout=timedelta(seconds=3),
     )
     host_worker = Worker(
         client,

@@ -258,7 +258,7 @@ class ReplicationWorkflow:
                 SnapshotRequest(spec=spec, snapshot_id=sync_id, base=self.st.base),
                 result_type=SnapshotRef,
                 task_queue=inp.source_queue,
-                start_to_close_timeout=timedelta(minutes=10),
+                start_to_close_timeout=timedelta(minutes=3),
                 retry_policy=SHORT,
             )
             await workflow.execute_activity(
@@ -267,7 +267,7 @@ class ReplicationWorkflow:
                     spec=spec, sync_id=sync_id, disks=[DiskInfo(key=d.key, size=d.size) for d in snap.disks]
                 ),
                 task_queue=inp.target_queue,
-                start_to_close_timeout=timedelta(minutes=10),
+                start_to_close_timeout=timedelta(minutes=3),
                 retry_policy=SHORT,
             )
             results: list[DiskCopyResult] = []
@@ -288,7 +288,7 @@ class ReplicationWorkflow:
                 CommitRequest(spec=spec, sync_id=sync_id, snapshot=snap, results=results),
                 result_type=PointInfo,
                 task_queue=inp.target_queue,
-                start_to_close_timeout=timedelta(minutes=10),
+                start_to_close_timeout=timedelta(minutes=2),
                 retry_policy=SHORT,
             )
         except (ActivityError, ApplicationError) as e:
@@ -333,7 +333,7 @@ class ReplicationWorkflow:
                 "release_snapshot",
                 ReleaseRequest(spec=spec, snapshot=snap, committed=True),
                 task_queue=inp.source_queue,
-                start_to_close_timeout=timedelta(minutes=10),
+                start_to_close_timeout=timedelta(minutes=3),
                 retry_policy=SHORT,
             )
             await workflow.execute_activity(
@@ -341,7 +341,7 @@ class ReplicationWorkflow:
                 PruneRequest(spec=spec, keep=spec.retention.points),
                 result_type=PruneResult,
                 task_queue=inp.target_queue,
-                start_to_close_timeout=timedelta(minutes=60),
+                start_to_close_timeout=timedelta(minutes=20),
                 retry_policy=SHORT,
             )
         except ActivityError as e:  # the point is committed; housekeeping is retried after the next sync

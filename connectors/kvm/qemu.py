@@ -105,6 +105,28 @@ class NbdServer:
         shutil.rmtree(self._tmpdir, ignore_errors=True)
 
 
+_NBD_PREFIX = "sendense-nbd-"
+
+
+def die_with_parent(cmd: list[str]) -> list[str]:
+    """Prefix a command so the child gets SIGKILL when this process dies (a killed worker leaks no
+    qemu-nbd). setpriv avoids preexec_fn, which forces a slow full fork of a large worker."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "KILL", "--", *cmd] if setpriv else cmd
+
+
+def _sweep_stale_servers() -> None:
+    """Remove socket dirs left by qemu-nbd processes that died with a killed worker."""
+    for d in Path(tempfile.gettempdir()).glob(_NBD_PREFIX + "*"):
+        try:
+            pid = int((d / "pid").read_text().strip())
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except (OSError, ValueError):
+            continue  # starting up (no pid yet) or not ours to judge
+
+
 def start_qemu_nbd(
     image: Path,
     *,
@@ -115,7 +137,8 @@ def start_qemu_nbd(
     extra: Sequence[str] = (),
 ) -> NbdServer:
     """Start qemu-nbd on `image`; it dies with this process (PDEATHSIG) so a killed worker leaks nothing."""
-    tmpdir = tempfile.mkdtemp(prefix="sendense-nbd-")
+    _sweep_stale_servers()
+    tmpdir = tempfile.mkdtemp(prefix=_NBD_PREFIX)
     sock = Path(tmpdir) / "nbd.sock"
     pidfile = Path(tmpdir) / "pid"  # written once the export is ready (the socket exists earlier)
     cmd = [
@@ -137,9 +160,7 @@ def start_qemu_nbd(
     for b in bitmaps:
         cmd += ["--bitmap", b]
     cmd += [*extra, str(image)]
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=_die_with_parent
-    )
+    proc = subprocess.Popen(die_with_parent(cmd), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 30
     while not (pidfile.exists() and _accepts(sock)):
         if proc.poll() is not None:
