@@ -10,7 +10,8 @@ order, into a fresh qcow2 target each time:
   fresh replica reads as zeroes too);
 - qemu-img convert -W -m 8 from the same kind of export into a qcow2 file.
 
-Both NBD exports use the engine's own qemu-nbd settings (connectors.kvm.qemu.start_qemu_nbd).
+Both NBD exports use the engine's own qemu-nbd settings (connectors.kvm.qemu.start_qemu_nbd), and every
+target qcow2 is created with the engine's replica options (connectors.kvm.target.REPLICA_OPTIONS).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 from bench.harness import Bench, GiB, RssSampler, median, mib, remove_job_bitmaps
 from bench.images import make_mixed, qcow2, run, same_content
 from connectors.kvm.qemu import qemu_nbd
+from connectors.kvm.target import REPLICA_OPTIONS
 
 
 def source_image(bench: Bench) -> Path:
@@ -67,7 +69,7 @@ async def engine_run(bench: Bench, src: Path, name: str, verify: bool, size: int
 
 
 def nbdcopy_run(bench: Bench, src: Path) -> float:
-    dst = qcow2(bench.dir("ref") / "nbdcopy.qcow2", bench.opts.size)
+    dst = qcow2(bench.dir("ref") / "nbdcopy.qcow2", bench.opts.size, REPLICA_OPTIONS)  # same kind of target
     try:
         with qemu_nbd(src, readonly=True) as s, qemu_nbd(dst, readonly=False) as d:
             t0 = time.monotonic()
@@ -83,7 +85,7 @@ def qemu_img_run(bench: Bench, src: Path) -> float:
         with qemu_nbd(src, readonly=True) as s:
             t0 = time.monotonic()
             run("qemu-img", "convert", "-W", "-m", "8", "-f", "raw", s.uri,
-                "-O", "qcow2", "-o", "cluster_size=65536", dst)  # fmt: skip
+                "-O", "qcow2", "-o", REPLICA_OPTIONS, dst)  # fmt: skip
             return time.monotonic() - t0
     finally:
         dst.unlink(missing_ok=True)

@@ -27,8 +27,8 @@ def run(*args: object, stdin: bytes | None = None, timeout: float = 1800) -> str
     return p.stdout.decode(errors="replace")
 
 
-def qcow2(path: Path, size: int) -> Path:
-    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", path, size)
+def qcow2(path: Path, size: int, options: str = "cluster_size=65536") -> Path:
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", options, path, size)
     return path
 
 

