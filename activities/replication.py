@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -174,6 +175,14 @@ def destroy_target(req: JobRequest) -> None:
     target_for(req.spec).destroy()
 
 
+@activity.defn(name="forget_source")
+@mapped
+def forget_source(req: JobRequest) -> None:
+    """The job is deleted: remove its change tracking from the source, then its local work files."""
+    source_for(req.spec, work_dir(req.spec.name)).forget()
+    shutil.rmtree(work_dir(req.spec.name))
+
+
 HOST_ACTIVITIES: list[Callable[..., Any]] = [
     validate_job,
     create_snapshot,
@@ -184,4 +193,5 @@ HOST_ACTIVITIES: list[Callable[..., Any]] = [
     abort_sync,
     prune_points,
     destroy_target,
+    forget_source,
 ]

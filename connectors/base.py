@@ -71,6 +71,16 @@ class SourceConnector(Protocol):
         and older change tracking state may go; if not, the previous base must stay usable."""
         ...
 
+    def forget(self) -> None:
+        """Remove all change tracking state this job created on the source (the job is deleted).
+
+        Bitmaps, checkpoints or change ids of the job, and whatever an earlier crashed sync left
+        (exports, backup jobs, fleece or scratch files) go; other jobs' state on the same VM is never
+        touched. Idempotent. A VM that is gone, or stopped where cleaning up without it is safe, is no
+        error; what cannot be removed raises a one-line error saying what stays.
+        """
+        ...
+
 
 @runtime_checkable
 class TargetConnector(Protocol):

@@ -4,6 +4,8 @@ Seed (full sync), then incremental syncs on the job's interval or on request. Ea
 create_snapshot -> prepare_target -> copy_disk per disk -> commit_point -> release_snapshot ->
 prune_points. A failed sync aborts its pending writes and releases its snapshot without
 committing, so no point is touched and the next sync diffs from the last committed change ids.
+Delete: destroy_target (with purge), then forget_source on the source host; a failed forget is
+logged and kept in last_error, and the delete completes all the same.
 Deterministic: no I/O, no clocks but workflow.now(), no connector imports.
 """
 
@@ -233,6 +235,18 @@ class ReplicationWorkflow:
                 start_to_close_timeout=timedelta(minutes=30),
                 retry_policy=SHORT,
             )
+        try:  # the job's bitmaps/checkpoints would otherwise stay on the source, recording every write
+            await workflow.execute_activity(
+                "forget_source",
+                JobRequest(spec=spec),
+                task_queue=inp.source_queue,
+                start_to_close_timeout=timedelta(minutes=5),
+                retry_policy=SHORT,
+            )
+        except ActivityError as e:  # a VM that is gone or unreachable must not make the job undeletable
+            msg = failure_message(e)
+            workflow.logger.warning("removing the change tracking of job %s failed: %s", spec.name, msg)
+            self.st.last_error = f"delete: change tracking left on the source: {msg}"
         self._set_state("deleted")
         await workflow.wait_condition(workflow.all_handlers_finished)
         return self.status()

@@ -18,7 +18,7 @@ release_snapshot ends the job (`virDomainAbortJob` is how a pull backup ends; li
 scratch files). Committed: this job's checkpoints older than the new one are deleted. Not committed:
 the new checkpoint is deleted and libvirt keeps its parent's bitmap covering every write since the
 parent (merging the deleted bitmap into it where needed), so the next sync from the old base misses
-nothing.
+nothing. `forget` (the job is deleted) ends our backup job and deletes every checkpoint of the job.
 
 A base checkpoint that is gone, does not cover a disk, or whose bitmap QEMU lost or found inconsistent
 (the VM crashed) sets `tracking_lost` on that disk with a one-line reason: it gets a full export and
@@ -43,6 +43,7 @@ from pathlib import Path
 import libvirt
 
 from connectors.kvm.offline import NbdSourceDisk, bitmap_prefix
+from connectors.kvm.qemu import image_info, qcow2_bitmaps, qemu_img
 from sendense.datapath.nbd import NbdConnection, unix_uri
 from sendense.errors import (
     InvalidSpec,
@@ -388,6 +389,101 @@ class LibvirtSource:
         except ResourceNotFound:
             log.warning("%s is gone: nothing to release for snapshot %s", self._where(), snap.snapshot_id)
         for p in scratch:
+            with suppress(OSError):
+                p.unlink(missing_ok=True)
+
+    def forget(self) -> None:
+        """End our backup job, delete every checkpoint of this job (newest first: libvirt merges a
+        deleted bitmap into its parent where another checkpoint needs it), remove scratch files.
+
+        A shut-off domain: libvirt deletes checkpoints of running domains only, so this job's bitmaps
+        are removed from the images with qemu-img and the checkpoints' metadata alone is dropped. That
+        skips the merge, so it is done only when no other checkpoint's bitmap of the images is disabled
+        (one that would need it). A domain that is gone leaves nothing to do but local files.
+        """
+        try:
+            with self._dom() as dom:
+                if dom.isActive():
+                    self._forget_running(dom)
+                else:
+                    self._forget_stopped(dom)
+        except ResourceNotFound:
+            log.warning("%s is gone: only local files of job %s are removed", self._where(), self.job)
+        except libvirt.libvirtError as e:
+            raise self._error(e, "forget") from None
+        self._remove_local_files()
+
+    def _ours_newest_first(self, dom: libvirt.virDomain) -> list[str]:
+        try:  # topological: every parent before its children
+            cps = dom.listAllCheckpoints(libvirt.VIR_DOMAIN_CHECKPOINT_LIST_TOPOLOGICAL)
+        except libvirt.libvirtError as e:
+            raise self._error(e, "listAllCheckpoints") from None
+        return [c.getName() for c in reversed(cps) if c.getName().startswith(self.prefix)]
+
+    def _forget_running(self, dom: libvirt.virDomain) -> None:
+        job = self._backup(dom)
+        if job is not None and self._ours(job):
+            log.info("%s: ending a leftover backup job of %s", self._where(), self.job)
+            self._end_job(dom, None)
+        for name in self._ours_newest_first(dom):
+            self._delete_checkpoint(dom, name, older=True)
+        left = self._ours_newest_first(dom)
+        if left:
+            raise ResourceUnavailable(
+                f"{self._where()}: could not delete checkpoints {', '.join(left)} of job {self.job} "
+                "(see the worker log)"
+            )
+
+    def _forget_stopped(self, dom: libvirt.virDomain) -> None:
+        names = self._ours_newest_first(dom)
+        others = {n for n in self._checkpoint_names(dom) if not n.startswith(self.prefix)}
+        root = ET.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+        images = [
+            Path(str(src.get("file")))
+            for d in root.findall("./devices/disk")
+            if d.get("type") == "file"
+            and (drv := d.find("driver")) is not None
+            and drv.get("type") == "qcow2"
+            and (src := d.find("source")) is not None
+            and src.get("file")
+        ]
+        plan: list[tuple[Path, list[str]]] = []
+        for img in images:
+            if not img.is_file():
+                continue
+            bitmaps = qcow2_bitmaps(image_info(img))
+            needy = sorted(n for n, flags in bitmaps.items() if n in others and "auto" not in flags)
+            mine = [n for n in bitmaps if n.startswith(self.prefix)]
+            if mine and needy:
+                raise ResourceUnavailable(
+                    f"{self._where()} is shut off and checkpoint {needy[0]} of {img} relies on merges: "
+                    f"start the domain to delete the checkpoints of job {self.job}"
+                )
+            plan.append((img, mine))
+        for img, mine in plan:
+            for n in mine:
+                try:
+                    qemu_img("bitmap", "--remove", str(img), n)
+                except ResourceUnavailable:
+                    raise ResourceUnavailable(
+                        f"{self._where()}: disk image {img} is in use by another process: the dirty bitmaps "
+                        f"{self.prefix}* of job {self.job} stay"
+                    ) from None
+                log.info("%s: removed bitmap %s from %s (domain shut off)", self._where(), n, img)
+        for name in names:
+            try:
+                cp = dom.checkpointLookupByName(name, 0)
+                cp.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
+            except libvirt.libvirtError as e:
+                if _code(e) != libvirt.VIR_ERR_NO_DOMAIN_CHECKPOINT:
+                    raise self._error(e, f"checkpoint delete {name}") from None
+
+    def _remove_local_files(self) -> None:
+        paths = list(self.work_dir.glob(f"{self.prefix}*.scratch"))  # job names hold no glob characters
+        sock = self._socket_path()
+        if sock.is_socket():
+            paths.append(sock)
+        for p in paths:
             with suppress(OSError):
                 p.unlink(missing_ok=True)
 

@@ -22,7 +22,8 @@ process, which reopens the export from the `SnapshotRef` alone.
 Release tears it down (export, backup job, fleece node and file, temporary bitmap, NBD server when
 no sendense export remains). Committed: the job's older checkpoints go. Not committed: the new
 checkpoint is merged back into the previous one, which records again, so the old base still covers
-every write.
+every write. `forget` (the job is deleted) clears leftovers as a new snapshot would, then removes every
+checkpoint of the job.
 
 Ordering: QEMU does not keep bitmaps in creation order (a restart reverses them), so the chain is
 known only by which bitmap records. A recording base is the newest and alone covers everything since
@@ -40,6 +41,7 @@ import hashlib
 import json
 import logging
 import secrets
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -507,6 +509,41 @@ class QmpSource:
             return
         with c:
             self._release(c, snap, committed)
+
+    def forget(self) -> None:
+        """Tear down what a crashed sync of this job left, then remove every checkpoint of the job from
+        every node. VM not running: nothing to do on QEMU's side (its checkpoints stay in the images,
+        whose paths only the running VM knows); local fleece files go."""
+        try:
+            c = self._client()
+        except (ResourceNotFound, VmNotRunning) as e:
+            log.warning("forget job %s: %s; only local files are removed", self.job, e)
+            shutil.rmtree(self._fleece_dir(), ignore_errors=True)
+            return
+        prefix = bitmap_prefix(self.job)
+
+        def ours() -> list[tuple[str, str]]:
+            return sorted(
+                {
+                    (node, b["name"])
+                    for node, info in self._named_nodes(c).items()
+                    for b in info.get("dirty-bitmaps", []) or []
+                    if b.get("name", "").startswith(prefix)
+                }
+            )
+
+        with c:
+            self._cleanup_stale(c)
+            for node, name in ours():
+                if self._try(c, "block-dirty-bitmap-remove", node=node, name=name):
+                    log.info("forget job %s: removed checkpoint %s from node %s", self.job, name, node)
+            left = ours()
+            if left:
+                raise ResourceUnavailable(
+                    f"QMP socket {self.qmp}: could not remove the checkpoints of job {self.job}: "
+                    + ", ".join(f"{n} on node {node}" for node, n in left)
+                )
+        shutil.rmtree(self._fleece_dir(), ignore_errors=True)
 
     def _release(self, c: QmpClient, snap: SnapshotRef, committed: bool) -> None:
         hs = [d.handle for d in snap.disks]

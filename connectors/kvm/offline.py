@@ -4,7 +4,8 @@ Change id = the name of a persistent bitmap in every disk, `sendense.<job>.<snap
 A snapshot adds a new bitmap to each disk; reads go through `qemu-nbd --read-only`, which locks out
 writers, exporting the base bitmap (what changed since the last point) and the new one (which must
 still be empty: if the image was written after the snapshot instant, the read would not be that
-instant, and the sync is retried). After a commit the older bitmaps of the job are removed.
+instant, and the sync is retried). After a commit the older bitmaps of the job are removed; `forget`
+(the job is deleted) removes all of them.
 """
 
 from __future__ import annotations
@@ -162,3 +163,20 @@ class OfflineQcow2Source:
                     qemu_img("bitmap", "--remove", str(path), n)
                 except ResourceUnavailable:
                     log.warning("could not remove bitmap %s from %s (image in use)", n, path)
+
+    def forget(self) -> None:
+        """Remove every bitmap of this job from every disk; a disk that no longer exists is skipped."""
+        prefix = bitmap_prefix(self.job)
+        for path in self.paths:
+            if not path.is_file():
+                log.info("forget job %s: source disk %s is gone, nothing to remove", self.job, path)
+                continue
+            for n in [n for n in qcow2_bitmaps(image_info(path)) if n.startswith(prefix)]:
+                try:
+                    qemu_img("bitmap", "--remove", str(path), n)
+                except ResourceUnavailable:
+                    raise ResourceUnavailable(
+                        f"source disk {path} is in use by a running process: the dirty bitmaps {prefix}* of "
+                        f"job {self.job} stay (remove them with qemu-img bitmap --remove once it is stopped)"
+                    ) from None
+                log.info("forget job %s: removed bitmap %s from %s", self.job, n, path)

@@ -31,6 +31,15 @@ def write_spec(path: Path, name: str, disks: list[Path], target: Path, **extra: 
     return path
 
 
+def source_bitmaps(disk: Path) -> list[str]:
+    """The job bitmaps (`sendense.e2e-...`) that `qemu-img info` shows on a source disk."""
+    out = subprocess.run(["qemu-img", "info", "-U", str(disk)], capture_output=True, text=True, check=True)
+    names = [
+        line.split(":", 1)[1].strip() for line in out.stdout.splitlines() if line.strip().startswith("name:")
+    ]
+    return [n for n in names if n.startswith("sendense.e2e-")]
+
+
 def export_raw(cli: Cli, job: str, point: str, out: Path) -> dict[str, Path]:
     res = cli.json("point", "export", job, "--point", point, "--format", "raw", "--output", str(out))
     return {f["disk"]: Path(f["path"]) for f in res["files"]}
@@ -83,8 +92,13 @@ def test_full_then_incremental_bit_exact_and_points_immutable(e2e_stack: Cli, tm
     status = cli.json("job", "status", "e2e-basic")
     assert status["syncs"] == 3 and status["failures"] == 0 and status["rpo_lag_seconds"] is not None
     assert "e2e-basic" in [j["name"] for j in cli.json("job", "list")]
+    assert all(source_bitmaps(d) for d in (d0, d1))
+    assert (cli.state / "work" / "e2e-basic").is_dir()
     cli.json("job", "delete", "e2e-basic")
     assert "e2e-basic" not in [j["name"] for j in cli.json("job", "list")]
+    # the job's change tracking is gone from the source with it
+    assert [source_bitmaps(d) for d in (d0, d1)] == [[], []]
+    assert not (cli.state / "work" / "e2e-basic").exists()
 
 
 def test_lost_bitmap_leads_to_correct_resync(e2e_stack: Cli, tmp_path: Path) -> None:

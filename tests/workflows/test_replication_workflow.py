@@ -8,6 +8,7 @@ test can tell exactly which point a snapshot diffed from. Time only moves when a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -99,11 +100,11 @@ def change_ids(sync_id: str) -> dict[str, str | None]:
 
 
 class FakeHost:
-    """The nine host activities, by name, recording every call.
+    """The ten host activities, by name, recording every call (and the task queue it ran on).
 
     Behaviour hooks (set by a test before the sync it targets):
     - `copy_hook(req, info)`: called at the start of each copy_disk attempt; may raise or await.
-    - `validate_error`, `abort_error`: raised by validate_job, abort_sync.
+    - `validate_error`, `abort_error`, `forget_error`: raised by validate_job, abort_sync, forget_source.
     A hook that holds a copy sets `entered` and waits on `release`, which teardown always sets.
     """
 
@@ -113,6 +114,8 @@ class FakeHost:
         self.copy_hook: Callable[[CopyRequest, activity.Info], Awaitable[None]] | None = None
         self.validate_error: BaseException | None = None
         self.abort_error: BaseException | None = None
+        self.forget_error: BaseException | None = None
+        self.queues: list[tuple[str, str]] = []  # (activity, task queue) of every call
         self.entered, self.release = asyncio.Event(), asyncio.Event()
 
     def of(self, name: str) -> list[Any]:
@@ -130,6 +133,7 @@ class FakeHost:
             self.abort_sync,
             self.prune_points,
             self.destroy_target,
+            self.forget_source,
         ]
 
     @activity.defn(name="validate_job")
@@ -214,6 +218,14 @@ class FakeHost:
     @activity.defn(name="destroy_target")
     async def destroy_target(self, req: JobRequest) -> None:
         self.calls.append(("destroy_target", req))
+        self.queues.append(("destroy_target", activity.info().task_queue))
+
+    @activity.defn(name="forget_source")
+    async def forget_source(self, req: JobRequest) -> None:
+        self.calls.append(("forget_source", req))
+        self.queues.append(("forget_source", activity.info().task_queue))
+        if self.forget_error is not None:
+            raise self.forget_error
 
 
 class Job:
@@ -265,15 +277,24 @@ async def _run(
     job_spec: JobSpec,
     body: Callable[[Job], Awaitable[None]],
     host: FakeHost | None = None,
+    source_queue: bool = False,
     **inp: Any,
 ) -> None:
+    """Run `body` against one workflow. `source_queue`: the source host's activities get a queue and
+    a worker of their own (by default one queue serves the workflow, the source and the target)."""
     host = host or FakeHost()
     q = f"repl-{uuid.uuid4()}"
-    async with Worker(env.client, task_queue=q, workflows=[ReplicationWorkflow], activities=host.activities):
+    sq = f"{q}-source" if source_queue else q
+    async with contextlib.AsyncExitStack() as stack:
+        await stack.enter_async_context(
+            Worker(env.client, task_queue=q, workflows=[ReplicationWorkflow], activities=host.activities)
+        )
+        if source_queue:
+            await stack.enter_async_context(Worker(env.client, task_queue=sq, activities=host.activities))
         started = await env.client.start_workflow(
             ReplicationWorkflow.run,
             ReplicationInput(
-                spec=job_spec, source_queue=q, target_queue=q, **{"search_attributes": False, **inp}
+                spec=job_spec, source_queue=sq, target_queue=q, **{"search_attributes": False, **inp}
             ),
             id=f"job-{job_spec.name}-{uuid.uuid4()}",
             task_queue=q,
@@ -688,9 +709,57 @@ async def test_delete_ends_the_workflow(env: WorkflowEnvironment, purge: bool) -
             assert len(destroyed) == 1 and destroyed[0].spec.name == "web01"
         else:
             assert destroyed == []
+        forgotten = job.host.of("forget_source")  # with or without purge, the source is cleaned up
+        assert len(forgotten) == 1 and forgotten[0].spec.name == "web01"
+        assert final.last_error is None
         assert len(job.snapshots()) == 1
 
     await _run(env, spec(interval=timedelta(minutes=10)), body)
+
+
+async def test_delete_forgets_the_source_on_the_source_queue(env: WorkflowEnvironment) -> None:
+    async def body(job: Job) -> None:
+        await job.settled(1)
+        await asyncio.wait_for(
+            job.handle.execute_update(ReplicationWorkflow.delete, DeleteRequest(purge=True)), 10
+        )
+        final = await asyncio.wait_for(job.handle.result(), 10)
+        assert final.state == "deleted" and final.last_error is None
+        queues = dict(job.host.queues)
+        assert queues["forget_source"].endswith("-source")  # the host that runs the VM
+        assert not queues["destroy_target"].endswith("-source")
+        assert [n for n, _ in job.host.calls[-2:]] == ["destroy_target", "forget_source"]
+
+    await _run(env, spec(interval=timedelta(minutes=10)), body, source_queue=True)
+
+
+@pytest.mark.parametrize("retryable", [False, True])
+async def test_a_failing_forget_source_does_not_prevent_the_delete(
+    env: WorkflowEnvironment, retryable: bool
+) -> None:
+    """A VM that is gone or unreachable must not make its job undeletable."""
+    host = FakeHost()
+    msg = "QMP socket /run/vms/web01.qmp: connection refused"
+    host.forget_error = ApplicationError(msg, type="ResourceUnavailable", non_retryable=not retryable)
+
+    async def body(job: Job) -> None:
+        await job.settled(1)
+        deleting = await job.handle.start_update(
+            ReplicationWorkflow.delete,
+            DeleteRequest(purge=True),
+            wait_for_stage=WorkflowUpdateStage.ACCEPTED,
+        )
+        if retryable:
+            await job.env.sleep(timedelta(seconds=20))  # skip the retry backoff (1+2+4+8 s)
+        await asyncio.wait_for(deleting.result(), 10)
+        final = await asyncio.wait_for(job.handle.result(), 10)
+        assert final.state == "deleted"
+        assert final.last_error == f"delete: change tracking left on the source: {msg}"
+        assert (await job.handle.describe()).status == WorkflowExecutionStatus.COMPLETED
+        assert len(host.of("forget_source")) == (5 if retryable else 1)  # SHORT: at most 5 attempts
+        assert len(host.of("destroy_target")) == 1
+
+    await _run(env, spec(interval=timedelta(minutes=10)), body, host=host)
 
 
 async def test_delete_while_paused(env: WorkflowEnvironment) -> None:

@@ -619,3 +619,72 @@ def test_one_incremental_for_all_disks_on_old_libvirt(
     s4 = sync(src, tgt, "p4", s3.base)
     assert {k: r.kind for k, r in s4.results.items()} == {"vda": "incremental", "vdb": "incremental"}
     assert_point(tgt, "p4", g.freeze())
+
+
+def image_bitmaps(img: Path) -> list[str]:
+    out = subprocess.run(
+        ["qemu-img", "info", "-U", "--output=json", str(img)], capture_output=True, text=True, check=True
+    ).stdout
+    return sorted(
+        b["name"] for b in json.loads(out).get("format-specific", {}).get("data", {}).get("bitmaps", [])
+    )
+
+
+def test_forget_deletes_the_jobs_checkpoints_and_spares_other_jobs(
+    lab: LabLibvirtd, make_guest: Callable[..., Guest], work: Path, tmp_path: Path
+) -> None:
+    g = make_guest(64 * MiB, 32 * MiB)
+    src = source(lab, g, work)
+    tgt = KvmTarget("job1", tmp_path / "replicas")
+    other = source(lab, g, tmp_path / "work2", job="job1-x")  # its prefix starts like ours
+    other_tgt = KvmTarget("job1-x", tmp_path / "replicas2")
+    g.write("vda", 0, 2 * MiB, 0x01)
+    s1 = sync(src, tgt, "p1")
+    o1 = sync(other, other_tgt, "o1")
+    g.write("vda", 4 * MiB, 1 * MiB, 0x02)
+    s2 = sync(src, tgt, "p2", s1.base)
+    src.create_snapshot("p3", s2.base)  # a crashed sync: its backup job and scratch files are left
+    assert g.dom.backupGetXMLDesc(0)
+    assert list(work.glob("*.scratch"))
+    assert g.checkpoints() == ["sendense.job1-x.o1", "sendense.job1.p2", "sendense.job1.p3"]
+
+    src.forget()
+    assert g.checkpoints() == ["sendense.job1-x.o1"]
+    with pytest.raises(libvirt.libvirtError):
+        g.dom.backupGetXMLDesc(0)  # no backup job left
+    no_leftovers(work)
+    assert not list(work.glob("sendense.job1.*"))
+    src.forget()  # idempotent
+    assert g.checkpoints() == ["sendense.job1-x.o1"]
+
+    # the other job's change tracking is intact: every write since o1 is in its next incremental
+    g.write("vdb", 8 * MiB, 64 * KiB, 0x03)
+    ref = g.freeze()
+    o2 = sync(other, other_tgt, "o2", o1.base)
+    assert {k: r.kind for k, r in o2.results.items()} == {"vda": "incremental", "vdb": "incremental"}
+    assert {k: r.stats.bytes_read for k, r in o2.results.items()} == {"vda": 1 * MiB, "vdb": 64 * KiB}
+    assert_point(other_tgt, "o2", ref)
+
+    # a shut-off domain: the bitmaps go from the images, the checkpoints' metadata from libvirt ...
+    sync(src, tgt, "p4")
+    g.dom.destroy()
+    assert image_bitmaps(g.images["vda"]) == ["sendense.job1-x.o2", "sendense.job1.p4"]
+    # ... unless another checkpoint's bitmap is disabled: it would need the merge only libvirt does
+    subprocess.run(
+        ["qemu-img", "bitmap", "--disable", str(g.images["vdb"]), "sendense.job1-x.o2"], check=True
+    )
+    with pytest.raises(ResourceUnavailable, match="start the domain") as ei:
+        src.forget()
+    assert "\n" not in str(ei.value)
+    assert g.checkpoints() == ["sendense.job1-x.o2", "sendense.job1.p4"]
+    subprocess.run(["qemu-img", "bitmap", "--enable", str(g.images["vdb"]), "sendense.job1-x.o2"], check=True)
+    src.forget()
+    assert g.checkpoints() == ["sendense.job1-x.o2"]
+    assert image_bitmaps(g.images["vda"]) == image_bitmaps(g.images["vdb"]) == ["sendense.job1-x.o2"]
+    other.forget()
+    assert g.checkpoints() == []
+    assert image_bitmaps(g.images["vda"]) == image_bitmaps(g.images["vdb"]) == []
+    other.forget()  # idempotent
+
+    # a domain that is gone: nothing to do
+    LibvirtSource("job1", lab.uri, "nope-nope", work).forget()

@@ -498,3 +498,70 @@ def test_disks_open_concurrently_as_parallel_activities_would(rig_factory: Any) 
         pending = rig.tgt.dir / "disks" / d.key / "p1.pending.qcow2"  # copied, never committed here
         assert same_content(pending, rig.shadows[("p1", d.key)])
     rig.assert_clean()
+
+
+# ------------------------------------------------------------------------------------ forget
+
+
+def all_bitmaps(rig: Rig) -> dict[str, set[str]]:
+    """Bitmap names on every named node that has any."""
+    with rig.qmp() as c:
+        nodes = c.execute("query-named-block-nodes", flat=True)
+    out = {
+        n["node-name"]: {b["name"] for b in n.get("dirty-bitmaps", []) or [] if b.get("name")} for n in nodes
+    }
+    return {k: v for k, v in out.items() if v}
+
+
+def test_forget_removes_the_jobs_checkpoints_from_every_node_and_spares_other_jobs(rig_factory: Any) -> None:
+    rig = rig_factory([32 * MiB, 32 * MiB])
+    vm = rig.vm
+    other = QmpSource("j1-x", vm.qmp_path, rig.base / "work-x")  # its prefix sendense.j1-x. starts like ours
+    other_tgt = KvmTarget("j1-x", rig.base / "replicas-x")
+    o1 = sync_point(other, other_tgt, "o1")
+    vm.write(0, 0, 0x11, 1 * MiB)
+    vm.write(1, 0, 0x12, 1 * MiB)
+    p1 = rig.sync("p1")
+    vm.write(0, 2 * MiB, 0x21, 64 * KiB)
+    p2 = rig.sync("p2", p1.base)
+    rig.src.create_snapshot("p3", p2.base)  # a crashed sync: export, backup job, fleece node and file left
+    with rig.qmp() as c:
+        assert c.execute("query-block-exports") and c.execute("query-jobs")
+    theirs = {"sendense.j1-x.o1"}
+    assert all_bitmaps(rig)["disk0"] >= {bm("p2"), bm("p3")} | theirs
+
+    rig.src.forget()
+    assert all_bitmaps(rig) == {"disk0": theirs, "disk1": theirs}
+    rig.assert_clean()
+    assert not (rig.work / "fleece" / JOB).exists()
+    rig.src.forget()  # idempotent
+    assert all_bitmaps(rig) == {"disk0": theirs, "disk1": theirs}
+
+    # the other job's change tracking is intact: its next sync is incremental
+    vm.write(1, 8 * MiB, 0x31, 64 * KiB)
+    o2 = sync_point(other, other_tgt, "o2", o1.base)
+    assert {r.kind for r in o2.results.values()} == {"incremental"}
+    # every write since o1, including those made while job j1 existed
+    assert {k: r.stats.bytes_read for k, r in o2.results.items()} == {
+        "disk0": 1 * MiB + 64 * KiB,
+        "disk1": 1 * MiB + 64 * KiB,
+    }
+
+
+def test_forget_with_the_vm_stopped_is_no_error(rig_factory: Any) -> None:
+    rig = rig_factory([32 * MiB])
+    vm = rig.vm
+    vm.write(0, 0, 0x11, 1 * MiB)
+    p1 = rig.sync("p1")
+    rig.src.create_snapshot("p2", p1.base)  # left behind by a crashed sync
+    assert list((rig.work / "fleece" / JOB).glob("*.qcow2"))
+    vm.stop()
+    rig.src.forget()  # nothing to do on QEMU's side; the local fleece files go
+    assert not (rig.work / "fleece" / JOB).exists()
+    rig.src.forget()
+    vm.kill()
+    sock = rig.base / "dead.sock"
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(sock))  # a socket file nobody listens on: what a crashed QEMU leaves
+    s.close()
+    QmpSource(JOB, sock, rig.work).forget()

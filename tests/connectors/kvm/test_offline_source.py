@@ -391,3 +391,48 @@ def test_copy_disk_resumes_from_a_token_offset(tmp_path: Path) -> None:
         ),
     )
     rig.assert_point_exact("p1")
+
+
+# ---------------------------------------------------------------------------------------- forget
+
+
+def test_forget_removes_every_bitmap_of_the_job_and_nothing_else(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, [16 * MiB, 16 * MiB])
+    a, b = rig.images
+    other = OfflineQcow2Source("j-other", [a])  # another job on the same image: prefix sendense.j-other.
+    other.release_snapshot(other.create_snapshot("s1", {}), committed=True)
+    run("qemu-img", "bitmap", "--add", "--enable", b, "backup.tool")  # someone else's
+    qemu_io(a, "write -P 0x11 0 1M")
+    p1 = rig.sync("p1")
+    qemu_io(a, "write -P 0x22 2M 64k")
+    p2 = rig.sync("p2", p1.base)
+    rig.src.create_snapshot("p3", p2.base)  # a crashed sync left its bitmap too
+    assert bitmap_names(a) == sorted([bm("p2"), bm("p3"), bm("s1", "j-other")])
+    assert bitmap_names(b) == sorted(["backup.tool", bm("p2"), bm("p3")])
+
+    rig.src.forget()
+    assert bitmap_names(a) == [bm("s1", "j-other")]
+    assert bitmap_names(b) == ["backup.tool"]
+    rig.src.forget()  # idempotent
+    assert bitmap_names(a) == [bm("s1", "j-other")]
+    assert bitmap_names(b) == ["backup.tool"]
+    assert [p.point_id for p in rig.tgt.list_points()] == ["p2", "p1"]  # the replicas are not its business
+
+    # a disk that is gone is skipped
+    b.unlink()
+    OfflineQcow2Source(JOB, [a, b]).forget()
+
+
+def test_forget_on_an_image_in_use_by_a_writer_is_resource_unavailable(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, [16 * MiB])
+    img = rig.images[0]
+    rig.sync("p1")
+    with qemu_nbd(img, readonly=False):  # the VM was started again
+        with pytest.raises(ResourceUnavailable) as ei:
+            rig.src.forget()
+        msg = error_text(ei)
+        assert str(img) in msg and "in use" in msg and bm("") in msg
+        assert ei.value.retryable
+    assert bitmap_names(img) == [bm("p1")]
+    rig.src.forget()  # once the writer is gone
+    assert bitmap_names(img) == []
