@@ -152,7 +152,7 @@ def start_qemu_nbd(
     fmt: str = "qcow2",
     readonly: bool = True,
     bitmaps: Sequence[str] = (),
-    connections: int = 8,
+    connections: int = 40,  # the copy engine opens up to 2 x tuning.connections + 1
     extra: Sequence[str] = (),
 ) -> NbdServer:
     """Start qemu-nbd on `image`; it dies with this process (PDEATHSIG) so a killed worker leaks nothing."""

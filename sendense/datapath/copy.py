@@ -8,7 +8,8 @@ is hashed against the target's current chunk and written only when they differ.
 Progress is a watermark: every request is numbered in offset order; the watermark is the end of the
 longest fully completed prefix. At each checkpoint the target is flushed and the watermark handed to
 `on_checkpoint` as the resume token, so a crash re-copies at most one checkpoint window.
-Memory is bounded by connections x chunk size, whatever the disk size.
+Memory is bounded by about 3 x connections x chunk size (reading, handed off, writing), whatever the
+disk size.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ class CopyPlan:
     checkpoint_bytes: int = 64 << 20
     checkpoint_seconds: float = 2.0
     compare_block: int = 4 << 10  # granularity of compare mode writes
+    pipeline: bool = True  # copy mode: overlap each connection's next read with its current write
     throttle: Throttle | None = None
     on_checkpoint: CheckpointFn | None = None
     cancelled: Callable[[], bool] = field(default=lambda: False)
@@ -72,16 +74,24 @@ def _is_zero(data: bytes, zeros: bytes) -> bool:
 
 
 class _Worker(threading.Thread):
+    """Reads chunks; in copy mode hands each data chunk to its own writer thread, so that the read of
+    the next chunk overlaps the write of this one (two requests in flight per connection pair)."""
+
     def __init__(self, plan: CopyPlan, work: queue.Queue, done: queue.Queue, abort: threading.Event) -> None:
         super().__init__(daemon=True, name="copy-worker")
         self.plan, self.work, self.done, self.abort = plan, work, done, abort
         self.zeros = bytes(plan.chunk_size)
+        self.handoff: queue.Queue = queue.Queue(maxsize=1)
 
     def run(self) -> None:
         reader = writer = None
+        pipe: threading.Thread | None = None
         try:
             reader = self.plan.open_reader()
             writer = self.plan.open_writer()
+            if self.plan.mode == "copy" and self.plan.pipeline:
+                pipe = threading.Thread(target=self._write_loop, args=(self.plan.open_writer(),), daemon=True)
+                pipe.start()
             while not self.abort.is_set():
                 try:
                     item = self.work.get(timeout=0.2)
@@ -90,11 +100,16 @@ class _Worker(threading.Thread):
                 if item is _STOP:
                     break
                 seq, ext = item
-                self.done.put((seq, ext, self._one(reader, writer, ext)))
+                stats = self._one(reader, writer, ext, seq if pipe is not None else None)
+                if stats is not None:
+                    self.done.put((seq, ext, stats))
         except BaseException as e:  # noqa: BLE001 - handed to the coordinating thread
             self.abort.set()
             self.done.put(("error", e, None))
         finally:
+            if pipe is not None:
+                self._handoff(_STOP)
+                pipe.join(timeout=30)
             for c in (reader, writer):
                 if c is not None:
                     try:
@@ -102,7 +117,40 @@ class _Worker(threading.Thread):
                     except Exception:  # noqa: BLE001
                         log.debug("close failed", exc_info=True)
 
-    def _one(self, reader: BlockReader, writer: BlockWriter, e: Extent) -> CopyStats:
+    def _handoff(self, item: object) -> None:
+        while True:
+            try:
+                self.handoff.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                if self.abort.is_set():
+                    return
+
+    def _write_loop(self, writer: BlockWriter) -> None:
+        try:
+            while True:
+                try:
+                    item = self.handoff.get(timeout=0.2)
+                except queue.Empty:
+                    if self.abort.is_set():
+                        return
+                    continue
+                if item is _STOP:
+                    return
+                seq, ext, data, stats = item
+                self._put(writer, ext.offset, data, stats)
+                self.done.put((seq, ext, stats))
+        except BaseException as e:  # noqa: BLE001
+            self.abort.set()
+            self.done.put(("error", e, None))
+        finally:
+            try:
+                writer.close()
+            except Exception:  # noqa: BLE001
+                log.debug("close failed", exc_info=True)
+
+    def _one(self, reader: BlockReader, writer: BlockWriter, e: Extent, seq: int | None) -> CopyStats | None:
+        """Process one request; None when the data went to the writer thread (it reports completion)."""
         s = CopyStats(extents=1)
         if e.zero:
             writer.zero(e.offset, e.length)
@@ -115,6 +163,9 @@ class _Worker(threading.Thread):
         if self.plan.mode == "compare":
             self._compare(writer, e, data, s)
             return s
+        if seq is not None and not _is_zero(data, self.zeros):
+            self._handoff((seq, e, data, s))
+            return None
         self._put(writer, e.offset, data, s)
         return s
 

@@ -141,7 +141,7 @@ def test_defaults() -> None:
     spec = parse_spec(MINIMAL)
     assert spec.schedule.interval == timedelta(minutes=5)
     assert spec.retention.points == 24
-    assert spec.tuning.chunk_size == 4 << 20
+    assert (spec.tuning.chunk_size, spec.tuning.connections) == (512 << 10, 8)
     assert spec.tuning.bandwidth_limit is None
 
 

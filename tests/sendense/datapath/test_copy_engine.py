@@ -347,8 +347,9 @@ def test_in_flight_work_is_bounded_by_the_connections(source, target) -> None:
 
     assert stats.extents == pulled[0] > 40
     assert 1 < state["max"] <= connections  # parallel, but never more reads than connections
-    # pulled but unfinished requests: the work queue (2 per connection), one per worker, one being queued
-    assert outstanding[0] <= 3 * connections + 1
+    # pulled but unfinished requests, per connection: the work queue (2), one being read, one handed
+    # to the connection's writer thread and one being written; plus one being queued
+    assert outstanding[0] <= 5 * connections + 1
 
 
 class MemDisk:
