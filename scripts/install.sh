@@ -31,7 +31,7 @@ else
   ((EUID == 0)) || die "installing system packages needs root: run as root (missing: ${missing[*]})"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  apt-get install -y -qq "${missing[@]}" >/dev/null  # with recommends: the set the tests ran with
 fi
 
 # --- venv -----------------------------------------------------------------------------------------

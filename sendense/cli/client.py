@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from typing import Any
 
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle, WorkflowUpdateStage
@@ -30,8 +29,6 @@ from sendense.models import (
 )
 from workers.worker import connect
 from workflows.replication import SA_JOB, SA_SOURCE, SA_STATE, SA_TARGET, ReplicationWorkflow
-
-ProgressFn = Callable[[dict[str, CopyToken]], None]
 
 
 class Jobs:
@@ -131,7 +128,8 @@ class Jobs:
                 raise ResourceNotFound(f"job {name}: not found") from None
             raise
 
-    async def sync_now(self, name: str, wait: bool, progress: ProgressFn | None = None) -> SyncResult | None:
+    async def sync_now(self, name: str, wait: bool) -> SyncResult | None:
+        """Request a sync; with `wait`, return its result (the sync that starts after this request)."""
         h = await self._running(name)
         if not wait:
             await h.signal(ReplicationWorkflow.request_sync)
@@ -139,12 +137,7 @@ class Jobs:
         upd = await h.start_update(
             ReplicationWorkflow.sync_now, SyncNowRequest(), wait_for_stage=WorkflowUpdateStage.ACCEPTED
         )
-        task = asyncio.ensure_future(upd.result())
-        while not task.done():
-            if progress is not None:
-                progress(await self.copy_progress(h))
-            await asyncio.wait({task}, timeout=0.5)
-        return task.result()
+        return await upd.result()
 
     async def copy_progress(self, h: WorkflowHandle[Any, Any]) -> dict[str, CopyToken]:
         desc = await h.describe()

@@ -15,12 +15,12 @@ from typing import Any
 
 import yaml
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 from rich.table import Table
 
 from sendense import config, stack
+from sendense.cli.progress import sync_now_with_progress, watch_copy
 from sendense.errors import ResourceNotFound, SendenseError
-from sendense.models import CopyToken, JobStatus, SyncResult
+from sendense.models import JobStatus, SyncResult
 from sendense.spec import load_spec
 
 JOB = "demo"
@@ -29,35 +29,6 @@ MiB = 1 << 20
 
 def _human(n: float) -> str:
     return f"{n / MiB:.1f} MiB" if n < 1 << 30 else f"{n / (1 << 30):.2f} GiB"
-
-
-def _progress(console: Console) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        DownloadColumn(binary_units=True),
-        TransferSpeedColumn(),
-        console=console,
-    )
-
-
-async def _watch(jobs: Any, name: str, console: Console, done: Any) -> Any:
-    """Show copy progress bars until `done()` (a coroutine function) returns a value."""
-    h = jobs.handle(name)
-    with _progress(console) as bar:
-        tasks: dict[str, Any] = {}
-        while True:
-            result = await done()
-            toks: dict[str, CopyToken] = await jobs.copy_progress(h)
-            for disk, tok in toks.items():
-                if disk not in tasks:
-                    tasks[disk] = bar.add_task(f"{name}/{disk}", total=max(tok.total, 1))
-                bar.update(tasks[disk], completed=tok.done, total=max(tok.total, 1))
-            if result is not None:
-                for t in tasks.values():
-                    bar.update(t, completed=bar.tasks[t].total)
-                return result
-            await asyncio.sleep(0.4)
 
 
 def _prefill(vm: Any, rng: random.Random) -> int:
@@ -148,7 +119,7 @@ async def _run_job(console: Console, spec_path: Path, vm: Any, workload_cls: Any
             raise SendenseError(f"first sync failed: {st.last_error}")
         return st if st.syncs >= 1 else None
 
-    st = await _watch(jobs, JOB, console, first)
+    st = await watch_copy(jobs, JOB, console, first)
     assert st.last_sync is not None
     _print_result(console, st.last_sync)
 
@@ -161,12 +132,7 @@ async def _run_job(console: Console, spec_path: Path, vm: Any, workload_cls: Any
                 f"[bold]incremental sync {i + 1}/{incrementals}[/] "
                 f"(workload wrote {_human(workload.bytes_written)})"
             )
-            task = asyncio.ensure_future(jobs.sync_now(JOB, wait=True))
-
-            async def finished() -> SyncResult | None:
-                return task.result() if task.done() else None  # noqa: B023 - awaited in this iteration
-
-            _print_result(console, await _watch(jobs, JOB, console, finished))
+            _print_result(console, await sync_now_with_progress(jobs, JOB, console))
     finally:
         workload.stop()
 

@@ -18,7 +18,7 @@ from rich.table import Column, Table
 
 from sendense import config
 from sendense.errors import InvalidSpec, SendenseError
-from sendense.models import CopyToken, JobStatus, Settings, SyncResult
+from sendense.models import JobStatus, Settings, SyncResult
 
 app = typer.Typer(help="Sendense Replication: block-level VM replication on Temporal.", no_args_is_help=True)
 job_app = typer.Typer(help="Replication jobs.", no_args_is_help=True)
@@ -247,31 +247,12 @@ def _sync_result_line(r: SyncResult) -> str:
 
 
 def sync_with_progress(name: str, console: Console) -> SyncResult:
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+    from sendense.cli.progress import sync_now_with_progress
 
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        DownloadColumn(binary_units=True),
-        TransferSpeedColumn(),
-        console=console,
-        transient=False,
-    ) as bar:
-        tasks: dict[str, Any] = {}
+    async def go() -> SyncResult:
+        return await sync_now_with_progress(await _jobs(), name, console)
 
-        def on_progress(tokens: dict[str, CopyToken]) -> None:
-            for disk, tok in tokens.items():
-                if disk not in tasks:
-                    tasks[disk] = bar.add_task(f"{name}/{disk}", total=max(tok.total, 1))
-                bar.update(tasks[disk], completed=tok.done, total=max(tok.total, 1))
-
-        async def go() -> SyncResult:
-            r = await (await _jobs()).sync_now(name, wait=True, progress=on_progress)
-            for t in tasks.values():
-                bar.update(t, completed=bar.tasks[t].total)
-            return r
-
-        return run(go)
+    return run(go)
 
 
 @job_app.command("sync-now")
