@@ -176,9 +176,11 @@ class KvmTarget:
         pending = self._pending_file(sync_id, key)
         if not pending.exists():
             raise ResourceNotFound(f"replica {pending}: not prepared for sync {sync_id}")
-        info = image_info(pending)
+        has_base = qcow2_backing_name(pending) is not None
         with qemu_nbd(pending, readonly=False) as srv:
-            yield _PendingDisk(srv.uri, int(info["virtual-size"]), bool(info.get("backing-filename")))
+            with NbdConnection(srv.uri) as probe:  # the size, without spawning qemu-img
+                size = probe.size
+            yield _PendingDisk(srv.uri, size, has_base)
 
     def commit(self, sync_id: str, point: PointInfo) -> PointInfo:
         with self._locked():
