@@ -20,6 +20,7 @@ from activities.errors import mapped
 from connectors.registry import source_for, target_for
 from sendense import config
 from sendense.datapath.sync import copy_disk as run_copy_disk
+from sendense.errors import SendenseError
 from sendense.models import (
     AbortRequest,
     CommitRequest,
@@ -148,7 +149,16 @@ def commit_point(req: CommitRequest) -> PointInfo:
         disks=[PointDisk(key=d.key, size=d.size, change_id=d.change_id) for d in req.snapshot.disks],
         stats=stats,
     )
-    return target_for(req.spec).commit(req.sync_id, point)
+    target = target_for(req.spec)
+    committed = target.commit(req.sync_id, point)
+    if req.keep is not None:  # retention in the same activity: one task less per sync
+        try:
+            removed = target.prune(req.keep)
+            if removed:
+                activity.logger.info("job %s: pruned %s", req.spec.name, ", ".join(removed))
+        except SendenseError as e:  # the point is committed; the next commit prunes again
+            activity.logger.warning("job %s: pruning failed: %s", req.spec.name, e.message)
+    return committed
 
 
 @activity.defn(name="release_snapshot")

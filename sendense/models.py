@@ -307,6 +307,7 @@ class CommitRequest(Wire):
     sync_id: str
     snapshot: SnapshotRef
     results: list[DiskCopyResult]
+    keep: int | None = Field(default=None, description="then prune to this many points (retention)")
 
 
 class ReleaseRequest(Wire):

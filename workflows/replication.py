@@ -1,8 +1,8 @@
 """ReplicationWorkflow: one long-lived workflow per replication job.
 
 Seed (full sync), then incremental syncs on the job's interval or on request. Each sync:
-create_snapshot -> prepare_target -> copy_disk per disk -> commit_point -> release_snapshot ->
-prune_points. A failed sync aborts its pending writes and releases its snapshot without
+create_snapshot -> prepare_target -> copy_disk per disk -> commit_point (and retention) ->
+release_snapshot. A failed sync aborts its pending writes and releases its snapshot without
 committing, so no point is touched and the next sync diffs from the last committed change ids.
 Delete: destroy_target (with purge), then forget_source on the source host; a failed forget is
 logged and kept in last_error, and the delete completes all the same.
@@ -31,8 +31,6 @@ with workflow.unsafe.imports_passed_through():
         JobStatus,
         PointInfo,
         PrepareRequest,
-        PruneRequest,
-        PruneResult,
         ReleaseRequest,
         ReplicationInput,
         Settings,
@@ -299,10 +297,12 @@ class ReplicationWorkflow:
                 )
             point = await workflow.execute_activity(
                 "commit_point",
-                CommitRequest(spec=spec, sync_id=sync_id, snapshot=snap, results=results),
+                CommitRequest(
+                    spec=spec, sync_id=sync_id, snapshot=snap, results=results, keep=spec.retention.points
+                ),
                 result_type=PointInfo,
                 task_queue=inp.target_queue,
-                start_to_close_timeout=timedelta(minutes=2),
+                start_to_close_timeout=timedelta(minutes=20),  # includes pruning (qemu-img commit)
                 retry_policy=SHORT,
             )
         except (ActivityError, ApplicationError) as e:
@@ -348,14 +348,6 @@ class ReplicationWorkflow:
                 ReleaseRequest(spec=spec, snapshot=snap, committed=True),
                 task_queue=inp.source_queue,
                 start_to_close_timeout=timedelta(minutes=3),
-                retry_policy=SHORT,
-            )
-            await workflow.execute_activity(
-                "prune_points",
-                PruneRequest(spec=spec, keep=spec.retention.points),
-                result_type=PruneResult,
-                task_queue=inp.target_queue,
-                start_to_close_timeout=timedelta(minutes=20),
                 retry_policy=SHORT,
             )
         except ActivityError as e:  # the point is committed; housekeeping is retried after the next sync

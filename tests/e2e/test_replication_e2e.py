@@ -91,6 +91,15 @@ def test_full_then_incremental_bit_exact_and_points_immutable(e2e_stack: Cli, tm
 
     status = cli.json("job", "status", "e2e-basic")
     assert status["syncs"] == 3 and status["failures"] == 0 and status["rpo_lag_seconds"] is not None
+
+    # retention: lowered on the running job, applied with the next commit; the newest points survive
+    assert cli.json("job", "settings", "e2e-basic", "--retention", "2")["retention_points"] == 2
+    ref3 = to_raw(d0, tmp_path / "r3-0.raw")
+    p4 = cli.json("job", "sync-now", "e2e-basic", "--wait")["point_id"]
+    kept = [p["point_id"] for p in cli.json("point", "list", "e2e-basic")]
+    assert len(kept) == 2 and kept[0] == p4
+    files = export_raw(cli, "e2e-basic", p4, tmp_path / "x4")
+    assert same(files["disk0"], ref3) and same(files["disk1"], ref1[1])
     assert "e2e-basic" in [j["name"] for j in cli.json("job", "list")]
     assert all(source_bitmaps(d) for d in (d0, d1))
     assert (cli.state / "work" / "e2e-basic").is_dir()

@@ -363,7 +363,7 @@ async def test_seed_then_incremental_syncs_on_the_interval(env: WorkflowEnvironm
         assert [(r.snapshot.snapshot_id, r.committed) for r in released] == [
             (s.snapshot_id, True) for s in snaps
         ]
-        assert [p.keep for p in job.host.of("prune_points")] == [24, 24, 24]
+        assert [c.keep for c in job.host.of("commit_point")] == [24, 24, 24]  # retention rides on the commit
         assert len(job.host.of("validate_job")) == 1
         assert job.host.of("abort_sync") == []
 
@@ -470,7 +470,7 @@ async def test_update_settings_lengthens_the_interval_and_changes_retention(env:
         assert len(job.snapshots()) == 1, "sync ran on the old 10m interval after it was changed to 30m"
         await job.env.sleep(timedelta(minutes=15, seconds=1))
         await job.settled(2)
-        assert [p.keep for p in job.host.of("prune_points")] == [24, 3]
+        assert [c.keep for c in job.host.of("commit_point")] == [24, 3]
 
     await _run(env, spec(interval=timedelta(minutes=10)), body)
 
