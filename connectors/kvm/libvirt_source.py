@@ -43,7 +43,7 @@ from pathlib import Path
 import libvirt
 
 from connectors.kvm.offline import NbdSourceDisk, bitmap_prefix
-from connectors.kvm.qemu import image_info, qcow2_bitmaps, qemu_img
+from connectors.kvm.qemu import image_info, qcow2_bitmaps, remove_bitmaps
 from sendense.datapath.nbd import NbdConnection, unix_uri
 from sendense.errors import (
     InvalidSpec,
@@ -461,15 +461,12 @@ class LibvirtSource:
                 )
             plan.append((img, mine))
         for img, mine in plan:
-            for n in mine:
-                try:
-                    qemu_img("bitmap", "--remove", str(img), n)
-                except ResourceUnavailable:
-                    raise ResourceUnavailable(
-                        f"{self._where()}: disk image {img} is in use by another process: the dirty bitmaps "
-                        f"{self.prefix}* of job {self.job} stay"
-                    ) from None
-                log.info("%s: removed bitmap %s from %s (domain shut off)", self._where(), n, img)
+            remove_bitmaps(
+                img,
+                mine,
+                f"{self._where()}: disk image {img} is in use by another process: the dirty bitmaps "
+                f"{self.prefix}* of job {self.job} stay",
+            )
         for name in names:
             try:
                 cp = dom.checkpointLookupByName(name, 0)

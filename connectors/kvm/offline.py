@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from connectors.kvm.qemu import image_info, qcow2_bitmaps, qemu_img, qemu_nbd
+from connectors.kvm.qemu import image_info, qcow2_bitmaps, qemu_img, qemu_nbd, remove_bitmaps
 from sendense.datapath.extents import Extent
 from sendense.datapath.nbd import NbdConnection, dirty_context
 from sendense.errors import InvalidSpec, ResourceNotFound, ResourceUnavailable, SnapshotInconsistent
@@ -171,12 +171,9 @@ class OfflineQcow2Source:
             if not path.is_file():
                 log.info("forget job %s: source disk %s is gone, nothing to remove", self.job, path)
                 continue
-            for n in [n for n in qcow2_bitmaps(image_info(path)) if n.startswith(prefix)]:
-                try:
-                    qemu_img("bitmap", "--remove", str(path), n)
-                except ResourceUnavailable:
-                    raise ResourceUnavailable(
-                        f"source disk {path} is in use by a running process: the dirty bitmaps {prefix}* of "
-                        f"job {self.job} stay (remove them with qemu-img bitmap --remove once it is stopped)"
-                    ) from None
-                log.info("forget job %s: removed bitmap %s from %s", self.job, n, path)
+            remove_bitmaps(
+                path,
+                [n for n in qcow2_bitmaps(image_info(path)) if n.startswith(prefix)],
+                f"source disk {path} is in use by a running process: the dirty bitmaps {prefix}* of "
+                f"job {self.job} stay (remove them with qemu-img bitmap --remove once it is stopped)",
+            )

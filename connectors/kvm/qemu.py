@@ -85,6 +85,17 @@ def qcow2_backing_name(path: Path) -> str | None:
         return Path(f.read(size).decode("utf-8", "replace")).name
 
 
+def remove_bitmaps(image: Path, names: Sequence[str], in_use: str) -> None:
+    """Remove persistent bitmaps from an image that no process holds; `in_use` is the one-line error
+    (a ResourceUnavailable) when one does."""
+    for n in names:
+        try:
+            qemu_img("bitmap", "--remove", str(image), n)
+        except ResourceUnavailable:
+            raise ResourceUnavailable(in_use) from None
+        log.info("removed bitmap %s from %s", n, image)
+
+
 class NbdServer:
     """A qemu-nbd process serving one image on a private unix socket."""
 
