@@ -1,4 +1,4 @@
-"""The benchmark suite: `python -m bench [--quick] [--size 2G] [--runs 3] [--only NAME,...] [--out FILE]`.
+"""The benchmark suite: `python -m bench [--quick] [--size 2G] [--runs 3] [--jobs 50,100] [--only NAME,...] [--out FILE]`.
 
 Runs the measures on one embedded stack (real Temporal dev server, real worker) in a temporary
 SENDENSE_HOME on free ports, prints a table of figures and goals, and writes everything as JSON.
@@ -41,6 +41,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smoke run for CI: tiny disks, 1 run, 5/10 jobs")
     p.add_argument("--size", help="full sync disk size (default 2G; quick 64M)")
     p.add_argument("--runs", type=int, help="runs per full sync comparison (default 3; quick 1)")
+    p.add_argument("--jobs", help="control plane job counts, comma-separated (default 50,100; quick 5,10)")
     p.add_argument("--only", help=f"comma-separated subset of: {','.join(MEASURES)}")
     p.add_argument("--out", default="bench/results/latest.json", help="JSON output file")
     return p.parse_args(argv)
@@ -90,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         size=parse_size(args.size) if args.size else (64 * MiB if args.quick else 2 << 30),
         runs=args.runs or (1 if args.quick else 3),
         only=names,
+        jobs=[int(n) for n in args.jobs.split(",")] if args.jobs else ([5, 10] if args.quick else [50, 100]),
     )
     started = datetime.now(UTC)
     t0 = time.monotonic()
@@ -97,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": shlex.join([Path(sys.executable).name, "-m", "bench", *(argv or sys.argv[1:])]),
         "started_at": started.isoformat(timespec="seconds"),
         "quick": opts.quick,
-        "options": {"size": opts.size, "runs": opts.runs, "only": names},
+        "options": {"size": opts.size, "runs": opts.runs, "jobs": opts.jobs, "only": names},
         "machine": machine(),
     }
     with Bench.start(opts) as bench:

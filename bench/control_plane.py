@@ -3,7 +3,7 @@
 For each N: N small offline qcow2 disks (16 MiB, 1 MiB of data), N jobs created at once (interval 1h),
 all first syncs awaited; then a 64 KiB change on every disk and `sync_now(wait=True)` fired on all jobs
 concurrently. Measured over that one cycle: wall time until all finished, per-job cycle time (sync-now
-call to result) p50/p95, worker CPU seconds (worker + children, psutil before/after) and peak RSS
+call to result) p50/p95, worker CPU seconds (worker + children, psutil before/after, also apart) and peak RSS
 (worker alone; its children apart), the Temporal server's CPU seconds, and from the histories the
 queue wait and run time of every step (`where_time_goes`). The jobs are deleted (purged) afterwards.
 """
@@ -19,7 +19,7 @@ from typing import Any
 
 import psutil
 
-from bench.harness import Bench, KiB, MiB, RssSampler, median, percentile, tree_cpu_seconds
+from bench.harness import Bench, KiB, MiB, RssSampler, median, percentile, split_cpu_seconds, tree_cpu_seconds
 from bench.history import breakdown, summarize
 from bench.images import qcow2, qemu_io, write_small
 from sendense import stack
@@ -80,12 +80,14 @@ async def one_n(bench: Bench, n: int) -> dict[str, Any]:
 
         pid, server = bench.worker_pid(), stack.status(bench.state).get("server_pid")
         assert pid is not None
-        cpu0, srv0, own0 = tree_cpu_seconds(pid), tree_cpu_seconds(server or 0), _own_cpu()
+        cpu0, srv0, own0 = split_cpu_seconds(pid), tree_cpu_seconds(server or 0), _own_cpu()
         with RssSampler(bench.worker_pid) as rss:
             t1, since = time.monotonic(), time.time()
             results = await asyncio.gather(*(cycle(nm) for nm in names), return_exceptions=True)
             wall = time.monotonic() - t1
-        cpu = tree_cpu_seconds(pid) - cpu0
+        cpu1 = split_cpu_seconds(pid)
+        wself, wkids = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
+        cpu = wself + wkids
         srv_cpu, own_cpu = tree_cpu_seconds(server or 0) - srv0, _own_cpu() - own0
         steps = summarize([await breakdown(jobs, nm, since - 0.5) for nm in names])
         times = [r for r in results if isinstance(r, float)]
@@ -98,6 +100,8 @@ async def one_n(bench: Bench, n: int) -> dict[str, Any]:
                 "max_cycle_seconds": round(max(times, default=0.0), 3),
                 "worker_cpu_seconds": round(cpu, 2),
                 "worker_cpu_seconds_per_sync": round(cpu / max(1, len(times)), 3),
+                "worker_own_cpu_seconds": round(wself, 2),
+                "worker_children_cpu_seconds": round(wkids, 2),
                 "server_cpu_seconds": round(srv_cpu, 2),
                 "bench_client_cpu_seconds": round(own_cpu, 2),
                 **rss.report(),
@@ -113,7 +117,7 @@ async def one_n(bench: Bench, n: int) -> dict[str, Any]:
 
 
 async def measure(bench: Bench) -> dict[str, Any]:
-    sizes = (5, 10) if bench.opts.quick else (50, 100)
+    sizes = tuple(bench.opts.jobs)
     details: dict[str, Any] = {}
     for n in sizes:
         try:

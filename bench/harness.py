@@ -68,17 +68,22 @@ def mib(n: float) -> float:
 
 def tree_cpu_seconds(pid: int) -> float:
     """CPU seconds of a process, its reaped children and its live descendants."""
+    return sum(split_cpu_seconds(pid))
+
+
+def split_cpu_seconds(pid: int) -> tuple[float, float]:
+    """(the process's own CPU seconds, those of its reaped children and live descendants)."""
     try:
         p = psutil.Process(pid)
         t = p.cpu_times()
-        total = t.user + t.system + t.children_user + t.children_system
+        kids = t.children_user + t.children_system
         for c in p.children(recursive=True):
             with contextlib.suppress(psutil.Error):
                 ct = c.cpu_times()
-                total += ct.user + ct.system
-        return total
+                kids += ct.user + ct.system
+        return t.user + t.system, kids
     except psutil.Error:
-        return 0.0
+        return 0.0, 0.0
 
 
 class RssSampler:
@@ -141,6 +146,7 @@ class Options:
     size: int = 2 * GiB
     runs: int = 3
     only: list[str] = field(default_factory=list)
+    jobs: list[int] = field(default_factory=lambda: [50, 100])
 
 
 @dataclass
