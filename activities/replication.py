@@ -16,7 +16,7 @@ from typing import Any
 
 from temporalio import activity
 
-from activities.errors import mapped
+from activities.errors import mapped, to_application_error
 from connectors.registry import source_for, target_for
 from sendense import config
 from sendense.datapath.sync import copy_disk as run_copy_disk
@@ -28,6 +28,8 @@ from sendense.models import (
     CopyStats,
     CopyToken,
     DiskCopyResult,
+    DiskInfo,
+    FinishResult,
     JobRequest,
     PointDisk,
     PointInfo,
@@ -61,6 +63,10 @@ def validate_job(req: JobRequest) -> VmInfo:
 @activity.defn(name="create_snapshot")
 @mapped
 def create_snapshot(req: SnapshotRequest) -> SnapshotRef:
+    return _create_snapshot(req)
+
+
+def _create_snapshot(req: SnapshotRequest) -> SnapshotRef:
     src = source_for(req.spec, work_dir(req.spec.name))
     snap = src.create_snapshot(req.snapshot_id, req.base)
     for d in snap.disks:
@@ -75,6 +81,29 @@ def create_snapshot(req: SnapshotRequest) -> SnapshotRef:
 @mapped
 def prepare_target(req: PrepareRequest) -> None:
     target_for(req.spec).prepare(req.sync_id, req.disks)
+
+
+def _release(req: ReleaseRequest) -> None:
+    source_for(req.spec, work_dir(req.spec.name)).release_snapshot(req.snapshot, req.committed)
+
+
+@activity.defn(name="begin_sync")
+@mapped
+def begin_sync(req: SnapshotRequest) -> SnapshotRef:
+    """create_snapshot, then prepare_target, in one task: the workflow uses it when the source and
+    the target are served by the same host queue. If the target cannot be prepared, the snapshot is
+    released uncommitted before the error goes up, so a failed begin leaves nothing behind."""
+    snap = _create_snapshot(req)
+    try:
+        disks = [DiskInfo(key=d.key, size=d.size) for d in snap.disks]
+        target_for(req.spec).prepare(req.snapshot_id, disks)
+    except BaseException:
+        try:
+            _release(ReleaseRequest(spec=req.spec, snapshot=snap, committed=False))
+        except Exception as e:  # noqa: BLE001 - the prepare error is the one to report
+            activity.logger.warning("release of %s after a failed prepare failed: %s", req.snapshot_id, e)
+        raise
+    return snap
 
 
 @activity.defn(name="copy_disk")
@@ -135,6 +164,10 @@ def copy_disk(req: CopyRequest) -> DiskCopyResult:
 @activity.defn(name="commit_point")
 @mapped
 def commit_point(req: CommitRequest) -> PointInfo:
+    return _commit(req)
+
+
+def _commit(req: CommitRequest) -> PointInfo:
     stats = CopyStats()
     for r in req.results:
         stats.add(r.stats)
@@ -164,7 +197,23 @@ def commit_point(req: CommitRequest) -> PointInfo:
 @activity.defn(name="release_snapshot")
 @mapped
 def release_snapshot(req: ReleaseRequest) -> None:
-    source_for(req.spec, work_dir(req.spec.name)).release_snapshot(req.snapshot, req.committed)
+    _release(req)
+
+
+@activity.defn(name="finish_sync")
+@mapped
+def finish_sync(req: CommitRequest) -> FinishResult:
+    """commit_point (with retention), then release_snapshot(committed), in one task (same host queue).
+    A failed release is returned, not raised: the point is committed either way, and the workflow
+    then runs release_snapshot by itself with its retries."""
+    point = _commit(req)
+    try:
+        _release(ReleaseRequest(spec=req.spec, snapshot=req.snapshot, committed=True))
+    except Exception as e:  # noqa: BLE001 - whatever it was, the point stands
+        err = to_application_error(e)
+        activity.logger.warning("release of %s failed: %s", req.sync_id, err)
+        return FinishResult(point=point, release_error=str(err))
+    return FinishResult(point=point)
 
 
 @activity.defn(name="abort_sync")
@@ -197,9 +246,11 @@ HOST_ACTIVITIES: list[Callable[..., Any]] = [
     validate_job,
     create_snapshot,
     prepare_target,
+    begin_sync,
     copy_disk,
     commit_point,
     release_snapshot,
+    finish_sync,
     abort_sync,
     prune_points,
     destroy_target,

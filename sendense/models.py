@@ -330,6 +330,14 @@ class PruneResult(Wire):
     removed: list[str] = Field(default_factory=list)
 
 
+class FinishResult(Wire):
+    """finish_sync: the committed point, and why releasing the snapshot failed (then the workflow
+    runs release_snapshot on its own, with retries)."""
+
+    point: PointInfo
+    release_error: str | None = None
+
+
 class JobRequest(Wire):
     spec: JobSpec
 

@@ -26,6 +26,7 @@ with workflow.unsafe.imports_passed_through():
         DeleteRequest,
         DiskCopyResult,
         DiskInfo,
+        FinishResult,
         JobRequest,
         JobSpec,
         JobStatus,
@@ -46,6 +47,9 @@ SA_SOURCE = SearchAttributeKey.for_keyword("SendenseSource")
 SA_TARGET = SearchAttributeKey.for_keyword("SendenseTarget")
 SA_VM = SearchAttributeKey.for_keyword("SendenseVm")
 SA_STATE = SearchAttributeKey.for_keyword("SendenseState")
+
+# workflow.patched ids (each guards a change to the command sequence; histories before it replay)
+PATCH_COMBINED_STEPS = "begin-finish-sync"  # begin_sync/finish_sync when source and target queues match
 
 SHORT = RetryPolicy(
     initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30), maximum_attempts=5
@@ -264,24 +268,29 @@ class ReplicationWorkflow:
         self._reschedule()
         t0 = workflow.now()
         snap: SnapshotRef | None = None
+        # One host serves both ends: snapshot+prepare and commit+release run as one task each.
+        combined = inp.source_queue == inp.target_queue and workflow.patched(PATCH_COMBINED_STEPS)
+        release_error: str | None = None
         try:
-            snap = await workflow.execute_activity(
-                "create_snapshot",
-                SnapshotRequest(spec=spec, snapshot_id=sync_id, base=self.st.base),
-                result_type=SnapshotRef,
-                task_queue=inp.source_queue,
-                start_to_close_timeout=timedelta(minutes=3),
-                retry_policy=SHORT,
-            )
-            await workflow.execute_activity(
-                "prepare_target",
-                PrepareRequest(
-                    spec=spec, sync_id=sync_id, disks=[DiskInfo(key=d.key, size=d.size) for d in snap.disks]
-                ),
-                task_queue=inp.target_queue,
-                start_to_close_timeout=timedelta(minutes=3),
-                retry_policy=SHORT,
-            )
+            if combined:
+                snap = await workflow.execute_activity(
+                    "begin_sync",
+                    SnapshotRequest(spec=spec, snapshot_id=sync_id, base=self.st.base),
+                    result_type=SnapshotRef,
+                    task_queue=inp.source_queue,
+                    start_to_close_timeout=timedelta(minutes=6),
+                    retry_policy=SHORT,
+                )
+            else:
+                snap = await workflow.execute_activity(
+                    "create_snapshot",
+                    SnapshotRequest(spec=spec, snapshot_id=sync_id, base=self.st.base),
+                    result_type=SnapshotRef,
+                    task_queue=inp.source_queue,
+                    start_to_close_timeout=timedelta(minutes=3),
+                    retry_policy=SHORT,
+                )
+                await self._prepare(sync_id, snap)
             results: list[DiskCopyResult] = []
             for d in snap.disks:
                 results.append(
@@ -295,16 +304,28 @@ class ReplicationWorkflow:
                         retry_policy=COPY,
                     )
                 )
-            point = await workflow.execute_activity(
-                "commit_point",
-                CommitRequest(
-                    spec=spec, sync_id=sync_id, snapshot=snap, results=results, keep=spec.retention.points
-                ),
-                result_type=PointInfo,
-                task_queue=inp.target_queue,
-                start_to_close_timeout=timedelta(minutes=20),  # includes pruning (qemu-img commit)
-                retry_policy=SHORT,
+            commit = CommitRequest(
+                spec=spec, sync_id=sync_id, snapshot=snap, results=results, keep=spec.retention.points
             )
+            if combined:
+                finished = await workflow.execute_activity(
+                    "finish_sync",
+                    commit,
+                    result_type=FinishResult,
+                    task_queue=inp.target_queue,
+                    start_to_close_timeout=timedelta(minutes=23),  # includes pruning (qemu-img commit)
+                    retry_policy=SHORT,
+                )
+                point, release_error = finished.point, finished.release_error
+            else:
+                point = await workflow.execute_activity(
+                    "commit_point",
+                    commit,
+                    result_type=PointInfo,
+                    task_queue=inp.target_queue,
+                    start_to_close_timeout=timedelta(minutes=20),  # includes pruning (qemu-img commit)
+                    retry_policy=SHORT,
+                )
         except (ActivityError, ApplicationError) as e:
             msg = failure_message(e)
             workflow.logger.warning("sync %s of job %s failed: %s", sync_id, spec.name, msg)
@@ -337,7 +358,21 @@ class ReplicationWorkflow:
         self.st.last_sync = result
         self.outcomes[seq] = result
         self.current = None
-        await self._after_commit(snap)
+        if not combined or release_error is not None:  # finish_sync released it, unless that failed
+            await self._after_commit(snap)
+
+    async def _prepare(self, sync_id: str, snap: SnapshotRef) -> None:
+        assert self.inp is not None
+        inp, spec = self.inp, self.inp.spec
+        await workflow.execute_activity(
+            "prepare_target",
+            PrepareRequest(
+                spec=spec, sync_id=sync_id, disks=[DiskInfo(key=d.key, size=d.size) for d in snap.disks]
+            ),
+            task_queue=inp.target_queue,
+            start_to_close_timeout=timedelta(minutes=3),
+            retry_policy=SHORT,
+        )
 
     async def _after_commit(self, snap: SnapshotRef) -> None:
         assert self.inp is not None

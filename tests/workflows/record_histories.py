@@ -1,4 +1,4 @@
-"""Record ReplicationWorkflow histories for the replay tests: `python tests/workflows/record_histories.py TAG`.
+"""Record ReplicationWorkflow histories for replay tests (`python tests/workflows/record_histories.py TAG`).
 
 Runs a few scenarios against the fake host activities of test_replication_workflow (time-skipping
 test server) and writes each history to `tests/workflows/histories/<TAG>-<scenario>.json`. Record a

@@ -43,6 +43,7 @@ from sendense.models import (
     DiskCopyResult,
     DiskInfo,
     DiskSnapshot,
+    FinishResult,
     JobRequest,
     JobSpec,
     JobStatus,
@@ -100,11 +101,13 @@ def change_ids(sync_id: str) -> dict[str, str | None]:
 
 
 class FakeHost:
-    """The ten host activities, by name, recording every call (and the task queue it ran on).
+    """The twelve host activities, by name, recording every call (and the task queue it ran on).
 
     Behaviour hooks (set by a test before the sync it targets):
     - `copy_hook(req, info)`: called at the start of each copy_disk attempt; may raise or await.
-    - `validate_error`, `abort_error`, `forget_error`: raised by validate_job, abort_sync, forget_source.
+    - `validate_error`, `abort_error`, `forget_error`, `prepare_error`: raised by validate_job,
+      abort_sync, forget_source, prepare_target; `release_errors`: by the next release_snapshot calls.
+    begin_sync and finish_sync call the fakes they combine, so `calls` reads the same on both paths.
     A hook that holds a copy sets `entered` and waits on `release`, which teardown always sets.
     """
 
@@ -115,6 +118,9 @@ class FakeHost:
         self.validate_error: BaseException | None = None
         self.abort_error: BaseException | None = None
         self.forget_error: BaseException | None = None
+        self.prepare_error: BaseException | None = None
+        self.release_errors: list[BaseException] = []  # raised by the next release_snapshot calls
+        self.combined: list[str] = []  # begin_sync / finish_sync tasks, in order
         self.queues: list[tuple[str, str]] = []  # (activity, task queue) of every call
         self.entered, self.release = asyncio.Event(), asyncio.Event()
 
@@ -127,9 +133,11 @@ class FakeHost:
             self.validate_job,
             self.create_snapshot,
             self.prepare_target,
+            self.begin_sync,
             self.copy_disk,
             self.commit_point,
             self.release_snapshot,
+            self.finish_sync,
             self.abort_sync,
             self.prune_points,
             self.destroy_target,
@@ -168,6 +176,32 @@ class FakeHost:
     @activity.defn(name="prepare_target")
     async def prepare_target(self, req: PrepareRequest) -> None:
         self.calls.append(("prepare_target", req))
+        if self.prepare_error is not None:
+            raise self.prepare_error
+
+    @activity.defn(name="begin_sync")
+    async def begin_sync(self, req: SnapshotRequest) -> SnapshotRef:
+        """As the real one: create_snapshot, prepare_target, and an uncommitted release if prepare fails."""
+        self.combined.append("begin_sync")
+        snap = await self.create_snapshot(req)
+        disks = [DiskInfo(key=d.key, size=d.size) for d in snap.disks]
+        try:
+            await self.prepare_target(PrepareRequest(spec=req.spec, sync_id=req.snapshot_id, disks=disks))
+        except BaseException:
+            await self.release_snapshot(ReleaseRequest(spec=req.spec, snapshot=snap, committed=False))
+            raise
+        return snap
+
+    @activity.defn(name="finish_sync")
+    async def finish_sync(self, req: CommitRequest) -> FinishResult:
+        """As the real one: commit_point, then release_snapshot(committed); a failed release is returned."""
+        self.combined.append("finish_sync")
+        point = await self.commit_point(req)
+        try:
+            await self.release_snapshot(ReleaseRequest(spec=req.spec, snapshot=req.snapshot, committed=True))
+        except ApplicationError as e:
+            return FinishResult(point=point, release_error=e.message)
+        return FinishResult(point=point)
 
     @activity.defn(name="copy_disk")
     async def copy_disk(self, req: CopyRequest) -> DiskCopyResult:
@@ -203,6 +237,8 @@ class FakeHost:
     @activity.defn(name="release_snapshot")
     async def release_snapshot(self, req: ReleaseRequest) -> None:
         self.calls.append(("release_snapshot", req))
+        if self.release_errors:
+            raise self.release_errors.pop(0)
 
     @activity.defn(name="abort_sync")
     async def abort_sync(self, req: AbortRequest) -> None:
@@ -797,3 +833,96 @@ async def test_search_attributes_when_registered(env: WorkflowEnvironment) -> No
         assert (await job.handle.describe()).typed_search_attributes.get(SA_STATE) == "paused"
 
     await _run(env, spec(name="web02"), body, search_attributes=True)
+
+
+# ------------------------------------------------------------- one host queue: combined steps
+
+
+@pytest.mark.parametrize("split", [False, True])
+async def test_one_host_queue_runs_three_tasks_per_sync(env: WorkflowEnvironment, split: bool) -> None:
+    """begin_sync, copy_disk per disk, finish_sync when one queue serves both ends; five kinds of
+    task on separate queues. Both paths call the same steps in the same order."""
+
+    async def body(job: Job) -> None:
+        await job.settled(1)
+        await job.sync_now()
+        await job.settled(2)
+        history = await job.handle.fetch_history()
+        scheduled = [
+            e.activity_task_scheduled_event_attributes.activity_type.name
+            for e in history.events
+            if e.HasField("activity_task_scheduled_event_attributes")
+        ]
+        per_sync = ["copy_disk"] * len(DISKS)
+        if split:
+            per_sync = ["create_snapshot", "prepare_target", *per_sync, "commit_point", "release_snapshot"]
+            assert job.host.combined == []
+        else:
+            per_sync = ["begin_sync", *per_sync, "finish_sync"]
+            assert job.host.combined == ["begin_sync", "finish_sync"] * 2
+        assert scheduled == ["validate_job", *per_sync, *per_sync]
+        steps = [n for n, _ in job.host.calls if n != "validate_job"]
+        one = [
+            "create_snapshot",
+            "prepare_target",
+            *["copy_disk"] * len(DISKS),
+            "commit_point",
+            "release_snapshot",
+        ]
+        assert steps == one + one
+        snaps = job.snapshots()
+        assert snaps[1].base == change_ids(snaps[0].snapshot_id)
+        assert [(r.snapshot.snapshot_id, r.committed) for r in job.host.of("release_snapshot")] == [
+            (s.snapshot_id, True) for s in snaps
+        ]
+
+    await _run(env, spec(interval=timedelta(hours=1)), body, source_queue=split)
+
+
+async def test_combined_begin_that_cannot_prepare_releases_its_snapshot(env: WorkflowEnvironment) -> None:
+    host = FakeHost()
+
+    async def body(job: Job) -> None:
+        await job.settled(1)
+        seed = job.snapshots()[0].snapshot_id
+        host.prepare_error = ApplicationError(
+            "target /replicas: no space left", type="TargetError", non_retryable=True
+        )
+        with pytest.raises(WorkflowUpdateFailedError) as ei:
+            await job.sync_now()
+        assert isinstance(ei.value.cause, ApplicationError) and "no space left" in ei.value.cause.message
+        st = await job.settled(1, failures=1)
+        assert st.last_error is not None and "no space left" in st.last_error
+        failed = job.snapshots()[1].snapshot_id
+        # released once, uncommitted, by begin_sync itself; the workflow aborts the target's pending writes
+        assert [(r.snapshot.snapshot_id, r.committed) for r in host.of("release_snapshot")] == [
+            (seed, True),
+            (failed, False),
+        ]
+        assert [a.sync_id for a in host.of("abort_sync")] == [failed]
+        assert host.of("copy_disk")[-1].sync_id == seed
+        host.prepare_error = None
+        res = await job.sync_now()
+        assert job.snapshots()[2].base == change_ids(seed)  # diffs from the last committed point
+        assert res.point_id == job.snapshots()[2].snapshot_id
+
+    await _run(env, spec(interval=timedelta(hours=1)), body, host=host)
+
+
+async def test_combined_finish_whose_release_fails_is_released_again(env: WorkflowEnvironment) -> None:
+    host = FakeHost()
+
+    async def body(job: Job) -> None:
+        await job.settled(1)
+        host.release_errors = [ApplicationError("QMP socket busy", type="ResourceUnavailable")]
+        res = await job.sync_now()  # the point is committed all the same
+        st = await job.settled(2)
+        assert st.last_point == res.point_id and st.last_error is None
+        # finish_sync's release failed; the workflow ran release_snapshot by itself
+        assert [(r.snapshot.snapshot_id, r.committed) for r in host.of("release_snapshot")][1:] == [
+            (res.point_id, True),
+            (res.point_id, True),
+        ]
+        assert host.combined == ["begin_sync", "finish_sync"] * 2
+
+    await _run(env, spec(interval=timedelta(hours=1)), body, host=host)
