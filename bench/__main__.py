@@ -1,4 +1,4 @@
-"""The benchmark suite: `python -m bench [--quick] [--size 2G] [--runs 3] [--jobs 50,100] [--only NAME,...] [--out FILE]`.
+"""The benchmark suite: `python -m bench [--quick] [--size 2G] [--runs 3] [--jobs 50,100] [--only ...]`.
 
 Runs the measures on one embedded stack (real Temporal dev server, real worker) in a temporary
 SENDENSE_HOME on free ports, prints a table of figures and goals, and writes everything as JSON.

@@ -15,9 +15,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
-from connectors.kvm.qemu import image_info, qcow2_bitmaps, qemu_img, qemu_nbd, remove_bitmaps
+from connectors.kvm.qemu import (
+    Qcow2Header,
+    image_info,
+    is_qcow2,
+    qemu_img,
+    qemu_nbd,
+    read_qcow2_header,
+    remove_bitmaps,
+)
 from sendense.datapath.extents import Extent
 from sendense.datapath.nbd import NbdConnection, dirty_context
 from sendense.errors import InvalidSpec, ResourceNotFound, ResourceUnavailable, SnapshotInconsistent
@@ -78,15 +85,15 @@ class OfflineQcow2Source:
                 return p
         raise ResourceNotFound(f"source disk {key}: not part of job {self.job}")
 
-    def _info(self, i: int, path: Path) -> dict[str, Any]:
+    def _info(self, i: int, path: Path) -> Qcow2Header:
         if not path.exists():
             raise ResourceNotFound(f"source.disks[{i}]: {path} not found")
         if not path.is_file():
             raise InvalidSpec(f"source.disks[{i}]: {path} is not a file")
-        info = image_info(path)
-        if info.get("format") != "qcow2":
-            raise InvalidSpec(f"source.disks[{i}]: {path} is {info.get('format')}, not qcow2")
-        return info
+        if not is_qcow2(path):
+            fmt = image_info(path).get("format")
+            raise InvalidSpec(f"source.disks[{i}]: {path} is {fmt}, not qcow2")
+        return read_qcow2_header(path)
 
     def validate(self) -> None:
         for i, p in enumerate(self.paths):
@@ -94,8 +101,7 @@ class OfflineQcow2Source:
 
     def discover(self) -> VmInfo:
         disks = [
-            DiskInfo(key=k, size=int(self._info(i, p)["virtual-size"]), ref=str(p))
-            for i, (k, p) in enumerate(self._keys())
+            DiskInfo(key=k, size=self._info(i, p).size, ref=str(p)) for i, (k, p) in enumerate(self._keys())
         ]
         return VmInfo(name=self.paths[0].stem, platform="kvm", disks=disks)
 
@@ -104,7 +110,7 @@ class OfflineQcow2Source:
         disks = []
         for i, (key, path) in enumerate(self._keys()):
             info = self._info(i, path)
-            bitmaps = qcow2_bitmaps(info)
+            bitmaps = info.bitmaps
             since = base.get(key)
             lost = tracking_problem(bitmaps, since, str(path)) if since else None
             if new not in bitmaps:
@@ -118,7 +124,7 @@ class OfflineQcow2Source:
             disks.append(
                 DiskSnapshot(
                     key=key,
-                    size=int(info["virtual-size"]),
+                    size=info.size,
                     change_id=new,
                     base_change_id=since,
                     tracking_lost=lost,
@@ -153,7 +159,7 @@ class OfflineQcow2Source:
             path = self._path(d.key)
             if not path.exists():
                 continue
-            names = qcow2_bitmaps(image_info(path)).keys()
+            names = read_qcow2_header(path).bitmaps.keys()
             if committed:
                 drop = [n for n in names if n.startswith(prefix) and n != d.change_id]
             else:
@@ -173,7 +179,7 @@ class OfflineQcow2Source:
                 continue
             remove_bitmaps(
                 path,
-                [n for n in qcow2_bitmaps(image_info(path)) if n.startswith(prefix)],
+                [n for n in read_qcow2_header(path).bitmaps if n.startswith(prefix)],
                 f"source disk {path} is in use by a running process: the dirty bitmaps {prefix}* of "
                 f"job {self.job} stay (remove them with qemu-img bitmap --remove once it is stopped)",
             )

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
-from connectors.kvm.qemu import fsync_dir, image_info, qcow2_backing_name, qemu_img, qemu_nbd
+from connectors.kvm.qemu import fsync_dir, qcow2_backing_name, qemu_img, qemu_nbd, read_qcow2_header
 from sendense.datapath.nbd import NbdConnection
 from sendense.errors import InvalidSpec, ResourceNotFound, TargetError
 from sendense.models import DiskInfo, PointDisk, PointInfo
@@ -160,11 +160,12 @@ class KvmTarget:
                 if self._point_file(sync_id, d.key).exists():
                     continue  # an interrupted commit of this sync already renamed it
                 if pending.exists():
-                    if image_info(pending)["virtual-size"] == d.size:
+                    if read_qcow2_header(pending).size == d.size:
                         continue
                     pending.unlink()
                 base = latest and next((x for x in latest.disks if x.key == d.key), None)
-                args = ["create", "-q", "-f", "qcow2", "-o", REPLICA_OPTIONS if base is None else OVERLAY_OPTIONS]
+                opts = REPLICA_OPTIONS if base is None else OVERLAY_OPTIONS
+                args = ["create", "-q", "-f", "qcow2", "-o", opts]
                 if base is not None:
                     args += ["-b", f"{latest.point_id}.qcow2", "-F", "qcow2"]  # type: ignore[union-attr]
                 try:
