@@ -7,6 +7,7 @@ import functools
 import json
 import logging
 import os
+import select
 import shutil
 import signal
 import socket
@@ -175,15 +176,49 @@ class NbdServer:
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
+            if not wait_exit(self.proc, 30):
                 self.proc.kill()
                 self.proc.wait()
         shutil.rmtree(self._tmpdir, ignore_errors=True)
 
 
+def wait_exit(proc: subprocess.Popen[Any], timeout: float) -> bool:
+    """Wait for a child to exit; False on timeout. Through a pidfd: `Popen.wait(timeout)` polls with
+    sleeps that grow to 50 ms, which made every qemu-nbd stop take 30-60 ms instead of ~5."""
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except (OSError, AttributeError):  # already reaped, or a kernel without pidfds
+        try:
+            proc.wait(timeout=timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+    try:
+        if not select.select([fd], [], [], timeout)[0]:
+            return False
+    finally:
+        os.close(fd)
+    proc.wait()
+    return True
+
+
 _NBD_PREFIX = "sendense-nbd-"
+
+
+@functools.lru_cache(maxsize=1)
+def supports_io_uring() -> bool:
+    """Whether this process may create an io_uring (kernels before 5.1, kernel.io_uring_disabled=2
+    and container seccomp profiles say no)."""
+    nr_io_uring_setup = {"x86_64": 425, "aarch64": 425}.get(os.uname().machine)
+    if nr_io_uring_setup is None:
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    params = ctypes.create_string_buffer(120)  # struct io_uring_params, zeroed
+    fd = libc.syscall(nr_io_uring_setup, 1, params)
+    if fd < 0:
+        return False
+    os.close(fd)
+    return True
 
 
 @functools.lru_cache(maxsize=64)
@@ -252,8 +287,10 @@ def start_qemu_nbd(
         cmd += ["--cache=writeback", "--aio=threads", "--read-only"]
     elif supports_direct_io(image.parent):
         # replicas are written once and read rarely: O_DIRECT skips the page cache copy and, with
-        # native AIO, lets qemu-nbd keep many writes in flight (measured ~1.5x on a full sync)
-        cmd += ["--cache=none", "--aio=native", "--discard=unmap"]
+        # kernel AIO, lets qemu-nbd keep many writes in flight (measured ~1.5x on a full sync).
+        # io_uring rather than linux-aio: as fast or faster, and an exiting linux-aio qemu-nbd waits
+        # ~35 ms in io_destroy (an RCU grace period), which every sync paid twice.
+        cmd += ["--cache=none", f"--aio={'io_uring' if supports_io_uring() else 'native'}", "--discard=unmap"]
     else:
         cmd += ["--cache=writeback", "--aio=threads", "--discard=unmap"]
     for b in bitmaps:
@@ -261,6 +298,7 @@ def start_qemu_nbd(
     cmd += [*extra, str(image)]
     proc = subprocess.Popen(die_with_parent(cmd), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 30
+    pause = 0.001  # qemu-nbd is ready after ~5-10 ms: poll finely at first
     while not (pidfile.exists() and _accepts(sock)):
         if proc.poll() is not None:
             err = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
@@ -273,7 +311,8 @@ def start_qemu_nbd(
             proc.kill()
             shutil.rmtree(tmpdir, ignore_errors=True)
             raise ResourceUnavailable(f"qemu-nbd did not start for {image}")
-        time.sleep(0.01)
+        time.sleep(pause)
+        pause = min(pause * 2, 0.01)
     return NbdServer(proc, sock, tmpdir)
 
 

@@ -1,4 +1,4 @@
-"""read_qcow2_header parses what `qemu-img info` reports: size, backing name, bitmaps and their flags."""
+"""qcow2 headers read in-process match `qemu-img info`; the helpers around qemu processes."""
 
 from __future__ import annotations
 
@@ -79,3 +79,19 @@ def test_not_qcow2(tmp_path: Path) -> None:
     assert not is_qcow2(raw)
     with pytest.raises(SendenseError, match="not a qcow2 image"):
         read_qcow2_header(raw)
+
+
+def test_wait_exit_times_out_then_reaps() -> None:
+    from connectors.kvm.qemu import wait_exit
+
+    p = subprocess.Popen(["sleep", "30"])
+    try:
+        assert wait_exit(p, 0.05) is False and p.poll() is None
+        p.terminate()
+        assert wait_exit(p, 10) is True
+        assert p.returncode == -signal.SIGTERM
+        assert wait_exit(p, 0.05) is True  # already reaped: no pidfd, Popen knows
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
