@@ -166,8 +166,8 @@ class KvmTarget:
                 base = latest and next((x for x in latest.disks if x.key == d.key), None)
                 opts = REPLICA_OPTIONS if base is None else OVERLAY_OPTIONS
                 args = ["create", "-q", "-f", "qcow2", "-o", opts]
-                if base is not None:
-                    args += ["-b", f"{latest.point_id}.qcow2", "-F", "qcow2"]  # type: ignore[union-attr]
+                if base is not None:  # -u: the size is given, so the backing chain need not be opened
+                    args += ["-u", "-b", f"{latest.point_id}.qcow2", "-F", "qcow2"]  # type: ignore[union-attr]
                 try:
                     qemu_img(*args, str(pending), str(d.size))
                 except TargetError:
