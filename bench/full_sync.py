@@ -43,7 +43,7 @@ async def engine_run(bench: Bench, src: Path, name: str, verify: bool, size: int
     try:
         with RssSampler(bench.worker_pid) as rss:
             await bench.create(bench.spec(name, [src], target))
-            res = await bench.wait_syncs(name, 1, poll=0.1)
+            res = await bench.wait_point(name, target)
         acts = await bench.copy_activities(name)
         act = acts[-1]
         stats = act["result"]["stats"]
