@@ -272,24 +272,15 @@ class ReplicationWorkflow:
         combined = inp.source_queue == inp.target_queue and workflow.patched(PATCH_COMBINED_STEPS)
         release_error: str | None = None
         try:
-            if combined:
-                snap = await workflow.execute_activity(
-                    "begin_sync",
-                    SnapshotRequest(spec=spec, snapshot_id=sync_id, base=self.st.base),
-                    result_type=SnapshotRef,
-                    task_queue=inp.source_queue,
-                    start_to_close_timeout=timedelta(minutes=6),
-                    retry_policy=SHORT,
-                )
-            else:
-                snap = await workflow.execute_activity(
-                    "create_snapshot",
-                    SnapshotRequest(spec=spec, snapshot_id=sync_id, base=self.st.base),
-                    result_type=SnapshotRef,
-                    task_queue=inp.source_queue,
-                    start_to_close_timeout=timedelta(minutes=3),
-                    retry_policy=SHORT,
-                )
+            snap = await workflow.execute_activity(
+                "begin_sync" if combined else "create_snapshot",  # begin_sync also prepares the target
+                SnapshotRequest(spec=spec, snapshot_id=sync_id, base=self.st.base),
+                result_type=SnapshotRef,
+                task_queue=inp.source_queue,
+                start_to_close_timeout=timedelta(minutes=6 if combined else 3),
+                retry_policy=SHORT,
+            )
+            if not combined:
                 await self._prepare(sync_id, snap)
             results: list[DiskCopyResult] = []
             for d in snap.disks:
