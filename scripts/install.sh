@@ -16,6 +16,7 @@ APT_PACKAGES=(
   libvirt-dev pkg-config
   libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients
   python3-venv python3-dev gcc
+  util-linux  # setpriv: qemu-nbd dies with the worker (--pdeathsig); a test drops to nobody
 )
 
 # --- system packages ------------------------------------------------------------------------------

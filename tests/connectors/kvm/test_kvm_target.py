@@ -364,7 +364,7 @@ def test_a_point_boots_as_a_backing_file(m: Model) -> None:
     m.assert_point("p3")
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
+@pytest.mark.root
 def test_prune_works_for_an_agent_that_is_not_root() -> None:
     """Points are made read-only on commit; a host agent running as an ordinary user must still be
     able to prune them (root ignores the mode bits, so this runs the target as `nobody`)."""

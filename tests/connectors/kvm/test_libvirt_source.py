@@ -49,11 +49,8 @@ from sendense.errors import (
 )
 from sendense.models import SnapshotRef, Tuning
 
-pytestmark = [
-    pytest.mark.slow,
-    # the lab libvirtd runs as root (as the README's setup does); a missing libvirtd must fail, not skip
-    pytest.mark.skipif(os.geteuid() != 0, reason="the lab libvirtd runs as root"),
-]
+# slow tier (CI runs it); the lab libvirtd runs as root; a missing libvirtd fails, never skips
+pytestmark = [pytest.mark.slow, pytest.mark.root]
 
 log = logging.getLogger(__name__)
 
