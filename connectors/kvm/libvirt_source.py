@@ -43,7 +43,7 @@ from pathlib import Path
 import libvirt
 
 from connectors.kvm.offline import NbdSourceDisk, bitmap_prefix
-from connectors.kvm.qemu import image_info, qcow2_bitmaps, remove_bitmaps
+from connectors.kvm.qemu import fits_unix_socket, image_info, qcow2_bitmaps, remove_bitmaps
 from sendense.datapath.nbd import NbdConnection, unix_uri
 from sendense.errors import (
     InvalidSpec,
@@ -56,7 +56,6 @@ from sendense.models import DiskInfo, DiskSnapshot, SnapshotRef, VmInfo
 
 log = logging.getLogger(__name__)
 
-SOCKET_PATH_MAX = 107
 PER_DISK_INCREMENTAL = 7_006_000  # libvirt 7.6.0: <disk backupmode=... incremental=...> in backup XML
 JOB_END_TIMEOUT = 30.0
 
@@ -666,7 +665,7 @@ class LibvirtSource:
 
     def _socket_path(self) -> Path:
         sock = self.work_dir / f"{self.prefix}sock"
-        if len(str(sock).encode()) <= SOCKET_PATH_MAX:
+        if fits_unix_socket(sock):
             return sock
         digest = hashlib.sha256(f"{self.work_dir}\0{self.job}".encode()).hexdigest()[:16]
         return Path(tempfile.gettempdir()) / f"sendense-{digest}.sock"

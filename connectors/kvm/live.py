@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from connectors.kvm.offline import NbdSourceDisk, bitmap_prefix, tracking_problem
-from connectors.kvm.qemu import qemu_img
+from connectors.kvm.qemu import fits_unix_socket, qemu_img
 from connectors.kvm.qmp import QmpClient, QmpError, VmNotRunning
 from sendense.datapath.nbd import NbdConnection, unix_uri
 from sendense.errors import (
@@ -67,7 +67,6 @@ log = logging.getLogger(__name__)
 
 GRANULARITY = 64 << 10
 FILTERS = {"copy-before-write", "throttle", "preallocate", "compress", "blkdebug", "blkverify"}
-UNIX_PATH_MAX = 107
 WAIT_SECONDS = 60.0
 
 
@@ -115,7 +114,7 @@ class QmpSource:
         """One NBD server per QEMU: the socket is named after the QMP socket, not the job."""
         name = f"{_h(str(self.qmp.absolute()))}.sock"
         sock = self.work_dir / "nbd" / name
-        if len(str(sock)) > UNIX_PATH_MAX:
+        if not fits_unix_socket(sock):
             sock = Path(tempfile.gettempdir()) / f"sendense-nbd-{name}"
         return sock
 

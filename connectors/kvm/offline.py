@@ -27,7 +27,13 @@ from connectors.kvm.qemu import (
 )
 from sendense.datapath.extents import Extent
 from sendense.datapath.nbd import NbdConnection, dirty_context
-from sendense.errors import InvalidSpec, ResourceNotFound, ResourceUnavailable, SnapshotInconsistent
+from sendense.errors import (
+    InvalidSpec,
+    ResourceNotFound,
+    ResourceUnavailable,
+    SendenseError,
+    SnapshotInconsistent,
+)
 from sendense.models import DiskInfo, DiskSnapshot, SnapshotRef, VmInfo
 
 log = logging.getLogger(__name__)
@@ -90,10 +96,13 @@ class OfflineQcow2Source:
             raise ResourceNotFound(f"source.disks[{i}]: {path} not found")
         if not path.is_file():
             raise InvalidSpec(f"source.disks[{i}]: {path} is not a file")
-        if not is_qcow2(path):
+        try:
+            return read_qcow2_header(path)  # one open and read of the header: this runs every sync
+        except SendenseError:
+            if is_qcow2(path):
+                raise
             fmt = image_info(path).get("format")
-            raise InvalidSpec(f"source.disks[{i}]: {path} is {fmt}, not qcow2")
-        return read_qcow2_header(path)
+            raise InvalidSpec(f"source.disks[{i}]: {path} is {fmt}, not qcow2") from None
 
     def validate(self) -> None:
         for i, p in enumerate(self.paths):

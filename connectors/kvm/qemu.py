@@ -337,6 +337,14 @@ def qemu_nbd(image: Path, **kw: Any) -> Iterator[NbdServer]:
         srv.stop()
 
 
+UNIX_PATH_MAX = 107  # sun_path is 108 bytes with the trailing NUL
+
+
+def fits_unix_socket(path: Path) -> bool:
+    """Whether `path` can be bound as a unix socket (its length in bytes, not characters)."""
+    return len(os.fsencode(path)) <= UNIX_PATH_MAX
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:

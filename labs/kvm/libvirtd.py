@@ -46,9 +46,10 @@ from typing import Any
 import libvirt
 import libvirt_qemu
 
+from connectors.kvm.qemu import UNIX_PATH_MAX, fits_unix_socket
+
 log = logging.getLogger(__name__)
 
-SOCKET_PATH_MAX = 107  # sun_path is 108 bytes with the trailing NUL
 
 _BINDS = (
     ("etc", "/etc/libvirt"),
@@ -252,10 +253,8 @@ def start_libvirtd(base: Path, *, cache_dir: Path | None = None, timeout: float 
         raise RuntimeError("the lab libvirtd runs as root (it needs a private mount namespace)")
     base = Path(base).absolute()
     lab = LabLibvirtd(base)
-    if len(str(lab.socket).encode()) > SOCKET_PATH_MAX:
-        raise ValueError(
-            f"lab libvirtd base {base} is too long: {lab.socket} exceeds {SOCKET_PATH_MAX} bytes"
-        )
+    if not fits_unix_socket(lab.socket):
+        raise ValueError(f"lab libvirtd base {base} is too long: {lab.socket} exceeds {UNIX_PATH_MAX} bytes")
     unshare, nsenter, virtlogd, libvirtd = (_tool(t) for t in ("unshare", "nsenter", "virtlogd", "libvirtd"))
 
     for sub, _ in _BINDS:

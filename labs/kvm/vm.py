@@ -30,11 +30,9 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from connectors.kvm.qemu import _die_with_parent, qemu_img, tool
+from connectors.kvm.qemu import _die_with_parent, fits_unix_socket, qemu_img, tool
 from connectors.kvm.qmp import QmpClient, QmpError
 from sendense.errors import SendenseError
-
-UNIX_PATH_MAX = 107
 
 
 class LabVm:
@@ -61,7 +59,7 @@ class LabVm:
         self.proc: subprocess.Popen[bytes] | None = None
         self.monitor: QmpClient | None = None
         self._lock = threading.RLock()  # one write at a time; shadow and disk change together
-        if len(str(self.qmp_path)) > UNIX_PATH_MAX:
+        if not fits_unix_socket(self.qmp_path):
             raise ValueError(f"lab VM directory {self.dir} is too long for a unix socket path")
         if "," in str(self.dir):
             raise ValueError(f"lab VM directory {self.dir}: commas would break QEMU's option syntax")

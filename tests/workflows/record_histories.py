@@ -23,7 +23,7 @@ from temporalio.exceptions import ApplicationError  # noqa: E402
 from temporalio.testing import WorkflowEnvironment  # noqa: E402
 from test_replication_workflow import FakeHost, Job, _run, spec  # noqa: E402
 
-from sendense.models import CopyRequest, Settings, SyncNowRequest  # noqa: E402
+from sendense.models import CopyRequest, DeleteRequest, Settings, SyncNowRequest  # noqa: E402
 from workflows.replication import ReplicationWorkflow  # noqa: E402
 
 OUT = HERE / "histories"
@@ -83,8 +83,6 @@ async def main(tag: str) -> None:
 
 
 async def _delete_and_record(job: Job, tag: str, scenario: str, purge: bool = False) -> None:
-    from sendense.models import DeleteRequest
-
     await job.handle.execute_update(ReplicationWorkflow.delete, DeleteRequest(purge=purge))
     await job.handle.result()
     await _record(job, tag, scenario)
