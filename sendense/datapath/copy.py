@@ -1,15 +1,19 @@
 """The copy engine: extents in, blocks out.
 
-Several connections read and write in parallel (one reader and one writer per thread; libnbd
-releases the GIL while it waits). Data chunks that turn out to be all zero are written as zero
-ranges, with no payload. In compare mode (resync after change tracking was lost) each source chunk
-is hashed against the target's current chunk and written only when they differ.
+Several connections read and write in parallel, one thread per connection pair, each pulling the
+next chunk from a shared feed. In copy mode, when both ends are plain NBD sockets, a thread splices
+each chunk's payload from the source socket into the target socket without it entering this
+process (`datapath.wire`); otherwise it reads into memory and hands the chunk to its own writer
+thread, so that the next read overlaps this write (libnbd releases the GIL while it waits). Either
+way, data chunks that turn out to be all zero are written as zero ranges, with no payload. In
+compare mode (resync after change tracking was lost) each source chunk is hashed against the
+target's current chunk and written only when they differ.
 
 Progress is a watermark: every request is numbered in offset order; the watermark is the end of the
 longest fully completed prefix. At each checkpoint the target is flushed and the watermark handed to
 `on_checkpoint` as the resume token, so a crash re-copies at most one checkpoint window.
 Memory is bounded by about 3 x connections x chunk size (reading, handed off, writing), whatever the
-disk size.
+disk size; spliced chunks take none.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
@@ -26,6 +31,7 @@ import xxhash
 
 from sendense.datapath.extents import Extent, split
 from sendense.datapath.throttle import Throttle
+from sendense.datapath.wire import NbdWire, Splicer
 from sendense.errors import DataPathError
 from sendense.models import CopyStats
 
@@ -61,12 +67,75 @@ class CopyPlan:
     checkpoint_seconds: float = 2.0
     compare_block: int = 4 << 10  # granularity of compare mode writes
     pipeline: bool = True  # copy mode: overlap each connection's next read with its current write
+    splice: bool = True  # copy mode: splice payload socket to socket when both ends allow (datapath.wire)
     throttle: Throttle | None = None
     on_checkpoint: CheckpointFn | None = None
     cancelled: Callable[[], bool] = field(default=lambda: False)
 
 
 _STOP = object()
+_POLL = 0.05  # the coordinator's wake-up interval at most (cancel checks, time-based checkpoints)
+
+
+def _wires(reader: BlockReader, writer: BlockWriter) -> tuple[NbdWire, NbdWire] | None:
+    """Both ends' wires when both can splice, else None (nothing is taken over)."""
+    get_r, get_w = getattr(reader, "wire", None), getattr(writer, "wire", None)
+    if get_r is None or get_w is None:
+        return None
+    r = get_r()
+    if r is None:
+        return None
+    w = get_w()
+    if w is None:
+        r.release()
+        return None
+    return r, w
+
+
+class _Feed:
+    """Hands out (seq, extent) chunks in offset order to the copy threads, under a lock (no dispatcher
+    thread: a chunk costs no thread hand-off). The extent iterator may do I/O (block status); its
+    errors reach the thread that asked."""
+
+    def __init__(self, extents: Iterable[Extent], chunk_size: int, abort: threading.Event) -> None:
+        self._it = iter(split(extents, chunk_size))
+        self._lock = threading.Lock()
+        self._abort = abort
+        self.issued = 0
+        self.exhausted = False
+
+    def next(self) -> tuple[int, Extent] | None:
+        with self._lock:
+            if self.exhausted or self._abort.is_set():
+                return None
+            try:
+                ext = next(self._it)
+            except StopIteration:
+                self.exhausted = True
+                return None
+            seq = self.issued
+            self.issued += 1
+            return seq, ext
+
+
+class _Results:
+    """Completed chunks and errors, posted by the copy threads without waking the coordinator for
+    each one: it is woken for an error, when a thread runs out of work, and every `batch` chunks
+    (so checkpoints stay about `checkpoint_bytes` apart)."""
+
+    def __init__(self, batch: int) -> None:
+        self.items: deque[tuple[int, Extent, CopyStats] | BaseException] = deque()
+        self.wake = threading.Event()
+        self.batch = max(1, batch)
+
+    def post(self, seq: int, ext: Extent, stats: CopyStats) -> None:
+        self.items.append((seq, ext, stats))
+        if len(self.items) >= self.batch:
+            self.wake.set()
+
+    def fail(self, e: BaseException) -> None:
+        self.items.append(e)
+        self.wake.set()
 
 
 def _is_zero(data: bytes, zeros: bytes) -> bool:
@@ -77,45 +146,75 @@ class _Worker(threading.Thread):
     """Reads chunks; in copy mode hands each data chunk to its own writer thread, so that the read of
     the next chunk overlaps the write of this one (two requests in flight per connection pair)."""
 
-    def __init__(self, plan: CopyPlan, work: queue.Queue, done: queue.Queue, abort: threading.Event) -> None:
+    def __init__(self, plan: CopyPlan, feed: _Feed, results: _Results, abort: threading.Event) -> None:
         super().__init__(daemon=True, name="copy-worker")
-        self.plan, self.work, self.done, self.abort = plan, work, done, abort
+        self.plan, self.feed, self.results, self.abort = plan, feed, results, abort
         self.zeros = bytes(plan.chunk_size)
         self.handoff: queue.Queue = queue.Queue(maxsize=1)
 
     def run(self) -> None:
         reader = writer = None
         pipe: threading.Thread | None = None
+        wires: tuple[NbdWire, NbdWire] | None = None
+        splicer: Splicer | None = None
+        handle: Callable[[int, Extent], CopyStats | None]
         try:
             reader = self.plan.open_reader()
             writer = self.plan.open_writer()
-            if self.plan.mode == "copy" and self.plan.pipeline:
+            if self.plan.mode == "copy" and self.plan.splice:
+                wires = _wires(reader, writer)
+            if wires is not None:
+                splicer = Splicer(*wires)
+                handle = self._splice_one(splicer)
+            elif self.plan.mode == "copy" and self.plan.pipeline:
                 pipe = threading.Thread(target=self._write_loop, args=(self.plan.open_writer(),), daemon=True)
                 pipe.start()
-            while not self.abort.is_set():
-                try:
-                    item = self.work.get(timeout=0.2)
-                except queue.Empty:
-                    continue
-                if item is _STOP:
-                    break
+                handle = self._one_handler(reader, writer, pipelined=True)
+            else:
+                handle = self._one_handler(reader, writer, pipelined=False)
+            while (item := self.feed.next()) is not None:
                 seq, ext = item
-                stats = self._one(reader, writer, ext, seq if pipe is not None else None)
+                stats = handle(seq, ext)
                 if stats is not None:
-                    self.done.put((seq, ext, stats))
+                    self.results.post(seq, ext, stats)
         except BaseException as e:  # noqa: BLE001 - handed to the coordinating thread
             self.abort.set()
-            self.done.put(("error", e, None))
+            self.results.fail(e)
         finally:
             if pipe is not None:
                 self._handoff(_STOP)
                 pipe.join(timeout=30)
+            self.results.wake.set()
+            if splicer is not None:
+                splicer.close()
+            for w in wires or ():
+                w.release()
             for c in (reader, writer):
                 if c is not None:
                     try:
                         c.close()
                     except Exception:  # noqa: BLE001
                         log.debug("close failed", exc_info=True)
+
+    def _one_handler(
+        self, reader: BlockReader, writer: BlockWriter, *, pipelined: bool
+    ) -> Callable[[int, Extent], CopyStats | None]:
+        return lambda seq, ext: self._one(reader, writer, ext, seq if pipelined else None)
+
+    def _splice_one(self, splicer: Splicer) -> Callable[[int, Extent], CopyStats]:
+        def handle(seq: int, e: Extent) -> CopyStats:
+            s = CopyStats(extents=1)
+            if e.zero:
+                splicer.dst.zero(e.offset, e.length)
+                s.bytes_zeroed = e.length
+                return s
+            if self.plan.throttle is not None:
+                self.plan.throttle.consume(e.length)
+            r = splicer.copy(e.offset, e.length)
+            s.bytes_read, s.bytes_written, s.bytes_zeroed = e.length, r.written, r.zeroed
+            return s
+
+        return handle
 
     def _handoff(self, item: object) -> None:
         while True:
@@ -139,11 +238,12 @@ class _Worker(threading.Thread):
                     return
                 seq, ext, data, stats = item
                 self._put(writer, ext.offset, data, stats)
-                self.done.put((seq, ext, stats))
+                self.results.post(seq, ext, stats)
         except BaseException as e:  # noqa: BLE001
             self.abort.set()
-            self.done.put(("error", e, None))
+            self.results.fail(e)
         finally:
+            self.results.wake.set()
             try:
                 writer.close()
             except Exception:  # noqa: BLE001
@@ -205,39 +305,11 @@ class _Worker(threading.Thread):
 def run_copy(plan: CopyPlan) -> tuple[CopyStats, int]:
     """Copy every extent of the plan. Returns the stats and the final watermark offset."""
     started = time.monotonic()
-    work: queue.Queue = queue.Queue(maxsize=plan.connections * 2)
-    done: queue.Queue = queue.Queue()
     abort = threading.Event()
-    dispatched: list[int] = []  # [count] once the dispatcher has finished
-
-    def dispatch() -> None:
-        n = 0
-        try:
-            for ext in split(plan.extents, plan.chunk_size):
-                while not abort.is_set():
-                    try:
-                        work.put((n, ext), timeout=0.2)
-                        break
-                    except queue.Full:
-                        continue
-                if abort.is_set():
-                    return
-                n += 1
-            dispatched.append(n)
-            done.put(("dispatched", n, None))
-        except BaseException as e:  # noqa: BLE001
-            abort.set()
-            done.put(("error", e, None))
-        finally:
-            for _ in range(0 if abort.is_set() else plan.connections):
-                try:
-                    work.put(_STOP, timeout=0.5)
-                except queue.Full:
-                    pass
-
+    feed = _Feed(plan.extents, plan.chunk_size, abort)
+    results = _Results(plan.checkpoint_bytes // plan.chunk_size // 2)
     control = plan.open_writer()  # flushes at checkpoints
-    workers = [_Worker(plan, work, done, abort) for _ in range(plan.connections)]
-    feeder = threading.Thread(target=dispatch, daemon=True, name="copy-dispatch")
+    workers = [_Worker(plan, feed, results, abort) for _ in range(plan.connections)]
     stats = CopyStats()
     pending: dict[int, Extent] = {}
     next_seq = 0
@@ -246,41 +318,40 @@ def run_copy(plan: CopyPlan) -> tuple[CopyStats, int]:
     last_ck_bytes = 0
     last_ck_time = time.monotonic()
     progressed = 0
-    total: int | None = None
     try:
         for w in workers:
             w.start()
-        feeder.start()
-        while total is None or completed < total:
+        while not (feed.exhausted and completed == feed.issued):
             if plan.cancelled():
                 raise DataPathError("copy cancelled")
-            try:
-                seq, ext, delta = done.get(timeout=0.5)
-            except queue.Empty:
-                continue
-            if seq == "error":
-                raise ext
-            if seq == "dispatched":
-                total = ext
-                continue
-            completed += 1
-            stats.add(delta)
-            pending[seq] = ext
-            while next_seq in pending:
-                e = pending.pop(next_seq)
-                watermark = e.end
-                progressed += 0 if e.zero else e.length
-                next_seq += 1
-            now = time.monotonic()
-            due = (
-                progressed - last_ck_bytes >= plan.checkpoint_bytes
-                or now - last_ck_time >= plan.checkpoint_seconds
-            )
-            if due and plan.on_checkpoint is not None:
-                control.flush()
-                stats.seconds = now - started
-                plan.on_checkpoint(watermark, progressed, stats)
-                last_ck_bytes, last_ck_time = progressed, now
+            results.wake.wait(_POLL)
+            results.wake.clear()
+            if not any(w.is_alive() for w in workers) and not results.items:  # dead threads posted all
+                if not (feed.exhausted and completed == feed.issued):
+                    raise DataPathError("copy threads stopped before the copy was done")
+            while results.items:
+                item = results.items.popleft()
+                if isinstance(item, BaseException):
+                    raise item
+                seq, ext, delta = item
+                completed += 1
+                stats.add(delta)
+                pending[seq] = ext
+                while next_seq in pending:
+                    e = pending.pop(next_seq)
+                    watermark = e.end
+                    progressed += 0 if e.zero else e.length
+                    next_seq += 1
+                now = time.monotonic()
+                due = (
+                    progressed - last_ck_bytes >= plan.checkpoint_bytes
+                    or now - last_ck_time >= plan.checkpoint_seconds
+                )
+                if due and plan.on_checkpoint is not None:
+                    control.flush()
+                    stats.seconds = now - started
+                    plan.on_checkpoint(watermark, progressed, stats)
+                    last_ck_bytes, last_ck_time = progressed, now
         control.flush()
         stats.seconds = time.monotonic() - started
         if plan.on_checkpoint is not None:
@@ -290,5 +361,4 @@ def run_copy(plan: CopyPlan) -> tuple[CopyStats, int]:
         abort.set()
         for w in workers:
             w.join(timeout=30)
-        feeder.join(timeout=5)
         control.close()

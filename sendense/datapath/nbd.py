@@ -7,11 +7,14 @@ python3-libnbd; the project venv is made with --system-site-packages so that it 
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections.abc import Iterator
 from typing import Any
 
 from sendense.datapath.extents import Extent, intersect_dirty
+from sendense.datapath.wire import NbdWire
+from sendense.datapath.wire import available as wire_available
 from sendense.errors import ChangeTrackingLost, DataPathError, ResourceUnavailable
 
 try:  # pragma: no cover - import guard with a clear message
@@ -46,6 +49,9 @@ class NbdConnection:
         self.uri = uri
         self.h = nbd.NBD()
         self.h.set_pread_initialize(False)
+        # block status needs structured replies; plain data connections use simple ones, so that
+        # their socket can be handed to an NbdWire (payload spliced, see datapath.wire)
+        self.h.set_request_structured_replies(bool(contexts))
         for c in contexts:
             self.h.add_meta_context(c)
         try:
@@ -88,6 +94,14 @@ class NbdConnection:
                 self.h.flush()
         except nbd.Error as e:
             raise _write_error(self.uri, 0, e) from None
+
+    def wire(self) -> NbdWire | None:
+        """The transmission phase on this connection's own socket, when it can be spliced (a plain
+        socket with simple replies); None otherwise. The connection must then be used only through
+        the wire until `NbdWire.release()`."""
+        if not wire_available() or self.h.get_structured_replies_negotiated() or self.h.get_tls_negotiated():
+            return None
+        return NbdWire(self.h.aio_get_fd(), _safe(self.uri), can_zero=self.can_zero)
 
     def can_meta_context(self, context: str) -> bool:
         return bool(self.h.can_meta_context(context))
@@ -173,8 +187,6 @@ def _safe(uri: str) -> str:
 
 
 def _write_error(uri: str, offset: int, e: Any) -> DataPathError:
-    import errno as _errno
-
-    if getattr(e, "errno", None) == _errno.ENOSPC:
+    if getattr(e, "errnum", None) == errno.ENOSPC:  # libnbd: .errnum is the number, .errno its name
         return DataPathError(f"target {_safe(uri)} is full (write at {offset})", retryable=False)
     return DataPathError(f"write at {offset} to {_safe(uri)}: {e.string}")

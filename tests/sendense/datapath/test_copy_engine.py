@@ -347,9 +347,9 @@ def test_in_flight_work_is_bounded_by_the_connections(source, target) -> None:
 
     assert stats.extents == pulled[0] > 40
     assert 1 < state["max"] <= connections  # parallel, but never more reads than connections
-    # pulled but unfinished requests, per connection: the work queue (2), one being read, one handed
-    # to the connection's writer thread and one being written; plus one being queued
-    assert outstanding[0] <= 5 * connections + 1
+    # pulled but unfinished requests, per connection: one being read, one handed to the connection's
+    # writer thread and one being written (chunks are pulled from the feed only when a thread is free)
+    assert outstanding[0] <= 3 * connections
 
 
 class MemDisk:
@@ -376,9 +376,8 @@ class MemDisk:
 
 
 def test_slow_reads_do_not_stall_the_end_of_the_copy() -> None:
-    """When each read is slower than the dispatcher's 0.5 s wait for queue space (a throttled job,
-    a WAN source), the copy must still end as soon as the last chunk is written, and its workers
-    must exit and close their connections."""
+    """When each read is slow (a throttled job, a WAN source), the copy must still end as soon as the
+    last chunk is written, and its workers must exit and close their connections."""
     chunk = 64 << 10
     src, dst = MemDisk(4 * chunk, delay=0.6), MemDisk(4 * chunk)
     src.buf[:] = b"\x42" * len(src.buf)
