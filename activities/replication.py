@@ -116,9 +116,8 @@ def copy_disk(req: CopyRequest) -> DiskCopyResult:
     """Copy one disk of a snapshot into the sync's replica, resuming from the last resume token.
 
     The token (everything below `offset` is on the target and flushed) is kept in a local file at
-    every checkpoint, and heartbeated at most every HEARTBEAT_EVERY: the SDK sends heartbeats to the
-    server no more often than that anyway, and each call costs the copy ~1 ms of GIL for the payload
-    conversion. A retry of this activity runs on the same host queue, so the local token bounds what
+    every checkpoint, and heartbeated every HEARTBEAT_EVERY of copying: each call costs the copy ~1 ms
+    of GIL for the payload conversion, and the first one of an attempt a server round trip. A retry of this activity runs on the same host queue, so the local token bounds what
     is copied again to one checkpoint.
     """
     start = 0
@@ -142,7 +141,8 @@ def copy_disk(req: CopyRequest) -> DiskCopyResult:
         if not stale.name.startswith(f"{req.sync_id}-"):
             stale.unlink(missing_ok=True)
 
-    last_beat = [float("-inf")]
+    last_beat = [time.monotonic()]  # a copy shorter than HEARTBEAT_EVERY never heartbeats: its
+    # heartbeat would be one more server round trip and history update per sync, for nothing
 
     def checkpoint(offset: int, done: int, total: int, stats: CopyStats) -> None:
         merged = carried.model_copy()
