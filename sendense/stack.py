@@ -189,6 +189,13 @@ def _stop(pid: int, create_time: float | None, sig: int = signal.SIGTERM, timeou
     _children.pop(pid, None)
 
 
+def server_env() -> dict[str, str]:
+    """The embedded server's environment: Go's collector runs less often (GOGC=400, bounded by
+    GOMEMLIMIT=1GiB). At 100 concurrent syncs: server CPU 5-10% lower (within this machine's noise),
+    peak RSS 270 -> 450 MiB. A GOGC or GOMEMLIMIT already in the environment wins."""
+    return {"GOGC": "400", "GOMEMLIMIT": "1GiB", **os.environ}
+
+
 def _spawn(cmd: list[str], log_path: Path, env: dict[str, str] | None = None) -> tuple[int, int]:
     """Start `cmd` detached (own session) with output appended to `log_path`; return (pid, log offset)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -401,10 +408,14 @@ def up(
             # 100-job p95 12 s -> 8 s). A crashed process loses nothing; a power cut may lose the
             # last transactions but never corrupts the store, and activities are idempotent.
             "--sqlite-pragma", "journal_mode=wal", "--sqlite-pragma", "synchronous=normal",
+            # one worker polls each queue: one partition per task queue spares the matching service
+            # the forwarding between the default four (server CPU a few % lower at 100 jobs)
+            "--dynamic-config-value", "matching.numTaskqueueReadPartitions=1",
+            "--dynamic-config-value", "matching.numTaskqueueWritePartitions=1",
             *sa_flags,
         ]  # fmt: skip
         log_path = state / "logs" / SERVER_LOG
-        pid, offset = _spawn(cmd, log_path)
+        pid, offset = _spawn(cmd, log_path, server_env())
         info = StackInfo(
             address=f"{HOST}:{port}",
             ui_url=f"http://{HOST}:{ui_port}",
