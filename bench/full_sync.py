@@ -1,6 +1,6 @@
 """Full sync throughput: a real job's first sync against nbdcopy and qemu-img convert on the same image.
 
-Each run copies the same source qcow2 (a 40/20/40 random/zero/text mix) three ways, in alternating
+Each run copies the same source qcow2 (a 40/20/40 random/zero/text mix) four ways, in alternating
 order, into a fresh qcow2 target each time:
 
 - engine: a real job (new name per run) on the embedded stack; the copy_disk activity's own duration
@@ -8,6 +8,8 @@ order, into a fresh qcow2 target each time:
 - nbdcopy: from a `qemu-nbd -r` export into a writable `qemu-nbd` export of a fresh qcow2, with
   `--flush` (the engine flushes the target too) and `--destination-is-zero` (the engine knows a
   fresh replica reads as zeroes too);
+- copy engine alone: `run_copy` in the bench process on the same pair of exports as nbdcopy, default
+  tuning, flushing at every checkpoint: the data path without the job around it;
 - qemu-img convert -W -m 8 from the same kind of export into a qcow2 file.
 
 Both NBD exports use the engine's own qemu-nbd settings (connectors.kvm.qemu.start_qemu_nbd), and every
@@ -16,6 +18,7 @@ target qcow2 is created with the engine's replica options (connectors.kvm.target
 
 from __future__ import annotations
 
+import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,9 @@ from bench.harness import Bench, GiB, RssSampler, median, mib, remove_job_bitmap
 from bench.images import make_mixed, qcow2, run, same_content
 from connectors.kvm.qemu import qemu_nbd
 from connectors.kvm.target import REPLICA_OPTIONS
+from sendense.datapath.copy import CopyPlan, run_copy
+from sendense.datapath.nbd import ALLOCATION, NbdConnection
+from sendense.models import Tuning
 
 
 def source_image(bench: Bench) -> Path:
@@ -68,15 +74,49 @@ async def engine_run(bench: Bench, src: Path, name: str, verify: bool, size: int
         remove_job_bitmaps(src, name)
 
 
-def nbdcopy_run(bench: Bench, src: Path) -> float:
+def nbdcopy_run(bench: Bench, src: Path) -> tuple[float, float]:
+    """(seconds, CPU seconds of nbdcopy itself)."""
     dst = qcow2(bench.dir("ref") / "nbdcopy.qcow2", bench.opts.size, REPLICA_OPTIONS)  # same kind of target
     try:
         with qemu_nbd(src, readonly=True) as s, qemu_nbd(dst, readonly=False) as d:
+            c0 = _cpu(resource.RUSAGE_CHILDREN)  # the exports are reaped later, outside this window
             t0 = time.monotonic()
             run("nbdcopy", "--flush", "--destination-is-zero", s.uri, d.uri)
-            return time.monotonic() - t0
+            return time.monotonic() - t0, _cpu(resource.RUSAGE_CHILDREN) - c0
     finally:
         dst.unlink(missing_ok=True)
+
+
+def copy_engine_run(bench: Bench, src: Path) -> tuple[float, float]:
+    """The copy engine alone (`run_copy`, default tuning, flushing at every checkpoint as a job does) on
+    the same pair as nbdcopy: (seconds, CPU seconds of this process, which does nothing else)."""
+    dst = qcow2(bench.dir("ref") / "engine.qcow2", bench.opts.size, REPLICA_OPTIONS)
+    tuning = Tuning()
+    try:
+        with qemu_nbd(src, readonly=True) as s, qemu_nbd(dst, readonly=False) as d:
+            c0 = _cpu(resource.RUSAGE_SELF)
+            t0 = time.monotonic()
+            with NbdConnection(s.uri, contexts=(ALLOCATION,)) as c:
+                extents = [e for e in c.changed_extents(None) if not e.zero]
+            run_copy(
+                CopyPlan(
+                    extents=extents,
+                    open_reader=lambda: NbdConnection(s.uri),
+                    open_writer=lambda: NbdConnection(d.uri, writable=True),
+                    chunk_size=tuning.chunk_size,
+                    connections=tuning.connections,
+                    checkpoint_bytes=tuning.checkpoint_bytes,
+                    on_checkpoint=lambda *_: None,
+                )
+            )
+            return time.monotonic() - t0, _cpu(resource.RUSAGE_SELF) - c0
+    finally:
+        dst.unlink(missing_ok=True)
+
+
+def _cpu(who: int) -> float:
+    r = resource.getrusage(who)
+    return r.ru_utime + r.ru_stime
 
 
 def qemu_img_run(bench: Bench, src: Path) -> float:
@@ -97,7 +137,7 @@ async def measure(bench: Bench) -> dict[str, Any]:
     runs: list[dict[str, Any]] = []
     tag = int(time.time()) % 100000
     for i in range(bench.opts.runs):
-        order = ["engine", "nbdcopy", "qemu_img"]
+        order = ["engine", "nbdcopy", "copy_engine", "qemu_img"]
         if i % 2:
             order.reverse()
         r: dict[str, Any] = {"order": order}
@@ -105,12 +145,15 @@ async def measure(bench: Bench) -> dict[str, Any]:
             if tool == "engine":
                 r["engine"] = await engine_run(bench, src, f"full-{tag}-{i}", verify=(i == 0), size=size)
             elif tool == "nbdcopy":
-                r["nbdcopy_seconds"] = round(nbdcopy_run(bench, src), 3)
+                r["nbdcopy_seconds"], r["nbdcopy_cpu_seconds"] = nbdcopy_run(bench, src)
+            elif tool == "copy_engine":
+                r["copy_engine_seconds"], r["copy_engine_cpu_seconds"] = copy_engine_run(bench, src)
             else:
                 r["qemu_img_seconds"] = round(qemu_img_run(bench, src), 3)
         r["nbdcopy_gibps"] = size / GiB / r["nbdcopy_seconds"]
         r["qemu_img_gibps"] = size / GiB / r["qemu_img_seconds"]
         r["ratio_vs_nbdcopy"] = r["engine"]["gibps"] / r["nbdcopy_gibps"]
+        r["copy_engine_ratio_vs_nbdcopy"] = r["nbdcopy_seconds"] / r["copy_engine_seconds"]
         runs.append(r)
 
     bench.shared["full_sync_rss"] = [r["engine"] for r in runs]
@@ -125,13 +168,19 @@ async def measure(bench: Bench) -> dict[str, Any]:
         "qemu_img_gibps": round(median([r["qemu_img_gibps"] for r in runs]), 3),
         "ratio_vs_nbdcopy": round(median([r["ratio_vs_nbdcopy"] for r in runs]), 3),
         "ratio_vs_qemu_img": round(median([r["engine"]["gibps"] / r["qemu_img_gibps"] for r in runs]), 3),
+        "copy_engine_gibps": round(median([size / GiB / r["copy_engine_seconds"] for r in runs]), 3),
+        "copy_engine_ratio_vs_nbdcopy": round(median([r["copy_engine_ratio_vs_nbdcopy"] for r in runs]), 3),
+        "copy_engine_cpu_seconds": round(median([r["copy_engine_cpu_seconds"] for r in runs]), 3),
+        "nbdcopy_cpu_seconds": round(median([r["nbdcopy_cpu_seconds"] for r in runs]), 3),
         "copy_seconds_median": round(median([r["engine"]["copy_seconds"] for r in runs]), 3),
         "sync_seconds_median": round(median([r["engine"]["sync_seconds"] for r in runs]), 3),
         "bytes_written": first["bytes_written"],
         "bit_exact": bool(first.get("bit_exact")),
         "notes": "GiB/s = virtual size / seconds; engine_gibps uses the copy_disk activity's own duration "
         "(history events), engine_sync_gibps the whole sync; ratio = median of per-run ratios; "
-        "nbdcopy runs with --flush --destination-is-zero",
+        "nbdcopy runs with --flush --destination-is-zero; copy_engine = run_copy alone on the same pair as "
+        "nbdcopy (no job: no snapshot, export start/stop or heartbeats); *_cpu_seconds = the copier's "
+        "own CPU (not the qemu-nbd exports')",
         "runs": [_round(r) for r in runs],
     }
 
