@@ -117,8 +117,9 @@ def copy_disk(req: CopyRequest) -> DiskCopyResult:
 
     The token (everything below `offset` is on the target and flushed) is kept in a local file at
     every checkpoint, and heartbeated every HEARTBEAT_EVERY of copying: each call costs the copy ~1 ms
-    of GIL for the payload conversion, and the first one of an attempt a server round trip. A retry of this activity runs on the same host queue, so the local token bounds what
-    is copied again to one checkpoint.
+    of GIL for the payload conversion, and the first one of an attempt a server round trip. A retry
+    of this activity runs on the same host queue, so the local token bounds what is copied again to
+    one checkpoint.
     """
     start = 0
     carried = CopyStats()

@@ -372,7 +372,8 @@ class LibvirtSource:
                 )
         bitmap = d.handle.get("bitmap")
         bitmap_for = {d.base_change_id: bitmap} if bitmap and d.base_change_id and not d.tracking_lost else {}
-        yield NbdSourceDisk(uri, d.size, bitmap_for=bitmap_for)
+        with NbdSourceDisk(uri, d.size, bitmap_for=bitmap_for) as disk:
+            yield disk
 
     def release_snapshot(self, snap: SnapshotRef, committed: bool) -> None:
         new = snap.handle.get("checkpoint") or self.prefix + snap.snapshot_id

@@ -494,7 +494,8 @@ class QmpSource:
                     )
         except ResourceUnavailable as err:
             raise SnapshotInconsistent(f"snapshot {snap.snapshot_id}: {err}") from None
-        yield disk
+        with disk:
+            yield disk
 
     def release_snapshot(self, snap: SnapshotRef, committed: bool) -> None:
         try:

@@ -180,11 +180,9 @@ class KvmTarget:
         pending = self._pending_file(sync_id, key)
         if not pending.exists():
             raise ResourceNotFound(f"replica {pending}: not prepared for sync {sync_id}")
-        has_base = qcow2_backing_name(pending) is not None
+        header = read_qcow2_header(pending)  # size and backing, without a probe connection
         with qemu_nbd(pending, readonly=False) as srv:
-            with NbdConnection(srv.uri) as probe:  # the size, without spawning qemu-img
-                size = probe.size
-            yield _PendingDisk(srv.uri, size, has_base)
+            yield _PendingDisk(srv.uri, header.size, header.backing is not None)
 
     def commit(self, sync_id: str, point: PointInfo) -> PointInfo:
         with self._locked():

@@ -62,6 +62,7 @@ class NbdConnection:
             self.close()
             raise DataPathError(f"NBD export {_safe(uri)} is read-only", retryable=False)
         self.size: int = self.h.get_size()
+        self.writable = writable
         self.can_zero = writable and bool(self.h.can_zero())
 
     def read(self, offset: int, length: int) -> bytes:
@@ -107,10 +108,13 @@ class NbdConnection:
         return bool(self.h.can_meta_context(context))
 
     def close(self) -> None:
-        try:
-            self.h.shutdown()
-        except nbd.Error:
-            pass
+        """Writable: a graceful NBD disconnect. Read-only: just close the socket (a server takes EOF
+        between requests as a disconnect), which spares a round trip per connection."""
+        if self.writable:
+            try:
+                self.h.shutdown()
+            except nbd.Error:
+                pass
         del self.h
 
     def __enter__(self) -> NbdConnection:

@@ -233,6 +233,19 @@ def test_a_write_after_the_snapshot_makes_open_disk_fail_and_the_retry_is_exact(
     rig.assert_point_exact("p2b")
 
 
+def test_a_resize_after_the_snapshot_makes_open_disk_fail(tmp_path: Path) -> None:
+    """The snapshot recorded the size; an image grown after it cannot be read as that instant."""
+    rig = Rig(tmp_path, [32 * MiB])
+    img = rig.images[0]
+    qemu_io(img, "write -P 0x11 0 4M")
+    snap = rig.src.create_snapshot("p1", {})
+    run("qemu-img", "resize", "-q", img, "48M")
+    with pytest.raises(SnapshotInconsistent, match="resized") as ei, rig.src.open_disk(snap, "disk0"):
+        pass
+    assert error_text(ei) and str(img) in str(ei.value)
+    rig.src.release_snapshot(snap, committed=False)
+
+
 def test_an_image_in_use_by_a_writer_is_resource_unavailable(tmp_path: Path) -> None:
     rig = Rig(tmp_path, [16 * MiB])
     img = rig.images[0]
