@@ -116,10 +116,11 @@ def copy_disk(req: CopyRequest) -> DiskCopyResult:
     """Copy one disk of a snapshot into the sync's replica, resuming from the last resume token.
 
     The token (everything below `offset` is on the target and flushed) is kept in a local file at
-    every checkpoint, and heartbeated every HEARTBEAT_EVERY of copying: each call costs the copy ~1 ms
-    of GIL for the payload conversion, and the first one of an attempt a server round trip. A retry
-    of this activity runs on the same host queue, so the local token bounds what is copied again to
-    one checkpoint.
+    every checkpoint, and heartbeated at most every HEARTBEAT_EVERY, never at the copy's last
+    checkpoint (the result follows at once; a small sync's copy then heartbeats not at all): each
+    call costs the copy ~1 ms of GIL for the payload conversion, the first one of an attempt a server
+    round trip. A retry of this activity runs on the same host queue, so the local token bounds what
+    is copied again to one checkpoint.
     """
     start = 0
     carried = CopyStats()
@@ -142,8 +143,7 @@ def copy_disk(req: CopyRequest) -> DiskCopyResult:
         if not stale.name.startswith(f"{req.sync_id}-"):
             stale.unlink(missing_ok=True)
 
-    last_beat = [time.monotonic()]  # a copy shorter than HEARTBEAT_EVERY never heartbeats: its
-    # heartbeat would be one more server round trip and history update per sync, for nothing
+    last_beat = [float("-inf")]
 
     def checkpoint(offset: int, done: int, total: int, stats: CopyStats) -> None:
         merged = carried.model_copy()
@@ -154,7 +154,7 @@ def copy_disk(req: CopyRequest) -> DiskCopyResult:
         tmp.write_text(token.model_dump_json())
         os.replace(tmp, store)
         now = time.monotonic()
-        if now - last_beat[0] >= HEARTBEAT_EVERY:
+        if now - last_beat[0] >= HEARTBEAT_EVERY and done < total:  # the last one: the result follows
             last_beat[0] = now
             activity.heartbeat(token)
 
