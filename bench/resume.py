@@ -81,7 +81,8 @@ async def measure(bench: Bench) -> dict[str, Any]:
     size, seconds = (128 * MiB, 4.0) if bench.opts.quick else (256 * MiB, 10.0)
     limit = max(MiB, int(size / seconds))
     # the default checkpoints (64 MiB or 2 s) are too coarse to catch a 4 s copy mid-way, twice
-    tuning: dict[str, Any] = {"bandwidth_limit": limit, "heartbeat_timeout": "5s"}
+    # inline_copy_bytes=0: the copy runs in copy_disk (resume tokens), whatever the disk's size
+    tuning: dict[str, Any] = {"bandwidth_limit": limit, "heartbeat_timeout": "5s", "inline_copy_bytes": 0}
     if bench.opts.quick:
         tuning["checkpoint_bytes"] = 8 * MiB
     ck_bytes = tuning.get("checkpoint_bytes", Tuning().checkpoint_bytes)

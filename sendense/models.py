@@ -129,6 +129,12 @@ class Tuning(Strict):
     heartbeat_timeout: Duration = Field(
         default=timedelta(seconds=20), description="a copy whose worker died is resumed after this long"
     )
+    inline_copy_bytes: int = Field(
+        default=64 << 20,
+        ge=0,
+        description="a sync whose changes are at most this many bytes is copied inside its first task "
+        "(one task less per sync; no resume token, which so little data does not need); 0 = never",
+    )
 
 
 class JobSpec(Strict):
@@ -287,6 +293,14 @@ class SnapshotRequest(Wire):
     spec: JobSpec
     snapshot_id: str
     base: dict[str, str | None] = Field(default_factory=dict)
+    copy_up_to: int = Field(default=0, description="begin_and_copy: copy disks inline up to this many bytes")
+
+
+class BeginResult(Wire):
+    """begin_and_copy: the snapshot, and the disks copied inline (the first ones, in order)."""
+
+    snapshot: SnapshotRef
+    copied: list[DiskCopyResult] = Field(default_factory=list)
 
 
 class PrepareRequest(Wire):

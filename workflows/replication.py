@@ -20,6 +20,7 @@ from temporalio.exceptions import ActivityError, ApplicationError, FailureError
 with workflow.unsafe.imports_passed_through():
     from sendense.models import (
         AbortRequest,
+        BeginResult,
         CarriedState,
         CommitRequest,
         CopyRequest,
@@ -50,6 +51,7 @@ SA_STATE = SearchAttributeKey.for_keyword("SendenseState")
 
 # workflow.patched ids (each guards a change to the command sequence; histories before it replay)
 PATCH_COMBINED_STEPS = "begin-finish-sync"  # begin_sync/finish_sync when source and target queues match
+PATCH_INLINE_COPY = "begin-and-copy"  # small syncs copied inside their first task (begin_and_copy)
 
 SHORT = RetryPolicy(
     initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30), maximum_attempts=5
@@ -270,20 +272,35 @@ class ReplicationWorkflow:
         snap: SnapshotRef | None = None
         # One host serves both ends: snapshot+prepare and commit+release run as one task each.
         combined = inp.source_queue == inp.target_queue and workflow.patched(PATCH_COMBINED_STEPS)
+        # ... and a small sync is copied inside that first task too (the disks that fit, in order)
+        inline = combined and spec.tuning.inline_copy_bytes > 0 and workflow.patched(PATCH_INLINE_COPY)
         release_error: str | None = None
+        results: list[DiskCopyResult] = []
         try:
-            snap = await workflow.execute_activity(
-                "begin_sync" if combined else "create_snapshot",  # begin_sync also prepares the target
-                SnapshotRequest(spec=spec, snapshot_id=sync_id, base=self.st.base),
-                result_type=SnapshotRef,
-                task_queue=inp.source_queue,
-                start_to_close_timeout=timedelta(minutes=6 if combined else 3),
-                retry_policy=SHORT,
-            )
+            request = SnapshotRequest(spec=spec, snapshot_id=sync_id, base=self.st.base)
+            if inline:
+                begun = await workflow.execute_activity(
+                    "begin_and_copy",
+                    request.model_copy(update={"copy_up_to": spec.tuning.inline_copy_bytes}),
+                    result_type=BeginResult,
+                    task_queue=inp.source_queue,
+                    start_to_close_timeout=timedelta(minutes=30),
+                    heartbeat_timeout=spec.tuning.heartbeat_timeout,
+                    retry_policy=SHORT,
+                )
+                snap, results = begun.snapshot, list(begun.copied)
+            else:
+                snap = await workflow.execute_activity(
+                    "begin_sync" if combined else "create_snapshot",  # begin_sync also prepares the target
+                    request,
+                    result_type=SnapshotRef,
+                    task_queue=inp.source_queue,
+                    start_to_close_timeout=timedelta(minutes=6 if combined else 3),
+                    retry_policy=SHORT,
+                )
             if not combined:
                 await self._prepare(sync_id, snap)
-            results: list[DiskCopyResult] = []
-            for d in snap.disks:
+            for d in snap.disks[len(results) :]:
                 results.append(
                     await workflow.execute_activity(
                         "copy_disk",

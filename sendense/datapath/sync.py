@@ -52,6 +52,13 @@ def plan_extents(
     return coalesce(clip(raw, start, end))
 
 
+def planned_bytes(src: SourceDisk, dst: TargetDisk, disk: DiskSnapshot, start: int = 0) -> int:
+    """The data bytes a copy of `disk` from `start` will read (zero ranges excluded)."""
+    kind = sync_kind(disk, dst.has_base)
+    end = min(src.size, dst.size)
+    return sum(e.length for e in plan_extents(src, kind, disk.base_change_id, start, end) if not e.zero)
+
+
 def copy_disk(
     src: SourceDisk,
     dst: TargetDisk,
@@ -62,15 +69,17 @@ def copy_disk(
     on_checkpoint: Checkpoint | None = None,
     cancelled: Callable[[], bool] = lambda: False,
     throttle: Throttle | None = None,
+    total: int | None = None,
 ) -> DiskCopyResult:
+    """Copy one disk; `total` is planned_bytes() when the caller has it already."""
     kind = sync_kind(disk, dst.has_base)
     end = min(src.size, dst.size)
-    total = sum(e.length for e in plan_extents(src, kind, disk.base_change_id, start, end) if not e.zero)
-    log.info("disk %s: %s sync from %d, %d bytes to read", disk.key, kind, start, total)
+    planned = planned_bytes(src, dst, disk, start) if total is None else total
+    log.info("disk %s: %s sync from %d, %d bytes to read", disk.key, kind, start, planned)
 
     def ck(offset: int, done: int, stats: CopyStats) -> None:
         if on_checkpoint is not None:
-            on_checkpoint(offset, done, total, stats)
+            on_checkpoint(offset, done, planned, stats)
 
     plan = CopyPlan(
         extents=plan_extents(src, kind, disk.base_change_id, start, end),
@@ -79,7 +88,7 @@ def copy_disk(
         mode=_mode(kind, tuning),
         compare_block=tuning.compare_block,
         chunk_size=tuning.chunk_size,
-        connections=max(1, min(tuning.connections, -(-total // tuning.chunk_size))),  # small syncs, few conns
+        connections=max(1, min(tuning.connections, -(-planned // tuning.chunk_size))),  # small: few conns
         checkpoint_bytes=tuning.checkpoint_bytes,
         throttle=throttle or (Throttle(tuning.bandwidth_limit) if tuning.bandwidth_limit else None),
         on_checkpoint=ck,

@@ -45,6 +45,7 @@ async def main(tag: str) -> None:
     try:
         # one queue: seed, an incremental, a failing sync, a sync after it, new settings, delete
         host = FakeHost()
+        host.inline = 1  # begin_and_copy copies the first disk itself, copy_disk the second
 
         async def fail_third(req: CopyRequest, info: activity.Info) -> None:
             if req.sync_id.endswith("-0003") and req.disk == "disk1":

@@ -35,6 +35,7 @@ from temporalio.worker import Worker
 
 from sendense.models import (
     AbortRequest,
+    BeginResult,
     CommitRequest,
     CopyRequest,
     CopyStats,
@@ -63,6 +64,7 @@ from sendense.models import (
     SnapshotRequest,
     SyncNowRequest,
     SyncResult,
+    Tuning,
     VmInfo,
 )
 from workflows.replication import SA_JOB, SA_SOURCE, SA_STATE, SA_TARGET, SA_VM, ReplicationWorkflow
@@ -86,13 +88,16 @@ async def env() -> AsyncIterator[WorkflowEnvironment]:
         await e.shutdown()
 
 
-def spec(name: str = "web01", interval: timedelta = timedelta(minutes=10), keep: int = 24) -> JobSpec:
+def spec(
+    name: str = "web01", interval: timedelta = timedelta(minutes=10), keep: int = 24, **tuning: Any
+) -> JobSpec:
     return JobSpec(
         name=name,
         source=KvmSource(platform="kvm", disks=[Path(f"/vms/web01/{k}.qcow2") for k in DISKS]),
         target=KvmTarget(platform="kvm", path=Path("/replicas")),
         schedule=Schedule(interval=interval),
         retention=Retention(points=keep),
+        tuning=Tuning(**tuning),
     )
 
 
@@ -108,6 +113,8 @@ class FakeHost:
     - `validate_error`, `abort_error`, `forget_error`, `prepare_error`: raised by validate_job,
       abort_sync, forget_source, prepare_target; `release_errors`: by the next release_snapshot calls.
     begin_sync and finish_sync call the fakes they combine, so `calls` reads the same on both paths.
+    begin_and_copy copies the first `inline` disks itself (0 by default, so that the copy_disk tests
+    keep their copy_disk tasks), recording ("inline_copy", key); `inline_error` fails such a copy.
     A hook that holds a copy sets `entered` and waits on `release`, which teardown always sets.
     """
 
@@ -120,7 +127,10 @@ class FakeHost:
         self.forget_error: BaseException | None = None
         self.prepare_error: BaseException | None = None
         self.release_errors: list[BaseException] = []  # raised by the next release_snapshot calls
-        self.combined: list[str] = []  # begin_sync / finish_sync tasks, in order
+        self.combined: list[str] = []  # begin_sync / begin_and_copy / finish_sync tasks, in order
+        self.inline = 0  # disks begin_and_copy copies itself
+        self.inline_error: BaseException | None = None
+        self.copy_up_to: list[int] = []  # begin_and_copy's budgets
         self.queues: list[tuple[str, str]] = []  # (activity, task queue) of every call
         self.entered, self.release = asyncio.Event(), asyncio.Event()
 
@@ -134,6 +144,7 @@ class FakeHost:
             self.create_snapshot,
             self.prepare_target,
             self.begin_sync,
+            self.begin_and_copy,
             self.copy_disk,
             self.commit_point,
             self.release_snapshot,
@@ -183,6 +194,9 @@ class FakeHost:
     async def begin_sync(self, req: SnapshotRequest) -> SnapshotRef:
         """As the real one: create_snapshot, prepare_target, and an uncommitted release if prepare fails."""
         self.combined.append("begin_sync")
+        return await self._begin(req)
+
+    async def _begin(self, req: SnapshotRequest) -> SnapshotRef:
         snap = await self.create_snapshot(req)
         disks = [DiskInfo(key=d.key, size=d.size) for d in snap.disks]
         try:
@@ -191,6 +205,33 @@ class FakeHost:
             await self.release_snapshot(ReleaseRequest(spec=req.spec, snapshot=snap, committed=False))
             raise
         return snap
+
+    @activity.defn(name="begin_and_copy")
+    async def begin_and_copy(self, req: SnapshotRequest) -> BeginResult:
+        """As the real one: begin_sync, then the first `inline` disks copied here; a failed inline copy
+        releases the snapshot uncommitted."""
+        self.combined.append("begin_and_copy")
+        self.copy_up_to.append(req.copy_up_to)
+        snap = await self._begin(req)
+        copied: list[DiskCopyResult] = []
+        try:
+            for d in snap.disks[: self.inline]:
+                self.calls.append(("inline_copy", d.key))
+                if self.inline_error is not None:
+                    raise self.inline_error
+                copied.append(self._copied(d))
+        except BaseException:
+            await self.release_snapshot(ReleaseRequest(spec=req.spec, snapshot=snap, committed=False))
+            raise
+        return BeginResult(snapshot=snap, copied=copied)
+
+    @staticmethod
+    def _copied(d: DiskSnapshot) -> DiskCopyResult:
+        return DiskCopyResult(
+            key=d.key,
+            kind="full" if d.base_change_id is None else "incremental",
+            stats=CopyStats(bytes_read=WRITTEN, bytes_written=WRITTEN, bytes_zeroed=1 << 20, extents=3),
+        )
 
     @activity.defn(name="finish_sync")
     async def finish_sync(self, req: CommitRequest) -> FinishResult:
@@ -210,12 +251,7 @@ class FakeHost:
         self.copy_attempts.append((req.sync_id, req.disk, info.attempt, list(info.heartbeat_details)))
         if self.copy_hook is not None:
             await self.copy_hook(req, info)
-        d = req.snapshot.disk(req.disk)
-        return DiskCopyResult(
-            key=req.disk,
-            kind="full" if d.base_change_id is None else "incremental",
-            stats=CopyStats(bytes_read=WRITTEN, bytes_written=WRITTEN, bytes_zeroed=1 << 20, extents=3),
-        )
+        return self._copied(req.snapshot.disk(req.disk))
 
     @activity.defn(name="commit_point")
     async def commit_point(self, req: CommitRequest) -> PointInfo:
@@ -838,10 +874,10 @@ async def test_search_attributes_when_registered(env: WorkflowEnvironment) -> No
 # ------------------------------------------------------------- one host queue: combined steps
 
 
-@pytest.mark.parametrize("split", [False, True])
-async def test_one_host_queue_runs_three_tasks_per_sync(env: WorkflowEnvironment, split: bool) -> None:
-    """begin_sync, copy_disk per disk, finish_sync when one queue serves both ends; five kinds of
-    task on separate queues. Both paths call the same steps in the same order."""
+@pytest.mark.parametrize("mode", ["split", "combined", "inline"])
+async def test_one_host_queue_runs_three_tasks_per_sync(env: WorkflowEnvironment, mode: str) -> None:
+    """One queue for both ends: begin_sync (or begin_and_copy), copy_disk per disk, finish_sync; five
+    kinds of task when the queues differ. Every path calls the same steps in the same order."""
 
     async def body(job: Job) -> None:
         await job.settled(1)
@@ -854,12 +890,13 @@ async def test_one_host_queue_runs_three_tasks_per_sync(env: WorkflowEnvironment
             if e.HasField("activity_task_scheduled_event_attributes")
         ]
         per_sync = ["copy_disk"] * len(DISKS)
-        if split:
+        first = {"combined": "begin_sync", "inline": "begin_and_copy"}.get(mode)
+        if first is None:
             per_sync = ["create_snapshot", "prepare_target", *per_sync, "commit_point", "release_snapshot"]
             assert job.host.combined == []
         else:
-            per_sync = ["begin_sync", *per_sync, "finish_sync"]
-            assert job.host.combined == ["begin_sync", "finish_sync"] * 2
+            per_sync = [first, *per_sync, "finish_sync"]
+            assert job.host.combined == [first, "finish_sync"] * 2
         assert scheduled == ["validate_job", *per_sync, *per_sync]
         steps = [n for n, _ in job.host.calls if n != "validate_job"]
         one = [
@@ -876,7 +913,73 @@ async def test_one_host_queue_runs_three_tasks_per_sync(env: WorkflowEnvironment
             (s.snapshot_id, True) for s in snaps
         ]
 
-    await _run(env, spec(interval=timedelta(hours=1)), body, source_queue=split)
+    inline_bytes = 0 if mode == "combined" else Tuning().inline_copy_bytes
+    await _run(
+        env,
+        spec(interval=timedelta(hours=1), inline_copy_bytes=inline_bytes),
+        body,
+        source_queue=(mode == "split"),
+    )
+
+
+@pytest.mark.parametrize("inline", [len(DISKS), 1])
+async def test_small_syncs_are_copied_inside_their_first_task(env: WorkflowEnvironment, inline: int) -> None:
+    """begin_and_copy copied every disk (two tasks per sync), or the first one (copy_disk for the
+    rest); the point commits every disk's result either way."""
+    host = FakeHost()
+    host.inline = inline
+
+    async def body(job: Job) -> None:
+        await job.settled(1)
+        res = await job.sync_now()
+        await job.settled(2)
+        history = await job.handle.fetch_history()
+        scheduled = [
+            e.activity_task_scheduled_event_attributes.activity_type.name
+            for e in history.events
+            if e.HasField("activity_task_scheduled_event_attributes")
+        ]
+        per_sync = ["begin_and_copy", *["copy_disk"] * (len(DISKS) - inline), "finish_sync"]
+        assert scheduled == ["validate_job", *per_sync, *per_sync]
+        assert host.copy_up_to == [Tuning().inline_copy_bytes] * 2
+        assert [r.disk for r in host.of("copy_disk")] == list(DISKS)[inline:] * 2
+        assert [k for k in host.of("inline_copy")] == list(DISKS)[:inline] * 2
+        commits = host.of("commit_point")
+        assert [[r.key for r in c.results] for c in commits] == [list(DISKS)] * 2
+        assert res.bytes_written == WRITTEN * len(DISKS) and res.kind == "incremental"
+
+    await _run(env, spec(interval=timedelta(hours=1)), body, host=host)
+
+
+async def test_a_failed_inline_copy_releases_its_snapshot_and_the_next_sync_works(
+    env: WorkflowEnvironment,
+) -> None:
+    host = FakeHost()
+    host.inline = len(DISKS)
+
+    async def body(job: Job) -> None:
+        await job.settled(1)
+        seed = job.snapshots()[0].snapshot_id
+        host.inline_error = ApplicationError(
+            "replica volume is read-only", type="TargetError", non_retryable=True
+        )
+        with pytest.raises(WorkflowUpdateFailedError):
+            await job.sync_now()
+        st = await job.settled(1, failures=1)
+        assert st.last_error is not None and "read-only" in st.last_error
+        failed = job.snapshots()[1].snapshot_id
+        assert [(r.snapshot.snapshot_id, r.committed) for r in host.of("release_snapshot")] == [
+            (seed, True),
+            (failed, False),
+        ]
+        assert [a.sync_id for a in host.of("abort_sync")] == [failed]
+        host.inline_error = None
+        res = await job.sync_now()
+        assert job.snapshots()[2].base == change_ids(seed)
+        assert res.point_id == job.snapshots()[2].snapshot_id
+        assert host.of("copy_disk") == []
+
+    await _run(env, spec(interval=timedelta(hours=1)), body, host=host)
 
 
 async def test_combined_begin_that_cannot_prepare_releases_its_snapshot(env: WorkflowEnvironment) -> None:
@@ -923,6 +1026,6 @@ async def test_combined_finish_whose_release_fails_is_released_again(env: Workfl
             (res.point_id, True),
             (res.point_id, True),
         ]
-        assert host.combined == ["begin_sync", "finish_sync"] * 2
+        assert host.combined == ["begin_and_copy", "finish_sync"] * 2
 
     await _run(env, spec(interval=timedelta(hours=1)), body, host=host)

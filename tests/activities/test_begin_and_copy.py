@@ -1,0 +1,109 @@
+"""begin_and_copy, the real activity (temporalio's ActivityEnvironment), on real qcow2 images: the
+disks whose changes fit are copied inside the task, the rest are left to copy_disk, and a failure
+inside leaves no snapshot behind."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from helpers_kvm import MiB, bitmap_names, make_qcow2, qemu_io, same_content, to_raw
+from temporalio.exceptions import ApplicationError
+from temporalio.testing import ActivityEnvironment
+
+from activities import replication
+from activities.replication import begin_and_copy, copy_disk, finish_sync
+from connectors.kvm.target import KvmTarget as Replicas
+from sendense.errors import DataPathError
+from sendense.models import (
+    CommitRequest,
+    CopyRequest,
+    JobSpec,
+    KvmSource,
+    KvmTarget,
+    SnapshotRequest,
+    Tuning,
+)
+
+JOB = "inline"
+
+
+@pytest.fixture
+def rig(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[JobSpec, list[Path], Path]:
+    monkeypatch.setenv("SENDENSE_HOME", str(tmp_path / "home"))
+    disks = [make_qcow2(tmp_path / "d0.qcow2", 32 * MiB), make_qcow2(tmp_path / "d1.qcow2", 32 * MiB)]
+    qemu_io(disks[0], "write -P 0x11 0 2M")
+    qemu_io(disks[1], "write -P 0x22 0 8M")
+    spec = JobSpec(
+        name=JOB,
+        source=KvmSource(platform="kvm", disks=disks),
+        target=KvmTarget(platform="kvm", path=tmp_path / "rep"),
+        tuning=Tuning(chunk_size=1 * MiB, connections=2),
+    )
+    return spec, disks, tmp_path
+
+
+def test_the_disks_that_fit_are_copied_inline_and_the_rest_by_copy_disk(rig) -> None:
+    spec, disks, tmp = rig
+    env = ActivityEnvironment()
+    sid = "s1"
+    refs = [to_raw(d, tmp / f"{d.stem}.raw") for d in disks]  # the source at the snapshot instant
+    begun = env.run(begin_and_copy, SnapshotRequest(spec=spec, snapshot_id=sid, copy_up_to=4 * MiB))
+    assert [r.key for r in begun.copied] == ["disk0"]  # 2 MiB fits in 4 MiB; disk1's 8 MiB does not
+    assert begun.copied[0].kind == "full" and begun.copied[0].stats.bytes_written == 2 * MiB
+    rest = env.run(copy_disk, CopyRequest(spec=spec, sync_id=sid, snapshot=begun.snapshot, disk="disk1"))
+    done = env.run(
+        finish_sync,
+        CommitRequest(spec=spec, sync_id=sid, snapshot=begun.snapshot, results=[*begun.copied, rest]),
+    )
+    assert done.release_error is None and done.point.stats.bytes_written == 10 * MiB
+    replicas = Replicas(JOB, spec.target.path)
+    for key, ref in zip(("disk0", "disk1"), refs, strict=True):
+        assert same_content(replicas.point_path(sid, key), ref), key
+
+    # the next sync: both disks' changes fit, both are copied inline, incrementally
+    qemu_io(disks[0], "write -P 0x33 1M 64k")
+    qemu_io(disks[1], "write -P 0x44 20M 64k")
+    base = {d.key: d.change_id for d in begun.snapshot.disks}
+    nxt = env.run(begin_and_copy, SnapshotRequest(spec=spec, snapshot_id="s2", base=base, copy_up_to=4 * MiB))
+    assert [(r.key, r.kind) for r in nxt.copied] == [("disk0", "incremental"), ("disk1", "incremental")]
+    assert [r.stats.bytes_written for r in nxt.copied] == [64 * 1024, 64 * 1024]
+
+
+def test_a_failed_inline_copy_releases_the_snapshot(rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The copy step fails (an I/O error, injected there: snapshot and prepare are real): the error
+    goes up, and the snapshot's bitmaps are removed again, as after a failed prepare."""
+    spec, disks, _ = rig
+    env = ActivityEnvironment()
+
+    def broken_copy(*args: object, **kw: object) -> None:
+        raise DataPathError("write at 0 to the replica: Input/output error")
+
+    monkeypatch.setattr(replication, "run_copy_disk", broken_copy)
+    with pytest.raises(ApplicationError) as ei:
+        env.run(begin_and_copy, SnapshotRequest(spec=spec, snapshot_id="s1", copy_up_to=64 * MiB))
+    assert "Input/output error" in ei.value.message and "\n" not in ei.value.message
+    assert ei.value.type == "DataPathError" and not ei.value.non_retryable
+    assert [bitmap_names(d) for d in disks] == [[], []]  # released, uncommitted
+
+
+def test_a_long_begin_heartbeats_from_a_side_thread_and_stops_with_the_block() -> None:
+    """begin_and_copy has no checkpoints of its own: a side thread heartbeats while it runs, so a dead
+    worker is noticed after the heartbeat timeout; the thread ends with the block."""
+    beats: list[tuple[object, ...]] = []
+    env = ActivityEnvironment()
+    env.on_heartbeat = lambda *details: beats.append(details)
+
+    def long_step() -> int:
+        with replication._heartbeating(0.05):
+            time.sleep(0.5)
+        n = len(beats)
+        time.sleep(0.2)
+        return n
+
+    during = env.run(long_step)
+    assert during >= 5  # every 0.05 s
+    assert len(beats) == during  # none after the block
+    assert not [t for t in threading.enumerate() if t.name == "heartbeat"]
