@@ -157,7 +157,6 @@ class _Worker(threading.Thread):
         pipe: threading.Thread | None = None
         wires: tuple[NbdWire, NbdWire] | None = None
         splicer: Splicer | None = None
-        handle: Callable[[int, Extent], CopyStats | None]
         try:
             reader = self.plan.open_reader()
             writer = self.plan.open_writer()
@@ -165,16 +164,15 @@ class _Worker(threading.Thread):
                 wires = _wires(reader, writer)
             if wires is not None:
                 splicer = Splicer(*wires)
-                handle = self._splice_one(splicer)
             elif self.plan.mode == "copy" and self.plan.pipeline:
                 pipe = threading.Thread(target=self._write_loop, args=(self.plan.open_writer(),), daemon=True)
                 pipe.start()
-                handle = self._one_handler(reader, writer, pipelined=True)
-            else:
-                handle = self._one_handler(reader, writer, pipelined=False)
             while (item := self.feed.next()) is not None:
                 seq, ext = item
-                stats = handle(seq, ext)
+                if splicer is not None:
+                    stats: CopyStats | None = self._splice_one(splicer, ext)
+                else:
+                    stats = self._one(reader, writer, ext, seq if pipe is not None else None)
                 if stats is not None:
                     self.results.post(seq, ext, stats)
         except BaseException as e:  # noqa: BLE001 - handed to the coordinating thread
@@ -196,25 +194,17 @@ class _Worker(threading.Thread):
                     except Exception:  # noqa: BLE001
                         log.debug("close failed", exc_info=True)
 
-    def _one_handler(
-        self, reader: BlockReader, writer: BlockWriter, *, pipelined: bool
-    ) -> Callable[[int, Extent], CopyStats | None]:
-        return lambda seq, ext: self._one(reader, writer, ext, seq if pipelined else None)
-
-    def _splice_one(self, splicer: Splicer) -> Callable[[int, Extent], CopyStats]:
-        def handle(seq: int, e: Extent) -> CopyStats:
-            s = CopyStats(extents=1)
-            if e.zero:
-                splicer.dst.zero(e.offset, e.length)
-                s.bytes_zeroed = e.length
-                return s
-            if self.plan.throttle is not None:
-                self.plan.throttle.consume(e.length)
-            r = splicer.copy(e.offset, e.length)
-            s.bytes_read, s.bytes_written, s.bytes_zeroed = e.length, r.written, r.zeroed
+    def _splice_one(self, splicer: Splicer, e: Extent) -> CopyStats:
+        s = CopyStats(extents=1)
+        if e.zero:
+            splicer.dst.zero(e.offset, e.length)
+            s.bytes_zeroed = e.length
             return s
-
-        return handle
+        if self.plan.throttle is not None:
+            self.plan.throttle.consume(e.length)
+        r = splicer.copy(e.offset, e.length)
+        s.bytes_read, s.bytes_written, s.bytes_zeroed = e.length, r.written, r.zeroed
+        return s
 
     def _handoff(self, item: object) -> None:
         while True:

@@ -30,7 +30,7 @@ REQUEST = struct.Struct(">IHHQQI")  # magic, flags, type, cookie, offset, length
 REPLY = struct.Struct(">IIQ")  # magic, error, cookie
 REQUEST_MAGIC = 0x25609513
 SIMPLE_REPLY_MAGIC = 0x67446698
-CMD_READ, CMD_WRITE, CMD_FLUSH, CMD_WRITE_ZEROES = 0, 1, 3, 6
+CMD_READ, CMD_WRITE, CMD_WRITE_ZEROES = 0, 1, 6
 PEEK = 4096
 PIPE_SIZE = 1 << 20  # the default /proc/sys/fs/pipe-max-size
 F_SETPIPE_SZ = 1031
@@ -101,13 +101,6 @@ class NbdWire:
 
     # ------------------------------------------------------------------ verbs
 
-    def read(self, offset: int, length: int) -> bytes:
-        cookie = self.send_request(CMD_READ, offset, length)
-        self.recv_reply(cookie, f"read {length}@{offset}")
-        buf = bytearray(length)
-        self._recv_into(memoryview(buf))
-        return bytes(buf)
-
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         cookie = self.send_request(CMD_WRITE, offset, len(data), more=True)
         try:
@@ -124,10 +117,6 @@ class NbdWire:
             return
         cookie = self.send_request(CMD_WRITE_ZEROES, offset, length)
         self.recv_reply(cookie, f"zero {length}@{offset}")
-
-    def flush(self) -> None:
-        cookie = self.send_request(CMD_FLUSH, 0, 0)
-        self.recv_reply(cookie, "flush")
 
 
 @dataclass
