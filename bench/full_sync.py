@@ -8,8 +8,8 @@ order, into a fresh qcow2 target each time:
 - nbdcopy: from a `qemu-nbd -r` export into a writable `qemu-nbd` export of a fresh qcow2, with
   `--flush` (the engine flushes the target too) and `--destination-is-zero` (the engine knows a
   fresh replica reads as zeroes too);
-- copy engine alone: `run_copy` in the bench process on the same pair of exports as nbdcopy, default
-  tuning, flushing at every checkpoint: the data path without the job around it;
+- copy engine alone: `sendense.datapath.sync.copy_disk` in the bench process on the same pair of
+  exports as nbdcopy, default tuning, flushing at every checkpoint: the data path without the job;
 - qemu-img convert -W -m 8 from the same kind of export into a qcow2 file.
 
 Both NBD exports use the engine's own qemu-nbd settings (connectors.kvm.qemu.start_qemu_nbd), and every
@@ -25,11 +25,11 @@ from typing import Any
 
 from bench.harness import Bench, GiB, RssSampler, median, mib, remove_job_bitmaps
 from bench.images import make_mixed, qcow2, run, same_content
+from connectors.kvm.offline import NbdSourceDisk
 from connectors.kvm.qemu import qemu_nbd
-from connectors.kvm.target import REPLICA_OPTIONS
-from sendense.datapath.copy import CopyPlan, run_copy
-from sendense.datapath.nbd import ALLOCATION, NbdConnection
-from sendense.models import Tuning
+from connectors.kvm.target import REPLICA_OPTIONS, PendingDisk
+from sendense.datapath.sync import copy_disk
+from sendense.models import DiskSnapshot, Tuning
 
 
 def source_image(bench: Bench) -> Path:
@@ -90,30 +90,26 @@ def nbdcopy_run(bench: Bench, src: Path) -> tuple[float, float]:
 
 
 def copy_engine_run(bench: Bench, src: Path) -> tuple[float, float]:
-    """The copy engine alone (`run_copy`, default tuning, flushing at every checkpoint as a job does) on
-    the same pair as nbdcopy: (seconds, CPU seconds of this process, which does nothing else)."""
-    dst = qcow2(bench.dir("ref") / "engine.qcow2", bench.opts.size, REPLICA_OPTIONS)
-    tuning = Tuning()
+    """The copy engine alone (`sendense.datapath.sync.copy_disk`, as a job's copy_disk runs it, with
+    default tuning and a checkpoint callback, so the target is flushed at each checkpoint) on the
+    same pair as nbdcopy: (seconds, CPU seconds of this process, which does nothing else)."""
+    size = bench.opts.size
+    dst = qcow2(bench.dir("ref") / "engine.qcow2", size, REPLICA_OPTIONS)
+    disk = DiskSnapshot(key="disk0", size=size, change_id="bench")
     try:
         with qemu_nbd(src, readonly=True) as s, qemu_nbd(dst, readonly=False) as d:
             c0 = _cpu(resource.RUSAGE_SELF)
             t0 = time.monotonic()
-            with NbdConnection(s.uri, contexts=(ALLOCATION,)) as c:
-                extents = [e for e in c.changed_extents(None) if not e.zero]
-            run_copy(
-                CopyPlan(
-                    extents=extents,
-                    open_reader=lambda: NbdConnection(s.uri),
-                    open_writer=lambda: NbdConnection(d.uri, writable=True),
-                    chunk_size=tuning.chunk_size,
-                    connections=tuning.connections,
-                    checkpoint_bytes=tuning.checkpoint_bytes,
-                    on_checkpoint=lambda *_: None,
-                )
-            )
+            with NbdSourceDisk(s.uri, size) as source:
+                target = PendingDisk(d.uri, size, has_base=False)
+                copy_disk(source, target, disk, Tuning(), on_checkpoint=_no_op)
             return time.monotonic() - t0, _cpu(resource.RUSAGE_SELF) - c0
     finally:
         dst.unlink(missing_ok=True)
+
+
+def _no_op(*_: object) -> None:
+    pass
 
 
 def _cpu(who: int) -> float:
@@ -180,9 +176,9 @@ async def measure(bench: Bench) -> dict[str, Any]:
         "bit_exact": bool(first.get("bit_exact")),
         "notes": "GiB/s = virtual size / seconds; engine_gibps uses the copy_disk activity's own duration "
         "(history events), engine_sync_gibps the whole sync; ratio = median of per-run ratios; "
-        "nbdcopy runs with --flush --destination-is-zero; copy_engine = run_copy alone on the same pair as "
-        "nbdcopy (no job: no snapshot, export start/stop or heartbeats); *_cpu_seconds = the copier's "
-        "own CPU (not the qemu-nbd exports')",
+        "nbdcopy runs with --flush --destination-is-zero; copy_engine = sync.copy_disk alone on the same "
+        "pair as nbdcopy (no job: no snapshot, export start/stop or heartbeats); *_cpu_seconds = the "
+        "copier's own CPU (not the qemu-nbd exports')",
         "runs": [_round(r) for r in runs],
     }
 

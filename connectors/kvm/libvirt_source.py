@@ -44,7 +44,7 @@ import libvirt
 
 from connectors.kvm.offline import NbdSourceDisk, bitmap_prefix
 from connectors.kvm.qemu import fits_unix_socket, image_info, qcow2_bitmaps, remove_bitmaps
-from sendense.datapath.nbd import NbdConnection, unix_uri
+from sendense.datapath.nbd import unix_uri
 from sendense.errors import (
     InvalidSpec,
     ResourceNotFound,
@@ -360,19 +360,17 @@ class LibvirtSource:
             bd = job.disks.get(key) if job is not None else None
             if job is None or bd is None or job.socket != sock or bd.scratch != d.handle.get("scratch"):
                 raise gone
-        uri = unix_uri(sock, export)
-        try:
-            probe = NbdConnection(uri)
-        except ResourceUnavailable:
-            raise gone from None
-        with probe:
-            if probe.size != d.size:
-                raise SnapshotInconsistent(
-                    f"{self._where()}: disk {key} export is {probe.size} bytes, snapshot said {d.size}"
-                )
         bitmap = d.handle.get("bitmap")
         bitmap_for = {d.base_change_id: bitmap} if bitmap and d.base_change_id and not d.tracking_lost else {}
-        with NbdSourceDisk(uri, d.size, bitmap_for=bitmap_for) as disk:
+        with NbdSourceDisk(unix_uri(sock, export), d.size, bitmap_for=bitmap_for) as disk:
+            try:
+                size = disk.status().size  # the connection the copy's block status queries use
+            except ResourceUnavailable:
+                raise gone from None
+            if size != d.size:
+                raise SnapshotInconsistent(
+                    f"{self._where()}: disk {key} export is {size} bytes, snapshot said {d.size}"
+                )
             yield disk
 
     def release_snapshot(self, snap: SnapshotRef, committed: bool) -> None:

@@ -53,7 +53,7 @@ from typing import Any
 from connectors.kvm.offline import NbdSourceDisk, bitmap_prefix, tracking_problem
 from connectors.kvm.qemu import fits_unix_socket, qemu_img
 from connectors.kvm.qmp import QmpClient, QmpError, VmNotRunning
-from sendense.datapath.nbd import NbdConnection, unix_uri
+from sendense.datapath.nbd import unix_uri
 from sendense.errors import (
     InvalidSpec,
     ResourceNotFound,
@@ -484,17 +484,15 @@ class QmpSource:
             )
         uri = unix_uri(h["socket"], h["export"])
         bitmap_for = {d.base_change_id: h["temp_bitmap"]} if d.base_change_id and h.get("temp_bitmap") else {}
-        disk = NbdSourceDisk(uri, d.size, bitmap_for=bitmap_for)
-        try:
-            with NbdConnection(uri) as conn:
-                if conn.size != d.size:
-                    raise SnapshotInconsistent(
-                        f"NBD export {h['export']} is {conn.size} bytes, "
-                        f"snapshot {snap.snapshot_id} says {d.size}"
-                    )
-        except ResourceUnavailable as err:
-            raise SnapshotInconsistent(f"snapshot {snap.snapshot_id}: {err}") from None
-        with disk:
+        with NbdSourceDisk(uri, d.size, bitmap_for=bitmap_for) as disk:
+            try:
+                size = disk.status().size  # the connection the copy's block status queries use
+            except ResourceUnavailable as err:
+                raise SnapshotInconsistent(f"snapshot {snap.snapshot_id}: {err}") from None
+            if size != d.size:
+                raise SnapshotInconsistent(
+                    f"NBD export {h['export']} is {size} bytes, snapshot {snap.snapshot_id} says {d.size}"
+                )
             yield disk
 
     def release_snapshot(self, snap: SnapshotRef, committed: bool) -> None:

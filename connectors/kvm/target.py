@@ -52,7 +52,9 @@ def _safe_key(key: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
 
 
-class _PendingDisk:
+class PendingDisk:
+    """A replica being written, exported over NBD (the copy engine's TargetDisk)."""
+
     def __init__(self, uri: str, size: int, has_base: bool) -> None:
         self.uri, self.size, self.has_base = uri, size, has_base
 
@@ -176,13 +178,13 @@ class KvmTarget:
                     raise TargetError(f"target {ddir}: cannot create replica ({e})") from None
 
     @contextmanager
-    def open_disk(self, sync_id: str, key: str) -> Iterator[_PendingDisk]:
+    def open_disk(self, sync_id: str, key: str) -> Iterator[PendingDisk]:
         pending = self._pending_file(sync_id, key)
         if not pending.exists():
             raise ResourceNotFound(f"replica {pending}: not prepared for sync {sync_id}")
         header = read_qcow2_header(pending)  # size and backing, without a probe connection
         with qemu_nbd(pending, readonly=False) as srv:
-            yield _PendingDisk(srv.uri, header.size, header.backing is not None)
+            yield PendingDisk(srv.uri, header.size, header.backing is not None)
 
     def commit(self, sync_id: str, point: PointInfo) -> PointInfo:
         with self._locked():
