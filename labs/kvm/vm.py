@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from connectors.kvm.qemu import _die_with_parent, fits_unix_socket, qemu_img, tool
-from connectors.kvm.qmp import QmpClient, QmpError
+from connectors.kvm.qmp import QmpClient, QmpError, VmNotRunning
 from sendense.errors import SendenseError
 
 
@@ -126,8 +126,15 @@ class LabVm:
                 self.kill()
                 raise SendenseError(f"lab VM {self.name}: qemu did not open its QMP sockets in 30s")
             time.sleep(0.01)
-        self.monitor = QmpClient(self.lab_qmp_path).connect()
-        return self
+        while True:
+            # QEMU binds the socket before it listens: a connect in between is refused
+            try:
+                self.monitor = QmpClient(self.lab_qmp_path).connect()
+                return self
+            except VmNotRunning:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
 
     def stop(self, timeout: float = 30) -> None:
         """Quit over QMP (QEMU stores persistent bitmaps in the images), then reap the process."""
