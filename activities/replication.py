@@ -37,6 +37,7 @@ from sendense.models import (
     DiskInfo,
     FinishResult,
     JobRequest,
+    JobSpec,
     PointDisk,
     PointInfo,
     PrepareRequest,
@@ -121,7 +122,19 @@ def begin_and_copy(req: SnapshotRequest) -> BeginResult:
     per sync, the bulk of a small sync's control-plane cost). The disks that do not fit are left to
     copy_disk, with its heartbeats and resume tokens. A failed inline copy releases the snapshot
     uncommitted, as a failed prepare does. Heartbeats every HEARTBEAT_EVERY * 5 while it runs, so a
-    dead worker is noticed after the job's heartbeat timeout rather than the task's long timeout."""
+    dead worker is noticed after the job's heartbeat timeout rather than the task's long timeout.
+
+    With `req.finish`, a sync whose disks were all copied is also committed and its snapshot released
+    (finish_sync), so the whole sync is one task. Once every disk is copied (and flushed) the snapshot
+    and the copy results are kept in a local record: a retry of this task (the worker died while
+    committing, or before its result reached the server) finds it and goes straight to the commit,
+    which is idempotent, never copying into a replica that may already be a committed point.
+    """
+    record = work_dir(req.spec.name) / "finishing" / f"{req.snapshot_id}.json"
+    if req.finish:
+        done = _finished_before(req, record)
+        if done is not None:
+            return done
     with _heartbeating(HEARTBEAT_EVERY * 5):
         snap = _begin(req)
         copied: list[DiskCopyResult] = []
@@ -137,7 +150,41 @@ def begin_and_copy(req: SnapshotRequest) -> BeginResult:
                         run_copy_disk(sd, td, d, req.spec.tuning, total=need, cancelled=activity.is_cancelled)
                     )
                     budget -= need
-    return BeginResult(snapshot=snap, copied=copied)
+        begun = BeginResult(snapshot=snap, copied=copied)
+        if not req.finish or len(copied) < len(snap.disks):
+            return begun
+        record.parent.mkdir(parents=True, exist_ok=True)
+        for stale in record.parent.glob("*.json"):  # records of earlier syncs of this job
+            stale.unlink(missing_ok=True)
+        tmp = record.with_suffix(".tmp")
+        tmp.write_text(begun.model_dump_json())
+        os.replace(tmp, record)
+        begun.finished = _finish(_commit_request(req, begun))
+    return begun
+
+
+def _finished_before(req: SnapshotRequest, record: Path) -> BeginResult | None:
+    """The sync an earlier attempt of this task copied in full, committed (again: commit is idempotent)
+    and released; None if no attempt got that far."""
+    try:
+        begun = BeginResult.model_validate_json(record.read_text())
+    except (OSError, ValueError):
+        return None
+    activity.logger.info(
+        "sync %s of job %s: committing what an earlier attempt copied", req.snapshot_id, req.spec.name
+    )
+    begun.finished = _finish(_commit_request(req, begun))
+    return begun
+
+
+def _commit_request(req: SnapshotRequest, begun: BeginResult) -> CommitRequest:
+    return CommitRequest(
+        spec=req.spec,
+        sync_id=req.snapshot_id,
+        snapshot=begun.snapshot,
+        results=begun.copied,
+        keep=req.spec.retention.points,
+    )
 
 
 @contextmanager
@@ -280,12 +327,19 @@ def finish_sync(req: CommitRequest) -> FinishResult:
     """commit_point (with retention), then release_snapshot(committed), in one task (same host queue).
     A failed release is returned, not raised: the point is committed either way, and the workflow
     then runs release_snapshot by itself with its retries."""
-    point = _commit(req)
+    return _finish(req)
+
+
+def _finish(req: CommitRequest) -> FinishResult:
+    return _release_committed(req.spec, req.snapshot, _commit(req))
+
+
+def _release_committed(spec: JobSpec, snap: SnapshotRef, point: PointInfo) -> FinishResult:
     try:
-        _release(ReleaseRequest(spec=req.spec, snapshot=req.snapshot, committed=True))
+        _release(ReleaseRequest(spec=spec, snapshot=snap, committed=True))
     except Exception as e:  # noqa: BLE001 - whatever it was, the point stands
         err = to_application_error(e)
-        activity.logger.warning("release of %s failed: %s", req.sync_id, err)
+        activity.logger.warning("release of %s failed: %s", snap.snapshot_id, err)
         return FinishResult(point=point, release_error=str(err))
     return FinishResult(point=point)
 

@@ -294,13 +294,24 @@ class SnapshotRequest(Wire):
     snapshot_id: str
     base: dict[str, str | None] = Field(default_factory=dict)
     copy_up_to: int = Field(default=0, description="begin_and_copy: copy disks inline up to this many bytes")
+    finish: bool = Field(default=False, description="begin_and_copy: commit too if every disk was copied")
+
+
+class FinishResult(Wire):
+    """finish_sync: the committed point, and why releasing the snapshot failed (then the workflow
+    runs release_snapshot on its own, with retries)."""
+
+    point: PointInfo
+    release_error: str | None = None
 
 
 class BeginResult(Wire):
-    """begin_and_copy: the snapshot, and the disks copied inline (the first ones, in order)."""
+    """begin_and_copy: the snapshot, the disks copied inline (the first ones, in order), and, when
+    asked to finish and every disk was copied, the committed point (the whole sync in one task)."""
 
     snapshot: SnapshotRef
     copied: list[DiskCopyResult] = Field(default_factory=list)
+    finished: FinishResult | None = None
 
 
 class PrepareRequest(Wire):
@@ -342,14 +353,6 @@ class PruneRequest(Wire):
 
 class PruneResult(Wire):
     removed: list[str] = Field(default_factory=list)
-
-
-class FinishResult(Wire):
-    """finish_sync: the committed point, and why releasing the snapshot failed (then the workflow
-    runs release_snapshot on its own, with retries)."""
-
-    point: PointInfo
-    release_error: str | None = None
 
 
 class JobRequest(Wire):

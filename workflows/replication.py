@@ -52,6 +52,7 @@ SA_STATE = SearchAttributeKey.for_keyword("SendenseState")
 # workflow.patched ids (each guards a change to the command sequence; histories before it replay)
 PATCH_COMBINED_STEPS = "begin-finish-sync"  # begin_sync/finish_sync when source and target queues match
 PATCH_INLINE_COPY = "begin-and-copy"  # small syncs copied inside their first task (begin_and_copy)
+PATCH_INLINE_FINISH = "begin-copy-finish"  # ... and committed there too when every disk was copied
 
 SHORT = RetryPolicy(
     initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30), maximum_attempts=5
@@ -276,19 +277,21 @@ class ReplicationWorkflow:
         inline = combined and spec.tuning.inline_copy_bytes > 0 and workflow.patched(PATCH_INLINE_COPY)
         release_error: str | None = None
         results: list[DiskCopyResult] = []
+        finished: FinishResult | None = None
         try:
             request = SnapshotRequest(spec=spec, snapshot_id=sync_id, base=self.st.base)
             if inline:
+                copy_up_to, finish = spec.tuning.inline_copy_bytes, workflow.patched(PATCH_INLINE_FINISH)
                 begun = await workflow.execute_activity(
                     "begin_and_copy",
-                    request.model_copy(update={"copy_up_to": spec.tuning.inline_copy_bytes}),
+                    request.model_copy(update={"copy_up_to": copy_up_to, "finish": finish}),
                     result_type=BeginResult,
                     task_queue=inp.source_queue,
-                    start_to_close_timeout=timedelta(minutes=30),
+                    start_to_close_timeout=timedelta(minutes=53 if finish else 30),  # finish: + 23 min
                     heartbeat_timeout=spec.tuning.heartbeat_timeout,
                     retry_policy=SHORT,
                 )
-                snap, results = begun.snapshot, list(begun.copied)
+                snap, results, finished = begun.snapshot, list(begun.copied), begun.finished
             else:
                 snap = await workflow.execute_activity(
                     "begin_sync" if combined else "create_snapshot",  # begin_sync also prepares the target
@@ -315,7 +318,9 @@ class ReplicationWorkflow:
             commit = CommitRequest(
                 spec=spec, sync_id=sync_id, snapshot=snap, results=results, keep=spec.retention.points
             )
-            if combined:
+            if finished is not None:  # begin_and_copy did it all
+                point, release_error = finished.point, finished.release_error
+            elif combined:
                 finished = await workflow.execute_activity(
                     "finish_sync",
                     commit,

@@ -15,11 +15,13 @@ from temporalio.testing import ActivityEnvironment
 
 from activities import replication
 from activities.replication import begin_and_copy, copy_disk, finish_sync
+from connectors.kvm.offline import bitmap_prefix
 from connectors.kvm.target import KvmTarget as Replicas
 from sendense.errors import DataPathError
 from sendense.models import (
     CommitRequest,
     CopyRequest,
+    FinishResult,
     JobSpec,
     KvmSource,
     KvmTarget,
@@ -107,3 +109,61 @@ def test_a_long_begin_heartbeats_from_a_side_thread_and_stops_with_the_block() -
     assert during >= 5  # every 0.05 s
     assert len(beats) == during  # none after the block
     assert not [t for t in threading.enumerate() if t.name == "heartbeat"]
+
+
+def test_a_small_sync_asked_to_finish_is_committed_in_the_task_and_a_retry_never_copies_again(
+    rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """finish=True and every disk fits: the point is committed and the base released in the task. A
+    retry whose earlier attempt died after the copy (before or after the commit) commits what that
+    attempt copied, from its local record, and copies nothing."""
+    spec, disks, tmp = rig
+    env = ActivityEnvironment()
+    ours = bitmap_prefix(JOB)
+    seed = env.run(
+        begin_and_copy, SnapshotRequest(spec=spec, snapshot_id="s1", copy_up_to=64 * MiB, finish=True)
+    )
+    assert seed.finished is not None and seed.finished.point.point_id == "s1"
+    assert seed.finished.point.kind == "full" and seed.finished.release_error is None
+    assert [bitmap_names(d) for d in disks] == [[ours + "s1"]] * 2
+
+    qemu_io(disks[0], "write -P 0x55 3M 64k")
+    refs = [to_raw(d, tmp / f"{d.stem}-s2.raw") for d in disks]
+    base = {d.key: d.change_id for d in seed.snapshot.disks}
+    req = SnapshotRequest(spec=spec, snapshot_id="s2", base=base, copy_up_to=64 * MiB, finish=True)
+    real_finish = replication._finish
+
+    def dies_while_committing(commit: CommitRequest) -> FinishResult:
+        raise DataPathError("worker lost")  # stands for the process dying here
+
+    monkeypatch.setattr(replication, "_finish", dies_while_committing)
+    with pytest.raises(ApplicationError):
+        env.run(begin_and_copy, req)
+    replicas = Replicas(JOB, spec.target.path)
+    assert [p.point_id for p in replicas.list_points()] == ["s1"]
+
+    def no_copy(*args: object, **kw: object) -> None:
+        raise AssertionError("a retry copied again")
+
+    monkeypatch.setattr(replication, "_finish", real_finish)
+    monkeypatch.setattr(replication, "run_copy_disk", no_copy)
+    first = env.run(begin_and_copy, req)  # the retry: commits what the first attempt copied
+    assert first.finished is not None and first.finished.point.point_id == "s2"
+    assert [(r.key, r.stats.bytes_written) for r in first.copied] == [("disk0", 64 * 1024), ("disk1", 0)]
+    for key, ref in zip(("disk0", "disk1"), refs, strict=True):
+        assert same_content(replicas.point_path("s2", key), ref), key
+    assert [bitmap_names(d) for d in disks] == [[ours + "s2"]] * 2  # the base is released
+
+    again = env.run(begin_and_copy, req)  # a retry after the commit (the result was lost)
+    assert again.finished is not None and again.finished.point == first.finished.point
+    assert [p.point_id for p in replicas.list_points()] == ["s2", "s1"]
+
+
+def test_a_sync_that_does_not_fit_is_not_finished_in_the_task(rig) -> None:
+    spec, _, _ = rig
+    env = ActivityEnvironment()
+    begun = env.run(
+        begin_and_copy, SnapshotRequest(spec=spec, snapshot_id="s1", copy_up_to=4 * MiB, finish=True)
+    )
+    assert [r.key for r in begun.copied] == ["disk0"] and begun.finished is None
+    assert Replicas(JOB, spec.target.path).list_points() == []

@@ -63,6 +63,7 @@ async def main(tag: str) -> None:
             except Exception:  # noqa: BLE001 - the failure is the point of this sync
                 pass
             await job.settled(2, failures=1)
+            host.inline = 2  # from here on the whole sync is begin_and_copy's (it commits too)
             await job.sync_now()
             await job.handle.execute_update(ReplicationWorkflow.update_settings, Settings(retention_points=3))
             await job.sync_now()

@@ -114,7 +114,8 @@ class FakeHost:
       abort_sync, forget_source, prepare_target; `release_errors`: by the next release_snapshot calls.
     begin_sync and finish_sync call the fakes they combine, so `calls` reads the same on both paths.
     begin_and_copy copies the first `inline` disks itself (0 by default, so that the copy_disk tests
-    keep their copy_disk tasks), recording ("inline_copy", key); `inline_error` fails such a copy.
+    keep their copy_disk tasks), recording ("inline_copy", key); `inline_error` fails such a copy;
+    asked to finish with every disk copied, it commits and releases as finish_sync does.
     A hook that holds a copy sets `entered` and waits on `release`, which teardown always sets.
     """
 
@@ -223,7 +224,14 @@ class FakeHost:
         except BaseException:
             await self.release_snapshot(ReleaseRequest(spec=req.spec, snapshot=snap, committed=False))
             raise
-        return BeginResult(snapshot=snap, copied=copied)
+        begun = BeginResult(snapshot=snap, copied=copied)
+        if req.finish and len(copied) == len(snap.disks):  # the whole sync in this task
+            keep = req.spec.retention.points
+            commit = CommitRequest(
+                spec=req.spec, sync_id=req.snapshot_id, snapshot=snap, results=copied, keep=keep
+            )
+            begun.finished = await self._finish(commit)
+        return begun
 
     @staticmethod
     def _copied(d: DiskSnapshot) -> DiskCopyResult:
@@ -237,6 +245,9 @@ class FakeHost:
     async def finish_sync(self, req: CommitRequest) -> FinishResult:
         """As the real one: commit_point, then release_snapshot(committed); a failed release is returned."""
         self.combined.append("finish_sync")
+        return await self._finish(req)
+
+    async def _finish(self, req: CommitRequest) -> FinishResult:
         point = await self.commit_point(req)
         try:
             await self.release_snapshot(ReleaseRequest(spec=req.spec, snapshot=req.snapshot, committed=True))
@@ -924,8 +935,8 @@ async def test_one_host_queue_runs_three_tasks_per_sync(env: WorkflowEnvironment
 
 @pytest.mark.parametrize("inline", [len(DISKS), 1])
 async def test_small_syncs_are_copied_inside_their_first_task(env: WorkflowEnvironment, inline: int) -> None:
-    """begin_and_copy copied every disk (two tasks per sync), or the first one (copy_disk for the
-    rest); the point commits every disk's result either way."""
+    """begin_and_copy copied every disk and committed the point (one task per sync), or the first one
+    (copy_disk for the rest, then finish_sync); the point commits every disk's result either way."""
     host = FakeHost()
     host.inline = inline
 
@@ -940,7 +951,14 @@ async def test_small_syncs_are_copied_inside_their_first_task(env: WorkflowEnvir
             if e.HasField("activity_task_scheduled_event_attributes")
         ]
         per_sync = ["begin_and_copy", *["copy_disk"] * (len(DISKS) - inline), "finish_sync"]
+        if inline == len(DISKS):
+            per_sync = ["begin_and_copy"]
         assert scheduled == ["validate_job", *per_sync, *per_sync]
+        releases = [(r.snapshot.snapshot_id, r.committed) for r in host.of("release_snapshot")]
+        assert releases == [(s.snapshot_id, True) for s in job.snapshots()]
+        st = await job.status()
+        assert st.last_point == res.point_id == job.snapshots()[1].snapshot_id and st.syncs == 2
+        assert job.snapshots()[1].base == change_ids(job.snapshots()[0].snapshot_id)
         assert host.copy_up_to == [Tuning().inline_copy_bytes] * 2
         assert [r.disk for r in host.of("copy_disk")] == list(DISKS)[inline:] * 2
         assert [k for k in host.of("inline_copy")] == list(DISKS)[:inline] * 2
@@ -1012,8 +1030,13 @@ async def test_combined_begin_that_cannot_prepare_releases_its_snapshot(env: Wor
     await _run(env, spec(interval=timedelta(hours=1)), body, host=host)
 
 
-async def test_combined_finish_whose_release_fails_is_released_again(env: WorkflowEnvironment) -> None:
+@pytest.mark.parametrize("inline", [0, len(DISKS)])
+async def test_combined_finish_whose_release_fails_is_released_again(
+    env: WorkflowEnvironment, inline: int
+) -> None:
+    """finish_sync, or begin_and_copy that finished the sync itself, could not release the snapshot."""
     host = FakeHost()
+    host.inline = inline
 
     async def body(job: Job) -> None:
         await job.settled(1)
@@ -1026,6 +1049,6 @@ async def test_combined_finish_whose_release_fails_is_released_again(env: Workfl
             (res.point_id, True),
             (res.point_id, True),
         ]
-        assert host.combined == ["begin_and_copy", "finish_sync"] * 2
+        assert host.combined == (["begin_and_copy"] if inline else ["begin_and_copy", "finish_sync"]) * 2
 
     await _run(env, spec(interval=timedelta(hours=1)), body, host=host)
