@@ -90,8 +90,115 @@ class KvmTarget(Strict):
     host: str | None = Field(default=None, description="host id whose agent writes the replicas")
 
 
-SourceSpec = KvmSource
-TargetSpec = KvmTarget
+_AWS_REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d+$")
+_SECRET_WORDS = ("secret", "access_key", "accesskey", "password", "credentials", "session_token", "token")
+
+
+def _no_credentials(data: Any) -> Any:
+    """Credentials never go in a spec (it ends up in workflow history): say so, without echoing them."""
+    if isinstance(data, dict):
+        for k in data:
+            if any(w in str(k).lower().replace("-", "_") for w in _SECRET_WORDS):
+                raise ValueError(
+                    f"{k}: credentials never go in a job spec; the agent uses the AWS credential chain "
+                    "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, ~/.aws, an instance role)"
+                )
+    return data
+
+
+def _check_region(v: str) -> str:
+    if not _AWS_REGION.match(v):
+        raise ValueError(f"{v!r} is not an AWS region name (e.g. us-east-1)")
+    return v
+
+
+def _check_endpoint(v: str | None) -> str | None:
+    if v is not None and not re.match(r"^https?://[^\s/]+", v):
+        raise ValueError(f"{v!r} is not an http(s) URL")
+    return v
+
+
+class AwsSource(Strict):
+    """An EC2 instance: its EBS volumes are snapshotted together (CreateSnapshots) and the snapshots
+    diffed and read through the EBS direct APIs."""
+
+    platform: Literal["aws"]
+    instance_id: str = Field(pattern=r"^i-[0-9a-f]{8,17}$", description="the EC2 instance, e.g. i-0abc...")
+    region: str = Field(description="its region, e.g. eu-west-1")
+    endpoint_url: str | None = Field(
+        default=None, description="EC2 and EBS endpoint (the lab's); default AWS"
+    )
+    host: str | None = Field(default=None, description="host id whose agent calls AWS (with its credentials)")
+
+    _credentials = model_validator(mode="before")(_no_credentials)
+    _region = field_validator("region")(_check_region)
+    _endpoint = field_validator("endpoint_url")(_check_endpoint)
+
+
+class AwsInstanceSettings(Strict):
+    """How an instance launched from a recovery point looks (failover, test failover)."""
+
+    instance_type: str = Field(default="t3.medium", pattern=r"^[a-z0-9-]+\.[a-z0-9]+$")
+    subnet_id: str | None = Field(default=None, pattern=r"^subnet-[0-9a-f]{8,17}$")
+    security_group_ids: list[str] = Field(default_factory=list)
+    key_name: str | None = None
+    architecture: Literal["x86_64", "arm64"] = "x86_64"
+    boot_mode: Literal["legacy-bios", "uefi", "uefi-preferred"] | None = None
+
+    @field_validator("security_group_ids")
+    @classmethod
+    def _groups(cls, v: list[str]) -> list[str]:
+        for g in v:
+            if not re.match(r"^sg-[0-9a-f]{8,17}$", g):
+                raise ValueError(f"{g!r} is not a security group id (sg-...)")
+        return v
+
+
+class AwsTarget(Strict):
+    """Recovery points as EBS snapshots (one per disk, written with the EBS direct APIs)."""
+
+    platform: Literal["aws"]
+    region: str = Field(description="region the snapshots live in")
+    availability_zone: str | None = Field(default=None, description="where instances are launched")
+    endpoint_url: str | None = Field(
+        default=None, description="EC2 and EBS endpoint (the lab's); default AWS"
+    )
+    instance: AwsInstanceSettings = Field(default_factory=AwsInstanceSettings)
+    host: str | None = Field(default=None, description="host id whose agent calls AWS (with its credentials)")
+
+    _credentials = model_validator(mode="before")(_no_credentials)
+    _region = field_validator("region")(_check_region)
+    _endpoint = field_validator("endpoint_url")(_check_endpoint)
+
+    @field_validator("availability_zone")
+    @classmethod
+    def _zone(cls, v: str | None, info: Any) -> str | None:
+        region = info.data.get("region")
+        if v is not None and region is not None and not (v.startswith(region) and len(v) > len(region)):
+            raise ValueError(f"{v!r} is not a zone of region {region}")
+        return v
+
+
+SourceSpec = Annotated[KvmSource | AwsSource, Field(discriminator="platform")]
+TargetSpec = Annotated[KvmTarget | AwsTarget, Field(discriminator="platform")]
+
+
+def describe_source(s: KvmSource | AwsSource) -> str:
+    """One line for status and search attributes: platform and what is replicated."""
+    if isinstance(s, AwsSource):
+        return f"aws:{s.region}:{s.instance_id}"
+    if s.disks is not None:
+        return f"kvm:disks({len(s.disks)})"
+    if s.qmp is not None:
+        return f"kvm:qmp:{s.qmp}"
+    assert s.libvirt is not None
+    return f"kvm:libvirt:{s.libvirt.domain}"
+
+
+def describe_target(t: KvmTarget | AwsTarget) -> str:
+    if isinstance(t, AwsTarget):
+        return f"aws:{t.region}" + (f":{t.availability_zone}" if t.availability_zone else "")
+    return f"kvm:{t.path}"
 
 
 class Schedule(Strict):

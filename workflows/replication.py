@@ -41,6 +41,8 @@ with workflow.unsafe.imports_passed_through():
         SyncNowRequest,
         SyncResult,
         VmInfo,
+        describe_source,
+        describe_target,
     )
 
 SA_JOB = SearchAttributeKey.for_keyword("SendenseJob")
@@ -94,8 +96,8 @@ class ReplicationWorkflow:
         return JobStatus(
             name=spec.name,
             state=self.state or "starting",  # type: ignore[arg-type]
-            source=_describe_source(self.inp),
-            target=f"{spec.target.platform}:{spec.target.path}",
+            source=describe_source(spec.source),
+            target=describe_target(spec.target),
             interval_seconds=spec.schedule.interval.total_seconds(),
             retention_points=spec.retention.points,
             syncs=self.st.syncs,
@@ -454,13 +456,3 @@ class ReplicationWorkflow:
             + (f" · last point `{lp.point_id}` ({lp.kind})" if lp else "")
             + (f"\n\nlast error: {self.st.last_error}" if self.st.last_error else "")
         )
-
-
-def _describe_source(inp: ReplicationInput) -> str:
-    s = inp.spec.source
-    if s.disks is not None:
-        return f"kvm:disks({len(s.disks)})"
-    if s.qmp is not None:
-        return f"kvm:qmp:{s.qmp}"
-    assert s.libvirt is not None
-    return f"kvm:libvirt:{s.libvirt.domain}"

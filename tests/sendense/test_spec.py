@@ -178,7 +178,11 @@ def test_durations(value: Any, seconds: float) -> None:
         ),
         (with_(target=...), "job.yaml: target: field required"),
         (with_(target__path=...), "job.yaml: target.path: field required"),
-        (with_(source__platform=...), "job.yaml: source.platform: field required"),
+        (with_(source__platform=...), "job.yaml: source.platform: field required (one of: kvm, aws)"),
+        (
+            with_(source__platform="vmware"),
+            "job.yaml: source.platform: 'vmware' is not supported (one of: kvm, aws)",
+        ),
         (with_(source__qmp="/run/vm.qmp"), "job.yaml: source: give exactly one of disks, qmp or libvirt"),
         (with_(source__disks=...), "job.yaml: source: give exactly one of disks, qmp or libvirt"),
         (with_(source__disks=[]), "job.yaml: source: disks must list at least one qcow2 image"),
@@ -296,3 +300,111 @@ def test_the_same_image_twice_is_caught_after_paths_are_resolved(tmp_path: Path)
     with pytest.raises(InvalidSpec) as ei:
         load_spec(path)
     assert str(ei.value) == f"{path}: source: disks lists the same image twice"
+
+
+# ------------------------------------------------------------------------------------------------ aws
+
+AWS_TO_KVM = """\
+name: ec2-web
+source:
+  platform: aws
+  instance_id: i-0123456789abcdef0
+  region: eu-west-1
+target:
+  platform: kvm
+  path: /srv/replicas
+"""
+
+KVM_TO_AWS = """\
+name: web-to-aws
+source:
+  platform: kvm
+  disks: [/var/lib/libvirt/images/web1.qcow2]
+target:
+  platform: aws
+  region: eu-west-1
+  availability_zone: eu-west-1b
+  endpoint_url: http://127.0.0.1:4566
+  instance:
+    instance_type: m5.large
+    subnet_id: subnet-0abc12345678def90
+    security_group_ids: [sg-0123456789abcdef0]
+"""
+
+
+def test_aws_forms_parse() -> None:
+    import yaml
+
+    src = parse_spec(yaml.safe_load(AWS_TO_KVM)).source
+    assert (src.platform, src.instance_id, src.region, src.endpoint_url) == (  # type: ignore[union-attr]
+        "aws",
+        "i-0123456789abcdef0",
+        "eu-west-1",
+        None,
+    )
+    tgt = parse_spec(yaml.safe_load(KVM_TO_AWS)).target
+    assert tgt.platform == "aws" and tgt.availability_zone == "eu-west-1b"  # type: ignore[union-attr]
+    assert tgt.instance.instance_type == "m5.large"  # type: ignore[union-attr]
+    assert tgt.instance.security_group_ids == ["sg-0123456789abcdef0"]  # type: ignore[union-attr]
+
+
+def aws_error(text: str, **changes: Any) -> str:
+    import yaml
+
+    data = yaml.safe_load(text)
+    for path, value in changes.items():
+        node = data
+        *parents, leaf = path.split("__")
+        for p in parents:
+            node = node[p]
+        if value is ...:
+            del node[leaf]
+        else:
+            node[leaf] = value
+    return spec_error(data)
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"source__instance_id": ...}, "job.yaml: source.instance_id: field required"),
+        (
+            {"source__region": "mars"},
+            "job.yaml: source.region: 'mars' is not an AWS region name (e.g. us-east-1)",
+        ),
+        (
+            {"source__endpoint_url": "localhost:4566"},
+            "job.yaml: source.endpoint_url: 'localhost:4566' is not",
+        ),
+        ({"source__volumes": ["vol-1"]}, "job.yaml: source.volumes: unknown field"),
+        ({"source__instance_id": "web01"}, "job.yaml: source.instance_id: String should match pattern"),
+    ],
+)
+def test_aws_source_errors_name_the_field(changes: dict[str, Any], expected: str) -> None:
+    assert aws_error(AWS_TO_KVM, **changes).startswith(expected)
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        (
+            {"target__availability_zone": "us-east-1a"},
+            "job.yaml: target.availability_zone: 'us-east-1a' is not a zone of region eu-west-1",
+        ),
+        (
+            {"target__instance__security_group_ids": ["default"]},
+            "job.yaml: target.instance.security_group_ids: 'default' is not a security group id",
+        ),
+        ({"target__instance__subnet": "subnet-1"}, "job.yaml: target.instance.subnet: unknown field"),
+        ({"target__region": ...}, "job.yaml: target.region: field required"),
+    ],
+)
+def test_aws_target_errors_name_the_field(changes: dict[str, Any], expected: str) -> None:
+    assert aws_error(KVM_TO_AWS, **changes).startswith(expected)
+
+
+@pytest.mark.parametrize("key", ["aws_secret_access_key", "access_key_id", "credentials", "session-token"])
+def test_credentials_in_a_spec_are_refused_without_echoing_them(key: str) -> None:
+    msg = aws_error(AWS_TO_KVM, **{f"source__{key}": "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"})
+    assert msg.startswith(f"job.yaml: source: {key}: credentials never go in a job spec")
+    assert "wJalr" not in msg and "\n" not in msg
