@@ -39,7 +39,12 @@ class SourceDisk(Protocol):
 
 
 class TargetDisk(Protocol):
-    """One replica disk being written by a sync."""
+    """One replica disk being written by a sync.
+
+    A target that writes only whole blocks also has `block_size` (EBS snapshots: 512 KiB): the copy
+    then widens every range to whole blocks, reads them whole from the source, and its requests
+    (chunks, compare blocks) are multiples of it; a write that ends at the disk's end may be short.
+    """
 
     size: int
     has_base: bool  # True when it starts from an earlier point's content (incremental or resync)

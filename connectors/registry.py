@@ -26,8 +26,20 @@ def _kvm_target(job: str, spec: Any) -> TargetConnector:
     return KvmTarget(job, spec.path)
 
 
-SOURCES: dict[str, SourceFactory] = {"kvm": _kvm_source}
-TARGETS: dict[str, TargetFactory] = {"kvm": _kvm_target}
+def _aws_source(job: str, spec: Any, work_dir: Path) -> SourceConnector:
+    from connectors.aws.source import AwsSourceConnector
+
+    return AwsSourceConnector(job, spec, work_dir)
+
+
+def _aws_target(job: str, spec: Any) -> TargetConnector:
+    from connectors.aws.target import AwsTargetConnector
+
+    return AwsTargetConnector(job, spec)
+
+
+SOURCES: dict[str, SourceFactory] = {"kvm": _kvm_source, "aws": _aws_source}
+TARGETS: dict[str, TargetFactory] = {"kvm": _kvm_target, "aws": _aws_target}
 
 
 def source_for(spec: JobSpec, work_dir: Path) -> SourceConnector:

@@ -62,6 +62,46 @@ def clip(extents: Iterable[Extent], start: int, end: int | None = None) -> Itera
             yield Extent(lo, hi - lo, e.zero)
 
 
+def align(extents: Iterable[Extent], block: int) -> Iterator[Extent]:
+    """Widen sorted, coalesced extents to whole `block`s, for targets that write only whole blocks
+    (EBS snapshots: 512 KiB). A block touched by data, or only partly covered by a zero range (the
+    rest of it is unchanged and must be sent again), becomes data: the whole block is read from the
+    source. Only blocks entirely inside a zero range stay zero. Output is sorted and coalesced;
+    the caller clips it to the disk's end."""
+
+    def pieces(e: Extent) -> Iterator[Extent]:
+        lo, hi = e.offset // block * block, -(-e.end // block) * block
+        if not e.zero:
+            yield Extent(lo, hi - lo)
+            return
+        full_lo, full_hi = -(-e.offset // block) * block, e.end // block * block
+        if full_lo >= full_hi:  # no whole block inside
+            yield Extent(lo, hi - lo)
+            return
+        if lo < full_lo:
+            yield Extent(lo, full_lo - lo)
+        yield Extent(full_lo, full_hi - full_lo, True)
+        if full_hi < hi:
+            yield Extent(full_hi, hi - full_hi)
+
+    cur: Extent | None = None
+    for e in extents:
+        for p in pieces(e):
+            if cur is not None and p.offset < cur.end:  # only data widened over a shared block overlaps
+                assert not p.zero and not cur.zero
+                if p.end <= cur.end:
+                    continue
+                p = Extent(cur.end, p.end - cur.end)
+            if cur is not None and cur.end == p.offset and cur.zero == p.zero:
+                cur = Extent(cur.offset, cur.length + p.length, cur.zero)
+                continue
+            if cur is not None:
+                yield cur
+            cur = p
+    if cur is not None:
+        yield cur
+
+
 def intersect_dirty(
     alloc: Iterable[tuple[int, int, bool]], dirty: Iterable[tuple[int, int, bool]] | None
 ) -> Iterator[Extent]:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 
 from connectors.base import SourceDisk, TargetDisk
 from sendense.datapath.copy import CopyPlan, Mode, run_copy
-from sendense.datapath.extents import Extent, clip, coalesce
+from sendense.datapath.extents import Extent, align, clip, coalesce
 from sendense.datapath.throttle import Throttle
 from sendense.models import CopyStats, DiskCopyResult, DiskSnapshot, SyncKind, Tuning
 
@@ -41,22 +41,32 @@ def _mode(kind: SyncKind, tuning: Tuning) -> Mode:
 
 
 def plan_extents(
-    src: SourceDisk, kind: SyncKind, since: str | None, start: int, end: int
+    src: SourceDisk, kind: SyncKind, since: str | None, start: int, end: int, block: int = 1
 ) -> Iterator[Extent]:
+    """The ranges to copy from `start`; widened to whole `block`s for a target that writes only
+    whole blocks (`start` is then a multiple of it: every chunk is)."""
     if kind == "incremental":
         raw = src.extents(since, start)
     else:
         raw = src.extents(None, start)
         if kind == "full":
             raw = (e for e in raw if not e.zero)
+    if block > 1:
+        return clip(align(coalesce(clip(raw, start)), block), start, end)
     return coalesce(clip(raw, start, end))
+
+
+def target_block(dst: TargetDisk) -> int:
+    """The unit a target writes in: 1 (any byte range) unless it says otherwise (EBS: 512 KiB)."""
+    return int(getattr(dst, "block_size", 1) or 1)
 
 
 def planned_bytes(src: SourceDisk, dst: TargetDisk, disk: DiskSnapshot, start: int = 0) -> int:
     """The data bytes a copy of `disk` from `start` will read (zero ranges excluded)."""
     kind = sync_kind(disk, dst.has_base)
     end = min(src.size, dst.size)
-    return sum(e.length for e in plan_extents(src, kind, disk.base_change_id, start, end) if not e.zero)
+    ext = plan_extents(src, kind, disk.base_change_id, start, end, target_block(dst))
+    return sum(e.length for e in ext if not e.zero)
 
 
 def copy_disk(
@@ -81,14 +91,16 @@ def copy_disk(
         if on_checkpoint is not None:
             on_checkpoint(offset, done, planned, stats)
 
+    block = target_block(dst)
+    chunk = -(-tuning.chunk_size // block) * block  # whole target blocks per request
     plan = CopyPlan(
-        extents=plan_extents(src, kind, disk.base_change_id, start, end),
+        extents=plan_extents(src, kind, disk.base_change_id, start, end, block),
         open_reader=src.connect,
         open_writer=dst.connect,
         mode=_mode(kind, tuning),
-        compare_block=tuning.compare_block,
-        chunk_size=tuning.chunk_size,
-        connections=max(1, min(tuning.connections, -(-planned // tuning.chunk_size))),  # small: few conns
+        compare_block=-(-tuning.compare_block // block) * block,
+        chunk_size=chunk,
+        connections=max(1, min(tuning.connections, -(-planned // chunk))),  # small: few conns
         checkpoint_bytes=tuning.checkpoint_bytes,
         throttle=throttle or (Throttle(tuning.bandwidth_limit) if tuning.bandwidth_limit else None),
         on_checkpoint=ck,

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from sendense.datapath.extents import Extent, clip, coalesce, intersect_dirty, split, total_length
+from sendense.datapath.extents import Extent, align, clip, coalesce, intersect_dirty, split, total_length
 
 D = Extent  # data
 
@@ -153,3 +153,51 @@ def test_intersect_many_small_dirty_ranges_in_one_allocation_range() -> None:
 def test_total_length() -> None:
     assert total_length([]) == (0, 0)
     assert total_length([D(0, 10), Z(10, 5), D(20, 7)]) == (17, 5)
+
+
+# ---------------------------------------------------------------------------------------------- align
+
+B = 512 * 1024
+
+
+def test_align_widens_data_to_whole_blocks_and_merges_what_then_touches() -> None:
+    got = list(align([Extent(100, 10), Extent(B + 5, 10), Extent(3 * B - 1, 2)], B))
+    assert got == [Extent(0, 4 * B)]  # blocks 0-1 and 2-3, touching: one run
+
+
+def test_align_keeps_only_whole_blocks_of_a_zero_range_zero() -> None:
+    # a zero range from the middle of block 0 to the middle of block 3: blocks 1-2 stay zero, the
+    # partly covered blocks 0 and 3 are read again as data (their other part is unchanged)
+    got = list(align([Extent(B // 2, 3 * B, True)], B))
+    assert got == [Extent(0, B), Extent(B, 2 * B, True), Extent(3 * B, B)]
+    assert list(align([Extent(B + 1, B - 2, True)], B)) == [Extent(B, B)]  # inside one block: data
+    assert list(align([Extent(0, 2 * B, True)], B)) == [Extent(0, 2 * B, True)]
+
+
+def test_align_data_beats_zero_in_a_shared_block_and_output_is_sorted_and_disjoint() -> None:
+    ext = [Extent(0, B + 4096), Extent(B + 4096, 3 * B - 4096, True), Extent(4 * B, 10)]
+    got = list(align(ext, B))
+    assert got == [Extent(0, 2 * B), Extent(2 * B, 2 * B, True), Extent(4 * B, B)]
+    for a, b in zip(got, got[1:], strict=False):
+        assert a.end <= b.offset
+    assert all(e.offset % B == 0 and e.length % B == 0 for e in got)
+
+
+def test_align_covers_every_changed_byte() -> None:
+    import random
+
+    rnd = random.Random(7)
+    for _ in range(200):
+        pos, ext = 0, []
+        for _ in range(rnd.randint(1, 8)):
+            pos += rnd.choice([0, 0, rnd.randint(1, 3 * B)])
+            n = rnd.randint(1, 2 * B)
+            ext.append(Extent(pos, n, rnd.random() < 0.4))
+            pos += n
+        ext = list(coalesce(ext))
+        got = list(align(ext, B))
+        for e in ext:  # every changed byte is in the output; zero bytes only where whole blocks are
+            for probe in (e.offset, e.end - 1):
+                hit = [g for g in got if g.offset <= probe < g.end]
+                assert len(hit) == 1
+                assert not hit[0].zero or e.zero

@@ -1,0 +1,284 @@
+"""AWS EC2 as a replication source: an instance's EBS volumes, snapshotted together, diffed and read
+through the EBS direct APIs.
+
+- A sync takes crash-consistent snapshots of all the instance's volumes at one instant
+  (`CreateSnapshots` for the instance), tagged with the job and the sync, and waits until they are
+  completed. A retried snapshot step finds the sync's snapshots by their tags instead of taking more.
+- A disk's change id is its snapshot id. The next sync lists the blocks that changed between the two
+  snapshots (`ListChangedBlocks`); the first lists every block of its snapshot (`ListSnapshotBlocks`);
+  blocks never written read as zero and are not sent.
+- Blocks are read with `GetSnapshotBlock`, several in flight (one per copy connection), each checked
+  against its SHA256 checksum.
+- A previous snapshot that is gone, or of another volume (the volume was replaced), is change
+  tracking lost: the disk is resynced by digest compare against the replica, never silently skipped.
+- Committing releases the superseded snapshots (only ours: tagged with the job); an abandoned sync's
+  snapshots are deleted.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from botocore.exceptions import ClientError
+
+from connectors.aws.blocks import BLOCK, BlockTokens, get_block, list_blocks, list_changed
+from connectors.aws.client import Aws, aws_call, is_not_found
+from sendense.datapath.extents import Extent
+from sendense.errors import ResourceNotFound, SendenseError
+from sendense.models import AwsSource, DiskInfo, DiskSnapshot, SnapshotRef, VmInfo
+
+log = logging.getLogger(__name__)
+
+GIB = 1 << 30
+TAG_JOB, TAG_SYNC = "sendense:job", "sendense:sync"
+SNAPSHOT_WAIT = 12 * 3600.0  # a first snapshot of a large volume takes hours on AWS
+
+
+def disk_key(device: str) -> str:
+    """A disk's key is its device name without /dev/ (xvda, sdf): stable while it stays attached there."""
+    return device.removeprefix("/dev/").replace("/", "-")
+
+
+def wait_completed(aws: Aws, ec2: Any, snapshot_ids: list[str], what: str, timeout: float) -> None:
+    """Poll DescribeSnapshots until every snapshot is completed (backing off to 5 s)."""
+    deadline, delay = time.monotonic() + timeout, 0.1
+    pending = list(snapshot_ids)
+    while pending:
+        with aws_call(aws, f"ec2 DescribeSnapshots {what}"):
+            snaps = ec2.describe_snapshots(SnapshotIds=pending)["Snapshots"]
+        for s in snaps:
+            if s["State"] == "error":
+                raise SendenseError(f"{what}: snapshot {s['SnapshotId']} failed: {s.get('StateMessage', '')}")
+        pending = [s["SnapshotId"] for s in snaps if s["State"] != "completed"]
+        if not pending:
+            return
+        if time.monotonic() > deadline:
+            raise SendenseError(f"{what}: snapshots {', '.join(pending)} not completed in {timeout:.0f}s")
+        time.sleep(delay)
+        delay = min(delay * 1.5, 5.0)
+
+
+class AwsSourceDisk:
+    """One volume's snapshot, opened for reading (SourceDisk)."""
+
+    def __init__(self, aws: Aws, disk: DiskSnapshot) -> None:
+        self.aws, self.size, self.snapshot_id = aws, disk.size, disk.change_id
+        self.ebs = aws.client("ebs")
+        self.tokens = BlockTokens(aws, self.ebs, self.snapshot_id)
+
+    def extents(self, since: str | None, start: int = 0) -> Iterator[Extent]:
+        first = start // BLOCK
+        if since is not None:
+            for idx, token in list_changed(self.aws, self.ebs, since, self.snapshot_id, first):
+                yield Extent(idx * BLOCK, BLOCK, zero=token is None)
+            return
+        pos, end = first, -(-self.size // BLOCK)
+        for idx, _ in list_blocks(self.aws, self.ebs, self.snapshot_id, first):
+            if idx > pos:
+                yield Extent(pos * BLOCK, (idx - pos) * BLOCK, zero=True)
+            yield Extent(idx * BLOCK, BLOCK)
+            pos = idx + 1
+        if pos < end:
+            yield Extent(pos * BLOCK, (end - pos) * BLOCK, zero=True)
+
+    def connect(self) -> SnapshotReader:
+        return SnapshotReader(self)
+
+
+class SnapshotReader:
+    """A BlockReader over a snapshot: any range, read block by block; blocks not in it are zero."""
+
+    def __init__(self, disk: AwsSourceDisk) -> None:
+        self.disk = disk
+
+    def read(self, offset: int, length: int) -> bytes:
+        d = self.disk
+        if offset % BLOCK == 0 and length == BLOCK:  # the common case: one whole block
+            token = d.tokens.token(offset // BLOCK)
+            return get_block(d.aws, d.ebs, d.snapshot_id, offset // BLOCK, token) if token else bytes(BLOCK)
+        out = bytearray(length)
+        pos, end = offset, offset + length
+        while pos < end:
+            idx = pos // BLOCK
+            lo, hi = pos - idx * BLOCK, min(BLOCK, end - idx * BLOCK)
+            token = d.tokens.token(idx)
+            if token:
+                out[pos - offset : pos - offset + hi - lo] = get_block(
+                    d.aws, d.ebs, d.snapshot_id, idx, token
+                )[lo:hi]
+            pos += hi - lo
+        return bytes(out)
+
+    def close(self) -> None:
+        pass
+
+
+class AwsSourceConnector:
+    """SourceConnector for an EC2 instance."""
+
+    platform = "aws"
+
+    def __init__(self, job: str, spec: AwsSource, work_dir: Path | None = None) -> None:
+        self.job, self.spec = job, spec
+        self.aws = Aws(spec.region, spec.endpoint_url)
+        self._ec2: Any = None
+        self.snapshot_wait = SNAPSHOT_WAIT
+
+    @property
+    def ec2(self) -> Any:
+        if self._ec2 is None:
+            self._ec2 = self.aws.client("ec2")
+        return self._ec2
+
+    # ------------------------------------------------------------------ inventory
+
+    def _instance(self) -> dict[str, Any]:
+        iid = self.spec.instance_id
+        try:
+            with aws_call(self.aws, f"ec2 DescribeInstances {iid}"):
+                res = self.ec2.describe_instances(InstanceIds=[iid])
+        except ResourceNotFound:
+            raise ResourceNotFound(f"source.instance_id: no instance {iid} in {self.aws.where()}") from None
+        insts = [i for r in res.get("Reservations", []) for i in r.get("Instances", [])]
+        if not insts or insts[0]["State"]["Name"] in ("terminated", "shutting-down"):
+            raise ResourceNotFound(
+                f"source.instance_id: no instance {iid} in {self.aws.where()} (terminated)"
+            )
+        return dict(insts[0])
+
+    def _volumes(self, inst: dict[str, Any]) -> list[tuple[str, str, str]]:
+        """(key, device, volume id) of the instance's EBS volumes, the root device first."""
+        root = inst.get("RootDeviceName")
+        vols = [
+            (disk_key(m["DeviceName"]), m["DeviceName"], m["Ebs"]["VolumeId"])
+            for m in inst.get("BlockDeviceMappings", [])
+            if "Ebs" in m
+        ]
+        if not vols:
+            raise ResourceNotFound(f"source.instance_id: instance {self.spec.instance_id} has no EBS volume")
+        return sorted(vols, key=lambda v: (v[1] != root, v[1]))
+
+    def _sizes(self, volume_ids: list[str]) -> dict[str, int]:
+        with aws_call(self.aws, f"ec2 DescribeVolumes of {self.spec.instance_id}"):
+            vols = self.ec2.describe_volumes(VolumeIds=volume_ids)["Volumes"]
+        return {v["VolumeId"]: int(v["Size"]) * GIB for v in vols}
+
+    def validate(self) -> None:
+        self._volumes(self._instance())
+
+    def discover(self) -> VmInfo:
+        inst = self._instance()
+        vols = self._volumes(inst)
+        sizes = self._sizes([v for _, _, v in vols])
+        name = next((t["Value"] for t in inst.get("Tags", []) if t["Key"] == "Name"), self.spec.instance_id)
+        return VmInfo(
+            name=name, platform="aws", disks=[DiskInfo(key=k, size=sizes[v], ref=v) for k, _, v in vols]
+        )
+
+    # ------------------------------------------------------------------ snapshots
+
+    def _ours(self, sync: str | None = None) -> list[dict[str, Any]]:
+        """This job's snapshots (of this sync), all pages."""
+        filters = [{"Name": f"tag:{TAG_JOB}", "Values": [self.job]}]
+        if sync is not None:
+            filters.append({"Name": f"tag:{TAG_SYNC}", "Values": [sync]})
+        out: list[dict[str, Any]] = []
+        with aws_call(self.aws, f"ec2 DescribeSnapshots of job {self.job}"):
+            for page in self.ec2.get_paginator("describe_snapshots").paginate(
+                OwnerIds=["self"], Filters=filters
+            ):
+                out += page["Snapshots"]
+        return out
+
+    def create_snapshot(self, snapshot_id: str, base: dict[str, str | None]) -> SnapshotRef:
+        inst = self._instance()
+        vols = self._volumes(inst)
+        sizes = self._sizes([v for _, _, v in vols])
+        by_volume = {s["VolumeId"]: s for s in self._ours(snapshot_id)}
+        if set(by_volume) != {v for _, _, v in vols}:  # none yet, or a retry after volumes changed
+            self._delete([s["SnapshotId"] for s in by_volume.values()])
+            by_volume = self._create(snapshot_id)
+        what = f"snapshot {snapshot_id} of {self.spec.instance_id}"
+        wait_completed(
+            self.aws, self.ec2, [s["SnapshotId"] for s in by_volume.values()], what, self.snapshot_wait
+        )
+        created = min(_utc(s["StartTime"]) for s in by_volume.values())
+        disks = []
+        for key, device, vol in vols:
+            since = base.get(key)
+            disks.append(
+                DiskSnapshot(
+                    key=key,
+                    size=sizes[vol],
+                    change_id=by_volume[vol]["SnapshotId"],
+                    base_change_id=since,
+                    tracking_lost=self._tracking_problem(since, vol, key) if since else None,
+                    handle={"volume_id": vol, "device": device},
+                )
+            )
+        return SnapshotRef(snapshot_id=snapshot_id, created_at=created, disks=disks)
+
+    def _create(self, snapshot_id: str) -> dict[str, dict[str, Any]]:
+        tags = [{"Key": TAG_JOB, "Value": self.job}, {"Key": TAG_SYNC, "Value": snapshot_id}]
+        with aws_call(self.aws, f"ec2 CreateSnapshots {self.spec.instance_id}"):
+            res = self.ec2.create_snapshots(
+                InstanceSpecification={"InstanceId": self.spec.instance_id, "ExcludeBootVolume": False},
+                Description=f"sendense job {self.job} sync {snapshot_id}",
+                TagSpecifications=[{"ResourceType": "snapshot", "Tags": tags}],
+                CopyTagsFromSource="volume",
+            )
+        return {s["VolumeId"]: s for s in res["Snapshots"]}
+
+    def _tracking_problem(self, since: str, volume_id: str, key: str) -> str | None:
+        try:
+            with aws_call(self.aws, f"ec2 DescribeSnapshots {since}"):
+                prev = self.ec2.describe_snapshots(SnapshotIds=[since])["Snapshots"]
+        except ResourceNotFound:
+            prev = []
+        if not prev:
+            return f"the previous snapshot {since} of disk {key} is gone"
+        if prev[0]["VolumeId"] != volume_id:
+            return f"disk {key} is another volume now ({prev[0]['VolumeId']} -> {volume_id})"
+        if prev[0]["State"] != "completed":
+            return f"the previous snapshot {since} of disk {key} is {prev[0]['State']}"
+        return None
+
+    @contextmanager
+    def open_disk(self, snap: SnapshotRef, key: str) -> Iterator[AwsSourceDisk]:
+        yield AwsSourceDisk(self.aws, snap.disk(key))
+
+    def release_snapshot(self, snap: SnapshotRef, committed: bool) -> None:
+        """Committed: the job's other snapshots are superseded. Not committed: this sync's go."""
+        mine = {d.change_id for d in snap.disks}
+        if committed:
+            self._delete([s["SnapshotId"] for s in self._ours() if s["SnapshotId"] not in mine])
+        else:
+            self._delete(sorted(mine))
+
+    def forget(self) -> None:
+        self._delete([s["SnapshotId"] for s in self._ours()])
+
+    def _delete(self, snapshot_ids: list[str]) -> None:
+        for sid in snapshot_ids:
+            try:
+                with aws_call(self.aws, f"ec2 DeleteSnapshot {sid}"):
+                    try:
+                        self.ec2.delete_snapshot(SnapshotId=sid)
+                    except ClientError as e:
+                        if not is_not_found(e):
+                            raise
+            except SendenseError as e:
+                if "InUse" in e.message:  # an image someone registered from it: it stays
+                    log.warning("snapshot %s stays: %s", sid, e.message)
+                    continue
+                raise
+
+
+def _utc(t: Any) -> datetime:
+    return t.astimezone(UTC) if isinstance(t, datetime) else datetime.now(UTC)
