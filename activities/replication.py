@@ -73,7 +73,10 @@ HEARTBEAT_EVERY = 1.0  # seconds between copy heartbeats (progress, cancellation
 @activity.defn(name="create_snapshot")
 @mapped
 def create_snapshot(req: SnapshotRequest) -> SnapshotRef:
-    return _create_snapshot(req)
+    """Heartbeats while it runs: a cloud snapshot may take long to complete (a first EBS snapshot of a
+    large volume: hours), and a dead worker must still be noticed after the heartbeat timeout."""
+    with _heartbeating(HEARTBEAT_EVERY * 5):
+        return _create_snapshot(req)
 
 
 def _create_snapshot(req: SnapshotRequest) -> SnapshotRef:
@@ -102,8 +105,10 @@ def _release(req: ReleaseRequest) -> None:
 def begin_sync(req: SnapshotRequest) -> SnapshotRef:
     """create_snapshot, then prepare_target, in one task: the workflow uses it when the source and
     the target are served by the same host queue. If the target cannot be prepared, the snapshot is
-    released uncommitted before the error goes up, so a failed begin leaves nothing behind."""
-    return _begin(req)
+    released uncommitted before the error goes up, so a failed begin leaves nothing behind.
+    Heartbeats while it runs, as create_snapshot does."""
+    with _heartbeating(HEARTBEAT_EVERY * 5):
+        return _begin(req)
 
 
 def _begin(req: SnapshotRequest) -> SnapshotRef:

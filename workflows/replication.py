@@ -56,6 +56,7 @@ PATCH_COMBINED_STEPS = "begin-finish-sync"  # begin_sync/finish_sync when source
 PATCH_INLINE_COPY = "begin-and-copy"  # small syncs copied inside their first task (begin_and_copy)
 PATCH_INLINE_FINISH = "begin-copy-finish"  # ... and committed there too when every disk was copied
 
+SNAPSHOT_TIMEOUT = timedelta(hours=12)  # snapshot steps heartbeat: a dead worker shows much sooner
 SHORT = RetryPolicy(
     initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30), maximum_attempts=5
 )
@@ -289,7 +290,7 @@ class ReplicationWorkflow:
                     request.model_copy(update={"copy_up_to": copy_up_to, "finish": finish}),
                     result_type=BeginResult,
                     task_queue=inp.source_queue,
-                    start_to_close_timeout=timedelta(minutes=53 if finish else 30),  # finish: + 23 min
+                    start_to_close_timeout=SNAPSHOT_TIMEOUT + timedelta(minutes=53 if finish else 30),
                     heartbeat_timeout=spec.tuning.heartbeat_timeout,
                     retry_policy=SHORT,
                 )
@@ -300,7 +301,8 @@ class ReplicationWorkflow:
                     request,
                     result_type=SnapshotRef,
                     task_queue=inp.source_queue,
-                    start_to_close_timeout=timedelta(minutes=6 if combined else 3),
+                    start_to_close_timeout=SNAPSHOT_TIMEOUT,  # a cloud snapshot may take hours
+                    heartbeat_timeout=spec.tuning.heartbeat_timeout,
                     retry_policy=SHORT,
                 )
             if not combined:

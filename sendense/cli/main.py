@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Column, Table
 
 from sendense import config
+from sendense.cli.lab import lab_app
 from sendense.errors import InvalidSpec, SendenseError
 from sendense.models import JobStatus, Settings, SyncResult
 
@@ -25,6 +26,7 @@ job_app = typer.Typer(help="Replication jobs.", no_args_is_help=True)
 point_app = typer.Typer(help="Recovery points (run on the target host).", no_args_is_help=True)
 app.add_typer(job_app, name="job")
 app.add_typer(point_app, name="point")
+app.add_typer(lab_app, name="lab")
 
 out = Console()
 err = Console(stderr=True)

@@ -1,0 +1,167 @@
+"""`sendense lab`: the stand-ins for platforms that cannot run on this machine, in the background.
+
+`lab up` starts them (today: AWS, EC2 and the EBS direct APIs on loopback) and says, per platform,
+what a job spec and the agent need to reach them; `lab down` stops them; `lab write` writes to a lab
+volume as its guest would. KVM needs no lab: it runs for real here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from sendense import config
+from sendense.errors import SendenseError
+
+lab_app = typer.Typer(
+    help="Platform labs (stand-ins that speak the real APIs) on this machine.", no_args_is_help=True
+)
+
+
+def lab_dir(platform: str) -> Path:
+    return config.home() / "labs" / platform
+
+
+def describe(lab: Any) -> dict[str, Any]:
+    """What a job spec and the agent's environment need to reach the AWS lab."""
+    return {
+        "endpoint_url": lab.endpoint_url,
+        "region": lab.region,
+        "env": lab.env(),
+        "source": {"platform": "aws", "region": lab.region, "endpoint_url": lab.endpoint_url},
+        "target": {"platform": "aws", "region": lab.region, "endpoint_url": lab.endpoint_url},
+        "dir": str(lab_dir("aws")),
+        "note": "export the env for `sendense up`/`sendense worker` (the agent's AWS credential chain); "
+        "make an instance with `sendense lab instance NAME --disk-gib 8 --disk-gib 2`",
+    }
+
+
+def _kvm() -> dict[str, Any]:
+    return {"note": "KVM runs for real here: source.disks (stopped VM), source.qmp or source.libvirt; no lab"}
+
+
+def _attach() -> Any:
+    from labs.aws import AwsLab
+
+    return AwsLab.attach(lab_dir("aws"))
+
+
+@lab_app.command("up")
+def lab_up(
+    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+    port: int = typer.Option(0, help="AWS lab port (0: any free one)"),
+) -> None:
+    """Start the labs in the background (already running: just describe them)."""
+    from labs.aws import AwsLab
+    from sendense.cli.main import emit_json, fail, out
+
+    try:
+        lab = _attach()
+        if lab is None or not lab.running:
+            lab = AwsLab(lab_dir("aws"), port=port).start(detached=True)
+    except SendenseError as e:
+        fail(e.message)
+    info = {"aws": describe(lab), "kvm": _kvm()}
+    if as_json:
+        emit_json(info)
+        return
+    out.print(f"aws lab: {lab.endpoint_url} (region {lab.region}); for the agent's environment:")
+    for k, v in lab.env().items():
+        out.print(f"  export {k}={v}", highlight=False)
+    out.print("kvm: runs for real here, no lab")
+
+
+@lab_app.command("down")
+def lab_down(as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
+    """Stop the labs (their state is gone with them)."""
+    from sendense.cli.main import emit_json, fail, out
+
+    try:
+        lab = _attach()
+        stopped = bool(lab is not None and lab.running)
+        if lab is not None:
+            lab.stop()
+    except SendenseError as e:
+        fail(e.message)
+    if as_json:
+        emit_json({"aws": {"stopped": stopped}})
+    else:
+        out.print("aws lab: stopped" if stopped else "aws lab: was not running")
+
+
+@lab_app.command("status")
+def lab_status(as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
+    """Which labs run, and how to reach them."""
+    from sendense.cli.main import emit_json, out
+
+    lab = _attach()
+    running = lab is not None and lab.running
+    if as_json:
+        emit_json(
+            {"aws": describe(lab) | {"running": True} if running else {"running": False}, "kvm": _kvm()}
+        )
+    else:
+        out.print(f"aws lab: {lab.endpoint_url}" if running else "aws lab: not running")
+
+
+def _running_lab() -> Any:
+    from sendense.cli.main import fail
+
+    lab = _attach()
+    if lab is None or not lab.running:
+        fail("the AWS lab is not running: start it with `sendense lab up`")
+    return lab
+
+
+@lab_app.command("instance")
+def lab_instance(
+    name: str,
+    disk_gib: list[int] = typer.Option([8], "--disk-gib", help="volume sizes in GiB, the root volume first"),
+    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+) -> None:
+    """Create an EC2 instance with EBS volumes in the AWS lab (a source to replicate)."""
+    from sendense.cli.main import emit_json, fail, out
+
+    lab = _running_lab()
+    try:
+        inst = lab.make_instance(name, list(disk_gib))
+    except SendenseError as e:
+        fail(e.message)
+    vols = [{"device": d, "volume_id": v, "size_gib": s} for d, v, s in inst.volumes]
+    if as_json:
+        emit_json({"instance_id": inst.instance_id, "volumes": vols})
+        return
+    out.print(f"instance {inst.instance_id}")
+    for v in vols:
+        out.print(f"  {v['device']}: {v['volume_id']} ({v['size_gib']} GiB)")
+
+
+@lab_app.command("write")
+def lab_write(
+    volume_id: str,
+    offset: int = typer.Argument(..., help="byte offset"),
+    file: Path = typer.Option(None, "--file", help="write this file's bytes"),
+    pattern: int = typer.Option(None, "--pattern", help="write this byte value (0-255) ..."),
+    length: int = typer.Option(None, "--length", help="... this many times"),
+) -> None:
+    """Write to an AWS lab volume as its guest would (later snapshots see it, earlier ones do not)."""
+    from sendense.cli.main import fail, out
+
+    if (file is None) == (pattern is None):
+        fail("give --file, or --pattern with --length")
+    if file is not None:
+        if not file.is_file():
+            fail(f"--file {file}: not found")
+        data = file.read_bytes()
+    else:
+        if length is None or length <= 0 or not 0 <= pattern <= 255:
+            fail("--pattern needs a byte value 0-255 and a positive --length")
+        data = bytes([pattern]) * length
+    lab = _running_lab()
+    try:
+        lab.write(volume_id, offset, data)
+    except SendenseError as e:
+        fail(e.message)
+    out.print(f"wrote {len(data)} bytes to {volume_id} at {offset}")
