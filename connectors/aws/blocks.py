@@ -33,8 +33,12 @@ ZERO_CHECKSUM = checksum(ZERO_BLOCK)
 
 
 def linear_checksum(checksums: list[str]) -> str:
-    """CompleteSnapshot's LINEAR aggregate: SHA256 over the blocks' checksums in block order."""
-    return base64.b64encode(hashlib.sha256("".join(checksums).encode()).digest()).decode()
+    """CompleteSnapshot's LINEAR aggregate: SHA256 over the blocks' SHA256 digests (raw bytes, not
+    their base64) concatenated in block order, as AWS's own coldsnap computes it."""
+    h = hashlib.sha256()
+    for c in checksums:
+        h.update(base64.b64decode(c))
+    return base64.b64encode(h.digest()).decode()
 
 
 def list_blocks(aws: Aws, ebs: Any, snapshot_id: str, start: int = 0) -> Iterator[tuple[int, str]]:

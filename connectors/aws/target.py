@@ -197,7 +197,9 @@ class AwsTargetConnector:
         zones = [self.spec.availability_zone] if self.spec.availability_zone else []
         try:
             with aws_call(self.aws, "ec2 DescribeAvailabilityZones"):
-                self.ec2.describe_availability_zones(ZoneNames=zones)
+                found = self.ec2.describe_availability_zones(ZoneNames=zones)["AvailabilityZones"]
+            if zones and zones[0] not in {z["ZoneName"] for z in found}:
+                raise ResourceNotFound("not listed")
         except ResourceNotFound:
             raise ResourceNotFound(
                 f"target.availability_zone: {self.spec.availability_zone} not found in {self.aws.where()}"

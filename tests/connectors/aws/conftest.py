@@ -1,0 +1,59 @@
+"""The AWS connector's contract tests run against the AWS lab always, and against real AWS when the
+environment names a test instance:
+
+    SENDENSE_AWS_TEST_INSTANCE=i-0123...  SENDENSE_AWS_TEST_REGION=eu-west-1  (+ AWS credentials in
+    the standard chain: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE)
+
+Against real AWS the tests that must write into a volume as its guest would are skipped (the lab
+writes through its control API; a real instance would need a login); everything else runs, and
+creates and deletes its own snapshots (tagged sendense:job=<the test's job>).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers_aws import Backend
+
+from labs.aws import AwsLab
+
+
+@pytest.fixture(scope="session")
+def aws_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AwsLab]:
+    lab = AwsLab(tmp_path_factory.mktemp("awslab"), snapshot_delay=0.2).start()
+    mp = pytest.MonkeyPatch()
+    for k, v in lab.env().items():
+        mp.setenv(k, v)
+    mp.delenv("AWS_PROFILE", raising=False)
+    try:
+        yield lab
+    finally:
+        mp.undo()
+        lab.stop()
+
+
+REAL = os.environ.get("SENDENSE_AWS_TEST_INSTANCE")  # real AWS too (test_real_aws.py says it is off)
+
+
+@pytest.fixture(params=["lab", "real"] if REAL else ["lab"])
+def backend(request: pytest.FixtureRequest) -> Backend:
+    if request.param == "real":
+        assert REAL is not None
+        return Backend("real", os.environ.get("SENDENSE_AWS_TEST_REGION", "us-east-1"), None, REAL)
+    lab: AwsLab = request.getfixturevalue("aws_lab")
+    inst = lab.make_instance(f"t-{uuid.uuid4().hex[:6]}", [1, 1])
+    return Backend("lab", lab.region, lab.endpoint_url, inst.instance_id, list(inst.volumes), lab)
+
+
+@pytest.fixture
+def job() -> str:
+    return f"t{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Path:
+    return tmp_path / "aws-state"

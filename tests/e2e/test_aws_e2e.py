@@ -1,0 +1,162 @@
+"""KVM -> AWS and AWS -> KVM jobs end to end: the real dev server and worker process, the AWS lab
+started by `sendense lab up`, the agent reaching it with the lab's credentials from its environment
+(never from the spec), driven through the CLI. Full then incremental, bit-exact both ways."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import boto3
+import pytest
+import yaml
+from helpers_kvm import MiB, make_qcow2, qemu_io, to_raw
+
+from sendense import stack
+from tests.e2e.conftest import Cli, free_port
+from tests.e2e.test_replication_e2e import export_raw, same
+
+BLOCK = 512 * 1024
+
+
+@pytest.fixture(scope="module")
+def aws_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cli, dict]]:  # type: ignore[type-arg]
+    """A stack of its own whose worker has the lab's credentials in its environment."""
+    state = Path(tmp_path_factory.mktemp("sdaws"))
+    port = free_port()
+    env = dict(os.environ, SENDENSE_HOME=str(state), SENDENSE_HOST_ID=f"aws{port}")
+    env.pop("SENDENSE_TEMPORAL", None)
+    cli = Cli(env=env, state=state)
+    lab = cli.json("lab", "up")["aws"]
+    env.update(lab["env"])
+    saved = dict(os.environ)
+    os.environ.update({k: env[k] for k in ("SENDENSE_HOME", "SENDENSE_HOST_ID", *lab["env"])})
+    try:
+        stack.up(state, port=port, ui_port=free_port())
+        yield cli, lab
+    finally:
+        try:
+            stack.down(state)
+        finally:
+            cli.run("lab", "down", check=False)
+            os.environ.clear()
+            os.environ.update(saved)
+
+
+def ec2(lab: dict) -> object:  # type: ignore[type-arg]
+    return boto3.client(
+        "ec2",
+        region_name=lab["region"],
+        endpoint_url=lab["endpoint_url"],
+        aws_access_key_id=lab["env"]["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=lab["env"]["AWS_SECRET_ACCESS_KEY"],
+    )
+
+
+def test_lab_up_describes_what_a_spec_needs_and_is_idempotent(aws_stack: tuple[Cli, dict]) -> None:  # type: ignore[type-arg]
+    cli, lab = aws_stack
+    again = cli.json("lab", "up")["aws"]
+    assert again["endpoint_url"] == lab["endpoint_url"]
+    assert again["source"] == {
+        "platform": "aws",
+        "region": lab["region"],
+        "endpoint_url": lab["endpoint_url"],
+    }
+    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(lab["env"])
+    assert cli.json("lab", "status")["aws"]["running"] is True
+
+
+def test_kvm_to_aws_full_then_incremental_bit_exact(aws_stack: tuple[Cli, dict], tmp_path: Path) -> None:  # type: ignore[type-arg]
+    cli, lab = aws_stack
+    d0 = make_qcow2(tmp_path / "root.qcow2", 48 * MiB)
+    d1 = make_qcow2(tmp_path / "data.qcow2", 16 * MiB)
+    qemu_io(d0, "write -P 0x11 0 5M", "write -P 0x12 40M 1M")
+    qemu_io(d1, "write -P 0x21 3M 512k")
+    ref0 = [to_raw(d, tmp_path / f"r0-{i}.raw") for i, d in enumerate((d0, d1))]
+    spec = {
+        "name": "e2e-kvm-aws",
+        "source": {"platform": "kvm", "disks": [str(d0), str(d1)]},
+        "target": {"platform": "aws", "region": lab["region"], "endpoint_url": lab["endpoint_url"]},
+        "schedule": {"interval": "1h"},
+    }
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    cli.json("job", "create", "-f", str(tmp_path / "job.yaml"))
+    st = cli.wait_point("e2e-kvm-aws", 1)
+    assert st["last_sync"]["kind"] == "full" and st["last_sync"]["bytes_written"] == (5 + 1 + 0.5) * MiB
+    p1 = st["last_point"]
+
+    qemu_io(d0, "write -P 0x31 1M 4k", "write -z 40M 1M")  # one block changed, one zeroed over data
+    qemu_io(d1, "write -P 0x41 10M 64k")
+    ref1 = [to_raw(d, tmp_path / f"r1-{i}.raw") for i, d in enumerate((d0, d1))]
+    r = cli.json("job", "sync-now", "e2e-kvm-aws", "--wait")
+    assert r["kind"] == "incremental"
+    assert r["bytes_written"] == 2 * BLOCK and r["bytes_zeroed"] == 2 * BLOCK  # whole 512 KiB blocks
+    points = [p["point_id"] for p in cli.json("point", "list", "e2e-kvm-aws")]
+    assert points == [r["point_id"], p1]
+    for point, refs in ((p1, ref0), (r["point_id"], ref1)):  # read back through GetSnapshotBlock
+        files = export_raw(cli, "e2e-kvm-aws", point, tmp_path / f"x-{point}")
+        assert same(files["disk0"], refs[0]) and same(files["disk1"], refs[1])
+    # the points are EBS snapshots tagged with the job; no credential went into the workflow
+    snaps = ec2(lab).describe_snapshots(  # type: ignore[attr-defined]
+        OwnerIds=["self"], Filters=[{"Name": "tag:sendense:job", "Values": ["e2e-kvm-aws"]}]
+    )["Snapshots"]
+    assert len(snaps) == 4 and all(s["State"] == "completed" for s in snaps)
+    history = cli.run("job", "status", "e2e-kvm-aws", "--json").stdout
+    assert lab["env"]["AWS_SECRET_ACCESS_KEY"] not in history
+    cli.json("job", "delete", "e2e-kvm-aws", "--purge")
+
+
+def test_aws_to_kvm_full_then_incremental_bit_exact(aws_stack: tuple[Cli, dict], tmp_path: Path) -> None:  # type: ignore[type-arg]
+    cli, lab = aws_stack
+    inst = cli.json("lab", "instance", "e2e-src", "--disk-gib", "1", "--disk-gib", "1")
+    (_, vol0), (_, vol1) = [(v["device"], v["volume_id"]) for v in inst["volumes"]]
+    cli.run("lab", "write", vol0, "0", "--pattern", "17", "--length", str(3 * MiB))
+    cli.run("lab", "write", vol1, str(100 * MiB + 5), "--pattern", "34", "--length", "1000")
+    spec = {
+        "name": "e2e-aws-kvm",
+        "source": {
+            "platform": "aws",
+            "instance_id": inst["instance_id"],
+            "region": lab["region"],
+            "endpoint_url": lab["endpoint_url"],
+        },
+        "target": {"platform": "kvm", "path": str(tmp_path / "replicas")},
+        "schedule": {"interval": "1h"},
+    }
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    cli.json("job", "create", "-f", str(tmp_path / "job.yaml"))
+    st = cli.wait_point("e2e-aws-kvm", 1)
+    assert st["last_sync"]["kind"] == "full"
+    assert st["last_sync"]["bytes_read"] == 7 * BLOCK  # 6 blocks of 3 MiB + the one of 1000 bytes
+    p1 = st["last_point"]
+    files = export_raw(cli, "e2e-aws-kvm", p1, tmp_path / "x1")
+    assert files["xvda"].stat().st_size == 1 << 30
+    with open(files["xvda"], "rb") as f:
+        assert f.read(3 * MiB) == b"\x11" * (3 * MiB) and f.read(BLOCK) == bytes(BLOCK)
+    with open(files["sdf"], "rb") as f:
+        f.seek(100 * MiB)
+        assert f.read(BLOCK) == bytes(5) + b"\x22" * 1000 + bytes(BLOCK - 1005)
+
+    # incremental: two blocks written (one with the bytes it had), 4 KiB of the guest's
+    cli.run("lab", "write", vol0, str(2 * MiB), "--pattern", "17", "--length", "4096")
+    cli.run("lab", "write", vol1, str(500 * MiB), "--pattern", "51", "--length", "4096")
+    r = cli.json("job", "sync-now", "e2e-aws-kvm", "--wait")
+    assert r["kind"] == "incremental"
+    assert r["bytes_read"] == 2 * BLOCK  # exactly the changed blocks were listed and read
+    assert r["bytes_written"] == 4096  # compared with the replica: only the 4 KiB that differ
+    files2 = export_raw(cli, "e2e-aws-kvm", r["point_id"], tmp_path / "x2")
+    with open(files2["sdf"], "rb") as f:
+        f.seek(500 * MiB)
+        assert f.read(8192) == b"\x33" * 4096 + bytes(4096)
+    assert same(files2["xvda"], files["xvda"])
+    # superseded source snapshots are released: one per volume is left, the last sync's
+    snaps = ec2(lab).describe_snapshots(  # type: ignore[attr-defined]
+        OwnerIds=["self"], Filters=[{"Name": "tag:sendense:job", "Values": ["e2e-aws-kvm"]}]
+    )["Snapshots"]
+    assert len(snaps) == 2
+    cli.json("job", "delete", "e2e-aws-kvm")
+    left = ec2(lab).describe_snapshots(  # type: ignore[attr-defined]
+        OwnerIds=["self"], Filters=[{"Name": "tag:sendense:job", "Values": ["e2e-aws-kvm"]}]
+    )["Snapshots"]
+    assert left == []

@@ -1,0 +1,35 @@
+"""The backend the AWS connector's contract tests run against: the AWS lab, or real AWS."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from labs.aws import AwsLab
+
+
+@dataclass
+class Backend:
+    name: str
+    region: str
+    endpoint_url: str | None
+    instance_id: str
+    volumes: list[tuple[str, str, int]] = field(default_factory=list)  # device, volume id, GiB
+    lab: AwsLab | None = None
+
+    def ec2(self) -> Any:
+        import boto3
+
+        return boto3.client("ec2", region_name=self.region, endpoint_url=self.endpoint_url)
+
+    def ebs(self) -> Any:
+        import boto3
+
+        return boto3.client("ebs", region_name=self.region, endpoint_url=self.endpoint_url)
+
+    def need_lab(self) -> AwsLab:
+        if self.lab is None:
+            pytest.skip("writes into a volume as its guest would: lab only")
+        return self.lab
