@@ -40,10 +40,10 @@ from connectors.aws.blocks import (
     linear_checksum,
     list_blocks,
 )
-from connectors.aws.client import Aws, aws_call, is_not_found
+from connectors.aws.client import Aws, aws_call, error_code, is_not_found
 from connectors.aws.source import GIB, TAG_JOB, TAG_SYNC, wait_completed
 from sendense import config
-from sendense.errors import ResourceNotFound, SendenseError, TargetError
+from sendense.errors import DataPathError, ResourceNotFound, SendenseError, TargetError
 from sendense.models import AwsTarget, CopyStats, DiskInfo, PointDisk, PointInfo
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ TAG_POINT, TAG_DISKS, TAG_KIND = "sendense:point", "sendense:disks", "sendense:k
 TAG_CREATED, TAG_COMMITTED = "sendense:created-at", "sendense:committed-at"
 TAG_CHANGE, TAG_STATS = "sendense:change-id", "sendense:stats"
 PENDING_TIMEOUT_MIN = 1440  # StartSnapshot Timeout: a pending snapshot left alone a day is cancelled
-COMPLETE_WAIT = 6 * 3600.0
+COMPLETE_WAIT = 15 * 60.0  # inside commit's task (20 min); a snapshot never sealed fails it, clearly
 
 
 def _tags(snap: dict[str, Any]) -> dict[str, str]:
@@ -74,14 +74,21 @@ class PendingSnapshot:
 
     def put(self, index: int, data: bytes, digest: str) -> None:
         with aws_call(self.aws, f"ebs PutSnapshotBlock {self.snapshot_id} block {index}"):
-            self.ebs.put_snapshot_block(
-                SnapshotId=self.snapshot_id,
-                BlockIndex=index,
-                BlockData=data,
-                DataLength=BLOCK,
-                Checksum=digest,
-                ChecksumAlgorithm="SHA256",
-            )
+            try:
+                self.ebs.put_snapshot_block(
+                    SnapshotId=self.snapshot_id,
+                    BlockIndex=index,
+                    BlockData=data,
+                    DataLength=BLOCK,
+                    Checksum=digest,
+                    ChecksumAlgorithm="SHA256",
+                )
+            except ClientError as e:  # EBS answers a checksum mismatch (damage in transit) this way
+                if error_code(e) == "InvalidSignatureException":
+                    raise DataPathError(
+                        f"snapshot {self.snapshot_id} block {index}: EBS refused the block's checksum"
+                    ) from None
+                raise
         with self._lock:
             self.written[index] = digest
             self._file.write(f"{index} {digest}\n")

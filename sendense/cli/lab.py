@@ -43,9 +43,20 @@ def _kvm() -> dict[str, Any]:
 
 
 def _attach() -> Any:
+    """The running AWS lab of this SENDENSE_HOME, or None."""
     from labs.aws import AwsLab
+    from labs.aws.lab import AwsLabError
 
-    return AwsLab.attach(lab_dir("aws"))
+    try:
+        return AwsLab.attach(lab_dir("aws"))
+    except AwsLabError:
+        return None
+
+
+def _errors() -> tuple[type[Exception], ...]:
+    from labs.aws.lab import AwsLabError
+
+    return (SendenseError, AwsLabError)
 
 
 @lab_app.command("up")
@@ -61,8 +72,8 @@ def lab_up(
         lab = _attach()
         if lab is None or not lab.running:
             lab = AwsLab(lab_dir("aws"), port=port).start(detached=True)
-    except SendenseError as e:
-        fail(e.message)
+    except _errors() as e:
+        fail(str(e))
     info = {"aws": describe(lab), "kvm": _kvm()}
     if as_json:
         emit_json(info)
@@ -80,11 +91,11 @@ def lab_down(as_json: bool = typer.Option(False, "--json", help="machine-readabl
 
     try:
         lab = _attach()
-        stopped = bool(lab is not None and lab.running)
+        stopped = lab is not None
         if lab is not None:
             lab.stop()
-    except SendenseError as e:
-        fail(e.message)
+    except _errors() as e:
+        fail(str(e))
     if as_json:
         emit_json({"aws": {"stopped": stopped}})
     else:
@@ -127,8 +138,8 @@ def lab_instance(
     lab = _running_lab()
     try:
         inst = lab.make_instance(name, list(disk_gib))
-    except SendenseError as e:
-        fail(e.message)
+    except _errors() as e:
+        fail(str(e))
     vols = [{"device": d, "volume_id": v, "size_gib": s} for d, v, s in inst.volumes]
     if as_json:
         emit_json({"instance_id": inst.instance_id, "volumes": vols})
@@ -162,6 +173,6 @@ def lab_write(
     lab = _running_lab()
     try:
         lab.write(volume_id, offset, data)
-    except SendenseError as e:
-        fail(e.message)
+    except _errors() as e:
+        fail(str(e))
     out.print(f"wrote {len(data)} bytes to {volume_id} at {offset}")
