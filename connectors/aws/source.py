@@ -266,18 +266,24 @@ class AwsSourceConnector:
 
     def _delete(self, snapshot_ids: list[str]) -> None:
         for sid in snapshot_ids:
+            delete_snapshot(self.aws, self.ec2, sid)
+
+
+def delete_snapshot(aws: Aws, ec2: Any, snapshot_id: str) -> bool:
+    """Delete a snapshot (gone already: fine); False if an image uses it (it stays, with a warning)."""
+    try:
+        with aws_call(aws, f"ec2 DeleteSnapshot {snapshot_id}"):
             try:
-                with aws_call(self.aws, f"ec2 DeleteSnapshot {sid}"):
-                    try:
-                        self.ec2.delete_snapshot(SnapshotId=sid)
-                    except ClientError as e:
-                        if not is_not_found(e):
-                            raise
-            except SendenseError as e:
-                if "InUse" in e.message:  # an image someone registered from it: it stays
-                    log.warning("snapshot %s stays: %s", sid, e.message)
-                    continue
-                raise
+                ec2.delete_snapshot(SnapshotId=snapshot_id)
+            except ClientError as e:
+                if not is_not_found(e):
+                    raise
+    except SendenseError as e:
+        if "InUse" in e.message:  # an image someone registered from it
+            log.warning("snapshot %s stays: %s", snapshot_id, e.message)
+            return False
+        raise
+    return True
 
 
 def _utc(t: Any) -> datetime:

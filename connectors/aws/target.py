@@ -40,8 +40,8 @@ from connectors.aws.blocks import (
     linear_checksum,
     list_blocks,
 )
-from connectors.aws.client import Aws, aws_call, error_code, is_not_found
-from connectors.aws.source import GIB, TAG_JOB, TAG_SYNC, wait_completed
+from connectors.aws.client import Aws, aws_call, error_code
+from connectors.aws.source import GIB, TAG_JOB, TAG_SYNC, delete_snapshot, wait_completed
 from sendense import config
 from sendense.errors import DataPathError, ResourceNotFound, SendenseError, TargetError
 from sendense.models import AwsTarget, CopyStats, DiskInfo, PointDisk, PointInfo
@@ -429,17 +429,4 @@ class AwsTargetConnector:
                 f.unlink()
 
     def _delete(self, snapshot_id: str) -> bool:
-        """Delete a snapshot; False if an image uses it (it stays, with a warning)."""
-        try:
-            with aws_call(self.aws, f"ec2 DeleteSnapshot {snapshot_id}"):
-                try:
-                    self.ec2.delete_snapshot(SnapshotId=snapshot_id)
-                except ClientError as e:
-                    if not is_not_found(e):
-                        raise
-        except SendenseError as e:
-            if "InUse" in e.message:
-                log.warning("snapshot %s stays: %s", snapshot_id, e.message)
-                return False
-            raise
-        return True
+        return delete_snapshot(self.aws, self.ec2, snapshot_id)
