@@ -161,9 +161,7 @@ def begin_and_copy(req: SnapshotRequest) -> BeginResult:
         record.parent.mkdir(parents=True, exist_ok=True)
         for stale in record.parent.glob("*.json"):  # records of earlier syncs of this job
             stale.unlink(missing_ok=True)
-        tmp = record.with_suffix(".tmp")
-        tmp.write_text(begun.model_dump_json())
-        os.replace(tmp, record)
+        _write_atomic(record, begun.model_dump_json())
         begun.finished = _finish(_commit_request(req, begun))
     return begun
 
@@ -190,6 +188,13 @@ def _commit_request(req: SnapshotRequest, begun: BeginResult) -> CommitRequest:
         results=begun.copied,
         keep=req.spec.retention.points,
     )
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Replace `path`'s content at once: a reader sees the old or the new text, never a torn one."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 @contextmanager
@@ -264,9 +269,7 @@ def copy_disk(req: CopyRequest) -> DiskCopyResult:
         merged.add(stats)
         token = CopyToken(sync_id=req.sync_id, disk=req.disk, offset=max(offset, start), stats=merged)
         token.done, token.total = done, total
-        tmp = store.with_suffix(".tmp")
-        tmp.write_text(token.model_dump_json())
-        os.replace(tmp, store)
+        _write_atomic(store, token.model_dump_json())
         now = time.monotonic()
         if now - last_beat[0] >= HEARTBEAT_EVERY and done < total:  # the last one: the result follows
             last_beat[0] = now

@@ -118,21 +118,24 @@ def _check_endpoint(v: str | None) -> str | None:
     return v
 
 
-class AwsSource(Strict):
-    """An EC2 instance: its EBS volumes are snapshotted together (CreateSnapshots) and the snapshots
-    diffed and read through the EBS direct APIs."""
+class _AwsPlace(Strict):
+    """Where an AWS end is reached: its region, an optional endpoint, and the agent that calls it."""
 
-    platform: Literal["aws"]
-    instance_id: str = Field(pattern=r"^i-[0-9a-f]{8,17}$", description="the EC2 instance, e.g. i-0abc...")
-    region: str = Field(description="its region, e.g. eu-west-1")
-    endpoint_url: str | None = Field(
-        default=None, description="EC2 and EBS endpoint (the lab's); default AWS"
-    )
+    region: str = Field(description="the region, e.g. eu-west-1")
+    endpoint_url: str | None = Field(default=None, description="EC2 and EBS endpoint (e.g. the lab's)")
     host: str | None = Field(default=None, description="host id whose agent calls AWS (with its credentials)")
 
     _credentials = model_validator(mode="before")(_no_credentials)
     _region = field_validator("region")(_check_region)
     _endpoint = field_validator("endpoint_url")(_check_endpoint)
+
+
+class AwsSource(_AwsPlace):
+    """An EC2 instance: its EBS volumes are snapshotted together (CreateSnapshots) and the snapshots
+    diffed and read through the EBS direct APIs."""
+
+    platform: Literal["aws"]
+    instance_id: str = Field(pattern=r"^i-[0-9a-f]{8,17}$", description="the EC2 instance, e.g. i-0abc...")
 
 
 class AwsInstanceSettings(Strict):
@@ -154,21 +157,12 @@ class AwsInstanceSettings(Strict):
         return v
 
 
-class AwsTarget(Strict):
+class AwsTarget(_AwsPlace):
     """Recovery points as EBS snapshots (one per disk, written with the EBS direct APIs)."""
 
     platform: Literal["aws"]
-    region: str = Field(description="region the snapshots live in")
     availability_zone: str | None = Field(default=None, description="where instances are launched")
-    endpoint_url: str | None = Field(
-        default=None, description="EC2 and EBS endpoint (the lab's); default AWS"
-    )
     instance: AwsInstanceSettings = Field(default_factory=AwsInstanceSettings)
-    host: str | None = Field(default=None, description="host id whose agent calls AWS (with its credentials)")
-
-    _credentials = model_validator(mode="before")(_no_credentials)
-    _region = field_validator("region")(_check_region)
-    _endpoint = field_validator("endpoint_url")(_check_endpoint)
 
     @field_validator("availability_zone")
     @classmethod

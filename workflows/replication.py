@@ -322,9 +322,7 @@ class ReplicationWorkflow:
             commit = CommitRequest(
                 spec=spec, sync_id=sync_id, snapshot=snap, results=results, keep=spec.retention.points
             )
-            if finished is not None:  # begin_and_copy did it all
-                point, release_error = finished.point, finished.release_error
-            elif combined:
+            if finished is None and combined:  # (begin_and_copy may have finished it already)
                 finished = await workflow.execute_activity(
                     "finish_sync",
                     commit,
@@ -333,6 +331,7 @@ class ReplicationWorkflow:
                     start_to_close_timeout=timedelta(minutes=23),  # includes pruning (qemu-img commit)
                     retry_policy=SHORT,
                 )
+            if finished is not None:
                 point, release_error = finished.point, finished.release_error
             else:
                 point = await workflow.execute_activity(

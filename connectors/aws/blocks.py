@@ -108,9 +108,9 @@ def get_block(aws: Aws, ebs: Any, snapshot_id: str, index: int, token: str) -> b
 
 
 class BlockTokens:
-    """The tokens of a snapshot's blocks, fetched a listing page at a time as reads move through the
-    disk (readers go in offset order), a few pages kept: memory stays small whatever the disk size.
-    Thread-safe; a block that is not in the snapshot has no token (it reads as zero)."""
+    """A completed snapshot's blocks for reading: their tokens, fetched a listing page at a time as
+    reads move through the disk (readers go in offset order), a few pages kept, so memory stays small
+    whatever the disk size. Thread-safe; a block not in the snapshot has no token and reads as zero."""
 
     def __init__(self, aws: Aws, ebs: Any, snapshot_id: str, keep: int = 8) -> None:
         self.aws, self.ebs, self.snapshot_id, self.keep = aws, ebs, snapshot_id, keep
@@ -128,6 +128,27 @@ class BlockTokens:
             while len(self._pages) > self.keep:
                 self._pages.popitem(last=False)
             return tokens.get(index)
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Any range of the snapshot, block by block (checksums checked); unlisted blocks are zero."""
+        if offset % BLOCK == 0 and length == BLOCK:  # the common case: one whole block
+            token = self.token(offset // BLOCK)
+            return (
+                get_block(self.aws, self.ebs, self.snapshot_id, offset // BLOCK, token)
+                if token
+                else ZERO_BLOCK
+            )
+        out = bytearray(length)
+        pos, end = offset, offset + length
+        while pos < end:
+            idx = pos // BLOCK
+            lo, hi = pos - idx * BLOCK, min(BLOCK, end - idx * BLOCK)
+            token = self.token(idx)
+            if token:
+                data = get_block(self.aws, self.ebs, self.snapshot_id, idx, token)
+                out[pos - offset : pos - offset + hi - lo] = data[lo:hi]
+            pos += hi - lo
+        return bytes(out)
 
     def _fetch(self, start: int) -> tuple[int, dict[int, str]]:
         """One page from `start`: it covers up to its last block, or to the end if it is the last."""

@@ -10,11 +10,11 @@ from dataclasses import dataclass
 
 from connectors.aws.client import Aws, aws_call
 from connectors.aws.source import GIB, TAG_JOB
+from connectors.aws.target import TAG_POINT
 from sendense.models import AwsInstanceSettings, PointInfo
 
 log = logging.getLogger(__name__)
 
-TAG_POINT = "sendense:point"
 DATA_DEVICES = [f"/dev/sd{c}" for c in string.ascii_lowercase[5:16]]  # sdf..sdp, as AWS recommends
 ROOT_DEVICE = "/dev/xvda"
 

@@ -27,7 +27,7 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from connectors.aws.blocks import BLOCK, BlockTokens, get_block, list_blocks, list_changed
+from connectors.aws.blocks import BLOCK, BlockTokens, list_blocks, list_changed
 from connectors.aws.client import Aws, aws_call, is_not_found
 from sendense.datapath.extents import Extent
 from sendense.errors import ResourceNotFound, SendenseError
@@ -92,28 +92,13 @@ class AwsSourceDisk:
 
 
 class SnapshotReader:
-    """A BlockReader over a snapshot: any range, read block by block; blocks not in it are zero."""
+    """A BlockReader over a snapshot (any range; blocks not in it read as zero)."""
 
     def __init__(self, disk: AwsSourceDisk) -> None:
-        self.disk = disk
+        self.blocks = disk.tokens
 
     def read(self, offset: int, length: int) -> bytes:
-        d = self.disk
-        if offset % BLOCK == 0 and length == BLOCK:  # the common case: one whole block
-            token = d.tokens.token(offset // BLOCK)
-            return get_block(d.aws, d.ebs, d.snapshot_id, offset // BLOCK, token) if token else bytes(BLOCK)
-        out = bytearray(length)
-        pos, end = offset, offset + length
-        while pos < end:
-            idx = pos // BLOCK
-            lo, hi = pos - idx * BLOCK, min(BLOCK, end - idx * BLOCK)
-            token = d.tokens.token(idx)
-            if token:
-                out[pos - offset : pos - offset + hi - lo] = get_block(
-                    d.aws, d.ebs, d.snapshot_id, idx, token
-                )[lo:hi]
-            pos += hi - lo
-        return bytes(out)
+        return self.blocks.read(offset, length)
 
     def close(self) -> None:
         pass

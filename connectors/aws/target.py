@@ -36,7 +36,6 @@ from connectors.aws.blocks import (
     ZERO_CHECKSUM,
     BlockTokens,
     checksum,
-    get_block,
     linear_checksum,
     list_blocks,
 )
@@ -151,18 +150,8 @@ class SnapshotWriter:
 
     def read(self, offset: int, length: int) -> bytes:
         """What the replica holds before this sync's writes: the parent's blocks."""
-        out = bytearray(length)
         tokens = self.snap.parent_tokens
-        pos, end = offset, offset + length
-        while tokens is not None and pos < end:
-            idx = pos // BLOCK
-            lo, hi = pos - idx * BLOCK, min(BLOCK, end - idx * BLOCK)
-            token = tokens.token(idx)
-            if token:
-                data = get_block(self.snap.aws, self.snap.ebs, tokens.snapshot_id, idx, token)
-                out[pos - offset : pos - offset + hi - lo] = data[lo:hi]
-            pos += hi - lo
-        return bytes(out)
+        return tokens.read(offset, length) if tokens is not None else bytes(length)
 
     def flush(self) -> None:
         self.snap.sync()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
@@ -17,9 +16,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from connectors.kvm.qemu import _die_with_parent
+
 log = logging.getLogger(__name__)
 
-_PR_SET_PDEATHSIG = 1
 _REPO = Path(__file__).resolve().parents[2]
 
 
@@ -31,13 +31,6 @@ class AwsLabError(RuntimeError):
 class LabInstance:
     instance_id: str
     volumes: list[tuple[str, str, int]]  # (device, volume_id, size_gib), root first
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:
-        pass
 
 
 def _alive(pid: int) -> bool:

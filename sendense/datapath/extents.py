@@ -84,22 +84,18 @@ def align(extents: Iterable[Extent], block: int) -> Iterator[Extent]:
         if full_hi < hi:
             yield Extent(full_hi, hi - full_hi)
 
-    cur: Extent | None = None
-    for e in extents:
-        for p in pieces(e):
-            if cur is not None and p.offset < cur.end:  # only data widened over a shared block overlaps
-                assert not p.zero and not cur.zero
-                if p.end <= cur.end:
-                    continue
-                p = Extent(cur.end, p.end - cur.end)
-            if cur is not None and cur.end == p.offset and cur.zero == p.zero:
-                cur = Extent(cur.offset, cur.length + p.length, cur.zero)
-                continue
-            if cur is not None:
-                yield cur
-            cur = p
-    if cur is not None:
-        yield cur
+    def disjoint() -> Iterator[Extent]:
+        end = 0
+        for e in extents:
+            for p in pieces(e):
+                if p.offset < end:  # only data widened over a block it shares with the previous extent
+                    if p.end <= end:
+                        continue
+                    p = Extent(end, p.end - end)
+                end = p.end
+                yield p
+
+    return coalesce(disjoint())
 
 
 def intersect_dirty(

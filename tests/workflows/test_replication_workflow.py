@@ -200,12 +200,17 @@ class FakeHost:
     async def _begin(self, req: SnapshotRequest) -> SnapshotRef:
         snap = await self.create_snapshot(req)
         disks = [DiskInfo(key=d.key, size=d.size) for d in snap.disks]
-        try:
+        async with self._released_on_error(req, snap):
             await self.prepare_target(PrepareRequest(spec=req.spec, sync_id=req.snapshot_id, disks=disks))
+        return snap
+
+    @contextlib.asynccontextmanager
+    async def _released_on_error(self, req: SnapshotRequest, snap: SnapshotRef) -> AsyncIterator[None]:
+        try:
+            yield
         except BaseException:
             await self.release_snapshot(ReleaseRequest(spec=req.spec, snapshot=snap, committed=False))
             raise
-        return snap
 
     @activity.defn(name="begin_and_copy")
     async def begin_and_copy(self, req: SnapshotRequest) -> BeginResult:
@@ -215,15 +220,12 @@ class FakeHost:
         self.copy_up_to.append(req.copy_up_to)
         snap = await self._begin(req)
         copied: list[DiskCopyResult] = []
-        try:
+        async with self._released_on_error(req, snap):
             for d in snap.disks[: self.inline]:
                 self.calls.append(("inline_copy", d.key))
                 if self.inline_error is not None:
                     raise self.inline_error
                 copied.append(self._copied(d))
-        except BaseException:
-            await self.release_snapshot(ReleaseRequest(spec=req.spec, snapshot=snap, committed=False))
-            raise
         begun = BeginResult(snapshot=snap, copied=copied)
         if req.finish and len(copied) == len(snap.disks):  # the whole sync in this task
             keep = req.spec.retention.points
