@@ -94,8 +94,13 @@ class TargetConnector(Protocol):
     def validate(self) -> None: ...
 
     def prepare(self, sync_id: str, disks: list[DiskInfo]) -> None:
-        """Make replica disks ready for a sync, sized as given. Idempotent for the same sync id;
-        a different sync id discards the unfinished writes of an abandoned sync."""
+        """Make replica disks ready for a sync, sized as given, starting afresh.
+
+        Called right after the sync's snapshot was taken. A retried snapshot step takes a new
+        snapshot under the same sync id, so nothing an earlier attempt of this sync wrote belongs to
+        it: whatever is pending for `sync_id` (or for an abandoned sync) is discarded and the sync's
+        replicas start again from the latest point (or empty). Never touches a committed point.
+        Resuming a copy within one snapshot is `open_disk`'s business, never prepare's."""
         ...
 
     def open_disk(self, sync_id: str, key: str) -> AbstractContextManager[TargetDisk]: ...
