@@ -11,7 +11,7 @@ from sendense.errors import InvalidSpec
 from sendense.models import JobSpec
 
 SourceFactory = Callable[[str, Any, Path], SourceConnector]
-TargetFactory = Callable[[str, Any], TargetConnector]
+TargetFactory = Callable[[str, Any, str], TargetConnector]  # job name, target spec, job id
 
 
 def _kvm_source(job: str, spec: Any, work_dir: Path) -> SourceConnector:
@@ -20,10 +20,10 @@ def _kvm_source(job: str, spec: Any, work_dir: Path) -> SourceConnector:
     return make_kvm_source(job, spec, work_dir)
 
 
-def _kvm_target(job: str, spec: Any) -> TargetConnector:
+def _kvm_target(job: str, spec: Any, job_id: str) -> TargetConnector:
     from connectors.kvm.target import KvmTarget
 
-    return KvmTarget(job, spec.path)
+    return KvmTarget(job, spec.path, job_id=job_id)
 
 
 def _aws_source(job: str, spec: Any, work_dir: Path) -> SourceConnector:
@@ -32,10 +32,10 @@ def _aws_source(job: str, spec: Any, work_dir: Path) -> SourceConnector:
     return AwsSourceConnector(job, spec, work_dir)
 
 
-def _aws_target(job: str, spec: Any) -> TargetConnector:
+def _aws_target(job: str, spec: Any, job_id: str) -> TargetConnector:
     from connectors.aws.target import AwsTargetConnector
 
-    return AwsTargetConnector(job, spec)
+    return AwsTargetConnector(job, spec, job_id=job_id)
 
 
 SOURCES: dict[str, SourceFactory] = {"kvm": _kvm_source, "aws": _aws_source}
@@ -55,4 +55,4 @@ def target_for(spec: JobSpec) -> TargetConnector:
         factory = TARGETS[spec.target.platform]
     except KeyError:
         raise InvalidSpec(f"target.platform: {spec.target.platform!r} is not supported") from None
-    return factory(spec.name, spec.target)
+    return factory(spec.name, spec.target, spec.job_id)

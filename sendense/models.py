@@ -240,6 +240,11 @@ class Tuning(Strict):
 
 class JobSpec(Strict):
     name: str
+    job_id: str = Field(
+        default="",
+        description="the job's unique identity, assigned at create (never written in a spec): replicas and "
+        "points belong to it, not to the name; '' for jobs created before it existed",
+    )
     source: SourceSpec
     target: TargetSpec
     schedule: Schedule = Field(default_factory=Schedule)

@@ -41,6 +41,8 @@ def format_validation_error(err: ValidationError, prefix: str = "") -> str:
 def parse_spec(data: Any, source: str = "spec") -> JobSpec:
     if not isinstance(data, dict):
         raise InvalidSpec(f"{source}: expected a mapping with name, source and target")
+    if "job_id" in data:
+        raise InvalidSpec(f"{source}: job_id: assigned by sendense when the job is created, never in a spec")
     try:
         return JobSpec.model_validate(data)
     except ValidationError as e:

@@ -177,7 +177,8 @@ class AwsTargetConnector:
 
     platform = "aws"
 
-    def __init__(self, job: str, spec: AwsTarget, state_dir: Path | None = None) -> None:
+    def __init__(self, job: str, spec: AwsTarget, state_dir: Path | None = None, job_id: str = "") -> None:
+        self.job_id = job_id  # the job's identity (JobSpec.job_id); '' for jobs created before it
         self.job, self.spec = job, spec
         self.aws = Aws(spec.region, spec.endpoint_url)
         self.state = state_dir or config.home() / "aws-target" / job

@@ -65,7 +65,8 @@ class PendingDisk:
 class KvmTarget:
     platform = "kvm"
 
-    def __init__(self, job: str, root: Path) -> None:
+    def __init__(self, job: str, root: Path, job_id: str = "") -> None:
+        self.job_id = job_id  # the job's identity (JobSpec.job_id); '' for jobs created before it
         self.job = job
         self.root = Path(root)
         self.dir = self.root / job

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 from typing import Any
 
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle, WorkflowUpdateStage
@@ -58,6 +59,8 @@ class Jobs:
         return h
 
     async def create(self, spec: JobSpec, search_attributes: bool = True) -> WorkflowHandle[Any, Any]:
+        if not spec.job_id:  # the job's identity: its replicas and points belong to it, not to its name
+            spec = spec.model_copy(update={"job_id": secrets.token_hex(8)})
         source_q = config.host_queue(spec.source.host)
         target_q = config.host_queue(spec.target.host)
         sa = TypedSearchAttributes(
