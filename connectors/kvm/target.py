@@ -9,9 +9,11 @@ Layout under `<path>/<job>/`:
 A sync writes only into its pending overlay, so no existing point is touched. Commit renames the
 overlays to the point's name and then writes the manifest: a point exists iff its manifest does.
 Every point is directly usable as a backing file (test failover boots an overlay on it).
-Pruning the oldest point P1 merges its successor P2 into it (`qemu-img commit`) and renames the
-merged file to P2: at every instant P2 reads the same bytes, and a crash mid-way is finished by
-the next operation.
+Pruning the oldest point P1 merges its successor P2 into it (`qemu-img commit`), cuts the merged
+file to P2's size (P2 may be smaller: the disk shrank) and renames it to P2: at every instant P2
+reads the same bytes, and a crash mid-way is finished by the next operation. A point whose file is
+open elsewhere (a VM booted on it) is kept, never half-pruned; an export holds pruning off while it
+reads (`.points.lock`). The directory is the job's own (`jobdir`): checked before every operation.
 """
 
 from __future__ import annotations
@@ -20,14 +22,16 @@ import fcntl
 import logging
 import os
 import shutil
+import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
-from connectors.kvm.qemu import fsync_dir, qcow2_backing_name, qemu_img, qemu_nbd, read_qcow2_header
+from connectors.kvm.jobdir import JOB_ENTRIES, MARKER, check_place, claim
+from connectors.kvm.qemu import fsync_dir, qcow2_backing_name, qemu_img, qemu_nbd, read_qcow2_header, tool
 from sendense.datapath.nbd import NbdConnection
-from sendense.errors import InvalidSpec, ResourceNotFound, TargetError
+from sendense.errors import InvalidSpec, ResourceNotFound, ResourceUnavailable, SendenseError, TargetError
 from sendense.models import DiskInfo, PointDisk, PointInfo
 
 log = logging.getLogger(__name__)
@@ -55,11 +59,11 @@ def _safe_key(key: str) -> str:
 class PendingDisk:
     """A replica being written, exported over NBD (the copy engine's TargetDisk)."""
 
-    def __init__(self, uri: str, size: int, has_base: bool) -> None:
-        self.uri, self.size, self.has_base = uri, size, has_base
+    def __init__(self, uri: str, size: int, has_base: bool, label: str = "") -> None:
+        self.uri, self.size, self.has_base, self.label = uri, size, has_base, label
 
     def connect(self) -> NbdConnection:
-        return NbdConnection(self.uri, writable=True)
+        return NbdConnection(self.uri, writable=True, label=self.label or None)
 
 
 class KvmTarget:
@@ -77,16 +81,17 @@ class KvmTarget:
 
     def validate(self) -> None:
         parent = self.root
-        while not parent.exists():
+        while not parent.exists() and not parent.is_symlink():
             parent = parent.parent
         if not parent.is_dir():
             raise InvalidSpec(f"target.path: {self.root} is not a directory")
         if not os.access(parent, os.W_OK):
             raise InvalidSpec(f"target.path: {self.root} is not writable")
+        check_place(self.dir, self.job, self.job_id)
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
-        self.dir.mkdir(parents=True, exist_ok=True)
+        claim(self.dir, self.job, self.job_id)
         with open(self.dir / ".lock", "w") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
@@ -116,15 +121,15 @@ class KvmTarget:
 
     # ------------------------------------------------------------------ recovery
 
-    def _recover(self, keep_sync: str | None = None) -> None:
-        """Finish or undo what a crash interrupted: half-done prunes, half-done commits, stale syncs."""
+    def _recover(self, *, discard: bool) -> None:
+        """Finish what a crash interrupted: half-done prunes; with `discard` (a new sync begins) also
+        drop every unfinished sync's files (pending overlays, overlays of an uncommitted point)."""
         if not self.disks_dir.is_dir():
             return
         committed = {p.point_id for p in self._manifests()}
-        keep = {f"{keep_sync}.pending.qcow2", f"{keep_sync}.qcow2"} if keep_sync else set()
         for ddir in self.disks_dir.iterdir():
             files = {f.name: f for f in ddir.glob("*.qcow2")}
-            odd = [n for n in files if n.removesuffix(".qcow2") not in committed and n not in keep]
+            odd = [n for n in files if n.removesuffix(".qcow2") not in committed]
             if not odd:
                 continue  # the common case: nothing was interrupted, no image needs opening
             backing_of = {n: b for n, f in files.items() if (b := qcow2_backing_name(f))}  # child -> backing
@@ -132,40 +137,66 @@ class KvmTarget:
             for name in sorted(odd):
                 f = files[name]
                 if name.endswith(".pending.qcow2"):
-                    log.info("discarding unfinished sync %s", f)
-                    f.unlink()
+                    if discard:
+                        log.info("discarding unfinished sync %s", f)
+                        f.unlink()
                 elif name in parents:  # an interrupted prune: merge the child into it and take its place
                     child = next(c for c, b in backing_of.items() if b == name)
-                    self._merge_into_base(files[child], f)
-                else:
+                    try:
+                        self._merge_into_base(files[child], f)
+                    except SendenseError as e:  # the child still reads right; finished another time
+                        log.warning("finishing the prune of %s deferred: %s", f, e.message)
+                elif discard:
                     log.info("discarding uncommitted point file %s", f)
                     f.unlink()
 
     def _merge_into_base(self, child: Path, base: Path) -> None:
+        """Merge `child` into its backing `base` and put the result in the child's place, at the
+        child's size: `qemu-img commit` grows a smaller base but never shrinks a larger one, and what
+        lies beyond the child's size must read as zeros if the disk grows again. Raises
+        ResourceUnavailable, having changed nothing, when either file is open elsewhere."""
+        size = read_qcow2_header(child).size
         # points are kept read-only; qemu-img commit opens both images read-write
         child.chmod(0o644)
         base.chmod(0o644)
-        qemu_img("commit", "-q", "-f", "qcow2", "-d", str(child))
-        base.chmod(0o444)
+        try:
+            qemu_img("commit", "-q", "-f", "qcow2", "-d", str(child))
+            if read_qcow2_header(base).size > size:
+                qemu_img("resize", "-q", "--shrink", "-f", "qcow2", str(base), str(size))
+        finally:
+            for f in (child, base):
+                if f.exists():
+                    f.chmod(0o444)
         os.replace(base, child)
         fsync_dir(child.parent)
+
+    def _in_use(self, path: Path) -> bool:
+        """Whether another process holds `path` open (QEMU's image locks: a VM booted on the point,
+        an export reading it), probed by opening it for writing and closing it at once."""
+        path.chmod(0o644)
+        try:
+            p = subprocess.run(
+                [tool("qemu-io"), "-f", "qcow2", "-c", "quit", str(path)], capture_output=True, text=True
+            )
+        finally:
+            path.chmod(0o444)
+        return p.returncode != 0 and "lock" in p.stderr.lower()  # any other failure: the merge says it
 
     # ------------------------------------------------------------------ sync lifecycle
 
     def prepare(self, sync_id: str, disks: list[DiskInfo]) -> None:
+        """Fresh pending overlays for the sync (connectors.base): whatever an earlier attempt of the
+        same sync id wrote belongs to an earlier snapshot and is discarded, as is anything an
+        abandoned sync left. A full replica that kept an earlier attempt's data would keep it where
+        the new snapshot reads zero: a full copy writes only data ranges."""
         with self._locked():
-            self._recover(keep_sync=sync_id)
-            latest = self._manifests()[-1] if self._manifests() else None
+            self._recover(discard=True)  # every pending file goes, this sync's too
+            manifests = self._manifests()
+            latest = manifests[-1] if manifests else None
             for d in disks:
                 ddir = self._disk_dir(d.key)
                 ddir.mkdir(parents=True, exist_ok=True)
                 pending = self._pending_file(sync_id, d.key)
-                if self._point_file(sync_id, d.key).exists():
-                    continue  # an interrupted commit of this sync already renamed it
-                if pending.exists():
-                    if read_qcow2_header(pending).size == d.size:
-                        continue
-                    pending.unlink()
                 base = latest and next((x for x in latest.disks if x.key == d.key), None)
                 opts = REPLICA_OPTIONS if base is None else OVERLAY_OPTIONS
                 args = ["create", "-q", "-f", "qcow2", "-o", opts]
@@ -184,8 +215,9 @@ class KvmTarget:
         if not pending.exists():
             raise ResourceNotFound(f"replica {pending}: not prepared for sync {sync_id}")
         header = read_qcow2_header(pending)  # size and backing, without a probe connection
+        label = f"{self.root} (job {self.job}, disk {key})"
         with qemu_nbd(pending, readonly=False) as srv:
-            yield PendingDisk(srv.uri, header.size, header.backing is not None)
+            yield PendingDisk(srv.uri, header.size, header.backing is not None, label)
 
     def commit(self, sync_id: str, point: PointInfo) -> PointInfo:
         with self._locked():
@@ -205,13 +237,7 @@ class KvmTarget:
                 disks.append(d.model_copy(update={"path": str(final)}))
             committed = point.model_copy(update={"disks": disks, "committed_at": datetime.now(UTC)})
             self.points_dir.mkdir(parents=True, exist_ok=True)
-            tmp = manifest.with_suffix(".json.tmp")
-            with open(tmp, "w") as f:
-                f.write(committed.model_dump_json(indent=2))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, manifest)
-            fsync_dir(self.points_dir)
+            self._write_manifest(manifest, committed.model_dump_json(indent=2))
             return committed
 
     def abort(self, sync_id: str) -> None:
@@ -236,47 +262,145 @@ class KvmTarget:
                 return p
         raise ResourceNotFound(f"job {self.job}: no recovery point {point_id}")
 
+    @contextmanager
+    def _points_read(self, *, wait: bool) -> Iterator[bool]:
+        """Exports hold `.points.lock` shared while they read; prune takes it exclusive without
+        waiting (yields False if an export is reading: pruning waits for a later commit)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir / ".points.lock", "a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
     def prune(self, keep: int) -> list[str]:
+        """Delete the oldest points beyond `keep`. A point is merged into its successor only when
+        neither file is open elsewhere (a VM booted on it, a reader): such a point is kept, and the
+        next commit tries again. Its manifest goes only once the merge is sure to proceed, and comes
+        back if the merge could not start, so a point never vanishes with its file left behind."""
         removed: list[str] = []
-        with self._locked():
-            self._recover()
+        with self._locked(), self._points_read(wait=False) as free:
+            if not free:
+                log.info("job %s: an export is reading points; pruning at a later commit", self.job)
+                return removed
+            self._recover(discard=False)  # a sync may be copying into its pending overlay
             pts = self._manifests()
-            while len(pts) > keep:
-                oldest, successor = pts[0], pts[1]
-                (self.points_dir / f"{oldest.point_id}.json").unlink()
-                fsync_dir(self.points_dir)
-                for d in oldest.disks:
-                    base = self._point_file(oldest.point_id, d.key)
-                    child = self._point_file(successor.point_id, d.key)
-                    if child.exists() and qcow2_backing_name(child) == base.name:
-                        self._merge_into_base(child, base)
-                    elif base.exists():
-                        base.unlink()
-                removed.append(oldest.point_id)
-                pts = pts[1:]
+            i = 0
+            while len(pts) > keep and i < len(pts) - keep:
+                point, successor = pts[i], pts[i + 1]
+                if self._prune_one(point, successor):
+                    removed.append(point.point_id)
+                    del pts[i]
+                else:
+                    i += 1  # kept: in use
         return removed
 
+    def _prune_one(self, point: PointInfo, successor: PointInfo) -> bool:
+        merges = []
+        for d in point.disks:
+            base, child = self._point_file(point.point_id, d.key), self._point_file(successor.point_id, d.key)
+            merge = child.exists() and qcow2_backing_name(child) == base.name
+            if merge and (self._in_use(base) or self._in_use(child)):
+                log.warning(
+                    "job %s: point %s is in use (%s is open elsewhere); kept", self.job, point.point_id, base
+                )
+                return False
+            merges.append((base, child, merge))
+        manifest = self.points_dir / f"{point.point_id}.json"
+        text = manifest.read_text()
+        manifest.unlink()
+        fsync_dir(self.points_dir)
+        for n, (base, child, merge) in enumerate(merges):
+            if not merge:
+                base.unlink(missing_ok=True)
+                continue
+            try:
+                self._merge_into_base(child, base)
+            except ResourceUnavailable as e:
+                if n == 0:  # nothing changed yet: the point stays as it was
+                    self._write_manifest(manifest, text)
+                    log.warning("job %s: point %s kept: %s", self.job, point.point_id, e.message)
+                    return False
+                raise  # a later disk: finished by the next operation (_recover)
+        return True
+
     def export(self, point_id: str, fmt: str, out_dir: Path) -> list[tuple[str, Path]]:
+        """Standalone images of a point. Pruning waits while it reads, so the files are the point
+        as committed; a failed export leaves no partial file."""
         if fmt not in EXPORT_FORMATS:
             raise InvalidSpec(f"--format: {fmt!r} is not one of {', '.join(EXPORT_FORMATS)}")
-        point = self.get_point(point_id)
-        out_dir.mkdir(parents=True, exist_ok=True)
+        check_place(self.dir, self.job, self.job_id)
         qfmt, ext = EXPORT_FORMATS[fmt]
-        files = []
-        for d in point.disks:
-            src = self._point_file(point.point_id, d.key)
-            dst = out_dir / f"{self.job}-{point.point_id}-{_safe_key(d.key)}.{ext}"
-            tmp = dst.with_name(dst.name + ".part")
-            qemu_img("convert", "-U", "-f", "qcow2", "-O", qfmt, str(src), str(tmp))
-            os.replace(tmp, dst)
-            files.append((d.key, dst))
+        files: list[tuple[str, Path]] = []
+        with self._points_read(wait=True):
+            point = self.get_point(point_id)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            for d in point.disks:
+                src = self._point_file(point.point_id, d.key)
+                dst = out_dir / f"{self.job}-{point.point_id}-{_safe_key(d.key)}.{ext}"
+                tmp = dst.with_name(dst.name + ".part")
+                try:
+                    qemu_img("convert", "-U", "-f", "qcow2", "-O", qfmt, str(src), str(tmp))
+                except SendenseError as e:
+                    tmp.unlink(missing_ok=True)
+                    reason = e.message.removeprefix("qemu-img convert: ").removeprefix("qemu-img: ")
+                    raise TargetError(
+                        f"export of point {point.point_id} disk {d.key} to {dst}: {reason}"
+                    ) from None
+                except BaseException:
+                    tmp.unlink(missing_ok=True)
+                    raise
+                os.replace(tmp, dst)
+                files.append((d.key, dst))
         return files
 
     def point_path(self, point_id: str, key: str) -> Path:
         return self._point_file(point_id, key)
 
     def destroy(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
+        """Remove the job's replicas and points (manifests first, so no point is half there) and
+        the directory, after checking it is this job's. Anything sendense did not write stays, and
+        the error names it."""
+        if not self.dir.exists() and not self.dir.is_symlink():
+            return
+        try:
+            check_place(self.dir, self.job, self.job_id)
+        except InvalidSpec as e:
+            raise TargetError(f"purge of job {self.job}: nothing deleted: {e.message}") from None
+        with self._locked():
+            for f in self.points_dir.glob("*.json*") if self.points_dir.is_dir() else []:
+                f.unlink()
+            shutil.rmtree(self.disks_dir, ignore_errors=True)
+            for name in ("points", "disks"):
+                try:
+                    (self.dir / name).rmdir()
+                except FileNotFoundError:
+                    pass
+                except OSError:
+                    pass  # holds files of someone else's: named below
+        left = sorted(e.name for e in self.dir.iterdir() if e.name not in JOB_ENTRIES or e.is_dir())
+        if left:
+            raise TargetError(
+                f"purge of job {self.job}: replicas deleted, but {self.dir} also holds what sendense did not "
+                f"write and was kept: {', '.join(left[:5])}" + (" ..." if len(left) > 5 else "")
+            )
+        for name in (".lock", ".points.lock", MARKER):
+            (self.dir / name).unlink(missing_ok=True)
+        self.dir.rmdir()
+
+    def _write_manifest(self, path: Path, text: str) -> None:
+        tmp = path.with_suffix(".json.tmp")
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
 
 
 __all__ = ["KvmTarget", "PointDisk"]

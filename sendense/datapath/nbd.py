@@ -45,8 +45,12 @@ def unix_uri(socket: str, export: str = "") -> str:
 class NbdConnection:
     """One libnbd handle: the BlockReader / BlockWriter of the copy engine."""
 
-    def __init__(self, uri: str, *, contexts: tuple[str, ...] = (), writable: bool = False) -> None:
+    def __init__(
+        self, uri: str, *, contexts: tuple[str, ...] = (), writable: bool = False, label: str | None = None
+    ) -> None:
         self.uri = uri
+        # what errors call the export: what the user knows (a disk image, a replica path), not a socket
+        self.label = label or _safe(uri)
         self.h = nbd.NBD()
         self.h.set_pread_initialize(False)
         # block status needs structured replies; plain data connections use simple ones, so that
@@ -57,10 +61,10 @@ class NbdConnection:
         try:
             self.h.connect_uri(uri)
         except nbd.Error as e:
-            raise ResourceUnavailable(f"NBD export {_safe(uri)}: {e.string}") from None
+            raise ResourceUnavailable(f"NBD export {self.label}: {e.string}") from None
         if writable and self.h.is_read_only():
             self.close()
-            raise DataPathError(f"NBD export {_safe(uri)} is read-only", retryable=False)
+            raise DataPathError(f"NBD export {self.label} is read-only", retryable=False)
         self.size: int = self.h.get_size()
         self.writable = writable
         self.can_zero = writable and bool(self.h.can_zero())
@@ -69,13 +73,13 @@ class NbdConnection:
         try:
             return self.h.pread(length, offset)
         except nbd.Error as e:
-            raise DataPathError(f"read {length}@{offset} from {_safe(self.uri)}: {e.string}") from None
+            raise DataPathError(f"read {length}@{offset} from {self.label}: {e.string}") from None
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
         try:
             self.h.pwrite(data, offset)
         except nbd.Error as e:
-            raise _write_error(self.uri, offset, e) from None
+            raise _write_error(self.label, offset, e) from None
 
     def zero(self, offset: int, length: int) -> None:
         try:
@@ -87,14 +91,14 @@ class NbdConnection:
                     n = min(step, offset + length - off)
                     self.h.pwrite(bytes(n), off)
         except nbd.Error as e:
-            raise _write_error(self.uri, offset, e) from None
+            raise _write_error(self.label, offset, e) from None
 
     def flush(self) -> None:
         try:
             if self.h.can_flush():
                 self.h.flush()
         except nbd.Error as e:
-            raise _write_error(self.uri, 0, e) from None
+            raise _write_error(self.label, 0, e) from None
 
     def wire(self) -> NbdWire | None:
         """The transmission phase on this connection's own socket, when it can be spliced (a plain
@@ -102,7 +106,7 @@ class NbdConnection:
         the wire until `NbdWire.release()`."""
         if not wire_available() or self.h.get_structured_replies_negotiated() or self.h.get_tls_negotiated():
             return None
-        return NbdWire(self.h.aio_get_fd(), _safe(self.uri), can_zero=self.can_zero)
+        return NbdWire(self.h.aio_get_fd(), self.label, can_zero=self.can_zero)
 
     def can_meta_context(self, context: str) -> bool:
         return bool(self.h.can_meta_context(context))
@@ -144,10 +148,10 @@ class NbdConnection:
             try:
                 self.h.block_status(count, pos, cb)
             except nbd.Error as e:
-                raise DataPathError(f"block status at {pos} on {_safe(self.uri)}: {e.string}") from None
+                raise DataPathError(f"block status at {pos} on {self.label}: {e.string}") from None
             missing = [c for c in contexts if not got[c]]
             if missing:
-                raise ChangeTrackingLost(f"NBD export {_safe(self.uri)} gave no {missing[0]} extents")
+                raise ChangeTrackingLost(f"NBD export {self.label} gave no {missing[0]} extents")
             cover = min(min(got[c][-1][1] for c in contexts), end)
             for c in contexts:
                 for lo, hi, flags in got[c]:
@@ -170,8 +174,8 @@ class NbdConnection:
         for c in contexts:
             if not self.can_meta_context(c):
                 if c == ALLOCATION:
-                    raise DataPathError(f"NBD export {_safe(self.uri)} lacks {ALLOCATION}", retryable=False)
-                raise ChangeTrackingLost(f"dirty bitmap {bitmap} is not exported by {_safe(self.uri)}")
+                    raise DataPathError(f"NBD export {self.label} lacks {ALLOCATION}", retryable=False)
+                raise ChangeTrackingLost(f"dirty bitmap {bitmap} is not exported by {self.label}")
         pos = start
         while pos < end:
             w_end = min(end, pos + window)
@@ -190,7 +194,7 @@ def _safe(uri: str) -> str:
     return uri
 
 
-def _write_error(uri: str, offset: int, e: Any) -> DataPathError:
+def _write_error(label: str, offset: int, e: Any) -> DataPathError:
     if getattr(e, "errnum", None) == errno.ENOSPC:  # libnbd: .errnum is the number, .errno its name
-        return DataPathError(f"target {_safe(uri)} is full (write at {offset})", retryable=False)
-    return DataPathError(f"write at {offset} to {_safe(uri)}: {e.string}")
+        return DataPathError(f"target {label} is full (write at {offset})", retryable=False)
+    return DataPathError(f"write at {offset} to {label}: {e.string}")

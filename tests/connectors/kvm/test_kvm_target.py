@@ -166,14 +166,33 @@ def test_prepare_for_another_sync_discards_an_abandoned_one(m: Model) -> None:
     assert same_content(m.tgt.dir / "disks" / "disk0" / "s3.pending.qcow2", m.raw("p1", "disk0"))
 
 
-def test_prepare_for_the_same_sync_keeps_its_writes(m: Model) -> None:
-    m.sync("p1", {"disk0": [(0, pattern(1, MiB))]})
+def test_prepare_again_for_the_same_sync_starts_afresh(m: Model) -> None:
+    """Issue 9 item 2: a retried begin takes a new snapshot under the same sync id. A full copy writes
+    only the new snapshot's data ranges, so whatever the first attempt wrote must be gone: the
+    point reads zeros where the new snapshot has zeros, not the first attempt's bytes."""
+    m.tgt.prepare("s1", m.disks({"disk0": SIZE}))
+    with m.tgt.open_disk("s1", "disk0") as td, NbdConnection(td.uri, writable=True) as w:
+        w.write(0, pattern(0xEE, 8 * MiB))  # the first attempt's snapshot, since zeroed at the source
+        w.flush()
+    m.tgt.prepare("s1", m.disks({"disk0": SIZE}))  # the retry, with its new snapshot
+    with m.tgt.open_disk("s1", "disk0") as td:
+        assert not td.has_base
+    m.write("s1", "disk0", [(16 * MiB, pattern(2, MiB))])  # the new snapshot's only data
+    m.tgt.commit("s1", m.point("s1", {"disk0": SIZE}))
+    m.expected["s1"] = {"disk0": bytes(m.current["disk0"])}
+    m.assert_point("s1")
+
+    # the same for an incremental: the retry starts again from the latest point
     m.tgt.prepare("s2", m.disks({"disk0": SIZE}))
-    m.write("s2", "disk0", [(3 * MiB, pattern(2, MiB))])
-    m.tgt.prepare("s2", m.disks({"disk0": SIZE}))  # the activity was retried
+    with m.tgt.open_disk("s2", "disk0") as td, NbdConnection(td.uri, writable=True) as w:
+        w.write(4 * MiB, pattern(0xEE, MiB))
+        w.flush()
+    m.tgt.prepare("s2", m.disks({"disk0": SIZE}))
+    m.write("s2", "disk0", [(20 * MiB, pattern(3, MiB))])
     m.tgt.commit("s2", m.point("s2", {"disk0": SIZE}))
     m.expected["s2"] = {"disk0": bytes(m.current["disk0"])}
     m.assert_point("s2")
+    m.assert_point("s1")
 
 
 # ---------------------------------------------------------------------------- interrupted commit
@@ -195,8 +214,7 @@ def test_an_interrupted_commit_is_finished_by_retrying_it(m: Model) -> None:
     interrupted_commit(m, "p2", ["disk0"])  # disk1 was not renamed yet
     assert m.point_ids() == ["p1"]  # no manifest, no point
 
-    m.tgt.prepare("p2", m.disks(sizes))  # the retried activity prepares again: nothing is lost
-    committed = m.tgt.commit("p2", m.point("p2", sizes))
+    committed = m.tgt.commit("p2", m.point("p2", sizes))  # the retried commit finishes it
     m.expected["p2"] = {k: bytes(m.current[k]) for k in sizes}
     assert m.point_ids() == ["p2", "p1"]
     assert {d.key for d in committed.disks} == {"disk0", "disk1"}
