@@ -113,6 +113,9 @@ def begin_sync(req: SnapshotRequest) -> SnapshotRef:
 
 def _begin(req: SnapshotRequest) -> SnapshotRef:
     snap = _create_snapshot(req)
+    # a new snapshot: resume tokens an earlier attempt of this sync left belong to another one
+    for stale in (work_dir(req.spec.name) / "tokens").glob(f"{req.snapshot_id}-*.json"):
+        stale.unlink(missing_ok=True)
     with _released_on_error(req, snap, "prepare"):
         disks = [DiskInfo(key=d.key, size=d.size) for d in snap.disks]
         target_for(req.spec).prepare(req.snapshot_id, disks)
@@ -249,7 +252,13 @@ def copy_disk(req: CopyRequest) -> DiskCopyResult:
         tokens.append(CopyToken.model_validate_json(store.read_text()))
     except (OSError, ValueError):
         pass
-    valid = [t for t in tokens if t.sync_id == req.sync_id and t.disk == req.disk]
+    valid = [
+        t
+        for t in tokens
+        if t.sync_id == req.sync_id
+        and t.disk == req.disk
+        and t.snapshot_at in (None, req.snapshot.created_at)  # None: a token of an older worker
+    ]
     if valid:
         best = max(valid, key=lambda t: t.offset)
         start, carried = best.offset, best.stats
@@ -267,7 +276,13 @@ def copy_disk(req: CopyRequest) -> DiskCopyResult:
     def checkpoint(offset: int, done: int, total: int, stats: CopyStats) -> None:
         merged = carried.model_copy()
         merged.add(stats)
-        token = CopyToken(sync_id=req.sync_id, disk=req.disk, offset=max(offset, start), stats=merged)
+        token = CopyToken(
+            sync_id=req.sync_id,
+            disk=req.disk,
+            offset=max(offset, start),
+            stats=merged,
+            snapshot_at=req.snapshot.created_at,
+        )
         token.done, token.total = done, total
         _write_atomic(store, token.model_dump_json())
         now = time.monotonic()

@@ -53,10 +53,11 @@ class ChangeTrackingLost(SendenseError):
 
 
 class SnapshotInconsistent(SendenseError):
-    """The source changed under a snapshot that had to be stable. The sync is retried from scratch."""
+    """The source changed under a snapshot that had to be stable. Retrying the step cannot help: the
+    workflow fails the sync and takes a new snapshot at once (a few times in a row, then it waits)."""
 
     kind = "SnapshotInconsistent"
-    retryable = True
+    retryable = False
 
 
 class TargetError(SendenseError):

@@ -334,6 +334,11 @@ class CopyToken(Wire):
     sync_id: str
     disk: str
     offset: int
+    snapshot_at: datetime | None = Field(
+        default=None,
+        description="the snapshot it copies (its created_at): a token of another snapshot "
+        "of the same sync (a retried begin) is worthless",
+    )
     done: int = 0
     total: int = 0
     stats: CopyStats = Field(default_factory=CopyStats)
@@ -390,6 +395,7 @@ class JobStatus(Wire):
     resyncs: int = 0
     total_bytes_written: int = 0
     current_sync: str | None = None
+    left_behind: list[str] = Field(default_factory=list, description="what a delete could not remove")
 
 
 # ------------------------------------------------------------------------ activity contracts
@@ -493,6 +499,7 @@ class CarriedState(Wire):
     total_bytes_written: int = 0
     last_sync_started_at: datetime | None = None
     validated: bool = False
+    inconsistent_in_row: int = Field(default=0, description="syncs failed in a row on SnapshotInconsistent")
 
 
 class ReplicationInput(Wire):

@@ -55,6 +55,10 @@ SA_STATE = SearchAttributeKey.for_keyword("SendenseState")
 PATCH_COMBINED_STEPS = "begin-finish-sync"  # begin_sync/finish_sync when source and target queues match
 PATCH_INLINE_COPY = "begin-and-copy"  # small syncs copied inside their first task (begin_and_copy)
 PATCH_INLINE_FINISH = "begin-copy-finish"  # ... and committed there too when every disk was copied
+PATCH_RESNAPSHOT = "resnapshot-at-once"  # a snapshot the source changed under is taken again at once
+PATCH_DELETE_LEFTOVERS = "delete-reports-leftovers"  # a failed purge is reported, the delete completes
+
+RESNAPSHOT_LIMIT = 3  # new snapshots in a row after SnapshotInconsistent, then wait for the interval
 
 SNAPSHOT_TIMEOUT = timedelta(hours=12)  # snapshot steps heartbeat: a dead worker shows much sooner
 SHORT = RetryPolicy(
@@ -63,6 +67,14 @@ SHORT = RetryPolicy(
 COPY = RetryPolicy(
     initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=20), maximum_attempts=20
 )
+
+
+def failure_type(e: BaseException) -> str | None:
+    """The root cause's ApplicationError type (the connector error's kind), if any."""
+    cause: BaseException | None = e
+    while isinstance(cause, ActivityError) and cause.cause is not None:
+        cause = cause.cause
+    return cause.type if isinstance(cause, ApplicationError) else None
 
 
 def failure_message(e: BaseException) -> str:
@@ -87,6 +99,7 @@ class ReplicationWorkflow:
         self.outcomes: dict[int, SyncResult | str] = {}
         self.next_sync_at: datetime | None = None
         self.vm: VmInfo | None = None
+        self.left_behind: list[str] = []  # what a delete could not remove, said in its result
 
     # ------------------------------------------------------------------ handlers
 
@@ -112,6 +125,7 @@ class ReplicationWorkflow:
             resyncs=self.st.resyncs,
             total_bytes_written=self.st.total_bytes_written,
             current_sync=self.current,
+            left_behind=list(self.left_behind),
         )
 
     @workflow.query
@@ -236,13 +250,20 @@ class ReplicationWorkflow:
                 )
         self._set_state("deleting")
         if self.deleting.purge:
-            await workflow.execute_activity(
-                "destroy_target",
-                JobRequest(spec=spec),
-                task_queue=inp.target_queue,
-                start_to_close_timeout=timedelta(minutes=30),
-                retry_policy=SHORT,
-            )
+            try:
+                await workflow.execute_activity(
+                    "destroy_target",
+                    JobRequest(spec=spec),
+                    task_queue=inp.target_queue,
+                    start_to_close_timeout=timedelta(minutes=30),
+                    retry_policy=SHORT,
+                )
+            except ActivityError as e:  # say what stays; the job is deleted all the same
+                if not workflow.patched(PATCH_DELETE_LEFTOVERS):
+                    raise
+                msg = failure_message(e)
+                workflow.logger.warning("purging the replicas of job %s failed: %s", spec.name, msg)
+                self.left_behind.append(f"replicas: {msg}")
         try:  # the job's bitmaps/checkpoints would otherwise stay on the source, recording every write
             await workflow.execute_activity(
                 "forget_source",
@@ -255,6 +276,7 @@ class ReplicationWorkflow:
             msg = failure_message(e)
             workflow.logger.warning("removing the change tracking of job %s failed: %s", spec.name, msg)
             self.st.last_error = f"delete: change tracking left on the source: {msg}"
+            self.left_behind.append(f"change tracking: {msg}")
         self._set_state("deleted")
         await workflow.wait_condition(workflow.all_handlers_finished)
         return self.status()
@@ -350,7 +372,14 @@ class ReplicationWorkflow:
             self.outcomes[seq] = msg
             await self._cleanup_failed(sync_id, snap)
             self.current = None
+            if failure_type(e) == "SnapshotInconsistent" and workflow.patched(PATCH_RESNAPSHOT):
+                # the source changed under the snapshot (a stopped disk written after it): retrying
+                # the copy cannot help, a new snapshot can; take one now, a few times in a row
+                self.st.inconsistent_in_row += 1
+                if self.st.inconsistent_in_row <= RESNAPSHOT_LIMIT:
+                    self.st.pending_requests += 1
             return
+        self.st.inconsistent_in_row = 0
         self.st.base = {d.key: d.change_id for d in snap.disks}
         self.st.last_point = point
         self.st.syncs += 1

@@ -167,7 +167,9 @@ class Jobs:
         h = await self._running(name)
         return await h.execute_update(ReplicationWorkflow.update_settings, settings)
 
-    async def delete(self, name: str, purge: bool) -> None:
+    async def delete(self, name: str, purge: bool) -> JobStatus:
+        """The job's final status: `left_behind` says what the delete could not remove."""
         h = await self._running(name)
         await h.execute_update(ReplicationWorkflow.delete, DeleteRequest(purge=purge))
-        await h.result()
+        final: JobStatus = await h.result()
+        return final

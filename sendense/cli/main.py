@@ -334,11 +334,20 @@ def job_delete(
 ) -> None:
     """Stop a job (after its running sync). Recovery points are kept unless --purge."""
 
-    async def go() -> None:
-        await (await _jobs()).delete(name, purge)
+    async def go() -> JobStatus:
+        return await (await _jobs()).delete(name, purge)
 
-    run(go)
-    emit_json({"deleted": name, "purged": purge}) if as_json else out.print(f"job {name} deleted")
+    final = run(go)
+    left = final.left_behind if final is not None else []
+    purged = purge and not any(x.startswith("replicas:") for x in left)
+    if as_json:
+        emit_json({"deleted": name, "purged": purged, "left_behind": left})
+    else:
+        out.print(
+            f"job {name} deleted" + ("" if not left else "; left behind: " + "; ".join(left)), markup=False
+        )
+    if purge and not purged:
+        raise typer.Exit(1)
 
 
 # ------------------------------------------------------------------------------- points

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from sendense.errors import DataPathError
 from sendense.models import (
     CommitRequest,
     CopyRequest,
+    CopyToken,
     FinishResult,
     JobSpec,
     KvmSource,
@@ -167,3 +169,50 @@ def test_a_sync_that_does_not_fit_is_not_finished_in_the_task(rig) -> None:
     )
     assert [r.key for r in begun.copied] == ["disk0"] and begun.finished is None
     assert Replicas(JOB, spec.target.path).list_points() == []
+
+
+def test_a_retried_begin_never_keeps_what_the_failed_attempt_wrote(
+    rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 9 item 2: the first attempt copies disk0 in full, then fails on disk1 (the disk was
+    written after the snapshot instant); disk0 is zeroed at the source; the retry of the task (same
+    sync id, a new snapshot) must commit zeros for disk0, not the first attempt's bytes: a full
+    copy skips zero ranges, so it must start from a fresh replica."""
+    spec, disks, tmp = rig
+    env = ActivityEnvironment()
+    real_copy = replication.run_copy_disk
+    calls = [0]
+
+    def copy_then_disk1_written(sd, td, d, *args, **kw):  # type: ignore[no-untyped-def]
+        calls[0] += 1
+        if d.key == "disk1" and calls[0] == 2:
+            raise DataPathError("source disk d1.qcow2: read failed")  # the first attempt ends here
+        return real_copy(sd, td, d, *args, **kw)
+
+    monkeypatch.setattr(replication, "run_copy_disk", copy_then_disk1_written)
+    req = SnapshotRequest(spec=spec, snapshot_id="s1", copy_up_to=64 * MiB, finish=True)
+    with pytest.raises(ApplicationError):
+        env.run(begin_and_copy, req)
+    qemu_io(disks[0], "write -z 0 2M")  # the source changes before the retry: disk0 is all zero now
+    refs = [to_raw(d, tmp / f"{d.stem}-retry.raw") for d in disks]
+    done = env.run(begin_and_copy, req)
+    assert done.finished is not None and done.finished.point.kind == "full"
+    replicas = Replicas(JOB, spec.target.path)
+    for key, ref in zip(("disk0", "disk1"), refs, strict=True):
+        assert same_content(replicas.point_path("s1", key), ref), key
+
+
+def test_a_resume_token_of_another_snapshot_of_the_same_sync_is_not_used(rig) -> None:
+    """A token file left by a copy of an earlier snapshot of the same sync id (a retried begin) must
+    not make the copy of the new snapshot skip what lies below its offset."""
+    spec, disks, tmp = rig
+    env = ActivityEnvironment()
+    first = env.run(begin_and_copy, SnapshotRequest(spec=spec, snapshot_id="s1", copy_up_to=0))
+    store = Path(tmp / "home" / "work" / JOB / "tokens")
+    store.mkdir(parents=True, exist_ok=True)
+    stale = CopyToken(
+        sync_id="s1", disk="disk1", offset=32 * MiB, snapshot_at=datetime(2020, 1, 1, tzinfo=UTC)
+    )
+    (store / "s1-disk1.json").write_text(stale.model_dump_json())
+    res = env.run(copy_disk, CopyRequest(spec=spec, sync_id="s1", snapshot=first.snapshot, disk="disk1"))
+    assert res.resumed_from == 0 and res.stats.bytes_written == 8 * MiB

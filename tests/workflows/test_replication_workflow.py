@@ -126,6 +126,7 @@ class FakeHost:
         self.validate_error: BaseException | None = None
         self.abort_error: BaseException | None = None
         self.forget_error: BaseException | None = None
+        self.destroy_error: BaseException | None = None
         self.prepare_error: BaseException | None = None
         self.release_errors: list[BaseException] = []  # raised by the next release_snapshot calls
         self.combined: list[str] = []  # begin_sync / begin_and_copy / finish_sync tasks, in order
@@ -304,6 +305,8 @@ class FakeHost:
     async def destroy_target(self, req: JobRequest) -> None:
         self.calls.append(("destroy_target", req))
         self.queues.append(("destroy_target", activity.info().task_queue))
+        if self.destroy_error is not None:
+            raise self.destroy_error
 
     @activity.defn(name="forget_source")
     async def forget_source(self, req: JobRequest) -> None:
@@ -845,6 +848,70 @@ async def test_a_failing_forget_source_does_not_prevent_the_delete(
         assert len(host.of("destroy_target")) == 1
 
     await _run(env, spec(interval=timedelta(minutes=10)), body, host=host)
+
+
+async def test_a_failing_purge_is_reported_and_the_delete_completes(env: WorkflowEnvironment) -> None:
+    """Issue 9 item 21: a purge that cannot delete everything says what stays; the job is deleted and
+    its source's change tracking removed all the same."""
+    host = FakeHost()
+    msg = "purge of job web01: replicas deleted, but /replicas/web01 also holds what sendense did not write"
+    host.destroy_error = ApplicationError(msg, type="TargetError", non_retryable=True)
+
+    async def body(job: Job) -> None:
+        await job.settled(1)
+        await asyncio.wait_for(
+            job.handle.execute_update(ReplicationWorkflow.delete, DeleteRequest(purge=True)), 10
+        )
+        final = await asyncio.wait_for(job.handle.result(), 10)
+        assert final.state == "deleted"
+        assert final.left_behind == [f"replicas: {msg}"]
+        assert len(host.of("destroy_target")) == 1 and len(host.of("forget_source")) == 1
+
+    await _run(env, spec(interval=timedelta(minutes=10)), body, host=host)
+
+
+@pytest.mark.parametrize("copied_inline", [False, True])
+async def test_a_snapshot_the_source_changed_under_is_taken_again_at_once(
+    env: WorkflowEnvironment, copied_inline: bool
+) -> None:
+    """Issue 9 item 14: SnapshotInconsistent (a stopped disk written after the snapshot instant) is not
+    retried in place: the sync fails at once and a new snapshot is taken right away, at most
+    RESNAPSHOT_LIMIT times in a row; then the job waits for its interval with the error in status."""
+    host = FakeHost()
+    host.inline = 2 if copied_inline else 0
+    msg = "source disk /vms/web01/disk0.qcow2 was written after snapshot x; the sync restarts"
+    err = ApplicationError(msg, type="SnapshotInconsistent", non_retryable=True)
+    fail_next = [0]
+
+    async def inconsistent(req: CopyRequest, info: activity.Info) -> None:
+        if fail_next[0] > 0:
+            fail_next[0] -= 1
+            raise err
+
+    async def body(job: Job) -> None:
+        await job.settled(1)
+        if copied_inline:
+            host.inline_error = err
+        else:
+            host.copy_hook = inconsistent
+            fail_next[0] = 2
+        with pytest.raises(WorkflowUpdateFailedError):
+            await job.sync_now()
+        if copied_inline:
+            st = await job.settled(1, failures=4)  # 1 + RESNAPSHOT_LIMIT, no time passed
+            assert st.state == "error" and st.last_error is not None and msg in st.last_error
+            assert len(job.snapshots()) == 1 + 4
+            host.inline_error = None
+            await job.env.sleep(timedelta(hours=1, seconds=1))  # then the interval's sync
+            st = await job.settled(2, failures=4)
+        else:
+            st = await job.settled(2, failures=2)  # two failed, the third snapshot passed at once
+            assert len(job.snapshots()) == 4
+            attempts = [a for s, _, a, _ in host.copy_attempts]
+            assert max(attempts) == 1  # never retried in place
+        assert st.last_error is None
+
+    await _run(env, spec(interval=timedelta(hours=1)), body, host=host)
 
 
 async def test_delete_while_paused(env: WorkflowEnvironment) -> None:

@@ -223,7 +223,7 @@ def test_a_write_after_the_snapshot_makes_open_disk_fail_and_the_retry_is_exact(
     with pytest.raises(SnapshotInconsistent) as ei, rig.src.open_disk(snap, "disk0"):
         pass
     assert error_text(ei) and str(img) in str(ei.value)
-    assert ei.value.retryable
+    assert not ei.value.retryable  # retrying the copy cannot help: the workflow takes a new snapshot
     rig.src.release_snapshot(snap, committed=False)
     assert bitmap_names(img) == [bm("p1")]
 
