@@ -58,6 +58,14 @@ class Jobs:
             raise ResourceNotFound(f"job {name}: not running ({status})")
         return h
 
+    async def exists(self, name: str) -> bool:
+        """Whether a job of this name is running."""
+        try:
+            await self._running(name)
+        except ResourceNotFound:
+            return False
+        return True
+
     async def create(self, spec: JobSpec, search_attributes: bool = True) -> WorkflowHandle[Any, Any]:
         if not spec.job_id:  # the job's identity: its replicas and points belong to it, not to its name
             spec = spec.model_copy(update={"job_id": secrets.token_hex(8)})
@@ -171,5 +179,5 @@ class Jobs:
         """The job's final status: `left_behind` says what the delete could not remove."""
         h = await self._running(name)
         await h.execute_update(ReplicationWorkflow.delete, DeleteRequest(purge=purge))
-        final: JobStatus = await h.result()
-        return final
+        final = await h.result()
+        return final if isinstance(final, JobStatus) else JobStatus.model_validate(final)

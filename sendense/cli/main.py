@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -172,13 +173,16 @@ def job_create(
 
     async def go() -> JobStatus | None:
         spec = load_spec(file)
+        jobs = await _jobs()
+        if await jobs.exists(spec.name):  # before the checks below: they would see its replicas
+            raise InvalidSpec(f"name: job {spec.name!r} already exists")
+        spec = spec.model_copy(update={"job_id": secrets.token_hex(8)})  # its replicas will carry it
         local = config.host_id()
         if spec.source.host in (None, local):
             src = source_for(spec, config.home() / "work" / spec.name)
             src.validate()
         if spec.target.host in (None, local):
             target_for(spec).validate()
-        jobs = await _jobs()
         await jobs.create(spec)
         return await jobs.wait_started(spec.name) if wait else None
 

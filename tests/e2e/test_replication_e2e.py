@@ -214,7 +214,13 @@ def test_bad_specs_fail_with_one_line_errors(e2e_stack: Cli, tmp_path: Path) -> 
     assert p.returncode != 0 and "already exists" in p.stderr
     p = cli.run("job", "status", "no-such-job", check=False)
     assert p.returncode != 0 and "no-such-job" in p.stderr
-    cli.json("job", "delete", "e2e-dup")
+    cli.wait_point("e2e-dup")
+    cli.json("job", "delete", "e2e-dup")  # its point is kept
+    # issue 9 item 10: a new job under the deleted job's name does not adopt its kept points
+    p = cli.run("job", "create", "-f", str(ok), check=False)
+    assert p.returncode != 0 and "earlier job named e2e-dup" in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+    assert (tmp_path / "r" / "e2e-dup" / "points").is_dir()
 
 
 def test_cli_without_server_says_how_to_start_it(tmp_path: Path) -> None:
