@@ -1,24 +1,35 @@
 """KVM source, stopped VM: qcow2 images tracked by persistent qcow2 dirty bitmaps.
 
-Change id = the name of a persistent bitmap in every disk, `sendense.<job>.<snapshot>`.
-A snapshot adds a new bitmap to each disk; reads go through `qemu-nbd --read-only`, which locks out
-writers, exporting the base bitmap (what changed since the last point) and the new one (which must
-still be empty: if the image was written after the snapshot instant, the read would not be that
-instant, and the sync is retried). After a commit the older bitmaps of the job are removed; `forget`
-(the job is deleted) removes all of them.
+Change id = the name of a persistent bitmap in one disk, `sendense.<job>.<snapshot>.<tag>`, where the
+tag is the disk's identity (its key and image path, hashed: `disk_tag`). A snapshot adds a new bitmap
+to each disk; reads go through `qemu-nbd --read-only`, which locks out writers, exporting the base
+bitmap (what changed since the last point) and the new one (which must still be empty: if the image
+was written after the snapshot instant, the read would not be that instant, and the sync takes a new
+snapshot). After a commit the older bitmaps of the job are removed; `forget` (the job is deleted)
+removes all of them.
+
+Why the tag: with one bitmap name on every disk, disks swapped behind their keys (image files renamed,
+a VM restarted with its disks in another order) still "had" the base bitmap, and the sync ran as an
+incremental against the other disk's changes. With the tag, a base is used only on the disk it was
+made on; anything else is a resync with the reason (`base_problem`).
+
+Two jobs on one image: their bitmap changes and reads are ordered by `image_lock` (a reader holds it
+shared, a bitmap change exclusively), so one job waits for the other's read instead of failing.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
 from connectors.kvm.qemu import (
     Qcow2Header,
     image_info,
+    image_lock,
     is_qcow2,
     qemu_img,
     qemu_nbd,
@@ -38,12 +49,24 @@ from sendense.models import DiskInfo, DiskSnapshot, SnapshotRef, VmInfo
 
 log = logging.getLogger(__name__)
 
+BUSY_WAIT = 300.0  # seconds a bitmap change waits for another job's read of the same image
+
 
 def bitmap_prefix(job: str) -> str:
     return f"sendense.{job}."
 
 
-def tracking_problem(bitmaps: dict[str, list[str]], base: str, where: str) -> str | None:
+def disk_tag(key: str, image: str) -> str:
+    """A disk's identity in its change ids: its key and image path. Both must match for a base to be
+    used; the bitmap carrying the tag must be in the image, so a swapped image is found too."""
+    return hashlib.sha1(f"{key}\0{image}".encode()).hexdigest()[:8]
+
+
+def bitmap_name(job: str, snapshot_id: str, tag: str) -> str:
+    return f"{bitmap_prefix(job)}{snapshot_id}.{tag}"
+
+
+def tracking_problem(bitmaps: Mapping[str, Sequence[str]], base: str, where: str) -> str | None:
     """Why `base` cannot serve as a change id, or None if it can."""
     if base not in bitmaps:
         return f"dirty bitmap {base} is missing from {where}"
@@ -51,6 +74,27 @@ def tracking_problem(bitmaps: dict[str, list[str]], base: str, where: str) -> st
     if "in-use" in flags or "inconsistent" in flags:
         return f"dirty bitmap {base} in {where} is inconsistent (the image was not closed cleanly)"
     return None
+
+
+def base_problem(
+    job: str, since: str, key: str, image: str, bitmaps: Mapping[str, Sequence[str]], where: str
+) -> str | None:
+    """Why bitmap `since` cannot be disk `key`'s base now that `image` is behind it, or None."""
+    prefix, tag = bitmap_prefix(job), disk_tag(key, image)
+    rest = since[len(prefix) :] if since.startswith(prefix) else ""
+    if "." not in rest:
+        return f"change id {since} of disk {key} is from before disk identities were recorded"
+    if rest.rsplit(".", 1)[1] != tag:
+        return (
+            f"disk {key} is now image {image}, not the image its change tracking belongs to "
+            "(image replaced, moved or disks reordered)"
+        )
+    if since not in bitmaps and any(n.startswith(prefix) and not n.endswith("." + tag) for n in bitmaps):
+        return (
+            f"image {image} of disk {key} carries the change tracking of another disk of job {job} "
+            "(disks swapped)"
+        )
+    return tracking_problem(bitmaps, since, where)
 
 
 class NbdSourceDisk:
@@ -96,6 +140,7 @@ class NbdSourceDisk:
 
 class OfflineQcow2Source:
     platform = "kvm"
+    busy_wait = BUSY_WAIT
 
     def __init__(self, job: str, disks: list[Path]) -> None:
         self.job = job
@@ -111,17 +156,41 @@ class OfflineQcow2Source:
         raise ResourceNotFound(f"source disk {key}: not part of job {self.job}")
 
     def _info(self, i: int, path: Path) -> Qcow2Header:
+        """The image's header, refusing what can never sync (raw, qcow2 v2, empty) with what to do."""
+        field = f"source.disks[{i}]: {path}"
         if not path.exists():
-            raise ResourceNotFound(f"source.disks[{i}]: {path} not found")
+            raise ResourceNotFound(f"{field} not found")
         if not path.is_file():
-            raise InvalidSpec(f"source.disks[{i}]: {path} is not a file")
+            raise InvalidSpec(f"{field} is not a file")
+        if path.stat().st_size == 0:
+            raise InvalidSpec(f"{field} is an empty file, not a qcow2 image: leave it out of source.disks")
         try:
-            return read_qcow2_header(path)  # one open and read of the header: this runs every sync
+            info = read_qcow2_header(path)  # one open and read of the header: this runs every sync
         except SendenseError:
             if is_qcow2(path):
                 raise
             fmt = image_info(path).get("format")
-            raise InvalidSpec(f"source.disks[{i}]: {path} is {fmt}, not qcow2") from None
+            raise InvalidSpec(
+                f"{field} is {fmt}, not qcow2: convert it with the VM stopped "
+                f"(qemu-img convert -O qcow2 {path} NEW.qcow2) and list the new image"
+            ) from None
+        if info.version < 3:
+            raise InvalidSpec(
+                f"{field} is qcow2 v2 (compat=0.10), which cannot hold dirty bitmaps: upgrade it with "
+                f"the VM stopped: qemu-img amend -o compat=1.1 {path}"
+            )
+        if info.size == 0:
+            raise InvalidSpec(f"{field} has a virtual size of 0 bytes: leave it out of source.disks")
+        return info
+
+    def _lock(self, path: Path, *, exclusive: bool) -> AbstractContextManager[None]:
+        return image_lock(
+            path,
+            exclusive=exclusive,
+            wait=self.busy_wait,
+            busy=f"source disk {path} is still being read by another job's sync after "
+            f"{self.busy_wait:g}s; job {self.job} retries",
+        )
 
     def validate(self) -> None:
         for i, p in enumerate(self.paths):
@@ -134,21 +203,22 @@ class OfflineQcow2Source:
         return VmInfo(name=self.paths[0].stem, platform="kvm", disks=disks)
 
     def create_snapshot(self, snapshot_id: str, base: dict[str, str | None]) -> SnapshotRef:
-        new = bitmap_prefix(self.job) + snapshot_id
         disks = []
         for i, (key, path) in enumerate(self._keys()):
-            info = self._info(i, path)
-            bitmaps = info.bitmaps
-            since = base.get(key)
-            lost = tracking_problem(bitmaps, since, str(path)) if since else None
-            if new not in bitmaps:
-                try:
-                    qemu_img("bitmap", "--add", "--enable", str(path), new)
-                except ResourceUnavailable:
-                    raise ResourceUnavailable(
-                        f"source disk {path} is in use by a running process; use the qmp or libvirt form "
-                        "of source for a running VM"
-                    ) from None
+            new = bitmap_name(self.job, snapshot_id, disk_tag(key, str(path)))
+            with self._lock(path, exclusive=True):
+                info = self._info(i, path)
+                bitmaps = info.bitmaps
+                since = base.get(key)
+                lost = base_problem(self.job, since, key, str(path), bitmaps, str(path)) if since else None
+                if new not in bitmaps:
+                    try:
+                        qemu_img("bitmap", "--add", "--enable", str(path), new)
+                    except ResourceUnavailable:
+                        raise ResourceUnavailable(
+                            f"source disk {path} is in use by a running process; use the qmp or libvirt "
+                            "form of source for a running VM"
+                        ) from None
             disks.append(
                 DiskSnapshot(
                     key=key,
@@ -169,6 +239,7 @@ class OfflineQcow2Source:
         if d.base_change_id and not d.tracking_lost:
             bitmaps.insert(0, d.base_change_id)
         with (
+            self._lock(path, exclusive=False),
             qemu_nbd(path, readonly=True, bitmaps=bitmaps) as srv,
             NbdSourceDisk(srv.uri, d.size, bitmaps=bitmaps) as disk,
         ):
@@ -178,7 +249,7 @@ class OfflineQcow2Source:
                 )
             if next(iter(disk.status().changed_extents(d.change_id)), None) is not None:
                 raise SnapshotInconsistent(
-                    f"source disk {path} was written after snapshot {snap.snapshot_id}; the sync restarts"
+                    f"source disk {path} was written after snapshot {snap.snapshot_id}"
                 )
             yield disk
 
@@ -188,16 +259,17 @@ class OfflineQcow2Source:
             path = self._path(d.key)
             if not path.exists():
                 continue
-            names = read_qcow2_header(path).bitmaps.keys()
-            if committed:
-                drop = [n for n in names if n.startswith(prefix) and n != d.change_id]
-            else:
-                drop = [d.change_id] if d.change_id in names else []
-            for n in drop:
-                try:
-                    qemu_img("bitmap", "--remove", str(path), n)
-                except ResourceUnavailable:
-                    log.warning("could not remove bitmap %s from %s (image in use)", n, path)
+            try:
+                with self._lock(path, exclusive=True):
+                    names = read_qcow2_header(path).bitmaps.keys()
+                    if committed:
+                        drop = [n for n in names if n.startswith(prefix) and n != d.change_id]
+                    else:
+                        drop = [d.change_id] if d.change_id in names else []
+                    for n in drop:
+                        qemu_img("bitmap", "--remove", str(path), n)
+            except ResourceUnavailable as e:  # the next commit removes what stays
+                log.warning("release of %s: bitmaps stay in %s: %s", snap.snapshot_id, path, e)
 
     def forget(self) -> None:
         """Remove every bitmap of this job from every disk; a disk that no longer exists is skipped."""
@@ -206,9 +278,10 @@ class OfflineQcow2Source:
             if not path.is_file():
                 log.info("forget job %s: source disk %s is gone, nothing to remove", self.job, path)
                 continue
-            remove_bitmaps(
-                path,
-                [n for n in read_qcow2_header(path).bitmaps if n.startswith(prefix)],
-                f"source disk {path} is in use by a running process: the dirty bitmaps {prefix}* of "
-                f"job {self.job} stay (remove them with qemu-img bitmap --remove once it is stopped)",
-            )
+            with self._lock(path, exclusive=True):
+                remove_bitmaps(
+                    path,
+                    [n for n in read_qcow2_header(path).bitmaps if n.startswith(prefix)],
+                    f"source disk {path} is in use by a running process: the dirty bitmaps {prefix}* of "
+                    f"job {self.job} stay (remove them with qemu-img bitmap --remove once it is stopped)",
+                )

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -87,6 +89,7 @@ class Qcow2Header:
     size: int  # virtual size
     backing: str | None  # the backing file name as written in the header
     bitmaps: dict[str, list[str]]  # persistent bitmap name -> flags, as qcow2_bitmaps() gives them
+    version: int = 3  # 2: compat=0.10, which cannot hold persistent bitmaps
 
 
 def is_qcow2(path: Path) -> bool:
@@ -112,7 +115,7 @@ def read_qcow2_header(path: Path) -> Qcow2Header:
             backing = f.read(b_len).decode("utf-8", "replace")
         bitmaps: dict[str, list[str]] = {}
         if version < 3 or len(head) < 104:
-            return Qcow2Header(size, backing, bitmaps)
+            return Qcow2Header(size, backing, bitmaps, version)
         (autoclear,) = struct.unpack(">Q", head[88:96])
         (header_len,) = struct.unpack(">I", head[100:104])
         f.seek(header_len)
@@ -129,7 +132,7 @@ def read_qcow2_header(path: Path) -> Qcow2Header:
                 f.seek(dir_off)
                 bitmaps = _bitmap_directory(f.read(dir_size), nb, path)
                 break
-        return Qcow2Header(size, backing, bitmaps)
+        return Qcow2Header(size, backing, bitmaps, version)
 
 
 def _bitmap_directory(raw: bytes, count: int, path: Path) -> dict[str, list[str]]:
@@ -161,6 +164,39 @@ def remove_bitmaps(image: Path, names: Sequence[str], in_use: str) -> None:
         except ResourceUnavailable:
             raise ResourceUnavailable(in_use) from None
         log.info("removed bitmap %s from %s", n, image)
+
+
+_LOCK_DIR = "sendense-image-locks"
+
+
+@contextmanager
+def image_lock(image: Path, *, exclusive: bool, wait: float, busy: str) -> Iterator[None]:
+    """Order sendense's own users of one image (two jobs on one stopped disk): a reader holds it shared
+    while its qemu-nbd serves the image, a bitmap change takes it exclusively. QEMU's image locks would
+    refuse the second user at once ("in use by a running process"); this waits up to `wait` seconds
+    for the other job's step to end, then raises ResourceUnavailable(busy), which is retryable.
+    A flock on a file named after the image's real path: it works across worker processes and goes
+    with the process that held it."""
+    d = Path(tempfile.gettempdir()) / _LOCK_DIR
+    d.mkdir(mode=0o700, exist_ok=True)
+    name = hashlib.sha256(os.fsencode(os.path.realpath(image))).hexdigest()[:32]
+    fd = os.open(d / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        op = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
+        deadline = time.monotonic() + wait
+        pause = 0.005
+        while True:
+            try:
+                fcntl.flock(fd, op)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise ResourceUnavailable(busy) from None
+                time.sleep(pause)
+                pause = min(pause * 2, 0.2)
+        yield
+    finally:
+        os.close(fd)
 
 
 class NbdServer:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from helpers_kvm import (
     to_raw,
 )
 
-from connectors.kvm.offline import OfflineQcow2Source
+from connectors.kvm.offline import OfflineQcow2Source, disk_tag
 from connectors.kvm.qemu import qemu_nbd
 from connectors.kvm.target import KvmTarget
 from sendense.datapath.sync import copy_disk
@@ -38,25 +39,27 @@ from sendense.models import PointDisk, PointInfo, SnapshotRef
 JOB = "j"
 
 
-def bm(snapshot_id: str, job: str = JOB) -> str:
-    return f"sendense.{job}.{snapshot_id}"
+def bm(snapshot_id: str, img: Path, job: str = JOB, key: str = "disk0") -> str:
+    """The bitmap of snapshot `snapshot_id` on disk `key` of image `img` (its name carries the disk)."""
+    return f"sendense.{job}.{snapshot_id}.{disk_tag(key, str(img))}"
 
 
 class Rig:
     """A source with its images, a target, and raw copies of the source taken at each snapshot."""
 
-    def __init__(self, tmp: Path, sizes: list[int], job: str = JOB) -> None:
+    def __init__(self, tmp: Path, sizes: list[int], job: str = JOB, images: list[Path] | None = None) -> None:
         self.tmp = tmp
-        self.images = [make_qcow2(tmp / f"vm-disk{i}.qcow2", s) for i, s in enumerate(sizes)]
+        self.images = images or [make_qcow2(tmp / f"vm-disk{i}.qcow2", s) for i, s in enumerate(sizes)]
         self.src = OfflineQcow2Source(job, self.images)
-        self.tgt = KvmTarget(job, tmp / "replicas")
+        self.tgt = KvmTarget(job, tmp / ("replicas" if job == JOB else f"replicas-{job}"))
+        self.job = job
         self.raws: dict[tuple[str, str], Path] = {}
 
     def snapshot_raws(self, snap: SnapshotRef) -> None:
         """What the point must hold: the source right after create_snapshot."""
         for d in snap.disks:
             self.raws[(snap.snapshot_id, d.key)] = to_raw(
-                Path(d.handle["path"]), self.tmp / f"{snap.snapshot_id}-{d.key}.raw"
+                Path(d.handle["path"]), self.tmp / f"{self.job}-{snap.snapshot_id}-{d.key}.raw"
             )
 
     def sync(self, sync_id: str, base: dict[str, str | None] | None = None, **kw: object) -> Synced:
@@ -99,6 +102,37 @@ def test_raw_image_is_invalid_spec_not_qcow2(tmp_path: Path) -> None:
 def test_a_directory_is_invalid_spec(tmp_path: Path) -> None:
     with pytest.raises(InvalidSpec, match=r"^source\.disks\[0\]: .* is not a file"):
         OfflineQcow2Source(JOB, [tmp_path]).validate()
+
+
+def test_images_that_can_never_sync_are_refused_at_validate_saying_what_to_do(tmp_path: Path) -> None:
+    """qcow2 v2 cannot hold bitmaps and a 0-byte image has nothing to copy: both used to be accepted at
+    create and then failed every sync."""
+    good = make_qcow2(tmp_path / "good.qcow2", 16 * MiB)
+    v2 = tmp_path / "old.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "compat=0.10", v2, 16 * MiB)
+    with pytest.raises(InvalidSpec) as ei:
+        OfflineQcow2Source(JOB, [good, v2]).validate()
+    assert error_text(ei).startswith("source.disks[1]: ")
+    assert f"qemu-img amend -o compat=1.1 {v2}" in str(ei.value)
+
+    zero = make_qcow2(tmp_path / "zero.qcow2", 0)
+    with pytest.raises(InvalidSpec) as ei:
+        OfflineQcow2Source(JOB, [zero]).validate()
+    assert (
+        error_text(ei)
+        == f"source.disks[0]: {zero} has a virtual size of 0 bytes: leave it out of source.disks"
+    )
+
+    empty = tmp_path / "empty.img"
+    empty.touch()
+    with pytest.raises(InvalidSpec) as ei:
+        OfflineQcow2Source(JOB, [good, empty]).validate()
+    assert error_text(ei).startswith(f"source.disks[1]: {empty} is an empty file")
+    raw = tmp_path / "vm.img"
+    run("qemu-img", "create", "-q", "-f", "raw", raw, 16 * MiB)
+    with pytest.raises(InvalidSpec) as ei:
+        OfflineQcow2Source(JOB, [raw]).validate()
+    assert f"qemu-img convert -O qcow2 {raw}" in error_text(ei)
 
 
 def test_discover_reports_every_disk_with_its_size(tmp_path: Path) -> None:
@@ -225,7 +259,7 @@ def test_a_write_after_the_snapshot_makes_open_disk_fail_and_the_retry_is_exact(
     assert error_text(ei) and str(img) in str(ei.value)
     assert not ei.value.retryable  # retrying the copy cannot help: the workflow takes a new snapshot
     rig.src.release_snapshot(snap, committed=False)
-    assert bitmap_names(img) == [bm("p1")]
+    assert bitmap_names(img) == [bm("p1", img)]
 
     p2 = rig.sync("p2b", p1.base)  # the retried sync still diffs against p1 and sees both writes
     assert p2.results["disk0"].kind == "incremental"
@@ -278,19 +312,19 @@ def test_a_removed_bitmap_falls_back_to_a_resync_that_writes_only_differing_bloc
     qemu_io(img, "write -P 0x11 0 8M", "write -P 0x12 16M 4M")
     p1 = rig.sync("p1")
     qemu_io(img, "write -P 0x21 3M 4k", "write -P 0x22 17M 64k", "write -z 18M 64k")
-    run("qemu-img", "bitmap", "--remove", img, bm("p1"))
+    run("qemu-img", "bitmap", "--remove", img, bm("p1", img))
 
     tuning = fast_tuning(chunk_size=1 * MiB)
     p2 = rig.sync("p2", p1.base, tuning=tuning)
     disk = p2.snap.disks[0]
-    assert disk.tracking_lost is not None and bm("p1") in disk.tracking_lost
+    assert disk.tracking_lost is not None and bm("p1", img) in disk.tracking_lost
     result = p2.results["disk0"]
     assert result.kind == "resync"
     # every data block read and compared; only the changed 4 KiB blocks written (4k + 64k)
     assert result.stats.bytes_written == 4 * 1024 + 64 * 1024
     assert result.stats.bytes_read == 12 * MiB - 64 * 1024
     rig.assert_point_exact("p2")
-    assert bitmap_names(img) == [bm("p2")]  # tracking is back for the next sync
+    assert bitmap_names(img) == [bm("p2", img)]  # tracking is back for the next sync
 
     qemu_io(img, "write -P 0x31 5M 64k")
     p3 = rig.sync("p3", p2.base, tuning=tuning)
@@ -324,7 +358,7 @@ def test_a_bitmap_left_in_use_by_a_crash_falls_back_to_a_resync(tmp_path: Path) 
     assert "inconsistent" in (p2.snap.disks[0].tracking_lost or "")
     assert p2.results["disk0"].kind == "resync"
     rig.assert_point_exact("p2")
-    assert bitmap_names(img) == [bm("p2")]
+    assert bitmap_names(img) == [bm("p2", img)]
 
 
 # --------------------------------------------------------------------------------------- release
@@ -335,18 +369,18 @@ def test_release_keeps_only_the_newest_job_bitmap(tmp_path: Path) -> None:
     img = rig.images[0]
     run("qemu-img", "bitmap", "--add", "--enable", img, "backup.tool")  # someone else's
     p1 = rig.sync("p1")
-    assert bitmap_names(img) == ["backup.tool", bm("p1")]
+    assert bitmap_names(img) == ["backup.tool", bm("p1", img)]
 
     snap = rig.src.create_snapshot("p2", p1.base)
-    assert bitmap_names(img) == ["backup.tool", bm("p1"), bm("p2")]
+    assert bitmap_names(img) == ["backup.tool", bm("p1", img), bm("p2", img)]
     rig.src.release_snapshot(snap, committed=False)  # the sync failed: the base must stay usable
-    assert bitmap_names(img) == ["backup.tool", bm("p1")]
+    assert bitmap_names(img) == ["backup.tool", bm("p1", img)]
 
     snap = rig.src.create_snapshot("p3", p1.base)
     rig.src.release_snapshot(snap, committed=True)
-    assert bitmap_names(img) == ["backup.tool", bm("p3")]
+    assert bitmap_names(img) == ["backup.tool", bm("p3", img)]
     rig.src.release_snapshot(snap, committed=True)  # idempotent
-    assert bitmap_names(img) == ["backup.tool", bm("p3")]
+    assert bitmap_names(img) == ["backup.tool", bm("p3", img)]
 
 
 def test_two_jobs_on_one_image_keep_each_others_bitmaps(tmp_path: Path) -> None:
@@ -359,9 +393,9 @@ def test_two_jobs_on_one_image_keep_each_others_bitmaps(tmp_path: Path) -> None:
     web_db.release_snapshot(other, committed=True)
     snap = web.create_snapshot("s1", {})
     web.release_snapshot(snap, committed=True)
-    snap = web.create_snapshot("s2", {"disk0": bm("s1", "web")})
+    snap = web.create_snapshot("s2", {"disk0": bm("s1", img, "web")})
     web.release_snapshot(snap, committed=True)
-    assert bitmap_names(img) == sorted([bm("s2", "web"), bm("s1", "web-db")])
+    assert bitmap_names(img) == sorted([bm("s2", img, "web"), bm("s1", img, "web-db")])
 
 
 def test_copy_disk_resumes_from_a_token_offset(tmp_path: Path) -> None:
@@ -420,14 +454,14 @@ def test_forget_removes_every_bitmap_of_the_job_and_nothing_else(tmp_path: Path)
     qemu_io(a, "write -P 0x22 2M 64k")
     p2 = rig.sync("p2", p1.base)
     rig.src.create_snapshot("p3", p2.base)  # a crashed sync left its bitmap too
-    assert bitmap_names(a) == sorted([bm("p2"), bm("p3"), bm("s1", "j-other")])
-    assert bitmap_names(b) == sorted(["backup.tool", bm("p2"), bm("p3")])
+    assert bitmap_names(a) == sorted([bm("p2", a), bm("p3", a), bm("s1", a, "j-other")])
+    assert bitmap_names(b) == sorted(["backup.tool", bm("p2", b, key="disk1"), bm("p3", b, key="disk1")])
 
     rig.src.forget()
-    assert bitmap_names(a) == [bm("s1", "j-other")]
+    assert bitmap_names(a) == [bm("s1", a, "j-other")]
     assert bitmap_names(b) == ["backup.tool"]
     rig.src.forget()  # idempotent
-    assert bitmap_names(a) == [bm("s1", "j-other")]
+    assert bitmap_names(a) == [bm("s1", a, "j-other")]
     assert bitmap_names(b) == ["backup.tool"]
     assert [p.point_id for p in rig.tgt.list_points()] == ["p2", "p1"]  # the replicas are not its business
 
@@ -444,8 +478,154 @@ def test_forget_on_an_image_in_use_by_a_writer_is_resource_unavailable(tmp_path:
         with pytest.raises(ResourceUnavailable) as ei:
             rig.src.forget()
         msg = error_text(ei)
-        assert str(img) in msg and "in use" in msg and bm("") in msg
+        assert str(img) in msg and "in use" in msg and "sendense.j." in msg
         assert ei.value.retryable
-    assert bitmap_names(img) == [bm("p1")]
+    assert bitmap_names(img) == [bm("p1", img)]
     rig.src.forget()  # once the writer is gone
     assert bitmap_names(img) == []
+
+
+# ---------------------------------------------------------------------------------- disk identity
+
+
+def test_disks_swapped_behind_their_paths_resync_with_the_reason_and_both_points_are_exact(
+    tmp_path: Path,
+) -> None:
+    """Image files renamed into each other's place: each still held a bitmap of the base's name, and
+    the sync ran as an incremental against the other disk's changes (both replicas wrong)."""
+    rig = Rig(tmp_path, [16 * MiB, 16 * MiB])
+    a, b = rig.images
+    qemu_io(a, "write -P 0x11 0 4M")
+    qemu_io(b, "write -P 0x22 8M 4M")
+    p1 = rig.sync("p1")
+    qemu_io(a, "write -P 0x33 1M 64k")
+    qemu_io(b, "write -P 0x44 9M 64k")
+    tmp = tmp_path / "swap.qcow2"
+    a.rename(tmp)
+    b.rename(a)
+    tmp.rename(b)
+
+    p2 = rig.sync("p2", p1.base)
+    for d in p2.snap.disks:
+        assert (
+            d.tracking_lost is not None and "carries the change tracking of another disk" in d.tracking_lost
+        )
+        assert p2.results[d.key].kind == "resync"
+    rig.assert_point_exact("p2")
+    qemu_io(a, "write -P 0x55 2M 64k")
+    p3 = rig.sync("p3", p2.base)
+    assert [p3.results[k].kind for k in ("disk0", "disk1")] == ["incremental", "incremental"]
+    assert p3.results["disk0"].stats.bytes_written == 64 * 1024
+    rig.assert_point_exact("p3")
+
+
+def test_a_change_id_without_a_disk_identity_is_a_resync_with_the_reason(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, [16 * MiB])
+    img = rig.images[0]
+    qemu_io(img, "write -P 0x11 0 4M")
+    p1 = rig.sync("p1")
+    legacy = f"sendense.{JOB}.p1"  # the name every disk's bitmap had before the identity was recorded
+    run("qemu-img", "bitmap", "--add", "--enable", img, legacy)
+    p2 = rig.sync("p2", {"disk0": legacy})
+    assert p2.snap.disks[0].tracking_lost == (
+        f"change id {legacy} of disk disk0 is from before disk identities were recorded"
+    )
+    assert p2.results["disk0"].kind == "resync"
+    rig.assert_point_exact("p2")
+    assert bitmap_names(img) == [bm("p2", img)]
+    assert p1.base == {"disk0": bm("p1", img)}
+
+
+# ------------------------------------------------------------------------ two jobs on one disk
+
+
+def test_two_jobs_on_one_stopped_disk_wait_for_each_other_and_both_points_are_exact(tmp_path: Path) -> None:
+    """Job web-1 (its name extends web's) on the same image as web: its snapshot used to be refused as
+    "in use by a running process" while web read the disk. Now it waits for the read to end."""
+    img = make_qcow2(tmp_path / "shared.qcow2", 16 * MiB)
+    qemu_io(img, "write -P 0x11 0 6M")
+    web = Rig(tmp_path, [], job="web", images=[img])
+    web1 = Rig(tmp_path, [], job="web-1", images=[img])
+
+    # overlapping: web-1's whole sync starts while web reads the disk
+    snap = web.src.create_snapshot("s1", {})
+    web.snapshot_raws(snap)
+    web.tgt.prepare("s1", web.src.discover().disks)
+    done: dict[str, Synced] = {}
+    errors: list[BaseException] = []
+
+    def other() -> None:
+        try:
+            done["web-1"] = web1.sync("s1")
+        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
+            errors.append(e)
+
+    t = threading.Thread(target=other)
+    with web.src.open_disk(snap, "disk0") as sd, web.tgt.open_disk("s1", "disk0") as td:
+        t.start()
+        time.sleep(0.5)
+        assert t.is_alive() and not errors  # web-1 waits for web's read
+        result = copy_disk(sd, td, snap.disks[0], fast_tuning())
+    t.join(60)
+    assert not errors and "web-1" in done
+    web.tgt.commit(
+        "s1",
+        PointInfo(
+            point_id="s1",
+            job="web",
+            created_at=snap.created_at,
+            committed_at=snap.created_at,
+            kind=result.kind,
+            disks=[PointDisk(key="disk0", size=16 * MiB, change_id=snap.disks[0].change_id)],
+        ),
+    )
+    web.src.release_snapshot(snap, committed=True)
+    web.assert_point_exact("s1")
+    web1.assert_point_exact("s1")
+
+    # interleaved: both snapshots, then both copies, commits in the other order
+    qemu_io(img, "write -P 0x22 1M 64k", "write -P 0x33 10M 128k")
+    s_web = web.src.create_snapshot("s2", {"disk0": snap.disks[0].change_id})
+    web.snapshot_raws(s_web)
+    base1 = done["web-1"].base
+    s_web1 = web1.src.create_snapshot("s2", base1)
+    web1.snapshot_raws(s_web1)
+    for rig, s in ((web, s_web), (web1, s_web1)):
+        rig.tgt.prepare("s2", rig.src.discover().disks)
+        with rig.src.open_disk(s, "disk0") as sd, rig.tgt.open_disk("s2", "disk0") as td:
+            r = copy_disk(sd, td, s.disks[0], fast_tuning())
+        assert (r.kind, r.stats.bytes_written) == ("incremental", 192 * 1024)
+    for rig, s in ((web1, s_web1), (web, s_web)):
+        rig.tgt.commit(
+            "s2",
+            PointInfo(
+                point_id="s2",
+                job=rig.job,
+                created_at=s.created_at,
+                committed_at=s.created_at,
+                kind="incremental",
+                disks=[PointDisk(key="disk0", size=16 * MiB, change_id=s.disks[0].change_id)],
+            ),
+        )
+        rig.src.release_snapshot(s, committed=True)
+        rig.assert_point_exact("s2")
+    assert bitmap_names(img) == sorted([bm("s2", img, "web"), bm("s2", img, "web-1")])
+
+
+def test_a_snapshot_waits_for_another_jobs_read_only_so_long_then_is_retryable(tmp_path: Path) -> None:
+    img = make_qcow2(tmp_path / "shared.qcow2", 16 * MiB)
+    web = Rig(tmp_path, [], job="web", images=[img])
+    web1 = Rig(tmp_path, [], job="web-1", images=[img])
+    web1.src.busy_wait = 0.3
+    snap = web.src.create_snapshot("s1", {})
+    with web.src.open_disk(snap, "disk0"):
+        t0 = time.monotonic()
+        with pytest.raises(ResourceUnavailable) as ei:
+            web1.src.create_snapshot("s1", {})
+        assert 0.3 <= time.monotonic() - t0 < 5
+    assert error_text(ei) == (
+        f"source disk {img} is still being read by another job's sync after 0.3s; job web-1 retries"
+    )
+    assert ei.value.retryable
+    web1.src.release_snapshot(web1.src.create_snapshot("s1", {}), committed=True)  # once the read ended
+    assert bitmap_names(img) == sorted([bm("s1", img, "web"), bm("s1", img, "web-1")])
