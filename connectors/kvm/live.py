@@ -1,6 +1,10 @@
 """KVM source, running VM: QEMU's own pull-backup over its QMP socket (what libvirt's backupBegin does).
 
-Change id = a persistent dirty bitmap on each disk's qcow2 format node, `sendense.<job>.<snapshot>`.
+Change id = a dirty bitmap on each disk's format node, `sendense.<job>.<snapshot>.<tag>`, the tag
+being the disk's identity (key and image path: `offline.disk_tag`), so a base is used only on the disk
+and image it was made on (disks swapped behind node names are a resync, with the reason). Persistent
+on qcow2; on a raw disk non-persistent (QEMU tracks it while the VM runs; after a restart that disk
+is resynced, with the reason). Which nodes are disks, under which key: `live_disks`.
 The job's bitmaps form a chain like libvirt checkpoints: the newest is enabled (records writes), older
 ones are disabled and hold the writes between their instant and the next checkpoint's.
 
@@ -14,8 +18,11 @@ A snapshot is one QMP `transaction` across all disks (so the point is crash-cons
    a copy-before-write filter saves old data into the fleece before a guest write overwrites it, so
    the fleece reads as the disk at the snapshot instant.
 
-The fleece node is exported read-only over QEMU's NBD server (a unix socket in `work_dir`) with the
-temporary bitmap, which is what `open_disk` reads (`NbdSourceDisk`, `base:allocation` + the bitmap).
+The fleece node is exported read-only over QEMU's NBD server with the temporary bitmap, under a
+name made of hex digits whatever the node names are (`-drive` gives `#block113`, which no NBD URI
+takes). QEMU runs one NBD server per process: every job on the VM shares it (`nbd_socket`, named
+after the QMP socket), and it is stopped only when no sendense export remains. `open_disk` reads
+the export (`NbdSourceDisk`, `base:allocation` + the bitmap).
 Every name a later process needs is in the snapshot's handles: the copy may run in another worker
 process, which reopens the export from the `SnapshotRef` alone.
 
@@ -23,7 +30,7 @@ Release tears it down (export, backup job, fleece node and file, temporary bitma
 no sendense export remains). Committed: the job's older checkpoints go. Not committed: the new
 checkpoint is merged back into the previous one, which records again, so the old base still covers
 every write. `forget` (the job is deleted) clears leftovers as a new snapshot would, then removes every
-checkpoint of the job.
+checkpoint of the job; with the VM stopped, from the images recorded at the last snapshot.
 
 Ordering: QEMU does not keep bitmaps in creation order (a restart reverses them), so the chain is
 known only by which bitmap records. A recording base is the newest and alone covers everything since
@@ -50,8 +57,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from connectors.kvm.offline import NbdSourceDisk, bitmap_prefix, tracking_problem
-from connectors.kvm.qemu import fits_unix_socket, qemu_img
+from connectors.kvm.live_disks import QemuDisk, list_disks, named_nodes, record, recorded, refusal
+from connectors.kvm.offline import (
+    NbdSourceDisk,
+    base_problem,
+    bitmap_name,
+    bitmap_prefix,
+    disk_tag,
+    tracking_problem,
+)
+from connectors.kvm.qemu import qemu_img, read_qcow2_header, remove_bitmaps
 from connectors.kvm.qmp import QmpClient, QmpError, VmNotRunning
 from sendense.datapath.nbd import unix_uri
 from sendense.errors import (
@@ -66,8 +81,14 @@ from sendense.models import DiskInfo, DiskSnapshot, SnapshotRef, VmInfo
 log = logging.getLogger(__name__)
 
 GRANULARITY = 64 << 10
-FILTERS = {"copy-before-write", "throttle", "preallocate", "compress", "blkdebug", "blkverify"}
 WAIT_SECONDS = 60.0
+NBD_DIR = "sendense-qemu-nbd"
+
+
+def nbd_socket(qmp: Path) -> Path:
+    """QEMU runs one NBD server per process: every job on a VM shares it, so its socket is named after
+    the VM's QMP socket, in a directory shared by all jobs of the host (not a job's work dir)."""
+    return Path(tempfile.gettempdir()) / NBD_DIR / f"{_h(str(qmp.absolute()))}.sock"
 
 
 def _h(text: str) -> str:
@@ -99,65 +120,37 @@ class QmpSource:
         """QEMU-side names of one disk's snapshot. The nonce makes them differ between attempts at the
         same snapshot, so a late release of an abandoned attempt cannot tear down the current one."""
         tail = f"{self._jh}-{_h(key)}-{nonce}"  # node names: at most 31 characters
-        return {
-            "export": f"sendense-{self.job}-{key}",
+        return {  # every name from hex digits: safe in an NBD URI whatever the disk's key or node
+            "export": f"sde-{tail}",
             "export_id": f"sde-{tail}",
             "job_id": f"sdb-{tail}",
             "fleece_node": f"sdf-{tail}",
-            "fleece_file": str(self._fleece_dir() / f"{key}.{nonce}.qcow2"),
+            "fleece_file": str(self._fleece_dir() / f"{_h(key)}.{nonce}.qcow2"),
         }
 
     def _fleece_dir(self) -> Path:
         return self.work_dir / "fleece" / self.job
 
     def _nbd_socket(self) -> Path:
-        """One NBD server per QEMU: the socket is named after the QMP socket, not the job."""
-        name = f"{_h(str(self.qmp.absolute()))}.sock"
-        sock = self.work_dir / "nbd" / name
-        if not fits_unix_socket(sock):
-            sock = Path(tempfile.gettempdir()) / f"sendense-nbd-{name}"
-        return sock
+        return nbd_socket(self.qmp)
 
     def _client(self) -> QmpClient:
-        return QmpClient(self.qmp).connect()
+        # another job's snapshot may hold the monitor (one client at a time): wait for it
+        return QmpClient(self.qmp, timeout=WAIT_SECONDS).connect()
 
     # ------------------------------------------------------------------ QEMU state
 
     def _named_nodes(self, c: QmpClient) -> dict[str, dict[str, Any]]:
-        return {n["node-name"]: n for n in c.execute("query-named-block-nodes", flat=True)}
+        return named_nodes(c)
 
-    def _disks(self, c: QmpClient) -> list[tuple[str, int, str]]:
-        """(format node name, virtual size, image file) of every qcow2 disk attached to a device."""
-        named = self._named_nodes(c)
-        out = []
-        for dev in c.execute("query-block"):
-            ins = dev.get("inserted")
-            if not ins:
-                continue
-            node, drv, img = ins.get("node-name", ""), ins.get("drv"), ins.get("image", {})
-            while drv in FILTERS and "backing-image" in img:  # e.g. the filter of a running backup
-                img, node = img["backing-image"], ""
-                drv = img.get("format")
-            if drv != "qcow2":
-                continue
-            if not node or node not in named:
-                node = next(
-                    (
-                        n
-                        for n, info in named.items()
-                        if info.get("drv") == "qcow2"
-                        and info.get("image", {}).get("filename") == img.get("filename")
-                        and not n.startswith(("sdf-", "#"))
-                    ),
-                    node,
-                )
-            if not node:
-                continue
-            if node.startswith("#"):
-                log.warning("disk %s of %s has no node name; its key changes across restarts", node, self.qmp)
-            size = int(named.get(node, {}).get("image", {}).get("virtual-size", img.get("virtual-size", 0)))
-            out.append((node, size, str(img.get("filename", ""))))
-        return out
+    def _disks(self, c: QmpClient) -> list[QemuDisk]:
+        """The VM's disks; one that cannot be replicated is refused (InvalidSpec), never skipped."""
+        disks = list_disks(c)
+        why = refusal(disks, self.qmp)
+        if why:
+            raise InvalidSpec(why)
+        record(self.work_dir, self.qmp, disks)
+        return disks
 
     def _bitmaps(
         self, c: QmpClient, node: str, named: dict[str, dict[str, Any]] | None = None
@@ -258,8 +251,9 @@ class QmpSource:
             self._try(c, "nbd-server-stop")
 
     def _start_nbd(self, c: QmpClient) -> Path:
+        """Start QEMU's NBD server, or share the one another job of this host started on this VM."""
         sock = self._nbd_socket()
-        sock.parent.mkdir(parents=True, exist_ok=True)
+        sock.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         try:
             c.execute("nbd-server-start", addr={"type": "unix", "data": {"path": str(sock)}})
         except QmpError as e:
@@ -267,8 +261,8 @@ class QmpSource:
                 raise
             if not sock.exists():
                 raise ResourceUnavailable(
-                    f"QMP socket {self.qmp}: QEMU already runs an NBD server that sendense did not start "
-                    f"(expected at {sock}); stop it with nbd-server-stop"
+                    f"QMP socket {self.qmp}: QEMU already runs an NBD server that sendense did not start; "
+                    "the snapshot waits until its owner stops it"
                 ) from None
         return sock
 
@@ -301,71 +295,88 @@ class QmpSource:
     def validate(self) -> None:
         try:
             with self._client() as c:
-                if not self._disks(c):
-                    raise InvalidSpec(f"source.qmp: the VM behind {self.qmp} has no qcow2 disk")
+                self._disks(c)
         except (ResourceNotFound, ResourceUnavailable) as e:
             raise type(e)(f"source.qmp: {e.message}") from None
 
     def discover(self) -> VmInfo:
         with self._client() as c:
             disks = self._disks(c)
-            if not disks:
-                raise InvalidSpec(f"source.qmp: the VM behind {self.qmp} has no qcow2 disk")
             name = c.execute("query-name").get("name") or self.qmp.stem
-        return VmInfo(name=name, platform="kvm", disks=[DiskInfo(key=k, size=s, ref=f) for k, s, f in disks])
+        return VmInfo(
+            name=name, platform="kvm", disks=[DiskInfo(key=d.key, size=d.size, ref=d.image) for d in disks]
+        )
+
+    def _plan(
+        self,
+        c: QmpClient,
+        d: QemuDisk,
+        snapshot_id: str,
+        nonce: str,
+        since: str | None,
+        named: dict[str, Any],
+    ) -> dict[str, Any]:
+        """What the snapshot transaction does to one disk: its new checkpoint, the bitmaps merged into
+        the exported one (none: a full or resync read), the checkpoints to stop recording."""
+        prefix = bitmap_prefix(self.job)
+        node, tag = d.node, disk_tag(d.key, d.image)
+        new = bitmap_name(self.job, snapshot_id, tag)
+        bitmaps = self._bitmaps(c, node, named)
+        lost = (
+            base_problem(self.job, since, d.key, d.image, self._flags(bitmaps), f"node {node}")
+            if since
+            else None
+        )
+        if lost and since and since not in bitmaps and not d.persistent:
+            lost = (
+                f"disk {d.key} ({d.image}) is raw: QEMU tracks its changes only while the VM runs, and "
+                f"checkpoint {since} is gone (VM restarted)"
+            )
+        chain = {n: b for n, b in bitmaps.items() if n.startswith(prefix)}
+        sources: list[str] = []
+        if since and not lost:
+            if bitmaps[since].get("recording"):
+                sources = [since]
+            else:  # every checkpoint of this disk since the base: a superset of the changes
+                sources = sorted(n for n in chain if n != new and n.endswith("." + tag))
+                bad = next((n for n in sources if chain[n].get("inconsistent")), None)
+                if bad:
+                    lost = tracking_problem(self._flags(chain), bad, f"node {node}")
+                    sources = []
+        if lost:
+            log.warning("disk %s of %s: change tracking lost: %s", d.key, self.qmp, lost)
+        # leftovers: a checkpoint of an earlier attempt at this very snapshot, unusable bitmaps
+        if new in chain:
+            self._rollback_checkpoint(c, node, new, None, chain)
+        for n, b in chain.items():
+            if n != new and b.get("inconsistent"):
+                self._try(c, "block-dirty-bitmap-remove", node=node, name=n)
+        if new in chain or any(b.get("inconsistent") for b in chain.values()):
+            chain = {n: b for n, b in self._bitmaps(c, node).items() if n.startswith(prefix)}
+            if since in sources and since not in chain:
+                lost, sources = f"dirty bitmap {since} is missing from node {node}", []
+            sources = [s for s in sources if s in chain]
+        return {
+            "key": d.key,
+            "node": node,
+            "size": d.size,
+            "new": new,
+            "persistent": d.persistent,
+            "since": since,
+            "lost": lost,
+            "sources": sources,
+            "prevs": sorted(n for n, b in chain.items() if b.get("recording") and n != new),
+            **self._ids(d.key, nonce),
+        }
 
     def create_snapshot(self, snapshot_id: str, base: dict[str, str | None]) -> SnapshotRef:
-        prefix = bitmap_prefix(self.job)
-        new = prefix + snapshot_id
         nonce = secrets.token_hex(3)
         tmp = f"{temp_prefix(self.job)}{snapshot_id}/{nonce}"
         with self._client() as c:
             self._cleanup_stale(c)
             disks = self._disks(c)
-            if not disks:
-                raise InvalidSpec(f"source.qmp: the VM behind {self.qmp} has no qcow2 disk")
             named = self._named_nodes(c)
-            plans: list[dict[str, Any]] = []
-            for key, size, _ in disks:
-                bitmaps = self._bitmaps(c, key, named)
-                since = base.get(key)
-                lost = tracking_problem(self._flags(bitmaps), since, f"node {key}") if since else None
-                chain = {n: b for n, b in bitmaps.items() if n.startswith(prefix)}
-                sources: list[str] = []
-                if since and not lost:
-                    if bitmaps[since].get("recording"):
-                        sources = [since]
-                    else:
-                        sources = sorted(n for n in chain if n != new)
-                        bad = next((n for n in sources if chain[n].get("inconsistent")), None)
-                        if bad:
-                            lost = tracking_problem(self._flags(chain), bad, f"node {key}")
-                            sources = []
-                if lost:
-                    log.warning("disk %s of %s: change tracking lost: %s", key, self.qmp, lost)
-                # leftovers: a checkpoint of an earlier attempt at this very snapshot, unusable bitmaps
-                if new in chain:
-                    self._rollback_checkpoint(c, key, new, None, chain)
-                for n, b in chain.items():
-                    if n != new and b.get("inconsistent"):
-                        self._try(c, "block-dirty-bitmap-remove", node=key, name=n)
-                if new in chain or any(b.get("inconsistent") for b in chain.values()):
-                    chain = {n: b for n, b in self._bitmaps(c, key).items() if n.startswith(prefix)}
-                    if since in sources and since not in chain:
-                        lost, sources = f"dirty bitmap {since} is missing from node {key}", []
-                    sources = [s for s in sources if s in chain]
-                prevs = sorted(n for n, b in chain.items() if b.get("recording") and n != new)
-                plans.append(
-                    {
-                        "key": key,
-                        "size": size,
-                        "since": since,
-                        "lost": lost,
-                        "sources": sources,
-                        "prevs": prevs,
-                        **self._ids(key, nonce),
-                    }
-                )
+            plans = [self._plan(c, d, snapshot_id, nonce, base.get(d.key), named) for d in disks]
 
             # fleece images, backed by the live disk nodes
             self._fleece_dir().mkdir(parents=True, exist_ok=True)
@@ -375,12 +386,12 @@ class QmpSource:
                     opts = f"cluster_size={GRANULARITY}"
                     qemu_img("create", "-q", "-f", "qcow2", "-o", opts, p["fleece_file"], str(p["size"]))
                     fleece = {"driver": "file", "filename": p["fleece_file"]}
-                    node_args = {"driver": "qcow2", "node-name": p["fleece_node"], "backing": p["key"]}
+                    node_args = {"driver": "qcow2", "node-name": p["fleece_node"], "backing": p["node"]}
                     c.execute("blockdev-add", **node_args, file=fleece)
                     added.append(p["fleece_node"])
                 actions: list[dict[str, Any]] = []
                 for p in plans:
-                    node = p["key"]
+                    node = p["node"]
                     if p["sources"]:
                         actions += [
                             _act(
@@ -397,8 +408,8 @@ class QmpSource:
                         _act(
                             "block-dirty-bitmap-add",
                             node=node,
-                            name=new,
-                            persistent=True,
+                            name=p["new"],
+                            persistent=p["persistent"],  # raw: tracked while the VM runs
                             granularity=GRANULARITY,
                         )
                     )
@@ -424,12 +435,12 @@ class QmpSource:
                 DiskSnapshot(
                     key=p["key"],
                     size=p["size"],
-                    change_id=new,
+                    change_id=p["new"],
                     base_change_id=p["since"],
                     tracking_lost=p["lost"],
                     handle={
                         "qmp": str(self.qmp),
-                        "node": p["key"],
+                        "node": p["node"],
                         "socket": str(self._nbd_socket()),
                         "export": p["export"],
                         "export_id": p["export_id"],
@@ -478,20 +489,20 @@ class QmpSource:
             exports = {e["id"]: e for e in c.execute("query-block-exports")}
         e = exports.get(h.get("export_id", ""))
         if e is None or e.get("shutting-down") or e.get("node-name") != h.get("fleece_node"):
-            raise SnapshotInconsistent(
-                f"NBD export {h.get('export')} of snapshot {snap.snapshot_id} is gone from the VM behind "
-                f"{self.qmp} (VM restarted or snapshot released); the sync restarts"
+            raise SnapshotInconsistent(  # it can never pass: a new snapshot is needed
+                f"snapshot {snap.snapshot_id} of disk {key} is gone from the VM behind {self.qmp} "
+                "(VM restarted or snapshot released)"
             )
         uri = unix_uri(h["socket"], h["export"])
         bitmap_for = {d.base_change_id: h["temp_bitmap"]} if d.base_change_id and h.get("temp_bitmap") else {}
         with NbdSourceDisk(uri, d.size, bitmap_for=bitmap_for) as disk:
             try:
                 size = disk.status().size  # the connection the copy's block status queries use
-            except ResourceUnavailable as err:
-                raise SnapshotInconsistent(f"snapshot {snap.snapshot_id}: {err}") from None
+            except ResourceUnavailable as err:  # the export was there: worth a retry in place
+                raise ResourceUnavailable(f"snapshot {snap.snapshot_id} of disk {key}: {err}") from None
             if size != d.size:
                 raise SnapshotInconsistent(
-                    f"NBD export {h['export']} is {size} bytes, snapshot {snap.snapshot_id} says {d.size}"
+                    f"disk {key} reads {size} bytes, snapshot {snap.snapshot_id} says {d.size} (resized)"
                 )
             yield disk
 
@@ -510,13 +521,15 @@ class QmpSource:
 
     def forget(self) -> None:
         """Tear down what a crashed sync of this job left, then remove every checkpoint of the job from
-        every node. VM not running: nothing to do on QEMU's side (its checkpoints stay in the images,
-        whose paths only the running VM knows); local fleece files go."""
+        every node. VM not running: the checkpoints are removed from the images recorded at the last
+        discover or snapshot (`live_disks.record`), where no process holds them; what cannot be
+        removed raises a one-line error saying what stays. Local fleece files go either way."""
         try:
             c = self._client()
         except (ResourceNotFound, VmNotRunning) as e:
-            log.warning("forget job %s: %s; only local files are removed", self.job, e)
+            log.info("forget job %s: %s; removing its checkpoints from the images", self.job, e)
             shutil.rmtree(self._fleece_dir(), ignore_errors=True)
+            self._forget_stopped()
             return
         prefix = bitmap_prefix(self.job)
 
@@ -542,6 +555,30 @@ class QmpSource:
                     + ", ".join(f"{n} on node {node}" for node, n in left)
                 )
         shutil.rmtree(self._fleece_dir(), ignore_errors=True)
+        record(self.work_dir, self.qmp, [])  # forgotten: a repeat finds nothing to do
+
+    def _forget_stopped(self) -> None:
+        prefix = bitmap_prefix(self.job)
+        disks = recorded(self.work_dir)
+        if disks is None:
+            raise SendenseError(
+                f"QMP socket {self.qmp}: the VM is not running and job {self.job} has no record of its "
+                f"images: the dirty bitmaps {prefix}* stay in them (qemu-img bitmap --remove IMG NAME)"
+            )
+        for d in disks:
+            img = Path(d.image)
+            if not d.persistent:
+                continue  # a raw disk's bitmaps lived in QEMU only
+            if not img.is_file():
+                log.info("forget job %s: image %s is gone, nothing to remove", self.job, img)
+                continue
+            remove_bitmaps(
+                img,
+                [n for n in read_qcow2_header(img).bitmaps if n.startswith(prefix)],
+                f"QMP socket {self.qmp}: the VM is not running but image {img} is in use by another "
+                f"process: the dirty bitmaps {prefix}* of job {self.job} stay in it",
+            )
+        record(self.work_dir, self.qmp, [])  # forgotten: a repeat finds nothing to do
 
     def _release(self, c: QmpClient, snap: SnapshotRef, committed: bool) -> None:
         hs = [d.handle for d in snap.disks]

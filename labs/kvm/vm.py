@@ -1,10 +1,16 @@
 """A lab VM: a real QEMU with qcow2 disks and no guest, written to like a guest would.
 
 `LabVm` starts `qemu-system-x86_64 -S -nodefaults -machine pc -accel tcg -display none` (paused, no
-guest OS: nothing but the lab writes to the disks) with each disk as a `-blockdev` file + qcow2 pair
-(`diskN-file`, `diskN`) behind `virtio-blk-pci` device `vdN`. Guest-like writes go through the
-device's block backend with HMP `qemu-io -d /machine/peripheral/vdN/virtio-backend "write ..."`, so
-dirty bitmaps, copy-before-write filters and resizes see them exactly as guest I/O.
+guest OS: nothing but the lab writes to the disks) with each disk as a `-blockdev` file + format pair
+(`diskN-file`, `diskN`; qcow2 unless `formats` says raw) behind `virtio-blk-pci` device `vdN`, or,
+with `drive=True`, as `-drive file=IMG,format=FMT,if=virtio` (drive `virtioN`, automatic node names
+such as `#block113`, as a hand-started VM has them). Guest-like writes go through the device's block
+backend with HMP `qemu-io -d /machine/peripheral/vdN/virtio-backend "write ..."` (`qemu-io virtioN`
+for drives), so dirty bitmaps, copy-before-write filters and resizes see them exactly as guest I/O.
+
+`swap(i, j)` (VM stopped) exchanges which image files devices i and j get at the next start: the
+disks swapped behind their node names, as a VM restarted with its disks in another order; shadows
+follow the images.
 
 Two QMP monitors: `qmp_path` for the code under test (a monitor serves one client at a time) and a
 private one the lab uses for its writes, so a `Workload` can write while a source talks to QEMU.
@@ -45,9 +51,14 @@ class LabVm:
         shadow: bool = False,
         cluster_size: int = 64 << 10,
         detached: bool = False,
+        formats: Sequence[str] | None = None,
+        drive: bool = False,
     ) -> None:
         self.dir = Path(directory)
-        self.sizes = list(sizes)
+        self.sizes = list(sizes)  # per image file
+        self.formats = list(formats) if formats is not None else ["qcow2"] * len(self.sizes)
+        self.drive = drive
+        self.order = list(range(len(self.sizes)))  # device i uses image order[i]
         self.name = name
         self.shadow = shadow
         self.cluster_size = cluster_size
@@ -67,7 +78,11 @@ class LabVm:
     # ------------------------------------------------------------------ files
 
     def disk_path(self, disk: int) -> Path:
-        return self.dir / f"disk{disk}.qcow2"
+        """Image file `disk` (device `disk` uses it unless swapped: `image_of`)."""
+        return self.dir / f"disk{disk}.{'img' if self.formats[disk] == 'raw' else 'qcow2'}"
+
+    def image_of(self, device: int) -> Path:
+        return self.disk_path(self.order[device])
 
     def shadow_path(self, disk: int) -> Path:
         return self.dir / f"disk{disk}.shadow.raw"
@@ -76,7 +91,14 @@ class LabVm:
         return f"disk{disk}"
 
     def device(self, disk: int) -> str:
-        return f"/machine/peripheral/vd{disk}/virtio-backend"
+        """The block backend guest I/O goes through: a qdev path, or the drive's name (`virtioN`)."""
+        return f"virtio{disk}" if self.drive else f"/machine/peripheral/vd{disk}/virtio-backend"
+
+    def swap(self, a: int, b: int) -> None:
+        """Devices a and b get each other's image at the next start."""
+        if self.running:
+            raise SendenseError(f"lab VM {self.name}: stop it before swapping disks")
+        self.order[a], self.order[b] = self.order[b], self.order[a]
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -92,8 +114,9 @@ class LabVm:
         self.dir.mkdir(parents=True, exist_ok=True)
         for i, size in enumerate(self.sizes):
             if not self.disk_path(i).exists():
-                opts = f"cluster_size={self.cluster_size}"
-                qemu_img("create", "-q", "-f", "qcow2", "-o", opts, str(self.disk_path(i)), str(size))
+                fmt = self.formats[i]
+                opts = ["-o", f"cluster_size={self.cluster_size}"] if fmt == "qcow2" else []
+                qemu_img("create", "-q", "-f", fmt, *opts, str(self.disk_path(i)), str(size))
             if self.shadow and not self.shadow_path(i).exists():
                 with open(self.shadow_path(i), "wb") as f:
                     f.truncate(size)
@@ -104,8 +127,12 @@ class LabVm:
         for sock in (self.qmp_path, self.lab_qmp_path):
             cmd += ["-qmp", f"unix:{sock},server=on,wait=off"]
         for i in range(len(self.sizes)):
-            cmd += ["-blockdev", f"driver=file,filename={self.disk_path(i)},node-name=disk{i}-file"]
-            cmd += ["-blockdev", f"driver=qcow2,file=disk{i}-file,node-name=disk{i}"]
+            img, fmt = self.image_of(i), self.formats[self.order[i]]
+            if self.drive:
+                cmd += ["-drive", f"file={img},format={fmt},if=virtio"]
+                continue
+            cmd += ["-blockdev", f"driver=file,filename={img},node-name=disk{i}-file"]
+            cmd += ["-blockdev", f"driver={fmt},file=disk{i}-file,node-name=disk{i}"]
             cmd += ["-device", f"virtio-blk-pci,drive=disk{i},id=vd{i},share-rw=on"]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
@@ -221,7 +248,8 @@ class LabVm:
         ("Error: Device ... not found") come back. So an empty reply means success, and callers check
         ranges themselves.
         """
-        out = self._mon().hmp(f'qemu-io -d {self.device(disk)} "{command}"').strip()
+        dev = self.device(disk) if self.drive else f"-d {self.device(disk)}"
+        out = self._mon().hmp(f'qemu-io {dev} "{command}"').strip()
         if out and not out.startswith(("wrote", "read")):
             raise SendenseError(f"lab VM {self.name} vd{disk}: qemu-io {command!r}: {out.splitlines()[0]}")
 
@@ -249,8 +277,10 @@ class LabVm:
             if len(runs) > 256:
                 raise ValueError(f"data has {len(runs)} runs of equal bytes: write patterns instead")
         end = offset + sum(n for _, n, _ in runs)
-        if end > self.sizes[disk]:
-            raise ValueError(f"write up to {end} is beyond the end of disk{disk} ({self.sizes[disk]} bytes)")
+        if end > self.sizes[self.order[disk]]:
+            raise ValueError(
+                f"write up to {end} is beyond the end of disk{disk} ({self.sizes[self.order[disk]]} bytes)"
+            )
         with self._lock:
             for off, n, byte in runs:
                 self.qemu_io(disk, f"write -P 0x{byte:02x} {off} {n}")
@@ -258,10 +288,9 @@ class LabVm:
 
     def write_zeroes(self, disk: int, offset: int, length: int) -> None:
         """A zero write (`write -z`): zero clusters in qcow2, dirty in bitmaps."""
-        if offset + length > self.sizes[disk]:
-            raise ValueError(
-                f"write up to {offset + length} is beyond the end of disk{disk} ({self.sizes[disk]} bytes)"
-            )
+        size = self.sizes[self.order[disk]]
+        if offset + length > size:
+            raise ValueError(f"write up to {offset + length} is beyond the end of disk{disk} ({size} bytes)")
         with self._lock:
             self.qemu_io(disk, f"write -z {offset} {length}")
             step = 4 << 20
@@ -275,16 +304,17 @@ class LabVm:
     def resize(self, disk: int, new_size: int) -> None:
         """Grow (or shrink) a disk online with QMP block_resize."""
         with self._lock:
-            self._mon().execute("block_resize", **{"node-name": self.node(disk), "size": new_size})
-            self.sizes[disk] = new_size
+            where = {"device": self.device(disk)} if self.drive else {"node-name": self.node(disk)}
+            self._mon().execute("block_resize", **where, size=new_size)
+            self.sizes[self.order[disk]] = new_size
             if self.shadow:
-                with open(self.shadow_path(disk), "r+b") as f:
+                with open(self.shadow_path(self.order[disk]), "r+b") as f:
                     f.truncate(new_size)
 
     def _shadow_write(self, disk: int, offset: int, data: bytes) -> None:
         if not self.shadow:
             return
-        fd = os.open(self.shadow_path(disk), os.O_WRONLY)
+        fd = os.open(self.shadow_path(self.order[disk]), os.O_WRONLY)
         try:
             os.pwrite(fd, data, offset)
         finally:
@@ -297,11 +327,12 @@ class LabVm:
             yield
 
     def snapshot_shadow(self, disk: int, dest: Path) -> Path:
-        """Copy (sparse) what the guest had written to `disk` by now."""
+        """Copy (sparse) what the guest had written to device `disk` by now."""
         if not self.shadow:
             raise SendenseError(f"lab VM {self.name} was created without shadow=True")
         with self._lock:
-            subprocess.run(["cp", "--sparse=always", str(self.shadow_path(disk)), str(dest)], check=True)
+            src = self.shadow_path(self.order[disk])
+            subprocess.run(["cp", "--sparse=always", str(src), str(dest)], check=True)
         return Path(dest)
 
 
@@ -359,7 +390,7 @@ class Workload:
         try:
             while not self._stop.is_set():
                 disk = self.rng.choice(self.disks)
-                blocks = self.vm.sizes[disk] // self.block_size
+                blocks = self.vm.sizes[self.vm.order[disk]] // self.block_size
                 off = self.rng.randrange(blocks) * self.block_size
                 if self.rng.random() < self.zero_fraction:
                     self.vm.write_zeroes(disk, off, self.block_size)
