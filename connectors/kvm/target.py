@@ -19,6 +19,7 @@ reads (`.points.lock`). The directory is the job's own (`jobdir`): checked befor
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import logging
 import os
 import shutil
@@ -52,8 +53,17 @@ EXPORT_FORMATS = {
 }
 
 
-def _safe_key(key: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
+def safe_key(key: str) -> str:
+    """A disk key as a file name: the key itself when it is safe, else the key with unsafe characters
+    replaced and a short hash of the whole key appended, so that two keys never share a name
+    (`a/b` and `a_b`, or QEMU's `#block113` and `_block113`, would otherwise share one replica)."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
+    if safe == key and not key.startswith("."):
+        return key
+    return f"{safe.lstrip('.')}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
+
+
+_safe_key = safe_key  # connectors.aws.export still imports the old name
 
 
 class PendingDisk:
@@ -100,7 +110,7 @@ class KvmTarget:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
     def _disk_dir(self, key: str) -> Path:
-        return self.disks_dir / _safe_key(key)
+        return self.disks_dir / safe_key(key)
 
     def _point_file(self, point_id: str, key: str) -> Path:
         return self._disk_dir(key) / f"{point_id}.qcow2"
@@ -342,7 +352,7 @@ class KvmTarget:
             out_dir.mkdir(parents=True, exist_ok=True)
             for d in point.disks:
                 src = self._point_file(point.point_id, d.key)
-                dst = out_dir / f"{self.job}-{point.point_id}-{_safe_key(d.key)}.{ext}"
+                dst = out_dir / f"{self.job}-{point.point_id}-{safe_key(d.key)}.{ext}"
                 tmp = dst.with_name(dst.name + ".part")
                 try:
                     qemu_img("convert", "-U", "-f", "qcow2", "-O", qfmt, str(src), str(tmp))

@@ -68,7 +68,7 @@ class Model:
         return p
 
     def raw(self, point_id: str, key: str) -> Path:
-        p = self.tmp / f"expected-{point_id}-{key}.raw"
+        p = self.tmp / f"expected-{point_id}-{key.replace('/', '%2F')}.raw"
         if not p.exists():
             p.write_bytes(self.expected[point_id][key])
         return p

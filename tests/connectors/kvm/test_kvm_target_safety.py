@@ -305,3 +305,17 @@ def test_a_full_target_names_the_target_path(m: Model) -> None:
         assert "socket" not in msg and "nbd" not in msg
     finally:
         subprocess.run(["umount", str(small)], check=True)
+
+
+def test_disk_keys_that_differ_only_in_unsafe_characters_get_replicas_of_their_own(m: Model) -> None:
+    """Two disk keys must never share a replica file because their file names look alike."""
+    sizes = {"a/b": 4 * MiB, "a_b": 4 * MiB, "#block113": 4 * MiB, "_block113": 4 * MiB}
+    writes = {k: [(0, pattern(i + 1, MiB))] for i, k in enumerate(sizes)}
+    m.sync("p1", writes, sizes)
+    files = {m.tgt.point_path("p1", k) for k in sizes}
+    assert len(files) == 4
+    m.assert_point("p1")
+    exported = m.tgt.export("p1", "raw", m.tmp / "out")
+    assert len({p for _, p in exported}) == 4
+    for key, path in exported:
+        assert path.read_bytes() == m.expected["p1"][key]
