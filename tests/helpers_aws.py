@@ -29,6 +29,11 @@ class Backend:
 
         return boto3.client("ebs", region_name=self.region, endpoint_url=self.endpoint_url)
 
+    def tagged(self, job: str) -> list[dict[str, Any]]:
+        """Every snapshot tagged with the job's name, whichever side made it."""
+        f = [{"Name": "tag:sendense:job", "Values": [job]}]
+        return list(self.ec2().describe_snapshots(OwnerIds=["self"], Filters=f)["Snapshots"])
+
     def need_lab(self) -> AwsLab:
         if self.lab is None:
             pytest.skip("writes into a volume as its guest would: lab only")

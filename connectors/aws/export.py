@@ -39,23 +39,30 @@ def read_snapshot(aws: Aws, snapshot_id: str, size: int, dst: Path) -> None:
 
 
 def export_point(aws: Aws, point: PointInfo, fmt: str, out_dir: Path) -> list[tuple[str, Path]]:
+    """Every disk of the point, or nothing: a failed export removes its partial files (a 1 GiB
+    `.raw.part` of a half-read snapshot) and the disks it had finished."""
     if fmt not in EXPORT_FORMATS:
         raise InvalidSpec(f"--format: {fmt!r} is not one of {', '.join(EXPORT_FORMATS)}")
     out_dir.mkdir(parents=True, exist_ok=True)
     qfmt, ext = EXPORT_FORMATS[fmt]
-    files = []
-    for d in point.disks:
-        dst = out_dir / f"{point.job}-{point.point_id}-{_safe_key(d.key)}.{ext}"
-        raw = dst.with_name(dst.name + ".raw.part")
-        read_snapshot(aws, d.path, d.size, raw)
-        if qfmt == "raw":
-            os.replace(raw, dst)
-        else:
-            tmp = dst.with_name(dst.name + ".part")
-            try:
+    files: list[tuple[str, Path]] = []
+    made: list[Path] = []
+    try:
+        for d in point.disks:
+            dst = out_dir / f"{point.job}-{point.point_id}-{_safe_key(d.key)}.{ext}"
+            raw, tmp = dst.with_name(dst.name + ".raw.part"), dst.with_name(dst.name + ".part")
+            made += [raw, tmp]
+            read_snapshot(aws, d.path, d.size, raw)
+            if qfmt == "raw":
+                os.replace(raw, dst)
+            else:
                 qemu_img("convert", "-f", "raw", "-O", qfmt, str(raw), str(tmp))
-            finally:
-                raw.unlink(missing_ok=True)
-            os.replace(tmp, dst)
-        files.append((d.key, dst))
+                raw.unlink()
+                os.replace(tmp, dst)
+            made.append(dst)
+            files.append((d.key, dst))
+    except BaseException:
+        for f in made:
+            f.unlink(missing_ok=True)
+        raise
     return files

@@ -9,8 +9,8 @@ import string
 from dataclasses import dataclass
 
 from connectors.aws.client import Aws, aws_call
-from connectors.aws.source import GIB, TAG_JOB
-from connectors.aws.target import TAG_POINT
+from connectors.aws.source import GIB
+from connectors.aws.tags import TAG_JOB, TAG_POINT
 from sendense.models import AwsInstanceSettings, PointInfo
 
 log = logging.getLogger(__name__)

@@ -11,13 +11,18 @@ through the EBS direct APIs.
   against its SHA256 checksum.
 - A previous snapshot that is gone, or of another volume (the volume was replaced), is change
   tracking lost: the disk is resynced by digest compare against the replica, never silently skipped.
-- Committing releases the superseded snapshots (only ours: tagged with the job); an abandoned sync's
-  snapshots are deleted.
+- Whose: snapshots are tagged with the job and the source role (a target of a job in the same region
+  tags its own role), and every snapshot this side creates goes into a local ledger in the job's work
+  directory. Only what the ledger holds (or a base snapshot whose tags say it is this job's source
+  side) is ever deleted: committing releases the superseded snapshots, an abandoned sync's go,
+  `forget` removes the ledger's. Volume tags are not copied onto the snapshots (a volume made from a
+  point's snapshot carries the target's tags).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,6 +34,8 @@ from botocore.exceptions import ClientError
 
 from connectors.aws.blocks import BLOCK, BlockTokens, list_blocks, list_changed
 from connectors.aws.client import Aws, aws_call, is_not_found
+from connectors.aws.tags import ROLE_SOURCE, TAG_JOB, TAG_ROLE, TAG_SYNC, role_of, tags_of
+from sendense import config
 from sendense.datapath.extents import Extent
 from sendense.errors import ResourceNotFound, SendenseError
 from sendense.models import AwsSource, DiskInfo, DiskSnapshot, SnapshotRef, VmInfo
@@ -36,7 +43,6 @@ from sendense.models import AwsSource, DiskInfo, DiskSnapshot, SnapshotRef, VmIn
 log = logging.getLogger(__name__)
 
 GIB = 1 << 30
-TAG_JOB, TAG_SYNC = "sendense:job", "sendense:sync"
 SNAPSHOT_WAIT = 12 * 3600.0  # a first snapshot of a large volume takes hours on AWS
 
 
@@ -114,6 +120,7 @@ class AwsSourceConnector:
         self.aws = Aws(spec.region, spec.endpoint_url)
         self._ec2: Any = None
         self.snapshot_wait = SNAPSHOT_WAIT
+        self.ledger = (work_dir or config.home() / "work" / job) / "aws-source-snapshots"
 
     @property
     def ec2(self) -> Any:
@@ -168,11 +175,13 @@ class AwsSourceConnector:
 
     # ------------------------------------------------------------------ snapshots
 
-    def _ours(self, sync: str | None = None) -> list[dict[str, Any]]:
-        """This job's snapshots (of this sync), all pages."""
-        filters = [{"Name": f"tag:{TAG_JOB}", "Values": [self.job]}]
-        if sync is not None:
-            filters.append({"Name": f"tag:{TAG_SYNC}", "Values": [sync]})
+    def _tagged(self, sync: str) -> list[dict[str, Any]]:
+        """The sync's snapshots on this side, found by their tags (a retried snapshot step)."""
+        filters = [
+            {"Name": f"tag:{TAG_JOB}", "Values": [self.job]},
+            {"Name": f"tag:{TAG_ROLE}", "Values": [ROLE_SOURCE]},
+            {"Name": f"tag:{TAG_SYNC}", "Values": [sync]},
+        ]
         out: list[dict[str, Any]] = []
         with aws_call(self.aws, f"ec2 DescribeSnapshots of job {self.job}"):
             for page in self.ec2.get_paginator("describe_snapshots").paginate(
@@ -181,13 +190,29 @@ class AwsSourceConnector:
                 out += page["Snapshots"]
         return out
 
+    def recorded(self) -> list[str]:
+        """The snapshots this side created and has not deleted (the ledger)."""
+        try:
+            return sorted(set(self.ledger.read_text().split()))
+        except FileNotFoundError:
+            return []
+
+    def _record(self, ids: set[str]) -> None:
+        self.ledger.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.ledger.with_suffix(".tmp")
+        tmp.write_text("".join(f"{i}\n" for i in sorted(ids)))
+        os.replace(tmp, self.ledger)
+
     def create_snapshot(self, snapshot_id: str, base: dict[str, str | None]) -> SnapshotRef:
         inst = self._instance()
         vols = self._volumes(inst)
         sizes = self._sizes([v for _, _, v in vols])
-        by_volume = {s["VolumeId"]: s for s in self._ours(snapshot_id)}
-        if set(by_volume) != {v for _, _, v in vols}:  # none yet, or a retry after volumes changed
-            self._delete([s["SnapshotId"] for s in by_volume.values()])
+        found = self._tagged(snapshot_id)
+        self._record(set(self.recorded()) | {s["SnapshotId"] for s in found})  # this sync's: ours
+        by_volume = {s["VolumeId"]: s for s in found}
+        failed = any(s["State"] == "error" for s in found)
+        if failed or set(by_volume) != {v for _, _, v in vols}:  # none yet, failed, or volumes changed
+            self._delete([s["SnapshotId"] for s in found])
             by_volume = self._create(snapshot_id)
         what = f"snapshot {snapshot_id} of {self.spec.instance_id}"
         wait_completed(
@@ -210,14 +235,18 @@ class AwsSourceConnector:
         return SnapshotRef(snapshot_id=snapshot_id, created_at=created, disks=disks)
 
     def _create(self, snapshot_id: str) -> dict[str, dict[str, Any]]:
-        tags = [{"Key": TAG_JOB, "Value": self.job}, {"Key": TAG_SYNC, "Value": snapshot_id}]
+        tags = [
+            {"Key": TAG_JOB, "Value": self.job},
+            {"Key": TAG_ROLE, "Value": ROLE_SOURCE},
+            {"Key": TAG_SYNC, "Value": snapshot_id},
+        ]
         with aws_call(self.aws, f"ec2 CreateSnapshots {self.spec.instance_id}"):
             res = self.ec2.create_snapshots(
                 InstanceSpecification={"InstanceId": self.spec.instance_id, "ExcludeBootVolume": False},
                 Description=f"sendense job {self.job} sync {snapshot_id}",
                 TagSpecifications=[{"ResourceType": "snapshot", "Tags": tags}],
-                CopyTagsFromSource="volume",
             )
+        self._record(set(self.recorded()) | {s["SnapshotId"] for s in res["Snapshots"]})
         return {s["VolumeId"]: s for s in res["Snapshots"]}
 
     def _tracking_problem(self, since: str, volume_id: str, key: str) -> str | None:
@@ -239,23 +268,38 @@ class AwsSourceConnector:
         yield AwsSourceDisk(self.aws, snap.disk(key))
 
     def release_snapshot(self, snap: SnapshotRef, committed: bool) -> None:
-        """Committed: the job's other snapshots are superseded. Not committed: this sync's go."""
+        """Committed: the snapshots this side made before are superseded. Not committed: this sync's go."""
         mine = {d.change_id for d in snap.disks}
         if committed:
-            self._delete([s["SnapshotId"] for s in self._ours() if s["SnapshotId"] not in mine])
+            recorded = set(self.recorded())
+            bases = {d.base_change_id for d in snap.disks if d.base_change_id} - mine - recorded
+            self._delete(sorted((recorded | {b for b in bases if self._is_ours(b)}) - mine))
         else:
-            self._delete(sorted(mine))
+            self._delete(sorted(mine & set(self.recorded())))
+
+    def _is_ours(self, snapshot_id: str) -> bool:
+        """A base snapshot the ledger does not hold (made before the ledger): this job's source side?"""
+        try:
+            with aws_call(self.aws, f"ec2 DescribeSnapshots {snapshot_id}"):
+                found = self.ec2.describe_snapshots(SnapshotIds=[snapshot_id])["Snapshots"]
+        except ResourceNotFound:
+            return False
+        return any(tags_of(s).get(TAG_JOB) == self.job and role_of(tags_of(s)) == ROLE_SOURCE for s in found)
 
     def forget(self) -> None:
-        self._delete([s["SnapshotId"] for s in self._ours()])
+        self._delete(self.recorded())
 
     def _delete(self, snapshot_ids: list[str]) -> None:
-        for sid in snapshot_ids:
-            delete_snapshot(self.aws, self.ec2, sid)
+        """Delete snapshots this side made; the ledger keeps those that stay (an image uses them)."""
+        stays = {sid for sid in snapshot_ids if delete_snapshot(self.aws, self.ec2, sid) is not None}
+        gone = set(snapshot_ids) - stays
+        if gone:
+            self._record(set(self.recorded()) - gone)
 
 
-def delete_snapshot(aws: Aws, ec2: Any, snapshot_id: str) -> bool:
-    """Delete a snapshot (gone already: fine); False if an image uses it (it stays, with a warning)."""
+def delete_snapshot(aws: Aws, ec2: Any, snapshot_id: str) -> str | None:
+    """Delete a snapshot (gone already: fine). If an image uses it, it stays: returns why ("in use by
+    image ami-..."), None when it is gone."""
     try:
         with aws_call(aws, f"ec2 DeleteSnapshot {snapshot_id}"):
             try:
@@ -266,9 +310,18 @@ def delete_snapshot(aws: Aws, ec2: Any, snapshot_id: str) -> bool:
     except SendenseError as e:
         if "InUse" in e.message:  # an image someone registered from it
             log.warning("snapshot %s stays: %s", snapshot_id, e.message)
-            return False
+            image = in_use_by(e.message)
+            return f"in use by image {image}" if image else "in use by an image"
         raise
-    return True
+    return None
+
+
+def in_use_by(message: str) -> str | None:
+    """The image named in EC2's InvalidSnapshot.InUse message ("... is currently in use by ami-...")."""
+    for word in message.replace(")", " ").replace("(", " ").split():
+        if word.startswith("ami-"):
+            return word.rstrip(".,;:")
+    return None
 
 
 def _utc(t: Any) -> datetime:

@@ -1,175 +1,65 @@
 """AWS as a replication target: recovery points as EBS snapshots, written with the EBS direct APIs.
 
-- prepare: one snapshot per disk, `StartSnapshot` with `ParentSnapshotId` = that disk's snapshot in
-  the latest point (so only changed blocks are sent; the rest is inherited), tagged with the job, the
-  sync and the disk. A ClientToken per (job, sync, disk) makes a retried prepare idempotent.
+- Whose: every snapshot is tagged with the job's name, its identity (`sendense:job-id`, JobSpec.job_id)
+  and the target role, so that a source side in the same region (AWS -> AWS) and a later job of the
+  same name never count as this job's. Deleting needs more than tags: the local record of a snapshot
+  the target started, or a committed point's own id in its tags (tags.py).
+- prepare starts afresh: whatever an earlier attempt of the sync (or an abandoned sync) left pending
+  is deleted with its record, and one new snapshot per disk is started with `StartSnapshot`,
+  `ParentSnapshotId` = that disk's snapshot in the latest point (only changed blocks are sent; the rest
+  is inherited). Where the disk is now smaller than the parent's, every parent block from the new end
+  on is zeroed, so that a disk grown again reads zeros there.
 - writes: `PutSnapshotBlock` of whole 512 KiB blocks with their SHA256 checksums, several in flight
-  (one per copy connection). The copy widens every range to whole blocks (`block_size`). A zero range
-  is written as zero blocks only where the parent snapshot has data; elsewhere the block reads as
-  zero already. Compare-mode reads (resync, dedupe) read the parent's blocks.
-- Each written block's index and checksum go to a local record (fsynced at every copy checkpoint),
-  so that a resumed copy still completes the snapshot with the exact count of distinct blocks and
-  the LINEAR aggregate checksum that `CompleteSnapshot` checks.
-- commit: `CompleteSnapshot` per disk, then tags that make the set a point (`sendense:point`, kind,
-  times, sizes, change ids, stats). A point exists iff every one of its disks' snapshots is completed
-  and tagged; a retried commit finishes what an interrupted one started.
+  (pending.py). Compare-mode reads (resync, dedupe) read the parent's blocks.
+- commit: `CompleteSnapshot` per disk, the per-disk tags, then one `CreateTags` over all the point's
+  snapshots with the tags that make the set a point. A point is listed only when every disk of it is
+  completed and tagged; a retried commit finishes what an interrupted one started, and an abort removes
+  every snapshot of a sync that is not a whole point.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
-import threading
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from botocore.exceptions import ClientError
-
-from connectors.aws.blocks import (
-    BLOCK,
-    ZERO_BLOCK,
-    ZERO_CHECKSUM,
-    BlockTokens,
-    checksum,
-    linear_checksum,
-    list_blocks,
+from connectors.aws.blocks import linear_checksum
+from connectors.aws.client import Aws, aws_call
+from connectors.aws.pending import AwsTargetDisk, PendingSnapshot, load_record
+from connectors.aws.points import committed_by_us, group_points, job_id_of, point_of, target_snapshots
+from connectors.aws.source import GIB, delete_snapshot, wait_completed
+from connectors.aws.tags import (
+    ROLE_TARGET,
+    TAG_CHANGE,
+    TAG_COMMITTED,
+    TAG_CREATED,
+    TAG_DISK,
+    TAG_DISKS,
+    TAG_JOB,
+    TAG_JOB_ID,
+    TAG_KIND,
+    TAG_PARENT,
+    TAG_POINT,
+    TAG_ROLE,
+    TAG_SELF,
+    TAG_SIZE,
+    TAG_STATS,
+    TAG_SYNC,
+    as_list,
+    tags_of,
 )
-from connectors.aws.client import Aws, aws_call, error_code
-from connectors.aws.source import GIB, TAG_JOB, TAG_SYNC, delete_snapshot, wait_completed
 from sendense import config
-from sendense.errors import DataPathError, ResourceNotFound, SendenseError, TargetError
-from sendense.models import AwsTarget, CopyStats, DiskInfo, PointDisk, PointInfo
+from sendense.errors import ResourceNotFound, SendenseError, TargetError
+from sendense.models import AwsTarget, DiskInfo, PointInfo
 
 log = logging.getLogger(__name__)
 
-TAG_DISK, TAG_SIZE, TAG_PARENT = "sendense:disk", "sendense:size", "sendense:parent"
-TAG_POINT, TAG_DISKS, TAG_KIND = "sendense:point", "sendense:disks", "sendense:kind"
-TAG_CREATED, TAG_COMMITTED = "sendense:created-at", "sendense:committed-at"
-TAG_CHANGE, TAG_STATS = "sendense:change-id", "sendense:stats"
 PENDING_TIMEOUT_MIN = 1440  # StartSnapshot Timeout: a pending snapshot left alone a day is cancelled
 COMPLETE_WAIT = 15 * 60.0  # inside commit's task (20 min); a snapshot never sealed fails it, clearly
-
-
-def _tags(snap: dict[str, Any]) -> dict[str, str]:
-    return {t["Key"]: t["Value"] for t in snap.get("Tags", [])}
-
-
-class PendingSnapshot:
-    """One disk's snapshot being written: its written blocks (index -> checksum), kept in a local
-    record that survives the worker, and the parent's block map for zero writes."""
-
-    def __init__(self, aws: Aws, ebs: Any, snapshot_id: str, parent: str | None, record: Path) -> None:
-        self.aws, self.ebs, self.snapshot_id, self.parent, self.path = aws, ebs, snapshot_id, parent, record
-        self.written: dict[int, str] = load_record(record)
-        self._lock = threading.Lock()
-        self._file = open(record, "a")  # noqa: SIM115 - closed by close()
-        self._parent_blocks: bytearray | None = None
-        self.parent_tokens = BlockTokens(aws, ebs, parent) if parent else None
-
-    def put(self, index: int, data: bytes, digest: str) -> None:
-        with aws_call(self.aws, f"ebs PutSnapshotBlock {self.snapshot_id} block {index}"):
-            try:
-                self.ebs.put_snapshot_block(
-                    SnapshotId=self.snapshot_id,
-                    BlockIndex=index,
-                    BlockData=data,
-                    DataLength=BLOCK,
-                    Checksum=digest,
-                    ChecksumAlgorithm="SHA256",
-                )
-            except ClientError as e:  # EBS answers a checksum mismatch (damage in transit) this way
-                if error_code(e) == "InvalidSignatureException":
-                    raise DataPathError(
-                        f"snapshot {self.snapshot_id} block {index}: EBS refused the block's checksum"
-                    ) from None
-                raise
-        with self._lock:
-            self.written[index] = digest
-            self._file.write(f"{index} {digest}\n")
-
-    def parent_has(self, index: int) -> bool:
-        with self._lock:
-            if self._parent_blocks is None:
-                bits = bytearray()
-                if self.parent:
-                    for i, _ in list_blocks(self.aws, self.ebs, self.parent):
-                        if i // 8 >= len(bits):
-                            bits.extend(bytes(i // 8 - len(bits) + 1))
-                        bits[i // 8] |= 1 << (i % 8)
-                self._parent_blocks = bits
-            bits = self._parent_blocks
-        return index // 8 < len(bits) and bool(bits[index // 8] & (1 << (index % 8)))
-
-    def sync(self) -> None:
-        with self._lock:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-
-    def close(self) -> None:
-        with self._lock:
-            self._file.close()
-
-
-def load_record(path: Path) -> dict[int, str]:
-    written: dict[int, str] = {}
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return written
-    for line in text.splitlines():
-        parts = line.split()
-        if len(parts) == 2 and parts[0].isdigit():  # a torn last line (crash mid-write) is skipped
-            written[int(parts[0])] = parts[1]
-    return written
-
-
-class SnapshotWriter:
-    """A BlockWriter into a pending snapshot (whole blocks; a short last block is padded with zeros)."""
-
-    def __init__(self, snap: PendingSnapshot) -> None:
-        self.snap = snap
-
-    def write(self, offset: int, data: bytes | memoryview) -> None:
-        if offset % BLOCK:
-            raise TargetError(f"snapshot {self.snap.snapshot_id}: write at {offset} is not 512 KiB aligned")
-        for pos in range(0, len(data), BLOCK):
-            block = bytes(data[pos : pos + BLOCK])
-            if len(block) < BLOCK:
-                block += bytes(BLOCK - len(block))
-            self.snap.put((offset + pos) // BLOCK, block, checksum(block))
-
-    def zero(self, offset: int, length: int) -> None:
-        for index in range(offset // BLOCK, -(-(offset + length) // BLOCK)):
-            if self.snap.parent_has(index):  # elsewhere the block is unwritten: it reads as zero
-                self.snap.put(index, ZERO_BLOCK, ZERO_CHECKSUM)
-
-    def read(self, offset: int, length: int) -> bytes:
-        """What the replica holds before this sync's writes: the parent's blocks."""
-        tokens = self.snap.parent_tokens
-        return tokens.read(offset, length) if tokens is not None else bytes(length)
-
-    def flush(self) -> None:
-        self.snap.sync()
-
-    def close(self) -> None:
-        pass
-
-
-class AwsTargetDisk:
-    """TargetDisk for one pending snapshot."""
-
-    block_size = BLOCK
-
-    def __init__(self, snap: PendingSnapshot, size: int) -> None:
-        self.snap, self.size, self.has_base = snap, size, snap.parent is not None
-
-    def connect(self) -> SnapshotWriter:
-        return SnapshotWriter(self.snap)
 
 
 class AwsTargetConnector:
@@ -215,10 +105,26 @@ class AwsTargetConnector:
             what = f"target.instance.security_group_ids: ec2 DescribeSecurityGroups {inst.security_group_ids}"
             with aws_call(self.aws, what):
                 self.ec2.describe_security_groups(GroupIds=inst.security_group_ids)
+        self._refuse_earlier_jobs_points()
+
+    def _refuse_earlier_jobs_points(self) -> None:
+        """Points belong to a job's identity: a job re-created under a deleted job's name (whose points
+        were kept) must not adopt them, nor prune them."""
+        others = [s for s in target_snapshots(self._named()) if job_id_of(s) != self.job_id]
+        points, _ = group_points(others)
+        if points:
+            ids = sorted(s["SnapshotId"] for g in points.values() for s in g)
+            shown = ", ".join(ids[:4]) + (f", ... ({len(ids)} snapshots)" if len(ids) > 4 else "")
+            raise TargetError(
+                f"target: region {self.spec.region} holds {len(points)} recovery point"
+                f"{'s' if len(points) != 1 else ''} of an earlier job {self.job} ({shown}); "
+                "delete them or use another job name"
+            )
 
     # ------------------------------------------------------------------ snapshots of this job
 
-    def _snapshots(self, *filters: tuple[str, str]) -> list[dict[str, Any]]:
+    def _named(self, *filters: tuple[str, str]) -> list[dict[str, Any]]:
+        """Every snapshot tagged with this job's name (any side, any identity), all pages."""
         f = [{"Name": f"tag:{TAG_JOB}", "Values": [self.job]}]
         f += [{"Name": n, "Values": [v]} for n, v in filters]
         out: list[dict[str, Any]] = []
@@ -227,10 +133,21 @@ class AwsTargetConnector:
                 out += page["Snapshots"]
         return out
 
+    def _snapshots(self, *filters: tuple[str, str]) -> list[dict[str, Any]]:
+        """This job's target snapshots: the target role and this job's identity."""
+        return [s for s in target_snapshots(self._named(*filters)) if job_id_of(s) == self.job_id]
+
+    def _started_here(self, snap: dict[str, Any]) -> bool:
+        return self._record(snap["SnapshotId"]).exists()
+
     def _sync_snapshots(self, sync_id: str) -> dict[str, dict[str, Any]]:
-        """disk key -> this sync's snapshot (an error-state one from a failed attempt is ignored)."""
-        snaps = self._snapshots((f"tag:{TAG_SYNC}", sync_id))
-        return {_tags(s)[TAG_DISK]: s for s in snaps if s["State"] != "error" and TAG_DISK in _tags(s)}
+        """disk key -> the snapshot this side started for the sync (failed or foreign ones ignored)."""
+        out: dict[str, dict[str, Any]] = {}
+        for s in self._snapshots((f"tag:{TAG_SYNC}", sync_id)):
+            ours = self._started_here(s) or committed_by_us(s)
+            if s["State"] != "error" and TAG_DISK in tags_of(s) and ours:
+                out[tags_of(s)[TAG_DISK]] = s
+        return out
 
     def _record(self, snapshot_id: str) -> Path:
         return self.state / f"{snapshot_id}.blocks"
@@ -238,50 +155,63 @@ class AwsTargetConnector:
     # ------------------------------------------------------------------ sync lifecycle
 
     def prepare(self, sync_id: str, disks: list[DiskInfo]) -> None:
-        for s in self._snapshots(("status", "pending")):  # an abandoned sync's unfinished snapshots
-            if _tags(s).get(TAG_SYNC) != sync_id and TAG_COMMITTED not in _tags(s):
+        for s in self._snapshots():  # this sync's earlier attempts, abandoned syncs: all start afresh
+            if TAG_COMMITTED not in tags_of(s) and self._started_here(s):
                 self._delete(s["SnapshotId"])
+                self._record(s["SnapshotId"]).unlink(missing_ok=True)
         latest = self.list_points()[:1]
         parents = {d.key: d for d in latest[0].disks} if latest else {}
-        have = self._sync_snapshots(sync_id)
         ebs = self.aws.client("ebs")
         self.state.mkdir(parents=True, exist_ok=True)
         for d in disks:
-            if d.key in have:
-                continue
             gib = max(1, -(-d.size // GIB))
             parent = parents.get(d.key)
             parent_id = parent.path if parent and parent.size <= gib * GIB else None
-            tags = {TAG_JOB: self.job, TAG_SYNC: sync_id, TAG_DISK: d.key, TAG_SIZE: str(d.size)}
-            tags[TAG_PARENT] = parent_id or ""
-            token = hashlib.sha256(f"{self.job}/{sync_id}/{d.key}".encode()).hexdigest()[:64]
+            tags = {
+                TAG_JOB: self.job,
+                TAG_JOB_ID: self.job_id,
+                TAG_ROLE: ROLE_TARGET,
+                TAG_SYNC: sync_id,
+                TAG_DISK: d.key,
+                TAG_SIZE: str(d.size),
+                TAG_PARENT: parent_id or "",
+            }
             kw: dict[str, Any] = {
                 "VolumeSize": gib,
-                "Tags": [{"Key": k, "Value": v} for k, v in tags.items()],
+                "Tags": as_list(tags),
                 "Description": f"sendense job {self.job} sync {sync_id} disk {d.key}",
-                "ClientToken": token,
+                # one per attempt: botocore's retries of this call get the same snapshot, a new attempt
+                # of the sync a new one
+                "ClientToken": uuid.uuid4().hex,
                 "Timeout": PENDING_TIMEOUT_MIN,
             }
             if parent_id:
                 kw["ParentSnapshotId"] = parent_id
             try:
                 with aws_call(self.aws, f"ebs StartSnapshot for disk {d.key} of {self.job}"):
-                    ebs.start_snapshot(**kw)
+                    sid = ebs.start_snapshot(**kw)["SnapshotId"]
             except SendenseError as e:
                 raise TargetError(
                     f"target {self.aws.where()}: cannot start the snapshot of disk {d.key}: {e.message}",
                     retryable=e.retryable,
                 ) from None
+            self._record(sid).touch()
+            if parent_id and parent is not None:
+                pending = PendingSnapshot(self.aws, ebs, sid, parent_id, self._record(sid))
+                try:
+                    pending.clear_beyond(min(d.size, parent.size))
+                    pending.sync()
+                finally:
+                    pending.close()
 
     @contextmanager
     def open_disk(self, sync_id: str, key: str) -> Iterator[AwsTargetDisk]:
         snap = self._sync_snapshots(sync_id).get(key)
-        if snap is None or snap["State"] != "pending":
+        if snap is None or snap["State"] != "pending" or not self._started_here(snap):
             raise ResourceNotFound(
                 f"target: no pending snapshot of disk {key} for sync {sync_id} (not prepared)"
             )
-        parent = _tags(snap).get(TAG_PARENT) or None
-        self.state.mkdir(parents=True, exist_ok=True)
+        parent = tags_of(snap).get(TAG_PARENT) or None
         pending = PendingSnapshot(
             self.aws, self.aws.client("ebs"), snap["SnapshotId"], parent, self._record(snap["SnapshotId"])
         )
@@ -293,7 +223,9 @@ class AwsTargetConnector:
     def commit(self, sync_id: str, point: PointInfo) -> PointInfo:
         for p in self.list_points():
             if p.point_id == point.point_id:
-                return p  # committed before (a retried commit)
+                for d in p.disks:  # committed before (a retried commit)
+                    self._record(d.path).unlink(missing_ok=True)
+                return p
         snaps = self._sync_snapshots(sync_id)
         missing = [d.key for d in point.disks if d.key not in snaps]
         if missing:
@@ -303,31 +235,26 @@ class AwsTargetConnector:
             s = snaps[d.key]
             if s["State"] == "pending":
                 self._complete(ebs, s["SnapshotId"], d.key)
-        wait_completed(
-            self.aws,
-            self.ec2,
-            [snaps[d.key]["SnapshotId"] for d in point.disks],
-            f"point {point.point_id} of {self.job}",
-            COMPLETE_WAIT,
-        )
+        sids = [snaps[d.key]["SnapshotId"] for d in point.disks]
+        wait_completed(self.aws, self.ec2, sids, f"point {point.point_id} of {self.job}", COMPLETE_WAIT)
         committed = point.model_copy(update={"committed_at": datetime.now(UTC)})
-        disks = []
-        for d in point.disks:  # the committed-at tag goes last: it is what makes the point visible
-            sid = snaps[d.key]["SnapshotId"]
-            tags = {
-                TAG_POINT: point.point_id,
-                TAG_DISKS: str(len(point.disks)),
-                TAG_KIND: point.kind,
-                TAG_CREATED: point.created_at.isoformat(),
-                TAG_CHANGE: d.change_id,
-                TAG_SIZE: str(d.size),
-                TAG_STATS: point.stats.model_dump_json(exclude_defaults=True),
-                TAG_COMMITTED: committed.committed_at.isoformat(),
-            }
+        for d, sid in zip(point.disks, sids, strict=True):  # what differs per disk: not a point yet
+            own = {TAG_SELF: sid, TAG_CHANGE: d.change_id, TAG_SIZE: str(d.size)}
             with aws_call(self.aws, f"ec2 CreateTags {sid}"):
-                self.ec2.create_tags(Resources=[sid], Tags=[{"Key": k, "Value": v} for k, v in tags.items()])
+                self.ec2.create_tags(Resources=[sid], Tags=as_list(own))
+        shared = {
+            TAG_POINT: point.point_id,
+            TAG_DISKS: str(len(point.disks)),
+            TAG_KIND: point.kind,
+            TAG_CREATED: point.created_at.isoformat(),
+            TAG_STATS: point.stats.model_dump_json(exclude_defaults=True),
+            TAG_COMMITTED: committed.committed_at.isoformat(),
+        }
+        with aws_call(self.aws, f"ec2 CreateTags {' '.join(sids)}"):  # all disks at once: the point
+            self.ec2.create_tags(Resources=sids, Tags=as_list(shared))
+        for sid in sids:
             self._record(sid).unlink(missing_ok=True)
-            disks.append(d.model_copy(update={"path": sid}))
+        disks = [d.model_copy(update={"path": sid}) for d, sid in zip(point.disks, sids, strict=True)]
         return committed.model_copy(update={"disks": disks})
 
     def _complete(self, ebs: Any, snapshot_id: str, key: str) -> None:
@@ -345,46 +272,20 @@ class AwsTargetConnector:
             )
 
     def abort(self, sync_id: str) -> None:
+        """Every snapshot of the sync goes unless the sync is a whole point: also those an interrupted
+        commit tagged as committed (invisible as a point, and to retention)."""
+        if any(p.point_id == sync_id for p in self.list_points()):
+            return
         for s in self._snapshots((f"tag:{TAG_SYNC}", sync_id)):
-            if TAG_COMMITTED not in _tags(s):
+            if self._started_here(s) or committed_by_us(s):
                 self._delete(s["SnapshotId"])
                 self._record(s["SnapshotId"]).unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ points
 
     def list_points(self) -> list[PointInfo]:
-        groups: dict[str, list[dict[str, Any]]] = {}
-        for s in self._snapshots(("tag-key", TAG_COMMITTED)):
-            if s["State"] == "completed":
-                groups.setdefault(_tags(s)[TAG_POINT], []).append(s)
-        points = []
-        for pid, snaps in groups.items():
-            t = _tags(snaps[0])
-            if len(snaps) != int(t[TAG_DISKS]):
-                continue  # an interrupted commit: not a point until the retry tags the rest
-            disks = sorted(
-                (
-                    PointDisk(
-                        key=_tags(s)[TAG_DISK],
-                        size=int(_tags(s)[TAG_SIZE]),
-                        change_id=_tags(s)[TAG_CHANGE],
-                        path=s["SnapshotId"],
-                    )
-                    for s in snaps
-                ),
-                key=lambda d: d.key,
-            )
-            points.append(
-                PointInfo(
-                    point_id=pid,
-                    job=self.job,
-                    created_at=datetime.fromisoformat(t[TAG_CREATED]),
-                    committed_at=max(datetime.fromisoformat(_tags(s)[TAG_COMMITTED]) for s in snaps),
-                    kind=t[TAG_KIND],  # type: ignore[arg-type]
-                    disks=disks,
-                    stats=CopyStats.model_validate(json.loads(t.get(TAG_STATS) or "{}")),
-                )
-            )
+        whole, _ = group_points(self._snapshots(("tag-key", TAG_COMMITTED)))
+        points = [point_of(self.job, pid, group) for pid, group in whole.items()]
         return sorted(points, key=lambda p: (p.committed_at, p.point_id), reverse=True)
 
     def get_point(self, point_id: str | None) -> PointInfo:
@@ -397,11 +298,32 @@ class AwsTargetConnector:
         raise ResourceNotFound(f"job {self.job}: no recovery point {point_id}")
 
     def prune(self, keep: int) -> list[str]:
+        """The oldest points beyond `keep` go, except those an image uses (all of a point's snapshots
+        stay then, so that it stays a whole point, listed and pruned later)."""
+        old = self.list_points()[keep:]
+        used = self._used_by_images({d.path for p in old for d in p.disks})
         removed = []
-        for p in self.list_points()[keep:]:
-            if all(self._delete(d.path) for d in p.disks):
+        for p in old:
+            held = {d.path: used[d.path] for d in p.disks if d.path in used}
+            if held:
+                log.warning("job %s: point %s stays: %s", self.job, p.point_id, _named_images(held))
+                continue
+            if not [d.path for d in p.disks if self._delete(d.path) is not None]:
                 removed.append(p.point_id)
         return removed
+
+    def _used_by_images(self, snapshot_ids: set[str]) -> dict[str, str]:
+        """snapshot id -> the image of this account that maps it, for the given snapshots."""
+        if not snapshot_ids:
+            return {}
+        with aws_call(self.aws, "ec2 DescribeImages of this account"):
+            images = self.ec2.describe_images(Owners=["self"])["Images"]
+        return {
+            m["Ebs"]["SnapshotId"]: img["ImageId"]
+            for img in images
+            for m in img.get("BlockDeviceMappings", [])
+            if m.get("Ebs", {}).get("SnapshotId") in snapshot_ids
+        }
 
     def export(self, point_id: str, fmt: str, out_dir: Path) -> list[tuple[str, Path]]:
         from connectors.aws.export import export_point
@@ -412,11 +334,38 @@ class AwsTargetConnector:
         return export_point(self.aws, point, fmt, out_dir)
 
     def destroy(self) -> None:
+        """Every snapshot of this job's identity that the target made goes, and its local records; what
+        cannot go (an image uses it; no local record shows the target started it) is named in one line."""
+        stays: dict[str, str] = {}
         for s in self._snapshots():
-            self._delete(s["SnapshotId"])
+            sid = s["SnapshotId"]
+            if not (committed_by_us(s) or self._started_here(s)):
+                stays[sid] = "not started by this agent (no local record)"
+                continue
+            why = self._delete(sid)
+            if why is None:
+                self._record(sid).unlink(missing_ok=True)
+            else:
+                stays[sid] = why
         if self.state.is_dir():
             for f in self.state.glob("*.blocks"):
-                f.unlink()
+                if f.name.removesuffix(".blocks") not in stays:
+                    f.unlink()
+            if not any(self.state.iterdir()):
+                self.state.rmdir()
+        if stays:
+            raise TargetError(
+                f"target {self.aws.where()}: {len(stays)} snapshot{'s' if len(stays) != 1 else ''} of job "
+                f"{self.job} stay{'s' if len(stays) == 1 else ''}: {_named_images(stays)}"
+            )
 
-    def _delete(self, snapshot_id: str) -> bool:
+    def _delete(self, snapshot_id: str) -> str | None:
         return delete_snapshot(self.aws, self.ec2, snapshot_id)
+
+
+def _named_images(why: dict[str, str]) -> str:
+    """'snap-a, snap-b (in use by image ami-1)': snapshots grouped by why they stay."""
+    by: dict[str, list[str]] = {}
+    for sid, reason in why.items():
+        by.setdefault(reason, []).append(sid)
+    return "; ".join(f"{', '.join(sorted(sids))} ({reason})" for reason, sids in by.items())

@@ -49,6 +49,15 @@ def backend(request: pytest.FixtureRequest) -> Backend:
     return Backend("lab", lab.region, lab.endpoint_url, inst.instance_id, list(inst.volumes), lab)
 
 
+@pytest.fixture(autouse=True)
+def sendense_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Connectors keep local records (the source's snapshot ledger, the target's block records) under
+    SENDENSE_HOME: a test's own."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("SENDENSE_HOME", str(home))
+    return home
+
+
 @pytest.fixture
 def job() -> str:
     return f"t{uuid.uuid4().hex[:8]}"

@@ -106,7 +106,7 @@ def test_a_retried_snapshot_step_reuses_the_sync_snapshots(backend: Backend, job
     b = src.create_snapshot("s1", {})
     try:
         assert [d.change_id for d in a.disks] == [d.change_id for d in b.disks]
-        assert len(src._ours()) == len(a.disks)
+        assert len(backend.tagged(job)) == len(a.disks)
     finally:
         src.forget()
 
@@ -119,12 +119,12 @@ def test_release_keeps_only_the_committed_snapshots_and_forget_removes_all(
     src.release_snapshot(s1, committed=True)
     s2 = src.create_snapshot("s2", {d.key: d.change_id for d in s1.disks})
     src.release_snapshot(s2, committed=False)  # an abandoned sync: its snapshots go, the base stays
-    assert {s["SnapshotId"] for s in src._ours()} == {d.change_id for d in s1.disks}
+    assert {s["SnapshotId"] for s in backend.tagged(job)} == {d.change_id for d in s1.disks}
     s3 = src.create_snapshot("s3", {d.key: d.change_id for d in s1.disks})
     src.release_snapshot(s3, committed=True)
-    assert {s["SnapshotId"] for s in src._ours()} == {d.change_id for d in s3.disks}
+    assert {s["SnapshotId"] for s in backend.tagged(job)} == {d.change_id for d in s3.disks}
     src.forget()
-    assert src._ours() == []
+    assert backend.tagged(job) == []
 
 
 def test_a_gone_base_snapshot_is_tracking_lost(backend: Backend, job: str) -> None:
