@@ -7,10 +7,12 @@ from __future__ import annotations
 import logging
 import string
 from dataclasses import dataclass
+from typing import Any
 
 from connectors.aws.client import Aws, aws_call
 from connectors.aws.source import GIB
 from connectors.aws.tags import TAG_JOB, TAG_POINT
+from sendense.errors import SendenseError, TargetError
 from sendense.models import AwsInstanceSettings, PointInfo
 
 log = logging.getLogger(__name__)
@@ -72,8 +74,51 @@ def launch_from_point(
     }
     if settings.boot_mode:
         image_args["BootMode"] = settings.boot_mode
-    with aws_call(aws, f"ec2 RegisterImage for point {point.point_id}"):
-        image_id = ec2.register_image(**image_args)["ImageId"]
+    image_id = _register(aws, ec2, image_args)
+    try:
+        inst = _run(aws, ec2, image_id, job, point, settings, name, availability_zone)
+    except BaseException:
+        try:  # the image holds the point's snapshots (prune and destroy could not remove them)
+            with aws_call(aws, f"ec2 DeregisterImage {image_id}"):
+                ec2.deregister_image(ImageId=image_id)
+        except SendenseError as e:
+            log.warning("image %s of point %s stays after a failed launch: %s", image_id, point.point_id, e)
+        raise
+    log.info(
+        "job %s: instance %s launched from point %s (image %s)",
+        job,
+        inst["InstanceId"],
+        point.point_id,
+        image_id,
+    )
+    return Launched(image_id=image_id, instance_id=inst["InstanceId"], devices=devices)
+
+
+def _register(aws: Aws, ec2: Any, image_args: dict[str, Any]) -> str:
+    """Register the point's image; one of that name already there (a launch of this name whose worker
+    died before its cleanup, or someone else's) is named, never taken over or removed by its name."""
+    name = image_args["Name"]
+    with aws_call(aws, f"ec2 DescribeImages {name}"):
+        found = ec2.describe_images(Owners=["self"], Filters=[{"Name": "name", "Values": [name]}])["Images"]
+    if found:
+        raise TargetError(
+            f"target: an image named {name} exists already ({found[0]['ImageId']}); deregister it "
+            "or launch under another name"
+        )
+    with aws_call(aws, f"ec2 RegisterImage {name}"):
+        return str(ec2.register_image(**image_args)["ImageId"])
+
+
+def _run(
+    aws: Aws,
+    ec2: Any,
+    image_id: str,
+    job: str,
+    point: PointInfo,
+    settings: AwsInstanceSettings,
+    name: str,
+    availability_zone: str | None,
+) -> dict[str, Any]:
     tags = [
         {"Key": TAG_JOB, "Value": job},
         {"Key": TAG_POINT, "Value": point.point_id},
@@ -100,12 +145,4 @@ def launch_from_point(
     if availability_zone and not settings.subnet_id:
         run_args["Placement"] = {"AvailabilityZone": availability_zone}
     with aws_call(aws, f"ec2 RunInstances of {image_id}"):
-        inst = ec2.run_instances(**run_args)["Instances"][0]
-    log.info(
-        "job %s: instance %s launched from point %s (image %s)",
-        job,
-        inst["InstanceId"],
-        point.point_id,
-        image_id,
-    )
-    return Launched(image_id=image_id, instance_id=inst["InstanceId"], devices=devices)
+        return dict(ec2.run_instances(**run_args)["Instances"][0])

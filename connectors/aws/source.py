@@ -287,7 +287,21 @@ class AwsSourceConnector:
         return any(tags_of(s).get(TAG_JOB) == self.job and role_of(tags_of(s)) == ROLE_SOURCE for s in found)
 
     def forget(self) -> None:
+        """This side's snapshots go (the ledger's). Others tagged as this job's source side (a ledger
+        lost with its machine) are named in the log, never deleted by their tags."""
         self._delete(self.recorded())
+        filters = [
+            {"Name": f"tag:{TAG_JOB}", "Values": [self.job]},
+            {"Name": f"tag:{TAG_ROLE}", "Values": [ROLE_SOURCE]},
+        ]
+        with aws_call(self.aws, f"ec2 DescribeSnapshots of job {self.job}"):
+            left = self.ec2.describe_snapshots(OwnerIds=["self"], Filters=filters)["Snapshots"]
+        if left:
+            log.warning(
+                "job %s: snapshots tagged as its source side but not in its ledger stay: %s",
+                self.job,
+                ", ".join(sorted(s["SnapshotId"] for s in left)),
+            )
 
     def _delete(self, snapshot_ids: list[str]) -> None:
         """Delete snapshots this side made; the ledger keeps those that stay (an image uses them)."""

@@ -5,7 +5,7 @@
     POST   /_lab/volumes/{volume_id}/write?offset=N     body: the bytes the guest writes (any offset/length)
     GET    /_lab/volumes/{volume_id}/read?offset=N&length=M   the bytes
     POST   /_lab/instances  {"name", "disks_gib": [8, 2]}  -> {"instance_id", "volumes": [{"device", ...}]}
-    POST   /_lab/faults     {"operation", "error", "count", "status"?};  GET lists;  DELETE clears
+    POST   /_lab/faults     {"operation", "error", "count", "status"?, "after"?};  GET lists;  DELETE clears
     GET    /_lab/stats      {"PutSnapshotBlock": 12, ...};  DELETE resets
     POST   /_lab/clock      {"advance_seconds": N}: the lab clock moves (snapshot delays, timeouts, expiry)
     POST   /_lab/settings   {"capture_pause_seconds": S}: each volume capture of CreateSnapshot(s) takes S
@@ -113,7 +113,11 @@ class Control:
             req = _json(read, length)
             try:
                 self.faults.inject(
-                    str(req["operation"]), str(req["error"]), int(req.get("count", 1)), req.get("status")
+                    str(req["operation"]),
+                    str(req["error"]),
+                    int(req.get("count", 1)),
+                    req.get("status"),
+                    int(req.get("after", 0)),
                 )
             except (KeyError, ValueError) as e:
                 raise LabStateError(400, f"a fault needs operation, error and count >= 1: {e}") from None

@@ -22,6 +22,7 @@ class Fault:
     error: str
     remaining: int
     status: int
+    after: int = 0  # calls of the operation still to pass before the fault fires
 
 
 class Faults:
@@ -30,11 +31,13 @@ class Faults:
         self._faults: dict[str, deque[Fault]] = {}
         self._calls: Counter[str] = Counter()
 
-    def inject(self, operation: str, error: str, count: int = 1, status: int | None = None) -> None:
-        if not operation or not error or count < 1:
-            raise ValueError("a fault needs an operation, an error and a count of at least 1")
+    def inject(
+        self, operation: str, error: str, count: int = 1, status: int | None = None, after: int = 0
+    ) -> None:
+        if not operation or not error or count < 1 or after < 0:
+            raise ValueError("a fault needs an operation, an error, a count of at least 1 and after >= 0")
         with self._lock:
-            fault = Fault(error, count, status or STATUS_OF.get(error, 400))
+            fault = Fault(error, count, status or STATUS_OF.get(error, 400), after)
             self._faults.setdefault(operation, deque()).append(fault)
 
     def clear(self) -> None:
@@ -44,7 +47,13 @@ class Faults:
     def pending(self) -> list[dict[str, object]]:
         with self._lock:
             return [
-                {"operation": op, "error": f.error, "count": f.remaining, "status": f.status}
+                {
+                    "operation": op,
+                    "error": f.error,
+                    "count": f.remaining,
+                    "status": f.status,
+                    "after": f.after,
+                }
                 for op, queue in self._faults.items()
                 for f in queue
             ]
@@ -57,6 +66,9 @@ class Faults:
             if not queue:
                 return None
             fault = queue[0]
+            if fault.after > 0:
+                fault.after -= 1
+                return None
             fault.remaining -= 1
             if fault.remaining <= 0:
                 queue.popleft()

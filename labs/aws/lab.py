@@ -255,8 +255,10 @@ class AwsLab:
         """Indexes of the volume's 512 KiB blocks ever written (or inherited from its snapshot)."""
         return list(self._call("GET", f"/_lab/volumes/{volume_id}")["written_blocks"])
 
-    def inject(self, operation: str, error: str, count: int = 1, status: int | None = None) -> None:
-        fault: dict[str, Any] = {"operation": operation, "error": error, "count": count}
+    def inject(
+        self, operation: str, error: str, count: int = 1, status: int | None = None, after: int = 0
+    ) -> None:
+        fault: dict[str, Any] = {"operation": operation, "error": error, "count": count, "after": after}
         if status is not None:
             fault["status"] = status
         self._call("POST", "/_lab/faults", json.dumps(fault).encode())

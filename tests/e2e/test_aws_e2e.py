@@ -105,6 +105,10 @@ def test_kvm_to_aws_full_then_incremental_bit_exact(aws_stack: tuple[Cli, dict],
     history = cli.run("job", "status", "e2e-kvm-aws", "--json").stdout
     assert lab["env"]["AWS_SECRET_ACCESS_KEY"] not in history
     cli.json("job", "delete", "e2e-kvm-aws", "--purge")
+    left = ec2(lab).describe_snapshots(  # type: ignore[attr-defined]
+        OwnerIds=["self"], Filters=[{"Name": "tag:sendense:job", "Values": ["e2e-kvm-aws"]}]
+    )["Snapshots"]
+    assert left == [] and not (cli.state / "aws-target" / "e2e-kvm-aws").exists()  # issue 9 item 21
 
 
 def test_aws_to_kvm_full_then_incremental_bit_exact(aws_stack: tuple[Cli, dict], tmp_path: Path) -> None:  # type: ignore[type-arg]

@@ -521,6 +521,16 @@ def test_injected_faults_are_retried_and_calls_counted(lab: AwsLab, ebs: Any, ec
     with pytest.raises(ClientError) as err:
         lab.client("ec2", config=once).describe_snapshots(SnapshotIds=[sid])
     assert code(err)[:2] == ("RequestLimitExceeded", 503)
+    lab.reset_stats()
+    lab.inject("DescribeSnapshots", "InvalidParameterValue", after=2)  # the third call fails, once
+    plain = lab.client("ec2", config=once)
+    for _ in range(2):
+        plain.describe_snapshots(SnapshotIds=[sid])
+    with pytest.raises(ClientError) as err:
+        plain.describe_snapshots(SnapshotIds=[sid])
+    assert code(err)[:2] == ("InvalidParameterValue", 400)
+    plain.describe_snapshots(SnapshotIds=[sid])
+    assert lab.stats()["DescribeSnapshots"] == 4
     lab.inject("PutSnapshotBlock", "InternalServerException", count=5)
     lab.clear_faults()
     lab.reset_stats()

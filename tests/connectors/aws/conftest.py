@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from helpers_aws import Backend
+from helpers_kvm import MiB, make_qcow2, qemu_io
 
 from labs.aws import AwsLab
 
@@ -61,6 +62,16 @@ def sendense_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture
 def job() -> str:
     return f"t{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def vm(tmp_path: Path) -> list[Path]:
+    """Two qcow2 disks of a stopped VM: data, a written-zero range and holes; the second disk's size
+    is no multiple of a 512 KiB block."""
+    disks = [make_qcow2(tmp_path / "d0.qcow2", 24 * MiB), make_qcow2(tmp_path / "d1.qcow2", 5 * MiB + 4096)]
+    qemu_io(disks[0], "write -P 0x11 0 3M", "write -P 0x22 10M 1M", "write -z 12M 1M")
+    qemu_io(disks[1], "write -P 0x33 4096 8192")
+    return disks
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from helpers_aws import Backend
-from helpers_kvm import MiB, fast_tuning, make_qcow2, qemu_io, same_content, sync_point, to_raw
+from helpers_kvm import MiB, fast_tuning, qemu_io, same_content, sync_point, to_raw
 
 from connectors.aws.blocks import BLOCK
 from connectors.aws.launch import launch_from_point
@@ -26,14 +26,6 @@ GIB = 1 << 30
 def target(b: Backend, job: str, state: Path, **kw: object) -> AwsTargetConnector:
     spec = AwsTarget(platform="aws", region=b.region, endpoint_url=b.endpoint_url).model_copy(update=kw)
     return AwsTargetConnector(job, spec, state)
-
-
-@pytest.fixture
-def vm(tmp_path: Path) -> list[Path]:
-    disks = [make_qcow2(tmp_path / "d0.qcow2", 24 * MiB), make_qcow2(tmp_path / "d1.qcow2", 5 * MiB + 4096)]
-    qemu_io(disks[0], "write -P 0x11 0 3M", "write -P 0x22 10M 1M", "write -z 12M 1M")
-    qemu_io(disks[1], "write -P 0x33 4096 8192")
-    return disks
 
 
 def kvm_source(job: str, disks: list[Path], tmp: Path) -> Any:
