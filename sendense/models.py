@@ -12,29 +12,87 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 
 
 def parse_duration(value: Any) -> Any:
-    """Accept `30s`, `5m`, `1h`, `1.5h`, plain seconds, or a timedelta."""
+    """Accept `30s`, `5m`, `1h`, `1.5h`, plain seconds, or a timedelta. A value too large for a
+    timedelta (or not finite) is a ValueError, so the field is named instead of an OverflowError."""
+    if isinstance(value, bool):
+        raise ValueError(f"invalid duration {value!r} (use e.g. 30s, 5m, 1h)")
     if isinstance(value, str):
         m = _DURATION.match(value)
         if m:
-            return timedelta(seconds=float(m.group(1)) * _UNITS[m.group(2)])
+            return _seconds(value, float(m.group(1)) * _UNITS[m.group(2)])
         if value.strip().upper().startswith("P"):
             return value  # ISO 8601, as the model serializes itself
         raise ValueError(f"invalid duration {value!r} (use e.g. 30s, 5m, 1h)")
     if isinstance(value, int | float):
-        return timedelta(seconds=value)
+        return _seconds(value, value)
     return value
+
+
+def _seconds(value: Any, seconds: float) -> timedelta:
+    try:
+        return timedelta(seconds=seconds)
+    except (OverflowError, ValueError):
+        raise ValueError(f"duration {value!r} is out of range") from None
 
 
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
 
-JOB_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")  # no dots: bitmap names use them as separators
+
+def _bounded(what: str, low: timedelta, high: timedelta) -> Any:
+    def check(v: timedelta) -> timedelta:
+        if v < low:
+            raise ValueError(f"{what} must be at least {_show(low)}")
+        if v > high:
+            raise ValueError(f"{what} must be at most {_show(high)}")
+        return v
+
+    return AfterValidator(check)
+
+
+def _show(d: timedelta) -> str:
+    s = d.total_seconds()
+    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= n and s % n == 0:
+            return f"{s / n:.0f}{unit}"
+    return f"{s:g}s"
+
+
+# The bounds of what a job may be set to, in the spec and in `job settings` alike (one definition):
+# a value outside them would be stored and then refused by every activity that decodes the spec.
+INTERVAL_MIN, INTERVAL_MAX = timedelta(seconds=1), timedelta(days=30)
+HEARTBEAT_MIN, HEARTBEAT_MAX = timedelta(seconds=1), timedelta(hours=1)
+RETENTION_MIN, RETENTION_MAX = 1, 10000
+BANDWIDTH_MIN, BANDWIDTH_MAX = 1 << 20, 1 << 40  # bytes/s: 1 MiB/s .. 1 TiB/s
+
+
+def check_bandwidth(v: int) -> int:
+    if not BANDWIDTH_MIN <= v <= BANDWIDTH_MAX:
+        raise ValueError(f"bandwidth limit must be {BANDWIDTH_MIN} (1 MiB/s) to {BANDWIDTH_MAX} bytes/s")
+    return v
+
+
+Interval = Annotated[Duration, _bounded("interval", INTERVAL_MIN, INTERVAL_MAX)]
+RetentionPoints = Annotated[int, Field(ge=RETENTION_MIN, le=RETENTION_MAX)]
+BandwidthLimit = Annotated[int, AfterValidator(check_bandwidth)]
+Heartbeat = Annotated[Duration, _bounded("heartbeat_timeout", HEARTBEAT_MIN, HEARTBEAT_MAX)]
+
+# no dots: bitmap names use them as separators; \Z, not $ (which admits a trailing newline)
+JOB_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}\Z")
 
 
 class Strict(BaseModel):
@@ -196,18 +254,11 @@ def describe_target(t: KvmTarget | AwsTarget) -> str:
 
 
 class Schedule(Strict):
-    interval: Duration = Field(default=timedelta(minutes=5), description="time between sync starts")
-
-    @field_validator("interval")
-    @classmethod
-    def _positive(cls, v: timedelta) -> timedelta:
-        if v.total_seconds() < 1:
-            raise ValueError("interval must be at least 1s")
-        return v
+    interval: Interval = Field(default=timedelta(minutes=5), description="time between sync starts")
 
 
 class Retention(Strict):
-    points: int = Field(default=24, ge=1, le=10000, description="recovery points kept per job")
+    points: RetentionPoints = Field(default=24, description="recovery points kept per job")
 
 
 class Tuning(Strict):
@@ -217,8 +268,10 @@ class Tuning(Strict):
     # for O_DIRECT + native AIO than a few large ones); see bench/ and README "Benchmarks"
     chunk_size: int = Field(default=512 << 10, ge=64 << 10, le=32 << 20)
     connections: int = Field(default=8, ge=1, le=16)
-    checkpoint_bytes: int = Field(default=64 << 20, ge=1 << 20, description="resume token granularity")
-    bandwidth_limit: int | None = Field(default=None, ge=1 << 20, description="bytes/s, none = unlimited")
+    checkpoint_bytes: int = Field(
+        default=64 << 20, ge=1 << 20, le=1 << 40, description="resume token granularity"
+    )
+    bandwidth_limit: BandwidthLimit | None = Field(default=None, description="bytes/s, none = unlimited")
     compare_block: int = Field(
         default=4096, ge=512, le=1 << 20, description="granularity of digest compares (resync, dedupe)"
     )
@@ -227,12 +280,13 @@ class Tuning(Strict):
         description="compare changed ranges with the replica and send only blocks that differ "
         "(costs a read of the replica; dirty bitmaps track 64 KiB, guests often write 4 KiB)",
     )
-    heartbeat_timeout: Duration = Field(
+    heartbeat_timeout: Heartbeat = Field(
         default=timedelta(seconds=20), description="a copy whose worker died is resumed after this long"
     )
     inline_copy_bytes: int = Field(
         default=64 << 20,
         ge=0,
+        le=1 << 40,
         description="a sync whose changes are at most this many bytes is copied inside its first task "
         "(one task less per sync; no resume token, which so little data does not need); 0 = never",
     )
@@ -259,12 +313,44 @@ class JobSpec(Strict):
         return v
 
 
-class Settings(Strict):
-    """What `job settings` may change on a running job."""
+class SettingsChange(Wire):
+    """What `job settings` sends to a running job, as the workflow decodes it: tolerant, so that a
+    value out of bounds reaches the update's validator and is refused there in one line (a strict
+    decode would refuse it as "Failed decoding arguments", naming nothing). Unknown fields are kept
+    for the validator to refuse: a setting this worker does not know is not silently dropped."""
 
-    interval: Duration | None = None
-    retention_points: int | None = Field(default=None, ge=1, le=10000)
-    bandwidth_limit: int | None = Field(default=None, ge=0)
+    model_config = ConfigDict(extra="allow")
+
+    interval: timedelta | None = None
+    retention_points: int | None = None
+    bandwidth_limit: int | None = None
+
+    def applied(self, spec: JobSpec) -> JobSpec:
+        """`spec` with these settings, validated as a whole like a spec (raises ValidationError)."""
+        Settings.model_validate(self.model_dump(exclude_none=True))
+        data = spec.model_dump(mode="json")
+        if self.interval is not None:
+            data["schedule"]["interval"] = self.interval.total_seconds()
+        if self.retention_points is not None:
+            data["retention"]["points"] = self.retention_points
+        if self.bandwidth_limit is not None:
+            data["tuning"]["bandwidth_limit"] = self.bandwidth_limit or None
+        return JobSpec.model_validate(data)
+
+
+class Settings(SettingsChange):
+    """What `job settings` may change on a running job, within the spec's own bounds."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    interval: Interval | None = None
+    retention_points: RetentionPoints | None = None
+    bandwidth_limit: int | None = Field(default=None, description="bytes/s; 0 = unlimited")
+
+    @field_validator("bandwidth_limit")
+    @classmethod
+    def _bandwidth(cls, v: int | None) -> int | None:
+        return v if v is None or v == 0 else check_bandwidth(v)
 
 
 # --------------------------------------------------------------------------------------- runtime

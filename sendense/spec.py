@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -49,30 +50,92 @@ def parse_spec(data: Any, source: str = "spec") -> JobSpec:
         raise InvalidSpec(f"{source}: {format_validation_error(e)}") from None
 
 
-def load_spec(path: Path) -> JobSpec:
-    if not path.is_file():
-        raise ResourceNotFound(f"spec file {path}: not found")
+MAX_SPEC_BYTES = 1 << 20  # a job spec is a few hundred bytes; anything near this is not one
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last, silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            try:
+                dup = key in seen
+            except TypeError:  # an unhashable key: let SafeLoader say so
+                break
+            if dup:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _read(path: Path) -> str:
+    """The spec file's text; every way it cannot be one is a one-line error naming the file."""
     try:
-        data = yaml.safe_load(path.read_text())
+        st = path.stat()
+    except FileNotFoundError:
+        raise ResourceNotFound(f"spec file {path}: not found") from None
+    except OSError as e:
+        raise InvalidSpec(f"spec file {path}: cannot be read ({e.strerror})") from None
+    if path.is_dir():
+        raise InvalidSpec(f"spec file {path}: is a directory, not a YAML file")
+    if not path.is_file():
+        raise InvalidSpec(f"spec file {path}: not a regular file")
+    if st.st_size > MAX_SPEC_BYTES:
+        raise InvalidSpec(f"spec file {path}: {st.st_size} bytes; a job spec is at most {MAX_SPEC_BYTES}")
+    try:
+        data = path.read_bytes()[: MAX_SPEC_BYTES + 1]
+    except OSError as e:
+        raise InvalidSpec(f"spec file {path}: cannot be read ({e.strerror})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidSpec(f"spec file {path}: not UTF-8 text (byte {e.start}); a spec is YAML") from None
+
+
+def load_spec(path: Path) -> JobSpec:
+    text = _read(path)
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
-        raise InvalidSpec(f"{path}{where}: not valid YAML") from None
-    spec = _resolve_paths(parse_spec(data, str(path)), path.parent)
+        problem = getattr(e, "problem", None) or ""
+        why = problem if problem.startswith("key ") else "not valid YAML"  # (a duplicate key)
+        raise InvalidSpec(f"{path}{where}: {why}") from None
+    except RecursionError:
+        raise InvalidSpec(f"{path}: nested too deeply to be a job spec") from None
+    try:
+        spec = _resolve_paths(parse_spec(data, str(path)), path.parent)
+    except RecursionError:
+        raise InvalidSpec(f"{path}: nested too deeply to be a job spec") from None
     disks = spec.source.disks if isinstance(spec.source, KvmSource) else None
-    if disks is not None and len(set(disks)) != len(disks):
-        raise InvalidSpec(f"{path}: source: disks lists the same image twice")
+    if disks is not None:
+        seen: dict[str, Path] = {}
+        for d in disks:
+            real = os.path.realpath(d)  # /a/../b and a symlink to b name one image
+            if real in seen:
+                raise InvalidSpec(f"{path}: source: disks lists the same image twice ({seen[real]} and {d})")
+            seen[real] = d
     return spec
 
 
 def _resolve_paths(spec: JobSpec, base: Path) -> JobSpec:
-    """Relative paths in a spec are relative to the spec file."""
+    """Relative paths in a spec are relative to the spec file; `~` is the user's home, as in a shell."""
     src = spec.source
+
+    def place(p: Path) -> Path:
+        p = p.expanduser()
+        return p if p.is_absolute() else (base / p).resolve()
+
     if isinstance(src, KvmSource):
         if src.disks is not None:
-            src.disks = [(base / d).resolve() if not d.is_absolute() else d for d in src.disks]
-        if src.qmp is not None and not src.qmp.is_absolute():
-            src.qmp = (base / src.qmp).resolve()
-    if isinstance(spec.target, KvmTarget) and not spec.target.path.is_absolute():
-        spec.target.path = (base / spec.target.path).resolve()
+            src.disks = [place(d) for d in src.disks]
+        if src.qmp is not None:
+            src.qmp = place(src.qmp)
+    if isinstance(spec.target, KvmTarget):
+        spec.target.path = place(spec.target.path)
     return spec

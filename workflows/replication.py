@@ -18,6 +18,8 @@ from temporalio.common import RetryPolicy, SearchAttributeKey
 from temporalio.exceptions import ActivityError, ApplicationError, FailureError
 
 with workflow.unsafe.imports_passed_through():
+    from pydantic import ValidationError
+
     from sendense.models import (
         AbortRequest,
         BeginResult,
@@ -35,7 +37,7 @@ with workflow.unsafe.imports_passed_through():
         PrepareRequest,
         ReleaseRequest,
         ReplicationInput,
-        Settings,
+        SettingsChange,
         SnapshotRef,
         SnapshotRequest,
         SyncNowRequest,
@@ -44,6 +46,7 @@ with workflow.unsafe.imports_passed_through():
         describe_source,
         describe_target,
     )
+    from sendense.spec import format_validation_error
 
 SA_JOB = SearchAttributeKey.for_keyword("SendenseJob")
 SA_SOURCE = SearchAttributeKey.for_keyword("SendenseSource")
@@ -119,7 +122,8 @@ class ReplicationWorkflow:
             last_point=self.st.last_point.point_id if self.st.last_point else None,
             last_point_at=self.st.last_point.created_at if self.st.last_point else None,
             last_sync=self.st.last_sync,
-            next_sync_at=self.next_sync_at,
+            # a paused or deleting job has no next sync (the due time is kept for when it resumes)
+            next_sync_at=None if self.st.paused or self.deleting is not None else self.next_sync_at,
             last_error=self.st.last_error,
             last_resync_reason=self.st.last_resync_reason,
             resyncs=self.st.resyncs,
@@ -166,7 +170,7 @@ class ReplicationWorkflow:
             raise ApplicationError("job is paused; resume it first", type="JobPaused")
 
     @workflow.update
-    def update_settings(self, settings: Settings) -> JobStatus:
+    def update_settings(self, settings: SettingsChange) -> JobStatus:
         assert self.inp is not None
         spec = self.inp.spec
         if settings.interval is not None:
@@ -177,6 +181,16 @@ class ReplicationWorkflow:
             spec.tuning.bandwidth_limit = settings.bandwidth_limit or None
         self._reschedule()
         return self.status()
+
+    @update_settings.validator
+    def _validate_settings(self, settings: SettingsChange) -> None:
+        """Refuse settings the spec would refuse (the SDK can call the update directly): stored, they
+        would fail every activity that decodes the spec, or the workflow task itself."""
+        assert self.inp is not None
+        try:
+            settings.applied(self.inp.spec)
+        except ValidationError as e:
+            raise ApplicationError(format_validation_error(e, "settings."), type="InvalidSpec") from None
 
     @workflow.update
     async def delete(self, req: DeleteRequest) -> None:

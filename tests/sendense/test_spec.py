@@ -299,7 +299,9 @@ def test_the_same_image_twice_is_caught_after_paths_are_resolved(tmp_path: Path)
     path = write(tmp_path, text)
     with pytest.raises(InvalidSpec) as ei:
         load_spec(path)
-    assert str(ei.value) == f"{path}: source: disks lists the same image twice"
+    assert str(ei.value) == (
+        f"{path}: source: disks lists the same image twice ({tmp_path / 'vm.qcow2'} and {tmp_path / 'vm.qcow2'})"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ aws
@@ -408,3 +410,110 @@ def test_credentials_in_a_spec_are_refused_without_echoing_them(key: str) -> Non
     msg = aws_error(AWS_TO_KVM, **{f"source__{key}": "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"})
     assert msg.startswith(f"job.yaml: source: {key}: credentials never go in a job spec")
     assert "wJalr" not in msg and "\n" not in msg
+
+
+# ------------------------------------------------------------------- hostile or mistaken spec files
+
+SPEC_TAIL = "source: {platform: kvm, disks: [/img/web1.qcow2]}\ntarget: {platform: kvm, path: /srv/r}\n"
+
+
+def load_error(path: Path) -> str:
+    with pytest.raises(InvalidSpec) as ei:
+        load_spec(path)
+    msg = str(ei.value)
+    assert "\n" not in msg, msg
+    return msg
+
+
+def test_a_key_given_twice_is_refused_not_last_wins(tmp_path: Path) -> None:
+    path = write(tmp_path, "name: web1\n" + SPEC_TAIL + "schedule: {interval: 5m, interval: 1h}\n")
+    assert load_error(path) == f"{path} line 4: key 'interval' given twice"
+    top = write(tmp_path, "name: web1\nname: web2\n" + SPEC_TAIL, "top.yaml")
+    assert load_error(top) == f"{top} line 2: key 'name' given twice"
+
+
+def test_a_name_with_a_trailing_newline_is_refused() -> None:
+    """`$` admits a trailing newline: such a job was created and then never found by its name."""
+    assert spec_error(with_(name="web1\n")).startswith("job.yaml: name: must be 1-63 chars")
+
+
+@pytest.mark.parametrize(
+    ("interval", "expected"),
+    [
+        ("99999999999999d", "duration '99999999999999d' is out of range"),
+        (float("inf"), "duration inf is out of range"),
+        (float("nan"), "duration nan is out of range"),
+        ("99999999d", "interval must be at most 30d"),
+        ("P99999999D", "interval must be at most 30d"),
+        ("31d", "interval must be at most 30d"),
+        (True, "invalid duration True"),
+    ],
+)
+def test_a_huge_interval_names_the_field(interval: Any, expected: str) -> None:
+    assert spec_error(with_(schedule__interval=interval)).startswith(
+        f"job.yaml: schedule.interval: {expected}"
+    )
+
+
+def test_the_largest_interval_is_accepted() -> None:
+    assert parse_spec(with_(schedule__interval="30d")).schedule.interval == timedelta(days=30)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("0s", "heartbeat_timeout must be at least 1s"), ("2h", "heartbeat_timeout must be at most 1h")],
+)
+def test_heartbeat_timeout_is_bounded(value: str, expected: str) -> None:
+    assert (
+        spec_error(with_(tuning__heartbeat_timeout=value))
+        == f"job.yaml: tuning.heartbeat_timeout: {expected}"
+    )
+
+
+def test_a_binary_spec_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "disk.img"
+    path.write_bytes(b"QFI\xfb\x00\x00\x00\x03" + bytes(range(256)))
+    assert load_error(path) == f"spec file {path}: not UTF-8 text (byte 3); a spec is YAML"
+
+
+def test_a_directory_is_not_reported_as_missing(tmp_path: Path) -> None:
+    assert load_error(tmp_path) == f"spec file {tmp_path}: is a directory, not a YAML file"
+
+
+def test_a_huge_spec_file_is_refused_before_parsing(tmp_path: Path) -> None:
+    path = write(tmp_path, "name: web1\n" + SPEC_TAIL + "#" * (1 << 20))
+    size = path.stat().st_size
+    assert load_error(path) == f"spec file {path}: {size} bytes; a job spec is at most 1048576"
+
+
+@pytest.mark.parametrize(
+    "text", ["[" * 5000 + "]" * 5000, "name: x\nsource: " + "{a: " * 3000 + "1" + "}" * 3000]
+)
+def test_deeply_nested_yaml_is_one_line(tmp_path: Path, text: str) -> None:
+    path = write(tmp_path, text)
+    assert load_error(path) == f"{path}: nested too deeply to be a job spec"
+
+
+def test_tilde_is_the_home_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    text = "name: web1\nsource: {platform: kvm, disks: [~/vm.qcow2]}\ntarget: {platform: kvm, path: ~/replicas}\n"
+    spec = load_spec(write(tmp_path / "jobs", text))
+    assert spec.source.disks == [tmp_path / "home" / "vm.qcow2"]
+    assert spec.target.path == tmp_path / "home" / "replicas"
+    qmp = "name: db\nsource: {platform: kvm, qmp: ~/db.qmp}\ntarget: {platform: kvm, path: /srv/r}\n"
+    assert load_spec(write(tmp_path / "jobs", qmp, "qmp.yaml")).source.qmp == tmp_path / "home" / "db.qmp"
+
+
+def test_the_same_image_through_dotdot_or_a_symlink_is_caught(tmp_path: Path) -> None:
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "vm.qcow2").write_bytes(b"")
+    (tmp_path / "link.qcow2").symlink_to(tmp_path / "img" / "vm.qcow2")
+    for other in (tmp_path / "img" / ".." / "img" / "vm.qcow2", tmp_path / "link.qcow2"):
+        text = (
+            f"name: web1\nsource: {{platform: kvm, disks: [{tmp_path / 'img' / 'vm.qcow2'}, {other}]}}\n"
+            "target: {platform: kvm, path: /srv/r}\n"
+        )
+        path = write(tmp_path, text)
+        assert load_error(path) == (
+            f"{path}: source: disks lists the same image twice ({tmp_path / 'img' / 'vm.qcow2'} and {other})"
+        )
