@@ -327,7 +327,6 @@ class SettingsChange(Wire):
 
     def applied(self, spec: JobSpec) -> JobSpec:
         """`spec` with these settings, validated as a whole like a spec (raises ValidationError)."""
-        Settings.model_validate(self.model_dump(exclude_none=True))
         data = spec.model_dump(mode="json")
         if self.interval is not None:
             data["schedule"]["interval"] = self.interval.total_seconds()

@@ -37,6 +37,7 @@ with workflow.unsafe.imports_passed_through():
         PrepareRequest,
         ReleaseRequest,
         ReplicationInput,
+        Settings,
         SettingsChange,
         SnapshotRef,
         SnapshotRequest,
@@ -188,9 +189,14 @@ class ReplicationWorkflow:
         would fail every activity that decodes the spec, or the workflow task itself."""
         assert self.inp is not None
         try:
-            settings.applied(self.inp.spec)
+            Settings.model_validate(settings.model_dump(exclude_none=True))
         except ValidationError as e:
             raise ApplicationError(format_validation_error(e, "settings."), type="InvalidSpec") from None
+        try:  # (a job whose stored settings predate these checks must be given valid ones together)
+            settings.applied(self.inp.spec)
+        except ValidationError as e:
+            msg = f"the job's spec with these settings: {format_validation_error(e)}"
+            raise ApplicationError(msg, type="InvalidSpec") from None
 
     @workflow.update
     async def delete(self, req: DeleteRequest) -> None:

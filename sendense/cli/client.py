@@ -4,9 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+from datetime import UTC, datetime
 from typing import Any
 
-from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle, WorkflowUpdateStage
+from pydantic import BaseModel, Field, ValidationError
+from temporalio.api.enums.v1 import PendingActivityState
+from temporalio.client import (
+    Client,
+    WorkflowExecutionDescription,
+    WorkflowExecutionStatus,
+    WorkflowHandle,
+    WorkflowUpdateStage,
+)
 from temporalio.common import (
     SearchAttributePair,
     TypedSearchAttributes,
@@ -24,14 +33,79 @@ from sendense.models import (
     JobSpec,
     JobStatus,
     ReplicationInput,
+    Retention,
+    Schedule,
     Settings,
     SyncNowRequest,
     SyncResult,
+    Tuning,
     describe_source,
     describe_target,
 )
 from workers.worker import connect
 from workflows.replication import SA_JOB, SA_SOURCE, SA_STATE, SA_TARGET, ReplicationWorkflow
+
+
+class PendingStep(BaseModel):
+    """An activity of the job in flight, as the server describes it: which attempt, and why the last
+    one failed (a sync retrying under errors shows more than `syncing`)."""
+
+    activity: str
+    attempt: int
+    maximum_attempts: int = 0
+    state: str = ""
+    last_failure: str | None = None
+    next_attempt_at: datetime | None = None
+
+
+class JobView(JobStatus):
+    """`job status`: the workflow's own status and the steps in flight with their retries."""
+
+    steps: list[PendingStep] = Field(default_factory=list)
+
+
+def pending_steps(desc: WorkflowExecutionDescription) -> list[PendingStep]:
+    steps = []
+    for pa in desc.raw_description.pending_activities:
+        failure = pa.last_failure.message if pa.HasField("last_failure") else ""
+        nxt = (
+            pa.next_attempt_schedule_time.ToDatetime(UTC)
+            if pa.HasField("next_attempt_schedule_time")
+            else None
+        )
+        steps.append(
+            PendingStep(
+                activity=pa.activity_type.name,
+                attempt=pa.attempt,
+                maximum_attempts=pa.maximum_attempts,
+                state=PendingActivityState.Name(pa.state).removeprefix("PENDING_ACTIVITY_STATE_").lower(),
+                last_failure=" ".join(failure.split()) or None,
+                next_attempt_at=nxt,
+            )
+        )
+    return steps
+
+
+def readable_spec(data: Any) -> tuple[JobSpec, str | None]:
+    """A job's spec as the workflow holds it, and what is wrong with it if it no longer validates
+    (settings stored before they were checked): the parts that fail fall back to their defaults, so
+    that its points can still be listed and exported."""
+    from sendense.spec import format_validation_error
+
+    try:
+        return JobSpec.model_validate(data), None
+    except ValidationError as e:
+        problem = (
+            f"its stored settings are invalid ({format_validation_error(e)}); "
+            "set them again with `sendense job settings`"
+        )
+    fixed = dict(data)
+    for section, model in (("schedule", Schedule), ("retention", Retention), ("tuning", Tuning)):
+        try:
+            model.model_validate(fixed.get(section) or {})
+        except ValidationError:
+            fixed.pop(section, None)
+    return JobSpec.model_validate(fixed), problem
 
 
 class Jobs:
@@ -46,6 +120,9 @@ class Jobs:
         return self.client.get_workflow_handle(config.workflow_id(name))
 
     async def _running(self, name: str) -> WorkflowHandle[Any, Any]:
+        return (await self._described(name))[0]
+
+    async def _described(self, name: str) -> tuple[WorkflowHandle[Any, Any], WorkflowExecutionDescription]:
         h = self.handle(name)
         try:
             desc = await h.describe()
@@ -56,7 +133,7 @@ class Jobs:
         if desc.status != WorkflowExecutionStatus.RUNNING:
             status = desc.status.name.lower() if desc.status else "closed"
             raise ResourceNotFound(f"job {name}: not running ({status})")
-        return h
+        return h, desc
 
     async def exists(self, name: str) -> bool:
         """Whether a job of this name is running."""
@@ -129,29 +206,36 @@ class Jobs:
                 continue
         return sorted(out, key=lambda s: s.name)
 
-    async def status(self, name: str) -> JobStatus:
-        h = await self._running(name)
-        return await h.query(ReplicationWorkflow.status)
+    async def status(self, name: str) -> JobView:
+        h, desc = await self._described(name)
+        st: JobStatus = await h.query(ReplicationWorkflow.status)
+        return JobView(**dict(st), steps=pending_steps(desc))
 
     async def spec(self, name: str) -> JobSpec:
+        return (await self.spec_and_problem(name))[0]
+
+    async def spec_and_problem(self, name: str) -> tuple[JobSpec, str | None]:
+        """The job's spec (see `readable_spec`) and, for a job whose stored settings are invalid, why."""
         h = self.handle(name)
         try:
-            return await h.query(ReplicationWorkflow.get_spec)
+            data = await h.query("get_spec", result_type=dict)
         except RPCError as e:
             if e.status == RPCStatusCode.NOT_FOUND:
                 raise ResourceNotFound(f"job {name}: not found") from None
             raise
+        return readable_spec(data)
 
     async def sync_now(self, name: str, wait: bool) -> SyncResult | None:
-        """Request a sync; with `wait`, return its result (the sync that starts after this request)."""
+        """Request a sync; with `wait`, return its result (the sync that starts after this request).
+        Either way it goes through the update's validator: a paused or deleting job refuses it (a
+        signal would have been queued silently on a paused job)."""
         h = await self._running(name)
-        if not wait:
-            await h.signal(ReplicationWorkflow.request_sync)
-            return None
         upd = await h.start_update(
             ReplicationWorkflow.sync_now, SyncNowRequest(), wait_for_stage=WorkflowUpdateStage.ACCEPTED
         )
-        return await upd.result()
+        if wait or getattr(upd, "_known_outcome", None) is not None:  # refused by the validator: raise it
+            return await upd.result()
+        return None
 
     async def copy_progress(self, h: WorkflowHandle[Any, Any]) -> dict[str, CopyToken]:
         desc = await h.describe()

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from sendense import config, stack
 from sendense.cli.progress import sync_now_with_progress, watch_copy
@@ -43,14 +44,19 @@ def _prefill(vm: Any, rng: random.Random) -> int:
     return written
 
 
+def B(text: str) -> tuple[str, str]:
+    """Bold text for Text.assemble: styles are applied, never parsed from interpolated strings."""
+    return (text, "bold")
+
+
 def run_demo(
     console: Console, state: Path, port: int, ui_port: int, incrementals: int, disk_mib: int
 ) -> None:
     from labs.kvm.vm import LabVm, Workload
 
-    console.rule("[bold]Sendense Replication demo")
+    console.rule(Text("Sendense Replication demo", style="bold"))
     info = stack.up(state, port=port, ui_port=ui_port)
-    console.print(f"embedded stack: Temporal at [bold]{info.address}[/], web UI [bold]{info.ui_url}[/]")
+    console.print(Text.assemble("embedded stack: Temporal at ", B(info.address), ", web UI ", B(info.ui_url)))
 
     asyncio.run(_forget_previous(console))
     lab = state / "lab"
@@ -62,8 +68,12 @@ def run_demo(
     rng = random.Random(7)
     prefilled = _prefill(vm, rng)
     console.print(
-        f"lab VM [bold]demo-vm[/]: qemu-system-x86_64 (TCG), disks {disk_mib} MiB + {disk_mib // 2} MiB, "
-        f"QMP {vm.qmp_path}; wrote {_human(prefilled)} of data"
+        Text.assemble(
+            "lab VM ",
+            B("demo-vm"),
+            f": qemu-system-x86_64 (TCG), disks {disk_mib} MiB + {disk_mib // 2} MiB, "
+            f"QMP {vm.qmp_path}; wrote {_human(prefilled)} of data",
+        )
     )
 
     spec_path = state / "demo.yaml"
@@ -79,11 +89,11 @@ def run_demo(
             sort_keys=False,
         )
     )
-    console.print(f"job spec {spec_path}:\n[dim]{spec_path.read_text().rstrip()}[/]")
+    console.print(Text.assemble(f"job spec {spec_path}:\n", (spec_path.read_text().rstrip(), "dim")))
     asyncio.run(_run_job(console, spec_path, vm, Workload, incrementals))
     ui = f"{info.ui_url}/namespaces/{config.temporal_config().namespace}/workflows/{config.workflow_id(JOB)}"
-    console.rule("[bold]done")
-    console.print(f"Watch the job in the Temporal web UI: [bold link={ui}]{ui}[/]")
+    console.rule(Text("done", style="bold"))
+    console.print(Text.assemble("Watch the job in the Temporal web UI: ", (ui, f"bold link {ui}")))
     console.print(
         "The job keeps syncing every 2 minutes. Try:\n"
         f"  .venv/bin/sendense job status {JOB}\n"
@@ -111,7 +121,7 @@ async def _run_job(console: Console, spec_path: Path, vm: Any, workload_cls: Any
     spec = load_spec(spec_path)
     await jobs.create(spec)
     await jobs.wait_started(JOB)
-    console.print("[bold]full sync[/] (the job's first sync starts at once)")
+    console.print(Text.assemble(B("full sync"), " (the job's first sync starts at once)"))
 
     async def first() -> JobStatus | None:
         st: JobStatus = await jobs.status(JOB)
@@ -129,8 +139,10 @@ async def _run_job(console: Console, spec_path: Path, vm: Any, workload_cls: Any
         for i in range(incrementals):
             await asyncio.sleep(3)
             console.print(
-                f"[bold]incremental sync {i + 1}/{incrementals}[/] "
-                f"(workload wrote {_human(workload.bytes_written)})"
+                Text.assemble(
+                    B(f"incremental sync {i + 1}/{incrementals}"),
+                    f" (workload wrote {_human(workload.bytes_written)})",
+                )
             )
             _print_result(console, await sync_now_with_progress(jobs, JOB, console))
     finally:
@@ -153,9 +165,12 @@ def _points(spec: Any) -> list[Any]:
 
 def _print_result(console: Console, r: SyncResult) -> None:
     console.print(
-        f"  point [bold]{r.point_id}[/] ({r.kind}): read {_human(r.bytes_read)}, "
-        f"wrote {_human(r.bytes_written)}, "
-        f"zeroed {_human(r.bytes_zeroed)} in {r.seconds:.1f}s"
+        Text.assemble(
+            "  point ",
+            B(r.point_id),
+            f" ({r.kind}): read {_human(r.bytes_read)}, wrote {_human(r.bytes_written)}, "
+            f"zeroed {_human(r.bytes_zeroed)} in {r.seconds:.1f}s",
+        )
     )
 
 

@@ -10,17 +10,21 @@ import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import typer
 from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Column, Table
+from rich.text import Text
 
 from sendense import config
 from sendense.cli.lab import lab_app
-from sendense.errors import InvalidSpec, SendenseError
+from sendense.errors import SendenseError
 from sendense.models import JobStatus, Settings, SyncResult
+
+if TYPE_CHECKING:
+    from sendense.cli.client import JobView
 
 app = typer.Typer(help="Sendense Replication: block-level VM replication on Temporal.", no_args_is_help=True)
 job_app = typer.Typer(help="Replication jobs.", no_args_is_help=True)
@@ -29,8 +33,10 @@ app.add_typer(job_app, name="job")
 app.add_typer(point_app, name="point")
 app.add_typer(lab_app, name="lab")
 
-out = Console()
-err = Console(stderr=True)
+# Never markup: messages, paths and names are printed as they are (QEMU's "Is another process using
+# the image [/path]?" is not a closing tag). Styles are applied with Text, never parsed from strings.
+out = Console(markup=False, highlight=False, emoji=False)
+err = Console(stderr=True, markup=False, highlight=False, emoji=False)
 T = TypeVar("T")
 
 JsonOpt = typer.Option(False, "--json", help="machine-readable output")
@@ -50,32 +56,79 @@ def emit_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(_dump(obj), indent=2, default=str) + "\n")
 
 
-def fail(msg: str, code: int = 1) -> None:
-    err.print(f"[red]error:[/red] {msg}", highlight=False, soft_wrap=True)
+def one_line(msg: str) -> str:
+    """Every error is one line: a multi-line message (QEMU's, a server's) is joined."""
+    return " ".join(msg.split())
+
+
+def error_line(msg: str) -> None:
+    err.print(Text.assemble(("error:", "red"), " ", one_line(msg)), soft_wrap=True)
+
+
+def warn(msg: str) -> None:
+    err.print(Text.assemble(("warning:", "yellow"), " ", one_line(msg)), soft_wrap=True)
+
+
+def fail(msg: str, code: int = 1) -> NoReturn:
+    error_line(msg)
     raise typer.Exit(code)
 
 
+def describe_error(e: BaseException) -> str:
+    """One line for any exception the CLI did not expect: what went wrong, not where in the code."""
+    from pydantic import ValidationError
+    from temporalio.client import WorkflowQueryFailedError, WorkflowUpdateFailedError
+    from temporalio.service import RPCError
+
+    from sendense.spec import format_validation_error
+
+    if isinstance(e, SendenseError):
+        return e.message
+    if isinstance(e, WorkflowUpdateFailedError):
+        cause = e.cause
+        return getattr(cause, "message", None) or str(cause)
+    if isinstance(e, WorkflowQueryFailedError):
+        return f"the job did not answer: {e.message}"
+    if isinstance(e, RPCError):
+        return f"Temporal: {e.message}"
+    if isinstance(e, ValidationError):
+        return format_validation_error(e, f"{e.title}: ")
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+    return f"{type(e).__name__}: {e}"
+
+
+def debugging() -> bool:
+    """SENDENSE_DEBUG=1: let unexpected exceptions through with their traceback."""
+    return bool(os.environ.get("SENDENSE_DEBUG"))
+
+
 def run(coro: Callable[[], Awaitable[T]]) -> T:
-    """Run an async CLI action; SendenseErrors become one-line messages and exit 1."""
+    """Run an async CLI action; every error becomes a one-line message and exit 1."""
     try:
         return asyncio.run(coro())  # type: ignore[arg-type]
-    except SendenseError as e:
-        fail(e.message)
     except KeyboardInterrupt:
         fail("interrupted", 130)
+    except SendenseError as e:
+        fail(e.message)
     except Exception as e:  # noqa: BLE001 - the CLI prints one line, not a traceback
-        from temporalio.client import WorkflowUpdateFailedError
-        from temporalio.service import RPCError
-
-        if isinstance(e, WorkflowUpdateFailedError):
-            cause = e.cause
-            fail(getattr(cause, "message", None) or str(cause))
-        if isinstance(e, RPCError):
-            fail(f"Temporal: {e.message}")
-        if os.environ.get("SENDENSE_DEBUG"):
+        if debugging():
             raise
-        fail(f"{type(e).__name__}: {e}")
-    raise AssertionError("unreachable")
+        fail(describe_error(e))
+
+
+def guarded(action: Callable[[], T]) -> T:
+    """`run` for plain (not async) actions: connectors' calls on this host."""
+    try:
+        return action()
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
+    except SendenseError as e:
+        fail(e.message)
+    except Exception as e:  # noqa: BLE001 - the CLI prints one line, not a traceback
+        if debugging():
+            raise
+        fail(describe_error(e))
 
 
 async def _jobs() -> Any:
@@ -213,15 +266,24 @@ def job_list(as_json: bool = JsonOpt) -> None:
 
 @job_app.command("status")
 def job_status(name: str, as_json: bool = JsonOpt) -> None:
-    """Show a job's state, last point, RPO lag, bytes and errors."""
+    """Show a job's state, last point, RPO lag, bytes, errors, and the step in flight with its retries."""
 
-    async def go() -> JobStatus:
-        return _with_lag(await (await _jobs()).status(name))
+    async def go() -> JobView:
+        st = await (await _jobs()).status(name)
+        _with_lag(st)
+        return st
 
     st = run(go)
     if as_json:
         emit_json(st)
         return
+    for k, v in status_rows(st):
+        out.print(Text.assemble((f"{k:>17}", "bold"), ": ", v))
+
+
+def status_rows(st: JobView) -> list[tuple[str, str]]:
+    """`job status` as (label, text) rows; the text is printed as is, never as markup."""
+    next_sync = "- (paused)" if st.state == "paused" else str(st.next_sync_at or "-")
     rows = [
         ("state", st.state),
         ("source", st.source),
@@ -230,19 +292,26 @@ def job_status(name: str, as_json: bool = JsonOpt) -> None:
         ("retention", f"{st.retention_points} points"),
         ("last point", f"{st.last_point or '-'}"),
         ("RPO lag", f"{st.rpo_lag_seconds:.0f}s" if st.rpo_lag_seconds is not None else "-"),
-        ("next sync", str(st.next_sync_at or "-")),
+        ("next sync", next_sync),
         ("syncs / failures", f"{st.syncs} / {st.failures}"),
         ("written", _human(st.total_bytes_written)),
     ]
+    if st.current_sync:
+        rows.append(("current sync", st.current_sync))
+    for step in st.steps:
+        of = f"/{step.maximum_attempts}" if step.maximum_attempts else ""
+        text = f"{step.activity}, attempt {step.attempt}{of}"
+        if step.last_failure:
+            text += f"; last error: {step.last_failure}"
+        rows.append(("step", text))
     if st.last_sync:
         ls = st.last_sync
         rows.append(("last sync", f"{ls.kind}, {_human(ls.bytes_written)} written, {ls.seconds:.1f}s"))
     if st.resyncs:
         rows.append(("resyncs", f"{st.resyncs} (last: {st.last_resync_reason})"))
     if st.last_error:
-        rows.append(("last error", st.last_error))
-    for k, v in rows:
-        out.print(f"[bold]{k:>17}[/bold]: {v}", highlight=False)
+        rows.append(("last error", one_line(st.last_error)))
+    return rows
 
 
 def _sync_result_line(r: SyncResult) -> str:
@@ -267,7 +336,7 @@ def job_sync_now(
     wait: bool = typer.Option(False, "--wait", help="wait for the sync and print its result"),
     as_json: bool = JsonOpt,
 ) -> None:
-    """Start a sync now."""
+    """Start a sync now (refused on a paused job, with or without --wait: resume it first)."""
     if wait and not as_json:
         r = sync_with_progress(name, out)
         out.print(_sync_result_line(r))
@@ -280,7 +349,7 @@ def job_sync_now(
     if as_json:
         emit_json(res if res is not None else {"requested": True})
     else:
-        out.print("sync requested")
+        out.print("sync requested (it starts now, or after the running sync)")
 
 
 @job_app.command("pause")
@@ -314,12 +383,13 @@ def job_settings(
 
     from sendense.spec import format_validation_error
 
+    given = {"interval": interval, "retention_points": retention, "bandwidth_limit": bandwidth}
     try:
-        s = Settings.model_validate(
-            {"interval": interval, "retention_points": retention, "bandwidth_limit": bandwidth}
-        )
+        s = Settings.model_validate({k: v for k, v in given.items() if v is not None})
     except ValidationError as e:
         fail(format_validation_error(e, "settings."))
+    if not s.model_fields_set:
+        fail("give at least one of --interval, --retention, --bandwidth")
 
     async def go() -> JobStatus:
         return await (await _jobs()).settings(name, s)
@@ -361,19 +431,20 @@ def _target(name: str) -> Any:
     from connectors.registry import target_for
 
     async def go() -> Any:
-        return target_for(await (await _jobs()).spec(name))
+        spec, problem = await (await _jobs()).spec_and_problem(name)
+        if problem:  # a job broken by settings stored before they were checked: still readable
+            warn(f"job {name}: {problem}")
+        return spec
 
-    return run(go)
+    spec = run(go)
+    return guarded(lambda: target_for(spec))
 
 
 @point_app.command("list")
 def point_list(name: str, as_json: bool = JsonOpt) -> None:
     """List a job's recovery points, newest first."""
     tgt = _target(name)
-    try:
-        points = tgt.list_points()
-    except SendenseError as e:
-        fail(e.message)
+    points = guarded(tgt.list_points)
     if as_json:
         emit_json(points)
         return
@@ -400,18 +471,32 @@ def point_export(
     as_json: bool = JsonOpt,
 ) -> None:
     """Export a recovery point's disks as standalone images."""
+    if fmt not in ("raw", "qcow2", "vmdk", "vhdx"):
+        fail(f"--format: {fmt!r} is not one of raw, qcow2, vmdk, vhdx")
+    output = output_dir(output)
     tgt = _target(name)
-    try:
-        if fmt not in ("raw", "qcow2", "vmdk", "vhdx"):
-            raise InvalidSpec(f"--format: {fmt!r} is not one of raw, qcow2, vmdk, vhdx")
-        files = tgt.export(tgt.get_point(point).point_id, fmt, output)
-    except SendenseError as e:
-        fail(e.message)
+    files = guarded(lambda: tgt.export(tgt.get_point(point).point_id, fmt, output))
     if as_json:
         emit_json({"files": [{"disk": k, "path": str(p)} for k, p in files]})
     else:
         for k, p in files:
             out.print(f"{k}: {p}")
+
+
+def output_dir(output: Path) -> Path:
+    """--output as a directory this process can write, created if missing; else one line naming it."""
+    import tempfile
+
+    path = output.expanduser()
+    if path.exists() and not path.is_dir():
+        fail(f"--output {output}: exists and is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):  # writable? (root ignores mode bits, not a read-only mount)
+            pass
+    except OSError as e:
+        fail(f"--output {output}: cannot write there ({e.strerror or e})")
+    return path
 
 
 # ------------------------------------------------------------------------------- demo
@@ -441,14 +526,48 @@ def demo(
 def main() -> None:
     """Entry point. Exits with os._exit after flushing: the Temporal client's native runtime threads
     can crash CPython's interpreter finalization (PyGILState_Release) after a successful command."""
-    code = 0
-    try:
-        app()
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    code = cli(sys.argv[1:])
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def cli(args: list[str]) -> int:
+    """Run one command; return its exit code. Whatever goes wrong ends as one line on stderr and a
+    non-zero code, never a traceback (SENDENSE_DEBUG=1 shows them), usage errors included."""
+    try:
+        rv = app(args, prog_name="sendense", standalone_mode=False)
+        return rv if isinstance(rv, int) else 0
+    except typer.Exit as e:
+        return e.exit_code
+    except (typer.Abort, KeyboardInterrupt):
+        error_line("interrupted")
+        return 130
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except Exception as e:  # noqa: BLE001 - one line, not a traceback
+        if _usage_error(e):
+            return int(getattr(e, "exit_code", 2))
+        if debugging():
+            import traceback
+
+            traceback.print_exc()
+        error_line(describe_error(e))
+        return 1
+
+
+def _usage_error(e: Exception) -> bool:
+    """A usage error of the command line parser (typer's own click): said in one line with a hint.
+    Recognised by its shape, as typer vendors click under a private name."""
+    fmt, code = getattr(e, "format_message", None), getattr(e, "exit_code", None)
+    if not callable(fmt) or not isinstance(code, int):
+        return False
+    msg = one_line(str(fmt()))
+    if msg:  # (no message: the parser printed the help itself, as for `sendense job`)
+        ctx = getattr(e, "ctx", None)
+        path = getattr(ctx, "command_path", "")
+        error_line(msg + (f" (see `{path} --help`)" if path else ""))
+    return True
 
 
 if __name__ == "__main__":

@@ -17,7 +17,12 @@ T = TypeVar("T")
 async def watch_copy(jobs: Any, name: str, console: Console, done: Callable[[], Awaitable[T | None]]) -> T:
     """Show one bar per disk being copied by job `name` until `done()` returns a value."""
     h = jobs.handle(name)
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(binary_units=True))
+    # the description (job and disk names) is text, never markup
+    columns = (
+        TextColumn("{task.description}", style="bold", markup=False),
+        BarColumn(),
+        DownloadColumn(binary_units=True),
+    )
     with Progress(*columns, TransferSpeedColumn(), console=console) as bar:
         tasks: dict[str, Any] = {}
         while True:

@@ -300,7 +300,8 @@ def test_the_same_image_twice_is_caught_after_paths_are_resolved(tmp_path: Path)
     with pytest.raises(InvalidSpec) as ei:
         load_spec(path)
     assert str(ei.value) == (
-        f"{path}: source: disks lists the same image twice ({tmp_path / 'vm.qcow2'} and {tmp_path / 'vm.qcow2'})"
+        f"{path}: source: disks lists the same image twice "
+        f"({tmp_path / 'vm.qcow2'} and {tmp_path / 'vm.qcow2'})"
     )
 
 
@@ -496,7 +497,10 @@ def test_deeply_nested_yaml_is_one_line(tmp_path: Path, text: str) -> None:
 
 def test_tilde_is_the_home_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    text = "name: web1\nsource: {platform: kvm, disks: [~/vm.qcow2]}\ntarget: {platform: kvm, path: ~/replicas}\n"
+    text = (
+        "name: web1\nsource: {platform: kvm, disks: [~/vm.qcow2]}\n"
+        "target: {platform: kvm, path: ~/replicas}\n"
+    )
     spec = load_spec(write(tmp_path / "jobs", text))
     assert spec.source.disks == [tmp_path / "home" / "vm.qcow2"]
     assert spec.target.path == tmp_path / "home" / "replicas"
