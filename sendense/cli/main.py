@@ -257,7 +257,15 @@ def job_list(as_json: bool = JsonOpt) -> None:
     if as_json:
         emit_json(jobs)
         return
-    t = Table("name", "state", "source", "last point", "RPO lag", "syncs", "failures")
+    t = Table(  # names and point ids whole: they are what the user types next
+        Column("name", no_wrap=True),
+        "state",
+        "source",
+        Column("last point", no_wrap=True),
+        "RPO lag",
+        "syncs",
+        "failures",
+    )
     for s in jobs:
         lag = f"{s.rpo_lag_seconds:.0f}s" if s.rpo_lag_seconds is not None else "-"
         t.add_row(s.name, s.state, s.source, s.last_point or "-", lag, str(s.syncs), str(s.failures))
@@ -278,7 +286,7 @@ def job_status(name: str, as_json: bool = JsonOpt) -> None:
         emit_json(st)
         return
     for k, v in status_rows(st):
-        out.print(Text.assemble((f"{k:>17}", "bold"), ": ", v))
+        out.print(Text.assemble((f"{k:>17}", "bold"), ": ", v), soft_wrap=True)  # one row, one line
 
 
 def status_rows(st: JobView) -> list[tuple[str, str]]:
