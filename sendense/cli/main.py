@@ -20,7 +20,7 @@ from rich.text import Text
 
 from sendense import config
 from sendense.cli.lab import lab_app
-from sendense.errors import SendenseError
+from sendense.errors import InvalidSpec, SendenseError
 from sendense.models import JobStatus, Settings, SyncResult
 
 if TYPE_CHECKING:
