@@ -16,7 +16,7 @@ from temporalio.testing import ActivityEnvironment
 
 from activities import replication
 from activities.replication import begin_and_copy, copy_disk, finish_sync
-from connectors.kvm.offline import bitmap_prefix
+from connectors.kvm.offline import bitmap_name, disk_tag
 from connectors.kvm.target import KvmTarget as Replicas
 from sendense.errors import DataPathError
 from sendense.models import (
@@ -121,13 +121,14 @@ def test_a_small_sync_asked_to_finish_is_committed_in_the_task_and_a_retry_never
     attempt copied, from its local record, and copies nothing."""
     spec, disks, tmp = rig
     env = ActivityEnvironment()
-    ours = bitmap_prefix(JOB)
     seed = env.run(
         begin_and_copy, SnapshotRequest(spec=spec, snapshot_id="s1", copy_up_to=64 * MiB, finish=True)
     )
     assert seed.finished is not None and seed.finished.point.point_id == "s1"
     assert seed.finished.point.kind == "full" and seed.finished.release_error is None
-    assert [bitmap_names(d) for d in disks] == [[ours + "s1"]] * 2
+    assert [bitmap_names(d) for d in disks] == [
+        [bitmap_name(JOB, "s1", disk_tag(f"disk{i}", str(d)))] for i, d in enumerate(disks)
+    ]
 
     qemu_io(disks[0], "write -P 0x55 3M 64k")
     refs = [to_raw(d, tmp / f"{d.stem}-s2.raw") for d in disks]
@@ -154,7 +155,8 @@ def test_a_small_sync_asked_to_finish_is_committed_in_the_task_and_a_retry_never
     assert [(r.key, r.stats.bytes_written) for r in first.copied] == [("disk0", 64 * 1024), ("disk1", 0)]
     for key, ref in zip(("disk0", "disk1"), refs, strict=True):
         assert same_content(replicas.point_path("s2", key), ref), key
-    assert [bitmap_names(d) for d in disks] == [[ours + "s2"]] * 2  # the base is released
+    s2 = [[bitmap_name(JOB, "s2", disk_tag(f"disk{i}", str(d)))] for i, d in enumerate(disks)]
+    assert [bitmap_names(d) for d in disks] == s2  # the base is released
 
     again = env.run(begin_and_copy, req)  # a retry after the commit (the result was lost)
     assert again.finished is not None and again.finished.point == first.finished.point
