@@ -138,7 +138,22 @@ class AwsTargetConnector:
         return [s for s in target_snapshots(self._named(*filters)) if job_id_of(s) == self.job_id]
 
     def _started_here(self, snap: dict[str, Any]) -> bool:
+        """Started by this side, and not deleted since (its record is there)."""
         return self._record(snap["SnapshotId"]).exists()
+
+    def _ours(self, snap: dict[str, Any]) -> bool:
+        """Made by this side: started here (deleted since or not), or a committed point's."""
+        sid = snap["SnapshotId"]
+        return self._record(sid).exists() or self._tombstone(sid).exists() or committed_by_us(snap)
+
+    def _gone(self, snapshot_id: str) -> None:
+        """Delete a snapshot this side made. Its record becomes a tombstone: EC2 may list a deleted
+        snapshot that was still pending for a while (the deletion takes effect when it completes),
+        and it is still this side's to delete again, never another's to complain about."""
+        if self._delete(snapshot_id) is None:
+            rec = self._record(snapshot_id)
+            if rec.exists():
+                rec.replace(self._tombstone(snapshot_id))
 
     def _sync_snapshots(self, sync_id: str) -> dict[str, dict[str, Any]]:
         """disk key -> the snapshot this side started for the sync (failed or foreign ones ignored)."""
@@ -152,13 +167,20 @@ class AwsTargetConnector:
     def _record(self, snapshot_id: str) -> Path:
         return self.state / f"{snapshot_id}.blocks"
 
+    def _tombstone(self, snapshot_id: str) -> Path:
+        return self.state / f"{snapshot_id}.deleted"
+
     # ------------------------------------------------------------------ sync lifecycle
 
     def prepare(self, sync_id: str, disks: list[DiskInfo]) -> None:
-        for s in self._snapshots():  # this sync's earlier attempts, abandoned syncs: all start afresh
-            if TAG_COMMITTED not in tags_of(s) and self._started_here(s):
-                self._delete(s["SnapshotId"])
-                self._record(s["SnapshotId"]).unlink(missing_ok=True)
+        listed = self._snapshots()
+        for s in listed:  # this sync's earlier attempts, abandoned syncs: all start afresh
+            if TAG_COMMITTED not in tags_of(s) and self._ours(s):
+                self._gone(s["SnapshotId"])
+        if self.state.is_dir():  # tombstones of snapshots EC2 no longer lists
+            for f in self.state.glob("*.deleted"):
+                if f.name.removesuffix(".deleted") not in {s["SnapshotId"] for s in listed}:
+                    f.unlink(missing_ok=True)
         latest = self.list_points()[:1]
         parents = {d.key: d for d in latest[0].disks} if latest else {}
         ebs = self.aws.client("ebs")
@@ -277,9 +299,8 @@ class AwsTargetConnector:
         if any(p.point_id == sync_id for p in self.list_points()):
             return
         for s in self._snapshots((f"tag:{TAG_SYNC}", sync_id)):
-            if self._started_here(s) or committed_by_us(s):
-                self._delete(s["SnapshotId"])
-                self._record(s["SnapshotId"]).unlink(missing_ok=True)
+            if self._ours(s):
+                self._gone(s["SnapshotId"])
 
     # ------------------------------------------------------------------ points
 
@@ -339,17 +360,15 @@ class AwsTargetConnector:
         stays: dict[str, str] = {}
         for s in self._snapshots():
             sid = s["SnapshotId"]
-            if not (committed_by_us(s) or self._started_here(s)):
+            if not self._ours(s):
                 stays[sid] = "not started by this agent (no local record)"
                 continue
             why = self._delete(sid)
-            if why is None:
-                self._record(sid).unlink(missing_ok=True)
-            else:
+            if why is not None:
                 stays[sid] = why
         if self.state.is_dir():
-            for f in self.state.glob("*.blocks"):
-                if f.name.removesuffix(".blocks") not in stays:
+            for f in [*self.state.glob("*.blocks"), *self.state.glob("*.deleted")]:
+                if f.name.split(".")[0] not in stays:
                     f.unlink()
             if not any(self.state.iterdir()):
                 self.state.rmdir()

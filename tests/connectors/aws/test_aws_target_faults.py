@@ -16,7 +16,7 @@ from connectors.aws.blocks import BLOCK, get_block, list_blocks
 from connectors.aws.launch import launch_from_point
 from connectors.aws.tags import TAG_COMMITTED, TAG_DISKS, TAG_POINT
 from sendense.datapath.sync import copy_disk
-from sendense.errors import SendenseError, TargetError
+from sendense.errors import ResourceNotFound, SendenseError, TargetError
 from sendense.models import AwsInstanceSettings, DiskInfo, PointDisk, PointInfo
 
 
@@ -82,7 +82,7 @@ def test_a_retried_sync_starts_afresh_and_keeps_no_block_of_the_failed_attempt(
         assert blocks.get(40 * MiB // BLOCK, bytes(BLOCK)) == bytes(BLOCK)
         # nothing of the failed attempt is left: the points' snapshots only
         assert {s["SnapshotId"] for s in tgt._snapshots()} == {p.disks[0].path for p in tgt.list_points()}
-        assert sorted(p.name for p in state_dir.iterdir()) == []
+        assert [p.name for p in state_dir.iterdir()] == [f"{failed}.deleted"]  # until EC2 lists it no more
     finally:
         tgt.destroy()
 
@@ -278,3 +278,55 @@ def test_a_failed_launch_leaves_no_image_holding_the_points_snapshots(
     )
     tgt.destroy()  # nothing holds the point's snapshots
     assert tgt._snapshots() == []
+
+
+def test_a_deleted_pending_snapshot_ec2_still_lists_is_still_the_targets(
+    backend: Backend, job: str, state_dir: Path
+) -> None:
+    """AWS lets a snapshot in progress be deleted, the deletion taking effect when it completes: it may
+    stay listed. The target's tombstone keeps it its own (deleted again, never named as foreign)."""
+    tgt = target(backend, job, state_dir)
+    tgt.prepare("p1", [DiskInfo(key="disk0", size=4 * MiB)])
+    sid = tgt._sync_snapshots("p1")["disk0"]["SnapshotId"]
+    tgt._record(sid).replace(tgt._tombstone(sid))  # as after a deletion EC2 has not applied yet
+    with pytest.raises(ResourceNotFound):
+        with tgt.open_disk("p1", "disk0"):
+            pass
+    tgt.prepare("p1", [DiskInfo(key="disk0", size=4 * MiB)])  # deletes it again, starts afresh
+    assert sid not in {s["SnapshotId"] for s in backend.tagged(job)}
+    tgt.abort("p1")
+    tgt.prepare("p2", [DiskInfo(key="disk0", size=4 * MiB)])  # EC2 lists it no more: the tombstone goes
+    assert not tgt._tombstone(sid).exists()
+    tgt.destroy()
+    assert backend.tagged(job) == [] and not state_dir.exists()
+
+
+def test_a_restarted_first_sync_keeps_nothing_of_the_first_attempt(
+    backend: Backend, job: str, state_dir: Path, tmp_path: Path
+) -> None:
+    """Item 2 on an AWS target: a full copy skips zero ranges, so a retried first sync must not write
+    into the first attempt's snapshot (it wrote 0xEE at 2 MiB; the guest zeroed it before the retry)."""
+    lab = backend.need_lab()
+    d0 = make_qcow2(tmp_path / "d0.qcow2", 8 * MiB)
+    qemu_io(d0, "write -P 0xee 2M 512k", "write -P 0x12 4M 1M")
+    src, tgt = kvm_source(job, [d0], tmp_path), target(backend, job, state_dir)
+    try:
+        first = src.create_snapshot("p1", {})
+        tgt.prepare("p1", [DiskInfo(key="disk0", size=8 * MiB)])
+        lab.inject("PutSnapshotBlock", "ValidationException", count=50, status=400, after=1)
+        try:
+            with (
+                src.open_disk(first, "disk0") as sd,
+                tgt.open_disk("p1", "disk0") as td,
+                pytest.raises(SendenseError),
+            ):
+                copy_disk(sd, td, first.disk("disk0"), fast_tuning(connections=1))
+        finally:
+            lab.clear_faults()
+        src.release_snapshot(first, committed=False)
+        qemu_io(d0, "write -z 2M 512k")
+        s = sync_point(src, tgt, "p1")
+        assert s.results["disk0"].kind == "full" and s.results["disk0"].stats.bytes_written == 2 * BLOCK
+        assert same_content(exported(tgt, "p1", tmp_path / "x")["disk0"], to_raw(d0, tmp_path / "d0.raw"))
+    finally:
+        tgt.destroy()
