@@ -1,7 +1,12 @@
 """KVM source, running VM managed by libvirt: pull-mode backups with checkpoints (as virtnbdbackup does).
 
-Change id = a libvirt checkpoint `sendense.<job>.<snapshot>` (a persistent dirty bitmap of that name in
-every qcow2 disk, recording since the checkpoint).
+Change id = `<checkpoint>@<identity>`: a libvirt checkpoint `sendense.<job>.<snapshot>` (a persistent
+dirty bitmap of that name in every qcow2 disk, recording since the checkpoint) and the disk's identity
+(domain UUID, disk target and image path, the image file's inode: `identity.libvirt_identity`). The
+checkpoint's bitmap has one name on every disk, so without the identity a disk swapped with another
+(image files renamed, the domain's XML edited, the domain redefined) would diff against the other
+disk's changes; a changed identity is a resync with the reason. libvirt runs one backup job per
+domain: a second job's snapshot waits (bounded) for the first one's to end.
 
 create_snapshot starts one pull-mode backup job (`virDomainBackupBegin`) that creates, atomically and
 crash-consistently across all disks, both the point in time and the new checkpoint. QEMU then serves
@@ -42,8 +47,16 @@ from pathlib import Path
 
 import libvirt
 
-from connectors.kvm.offline import NbdSourceDisk, bitmap_prefix
-from connectors.kvm.qemu import fits_unix_socket, image_info, qcow2_bitmaps, remove_bitmaps
+from connectors.kvm.identity import bitmap_prefix, libvirt_identity, libvirt_identity_problem, split_change_id
+from connectors.kvm.offline import BUSY_WAIT, NbdSourceDisk
+from connectors.kvm.qemu import (
+    fits_unix_socket,
+    image_info,
+    is_qcow2,
+    qcow2_bitmaps,
+    read_qcow2_header,
+    remove_bitmaps,
+)
 from sendense.datapath.nbd import unix_uri
 from sendense.errors import (
     InvalidSpec,
@@ -128,6 +141,7 @@ def _parse_backup(xml: str) -> _Backup:
 
 class LibvirtSource:
     platform = "kvm"
+    busy_wait = BUSY_WAIT  # for another job's backup of the same domain to end
 
     def __init__(self, job: str, uri: str, domain: str, work_dir: Path) -> None:
         self.job = job
@@ -214,19 +228,41 @@ class LibvirtSource:
                 unsupported.append(f"{target} ({d.get('type')}/{fmt})")
         if unsupported:
             raise InvalidSpec(
-                f"{self._where()}: disk {', '.join(unsupported)} cannot be replicated: "
-                "only qcow2 file disks have checkpoints"
+                f"{self._where()}: disk {', '.join(unsupported)} cannot be replicated: only qcow2 file "
+                "disks have checkpoints (convert it with the domain shut off: qemu-img convert -O qcow2)"
             )
         if not ours:
             raise InvalidSpec(f"{self._where()} has no qcow2 file disk to replicate")
         return ours, others
+
+    def _refuse_unsyncable(self, dom: libvirt.virDomain, disks: list[_Disk]) -> None:
+        """qcow2 v2 images cannot hold checkpoints and a 0-byte disk has nothing to copy: both would
+        fail every sync, so they are refused up front, with what to do."""
+        problems = []
+        for d in disks:
+            try:
+                size = int(dom.blockInfo(d.target)[0])
+            except libvirt.libvirtError as e:
+                raise self._error(e, "blockInfo") from None
+            image = Path(d.source)
+            if image.is_file() and is_qcow2(image) and read_qcow2_header(image).version < 3:
+                problems.append(
+                    f"disk {d.target} ({image}) is qcow2 v2 (compat=0.10), which cannot hold checkpoints: "
+                    f"shut the domain off and upgrade it: qemu-img amend -o compat=1.1 {image}"
+                )
+            elif size == 0:
+                problems.append(
+                    f"disk {d.target} ({image}) has a size of 0 bytes: detach it or give it a size"
+                )
+        if problems:
+            raise InvalidSpec(f"{self._where()}: " + "; ".join(problems))
 
     # ------------------------------------------------------------------ protocol
 
     def validate(self) -> None:
         with self._dom() as dom:
             self._running(dom)
-            self._disks(dom)
+            self._refuse_unsyncable(dom, self._disks(dom)[0])
 
     def discover(self) -> VmInfo:
         with self._dom() as dom:
@@ -245,18 +281,30 @@ class LibvirtSource:
         with self._dom() as dom:
             self._running(dom)
             disks, others = self._disks(dom)
-            self._clear_stale(dom, base, new)
+            self._refuse_unsyncable(dom, disks)
+            uuid = dom.UUIDString()
+            ident = {d.target: libvirt_identity(uuid, d.target, d.source) for d in disks}
             lost: dict[str, str] = {}
-            cp_cache: dict[str, ET.Element | str] = {}
+            since_cp: dict[str, str | None] = {}  # the base checkpoint of each disk whose identity holds
             for d in disks:
                 since = base.get(d.target)
                 if since:
-                    why = self._tracking_problem(dom, since, d.target, cp_cache)
+                    why = libvirt_identity_problem(since, ident[d.target], self.domain, d.target, d.source)
+                    if why:
+                        lost[d.target] = why
+                    else:
+                        since_cp[d.target] = split_change_id(since)[0]
+            self._clear_stale(dom, since_cp, new)
+            cp_cache: dict[str, ET.Element | str] = {}
+            for d in disks:
+                cp = since_cp.get(d.target)
+                if cp:
+                    why = self._tracking_problem(dom, cp, d.target, cp_cache)
                     if why:
                         lost[d.target] = why
             per_disk = self._lib_version(dom) >= PER_DISK_INCREMENTAL
             if not per_disk:
-                self._legacy_lost(disks, base, lost)
+                self._legacy_lost(disks, since_cp, lost)
             self.work_dir.mkdir(parents=True, exist_ok=True)
             sock = self._socket_path()
             scratch = {d.target: self._scratch_path(new, d.target) for d in disks}
@@ -264,7 +312,7 @@ class LibvirtSource:
                 p.unlink(missing_ok=True)
             incr: dict[str, str] = {}
             for _attempt in range(len(disks) + 1):
-                incr = {d.target: b for d in disks if (b := base.get(d.target)) and d.target not in lost}
+                incr = {d.target: b for d in disks if (b := since_cp.get(d.target)) and d.target not in lost}
                 bxml = self._backup_xml(disks, others, incr, sock, scratch, per_disk)
                 cxml = self._checkpoint_xml(new, disks, others)
                 try:
@@ -278,7 +326,7 @@ class LibvirtSource:
                         for k in bad:
                             lost[k] = f"libvirt refused checkpoint {incr[k]} of disk {k}: {_msg(e)}"
                         if not per_disk:
-                            self._legacy_lost(disks, base, lost)
+                            self._legacy_lost(disks, since_cp, lost)
                         continue
                     if _code(e) == libvirt.VIR_ERR_OPERATION_INVALID and "job" in _msg(e).lower():
                         raise ResourceUnavailable(
@@ -290,18 +338,19 @@ class LibvirtSource:
             try:
                 job = self._backup(dom)
                 if job is None:
-                    raise SnapshotInconsistent(f"{self._where()}: the backup job ended as soon as it began")
+                    raise ResourceUnavailable(f"{self._where()}: the backup job ended as soon as it began")
                 snap_disks = []
                 for d in disks:
                     bd = job.disks.get(d.target)
                     if bd is None:
-                        raise SnapshotInconsistent(
+                        raise SendenseError(
                             f"{self._where()}: the backup job does not export disk {d.target}"
                         )
                     since = base.get(d.target)
                     why = lost.get(d.target)
                     if since and not why and not bd.bitmap:
-                        why = f"libvirt exported disk {d.target} in full instead of since checkpoint {since}"
+                        cp = since_cp[d.target]
+                        why = f"libvirt exported disk {d.target} in full, not since checkpoint {cp}"
                     handle = {
                         "socket": str(job.socket or sock),
                         "export": bd.export,
@@ -315,7 +364,7 @@ class LibvirtSource:
                         DiskSnapshot(
                             key=d.target,
                             size=int(dom.blockInfo(d.target)[0]),
-                            change_id=new,
+                            change_id=f"{new}@{ident[d.target]}",
                             base_change_id=since,
                             tracking_lost=why,
                             handle=handle,
@@ -348,10 +397,10 @@ class LibvirtSource:
             raise ResourceNotFound(f"source disk {key}: not part of snapshot {snap.snapshot_id}") from None
         sock, export = d.handle.get("socket"), d.handle.get("export", key)
         if not sock:
-            raise SnapshotInconsistent(f"snapshot {snap.snapshot_id} of disk {key} has no NBD socket")
+            raise SendenseError(f"snapshot {snap.snapshot_id} of disk {key} has no NBD socket")
         gone = SnapshotInconsistent(
             f"{self._where()}: the pull backup of snapshot {snap.snapshot_id} is gone "
-            "(domain stopped or job ended); the sync restarts"
+            "(domain stopped or job ended)"
         )
         with self._dom() as dom:
             if not dom.isActive():
@@ -365,11 +414,14 @@ class LibvirtSource:
         with NbdSourceDisk(unix_uri(sock, export), d.size, bitmap_for=bitmap_for) as disk:
             try:
                 size = disk.status().size  # the connection the copy's block status queries use
-            except ResourceUnavailable:
-                raise gone from None
+            except ResourceUnavailable as err:  # the backup job was there: worth a retry in place
+                raise ResourceUnavailable(
+                    f"{self._where()}: snapshot {snap.snapshot_id} of disk {key}: {err}"
+                ) from None
             if size != d.size:
                 raise SnapshotInconsistent(
-                    f"{self._where()}: disk {key} export is {size} bytes, snapshot said {d.size}"
+                    f"{self._where()}: disk {key} reads {size} bytes, snapshot {snap.snapshot_id} said "
+                    f"{d.size} (resized)"
                 )
             yield disk
 
@@ -601,13 +653,19 @@ class LibvirtSource:
         log.warning("%s: could not delete checkpoint %s: %s", self._where(), name, err)
 
     def _clear_stale(self, dom: libvirt.virDomain, base: dict[str, str | None], new: str) -> None:
-        """End a backup job this job left running, drop this job's checkpoints that are not a base."""
+        """Wait (bounded) for another job's backup to end, end one this job left running, drop this
+        job's checkpoints that are not a base."""
         job = self._backup(dom)
-        if job is not None:
-            if not self._ours(job):
+        deadline = time.monotonic() + self.busy_wait
+        while job is not None and not self._ours(job):  # another job's sync: libvirt runs one at a time
+            if time.monotonic() > deadline:
                 raise ResourceUnavailable(
-                    f"{self._where()}: a backup job that is not ours (job {self.job}) is running; retry later"
+                    f"{self._where()}: a backup job not of job {self.job} (another job's sync?) still runs "
+                    f"after {self.busy_wait:g}s; job {self.job} retries"
                 )
+            time.sleep(0.1)
+            job = self._backup(dom)
+        if job is not None:
             log.info("%s: ending a leftover backup job of %s", self._where(), self.job)
             self._end_job(dom, None)
         keep = {b for b in base.values() if b}

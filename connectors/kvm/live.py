@@ -1,7 +1,7 @@
 """KVM source, running VM: QEMU's own pull-backup over its QMP socket (what libvirt's backupBegin does).
 
 Change id = a dirty bitmap on each disk's format node, `sendense.<job>.<snapshot>.<tag>`, the tag
-being the disk's identity (key and image path: `offline.disk_tag`), so a base is used only on the disk
+being the disk's identity (key and image path: `identity.disk_tag`), so a base is used only on the disk
 and image it was made on (disks swapped behind node names are a resync, with the reason). Persistent
 on qcow2; on a raw disk non-persistent (QEMU tracks it while the VM runs; after a restart that disk
 is resynced, with the reason). Which nodes are disks, under which key: `live_disks`.
@@ -57,15 +57,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from connectors.kvm.identity import base_problem, bitmap_name, bitmap_prefix, disk_tag, tracking_problem
 from connectors.kvm.live_disks import QemuDisk, list_disks, named_nodes, record, recorded, refusal
-from connectors.kvm.offline import (
-    NbdSourceDisk,
-    base_problem,
-    bitmap_name,
-    bitmap_prefix,
-    disk_tag,
-    tracking_problem,
-)
+from connectors.kvm.offline import NbdSourceDisk
 from connectors.kvm.qemu import qemu_img, read_qcow2_header, remove_bitmaps
 from connectors.kvm.qmp import QmpClient, QmpError, VmNotRunning
 from sendense.datapath.nbd import unix_uri

@@ -11,7 +11,7 @@ removes all of them.
 Why the tag: with one bitmap name on every disk, disks swapped behind their keys (image files renamed,
 a VM restarted with its disks in another order) still "had" the base bitmap, and the sync ran as an
 incremental against the other disk's changes. With the tag, a base is used only on the disk it was
-made on; anything else is a resync with the reason (`base_problem`).
+made on; anything else is a resync with the reason (`identity.base_problem`).
 
 Two jobs on one image: their bitmap changes and reads are ordered by `image_lock` (a reader holds it
 shared, a bitmap change exclusively), so one job waits for the other's read instead of failing.
@@ -19,13 +19,13 @@ shared, a bitmap change exclusively), so one job waits for the other's read inst
 
 from __future__ import annotations
 
-import hashlib
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
+from connectors.kvm.identity import base_problem, bitmap_name, bitmap_prefix, disk_tag
 from connectors.kvm.qemu import (
     Qcow2Header,
     image_info,
@@ -50,51 +50,6 @@ from sendense.models import DiskInfo, DiskSnapshot, SnapshotRef, VmInfo
 log = logging.getLogger(__name__)
 
 BUSY_WAIT = 300.0  # seconds a bitmap change waits for another job's read of the same image
-
-
-def bitmap_prefix(job: str) -> str:
-    return f"sendense.{job}."
-
-
-def disk_tag(key: str, image: str) -> str:
-    """A disk's identity in its change ids: its key and image path. Both must match for a base to be
-    used; the bitmap carrying the tag must be in the image, so a swapped image is found too."""
-    return hashlib.sha1(f"{key}\0{image}".encode()).hexdigest()[:8]
-
-
-def bitmap_name(job: str, snapshot_id: str, tag: str) -> str:
-    return f"{bitmap_prefix(job)}{snapshot_id}.{tag}"
-
-
-def tracking_problem(bitmaps: Mapping[str, Sequence[str]], base: str, where: str) -> str | None:
-    """Why `base` cannot serve as a change id, or None if it can."""
-    if base not in bitmaps:
-        return f"dirty bitmap {base} is missing from {where}"
-    flags = bitmaps[base]
-    if "in-use" in flags or "inconsistent" in flags:
-        return f"dirty bitmap {base} in {where} is inconsistent (the image was not closed cleanly)"
-    return None
-
-
-def base_problem(
-    job: str, since: str, key: str, image: str, bitmaps: Mapping[str, Sequence[str]], where: str
-) -> str | None:
-    """Why bitmap `since` cannot be disk `key`'s base now that `image` is behind it, or None."""
-    prefix, tag = bitmap_prefix(job), disk_tag(key, image)
-    rest = since[len(prefix) :] if since.startswith(prefix) else ""
-    if "." not in rest:
-        return f"change id {since} of disk {key} is from before disk identities were recorded"
-    if rest.rsplit(".", 1)[1] != tag:
-        return (
-            f"disk {key} is now image {image}, not the image its change tracking belongs to "
-            "(image replaced, moved or disks reordered)"
-        )
-    if since not in bitmaps and any(n.startswith(prefix) and not n.endswith("." + tag) for n in bitmaps):
-        return (
-            f"image {image} of disk {key} carries the change tracking of another disk of job {job} "
-            "(disks swapped)"
-        )
-    return tracking_problem(bitmaps, since, where)
 
 
 class NbdSourceDisk:

@@ -16,7 +16,7 @@ from temporalio.testing import ActivityEnvironment
 
 from activities import replication
 from activities.replication import begin_and_copy, copy_disk, finish_sync
-from connectors.kvm.offline import bitmap_name, disk_tag
+from connectors.kvm.identity import bitmap_name, disk_tag
 from connectors.kvm.target import KvmTarget as Replicas
 from sendense.errors import DataPathError
 from sendense.models import (

@@ -265,7 +265,7 @@ def test_full_then_incremental_bit_exact(
     assert r.kind == "full"
     assert r.stats.bytes_read == 6 * MiB + 64 * KiB
     assert_point(tgt, "p1", ref1)
-    assert s1.snap.disks[0].change_id == "sendense.job1.p1"
+    assert s1.snap.disks[0].change_id.startswith("sendense.job1.p1@")
     assert g.checkpoints() == ["sendense.job1.p1"]
     no_leftovers(work)
 
@@ -306,7 +306,7 @@ def test_incremental_extents_are_exact(
     snap = src.create_snapshot("p2", s1.base)
     try:
         d = snap.disk("vda")
-        assert d.base_change_id == "sendense.job1.p1" and d.tracking_lost is None
+        assert d.base_change_id == s1.base["vda"] and d.tracking_lost is None
         assert d.handle["bitmap"] == "backup-vda" and d.handle["export"] == "vda"
         with src.open_disk(snap, "vda") as sd:
             got = list(coalesce(sd.extents(d.base_change_id)))
@@ -511,8 +511,11 @@ def test_reopen_from_ref_alone_and_stale_leftovers(
     )
     g.dom.backupBegin(foreign, None, 0)
     try:
-        with pytest.raises(ResourceUnavailable, match="not ours"):
-            src.create_snapshot("p2", {"vda": "sendense.job1.p1"})
+        src.busy_wait = 0.5
+        with pytest.raises(
+            ResourceUnavailable, match="a backup job not of job job1 .* still runs after 0.5s"
+        ):
+            src.create_snapshot("p2", {"vda": snap2.disks[0].change_id})
         src.release_snapshot(snap2, committed=True)
         assert g.dom.backupGetXMLDesc(0)  # still running
     finally:
@@ -568,10 +571,34 @@ def test_qcow2_v2_image_is_a_spec_error(lab: LabLibvirtd, tmp_path: Path, work: 
     dom = define_lab_domain(conn, f"v2-{uuid.uuid4().hex[:8]}", [img])
     try:
         src = LibvirtSource("job1", lab.uri, dom.name(), work)
+        with pytest.raises(InvalidSpec) as ei:  # refused at create, not at every sync
+            src.validate()
+        assert str(ei.value) == (
+            f"libvirt domain {dom.name()} on {lab.uri}: disk vda ({img}) is qcow2 v2 (compat=0.10), which "
+            f"cannot hold checkpoints: shut the domain off and upgrade it: qemu-img amend -o compat=1.1 {img}"
+        )
         with pytest.raises(InvalidSpec, match="compat=1.1"):
             src.create_snapshot("p1", {})
         assert dom.listAllCheckpoints(0) == []
         no_leftovers(work)
+    finally:
+        remove_lab_domain(dom)
+        conn.close()
+
+
+def test_a_zero_byte_disk_is_refused_at_validate(lab: LabLibvirtd, tmp_path: Path, work: Path) -> None:
+    good, empty = tmp_path / "good.qcow2", tmp_path / "empty.qcow2"
+    for img, size in ((good, "32M"), (empty, "0")):
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), size], check=True)
+    conn = lab.connect()
+    dom = define_lab_domain(conn, f"z-{uuid.uuid4().hex[:8]}", [good, empty])
+    try:
+        with pytest.raises(InvalidSpec) as ei:
+            LibvirtSource("job1", lab.uri, dom.name(), work).validate()
+        assert str(ei.value) == (
+            f"libvirt domain {dom.name()} on {lab.uri}: disk vdb ({empty}) has a size of 0 bytes: detach it "
+            "or give it a size"
+        )
     finally:
         remove_lab_domain(dom)
         conn.close()
@@ -681,3 +708,94 @@ def test_forget_deletes_the_jobs_checkpoints_and_spares_other_jobs(
 
     # a domain that is gone: nothing to do
     LibvirtSource("job1", lab.uri, "nope-nope", work).forget()
+
+
+def test_disks_swapped_behind_their_paths_resync_with_the_reason_and_both_points_are_exact(
+    lab: LabLibvirtd, make_guest: Callable[..., Guest], work: Path, tmp_path: Path
+) -> None:
+    """Both images held the checkpoint's bitmap (one name on every disk): after the image files were
+    swapped, the sync ran incremental against the other disk's changes and both replicas were wrong."""
+    g = make_guest(32 * MiB, 32 * MiB)
+    src = source(lab, g, work)
+    tgt = KvmTarget("job1", tmp_path / "replicas")
+    g.write("vda", 0, 4 * MiB, 0x11)
+    g.write("vdb", 8 * MiB, 4 * MiB, 0x22)
+    s1 = sync(src, tgt, "p1")
+    g.write("vda", 1 * MiB, 64 * KiB, 0x33)
+    g.write("vdb", 9 * MiB, 64 * KiB, 0x44)
+    g.dom.destroy()  # a clean stop: QEMU stores the bitmaps
+    a, b = g.images["vda"], g.images["vdb"]
+    swap = a.with_suffix(".swap")
+    a.rename(swap)
+    b.rename(a)
+    swap.rename(b)
+    g.shadows["vda"], g.shadows["vdb"] = g.shadows["vdb"], g.shadows["vda"]
+    g.dom.create()
+    ref2 = g.freeze()
+    s2 = sync(src, tgt, "p2", s1.base)
+    for key in ("vda", "vdb"):
+        assert s2.snap.disk(key).tracking_lost == (
+            f"image {g.images[key]} of disk {key} is not the file it was at checkpoint sendense.job1.p1 "
+            "(replaced)"
+        )
+        assert s2.results[key].kind == "resync"
+    assert_point(tgt, "p2", ref2)
+    g.write("vda", 2 * MiB, 64 * KiB, 0x55)
+    s3 = sync(src, tgt, "p3", s2.base)
+    assert {k: (r.kind, r.stats.bytes_read) for k, r in s3.results.items()} == {
+        "vda": ("incremental", 64 * KiB),
+        "vdb": ("incremental", 0),
+    }
+    assert_point(tgt, "p3", g.freeze())
+
+
+def test_two_jobs_on_one_domain_wait_for_each_other_and_both_points_are_exact(
+    lab: LabLibvirtd, make_guest: Callable[..., Guest], work: Path, tmp_path: Path
+) -> None:
+    """libvirt runs one backup job per domain: the second job's snapshot waits for the first job's
+    sync to end instead of failing; job1-1's name extends job1's."""
+    g = make_guest(32 * MiB)
+    a, b = source(lab, g, work), source(lab, g, tmp_path / "work2", job="job1-1")
+    ta, tb = KvmTarget("job1", tmp_path / "ra"), KvmTarget("job1-1", tmp_path / "rb")
+    g.write("vda", 0, 2 * MiB, 0x11)
+    ref1 = g.freeze()
+    done: dict[str, Synced] = {}
+    errors: list[BaseException] = []
+
+    def other() -> None:
+        try:
+            done["b"] = sync(b, tb, "s1")
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    t = threading.Thread(target=other)
+
+    def overlap(_snap: SnapshotRef) -> None:  # a's backup runs: b's whole sync starts now
+        t.start()
+        time.sleep(1.0)
+        assert t.is_alive() and not errors
+
+    s1 = sync(a, ta, "s1", before_copy=overlap)
+    t.join(120)
+    assert not errors and "b" in done
+    assert_point(ta, "s1", ref1)
+    assert_point(tb, "s1", ref1)
+
+    g.write("vda", 4 * MiB, 64 * KiB, 0x22)
+    ref2 = g.freeze()
+    b2 = sync(b, tb, "s2", done["b"].base)
+    a2 = sync(a, ta, "s2", s1.base)
+    for r in (a2, b2):
+        assert (r.results["vda"].kind, r.results["vda"].stats.bytes_read) == ("incremental", 64 * KiB)
+    assert_point(ta, "s2", ref2)
+    assert_point(tb, "s2", ref2)
+    assert g.checkpoints() == ["sendense.job1-1.s2", "sendense.job1.s2"]
+
+    b.busy_wait = 0.3  # bounded: then a retryable one-line error
+    snap = a.create_snapshot("s3", a2.base)
+    try:
+        with pytest.raises(ResourceUnavailable) as ei:
+            b.create_snapshot("s3", b2.base)
+        assert "still runs after 0.3s; job job1-1 retries" in str(ei.value) and ei.value.retryable
+    finally:
+        a.release_snapshot(snap, committed=False)
