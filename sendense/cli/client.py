@@ -62,6 +62,7 @@ class JobView(JobStatus):
     """`job status`: the workflow's own status and the steps in flight with their retries."""
 
     steps: list[PendingStep] = Field(default_factory=list)
+    spec_problem: str | None = Field(default=None, description="why the job's stored spec is invalid")
 
 
 def pending_steps(desc: WorkflowExecutionDescription) -> list[PendingStep]:
@@ -209,7 +210,8 @@ class Jobs:
     async def status(self, name: str) -> JobView:
         h, desc = await self._described(name)
         st: JobStatus = await h.query(ReplicationWorkflow.status)
-        return JobView(**dict(st), steps=pending_steps(desc))
+        _, problem = readable_spec(await h.query("get_spec", result_type=dict))
+        return JobView(**dict(st), steps=pending_steps(desc), spec_problem=problem)
 
     async def spec(self, name: str) -> JobSpec:
         return (await self.spec_and_problem(name))[0]

@@ -20,6 +20,9 @@ lab_app = typer.Typer(
 )
 
 
+MAX_WRITE = 1 << 30  # `lab write` holds the bytes in memory
+
+
 def lab_dir(platform: str) -> Path:
     return config.home() / "labs" / platform
 
@@ -135,6 +138,8 @@ def lab_instance(
     """Create an EC2 instance with EBS volumes in the AWS lab (a source to replicate)."""
     from sendense.cli.main import emit_json, fail, out
 
+    if not all(1 <= g <= 16384 for g in disk_gib):  # EBS volumes are 1 GiB to 16 TiB
+        fail(f"--disk-gib: sizes are 1 to 16384 GiB, not {disk_gib}")
     lab = _running_lab()
     try:
         inst = lab.make_instance(name, list(disk_gib))
@@ -152,7 +157,7 @@ def lab_instance(
 @lab_app.command("write")
 def lab_write(
     volume_id: str,
-    offset: int = typer.Argument(..., help="byte offset"),
+    offset: int = typer.Argument(..., min=0, help="byte offset"),
     file: Path = typer.Option(None, "--file", help="write this file's bytes"),
     pattern: int = typer.Option(None, "--pattern", help="write this byte value (0-255) ..."),
     length: int = typer.Option(None, "--length", help="... this many times"),
@@ -165,10 +170,12 @@ def lab_write(
     if file is not None:
         if not file.is_file():
             fail(f"--file {file}: not found")
+        if file.stat().st_size > MAX_WRITE:
+            fail(f"--file {file}: larger than {MAX_WRITE} bytes; write it in parts")
         data = file.read_bytes()
     else:
-        if length is None or length <= 0 or not 0 <= pattern <= 255:
-            fail("--pattern needs a byte value 0-255 and a positive --length")
+        if length is None or not 0 < length <= MAX_WRITE or not 0 <= pattern <= 255:
+            fail(f"--pattern needs a byte value 0-255 and a --length of 1 to {MAX_WRITE} bytes")
         data = bytes([pattern]) * length
     lab = _running_lab()
     try:

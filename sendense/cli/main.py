@@ -156,8 +156,8 @@ def _with_lag(st: JobStatus) -> JobStatus:
 
 @app.command()
 def up(
-    port: int = typer.Option(7233, help="Temporal frontend port"),
-    ui_port: int = typer.Option(8233, help="Temporal web UI port"),
+    port: int = typer.Option(7233, min=1, max=65535, help="Temporal frontend port"),
+    ui_port: int = typer.Option(8233, min=1, max=65535, help="Temporal web UI port"),
     state_dir: Path = typer.Option(None, help="state directory (default $SENDENSE_HOME or ~/.sendense)"),
     as_json: bool = JsonOpt,
 ) -> None:
@@ -319,6 +319,8 @@ def status_rows(st: JobView) -> list[tuple[str, str]]:
         rows.append(("resyncs", f"{st.resyncs} (last: {st.last_resync_reason})"))
     if st.last_error:
         rows.append(("last error", one_line(st.last_error)))
+    if st.spec_problem:
+        rows.append(("spec", st.spec_problem))
     return rows
 
 
@@ -513,10 +515,12 @@ def output_dir(output: Path) -> Path:
 @app.command()
 def demo(
     state_dir: Path = typer.Option(None, help="state directory"),
-    port: int = typer.Option(7233),
-    ui_port: int = typer.Option(8233),
-    incrementals: int = typer.Option(3, help="incremental syncs to run while the workload writes"),
-    disk_mib: int = typer.Option(1024, help="size of the lab VM's first disk (the second is half)"),
+    port: int = typer.Option(7233, min=1, max=65535),
+    ui_port: int = typer.Option(8233, min=1, max=65535),
+    incrementals: int = typer.Option(3, min=0, max=1000, help="incremental syncs while the workload writes"),
+    disk_mib: int = typer.Option(
+        1024, min=64, max=1 << 20, help="size of the lab VM's first disk (the second is half)"
+    ),
     clean: bool = typer.Option(False, "--clean", help="delete the demo job and stop the lab VM"),
 ) -> None:
     """Run the whole product on this machine: stack, lab VM with a workload, a job, syncs, points."""
@@ -535,8 +539,11 @@ def main() -> None:
     """Entry point. Exits with os._exit after flushing: the Temporal client's native runtime threads
     can crash CPython's interpreter finalization (PyGILState_Release) after a successful command."""
     code = cli(sys.argv[1:])
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except OSError:  # a closed pipe (`sendense job list --json | head -1`): nothing more to say
+            pass
     os._exit(code)
 
 
