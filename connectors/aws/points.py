@@ -18,6 +18,7 @@ from connectors.aws.tags import (
     TAG_JOB_ID,
     TAG_KIND,
     TAG_POINT,
+    TAG_PRUNING,
     TAG_SELF,
     TAG_SIZE,
     TAG_STATS,
@@ -46,7 +47,7 @@ def committed_by_us(snap: dict[str, Any]) -> bool:
 
 def group_points(snaps: list[dict[str, Any]]) -> tuple[dict[str, list[dict[str, Any]]], set[str]]:
     """(point id -> its snapshots) of the whole points among `snaps`, and the ids of the snapshots of
-    incomplete ones (an interrupted commit, a point a disk snapshot of which was deleted)."""
+    incomplete ones (an interrupted commit or prune, a point a disk snapshot of which was deleted)."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for s in snaps:
         if committed_by_us(s):
@@ -59,6 +60,7 @@ def group_points(snaps: list[dict[str, Any]]) -> tuple[dict[str, list[dict[str, 
             all(s["State"] == "completed" for s in group)
             and len(set(keys)) == len(keys)
             and all(tags_of(s).get(TAG_DISKS) == str(len(group)) for s in group)
+            and not any(TAG_PRUNING in tags_of(s) for s in group)
         )
         if complete:
             whole[pid] = group

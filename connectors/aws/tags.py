@@ -21,6 +21,7 @@ TAG_POINT, TAG_DISKS, TAG_KIND = "sendense:point", "sendense:disks", "sendense:k
 TAG_CREATED, TAG_COMMITTED = "sendense:created-at", "sendense:committed-at"
 TAG_CHANGE, TAG_STATS = "sendense:change-id", "sendense:stats"
 TAG_SELF = "sendense:snapshot"  # a committed point's snapshot carries its own id: copies do not match
+TAG_PRUNING = "sendense:pruning"  # set on all of a point's snapshots at once before they are deleted
 
 
 def tags_of(snap: dict[str, Any]) -> dict[str, str]:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from connectors.aws.blocks import linear_checksum
-from connectors.aws.client import Aws, aws_call
+from connectors.aws.client import AccessDenied, Aws, aws_call
 from connectors.aws.pending import AwsTargetDisk, PendingSnapshot, load_record
 from connectors.aws.points import committed_by_us, group_points, job_id_of, point_of, target_snapshots
 from connectors.aws.source import GIB, delete_snapshot, wait_completed
@@ -44,6 +44,7 @@ from connectors.aws.tags import (
     TAG_KIND,
     TAG_PARENT,
     TAG_POINT,
+    TAG_PRUNING,
     TAG_ROLE,
     TAG_SELF,
     TAG_SIZE,
@@ -174,8 +175,9 @@ class AwsTargetConnector:
 
     def prepare(self, sync_id: str, disks: list[DiskInfo]) -> None:
         listed = self._snapshots()
-        for s in listed:  # this sync's earlier attempts, abandoned syncs: all start afresh
-            if TAG_COMMITTED not in tags_of(s) and self._ours(s):
+        for s in listed:  # this sync's earlier attempts, abandoned syncs (and prunes): all go
+            t = tags_of(s)
+            if (TAG_COMMITTED not in t or TAG_PRUNING in t) and self._ours(s):
                 self._gone(s["SnapshotId"])
         if self.state.is_dir():  # tombstones of snapshots EC2 no longer lists
             for f in self.state.glob("*.deleted"):
@@ -218,7 +220,7 @@ class AwsTargetConnector:
                     retryable=e.retryable,
                 ) from None
             self._record(sid).touch()
-            if parent_id and parent is not None:
+            if parent_id and parent is not None and parent.size != d.size:  # resized since the parent
                 pending = PendingSnapshot(self.aws, ebs, sid, parent_id, self._record(sid))
                 try:
                     pending.clear_beyond(min(d.size, parent.size))
@@ -329,7 +331,10 @@ class AwsTargetConnector:
             if held:
                 log.warning("job %s: point %s stays: %s", self.job, p.point_id, _named_images(held))
                 continue
-            if not [d.path for d in p.disks if self._delete(d.path) is not None]:
+            sids = [d.path for d in p.disks]
+            with aws_call(self.aws, f"ec2 CreateTags {' '.join(sids)}"):  # no point from here on
+                self.ec2.create_tags(Resources=sids, Tags=as_list({TAG_PRUNING: p.point_id}))
+            if not [sid for sid in sids if self._delete(sid) is not None]:
                 removed.append(p.point_id)
         return removed
 
@@ -337,8 +342,12 @@ class AwsTargetConnector:
         """snapshot id -> the image of this account that maps it, for the given snapshots."""
         if not snapshot_ids:
             return {}
-        with aws_call(self.aws, "ec2 DescribeImages of this account"):
-            images = self.ec2.describe_images(Owners=["self"])["Images"]
+        try:
+            with aws_call(self.aws, "ec2 DescribeImages of this account"):
+                images = self.ec2.describe_images(Owners=["self"])["Images"]
+        except AccessDenied as e:  # an agent without ec2:DescribeImages: the deletes will tell
+            log.warning("job %s: cannot tell which points images use: %s", self.job, e.message)
+            return {}
         return {
             m["Ebs"]["SnapshotId"]: img["ImageId"]
             for img in images

@@ -330,3 +330,29 @@ def test_a_restarted_first_sync_keeps_nothing_of_the_first_attempt(
         assert same_content(exported(tgt, "p1", tmp_path / "x")["disk0"], to_raw(d0, tmp_path / "d0.raw"))
     finally:
         tgt.destroy()
+
+
+def test_a_prune_cut_between_its_deletes_leaves_no_half_point(
+    backend: Backend, job: str, state_dir: Path, vm: list[Path], tmp_path: Path
+) -> None:
+    """The point is marked on all its snapshots at once before the deletes: cut after one, the rest is
+    no point (not listed, not a parent) and the next prepare removes it."""
+    lab = backend.need_lab()
+    src, tgt = kvm_source(job, vm, tmp_path), target(backend, job, state_dir)
+    try:
+        s1 = sync_point(src, tgt, "p1")
+        qemu_io(vm[0], "write -P 0x46 0 1M")
+        s2 = sync_point(src, tgt, "p2", s1.base)
+        lab.inject("DeleteSnapshot", "InvalidParameterValue", count=1, after=1)
+        try:
+            with pytest.raises(SendenseError, match="DeleteSnapshot"):
+                tgt.prune(1)
+        finally:
+            lab.clear_faults()
+        assert [p.point_id for p in tgt.list_points()] == ["p2"]
+        assert len(backend.tagged(job)) == 3  # p2's two, one of p1's
+        tgt.prepare("p3", [DiskInfo(key=d.key, size=d.size) for d in s2.snap.disks])
+        tgt.abort("p3")
+        assert {s["SnapshotId"] for s in backend.tagged(job)} == {d.path for d in s2.point.disks}
+    finally:
+        tgt.destroy()
