@@ -166,14 +166,15 @@ class OfflineQcow2Source:
                 bitmaps = info.bitmaps
                 since = base.get(key)
                 lost = base_problem(self.job, since, key, str(path), bitmaps, str(path)) if since else None
-                if new not in bitmaps:
-                    try:
-                        qemu_img("bitmap", "--add", "--enable", str(path), new)
-                    except ResourceUnavailable:
-                        raise ResourceUnavailable(
-                            f"source disk {path} is in use by a running process; use the qmp or libvirt "
-                            "form of source for a running VM"
-                        ) from None
+                try:
+                    if new in bitmaps:  # an earlier attempt's, whose instant is gone: start afresh
+                        qemu_img("bitmap", "--remove", str(path), new)
+                    qemu_img("bitmap", "--add", "--enable", str(path), new)
+                except ResourceUnavailable:
+                    raise ResourceUnavailable(
+                        f"source disk {path} is in use by a running process; use the qmp or libvirt "
+                        "form of source for a running VM"
+                    ) from None
             disks.append(
                 DiskSnapshot(
                     key=key,

@@ -629,3 +629,18 @@ def test_a_snapshot_waits_for_another_jobs_read_only_so_long_then_is_retryable(t
     assert ei.value.retryable
     web1.src.release_snapshot(web1.src.create_snapshot("s1", {}), committed=True)  # once the read ended
     assert bitmap_names(img) == sorted([bm("s1", img, "web"), bm("s1", img, "web-1")])
+
+
+def test_a_snapshot_retried_after_a_crashed_attempt_starts_afresh(tmp_path: Path) -> None:
+    """The retry of a snapshot (same id) whose attempt died unreleased reused that attempt's bitmap,
+    which had recorded the writes since: every read of the retry was refused as "written after"."""
+    rig = Rig(tmp_path, [16 * MiB])
+    img = rig.images[0]
+    qemu_io(img, "write -P 0x11 0 4M")
+    p1 = rig.sync("p1")
+    rig.src.create_snapshot("p2", p1.base)  # the worker died here: nothing released
+    qemu_io(img, "write -P 0x22 1M 64k")  # the VM ran in between
+    p2 = rig.sync("p2", p1.base)
+    assert (p2.results["disk0"].kind, p2.results["disk0"].stats.bytes_written) == ("incremental", 64 * 1024)
+    rig.assert_point_exact("p2")
+    assert bitmap_names(img) == [bm("p2", img)]
