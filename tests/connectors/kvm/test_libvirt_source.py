@@ -799,3 +799,27 @@ def test_two_jobs_on_one_domain_wait_for_each_other_and_both_points_are_exact(
         assert "still runs after 0.3s; job job1-1 retries" in str(ei.value) and ei.value.retryable
     finally:
         a.release_snapshot(snap, committed=False)
+
+
+def test_a_domain_redefined_under_the_same_name_resyncs_with_the_reason(
+    lab: LabLibvirtd, make_guest: Callable[..., Guest], work: Path, tmp_path: Path
+) -> None:
+    """The domain is found by name: one redefined under it (a new UUID) is another VM as far as the
+    job's checkpoints go, and the reason says so."""
+    g = make_guest(32 * MiB)
+    src = source(lab, g, work)
+    tgt = KvmTarget("job1", tmp_path / "replicas")
+    g.write("vda", 0, 2 * MiB, 0x11)
+    s1 = sync(src, tgt, "p1")
+    old_uuid = g.dom.UUIDString()
+    remove_lab_domain(g.dom)
+    g.dom = define_lab_domain(g.conn, g.name, [g.images["vda"]])
+    assert g.dom.UUIDString() != old_uuid
+    g.write("vda", 4 * MiB, 64 * KiB, 0x22)
+    ref = g.freeze()
+    s2 = sync(src, tgt, "p2", s1.base)
+    assert s2.snap.disk("vda").tracking_lost == (
+        f"domain {g.name} was redefined (its UUID changed) since checkpoint sendense.job1.p1"
+    )
+    assert s2.results["vda"].kind == "resync"
+    assert_point(tgt, "p2", ref)
