@@ -20,7 +20,8 @@ import pytest
 from helpers_kvm import CLUSTER, KiB, MiB, Synced, bitmap_names, fast_tuning, same_content, sync_point
 
 from connectors.base import SourceConnector
-from connectors.kvm.live import QmpSource, nbd_socket
+from connectors.kvm.live import QmpSource
+from connectors.kvm.live_qemu import nbd_socket
 from connectors.kvm.offline import disk_tag
 from connectors.kvm.qemu import qemu_img, qemu_nbd
 from connectors.kvm.qmp import QmpClient, QmpError, VmNotRunning
