@@ -201,7 +201,13 @@ class QmpJob:
         except QmpError as e:
             if "already running" not in e.desc:
                 raise
-            if not sock.exists():
+            legacy = self.work_dir / "nbd" / sock.name  # where sendense started it before it was shared
+            idle = not any(e["id"].startswith("sde-") for e in c.execute("query-block-exports"))
+            if not sock.exists() and legacy.exists() and idle:
+                c.execute("nbd-server-stop")
+                legacy.unlink(missing_ok=True)
+                c.execute("nbd-server-start", addr={"type": "unix", "data": {"path": str(sock)}})
+            elif not sock.exists():
                 raise ResourceUnavailable(
                     f"QMP socket {self.qmp}: QEMU already runs an NBD server that sendense did not start; "
                     "the snapshot waits until its owner stops it"

@@ -779,6 +779,23 @@ def test_two_jobs_on_one_running_vm_interleaved_and_overlapping_are_both_bit_exa
     a.assert_clean()
 
 
+def test_an_idle_nbd_server_left_in_the_jobs_work_dir_by_an_older_version_is_replaced(
+    rig_factory: Any,
+) -> None:
+    """Before the server was shared it was started under the job's work dir; one left running there
+    made every snapshot fail ("already runs an NBD server") until the VM restarted."""
+    rig = rig_factory([16 * MiB])
+    legacy = rig.work / "nbd" / nbd_socket(rig.vm.qmp_path).name
+    legacy.parent.mkdir(parents=True)
+    with rig.qmp() as c:
+        c.execute("nbd-server-start", addr={"type": "unix", "data": {"path": str(legacy)}})
+    rig.vm.write(0, 0, 0x11, 1 * MiB)
+    rig.sync("p1")
+    rig.assert_point_exact("p1")
+    assert not legacy.exists()
+    rig.assert_clean()
+
+
 def commit(r: Rig, snap: SnapshotRef, results: dict[tuple[str, str], Any]) -> None:
     kinds = {results[(r.job, d.key)].kind for d in snap.disks}
     r.tgt.commit(
