@@ -86,6 +86,11 @@ def split_cpu_seconds(pid: int) -> tuple[float, float]:
         return 0.0, 0.0
 
 
+def job_id(name: str) -> str:
+    """A bench job's identity (its replicas carry it; the bench reads them back with it)."""
+    return f"bench-{name}"
+
+
 class RssSampler:
     """Samples RSS of a process (and separately of its descendants) every `interval` seconds."""
 
@@ -211,6 +216,7 @@ class Bench:
     def spec(self, name: str, disks: list[Path], target: Path, **tuning: Any) -> JobSpec:
         return JobSpec(
             name=name,
+            job_id=job_id(name),
             source=KvmSource(platform="kvm", disks=disks),
             target=KvmTarget(platform="kvm", path=target),
             schedule=Schedule(interval="1h"),  # type: ignore[arg-type]

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.full_sync import source_image
-from bench.harness import Bench, GiB, mib, remove_job_bitmaps
+from bench.harness import Bench, GiB, job_id, mib, remove_job_bitmaps
 from bench.images import churn, info, same_content, to_raw
 from connectors.kvm.target import KvmTarget
 
@@ -24,7 +24,7 @@ CHURN = (0.01, 0.05, 0.20)
 def verify_point(job: str, target: Path, point_id: str, src: Path, work: Path) -> bool:
     """Export the point raw and compare it with a raw copy of the source, then delete both."""
     ref = to_raw(src, work / "ref.raw")
-    files = KvmTarget(job, target).export(point_id, "raw", work / "export")
+    files = KvmTarget(job, target, job_id=job_id(job)).export(point_id, "raw", work / "export")
     try:
         return all(same_content(path, ref) for _, path in files)
     finally:
