@@ -287,28 +287,39 @@ class AwsSourceConnector:
         return any(tags_of(s).get(TAG_JOB) == self.job and role_of(tags_of(s)) == ROLE_SOURCE for s in found)
 
     def forget(self) -> None:
-        """This side's snapshots go (the ledger's). Others tagged as this job's source side (a ledger
-        lost with its machine) are named in the log, never deleted by their tags."""
-        self._delete(self.recorded())
+        """This side's snapshots go (the ledger's); one an image uses stays, and is named in a one-line
+        error. Others tagged as this job's source side (a ledger lost with its machine) are named in
+        the log, never deleted by their tags."""
+        stays = self._delete(self.recorded())
         filters = [
             {"Name": f"tag:{TAG_JOB}", "Values": [self.job]},
             {"Name": f"tag:{TAG_ROLE}", "Values": [ROLE_SOURCE]},
         ]
         with aws_call(self.aws, f"ec2 DescribeSnapshots of job {self.job}"):
             left = self.ec2.describe_snapshots(OwnerIds=["self"], Filters=filters)["Snapshots"]
-        if left:
+        unrecorded = sorted(s["SnapshotId"] for s in left if s["SnapshotId"] not in stays)
+        if unrecorded:
             log.warning(
                 "job %s: snapshots tagged as its source side but not in its ledger stay: %s",
                 self.job,
-                ", ".join(sorted(s["SnapshotId"] for s in left)),
+                ", ".join(unrecorded),
             )
+        if stays:
+            what = "; ".join(f"{sid} ({why})" for sid, why in sorted(stays.items()))
+            raise SendenseError(f"source {self.aws.where()}: snapshots of job {self.job} stay: {what}")
 
-    def _delete(self, snapshot_ids: list[str]) -> None:
-        """Delete snapshots this side made; the ledger keeps those that stay (an image uses them)."""
-        stays = {sid for sid in snapshot_ids if delete_snapshot(self.aws, self.ec2, sid) is not None}
-        gone = set(snapshot_ids) - stays
+    def _delete(self, snapshot_ids: list[str]) -> dict[str, str]:
+        """Delete snapshots this side made; those that stay (an image uses them) stay in the ledger,
+        and are returned with why."""
+        stays: dict[str, str] = {}
+        for sid in snapshot_ids:
+            why = delete_snapshot(self.aws, self.ec2, sid)
+            if why is not None:
+                stays[sid] = why
+        gone = set(snapshot_ids) - set(stays)
         if gone:
             self._record(set(self.recorded()) - gone)
+        return stays
 
 
 def delete_snapshot(aws: Aws, ec2: Any, snapshot_id: str) -> str | None:

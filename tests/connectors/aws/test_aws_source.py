@@ -12,7 +12,7 @@ from connectors.aws.blocks import BLOCK
 from connectors.aws.client import AccessDenied
 from connectors.aws.source import AwsSourceConnector, disk_key
 from sendense.datapath.extents import Extent, coalesce
-from sendense.errors import ResourceNotFound, ResourceUnavailable
+from sendense.errors import ResourceNotFound, ResourceUnavailable, SendenseError
 from sendense.models import AwsSource
 
 GIB = 1 << 30
@@ -230,3 +230,28 @@ def test_a_missing_permission_fails_at_once_naming_the_call(backend: Backend, jo
     msg = ei.value.message
     assert msg.startswith("ec2 CreateSnapshots ") and "lacks a permission (UnauthorizedOperation" in msg
     assert not ei.value.retryable and "\n" not in msg
+
+
+def test_forget_names_a_snapshot_an_image_uses(backend: Backend, job: str) -> None:
+    """The job's source snapshots go, except one an image was registered from: named in one line."""
+    backend.need_lab()
+    src = source(backend, job)
+    s1 = src.create_snapshot("s1", {})
+    root = s1.disks[0].change_id
+    ec2 = backend.ec2()
+    image = ec2.register_image(
+        Name=f"from-{job}",
+        RootDeviceName="/dev/xvda",
+        BlockDeviceMappings=[{"DeviceName": "/dev/xvda", "Ebs": {"SnapshotId": root}}],
+    )["ImageId"]
+    try:
+        with pytest.raises(SendenseError) as ei:
+            src.forget()
+        assert ei.value.message == (
+            f"source {src.aws.where()}: snapshots of job {job} stay: {root} (in use by image {image})"
+        )
+        assert [s["SnapshotId"] for s in backend.tagged(job)] == [root] and src.recorded() == [root]
+    finally:
+        ec2.deregister_image(ImageId=image)
+    src.forget()
+    assert backend.tagged(job) == [] and src.recorded() == []
