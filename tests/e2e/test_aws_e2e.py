@@ -164,3 +164,44 @@ def test_aws_to_kvm_full_then_incremental_bit_exact(aws_stack: tuple[Cli, dict],
         OwnerIds=["self"], Filters=[{"Name": "tag:sendense:job", "Values": ["e2e-aws-kvm"]}]
     )["Snapshots"]
     assert left == []
+
+
+def test_aws_to_aws_in_one_region_keeps_every_point(aws_stack: tuple[Cli, dict], tmp_path: Path) -> None:  # type: ignore[type-arg]
+    """Issue 9 item 1 as the user ran it: source and target on the same lab region. The second sync is
+    an incremental of the one block written, and both points stay; the source keeps its newest
+    snapshots only."""
+    cli, lab = aws_stack
+    inst = cli.json("lab", "instance", "e2e-a2a", "--disk-gib", "1")
+    vol = inst["volumes"][0]["volume_id"]
+    cli.run("lab", "write", vol, "0", "--pattern", "17", "--length", str(3 * MiB))
+    place = {"platform": "aws", "region": lab["region"], "endpoint_url": lab["endpoint_url"]}
+    spec = {
+        "name": "e2e-a2a",
+        "source": {**place, "instance_id": inst["instance_id"]},
+        "target": place,
+        "schedule": {"interval": "1h"},
+    }
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    cli.json("job", "create", "-f", str(tmp_path / "job.yaml"))
+    st = cli.wait_point("e2e-a2a", 1)
+    assert st["last_sync"]["kind"] == "full" and st["last_sync"]["bytes_written"] == 3 * MiB
+    cli.run("lab", "write", vol, str(5 * MiB), "--pattern", "34", "--length", str(BLOCK))
+    r = cli.json("job", "sync-now", "e2e-a2a", "--wait")
+    assert r["kind"] == "incremental" and r["bytes_read"] == BLOCK and r["bytes_written"] == BLOCK
+    points = cli.json("point", "list", "e2e-a2a")
+    assert [p["point_id"] for p in points] == [r["point_id"], st["last_point"]]
+    snaps = ec2(lab).describe_snapshots(  # type: ignore[attr-defined]
+        OwnerIds=["self"], Filters=[{"Name": "tag:sendense:job", "Values": ["e2e-a2a"]}]
+    )["Snapshots"]
+    roles = sorted(next(t["Value"] for t in s["Tags"] if t["Key"] == "sendense:role") for s in snaps)
+    assert roles == ["source", "target", "target"]
+    files = export_raw(cli, "e2e-a2a", r["point_id"], tmp_path / "x")
+    with open(files["xvda"], "rb") as f:
+        assert f.read(3 * MiB) == b"\x11" * (3 * MiB)
+        f.seek(5 * MiB)
+        assert f.read(BLOCK) == b"\x22" * BLOCK
+    cli.json("job", "delete", "e2e-a2a", "--purge")
+    left = ec2(lab).describe_snapshots(  # type: ignore[attr-defined]
+        OwnerIds=["self"], Filters=[{"Name": "tag:sendense:job", "Values": ["e2e-a2a"]}]
+    )["Snapshots"]
+    assert left == []
