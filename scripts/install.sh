@@ -17,6 +17,7 @@ APT_PACKAGES=(
   libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients
   python3-venv python3-dev gcc
   util-linux  # setpriv: qemu-nbd dies with the worker (--pdeathsig); a test drops to nobody
+  busybox-static fdisk cpio kmod extlinux syslinux-common e2fsprogs  # the bootable guest (labs/guest)
 )
 
 # --- system packages ------------------------------------------------------------------------------
@@ -78,3 +79,11 @@ for bin in temporal temporal-test-server; do
   }
 done
 say "ok: $("$VENV/bin/temporal" --version 2>/dev/null | head -n1)"
+
+# --- the bootable guest ---------------------------------------------------------------------------
+# a small real Linux disk (Debian's cloud kernel, busybox, extlinux) for demos, drills and boot checks;
+# built once into ~/.cache/sendense/guest (SENDENSE_GUEST_CACHE), later runs find it cached
+if ! guest="$("$VENV/bin/python" -m labs.guest build 2>&1)"; then
+  die "the bootable guest could not be built: ${guest##*$'\n'}"
+fi
+say "bootable guest: $guest"
