@@ -86,8 +86,11 @@ class GuestVm:
     """One QEMU VM on a disk image (qcow2), serial console to `work/console.log`. The process dies
     with its parent (setpriv --pdeathsig) and with `stop()`."""
 
-    def __init__(self, disk: Path, work: Path, *, mode: str = "boot", memory_mib: int = 256) -> None:
+    def __init__(
+        self, disk: Path, work: Path, *, mode: str = "boot", memory_mib: int = 256, qmp: Path | None = None
+    ) -> None:
         self.disk, self.work, self.mode, self.memory_mib = disk, work, mode, memory_mib
+        self.qmp = qmp  # a QMP socket for a source to replicate the running VM through
         self.console = work / "console.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.started = 0.0
@@ -103,6 +106,8 @@ class GuestVm:
             "-drive", f"file={self.disk},if=virtio,format=qcow2,cache=unsafe",
             "-fw_cfg", f"name=opt/sendense/mode,string={self.mode}",
         ]  # fmt: skip
+        if self.qmp is not None:
+            cmd += ["-qmp", f"unix:{self.qmp},server=on,wait=off"]
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
