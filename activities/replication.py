@@ -98,6 +98,9 @@ def prepare_target(req: PrepareRequest) -> None:
 
 def _release(req: ReleaseRequest) -> None:
     source_for(req.spec, work_dir(req.spec.name)).release_snapshot(req.snapshot, req.committed)
+    # no copy of a released snapshot resumes: the resume tokens a failed sync's copies left are dead
+    for dead in (work_dir(req.spec.name) / "tokens").glob(f"{req.snapshot.snapshot_id}-*.json"):
+        dead.unlink(missing_ok=True)
 
 
 @activity.defn(name="begin_sync")

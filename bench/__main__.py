@@ -3,6 +3,7 @@
 Runs the measures on one embedded stack (real Temporal dev server, real worker) in a temporary
 SENDENSE_HOME on free ports, prints a table of figures and goals, and writes everything as JSON.
 `--quick` is a smoke run (tiny disks, one run, 5 and 10 jobs) for CI; no speed figure ever fails it.
+`--soak [--seed N] [--steps N] [--target kvm|aws|all]` runs the scenario runner instead (bench/soak.py).
 Exit status: 0, or 1 if a measure failed or replicated data that is not bit-exact.
 """
 
@@ -43,7 +44,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--runs", type=int, help="runs per full sync comparison (default 3; quick 1)")
     p.add_argument("--jobs", help="control plane job counts, comma-separated (default 50,100; quick 5,10)")
     p.add_argument("--only", help=f"comma-separated subset of: {','.join(MEASURES)}")
-    p.add_argument("--out", default="bench/results/latest.json", help="JSON output file")
+    p.add_argument("--out", help="JSON output file (default bench/results/latest.json; soak: soak.json)")
+    p.add_argument("--soak", action="store_true", help="long scenario runner run (tests/scenarios)")
+    p.add_argument("--seed", type=int, default=None, help="soak: first seed (default: from the clock)")
+    p.add_argument("--steps", type=int, default=2000, help="soak: step budget over all targets")
+    p.add_argument("--target", default="kvm", choices=["kvm", "aws", "all"], help="soak: target(s)")
     return p.parse_args(argv)
 
 
@@ -73,6 +78,12 @@ async def run_all(bench: Bench, names: list[str], console: Console) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.soak:
+        from bench.soak import soak
+
+        targets = ["kvm", "aws"] if args.target == "all" else [args.target]
+        seed = args.seed if args.seed is not None else int(time.time()) % 100000
+        return soak(seed, args.steps, targets, Path(args.out or "bench/results/soak.json"))
     console = Console(stderr=True)
     out_console = Console()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -109,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     report.update(results)
     report["goals"] = evaluate(results)
     report["wall_seconds"] = round(time.monotonic() - t0, 1)
-    out = Path(args.out)
+    out = Path(args.out or "bench/results/latest.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, default=str) + "\n")
     title = f"Sendense benchmark ({'quick' if opts.quick else 'full'}, {report['wall_seconds']} s)"

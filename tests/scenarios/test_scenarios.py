@@ -1,0 +1,44 @@
+"""The scenario runner over each target: a bounded, derandomized run in the default tier (fixed
+examples, so CI is reproducible), a larger random one in the slow tier. The soak
+(`python -m bench --soak`) runs the same machine for as long as asked."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis.stateful import run_state_machine_as_test
+from scenarios.machine import Counters, make_machine, without_open_defects
+
+from labs.aws import AwsLab
+
+BOUNDED = settings(
+    max_examples=4,
+    stateful_step_count=25,
+    derandomize=True,  # the same scenarios every run
+    deadline=None,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+    print_blob=True,
+)
+SLOW = settings(BOUNDED, max_examples=12, stateful_step_count=40, derandomize=False)
+
+
+def _run(target: tuple[str, AwsLab | None], how: settings, excluded: frozenset[str]) -> None:
+    kind, lab = target
+    before, t0 = (Counters.scenarios, Counters.steps), time.monotonic()
+    run_state_machine_as_test(make_machine(kind, lab, excluded), settings=how)
+    print(
+        f"scenarios[{kind}]: {Counters.scenarios - before[0]} scenarios, {Counters.steps - before[1]} steps "
+        f"in {time.monotonic() - t0:.1f} s"
+    )
+
+
+def test_bounded_scenarios(target: tuple[str, AwsLab | None]) -> None:
+    _run(target, BOUNDED, without_open_defects())
+
+
+@pytest.mark.slow
+def test_random_scenarios(target: tuple[str, AwsLab | None]) -> None:
+    _run(target, SLOW, frozenset())
