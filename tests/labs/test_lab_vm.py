@@ -81,6 +81,31 @@ def test_start_write_stop_matches_the_shadow_and_leaves_nothing(make_vm: Callabl
         assert same_content(vm.disk_path(i), vm.shadow_path(i))
 
 
+def test_raw_disks_drives_and_swapped_disks_follow_their_shadows(make_vm: Callable[..., LabVm]) -> None:
+    """`formats` (raw), `drive=True` (-drive if=virtio, automatic node names) and `swap` as the QMP
+    source tests use them: the images hold what the shadows say, whichever device wrote them."""
+    vm = make_vm([8 * MiB, 8 * MiB], shadow=True, formats=["raw", "qcow2"], drive=True)
+    with QmpClient(vm.qmp_path) as c:
+        blocks = c.execute("query-block")
+    assert [b["device"] for b in blocks] == ["virtio0", "virtio1"]
+    assert [b["inserted"]["drv"] for b in blocks] == ["raw", "qcow2"]
+    assert all(b["inserted"]["node-name"].startswith("#") for b in blocks)
+    assert vm.disk_path(0).suffix == ".img"
+    vm.write(0, 1 * MiB, 0x11, 64 * KiB)
+    vm.write(1, 2 * MiB, 0x22, 64 * KiB)
+    with pytest.raises(SendenseError, match="stop it"):
+        vm.swap(0, 1)
+    vm.stop()
+    vm.swap(0, 1)
+    vm.start()
+    assert vm.image_of(0) == vm.disk_path(1)
+    vm.write(0, 3 * MiB, 0x33, 64 * KiB)  # device 0 now writes image 1
+    vm.stop()
+    assert vm.shadow_path(1).read_bytes()[3 * MiB : 3 * MiB + 4] == b"\x33" * 4
+    for i in range(2):
+        assert same_content(vm.disk_path(i), vm.shadow_path(i))
+
+
 def test_writes_are_checked(make_vm: Callable[..., LabVm]) -> None:
     vm = make_vm([32 * MiB])
     with pytest.raises(ValueError, match="beyond the end of disk0"):
