@@ -444,6 +444,7 @@ class PointInfo(Wire):
     kind: SyncKind
     disks: list[PointDisk]
     stats: CopyStats = Field(default_factory=CopyStats)
+    holds: list[str] = Field(default_factory=list, description="who pins it (drills, failovers): kept")
 
 
 class SyncResult(Wire):

@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
+from connectors.kvm.holds import Holds
 from connectors.kvm.jobdir import JOB_ENTRIES, MARKER, check_place, claim
 from connectors.kvm.qemu import fsync_dir, qcow2_backing_name, qemu_img, qemu_nbd, read_qcow2_header, tool
 from sendense.datapath.nbd import NbdConnection
@@ -86,6 +87,7 @@ class KvmTarget:
         self.dir = self.root / job
         self.points_dir = self.dir / "points"
         self.disks_dir = self.dir / "disks"
+        self.holds = Holds(self.dir / "holds")
 
     # ------------------------------------------------------------------ helpers
 
@@ -259,7 +261,19 @@ class KvmTarget:
     # ------------------------------------------------------------------ points
 
     def list_points(self) -> list[PointInfo]:
-        return list(reversed(self._manifests()))
+        held = self.holds.all()
+        return [p.model_copy(update={"holds": held.get(p.point_id, [])}) for p in reversed(self._manifests())]
+
+    def hold(self, point_id: str, hold_id: str, reason: str) -> None:
+        """Pin a point (a drill's or a failover's VM runs on it): prune leaves it and its files alone."""
+        with self._locked():
+            self.get_point(point_id)
+            self.holds.add(point_id, hold_id, reason)
+
+    def release(self, point_id: str, hold_id: str) -> None:
+        """Unpin; the next prune applies retention to the point again. A hold that is gone is no error."""
+        with self._locked():
+            self.holds.remove(point_id, hold_id)
 
     def get_point(self, point_id: str | None) -> PointInfo:
         pts = self.list_points()
@@ -311,6 +325,10 @@ class KvmTarget:
         return removed
 
     def _prune_one(self, point: PointInfo, successor: PointInfo) -> bool:
+        held = self.holds.of(point.point_id) or self.holds.of(successor.point_id)
+        if held:  # merging would rewrite the held point's file, or the file its successor is merged into
+            log.info("job %s: point %s kept: held (%s)", self.job, point.point_id, ", ".join(held))
+            return False
         merges = []
         for d in point.disks:
             base, child = self._point_file(point.point_id, d.key), self._point_file(successor.point_id, d.key)
@@ -383,10 +401,14 @@ class KvmTarget:
         except InvalidSpec as e:
             raise TargetError(f"purge of job {self.job}: nothing deleted: {e.message}") from None
         with self._locked():
+            held = self.holds.all()
+            if held:
+                names = ", ".join(f"{p} ({', '.join(h)})" for p, h in sorted(held.items()))
+                raise TargetError(f"purge of job {self.job}: nothing deleted: points are held: {names}")
             for f in self.points_dir.glob("*.json*") if self.points_dir.is_dir() else []:
                 f.unlink()
             shutil.rmtree(self.disks_dir, ignore_errors=True)
-            for name in ("points", "disks"):
+            for name in ("points", "disks", "holds"):
                 try:
                     (self.dir / name).rmdir()
                 except FileNotFoundError:

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers_kvm import MiB, run, virtual_size
+from helpers_kvm import MiB, file_digest, run, virtual_size
 from test_kvm_target import JOB, SIZE, Model, pattern
 
 from connectors.kvm.jobdir import MARKER
@@ -319,3 +319,35 @@ def test_disk_keys_that_differ_only_in_unsafe_characters_get_replicas_of_their_o
     assert len({p for _, p in exported}) == 4
     for key, path in exported:
         assert path.read_bytes() == m.expected["p1"][key]
+
+
+# -------------------------------------------------------------------------------------- holds
+
+
+def test_a_held_point_survives_any_retention_and_its_files_never_change(m: Model) -> None:
+    """A drill's VM runs on p2: prune(1) keeps p2 and p1 (p2's backing: merging p1 would rewrite p2's
+    file) but prunes p3 into p4; purge is refused while held; once released, retention applies."""
+    for n in range(1, 5):
+        m.sync(f"p{n}", {"disk0": [(n * MiB, pattern(n, MiB))]})
+    m.tgt.hold("p2", "drill-1", "drill")
+    m.tgt.hold("p2", "drill-1", "drill")  # a retried saga step: one hold
+    p2 = m.tgt.point_path("p2", "disk0")
+    before = (p2.stat().st_ino, file_digest(p2))
+    assert m.tgt.prune(1) == ["p3"]
+    assert m.point_ids() == ["p4", "p2", "p1"]
+    assert [p.holds for p in m.tgt.list_points()] == [[], ["drill-1"], []]
+    assert (p2.stat().st_ino, file_digest(p2)) == before
+    for p in ("p1", "p2", "p4"):
+        m.assert_point(p)
+    with pytest.raises(TargetError, match=r"nothing deleted: points are held: p2 \(drill-1\)"):
+        m.tgt.destroy()
+    m.tgt.release("p2", "drill-1")
+    m.tgt.release("p2", "drill-1")  # idempotent
+    assert m.tgt.prune(1) == ["p1", "p2"]
+    m.assert_point("p4")
+    with pytest.raises(ResourceNotFound):
+        m.tgt.hold("p1", "drill-2", "drill")
+    with pytest.raises(InvalidSpec):
+        m.tgt.hold("p4", "../x", "drill")
+    m.tgt.destroy()
+    assert not m.tgt.dir.exists()
