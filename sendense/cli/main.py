@@ -309,6 +309,9 @@ def status_rows(st: JobView) -> list[tuple[str, str]]:
     for step in st.steps:
         of = f"/{step.maximum_attempts}" if step.maximum_attempts else ""
         text = f"{step.activity}, attempt {step.attempt}{of}"
+        if step.state == "scheduled":  # no worker has it: a retry's backoff, or no worker on its queue
+            due = step.next_attempt_at
+            text += f" (next try {due.isoformat(timespec='seconds')})" if due else " (waiting for a worker)"
         if step.last_failure:
             text += f"; last error: {step.last_failure}"
         rows.append(("step", text))

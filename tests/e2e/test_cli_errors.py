@@ -3,7 +3,11 @@ in lines of plain text (never markup) and refuses in one line with a non-zero ex
 
 from __future__ import annotations
 
+import asyncio
+import re
+import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,6 +16,7 @@ import pytest
 import yaml
 from helpers_kvm import MiB, make_qcow2, qemu_io
 
+from sendense import stack
 from tests.e2e.conftest import Cli
 
 
@@ -187,3 +192,83 @@ def test_usage_and_spec_file_errors_are_one_line(e2e_stack: Cli, tmp_path: Path)
     assert one_line_error(cli.run("job", "create", "-f", str(dup), check=False)) == (
         f"{dup} line 2: key 'name' given twice"
     )
+
+
+def test_a_step_no_worker_takes_is_shown_waiting(e2e_stack: Cli, tmp_path: Path) -> None:
+    """A source host id that no agent serves (a typo): the job stays `starting`, and status says why."""
+    cli = e2e_stack
+    spec = tmp_path / "j.yaml"
+    disk = make_qcow2(tmp_path / "d.qcow2", 8 * MiB)
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "name": "e2e-nohost",
+                "source": {"platform": "kvm", "disks": [str(disk)], "host": "no-such-host"},
+                "target": {"platform": "kvm", "path": str(tmp_path / "rep")},
+            }
+        )
+    )
+    cli.run("job", "create", "-f", str(spec), "--no-wait")
+    try:
+        for _ in range(50):  # until the workflow's first task has scheduled the validation
+            st = cli.json("job", "status", "e2e-nohost")
+            if st["steps"]:
+                break
+            time.sleep(0.2)
+        assert st["state"] == "starting"
+        steps = [(s["activity"], s["attempt"], s["state"]) for s in st["steps"]]
+        assert steps == [("validate_job", 1, "scheduled")]
+        text = cli.run("job", "status", "e2e-nohost").stdout
+        assert "step: validate_job, attempt 1/5 (waiting for a worker)" in text
+    finally:  # (a delete would wait for the validation no agent will run)
+        asyncio.run(terminate("e2e-nohost"))
+
+
+async def terminate(job: str) -> None:
+    from sendense.cli.client import Jobs
+
+    await (await Jobs.connect()).handle(job).terminate("test cleanup")
+
+
+def test_a_retrying_copy_shows_its_attempt_and_last_error(e2e_stack: Cli, tmp_path: Path) -> None:
+    """Before: a sync retrying its copy showed only `syncing`. The copy's worker is killed; while the
+    next attempt runs, status (text and JSON) shows the attempt and why the previous one failed."""
+    from tests.e2e.helpers_temporal import copy_progress
+
+    cli = e2e_stack
+    disk = make_qcow2(tmp_path / "d.qcow2", 32 * MiB)
+    qemu_io(disk, "write -P 0x5a 0 24M")  # 12 s at 2 MiB/s: the retry runs long enough to be seen
+    spec = tmp_path / "j.yaml"
+    tuning = {"bandwidth_limit": 2 * MiB, "checkpoint_bytes": 4 * MiB, "heartbeat_timeout": "2s"}
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "name": "e2e-retry",
+                "source": {"platform": "kvm", "disks": [str(disk)]},
+                "target": {"platform": "kvm", "path": str(tmp_path / "rep")},
+                "schedule": {"interval": "1h"},
+                "tuning": {**tuning, "inline_copy_bytes": 0, "connections": 1},
+            }
+        )
+    )
+    cli.run("job", "create", "-f", str(spec))
+    deadline = time.monotonic() + 60
+    while not (copy_progress("e2e-retry") or {}).get("offset"):
+        assert time.monotonic() < deadline, "copy made no progress"
+        time.sleep(0.2)
+    stack.restart_worker(cli.state, signal.SIGKILL)
+    shown = re.compile(r"step: copy_disk, attempt (\d+)/20( \(.*\))?; last error: (.*)")
+    while True:
+        st = cli.json("job", "status", "e2e-retry")
+        steps = [s for s in st["steps"] if s["activity"] == "copy_disk" and s["attempt"] >= 2]
+        text = shown.search(cli.run("job", "status", "e2e-retry").stdout)
+        if steps and text:
+            break
+        assert time.monotonic() < deadline + 60 and st["syncs"] == 0, f"no retry seen: {st}"
+        time.sleep(0.1)
+    assert steps[0]["maximum_attempts"] == 20
+    assert "heartbeat" in (steps[0]["last_failure"] or "").lower(), steps
+    assert int(text.group(1)) >= 2 and "heartbeat" in text.group(3).lower(), text.group(0)
+    st = cli.wait_point("e2e-retry", 1, timeout=120)
+    assert st["steps"] == [] and st["failures"] == 0
+    cli.run("job", "delete", "e2e-retry", "--purge")

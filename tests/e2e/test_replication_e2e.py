@@ -162,19 +162,6 @@ def test_worker_killed_mid_copy_resumes_bit_exact(e2e_stack: Cli, tmp_path: Path
         assert time.monotonic() < deadline, "copy made no progress"
         time.sleep(0.2)
     stack.restart_worker(cli.state, signal.SIGKILL)
-    # job status shows the copy's retry, and why the last attempt failed (before: only `syncing`)
-    deadline = time.monotonic() + 60
-    while True:
-        st = cli.json("job", "status", "e2e-kill")
-        steps = [s for s in st["steps"] if s["activity"] == "copy_disk"]
-        if steps and steps[0]["attempt"] >= 2:
-            break
-        assert time.monotonic() < deadline and st["syncs"] == 0, f"no retry seen: {st}"
-        time.sleep(0.2)
-    assert steps[0]["maximum_attempts"] == 20
-    assert "heartbeat" in (steps[0]["last_failure"] or "").lower(), steps
-    text = cli.run("job", "status", "e2e-kill").stdout
-    assert f"step: copy_disk, attempt {steps[0]['attempt']}/20; last error: " in text, text
     st = cli.wait_point("e2e-kill", 1, timeout=180)
     assert st["last_sync"]["kind"] == "full" and st["failures"] == 0
     results = copy_results("e2e-kill")
