@@ -95,6 +95,20 @@ Heartbeat = Annotated[Duration, _bounded("heartbeat_timeout", HEARTBEAT_MIN, HEA
 JOB_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}\Z")
 
 
+# A host id names the task queue of that host's agent (host-<id>): a typo or a stray newline would be
+# a queue no agent serves, and the job would wait there for ever.
+_HOST_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}\Z")
+
+
+def _check_host(v: str) -> str:
+    if not _HOST_ID.match(v):
+        raise ValueError(f"{v!r} is not a host id (1-63 chars of A-Z a-z 0-9 . _ -, as the agent's)")
+    return v
+
+
+HostId = Annotated[str, AfterValidator(_check_host)]
+
+
 class Strict(BaseModel):
     """Spec models reject unknown fields, so a typo is an error and not a silent default."""
 
@@ -122,7 +136,9 @@ class KvmSource(Strict):
     disks: list[Path] | None = Field(default=None, description="stopped VM: its qcow2 disk images")
     qmp: Path | None = Field(default=None, description="running VM: its QMP unix socket")
     libvirt: LibvirtDomain | None = Field(default=None, description="running VM managed by libvirt")
-    host: str | None = Field(default=None, description="host id whose agent reads the disks (default: local)")
+    host: HostId | None = Field(
+        default=None, description="host id whose agent reads the disks (default: local)"
+    )
 
     @model_validator(mode="after")
     def _one_form(self) -> KvmSource:
@@ -145,10 +161,10 @@ class KvmTarget(Strict):
 
     platform: Literal["kvm"]
     path: Path = Field(description="directory that holds the replicas and recovery points")
-    host: str | None = Field(default=None, description="host id whose agent writes the replicas")
+    host: HostId | None = Field(default=None, description="host id whose agent writes the replicas")
 
 
-_AWS_REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d+$")
+_AWS_REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d+\Z")  # \Z: $ admits a trailing newline
 _SECRET_WORDS = ("secret", "access_key", "accesskey", "password", "credentials", "session_token", "token")
 
 
@@ -181,7 +197,9 @@ class _AwsPlace(Strict):
 
     region: str = Field(description="the region, e.g. eu-west-1")
     endpoint_url: str | None = Field(default=None, description="EC2 and EBS endpoint (e.g. the lab's)")
-    host: str | None = Field(default=None, description="host id whose agent calls AWS (with its credentials)")
+    host: HostId | None = Field(
+        default=None, description="host id whose agent calls AWS (with its credentials)"
+    )
 
     _credentials = model_validator(mode="before")(_no_credentials)
     _region = field_validator("region")(_check_region)
@@ -210,7 +228,7 @@ class AwsInstanceSettings(Strict):
     @classmethod
     def _groups(cls, v: list[str]) -> list[str]:
         for g in v:
-            if not re.match(r"^sg-[0-9a-f]{8,17}$", g):
+            if not re.match(r"^sg-[0-9a-f]{8,17}\Z", g):
                 raise ValueError(f"{g!r} is not a security group id (sg-...)")
         return v
 

@@ -352,6 +352,10 @@ def test_aws_forms_parse() -> None:
 
 
 def aws_error(text: str, **changes: Any) -> str:
+    return spec_error(aws_data(text, **changes))
+
+
+def aws_data(text: str, **changes: Any) -> Any:
     import yaml
 
     data = yaml.safe_load(text)
@@ -364,7 +368,7 @@ def aws_error(text: str, **changes: Any) -> str:
             del node[leaf]
         else:
             node[leaf] = value
-    return spec_error(data)
+    return data
 
 
 @pytest.mark.parametrize(
@@ -521,3 +525,26 @@ def test_the_same_image_through_dotdot_or_a_symlink_is_caught(tmp_path: Path) ->
         assert load_error(path) == (
             f"{path}: source: disks lists the same image twice ({tmp_path / 'img' / 'vm.qcow2'} and {other})"
         )
+
+
+@pytest.mark.parametrize("host", ["kvm 1", "kvm-1\n", "", "-x", "a" * 64, "host/1"])
+def test_a_host_id_no_agent_could_serve_is_refused(host: str) -> None:
+    """The host id names the agent's task queue: before, `host: "kvm 1"` was accepted and the job's
+    steps waited on a queue no agent serves."""
+    for side, data in (
+        ("source", with_(source__host=host)),
+        ("target", with_(target__host=host)),
+        ("source", aws_data(AWS_TO_KVM, source__host=host)),
+    ):
+        assert spec_error(data).startswith(f"job.yaml: {side}.host: {host!r} is not a host id"), side
+
+
+@pytest.mark.parametrize("host", ["dr-host-1", "3f2a9c1b77d0", "kvm-1.example.com", "A_1"])
+def test_host_ids_are_accepted(host: str) -> None:
+    assert parse_spec(with_(source__host=host, target__host=host)).source.host == host
+
+
+def test_an_aws_region_or_group_with_a_trailing_newline_is_refused() -> None:
+    assert aws_error(AWS_TO_KVM, source__region="eu-west-1\n").startswith("job.yaml: source.region: ")
+    bad = aws_error(KVM_TO_AWS, target__instance__security_group_ids=["sg-0123456789abcdef0\n"])
+    assert bad.startswith("job.yaml: target.instance.security_group_ids: ")
