@@ -3,7 +3,9 @@ through the EBS direct APIs.
 
 - A sync takes crash-consistent snapshots of all the instance's volumes at one instant
   (`CreateSnapshots` for the instance), tagged with the job and the sync, and waits until they are
-  completed. A retried snapshot step finds the sync's snapshots by their tags instead of taking more.
+  completed. A retried snapshot step finds the sync's snapshots by their tags instead of taking more
+  (an EBS snapshot is an instant whatever became of the attempt that took it; hours of a first
+  snapshot are not lost), unless one of them failed or the volumes changed: then it takes new ones.
 - A disk's change id is its snapshot id. The next sync lists the blocks that changed between the two
   snapshots (`ListChangedBlocks`); the first lists every block of its snapshot (`ListSnapshotBlocks`);
   blocks never written read as zero and are not sent.
