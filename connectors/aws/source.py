@@ -53,8 +53,11 @@ def disk_key(device: str) -> str:
     return device.removeprefix("/dev/").replace("/", "-")
 
 
-def wait_completed(aws: Aws, ec2: Any, snapshot_ids: list[str], what: str, timeout: float) -> None:
-    """Poll DescribeSnapshots until every snapshot is completed (backing off to 5 s)."""
+def wait_completed(
+    aws: Aws, ec2: Any, snapshot_ids: list[str], what: str, timeout: float, retry_failed: bool = False
+) -> None:
+    """Poll DescribeSnapshots until every snapshot is completed (backing off to 5 s). A failed one is
+    an error, retryable when a retry takes new snapshots (`retry_failed`)."""
     deadline, delay = time.monotonic() + timeout, 0.1
     pending = list(snapshot_ids)
     while pending:
@@ -62,7 +65,10 @@ def wait_completed(aws: Aws, ec2: Any, snapshot_ids: list[str], what: str, timeo
             snaps = ec2.describe_snapshots(SnapshotIds=pending)["Snapshots"]
         for s in snaps:
             if s["State"] == "error":
-                raise SendenseError(f"{what}: snapshot {s['SnapshotId']} failed: {s.get('StateMessage', '')}")
+                raise SendenseError(
+                    f"{what}: snapshot {s['SnapshotId']} failed: {s.get('StateMessage', '')}",
+                    retryable=retry_failed,
+                )
         pending = [s["SnapshotId"] for s in snaps if s["State"] != "completed"]
         if not pending:
             return
@@ -217,9 +223,8 @@ class AwsSourceConnector:
             self._delete([s["SnapshotId"] for s in found])
             by_volume = self._create(snapshot_id)
         what = f"snapshot {snapshot_id} of {self.spec.instance_id}"
-        wait_completed(
-            self.aws, self.ec2, [s["SnapshotId"] for s in by_volume.values()], what, self.snapshot_wait
-        )
+        ids = [s["SnapshotId"] for s in by_volume.values()]
+        wait_completed(self.aws, self.ec2, ids, what, self.snapshot_wait, retry_failed=True)
         created = min(_utc(s["StartTime"]) for s in by_volume.values())
         disks = []
         for key, device, vol in vols:

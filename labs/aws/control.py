@@ -5,10 +5,12 @@
     POST   /_lab/volumes/{volume_id}/write?offset=N     body: the bytes the guest writes (any offset/length)
     GET    /_lab/volumes/{volume_id}/read?offset=N&length=M   the bytes
     POST   /_lab/instances  {"name", "disks_gib": [8, 2]}  -> {"instance_id", "volumes": [{"device", ...}]}
+    POST   /_lab/snapshots/{snapshot_id}/fail  {"message"?}: a pending snapshot of a volume fails (error)
     POST   /_lab/faults     {"operation", "error", "count", "status"?, "after"?};  GET lists;  DELETE clears
     GET    /_lab/stats      {"PutSnapshotBlock": 12, ...};  DELETE resets
     POST   /_lab/clock      {"advance_seconds": N}: the lab clock moves (snapshot delays, timeouts, expiry)
-    POST   /_lab/settings   {"capture_pause_seconds": S}: each volume capture of CreateSnapshot(s) takes S
+    POST   /_lab/settings   {"capture_pause_seconds": S}: each volume capture of CreateSnapshot(s) takes S;
+                            {"snapshot_delay_seconds": D}: snapshots complete D seconds after they start
 
 Errors answer {"error": message} with 400 (bad request) or 404 (unknown volume or path).
 """
@@ -28,6 +30,7 @@ from labs.aws.state import LabState, LabStateError
 from labs.aws.wire import Response, json_response
 
 _VOLUME = re.compile(r"^/_lab/volumes/(?P<vid>[^/]+)(?P<op>/write|/read)?/?$")
+_FAIL = re.compile(r"^/_lab/snapshots/(?P<sid>[^/]+)/fail/?$")
 
 
 def _error(status: int, message: str) -> Response:
@@ -55,6 +58,11 @@ class Control:
             m = _VOLUME.match(path)
             if m:
                 return self._volume(method, m["vid"], m["op"] or "", query, read, length)
+            f = _FAIL.match(path)
+            if f and method == "POST":
+                message = str(_json(read, length).get("message") or "the AWS lab failed this snapshot")
+                self.state.fail_snapshot(f["sid"], message)
+                return json_response(200, {"snapshot_id": f["sid"], "state": "error"})
             if path == "/_lab/health":
                 return json_response(200, {"ok": True, "pid": os.getpid()})
             if path == "/_lab/instances" and method == "POST":
@@ -73,9 +81,18 @@ class Control:
                     self.faults.reset_stats()
                 return json_response(200, self.faults.stats())
             if path == "/_lab/settings" and method == "POST":
-                pause = float(_json(read, length).get("capture_pause_seconds", 0))
-                self.state.capture_pause = max(0.0, pause)
-                return json_response(200, {"capture_pause_seconds": self.state.capture_pause})
+                req = _json(read, length)
+                if "capture_pause_seconds" in req:
+                    self.state.capture_pause = max(0.0, float(req["capture_pause_seconds"]))
+                if "snapshot_delay_seconds" in req:
+                    self.state.delay = max(0.0, float(req["snapshot_delay_seconds"]))
+                return json_response(
+                    200,
+                    {
+                        "capture_pause_seconds": self.state.capture_pause,
+                        "snapshot_delay_seconds": self.state.delay,
+                    },
+                )
             if path == "/_lab/clock" and method == "POST":
                 offset = self.state.advance_clock(float(_json(read, length).get("advance_seconds", 0)))
                 return json_response(200, {"offset_seconds": offset, "now": self.state.now()})

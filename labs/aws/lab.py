@@ -263,6 +263,10 @@ class AwsLab:
             fault["status"] = status
         self._call("POST", "/_lab/faults", json.dumps(fault).encode())
 
+    def fail_snapshot(self, snapshot_id: str, message: str = "") -> None:
+        """A pending snapshot of a volume ends in the error state (with `message` as StateMessage)."""
+        self._call("POST", f"/_lab/snapshots/{snapshot_id}/fail", json.dumps({"message": message}).encode())
+
     def clear_faults(self) -> None:
         self._call("DELETE", "/_lab/faults")
 
@@ -276,6 +280,10 @@ class AwsLab:
         """Make each volume capture of CreateSnapshot(s) take `seconds` (0 = instant): widens the window
         between an instance's volumes, which CreateSnapshots must close (no write lands in between)."""
         self._call("POST", "/_lab/settings", json.dumps({"capture_pause_seconds": seconds}).encode())
+
+    def set_snapshot_delay(self, seconds: float) -> None:
+        """How long snapshots stay pending (from their start, or their CompleteSnapshot), from now on."""
+        self._call("POST", "/_lab/settings", json.dumps({"snapshot_delay_seconds": seconds}).encode())
 
     def advance_clock(self, seconds: float) -> None:
         """Move the lab's clock forward: snapshot delays, StartSnapshot timeouts, token expiry."""

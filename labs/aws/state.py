@@ -258,6 +258,14 @@ class LabState:
             self.snapshots[snapshot_id] = snap
             return snap
 
+    def fail_snapshot(self, snapshot_id: str, message: str) -> None:
+        """An EC2 snapshot that is still pending fails, as AWS sometimes fails one (state "error")."""
+        with self.lock:
+            snap = self.snapshot(snapshot_id)
+            if snap.direct or self.status(snap)[0] != "pending":
+                raise LabStateError(400, f"snapshot {snapshot_id} is not a pending snapshot of a volume")
+            snap.outcome, snap.outcome_message = "error", message
+
     def remove_snapshot(self, snapshot_id: str) -> None:
         with self.lock:
             if self.snapshots.pop(snapshot_id, None) is not None:
@@ -268,6 +276,8 @@ class LabState:
         now = self.now()
         with self.lock:
             if not snap.direct:
+                if snap.outcome == "error":  # failed by the lab's control API (EBS could not copy it)
+                    return "error", snap.outcome_message
                 return ("completed", None) if now >= snap.created + self.delay else ("pending", None)
             if snap.sealed_at is None:
                 if now >= snap.last_activity + snap.timeout:

@@ -24,12 +24,13 @@ from labs.aws import AwsLab, AwsLabError
 
 BLOCK = 524288
 REPO = Path(__file__).resolve().parents[2]
+DELAY = 0.15  # seconds a snapshot of the module's lab stays pending
 
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[AwsLab]:
     root = Path(tempfile.mkdtemp(prefix="awslab-"))
-    with AwsLab(root, snapshot_delay=0.15) as running:
+    with AwsLab(root, snapshot_delay=DELAY) as running:
         yield running
     shutil.rmtree(root, ignore_errors=True)
 
@@ -311,6 +312,26 @@ def test_volume_snapshot_is_the_volume_at_the_call(lab: AwsLab, ec2: Any, ebs: A
         lab.write(vol, (1 << 30) - 2, b"four")
     with pytest.raises(AwsLabError, match="404"):
         lab.write("vol-00000000000000000", 0, b"x")
+
+
+def test_a_pending_volume_snapshot_can_fail(lab: AwsLab, ec2: Any, ebs: Any) -> None:
+    """AWS sometimes fails a snapshot: state error, with a message; EBS answers it as not found."""
+    vol = lab.make_instance("fails", [1]).volumes[0][1]
+    lab.write(vol, 0, b"data")
+    lab.set_snapshot_delay(60)
+    try:
+        sid = ec2.create_snapshot(VolumeId=vol)["SnapshotId"]
+        lab.fail_snapshot(sid, "the lab failed it")
+    finally:
+        lab.set_snapshot_delay(DELAY)
+    snap = ec2.describe_snapshots(SnapshotIds=[sid])["Snapshots"][0]
+    assert (snap["State"], snap["StateMessage"]) == ("error", "the lab failed it")
+    with pytest.raises(ClientError) as err:
+        ebs.list_snapshot_blocks(SnapshotId=sid)
+    assert code(err)[:2] == ("ResourceNotFoundException", 404)
+    with pytest.raises(AwsLabError, match="not a pending snapshot"):
+        lab.fail_snapshot(sid)
+    ec2.delete_snapshot(SnapshotId=sid)
 
 
 def test_written_blocks_count_zero_writes(lab: AwsLab, ec2: Any, ebs: Any) -> None:

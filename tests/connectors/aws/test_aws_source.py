@@ -4,6 +4,9 @@ tracking loss is detected; errors are one line, typed, without secrets."""
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 from helpers_aws import Backend
 
@@ -255,3 +258,40 @@ def test_forget_names_a_snapshot_an_image_uses(backend: Backend, job: str) -> No
         ec2.deregister_image(ImageId=image)
     src.forget()
     assert backend.tagged(job) == [] and src.recorded() == []
+
+
+def test_a_retried_snapshot_step_retakes_a_failed_snapshot(backend: Backend, job: str) -> None:
+    """A snapshot of the sync fails (state error) while the step waits: the step fails retryable, and
+    its retry takes new snapshots (the failed one goes) instead of waiting on it again, every retry."""
+    lab = backend.need_lab()
+    src = source(backend, job)
+    errors: list[SendenseError] = []
+
+    def attempt() -> None:
+        try:
+            src.create_snapshot("s1", {})
+        except SendenseError as e:
+            errors.append(e)
+
+    lab.set_snapshot_delay(60)
+    try:
+        t = threading.Thread(target=attempt)
+        t.start()
+        deadline = time.monotonic() + 30
+        while len(backend.tagged(job)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        first = {s["VolumeId"]: s["SnapshotId"] for s in backend.tagged(job)}
+        failed = first[backend.volumes[1][1]]
+        lab.fail_snapshot(failed, "EBS could not take it")
+        t.join(30)
+    finally:
+        lab.set_snapshot_delay(0.2)
+    try:
+        (err,) = errors
+        assert err.retryable and f"snapshot {failed} failed: EBS could not take it" in err.message
+        snap = src.create_snapshot("s1", {})
+        taken = {d.change_id for d in snap.disks}
+        assert not taken & set(first.values())
+        assert {s["SnapshotId"] for s in backend.tagged(job)} == taken and src.recorded() == sorted(taken)
+    finally:
+        src.forget()
