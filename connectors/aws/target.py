@@ -31,6 +31,7 @@ from connectors.aws.blocks import linear_checksum
 from connectors.aws.client import AccessDenied, Aws, aws_call
 from connectors.aws.pending import AwsTargetDisk, PendingSnapshot, load_record
 from connectors.aws.points import committed_by_us, group_points, job_id_of, point_of, target_snapshots
+from connectors.aws.records import TargetRecords
 from connectors.aws.source import GIB, delete_snapshot, wait_completed
 from connectors.aws.tags import (
     ROLE_TARGET,
@@ -73,6 +74,7 @@ class AwsTargetConnector:
         self.job, self.spec = job, spec
         self.aws = Aws(spec.region, spec.endpoint_url)
         self.state = state_dir or config.home() / "aws-target" / job
+        self.records = TargetRecords(self.state)
         self._ec2: Any = None
 
     @property
@@ -138,51 +140,46 @@ class AwsTargetConnector:
         """This job's target snapshots: the target role and this job's identity."""
         return [s for s in target_snapshots(self._named(*filters)) if job_id_of(s) == self.job_id]
 
-    def _started_here(self, snap: dict[str, Any]) -> bool:
-        """Started by this side, and not deleted since (its record is there)."""
-        return self._record(snap["SnapshotId"]).exists()
-
     def _ours(self, snap: dict[str, Any]) -> bool:
         """Made by this side: started here (deleted since or not), or a committed point's."""
-        sid = snap["SnapshotId"]
-        return self._record(sid).exists() or self._tombstone(sid).exists() or committed_by_us(snap)
+        return self.records.known(snap["SnapshotId"]) or committed_by_us(snap)
 
     def _gone(self, snapshot_id: str) -> None:
         """Delete a snapshot this side made. Its record becomes a tombstone: EC2 may list a deleted
         snapshot that was still pending for a while (the deletion takes effect when it completes),
         and it is still this side's to delete again, never another's to complain about."""
         if self._delete(snapshot_id) is None:
-            rec = self._record(snapshot_id)
-            if rec.exists():
-                rec.replace(self._tombstone(snapshot_id))
+            self.records.deleted(snapshot_id)
 
     def _sync_snapshots(self, sync_id: str) -> dict[str, dict[str, Any]]:
         """disk key -> the snapshot this side started for the sync (failed or foreign ones ignored)."""
         out: dict[str, dict[str, Any]] = {}
         for s in self._snapshots((f"tag:{TAG_SYNC}", sync_id)):
-            ours = self._started_here(s) or committed_by_us(s)
+            ours = self.records.started_here(s["SnapshotId"]) or committed_by_us(s)
             if s["State"] != "error" and TAG_DISK in tags_of(s) and ours:
                 out[tags_of(s)[TAG_DISK]] = s
         return out
 
-    def _record(self, snapshot_id: str) -> Path:
-        return self.state / f"{snapshot_id}.blocks"
-
-    def _tombstone(self, snapshot_id: str) -> Path:
-        return self.state / f"{snapshot_id}.deleted"
+    def _settle_intents(self) -> None:
+        """StartSnapshot calls whose answer an earlier attempt never recorded (its worker died in
+        between): the same call with the same ClientToken answers the same snapshot (or starts one, if
+        the first never happened), which is then this side's to delete."""
+        for intent, kw in self.records.unanswered():
+            with aws_call(self.aws, f"ebs StartSnapshot (again) for {intent.stem}"):
+                sid = self.aws.client("ebs").start_snapshot(**kw)["SnapshotId"]
+            self.records.started(sid, intent)
+            self._gone(sid)
 
     # ------------------------------------------------------------------ sync lifecycle
 
     def prepare(self, sync_id: str, disks: list[DiskInfo]) -> None:
+        self._settle_intents()
         listed = self._snapshots()
         for s in listed:  # this sync's earlier attempts, abandoned syncs (and prunes): all go
             t = tags_of(s)
             if (TAG_COMMITTED not in t or TAG_PRUNING in t) and self._ours(s):
                 self._gone(s["SnapshotId"])
-        if self.state.is_dir():  # tombstones of snapshots EC2 no longer lists
-            for f in self.state.glob("*.deleted"):
-                if f.name.removesuffix(".deleted") not in {s["SnapshotId"] for s in listed}:
-                    f.unlink(missing_ok=True)
+        self.records.forget_tombstones({s["SnapshotId"] for s in listed})
         latest = self.list_points()[:1]
         parents = {d.key: d for d in latest[0].disks} if latest else {}
         ebs = self.aws.client("ebs")
@@ -211,6 +208,7 @@ class AwsTargetConnector:
             }
             if parent_id:
                 kw["ParentSnapshotId"] = parent_id
+            intent = self.records.starting(kw)
             try:
                 with aws_call(self.aws, f"ebs StartSnapshot for disk {d.key} of {self.job}"):
                     sid = ebs.start_snapshot(**kw)["SnapshotId"]
@@ -219,9 +217,9 @@ class AwsTargetConnector:
                     f"target {self.aws.where()}: cannot start the snapshot of disk {d.key}: {e.message}",
                     retryable=e.retryable,
                 ) from None
-            self._record(sid).touch()
+            self.records.started(sid, intent)
             if parent_id and parent is not None and parent.size != d.size:  # resized since the parent
-                pending = PendingSnapshot(self.aws, ebs, sid, parent_id, self._record(sid))
+                pending = PendingSnapshot(self.aws, ebs, sid, parent_id, self.records.blocks(sid))
                 try:
                     pending.clear_beyond(min(d.size, parent.size))
                     pending.sync()
@@ -231,14 +229,13 @@ class AwsTargetConnector:
     @contextmanager
     def open_disk(self, sync_id: str, key: str) -> Iterator[AwsTargetDisk]:
         snap = self._sync_snapshots(sync_id).get(key)
-        if snap is None or snap["State"] != "pending" or not self._started_here(snap):
+        if snap is None or snap["State"] != "pending" or not self.records.started_here(snap["SnapshotId"]):
             raise ResourceNotFound(
                 f"target: no pending snapshot of disk {key} for sync {sync_id} (not prepared)"
             )
         parent = tags_of(snap).get(TAG_PARENT) or None
-        pending = PendingSnapshot(
-            self.aws, self.aws.client("ebs"), snap["SnapshotId"], parent, self._record(snap["SnapshotId"])
-        )
+        sid = snap["SnapshotId"]
+        pending = PendingSnapshot(self.aws, self.aws.client("ebs"), sid, parent, self.records.blocks(sid))
         try:
             yield AwsTargetDisk(pending, int(snap["VolumeSize"]) * GIB)
         finally:
@@ -248,7 +245,7 @@ class AwsTargetConnector:
         for p in self.list_points():
             if p.point_id == point.point_id:
                 for d in p.disks:  # committed before (a retried commit)
-                    self._record(d.path).unlink(missing_ok=True)
+                    self.records.drop(d.path)
                 return p
         snaps = self._sync_snapshots(sync_id)
         missing = [d.key for d in point.disks if d.key not in snaps]
@@ -277,12 +274,12 @@ class AwsTargetConnector:
         with aws_call(self.aws, f"ec2 CreateTags {' '.join(sids)}"):  # all disks at once: the point
             self.ec2.create_tags(Resources=sids, Tags=as_list(shared))
         for sid in sids:
-            self._record(sid).unlink(missing_ok=True)
+            self.records.drop(sid)
         disks = [d.model_copy(update={"path": sid}) for d, sid in zip(point.disks, sids, strict=True)]
         return committed.model_copy(update={"disks": disks})
 
     def _complete(self, ebs: Any, snapshot_id: str, key: str) -> None:
-        written = load_record(self._record(snapshot_id))
+        written = load_record(self.records.blocks(snapshot_id))
         kw: dict[str, Any] = {"SnapshotId": snapshot_id, "ChangedBlocksCount": len(written)}
         if written:  # the aggregate checksum of the blocks written, in block order
             kw["Checksum"] = linear_checksum([written[i] for i in sorted(written)])
@@ -367,6 +364,7 @@ class AwsTargetConnector:
         """Every snapshot of this job's identity that the target made goes, and its local records; what
         cannot go (an image uses it; no local record shows the target started it) is named in one line."""
         stays: dict[str, str] = {}
+        self._settle_intents()
         for s in self._snapshots():
             sid = s["SnapshotId"]
             if not self._ours(s):
@@ -375,12 +373,7 @@ class AwsTargetConnector:
             why = self._delete(sid)
             if why is not None:
                 stays[sid] = why
-        if self.state.is_dir():
-            for f in [*self.state.glob("*.blocks"), *self.state.glob("*.deleted")]:
-                if f.name.split(".")[0] not in stays:
-                    f.unlink()
-            if not any(self.state.iterdir()):
-                self.state.rmdir()
+        self.records.clear(keep=set(stays))
         if stays:
             raise TargetError(
                 f"target {self.aws.where()}: {len(stays)} snapshot{'s' if len(stays) != 1 else ''} of job "

@@ -70,7 +70,7 @@ def test_a_retried_sync_starts_afresh_and_keeps_no_block_of_the_failed_attempt(
         tgt.prepare("p2", [DiskInfo(key="disk0", size=48 * MiB)])
         fresh = tgt._sync_snapshots("p2")["disk0"]["SnapshotId"]
         assert fresh != failed and failed not in {s["SnapshotId"] for s in backend.tagged(job)}
-        assert tgt._record(fresh).read_text() == ""  # a new record: nothing written yet
+        assert tgt.records.blocks(fresh).read_text() == ""  # a new record: nothing written yet
         with src.open_disk(again, "disk0") as sd, tgt.open_disk("p2", "disk0") as td:
             r = copy_disk(sd, td, again.disk("disk0"), fast_tuning(connections=1))
         assert r.kind == "incremental"
@@ -168,7 +168,7 @@ def test_a_commit_cut_between_its_tag_calls_is_no_point_and_abort_removes_it(
         tgt._complete(tgt.aws.client("ebs"), half, "disk0")
         tags = {TAG_POINT: "p3", TAG_DISKS: "2", TAG_COMMITTED: "2026-01-01T00:00:00+00:00"}
         backend.ec2().create_tags(Resources=[half], Tags=[{"Key": k, "Value": v} for k, v in tags.items()])
-        tgt._record(half).unlink()  # that version dropped a disk's record once it was tagged
+        tgt.records.blocks(half).unlink()  # that version dropped a disk's record once it was tagged
         assert [p.point_id for p in tgt.list_points()] == ["p1"]
         tgt.abort("p3")
         src.release_snapshot(snap, committed=False)
@@ -288,7 +288,7 @@ def test_a_deleted_pending_snapshot_ec2_still_lists_is_still_the_targets(
     tgt = target(backend, job, state_dir)
     tgt.prepare("p1", [DiskInfo(key="disk0", size=4 * MiB)])
     sid = tgt._sync_snapshots("p1")["disk0"]["SnapshotId"]
-    tgt._record(sid).replace(tgt._tombstone(sid))  # as after a deletion EC2 has not applied yet
+    tgt.records.deleted(sid)  # as after a deletion EC2 has not applied yet
     with pytest.raises(ResourceNotFound):
         with tgt.open_disk("p1", "disk0"):
             pass
@@ -296,7 +296,7 @@ def test_a_deleted_pending_snapshot_ec2_still_lists_is_still_the_targets(
     assert sid not in {s["SnapshotId"] for s in backend.tagged(job)}
     tgt.abort("p1")
     tgt.prepare("p2", [DiskInfo(key="disk0", size=4 * MiB)])  # EC2 lists it no more: the tombstone goes
-    assert not tgt._tombstone(sid).exists()
+    assert not tgt.records.tombstone(sid).exists()
     tgt.destroy()
     assert backend.tagged(job) == [] and not state_dir.exists()
 
@@ -356,3 +356,26 @@ def test_a_prune_cut_between_its_deletes_leaves_no_half_point(
         assert {s["SnapshotId"] for s in backend.tagged(job)} == {d.path for d in s2.point.disks}
     finally:
         tgt.destroy()
+
+
+def test_a_worker_dying_right_after_start_snapshot_leaves_no_orphan(
+    backend: Backend, job: str, state_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The StartSnapshot was answered but the worker died before recording the snapshot: the next
+    prepare (or destroy) asks again with the same ClientToken, gets that snapshot, and deletes it."""
+    tgt = target(backend, job, state_dir)
+
+    def dies(sid: str, intent: Path) -> None:
+        raise KeyboardInterrupt  # the process is gone before the record is written
+
+    monkeypatch.setattr(tgt.records, "started", dies)
+    with pytest.raises(KeyboardInterrupt):
+        tgt.prepare("p1", [DiskInfo(key="disk0", size=4 * MiB)])
+    (orphan,) = backend.tagged(job)
+    again = target(backend, job, state_dir)  # a new worker
+    again.prepare("p1", [DiskInfo(key="disk0", size=4 * MiB)])
+    fresh = again._sync_snapshots("p1")["disk0"]["SnapshotId"]
+    assert fresh != orphan["SnapshotId"]
+    assert [s["SnapshotId"] for s in backend.tagged(job)] == [fresh]
+    again.destroy()
+    assert backend.tagged(job) == [] and not state_dir.exists()
