@@ -450,6 +450,9 @@ def _target(name: str) -> Any:
         return spec
 
     spec = run(go)
+    host, local = spec.target.host, config.host_id()
+    if host not in (None, local):  # its replicas are there: here the list would be empty, and say nothing
+        fail(f"job {name}: its target is on host {host} (this is {local}); run point commands there")
     return guarded(lambda: target_for(spec))
 
 
@@ -486,8 +489,8 @@ def point_export(
     """Export a recovery point's disks as standalone images."""
     if fmt not in ("raw", "qcow2", "vmdk", "vhdx"):
         fail(f"--format: {fmt!r} is not one of raw, qcow2, vmdk, vhdx")
-    output = output_dir(output)
     tgt = _target(name)
+    output = output_dir(output)
     files = guarded(lambda: tgt.export(tgt.get_point(point).point_id, fmt, output))
     if as_json:
         emit_json({"files": [{"disk": k, "path": str(p)} for k, p in files]})

@@ -272,3 +272,31 @@ def test_a_retrying_copy_shows_its_attempt_and_last_error(e2e_stack: Cli, tmp_pa
     st = cli.wait_point("e2e-retry", 1, timeout=120)
     assert st["steps"] == [] and st["failures"] == 0
     cli.run("job", "delete", "e2e-retry", "--purge")
+
+
+def test_point_commands_for_a_target_on_another_host_say_where(e2e_stack: Cli, tmp_path: Path) -> None:
+    """Before: `point list` read this host's directory and printed an empty table."""
+    cli = e2e_stack
+    spec = tmp_path / "j.yaml"
+    disk = make_qcow2(tmp_path / "d.qcow2", 8 * MiB)
+    target = {"platform": "kvm", "path": str(tmp_path / "rep"), "host": "dr-site-1"}
+    spec.write_text(
+        yaml.safe_dump(
+            {"name": "e2e-remote", "source": {"platform": "kvm", "disks": [str(disk)]}, "target": target}
+        )
+    )
+    cli.run("job", "create", "-f", str(spec), "--no-wait")
+    try:
+        local = cli.env["SENDENSE_HOST_ID"]
+        expected = (
+            f"job e2e-remote: its target is on host dr-site-1 (this is {local}); run point commands there"
+        )
+        assert one_line_error(cli.run("point", "list", "e2e-remote", check=False)) == expected
+        out = tmp_path / "x"
+        assert (
+            one_line_error(cli.run("point", "export", "e2e-remote", "--output", str(out), check=False))
+            == expected
+        )
+        assert not out.exists()
+    finally:
+        asyncio.run(terminate("e2e-remote"))
