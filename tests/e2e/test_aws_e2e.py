@@ -205,3 +205,35 @@ def test_aws_to_aws_in_one_region_keeps_every_point(aws_stack: tuple[Cli, dict],
         OwnerIds=["self"], Filters=[{"Name": "tag:sendense:job", "Values": ["e2e-a2a"]}]
     )["Snapshots"]
     assert left == []
+
+
+def test_a_job_recreated_under_a_deleted_jobs_name_is_refused_while_its_points_are_kept(
+    aws_stack: tuple[Cli, dict],  # type: ignore[type-arg]
+    tmp_path: Path,
+) -> None:
+    """Issue 9 item 10 as reported: `job delete` keeps the points; a new job of that name (another VM)
+    is refused at create in one line naming them, instead of adopting them."""
+    cli, lab = aws_stack
+    target = {"platform": "aws", "region": lab["region"], "endpoint_url": lab["endpoint_url"]}
+    specs = []
+    for i in range(2):
+        disk = make_qcow2(tmp_path / f"vm{i}.qcow2", 4 * MiB)
+        qemu_io(disk, f"write -P 0x{i + 1}{i + 1} 0 1M")
+        spec = {"name": "e2e-again", "source": {"platform": "kvm", "disks": [str(disk)]}, "target": target}
+        specs.append(tmp_path / f"job{i}.yaml")
+        specs[-1].write_text(yaml.safe_dump({**spec, "schedule": {"interval": "1h"}}))
+    cli.json("job", "create", "-f", str(specs[0]))
+    cli.wait_point("e2e-again", 1)
+    cli.json("job", "delete", "e2e-again")  # without --purge: the point is kept
+    (kept,) = ec2(lab).describe_snapshots(  # type: ignore[attr-defined]
+        OwnerIds=["self"], Filters=[{"Name": "tag:sendense:job", "Values": ["e2e-again"]}]
+    )["Snapshots"]
+    p = cli.run("job", "create", "-f", str(specs[1]), check=False)
+    assert p.returncode != 0
+    err = (p.stderr + p.stdout).strip()
+    assert err.endswith(
+        f"target: region {lab['region']} holds 1 recovery point of an earlier job e2e-again "
+        f"({kept['SnapshotId']}); delete them or use another job name"
+    ), err
+    assert len(err.splitlines()) == 1, err
+    ec2(lab).delete_snapshot(SnapshotId=kept["SnapshotId"])  # type: ignore[attr-defined]
