@@ -134,6 +134,8 @@ def test_a_disk_shrunk_then_grown_reads_zeros_beyond_the_shrunk_size(
         head = 8 * MiB + 64 * 1024
         assert data[8 * MiB : head] == b"\xcd" * (64 * 1024) and data[head:] == bytes(24 * MiB - head)
         assert same_content(grown, to_raw(d0, tmp_path / "p3.raw"))
+        assert tgt.prune(1) == ["p2", "p1"]  # item 3 on AWS: the parents go, the point reads the same
+        assert exported(tgt, "p3", tmp_path / "x4")["disk0"].read_bytes() == data
     finally:
         tgt.destroy()
 
