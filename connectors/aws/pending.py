@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from botocore.exceptions import ClientError
 
 from connectors.aws.blocks import BLOCK, ZERO_BLOCK, ZERO_CHECKSUM, BlockTokens, checksum, list_blocks
 from connectors.aws.client import Aws, aws_call, error_code
+from sendense.datapath.extents import Extent
 from sendense.errors import DataPathError, TargetError
 
 
@@ -171,3 +173,9 @@ class AwsTargetDisk:
 
     def connect(self) -> SnapshotWriter:
         return SnapshotWriter(self.snap)
+
+    def data_extents(self, start: int, end: int) -> Iterator[Extent]:
+        """The whole blocks that may read other than zero (the parent's, or written by this snapshot)."""
+        for index in range(start // BLOCK, -(-end // BLOCK)):
+            if self.snap.holds_data(index):
+                yield Extent(index * BLOCK, BLOCK)

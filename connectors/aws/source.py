@@ -81,6 +81,8 @@ def wait_completed(
 class AwsSourceDisk:
     """One volume's snapshot, opened for reading (SourceDisk)."""
 
+    tracks_resize = True  # EBS volumes only grow: ListChangedBlocks misses no shrink (datapath.sync)
+
     def __init__(self, aws: Aws, disk: DiskSnapshot) -> None:
         self.aws, self.size, self.snapshot_id = aws, disk.size, disk.change_id
         self.ebs = aws.client("ebs")

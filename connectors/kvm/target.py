@@ -32,7 +32,8 @@ from pathlib import Path
 from connectors.kvm.holds import Holds
 from connectors.kvm.jobdir import JOB_ENTRIES, MARKER, check_place, claim
 from connectors.kvm.qemu import fsync_dir, qcow2_backing_name, qemu_img, qemu_nbd, read_qcow2_header, tool
-from sendense.datapath.nbd import NbdConnection
+from sendense.datapath.extents import Extent, clip
+from sendense.datapath.nbd import ALLOCATION, NbdConnection
 from sendense.errors import InvalidSpec, ResourceNotFound, ResourceUnavailable, SendenseError, TargetError
 from sendense.models import DiskInfo, PointDisk, PointInfo
 
@@ -75,6 +76,11 @@ class PendingDisk:
 
     def connect(self) -> NbdConnection:
         return NbdConnection(self.uri, writable=True, label=self.label or None)
+
+    def data_extents(self, start: int, end: int) -> Iterator[Extent]:
+        """Where the replica (the pending overlay and the points below it) holds data or may."""
+        with NbdConnection(self.uri, contexts=(ALLOCATION,), label=self.label or None) as status:
+            yield from clip(status.changed_extents(None, start=start), start, end)
 
 
 class KvmTarget:

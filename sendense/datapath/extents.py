@@ -132,3 +132,41 @@ def total_length(extents: Iterable[Extent]) -> tuple[int, int]:
         else:
             data += e.length
     return data, zero
+
+
+def intersect(a: Iterable[Extent], b: Iterable[Extent], *, zero: bool = True) -> Iterator[Extent]:
+    """The ranges covered by both sorted, disjoint extent lists, tagged `zero`."""
+    a_iter, b_iter = iter(a), iter(b)
+    x, y = next(a_iter, None), next(b_iter, None)
+    while x is not None and y is not None:
+        lo, hi = max(x.offset, y.offset), min(x.end, y.end)
+        if hi > lo:
+            yield Extent(lo, hi - lo, zero)
+        if x.end <= y.end:
+            x = next(a_iter, None)
+        else:
+            y = next(b_iter, None)
+
+
+def fill(primary: Iterable[Extent], extra: Iterable[Extent]) -> Iterator[Extent]:
+    """`primary` as it is, plus the parts of `extra` that no primary extent covers, in offset
+    order (both sorted and disjoint). Primary wins: a range both list is copied as primary says."""
+    it = iter(extra)
+    pending = next(it, None)
+    for p in primary:
+        while pending is not None and pending.offset < p.offset:
+            if pending.end <= p.offset:
+                yield pending
+                pending = next(it, None)
+            else:
+                yield Extent(pending.offset, p.offset - pending.offset, pending.zero)
+                pending = Extent(p.offset, pending.end - p.offset, pending.zero)
+        while pending is not None and pending.offset < p.end:  # covered by p, wholly or partly
+            if pending.end <= p.end:
+                pending = next(it, None)
+            else:
+                pending = Extent(p.end, pending.end - p.end, pending.zero)
+        yield p
+    while pending is not None:
+        yield pending
+        pending = next(it, None)

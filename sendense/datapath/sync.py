@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 
 from connectors.base import SourceDisk, TargetDisk
 from sendense.datapath.copy import CopyPlan, Mode, run_copy
-from sendense.datapath.extents import Extent, align, clip, coalesce
+from sendense.datapath.extents import Extent, align, clip, coalesce, fill, intersect
 from sendense.datapath.throttle import Throttle
 from sendense.models import CopyStats, DiskCopyResult, DiskSnapshot, SyncKind, Tuning
 
@@ -40,13 +40,42 @@ def _mode(kind: SyncKind, tuning: Tuning) -> Mode:
     return "compare" if kind == "resync" or (kind == "incremental" and tuning.dedupe_incremental) else "copy"
 
 
+def untracked_ranges(src: SourceDisk, dst: TargetDisk, start: int, end: int) -> list[Extent]:
+    """Where the replica may hold data but the source now reads zero, outside what change tracking
+    lists: an incremental must check these too. qcow2 dirty bitmaps record no shrink: a disk shrunk
+    and grown back between two syncs (or between a snapshot and its copy) reads zeros beyond the
+    shrunk size while its bits there are clean, and the replica would keep the old bytes. The ranges
+    come back as data, so that a compare copy (dedupe_incremental, the default) reads both sides and
+    writes only what differs: a replica that is zero there already costs two reads, no write. A
+    source whose tracking covers shrinks says so (`tracks_resize`: EBS volumes never shrink); a target
+    that can say where its replica holds data (`data_extents`) keeps the list short."""
+    if getattr(src, "tracks_resize", False):
+        return []
+    zeros = [e for e in coalesce(clip(src.extents(None, start), start, end)) if e.zero]
+    if not zeros:
+        return []
+    data_of = getattr(dst, "data_extents", None)
+    if data_of is None:
+        return [Extent(e.offset, e.length) for e in zeros]
+    return list(intersect(zeros, (e for e in data_of(start, end) if not e.zero), zero=False))
+
+
 def plan_extents(
-    src: SourceDisk, kind: SyncKind, since: str | None, start: int, end: int, block: int = 1
+    src: SourceDisk,
+    kind: SyncKind,
+    since: str | None,
+    start: int,
+    end: int,
+    block: int = 1,
+    untracked: list[Extent] | None = None,
 ) -> Iterator[Extent]:
     """The ranges to copy from `start`; widened to whole `block`s for a target that writes only
-    whole blocks (`start` is then a multiple of it: every chunk is)."""
+    whole blocks (`start` is then a multiple of it: every chunk is). An incremental also copies
+    `untracked` (untracked_ranges) where change tracking lists nothing."""
     if kind == "incremental":
         raw = src.extents(since, start)
+        if untracked:
+            raw = fill(coalesce(clip(raw, start)), untracked)
     else:
         raw = src.extents(None, start)
         if kind == "full":
@@ -93,8 +122,9 @@ def copy_disk(
 
     block = target_block(dst)
     chunk = -(-tuning.chunk_size // block) * block  # whole target blocks per request
+    untracked = untracked_ranges(src, dst, start, end) if kind == "incremental" else None
     plan = CopyPlan(
-        extents=plan_extents(src, kind, disk.base_change_id, start, end, block),
+        extents=plan_extents(src, kind, disk.base_change_id, start, end, block, untracked),
         open_reader=src.connect,
         open_writer=dst.connect,
         mode=_mode(kind, tuning),

@@ -4,6 +4,7 @@ inside leaves no snapshot behind."""
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import time
 from datetime import UTC, datetime
@@ -218,3 +219,36 @@ def test_a_resume_token_of_another_snapshot_of_the_same_sync_is_not_used(rig) ->
     (store / "s1-disk1.json").write_text(stale.model_dump_json())
     res = env.run(copy_disk, CopyRequest(spec=spec, sync_id="s1", snapshot=first.snapshot, disk="disk1"))
     assert res.resumed_from == 0 and res.stats.bytes_written == 8 * MiB
+
+
+@pytest.mark.parametrize("dedupe", [True, False])
+def test_a_disk_shrunk_and_grown_back_between_syncs_reads_zeros_beyond_the_shrink(rig, dedupe: bool) -> None:
+    """Found by the scenario runner: qemu-img resize marks nothing dirty, so after a shrink and a grow
+    back to the same size the bitmap is clean where the disk now reads zeros; the incremental must
+    still bring the replica to zeros there (and, with dedupe, write nothing where it already is)."""
+    spec, disks, tmp = rig
+    spec = spec.model_copy(update={"tuning": spec.tuning.model_copy(update={"dedupe_incremental": dedupe})})
+    env = ActivityEnvironment()
+    qemu_io(disks[0], "write -P 0x66 8M 16M")
+    seed = env.run(
+        begin_and_copy, SnapshotRequest(spec=spec, snapshot_id="s1", copy_up_to=64 * MiB, finish=True)
+    )
+    assert seed.finished is not None
+    subprocess.run(["qemu-img", "resize", "-q", "--shrink", str(disks[0]), "12M"], check=True)
+    subprocess.run(["qemu-img", "resize", "-q", str(disks[0]), "32M"], check=True)
+    refs = [to_raw(d, tmp / f"{d.stem}-s2.raw") for d in disks]
+    base = {d.key: d.change_id for d in seed.snapshot.disks}
+    req = SnapshotRequest(spec=spec, snapshot_id="s2", base=base, copy_up_to=64 * MiB, finish=True)
+    done = env.run(begin_and_copy, req)
+    assert done.finished is not None and done.finished.point.kind == "incremental"
+    replicas = Replicas(JOB, spec.target.path)
+    for key, ref in zip(("disk0", "disk1"), refs, strict=True):
+        assert same_content(replicas.point_path("s2", key), ref), key
+    # a third sync with nothing changed writes nothing, even where it checked again
+    s2 = {d.key: d.change_id for d in done.snapshot.disks}
+    again = env.run(
+        begin_and_copy,
+        SnapshotRequest(spec=spec, snapshot_id="s3", base=s2, copy_up_to=64 * MiB, finish=True),
+    )
+    assert again.finished is not None
+    assert again.finished.point.stats.bytes_written == 0

@@ -6,7 +6,17 @@ import itertools
 
 import pytest
 
-from sendense.datapath.extents import Extent, align, clip, coalesce, intersect_dirty, split, total_length
+from sendense.datapath.extents import (
+    Extent,
+    align,
+    clip,
+    coalesce,
+    fill,
+    intersect,
+    intersect_dirty,
+    split,
+    total_length,
+)
 
 D = Extent  # data
 
@@ -201,3 +211,32 @@ def test_align_covers_every_changed_byte() -> None:
                 hit = [g for g in got if g.offset <= probe < g.end]
                 assert len(hit) == 1
                 assert not hit[0].zero or e.zero
+
+
+def test_intersect_gives_the_common_ranges_tagged_as_asked() -> None:
+    a = [Extent(0, 10), Extent(20, 10), Extent(40, 5)]
+    b = [Extent(5, 20), Extent(28, 20)]
+    assert list(intersect(a, b)) == [
+        Extent(5, 5, True),
+        Extent(20, 5, True),
+        Extent(28, 2, True),
+        Extent(40, 5, True),
+    ]
+    assert list(intersect(a, [], zero=False)) == []
+
+
+def test_fill_keeps_primary_and_adds_only_the_uncovered_parts_of_extra() -> None:
+    primary = [Extent(10, 10, True), Extent(30, 5)]
+    extra = [Extent(0, 15), Extent(18, 14), Extent(34, 10), Extent(50, 1)]
+    out = list(fill(primary, extra))
+    assert out == [
+        Extent(0, 10),
+        Extent(10, 10, True),
+        Extent(20, 10),
+        Extent(30, 5),
+        Extent(35, 9),
+        Extent(50, 1),
+    ]
+    # sorted and disjoint, primary wins wherever both cover a range
+    assert all(x.end <= y.offset for x, y in itertools.pairwise(out))
+    assert list(fill([], extra)) == extra and list(fill(primary, [])) == primary
