@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError
@@ -14,6 +14,7 @@ from temporalio.client import (
     WorkflowExecutionDescription,
     WorkflowExecutionStatus,
     WorkflowHandle,
+    WorkflowQueryFailedError,
     WorkflowUpdateStage,
 )
 from temporalio.common import (
@@ -26,7 +27,7 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from sendense import config
-from sendense.errors import InvalidSpec, ResourceNotFound, SendenseError
+from sendense.errors import InvalidSpec, ResourceNotFound, ResourceUnavailable, SendenseError
 from sendense.models import (
     CopyToken,
     DeleteRequest,
@@ -63,6 +64,7 @@ class JobView(JobStatus):
 
     steps: list[PendingStep] = Field(default_factory=list)
     spec_problem: str | None = Field(default=None, description="why the job's stored spec is invalid")
+    no_answer: str | None = Field(default=None, description="why the job's status could not be read")
 
 
 def pending_steps(desc: WorkflowExecutionDescription) -> list[PendingStep]:
@@ -197,19 +199,49 @@ class Jobs:
             return getattr(cause, "message", None) or str(cause)
         return "ended"
 
-    async def list(self) -> list[JobStatus]:
-        out = []
+    async def list(self, timeout: float = 5.0) -> list[JobView]:
+        """Every running job's status, asked all at once: a job that does not answer in `timeout`
+        seconds (no worker runs its workflow, its task fails) is listed in state `error` saying so,
+        not left out, and does not hold up or fail the others."""
         query = "WorkflowType='ReplicationWorkflow' AND ExecutionStatus='Running'"
-        async for wf in self.client.list_workflows(query):
+        ids = [wf.id async for wf in self.client.list_workflows(query)]
+
+        async def one(wf_id: str) -> JobView:
+            h = self.client.get_workflow_handle(wf_id)
             try:
-                out.append(await self.client.get_workflow_handle(wf.id).query(ReplicationWorkflow.status))
-            except RPCError:
-                continue
+                st: JobStatus = await h.query(
+                    ReplicationWorkflow.status, rpc_timeout=timedelta(seconds=timeout)
+                )
+                return JobView(**dict(st))
+            except (RPCError, WorkflowQueryFailedError) as e:
+                why = " ".join(str(getattr(e, "message", "") or e).split())
+            name = wf_id.removeprefix(config.WORKFLOW_ID_PREFIX)
+            return JobView(
+                name=name,
+                state="error",
+                source="-",
+                target="-",
+                interval_seconds=0,
+                retention_points=0,
+                no_answer=f"the job does not answer ({why}); is a worker running for it?",
+            )
+
+        out = await asyncio.gather(*(one(i) for i in ids))
         return sorted(out, key=lambda s: s.name)
 
-    async def status(self, name: str) -> JobView:
+    async def status(self, name: str, timeout: float = 10.0) -> JobView:
         h, desc = await self._described(name)
-        st: JobStatus = await h.query(ReplicationWorkflow.status)
+        try:
+            st: JobStatus = await h.query(ReplicationWorkflow.status, rpc_timeout=timedelta(seconds=timeout))
+        except RPCError as e:
+            if e.status not in (
+                RPCStatusCode.DEADLINE_EXCEEDED,
+                RPCStatusCode.CANCELLED,
+            ):  # (the client's deadline)
+                raise
+            raise ResourceUnavailable(
+                f"job {name}: does not answer within {timeout:.0f}s; is a worker running for it?"
+            ) from None
         _, problem = readable_spec(await h.query("get_spec", result_type=dict))
         return JobView(**dict(st), steps=pending_steps(desc), spec_problem=problem)
 

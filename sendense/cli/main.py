@@ -250,8 +250,11 @@ def job_create(
 def job_list(as_json: bool = JsonOpt) -> None:
     """List running jobs."""
 
-    async def go() -> list[JobStatus]:
-        return [_with_lag(s) for s in await (await _jobs()).list()]
+    async def go() -> list[JobView]:
+        jobs = await (await _jobs()).list()
+        for s in jobs:
+            _with_lag(s)
+        return jobs
 
     jobs = run(go)
     if as_json:
@@ -270,6 +273,9 @@ def job_list(as_json: bool = JsonOpt) -> None:
         lag = f"{s.rpo_lag_seconds:.0f}s" if s.rpo_lag_seconds is not None else "-"
         t.add_row(s.name, s.state, s.source, s.last_point or "-", lag, str(s.syncs), str(s.failures))
     out.print(t)
+    for s in jobs:
+        if s.no_answer:
+            warn(f"job {s.name}: {s.no_answer}")
 
 
 @job_app.command("status")

@@ -300,3 +300,46 @@ def test_point_commands_for_a_target_on_another_host_say_where(e2e_stack: Cli, t
         assert not out.exists()
     finally:
         asyncio.run(terminate("e2e-remote"))
+
+
+async def start_unserved(name: str, disk: Path, target: Path) -> None:
+    """A job whose workflow no worker runs (its task queue is served by nobody), via the SDK."""
+    from sendense.cli.client import Jobs
+    from sendense.models import ReplicationInput
+    from sendense.spec import parse_spec
+    from workflows.replication import ReplicationWorkflow
+
+    spec = parse_spec(
+        {
+            "name": name,
+            "source": {"platform": "kvm", "disks": [str(disk)]},
+            "target": {"platform": "kvm", "path": str(target)},
+        }
+    )
+    jobs = await Jobs.connect()
+    await jobs.client.start_workflow(
+        ReplicationWorkflow.run, ReplicationInput(spec=spec), id=f"job-{name}", task_queue="served-by-nobody"
+    )
+
+
+def test_a_job_that_does_not_answer_is_listed_and_said(e2e_stack: Cli, tmp_path: Path) -> None:
+    """Before: `job list` waited 30 s and then failed as a whole (or left the job out), and `job status`
+    printed "Temporal: Timeout expired" after 30 s."""
+    cli = e2e_stack
+    disk = make_qcow2(tmp_path / "d.qcow2", 8 * MiB)
+    job(cli, tmp_path, "e2e-answers", disk, tmp_path / "rep")
+    asyncio.run(start_unserved("e2e-silent", disk, tmp_path / "rep2"))
+    try:
+        t0 = time.monotonic()
+        p = cli.run("job", "list")
+        assert time.monotonic() - t0 < 20
+        assert "e2e-answers" in p.stdout and "e2e-silent" in p.stdout
+        assert p.stderr.startswith("warning: job e2e-silent: the job does not answer (")
+        rows = {j["name"]: j for j in cli.json("job", "list")}
+        assert rows["e2e-answers"]["state"] == "idle" and rows["e2e-silent"]["state"] == "error"
+        assert "is a worker running for it?" in rows["e2e-silent"]["no_answer"]
+        msg = one_line_error(cli.run("job", "status", "e2e-silent", check=False))
+        assert msg == "job e2e-silent: does not answer within 10s; is a worker running for it?"
+    finally:
+        asyncio.run(terminate("e2e-silent"))
+    cli.run("job", "delete", "e2e-answers", "--purge")
