@@ -59,9 +59,17 @@ def image_info(path: Path) -> dict[str, Any]:
     return json.loads(run("qemu-img", "info", "-U", "--output=json", path))
 
 
-def bitmap_names(path: Path) -> list[str]:
+def all_bitmap_names(path: Path) -> list[str]:
     data = image_info(path).get("format-specific", {}).get("data", {})
     return sorted(b["name"] for b in data.get("bitmaps", []))
+
+
+SHRINK_MARKER = "sendense-shrink."  # the stopped-VM source's shrink markers (connectors/kvm/offline.py)
+
+
+def bitmap_names(path: Path) -> list[str]:
+    """The image's bitmaps but the shrink markers that go with the job bitmaps (`all_bitmap_names`)."""
+    return [n for n in all_bitmap_names(path) if not n.startswith(SHRINK_MARKER)]
 
 
 def same_content(a: Path, b: Path) -> bool:

@@ -37,6 +37,16 @@ def bitmap_name(job: str, snapshot_id: str, tag: str) -> str:
     return f"{bitmap_prefix(job)}{snapshot_id}.{tag}"
 
 
+def marker_prefix(job: str) -> str:
+    return f"sendense-shrink.{job}."
+
+
+def shrink_markers(change_id: str, job: str) -> tuple[str, str]:
+    """The (span, tail) shrink markers that go with bitmap `change_id` (see `offline`)."""
+    rest = marker_prefix(job) + change_id[len(bitmap_prefix(job)) :]
+    return f"{rest}.span", f"{rest}.tail"
+
+
 def tracking_problem(bitmaps: Mapping[str, Sequence[str]], base: str, where: str) -> str | None:
     """Why `base` cannot serve as a change id, or None if it can."""
     if base not in bitmaps:

@@ -13,6 +13,14 @@ a VM restarted with its disks in another order) still "had" the base bitmap, and
 incremental against the other disk's changes. With the tag, a base is used only on the disk it was
 made on; anything else is a resync with the reason (`identity.base_problem`).
 
+Shrink markers: a shrink truncates every bitmap and a grow extends them clean, so a disk shrunk and
+grown back between two points reads zeros in the regrown area that no bitmap shows as changed (the
+point kept the old bytes there). Each snapshot's bitmap therefore has two disabled markers,
+`sendense-shrink.<job>.<snapshot>.<tag>.span|tail` (`qemu.add_shrink_markers`): a clean tail means the
+disk was shrunk since, and where the span turns clean says to where (within one 64 KiB granule), so
+the next incremental from that base also copies everything from there on (`NbdSourceDisk.regrown`).
+A shrink between a snapshot and its copy makes that snapshot inconsistent.
+
 Two jobs on one image: their bitmap changes and reads are ordered by `image_lock` (a reader holds it
 shared, a bitmap change exclusively), so one job waits for the other's read instead of failing.
 """
@@ -25,9 +33,20 @@ from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
-from connectors.kvm.identity import base_problem, bitmap_name, bitmap_prefix, disk_tag
+from connectors.kvm.identity import (
+    base_problem,
+    bitmap_name,
+    bitmap_prefix,
+    disk_tag,
+    marker_prefix,
+    shrink_markers,
+)
 from connectors.kvm.qemu import (
+    SPAN_GRANULARITY,
     Qcow2Header,
+    add_shrink_markers,
+    bitmap_dirty_end,
+    bitmap_is_clean,
     image_info,
     image_lock,
     is_qcow2,
@@ -61,10 +80,17 @@ class NbdSourceDisk:
     """
 
     def __init__(
-        self, uri: str, size: int, bitmap_for: dict[str, str] | None = None, *, bitmaps: Sequence[str] = ()
+        self,
+        uri: str,
+        size: int,
+        bitmap_for: dict[str, str] | None = None,
+        *,
+        bitmaps: Sequence[str] = (),
+        regrown: int | None = None,
     ) -> None:
         self.uri, self.size = uri, size
         self.bitmap_for = bitmap_for or {}  # change id -> exported bitmap name
+        self.regrown = regrown  # changed since the base from here on, whatever the bitmap says (a shrink)
         self.bitmaps = tuple(dict.fromkeys([*self.bitmap_for.values(), *bitmaps]))  # exported names
         self._status: NbdConnection | None = None
 
@@ -76,7 +102,11 @@ class NbdSourceDisk:
 
     def extents(self, since: str | None, start: int = 0) -> Iterator[Extent]:
         bitmap = None if since is None else self.bitmap_for.get(since, since)
-        yield from self.status().changed_extents(bitmap, start=start)
+        cut = self.regrown if bitmap is not None and self.regrown is not None else self.size
+        if start < cut:
+            yield from self.status().changed_extents(bitmap, start=start, end=cut)
+        if cut < self.size:
+            yield from self.status().changed_extents(None, start=max(start, cut))
 
     def connect(self) -> NbdConnection:
         return NbdConnection(self.uri)
@@ -166,15 +196,26 @@ class OfflineQcow2Source:
                 bitmaps = info.bitmaps
                 since = base.get(key)
                 lost = base_problem(self.job, since, key, str(path), bitmaps, str(path)) if since else None
+                regrown = None
+                if since and not lost:
+                    lost, regrown = self._shrunk(path, info, since)
                 try:
-                    if new in bitmaps:  # an earlier attempt's, whose instant is gone: start afresh
-                        qemu_img("bitmap", "--remove", str(path), new)
+                    for n in (new, *shrink_markers(new, self.job)):
+                        if n in bitmaps:  # an earlier attempt's, whose instant is gone: start afresh
+                            qemu_img("bitmap", "--remove", str(path), n)
                     qemu_img("bitmap", "--add", "--enable", str(path), new)
+                    add_shrink_markers(path, *shrink_markers(new, self.job), info.size)
                 except ResourceUnavailable:
                     raise ResourceUnavailable(
                         f"source disk {path} is in use by a running process; use the qmp or libvirt "
                         "form of source for a running VM"
                     ) from None
+            handle = {"path": str(path)}
+            if regrown is not None:
+                log.info(
+                    "source disk %s was shrunk since %s: everything from %d is copied", path, since, regrown
+                )
+                handle["regrown"] = str(regrown)
             disks.append(
                 DiskSnapshot(
                     key=key,
@@ -182,10 +223,25 @@ class OfflineQcow2Source:
                     change_id=new,
                     base_change_id=since,
                     tracking_lost=lost,
-                    handle={"path": str(path)},
+                    handle=handle,
                 )
             )
         return SnapshotRef(snapshot_id=snapshot_id, created_at=datetime.now(UTC), disks=disks)
+
+    def _shrunk(self, path: Path, info: Qcow2Header, since: str) -> tuple[str | None, int | None]:
+        """(why tracking is lost, None) if base `since`'s shrink markers are gone or unusable; else
+        (None, the offset from which the disk may have been shrunk and grown back since the base, or
+        None if it was not shrunk)."""
+        span, tail = shrink_markers(since, self.job)
+        for m in (span, tail):
+            if m not in info.bitmaps:
+                return f"the shrink marker {m} of dirty bitmap {since} is missing from {path}", None
+            if info.bitmaps[m]:  # in-use: the image was not closed cleanly
+                return f"the shrink marker {m} of dirty bitmap {since} in {path} is inconsistent", None
+        if not bitmap_is_clean(path, info, tail):
+            return None, None
+        end = bitmap_dirty_end(path, info, span, SPAN_GRANULARITY)  # the shrunk size is within a granule
+        return None, max(0, end - SPAN_GRANULARITY)
 
     @contextmanager
     def open_disk(self, snap: SnapshotRef, key: str) -> Iterator[NbdSourceDisk]:
@@ -194,12 +250,15 @@ class OfflineQcow2Source:
         bitmaps = [d.change_id]
         if d.base_change_id and not d.tracking_lost:
             bitmaps.insert(0, d.base_change_id)
+        regrown = int(d.handle["regrown"]) if d.handle.get("regrown") else None
         with (
             self._lock(path, exclusive=False),
             qemu_nbd(path, readonly=True, bitmaps=bitmaps) as srv,
-            NbdSourceDisk(srv.uri, d.size, bitmaps=bitmaps) as disk,
+            NbdSourceDisk(srv.uri, d.size, bitmaps=bitmaps, regrown=regrown) as disk,
         ):
-            if disk.status().size != d.size:
+            info = read_qcow2_header(path)
+            tail = shrink_markers(d.change_id, self.job)[1]
+            if disk.status().size != d.size or tail not in info.bitmaps or bitmap_is_clean(path, info, tail):
                 raise SnapshotInconsistent(
                     f"source disk {path} was resized after snapshot {snap.snapshot_id}"
                 )
@@ -210,7 +269,7 @@ class OfflineQcow2Source:
             yield disk
 
     def release_snapshot(self, snap: SnapshotRef, committed: bool) -> None:
-        prefix = bitmap_prefix(self.job)
+        prefix, markers = bitmap_prefix(self.job), marker_prefix(self.job)
         for d in snap.disks:
             path = self._path(d.key)
             if not path.exists():
@@ -218,10 +277,11 @@ class OfflineQcow2Source:
             try:
                 with self._lock(path, exclusive=True):
                     names = read_qcow2_header(path).bitmaps.keys()
+                    keep = {d.change_id, *shrink_markers(d.change_id, self.job)}
                     if committed:
-                        drop = [n for n in names if n.startswith(prefix) and n != d.change_id]
+                        drop = [n for n in names if n.startswith((prefix, markers)) and n not in keep]
                     else:
-                        drop = [d.change_id] if d.change_id in names else []
+                        drop = [n for n in names if n in keep]
                     for n in drop:
                         qemu_img("bitmap", "--remove", str(path), n)
             except ResourceUnavailable as e:  # the next commit removes what stays
@@ -229,7 +289,7 @@ class OfflineQcow2Source:
 
     def forget(self) -> None:
         """Remove every bitmap of this job from every disk; a disk that no longer exists is skipped."""
-        prefix = bitmap_prefix(self.job)
+        prefix, markers = bitmap_prefix(self.job), marker_prefix(self.job)
         for path in self.paths:
             if not path.is_file():
                 log.info("forget job %s: source disk %s is gone, nothing to remove", self.job, path)
@@ -237,7 +297,7 @@ class OfflineQcow2Source:
             with self._lock(path, exclusive=True):
                 remove_bitmaps(
                     path,
-                    [n for n in read_qcow2_header(path).bitmaps if n.startswith(prefix)],
+                    [n for n in read_qcow2_header(path).bitmaps if n.startswith((prefix, markers))],
                     f"source disk {path} is in use by a running process: the dirty bitmaps {prefix}* of "
                     f"job {self.job} stay (remove them with qemu-img bitmap --remove once it is stopped)",
                 )

@@ -19,7 +19,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +90,8 @@ class Qcow2Header:
     backing: str | None  # the backing file name as written in the header
     bitmaps: dict[str, list[str]]  # persistent bitmap name -> flags, as qcow2_bitmaps() gives them
     version: int = 3  # 2: compat=0.10, which cannot hold persistent bitmaps
+    cluster_size: int = 65536
+    tables: dict[str, tuple[int, int]] = field(default_factory=dict)  # bitmap -> (table offset, entries)
 
 
 def is_qcow2(path: Path) -> bool:
@@ -107,15 +109,16 @@ def read_qcow2_header(path: Path) -> Qcow2Header:
         head = f.read(112)
         if len(head) < 72 or head[:4] != QCOW2_MAGIC:
             raise SendenseError(f"{path} is not a qcow2 image")
-        version, b_off, b_len = struct.unpack(">IQI", head[4:20])
+        version, b_off, b_len, cluster_bits = struct.unpack(">IQII", head[4:24])
         (size,) = struct.unpack(">Q", head[24:32])
         backing = None
         if b_off and b_len:
             f.seek(b_off)
             backing = f.read(b_len).decode("utf-8", "replace")
         bitmaps: dict[str, list[str]] = {}
+        tables: dict[str, tuple[int, int]] = {}
         if version < 3 or len(head) < 104:
-            return Qcow2Header(size, backing, bitmaps, version)
+            return Qcow2Header(size, backing, bitmaps, version, 1 << cluster_bits)
         (autoclear,) = struct.unpack(">Q", head[88:96])
         (header_len,) = struct.unpack(">I", head[100:104])
         f.seek(header_len)
@@ -130,23 +133,119 @@ def read_qcow2_header(path: Path) -> Qcow2Header:
             if etype == _BITMAPS_EXT and autoclear & 1 and elen >= 24:
                 nb, _reserved, dir_size, dir_off = struct.unpack(">IIQQ", data[:24])
                 f.seek(dir_off)
-                bitmaps = _bitmap_directory(f.read(dir_size), nb, path)
+                bitmaps, tables = _bitmap_directory(f.read(dir_size), nb, path)
                 break
-        return Qcow2Header(size, backing, bitmaps, version)
+        return Qcow2Header(size, backing, bitmaps, version, 1 << cluster_bits, tables)
 
 
-def _bitmap_directory(raw: bytes, count: int, path: Path) -> dict[str, list[str]]:
+def _bitmap_directory(
+    raw: bytes, count: int, path: Path
+) -> tuple[dict[str, list[str]], dict[str, tuple[int, int]]]:
     out: dict[str, list[str]] = {}
+    tables: dict[str, tuple[int, int]] = {}
     pos = 0
     for _ in range(count):
         if pos + 24 > len(raw):
             raise SendenseError(f"{path}: truncated qcow2 bitmap directory")
+        t_off, t_size = struct.unpack(">QI", raw[pos : pos + 12])
         flags, _type, _gran, name_len, extra = struct.unpack(">IBBHI", raw[pos + 12 : pos + 24])
         name_at = pos + 24 + extra
         name = raw[name_at : name_at + name_len].decode("utf-8", "replace")
         out[name] = [label for bit, label in _BITMAP_FLAGS if flags & bit]
+        tables[name] = (t_off, t_size)
         pos = (name_at + name_len + 7) & ~7
-    return out
+    return out, tables
+
+
+SPAN_GRANULARITY = 64 << 10  # the span marker's granularity (a 1 TiB disk: a 2 MiB bitmap)
+
+
+def _marker_scratch(size: int) -> Path:
+    """A scratch qcow2 of `size` holding the two marker bitmaps to merge from (qemu-img cannot set
+    bits): `span`, every bit dirty, and `tail` (512-byte granularity), only the last sector dirty.
+    Zero writes dirty bitmaps and allocate nothing. Its content depends on the size alone, so it is
+    made once per size and shared (renamed into place: a reader never sees a half-made one)."""
+    d = Path(tempfile.gettempdir()) / _LOCK_DIR / "markers"
+    d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = d / f"{size}.qcow2"
+    if path.is_file():
+        return path
+    tmp = Path(tempfile.mkdtemp(prefix="m-", dir=d)) / "m.qcow2"
+    try:
+        qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=2M", str(tmp), str(size))
+        qemu_img("bitmap", "--add", "-g", str(SPAN_GRANULARITY), str(tmp), "span")
+        qemu_img("bitmap", "--add", "-g", "512", "--disable", str(tmp), "tail")
+        _qemu_io(tmp, f"write -z -n 0 {size - 512}")  # span only
+        qemu_img("bitmap", "--enable", str(tmp), "tail")
+        _qemu_io(tmp, f"write -z {size - 512} 512")  # span and tail
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp.parent, ignore_errors=True)
+    return path
+
+
+def _qemu_io(image: Path, command: str) -> None:
+    p = subprocess.run(
+        [tool("qemu-io"), "-f", "qcow2", "-c", command, str(image)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if p.returncode != 0 or "error" in p.stdout.lower() or "failed" in p.stdout.lower():
+        raise SendenseError(f"qemu-io {command!r} on {image}: {(p.stderr or p.stdout).strip()}")
+
+
+def add_shrink_markers(image: Path, span: str, tail: str, size: int) -> None:
+    """Add to `image` the two disabled persistent bitmaps that show a later shrink: `span`, dirty over
+    the whole disk, and `tail`, dirty at its last sector only. A shrink truncates bitmaps and a grow
+    extends them clean, so a clean `tail` means the disk was shrunk, and where `span` turns clean is
+    how far (to within one granule)."""
+    scratch = _marker_scratch(size)
+    for name, src, gran in ((span, "span", SPAN_GRANULARITY), (tail, "tail", 512)):
+        merge = ["--merge", src, "-b", str(scratch), "-F", "qcow2"]
+        qemu_img("bitmap", "--add", "-g", str(gran), "--disable", *merge, str(image), name)
+
+
+def bitmap_dirty_end(path: Path, header: Qcow2Header, name: str, granularity: int) -> int:
+    """The offset just past the last dirty bit of persistent bitmap `name` (0: none is dirty)."""
+    t_off, t_size = header.tables[name]
+    bits = header.cluster_size * 8  # granules per bitmap table entry
+    limit = -(-header.size // granularity)
+    with open(path, "rb") as f:
+        f.seek(t_off)
+        entries = struct.unpack(f">{t_size}Q", f.read(8 * t_size))
+        for i in range(len(entries) - 1, -1, -1):
+            e = entries[i]
+            if e & _TABLE_OFFSET:
+                f.seek(e & _TABLE_OFFSET)
+                data = f.read(header.cluster_size).rstrip(b"\0")
+                if data:  # bit k of byte j is granule 8j + k (little-endian)
+                    last = i * bits + (len(data) - 1) * 8 + data[-1].bit_length() - 1
+                    return min(last + 1, limit) * granularity
+            elif e & 1:
+                return min((i + 1) * bits, limit) * granularity
+    return 0
+
+
+_TABLE_OFFSET = 0x00FFFFFFFFFFFE00  # bits 9-55 of a bitmap table entry
+
+
+def bitmap_is_clean(path: Path, header: Qcow2Header, name: str) -> bool:
+    """Whether persistent bitmap `name` has no dirty bit, read from the image (stored bitmaps are
+    current in an image no process has open). Table entries (qcow2 spec): a data cluster's offset, or
+    0 with bit 0 saying all ones (1) or all zeros (0)."""
+    t_off, t_size = header.tables[name]
+    with open(path, "rb") as f:
+        f.seek(t_off)
+        entries = struct.unpack(f">{t_size}Q", f.read(8 * t_size))
+        for e in entries:
+            if e & _TABLE_OFFSET:
+                f.seek(e & _TABLE_OFFSET)
+                if f.read(header.cluster_size).strip(b"\0"):
+                    return False
+            elif e & 1:
+                return False
+    return True
 
 
 def qcow2_backing_name(path: Path) -> str | None:

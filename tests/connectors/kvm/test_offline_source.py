@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 from helpers_kvm import (
+    SHRINK_MARKER,
+    KiB,
     MiB,
     Synced,
-    bitmap_names,
+    all_bitmap_names,
     fast_tuning,
     make_qcow2,
     qemu_io,
@@ -69,6 +71,17 @@ class Rig:
         for (sid, key), raw in self.raws.items():
             if sid == sync_id:
                 assert same_content(self.tgt.point_path(sid, key), raw), f"point {sid} disk {key} differs"
+
+
+def bitmap_names(path: Path) -> list[str]:
+    """The image's bitmaps, each job bitmap with its shrink marker (checked, then left out), no marker
+    without its bitmap."""
+    names = all_bitmap_names(path)
+    markers = {n for n in names if n.startswith(SHRINK_MARKER)}
+    plain = [n for n in names if n not in markers]
+    ours = [SHRINK_MARKER + n[len("sendense.") :] for n in plain if n.startswith("sendense.")]
+    assert markers == {f"{m}.{kind}" for m in ours for kind in ("span", "tail")}, names
+    return plain
 
 
 def error_text(excinfo: pytest.ExceptionInfo[BaseException]) -> str:
@@ -644,3 +657,52 @@ def test_a_snapshot_retried_after_a_crashed_attempt_starts_afresh(tmp_path: Path
     assert (p2.results["disk0"].kind, p2.results["disk0"].stats.bytes_written) == ("incremental", 64 * 1024)
     rig.assert_point_exact("p2")
     assert bitmap_names(img) == [bm("p2", img)]
+
+
+def test_a_disk_shrunk_and_grown_back_is_copied_from_the_shrunk_size_and_the_points_are_exact(
+    tmp_path: Path,
+) -> None:
+    """qemu-img resize truncates the bitmaps on a shrink and extends them clean on a grow: the regrown
+    area read zeros but no bitmap called it changed, and the point kept the old bytes there (the
+    scenario runner's grow_after_shrink). The shrink markers say from where to copy it all."""
+    rig = Rig(tmp_path, [8 * MiB])
+    img = rig.images[0]
+    qemu_io(img, "write -P 0x11 0 8M")
+    p1 = rig.sync("p1")
+    run("qemu-img", "resize", "-q", "--shrink", img, 4 * MiB)
+    run("qemu-img", "resize", "-q", img, 8 * MiB)
+    p2 = rig.sync("p2", p1.base)
+    r = p2.results["disk0"]
+    assert p2.snap.disks[0].tracking_lost is None and r.kind == "incremental"
+    # from one granule before the shrunk size on: its 64 KiB of data read again, then 4 MiB of zeros
+    assert (r.stats.bytes_read, r.stats.bytes_zeroed) == (64 * KiB, 4 * MiB)
+    rig.assert_point_exact("p2")
+
+    # by one sector, between the snapshot and its copy: the snapshot can never pass
+    qemu_io(img, f"write -P 0x22 {8 * MiB - 64 * KiB} 64k")
+    snap = rig.src.create_snapshot("p3", p2.base)
+    run("qemu-img", "resize", "-q", "--shrink", img, 8 * MiB - 512)
+    run("qemu-img", "resize", "-q", img, 8 * MiB)
+    with (
+        pytest.raises(SnapshotInconsistent, match="resized after snapshot p3"),
+        rig.src.open_disk(snap, "disk0"),
+    ):
+        pass
+    rig.src.release_snapshot(snap, committed=False)
+    p3 = rig.sync("p3", p2.base)  # the last granule again: its sector at the end is zero now
+    r = p3.results["disk0"]
+    assert (r.kind, r.stats.bytes_read, r.stats.bytes_written) == ("incremental", 64 * KiB, 64 * KiB)
+    rig.assert_point_exact("p3")
+
+    # a shrink alone: the point ends earlier, and the granule before the end is copied again (zeros)
+    run("qemu-img", "resize", "-q", "--shrink", img, 6 * MiB)
+    qemu_io(img, "write -P 0x33 1M 64k")
+    p4 = rig.sync("p4", p3.base)
+    r = p4.results["disk0"]
+    assert (r.kind, r.stats.bytes_written, r.stats.bytes_zeroed) == ("incremental", 64 * KiB, 64 * KiB)
+    rig.assert_point_exact("p4")
+    qemu_io(img, "write -P 0x44 2M 64k")
+    p5 = rig.sync("p5", p4.base)
+    assert (p5.results["disk0"].kind, p5.results["disk0"].stats.bytes_written) == ("incremental", 64 * KiB)
+    rig.assert_point_exact("p5")
+    assert bitmap_names(img) == [bm("p5", img)]
