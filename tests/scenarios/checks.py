@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import psutil
-from helpers_kvm import bitmap_names, run
 
 from connectors.kvm.offline import bitmap_prefix
 from sendense.models import PointInfo
@@ -36,7 +35,7 @@ def point_meta(p: PointInfo) -> dict[str, Any]:
 
 
 def check_all(sc: Scenario) -> None:
-    if not sc.images:
+    if not sc.shadow.disks or (sc.src.form == "qmp" and not sc.src.started):  # type: ignore[union-attr]
         return  # before the first disk: no job yet
     listed = sc.target().list_points()
     ids = [p.point_id for p in listed]
@@ -78,13 +77,9 @@ def files_match(sc: Scenario, sp: ShadowPoint, files: dict[str, Path], what: str
 def source_matches_shadow(sc: Scenario) -> None:
     """The model of the guest's writes is right (else a failure would be the model's, not the
     product's): checked at each snapshot instant."""
-    for i, (img, d) in enumerate(zip(sc.images, sc.shadow.disks, strict=True)):
-        raw = sc.root / "source.raw"
-        run("qemu-img", "convert", "-U", "-O", "raw", img, raw)
-        data = raw.read_bytes()
-        raw.unlink()
-        if data != bytes(d.data):
-            raise AssertionError(f"the shadow of source disk {i} ({img.name}) is wrong: the model is broken")
+    for i, d in enumerate(sc.shadow.disks):
+        if sc.src.content(i, sc.root / "source.raw") != bytes(d.data):
+            raise AssertionError(f"the shadow of source disk {i} is wrong: the model is broken")
 
 
 # ---------------------------------------------------------------------- leaks
@@ -94,7 +89,11 @@ def leaks(sc: Scenario, listed: list[PointInfo]) -> None:
     procs = []
     for p in psutil.process_iter(["name", "cmdline"]):
         cmd = " ".join(p.info["cmdline"] or [])
-        if (p.info["name"] or "").startswith("qemu") and str(sc.root) in cmd:
+        if (
+            (p.info["name"] or "").startswith("qemu")
+            and str(sc.root) in cmd
+            and p.pid not in sc.src.own_pids()
+        ):
             procs.append(f"{p.pid} {cmd[:120]}")
     if procs:
         sc.fail(f"processes left running: {procs}")
@@ -103,7 +102,7 @@ def leaks(sc: Scenario, listed: list[PointInfo]) -> None:
     snapped = opened is not None and opened.snapped
     prefix = bitmap_prefix(sc.job)
     latest = sc.shadow.latest()
-    for img, d in zip(sc.images, sc.shadow.disks, strict=True):
+    for i, d in enumerate(sc.shadow.disks):
         want = set()
         if latest is not None:  # the change id the newest point recorded for this image
             ids = {k: c for k, _, c in sc.committed[latest.point_id]["disks"]}
@@ -111,9 +110,14 @@ def leaks(sc: Scenario, listed: list[PointInfo]) -> None:
         if snapped and sc.open_snap is not None:  # and the open sync's snapshot of it
             ids = {x.key: x.change_id for x in sc.open_snap.disks}
             want |= {ids[k] for k, ident in opened.idents.items() if ident == d.ident}  # type: ignore[union-attr]
-        have = {b for b in bitmap_names(img) if b.startswith(prefix)}
+        have = {b for b in sc.src.bitmaps(i) if b.startswith(prefix)}
         if have != want:
-            sc.fail(f"source {img.name}: the job's bitmaps are {sorted(have)}, expected {sorted(want)}")
+            sc.fail(f"source disk{i}: the job's bitmaps are {sorted(have)}, expected {sorted(want)}")
+    if not snapped and sc.src.leftovers():
+        sc.fail(f"left in QEMU: {sc.src.leftovers()}")
+    fleece = sorted(str(f) for f in (sc.home / "work" / sc.job / "fleece").glob("*/*"))
+    if not snapped and fleece:
+        sc.fail(f"fleece files left: {fleece}")
     work = sc.home / "work" / sc.job
     tokens = [f.name for f in (work / "tokens").glob("*.json") if not f.name.startswith(f"{open_id}-")]
     if tokens:

@@ -46,6 +46,7 @@ class Counters:
 
 class ScenarioMachine(RuleBasedStateMachine):
     target: ClassVar[str] = "kvm"
+    source: ClassVar[str] = "disks"  # or "qmp": a running lab VM
     lab: ClassVar[AwsLab | None] = None
     excluded: ClassVar[frozenset[str]] = frozenset()
     last_log: ClassVar[list[Step]] = []  # the steps of the latest scenario (the minimal one after a failure)
@@ -97,13 +98,13 @@ class ScenarioMachine(RuleBasedStateMachine):
             dedupe_incremental=dedupe,
             compare_block=compare_block,
         )
-        self.sc = Scenario(self.dir, self.target, self.lab, keep=keep, tuning=tuning)
+        self.sc = Scenario(self.dir, self.target, self.lab, keep=keep, tuning=tuning, source=self.source)
         type(self).last_log = self.sc.log
-        self.sc.log.append(["start", keep, tuning])
+        self.sc.log.append(["start", keep, tuning, self.source])
         for s in sizes:
             self.do("add_disk", s)
         for i, s in enumerate(sizes):
-            self.do("write", i, 0, s // 2, 0x10 + i)
+            self.do("write", i, 0, s // 2 // 512 * 512, 0x10 + i)
 
     @invariant()
     def everything_checks(self) -> None:
@@ -146,7 +147,13 @@ class ScenarioMachine(RuleBasedStateMachine):
         i, off, _ = self._range(disk, at, 0, CLUSTER)
         size = self.rig.shadow.disks[i].size
         n = min(clusters * CLUSTER, size - off)
-        if n > 0 and (n % CLUSTER == 0 or off + n == size) and self.allowed("discard"):
+        # (the lab VM's disks ignore discards, as QEMU's blockdevs do by default: stopped form only)
+        if (
+            n > 0
+            and (n % CLUSTER == 0 or off + n == size)
+            and self.allowed("discard")
+            and self.source == "disks"
+        ):
             self.do("discard", i, off, n)
 
     @rule(disk=st.integers(0, 2), size=st.sampled_from(SIZES))
@@ -155,6 +162,8 @@ class ScenarioMachine(RuleBasedStateMachine):
         d = self.rig.shadow.disks[i]
         if size == d.size or not self.allowed("resize"):
             return
+        if self.source == "qmp" and (size < d.size or self.rig.shadow.open is not None):
+            return  # a running VM: grown online (block_resize), between syncs
         if size > d.size and d.ident in self.shrunk and not self.allowed("grow_after_shrink"):
             return
         if size < d.size:
@@ -164,15 +173,22 @@ class ScenarioMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.sc is not None and self.sc.shadow.open is None)
     @rule(size=st.sampled_from(SIZES))
     def add_disk(self, size: int) -> None:
-        if len(self.rig.shadow.disks) < 3 and self.allowed("add_disk"):
+        if len(self.rig.shadow.disks) < 3 and self.allowed("add_disk") and self.source == "disks":
             self.do("add_disk", size)
 
     @precondition(lambda self: self.sc is not None and self.sc.shadow.open is None)
     @rule(disk=st.integers(0, 2))
     def remove_disk(self, disk: int) -> None:
         n = len(self.rig.shadow.disks)
-        if n > 1 and self.allowed("remove_disk"):
+        if n > 1 and self.allowed("remove_disk") and self.source == "disks":
             self.do("remove_disk", disk % n)
+
+    @precondition(lambda self: self.sc is not None and self.sc.shadow.open is None)
+    @rule(a=st.integers(0, 2), b=st.integers(0, 2))
+    def restart(self, a: int, b: int) -> None:
+        n = len(self.rig.shadow.disks)
+        if self.source == "qmp" and self.allowed("restart"):
+            self.do("restart", a % n, b % n)
 
     # ------------------------------------------------------------------ syncs
 
@@ -245,9 +261,12 @@ class ScenarioMachine(RuleBasedStateMachine):
             self.do("export_during_prune")
 
 
-def make_machine(target: str, lab: AwsLab | None = None, excluded: frozenset[str] = frozenset()) -> type:
-    name = f"Scenarios{target.capitalize()}"
-    return type(name, (ScenarioMachine,), {"target": target, "lab": lab, "excluded": excluded})
+def make_machine(
+    target: str, lab: AwsLab | None = None, excluded: frozenset[str] = frozenset(), source: str = "disks"
+) -> type[ScenarioMachine]:
+    name = f"Scenarios{source.capitalize()}To{target.capitalize()}"
+    attrs = {"target": target, "lab": lab, "excluded": excluded, "source": source}
+    return type(name, (ScenarioMachine,), attrs)
 
 
 def without_open_defects() -> frozenset[str]:

@@ -11,6 +11,7 @@ A step is a small JSON-able list, so a failing sequence is printed, stored and r
     ["discard", disk, offset, length]          qemu-io discard (whole 64 KiB clusters: reads zero)
     ["resize", disk, size]                     qemu-img resize [--shrink]
     ["add_disk", size] / ["remove_disk", disk] the job's disk list changes (between syncs)
+    ["restart", a, b]                          the running VM restarts, devices a and b swapped
     ["begin", mode, copy_up_to, k]             inline: begin_and_copy(finish); split: begin_sync.
                                                k > 0: the inline copy fails at its k-th checkpoint.
                                                With a sync open after a failed begin: its retry,
@@ -33,10 +34,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from helpers_kvm import run
 from scenarios import checks
 from scenarios.faults import INJECTED, killed_copy, raise_at
 from scenarios.shadow import OpenSync, Shadow
+from scenarios.sources import RunningVm, StoppedVm
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
@@ -61,7 +62,6 @@ from sendense.models import (
     DiskCopyResult,
     FinishResult,
     JobSpec,
-    KvmSource,
     KvmTarget,
     PruneRequest,
     ReleaseRequest,
@@ -86,9 +86,17 @@ class ScenarioFailure(AssertionError):
 
 class Scenario:
     def __init__(
-        self, root: Path, target: str, lab: AwsLab | None = None, *, keep: int = 3, tuning: dict[str, Any]
+        self,
+        root: Path,
+        target: str,
+        lab: AwsLab | None = None,
+        *,
+        keep: int = 3,
+        tuning: dict[str, Any],
+        source: str = "disks",
     ) -> None:
         self.root, self.target_kind, self.lab = Path(root), target, lab
+        self.src: StoppedVm | RunningVm = RunningVm(self.root) if source == "qmp" else StoppedVm(self.root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.home = self.root / "home"
         self._old_home = os.environ.get("SENDENSE_HOME")
@@ -96,8 +104,7 @@ class Scenario:
         self.job = f"sc{uuid.uuid4().hex[:8]}"
         self.job_id = uuid.uuid4().hex
         self.tuning = Tuning(**tuning)
-        self.shadow = Shadow(keep)
-        self.images: list[Path] = []
+        self.shadow = Shadow(keep, live=source == "qmp")
         self.env = ActivityEnvironment()
         self.base: dict[str, str | None] = {}  # the change ids of the last committed point
         self.seq = 0
@@ -123,6 +130,7 @@ class Scenario:
         return self._lab_ec2
 
     def close(self) -> None:
+        self.src.close()
         if self._old_home is None:
             os.environ.pop("SENDENSE_HOME", None)
         else:
@@ -141,7 +149,7 @@ class Scenario:
         return JobSpec(
             name=self.job,
             job_id=self.job_id,
-            source=KvmSource(platform="kvm", disks=list(self.images)),
+            source=self.src.spec(),
             target=target,
             retention=Retention(points=self.shadow.keep),
             tuning=self.tuning,
@@ -175,7 +183,7 @@ class Scenario:
     # the source --------------------------------------------------------
 
     def _io(self, i: int, cmd: str) -> None:
-        run("qemu-io", "-f", "qcow2", "-c", cmd, self.images[i])
+        self.src.io(i, cmd)
         self.shadow.touched(i)
 
     def _do_write(self, i: int, offset: int, length: int, pattern: int) -> None:
@@ -194,20 +202,26 @@ class Scenario:
         self.shadow.disks[i].zero(offset, length)
 
     def _do_resize(self, i: int, size: int) -> None:
-        shrink = ["--shrink"] if size < self.shadow.disks[i].size else []
-        run("qemu-img", "resize", "-q", *shrink, "-f", "qcow2", self.images[i], size)
+        assert not (self.shadow.live and self.shadow.open), "the running VM is resized between syncs"
+        self.src.resize(i, size, shrink=size < self.shadow.disks[i].size)
         self.shadow.disks[i].resize(size)  # (after a snapshot: stale if the size differs at the copy)
 
     def _do_add_disk(self, size: int) -> None:
         assert self.shadow.open is None, "the disk list changes between syncs"
         d = self.shadow.add_disk(size)
-        path = self.root / f"img{d.ident}.qcow2"
-        run("qemu-img", "create", "-q", "-f", "qcow2", "-o", f"cluster_size={CLUSTER}", path, size)
-        self.images.append(path)
+        self.src.add(d.ident, size)
 
     def _do_remove_disk(self, i: int) -> None:
         assert self.shadow.open is None, "the disk list changes between syncs"
-        del self.images[i], self.shadow.disks[i]
+        self.src.remove(i)
+        del self.shadow.disks[i]
+
+    def _do_restart(self, a: int, b: int) -> None:
+        """The running VM restarted, devices a and b getting each other's image."""
+        assert self.shadow.open is None
+        self.src.restart(a, b)
+        d = self.shadow.disks
+        d[a], d[b] = d[b], d[a]
 
     # syncs -------------------------------------------------------------
 
@@ -269,7 +283,8 @@ class Scenario:
         key = snap.disks[len(self.results)].key
         req = CopyRequest(spec=self.live_spec(), sync_id=sync.sync_id, snapshot=snap, disk=key)
         # written, or resized to another size, after the snapshot: the copy must refuse
-        stale = key in sync.touched or self.shadow.disks[int(key[4:])].size != len(sync.contents[key])
+        resized = self.shadow.disks[int(key[4:])].size != len(sync.contents[key])
+        stale = key in sync.touched or (resized and not self.shadow.live)
         result: DiskCopyResult | None = None
         error: tuple[str, str] | None = None
         if fault == "kill":
@@ -395,3 +410,13 @@ class Scenario:
         left = [f.name for f in out.glob("*")]
         if left:
             self.fail(f"export during prune left {left}")
+
+
+def replay_log(root: Path, target: str, lab: AwsLab | None, log: list[Step]) -> None:
+    """Replay a scenario as the soak prints it: ["start", keep, tuning, source] and its steps."""
+    _, keep, tuning, source = log[0]
+    sc = Scenario(root, target, lab, keep=keep, tuning=tuning, source=source)
+    try:
+        sc.replay(log[1:])
+    finally:
+        sc.close()

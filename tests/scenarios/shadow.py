@@ -59,7 +59,8 @@ class OpenSync:
 
 
 class Shadow:
-    def __init__(self, keep: int) -> None:
+    def __init__(self, keep: int, *, live: bool = False) -> None:
+        self.live = live  # a running VM: its snapshot is QEMU's (copy-before-write), writes after it are fine
         self.disks: list[ShadowDisk] = []
         self.points: list[ShadowPoint] = []  # oldest first (commit order)
         self.keep = keep
@@ -79,7 +80,7 @@ class Shadow:
 
     def touched(self, index: int) -> None:
         """A guest write: after the snapshot instant it makes that disk's snapshot stale."""
-        if self.open is not None and self.open.snapped:
+        if self.open is not None and self.open.snapped and not self.live:
             self.open.touched.add(f"disk{index}")
 
     # ------------------------------------------------------------------ syncs
