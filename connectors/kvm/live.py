@@ -5,6 +5,9 @@ being the disk's identity (key and image path: `identity.disk_tag`), so a base i
 and image it was made on (disks swapped behind node names are a resync, with the reason). Persistent
 on qcow2; on a raw disk non-persistent (QEMU tracks it while the VM runs; after a restart that disk
 is resynced, with the reason). Which nodes are disks, under which key: `live_disks`.
+Each checkpoint has two disabled shrink markers merged in by the same transaction from a scratch node
+(`qemu.add_shrink_markers` explains them): block_resize truncates bitmaps on a shrink and extends them
+clean on a grow, so a disk shrunk and grown back since the base is copied from the shrunk size on.
 The job's bitmaps form a chain like libvirt checkpoints: the newest is enabled (records writes), older
 ones are disabled and hold the writes between their instant and the next checkpoint's.
 
@@ -53,11 +56,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from connectors.kvm.identity import base_problem, bitmap_name, bitmap_prefix, disk_tag, tracking_problem
+from connectors.kvm.identity import (
+    base_problem,
+    bitmap_name,
+    bitmap_prefix,
+    disk_tag,
+    marker_prefix,
+    shrink_markers,
+    tracking_problem,
+)
 from connectors.kvm.live_disks import QemuDisk, record, recorded
 from connectors.kvm.live_qemu import QmpJob, action, temp_prefix
 from connectors.kvm.offline import NbdSourceDisk
-from connectors.kvm.qemu import qemu_img, read_qcow2_header, remove_bitmaps
+from connectors.kvm.qemu import SPAN_GRANULARITY, marker_scratch, qemu_img, read_qcow2_header, remove_bitmaps
 from connectors.kvm.qmp import QmpClient, VmNotRunning
 from sendense.datapath.nbd import unix_uri
 from sendense.errors import (
@@ -129,8 +140,14 @@ class QmpSource(QmpJob):
                 if bad:
                     lost = tracking_problem(self._flags(chain), bad, f"node {node}")
                     sources = []
+        regrown = None
+        if since and not lost:
+            lost, regrown = self._shrunk(since, bitmaps, node)
         if lost:
             log.warning("disk %s of %s: change tracking lost: %s", d.key, self.qmp, lost)
+        for m in shrink_markers(new, self.job):  # an earlier attempt's markers: made afresh
+            if m in bitmaps:
+                self._try(c, "block-dirty-bitmap-remove", node=node, name=m)
         # leftovers: a checkpoint of an earlier attempt at this very snapshot, unusable bitmaps
         if new in chain:
             self._rollback_checkpoint(c, node, new, None, chain)
@@ -147,6 +164,8 @@ class QmpSource(QmpJob):
             "node": node,
             "size": d.size,
             "new": new,
+            "markers": shrink_markers(new, self.job),
+            "regrown": regrown,
             "persistent": d.persistent,
             "since": since,
             "lost": lost,
@@ -154,6 +173,41 @@ class QmpSource(QmpJob):
             "prevs": sorted(n for n, b in chain.items() if b.get("recording") and n != new),
             **self._ids(d.key, nonce),
         }
+
+    def _shrunk(self, since: str, bitmaps: dict[str, Any], node: str) -> tuple[str | None, int | None]:
+        """As `OfflineQcow2Source._shrunk`, from QEMU's dirty counts: a clean tail marker means the disk
+        was shrunk since base `since` (block_resize truncates bitmaps and extends them clean), and the
+        span marker's count (a dirty prefix) is how far, within one granule."""
+        span, tail = shrink_markers(since, self.job)
+        for m in (span, tail):
+            if m not in bitmaps or bitmaps[m].get("inconsistent"):
+                return f"the shrink marker {m} of checkpoint {since} is missing from node {node}", None
+        if int(bitmaps[tail].get("count", 0)):
+            return None, None
+        return None, max(0, int(bitmaps[span].get("count", 0)) - SPAN_GRANULARITY)
+
+    def _add_markers(
+        self, c: QmpClient, plans: list[dict[str, Any]], nonce: str, nodes: dict[int, str]
+    ) -> list[dict[str, Any]]:
+        """Scratch nodes holding the marker bitmaps to merge from (one per disk size; the caller deletes
+        them), and the transaction actions that add each disk's markers."""
+        actions: list[dict[str, Any]] = []
+        for p in plans:
+            if p["size"] not in nodes:
+                nodes[p["size"]] = f"sdm-{self._jh}-{nonce}-{len(nodes)}"
+                scratch = {"driver": "file", "filename": str(marker_scratch(p["size"])), "read-only": True}
+                args = {"driver": "qcow2", "node-name": nodes[p["size"]], "read-only": True, "file": scratch}
+                c.execute("blockdev-add", **args)
+            for name, src, gran in zip(p["markers"], ("span", "tail"), (SPAN_GRANULARITY, 512), strict=True):
+                add = {"node": p["node"], "name": name, "granularity": gran, "disabled": True}
+                actions.append(action("block-dirty-bitmap-add", **add, persistent=p["persistent"]))
+                merge = {
+                    "node": p["node"],
+                    "target": name,
+                    "bitmaps": [{"node": nodes[p["size"]], "name": src}],
+                }
+                actions.append(action("block-dirty-bitmap-merge", **merge))
+        return actions
 
     def create_snapshot(self, snapshot_id: str, base: dict[str, str | None]) -> SnapshotRef:
         nonce = secrets.token_hex(3)
@@ -167,6 +221,7 @@ class QmpSource(QmpJob):
             # fleece images, backed by the live disk nodes
             self._fleece_dir().mkdir(parents=True, exist_ok=True)
             added: list[str] = []
+            scratch: dict[int, str] = {}  # disk size -> marker scratch node
             try:
                 for p in plans:
                     opts = f"cluster_size={GRANULARITY}"
@@ -175,7 +230,7 @@ class QmpSource(QmpJob):
                     node_args = {"driver": "qcow2", "node-name": p["fleece_node"], "backing": p["node"]}
                     c.execute("blockdev-add", **node_args, file=fleece)
                     added.append(p["fleece_node"])
-                actions: list[dict[str, Any]] = []
+                actions = self._add_markers(c, plans, nonce, scratch)  # at the snapshot instant too
                 for p in plans:
                     node = p["node"]
                     if p["sources"]:
@@ -211,11 +266,12 @@ class QmpSource(QmpJob):
                     actions.append(action("blockdev-backup", **backup))
                 c.execute("transaction", actions=actions)
             except BaseException:
-                self._del_nodes(c, set(added))
+                self._del_nodes(c, set(added) | set(scratch.values()))
                 for p in plans:
                     Path(p["fleece_file"]).unlink(missing_ok=True)
                 raise
             created_at = datetime.now(UTC)
+            self._del_nodes(c, set(scratch.values()))
 
             snap_disks = [
                 DiskSnapshot(
@@ -234,6 +290,7 @@ class QmpSource(QmpJob):
                         "fleece_node": p["fleece_node"],
                         "fleece_file": p["fleece_file"],
                         "temp_bitmap": tmp if p["sources"] else "",
+                        **({"regrown": str(p["regrown"])} if p["regrown"] is not None else {}),
                         "prev_bitmaps": json.dumps(p["prevs"]),
                     },
                 )
@@ -281,7 +338,8 @@ class QmpSource(QmpJob):
             )
         uri = unix_uri(h["socket"], h["export"])
         bitmap_for = {d.base_change_id: h["temp_bitmap"]} if d.base_change_id and h.get("temp_bitmap") else {}
-        with NbdSourceDisk(uri, d.size, bitmap_for=bitmap_for) as disk:
+        regrown = int(h["regrown"]) if h.get("regrown") else None
+        with NbdSourceDisk(uri, d.size, bitmap_for=bitmap_for, regrown=regrown) as disk:
             try:
                 size = disk.status().size  # the connection the copy's block status queries use
             except ResourceUnavailable as err:  # the export was there: worth a retry in place
@@ -325,7 +383,7 @@ class QmpSource(QmpJob):
                     (node, b["name"])
                     for node, info in self._named_nodes(c).items()
                     for b in info.get("dirty-bitmaps", []) or []
-                    if b.get("name", "").startswith(prefix)
+                    if b.get("name", "").startswith((prefix, marker_prefix(self.job)))
                 }
             )
 
@@ -360,7 +418,11 @@ class QmpSource(QmpJob):
                 continue
             remove_bitmaps(
                 img,
-                [n for n in read_qcow2_header(img).bitmaps if n.startswith(prefix)],
+                [
+                    n
+                    for n in read_qcow2_header(img).bitmaps
+                    if n.startswith((prefix, marker_prefix(self.job)))
+                ],
                 f"QMP socket {self.qmp}: the VM is not running but image {img} is in use by another "
                 f"process: the dirty bitmaps {prefix}* of job {self.job} stay in it",
             )
@@ -390,7 +452,16 @@ class QmpSource(QmpJob):
                         and (not b.get("recording") or b.get("inconsistent"))
                     ):
                         self._try(c, "block-dirty-bitmap-remove", node=node, name=n)
+                keep = set(shrink_markers(d.change_id, self.job))
+                for n in bitmaps:
+                    if n.startswith(marker_prefix(self.job)) and n not in keep:
+                        self._try(c, "block-dirty-bitmap-remove", node=node, name=n)
             else:
                 prevs = json.loads(d.handle.get("prev_bitmaps", "[]"))
                 self._rollback_checkpoint(c, node, d.change_id, prevs, bitmaps)
+                left = self._bitmaps(c, node)
+                if d.change_id not in left:  # (kept: a later attempt's under the same name, say)
+                    for n in shrink_markers(d.change_id, self.job):
+                        if n in left:
+                            self._try(c, "block-dirty-bitmap-remove", node=node, name=n)
         self._stop_nbd_if_idle(c)

@@ -172,7 +172,9 @@ class QmpJob:
         self._del_exports(c, exports)
         self._end_jobs(c, jobs)
         named = self._named_nodes(c)
-        self._del_nodes(c, {n for n in named if n.startswith(mine[2])})
+        self._del_nodes(
+            c, {n for n in named if n.startswith((mine[2], f"sdm-{self._jh}-"))}
+        )  # + marker scratch
         if exports or jobs:
             log.info("removed stale exports %s and backup jobs %s of job %s", exports, jobs, self.job)
         if self._fleece_dir().is_dir():

@@ -160,7 +160,7 @@ def _bitmap_directory(
 SPAN_GRANULARITY = 64 << 10  # the span marker's granularity (a 1 TiB disk: a 2 MiB bitmap)
 
 
-def _marker_scratch(size: int) -> Path:
+def marker_scratch(size: int) -> Path:
     """A scratch qcow2 of `size` holding the two marker bitmaps to merge from (qemu-img cannot set
     bits): `span`, every bit dirty, and `tail` (512-byte granularity), only the last sector dirty.
     Zero writes dirty bitmaps and allocate nothing. Its content depends on the size alone, so it is
@@ -200,7 +200,7 @@ def add_shrink_markers(image: Path, span: str, tail: str, size: int) -> None:
     the whole disk, and `tail`, dirty at its last sector only. A shrink truncates bitmaps and a grow
     extends them clean, so a clean `tail` means the disk was shrunk, and where `span` turns clean is
     how far (to within one granule)."""
-    scratch = _marker_scratch(size)
+    scratch = marker_scratch(size)
     for name, src, gran in ((span, "span", SPAN_GRANULARITY), (tail, "tail", 512)):
         merge = ["--merge", src, "-b", str(scratch), "-F", "qcow2"]
         qemu_img("bitmap", "--add", "-g", str(gran), "--disable", *merge, str(image), name)
