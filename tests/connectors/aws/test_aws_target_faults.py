@@ -101,7 +101,14 @@ def test_a_zero_write_clears_a_block_the_pending_snapshot_wrote(
         with tgt.open_disk("p2", "disk0") as td:
             w = td.connect()
             w.write(4 * MiB, b"\xee" * BLOCK)
+            w.write(4 * MiB + BLOCK, b"\xef" * BLOCK)
+            held = [(e.offset, e.length) for e in td.data_extents(0, 8 * MiB)]
+            assert held == [(0, BLOCK), (4 * MiB, 2 * BLOCK)]  # the parent's block, then a run of two
             w.zero(4 * MiB, BLOCK)
+            assert [(e.offset, e.length) for e in td.data_extents(0, 8 * MiB)] == [
+                (0, BLOCK),
+                (4 * MiB + BLOCK, BLOCK),
+            ]
             assert w.read(4 * MiB, BLOCK) == bytes(BLOCK)  # a compare read sees the zeros it wrote
             w.flush()
         p2 = tgt.commit("p2", info(snap, []))
