@@ -1,0 +1,265 @@
+"""`sendense job ...`: replication jobs, through their workflows."""
+
+from __future__ import annotations
+
+import secrets
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import typer
+from rich.console import Console
+from rich.table import Column, Table
+from rich.text import Text
+
+from sendense import config
+from sendense.cli.output import JsonOpt, emit_json, fail, human, one_line, out, run, warn
+from sendense.errors import InvalidSpec
+from sendense.models import JobStatus, Settings, SyncResult
+
+if TYPE_CHECKING:
+    from sendense.cli.client import JobView
+
+job_app = typer.Typer(help="Replication jobs.", no_args_is_help=True)
+
+
+async def connect() -> Any:
+    """The job client, imported when a command needs it (not for `--help` or a usage error)."""
+    from sendense.cli.client import Jobs
+
+    return await Jobs.connect()
+
+
+def _with_lag(st: JobStatus) -> JobStatus:
+    if st.last_point_at is not None:
+        st.rpo_lag_seconds = round((datetime.now(UTC) - st.last_point_at).total_seconds(), 1)
+    return st
+
+
+@job_app.command("create")
+def job_create(
+    file: Path = typer.Option(..., "-f", "--file", help="job spec (YAML)"),
+    wait: bool = typer.Option(True, help="wait until the job has validated its source and target"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Create a replication job from a spec; its first (full) sync starts at once."""
+    from connectors.registry import source_for, target_for
+    from sendense.spec import load_spec
+
+    async def go() -> JobStatus | None:
+        spec = load_spec(file)
+        jobs = await connect()
+        if await jobs.exists(spec.name):  # before the checks below: they would see its replicas
+            raise InvalidSpec(f"name: job {spec.name!r} already exists")
+        spec = spec.model_copy(update={"job_id": secrets.token_hex(8)})  # its replicas will carry it
+        local = config.host_id()
+        if spec.source.host in (None, local):
+            src = source_for(spec, config.home() / "work" / spec.name)
+            src.validate()
+        if spec.target.host in (None, local):
+            target_for(spec).validate()
+        await jobs.create(spec)
+        return await jobs.wait_started(spec.name) if wait else None
+
+    st = run(go)
+    if as_json:
+        emit_json(st or {"created": True})
+    else:
+        out.print(f"job created; state {st.state if st else 'starting'}")
+
+
+@job_app.command("list")
+def job_list(as_json: bool = JsonOpt) -> None:
+    """List running jobs."""
+
+    async def go() -> list[JobView]:
+        jobs = await (await connect()).list()
+        for s in jobs:
+            _with_lag(s)
+        return jobs
+
+    jobs = run(go)
+    if as_json:
+        emit_json(jobs)
+        return
+    t = Table(  # names and point ids whole: they are what the user types next
+        Column("name", no_wrap=True),
+        "state",
+        "source",
+        Column("last point", no_wrap=True),
+        "RPO lag",
+        "syncs",
+        "failures",
+    )
+    for s in jobs:
+        lag = f"{s.rpo_lag_seconds:.0f}s" if s.rpo_lag_seconds is not None else "-"
+        t.add_row(s.name, s.state, s.source, s.last_point or "-", lag, str(s.syncs), str(s.failures))
+    out.print(t)
+    for s in jobs:
+        if s.no_answer:
+            warn(f"job {s.name}: {s.no_answer}")
+
+
+@job_app.command("status")
+def job_status(name: str, as_json: bool = JsonOpt) -> None:
+    """Show a job's state, last point, RPO lag, bytes, errors, and the step in flight with its retries."""
+
+    async def go() -> JobView:
+        st = await (await connect()).status(name)
+        _with_lag(st)
+        return st
+
+    st = run(go)
+    if as_json:
+        emit_json(st)
+        return
+    for k, v in status_rows(st):
+        out.print(Text.assemble((f"{k:>17}", "bold"), ": ", v), soft_wrap=True)  # one row, one line
+
+
+def status_rows(st: JobView) -> list[tuple[str, str]]:
+    """`job status` as (label, text) rows; the text is printed as is, never as markup."""
+    next_sync = "- (paused)" if st.state == "paused" else str(st.next_sync_at or "-")
+    rows = [
+        ("state", st.state),
+        ("source", st.source),
+        ("target", st.target),
+        ("interval", f"{st.interval_seconds:.0f}s"),
+        ("retention", f"{st.retention_points} points"),
+        ("last point", f"{st.last_point or '-'}"),
+        ("RPO lag", f"{st.rpo_lag_seconds:.0f}s" if st.rpo_lag_seconds is not None else "-"),
+        ("next sync", next_sync),
+        ("syncs / failures", f"{st.syncs} / {st.failures}"),
+        ("written", human(st.total_bytes_written)),
+    ]
+    if st.current_sync:
+        rows.append(("current sync", st.current_sync))
+    for step in st.steps:
+        of = f"/{step.maximum_attempts}" if step.maximum_attempts else ""
+        text = f"{step.activity}, attempt {step.attempt}{of}"
+        if step.state == "scheduled":  # no worker has it: a retry's backoff, or no worker on its queue
+            due = step.next_attempt_at
+            text += f" (next try {due.isoformat(timespec='seconds')})" if due else " (waiting for a worker)"
+        if step.last_failure:
+            text += f"; last error: {step.last_failure}"
+        rows.append(("step", text))
+    if st.last_sync:
+        ls = st.last_sync
+        rows.append(("last sync", f"{ls.kind}, {human(ls.bytes_written)} written, {ls.seconds:.1f}s"))
+    if st.resyncs:
+        rows.append(("resyncs", f"{st.resyncs} (last: {st.last_resync_reason})"))
+    if st.last_error:
+        rows.append(("last error", one_line(st.last_error)))
+    if st.spec_problem:
+        rows.append(("spec", st.spec_problem))
+    return rows
+
+
+def _sync_result_line(r: SyncResult) -> str:
+    return (
+        f"point {r.point_id} ({r.kind}): read {human(r.bytes_read)}, wrote {human(r.bytes_written)}, "
+        f"zeroed {human(r.bytes_zeroed)} in {r.seconds:.1f}s"
+    )
+
+
+def sync_with_progress(name: str, console: Console) -> SyncResult:
+    from sendense.cli.progress import sync_now_with_progress
+
+    async def go() -> SyncResult:
+        return await sync_now_with_progress(await connect(), name, console)
+
+    return run(go)
+
+
+@job_app.command("sync-now")
+def job_sync_now(
+    name: str,
+    wait: bool = typer.Option(False, "--wait", help="wait for the sync and print its result"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Start a sync now (refused on a paused job, with or without --wait: resume it first)."""
+    if wait and not as_json:
+        r = sync_with_progress(name, out)
+        out.print(_sync_result_line(r))
+        return
+
+    async def go() -> SyncResult | None:
+        return await (await connect()).sync_now(name, wait=wait)
+
+    res = run(go)
+    if as_json:
+        emit_json(res if res is not None else {"requested": True})
+    else:
+        out.print("sync requested (it starts now, or after the running sync)")
+
+
+@job_app.command("pause")
+def job_pause(name: str, as_json: bool = JsonOpt) -> None:
+    """Pause a job (a running sync finishes first)."""
+    run(lambda: _call(name, "pause"))
+    emit_json({"paused": True}) if as_json else out.print("paused")
+
+
+@job_app.command("resume")
+def job_resume(name: str, as_json: bool = JsonOpt) -> None:
+    """Resume a paused job."""
+    run(lambda: _call(name, "resume"))
+    emit_json({"resumed": True}) if as_json else out.print("resumed")
+
+
+async def _call(name: str, verb: str) -> None:
+    await getattr(await connect(), verb)(name)
+
+
+@job_app.command("settings")
+def job_settings(
+    name: str,
+    interval: str = typer.Option(None, help="new sync interval, e.g. 5m"),
+    retention: int = typer.Option(None, help="recovery points to keep"),
+    bandwidth: int = typer.Option(None, help="bandwidth limit in bytes/s (0 = unlimited)"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Change a running job's interval, retention or bandwidth limit."""
+    from pydantic import ValidationError
+
+    from sendense.spec import format_validation_error
+
+    given = {"interval": interval, "retention_points": retention, "bandwidth_limit": bandwidth}
+    try:
+        s = Settings.model_validate({k: v for k, v in given.items() if v is not None})
+    except ValidationError as e:
+        fail(format_validation_error(e, "settings."))
+    if not s.model_fields_set:
+        fail("give at least one of --interval, --retention, --bandwidth")
+
+    async def go() -> JobStatus:
+        return await (await connect()).settings(name, s)
+
+    st = run(go)
+    emit_json(st) if as_json else out.print(
+        f"interval {st.interval_seconds:.0f}s, retention {st.retention_points}"
+    )
+
+
+@job_app.command("delete")
+def job_delete(
+    name: str,
+    purge: bool = typer.Option(False, "--purge", help="also delete the replicas and all recovery points"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Stop a job (after its running sync). Recovery points are kept unless --purge."""
+
+    async def go() -> JobStatus:
+        return await (await connect()).delete(name, purge)
+
+    final = run(go)
+    left = final.left_behind if final is not None else []
+    purged = purge and not any(x.startswith("replicas:") for x in left)
+    if as_json:
+        emit_json({"deleted": name, "purged": purged, "left_behind": left})
+    else:
+        out.print(
+            f"job {name} deleted" + ("" if not left else "; left behind: " + "; ".join(left)), markup=False
+        )
+    if purge and not purged:
+        raise typer.Exit(1)
