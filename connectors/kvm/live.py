@@ -6,8 +6,9 @@ and image it was made on (disks swapped behind node names are a resync, with the
 on qcow2; on a raw disk non-persistent (QEMU tracks it while the VM runs; after a restart that disk
 is resynced, with the reason). Which nodes are disks, under which key: `live_disks`.
 Each checkpoint has two disabled shrink markers merged in by the same transaction from a scratch node
-(`qemu.add_shrink_markers` explains them): block_resize truncates bitmaps on a shrink and extends them
-clean on a grow, so a disk shrunk and grown back since the base is copied from the shrunk size on.
+(`image_bitmaps.add_shrink_markers` explains them): block_resize truncates bitmaps on a shrink and
+extends them clean on a grow, so a disk shrunk and grown back since the base is copied from the shrunk
+size on.
 The job's bitmaps form a chain like libvirt checkpoints: the newest is enabled (records writes), older
 ones are disabled and hold the writes between their instant and the next checkpoint's.
 
@@ -65,10 +66,11 @@ from connectors.kvm.identity import (
     shrink_markers,
     tracking_problem,
 )
+from connectors.kvm.image_bitmaps import SPAN_GRANULARITY, marker_scratch
 from connectors.kvm.live_disks import QemuDisk, record, recorded
 from connectors.kvm.live_qemu import QmpJob, action, temp_prefix
 from connectors.kvm.offline import NbdSourceDisk
-from connectors.kvm.qemu import SPAN_GRANULARITY, marker_scratch, qemu_img, read_qcow2_header, remove_bitmaps
+from connectors.kvm.qemu import qemu_img, read_qcow2_header, remove_bitmaps
 from connectors.kvm.qmp import QmpClient, VmNotRunning
 from sendense.datapath.nbd import unix_uri
 from sendense.errors import (

@@ -16,8 +16,8 @@ made on; anything else is a resync with the reason (`identity.base_problem`).
 Shrink markers: a shrink truncates every bitmap and a grow extends them clean, so a disk shrunk and
 grown back between two points reads zeros in the regrown area that no bitmap shows as changed (the
 point kept the old bytes there). Each snapshot's bitmap therefore has two disabled markers,
-`sendense-shrink.<job>.<snapshot>.<tag>.span|tail` (`qemu.add_shrink_markers`): a clean tail means the
-disk was shrunk since, and where the span turns clean says to where (within one 64 KiB granule), so
+`sendense-shrink.<job>.<snapshot>.<tag>.span|tail` (`image_bitmaps.add_shrink_markers`): a clean tail
+means the disk was shrunk since, and where the span turns clean says to where (within one 64 KiB granule), so
 the next incremental from that base also copies everything from there on (`NbdSourceDisk.regrown`).
 A shrink between a snapshot and its copy makes that snapshot inconsistent.
 
@@ -41,14 +41,16 @@ from connectors.kvm.identity import (
     marker_prefix,
     shrink_markers,
 )
-from connectors.kvm.qemu import (
+from connectors.kvm.image_bitmaps import (
     SPAN_GRANULARITY,
-    Qcow2Header,
     add_shrink_markers,
     bitmap_dirty_end,
     bitmap_is_clean,
-    image_info,
     image_lock,
+)
+from connectors.kvm.qemu import (
+    Qcow2Header,
+    image_info,
     is_qcow2,
     qemu_img,
     qemu_nbd,
