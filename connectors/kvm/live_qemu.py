@@ -16,7 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from connectors.kvm.identity import bitmap_prefix
+from connectors.kvm.identity import bitmap_prefix, shrink_markers
+from connectors.kvm.image_bitmaps import SPAN_GRANULARITY, marker_scratch
 from connectors.kvm.live_disks import QemuDisk, list_disks, named_nodes, record, refusal
 from connectors.kvm.qmp import QmpClient, QmpError
 from sendense.errors import InvalidSpec, ResourceUnavailable
@@ -239,3 +240,40 @@ class QmpJob:
             actions.append(action("block-dirty-bitmap-enable", node=node, name=p))
         actions.append(action("block-dirty-bitmap-remove", node=node, name=new))
         c.execute("transaction", actions=actions)
+
+    # ------------------------------------------------------------------ shrink markers
+
+    def _shrunk(self, since: str, bitmaps: dict[str, Any], node: str) -> tuple[str | None, int | None]:
+        """As `OfflineQcow2Source._shrunk`, from QEMU's dirty counts: a clean tail marker means the disk
+        was shrunk since base `since` (block_resize truncates bitmaps and extends them clean), and the
+        span marker's count (a dirty prefix) is how far, within one granule."""
+        span, tail = shrink_markers(since, self.job)
+        for m in (span, tail):
+            if m not in bitmaps or bitmaps[m].get("inconsistent"):
+                return f"the shrink marker {m} of checkpoint {since} is missing from node {node}", None
+        if int(bitmaps[tail].get("count", 0)):
+            return None, None
+        return None, max(0, int(bitmaps[span].get("count", 0)) - SPAN_GRANULARITY)
+
+    def _add_markers(
+        self, c: QmpClient, plans: list[dict[str, Any]], nonce: str, nodes: dict[int, str]
+    ) -> list[dict[str, Any]]:
+        """Scratch nodes holding the marker bitmaps to merge from (one per disk size; the caller deletes
+        them), and the transaction actions that add each disk's markers."""
+        actions: list[dict[str, Any]] = []
+        for p in plans:
+            if p["size"] not in nodes:
+                nodes[p["size"]] = f"sdm-{self._jh}-{nonce}-{len(nodes)}"
+                scratch = {"driver": "file", "filename": str(marker_scratch(p["size"])), "read-only": True}
+                args = {"driver": "qcow2", "node-name": nodes[p["size"]], "read-only": True, "file": scratch}
+                c.execute("blockdev-add", **args)
+            for name, src, gran in zip(p["markers"], ("span", "tail"), (SPAN_GRANULARITY, 512), strict=True):
+                add = {"node": p["node"], "name": name, "granularity": gran, "disabled": True}
+                actions.append(action("block-dirty-bitmap-add", **add, persistent=p["persistent"]))
+                merge = {
+                    "node": p["node"],
+                    "target": name,
+                    "bitmaps": [{"node": nodes[p["size"]], "name": src}],
+                }
+                actions.append(action("block-dirty-bitmap-merge", **merge))
+        return actions
