@@ -823,3 +823,23 @@ def test_a_domain_redefined_under_the_same_name_resyncs_with_the_reason(
     )
     assert s2.results["vda"].kind == "resync"
     assert_point(tgt, "p2", ref)
+
+
+def test_a_raw_disk_is_refused_at_validate_saying_what_to_do(
+    lab: LabLibvirtd, tmp_path: Path, work: Path
+) -> None:
+    """libvirt checkpoints need qcow2: a raw disk is refused at create, never skipped."""
+    raw = tmp_path / "data.img"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(raw), "16M"], check=True)
+    conn = lab.connect()
+    dom = define_lab_domain(conn, f"raw-{uuid.uuid4().hex[:8]}", [raw], fmt="raw")
+    try:
+        with pytest.raises(InvalidSpec) as ei:
+            LibvirtSource("job1", lab.uri, dom.name(), work).validate()
+        assert str(ei.value) == (
+            f"libvirt domain {dom.name()} on {lab.uri}: disk vda (file/raw) cannot be replicated: only qcow2 "
+            "file disks have checkpoints (convert it with the domain shut off: qemu-img convert -O qcow2)"
+        )
+    finally:
+        remove_lab_domain(dom)
+        conn.close()
