@@ -89,8 +89,12 @@ class NbdSourceDisk:
         *,
         bitmaps: Sequence[str] = (),
         regrown: int | None = None,
+        tracks_resize: bool = False,
     ) -> None:
         self.uri, self.size = uri, size
+        # the form's shrink markers catch a shrink (datapath.sync skips its own check then); libvirt
+        # owns its bitmaps and has none
+        self.tracks_resize = tracks_resize
         self.bitmap_for = bitmap_for or {}  # change id -> exported bitmap name
         self.regrown = regrown  # changed since the base from here on, whatever the bitmap says (a shrink)
         self.bitmaps = tuple(dict.fromkeys([*self.bitmap_for.values(), *bitmaps]))  # exported names
@@ -256,7 +260,7 @@ class OfflineQcow2Source:
         with (
             self._lock(path, exclusive=False),
             qemu_nbd(path, readonly=True, bitmaps=bitmaps) as srv,
-            NbdSourceDisk(srv.uri, d.size, bitmaps=bitmaps, regrown=regrown) as disk,
+            NbdSourceDisk(srv.uri, d.size, bitmaps=bitmaps, regrown=regrown, tracks_resize=True) as disk,
         ):
             info = read_qcow2_header(path)
             tail = shrink_markers(d.change_id, self.job)[1]
