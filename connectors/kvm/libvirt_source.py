@@ -276,7 +276,8 @@ class LibvirtSource(LibvirtJob):
                 raise gone
         bitmap = d.handle.get("bitmap")
         bitmap_for = {d.base_change_id: bitmap} if bitmap and d.base_change_id and not d.tracking_lost else {}
-        with NbdSourceDisk(unix_uri(sock, export), d.size, bitmap_for=bitmap_for) as disk:
+        label = f"disk {key} of domain {self.domain}"
+        with NbdSourceDisk(unix_uri(sock, export), d.size, bitmap_for=bitmap_for, label=label) as disk:
             try:
                 size = disk.status().size  # the connection the copy's block status queries use
             except ResourceUnavailable as err:  # the backup job was there: worth a retry in place

@@ -305,7 +305,10 @@ class QmpSource(QmpJob):
         uri = unix_uri(h["socket"], h["export"])
         bitmap_for = {d.base_change_id: h["temp_bitmap"]} if d.base_change_id and h.get("temp_bitmap") else {}
         regrown = int(h["regrown"]) if h.get("regrown") else None
-        with NbdSourceDisk(uri, d.size, bitmap_for=bitmap_for, regrown=regrown, tracks_resize=True) as disk:
+        label = f"disk {key} of the VM behind {self.qmp}"
+        with NbdSourceDisk(
+            uri, d.size, bitmap_for=bitmap_for, regrown=regrown, tracks_resize=True, label=label
+        ) as disk:
             try:
                 size = disk.status().size  # the connection the copy's block status queries use
             except ResourceUnavailable as err:  # the export was there: worth a retry in place

@@ -90,8 +90,10 @@ class NbdSourceDisk:
         bitmaps: Sequence[str] = (),
         regrown: int | None = None,
         tracks_resize: bool = False,
+        label: str | None = None,
     ) -> None:
         self.uri, self.size = uri, size
+        self.label = label  # what errors call the disk (its image, its VM): never the internal socket
         # the form's shrink markers catch a shrink (datapath.sync skips its own check then); libvirt
         # owns its bitmaps and has none
         self.tracks_resize = tracks_resize
@@ -103,7 +105,7 @@ class NbdSourceDisk:
     def status(self) -> NbdConnection:
         if self._status is None:
             contexts = (ALLOCATION, *(dirty_context(b) for b in self.bitmaps))
-            self._status = NbdConnection(self.uri, contexts=contexts)
+            self._status = NbdConnection(self.uri, contexts=contexts, label=self.label)
         return self._status
 
     def extents(self, since: str | None, start: int = 0) -> Iterator[Extent]:
@@ -115,7 +117,7 @@ class NbdSourceDisk:
             yield from self.status().changed_extents(None, start=max(start, cut))
 
     def connect(self) -> NbdConnection:
-        return NbdConnection(self.uri)
+        return NbdConnection(self.uri, label=self.label)
 
     def close(self) -> None:
         if self._status is not None:
@@ -260,7 +262,14 @@ class OfflineQcow2Source:
         with (
             self._lock(path, exclusive=False),
             qemu_nbd(path, readonly=True, bitmaps=bitmaps) as srv,
-            NbdSourceDisk(srv.uri, d.size, bitmaps=bitmaps, regrown=regrown, tracks_resize=True) as disk,
+            NbdSourceDisk(
+                srv.uri,
+                d.size,
+                bitmaps=bitmaps,
+                regrown=regrown,
+                tracks_resize=True,
+                label=f"source disk {path}",
+            ) as disk,
         ):
             info = read_qcow2_header(path)
             tail = shrink_markers(d.change_id, self.job)[1]

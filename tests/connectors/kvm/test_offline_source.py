@@ -9,6 +9,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from helpers_kvm import (
     SHRINK_MARKER,
@@ -34,6 +35,7 @@ from sendense.errors import (
     InvalidSpec,
     ResourceNotFound,
     ResourceUnavailable,
+    SendenseError,
     SnapshotInconsistent,
 )
 from sendense.models import PointDisk, PointInfo, SnapshotRef
@@ -706,3 +708,19 @@ def test_a_disk_shrunk_and_grown_back_is_copied_from_the_shrunk_size_and_the_poi
     assert (p5.results["disk0"].kind, p5.results["disk0"].stats.bytes_written) == ("incremental", 64 * KiB)
     rig.assert_point_exact("p5")
     assert bitmap_names(img) == [bm("p5", img)]
+
+
+def test_a_read_error_names_the_source_disk_not_an_internal_socket(tmp_path: Path) -> None:
+    """Errors name what the user knows: the image, never qemu-nbd's socket in a temp dir."""
+    rig = Rig(tmp_path, [16 * MiB])
+    qemu_io(rig.images[0], "write -P 0x11 0 1M")
+    snap = rig.src.create_snapshot("p1", {})
+    with rig.src.open_disk(snap, "disk0") as disk:
+        reader = disk.connect()
+        os.kill(int(next(iter(psutil.Process().children())).pid), signal.SIGKILL)  # qemu-nbd dies
+        time.sleep(0.2)
+        with pytest.raises(SendenseError) as ei:
+            reader.read(0, 65536)
+    msg = str(ei.value)
+    assert str(rig.images[0]) in msg and "socket" not in msg and "nbd+unix" not in msg, msg
+    rig.src.release_snapshot(snap, committed=False)
