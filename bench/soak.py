@@ -1,11 +1,12 @@
 """`python -m bench --soak [--seed N] [--steps N] [--target kvm|aws|all]`: the scenario runner
 (tests/scenarios) for as long as asked.
 
-Rounds of hypothesis runs of the scenario state machine, round r seeded with seed + r, until the
-step budget is spent. A failing round is shrunk by hypothesis to a minimal step sequence, which is
-printed (with the seed that found it) and kept in bench/results/soak.json; the next round goes on,
-so one run can find several faults. A failure seen again (same message, ids and offsets aside) is
-counted, not repeated. Every failure found belongs in tests/scenarios/test_regressions.py.
+Rounds of hypothesis runs of the scenario state machine, round r seeded with seed + r, the stopped
+and the running VM form by turns, until the step budget is spent. A failing round is shrunk by
+hypothesis to a minimal step sequence, which is printed (with the seed that found it) and kept in
+bench/results/soak.json; the next round goes on, so one run can find several faults. A failure
+seen again (same message, ids and offsets aside) is counted, not repeated. Every failure found
+belongs in tests/scenarios/test_regressions.py.
 Exit status: 0, or 1 if any scenario failed.
 """
 
@@ -89,7 +90,8 @@ def soak(seed: int, steps: int, targets: list[str], out: Path) -> int:
             budget = steps // len(targets)
             r = 0
             while Counters.steps - before[1] < budget:
-                machine = make_machine(target, lab)
+                source = "qmp" if r % 2 else "disks"  # stopped and running VM forms by turns
+                machine = make_machine(target, lab, source=source)
                 hyp_seed(seed + r)(machine)
                 rounds += 1
                 try:
@@ -98,12 +100,15 @@ def soak(seed: int, steps: int, targets: list[str], out: Path) -> int:
                     if isinstance(e, KeyboardInterrupt):
                         raise
                     f = _failure(e, list(machine.last_log))
-                    key = f"{target}: {_signature(f['what'])}"
+                    key = f"{source} -> {target}: {_signature(f['what'])}"
                     if key in failures:
                         failures[key]["seen"] += 1
                     else:
-                        failures[key] = {"target": target, "seed": seed + r, "seen": 1, **f}
-                        print(f"\nsoak: FAILURE ({target}, seed {seed + r}): {f['what']}", flush=True)
+                        failures[key] = {"target": target, "source": source, "seed": seed + r, "seen": 1, **f}
+                        print(
+                            f"\nsoak: FAILURE ({source} -> {target}, seed {seed + r}): {f['what']}",
+                            flush=True,
+                        )
                         print(f"  {'minimal' if f['minimal'] else 'not shrunk'} steps ({len(f['steps'])}):")
                         for s in f["steps"]:
                             print(f"    {json.dumps(s)}")

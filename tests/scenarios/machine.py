@@ -4,9 +4,9 @@ worker killed and resumed, refused after writes between snapshot and copy), rete
 changes, prunes and exports during prunes, each applied to the real system and the shadow model
 by the rig (rig.py), which checks everything after every step (checks.py).
 
-`make_machine(target, lab, switches)` gives the machine for one target. `OPEN_DEFECTS` names the
-steps that reproduce a defect of issue 9 whose fix has not landed yet: the bounded CI run leaves
-them out (`without_open_defects`), the soak and the slow tier run everything.
+`make_machine(target, lab, excluded, source)` gives the machine for one target and source form.
+`OPEN_DEFECTS` names the steps that reproduce a defect whose fix has not landed yet: the bounded CI
+run leaves them out (`without_open_defects`), and so does the slow tier; the soak runs everything.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from scenarios.rig import CLUSTER, MiB, Scenario, Step
 from labs.aws import AwsLab
 
 # THE SWITCH: what the bounded CI run leaves out, each entry an open defect (no fix on main yet) that
-# the runner finds at once otherwise; the soak and the slow tier run everything. Empty it as fixes land.
+# the runner finds at once otherwise; the soak runs everything. Empty it as fixes land.
 OPEN_DEFECTS: dict[str, str] = {
     "grow_after_shrink": (
         "KVM stopped-VM source: a disk shrunk and grown again between two committed syncs (or between a "
