@@ -204,7 +204,8 @@ class Scenario:
     def _do_resize(self, i: int, size: int) -> None:
         assert not (self.shadow.live and self.shadow.open), "the running VM is resized between syncs"
         self.src.resize(i, size, shrink=size < self.shadow.disks[i].size)
-        self.shadow.disks[i].resize(size)  # (after a snapshot: stale if the size differs at the copy)
+        self.shadow.disks[i].resize(size)
+        self.shadow.resized_disk(i)
 
     def _do_add_disk(self, size: int) -> None:
         assert self.shadow.open is None, "the disk list changes between syncs"
@@ -282,9 +283,11 @@ class Scenario:
             return  # (a replay whose earlier fault did not fire this time: the copy is done)
         key = snap.disks[len(self.results)].key
         req = CopyRequest(spec=self.live_spec(), sync_id=sync.sync_id, snapshot=snap, disk=key)
-        # written, or resized to another size, after the snapshot: the copy must refuse
-        resized = self.shadow.disks[int(key[4:])].size != len(sync.contents[key])
-        stale = key in sync.touched or (resized and not self.shadow.live)
+        # written, shrunk below its snapshot size or resized to another size after the snapshot: the
+        # copy must refuse; resized back to its size (grown, then shrunk back): it may
+        other_size = self.shadow.disks[int(key[4:])].size != len(sync.contents[key])
+        stale = key in sync.touched or key in sync.shrunk or other_size
+        may_refuse = key in sync.resized
         result: DiskCopyResult | None = None
         error: tuple[str, str] | None = None
         if fault == "kill":
@@ -305,7 +308,7 @@ class Scenario:
             except ApplicationError as e:
                 error = (e.type or "", e.message)
         if error is not None:
-            if stale and error[0] == "SnapshotInconsistent":
+            if (stale or may_refuse) and error[0] == "SnapshotInconsistent":
                 return
             if not stale and fault == "raise" and INJECTED in error[1]:
                 return
@@ -320,7 +323,10 @@ class Scenario:
         sync, snap = self.shadow.open, self.open_snap
         assert sync is not None and snap is not None
         while len(self.results) < len(snap.disks):  # (a replay whose fault fired where it did not before)
+            copied = len(self.results)
             self._do_copy("none", 0)
+            if len(self.results) == copied:
+                self.fail("finish: a disk of the sync cannot be copied (the replay diverged)")
         req = CommitRequest(
             spec=self.live_spec(),
             sync_id=sync.sync_id,

@@ -56,6 +56,8 @@ class OpenSync:
     kinds: dict[str, str] = field(default_factory=dict)  # key -> the kind the model expects
     copied: list[str] = field(default_factory=list)  # keys copied, in order
     touched: set[str] = field(default_factory=set)  # keys written after the snapshot
+    resized: set[str] = field(default_factory=set)  # keys resized after the snapshot
+    shrunk: set[str] = field(default_factory=set)  # ... to below their size at the snapshot
 
 
 class Shadow:
@@ -85,6 +87,13 @@ class Shadow:
 
     # ------------------------------------------------------------------ syncs
 
+    def resized_disk(self, index: int) -> None:
+        sync, key = self.open, f"disk{index}"
+        if sync is not None and sync.snapped and not self.live:
+            sync.resized.add(key)
+            if self.disks[index].size < len(sync.contents.get(key, b"")):
+                sync.shrunk.add(key)
+
     def latest(self) -> ShadowPoint | None:
         return self.points[-1] if self.points else None
 
@@ -102,7 +111,7 @@ class Shadow:
         sync.contents = {k: bytes(d.data) for k, d in zip(self.keys(), self.disks, strict=True)}
         sync.idents = {k: d.ident for k, d in zip(self.keys(), self.disks, strict=True)}
         sync.kinds = {k: self.expected_kind(k, sync.idents[k]) for k in sync.contents}
-        sync.copied, sync.touched = [], set()
+        sync.copied, sync.touched, sync.resized, sync.shrunk = [], set(), set(), set()
 
     def point_kind(self, sync: OpenSync) -> str:
         kinds = set(sync.kinds.values())
