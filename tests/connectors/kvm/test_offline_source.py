@@ -717,7 +717,12 @@ def test_a_read_error_names_the_source_disk_not_an_internal_socket(tmp_path: Pat
     snap = rig.src.create_snapshot("p1", {})
     with rig.src.open_disk(snap, "disk0") as disk:
         reader = disk.connect()
-        os.kill(int(next(iter(psutil.Process().children())).pid), signal.SIGKILL)  # qemu-nbd dies
+        [server] = [  # the qemu-nbd serving this image dies
+            p
+            for p in psutil.Process().children(recursive=True)
+            if str(rig.images[0]) in " ".join(p.cmdline())
+        ]
+        os.kill(server.pid, signal.SIGKILL)
         time.sleep(0.2)
         with pytest.raises(SendenseError) as ei:
             reader.read(0, 65536)
