@@ -22,8 +22,8 @@ BOUNDED = settings(
     suppress_health_check=list(HealthCheck),
     print_blob=True,
 )
-SLOW = settings(BOUNDED, max_examples=8, stateful_step_count=40, derandomize=False)
-SLOW_AWS = settings(SLOW, max_examples=4)  # ~1 s a step: every point read back through the lab
+SLOW = settings(BOUNDED, max_examples=24, stateful_step_count=50, derandomize=False)
+SLOW_AWS = settings(SLOW, max_examples=12)  # every point read back through the lab at every step
 
 
 def _run(target: tuple[str, AwsLab | None], source: str, how: settings, excluded: frozenset[str]) -> None:
