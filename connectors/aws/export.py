@@ -10,7 +10,7 @@ from pathlib import Path
 from connectors.aws.blocks import BLOCK, get_block, list_blocks
 from connectors.aws.client import Aws
 from connectors.kvm.qemu import qemu_img
-from connectors.kvm.target import EXPORT_FORMATS, _safe_key
+from connectors.kvm.target import EXPORT_FORMATS, safe_key
 from sendense.errors import InvalidSpec
 from sendense.models import PointInfo
 
@@ -49,7 +49,7 @@ def export_point(aws: Aws, point: PointInfo, fmt: str, out_dir: Path) -> list[tu
     made: list[Path] = []
     try:
         for d in point.disks:
-            dst = out_dir / f"{point.job}-{point.point_id}-{_safe_key(d.key)}.{ext}"
+            dst = out_dir / f"{point.job}-{point.point_id}-{safe_key(d.key)}.{ext}"
             raw, tmp = dst.with_name(dst.name + ".raw.part"), dst.with_name(dst.name + ".part")
             made += [raw, tmp]
             read_snapshot(aws, d.path, d.size, raw)

@@ -65,9 +65,6 @@ def safe_key(key: str) -> str:
     return f"{safe.lstrip('.')}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
 
 
-_safe_key = safe_key  # connectors.aws.export still imports the old name
-
-
 class PendingDisk:
     """A replica being written, exported over NBD (the copy engine's TargetDisk)."""
 
