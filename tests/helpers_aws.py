@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from labs.aws import AwsLab
+
+
+@contextmanager
+def lab_in_env(directory: Path, snapshot_delay: float) -> Iterator[AwsLab]:
+    """A running AWS lab whose endpoint and key pair the AWS SDK finds in the environment (no profile)."""
+    lab = AwsLab(directory, snapshot_delay=snapshot_delay).start()
+    mp = pytest.MonkeyPatch()
+    for k, v in lab.env().items():
+        mp.setenv(k, v)
+    mp.delenv("AWS_PROFILE", raising=False)
+    try:
+        yield lab
+    finally:
+        mp.undo()
+        lab.stop()
 
 
 @dataclass

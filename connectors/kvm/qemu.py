@@ -25,15 +25,6 @@ from sendense.errors import ResourceNotFound, ResourceUnavailable, SendenseError
 
 log = logging.getLogger(__name__)
 
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:
-        pass
-
 
 def tool(name: str) -> str:
     path = shutil.which(name)

@@ -16,7 +16,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from connectors.kvm.qemu import _die_with_parent
+from connectors.kvm.qemu import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -88,12 +88,11 @@ class AwsLab:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_REPO), env.get("PYTHONPATH", "")) if p)
         with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen(
-                cmd,
+                cmd if detached else die_with_parent(cmd),
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=out,
                 env=env,
-                preexec_fn=None if detached else _die_with_parent,
                 start_new_session=detached,
             )
         deadline = time.monotonic() + 10

@@ -36,7 +36,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from connectors.kvm.qemu import _die_with_parent, fits_unix_socket, qemu_img, tool
+from connectors.kvm.qemu import die_with_parent, fits_unix_socket, qemu_img, tool
 from connectors.kvm.qmp import QmpClient, QmpError, VmNotRunning
 from sendense.errors import SendenseError
 
@@ -136,11 +136,10 @@ class LabVm:
             cmd += ["-device", f"virtio-blk-pci,drive=disk{i},id=vd{i},share-rw=on"]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                cmd,
+                cmd if self.detached else die_with_parent(cmd),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
-                preexec_fn=None if self.detached else _die_with_parent,
                 start_new_session=self.detached,
             )
         deadline = time.monotonic() + 30

@@ -88,16 +88,7 @@ def debugging() -> bool:
 
 def run(coro: Callable[[], Awaitable[T]]) -> T:
     """Run an async CLI action; every error becomes a one-line message and exit 1."""
-    try:
-        return asyncio.run(coro())  # type: ignore[arg-type]
-    except KeyboardInterrupt:
-        fail("interrupted", 130)
-    except SendenseError as e:
-        fail(e.message)
-    except Exception as e:  # noqa: BLE001 - the CLI prints one line, not a traceback
-        if debugging():
-            raise
-        fail(describe_error(e))
+    return guarded(lambda: asyncio.run(coro()))  # type: ignore[arg-type]
 
 
 def guarded(action: Callable[[], T]) -> T:

@@ -5,22 +5,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from helpers_aws import lab_in_env
 
 from labs.aws import AwsLab
 
 
 @pytest.fixture(scope="session")
 def scenario_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AwsLab]:
-    lab = AwsLab(tmp_path_factory.mktemp("scenario-awslab"), snapshot_delay=0.0).start()
-    mp = pytest.MonkeyPatch()
-    for k, v in lab.env().items():
-        mp.setenv(k, v)
-    mp.delenv("AWS_PROFILE", raising=False)
-    try:
+    with lab_in_env(tmp_path_factory.mktemp("scenario-awslab"), snapshot_delay=0.0) as lab:
         yield lab
-    finally:
-        mp.undo()
-        lab.stop()
 
 
 @pytest.fixture(params=["kvm", "aws"])

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers_aws import Backend
+from helpers_aws import Backend, lab_in_env
 from helpers_kvm import MiB, make_qcow2, qemu_io
 
 from labs.aws import AwsLab
@@ -25,16 +25,8 @@ from labs.aws import AwsLab
 
 @pytest.fixture(scope="session")
 def aws_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AwsLab]:
-    lab = AwsLab(tmp_path_factory.mktemp("awslab"), snapshot_delay=0.2).start()
-    mp = pytest.MonkeyPatch()
-    for k, v in lab.env().items():
-        mp.setenv(k, v)
-    mp.delenv("AWS_PROFILE", raising=False)
-    try:
+    with lab_in_env(tmp_path_factory.mktemp("awslab"), snapshot_delay=0.2) as lab:
         yield lab
-    finally:
-        mp.undo()
-        lab.stop()
 
 
 REAL = os.environ.get("SENDENSE_AWS_TEST_INSTANCE")  # real AWS too (test_real_aws.py says it is off)
