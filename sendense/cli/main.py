@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import typer
@@ -120,7 +121,11 @@ def main() -> None:
 
 def cli(args: list[str]) -> int:
     """Run one command; return its exit code. Whatever goes wrong ends as one line on stderr and a
-    non-zero code, never a traceback (SENDENSE_DEBUG=1 shows them), usage errors included."""
+    non-zero code, never a traceback (SENDENSE_DEBUG=1 shows them), usage errors included.
+    Libraries' warnings are not the user's business (Debian's python3-openssl, reached through
+    botocore, warns about DSA on every AWS call): shown only with SENDENSE_DEBUG=1."""
+    if not debugging():
+        warnings.simplefilter("ignore")
     try:
         rv = app(args, prog_name="sendense", standalone_mode=False)
         return rv if isinstance(rv, int) else 0
