@@ -19,10 +19,10 @@ from typing import Any
 
 import psutil
 
+from app import stack
 from bench.harness import Bench, KiB, MiB, RssSampler, median, percentile, split_cpu_seconds, tree_cpu_seconds
 from bench.history import breakdown, summarize
 from bench.images import qcow2, qemu_io, write_small
-from sendense import stack
 
 DISK = 16 * MiB
 CHANGE = 64 * KiB

@@ -12,7 +12,7 @@ order, into a fresh qcow2 target each time:
   exports as nbdcopy, default tuning, flushing at every checkpoint: the data path without the job;
 - qemu-img convert -W -m 8 from the same kind of export into a qcow2 file.
 
-Both NBD exports use the engine's own qemu-nbd settings (connectors.kvm.qemu.start_qemu_nbd), and every
+Both NBD exports use the engine's own qemu-nbd settings (tools.qemu.start_qemu_nbd), and every
 target qcow2 is created with the engine's replica options (connectors.kvm.target.REPLICA_OPTIONS).
 """
 
@@ -26,10 +26,10 @@ from typing import Any
 from bench.harness import Bench, GiB, RssSampler, median, mib, remove_job_bitmaps
 from bench.images import make_mixed, qcow2, run, same_content
 from connectors.kvm.offline import NbdSourceDisk
-from connectors.kvm.qemu import qemu_nbd
 from connectors.kvm.target import REPLICA_OPTIONS, PendingDisk
 from sendense.datapath.sync import copy_disk
 from sendense.models import DiskSnapshot, Tuning
+from tools.qemu import qemu_nbd
 
 
 def source_image(bench: Bench) -> Path:

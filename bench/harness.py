@@ -24,8 +24,8 @@ from typing import Any
 import psutil
 from temporalio.api.enums.v1 import EventType
 
-from sendense import stack
-from sendense.cli.client import Jobs
+from app import stack
+from app.cli.client import Jobs
 from sendense.models import JobSpec, KvmSource, KvmTarget, Schedule, SyncResult, Tuning
 
 log = logging.getLogger(__name__)

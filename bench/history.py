@@ -12,8 +12,8 @@ from typing import Any
 
 from temporalio.api.enums.v1 import EventType
 
+from app.cli.client import Jobs
 from bench.harness import median, percentile
-from sendense.cli.client import Jobs
 
 E = EventType
 _DONE = {

@@ -26,10 +26,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from app import stack
 from bench.harness import Bench, MiB, mib, remove_job_bitmaps
 from bench.images import bytes_at_or_beyond, data_ranges, make_random, unmapped_tail
 from bench.incremental import verify_point
-from sendense import stack
 from sendense.datapath.copy import CopyPlan
 from sendense.models import CopyToken, Tuning
 

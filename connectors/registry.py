@@ -6,9 +6,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from connectors.base import SourceConnector, TargetConnector
 from sendense.errors import InvalidSpec
 from sendense.models import JobSpec
+from sendense.protocols import SourceConnector, TargetConnector
 
 SourceFactory = Callable[[str, Any, Path], SourceConnector]
 TargetFactory = Callable[[str, Any, str], TargetConnector]  # job name, target spec, job id

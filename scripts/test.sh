@@ -11,7 +11,8 @@ bash scripts/install.sh
 rc=0
 # lint and types first: cheap, and they catch what tests do not (STYLE.md)
 .venv/bin/ruff check . || rc=$?
-.venv/bin/mypy sendense connectors activities workflows workers || rc=$?
+.venv/bin/mypy sendense tools connectors activities workflows workers app || rc=$?
+.venv/bin/lint-imports || rc=$?  # the layers of DESIGN.md: pyproject.toml [tool.importlinter]
 .venv/bin/pytest "$@" || rc=$?
 
 if [[ "${SENDENSE_SKIP_SLOW:-0}" != "1" ]]; then

@@ -9,10 +9,10 @@ from pathlib import Path
 
 from connectors.aws.blocks import BLOCK, get_block, list_blocks
 from connectors.aws.client import Aws
-from connectors.kvm.qemu import qemu_img
-from connectors.kvm.target import EXPORT_FORMATS, safe_key
 from sendense.errors import InvalidSpec
 from sendense.models import PointInfo
+from tools.exports import EXPORT_FORMATS, safe_key
+from tools.qemu import qemu_img
 
 READERS = 8
 

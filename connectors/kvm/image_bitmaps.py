@@ -18,8 +18,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from connectors.kvm.qemu import Qcow2Header, qemu_img, tool
 from sendense.errors import ResourceUnavailable, SendenseError
+from tools.qemu import Qcow2Header, qemu_img, tool
 
 _LOCK_DIR = "sendense-image-locks"
 

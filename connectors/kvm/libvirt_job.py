@@ -19,8 +19,8 @@ import libvirt
 
 from connectors.kvm.identity import bitmap_prefix
 from connectors.kvm.offline import BUSY_WAIT
-from connectors.kvm.qemu import fits_unix_socket
 from sendense.errors import InvalidSpec, ResourceNotFound, ResourceUnavailable, SendenseError
+from tools.qemu import fits_unix_socket
 
 log = logging.getLogger(__name__)
 

@@ -46,13 +46,6 @@ import libvirt
 from connectors.kvm.identity import libvirt_identity, libvirt_identity_problem, split_change_id
 from connectors.kvm.libvirt_job import DomainDisk, LibvirtJob, error_code, error_text
 from connectors.kvm.offline import NbdSourceDisk
-from connectors.kvm.qemu import (
-    image_info,
-    is_qcow2,
-    qcow2_bitmaps,
-    read_qcow2_header,
-    remove_bitmaps,
-)
 from sendense.datapath.nbd import unix_uri
 from sendense.errors import (
     InvalidSpec,
@@ -62,6 +55,13 @@ from sendense.errors import (
     SnapshotInconsistent,
 )
 from sendense.models import DiskInfo, DiskSnapshot, SnapshotRef, VmInfo
+from tools.qemu import (
+    image_info,
+    is_qcow2,
+    qcow2_bitmaps,
+    read_qcow2_header,
+    remove_bitmaps,
+)
 
 log = logging.getLogger(__name__)
 

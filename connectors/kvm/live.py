@@ -69,8 +69,6 @@ from connectors.kvm.identity import (
 from connectors.kvm.live_disks import QemuDisk, record, recorded
 from connectors.kvm.live_qemu import QmpJob, action, temp_prefix
 from connectors.kvm.offline import NbdSourceDisk
-from connectors.kvm.qemu import qemu_img, read_qcow2_header, remove_bitmaps
-from connectors.kvm.qmp import QmpClient, VmNotRunning
 from sendense.datapath.nbd import unix_uri
 from sendense.errors import (
     ResourceNotFound,
@@ -79,6 +77,8 @@ from sendense.errors import (
     SnapshotInconsistent,
 )
 from sendense.models import DiskInfo, DiskSnapshot, SnapshotRef, VmInfo
+from tools.qemu import qemu_img, read_qcow2_header, remove_bitmaps
+from tools.qmp import QmpClient, VmNotRunning
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from connectors.kvm.qmp import QmpClient
+from tools.qmp import QmpClient
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from typing import Any
 from connectors.kvm.identity import bitmap_prefix, shrink_markers
 from connectors.kvm.image_bitmaps import SPAN_GRANULARITY, marker_scratch
 from connectors.kvm.live_disks import QemuDisk, list_disks, named_nodes, record, refusal
-from connectors.kvm.qmp import QmpClient, QmpError
 from sendense.errors import InvalidSpec, ResourceUnavailable
+from tools.qmp import QmpClient, QmpError
 
 log = logging.getLogger(__name__)
 

@@ -48,15 +48,6 @@ from connectors.kvm.image_bitmaps import (
     bitmap_is_clean,
     image_lock,
 )
-from connectors.kvm.qemu import (
-    Qcow2Header,
-    image_info,
-    is_qcow2,
-    qemu_img,
-    qemu_nbd,
-    read_qcow2_header,
-    remove_bitmaps,
-)
 from sendense.datapath.extents import Extent
 from sendense.datapath.nbd import ALLOCATION, NbdConnection, dirty_context
 from sendense.errors import (
@@ -67,6 +58,15 @@ from sendense.errors import (
     SnapshotInconsistent,
 )
 from sendense.models import DiskInfo, DiskSnapshot, SnapshotRef, VmInfo
+from tools.qemu import (
+    Qcow2Header,
+    image_info,
+    is_qcow2,
+    qemu_img,
+    qemu_nbd,
+    read_qcow2_header,
+    remove_bitmaps,
+)
 
 log = logging.getLogger(__name__)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from connectors.base import SourceConnector
 from sendense.models import KvmSource
+from sendense.protocols import SourceConnector
 
 
 def make_kvm_source(job: str, spec: KvmSource, work_dir: Path) -> SourceConnector:

@@ -19,7 +19,6 @@ reads (`.points.lock`). The directory is the job's own (`jobdir`): checked befor
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import logging
 import os
 import shutil
@@ -31,11 +30,12 @@ from pathlib import Path
 
 from connectors.kvm.holds import Holds
 from connectors.kvm.jobdir import JOB_ENTRIES, MARKER, check_place, claim
-from connectors.kvm.qemu import fsync_dir, qcow2_backing_name, qemu_img, qemu_nbd, read_qcow2_header, tool
 from sendense.datapath.extents import Extent, clip
 from sendense.datapath.nbd import ALLOCATION, NbdConnection
 from sendense.errors import InvalidSpec, ResourceNotFound, ResourceUnavailable, SendenseError, TargetError
 from sendense.models import DiskInfo, PointDisk, PointInfo
+from tools.exports import EXPORT_FORMATS, safe_key
+from tools.qemu import fsync_dir, qcow2_backing_name, qemu_img, qemu_nbd, read_qcow2_header, tool
 
 log = logging.getLogger(__name__)
 
@@ -46,23 +46,6 @@ REPLICA_OPTIONS = "cluster_size=2M,extended_l2=on"
 # metadata that qemu-img writes and fdatasyncs (~20 ms of CPU per point, 6 MiB of disk per point
 # and disk); a 64 KiB one is 192 KiB. A small write copies 64 KiB from the backing point either way.
 OVERLAY_OPTIONS = "cluster_size=64k"
-
-EXPORT_FORMATS = {
-    "raw": ("raw", "img"),
-    "qcow2": ("qcow2", "qcow2"),
-    "vmdk": ("vmdk", "vmdk"),
-    "vhdx": ("vhdx", "vhdx"),
-}
-
-
-def safe_key(key: str) -> str:
-    """A disk key as a file name: the key itself when it is safe, else the key with unsafe characters
-    replaced and a short hash of the whole key appended, so that two keys never share a name
-    (`a/b` and `a_b`, or QEMU's `#block113` and `_block113`, would otherwise share one replica)."""
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
-    if safe == key and not key.startswith("."):
-        return key
-    return f"{safe.lstrip('.')}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
 
 
 class PendingDisk:
@@ -200,7 +183,7 @@ class KvmTarget:
     # ------------------------------------------------------------------ sync lifecycle
 
     def prepare(self, sync_id: str, disks: list[DiskInfo]) -> None:
-        """Fresh pending overlays for the sync (connectors.base): whatever an earlier attempt of the
+        """Fresh pending overlays for the sync (sendense.protocols): whatever an earlier attempt of the
         same sync id wrote belongs to an earlier snapshot and is discarded, as is anything an
         abandoned sync left. A full replica that kept an earlier attempt's data would keep it where
         the new snapshot reads zero: a full copy writes only data ranges."""

@@ -16,7 +16,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from connectors.kvm.qemu import die_with_parent
+from tools.qemu import die_with_parent
 
 log = logging.getLogger(__name__)
 

@@ -46,7 +46,7 @@ from typing import Any
 import libvirt
 import libvirt_qemu
 
-from connectors.kvm.qemu import UNIX_PATH_MAX, fits_unix_socket
+from tools.qemu import UNIX_PATH_MAX, fits_unix_socket
 
 log = logging.getLogger(__name__)
 

@@ -36,9 +36,9 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from connectors.kvm.qemu import die_with_parent, fits_unix_socket, qemu_img, tool
-from connectors.kvm.qmp import QmpClient, QmpError, VmNotRunning
 from sendense.errors import SendenseError
+from tools.qemu import die_with_parent, fits_unix_socket, qemu_img, tool
+from tools.qmp import QmpClient, QmpError, VmNotRunning
 
 
 class LabVm:

@@ -17,11 +17,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 
-from connectors.base import SourceDisk, TargetDisk
 from sendense.datapath.copy import CopyPlan, Mode, run_copy
 from sendense.datapath.extents import Extent, align, clip, coalesce, fill, intersect
 from sendense.datapath.throttle import Throttle
 from sendense.models import CopyStats, DiskCopyResult, DiskSnapshot, SyncKind, Tuning
+from sendense.protocols import SourceDisk, TargetDisk
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from sendense import stack
+from app import stack
 
 SENDENSE = str(Path(sys.executable).with_name("sendense"))
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from temporalio.api.enums.v1 import EventType
 
-from sendense.cli.client import Jobs
+from app.cli.client import Jobs
 
 
 def copy_progress(job: str) -> dict[str, Any] | None:

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from helpers_kvm import MiB, make_qcow2, qemu_io, to_raw
 
-from sendense import stack
+from app import stack
 from tests.e2e.conftest import Cli, free_port
 from tests.e2e.test_replication_e2e import export_raw, same
 

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from helpers_kvm import MiB, make_qcow2, qemu_io
 
-from sendense import stack
+from app import stack
 from tests.e2e.conftest import Cli
 
 
@@ -225,7 +225,7 @@ def test_a_step_no_worker_takes_is_shown_waiting(e2e_stack: Cli, tmp_path: Path)
 
 
 async def terminate(job: str) -> None:
-    from sendense.cli.client import Jobs
+    from app.cli.client import Jobs
 
     await (await Jobs.connect()).handle(job).terminate("test cleanup")
 
@@ -304,7 +304,7 @@ def test_point_commands_for_a_target_on_another_host_say_where(e2e_stack: Cli, t
 
 async def start_unserved(name: str, disk: Path, target: Path) -> None:
     """A job whose workflow no worker runs (its task queue is served by nobody), via the SDK."""
-    from sendense.cli.client import Jobs
+    from app.cli.client import Jobs
     from sendense.models import ReplicationInput
     from sendense.spec import parse_spec
     from workflows.replication import ReplicationWorkflow

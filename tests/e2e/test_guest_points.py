@@ -18,10 +18,10 @@ from temporalio.testing import ActivityEnvironment
 
 from activities.replication import begin_and_copy
 from connectors.kvm.target import KvmTarget as Replicas
-from labs.guest.boot import GuestVm, overlay
 from labs.guest.build import build
 from labs.guest.fscheck import check
 from sendense.models import JobSpec, KvmSource, KvmTarget, SnapshotRequest
+from tools.boot import GuestVm, overlay
 
 pytestmark = pytest.mark.slow
 JOB = "guest"

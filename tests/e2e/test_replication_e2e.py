@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 from helpers_kvm import MiB, make_qcow2, qemu_io, to_raw
 
-from sendense import stack
+from app import stack
 from tests.e2e.conftest import Cli
 
 

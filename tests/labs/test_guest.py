@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from labs.guest.boot import GuestVm, overlay
 from labs.guest.build import PART_OFFSET, build
 from labs.guest.fscheck import check
+from tools.boot import GuestVm, overlay
 
 pytestmark = pytest.mark.slow
 

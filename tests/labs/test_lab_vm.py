@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from helpers_kvm import KiB, MiB, same_content
 
-from connectors.kvm.qmp import QmpClient
 from labs.kvm.vm import LabVm, Workload
 from sendense.errors import SendenseError
+from tools.qmp import QmpClient
 
 
 @pytest.fixture

@@ -26,7 +26,6 @@ import libvirt_qemu
 import pytest
 from helpers_kvm import Synced, sync_point
 
-from connectors.base import SourceConnector
 from connectors.kvm.libvirt_source import LibvirtSource
 from connectors.kvm.target import KvmTarget
 from labs.kvm.libvirtd import (
@@ -48,6 +47,7 @@ from sendense.errors import (
     SnapshotInconsistent,
 )
 from sendense.models import SnapshotRef, Tuning
+from sendense.protocols import SourceConnector
 
 # slow tier (CI runs it); the lab libvirtd runs as root; a missing libvirtd fails, never skips
 pytestmark = [pytest.mark.slow, pytest.mark.root]

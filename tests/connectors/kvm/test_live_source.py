@@ -29,12 +29,9 @@ from helpers_kvm import (
     sync_point,
 )
 
-from connectors.base import SourceConnector
 from connectors.kvm.live import QmpSource
 from connectors.kvm.live_qemu import nbd_socket
 from connectors.kvm.offline import disk_tag
-from connectors.kvm.qemu import qemu_img, qemu_nbd
-from connectors.kvm.qmp import QmpClient, QmpError, VmNotRunning
 from connectors.kvm.target import KvmTarget
 from labs.kvm.vm import LabVm, Workload
 from sendense.datapath.extents import coalesce
@@ -48,6 +45,9 @@ from sendense.errors import (
     SnapshotInconsistent,
 )
 from sendense.models import DiskInfo, PointDisk, PointInfo, SnapshotRef
+from sendense.protocols import SourceConnector
+from tools.qemu import qemu_img, qemu_nbd
+from tools.qmp import QmpClient, QmpError, VmNotRunning
 
 JOB = "j1"
 

@@ -27,7 +27,6 @@ from helpers_kvm import (
 )
 
 from connectors.kvm.offline import OfflineQcow2Source, disk_tag
-from connectors.kvm.qemu import qemu_nbd
 from connectors.kvm.target import KvmTarget
 from sendense.datapath.sync import copy_disk
 from sendense.errors import (
@@ -39,6 +38,7 @@ from sendense.errors import (
     SnapshotInconsistent,
 )
 from sendense.models import PointDisk, PointInfo, SnapshotRef
+from tools.qemu import qemu_nbd
 
 JOB = "j"
 

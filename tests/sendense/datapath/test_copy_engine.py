@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 from helpers_kvm import MiB, allocation_map, make_qcow2, qemu_io, same_content, to_raw
 
-from connectors.kvm.qemu import NbdServer, qemu_nbd
 from sendense.datapath.copy import CopyPlan, run_copy
 from sendense.datapath.extents import Extent, clip, coalesce, split
 from sendense.datapath.nbd import ALLOCATION, NbdConnection
 from sendense.errors import DataPathError
 from sendense.models import CopyStats
+from tools.qemu import NbdServer, qemu_nbd
 
 SIZE = 64 * MiB
 EXPLICIT_ZEROES = (8 * MiB, 2 * MiB)  # allocated on the source, but every byte is zero

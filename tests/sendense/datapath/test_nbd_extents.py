@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from helpers_kvm import CLUSTER, KiB, MiB, make_qcow2, qemu_io, run
 
-from connectors.kvm.qemu import NbdServer, qemu_nbd
 from sendense.datapath.extents import Extent, clip, coalesce
 from sendense.datapath.nbd import ALLOCATION, NbdConnection, dirty_context
 from sendense.errors import ChangeTrackingLost
+from tools.qemu import NbdServer, qemu_nbd
 
 SIZE = 64 * MiB
 BITMAP = "b0"

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 from helpers_kvm import KiB, MiB, allocation_map, make_qcow2, qemu_io, same_content, to_raw
 
-from connectors.kvm.qemu import qemu_nbd
 from sendense.datapath import copy as copy_mod
 from sendense.datapath.copy import CopyPlan, run_copy
 from sendense.datapath.extents import Extent
@@ -21,6 +20,7 @@ from sendense.datapath.nbd import ALLOCATION, NbdConnection
 from sendense.datapath.throttle import Throttle
 from sendense.datapath.wire import Splicer
 from sendense.errors import DataPathError
+from tools.qemu import qemu_nbd
 
 SIZE = 16 * MiB
 CHUNK = 1 * MiB

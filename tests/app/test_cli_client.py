@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sendense.cli.client import readable_spec
+from app.cli.client import readable_spec
 
 STORED: dict[str, Any] = {
     "name": "web1",

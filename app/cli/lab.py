@@ -68,8 +68,8 @@ def lab_up(
     port: int = typer.Option(0, help="AWS lab port (0: any free one)"),
 ) -> None:
     """Start the labs in the background (already running: just describe them)."""
+    from app.cli.output import emit_json, fail, out
     from labs.aws import AwsLab
-    from sendense.cli.output import emit_json, fail, out
 
     try:
         lab = _attach()
@@ -90,7 +90,7 @@ def lab_up(
 @lab_app.command("down")
 def lab_down(as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
     """Stop the labs (their state is gone with them)."""
-    from sendense.cli.output import emit_json, fail, out
+    from app.cli.output import emit_json, fail, out
 
     try:
         lab = _attach()
@@ -108,7 +108,7 @@ def lab_down(as_json: bool = typer.Option(False, "--json", help="machine-readabl
 @lab_app.command("status")
 def lab_status(as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
     """Which labs run, and how to reach them."""
-    from sendense.cli.output import emit_json, out
+    from app.cli.output import emit_json, out
 
     lab = _attach()
     running = lab is not None and lab.running
@@ -121,7 +121,7 @@ def lab_status(as_json: bool = typer.Option(False, "--json", help="machine-reada
 
 
 def _running_lab() -> Any:
-    from sendense.cli.output import fail
+    from app.cli.output import fail
 
     lab = _attach()
     if lab is None or not lab.running:
@@ -136,7 +136,7 @@ def lab_instance(
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
 ) -> None:
     """Create an EC2 instance with EBS volumes in the AWS lab (a source to replicate)."""
-    from sendense.cli.output import emit_json, fail, out
+    from app.cli.output import emit_json, fail, out
 
     if not all(1 <= g <= 16384 for g in disk_gib):  # EBS volumes are 1 GiB to 16 TiB
         fail(f"--disk-gib: sizes are 1 to 16384 GiB, not {disk_gib}")
@@ -163,7 +163,7 @@ def lab_write(
     length: int = typer.Option(None, "--length", help="... this many times"),
 ) -> None:
     """Write to an AWS lab volume as its guest would (later snapshots see it, earlier ones do not)."""
-    from sendense.cli.output import fail, out
+    from app.cli.output import fail, out
 
     if (file is None) == (pattern is None):
         fail("give --file, or --pattern with --length")

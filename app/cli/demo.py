@@ -18,8 +18,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from sendense import config, stack
-from sendense.cli.progress import sync_now_with_progress, watch_copy
+from app import stack
+from app.cli.progress import sync_now_with_progress, watch_copy
+from sendense import config
 from sendense.errors import ResourceNotFound, SendenseError
 from sendense.models import JobStatus, SyncResult
 from sendense.spec import load_spec
@@ -104,7 +105,7 @@ def run_demo(
 
 
 async def _forget_previous(console: Console) -> None:
-    from sendense.cli.client import Jobs
+    from app.cli.client import Jobs
 
     jobs = await Jobs.connect()
     try:
@@ -115,7 +116,7 @@ async def _forget_previous(console: Console) -> None:
 
 
 async def _run_job(console: Console, spec_path: Path, vm: Any, workload_cls: Any, incrementals: int) -> None:
-    from sendense.cli.client import Jobs
+    from app.cli.client import Jobs
 
     jobs = await Jobs.connect()
     spec = load_spec(spec_path)

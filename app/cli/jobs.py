@@ -12,20 +12,20 @@ from rich.console import Console
 from rich.table import Column, Table
 from rich.text import Text
 
+from app.cli.output import JsonOpt, emit_json, fail, human, one_line, out, run, warn
 from sendense import config
-from sendense.cli.output import JsonOpt, emit_json, fail, human, one_line, out, run, warn
 from sendense.errors import InvalidSpec
 from sendense.models import JobStatus, Settings, SyncResult
 
 if TYPE_CHECKING:
-    from sendense.cli.client import JobView
+    from app.cli.client import JobView
 
 job_app = typer.Typer(help="Replication jobs.", no_args_is_help=True)
 
 
 async def connect() -> Any:
     """The job client, imported when a command needs it (not for `--help` or a usage error)."""
-    from sendense.cli.client import Jobs
+    from app.cli.client import Jobs
 
     return await Jobs.connect()
 
@@ -163,7 +163,7 @@ def _sync_result_line(r: SyncResult) -> str:
 
 
 def sync_with_progress(name: str, console: Console) -> SyncResult:
-    from sendense.cli.progress import sync_now_with_progress
+    from app.cli.progress import sync_now_with_progress
 
     async def go() -> SyncResult:
         return await sync_now_with_progress(await connect(), name, console)

@@ -8,9 +8,9 @@ from typing import Any
 import typer
 from rich.table import Column, Table
 
+from app.cli.jobs import connect
+from app.cli.output import JsonOpt, emit_json, fail, guarded, human, out, run, warn
 from sendense import config
-from sendense.cli.jobs import connect
-from sendense.cli.output import JsonOpt, emit_json, fail, guarded, human, out, run, warn
 
 point_app = typer.Typer(help="Recovery points (run on the target host).", no_args_is_help=True)
 

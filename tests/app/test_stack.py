@@ -18,7 +18,8 @@ import pytest
 from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
 from temporalio.client import Client
 
-from sendense import config, stack
+from app import stack
+from sendense import config
 from sendense.errors import ServerUnreachable
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(3600)"]
@@ -242,7 +243,7 @@ def test_processes_outlive_the_caller(state: Path) -> None:
     """`sendense up` exits at once; the stack keeps running until `down`."""
     port, ui = free_ports()
     code = (
-        "import sys; from pathlib import Path; from sendense import stack; "
+        "import sys; from pathlib import Path; from app import stack; "
         f"stack.up(Path({str(state)!r}), port={port}, ui_port={ui}, worker=True, "
         f"worker_cmd={SLEEPER!r}, worker_grace=0.3)"
     )

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from helpers_kvm import MiB, image_info, make_qcow2, run
 
-from connectors.kvm.qemu import is_qcow2, qcow2_backing_name, qcow2_bitmaps, read_qcow2_header
 from sendense.errors import SendenseError
+from tools.qemu import is_qcow2, qcow2_backing_name, qcow2_bitmaps, read_qcow2_header
 
 
 def _assert_matches_qemu_img(path: Path) -> None:
@@ -82,7 +82,7 @@ def test_not_qcow2(tmp_path: Path) -> None:
 
 
 def test_wait_exit_times_out_then_reaps() -> None:
-    from connectors.kvm.qemu import wait_exit
+    from tools.qemu import wait_exit
 
     p = subprocess.Popen(["sleep", "30"])
     try:

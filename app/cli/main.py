@@ -9,11 +9,11 @@ from pathlib import Path
 
 import typer
 
+from app.cli.jobs import job_app
+from app.cli.lab import lab_app
+from app.cli.output import JsonOpt, debugging, describe_error, emit_json, error_line, fail, one_line, out
+from app.cli.points import point_app
 from sendense import config
-from sendense.cli.jobs import job_app
-from sendense.cli.lab import lab_app
-from sendense.cli.output import JsonOpt, debugging, describe_error, emit_json, error_line, fail, one_line, out
-from sendense.cli.points import point_app
 from sendense.errors import SendenseError
 
 app = typer.Typer(help="Sendense Replication: block-level VM replication on Temporal.", no_args_is_help=True)
@@ -32,7 +32,7 @@ def up(
     as_json: bool = JsonOpt,
 ) -> None:
     """Start the embedded stack: Temporal dev server (with web UI) and a worker, in the background."""
-    from sendense import stack
+    from app import stack
 
     try:
         info = stack.up(state_dir or config.home(), port=port, ui_port=ui_port)
@@ -51,7 +51,7 @@ def up(
 @app.command()
 def down(state_dir: Path = typer.Option(None, help="state directory"), as_json: bool = JsonOpt) -> None:
     """Stop the embedded stack."""
-    from sendense import stack
+    from app import stack
 
     was = stack.down(state_dir or config.home())
     if as_json:
@@ -63,7 +63,7 @@ def down(state_dir: Path = typer.Option(None, help="state directory"), as_json: 
 @app.command()
 def status(state_dir: Path = typer.Option(None, help="state directory"), as_json: bool = JsonOpt) -> None:
     """Report the embedded stack."""
-    from sendense import stack
+    from app import stack
 
     st = stack.status(state_dir or config.home())
     if as_json:
@@ -96,7 +96,7 @@ def demo(
     clean: bool = typer.Option(False, "--clean", help="delete the demo job and stop the lab VM"),
 ) -> None:
     """Run the whole product on this machine: stack, lab VM with a workload, a job, syncs, points."""
-    from sendense.cli.demo import clean_demo, run_demo
+    from app.cli.demo import clean_demo, run_demo
 
     try:
         if clean:

@@ -1,0 +1,68 @@
+"""The house's rules that import-linter does not check (DESIGN.md "Layers"; issue 10 item 1):
+no `_private` name is imported across packages, and the layers contract itself holds."""
+
+from __future__ import annotations
+
+import ast
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGES = ("sendense", "tools", "connectors", "labs", "activities", "workflows", "workers", "app", "bench")
+
+
+def _modules() -> list[Path]:
+    return [p for pkg in PACKAGES for p in sorted((ROOT / pkg).rglob("*.py"))]
+
+
+def _package_of(path: Path) -> str:
+    return ".".join(path.relative_to(ROOT).parent.parts)
+
+
+def private_imports_across_packages() -> list[str]:
+    """`from a.b import _x` (or `import a.b._x`) where a.b is not the importing module's own package."""
+    found = []
+    for path in _modules():
+        here = _package_of(path)
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                if node.module.split(".")[0] not in PACKAGES:
+                    continue
+                target_pkg = (
+                    node.module
+                    if (ROOT / node.module.replace(".", "/")).is_dir()
+                    else (node.module.rpartition(".")[0])
+                )
+                for alias in node.names:
+                    private = alias.name.startswith("_") or any(
+                        part.startswith("_") and not part.startswith("__") for part in node.module.split(".")
+                    )
+                    if private and target_pkg != here:
+                        found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.module}.{alias.name}")
+    return found
+
+
+def test_no_private_name_is_imported_across_packages() -> None:
+    assert private_imports_across_packages() == []
+
+
+def test_the_checker_sees_a_private_import(tmp_path: Path) -> None:
+    """The check above must be able to fail: a planted cross-package private import is found."""
+    planted = ROOT / "labs" / "_planted_for_test.py"
+    planted.write_text("from tools.qemu import _sweep_stale_servers  # noqa: F401\n")
+    try:
+        assert any(
+            "_planted_for_test.py:1: tools.qemu._sweep_stale_servers" in f
+            for f in private_imports_across_packages()
+        )
+    finally:
+        planted.unlink()
+
+
+def test_layers_contract_holds() -> None:
+    """import-linter over pyproject.toml's contracts (scripts/test.sh runs it too)."""
+    exe = shutil.which("lint-imports", path=str(Path(sys.executable).parent)) or "lint-imports"
+    p = subprocess.run([exe], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout[-3000:]
