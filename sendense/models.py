@@ -109,6 +109,16 @@ def _check_host(v: str) -> str:
 HostId = Annotated[str, AfterValidator(_check_host)]
 
 
+# A point hold's id (a drill's or failover's name): it becomes a file name and a tag key.
+HOLD_ID = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}\Z")
+
+
+def check_hold_id(hold_id: str) -> str:
+    if not HOLD_ID.match(hold_id):
+        raise ValueError(f"hold id {hold_id!r}: 1-64 chars of a-z 0-9 _ . - starting with a letter or digit")
+    return hold_id
+
+
 class Strict(BaseModel):
     """Spec models reject unknown fields, so a typo is an error and not a silent default."""
 
@@ -370,6 +380,77 @@ class Settings(SettingsChange):
         return v if v is None or v == 0 else check_bandwidth(v)
 
 
+# ------------------------------------------------------------------- VM hardware, VMs from points
+
+
+Firmware = Literal["bios", "uefi", ""]
+
+
+class NicInfo(Wire):
+    """A VM's network interface: its MAC and the network it is on (the platform's name for it)."""
+
+    mac: str = ""
+    network: str = Field(default="", description="the platform's network name or id; '' if none")
+    model: str = Field(default="", description="virtio, e1000, ena, vmxnet3, ... ('' unknown)")
+
+
+class NetworkInfo(Wire):
+    """A network a VM from a point can be put on (`list_networks`)."""
+
+    name: str
+    kind: str = Field(default="", description="the platform's kind: bridge, user, subnet, ...")
+    isolated: bool = Field(default=False, description="reaches nothing outside (a test network)")
+
+
+VmMode = Literal["test", "production"]
+
+
+class PlanDisk(Wire):
+    key: str = Field(description="the point's disk key")
+    bus: str = Field(default="", description="virtio, scsi, sata, ide, nvme; '' = the source's or virtio")
+    boot_order: int | None = Field(default=None, description="1 = boots first; None: the point's order")
+
+
+class VmPlan(Wire):
+    """How a VM is made from a recovery point (a drill's test VM, a failover's production VM).
+
+    `name` is chosen by the caller before the VM exists and identifies it on the target: a saga
+    registers `destroy_vm(name)` as its undo before `create_vm` runs, so a step killed half-way is
+    undone by the same name."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,62}$")  # (Rust regex: $ is the very end)
+    point_id: str
+    mode: VmMode = Field(default="test", description="test: isolated, no effect on production")
+    cpus: int = Field(default=1, ge=1, le=256)
+    memory_mib: int = Field(default=512, ge=64, le=4 << 20)
+    firmware: Literal["bios", "uefi"] = "bios"
+    disks: list[PlanDisk] = Field(default_factory=list, description="empty: every disk of the point")
+    nics: list[NicInfo] = Field(default_factory=list, description="production mode: NICs to create")
+    network_map: dict[str, str] = Field(
+        default_factory=dict, description="production mode: source network -> target network"
+    )
+
+
+class VmRef(Wire):
+    """A VM made from a point, as the target knows it (no secrets)."""
+
+    name: str
+    platform: str
+    point_id: str
+    mode: VmMode
+    vm_id: str = Field(default="", description="the platform's id (a pid, a domain UUID, an instance id)")
+    state: str = Field(default="", description="running, stopped, ... as the platform says")
+
+
+class BootCheck(Wire):
+    """Whether a VM booted, with the evidence that decided it."""
+
+    ok: bool
+    seconds: float = Field(description="from power-on to the decision")
+    evidence: str = Field(description="the console line that matched, the status seen, or why not")
+    via: str = Field(default="console", description="console, status, agent")
+
+
 # --------------------------------------------------------------------------------------- runtime
 
 
@@ -377,12 +458,21 @@ class DiskInfo(Wire):
     key: str = Field(description="stable disk id within the VM, e.g. disk0 or vda")
     size: int
     ref: str = Field(default="", description="platform reference: image path, node name, volume id")
+    bus: str = Field(default="", description="virtio, scsi, sata, ide, nvme ('' unknown)")
+    boot_order: int | None = Field(default=None, description="1 boots first; None unknown or not bootable")
 
 
 class VmInfo(Wire):
+    """A source VM as discovered: what a VM made from its points needs to look like it."""
+
     name: str
     platform: str
     disks: list[DiskInfo]
+    cpus: int = Field(default=0, description="vCPUs (0 unknown)")
+    memory_mib: int = Field(default=0, description="memory in MiB (0 unknown)")
+    firmware: Firmware = Field(default="", description="bios or uefi ('' unknown)")
+    nics: list[NicInfo] = Field(default_factory=list)
+    os_hint: str = Field(default="", description="linux, windows, ... as the platform says ('' unknown)")
 
 
 class DiskSnapshot(Wire):

@@ -16,7 +16,7 @@ from typing import Protocol, runtime_checkable
 
 from sendense.datapath.copy import BlockReader, BlockWriter
 from sendense.datapath.extents import Extent
-from sendense.models import DiskInfo, PointInfo, SnapshotRef, VmInfo
+from sendense.models import BootCheck, DiskInfo, NetworkInfo, PointInfo, SnapshotRef, VmInfo, VmPlan, VmRef
 
 
 class SourceDisk(Protocol):
@@ -123,6 +123,65 @@ class TargetConnector(Protocol):
         """Write the point's disks as standalone images; returns (disk key, path)."""
         ...
 
+    def hold(self, point_id: str, hold_id: str, reason: str) -> None:
+        """Pin a point (a drill's or a failover's VM runs on it): prune never removes, merges or rewrites
+        a held point, whatever the retention. Idempotent by `hold_id`; its undo is `release`."""
+        ...
+
+    def release(self, point_id: str, hold_id: str) -> None:
+        """Drop a hold; a hold that is gone is no error."""
+        ...
+
     def destroy(self) -> None:
         """Remove every replica and point of the job."""
+        ...
+
+
+@runtime_checkable
+class VmProvisioner(Protocol):
+    """VMs made from a job's recovery points on its target: a drill's test VM or a failover's VM.
+
+    Every mutating verb has its undo, and every verb is idempotent by the VM's name, which the caller
+    chooses before the VM exists: a saga registers `destroy_vm(name)` before `create_vm(plan)` runs, so
+    a step killed half-way is undone by name. A VM never changes its point: it runs on an overlay or a
+    copy, and the point is held (`TargetConnector.hold`) by whoever created the VM.
+    """
+
+    platform: str
+
+    def list_networks(self) -> list[NetworkInfo]:
+        """Networks a production VM can be mapped to (test VMs get an isolated one of their own)."""
+        ...
+
+    def create_vm(self, plan: VmPlan) -> VmRef:
+        """Create (not start) a VM from `plan.point_id`. test mode: on an isolated network, reaching
+        nothing of production; production mode: on the networks `plan.network_map` names. A VM of this
+        name made from the same plan already: returned as it is. Undo: `destroy_vm(plan.name)`."""
+        ...
+
+    def power_on(self, name: str) -> VmRef:
+        """Start the VM (running already: no error). Undo: `power_off`."""
+        ...
+
+    def power_off(self, name: str) -> VmRef:
+        """Stop the VM, hard (stopped already, or gone: no error)."""
+        ...
+
+    def boot_check(self, name: str, pattern: str, timeout: float) -> BootCheck:
+        """Wait until `pattern` (a regular expression) shows on the VM's console, the platform reports
+        it failed, or `timeout` seconds pass; say which, with the evidence."""
+        ...
+
+    def console(self, name: str) -> str:
+        """The VM's console text so far (serial console, or the platform's console output)."""
+        ...
+
+    def list_vms(self) -> list[VmRef]:
+        """Every VM this job's target made from its points (a leak check sees them all)."""
+        ...
+
+    def destroy_vm(self, name: str) -> None:
+        """Remove the VM and everything made for it (process, overlay, image, volumes, snapshots,
+        network, tap, namespace); its point's hold is the caller's to release. Gone already: no
+        error. What cannot be removed raises a one-line error naming it."""
         ...

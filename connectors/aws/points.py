@@ -22,6 +22,7 @@ from connectors.aws.tags import (
     TAG_SELF,
     TAG_SIZE,
     TAG_STATS,
+    holds_of,
     role_of,
     tags_of,
 )
@@ -91,4 +92,5 @@ def point_of(job: str, pid: str, group: list[dict[str, Any]]) -> PointInfo:
         kind=t[TAG_KIND],  # type: ignore[arg-type]
         disks=disks,
         stats=CopyStats.model_validate(json.loads(t.get(TAG_STATS) or "{}")),
+        holds=sorted({h for s in group for h in holds_of(tags_of(s))}),
     )

@@ -22,6 +22,11 @@ TAG_CREATED, TAG_COMMITTED = "sendense:created-at", "sendense:committed-at"
 TAG_CHANGE, TAG_STATS = "sendense:change-id", "sendense:stats"
 TAG_SELF = "sendense:snapshot"  # a committed point's snapshot carries its own id: copies do not match
 TAG_PRUNING = "sendense:pruning"  # set on all of a point's snapshots at once before they are deleted
+TAG_HOLD = "sendense:hold:"  # + hold id, on all of a point's snapshots: prune and destroy leave it
+
+
+def holds_of(tags: dict[str, str]) -> list[str]:
+    return sorted(k.removeprefix(TAG_HOLD) for k in tags if k.startswith(TAG_HOLD))
 
 
 def tags_of(snap: dict[str, Any]) -> dict[str, str]:

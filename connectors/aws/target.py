@@ -40,6 +40,7 @@ from connectors.aws.tags import (
     TAG_CREATED,
     TAG_DISK,
     TAG_DISKS,
+    TAG_HOLD,
     TAG_JOB,
     TAG_JOB_ID,
     TAG_KIND,
@@ -55,8 +56,8 @@ from connectors.aws.tags import (
     tags_of,
 )
 from sendense import config
-from sendense.errors import ResourceNotFound, SendenseError, TargetError
-from sendense.models import AwsTarget, DiskInfo, PointInfo
+from sendense.errors import InvalidSpec, ResourceNotFound, SendenseError, TargetError
+from sendense.models import AwsTarget, DiskInfo, PointInfo, check_hold_id
 
 log = logging.getLogger(__name__)
 
@@ -324,6 +325,9 @@ class AwsTargetConnector:
         used = self._used_by_images({d.path for p in old for d in p.disks})
         removed = []
         for p in old:
+            if p.holds:  # a drill's or failover's VM runs on it: kept whatever the retention
+                log.info("job %s: point %s stays: held by %s", self.job, p.point_id, ", ".join(p.holds))
+                continue
             held = {d.path: used[d.path] for d in p.disks if d.path in used}
             if held:
                 log.warning("job %s: point %s stays: %s", self.job, p.point_id, _named_images(held))
@@ -334,6 +338,20 @@ class AwsTargetConnector:
             if not [sid for sid in sids if self._delete(sid) is not None]:
                 removed.append(p.point_id)
         return removed
+
+    def hold(self, point_id: str, hold_id: str, reason: str) -> None:
+        """A tag on every snapshot of the point (one CreateTags: all or none); idempotent by id."""
+        sids = [d.path for d in self.get_point(point_id).disks]
+        with aws_call(self.aws, f"ec2 CreateTags {' '.join(sids)}"):
+            self.ec2.create_tags(Resources=sids, Tags=as_list({TAG_HOLD + _hold_id(hold_id): reason[:250]}))
+
+    def release(self, point_id: str, hold_id: str) -> None:
+        try:
+            sids = [d.path for d in self.get_point(point_id).disks]
+        except ResourceNotFound:
+            return  # the point is gone: no hold stands on it
+        with aws_call(self.aws, f"ec2 DeleteTags {' '.join(sids)}"):
+            self.ec2.delete_tags(Resources=sids, Tags=[{"Key": TAG_HOLD + _hold_id(hold_id)}])
 
     def _used_by_images(self, snapshot_ids: set[str]) -> dict[str, str]:
         """snapshot id -> the image of this account that maps it, for the given snapshots."""
@@ -363,6 +381,12 @@ class AwsTargetConnector:
     def destroy(self) -> None:
         """Every snapshot of this job's identity that the target made goes, and its local records; what
         cannot go (an image uses it; no local record shows the target started it) is named in one line."""
+        held = [f"{p.point_id} ({', '.join(p.holds)})" for p in self.list_points() if p.holds]
+        if held:
+            raise TargetError(
+                f"purge of job {self.job}: refused while points are held by a drill or failover: "
+                f"{'; '.join(held)}; end those first"
+            )
         stays: dict[str, str] = {}
         self._settle_intents()
         for s in self._snapshots():
@@ -390,3 +414,10 @@ def _named_images(why: dict[str, str]) -> str:
     for sid, reason in why.items():
         by.setdefault(reason, []).append(sid)
     return "; ".join(f"{', '.join(sorted(sids))} ({reason})" for reason, sids in by.items())
+
+
+def _hold_id(hold_id: str) -> str:
+    try:
+        return check_hold_id(hold_id)
+    except ValueError as e:
+        raise InvalidSpec(str(e)) from None

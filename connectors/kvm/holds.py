@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from datetime import UTC, datetime
 from pathlib import Path
 
 from sendense.errors import InvalidSpec
-
-HOLD_ID = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+from sendense.models import check_hold_id
 
 
 class Holds:
@@ -25,11 +23,10 @@ class Holds:
 
     @staticmethod
     def check_id(hold_id: str) -> str:
-        if not HOLD_ID.match(hold_id):
-            raise InvalidSpec(
-                f"hold id {hold_id!r}: 1-64 chars of a-z 0-9 _ . - starting with a letter or digit"
-            )
-        return hold_id
+        try:
+            return check_hold_id(hold_id)
+        except ValueError as e:
+            raise InvalidSpec(str(e)) from None
 
     def add(self, point_id: str, hold_id: str, reason: str) -> None:
         f = self.dir / point_id / f"{self.check_id(hold_id)}.json"

@@ -17,7 +17,7 @@ from connectors.aws.launch import launch_from_point
 from connectors.aws.target import AwsTargetConnector
 from connectors.kvm.source import make_kvm_source
 from sendense.datapath.sync import copy_disk
-from sendense.errors import DataPathError, ResourceNotFound
+from sendense.errors import DataPathError, InvalidSpec, ResourceNotFound, TargetError
 from sendense.models import AwsInstanceSettings, AwsTarget, DiskInfo, KvmSource
 
 GIB = 1 << 30
@@ -150,6 +150,45 @@ def test_prune_keeps_newer_points_whole_and_abort_leaves_nothing(
         left = tgt._snapshots()
         assert {s["SnapshotId"] for s in left} == {d.path for d in tgt.get_point("p2").disks}
     finally:
+        tgt.destroy()
+    assert tgt._snapshots() == []
+
+
+def test_a_held_point_survives_any_retention_and_blocks_purge_until_released(
+    backend: Backend, job: str, state_dir: Path, vm: list[Path], tmp_path: Path
+) -> None:
+    """Issue 10 item 3: a drill holds the point its VM runs on. Prune skips it (newer and older
+    points go as retention says), destroy refuses while it stands, holds are idempotent by id."""
+    src, tgt = kvm_source(job, vm, tmp_path), target(backend, job, state_dir)
+    try:
+        s1 = sync_point(src, tgt, "p1")
+        ref = to_raw(vm[0], tmp_path / "p1.raw")
+        qemu_io(vm[0], "write -P 0x78 0 1M")
+        s2 = sync_point(src, tgt, "p2", s1.base)
+        qemu_io(vm[0], "write -P 0x79 1M 1M")
+        sync_point(src, tgt, "p3", s2.base)
+        tgt.hold("p1", "drill-1", "drill of web01")
+        tgt.hold("p1", "drill-1", "drill of web01")  # a retried saga step: one hold
+        assert [(p.point_id, p.holds) for p in tgt.list_points()] == [
+            ("p3", []),
+            ("p2", []),
+            ("p1", ["drill-1"]),
+        ]
+        assert tgt.prune(1) == ["p2"]  # p1 is held: kept, whatever the retention
+        assert [p.point_id for p in tgt.list_points()] == ["p3", "p1"]
+        assert same_content(exported(tgt, "p1", tmp_path / "x")["disk0"], ref)
+        with pytest.raises(TargetError, match=r"refused while points are held .*p1 \(drill-1\)"):
+            tgt.destroy()
+        assert [p.point_id for p in tgt.list_points()] == ["p3", "p1"]  # nothing deleted
+        with pytest.raises(InvalidSpec, match="hold id '../x'"):
+            tgt.hold("p1", "../x", "drill")
+        tgt.release("p1", "drill-1")
+        tgt.release("p1", "drill-1")  # gone already: no error
+        assert tgt.prune(1) == ["p1"]
+    finally:
+        for p in tgt.list_points():
+            for h in p.holds:
+                tgt.release(p.point_id, h)
         tgt.destroy()
     assert tgt._snapshots() == []
 
