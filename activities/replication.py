@@ -21,7 +21,6 @@ from typing import Any
 from temporalio import activity
 
 from activities.errors import mapped, to_application_error
-from connectors.registry import source_for, target_for
 from sendense import config
 from sendense.datapath.sync import copy_disk as run_copy_disk
 from sendense.datapath.sync import planned_bytes
@@ -48,6 +47,7 @@ from sendense.models import (
     SnapshotRequest,
     VmInfo,
 )
+from sendense.platforms import source_for, target_for
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +73,8 @@ HEARTBEAT_EVERY = 1.0  # seconds between copy heartbeats (progress, cancellation
 @activity.defn(name="create_snapshot")
 @mapped
 def create_snapshot(req: SnapshotRequest) -> SnapshotRef:
-    """Heartbeats while it runs: a cloud snapshot may take long to complete (a first EBS snapshot of a
-    large volume: hours), and a dead worker must still be noticed after the heartbeat timeout."""
+    """Heartbeats while it runs: a cloud snapshot may take long to complete (a cloud's first snapshot
+    of a large volume: hours), and a dead worker must still be noticed after the heartbeat timeout."""
     with _heartbeating(HEARTBEAT_EVERY * 5):
         return _create_snapshot(req)
 

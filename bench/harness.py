@@ -26,7 +26,8 @@ from temporalio.api.enums.v1 import EventType
 
 from app import stack
 from app.cli.client import Jobs
-from sendense.models import JobSpec, KvmSource, KvmTarget, Schedule, SyncResult, Tuning
+from connectors.kvm.spec import KvmSource, KvmTarget
+from sendense.models import JobSpec, Schedule, SyncResult, Tuning
 
 log = logging.getLogger(__name__)
 

@@ -61,8 +61,8 @@ stamp="$VENV/.installed-$hash"
 if [[ -f "$stamp" ]]; then
   say "python packages: up to date (pyproject.toml unchanged)"
 else
-  say "python packages: pip install -e '.[test]'"
-  "$VENV/bin/pip" install -q -e '.[test]'
+  say "python packages: pip install -e '.[all,test]' (every platform's extra, and the test tools)"
+  "$VENV/bin/pip" install -q -e '.[all,test]'
   rm -f "$VENV"/.installed-*
   touch "$stamp"
 fi

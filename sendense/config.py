@@ -85,3 +85,49 @@ def temporal_config() -> TemporalConfig:
         tls_key=os.environ.get("SENDENSE_TLS_KEY"),
         tls_ca=os.environ.get("SENDENSE_TLS_CA"),
     )
+
+
+# ------------------------------------------------------------------------------ local labs
+# A lab started on this machine registers the credentials it hands out for its endpoint, so that an
+# agent already running here (the embedded stack's worker) reaches it without a restart with a new
+# environment. Only an endpoint a lab registered gets them: a real platform's never does.
+
+
+def _labs_file() -> Path:
+    return home() / "labs" / "endpoints.json"
+
+
+def _read_labs() -> dict[str, dict[str, str]]:
+    try:
+        data = json.loads(_labs_file().read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def register_lab(endpoint: str, env: dict[str, str]) -> None:
+    labs = _read_labs()
+    labs[endpoint] = env
+    _write_private(_labs_file(), json.dumps(labs, indent=1) + "\n")
+
+
+def unregister_lab(endpoint: str) -> None:
+    labs = _read_labs()
+    if labs.pop(endpoint, None) is not None:
+        _write_private(_labs_file(), json.dumps(labs, indent=1) + "\n")
+
+
+def lab_env(endpoint: str | None) -> dict[str, str] | None:
+    """The environment a local lab registered for `endpoint` (its credentials), or None."""
+    if not endpoint:
+        return None
+    return _read_labs().get(endpoint.rstrip("/"))
+
+
+def _write_private(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, Self
 
 from pydantic import (
     AfterValidator,
@@ -18,9 +18,11 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    SerializeAsAny,
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
@@ -134,151 +136,96 @@ class Wire(BaseModel):
 # --------------------------------------------------------------------------------------------- spec
 
 
-class LibvirtDomain(Strict):
-    uri: str = Field(description="libvirt connection URI, e.g. qemu:///system")
-    domain: str = Field(description="domain name")
+# Words that mark a credential: never in a spec (it is stored in workflow history and shown by status).
+SECRET_WORDS = (
+    "secret",
+    "access_key",
+    "accesskey",
+    "password",
+    "passwd",
+    "credentials",
+    "session_token",
+    "token",
+)
 
 
-class KvmSource(Strict):
-    """A KVM VM, given in exactly one of three forms."""
-
-    platform: Literal["kvm"]
-    disks: list[Path] | None = Field(default=None, description="stopped VM: its qcow2 disk images")
-    qmp: Path | None = Field(default=None, description="running VM: its QMP unix socket")
-    libvirt: LibvirtDomain | None = Field(default=None, description="running VM managed by libvirt")
-    host: HostId | None = Field(
-        default=None, description="host id whose agent reads the disks (default: local)"
-    )
-
-    @model_validator(mode="after")
-    def _one_form(self) -> KvmSource:
-        forms = [n for n in ("disks", "qmp", "libvirt") if getattr(self, n) is not None]
-        if len(forms) != 1:
-            raise ValueError("give exactly one of disks, qmp or libvirt")
-        if self.disks is not None and not self.disks:
-            raise ValueError("disks must list at least one qcow2 image")
-        if self.disks is not None and len(set(self.disks)) != len(self.disks):
-            raise ValueError("disks lists the same image twice")
-        return self
-
-    @property
-    def mode(self) -> str:
-        return "offline" if self.disks is not None else "qmp" if self.qmp is not None else "libvirt"
-
-
-class KvmTarget(Strict):
-    """Replica volumes as qcow2 files in a directory, as on a KVM host's primary storage."""
-
-    platform: Literal["kvm"]
-    path: Path = Field(description="directory that holds the replicas and recovery points")
-    host: HostId | None = Field(default=None, description="host id whose agent writes the replicas")
-
-
-_AWS_REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d+\Z")  # \Z: $ admits a trailing newline
-_SECRET_WORDS = ("secret", "access_key", "accesskey", "password", "credentials", "session_token", "token")
-
-
-def _no_credentials(data: Any) -> Any:
-    """Credentials never go in a spec (it ends up in workflow history): say so, without echoing them."""
+def refuse_credentials(data: Any, hint: str) -> Any:
+    """A spec's mapping with a key that names a credential is refused, saying where credentials go
+    instead (`hint`), without echoing the value."""
     if isinstance(data, dict):
         for k in data:
-            if any(w in str(k).lower().replace("-", "_") for w in _SECRET_WORDS):
-                raise ValueError(
-                    f"{k}: credentials never go in a job spec; the agent uses the AWS credential chain "
-                    "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, ~/.aws, an instance role)"
-                )
+            if any(w in str(k).lower().replace("-", "_") for w in SECRET_WORDS):
+                raise ValueError(f"{k}: credentials never go in a job spec; {hint}")
     return data
 
 
-def _check_region(v: str) -> str:
-    if not _AWS_REGION.match(v):
-        raise ValueError(f"{v!r} is not an AWS region name (e.g. us-east-1)")
-    return v
+class PlatformSpec(Strict):
+    """What a job spec says about one end of a job. Each platform's package subclasses SourceSpec or
+    TargetSpec with its own fields and checks (sendense.platforms finds them by `platform`)."""
 
-
-def _check_endpoint(v: str | None) -> str | None:
-    if v is not None and not re.match(r"^https?://[^\s/]+", v):
-        raise ValueError(f"{v!r} is not an http(s) URL")
-    return v
-
-
-class _AwsPlace(Strict):
-    """Where an AWS end is reached: its region, an optional endpoint, and the agent that calls it."""
-
-    region: str = Field(description="the region, e.g. eu-west-1")
-    endpoint_url: str | None = Field(default=None, description="EC2 and EBS endpoint (e.g. the lab's)")
+    platform: str
     host: HostId | None = Field(
-        default=None, description="host id whose agent calls AWS (with its credentials)"
+        default=None, description="host id whose agent serves this end (default: the local agent)"
     )
 
-    _credentials = model_validator(mode="before")(_no_credentials)
-    _region = field_validator("region")(_check_region)
-    _endpoint = field_validator("endpoint_url")(_check_endpoint)
+    # where the agent finds its credentials instead, for the refusal of credentials in a spec
+    credentials_hint: ClassVar[str] = "the agent finds its own credentials"
 
-
-class AwsSource(_AwsPlace):
-    """An EC2 instance: its EBS volumes are snapshotted together (CreateSnapshots) and the snapshots
-    diffed and read through the EBS direct APIs."""
-
-    platform: Literal["aws"]
-    instance_id: str = Field(pattern=r"^i-[0-9a-f]{8,17}$", description="the EC2 instance, e.g. i-0abc...")
-
-
-class AwsInstanceSettings(Strict):
-    """How an instance launched from a recovery point looks (failover, test failover)."""
-
-    instance_type: str = Field(default="t3.medium", pattern=r"^[a-z0-9-]+\.[a-z0-9]+$")
-    subnet_id: str | None = Field(default=None, pattern=r"^subnet-[0-9a-f]{8,17}$")
-    security_group_ids: list[str] = Field(default_factory=list)
-    key_name: str | None = None
-    architecture: Literal["x86_64", "arm64"] = "x86_64"
-    boot_mode: Literal["legacy-bios", "uefi", "uefi-preferred"] | None = None
-
-    @field_validator("security_group_ids")
+    @model_validator(mode="before")
     @classmethod
-    def _groups(cls, v: list[str]) -> list[str]:
-        for g in v:
-            if not re.match(r"^sg-[0-9a-f]{8,17}\Z", g):
-                raise ValueError(f"{g!r} is not a security group id (sg-...)")
-        return v
+    def _no_credentials(cls, data: Any) -> Any:
+        return refuse_credentials(data, cls.credentials_hint)
+
+    def describe(self) -> str:
+        """One line for status and search attributes: the platform and what this end is."""
+        return self.platform
+
+    def resolved(self, base: Path) -> Self:
+        """This end with paths given relative to the spec file (in `base`) made absolute, and what can
+        only be checked on the machine that reads the spec (the same image named twice). Raises
+        ValueError with a one-line reason."""
+        return self
 
 
-class AwsTarget(_AwsPlace):
-    """Recovery points as EBS snapshots (one per disk, written with the EBS direct APIs)."""
-
-    platform: Literal["aws"]
-    availability_zone: str | None = Field(default=None, description="where instances are launched")
-    instance: AwsInstanceSettings = Field(default_factory=AwsInstanceSettings)
-
-    @field_validator("availability_zone")
-    @classmethod
-    def _zone(cls, v: str | None, info: Any) -> str | None:
-        region = info.data.get("region")
-        if v is not None and region is not None and not (v.startswith(region) and len(v) > len(region)):
-            raise ValueError(f"{v!r} is not a zone of region {region}")
-        return v
+class SourceSpec(PlatformSpec):
+    """A job's source: the VM to replicate."""
 
 
-SourceSpec = Annotated[KvmSource | AwsSource, Field(discriminator="platform")]
-TargetSpec = Annotated[KvmTarget | AwsTarget, Field(discriminator="platform")]
+class TargetSpec(PlatformSpec):
+    """A job's target: where its replicas and recovery points live."""
 
 
-def describe_source(s: KvmSource | AwsSource) -> str:
-    """One line for status and search attributes: platform and what is replicated."""
-    if isinstance(s, AwsSource):
-        return f"aws:{s.region}:{s.instance_id}"
-    if s.disks is not None:
-        return f"kvm:disks({len(s.disks)})"
-    if s.qmp is not None:
-        return f"kvm:qmp:{s.qmp}"
-    assert s.libvirt is not None
-    return f"kvm:libvirt:{s.libvirt.domain}"
+def resolve_path(p: Path, base: Path) -> Path:
+    """A path from a spec: `~` is the user's home, as in a shell; relative to the spec file's directory."""
+    p = p.expanduser()
+    return p if p.is_absolute() else (base / p).resolve()
 
 
-def describe_target(t: KvmTarget | AwsTarget) -> str:
-    if isinstance(t, AwsTarget):
-        return f"aws:{t.region}" + (f":{t.availability_zone}" if t.availability_zone else "")
-    return f"kvm:{t.path}"
+class UnknownPlatform(PydanticCustomError):
+    """Raised by JobSpec's validators for a missing or unknown `platform` (sendense.spec words it)."""
+
+
+def _end(kind: str) -> Any:
+    """JobSpec.source / JobSpec.target: validated as the model of the platform it names, found in the
+    registry (sendense.platforms), and serialized with all of that model's fields."""
+
+    def validate(cls: Any, value: Any, handler: Any) -> PlatformSpec:
+        from sendense import platforms  # (platforms imports this module)
+
+        if isinstance(value, PlatformSpec):
+            value = value.model_dump()
+        if not isinstance(value, dict):
+            raise PydanticCustomError("model_type", "expected a mapping with platform and its fields")
+        name = value.get("platform")
+        model = platforms.spec_model(kind, name) if isinstance(name, str) else None
+        if model is None:
+            offered = ", ".join(platforms.offered(kind))
+            if name is None:
+                raise PydanticCustomError("platform_missing", f"field required (one of: {offered})")
+            raise PydanticCustomError("platform_unknown", f"{name!r} is not supported (one of: {offered})")
+        return model.model_validate(value)
+
+    return validate
 
 
 class Schedule(Strict):
@@ -292,7 +239,7 @@ class Retention(Strict):
 class Tuning(Strict):
     """Data path settings; the defaults suit local disks."""
 
-    # 8 connections x 512 KiB measured fastest into a qemu-nbd qcow2 target (more writes in flight
+    # 8 connections x 512 KiB measured fastest into a local NBD replica target (more writes in flight
     # for O_DIRECT + native AIO than a few large ones); see bench/ and README "Benchmarks"
     chunk_size: int = Field(default=512 << 10, ge=64 << 10, le=32 << 20)
     connections: int = Field(default=8, ge=1, le=16)
@@ -327,11 +274,14 @@ class JobSpec(Strict):
         description="the job's unique identity, assigned at create (never written in a spec): replicas and "
         "points belong to it, not to the name; '' for jobs created before it existed",
     )
-    source: SourceSpec
-    target: TargetSpec
+    source: SerializeAsAny[SourceSpec]
+    target: SerializeAsAny[TargetSpec]
     schedule: Schedule = Field(default_factory=Schedule)
     retention: Retention = Field(default_factory=Retention)
     tuning: Tuning = Field(default_factory=Tuning)
+
+    _source = field_validator("source", mode="wrap")(_end("source"))
+    _target = field_validator("target", mode="wrap")(_end("target"))
 
     @field_validator("name")
     @classmethod

@@ -1,8 +1,8 @@
 """Connector protocols: what every platform provides, as a source and as a target.
 
-The shapes fit bitmap/CBT hypervisors (KVM, VMware, Hyper-V: a snapshot plus a change id per disk,
-blocks read over NBD or a file) as well as snapshot-diff clouds (AWS, Azure, Nutanix: two snapshots
-diffed by an API, blocks read over HTTP). Data moves through `SourceDisk` / `TargetDisk`, which hand
+The shapes fit hypervisors with dirty bitmaps or changed-block tracking (a snapshot plus a change id
+per disk, blocks read over NBD or a file) as well as clouds that diff snapshots (two snapshots diffed
+by an API, blocks read over HTTP). Data moves through `SourceDisk` / `TargetDisk`, which hand
 the copy engine one reader or writer per connection; how bytes travel is the connector's business.
 Connectors know nothing of Temporal.
 """
@@ -12,11 +12,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from sendense.datapath.copy import BlockReader, BlockWriter
-from sendense.datapath.extents import Extent
 from sendense.models import BootCheck, DiskInfo, NetworkInfo, PointInfo, SnapshotRef, VmInfo, VmPlan, VmRef
+
+if TYPE_CHECKING:  # (workflows import the registry, which names these protocols: no data path for them)
+    from sendense.datapath.copy import BlockReader, BlockWriter
+    from sendense.datapath.extents import Extent
 
 
 class SourceDisk(Protocol):
@@ -41,7 +43,7 @@ class SourceDisk(Protocol):
 class TargetDisk(Protocol):
     """One replica disk being written by a sync.
 
-    A target that writes only whole blocks also has `block_size` (EBS snapshots: 512 KiB): the copy
+    A target that writes only whole blocks also has `block_size` (a snapshot API's block): the copy
     then widens every range to whole blocks, reads them whole from the source, and its requests
     (chunks, compare blocks) are multiples of it; a write that ends at the disk's end may be short.
     """

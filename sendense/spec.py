@@ -2,38 +2,30 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import ValidationError
 
+from sendense import platforms
 from sendense.errors import InvalidSpec, ResourceNotFound
-from sendense.models import JobSpec, KvmSource, KvmTarget
-
-PLATFORMS = ("kvm", "aws")  # the platforms a spec may name, as source or target
+from sendense.models import JobSpec
 
 
 def format_validation_error(err: ValidationError, prefix: str = "") -> str:
     """The first problem as `field.path: message`; a count if there are more."""
     problems = err.errors()
     first = problems[0]
-    parts = [str(p) for p in first["loc"] if not str(p).startswith("function-after")]
-    if len(parts) >= 2 and parts[0] in ("source", "target") and parts[1] in PLATFORMS:
-        del parts[1]  # the union's tag: source.aws.region reads as source.region
+    parts = [str(p) for p in first["loc"] if not str(p).startswith("function-")]
     loc = ".".join(parts)
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown field"
     elif first["type"] == "missing":
         msg = "field required"
-    elif first["type"] == "union_tag_invalid":
+    elif first["type"] in ("platform_unknown", "platform_missing"):
         loc += ".platform"
-        msg = f"{first['ctx']['tag']!r} is not supported (one of: {', '.join(PLATFORMS)})"
-    elif first["type"] == "union_tag_not_found":
-        loc += ".platform"
-        msg = f"field required (one of: {', '.join(PLATFORMS)})"
     more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
     where = f"{prefix}{loc}" if loc else prefix.rstrip(".") or "spec"
     return f"{where}: {msg}{more}"
@@ -44,6 +36,14 @@ def parse_spec(data: Any, source: str = "spec") -> JobSpec:
         raise InvalidSpec(f"{source}: expected a mapping with name, source and target")
     if "job_id" in data:
         raise InvalidSpec(f"{source}: job_id: assigned by sendense when the job is created, never in a spec")
+    for kind in ("source", "target"):  # a developer's platform (memory) is not offered to users
+        end = data.get(kind)
+        name = end.get("platform") if isinstance(end, dict) else None
+        if isinstance(name, str) and name not in platforms.offered(kind) and platforms.get(name) is not None:
+            raise InvalidSpec(
+                f"{source}: {kind}.platform: {name!r} is for developers "
+                f"(set {platforms.DEVELOPER_PLATFORMS}=1); one of: {', '.join(platforms.offered(kind))}"
+            )
     try:
         return JobSpec.model_validate(data)
     except ValidationError as e:
@@ -109,33 +109,18 @@ def load_spec(path: Path) -> JobSpec:
     except RecursionError:
         raise InvalidSpec(f"{path}: nested too deeply to be a job spec") from None
     try:
-        spec = _resolve_paths(parse_spec(data, str(path)), path.parent)
+        spec = _resolve_paths(parse_spec(data, str(path)), path.parent, str(path))
     except RecursionError:
         raise InvalidSpec(f"{path}: nested too deeply to be a job spec") from None
-    disks = spec.source.disks if isinstance(spec.source, KvmSource) else None
-    if disks is not None:
-        seen: dict[str, Path] = {}
-        for d in disks:
-            real = os.path.realpath(d)  # /a/../b and a symlink to b name one image
-            if real in seen:
-                raise InvalidSpec(f"{path}: source: disks lists the same image twice ({seen[real]} and {d})")
-            seen[real] = d
     return spec
 
 
-def _resolve_paths(spec: JobSpec, base: Path) -> JobSpec:
-    """Relative paths in a spec are relative to the spec file; `~` is the user's home, as in a shell."""
-    src = spec.source
-
-    def place(p: Path) -> Path:
-        p = p.expanduser()
-        return p if p.is_absolute() else (base / p).resolve()
-
-    if isinstance(src, KvmSource):
-        if src.disks is not None:
-            src.disks = [place(d) for d in src.disks]
-        if src.qmp is not None:
-            src.qmp = place(src.qmp)
-    if isinstance(spec.target, KvmTarget):
-        spec.target.path = place(spec.target.path)
-    return spec
+def _resolve_paths(spec: JobSpec, base: Path, where: str) -> JobSpec:
+    """Paths in a spec are relative to the spec file, `~` is the user's home, as in a shell: each
+    platform's spec model resolves its own (and checks what only the reading machine can)."""
+    try:
+        return spec.model_copy(
+            update={"source": spec.source.resolved(base), "target": spec.target.resolved(base)}
+        )
+    except ValueError as e:
+        raise InvalidSpec(f"{where}: {e}") from None

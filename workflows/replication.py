@@ -20,6 +20,7 @@ from temporalio.exceptions import ActivityError, ApplicationError, FailureError
 with workflow.unsafe.imports_passed_through():
     from pydantic import ValidationError
 
+    from sendense import platforms
     from sendense.models import (
         AbortRequest,
         BeginResult,
@@ -44,10 +45,12 @@ with workflow.unsafe.imports_passed_through():
         SyncNowRequest,
         SyncResult,
         VmInfo,
-        describe_source,
-        describe_target,
     )
     from sendense.spec import format_validation_error
+
+    # The platforms' spec models decode JobSpec: load them here, outside the sandbox, so that a
+    # workflow never imports a platform's package into its sandbox.
+    platforms.load_all()
 
 SA_JOB = SearchAttributeKey.for_keyword("SendenseJob")
 SA_SOURCE = SearchAttributeKey.for_keyword("SendenseSource")
@@ -114,8 +117,8 @@ class ReplicationWorkflow:
         return JobStatus(
             name=spec.name,
             state=self.state or "starting",  # type: ignore[arg-type]
-            source=describe_source(spec.source),
-            target=describe_target(spec.target),
+            source=spec.source.describe(),
+            target=spec.target.describe(),
             interval_seconds=spec.schedule.interval.total_seconds(),
             retention_points=spec.retention.points,
             syncs=self.st.syncs,

@@ -40,8 +40,6 @@ from sendense.models import (
     SyncNowRequest,
     SyncResult,
     Tuning,
-    describe_source,
-    describe_target,
 )
 from workers.worker import connect
 from workflows.replication import SA_JOB, SA_SOURCE, SA_STATE, SA_TARGET, ReplicationWorkflow
@@ -169,8 +167,8 @@ class Jobs:
                 id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
                 search_attributes=sa if search_attributes else TypedSearchAttributes.empty,
                 static_summary=f"Replication {spec.name}: {spec.source.platform} -> {spec.target.platform}",
-                static_details=f"Replicates {describe_source(spec.source)} to "
-                f"{describe_target(spec.target)}, every {spec.schedule.interval}, "
+                static_details=f"Replicates {spec.source.describe()} to "
+                f"{spec.target.describe()}, every {spec.schedule.interval}, "
                 f"keeping {spec.retention.points} recovery points.",
             )
         except WorkflowAlreadyStartedError:

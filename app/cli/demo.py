@@ -159,7 +159,7 @@ async def _run_job(console: Console, spec_path: Path, vm: Any, workload_cls: Any
 
 
 def _points(spec: Any) -> list[Any]:
-    from connectors.registry import target_for
+    from sendense.platforms import target_for
 
     return target_for(spec).list_points()
 

@@ -43,7 +43,7 @@ def job_create(
     as_json: bool = JsonOpt,
 ) -> None:
     """Create a replication job from a spec; its first (full) sync starts at once."""
-    from connectors.registry import source_for, target_for
+    from sendense.platforms import source_for, target_for
     from sendense.spec import load_spec
 
     async def go() -> JobStatus | None:

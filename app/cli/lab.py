@@ -1,8 +1,9 @@
 """`sendense lab`: the stand-ins for platforms that cannot run on this machine, in the background.
 
-`lab up` starts them (today: AWS, EC2 and the EBS direct APIs on loopback) and says, per platform,
-what a job spec and the agent need to reach them; `lab down` stops them; `lab write` writes to a lab
-volume as its guest would. KVM needs no lab: it runs for real here.
+`lab up` starts every platform's lab (its plug-in names a hook: sendense.platforms, Platform.lab) and
+says, per platform, what a job spec needs to reach it; agents on this machine reach a lab at once (the
+hook registers its credentials for its endpoint). `lab down` stops them. `lab instance` and `lab write`
+are the AWS lab's own: an instance to replicate, and writes to a volume as its guest would.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from typing import Any
 
 import typer
 
-from sendense import config
 from sendense.errors import SendenseError
 
 lab_app = typer.Typer(
@@ -23,68 +23,58 @@ lab_app = typer.Typer(
 MAX_WRITE = 1 << 30  # `lab write` holds the bytes in memory
 
 
-def lab_dir(platform: str) -> Path:
-    return config.home() / "labs" / platform
+def _hooks() -> dict[str, Any]:
+    """Platform name -> its lab hook module (sendense.platforms: Platform.lab), for those with a lab."""
+    import importlib
+
+    from sendense import platforms
+
+    return {p.name: importlib.import_module(p.lab) for p in platforms.load_all() if p.lab}
 
 
-def describe(lab: Any) -> dict[str, Any]:
-    """What a job spec and the agent's environment need to reach the AWS lab."""
+def _notes() -> dict[str, dict[str, Any]]:
+    """What the platforms without a lab say instead (KVM runs for real here)."""
+    from sendense import platforms
+
     return {
-        "endpoint_url": lab.endpoint_url,
-        "region": lab.region,
-        "env": lab.env(),
-        "source": {"platform": "aws", "region": lab.region, "endpoint_url": lab.endpoint_url},
-        "target": {"platform": "aws", "region": lab.region, "endpoint_url": lab.endpoint_url},
-        "dir": str(lab_dir("aws")),
-        "note": "export the env for `sendense up`/`sendense worker` (the agent's AWS credential chain); "
-        "make an instance with `sendense lab instance NAME --disk-gib 8 --disk-gib 2`",
+        p.name: {"note": p.lab_note}
+        for p in platforms.load_all()
+        if not p.lab and p.lab_note and not p.developer_only
     }
 
 
-def _kvm() -> dict[str, Any]:
-    return {"note": "KVM runs for real here: source.disks (stopped VM), source.qmp or source.libvirt; no lab"}
-
-
-def _attach() -> Any:
-    """The running AWS lab of this SENDENSE_HOME, or None."""
-    from labs.aws import AwsLab
-    from labs.aws.lab import AwsLabError
-
-    try:
-        return AwsLab.attach(lab_dir("aws"))
-    except AwsLabError:
-        return None
-
-
-def _errors() -> tuple[type[Exception], ...]:
-    from labs.aws.lab import AwsLabError
-
-    return (SendenseError, AwsLabError)
+def _errors(hook: Any) -> tuple[type[Exception], ...]:
+    return tuple(getattr(hook, "ERRORS", (SendenseError,)))
 
 
 @lab_app.command("up")
 def lab_up(
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
-    port: int = typer.Option(0, help="AWS lab port (0: any free one)"),
+    port: int = typer.Option(0, help="the lab's port, for a single lab (0: any free one)"),
 ) -> None:
-    """Start the labs in the background (already running: just describe them)."""
+    """Start the labs in the background (already running: just describe them). Agents on this machine
+    reach them at once; the output says what a job spec needs."""
     from app.cli.output import emit_json, fail, out
-    from labs.aws import AwsLab
 
-    try:
-        lab = _attach()
-        if lab is None or not lab.running:
-            lab = AwsLab(lab_dir("aws"), port=port).start(detached=True)
-    except _errors() as e:
-        fail(str(e))
-    info = {"aws": describe(lab), "kvm": _kvm()}
+    info: dict[str, Any] = {}
+    for name, hook in _hooks().items():
+        try:
+            info[name] = hook.up(port=port)
+        except _errors(hook) as e:
+            fail(f"{name} lab: {e}")
+    info |= _notes()
     if as_json:
         emit_json(info)
         return
-    out.print(f"aws lab: {lab.endpoint_url} (region {lab.region}); for the agent's environment:")
-    for k, v in lab.env().items():
-        out.print(f"  export {k}={v}", highlight=False)
-    out.print("kvm: runs for real here, no lab")
+    for name, lab in info.items():
+        if "endpoint_url" in lab:
+            where = f" (region {lab['region']})" if "region" in lab else ""
+            out.print(
+                f"{name} lab: {lab['endpoint_url']}{where}; agents on this machine reach it as they are"
+            )
+            out.print(f"  an agent elsewhere needs: {' '.join(f'{k}=...' for k in lab.get('env', {}))}")
+        else:
+            out.print(f"{name}: {lab.get('note', '')}", highlight=False)
 
 
 @lab_app.command("down")
@@ -92,17 +82,17 @@ def lab_down(as_json: bool = typer.Option(False, "--json", help="machine-readabl
     """Stop the labs (their state is gone with them)."""
     from app.cli.output import emit_json, fail, out
 
-    try:
-        lab = _attach()
-        stopped = lab is not None
-        if lab is not None:
-            lab.stop()
-    except _errors() as e:
-        fail(str(e))
+    stopped: dict[str, bool] = {}
+    for name, hook in _hooks().items():
+        try:
+            stopped[name] = hook.down()
+        except _errors(hook) as e:
+            fail(f"{name} lab: {e}")
     if as_json:
-        emit_json({"aws": {"stopped": stopped}})
+        emit_json({name: {"stopped": s} for name, s in stopped.items()})
     else:
-        out.print("aws lab: stopped" if stopped else "aws lab: was not running")
+        for name, s in stopped.items():
+            out.print(f"{name} lab: stopped" if s else f"{name} lab: was not running")
 
 
 @lab_app.command("status")
@@ -110,21 +100,22 @@ def lab_status(as_json: bool = typer.Option(False, "--json", help="machine-reada
     """Which labs run, and how to reach them."""
     from app.cli.output import emit_json, out
 
-    lab = _attach()
-    running = lab is not None and lab.running
+    info = {name: hook.status() for name, hook in _hooks().items()} | _notes()
     if as_json:
-        emit_json(
-            {"aws": describe(lab) | {"running": True} if running else {"running": False}, "kvm": _kvm()}
-        )
-    else:
-        out.print(f"aws lab: {lab.endpoint_url}" if running else "aws lab: not running")
+        emit_json(info)
+        return
+    for name, lab in info.items():
+        if "running" in lab:
+            out.print(f"{name} lab: {lab['endpoint_url']}" if lab["running"] else f"{name} lab: not running")
 
 
 def _running_lab() -> Any:
+    """The running AWS lab (for `lab instance` and `lab write`, which are the AWS lab's own)."""
     from app.cli.output import fail
+    from labs.aws import hook
 
-    lab = _attach()
-    if lab is None or not lab.running:
+    lab = hook.attach()
+    if lab is None:
         fail("the AWS lab is not running: start it with `sendense lab up`")
     return lab
 
@@ -143,7 +134,7 @@ def lab_instance(
     lab = _running_lab()
     try:
         inst = lab.make_instance(name, list(disk_gib))
-    except _errors() as e:
+    except _aws_errors() as e:
         fail(str(e))
     vols = [{"device": d, "volume_id": v, "size_gib": s} for d, v, s in inst.volumes]
     if as_json:
@@ -180,6 +171,12 @@ def lab_write(
     lab = _running_lab()
     try:
         lab.write(volume_id, offset, data)
-    except _errors() as e:
+    except _aws_errors() as e:
         fail(str(e))
     out.print(f"wrote {len(data)} bytes to {volume_id} at {offset}")
+
+
+def _aws_errors() -> tuple[type[Exception], ...]:
+    from labs.aws import hook
+
+    return hook.ERRORS

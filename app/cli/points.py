@@ -16,7 +16,7 @@ point_app = typer.Typer(help="Recovery points (run on the target host).", no_arg
 
 
 def _target(name: str) -> Any:
-    from connectors.registry import target_for
+    from sendense.platforms import target_for
 
     async def go() -> Any:
         spec, problem = await (await connect()).spec_and_problem(name)

@@ -30,6 +30,7 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
+from sendense import config
 from sendense.errors import ResourceNotFound, ResourceUnavailable, SendenseError
 
 log = logging.getLogger(__name__)
@@ -89,8 +90,15 @@ class Aws:
             read_timeout=60,
             user_agent_extra="sendense",
         )
+        # a lab on this machine registered its credentials for its endpoint (`sendense lab up`)
+        lab = config.lab_env(self.endpoint_url) or {}
         return session.create_client(
-            service, region_name=self.region, endpoint_url=self.endpoint_url, config=cfg
+            service,
+            region_name=self.region,
+            endpoint_url=self.endpoint_url,
+            config=cfg,
+            aws_access_key_id=lab.get("AWS_ACCESS_KEY_ID"),
+            aws_secret_access_key=lab.get("AWS_SECRET_ACCESS_KEY"),
         )
 
     def where(self) -> str:

@@ -11,9 +11,10 @@ from typing import Any
 
 from connectors.aws.client import Aws, aws_call
 from connectors.aws.source import GIB
+from connectors.aws.spec import AwsInstanceSettings
 from connectors.aws.tags import TAG_JOB, TAG_POINT
 from sendense.errors import SendenseError, TargetError
-from sendense.models import AwsInstanceSettings, PointInfo
+from sendense.models import PointInfo
 
 log = logging.getLogger(__name__)
 

@@ -36,11 +36,12 @@ from botocore.exceptions import ClientError
 
 from connectors.aws.blocks import BLOCK, BlockTokens, list_blocks, list_changed
 from connectors.aws.client import Aws, aws_call, is_not_found
+from connectors.aws.spec import AwsSource
 from connectors.aws.tags import ROLE_SOURCE, TAG_JOB, TAG_ROLE, TAG_SYNC, role_of, tags_of
 from sendense import config
 from sendense.datapath.extents import Extent
 from sendense.errors import ResourceNotFound, SendenseError
-from sendense.models import AwsSource, DiskInfo, DiskSnapshot, SnapshotRef, VmInfo
+from sendense.models import DiskInfo, DiskSnapshot, SnapshotRef, VmInfo
 
 log = logging.getLogger(__name__)
 

@@ -33,6 +33,7 @@ from connectors.aws.pending import AwsTargetDisk, PendingSnapshot, load_record
 from connectors.aws.points import committed_by_us, group_points, job_id_of, point_of, target_snapshots
 from connectors.aws.records import TargetRecords
 from connectors.aws.source import GIB, delete_snapshot, wait_completed
+from connectors.aws.spec import AwsTarget
 from connectors.aws.tags import (
     ROLE_TARGET,
     TAG_CHANGE,
@@ -57,7 +58,7 @@ from connectors.aws.tags import (
 )
 from sendense import config
 from sendense.errors import InvalidSpec, ResourceNotFound, SendenseError, TargetError
-from sendense.models import AwsTarget, DiskInfo, PointInfo, check_hold_id
+from sendense.models import DiskInfo, PointInfo, check_hold_id
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sendense.models import KvmSource
+from connectors.kvm.spec import KvmSource
 from sendense.protocols import SourceConnector
 
 

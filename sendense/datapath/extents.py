@@ -64,7 +64,7 @@ def clip(extents: Iterable[Extent], start: int, end: int | None = None) -> Itera
 
 def align(extents: Iterable[Extent], block: int) -> Iterator[Extent]:
     """Widen sorted, coalesced extents to whole `block`s, for targets that write only whole blocks
-    (EBS snapshots: 512 KiB). A block touched by data, or only partly covered by a zero range (the
+    (a snapshot API's fixed block). A block touched by data, or only partly covered by a zero range (the
     rest of it is unchanged and must be sent again), becomes data: the whole block is read from the
     source. Only blocks entirely inside a zero range stay zero. Output is sorted and coalesced;
     the caller clips it to the disk's end."""

@@ -1,7 +1,7 @@
 """NBD endpoints through libnbd: block reads/writes and extent discovery.
 
-Used by every connector whose platform speaks NBD (KVM via qemu-nbd or the QEMU NBD server,
-VMware through nbdkit-vddk, lab stand-ins). The Python `nbd` module comes from Debian's
+Used by every connector whose platform speaks NBD (a hypervisor's NBD server or qemu-nbd, nbdkit
+plugins, lab stand-ins). The Python `nbd` module comes from Debian's
 python3-libnbd; the project venv is made with --system-site-packages so that it is importable.
 """
 

@@ -42,12 +42,12 @@ def _mode(kind: SyncKind, tuning: Tuning) -> Mode:
 
 def untracked_ranges(src: SourceDisk, dst: TargetDisk, start: int, end: int) -> list[Extent]:
     """Where the replica may hold data but the source now reads zero, outside what change tracking
-    lists: an incremental must check these too. qcow2 dirty bitmaps record no shrink: a disk shrunk
+    lists: an incremental must check these too. Dirty bitmaps may record no shrink: a disk shrunk
     and grown back between two syncs (or between a snapshot and its copy) reads zeros beyond the
     shrunk size while its bits there are clean, and the replica would keep the old bytes. The ranges
     come back as data, so that a compare copy (dedupe_incremental, the default) reads both sides and
     writes only what differs: a replica that is zero there already costs two reads, no write. A
-    source whose tracking covers shrinks says so (`tracks_resize`: EBS volumes never shrink); a target
+    source whose tracking covers shrinks says so (`tracks_resize`: cloud volumes that never shrink); a target
     that can say where its replica holds data (`data_extents`) keeps the list short."""
     if getattr(src, "tracks_resize", False):
         return []
@@ -86,7 +86,7 @@ def plan_extents(
 
 
 def target_block(dst: TargetDisk) -> int:
-    """The unit a target writes in: 1 (any byte range) unless it says otherwise (EBS: 512 KiB)."""
+    """The unit a target writes in: 1 (any byte range) unless it says otherwise (a snapshot API's block)."""
     return int(getattr(dst, "block_size", 1) or 1)
 
 

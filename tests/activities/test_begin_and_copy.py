@@ -19,6 +19,7 @@ from activities import replication
 from activities.replication import begin_and_copy, copy_disk, finish_sync
 from connectors.kvm import offline
 from connectors.kvm.identity import bitmap_name, disk_tag
+from connectors.kvm.spec import KvmSource, KvmTarget
 from connectors.kvm.target import KvmTarget as Replicas
 from sendense.errors import DataPathError
 from sendense.models import (
@@ -27,8 +28,6 @@ from sendense.models import (
     CopyToken,
     FinishResult,
     JobSpec,
-    KvmSource,
-    KvmTarget,
     SnapshotRequest,
     Tuning,
 )

@@ -22,18 +22,21 @@ BLOCK = 512 * 1024
 
 @pytest.fixture(scope="module")
 def aws_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cli, dict]]:  # type: ignore[type-arg]
-    """A stack of its own whose worker has the lab's credentials in its environment."""
+    """A stack of its own, started before the lab and with no AWS credentials in its environment: `lab up`
+    registers the lab's for its endpoint, and the running worker reaches the lab without a restart
+    (issue 10 item 2: the lab hook wires the embedded stack)."""
     state = Path(tmp_path_factory.mktemp("sdaws"))
     port = free_port()
-    env = dict(os.environ, SENDENSE_HOME=str(state), SENDENSE_HOST_ID=f"aws{port}")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(SENDENSE_HOME=str(state), SENDENSE_HOST_ID=f"aws{port}", AWS_EC2_METADATA_DISABLED="true")
     env.pop("SENDENSE_TEMPORAL", None)
     cli = Cli(env=env, state=state)
-    lab = cli.json("lab", "up")["aws"]
-    env.update(lab["env"])
     saved = dict(os.environ)
-    os.environ.update({k: env[k] for k in ("SENDENSE_HOME", "SENDENSE_HOST_ID", *lab["env"])})
+    os.environ.clear()
+    os.environ.update(env)
     try:
         stack.up(state, port=port, ui_port=free_port())
+        lab = cli.json("lab", "up")["aws"]
         yield cli, lab
     finally:
         try:

@@ -17,10 +17,11 @@ from helpers_kvm import file_digest
 from temporalio.testing import ActivityEnvironment
 
 from activities.replication import begin_and_copy
+from connectors.kvm.spec import KvmSource, KvmTarget
 from connectors.kvm.target import KvmTarget as Replicas
 from labs.guest.build import build
 from labs.guest.fscheck import check
-from sendense.models import JobSpec, KvmSource, KvmTarget, SnapshotRequest
+from sendense.models import JobSpec, SnapshotRequest
 from tools.boot import GuestVm, overlay
 
 pytestmark = pytest.mark.slow

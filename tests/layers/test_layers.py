@@ -4,6 +4,7 @@ no `_private` name is imported across packages, and the layers contract itself h
 from __future__ import annotations
 
 import ast
+import re
 import shutil
 import subprocess
 import sys
@@ -66,3 +67,25 @@ def test_layers_contract_holds() -> None:
     exe = shutil.which("lint-imports", path=str(Path(sys.executable).parent)) or "lint-imports"
     p = subprocess.run([exe], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 0, p.stdout[-3000:]
+
+
+PLATFORM_WORDS = re.compile(r"kvm|aws|qcow2|ebs|qmp|libvirt|boto", re.I)
+
+
+def platform_mentions() -> list[str]:
+    """Lines of activities/, workflows/ and the core that name a platform, but for the registry's table
+    (issue 10 item 2: a platform lives in its own package and one registry line)."""
+    found = []
+    for pkg in ("activities", "workflows", "sendense"):
+        for path in sorted((ROOT / pkg).rglob("*.py")):
+            for n, line in enumerate(path.read_text().splitlines(), 1):
+                registry_line = path.name == "platforms.py" and re.match(
+                    r'\s*"\w+": "connectors\.\w+\.plugin",', line
+                )
+                if PLATFORM_WORDS.search(line) and not registry_line:
+                    found.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
+    return found
+
+
+def test_no_platform_is_named_outside_its_package_but_in_the_registry() -> None:
+    assert platform_mentions() == []

@@ -50,19 +50,18 @@ from activities.replication import (
     prune_points,
     release_snapshot,
 )
-from connectors.registry import target_for
+from connectors.aws.spec import AwsTarget
+from connectors.kvm.spec import KvmTarget
 from labs.aws import AwsLab
 from sendense.errors import SendenseError
 from sendense.models import (
     AbortRequest,
-    AwsTarget,
     BeginResult,
     CommitRequest,
     CopyRequest,
     DiskCopyResult,
     FinishResult,
     JobSpec,
-    KvmTarget,
     PruneRequest,
     ReleaseRequest,
     Retention,
@@ -70,6 +69,7 @@ from sendense.models import (
     SnapshotRequest,
     Tuning,
 )
+from sendense.platforms import target_for
 
 MiB = 1 << 20
 CLUSTER = 64 << 10

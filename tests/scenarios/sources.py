@@ -10,8 +10,8 @@ from pathlib import Path
 
 from helpers_kvm import bitmap_names, run
 
+from connectors.kvm.spec import KvmSource
 from labs.kvm.vm import LabVm
-from sendense.models import KvmSource
 
 CLUSTER = 64 << 10
 

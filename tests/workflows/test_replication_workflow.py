@@ -34,6 +34,7 @@ from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
+from connectors.kvm.spec import KvmSource, KvmTarget
 from sendense.models import (
     AbortRequest,
     BeginResult,
@@ -49,8 +50,6 @@ from sendense.models import (
     JobRequest,
     JobSpec,
     JobStatus,
-    KvmSource,
-    KvmTarget,
     PointDisk,
     PointInfo,
     PrepareRequest,

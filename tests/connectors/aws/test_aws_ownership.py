@@ -12,10 +12,11 @@ from helpers_kvm import MiB, make_qcow2, qemu_io, sync_point
 
 from connectors.aws.blocks import BLOCK
 from connectors.aws.source import AwsSourceConnector
+from connectors.aws.spec import AwsSource, AwsTarget
 from connectors.aws.target import AwsTargetConnector
 from connectors.kvm.source import make_kvm_source
+from connectors.kvm.spec import KvmSource
 from sendense.errors import ResourceNotFound, TargetError
-from sendense.models import AwsSource, AwsTarget, KvmSource
 
 
 def aws_source(b: Backend, job: str, work: Path) -> AwsSourceConnector:

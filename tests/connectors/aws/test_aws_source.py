@@ -14,9 +14,9 @@ from connectors.aws import client
 from connectors.aws.blocks import BLOCK
 from connectors.aws.client import AccessDenied
 from connectors.aws.source import AwsSourceConnector, disk_key
+from connectors.aws.spec import AwsSource
 from sendense.datapath.extents import Extent, coalesce
 from sendense.errors import ResourceNotFound, ResourceUnavailable, SendenseError
-from sendense.models import AwsSource
 
 GIB = 1 << 30
 

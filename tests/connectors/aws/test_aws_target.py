@@ -14,11 +14,13 @@ from helpers_kvm import MiB, fast_tuning, qemu_io, same_content, sync_point, to_
 
 from connectors.aws.blocks import BLOCK
 from connectors.aws.launch import launch_from_point
+from connectors.aws.spec import AwsInstanceSettings, AwsTarget
 from connectors.aws.target import AwsTargetConnector
 from connectors.kvm.source import make_kvm_source
+from connectors.kvm.spec import KvmSource
 from sendense.datapath.sync import copy_disk
 from sendense.errors import DataPathError, InvalidSpec, ResourceNotFound, TargetError
-from sendense.models import AwsInstanceSettings, AwsTarget, DiskInfo, KvmSource
+from sendense.models import DiskInfo
 
 GIB = 1 << 30
 

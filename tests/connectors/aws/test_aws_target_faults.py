@@ -14,10 +14,11 @@ from test_aws_target import exported, kvm_source, target
 
 from connectors.aws.blocks import BLOCK, get_block, list_blocks
 from connectors.aws.launch import launch_from_point
+from connectors.aws.spec import AwsInstanceSettings
 from connectors.aws.tags import TAG_COMMITTED, TAG_DISKS, TAG_POINT
 from sendense.datapath.sync import copy_disk
 from sendense.errors import ResourceNotFound, SendenseError, TargetError
-from sendense.models import AwsInstanceSettings, DiskInfo, PointDisk, PointInfo
+from sendense.models import DiskInfo, PointDisk, PointInfo
 
 
 def point_blocks(tgt, sid: str) -> dict[int, bytes]:  # type: ignore[no-untyped-def]

@@ -1,0 +1,33 @@
+"""The AWS platform as sendense.platforms sees it. Connectors (and boto3) are imported when first made."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from connectors.aws.spec import AwsSource, AwsTarget
+from sendense.platforms import Platform
+from sendense.protocols import SourceConnector, TargetConnector
+
+
+def _source(spec: AwsSource, job: str, work_dir: Path) -> SourceConnector:
+    from connectors.aws.source import AwsSourceConnector
+
+    return AwsSourceConnector(job, spec, work_dir)
+
+
+def _target(spec: AwsTarget, job: str, job_id: str) -> TargetConnector:
+    from connectors.aws.target import AwsTargetConnector
+
+    return AwsTargetConnector(job, spec, job_id=job_id)
+
+
+PLATFORM = Platform(
+    name="aws",
+    summary="AWS EC2: an instance's EBS volumes (EBS direct APIs); points as EBS snapshots, "
+    "instances launched from them",
+    source_spec=AwsSource,
+    target_spec=AwsTarget,
+    source=_source,
+    target=_target,
+    lab="labs.aws.hook",
+)

@@ -1,0 +1,33 @@
+"""The KVM platform as sendense.platforms sees it. Connectors are imported when first made."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from connectors.kvm.spec import KvmSource, KvmTarget
+from sendense.platforms import Platform
+from sendense.protocols import SourceConnector, TargetConnector
+
+
+def _source(spec: KvmSource, job: str, work_dir: Path) -> SourceConnector:
+    from connectors.kvm.source import make_kvm_source
+
+    return make_kvm_source(job, spec, work_dir)
+
+
+def _target(spec: KvmTarget, job: str, job_id: str) -> TargetConnector:
+    from connectors.kvm.target import KvmTarget as Target
+
+    return Target(job, spec.path, job_id=job_id)
+
+
+PLATFORM = Platform(
+    name="kvm",
+    summary="KVM/QEMU: a stopped VM's qcow2 images, a running VM over QMP or a libvirt domain; "
+    "qcow2 replicas",
+    source_spec=KvmSource,
+    target_spec=KvmTarget,
+    source=_source,
+    target=_target,
+    lab_note="KVM runs for real here: source.disks (stopped VM), source.qmp or source.libvirt; no lab",
+)

@@ -1,0 +1,83 @@
+"""The KVM platform's part of a job spec: a VM given as stopped disk images, a QMP socket or a libvirt
+domain (source), and a directory of qcow2 replicas (target)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal, Self
+
+from pydantic import Field, model_validator
+
+from sendense.models import SourceSpec, Strict, TargetSpec, resolve_path
+
+KVM_CREDENTIALS = "the agent reaches QEMU and libvirt as its own user (for libvirt over ssh: its ssh keys)"
+
+
+class LibvirtDomain(Strict):
+    uri: str = Field(description="libvirt connection URI, e.g. qemu:///system")
+    domain: str = Field(description="domain name")
+
+
+class KvmSource(SourceSpec):
+    """A KVM VM, given in exactly one of three forms."""
+
+    platform: Literal["kvm"]
+    disks: list[Path] | None = Field(default=None, description="stopped VM: its qcow2 disk images")
+    qmp: Path | None = Field(default=None, description="running VM: its QMP unix socket")
+    libvirt: LibvirtDomain | None = Field(default=None, description="running VM managed by libvirt")
+
+    credentials_hint = KVM_CREDENTIALS
+
+    @model_validator(mode="after")
+    def _one_form(self) -> Self:
+        forms = [n for n in ("disks", "qmp", "libvirt") if getattr(self, n) is not None]
+        if len(forms) != 1:
+            raise ValueError("give exactly one of disks, qmp or libvirt")
+        if self.disks is not None and not self.disks:
+            raise ValueError("disks must list at least one qcow2 image")
+        if self.disks is not None and len(set(self.disks)) != len(self.disks):
+            raise ValueError("disks lists the same image twice")
+        return self
+
+    @property
+    def mode(self) -> str:
+        return "offline" if self.disks is not None else "qmp" if self.qmp is not None else "libvirt"
+
+    def describe(self) -> str:
+        if self.disks is not None:
+            return f"kvm:disks({len(self.disks)})"
+        if self.qmp is not None:
+            return f"kvm:qmp:{self.qmp}"
+        assert self.libvirt is not None
+        return f"kvm:libvirt:{self.libvirt.domain}"
+
+    def resolved(self, base: Path) -> Self:
+        update: dict[str, object] = {}
+        if self.disks is not None:
+            disks = [resolve_path(d, base) for d in self.disks]
+            seen: dict[str, Path] = {}
+            for d in disks:
+                real = os.path.realpath(d)  # /a/../b and a symlink to b name one image
+                if real in seen:
+                    raise ValueError(f"source: disks lists the same image twice ({seen[real]} and {d})")
+                seen[real] = d
+            update["disks"] = disks
+        if self.qmp is not None:
+            update["qmp"] = resolve_path(self.qmp, base)
+        return self.model_copy(update=update)
+
+
+class KvmTarget(TargetSpec):
+    """Replica volumes as qcow2 files in a directory, as on a KVM host's primary storage."""
+
+    platform: Literal["kvm"]
+    path: Path = Field(description="directory that holds the replicas and recovery points")
+
+    credentials_hint = KVM_CREDENTIALS
+
+    def describe(self) -> str:
+        return f"kvm:{self.path}"
+
+    def resolved(self, base: Path) -> Self:
+        return self.model_copy(update={"path": resolve_path(self.path, base)})

@@ -1,0 +1,121 @@
+"""The one registry of platforms (DESIGN.md "Platforms are plug-ins").
+
+A platform's package owns everything about it: its spec models, its source, target and VM connectors,
+its lab hook and its dependencies (a pyproject extra), all named by the `Platform` its `plugin` module
+exports as PLATFORM. The core knows platforms only through REGISTRY below, by module name, imported the
+first time the platform is used: adding a platform is its package plus one line here.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sendense.errors import InvalidSpec
+from sendense.models import JobSpec, SourceSpec, TargetSpec
+from sendense.protocols import SourceConnector, TargetConnector, VmProvisioner
+
+REGISTRY: dict[str, str] = {
+    "kvm": "connectors.kvm.plugin",
+    "aws": "connectors.aws.plugin",
+}
+
+# Platforms for developers (the in-memory one) are offered in specs only when this is set to 1.
+DEVELOPER_PLATFORMS = "SENDENSE_DEVELOPER_PLATFORMS"
+
+
+@dataclass(frozen=True)
+class Platform:
+    """What a platform's package declares about itself."""
+
+    name: str
+    summary: str  # one line: what the platform is and what of it sendense uses
+    source_spec: type[SourceSpec] | None = None
+    target_spec: type[TargetSpec] | None = None
+    # (its source spec, job name, the job's work directory on the agent)
+    source: Callable[[Any, str, Path], SourceConnector] | None = None
+    # (its target spec, job name, job id)
+    target: Callable[[Any, str, str], TargetConnector] | None = None
+    vms: Callable[[Any, str, str], VmProvisioner] | None = None
+    lab: str | None = None  # module of its lab hook (labs/...: LAB), imported by the app only
+    lab_note: str = ""  # said by `sendense lab up/status` for a platform without a lab
+    developer_only: bool = False  # not offered in specs unless DEVELOPER_PLATFORMS=1
+
+
+_loaded: dict[str, Platform] = {}
+_lock = threading.Lock()
+
+
+def get(name: str) -> Platform | None:
+    """The platform named `name`, its package imported on first use; None if there is none."""
+    p = _loaded.get(name)
+    if p is not None or name not in REGISTRY:
+        return p
+    with _lock:
+        if name not in _loaded:
+            platform = importlib.import_module(REGISTRY[name]).PLATFORM
+            assert isinstance(platform, Platform) and platform.name == name, REGISTRY[name]
+            _loaded[name] = platform
+    return _loaded[name]
+
+
+def load_all() -> list[Platform]:
+    """Every registered platform (a worker loads them before its workflows decode a spec)."""
+    return [p for name in REGISTRY if (p := get(name)) is not None]
+
+
+def developer_platforms() -> bool:
+    return os.environ.get(DEVELOPER_PLATFORMS) == "1"
+
+
+def offered(kind: str) -> list[str]:
+    """Names of the platforms a spec may name as `kind` (source or target)."""
+    dev = developer_platforms()
+    return [
+        p.name
+        for p in load_all()
+        if (p.source_spec if kind == "source" else p.target_spec) is not None
+        and (dev or not p.developer_only)
+    ]
+
+
+def spec_model(kind: str, name: str) -> type[SourceSpec] | type[TargetSpec] | None:
+    """The spec model of platform `name` as `kind`, whether offered to users or not (workers decode
+    every spec they are given; what users may write is decided where specs are read)."""
+    p = get(name)
+    if p is None:
+        return None
+    return p.source_spec if kind == "source" else p.target_spec
+
+
+def _platform(kind: str, name: str) -> Platform:
+    p = get(name)
+    if p is None:
+        raise InvalidSpec(f"{kind}.platform: {name!r} is not supported (one of: {', '.join(offered(kind))})")
+    return p
+
+
+def source_for(spec: JobSpec, work_dir: Path) -> SourceConnector:
+    p = _platform("source", spec.source.platform)
+    if p.source is None:
+        raise InvalidSpec(f"source.platform: {p.name} cannot be a source")
+    return p.source(spec.source, spec.name, work_dir)
+
+
+def target_for(spec: JobSpec) -> TargetConnector:
+    p = _platform("target", spec.target.platform)
+    if p.target is None:
+        raise InvalidSpec(f"target.platform: {p.name} cannot be a target")
+    return p.target(spec.target, spec.name, spec.job_id)
+
+
+def vms_for(spec: JobSpec) -> VmProvisioner:
+    p = _platform("target", spec.target.platform)
+    if p.vms is None:
+        raise InvalidSpec(f"target.platform: {p.name} cannot make VMs from recovery points")
+    return p.vms(spec.target, spec.name, spec.job_id)
