@@ -25,6 +25,9 @@ class SourceDisk(Protocol):
     """One disk of a source snapshot, opened for reading."""
 
     size: int
+    # Capability: its change tracking sees a disk shrunk (and grown back) since the base, so an
+    # incremental need not look for untracked zeros (datapath.sync.untracked_ranges). False: it may not.
+    tracks_resize: bool
 
     def extents(self, since: str | None, start: int = 0) -> Iterator[Extent]:
         """Ranges to replicate from `start`, in offset order.
@@ -43,15 +46,22 @@ class SourceDisk(Protocol):
 class TargetDisk(Protocol):
     """One replica disk being written by a sync.
 
-    A target that writes only whole blocks also has `block_size` (a snapshot API's block): the copy
-    then widens every range to whole blocks, reads them whole from the source, and its requests
-    (chunks, compare blocks) are multiples of it; a write that ends at the disk's end may be short.
+    Capability `block_size`: 1 for a target that writes any byte range; a target that writes only whole
+    blocks (a snapshot API's block) gives its size: the copy then widens every range to whole blocks,
+    reads them whole from the source, and its requests (chunks, compare blocks) are multiples of it; a
+    write that ends at the disk's end may be short.
     """
 
     size: int
     has_base: bool  # True when it starts from an earlier point's content (incremental or resync)
+    block_size: int
 
     def connect(self) -> BlockWriter: ...
+
+    def data_extents(self, start: int, end: int) -> Iterator[Extent]:
+        """Where in [start, end) the replica may hold data (data extents; the rest reads zero). A target
+        that cannot tell lists the whole range as data: correct, only slower."""
+        ...
 
 
 @runtime_checkable

@@ -51,6 +51,8 @@ OVERLAY_OPTIONS = "cluster_size=64k"
 class PendingDisk:
     """A replica being written, exported over NBD (the copy engine's TargetDisk)."""
 
+    block_size = 1  # any byte range
+
     def __init__(self, uri: str, size: int, has_base: bool, label: str = "") -> None:
         self.uri, self.size, self.has_base, self.label = uri, size, has_base, label
 

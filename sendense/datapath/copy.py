@@ -42,6 +42,11 @@ class BlockReader(Protocol):
     def read(self, offset: int, length: int) -> bytes: ...
     def close(self) -> None: ...
 
+    def wire(self) -> NbdWire | None:
+        """Optional capability: this connection's transmission phase for splicing payload socket to
+        socket (datapath.wire), or None when it cannot be spliced (then read/write carry the bytes)."""
+        ...
+
 
 class BlockWriter(Protocol):
     def read(self, offset: int, length: int) -> bytes: ...
@@ -49,6 +54,10 @@ class BlockWriter(Protocol):
     def zero(self, offset: int, length: int) -> None: ...
     def flush(self) -> None: ...
     def close(self) -> None: ...
+
+    def wire(self) -> NbdWire | None:
+        """As BlockReader.wire: None when this writer cannot take spliced payload."""
+        ...
 
 
 Mode = Literal["copy", "compare"]
@@ -79,13 +88,10 @@ _POLL = 0.05  # the coordinator's wake-up interval at most (cancel checks, time-
 
 def _wires(reader: BlockReader, writer: BlockWriter) -> tuple[NbdWire, NbdWire] | None:
     """Both ends' wires when both can splice, else None (nothing is taken over)."""
-    get_r, get_w = getattr(reader, "wire", None), getattr(writer, "wire", None)
-    if get_r is None or get_w is None:
-        return None
-    r = get_r()
+    r = reader.wire()
     if r is None:
         return None
-    w = get_w()
+    w = writer.wire()
     if w is None:
         r.release()
         return None

@@ -47,17 +47,14 @@ def untracked_ranges(src: SourceDisk, dst: TargetDisk, start: int, end: int) -> 
     shrunk size while its bits there are clean, and the replica would keep the old bytes. The ranges
     come back as data, so that a compare copy (dedupe_incremental, the default) reads both sides and
     writes only what differs: a replica that is zero there already costs two reads, no write. A
-    source whose tracking covers shrinks says so (`tracks_resize`: cloud volumes that never shrink); a target
-    that can say where its replica holds data (`data_extents`) keeps the list short."""
-    if getattr(src, "tracks_resize", False):
+    source whose tracking covers shrinks says so (`tracks_resize`: cloud volumes that never shrink);
+    a target that can say where its replica holds data (`data_extents`) keeps the list short."""
+    if src.tracks_resize:
         return []
     zeros = [e for e in coalesce(clip(src.extents(None, start), start, end)) if e.zero]
     if not zeros:
         return []
-    data_of = getattr(dst, "data_extents", None)
-    if data_of is None:
-        return [Extent(e.offset, e.length) for e in zeros]
-    return list(intersect(zeros, (e for e in data_of(start, end) if not e.zero), zero=False))
+    return list(intersect(zeros, (e for e in dst.data_extents(start, end) if not e.zero), zero=False))
 
 
 def plan_extents(
@@ -87,7 +84,7 @@ def plan_extents(
 
 def target_block(dst: TargetDisk) -> int:
     """The unit a target writes in: 1 (any byte range) unless it says otherwise (a snapshot API's block)."""
-    return int(getattr(dst, "block_size", 1) or 1)
+    return max(1, dst.block_size)
 
 
 def planned_bytes(src: SourceDisk, dst: TargetDisk, disk: DiskSnapshot, start: int = 0) -> int:

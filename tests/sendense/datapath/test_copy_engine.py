@@ -260,6 +260,9 @@ class CountingReader:
     def __init__(self, inner: NbdConnection, state: dict, fail_at: int | None = None, delay: float = 0.0):
         self.inner, self.state, self.fail_at, self.delay = inner, state, fail_at, delay
 
+    def wire(self) -> None:  # every read must come through read(): no splicing
+        return None
+
     def read(self, offset: int, length: int) -> bytes:
         with self.lock:
             self.state["reads"] += 1
@@ -321,6 +324,9 @@ def test_in_flight_work_is_bounded_by_the_connections(source, target) -> None:
         def __init__(self) -> None:
             self.inner = NbdConnection(tgt.uri, writable=True)
 
+        def wire(self) -> None:  # every write must come through write(): no splicing
+            return None
+
         def read(self, offset: int, length: int) -> bytes:
             return self.inner.read(offset, length)
 
@@ -357,6 +363,9 @@ class MemDisk:
 
     def __init__(self, size: int, delay: float = 0.0) -> None:
         self.buf, self.delay, self.closed = bytearray(size), delay, 0
+
+    def wire(self) -> None:
+        return None
 
     def read(self, offset: int, length: int) -> bytes:
         time.sleep(self.delay)
