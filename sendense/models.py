@@ -124,13 +124,13 @@ def check_hold_id(hold_id: str) -> str:
 class Strict(BaseModel):
     """Spec models reject unknown fields, so a typo is an error and not a silent default."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)  # (a mistyped secret)
 
 
 class Wire(BaseModel):
     """Models exchanged between workflows and activities: tolerant of fields added by newer workers."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", hide_input_in_errors=True)
 
 
 # --------------------------------------------------------------------------------------------- spec
@@ -318,7 +318,7 @@ class SettingsChange(Wire):
 class Settings(SettingsChange):
     """What `job settings` may change on a running job, within the spec's own bounds."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)  # (a mistyped secret)
 
     interval: Interval | None = None
     retention_points: RetentionPoints | None = None
@@ -425,20 +425,54 @@ class VmInfo(Wire):
     os_hint: str = Field(default="", description="linux, windows, ... as the platform says ('' unknown)")
 
 
+_URL_SECRET = re.compile(r"://[^/\s]*@|[?&](sig|signature|token|x-amz-[a-z-]+|se|sp|sv)=", re.I)
+
+
+def _no_secret_in_handle(h: Any) -> Any:
+    """A handle goes into workflow history: a key naming a credential, or a URL with credentials or a
+    signed query (a SAS URL, a presigned URL), never does. Said without echoing the value."""
+    if isinstance(h, dict):
+        for k, v in h.items():
+            if any(w in str(k).lower() for w in SECRET_WORDS):
+                raise ValueError(
+                    f"snapshot handle field {k!r} names a credential: handles go to workflow history"
+                )
+            if isinstance(v, str) and _URL_SECRET.search(v):
+                raise ValueError(f"snapshot handle field {k!r} holds a URL with credentials or a signature")
+    return h
+
+
+# A connector's data about its snapshot (exports, node names, volume ids): the JSON form of the
+# connector's own Handle model (each connector parses it back with `Model.parse(handle)`).
+HandleData = Annotated[dict[str, Any], AfterValidator(_no_secret_in_handle)]
+
+
+class Handle(Wire):
+    """Base of a connector's typed snapshot handle. Whatever it holds is stored in workflow history: a
+    name or a path, never a credential, a signed URL or a session ticket (checked on every decode)."""
+
+    @classmethod
+    def parse(cls, data: dict[str, Any]) -> Self:
+        return cls.model_validate(data)
+
+    def dump(self) -> dict[str, Any]:
+        return _no_secret_in_handle(self.model_dump(mode="json", exclude_none=True))  # type: ignore[no-any-return]
+
+
 class DiskSnapshot(Wire):
     key: str
     size: int
     change_id: str = Field(description="change id that the next sync will diff against")
     base_change_id: str | None = Field(default=None, description="None: no base, a full sync")
     tracking_lost: str | None = Field(default=None, description="why change tracking was lost, if it was")
-    handle: dict[str, str] = Field(default_factory=dict, description="connector data: export, paths")
+    handle: HandleData = Field(default_factory=dict, description="the connector's Handle model, as JSON")
 
 
 class SnapshotRef(Wire):
     snapshot_id: str
     created_at: datetime
     disks: list[DiskSnapshot]
-    handle: dict[str, str] = Field(default_factory=dict)
+    handle: HandleData = Field(default_factory=dict)
 
     def disk(self, key: str) -> DiskSnapshot:
         for d in self.disks:

@@ -36,6 +36,7 @@ from botocore.exceptions import ClientError
 
 from connectors.aws.blocks import BLOCK, BlockTokens, list_blocks, list_changed
 from connectors.aws.client import Aws, aws_call, is_not_found
+from connectors.aws.handles import AwsDisk
 from connectors.aws.spec import AwsSource
 from connectors.aws.tags import ROLE_SOURCE, TAG_JOB, TAG_ROLE, TAG_SYNC, role_of, tags_of
 from sendense import config
@@ -243,7 +244,7 @@ class AwsSourceConnector:
                     change_id=by_volume[vol]["SnapshotId"],
                     base_change_id=since,
                     tracking_lost=self._tracking_problem(since, vol, key) if since else None,
-                    handle={"volume_id": vol, "device": device},
+                    handle=AwsDisk(volume_id=vol, device=device).dump(),
                 )
             )
         return SnapshotRef(snapshot_id=snapshot_id, created_at=created, disks=disks)

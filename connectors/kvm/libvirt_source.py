@@ -43,6 +43,7 @@ from pathlib import Path
 
 import libvirt
 
+from connectors.kvm import handles
 from connectors.kvm.identity import libvirt_identity, libvirt_identity_problem, split_change_id
 from connectors.kvm.libvirt_job import DomainDisk, LibvirtJob, error_code, error_text
 from connectors.kvm.offline import NbdSourceDisk
@@ -216,15 +217,14 @@ class LibvirtSource(LibvirtJob):
                     if since and not why and not bd.bitmap:
                         cp = since_cp[d.target]
                         why = f"libvirt exported disk {d.target} in full, not since checkpoint {cp}"
-                    handle = {
-                        "socket": str(job.socket or sock),
-                        "export": bd.export,
-                        "scratch": str(bd.scratch or scratch[d.target]),
-                        "checkpoint": new,
-                        "source": d.source,
-                    }
-                    if bd.bitmap and since and not why:
-                        handle["bitmap"] = bd.bitmap
+                    handle = handles.LibvirtDisk(
+                        socket=str(job.socket or sock),
+                        export=bd.export,
+                        scratch=str(bd.scratch or scratch[d.target]),
+                        checkpoint=new,
+                        source=d.source,
+                        bitmap=bd.bitmap if bd.bitmap and since and not why else "",
+                    ).dump()
                     snap_disks.append(
                         DiskSnapshot(
                             key=d.target,
@@ -251,7 +251,11 @@ class LibvirtSource(LibvirtJob):
             snapshot_id=snapshot_id,
             created_at=instant,
             disks=snap_disks,
-            handle={"domain": self.domain, "checkpoint": new, "socket": snap_disks[0].handle["socket"]},
+            handle=handles.LibvirtSnapshot(
+                domain=self.domain,
+                checkpoint=new,
+                socket=handles.LibvirtDisk.parse(snap_disks[0].handle).socket,
+            ).dump(),
         )
 
     @contextmanager
@@ -260,7 +264,8 @@ class LibvirtSource(LibvirtJob):
             d = snap.disk(key)
         except KeyError:
             raise ResourceNotFound(f"source disk {key}: not part of snapshot {snap.snapshot_id}") from None
-        sock, export = d.handle.get("socket"), d.handle.get("export", key)
+        h = handles.LibvirtDisk.parse(d.handle)
+        sock, export = h.socket, h.export or key
         if not sock:
             raise SendenseError(f"snapshot {snap.snapshot_id} of disk {key} has no NBD socket")
         gone = SnapshotInconsistent(
@@ -272,9 +277,9 @@ class LibvirtSource(LibvirtJob):
                 raise gone
             job = self._backup(dom)
             bd = job.disks.get(key) if job is not None else None
-            if job is None or bd is None or job.socket != sock or bd.scratch != d.handle.get("scratch"):
+            if job is None or bd is None or job.socket != sock or bd.scratch != h.scratch:
                 raise gone
-        bitmap = d.handle.get("bitmap")
+        bitmap = h.bitmap
         bitmap_for = {d.base_change_id: bitmap} if bitmap and d.base_change_id and not d.tracking_lost else {}
         label = f"disk {key} of domain {self.domain}"
         with NbdSourceDisk(unix_uri(sock, export), d.size, bitmap_for=bitmap_for, label=label) as disk:
@@ -292,8 +297,8 @@ class LibvirtSource(LibvirtJob):
             yield disk
 
     def release_snapshot(self, snap: SnapshotRef, committed: bool) -> None:
-        new = snap.handle.get("checkpoint") or self.prefix + snap.snapshot_id
-        scratch = [Path(d.handle["scratch"]) for d in snap.disks if d.handle.get("scratch")]
+        new = handles.LibvirtSnapshot.parse(snap.handle).checkpoint or self.prefix + snap.snapshot_id
+        scratch = [Path(s) for d in snap.disks if (s := handles.LibvirtDisk.parse(d.handle).scratch)]
         try:
             with self._dom() as dom:
                 self._end_job(dom, new)

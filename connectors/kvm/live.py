@@ -47,7 +47,6 @@ backup (`live_disks` looks through it); names and teardown of QEMU-side objects:
 
 from __future__ import annotations
 
-import json
 import logging
 import secrets
 import shutil
@@ -57,6 +56,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from connectors.kvm import handles
 from connectors.kvm.identity import (
     base_problem,
     bitmap_name,
@@ -246,19 +246,19 @@ class QmpSource(QmpJob):
                     change_id=p["new"],
                     base_change_id=p["since"],
                     tracking_lost=p["lost"],
-                    handle={
-                        "qmp": str(self.qmp),
-                        "node": p["node"],
-                        "socket": str(self._nbd_socket()),
-                        "export": p["export"],
-                        "export_id": p["export_id"],
-                        "job_id": p["job_id"],
-                        "fleece_node": p["fleece_node"],
-                        "fleece_file": p["fleece_file"],
-                        "temp_bitmap": tmp if p["sources"] else "",
-                        **({"regrown": str(p["regrown"])} if p["regrown"] is not None else {}),
-                        "prev_bitmaps": json.dumps(p["prevs"]),
-                    },
+                    handle=handles.QmpDisk(
+                        qmp=str(self.qmp),
+                        node=p["node"],
+                        socket=str(self._nbd_socket()),
+                        export=p["export"],
+                        export_id=p["export_id"],
+                        job_id=p["job_id"],
+                        fleece_node=p["fleece_node"],
+                        fleece_file=p["fleece_file"],
+                        temp_bitmap=tmp if p["sources"] else "",
+                        regrown=p["regrown"],
+                        prev_bitmaps=p["prevs"],
+                    ).dump(),
                 )
                 for p in plans
             ]
@@ -266,7 +266,9 @@ class QmpSource(QmpJob):
                 snapshot_id=snapshot_id,
                 created_at=created_at,
                 disks=snap_disks,
-                handle={"qmp": str(self.qmp), "socket": str(self._nbd_socket()), "job": self.job},
+                handle=handles.QmpSnapshot(
+                    qmp=str(self.qmp), socket=str(self._nbd_socket()), job=self.job
+                ).dump(),
             )
             try:
                 sock = self._start_nbd(c)
@@ -293,18 +295,18 @@ class QmpSource(QmpJob):
     @contextmanager
     def open_disk(self, snap: SnapshotRef, key: str) -> Iterator[NbdSourceDisk]:
         d = snap.disk(key)
-        h = d.handle
+        h = handles.QmpDisk.parse(d.handle)
         with self._client() as c:
             exports = {e["id"]: e for e in c.execute("query-block-exports")}
-        e = exports.get(h.get("export_id", ""))
-        if e is None or e.get("shutting-down") or e.get("node-name") != h.get("fleece_node"):
+        e = exports.get(h.export_id)
+        if e is None or e.get("shutting-down") or e.get("node-name") != h.fleece_node:
             raise SnapshotInconsistent(  # it can never pass: a new snapshot is needed
                 f"snapshot {snap.snapshot_id} of disk {key} is gone from the VM behind {self.qmp} "
                 "(VM restarted or snapshot released)"
             )
-        uri = unix_uri(h["socket"], h["export"])
-        bitmap_for = {d.base_change_id: h["temp_bitmap"]} if d.base_change_id and h.get("temp_bitmap") else {}
-        regrown = int(h["regrown"]) if h.get("regrown") else None
+        uri = unix_uri(h.socket, h.export)
+        bitmap_for = {d.base_change_id: h.temp_bitmap} if d.base_change_id and h.temp_bitmap else {}
+        regrown = h.regrown
         label = f"disk {key} of the VM behind {self.qmp}"
         with NbdSourceDisk(
             uri, d.size, bitmap_for=bitmap_for, regrown=regrown, tracks_resize=True, label=label
@@ -326,8 +328,8 @@ class QmpSource(QmpJob):
             # QEMU is gone, and with it exports, jobs and fleece nodes; checkpoints stay in the images
             log.warning("release of snapshot %s: %s; only local files are removed", snap.snapshot_id, e)
             for d in snap.disks:
-                if d.handle.get("fleece_file"):
-                    Path(d.handle["fleece_file"]).unlink(missing_ok=True)
+                if fleece := handles.QmpDisk.parse(d.handle).fleece_file:
+                    Path(fleece).unlink(missing_ok=True)
             return
         with c:
             self._release(c, snap, committed)
@@ -398,19 +400,19 @@ class QmpSource(QmpJob):
         record(self.work_dir, self.qmp, [])  # forgotten: a repeat finds nothing to do
 
     def _release(self, c: QmpClient, snap: SnapshotRef, committed: bool) -> None:
-        hs = [d.handle for d in snap.disks]
-        self._del_exports(c, {h["export_id"] for h in hs if h.get("export_id")})
-        self._end_jobs(c, {h["job_id"] for h in hs if h.get("job_id")})
-        self._del_nodes(c, {h["fleece_node"] for h in hs if h.get("fleece_node")})
+        hs = [handles.QmpDisk.parse(d.handle) for d in snap.disks]
+        self._del_exports(c, {h.export_id for h in hs if h.export_id})
+        self._end_jobs(c, {h.job_id for h in hs if h.job_id})
+        self._del_nodes(c, {h.fleece_node for h in hs if h.fleece_node})
         for h in hs:
-            if h.get("fleece_file"):
-                Path(h["fleece_file"]).unlink(missing_ok=True)
+            if h.fleece_file:
+                Path(h.fleece_file).unlink(missing_ok=True)
         prefix = bitmap_prefix(self.job)
         named = self._named_nodes(c)
-        for d in snap.disks:
-            node = d.handle.get("node", d.key)
+        for d, h in zip(snap.disks, hs, strict=True):
+            node = h.node or d.key
             bitmaps = self._bitmaps(c, node, named)
-            tmp = d.handle.get("temp_bitmap")
+            tmp = h.temp_bitmap
             if tmp and tmp in bitmaps:
                 self._try(c, "block-dirty-bitmap-remove", node=node, name=tmp)
             if committed:
@@ -426,7 +428,7 @@ class QmpSource(QmpJob):
                     if n.startswith(marker_prefix(self.job)) and n not in keep:
                         self._try(c, "block-dirty-bitmap-remove", node=node, name=n)
             else:
-                prevs = json.loads(d.handle.get("prev_bitmaps", "[]"))
+                prevs = h.prev_bitmaps
                 self._rollback_checkpoint(c, node, d.change_id, prevs, bitmaps)
                 left = self._bitmaps(c, node)
                 if d.change_id not in left:  # (kept: a later attempt's under the same name, say)

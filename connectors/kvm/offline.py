@@ -33,6 +33,7 @@ from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
+from connectors.kvm import handles
 from connectors.kvm.identity import (
     base_problem,
     bitmap_name,
@@ -218,12 +219,11 @@ class OfflineQcow2Source:
                         f"source disk {path} is in use by a running process; use the qmp or libvirt "
                         "form of source for a running VM"
                     ) from None
-            handle = {"path": str(path)}
             if regrown is not None:
                 log.info(
                     "source disk %s was shrunk since %s: everything from %d is copied", path, since, regrown
                 )
-                handle["regrown"] = str(regrown)
+            handle = handles.OfflineDisk(path=str(path), regrown=regrown).dump()
             disks.append(
                 DiskSnapshot(
                     key=key,
@@ -258,7 +258,7 @@ class OfflineQcow2Source:
         bitmaps = [d.change_id]
         if d.base_change_id and not d.tracking_lost:
             bitmaps.insert(0, d.base_change_id)
-        regrown = int(d.handle["regrown"]) if d.handle.get("regrown") else None
+        regrown = handles.OfflineDisk.parse(d.handle).regrown
         with (
             self._lock(path, exclusive=False),
             qemu_nbd(path, readonly=True, bitmaps=bitmaps) as srv,
