@@ -37,6 +37,7 @@ from botocore.exceptions import ClientError
 from connectors.aws.blocks import BLOCK, BlockTokens, list_blocks, list_changed
 from connectors.aws.client import Aws, aws_call, is_not_found
 from connectors.aws.handles import AwsDisk
+from connectors.aws.hardware import instance_hardware
 from connectors.aws.spec import AwsSource
 from connectors.aws.tags import ROLE_SOURCE, TAG_JOB, TAG_ROLE, TAG_SYNC, role_of, tags_of
 from sendense import config
@@ -185,9 +186,8 @@ class AwsSourceConnector:
         vols = self._volumes(inst)
         sizes = self._sizes([v for _, _, v in vols])
         name = next((t["Value"] for t in inst.get("Tags", []) if t["Key"] == "Name"), self.spec.instance_id)
-        return VmInfo(
-            name=name, platform="aws", disks=[DiskInfo(key=k, size=sizes[v], ref=v) for k, _, v in vols]
-        )
+        disks = [DiskInfo(key=k, size=sizes[v], ref=v) for k, _, v in vols]
+        return VmInfo(name=name, platform="aws", **instance_hardware(self.aws, self.ec2, inst, disks))
 
     # ------------------------------------------------------------------ snapshots
 

@@ -44,6 +44,7 @@ from pathlib import Path
 import libvirt
 
 from connectors.kvm import handles
+from connectors.kvm.hardware import libvirt_hardware
 from connectors.kvm.identity import libvirt_identity, libvirt_identity_problem, split_change_id
 from connectors.kvm.libvirt_job import DomainDisk, LibvirtJob, error_code, error_text
 from connectors.kvm.offline import NbdSourceDisk
@@ -138,9 +139,10 @@ class LibvirtSource(LibvirtJob):
                 infos = [
                     DiskInfo(key=d.target, size=int(dom.blockInfo(d.target)[0]), ref=d.source) for d in disks
                 ]
+                hw = libvirt_hardware(dom.XMLDesc(0), infos)
             except libvirt.libvirtError as e:
                 raise self._error(e, "blockInfo") from None
-        return VmInfo(name=self.domain, platform="kvm", disks=infos)
+        return VmInfo(name=self.domain, platform="kvm", **hw)
 
     def create_snapshot(self, snapshot_id: str, base: dict[str, str | None]) -> SnapshotRef:
         new = self.prefix + snapshot_id

@@ -57,6 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from connectors.kvm import handles
+from connectors.kvm.hardware import qmp_hardware
 from connectors.kvm.identity import (
     base_problem,
     bitmap_name,
@@ -101,9 +102,8 @@ class QmpSource(QmpJob):
         with self._client() as c:
             disks = self._disks(c)
             name = c.execute("query-name").get("name") or self.qmp.stem
-        return VmInfo(
-            name=name, platform="kvm", disks=[DiskInfo(key=d.key, size=d.size, ref=d.image) for d in disks]
-        )
+            hw = qmp_hardware(c, [DiskInfo(key=d.key, size=d.size, ref=d.image) for d in disks])
+        return VmInfo(name=name, platform="kvm", **hw)
 
     def _plan(
         self,

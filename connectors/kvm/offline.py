@@ -49,6 +49,7 @@ from connectors.kvm.image_bitmaps import (
     bitmap_is_clean,
     image_lock,
 )
+from connectors.kvm.spec import KvmHardware
 from sendense.datapath.extents import Extent
 from sendense.datapath.nbd import ALLOCATION, NbdConnection, dirty_context
 from sendense.errors import (
@@ -58,7 +59,7 @@ from sendense.errors import (
     SendenseError,
     SnapshotInconsistent,
 )
-from sendense.models import DiskInfo, DiskSnapshot, SnapshotRef, VmInfo
+from sendense.models import DiskInfo, DiskSnapshot, NicInfo, SnapshotRef, VmInfo
 from tools.qemu import (
     Qcow2Header,
     image_info,
@@ -136,9 +137,10 @@ class OfflineQcow2Source:
     platform = "kvm"
     busy_wait = BUSY_WAIT
 
-    def __init__(self, job: str, disks: list[Path]) -> None:
+    def __init__(self, job: str, disks: list[Path], hardware: KvmHardware | None = None) -> None:
         self.job = job
         self.paths = [Path(p) for p in disks]
+        self.hardware = hardware or KvmHardware()  # the spec's word: the images say nothing of it
 
     def _keys(self) -> list[tuple[str, Path]]:
         return [(f"disk{i}", p) for i, p in enumerate(self.paths)]
@@ -191,10 +193,22 @@ class OfflineQcow2Source:
             self._info(i, p)
 
     def discover(self) -> VmInfo:
+        hw = self.hardware
         disks = [
-            DiskInfo(key=k, size=self._info(i, p).size, ref=str(p)) for i, (k, p) in enumerate(self._keys())
+            DiskInfo(
+                key=k, size=self._info(i, p).size, ref=str(p), bus=hw.bus, boot_order=1 if i == 0 else None
+            )
+            for i, (k, p) in enumerate(self._keys())
         ]
-        return VmInfo(name=self.paths[0].stem, platform="kvm", disks=disks)
+        return VmInfo(
+            name=self.paths[0].stem,
+            platform="kvm",
+            disks=disks,
+            cpus=hw.cpus,
+            memory_mib=hw.memory_mib,
+            firmware=hw.firmware,
+            nics=[NicInfo(mac=n.mac.lower(), network=n.network, model=n.model) for n in hw.nics],
+        )
 
     def create_snapshot(self, snapshot_id: str, base: dict[str, str | None]) -> SnapshotRef:
         disks = []

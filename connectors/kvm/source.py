@@ -12,7 +12,7 @@ def make_kvm_source(job: str, spec: KvmSource, work_dir: Path) -> SourceConnecto
     if spec.disks is not None:
         from connectors.kvm.offline import OfflineQcow2Source
 
-        return OfflineQcow2Source(job, spec.disks)
+        return OfflineQcow2Source(job, spec.disks, spec.hardware)
     if spec.qmp is not None:
         from connectors.kvm.live import QmpSource
 

@@ -19,6 +19,25 @@ class LibvirtDomain(Strict):
     domain: str = Field(description="domain name")
 
 
+class KvmNic(Strict):
+    mac: str = Field(pattern=r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$", description="e.g. 52:54:00:12:34:56")
+    network: str = Field(default="", description="what it is on, e.g. bridge:br0 or network:default")
+    model: str = Field(default="virtio", pattern=r"^[a-z0-9_-]{1,32}$")
+
+
+class KvmHardware(Strict):
+    """A stopped VM's hardware, which its images do not say: what a VM made from its points looks like
+    (a running VM's is asked of QEMU or libvirt)."""
+
+    cpus: int = Field(default=0, ge=0, le=1024, description="vCPUs (0: unknown)")
+    memory_mib: int = Field(default=0, ge=0, le=16 << 20, description="memory in MiB (0: unknown)")
+    firmware: Literal["bios", "uefi", ""] = ""
+    bus: Literal["virtio", "scsi", "sata", "ide", "nvme", ""] = Field(
+        default="", description="the disks' bus"
+    )
+    nics: list[KvmNic] = Field(default_factory=list)
+
+
 class KvmSource(SourceSpec):
     """A KVM VM, given in exactly one of three forms."""
 
@@ -26,6 +45,7 @@ class KvmSource(SourceSpec):
     disks: list[Path] | None = Field(default=None, description="stopped VM: its qcow2 disk images")
     qmp: Path | None = Field(default=None, description="running VM: its QMP unix socket")
     libvirt: LibvirtDomain | None = Field(default=None, description="running VM managed by libvirt")
+    hardware: KvmHardware | None = Field(default=None, description="stopped VM: its CPUs, memory, NICs...")
 
     credentials_hint = KVM_CREDENTIALS
 
@@ -38,6 +58,8 @@ class KvmSource(SourceSpec):
             raise ValueError("disks must list at least one qcow2 image")
         if self.disks is not None and len(set(self.disks)) != len(self.disks):
             raise ValueError("disks lists the same image twice")
+        if self.hardware is not None and self.disks is None:
+            raise ValueError("hardware is given for a stopped VM (disks); a running VM's is asked of it")
         return self
 
     @property

@@ -46,6 +46,15 @@ def test_discover_lists_the_volumes_root_first(backend: Backend, job: str) -> No
             (disk_key(dev), gib * GIB, vol) for dev, vol, gib in backend.volumes
         ]
         assert vm.disks[0].key == "xvda"
+    # hardware (issue 10 item 4): the instance type's vCPUs and memory, its ENIs, the root disk boots
+    ec2 = source(backend, job).ec2
+    inst = ec2.describe_instances(InstanceIds=[backend.instance_id])["Reservations"][0]["Instances"][0]
+    itype = ec2.describe_instance_types(InstanceTypes=[inst["InstanceType"]])["InstanceTypes"][0]
+    assert (vm.cpus, vm.memory_mib) == (itype["VCpuInfo"]["DefaultVCpus"], itype["MemoryInfo"]["SizeInMiB"])
+    assert vm.cpus > 0 and vm.memory_mib > 0
+    assert [n.mac for n in vm.nics] == [n["MacAddress"] for n in inst["NetworkInterfaces"]] and vm.nics
+    assert all(n.network.startswith("subnet:subnet-") for n in vm.nics)
+    assert [d.boot_order for d in vm.disks] == [1] + [None] * (len(vm.disks) - 1)
 
 
 def test_a_full_snapshot_reads_the_volume_as_it_was_at_the_snapshot(backend: Backend, job: str) -> None:
