@@ -11,7 +11,10 @@ Deterministic: no I/O, no clocks but workflow.now(), no connector imports.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any, Literal
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributeKey
@@ -67,13 +70,50 @@ PATCH_DELETE_LEFTOVERS = "delete-reports-leftovers"  # a failed purge is reporte
 
 RESNAPSHOT_LIMIT = 3  # new snapshots in a row after SnapshotInconsistent, then wait for the interval
 
-SNAPSHOT_TIMEOUT = timedelta(hours=12)  # snapshot steps heartbeat: a dead worker shows much sooner
 SHORT = RetryPolicy(
     initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30), maximum_attempts=5
 )
 COPY = RetryPolicy(
     initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=20), maximum_attempts=20
 )
+SNAPSHOT_TIMEOUT = timedelta(hours=12)  # snapshot steps heartbeat: a dead worker shows much sooner
+
+
+@dataclass(frozen=True)
+class Step:
+    """How one activity runs: on which end's queue, for how long at most, retried how, heartbeating."""
+
+    queue: Literal["source", "target"]
+    timeout: timedelta
+    retry: RetryPolicy = field(default_factory=lambda: SHORT)
+    heartbeat: bool = False  # heartbeat timeout: the job's tuning.heartbeat_timeout
+
+
+# Every activity of a job, in one table (the activities live in activities/replication.py).
+STEPS: dict[str, Step] = {
+    "validate_job": Step("source", timedelta(minutes=5)),
+    "create_snapshot": Step("source", SNAPSHOT_TIMEOUT, heartbeat=True),  # a cloud snapshot: hours
+    "begin_sync": Step("source", SNAPSHOT_TIMEOUT, heartbeat=True),  # create_snapshot + prepare_target
+    "begin_and_copy": Step("source", SNAPSHOT_TIMEOUT + timedelta(minutes=53), heartbeat=True),
+    "prepare_target": Step("target", timedelta(minutes=3)),
+    "copy_disk": Step("source", timedelta(hours=48), retry=COPY, heartbeat=True),
+    "commit_point": Step("target", timedelta(minutes=20)),  # includes pruning (a merge of two points)
+    "finish_sync": Step("target", timedelta(minutes=23)),  # commit_point + release_snapshot
+    "release_snapshot": Step("source", timedelta(minutes=5)),
+    "abort_sync": Step("target", timedelta(minutes=5)),
+    "destroy_target": Step("target", timedelta(minutes=30)),
+    "forget_source": Step("source", timedelta(minutes=5)),
+}
+
+
+@dataclass
+class Attempt:
+    """One sync as it goes: the snapshot once taken (a failed sync releases it), the disks copied."""
+
+    sync_id: str
+    request: SnapshotRequest
+    snap: SnapshotRef | None = None
+    results: list[DiskCopyResult] = field(default_factory=list)
 
 
 def failure_type(e: BaseException) -> str | None:
@@ -216,14 +256,7 @@ class ReplicationWorkflow:
         spec = inp.spec
         if not self.st.validated:
             self._set_state("starting")
-            self.vm = await workflow.execute_activity(
-                "validate_job",
-                JobRequest(spec=spec),
-                result_type=VmInfo,
-                task_queue=inp.source_queue,
-                start_to_close_timeout=timedelta(minutes=5),
-                retry_policy=SHORT,
-            )
+            self.vm = await self._step("validate_job", JobRequest(spec=spec), VmInfo)
             self.st.validated = True
             if inp.search_attributes:
                 workflow.upsert_search_attributes([SA_VM.value_set(self.vm.name)])
@@ -274,13 +307,7 @@ class ReplicationWorkflow:
         self._set_state("deleting")
         if self.deleting.purge:
             try:
-                await workflow.execute_activity(
-                    "destroy_target",
-                    JobRequest(spec=spec),
-                    task_queue=inp.target_queue,
-                    start_to_close_timeout=timedelta(minutes=30),
-                    retry_policy=SHORT,
-                )
+                await self._step("destroy_target", JobRequest(spec=spec))
             except ActivityError as e:  # say what stays; the job is deleted all the same
                 if not workflow.patched(PATCH_DELETE_LEFTOVERS):
                     raise
@@ -288,13 +315,7 @@ class ReplicationWorkflow:
                 workflow.logger.warning("purging the replicas of job %s failed: %s", spec.name, msg)
                 self.left_behind.append(f"replicas: {msg}")
         try:  # the job's bitmaps/checkpoints would otherwise stay on the source, recording every write
-            await workflow.execute_activity(
-                "forget_source",
-                JobRequest(spec=spec),
-                task_queue=inp.source_queue,
-                start_to_close_timeout=timedelta(minutes=5),
-                retry_policy=SHORT,
-            )
+            await self._step("forget_source", JobRequest(spec=spec))
         except ActivityError as e:  # a VM that is gone or unreachable must not make the job undeletable
             msg = failure_message(e)
             workflow.logger.warning("removing the change tracking of job %s failed: %s", spec.name, msg)
@@ -307,8 +328,10 @@ class ReplicationWorkflow:
     # ------------------------------------------------------------------ one sync
 
     async def _sync(self) -> None:
+        """One sync: the sequence of steps its strategy runs (begin, copy, commit), then the story's
+        end either way: a point committed and its snapshot released, or the attempt undone."""
         assert self.inp is not None
-        inp, spec = self.inp, self.inp.spec
+        spec = self.inp.spec
         self.st.seq += 1
         seq = self.st.seq
         now = workflow.now()
@@ -318,90 +341,85 @@ class ReplicationWorkflow:
         self._set_state("syncing")
         self._reschedule()
         t0 = workflow.now()
-        snap: SnapshotRef | None = None
-        # One host serves both ends: snapshot+prepare and commit+release run as one task each.
-        combined = inp.source_queue == inp.target_queue and workflow.patched(PATCH_COMBINED_STEPS)
-        # ... and a small sync is copied inside that first task too (the disks that fit, in order)
-        inline = combined and spec.tuning.inline_copy_bytes > 0 and workflow.patched(PATCH_INLINE_COPY)
-        release_error: str | None = None
-        results: list[DiskCopyResult] = []
-        finished: FinishResult | None = None
+        attempt = Attempt(sync_id, SnapshotRequest(spec=spec, snapshot_id=sync_id, base=self.st.base))
+        strategy, releases = self._strategy()
         try:
-            request = SnapshotRequest(spec=spec, snapshot_id=sync_id, base=self.st.base)
-            if inline:
-                copy_up_to, finish = spec.tuning.inline_copy_bytes, workflow.patched(PATCH_INLINE_FINISH)
-                begun = await workflow.execute_activity(
-                    "begin_and_copy",
-                    request.model_copy(update={"copy_up_to": copy_up_to, "finish": finish}),
-                    result_type=BeginResult,
-                    task_queue=inp.source_queue,
-                    start_to_close_timeout=SNAPSHOT_TIMEOUT + timedelta(minutes=53 if finish else 30),
-                    heartbeat_timeout=spec.tuning.heartbeat_timeout,
-                    retry_policy=SHORT,
-                )
-                snap, results, finished = begun.snapshot, list(begun.copied), begun.finished
-            else:
-                snap = await workflow.execute_activity(
-                    "begin_sync" if combined else "create_snapshot",  # begin_sync also prepares the target
-                    request,
-                    result_type=SnapshotRef,
-                    task_queue=inp.source_queue,
-                    start_to_close_timeout=SNAPSHOT_TIMEOUT,  # a cloud snapshot may take hours
-                    heartbeat_timeout=spec.tuning.heartbeat_timeout,
-                    retry_policy=SHORT,
-                )
-            if not combined:
-                await self._prepare(sync_id, snap)
-            for d in snap.disks[len(results) :]:
-                results.append(
-                    await workflow.execute_activity(
-                        "copy_disk",
-                        CopyRequest(spec=spec, sync_id=sync_id, snapshot=snap, disk=d.key),
-                        result_type=DiskCopyResult,
-                        task_queue=inp.source_queue,
-                        start_to_close_timeout=timedelta(hours=48),
-                        heartbeat_timeout=spec.tuning.heartbeat_timeout,
-                        retry_policy=COPY,
-                    )
-                )
-            commit = CommitRequest(
-                spec=spec, sync_id=sync_id, snapshot=snap, results=results, keep=spec.retention.points
-            )
-            if finished is None and combined:  # (begin_and_copy may have finished it already)
-                finished = await workflow.execute_activity(
-                    "finish_sync",
-                    commit,
-                    result_type=FinishResult,
-                    task_queue=inp.target_queue,
-                    start_to_close_timeout=timedelta(minutes=23),  # includes pruning (qemu-img commit)
-                    retry_policy=SHORT,
-                )
-            if finished is not None:
-                point, release_error = finished.point, finished.release_error
-            else:
-                point = await workflow.execute_activity(
-                    "commit_point",
-                    commit,
-                    result_type=PointInfo,
-                    task_queue=inp.target_queue,
-                    start_to_close_timeout=timedelta(minutes=20),  # includes pruning (qemu-img commit)
-                    retry_policy=SHORT,
-                )
+            finished = await strategy(attempt)
         except (ActivityError, ApplicationError) as e:
-            msg = failure_message(e)
-            workflow.logger.warning("sync %s of job %s failed: %s", sync_id, spec.name, msg)
-            self.st.failures += 1
-            self.st.last_error = f"sync {sync_id}: {msg}"
-            self.outcomes[seq] = msg
-            await self._cleanup_failed(sync_id, snap)
-            self.current = None
-            if failure_type(e) == "SnapshotInconsistent" and workflow.patched(PATCH_RESNAPSHOT):
-                # the source changed under the snapshot (a stopped disk written after it): retrying
-                # the copy cannot help, a new snapshot can; take one now, a few times in a row
-                self.st.inconsistent_in_row += 1
-                if self.st.inconsistent_in_row <= RESNAPSHOT_LIMIT:
-                    self.st.pending_requests += 1
+            await self._failed(attempt, seq, e)
             return
+        assert attempt.snap is not None
+        self._committed(attempt.snap, finished.point, seq, t0)
+        if not releases or finished.release_error is not None:  # (the strategy's last step released it)
+            await self._after_commit(attempt.snap)
+
+    def _strategy(self) -> tuple[Callable[[Attempt], Awaitable[FinishResult]], bool]:
+        """The sequence of steps this sync runs, and whether its last step releases the snapshot too:
+
+        - split (source and target on two queues): create_snapshot, prepare_target, copy_disk per disk,
+          commit_point; then release_snapshot;
+        - combined (one queue serves both ends): begin_sync, copy_disk per disk, finish_sync;
+        - inline (one queue, tuning.inline_copy_bytes > 0): begin_and_copy copies the disks that fit
+          and commits when all did; copy_disk for the rest, then finish_sync.
+
+        Each newer sequence came behind a workflow.patched marker, asked here in the order recorded
+        histories asked them, so that they replay."""
+        assert self.inp is not None
+        inp, spec = self.inp, self.inp.spec
+        if not (inp.source_queue == inp.target_queue and workflow.patched(PATCH_COMBINED_STEPS)):
+            return self._sync_split, False
+        if spec.tuning.inline_copy_bytes > 0 and workflow.patched(PATCH_INLINE_COPY):
+            finish = workflow.patched(PATCH_INLINE_FINISH)
+            return (lambda attempt: self._sync_inline(attempt, finish)), True
+        return self._sync_combined, True
+
+    async def _sync_split(self, attempt: Attempt) -> FinishResult:
+        attempt.snap = await self._step("create_snapshot", attempt.request, SnapshotRef)
+        snap = attempt.snap
+        disks = [DiskInfo(key=d.key, size=d.size) for d in snap.disks]
+        await self._step(
+            "prepare_target", PrepareRequest(spec=self._spec, sync_id=attempt.sync_id, disks=disks)
+        )
+        await self._copy_rest(attempt)
+        point = await self._step("commit_point", self._commit_request(attempt), PointInfo)
+        return FinishResult(point=point)
+
+    async def _sync_combined(self, attempt: Attempt) -> FinishResult:
+        attempt.snap = await self._step("begin_sync", attempt.request, SnapshotRef)
+        await self._copy_rest(attempt)
+        return await self._step("finish_sync", self._commit_request(attempt), FinishResult)
+
+    async def _sync_inline(self, attempt: Attempt, finish: bool) -> FinishResult:
+        request = attempt.request.model_copy(
+            update={"copy_up_to": self._spec.tuning.inline_copy_bytes, "finish": finish}
+        )
+        begun = await self._step("begin_and_copy", request, BeginResult)
+        attempt.snap, attempt.results = begun.snapshot, list(begun.copied)
+        if begun.finished is not None:  # every disk fitted: the sync is done in one task
+            return begun.finished
+        await self._copy_rest(attempt)
+        return await self._step("finish_sync", self._commit_request(attempt), FinishResult)
+
+    async def _copy_rest(self, attempt: Attempt) -> None:
+        """copy_disk for each disk of the snapshot not copied yet, in order."""
+        assert attempt.snap is not None
+        for d in attempt.snap.disks[len(attempt.results) :]:
+            req = CopyRequest(spec=self._spec, sync_id=attempt.sync_id, snapshot=attempt.snap, disk=d.key)
+            attempt.results.append(await self._step("copy_disk", req, DiskCopyResult))
+
+    def _commit_request(self, attempt: Attempt) -> CommitRequest:
+        assert attempt.snap is not None
+        spec = self._spec
+        return CommitRequest(
+            spec=spec,
+            sync_id=attempt.sync_id,
+            snapshot=attempt.snap,
+            results=attempt.results,
+            keep=spec.retention.points,
+        )
+
+    def _committed(self, snap: SnapshotRef, point: PointInfo, seq: int, t0: datetime) -> None:
+        """The job's state after a committed point: the next sync diffs from it."""
         self.st.inconsistent_in_row = 0
         self.st.base = {d.key: d.change_id for d in snap.disks}
         self.st.last_point = point
@@ -426,61 +444,66 @@ class ReplicationWorkflow:
         self.st.last_sync = result
         self.outcomes[seq] = result
         self.current = None
-        if not combined or release_error is not None:  # finish_sync released it, unless that failed
-            await self._after_commit(snap)
 
-    async def _prepare(self, sync_id: str, snap: SnapshotRef) -> None:
-        assert self.inp is not None
-        inp, spec = self.inp, self.inp.spec
-        await workflow.execute_activity(
-            "prepare_target",
-            PrepareRequest(
-                spec=spec, sync_id=sync_id, disks=[DiskInfo(key=d.key, size=d.size) for d in snap.disks]
-            ),
-            task_queue=inp.target_queue,
-            start_to_close_timeout=timedelta(minutes=3),
-            retry_policy=SHORT,
-        )
+    async def _failed(self, attempt: Attempt, seq: int, e: BaseException) -> None:
+        """A failed sync: say why, undo the attempt (abort the target's writes, release the snapshot),
+        and take a new snapshot at once when the source changed under this one."""
+        msg = failure_message(e)
+        workflow.logger.warning("sync %s of job %s failed: %s", attempt.sync_id, self._spec.name, msg)
+        self.st.failures += 1
+        self.st.last_error = f"sync {attempt.sync_id}: {msg}"
+        self.outcomes[seq] = msg
+        await self._cleanup_failed(attempt.sync_id, attempt.snap)
+        self.current = None
+        if failure_type(e) == "SnapshotInconsistent" and workflow.patched(PATCH_RESNAPSHOT):
+            # the source changed under the snapshot (a stopped disk written after it): retrying
+            # the copy cannot help, a new snapshot can; take one now, a few times in a row
+            self.st.inconsistent_in_row += 1
+            if self.st.inconsistent_in_row <= RESNAPSHOT_LIMIT:
+                self.st.pending_requests += 1
 
     async def _after_commit(self, snap: SnapshotRef) -> None:
-        assert self.inp is not None
-        inp, spec = self.inp, self.inp.spec
         try:
-            await workflow.execute_activity(
-                "release_snapshot",
-                ReleaseRequest(spec=spec, snapshot=snap, committed=True),
-                task_queue=inp.source_queue,
-                start_to_close_timeout=timedelta(minutes=3),
-                retry_policy=SHORT,
+            await self._step(
+                "release_snapshot", ReleaseRequest(spec=self._spec, snapshot=snap, committed=True)
             )
         except ActivityError as e:  # the point is committed; housekeeping is retried after the next sync
             workflow.logger.warning("housekeeping after %s failed: %s", snap.snapshot_id, failure_message(e))
 
     async def _cleanup_failed(self, sync_id: str, snap: SnapshotRef | None) -> None:
-        assert self.inp is not None
-        inp, spec = self.inp, self.inp.spec
         try:
-            await workflow.execute_activity(
-                "abort_sync",
-                AbortRequest(spec=spec, sync_id=sync_id),
-                task_queue=inp.target_queue,
-                start_to_close_timeout=timedelta(minutes=5),
-                retry_policy=SHORT,
-            )
+            await self._step("abort_sync", AbortRequest(spec=self._spec, sync_id=sync_id))
         except ActivityError as e:
             workflow.logger.warning("abort of %s failed: %s", sync_id, failure_message(e))
         if snap is None:
             return
         try:  # independent of the abort: a leaked source snapshot would block the next sync
-            await workflow.execute_activity(
-                "release_snapshot",
-                ReleaseRequest(spec=spec, snapshot=snap, committed=False),
-                task_queue=inp.source_queue,
-                start_to_close_timeout=timedelta(minutes=5),
-                retry_policy=SHORT,
+            await self._step(
+                "release_snapshot", ReleaseRequest(spec=self._spec, snapshot=snap, committed=False)
             )
         except ActivityError as e:
             workflow.logger.warning("release of %s failed: %s", snap.snapshot_id, failure_message(e))
+
+    # ------------------------------------------------------------------ steps
+
+    @property
+    def _spec(self) -> JobSpec:
+        assert self.inp is not None
+        return self.inp.spec
+
+    async def _step(self, name: str, arg: Any, result_type: type | None = None) -> Any:
+        """Run activity `name` as STEPS says: on its end's queue, with its timeout, retries and heartbeat."""
+        assert self.inp is not None
+        step = STEPS[name]
+        return await workflow.execute_activity(
+            name,
+            arg,
+            result_type=result_type,
+            task_queue=self.inp.source_queue if step.queue == "source" else self.inp.target_queue,
+            start_to_close_timeout=step.timeout,
+            heartbeat_timeout=self._spec.tuning.heartbeat_timeout if step.heartbeat else None,
+            retry_policy=step.retry,
+        )
 
     # ------------------------------------------------------------------ helpers
 
