@@ -84,22 +84,33 @@ def _qemu() -> str:
 
 class GuestVm:
     """One QEMU VM on a disk image (qcow2), serial console to `work/console.log`. The process dies
-    with its parent (setpriv --pdeathsig) and with `stop()`."""
+    with its parent (setpriv --pdeathsig) and with `stop()`; a `detached` one outlives its parent
+    (the demo's VM, which its job keeps replicating) and is stopped by `stop_detached(work)`."""
 
     def __init__(
-        self, disk: Path, work: Path, *, mode: str = "boot", memory_mib: int = 256, qmp: Path | None = None
+        self,
+        disk: Path,
+        work: Path,
+        *,
+        mode: str = "boot",
+        memory_mib: int = 256,
+        qmp: Path | None = None,
+        detached: bool = False,
     ) -> None:
         self.disk, self.work, self.mode, self.memory_mib = disk, work, mode, memory_mib
         self.qmp = qmp  # a QMP socket for a source to replicate the running VM through
         self.console = work / "console.log"
+        self.detached = detached
+        self.pidfile = work / "qemu.pid"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.pid: int | None = None
         self.started = 0.0
 
     def start(self) -> GuestVm:
         self.work.mkdir(parents=True, exist_ok=True)
         self.console.write_bytes(b"")
         cmd = [
-            "setpriv", "--pdeathsig", "KILL", "--",
+            *([] if self.detached else ["setpriv", "--pdeathsig", "KILL", "--"]),
             _qemu(), "-accel", accelerator(), "-m", str(self.memory_mib), "-smp", "1",
             "-nodefaults", "-display", "none", "-no-reboot", "-boot", "reboot-timeout=0",  # no boot: exit
             "-serial", f"file:{self.console}",
@@ -108,11 +119,45 @@ class GuestVm:
         ]  # fmt: skip
         if self.qmp is not None:
             cmd += ["-qmp", f"unix:{self.qmp},server=on,wait=off"]
+        self.started = time.monotonic()
+        if self.detached:  # QEMU forks itself off once it is set up; its pid file finds it again
+            self.pidfile.unlink(missing_ok=True)
+            cmd += [
+                "-daemonize",
+                "-pidfile",
+                str(self.pidfile),
+                "-name",
+                f"sendense-guest,process={self.work}",
+            ]
+            p = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+            if p.returncode != 0:
+                last = (p.stderr.strip().splitlines() or ["no output"])[-1]
+                raise RuntimeError(f"guest VM on {self.disk} did not start: {last}")
+            self.pid = _detached_pid(self.work)
+            return self
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
-        self.started = time.monotonic()
         return self
+
+    def running(self) -> bool:
+        if self.proc is not None:
+            return self.proc.poll() is None
+        return self.pid is not None and _detached_pid(self.work) == self.pid
+
+    @staticmethod
+    def stop_detached(work: Path, timeout: float = 10) -> bool:
+        """Stop the detached guest VM started in `work` (by its pid file, checking the process is that
+        VM: a recycled pid is never killed). False if none was running."""
+        pid = _detached_pid(work)
+        if pid is None:
+            return False
+        os.kill(pid, 9)
+        deadline = time.monotonic() + timeout
+        while _detached_pid(work) == pid and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (work / "qemu.pid").unlink(missing_ok=True)
+        return True
 
     def text(self) -> str:
         try:
@@ -122,7 +167,7 @@ class GuestVm:
 
     def wait_for(self, pattern: str = READY, timeout: float = 120.0) -> BootCheck:
         """Until `pattern` shows on the console (ok), an error line shows, the VM exits, or `timeout`."""
-        assert self.proc is not None, "start() first"
+        assert self.proc is not None or self.pid is not None, "start() first"
         deadline = self.started + timeout
         while True:
             text = self.text()
@@ -135,10 +180,12 @@ class GuestVm:
             bad = ERROR.search(text)
             if bad:
                 return BootCheck(False, seconds, bad.group(0).strip(), seq)
-            if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode(errors="replace").strip() if self.proc.stderr else ""
+            if not self.running():
+                proc = self.proc
+                err = proc.stderr.read().decode(errors="replace").strip() if proc and proc.stderr else ""
                 last = (err.splitlines() or text.strip().splitlines() or ["no console output"])[-1]
-                return BootCheck(False, seconds, f"VM exited ({self.proc.returncode}): {last}", seq)
+                code = proc.returncode if proc is not None else "?"
+                return BootCheck(False, seconds, f"VM exited ({code}): {last}", seq)
             if time.monotonic() > deadline:
                 last = (text.strip().splitlines() or ["no console output"])[-1]
                 return BootCheck(
@@ -147,6 +194,9 @@ class GuestVm:
             time.sleep(0.2)
 
     def stop(self) -> None:
+        if self.detached:
+            GuestVm.stop_detached(self.work)
+            return
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
@@ -158,6 +208,17 @@ class GuestVm:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _detached_pid(work: Path) -> int | None:
+    """The pid in `work`'s pid file if that process is the guest VM started there (its command line
+    names `work`), else None."""
+    try:
+        pid = int((work / "qemu.pid").read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return None
+    return pid if f"process={work}".encode() in cmdline else None
 
 
 def overlay(backing: Path, path: Path) -> Path:

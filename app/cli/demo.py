@@ -1,15 +1,15 @@
 """`sendense demo`: the whole product on one machine.
 
-Embedded stack -> lab VM (real QEMU under TCG, two qcow2 disks, QMP socket) with data and a workload
--> a job replicating it over QMP to the local KVM target -> full sync, incremental syncs while the
-workload writes -> the recovery points and the web UI address.
+Embedded stack -> a real Linux guest (the bootable guest of labs/guest, under QEMU with a QMP socket)
+running its workload: files written and synced in a loop, a sequence counter -> a job replicating it
+over QMP to the local KVM target -> full sync, incremental syncs while the guest writes -> the
+recovery points, the newest one checked offline (e2fsck after journal replay, the sequence it holds),
+and the web UI address.
 """
 
 from __future__ import annotations
 
 import asyncio
-import random
-import time
 from pathlib import Path
 from typing import Any
 
@@ -33,47 +33,42 @@ def _human(n: float) -> str:
     return f"{n / MiB:.1f} MiB" if n < 1 << 30 else f"{n / (1 << 30):.2f} GiB"
 
 
-def _prefill(vm: Any, rng: random.Random) -> int:
-    """A realistic mix: ~40% of each disk gets data (random patterns), some of it later zeroed."""
-    written = 0
-    for disk, size in enumerate(vm.sizes):
-        chunk = 8 * MiB
-        for off in range(0, size, chunk):
-            if rng.random() < 0.4:
-                vm.write(disk, off, rng.randrange(1, 256), chunk)
-                written += chunk
-    return written
-
-
 def B(text: str) -> tuple[str, str]:
     """Bold text for Text.assemble: styles are applied, never parsed from interpolated strings."""
     return (text, "bold")
 
 
-def run_demo(
-    console: Console, state: Path, port: int, ui_port: int, incrementals: int, disk_mib: int
-) -> None:
-    from labs.kvm.vm import LabVm, Workload
+def _lab(state: Path) -> Path:
+    return state / "lab"
+
+
+def run_demo(console: Console, state: Path, port: int, ui_port: int, incrementals: int) -> None:
+    from labs.guest.build import build
+    from tools.boot import GuestVm, overlay
 
     console.rule(Text("Sendense Replication demo", style="bold"))
     info = stack.up(state, port=port, ui_port=ui_port)
     console.print(Text.assemble("embedded stack: Temporal at ", B(info.address), ", web UI ", B(info.ui_url)))
 
     asyncio.run(_forget_previous(console))
-    lab = state / "lab"
-    old = LabVm(lab, [disk_mib * MiB, disk_mib * MiB // 2], name="demo-vm", detached=True)
-    old.stop_detached()
-    for f in lab.glob("disk*.qcow2"):
-        f.unlink()
-    vm = LabVm(lab, [disk_mib * MiB, disk_mib * MiB // 2], name="demo-vm", detached=True).start()
-    rng = random.Random(7)
-    prefilled = _prefill(vm, rng)
+    lab = _lab(state)
+    GuestVm.stop_detached(lab)
+    lab.mkdir(parents=True, exist_ok=True)
+    disk = lab / "guest.qcow2"
+    disk.unlink(missing_ok=True)
+    overlay(build(), disk)  # the guest's own disk, over the cached image (built by scripts/install.sh)
+    qmp = lab / "qmp.sock"
+    vm = GuestVm(disk, lab, mode="workload", qmp=qmp, detached=True).start()
+    booted = vm.wait_for("SENDENSE-GUEST-SEQ 1", timeout=240)
+    if not booted.ok:
+        GuestVm.stop_detached(lab)
+        raise SendenseError(f"the demo guest did not boot: {booted.evidence}")
     console.print(
         Text.assemble(
-            "lab VM ",
+            "guest VM ",
             B("demo-vm"),
-            f": qemu-system-x86_64 (TCG), disks {disk_mib} MiB + {disk_mib // 2} MiB, "
-            f"QMP {vm.qmp_path}; wrote {_human(prefilled)} of data",
+            f": Linux under qemu-system-x86_64, disk {disk} (256 MiB), QMP {qmp}; booted in "
+            f"{booted.seconds:.1f}s, its workload writes and syncs files with a sequence counter",
         )
     )
 
@@ -82,7 +77,7 @@ def run_demo(
         yaml.safe_dump(
             {
                 "name": JOB,
-                "source": {"platform": "kvm", "qmp": str(vm.qmp_path)},
+                "source": {"platform": "kvm", "qmp": str(qmp)},
                 "target": {"platform": "kvm", "path": str(state / "replicas")},
                 "schedule": {"interval": "2m"},
                 "retention": {"points": 10},
@@ -91,15 +86,15 @@ def run_demo(
         )
     )
     console.print(Text.assemble(f"job spec {spec_path}:\n", (spec_path.read_text().rstrip(), "dim")))
-    asyncio.run(_run_job(console, spec_path, vm, Workload, incrementals))
+    asyncio.run(_run_job(console, spec_path, vm, incrementals))
     ui = f"{info.ui_url}/namespaces/{config.temporal_config().namespace}/workflows/{config.workflow_id(JOB)}"
     console.rule(Text("done", style="bold"))
     console.print(Text.assemble("Watch the job in the Temporal web UI: ", (ui, f"bold link {ui}")))
     console.print(
-        "The job keeps syncing every 2 minutes. Try:\n"
+        "The job keeps syncing every 2 minutes while the guest writes. Try:\n"
         f"  .venv/bin/sendense job status {JOB}\n"
         f"  .venv/bin/sendense point export {JOB} --format qcow2 --output /tmp/demo-export\n"
-        "  .venv/bin/sendense demo --clean    (delete the demo job and lab VM)\n"
+        "  .venv/bin/sendense demo --clean    (delete the demo job and stop the guest)\n"
         "  .venv/bin/sendense down            (stop the embedded stack)"
     )
 
@@ -115,7 +110,7 @@ async def _forget_previous(console: Console) -> None:
         pass
 
 
-async def _run_job(console: Console, spec_path: Path, vm: Any, workload_cls: Any, incrementals: int) -> None:
+async def _run_job(console: Console, spec_path: Path, vm: Any, incrementals: int) -> None:
     from app.cli.client import Jobs
 
     jobs = await Jobs.connect()
@@ -133,21 +128,10 @@ async def _run_job(console: Console, spec_path: Path, vm: Any, workload_cls: Any
     st = await watch_copy(jobs, JOB, console, first)
     assert st.last_sync is not None
     _print_result(console, st.last_sync)
-
-    workload = workload_cls(vm, rate=150.0, zero_fraction=0.1, seed=11).start()
-    console.print("workload started: random 64 KiB writes through QMP while the job syncs")
-    try:
-        for i in range(incrementals):
-            await asyncio.sleep(3)
-            console.print(
-                Text.assemble(
-                    B(f"incremental sync {i + 1}/{incrementals}"),
-                    f" (workload wrote {_human(workload.bytes_written)})",
-                )
-            )
-            _print_result(console, await sync_now_with_progress(jobs, JOB, console))
-    finally:
-        workload.stop()
+    for i in range(incrementals):
+        await asyncio.sleep(3)
+        console.print(Text.assemble(B(f"incremental sync {i + 1}/{incrementals}"), f" (guest at {_seq(vm)})"))
+        _print_result(console, await sync_now_with_progress(jobs, JOB, console))
 
     points = await asyncio.to_thread(_points, spec)
     t = Table("point_id", "snapshot instant", "kind", "written", title=f"recovery points of job {JOB}")
@@ -156,6 +140,33 @@ async def _run_job(console: Console, spec_path: Path, vm: Any, workload_cls: Any
             p.point_id, p.created_at.isoformat(timespec="seconds"), p.kind, _human(p.stats.bytes_written)
         )
     console.print(t)
+    newest = points[0]
+    fs = await asyncio.to_thread(_check, Path(newest.disks[0].path))
+    if not fs.ok:
+        raise SendenseError(f"point {newest.point_id}: the guest's filesystem is not consistent: {fs.detail}")
+    console.print(
+        Text.assemble(
+            "point ",
+            B(newest.point_id),
+            ": the guest's filesystem is ",
+            B("clean"),
+            f" after journal replay (e2fsck), holding workload sequence {fs.seq}: crash-consistent",
+        )
+    )
+
+
+def _seq(vm: Any) -> str:
+    """The guest's last sequence number on its console."""
+    import re
+
+    seqs = re.findall(r"SENDENSE-GUEST-SEQ (\d+)", vm.text())
+    return f"sequence {seqs[-1]}" if seqs else "boot"
+
+
+def _check(point_file: Path) -> Any:
+    from labs.guest.fscheck import check
+
+    return check(point_file)
 
 
 def _points(spec: Any) -> list[Any]:
@@ -176,12 +187,11 @@ def _print_result(console: Console, r: SyncResult) -> None:
 
 
 def clean_demo(console: Console, state: Path) -> None:
-    from labs.kvm.vm import LabVm
+    from tools.boot import GuestVm
 
     try:
         asyncio.run(_forget_previous(console))
     except SendenseError as e:
         console.print(f"job not removed: {e.message}")
-    LabVm(state / "lab", [1], name="demo-vm", detached=True).stop_detached()
-    console.print("lab VM stopped")
-    time.sleep(0)
+    stopped = GuestVm.stop_detached(_lab(state))
+    console.print("guest VM stopped" if stopped else "guest VM was not running")

@@ -89,20 +89,17 @@ def demo(
     state_dir: Path = typer.Option(None, help="state directory"),
     port: int = typer.Option(7233, min=1, max=65535),
     ui_port: int = typer.Option(8233, min=1, max=65535),
-    incrementals: int = typer.Option(3, min=0, max=1000, help="incremental syncs while the workload writes"),
-    disk_mib: int = typer.Option(
-        1024, min=64, max=1 << 20, help="size of the lab VM's first disk (the second is half)"
-    ),
-    clean: bool = typer.Option(False, "--clean", help="delete the demo job and stop the lab VM"),
+    incrementals: int = typer.Option(3, min=0, max=1000, help="incremental syncs while the guest writes"),
+    clean: bool = typer.Option(False, "--clean", help="delete the demo job and stop the guest VM"),
 ) -> None:
-    """Run the whole product on this machine: stack, lab VM with a workload, a job, syncs, points."""
+    """Run the whole product on this machine: stack, a Linux guest writing files, a job, syncs, points."""
     from app.cli.demo import clean_demo, run_demo
 
     try:
         if clean:
             clean_demo(out, state_dir or config.home())
         else:
-            run_demo(out, state_dir or config.home(), port, ui_port, incrementals, disk_mib)
+            run_demo(out, state_dir or config.home(), port, ui_port, incrementals)
     except SendenseError as e:
         fail(e.message)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import tempfile
 from pathlib import Path
@@ -12,6 +13,7 @@ from helpers_kvm import MiB
 
 from labs.kvm.vm import LabVm, Workload
 from tests.e2e.conftest import SENDENSE, Cli, free_port
+from tools.boot import GuestVm
 
 
 def same(a: Path, b: Path) -> bool:
@@ -73,7 +75,7 @@ def test_quickstart_demo_runs(tmp_path: Path) -> None:
         args = ["demo", "--port", str(free_port()), "--ui-port", str(free_port())]
         try:
             p = subprocess.run(
-                [SENDENSE, *args, "--disk-mib", "64", "--incrementals", "1"],
+                [SENDENSE, *args, "--incrementals", "1"],
                 capture_output=True,
                 text=True,
                 env=env,
@@ -82,10 +84,14 @@ def test_quickstart_demo_runs(tmp_path: Path) -> None:
             assert p.returncode == 0, p.stderr + p.stdout
             assert "(full)" in p.stdout and "(incremental)" in p.stdout
             assert "recovery points of job demo" in p.stdout and "/workflows/job-demo" in p.stdout
+            # the guest is a real OS: its filesystem on the newest point is checked, with its sequence
+            text = " ".join(p.stdout.split())  # (the console wraps long lines)
+            assert "filesystem is clean after journal replay" in text, p.stdout
+            assert re.search(r"holding workload sequence \d+", text), p.stdout
             clean = subprocess.run(
                 [SENDENSE, "demo", "--clean"], capture_output=True, text=True, env=env, timeout=120
             )
             assert clean.returncode == 0, clean.stderr
         finally:
             subprocess.run([SENDENSE, "down"], capture_output=True, env=env, timeout=60)
-            LabVm(Path(state) / "lab", [1], detached=True).stop_detached()
+            GuestVm.stop_detached(Path(state) / "lab")
