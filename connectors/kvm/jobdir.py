@@ -22,7 +22,8 @@ from pathlib import Path
 from sendense.errors import InvalidSpec, TargetError
 
 MARKER = ".sendense-job.json"
-JOB_ENTRIES = {"points", "disks", "holds", ".lock", ".points.lock", MARKER}  # what a job directory may hold
+# what a job directory may hold
+JOB_ENTRIES = {"points", "disks", "holds", "vms", ".lock", ".points.lock", MARKER}
 
 
 def read_marker(directory: Path) -> dict[str, str] | None:

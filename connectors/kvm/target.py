@@ -8,12 +8,14 @@ Layout under `<path>/<job>/`:
 
 A sync writes only into its pending overlay, so no existing point is touched. Commit renames the
 overlays to the point's name and then writes the manifest: a point exists iff its manifest does.
-Every point is directly usable as a backing file (test failover boots an overlay on it).
+Every point is directly usable as a backing file (test failover boots an overlay on it: `vms.py`,
+its state in `vms/<name>/`).
 Pruning the oldest point P1 merges its successor P2 into it (`qemu-img commit`), cuts the merged
 file to P2's size (P2 may be smaller: the disk shrank) and renames it to P2: at every instant P2
 reads the same bytes, and a crash mid-way is finished by the next operation. A point whose file is
-open elsewhere (a VM booted on it) is kept, never half-pruned; an export holds pruning off while it
-reads (`.points.lock`). The directory is the job's own (`jobdir`): checked before every operation.
+open elsewhere (a VM booted on it), or that a VM's overlay backs (running or not), is kept, never
+half-pruned; an export holds pruning off while it reads (`.points.lock`). The directory is the
+job's own (`jobdir`): checked before every operation.
 """
 
 from __future__ import annotations
@@ -24,12 +26,13 @@ import os
 import shutil
 import subprocess
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
 from connectors.kvm.holds import Holds
 from connectors.kvm.jobdir import JOB_ENTRIES, MARKER, check_place, claim
+from connectors.kvm.vm_state import backed_files, vm_names
 from sendense.datapath.extents import Extent, clip
 from sendense.datapath.nbd import ALLOCATION, NbdConnection
 from sendense.errors import InvalidSpec, ResourceNotFound, ResourceUnavailable, SendenseError, TargetError
@@ -88,6 +91,10 @@ class KvmTarget:
         if not os.access(parent, os.W_OK):
             raise InvalidSpec(f"target.path: {self.root} is not writable")
         check_place(self.dir, self.job, self.job_id)
+
+    def locked(self) -> AbstractContextManager[None]:
+        """The job's lock: syncs' prepare and commit, prune, and a VM's overlays being made on a point."""
+        return self._locked()
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -317,6 +324,11 @@ class KvmTarget:
         if held:  # merging would rewrite the held point's file, or the file its successor is merged into
             log.info("job %s: point %s kept: held (%s)", self.job, point.point_id, ", ".join(held))
             return False
+        backed = backed_files(self.dir)  # a VM's overlay on either file (running or not) would read others
+        files = [self._point_file(p.point_id, d.key).resolve() for p in (point, successor) for d in p.disks]
+        if vms := sorted({v for f in files for v in backed.get(f, [])}):
+            log.info("job %s: point %s kept: VMs run on it: %s", self.job, point.point_id, ", ".join(vms))
+            return False
         merges = []
         for d in point.disks:
             base, child = self._point_file(point.point_id, d.key), self._point_file(successor.point_id, d.key)
@@ -393,10 +405,15 @@ class KvmTarget:
             if held:
                 names = ", ".join(f"{p} ({', '.join(h)})" for p, h in sorted(held.items()))
                 raise TargetError(f"purge of job {self.job}: nothing deleted: points are held: {names}")
+            if vms := vm_names(self.dir):
+                raise TargetError(
+                    f"purge of job {self.job}: nothing deleted: VMs made from its points exist: "
+                    f"{', '.join(vms)} (destroy them first)"
+                )
             for f in self.points_dir.glob("*.json*") if self.points_dir.is_dir() else []:
                 f.unlink()
             shutil.rmtree(self.disks_dir, ignore_errors=True)
-            for name in ("points", "disks", "holds"):
+            for name in ("points", "disks", "holds", "vms"):
                 try:
                     (self.dir / name).rmdir()
                 except FileNotFoundError:
