@@ -3,7 +3,7 @@
 The guest's disk (a copy of the cached image, a stopped VM's qcow2) is replicated into a KVM target
 point by the stopped-VM source; VMs are made from that point, booted to the guest's ready marker on
 their serial console, and destroyed. Every test ends with no QEMU of its own left running (the
-`no_leaks` fixture kills and reports any: a daemonized VM would otherwise outlive the test run).
+`no_vm_leaks` fixture kills and reports any: a daemonized VM would otherwise outlive the test run).
 """
 
 from __future__ import annotations
@@ -13,119 +13,39 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import pytest
 from helpers_kvm import MiB, file_digest, make_qcow2, qemu_io, same_content, sync_point
+from helpers_vms import BOOT_TIMEOUT, JOB, READY, REPO, Site, assert_gone, make_site, plan, qemu_processes
 
 from connectors.kvm import vm_qemu
-from connectors.kvm.offline import OfflineQcow2Source
-from connectors.kvm.target import KvmTarget
 from connectors.kvm.vms import KvmVms
-from labs.guest.build import build
-from sendense.models import VmPlan
 from sendense.protocols import VmProvisioner
 
-JOB = "vmjob"
-READY = "SENDENSE-GUEST-READY"
-BOOT_TIMEOUT = 120.0  # a boot takes 3-5 s under TCG; the machine is shared
-REPO = Path(__file__).resolve().parents[3]
-
-
-@dataclass
-class Site:
-    tmp: Path
-    src: OfflineQcow2Source
-    tgt: KvmTarget
-    vms: KvmVms
-    run: Path  # the provisioner's runtime directory (sockets)
-
-    def point_file(self, point_id: str = "p1") -> Path:
-        return self.tgt.point_path(point_id, "disk0")
-
-
-def qemu_processes(under: Path) -> list[psutil.Process]:
-    """Live QEMU processes whose command line names a path under `under` (zombies have exited)."""
-    found = []
-    for p in psutil.process_iter(["cmdline", "status"]):
-        cmd = p.info["cmdline"] or []
-        if p.info["status"] != psutil.STATUS_ZOMBIE and cmd and "qemu-system" in os.path.basename(cmd[0]):
-            if any(str(under) in a for a in cmd):
-                found.append(p)
-    return found
-
-
-@pytest.fixture(autouse=True)
-def no_leaks(tmp_path: Path) -> Iterator[None]:
-    yield
-    leaked = qemu_processes(tmp_path)
-    for p in leaked:
-        p.kill()
-    assert not leaked, f"QEMU left running: {[p.pid for p in leaked]}"
-
-
-@pytest.fixture(scope="session")
-def guest() -> Path:
-    return build()  # cached by scripts/install.sh
-
-
-def make_site(tmp: Path, image: Path) -> Site:
-    src_img = tmp / "source.qcow2"
-    shutil.copyfile(image, src_img)  # the stopped VM's disk (the source adds its bitmaps to it)
-    src = OfflineQcow2Source(JOB, [src_img])
-    tgt = KvmTarget(JOB, tmp / "replicas", job_id="j1")
-    sync_point(src, tgt, "p1")
-    run = Path(tempfile.mkdtemp(prefix="sdvm-"))  # short: unix socket paths
-    return Site(tmp, src, tgt, KvmVms(JOB, tmp / "replicas", "j1", runtime_dir=run), run)
-
-
-@pytest.fixture
-def site(tmp_path: Path, guest: Path) -> Iterator[Site]:
-    s = make_site(tmp_path, guest)
-    yield s
-    shutil.rmtree(s.run, ignore_errors=True)
-
-
-def plan(name: str, point_id: str = "p1", **kw: object) -> VmPlan:
-    return VmPlan(name=name, point_id=point_id, memory_mib=256, **kw)  # type: ignore[arg-type]
-
-
-def assert_gone(vms: KvmVms, name: str) -> None:
-    """Nothing of the VM is left: process, state directory (overlays, console, pid file, record),
-    runtime directory (sockets), taps; and the target lists no such VM."""
-    paths = vms.files(name)
-    assert qemu_processes(paths.state) == []
-    assert not paths.state.exists(), sorted(paths.state.iterdir())
-    assert not paths.run.exists()
-    taps = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
-    assert f"sd{paths.vid}n" not in taps
-    assert name not in [r.name for r in vms.list_vms()]
+pytestmark = pytest.mark.usefixtures("no_vm_leaks")
 
 
 # ---------------------------------------------------------------------------------------- lifecycle
 
 
-def test_a_test_vm_from_a_point_boots_and_destroy_leaves_nothing(site: Site) -> None:
-    vms, point = site.vms, site.point_file()
+def test_a_test_vm_from_a_point_boots_and_destroy_leaves_nothing(vm_site: Site) -> None:
+    vms, point = vm_site.vms, vm_site.point_file()
     assert isinstance(vms, VmProvisioner)
-    assert same_content(point, site.src.paths[0])  # the point is the guest's disk
+    assert same_content(point, vm_site.src.paths[0])  # the point is the guest's disk
     before = file_digest(point)
-    site.tgt.hold("p1", "drill-1", "test failover")
+    vm_site.tgt.hold("p1", "drill-1", "test failover")
 
     ref = vms.create_vm(plan("drill"))
     assert (ref.point_id, ref.mode, ref.state) == ("p1", "test", "stopped")
     assert vms.create_vm(plan("drill")) == ref  # the same plan again: the same VM
-    assert qemu_processes(site.tmp) == []  # nothing runs yet
+    assert qemu_processes(vm_site.tmp) == []  # nothing runs yet
 
     on = vms.power_on("drill")
     assert on.state == "running" and on.vm_id == ref.vm_id
     [proc] = qemu_processes(vms.files("drill").state)
     assert vms.power_on("drill").state == "running"
-    assert [p.pid for p in qemu_processes(site.tmp)] == [proc.pid]  # running already: no second QEMU
+    assert [p.pid for p in qemu_processes(vm_site.tmp)] == [proc.pid]  # running already: no second QEMU
 
     check = vms.boot_check("drill", READY, BOOT_TIMEOUT)
     print(f"boot check: {check.seconds} s, {check.evidence!r}")
@@ -136,19 +56,19 @@ def test_a_test_vm_from_a_point_boots_and_destroy_leaves_nothing(site: Site) -> 
     assert file_digest(point) == before  # the point's file never changes, not even while the VM runs
 
     off = vms.power_off("drill")
-    assert off.state == "stopped" and qemu_processes(site.tmp) == []
+    assert off.state == "stopped" and qemu_processes(vm_site.tmp) == []
     assert vms.power_off("drill").state == "stopped"  # stopped already: no error
     vms.destroy_vm("drill")
     assert_gone(vms, "drill")
     vms.destroy_vm("drill")  # gone already: no error
-    assert file_digest(point) == before and same_content(point, site.src.paths[0])
-    site.tgt.release("p1", "drill-1")
+    assert file_digest(point) == before and same_content(point, vm_site.src.paths[0])
+    vm_site.tgt.release("p1", "drill-1")
 
 
 def test_a_create_or_power_on_cut_short_is_undone_by_destroy(
-    site: Site, monkeypatch: pytest.MonkeyPatch
+    vm_site: Site, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    vms = site.vms
+    vms = vm_site.vms
     real_overlay, real_start = KvmVms._overlay, vm_qemu.start
 
     def overlay_then_die(self: KvmVms, *a: object) -> None:
@@ -192,9 +112,9 @@ time.sleep(600)
 """
 
 
-def test_a_vm_outlives_the_agent_that_started_it_and_a_new_agent_finds_and_destroys_it(site: Site) -> None:
+def test_a_vm_outlives_the_agent_that_started_it_and_a_new_agent_finds_and_destroys_it(vm_site: Site) -> None:
     agent = subprocess.Popen(
-        [sys.executable, "-c", AGENT, JOB, str(site.tgt.root), "j1"],
+        [sys.executable, "-c", AGENT, JOB, str(vm_site.tgt.root), "j1"],
         cwd=REPO,
         stdout=subprocess.PIPE,
         text=True,
@@ -208,7 +128,7 @@ def test_a_vm_outlives_the_agent_that_started_it_and_a_new_agent_finds_and_destr
         agent.wait(10)
         agent.stdout.close()  # type: ignore[union-attr]
 
-    again = KvmVms(JOB, site.tgt.root, "j1")  # a new agent: default runtime base, finds the record's
+    again = KvmVms(JOB, vm_site.tgt.root, "j1")  # a new agent: default runtime base, finds the record's
     [ref] = again.list_vms()
     assert (ref.name, ref.state, ref.mode) == ("failover", "running", "production")
     check = again.boot_check("failover", READY, BOOT_TIMEOUT)
@@ -217,8 +137,8 @@ def test_a_vm_outlives_the_agent_that_started_it_and_a_new_agent_finds_and_destr
     assert_gone(again, "failover")
 
 
-def test_two_vms_from_one_point_run_at_once(site: Site) -> None:
-    vms, before = site.vms, file_digest(site.point_file())
+def test_two_vms_from_one_point_run_at_once(vm_site: Site) -> None:
+    vms, before = vm_site.vms, file_digest(vm_site.point_file())
     for name in ("one", "two"):
         vms.create_vm(plan(name))
         vms.power_on(name)
@@ -226,15 +146,15 @@ def test_two_vms_from_one_point_run_at_once(site: Site) -> None:
     checks = {name: vms.boot_check(name, READY, BOOT_TIMEOUT) for name in ("one", "two")}
     assert all(c.ok for c in checks.values()), checks
     print("two VMs at once: " + ", ".join(f"{n} {c.seconds} s" for n, c in checks.items()))
-    assert len(qemu_processes(site.tmp)) == 2
+    assert len(qemu_processes(vm_site.tmp)) == 2
     for name in ("one", "two"):
         vms.destroy_vm(name)
         assert_gone(vms, name)
-    assert file_digest(site.point_file()) == before
+    assert file_digest(vm_site.point_file()) == before
 
 
 def test_a_point_that_cannot_boot_fails_the_boot_check_with_the_consoles_reason(
-    tmp_path: Path, guest: Path
+    tmp_path: Path, guest_image: Path
 ) -> None:
     zeroed = make_qcow2(tmp_path / "zeroed.qcow2", 64 * MiB)  # no MBR, no bootloader: nothing to boot
     site = make_site(tmp_path, zeroed)
@@ -255,21 +175,21 @@ def test_a_point_that_cannot_boot_fails_the_boot_check_with_the_consoles_reason(
 # ---------------------------------------------------------------------------------- points and prune
 
 
-def test_prune_keeps_a_held_point_a_vm_runs_on_and_the_vm_still_reads_it(site: Site) -> None:
-    vms, tgt = site.vms, site.tgt
+def test_prune_keeps_a_held_point_a_vm_runs_on_and_the_vm_still_reads_it(vm_site: Site) -> None:
+    vms, tgt = vm_site.vms, vm_site.tgt
     tgt.hold("p1", "drill-2", "drill")
     vms.create_vm(plan("old"))
     vms.power_on("old")
     assert vms.boot_check("old", READY, BOOT_TIMEOUT).ok
-    before = file_digest(site.point_file("p1"))
+    before = file_digest(vm_site.point_file("p1"))
 
-    src_img, base = site.src.paths[0], {"disk0": tgt.get_point("p1").disks[0].change_id}
+    src_img, base = vm_site.src.paths[0], {"disk0": tgt.get_point("p1").disks[0].change_id}
     for n in (2, 3):  # the source keeps changing: two more points
         qemu_io(src_img, f"write -P 0x{n}{n} {200 * MiB} {MiB}")
-        base = sync_point(site.src, tgt, f"p{n}", base).base
+        base = sync_point(vm_site.src, tgt, f"p{n}", base).base
     assert tgt.prune(1) == ["p2"]  # retention 1: p1 is held (and in use), p2 merges into p3
     assert [p.point_id for p in tgt.list_points()] == ["p3", "p1"]
-    assert file_digest(site.point_file("p1")) == before
+    assert file_digest(vm_site.point_file("p1")) == before
 
     with vms.monitor("old") as qmp:  # reboot: the guest reads its boot sectors, kernel and root again
         qmp.execute("system_reset")
