@@ -190,18 +190,18 @@ def _is_ours(pid: int, paths: VmPaths, uuid: str | None) -> bool:
     )
 
 
-def find(paths: VmPaths, uuid: str | None, *, scan: bool = False) -> int | None:
-    """The running QEMU of this VM: by its pid file, or (`scan`) by its command line among all processes."""
+def find(paths: VmPaths, uuid: str | None) -> int | None:
+    """The running QEMU of this VM: by its pid file, else by its command line among all processes (a
+    pid file removed by hand hides nothing)."""
     try:
         pid = int(paths.pidfile.read_text().strip())
     except (OSError, ValueError):
         pid = 0
     if pid > 0 and _is_ours(pid, paths, uuid):
         return pid
-    if scan:
-        for d in Path("/proc").iterdir():
-            if d.name.isdigit() and _is_ours(int(d.name), paths, uuid):
-                return int(d.name)
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and _is_ours(int(d.name), paths, uuid):
+            return int(d.name)
     return None
 
 

@@ -94,14 +94,20 @@ class KvmVms:
         return paths, rec
 
     @contextmanager
-    def _locked(self) -> Iterator[None]:
-        """One VM verb at a time per job (boot checks and consoles only read, without it)."""
+    def _locked(self, *, create: bool = False) -> Iterator[bool]:
+        """One VM verb at a time per job (boot checks and consoles only read, without it). Yields
+        whether the job has VMs at all; only `create` makes their directory (in the job's, which
+        must exist: nothing is made for a job that has none)."""
         d = vms_dir(self.target.dir)
-        d.mkdir(parents=True, exist_ok=True)
+        if create:
+            d.mkdir(exist_ok=True)
+        elif not d.is_dir():
+            yield False
+            return
         fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
+            yield True
         finally:
             os.close(fd)
 
@@ -145,7 +151,8 @@ class KvmVms:
     def create_vm(self, plan: VmPlan) -> VmRef:
         """Overlays on the point's files and the VM's record; nothing runs. Undo: destroy_vm(plan.name)."""
         check_place(self.target.dir, self.job, self.job_id)
-        with self._locked():
+        self.target.get_point(plan.point_id)  # the job and the point exist before anything is made
+        with self._locked(create=True):
             paths = self.files(plan.name)
             rec = read_record(paths)
             if rec is not None and rec.plan != plan:
@@ -205,11 +212,11 @@ class KvmVms:
     def destroy_vm(self, name: str) -> None:
         """Stop the VM and remove everything made for it; gone already: no error."""
         check_place(self.target.dir, self.job, self.job_id)
-        with self._locked():
-            paths = self.files(name)
-            rec = read_record(paths)
+        paths = self.files(name)
+        with self._locked() as any_vms:
+            rec = read_record(paths) if any_vms else None
             uid = rec.uuid if rec else None
-            pid = vm_qemu.find(paths, uid, scan=True)  # by command line too: a lost pid file hides nothing
+            pid = vm_qemu.find(paths, uid)
             if pid is not None:
                 vm_qemu.stop(paths, pid, uid, self.stop_timeout)
             vm_qemu.remove_taps(paths)
@@ -265,9 +272,9 @@ class KvmVms:
 
     def power_off(self, name: str) -> VmRef:
         """Stop the VM hard (QMP quit, SIGKILL after `stop_timeout`); stopped or gone: no error."""
-        with self._locked():
-            paths = self.files(name)
-            rec = read_record(paths)
+        paths = self.files(name)
+        with self._locked() as any_vms:
+            rec = read_record(paths) if any_vms else None
             if rec is None and not paths.state.exists():
                 return VmRef(name=name, platform=self.platform, point_id="", mode="test", state="absent")
             uid = rec.uuid if rec else None

@@ -8,6 +8,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -91,6 +92,7 @@ vms.power_on("prod")
 out["ports_on_again"] = ports()
 vms.destroy_vm("prod")
 out["ports_destroyed"] = ports()
+out["links"] = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
 print(json.dumps(out))
 """
 
@@ -124,6 +126,7 @@ def test_production_nics_are_taps_on_the_mapped_bridge_with_the_plans_macs(vm_si
     assert "macaddr=52:54:00:aa:bb:01" in out["info_network"] and "type=user" not in out["info_network"]
     assert out["ports_on"] == [out["tap"]] == out["ports_on_again"]
     assert out["ports_off"] == [] == out["ports_destroyed"]
+    assert out["tap"] not in out["links"]  # deleted, not merely detached
     assert_gone(vm_site.vms, "prod")
 
 
@@ -179,6 +182,11 @@ def test_errors_are_one_line_name_the_vm_and_leave_nothing(
     vms.destroy_vm("same")
     assert_gone(vms, "same")
 
+    nowhere = KvmVms(JOB, vm_site.tmp / "nowhere", "j9", runtime_dir=vm_site.run)
+    nowhere.destroy_vm("x")  # a job without a directory: nothing to destroy, and nothing made
+    assert nowhere.power_off("x").state == "absent" and nowhere.list_vms() == []
+    assert not (vm_site.tmp / "nowhere").exists()
+
 
 def test_a_pid_that_is_not_the_vms_is_never_signalled(vm_site: Site) -> None:
     """A pid file naming another process (a recycled pid: a `sleep`, another VM's QEMU) is not the
@@ -202,6 +210,26 @@ def test_a_pid_that_is_not_the_vms_is_never_signalled(vm_site: Site) -> None:
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_a_vm_whose_monitor_does_not_answer_is_killed(vm_site: Site) -> None:
+    """power_off asks QEMU to quit over QMP; when the monitor does not answer (here: another client
+    holds it), the VM is killed after the stop timeout, and its stale pid file goes too."""
+    vms = KvmVms(JOB, vm_site.tgt.root, "j1", runtime_dir=vm_site.run, stop_timeout=1.0)
+    vms.create_vm(plan("stuck"))
+    vms.power_on("stuck")
+    pidfile = vms.files("stuck").pidfile
+    pid = int(pidfile.read_text())
+    with vms.monitor("stuck") as busy:
+        busy.execute("query-status")
+        t0 = time.monotonic()
+        assert vms.power_off("stuck").state == "stopped"
+        took = time.monotonic() - t0
+    assert 1.0 <= took < 15, took
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert not pidfile.exists()  # QEMU removes it on quit, not when killed: power_off did
+    vms.destroy_vm("stuck")
+    assert_gone(vms, "stuck")
 
 
 # ---------------------------------------------------------------------------------- prune and purge
