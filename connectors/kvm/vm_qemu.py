@@ -207,10 +207,12 @@ def find(paths: VmPaths, uuid: str | None) -> int | None:
 
 def start(paths: VmPaths, cmd: list[str]) -> None:
     """Run QEMU daemonized; returns once it runs (QEMU's parent exits after the machine is set up)."""
-    paths.run.mkdir(parents=True, exist_ok=True, mode=0o700)
-    for sock in (paths.qmp, paths.qga):
-        sock.unlink(missing_ok=True)
-    paths.pidfile.unlink(missing_ok=True)
+    try:
+        paths.run.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for f in (paths.qmp, paths.qga, paths.pidfile):
+            f.unlink(missing_ok=True)
+    except OSError as e:
+        raise TargetError(f"VM {paths.name}: cannot prepare its runtime files: {e.strerror}") from None
     with open(paths.log, "wb") as log:
         p = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, timeout=120)
     if p.returncode != 0:

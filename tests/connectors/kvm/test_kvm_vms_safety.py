@@ -182,6 +182,22 @@ def test_errors_are_one_line_name_the_vm_and_leave_nothing(
     vms.destroy_vm("same")
     assert_gone(vms, "same")
 
+    vms.create_vm(plan("huge", memory_mib=4 << 20))  # 4 TiB: QEMU refuses, and says why
+    with pytest.raises(TargetError) as e:
+        vms.power_on("huge")
+    assert e.value.message == (
+        "VM huge: QEMU did not start: cannot set up guest memory 'pc.ram': Cannot allocate memory"
+    )
+    assert [r.state for r in vms.list_vms()] == ["stopped"]
+    paths = vms.files("huge")
+    paths.log.write_text(
+        f"qemu-system-x86_64: -chardev socket,id=qga0,path={paths.qga},server=on,wait=off: "
+        f"Failed to bind socket to {paths.qga}: Address already in use\n"
+    )
+    assert vm_qemu.reason(paths) == "Failed to bind socket to <runtime dir>/qga.sock: Address already in use"
+    vms.destroy_vm("huge")
+    assert_gone(vms, "huge")
+
     nowhere = KvmVms(JOB, vm_site.tmp / "nowhere", "j9", runtime_dir=vm_site.run)
     nowhere.destroy_vm("x")  # a job without a directory: nothing to destroy, and nothing made
     assert nowhere.power_off("x").state == "absent" and nowhere.list_vms() == []
