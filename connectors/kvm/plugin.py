@@ -6,7 +6,7 @@ from pathlib import Path
 
 from connectors.kvm.spec import KvmSource, KvmTarget
 from sendense.platforms import Platform
-from sendense.protocols import SourceConnector, TargetConnector
+from sendense.protocols import SourceConnector, TargetConnector, VmProvisioner
 
 
 def _source(spec: KvmSource, job: str, work_dir: Path) -> SourceConnector:
@@ -21,6 +21,12 @@ def _target(spec: KvmTarget, job: str, job_id: str) -> TargetConnector:
     return Target(job, spec.path, job_id=job_id)
 
 
+def _vms(spec: KvmTarget, job: str, job_id: str) -> VmProvisioner:
+    from connectors.kvm.vms import KvmVms
+
+    return KvmVms(job, spec.path, job_id)
+
+
 PLATFORM = Platform(
     name="kvm",
     summary="KVM/QEMU: a stopped VM's qcow2 images, a running VM over QMP or a libvirt domain; "
@@ -29,5 +35,6 @@ PLATFORM = Platform(
     target_spec=KvmTarget,
     source=_source,
     target=_target,
+    vms=_vms,
     lab_note="KVM runs for real here: source.disks (stopped VM), source.qmp or source.libvirt; no lab",
 )

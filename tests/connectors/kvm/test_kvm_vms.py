@@ -20,7 +20,11 @@ from helpers_kvm import MiB, file_digest, make_qcow2, qemu_io, same_content, syn
 from helpers_vms import BOOT_TIMEOUT, JOB, READY, REPO, Site, assert_gone, make_site, plan, qemu_processes
 
 from connectors.kvm import vm_qemu
+from connectors.kvm.spec import KvmSource
+from connectors.kvm.spec import KvmTarget as KvmTargetSpec
 from connectors.kvm.vms import KvmVms
+from sendense.models import JobSpec
+from sendense.platforms import vms_for
 from sendense.protocols import VmProvisioner
 
 pytestmark = pytest.mark.usefixtures("no_vm_leaks")
@@ -128,7 +132,14 @@ def test_a_vm_outlives_the_agent_that_started_it_and_a_new_agent_finds_and_destr
         agent.wait(10)
         agent.stdout.close()  # type: ignore[union-attr]
 
-    again = KvmVms(JOB, vm_site.tgt.root, "j1")  # a new agent: default runtime base, finds the record's
+    spec = JobSpec(  # a new agent makes its provisioner from the job's spec (default runtime base)
+        name=JOB,
+        job_id="j1",
+        source=KvmSource(platform="kvm", disks=vm_site.src.paths),
+        target=KvmTargetSpec(platform="kvm", path=vm_site.tgt.root),
+    )
+    again = vms_for(spec)
+    assert isinstance(again, KvmVms)
     [ref] = again.list_vms()
     assert (ref.name, ref.state, ref.mode) == ("failover", "running", "production")
     check = again.boot_check("failover", READY, BOOT_TIMEOUT)
