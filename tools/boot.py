@@ -218,7 +218,7 @@ def _detached_pid(work: Path) -> int | None:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except (OSError, ValueError):
         return None
-    return pid if f"process={work}".encode() in cmdline else None
+    return pid if f"sendense-guest,process={work}".encode() in cmdline.split(b"\0") else None  # (whole arg)
 
 
 def overlay(backing: Path, path: Path) -> Path:
