@@ -456,7 +456,7 @@ class Handle(Wire):
         return cls.model_validate(data)
 
     def dump(self) -> dict[str, Any]:
-        return _no_secret_in_handle(self.model_dump(mode="json", exclude_none=True))  # type: ignore[no-any-return]
+        return _no_secret_in_handle(self.model_dump(mode="json", exclude_defaults=True))  # type: ignore[no-any-return]
 
 
 class DiskSnapshot(Wire):
