@@ -4,7 +4,10 @@
     GET    /_lab/volumes/{volume_id}                    {"volume_id", "size_gib", "written_blocks": [...]}
     POST   /_lab/volumes/{volume_id}/write?offset=N     body: the bytes the guest writes (any offset/length)
     GET    /_lab/volumes/{volume_id}/read?offset=N&length=M   the bytes
-    POST   /_lab/instances  {"name", "disks_gib": [8, 2]}  -> {"instance_id", "volumes": [{"device", ...}]}
+    POST   /_lab/instances  {"name", "disks_gib": [8, 2], "image"?: PATH}
+                            -> {"instance_id", "volumes": [{"device", ...}]}; with an image (a disk image
+                            file on this machine, any format qemu-img reads), the root volume holds it
+    GET    /_lab/instances/{instance_id}   its VM: {"running", "pid", "disks": [volume ids], "console"}
     POST   /_lab/snapshots/{snapshot_id}/fail  {"message"?}: a pending snapshot of a volume fails (error)
     POST   /_lab/faults     {"operation", "error", "count", "status"?, "after"?};  GET lists;  DELETE clears
     GET    /_lab/stats      {"PutSnapshotBlock": 12, ...};  DELETE resets
@@ -21,16 +24,20 @@ import json
 import os
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
 from labs.aws.ec2_bridge import Ec2Bridge
+from labs.aws.ec2_instances import InstanceHooks
 from labs.aws.faults import Faults
+from labs.aws.images import import_image
 from labs.aws.state import LabState, LabStateError
 from labs.aws.wire import Response, json_response
 
 _VOLUME = re.compile(r"^/_lab/volumes/(?P<vid>[^/]+)(?P<op>/write|/read)?/?$")
 _FAIL = re.compile(r"^/_lab/snapshots/(?P<sid>[^/]+)/fail/?$")
+_INSTANCE = re.compile(r"^/_lab/instances/(?P<iid>i-[0-9a-f]+)/?$")
 
 
 def _error(status: int, message: str) -> Response:
@@ -45,10 +52,11 @@ def _int_arg(query: dict[str, list[str]], name: str) -> int:
 
 
 class Control:
-    def __init__(self, state: LabState, ec2: Ec2Bridge, faults: Faults) -> None:
+    def __init__(self, state: LabState, ec2: Ec2Bridge, faults: Faults, instances: InstanceHooks) -> None:
         self.state = state
         self.ec2 = ec2
         self.faults = faults
+        self.instances = instances
 
     def handle(self, method: str, path: str, query_string: str, environ: dict[str, Any]) -> Response:
         query = parse_qs(query_string)
@@ -67,13 +75,17 @@ class Control:
                 return json_response(200, {"ok": True, "pid": os.getpid()})
             if path == "/_lab/instances" and method == "POST":
                 req = _json(read, length)
+                image = import_image(self.ec2, Path(str(req["image"]))) if req.get("image") else None
                 try:
-                    made = self.ec2.make_instance(str(req["name"]), [int(s) for s in req["disks_gib"]])
+                    made = self.ec2.make_instance(str(req["name"]), [int(s) for s in req["disks_gib"]], image)
                 except (KeyError, TypeError, ValueError) as e:
                     raise LabStateError(
                         400, f"an instance needs a name and disks_gib (sizes in GiB): {e}"
                     ) from None
                 return json_response(201, made)
+            i = _INSTANCE.match(path)
+            if i and method == "GET":
+                return json_response(200, self.instances.machines.describe(i["iid"]))
             if path == "/_lab/faults":
                 return self._faults(method, read, length)
             if path == "/_lab/stats":

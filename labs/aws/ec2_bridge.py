@@ -81,18 +81,18 @@ class Ec2Bridge:
 
     # ------------------------------------------------------------------ hooks
 
-    def _hook(self, name: str, make: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
+    def hook(self, name: str, make: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
         setattr(self.backend, name, make(getattr(self.backend, name)))
 
     def _install(self) -> None:
-        self._hook("create_volume", self._create_volume)
-        self._hook("delete_volume", self._delete_volume)
-        self._hook("modify_volume", self._modify_volume)
-        self._hook("create_snapshot", lambda orig: self._create_snapshot)
-        self._hook("create_snapshots", self._create_snapshots)
-        self._hook("copy_snapshot", lambda orig: self._copy_snapshot)
-        self._hook("delete_snapshot", self._delete_snapshot)
-        self._hook("run_instances", self._run_instances)
+        self.hook("create_volume", self._create_volume)
+        self.hook("delete_volume", self._delete_volume)
+        self.hook("modify_volume", self._modify_volume)
+        self.hook("create_snapshot", lambda orig: self._create_snapshot)
+        self.hook("create_snapshots", self._create_snapshots)
+        self.hook("copy_snapshot", lambda orig: self._copy_snapshot)
+        self.hook("delete_snapshot", self._delete_snapshot)
+        self.hook("run_instances", self._run_instances)
         bridge = self
 
         def register_image(response: AmisResponse) -> ActionResult:
@@ -291,17 +291,24 @@ class Ec2Bridge:
         log.info("image %s (%s) from %s", image.id, name, sorted(image.snapshot_ids))
         return image
 
-    def make_instance(self, name: str, disks_gib: list[int]) -> dict[str, Any]:
+    def make_instance(self, name: str, disks_gib: list[int], image_id: str | None = None) -> dict[str, Any]:
+        """An instance of the base image (empty volumes), or of `image_id` (its root snapshot on the root
+        volume, grown to disks_gib[0] if that is larger)."""
         if not 1 <= len(disks_gib) <= 1 + len(DATA_DEVICES) or any(int(s) < 1 for s in disks_gib):
             raise ValueError(f"disks_gib must list 1 to {1 + len(DATA_DEVICES)} sizes of at least 1 GiB")
         devices = [ROOT_DEVICE, *DATA_DEVICES][: len(disks_gib)]
+        if image_id is not None:
+            image = self.backend.amis[image_id]
+            assert isinstance(image, LabImage), f"{image_id} is not an image of the lab's snapshots"
+            root = next(m["Ebs"]["SnapshotId"] for m in image.mappings if m["DeviceName"] == ROOT_DEVICE)
+            disks_gib = [max(int(disks_gib[0]), self.state.snapshot(root).size_gib), *disks_gib[1:]]
         mappings = [
             {"DeviceName": d, "Ebs": {"VolumeSize": int(s), "DeleteOnTermination": True, "VolumeType": "gp3"}}
             for d, s in zip(devices, disks_gib, strict=True)
         ]
         with self.lock:
             reservation = self.backend.run_instances(
-                self.base_image_id,
+                image_id or self.base_image_id,
                 1,
                 None,
                 [],

@@ -238,11 +238,26 @@ class AwsLab:
 
     # ------------------------------------------------------------------ the guest and the lab's helpers
 
-    def make_instance(self, name: str, disks_gib: list[int]) -> LabInstance:
-        body = json.dumps({"name": name, "disks_gib": disks_gib}).encode()
-        made = self._call("POST", "/_lab/instances", body)
+    def make_instance(self, name: str, disks_gib: list[int], image: Path | None = None) -> LabInstance:
+        """A running instance with a root volume and data volumes of these sizes: all zeros, or the root
+        holding the disk image file `image` (the root volume grows to fit it)."""
+        req: dict[str, Any] = {"name": name, "disks_gib": disks_gib}
+        if image is not None:
+            req["image"] = str(Path(image).resolve())
+        made = self._call("POST", "/_lab/instances", json.dumps(req).encode())
         vols = [(v["device"], v["volume_id"], int(v["size_gib"])) for v in made["volumes"]]
         return LabInstance(made["instance_id"], vols)
+
+    def make_guest_instance(self, name: str, data_disks_gib: list[int] | None = None) -> LabInstance:
+        """A running instance whose root volume holds the bootable guest (`labs.guest`, built once and
+        cached): its console shows SENDENSE-GUEST-READY a few seconds after the start."""
+        from labs.guest.build import build
+
+        return self.make_instance(name, [1, *(data_disks_gib or [])], image=build())
+
+    def vm(self, instance_id: str) -> dict[str, Any]:
+        """The instance's VM as the lab runs it: {"running", "pid", "disks" (volume ids), "console"}."""
+        return dict(self._call("GET", f"/_lab/instances/{instance_id}"))
 
     def write(self, volume_id: str, offset: int, data: bytes) -> None:
         self._call("POST", f"/_lab/volumes/{volume_id}/write?offset={offset}", bytes(data))

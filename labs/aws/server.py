@@ -15,8 +15,10 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import signal
 import string
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -72,7 +74,10 @@ class LabApp:
         from labs.aws.control import Control
         from labs.aws.ebs_api import EbsApi
         from labs.aws.ec2_bridge import Ec2Bridge
+        from labs.aws.ec2_instances import InstanceHooks
         from labs.aws.faults import Faults
+        from labs.aws.machines import Machines
+        from labs.aws.nbd import VolumeNbdServer
         from labs.aws.state import LabState
 
         self.creds = creds
@@ -80,7 +85,21 @@ class LabApp:
         self.ec2 = Ec2Bridge(self.state, REGION, ACCOUNT_ID)
         self.ebs = EbsApi(self.state, self.ec2)
         self.faults = Faults()
-        self.control = Control(self.state, self.ec2, self.faults)
+        # the instances' VMs read and write the volumes over NBD, on a socket of this process's own
+        self._nbd_dir = Path(tempfile.mkdtemp(prefix="awslab-nbd-"))
+        self.nbd = VolumeNbdServer(self.state, self._nbd_dir / "nbd.sock")
+        self.instances = InstanceHooks(self.ec2, Machines(root, self.nbd.path, self._guest_stopped))
+        self.instances.install()
+        self.control = Control(self.state, self.ec2, self.faults, self.instances)
+
+    def _guest_stopped(self, machine: Any) -> None:
+        self.instances.guest_stopped(machine)
+
+    def close(self) -> None:
+        """Stop every instance's VM and the NBD server."""
+        self.instances.machines.close()
+        self.nbd.close()
+        shutil.rmtree(self._nbd_dir, ignore_errors=True)
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
         try:
@@ -215,6 +234,7 @@ def serve(root: Path, host: str = "127.0.0.1", port: int = 0, snapshot_delay: fl
         server.serve_forever()
     finally:
         server.server_close()
+        app.close()
         try:
             if json.loads(lab_json.read_text()).get("pid") == os.getpid():
                 lab_json.unlink()

@@ -1,0 +1,217 @@
+"""EC2 instances that really run: moto's instance calls tied to the lab's VMs (`labs.aws.machines`).
+
+- RunInstances: each new instance's VM starts on its volumes (those the image's mappings made, with
+  their snapshots' data). `ClientToken` is honoured as EC2 does (moto ignores it): the same token with
+  the same parameters answers the original reservation, whatever its instances' state since; other
+  parameters are `IdempotentParameterMismatch`.
+- StopInstances kills the VM (a power cut; the volumes keep what was written), StartInstances starts a
+  new one (console afresh, LaunchTime now), RebootInstances restarts it, TerminateInstances kills it
+  before the volumes go. A VM that exits by itself (the guest powered off or reset) leaves its instance
+  stopped with `Client.InstanceInitiatedShutdown`.
+- GetConsoleOutput: the VM's serial console, base64 (`Output`, absent while there is none), the most
+  recent 64 KiB, with `Timestamp` (when it last changed) and `InstanceId`.
+- DescribeInstanceStatus: a running instance whose VM runs is `ok`/`ok` (reachability passed); when its
+  console shows that it cannot boot (no bootable device, a kernel panic) its instance status is
+  `impaired` (reachability failed, ImpairedSince), as EC2's check fails for a guest that never comes up.
+  Stopped instances only with IncludeAllInstances (`not-applicable`).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from moto.core.responses import ActionResult
+from moto.core.types import Base64EncodedString
+from moto.core.utils import utcnow
+from moto.ec2.exceptions import EC2ClientError
+from moto.ec2.models.instances import Instance, StateReason
+from moto.ec2.responses.general import General
+from moto.ec2.responses.instances import InstanceResponse
+
+from labs.aws.machines import Machine, Machines
+
+log = logging.getLogger(__name__)
+
+NO_TOKEN = "ABCDE"  # what moto passes when the request had no ClientToken
+
+
+class InstanceHooks:
+    def __init__(self, bridge: Any, machines: Machines) -> None:
+        self.bridge = bridge
+        self.backend = bridge.backend
+        self.machines = machines
+        self.tokens: dict[str, tuple[str, str]] = {}  # ClientToken -> (parameters, reservation id)
+
+    def install(self) -> None:
+        hook = self.bridge.hook
+        hook("run_instances", self._run_instances)
+        hook("start_instances", self._start_instances)
+        hook("stop_instances", self._stop_instances)
+        hook("terminate_instances", self._terminate_instances)
+        hook("reboot_instances", self._reboot_instances)
+        hooks = self
+
+        def get_console_output(response: General) -> ActionResult:
+            return ActionResult(hooks.console_output(response._get_param("InstanceId")))
+
+        def describe_instance_status(response: InstanceResponse) -> ActionResult:
+            ids = response._get_param("InstanceIds", [])
+            include_all = response._get_bool_param("IncludeAllInstances", False)
+            instances = hooks.backend.describe_instance_status(ids, include_all, None)
+            return ActionResult({"InstanceStatuses": [hooks.status(i) for i in instances]})
+
+        General.get_console_output = get_console_output  # type: ignore[method-assign,assignment]
+        InstanceResponse.describe_instance_status = describe_instance_status  # type: ignore[method-assign,assignment]
+
+    # ------------------------------------------------------------------ VMs
+
+    def disks(self, instance: Instance) -> list[str]:
+        """The instance's volume ids: the root device's first, then by device name."""
+        mapping = dict(instance.block_device_mapping)
+        root = getattr(instance, "root_device_name", None)
+        order = sorted(mapping, key=lambda d: (d != root, d))
+        return [mapping[d].volume_id for d in order]
+
+    def boot(self, instance: Instance) -> None:
+        self.machines.start(instance.id, self.disks(instance))
+
+    def guest_stopped(self, machine: Machine) -> None:
+        """The VM exited by itself: the instance is stopped, by its guest (unless a newer VM runs)."""
+        with self.bridge.lock:
+            if self.machines.current(machine.instance_id) is not machine or machine.stopping:
+                return
+            try:
+                instance = self.backend.get_instance(machine.instance_id)
+            except EC2ClientError:
+                return
+            if instance.state == "running":
+                instance.stop()
+                instance._reason = f"Client.InstanceInitiatedShutdown ({utcnow():%Y-%m-%d %H:%M:%S} GMT)"
+                instance.state_reason = StateReason(
+                    "Client.InstanceInitiatedShutdown: Instance initiated shutdown",
+                    "Client.InstanceInitiatedShutdown",
+                )
+
+    # ------------------------------------------------------------------ hooks
+
+    def _run_instances(self, orig: Callable[..., Any]) -> Callable[..., Any]:
+        def run_instances(
+            image_id: str, count: int, user_data: Any, security_group_names: Any, **kw: Any
+        ) -> Any:
+            token = kw.get("client_token") or NO_TOKEN
+            params = repr(
+                (image_id, count, str(user_data), security_group_names,
+                 sorted((k, repr(v)) for k, v in kw.items() if k != "client_token"))
+            )  # fmt: skip
+            if token != NO_TOKEN and token in self.tokens:
+                seen, reservation_id = self.tokens[token]
+                if seen != params:
+                    raise EC2ClientError(
+                        "IdempotentParameterMismatch",
+                        f"The client token {token} was used with different parameters.",
+                    )
+                return self.backend.reservations[reservation_id]
+            reservation = orig(image_id, count, user_data, security_group_names, **kw)
+            if token != NO_TOKEN:
+                self.tokens[token] = (params, reservation.id)
+            for instance in reservation.instances:
+                self.boot(instance)
+            return reservation
+
+        return run_instances
+
+    def _start_instances(self, orig: Callable[..., Any]) -> Callable[..., Any]:
+        def start_instances(instance_ids: list[str]) -> Any:
+            for instance in self.backend.get_multi_instances_by_id(instance_ids):
+                if instance.state in ("terminated", "shutting-down"):
+                    raise EC2ClientError(
+                        "IncorrectInstanceState",
+                        f"The instance '{instance.id}' is not in a state from which it can be started.",
+                    )
+            started = orig(instance_ids)
+            for instance, previous in started:
+                if previous.name != "running":
+                    instance.launch_time = utcnow()
+                    self.boot(instance)
+            return started
+
+        return start_instances
+
+    def _stop_instances(self, orig: Callable[..., Any]) -> Callable[..., Any]:
+        def stop_instances(instance_ids: list[str]) -> Any:
+            for instance in self.backend.get_multi_instances_by_id(instance_ids):
+                if instance.state == "terminated":
+                    raise EC2ClientError(
+                        "IncorrectInstanceState",
+                        f"This instance '{instance.id}' is not in a state from which it can be stopped.",
+                    )
+            for instance_id in instance_ids:
+                self.machines.stop(instance_id)
+            return orig(instance_ids)
+
+        return stop_instances
+
+    def _terminate_instances(self, orig: Callable[..., Any]) -> Callable[..., Any]:
+        def terminate_instances(instance_ids: list[str]) -> Any:
+            self.backend.get_multi_instances_by_id(instance_ids)  # unknown ids: nothing stops
+            for instance_id in instance_ids:
+                self.machines.stop(instance_id)  # before its volumes go
+            return orig(instance_ids)
+
+        return terminate_instances
+
+    def _reboot_instances(self, orig: Callable[..., Any]) -> Callable[..., Any]:
+        def reboot_instances(instance_ids: list[str]) -> Any:
+            rebooted = orig(instance_ids)
+            for instance in rebooted:
+                if instance.state == "running":
+                    self.machines.stop(instance.id)
+                    self.boot(instance)
+            return rebooted
+
+        return reboot_instances
+
+    # ------------------------------------------------------------------ what EC2 shows
+
+    def console_output(self, instance_id: str) -> dict[str, Any]:
+        self.backend.get_instance(instance_id)  # InvalidInstanceID.NotFound
+        text, changed = self.machines.console(instance_id)
+        out: dict[str, Any] = {"InstanceId": instance_id}
+        out["Timestamp"] = _utc(changed) if changed is not None else utcnow()
+        if text:
+            out["Output"] = Base64EncodedString(base64.b64encode(text).decode("ascii"))
+        return out
+
+    def status(self, instance: Instance) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "InstanceId": instance.id,
+            "AvailabilityZone": instance.availability_zone,
+            "InstanceState": {"Code": instance.state_code, "Name": instance.state},
+        }
+        if instance.state != "running":
+            out["InstanceStatus"] = out["SystemStatus"] = {"Status": "not-applicable"}
+            return out
+        machine = self.machines.current(instance.id)
+        passed = {"Status": "ok", "Details": [{"Name": "reachability", "Status": "passed"}]}
+        if machine is None or not machine.alive:
+            failed = {"Status": "impaired", "Details": [{"Name": "reachability", "Status": "failed"}]}
+            out["InstanceStatus"], out["SystemStatus"] = failed, failed
+            return out
+        out["SystemStatus"] = passed
+        if self.machines.boot_failure(instance.id) is not None:
+            _, changed = self.machines.console(instance.id)
+            detail: dict[str, Any] = {"Name": "reachability", "Status": "failed"}
+            if changed is not None:
+                detail["ImpairedSince"] = _utc(changed)
+            out["InstanceStatus"] = {"Status": "impaired", "Details": [detail]}
+        else:
+            out["InstanceStatus"] = passed
+        return out
+
+
+def _utc(ts: float) -> datetime.datetime:
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC).replace(tzinfo=None)
