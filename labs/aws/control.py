@@ -9,7 +9,8 @@
                             file on this machine, any format qemu-img reads), the root volume holds it
     GET    /_lab/instances/{instance_id}   its VM: {"running", "pid", "disks": [volume ids], "console"}
     POST   /_lab/snapshots/{snapshot_id}/fail  {"message"?}: a pending snapshot of a volume fails (error)
-    POST   /_lab/faults     {"operation", "error", "count", "status"?, "after"?};  GET lists;  DELETE clears
+    POST   /_lab/faults     {"operation", "error", "count", "status"?, "after"?, "lost"?};  GET lists;
+                            DELETE clears (lost: the call runs, its answer is replaced by the error)
     GET    /_lab/stats      {"PutSnapshotBlock": 12, ...};  DELETE resets
     POST   /_lab/clock      {"advance_seconds": N}: the lab clock moves (snapshot delays, timeouts, expiry)
     POST   /_lab/settings   {"capture_pause_seconds": S}: each volume capture of CreateSnapshot(s) takes S;
@@ -147,6 +148,7 @@ class Control:
                     int(req.get("count", 1)),
                     req.get("status"),
                     int(req.get("after", 0)),
+                    bool(req.get("lost", False)),
                 )
             except (KeyError, ValueError) as e:
                 raise LabStateError(400, f"a fault needs operation, error and count >= 1: {e}") from None

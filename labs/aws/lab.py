@@ -270,9 +270,18 @@ class AwsLab:
         return list(self._call("GET", f"/_lab/volumes/{volume_id}")["written_blocks"])
 
     def inject(
-        self, operation: str, error: str, count: int = 1, status: int | None = None, after: int = 0
+        self,
+        operation: str,
+        error: str,
+        count: int = 1,
+        status: int | None = None,
+        after: int = 0,
+        lost: bool = False,
     ) -> None:
+        """Fail the next `count` calls of `operation` (after `after` more pass) with `error`; `lost`: the
+        call is carried out and only its answer is the error (an answer lost on the way back)."""
         fault: dict[str, Any] = {"operation": operation, "error": error, "count": count, "after": after}
+        fault["lost"] = lost
         if status is not None:
             fault["status"] = status
         self._call("POST", "/_lab/faults", json.dumps(fault).encode())

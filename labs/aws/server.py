@@ -185,19 +185,21 @@ class LabApp:
                     "UnknownOperationException", f"no EBS operation {method} {path}", status=404
                 ).response()
             operation, params = found
-            injected = self.faults.call(operation, "ebs")
-            if injected is not None:
+            injected, lost = self.faults.call(operation, "ebs")
+            if injected is not None and not lost:
                 return injected
-            return self.ebs.handle(operation, params, query, headers, body)
+            answer = self.ebs.handle(operation, params, query, headers, body)
+            return injected or answer
 
         form = parse_qs(body.decode("utf-8", "replace")) if method == "POST" else parse_qs(query)
         operation = (form.get("Action") or ["?"])[0]
-        injected = self.faults.call(operation, "ec2")
-        if injected is not None:
+        injected, lost = self.faults.call(operation, "ec2")
+        if injected is not None and not lost:
             return injected
         environ["wsgi.input"] = io.BytesIO(body)
         environ["CONTENT_LENGTH"] = str(len(body))
-        return self.ec2.dispatch(environ)
+        answer = self.ec2.dispatch(environ)
+        return injected or answer
 
 
 def serve(root: Path, host: str = "127.0.0.1", port: int = 0, snapshot_delay: float = 0.3) -> None:
