@@ -23,6 +23,7 @@ TAG_CHANGE, TAG_STATS = "sendense:change-id", "sendense:stats"
 TAG_SELF = "sendense:snapshot"  # a committed point's snapshot carries its own id: copies do not match
 TAG_PRUNING = "sendense:pruning"  # set on all of a point's snapshots at once before they are deleted
 TAG_HOLD = "sendense:hold:"  # + hold id, on all of a point's snapshots: prune and destroy leave it
+TAG_VM, TAG_MODE = "sendense:vm", "sendense:mode"  # on what a VM from a point is made of (vms.py)
 
 
 def holds_of(tags: dict[str, str]) -> list[str]:

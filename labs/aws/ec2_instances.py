@@ -10,6 +10,8 @@
   stopped with `Client.InstanceInitiatedShutdown`.
 - GetConsoleOutput: the VM's serial console, base64 (`Output`, absent while there is none), the most
   recent 64 KiB, with `Timestamp` (when it last changed) and `InstanceId`.
+- DeleteSecurityGroup of a group a network interface or a live instance uses: `DependencyViolation`
+  (moto deletes it).
 - DescribeInstanceStatus: a running instance whose VM runs is `ok`/`ok` (reachability passed); when its
   console shows that it cannot boot (no bootable device, a kernel panic) its instance status is
   `impaired` (reachability failed, ImpairedSince), as EC2's check fails for a guest that never comes up.
@@ -53,6 +55,7 @@ class InstanceHooks:
         hook("stop_instances", self._stop_instances)
         hook("terminate_instances", self._terminate_instances)
         hook("reboot_instances", self._reboot_instances)
+        hook("delete_security_group", self._delete_security_group)
         hooks = self
 
         def get_console_output(response: General) -> ActionResult:
@@ -174,6 +177,27 @@ class InstanceHooks:
             return rebooted
 
         return reboot_instances
+
+    def _delete_security_group(self, orig: Callable[..., Any]) -> Callable[..., Any]:
+        def delete_security_group(name: str | None = None, group_id: str | None = None) -> Any:
+            group = self.backend.get_security_group_by_name_or_id(group_id or name)
+            users = [
+                eni.id
+                for eni in self.backend.enis.values()
+                if group is not None and any(g.id == group.id for g in eni.group_set)
+            ]
+            users += [
+                i.id
+                for i in self.backend.all_instances()
+                if i.state != "terminated"
+                and group is not None
+                and any(g.id == group.id for g in i.security_groups)
+            ]
+            if users:  # moto deletes a group in use; EC2 refuses
+                raise EC2ClientError("DependencyViolation", f"resource {group.id} has a dependent object")
+            return orig(name, group_id)
+
+        return delete_security_group
 
     # ------------------------------------------------------------------ what EC2 shows
 

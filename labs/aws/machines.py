@@ -41,7 +41,7 @@ MEMORY_MIB = 256
 CONSOLE_LIMIT = 64 << 10  # GetConsoleOutput returns the most recent 64 KiB, as EC2
 # what a console shows when an instance cannot boot (firmware, bootloader, kernel): instance status
 # checks fail then, as EC2's reachability check fails for a guest that never comes up
-BOOT_FAILURE = re.compile(rb"No bootable device\.?|Kernel panic[^\r\n]*|Boot failed: could not read[^\r\n]*")
+BOOT_FAILURE = re.compile(rb"No bootable device\.?|Kernel panic[^\r\n]*")
 
 
 @dataclass

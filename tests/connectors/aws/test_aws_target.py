@@ -1,7 +1,7 @@
 """The EBS snapshot target against the AWS lab (and real AWS when configured), fed by the real KVM
 source through the real copy engine: points read back bit-exact through GetSnapshotBlock,
 incrementals send only changed blocks, a resumed copy still completes its snapshot, points are
-immutable, pruned and launched as instances."""
+immutable, pruned and launched as instances (the VM verbs: test_aws_vms.py)."""
 
 from __future__ import annotations
 
@@ -13,14 +13,14 @@ from helpers_aws import Backend
 from helpers_kvm import MiB, fast_tuning, qemu_io, same_content, sync_point, to_raw
 
 from connectors.aws.blocks import BLOCK
-from connectors.aws.launch import launch_from_point
 from connectors.aws.spec import AwsInstanceSettings, AwsTarget
 from connectors.aws.target import AwsTargetConnector
+from connectors.aws.vms import AwsVmProvisioner
 from connectors.kvm.source import make_kvm_source
 from connectors.kvm.spec import KvmSource
 from sendense.datapath.sync import copy_disk
 from sendense.errors import DataPathError, InvalidSpec, ResourceNotFound, TargetError
-from sendense.models import DiskInfo
+from sendense.models import DiskInfo, VmPlan
 
 GIB = 1 << 30
 
@@ -200,21 +200,20 @@ def test_an_instance_launched_from_a_point_has_the_point_on_its_volumes(
 ) -> None:
     lab = backend.need_lab()
     src, tgt = kvm_source(job, vm, tmp_path), target(backend, job, state_dir)
+    vms = AwsVmProvisioner(
+        job, tgt.spec.model_copy(update={"instance": AwsInstanceSettings(instance_type="t3.micro")})
+    )
     try:
-        s1 = sync_point(src, tgt, "p1")
-        got = launch_from_point(
-            tgt.aws, job, s1.point, AwsInstanceSettings(instance_type="t3.micro"), name="t1"
-        )
-        assert got.devices == {"disk0": "/dev/xvda", "disk1": "/dev/sdf"}
-        inst = backend.ec2().describe_instances(InstanceIds=[got.instance_id])["Reservations"][0][
-            "Instances"
-        ][0]
+        sync_point(src, tgt, "p1")
+        ref = vms.create_vm(VmPlan(name="t1", point_id="p1"))
+        inst = backend.ec2().describe_instances(InstanceIds=[ref.vm_id])["Reservations"][0]["Instances"][0]
+        assert inst["InstanceType"] == "t3.micro" and inst["RootDeviceName"] == "/dev/xvda"
         vols = {m["DeviceName"]: m["Ebs"]["VolumeId"] for m in inst["BlockDeviceMappings"]}
-        for key, path in zip(("disk0", "disk1"), vm, strict=True):
-            raw = to_raw(path, tmp_path / f"{key}.raw").read_bytes()
-            assert lab.read(vols[got.devices[key]], 0, len(raw)) == raw, key
-        backend.ec2().terminate_instances(InstanceIds=[got.instance_id])
-        backend.ec2().deregister_image(ImageId=got.image_id)
+        assert set(vols) == {"/dev/xvda", "/dev/sdf"}  # disk0 boots, disk1 follows
+        for device, path in zip(("/dev/xvda", "/dev/sdf"), vm, strict=True):
+            raw = to_raw(path, tmp_path / f"{path.stem}.raw").read_bytes()
+            assert lab.read(vols[device], 0, len(raw)) == raw, device
+        vms.destroy_vm("t1")
     finally:
         tgt.destroy()
 

@@ -13,8 +13,6 @@ from helpers_kvm import MiB, fast_tuning, make_qcow2, qemu_io, run, same_content
 from test_aws_target import exported, kvm_source, target
 
 from connectors.aws.blocks import BLOCK, get_block, list_blocks
-from connectors.aws.launch import launch_from_point
-from connectors.aws.spec import AwsInstanceSettings
 from connectors.aws.tags import TAG_COMMITTED, TAG_DISKS, TAG_POINT
 from sendense.datapath.sync import copy_disk
 from sendense.errors import ResourceNotFound, SendenseError, TargetError
@@ -265,29 +263,6 @@ def test_a_copy_of_a_points_snapshot_with_its_tags_is_not_the_points(
         assert [s["SnapshotId"] for s in backend.tagged(job)] == [copy]
     finally:
         ec2.delete_snapshot(SnapshotId=copy)
-
-
-def test_a_failed_launch_leaves_no_image_holding_the_points_snapshots(
-    backend: Backend, job: str, state_dir: Path, vm: list[Path], tmp_path: Path
-) -> None:
-    lab = backend.need_lab()
-    src, tgt = kvm_source(job, vm, tmp_path), target(backend, job, state_dir)
-    s1 = sync_point(src, tgt, "p1")
-    settings = AwsInstanceSettings(instance_type="t3.micro")
-    lab.inject("RunInstances", "InvalidParameterValue", count=1)
-    try:
-        with pytest.raises(SendenseError, match="RunInstances"):
-            launch_from_point(tgt.aws, job, s1.point, settings, name="t1")
-    finally:
-        lab.clear_faults()
-    assert (
-        backend.ec2().describe_images(
-            Owners=["self"], Filters=[{"Name": "name", "Values": [f"sendense-{job}-p1-t1"]}]
-        )["Images"]
-        == []
-    )
-    tgt.destroy()  # nothing holds the point's snapshots
-    assert tgt._snapshots() == []
 
 
 def test_a_deleted_pending_snapshot_ec2_still_lists_is_still_the_targets(
