@@ -235,6 +235,8 @@ class AwsVmProvisioner:
     def power_on(self, name: str) -> VmRef:
         inst = self._instance(name)
         iid, state = inst["InstanceId"], inst["State"]["Name"]
+        if state == "shutting-down":
+            raise TargetError(f"vm {name}: instance {iid} is shutting down (being destroyed)")
         if state == "stopping":
             inst = self._wait(iid, {"stopped"}, name)
             state = "stopped"

@@ -41,7 +41,7 @@ MEMORY_MIB = 256
 CONSOLE_LIMIT = 64 << 10  # GetConsoleOutput returns the most recent 64 KiB, as EC2
 # what a console shows when an instance cannot boot (firmware, bootloader, kernel): instance status
 # checks fail then, as EC2's reachability check fails for a guest that never comes up
-BOOT_FAILURE = re.compile(rb"No bootable device\.?|Kernel panic[^\r\n]*")
+BOOT_FAILURE = re.compile(rb"(No bootable device\.?|Kernel panic[^\r\n]*)\r?\n")  # whole lines only
 
 
 @dataclass
@@ -171,7 +171,7 @@ class Machines:
         """The console line that says the instance cannot boot, if one does."""
         text, _ = self.console(instance_id)
         found = BOOT_FAILURE.search(text)
-        return found.group(0).decode(errors="replace").strip() if found else None
+        return found.group(1).decode(errors="replace").strip() if found else None
 
     def describe(self, instance_id: str) -> dict[str, Any]:
         machine = self.current(instance_id)

@@ -239,6 +239,27 @@ def test_run_instances_honours_its_client_token(lab: AwsLab, ec2: Any) -> None:
     ec2.terminate_instances(InstanceIds=[got])
 
 
+def test_a_security_group_in_use_cannot_be_deleted(lab: AwsLab, ec2: Any) -> None:
+    vpc = ec2.describe_vpcs(Filters=[{"Name": "is-default", "Values": ["true"]}])["Vpcs"][0]["VpcId"]
+    subnet = ec2.describe_subnets(Filters=[{"Name": "vpc-id", "Values": [vpc]}])["Subnets"][0]["SubnetId"]
+    group = ec2.create_security_group(GroupName="in-use", Description="d", VpcId=vpc)["GroupId"]
+    image = ec2.describe_images(Owners=["self"], Filters=[{"Name": "name", "Values": ["aws-lab-base"]}])[
+        "Images"
+    ][0]["ImageId"]
+    nic = {"DeviceIndex": 0, "SubnetId": subnet, "Groups": [group], "DeleteOnTermination": True}
+    iid = ec2.run_instances(ImageId=image, MinCount=1, MaxCount=1, NetworkInterfaces=[nic])["Instances"][0][
+        "InstanceId"
+    ]
+    with pytest.raises(ClientError, match="DependencyViolation"):
+        ec2.delete_security_group(GroupId=group)
+    ec2.terminate_instances(InstanceIds=[iid])
+    ec2.delete_security_group(GroupId=group)
+    assert (
+        ec2.describe_security_groups(Filters=[{"Name": "group-id", "Values": [group]}])["SecurityGroups"]
+        == []
+    )
+
+
 def test_the_vms_die_with_the_lab(tmp_path: Path) -> None:
     lab = AwsLab(tmp_path / "lab", snapshot_delay=0.1).start()
     try:
