@@ -264,6 +264,7 @@ def test_the_vms_die_with_the_lab(tmp_path: Path) -> None:
     lab = AwsLab(tmp_path / "lab", snapshot_delay=0.1).start()
     try:
         inst = lab.make_instance("doomed", [1])
+        wait_console(lab.client("ec2"), inst.instance_id, "No bootable device", timeout=60)  # up, and idle
         pid = lab.vm(inst.instance_id)["pid"]
         assert alive(pid)
         assert lab.proc is not None

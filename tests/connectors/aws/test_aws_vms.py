@@ -70,7 +70,11 @@ def replica(aws_lab: AwsLab, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     p1 = sync_point(src, target, "p1")
     qemu_io(disk, "write -z 0 512")
     sync_point(src, target, "p2", p1.base)
-    yield Replica(aws_lab, job, job_id, spec, target, prod)
+    replica = Replica(aws_lab, job, job_id, spec, target, prod)
+    yield replica
+    vms = replica.vms()
+    for left in vms.list_vms():  # a failed test's VM: its image would keep the points' snapshots
+        vms.destroy_vm(left.name)
     target.destroy()
     ec2.delete_security_group(GroupId=prod)
 
