@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
+import shutil
 import socket
 import socketserver
 import struct
+import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -39,6 +42,7 @@ INFO_EXPORT, INFO_BLOCK_SIZE = 0, 3
 TX_HAS_FLAGS, TX_SEND_FLUSH, TX_SEND_WRITE_ZEROES = 1, 4, 64
 TX_FLAGS = TX_HAS_FLAGS | TX_SEND_FLUSH | TX_SEND_WRITE_ZEROES
 CMD_READ, CMD_WRITE, CMD_DISC, CMD_FLUSH, CMD_WRITE_ZEROES = 0, 1, 2, 3, 6
+_DIR_PREFIX = "awslab-nbd-"
 MAX_REQUEST = 32 << 20  # the largest read or write payload a client may send (told in INFO_BLOCK_SIZE)
 
 
@@ -163,6 +167,21 @@ def _reader(body: bytes | None, length: int) -> Callable[[int], bytes]:
         return piece
 
     return read
+
+
+def socket_dir() -> Path:
+    """A private directory for this process's NBD socket (unix socket paths must stay short: /tmp). Those
+    of lab processes that died without cleaning up (SIGKILL) are removed."""
+    for stale in Path(tempfile.gettempdir()).glob(f"{_DIR_PREFIX}*"):
+        try:
+            os.kill(int((stale / "pid").read_text()), 0)
+        except ProcessLookupError:
+            shutil.rmtree(stale, ignore_errors=True)
+        except (OSError, ValueError):
+            continue  # starting up, or not ours to judge
+    made = Path(tempfile.mkdtemp(prefix=_DIR_PREFIX))
+    (made / "pid").write_text(str(os.getpid()))
+    return made
 
 
 class VolumeNbdServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):

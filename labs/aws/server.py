@@ -18,7 +18,6 @@ import secrets
 import shutil
 import signal
 import string
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -77,7 +76,7 @@ class LabApp:
         from labs.aws.ec2_instances import InstanceHooks
         from labs.aws.faults import Faults
         from labs.aws.machines import Machines
-        from labs.aws.nbd import VolumeNbdServer
+        from labs.aws.nbd import VolumeNbdServer, socket_dir
         from labs.aws.state import LabState
 
         self.creds = creds
@@ -86,7 +85,7 @@ class LabApp:
         self.ebs = EbsApi(self.state, self.ec2)
         self.faults = Faults()
         # the instances' VMs read and write the volumes over NBD, on a socket of this process's own
-        self._nbd_dir = Path(tempfile.mkdtemp(prefix="awslab-nbd-"))
+        self._nbd_dir = socket_dir()
         self.nbd = VolumeNbdServer(self.state, self._nbd_dir / "nbd.sock")
         self.instances = InstanceHooks(self.ec2, Machines(root, self.nbd.path, self._guest_stopped))
         self.instances.install()
