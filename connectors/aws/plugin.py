@@ -6,7 +6,7 @@ from pathlib import Path
 
 from connectors.aws.spec import AwsSource, AwsTarget
 from sendense.platforms import Platform
-from sendense.protocols import SourceConnector, TargetConnector
+from sendense.protocols import SourceConnector, TargetConnector, VmProvisioner
 
 
 def _source(spec: AwsSource, job: str, work_dir: Path) -> SourceConnector:
@@ -21,6 +21,12 @@ def _target(spec: AwsTarget, job: str, job_id: str) -> TargetConnector:
     return AwsTargetConnector(job, spec, job_id=job_id)
 
 
+def _vms(spec: AwsTarget, job: str, job_id: str) -> VmProvisioner:
+    from connectors.aws.vms import AwsVmProvisioner
+
+    return AwsVmProvisioner(job, spec, job_id)
+
+
 PLATFORM = Platform(
     name="aws",
     summary="AWS EC2: an instance's EBS volumes (EBS direct APIs); points as EBS snapshots, "
@@ -29,5 +35,6 @@ PLATFORM = Platform(
     target_spec=AwsTarget,
     source=_source,
     target=_target,
+    vms=_vms,
     lab="labs.aws.hook",
 )

@@ -14,6 +14,7 @@ import shutil
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,7 +29,9 @@ from connectors.kvm.spec import KvmSource
 from labs.aws import AwsLab
 from labs.guest.build import build
 from sendense.errors import InvalidSpec, ResourceNotFound, SendenseError, TargetError
-from sendense.models import NicInfo, VmPlan
+from sendense.models import JobSpec, NicInfo, VmPlan
+from sendense.platforms import vms_for
+from sendense.protocols import VmProvisioner
 
 READY = "SENDENSE-GUEST-READY"
 
@@ -41,6 +44,7 @@ class Replica:
     spec: AwsTarget
     target: AwsTargetConnector
     prod_group: str
+    disk: Path  # the stopped source VM's disk
 
     def vms(self, job_id: str | None = None) -> AwsVmProvisioner:
         vms = AwsVmProvisioner(self.job, self.spec, self.job_id if job_id is None else job_id)
@@ -70,7 +74,7 @@ def replica(aws_lab: AwsLab, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     p1 = sync_point(src, target, "p1")
     qemu_io(disk, "write -z 0 512")
     sync_point(src, target, "p2", p1.base)
-    replica = Replica(aws_lab, job, job_id, spec, target, prod)
+    replica = Replica(aws_lab, job, job_id, spec, target, prod, disk)
     yield replica
     vms = replica.vms()
     for left in vms.list_vms():  # a failed test's VM: its image would keep the points' snapshots
@@ -117,7 +121,13 @@ def instance(r: Replica, instance_id: str) -> dict[str, Any]:
 
 
 def test_a_test_vm_from_a_held_point_boots_isolated_and_destroy_leaves_nothing(replica: Replica) -> None:
-    r, vms, name = replica, replica.vms(), "drill-1"
+    r, name = replica, "drill-1"
+    job = JobSpec(
+        name=r.job, job_id=r.job_id, source=KvmSource(platform="kvm", disks=[r.disk]), target=r.spec
+    )
+    vms = vms_for(job)  # as an agent makes it, from the job's spec
+    assert isinstance(vms, AwsVmProvisioner) and isinstance(vms, VmProvisioner)
+    vms.poll_seconds = 0.2
     before = point_digests(r, "p1")
     r.target.hold("p1", name, "drill")
     try:
