@@ -123,24 +123,34 @@ def _running_lab() -> Any:
 @lab_app.command("instance")
 def lab_instance(
     name: str,
-    disk_gib: list[int] = typer.Option([8], "--disk-gib", help="volume sizes in GiB, the root volume first"),
+    disk_gib: list[int] = typer.Option([1], "--disk-gib", help="volume sizes in GiB, the root volume first"),
+    blank: bool = typer.Option(
+        False, "--blank", help="all volumes empty (default: the root volume holds the bootable guest)"
+    ),
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
 ) -> None:
-    """Create an EC2 instance with EBS volumes in the AWS lab (a source to replicate)."""
+    """Create a running EC2 instance with EBS volumes in the AWS lab (a source to replicate). Its root
+    volume holds the bootable guest (a small Linux, built once), so the instance really boots: its
+    console (GetConsoleOutput) shows SENDENSE-GUEST-READY a few seconds after the start."""
     from app.cli.output import emit_json, fail, out
 
     if not all(1 <= g <= 16384 for g in disk_gib):  # EBS volumes are 1 GiB to 16 TiB
         fail(f"--disk-gib: sizes are 1 to 16384 GiB, not {disk_gib}")
     lab = _running_lab()
     try:
-        inst = lab.make_instance(name, list(disk_gib))
+        if blank:
+            inst = lab.make_instance(name, list(disk_gib))
+        else:
+            from labs.guest.build import build
+
+            inst = lab.make_instance(name, list(disk_gib), image=build())
     except _aws_errors() as e:
         fail(str(e))
     vols = [{"device": d, "volume_id": v, "size_gib": s} for d, v, s in inst.volumes]
     if as_json:
-        emit_json({"instance_id": inst.instance_id, "volumes": vols})
+        emit_json({"instance_id": inst.instance_id, "volumes": vols, "guest": not blank})
         return
-    out.print(f"instance {inst.instance_id}")
+    out.print(f"instance {inst.instance_id}" + ("" if blank else " (root volume: the bootable guest)"))
     for v in vols:
         out.print(f"  {v['device']}: {v['volume_id']} ({v['size_gib']} GiB)")
 

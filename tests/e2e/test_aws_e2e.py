@@ -5,6 +5,7 @@ started by `sendense lab up`, the agent reaching it with the lab's credentials f
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import yaml
 from helpers_kvm import MiB, make_qcow2, qemu_io, to_raw
 
 from app import stack
+from labs.guest.fscheck import check
 from tests.e2e.conftest import Cli, free_port
 from tests.e2e.test_replication_e2e import export_raw, same
 
@@ -116,7 +118,7 @@ def test_kvm_to_aws_full_then_incremental_bit_exact(aws_stack: tuple[Cli, dict],
 
 def test_aws_to_kvm_full_then_incremental_bit_exact(aws_stack: tuple[Cli, dict], tmp_path: Path) -> None:  # type: ignore[type-arg]
     cli, lab = aws_stack
-    inst = cli.json("lab", "instance", "e2e-src", "--disk-gib", "1", "--disk-gib", "1")
+    inst = cli.json("lab", "instance", "e2e-src", "--disk-gib", "1", "--disk-gib", "1", "--blank")
     (_, vol0), (_, vol1) = [(v["device"], v["volume_id"]) for v in inst["volumes"]]
     cli.run("lab", "write", vol0, "0", "--pattern", "17", "--length", str(3 * MiB))
     cli.run("lab", "write", vol1, str(100 * MiB + 5), "--pattern", "34", "--length", "1000")
@@ -174,7 +176,7 @@ def test_aws_to_aws_in_one_region_keeps_every_point(aws_stack: tuple[Cli, dict],
     an incremental of the one block written, and both points stay; the source keeps its newest
     snapshots only."""
     cli, lab = aws_stack
-    inst = cli.json("lab", "instance", "e2e-a2a", "--disk-gib", "1")
+    inst = cli.json("lab", "instance", "e2e-a2a", "--disk-gib", "1", "--blank")
     vol = inst["volumes"][0]["volume_id"]
     cli.run("lab", "write", vol, "0", "--pattern", "17", "--length", str(3 * MiB))
     place = {"platform": "aws", "region": lab["region"], "endpoint_url": lab["endpoint_url"]}
@@ -240,3 +242,39 @@ def test_a_job_recreated_under_a_deleted_jobs_name_is_refused_while_its_points_a
     ), err
     assert len(err.splitlines()) == 1, err
     ec2(lab).delete_snapshot(SnapshotId=kept["SnapshotId"])  # type: ignore[attr-defined]
+
+
+def test_a_lab_instance_is_a_real_os_whose_points_are_consistent(
+    aws_stack: tuple[Cli, dict], tmp_path: Path
+) -> None:  # type: ignore[type-arg]
+    """Issue 10 item 6: `sendense lab instance` boots the bootable guest (its console says so, through
+    GetConsoleOutput), and a point of it, replicated AWS -> KVM while it runs, holds a filesystem that
+    passes e2fsck after journal replay."""
+    cli, lab = aws_stack
+    inst = cli.json("lab", "instance", "e2e-guest")
+    assert inst["guest"] is True
+    iid = inst["instance_id"]
+    deadline = time.monotonic() + 180
+    console = ""
+    while "SENDENSE-GUEST-READY" not in console:
+        assert time.monotonic() < deadline, f"the guest did not boot: {console[-400:]}"
+        time.sleep(1)
+        console = ec2(lab).get_console_output(InstanceId=iid).get("Output", "")  # type: ignore[attr-defined]
+    spec = {
+        "name": "e2e-guest",
+        "source": {
+            "platform": "aws",
+            "instance_id": iid,
+            "region": lab["region"],
+            "endpoint_url": lab["endpoint_url"],
+        },
+        "target": {"platform": "kvm", "path": str(tmp_path / "replicas")},
+        "schedule": {"interval": "1h"},
+    }
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    cli.json("job", "create", "-f", str(tmp_path / "job.yaml"))
+    st = cli.wait_point("e2e-guest", 1)
+    [root] = [d for d in cli.json("point", "list", "e2e-guest")[0]["disks"] if d["key"] == "xvda"]
+    fs = check(Path(root["path"]))
+    assert fs.ok, f"point {st['last_point']}: {fs.detail}"
+    cli.json("job", "delete", "e2e-guest", "--purge")
