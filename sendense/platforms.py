@@ -23,6 +23,7 @@ from sendense.protocols import SourceConnector, TargetConnector, VmProvisioner
 REGISTRY: dict[str, str] = {
     "kvm": "connectors.kvm.plugin",
     "aws": "connectors.aws.plugin",
+    "memory": "connectors.memory.plugin",
 }
 
 # Platforms for developers (the in-memory one) are offered in specs only when this is set to 1.

@@ -1,0 +1,33 @@
+"""The memory platform as sendense.platforms sees it: for developers and tests (developer_only)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from connectors.memory.spec import MemorySource, MemoryTarget
+from sendense.platforms import Platform
+from sendense.protocols import SourceConnector, TargetConnector
+
+
+def _source(spec: MemorySource, job: str, work_dir: Path) -> SourceConnector:
+    from connectors.memory.source import MemorySourceConnector
+
+    return MemorySourceConnector(job, spec, work_dir)
+
+
+def _target(spec: MemoryTarget, job: str, job_id: str) -> TargetConnector:
+    from connectors.memory.target import MemoryTargetConnector
+
+    return MemoryTargetConnector(job, spec, job_id=job_id)
+
+
+PLATFORM = Platform(
+    name="memory",
+    summary="in-process memory or plain files: VMs made by tests, exact change tracking, fault injection",
+    source_spec=MemorySource,
+    target_spec=MemoryTarget,
+    source=_source,
+    target=_target,
+    lab_note="the memory platform needs no lab: tests make its VMs (connectors.memory.store)",
+    developer_only=True,
+)
