@@ -26,7 +26,7 @@ REGISTRY: dict[str, str] = {
     "memory": "connectors.memory.plugin",
 }
 
-# Platforms for developers (the in-memory one) are offered in specs only when this is set to 1.
+# Platforms for developers (developer_only) are offered in specs only when this is set to 1.
 DEVELOPER_PLATFORMS = "SENDENSE_DEVELOPER_PLATFORMS"
 
 

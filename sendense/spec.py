@@ -36,7 +36,7 @@ def parse_spec(data: Any, source: str = "spec") -> JobSpec:
         raise InvalidSpec(f"{source}: expected a mapping with name, source and target")
     if "job_id" in data:
         raise InvalidSpec(f"{source}: job_id: assigned by sendense when the job is created, never in a spec")
-    for kind in ("source", "target"):  # a developer's platform (memory) is not offered to users
+    for kind in ("source", "target"):  # a developer_only platform is not offered to users
         end = data.get(kind)
         name = end.get("platform") if isinstance(end, dict) else None
         if isinstance(name, str) and name not in platforms.offered(kind) and platforms.get(name) is not None:

@@ -4,7 +4,9 @@
 guest OS: nothing but the lab writes to the disks) with each disk as a `-blockdev` file + format pair
 (`diskN-file`, `diskN`; qcow2 unless `formats` says raw) behind `virtio-blk-pci` device `vdN`, or,
 with `drive=True`, as `-drive file=IMG,format=FMT,if=virtio` (drive `virtioN`, automatic node names
-such as `#block113`, as a hand-started VM has them). Guest-like writes go through the device's block
+such as `#block113`, as a hand-started VM has them); `discard=True` opens them with `discard=unmap`, so
+that a guest discard (`qemu_io(n, "discard ...")`) reaches the image (QEMU's default ignores it: the
+bytes stay and no dirty bitmap sees it). Guest-like writes go through the device's block
 backend with HMP `qemu-io -d /machine/peripheral/vdN/virtio-backend "write ..."` (`qemu-io virtioN`
 for drives), so dirty bitmaps, copy-before-write filters and resizes see them exactly as guest I/O.
 
@@ -53,11 +55,13 @@ class LabVm:
         detached: bool = False,
         formats: Sequence[str] | None = None,
         drive: bool = False,
+        discard: bool = False,
     ) -> None:
         self.dir = Path(directory)
         self.sizes = list(sizes)  # per image file
         self.formats = list(formats) if formats is not None else ["qcow2"] * len(self.sizes)
         self.drive = drive
+        self.discard = discard  # guest discards unmap (QEMU's discard=unmap); default: ignored
         self.order = list(range(len(self.sizes)))  # device i uses image order[i]
         self.name = name
         self.shadow = shadow
@@ -126,13 +130,14 @@ class LabVm:
         cmd += ["-name", self.name, "-pidfile", str(self.pidfile)]
         for sock in (self.qmp_path, self.lab_qmp_path):
             cmd += ["-qmp", f"unix:{sock},server=on,wait=off"]
+        unmap = ",discard=unmap" if self.discard else ""
         for i in range(len(self.sizes)):
             img, fmt = self.image_of(i), self.formats[self.order[i]]
             if self.drive:
-                cmd += ["-drive", f"file={img},format={fmt},if=virtio"]
+                cmd += ["-drive", f"file={img},format={fmt},if=virtio{unmap}"]
                 continue
-            cmd += ["-blockdev", f"driver=file,filename={img},node-name=disk{i}-file"]
-            cmd += ["-blockdev", f"driver={fmt},file=disk{i}-file,node-name=disk{i}"]
+            cmd += ["-blockdev", f"driver=file,filename={img},node-name=disk{i}-file{unmap}"]
+            cmd += ["-blockdev", f"driver={fmt},file=disk{i}-file,node-name=disk{i}{unmap}"]
             cmd += ["-device", f"virtio-blk-pci,drive=disk{i},id=vd{i},share-rw=on"]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(

@@ -69,7 +69,10 @@ def test_layers_contract_holds() -> None:
     assert p.returncode == 0, p.stdout[-3000:]
 
 
-PLATFORM_WORDS = re.compile(r"kvm|aws|qcow2|ebs|qmp|libvirt|boto", re.I)
+# the memory platform by its name as a platform ("memory" alone is an ordinary word of the data path)
+PLATFORM_WORDS = re.compile(
+    r"kvm|aws|qcow2|ebs|qmp|libvirt|boto|connectors\.memory|[\"']memory[\"']|in-memory|\(memory\)", re.I
+)
 
 
 def platform_mentions() -> list[str]:
@@ -89,3 +92,19 @@ def platform_mentions() -> list[str]:
 
 def test_no_platform_is_named_outside_its_package_but_in_the_registry() -> None:
     assert platform_mentions() == []
+
+
+def test_the_platform_check_sees_every_platform_named_in_the_core() -> None:
+    """It must be able to fail, for the memory platform too (whose name is also an ordinary word)."""
+    planted = ROOT / "sendense" / "_planted_platform_for_test.py"
+    planted.write_text(
+        'A = "memory"  # the memory platform by name\n'
+        "from connectors.memory import store  # noqa: F401\n"
+        "B = 'ebs'\n"
+        "C = memoryview(b'')  # an ordinary word: not a platform\n"
+    )
+    try:
+        found = [f for f in platform_mentions() if "_planted_platform_for_test.py" in f]
+        assert [f.split(":")[1] for f in found] == ["1", "2", "3"]
+    finally:
+        planted.unlink()

@@ -1,0 +1,92 @@
+"""The contract suite: every platform's connectors held to sendense.protocols, the same tests for all.
+
+- test_source_contract.py: a platform as a source (memory, kvm: a running QEMU over QMP, aws: the lab),
+  into a memory target;
+- test_target_contract.py: a platform as a target (memory, memory with whole-block writes, kvm, aws: the
+  lab), from a memory VM.
+- The VM contract comes next, in test_vm_contract.py: a `vms_rig` fixture over the platforms whose
+  plug-in has `vms` (sendense.platforms.vms_for), on a point the target contract's rig commits:
+  create a VM -> boot check -> destroy_vm, after which `list_vms()` is empty and the rig's `leftovers`
+  are what they were before the VM.
+
+Rigs (rigs.py) say what a platform cannot do; tests skip that combination with the reason. The AWS lab
+is started once per session (a few seconds), each KVM VM per test (a fraction of a second).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from contract.rigs import AwsReplicas, AwsVm, KvmReplicas, KvmVm, MemoryReplicas, MemoryVm, Rig
+from helpers_aws import lab_in_env
+
+from connectors.memory.store import Store
+from labs.aws import AwsLab
+
+SOURCES = ["memory", "kvm", "aws"]
+TARGETS = ["memory", "memory-blocks", "kvm", "aws"]
+
+
+@pytest.fixture(scope="session")
+def contract_aws_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AwsLab]:
+    with lab_in_env(tmp_path_factory.mktemp("contract-awslab"), snapshot_delay=0.0) as lab:
+        yield lab
+
+
+@pytest.fixture(autouse=True)
+def sendense_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Connectors keep local records under SENDENSE_HOME: the test's own."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("SENDENSE_HOME", str(home))
+    return home
+
+
+@pytest.fixture
+def store() -> Iterator[Store]:
+    """A memory store of the test's own, gone after it."""
+    s = Store.named(f"contract-{uuid.uuid4().hex[:8]}")
+    try:
+        yield s
+    finally:
+        Store.discard(s)
+
+
+@pytest.fixture(params=SOURCES)
+def source_rig(request: pytest.FixtureRequest, tmp_path: Path, store: Store) -> Iterator[Rig]:
+    """The platform under test as the source, into a memory target."""
+    p = request.param
+    vm = (
+        MemoryVm(store)
+        if p == "memory"
+        else KvmVm(tmp_path / "work")
+        if p == "kvm"
+        else AwsVm(request.getfixturevalue("contract_aws_lab"))
+    )
+    rig = Rig(tmp_path, vm, MemoryReplicas(store))
+    try:
+        yield rig
+    finally:
+        rig.close()
+
+
+@pytest.fixture(params=TARGETS)
+def target_rig(request: pytest.FixtureRequest, tmp_path: Path, store: Store) -> Iterator[Rig]:
+    """The platform under test as the target, from a memory VM."""
+    p = request.param
+    replicas = (
+        MemoryReplicas(store)
+        if p == "memory"
+        else MemoryReplicas(store, block=64 << 10)
+        if p == "memory-blocks"
+        else KvmReplicas(tmp_path / "replicas")
+        if p == "kvm"
+        else AwsReplicas(request.getfixturevalue("contract_aws_lab"))
+    )
+    rig = Rig(tmp_path, MemoryVm(store), replicas)
+    try:
+        yield rig
+    finally:
+        rig.close()

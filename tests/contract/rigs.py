@@ -1,0 +1,366 @@
+"""Every platform as the contract suite drives it: one end under test, the memory platform at the other.
+
+A `Rig` is a job between a `VmSide` (a VM whose guest the test writes to, with a `Shadow` of every
+disk) and a `ReplicaSide` (where its points go). The source contract puts the platform under test on
+the VM side and a memory target on the other; the target contract puts a memory VM on the VM side and
+the platform under test on the other. Connectors are always made by the platform registry from a
+JobSpec (`source_for` / `target_for`), and data always moves through `sendense.datapath.sync.copy_disk`
+(`helpers_kvm.sync_point`, as the workflow runs a sync). Points are read back through the target's
+`export` (raw) and compared byte for byte with the shadows taken at the snapshot instant.
+
+What a platform cannot do is said here, with why, and the tests skip that combination by that reason.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from contract.shadow import Shadow
+from helpers_kvm import KiB, MiB, Synced, sync_point
+
+from connectors.aws.blocks import BLOCK as EBS_BLOCK
+from connectors.aws.source import disk_key
+from connectors.aws.spec import AwsSource, AwsTarget
+from connectors.aws.tags import ROLE_SOURCE, ROLE_TARGET, TAG_JOB, TAG_ROLE
+from connectors.kvm.spec import KvmSource, KvmTarget
+from connectors.memory.spec import MemorySource, MemoryTarget
+from connectors.memory.store import Store
+from labs.aws import AwsLab
+from labs.kvm.vm import LabVm
+from sendense import config
+from sendense.models import JobSpec, SourceSpec, TargetSpec
+from sendense.platforms import source_for, target_for
+from sendense.protocols import SourceConnector, TargetConnector
+from tools.qmp import QmpClient
+
+# ------------------------------------------------------------------------------------ VM sides
+
+
+class VmSide:
+    """A VM of one platform, written to as its guest would; `sizes` are its disks in order."""
+
+    platform = ""
+    granule = 1  # change tracking's unit: an incremental lists whole granules
+    zero_writes_listed_as_zero = True  # False: a zero write is listed as a data block of zeros
+    no_discard: str | None = None  # why its guest cannot discard, if it cannot
+    no_resize: str | None = None  # why its disks cannot be resized under the source, if they cannot
+    sizes: dict[str, int]
+
+    def spec(self) -> SourceSpec:
+        raise NotImplementedError
+
+    def write(self, key: str, offset: int, data: bytes) -> None:
+        raise NotImplementedError
+
+    def zero(self, key: str, offset: int, length: int) -> None:
+        raise NotImplementedError
+
+    def discard(self, key: str, offset: int, length: int) -> None:
+        raise NotImplementedError
+
+    def resize(self, key: str, size: int) -> None:
+        raise NotImplementedError
+
+    def lose_tracking(self, key: str, change_id: str) -> None:
+        """The base `change_id` of disk `key` goes, as a lost bitmap or a deleted snapshot would."""
+        raise NotImplementedError
+
+    def tracking_state(self, job: str) -> list[str]:
+        """Whatever of the job's change tracking the source holds (empty after forget)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class MemoryVm(VmSide):
+    platform = "memory"
+    granule = 16 * KiB  # the spec's block_size (below the store's 64 KiB chunks, on purpose)
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.sizes = {"disk0": 4 * MiB, "disk1": 3 * MiB + 4 * KiB}
+        self.guest = store.create_vm("vm", self.sizes)
+
+    def spec(self) -> SourceSpec:
+        return MemorySource(platform="memory", store=self.store.name, vm="vm", block_size=self.granule)
+
+    def write(self, key: str, offset: int, data: bytes) -> None:
+        self.guest.write(key, offset, data)
+
+    def zero(self, key: str, offset: int, length: int) -> None:
+        self.guest.zero(key, offset, length)
+
+    def discard(self, key: str, offset: int, length: int) -> None:
+        self.guest.discard(key, offset, length)
+
+    def resize(self, key: str, size: int) -> None:
+        self.guest.resize(key, size)
+
+    def lose_tracking(self, key: str, change_id: str) -> None:
+        self.store.lose_tracking("vm", key)
+
+    def tracking_state(self, job: str) -> list[str]:
+        ids = [f"{k}: {c}" for k, cs in self.store.change_ids("vm").items() for c in cs if f".{job}." in c]
+        return ids + self.store.contents(f"snap/vm/{job}/")
+
+
+class KvmVm(VmSide):
+    """A running QEMU (the lab VM, no guest OS) read by the QMP source: QEMU's own pull backup."""
+
+    platform = "kvm"
+    granule = 64 * KiB  # the lab images' cluster size, and the dirty bitmaps' granularity
+
+    def __init__(self, work: Path) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="ctr-", dir="/tmp"))  # unix sockets: < 108 bytes
+        self.work = work
+        self.sizes = {"disk0": 8 * MiB, "disk1": 4 * MiB + 4 * KiB}
+        self.vm = LabVm(self.dir / "vm", list(self.sizes.values()), discard=True).start()
+
+    def spec(self) -> SourceSpec:
+        return KvmSource(platform="kvm", qmp=self.vm.qmp_path)
+
+    @staticmethod
+    def _n(key: str) -> int:
+        return int(key.removeprefix("disk"))
+
+    def write(self, key: str, offset: int, data: bytes) -> None:
+        self.vm.write(self._n(key), offset, data)
+
+    def zero(self, key: str, offset: int, length: int) -> None:
+        self.vm.write_zeroes(self._n(key), offset, length)
+
+    def discard(self, key: str, offset: int, length: int) -> None:
+        self.vm.qemu_io(self._n(key), f"discard {offset} {length}")
+
+    def resize(self, key: str, size: int) -> None:
+        self.vm.resize(self._n(key), size)
+
+    def lose_tracking(self, key: str, change_id: str) -> None:
+        with QmpClient(self.vm.qmp_path) as c:
+            c.execute("block-dirty-bitmap-remove", node=key, name=change_id)
+
+    def tracking_state(self, job: str) -> list[str]:
+        with QmpClient(self.vm.qmp_path) as c:
+            nodes = c.execute("query-named-block-nodes", flat=True)
+            left = [
+                f"{n['node-name']}: bitmap {b['name']}"
+                for n in nodes
+                for b in n.get("dirty-bitmaps", []) or []
+                if b.get("name", "").startswith((f"sendense.{job}.", f"sendense-shrink.{job}."))
+            ]
+            left += [f"export {e['id']}" for e in c.execute("query-block-exports")]
+            left += [f"job {j['id']}" for j in c.execute("query-jobs")]
+        return left + [f"file {f}" for f in (self.work / "fleece").glob("*/*")]
+
+    def close(self) -> None:
+        try:
+            self.vm.stop(timeout=10)
+        finally:
+            self.vm.kill()
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class AwsVm(VmSide):
+    """An EC2 instance of the AWS lab with two 1 GiB volumes, written through the lab's control API."""
+
+    platform = "aws"
+    granule = EBS_BLOCK
+    zero_writes_listed_as_zero = False  # EBS lists written blocks, zeros or not
+    no_discard = "EBS: the AWS lab's guest only writes (a discard reaches no EBS direct API)"
+    no_resize = "EBS volumes only grow with ModifyVolume, which the AWS source does not follow"
+
+    def __init__(self, lab: AwsLab) -> None:
+        self.lab = lab
+        self.ec2 = lab.client("ec2")
+        inst = lab.make_instance(f"c-{uuid.uuid4().hex[:6]}", [1, 1])
+        self.instance_id = inst.instance_id
+        self.volumes = {disk_key(dev): vol for dev, vol, _ in inst.volumes}
+        self.sizes = {disk_key(dev): gib << 30 for dev, _, gib in inst.volumes}
+
+    def spec(self) -> SourceSpec:
+        lab = self.lab
+        return AwsSource(
+            platform="aws", region=lab.region, endpoint_url=lab.endpoint_url, instance_id=self.instance_id
+        )
+
+    def write(self, key: str, offset: int, data: bytes) -> None:
+        self.lab.write(self.volumes[key], offset, data)
+
+    def zero(self, key: str, offset: int, length: int) -> None:
+        self.lab.write(self.volumes[key], offset, bytes(length))
+
+    def lose_tracking(self, key: str, change_id: str) -> None:
+        self.ec2.delete_snapshot(SnapshotId=change_id)
+
+    def tracking_state(self, job: str) -> list[str]:
+        f = [
+            {"Name": f"tag:{TAG_JOB}", "Values": [job]},
+            {"Name": f"tag:{TAG_ROLE}", "Values": [ROLE_SOURCE]},
+        ]
+        snaps = self.ec2.describe_snapshots(OwnerIds=["self"], Filters=f)["Snapshots"]
+        return [f"snapshot {s['SnapshotId']}" for s in snaps]
+
+
+# ------------------------------------------------------------------------------- replica sides
+
+
+class ReplicaSide:
+    platform = ""
+    block = 1  # the unit it writes in (a half-written attempt is written in it)
+    # why prune keeps the point before a held one too, if it does
+    keeps_point_before_held: str | None = None
+
+    def spec(self) -> TargetSpec:
+        raise NotImplementedError
+
+    def leftovers(self, job: str) -> list[str]:
+        """Everything of the job the target holds (points, replicas, pending writes, records)."""
+        raise NotImplementedError
+
+
+class MemoryReplicas(ReplicaSide):
+    platform = "memory"
+
+    def __init__(self, store: Store, block: int = 1) -> None:
+        self.store, self.block = store, block
+
+    def spec(self) -> TargetSpec:
+        return MemoryTarget(platform="memory", store=self.store.name, block_size=self.block)
+
+    def leftovers(self, job: str) -> list[str]:
+        return self.store.contents(f"target/{job}/")
+
+
+class KvmReplicas(ReplicaSide):
+    platform = "kvm"
+    keeps_point_before_held = (
+        "a KVM point is pruned by merging it into its successor's file (qemu-img commit), "
+        "which would rewrite the held point"
+    )
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def spec(self) -> TargetSpec:
+        return KvmTarget(platform="kvm", path=self.path)
+
+    def leftovers(self, job: str) -> list[str]:
+        d = self.path / job
+        return sorted(str(p.relative_to(d)) for p in d.rglob("*")) if d.exists() else []
+
+
+class AwsReplicas(ReplicaSide):
+    platform = "aws"
+    block = EBS_BLOCK
+
+    def __init__(self, lab: AwsLab) -> None:
+        self.lab = lab
+        self.ec2 = lab.client("ec2")
+
+    def spec(self) -> TargetSpec:
+        return AwsTarget(platform="aws", region=self.lab.region, endpoint_url=self.lab.endpoint_url)
+
+    def leftovers(self, job: str) -> list[str]:
+        """The job's target snapshots, and the target's local records but tombstones (the record that
+        a snapshot was deleted, kept while EC2 may still list it)."""
+        f = [
+            {"Name": f"tag:{TAG_JOB}", "Values": [job]},
+            {"Name": f"tag:{TAG_ROLE}", "Values": [ROLE_TARGET]},
+        ]
+        snaps = self.ec2.describe_snapshots(OwnerIds=["self"], Filters=f)["Snapshots"]
+        records = config.home() / "aws-target" / job
+        files = [f"record {p.name}" for p in records.glob("*") if not p.name.endswith(".deleted")]
+        return sorted(f"snapshot {s['SnapshotId']}" for s in snaps) + sorted(files)
+
+
+# ---------------------------------------------------------------------------------------- rig
+
+
+class Rig:
+    def __init__(self, tmp: Path, vm: VmSide, replicas: ReplicaSide) -> None:
+        self.tmp, self.vm, self.replicas = tmp, vm, replicas
+        self.job = f"c{uuid.uuid4().hex[:8]}"
+        self.work = tmp / "work"
+        self.shadows = {k: Shadow(s) for k, s in vm.sizes.items()}
+        self.keys = list(vm.sizes)
+        self._made: dict[tuple[str, str | None], Any] = {}  # connectors by (end, job)
+
+    def spec(self, job: str | None = None) -> JobSpec:
+        """The rig's job (or another job `job` between the same VM and target)."""
+        return JobSpec(name=job or self.job, source=self.vm.spec(), target=self.replicas.spec())
+
+    def source(self, job: str | None = None, *, fresh: bool = False) -> SourceConnector:
+        """The job's source connector, made once by the registry (`fresh`: a new one, as a new activity
+        in another worker would make it)."""
+        if fresh or ("source", job) not in self._made:
+            work = self.work if job is None else self.tmp / f"work-{job}"
+            self._made["source", job] = source_for(self.spec(job), work)
+        return self._made["source", job]  # type: ignore[no-any-return]
+
+    def target(self, job: str | None = None, *, fresh: bool = False) -> TargetConnector:
+        if fresh or ("target", job) not in self._made:
+            self._made["target", job] = target_for(self.spec(job))
+        return self._made["target", job]  # type: ignore[no-any-return]
+
+    # the guest's I/O, on the VM and on its shadow
+    def write(self, key: str, offset: int, length: int, byte: int) -> None:
+        self.vm.write(key, offset, bytes([byte]) * length)
+        self.shadows[key].write(offset, bytes([byte]) * length)
+
+    def zero(self, key: str, offset: int, length: int) -> None:
+        self.vm.zero(key, offset, length)
+        self.shadows[key].zero(offset, length)
+
+    def discard(self, key: str, offset: int, length: int) -> None:
+        """Whole granules only: what a partial one reads after a discard is the platform's choice."""
+        assert offset % self.vm.granule == 0 and length % self.vm.granule == 0
+        self.vm.discard(key, offset, length)
+        self.shadows[key].zero(offset, length)
+
+    def resize(self, key: str, size: int) -> None:
+        self.vm.resize(key, size)
+        self.shadows[key].resize(size)
+
+    def now(self) -> dict[str, Shadow]:
+        return {k: s.copy() for k, s in self.shadows.items()}
+
+    def sync(
+        self,
+        sync_id: str,
+        base: dict[str, str | None] | None = None,
+        *,
+        after_snapshot: Callable[[Any], None] | None = None,
+        job: str | None = None,
+    ) -> tuple[Synced, dict[str, Shadow]]:
+        """One sync (snapshot, prepare, copy_disk per disk, commit, release) with the shadows at its
+        snapshot instant; `after_snapshot(snap)` runs right after the snapshot, before the copy."""
+        at: dict[str, Shadow] = {}
+
+        def instant(snap: Any) -> None:
+            at.update(self.now())
+            if after_snapshot is not None:
+                after_snapshot(snap)
+
+        return sync_point(self.source(job), self.target(job), sync_id, base, before_copy=instant), at
+
+    def differs(self, point_id: str, shadows: dict[str, Shadow], job: str | None = None) -> list[str]:
+        """How the point's exported disks differ from `shadows` (empty: exactly equal)."""
+        out = self.tmp / f"export-{point_id}"
+        try:
+            files = dict(self.target(job).export(point_id, "raw", out))
+            if sorted(files) != sorted(shadows):
+                return [f"point {point_id} has disks {sorted(files)}, expected {sorted(shadows)}"]
+            return [
+                f"point {point_id} disk {k}: {d}" for k, p in files.items() if (d := shadows[k].differs(p))
+            ]
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+
+    def close(self) -> None:
+        self.vm.close()
