@@ -138,6 +138,9 @@ def test_abort_leaves_nothing_of_its_sync(target_rig: Rig) -> None:
     tgt.abort("s2")
     src.release_snapshot(snap, committed=False)
     assert rig.replicas.leftovers(rig.job) == before
+    for key in rig.keys:  # nothing of the sync is left to write into
+        with pytest.raises(ResourceNotFound), tgt.open_disk("s2", key):
+            pass
     assert_points(rig, {"p1": at1})
     tgt.abort("s2")  # again: no error
     tgt.abort("p1")  # a committed point's sync: nothing of the point goes
