@@ -107,7 +107,7 @@ class MemorySourceDisk:
     def _every_block(self, start: int) -> Iterator[Extent]:
         """Data blocks (read to tell) where the copy may hold data; zero ranges everywhere else."""
         pos, bs = start, self.block
-        for s, e in self.store.backend.data_ranges(self.blob, start, self.size):
+        for s, e in self.store.backend.data_ranges(self.blob, start // bs * bs, self.size):  # whole blocks
             first, last = max(s // bs, pos // bs), (e - 1) // bs
             if (last + 1) * bs <= pos:
                 continue  # its blocks were listed with the previous range's
