@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from connectors.memory.backend import Backend, BlobMissing, check_name
+from connectors.memory.handles import MemoryDisk, MemorySnapshot
 from connectors.memory.ranges import Ranges, as_json, blocks, from_json
 from connectors.memory.spec import MemorySource
 from connectors.memory.store import Store
@@ -216,12 +217,20 @@ class MemorySourceConnector:
                 frozen[key] = {"blob": blob, "size": size, "base": since, "changed": changed}
                 disks.append(
                     DiskSnapshot(
-                        key=key, size=size, change_id=cid, base_change_id=since, tracking_lost=lost, handle={}
+                        key=key,
+                        size=size,
+                        change_id=cid,
+                        base_change_id=since,
+                        tracking_lost=lost,
+                        handle=MemoryDisk(copy_of=blob).dump(),
                     )
                 )
             b.put(name, {"nonce": nonce, "change_id": cid, "disks": frozen})
         return SnapshotRef(
-            snapshot_id=snapshot_id, created_at=datetime.now(UTC), disks=disks, handle={"nonce": nonce}
+            snapshot_id=snapshot_id,
+            created_at=datetime.now(UTC),
+            disks=disks,
+            handle=MemorySnapshot(nonce=nonce).dump(),
         )
 
     def _base(
@@ -247,7 +256,8 @@ class MemorySourceConnector:
         label = f"disk {key} of snapshot {snap.snapshot_id} of {self._what()}"
         with self.store.locked() as b:
             rec = b.get(self._snap_name(snap.snapshot_id))
-        if rec is None or rec["change_id"] != d.change_id or key not in rec["disks"]:
+        copy_of = MemoryDisk.parse(d.handle).copy_of
+        if rec is None or rec["change_id"] != d.change_id or rec["disks"].get(key, {}).get("blob") != copy_of:
             raise ResourceNotFound(f"{label}: gone (released, or taken again)")
         fz = rec["disks"][key]
         changed = None if d.tracking_lost or fz["changed"] is None else from_json(fz["changed"])
