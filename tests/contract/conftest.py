@@ -1,7 +1,7 @@
 """The contract suite: every platform's connectors held to sendense.protocols, the same tests for all.
 
-- test_source_contract.py: a platform as a source (memory, kvm: a running QEMU over QMP, aws: the lab),
-  into a memory target;
+- test_source_contract.py: a platform as a source (memory; kvm: a running QEMU over QMP, and a stopped
+  VM's qcow2 images; aws: the lab), into a memory target;
 - test_target_contract.py: a platform as a target (memory, memory with whole-block writes, kvm, aws: the
   lab), from a memory VM.
 - The VM contract comes next, in test_vm_contract.py: a `vms_rig` fixture over the platforms whose
@@ -20,13 +20,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from contract.rigs import AwsReplicas, AwsVm, KvmReplicas, KvmVm, MemoryReplicas, MemoryVm, Rig
+from contract.rigs import AwsReplicas, AwsVm, KvmReplicas, KvmStoppedVm, KvmVm, MemoryReplicas, MemoryVm, Rig
 from helpers_aws import lab_in_env
 
 from connectors.memory.store import Store
 from labs.aws import AwsLab
 
-SOURCES = ["memory", "kvm", "aws"]
+SOURCES = ["memory", "kvm-qmp", "kvm-stopped", "aws"]
 TARGETS = ["memory", "memory-blocks", "kvm", "aws"]
 
 
@@ -62,7 +62,9 @@ def source_rig(request: pytest.FixtureRequest, tmp_path: Path, store: Store) -> 
         MemoryVm(store)
         if p == "memory"
         else KvmVm(tmp_path / "work")
-        if p == "kvm"
+        if p == "kvm-qmp"
+        else KvmStoppedVm(tmp_path)
+        if p == "kvm-stopped"
         else AwsVm(request.getfixturevalue("contract_aws_lab"))
     )
     rig = Rig(tmp_path, vm, MemoryReplicas(store))

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from contract.shadow import Shadow
-from helpers_kvm import KiB, MiB, Synced, sync_point
+from helpers_kvm import KiB, MiB, Synced, all_bitmap_names, make_qcow2, qemu_io, run, sync_point, virtual_size
 
 from connectors.aws.blocks import BLOCK as EBS_BLOCK
 from connectors.aws.source import disk_key
@@ -49,6 +49,9 @@ class VmSide:
     zero_writes_listed_as_zero = True  # False: a zero write is listed as a data block of zeros
     no_discard: str | None = None  # why its guest cannot discard, if it cannot
     no_resize: str | None = None  # why its disks cannot be resized under the source, if they cannot
+    # why a write after the snapshot makes its copy refuse the snapshot (SnapshotInconsistent, the
+    # workflow takes a new one) instead of reading the instant, if it does
+    refuses_writes_after_snapshot: str | None = None
     sizes: dict[str, int]
 
     def spec(self) -> SourceSpec:
@@ -164,6 +167,50 @@ class KvmVm(VmSide):
         finally:
             self.vm.kill()
             shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class KvmStoppedVm(VmSide):
+    """A stopped VM's qcow2 images, written with qemu-io, tracked by persistent bitmaps in the images."""
+
+    platform = "kvm"
+    granule = 64 * KiB  # cluster size and bitmap granularity of helpers_kvm.make_qcow2's images
+    refuses_writes_after_snapshot = (
+        "a stopped VM's images are read in place: a write after the snapshot makes the copy refuse it "
+        "(SnapshotInconsistent) and the workflow take a new snapshot at once"
+    )
+
+    def __init__(self, base: Path) -> None:
+        self.sizes = {"disk0": 8 * MiB, "disk1": 4 * MiB + 4 * KiB}
+        self.paths = {k: make_qcow2(base / f"{k}.qcow2", s) for k, s in self.sizes.items()}
+
+    def spec(self) -> SourceSpec:
+        return KvmSource(platform="kvm", disks=list(self.paths.values()))
+
+    def write(self, key: str, offset: int, data: bytes) -> None:
+        assert len(set(data)) == 1, "qemu-io writes a pattern byte"
+        qemu_io(self.paths[key], f"write -P 0x{data[0]:02x} {offset} {len(data)}")
+
+    def zero(self, key: str, offset: int, length: int) -> None:
+        qemu_io(self.paths[key], f"write -z {offset} {length}")
+
+    def discard(self, key: str, offset: int, length: int) -> None:
+        qemu_io(self.paths[key], f"discard {offset} {length}")
+
+    def resize(self, key: str, size: int) -> None:
+        shrink = ["--shrink"] if size < virtual_size(self.paths[key]) else []
+        run("qemu-img", "resize", "-q", *shrink, self.paths[key], size)
+
+    def lose_tracking(self, key: str, change_id: str) -> None:
+        run("qemu-img", "bitmap", "--remove", self.paths[key], change_id)
+
+    def tracking_state(self, job: str) -> list[str]:
+        mine = (f"sendense.{job}.", f"sendense-shrink.{job}.")
+        return [
+            f"{k}: bitmap {b}"
+            for k, p in self.paths.items()
+            for b in all_bitmap_names(p)
+            if b.startswith(mine)
+        ]
 
 
 class AwsVm(VmSide):
