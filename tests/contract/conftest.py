@@ -9,8 +9,8 @@
   create a VM -> boot check -> destroy_vm, after which `list_vms()` is empty and the rig's `leftovers`
   are what they were before the VM.
 
-Rigs (rigs.py) say what a platform cannot do; tests skip that combination with the reason. The AWS lab
-is started once per session (a few seconds), each KVM VM per test (a fraction of a second).
+Rigs (rigs.py, sides.py) say what a platform cannot do; tests skip that combination with the reason.
+The AWS lab is started once per session (a few seconds), each KVM VM per test (a fraction of a second).
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from contract.rigs import AwsReplicas, AwsVm, KvmReplicas, KvmStoppedVm, KvmVm, MemoryReplicas, MemoryVm, Rig
+from contract.rigs import Rig
+from contract.sides import AwsReplicas, AwsVm, KvmReplicas, KvmStoppedVm, KvmVm, MemoryReplicas, MemoryVm
 from helpers_aws import lab_in_env
 
 from connectors.memory.store import Store

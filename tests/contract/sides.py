@@ -1,0 +1,311 @@
+"""The two ends of a contract rig: VMs of each platform as their guests write them, and each platform's
+replica store with what it holds of a job (rigs.py puts one of each together)."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+from helpers_kvm import KiB, MiB, all_bitmap_names, make_qcow2, qemu_io, run, virtual_size
+
+from connectors.aws.blocks import BLOCK as EBS_BLOCK
+from connectors.aws.source import disk_key
+from connectors.aws.spec import AwsSource, AwsTarget
+from connectors.aws.tags import ROLE_SOURCE, ROLE_TARGET, TAG_JOB, TAG_ROLE
+from connectors.kvm.spec import KvmSource, KvmTarget
+from connectors.memory.spec import MemorySource, MemoryTarget
+from connectors.memory.store import Store
+from labs.aws import AwsLab
+from labs.kvm.vm import LabVm
+from sendense import config
+from sendense.models import SourceSpec, TargetSpec
+from tools.qmp import QmpClient
+
+# ------------------------------------------------------------------------------------ VM sides
+
+
+class VmSide:
+    """A VM of one platform, written to as its guest would; `sizes` are its disks in order."""
+
+    platform = ""
+    granule = 1  # change tracking's unit: an incremental lists whole granules
+    zero_writes_listed_as_zero = True  # False: a zero write is listed as a data block of zeros
+    no_discard: str | None = None  # why its guest cannot discard, if it cannot
+    no_resize: str | None = None  # why its disks cannot be resized under the source, if they cannot
+    # why a write after the snapshot makes its copy refuse the snapshot (SnapshotInconsistent, the
+    # workflow takes a new one) instead of reading the instant, if it does
+    refuses_writes_after_snapshot: str | None = None
+    sizes: dict[str, int]
+
+    def spec(self) -> SourceSpec:
+        raise NotImplementedError
+
+    def write(self, key: str, offset: int, data: bytes) -> None:
+        raise NotImplementedError
+
+    def zero(self, key: str, offset: int, length: int) -> None:
+        raise NotImplementedError
+
+    def discard(self, key: str, offset: int, length: int) -> None:
+        raise NotImplementedError
+
+    def resize(self, key: str, size: int) -> None:
+        raise NotImplementedError
+
+    def lose_tracking(self, key: str, change_id: str) -> None:
+        """The base `change_id` of disk `key` goes, as a lost bitmap or a deleted snapshot would."""
+        raise NotImplementedError
+
+    def tracking_state(self, job: str) -> list[str]:
+        """Whatever of the job's change tracking the source holds (empty after forget)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class MemoryVm(VmSide):
+    platform = "memory"
+    granule = 16 * KiB  # the spec's block_size (below the store's 64 KiB chunks, on purpose)
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.sizes = {"disk0": 4 * MiB, "disk1": 3 * MiB + 4 * KiB}
+        self.guest = store.create_vm("vm", self.sizes)
+
+    def spec(self) -> SourceSpec:
+        return MemorySource(platform="memory", store=self.store.name, vm="vm", block_size=self.granule)
+
+    def write(self, key: str, offset: int, data: bytes) -> None:
+        self.guest.write(key, offset, data)
+
+    def zero(self, key: str, offset: int, length: int) -> None:
+        self.guest.zero(key, offset, length)
+
+    def discard(self, key: str, offset: int, length: int) -> None:
+        self.guest.discard(key, offset, length)
+
+    def resize(self, key: str, size: int) -> None:
+        self.guest.resize(key, size)
+
+    def lose_tracking(self, key: str, change_id: str) -> None:
+        self.store.lose_tracking("vm", key)
+
+    def tracking_state(self, job: str) -> list[str]:
+        ids = [f"{k}: {c}" for k, cs in self.store.change_ids("vm").items() for c in cs if f".{job}." in c]
+        return ids + self.store.contents(f"snap/vm/{job}/")
+
+
+class KvmVm(VmSide):
+    """A running QEMU (the lab VM, no guest OS) read by the QMP source: QEMU's own pull backup."""
+
+    platform = "kvm"
+    granule = 64 * KiB  # the lab images' cluster size, and the dirty bitmaps' granularity
+
+    def __init__(self, work: Path) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="ctr-", dir="/tmp"))  # unix sockets: < 108 bytes
+        self.work = work
+        self.sizes = {"disk0": 8 * MiB, "disk1": 4 * MiB + 4 * KiB}
+        self.vm = LabVm(self.dir / "vm", list(self.sizes.values()), discard=True).start()
+
+    def spec(self) -> SourceSpec:
+        return KvmSource(platform="kvm", qmp=self.vm.qmp_path)
+
+    @staticmethod
+    def _n(key: str) -> int:
+        return int(key.removeprefix("disk"))
+
+    def write(self, key: str, offset: int, data: bytes) -> None:
+        self.vm.write(self._n(key), offset, data)
+
+    def zero(self, key: str, offset: int, length: int) -> None:
+        self.vm.write_zeroes(self._n(key), offset, length)
+
+    def discard(self, key: str, offset: int, length: int) -> None:
+        self.vm.qemu_io(self._n(key), f"discard {offset} {length}")
+
+    def resize(self, key: str, size: int) -> None:
+        self.vm.resize(self._n(key), size)
+
+    def lose_tracking(self, key: str, change_id: str) -> None:
+        with QmpClient(self.vm.qmp_path) as c:
+            c.execute("block-dirty-bitmap-remove", node=key, name=change_id)
+
+    def tracking_state(self, job: str) -> list[str]:
+        with QmpClient(self.vm.qmp_path) as c:
+            nodes = c.execute("query-named-block-nodes", flat=True)
+            left = [
+                f"{n['node-name']}: bitmap {b['name']}"
+                for n in nodes
+                for b in n.get("dirty-bitmaps", []) or []
+                if b.get("name", "").startswith((f"sendense.{job}.", f"sendense-shrink.{job}."))
+            ]
+            left += [f"export {e['id']}" for e in c.execute("query-block-exports")]
+            left += [f"job {j['id']}" for j in c.execute("query-jobs")]
+        return left + [f"file {f}" for f in (self.work / "fleece").glob("*/*")]
+
+    def close(self) -> None:
+        try:
+            self.vm.stop(timeout=10)
+        finally:
+            self.vm.kill()
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class KvmStoppedVm(VmSide):
+    """A stopped VM's qcow2 images, written with qemu-io, tracked by persistent bitmaps in the images."""
+
+    platform = "kvm"
+    granule = 64 * KiB  # cluster size and bitmap granularity of helpers_kvm.make_qcow2's images
+    refuses_writes_after_snapshot = (
+        "a stopped VM's images are read in place: a write after the snapshot makes the copy refuse it "
+        "(SnapshotInconsistent) and the workflow take a new snapshot at once"
+    )
+
+    def __init__(self, base: Path) -> None:
+        self.sizes = {"disk0": 8 * MiB, "disk1": 4 * MiB + 4 * KiB}
+        self.paths = {k: make_qcow2(base / f"{k}.qcow2", s) for k, s in self.sizes.items()}
+
+    def spec(self) -> SourceSpec:
+        return KvmSource(platform="kvm", disks=list(self.paths.values()))
+
+    def write(self, key: str, offset: int, data: bytes) -> None:
+        assert len(set(data)) == 1, "qemu-io writes a pattern byte"
+        qemu_io(self.paths[key], f"write -P 0x{data[0]:02x} {offset} {len(data)}")
+
+    def zero(self, key: str, offset: int, length: int) -> None:
+        qemu_io(self.paths[key], f"write -z {offset} {length}")
+
+    def discard(self, key: str, offset: int, length: int) -> None:
+        qemu_io(self.paths[key], f"discard {offset} {length}")
+
+    def resize(self, key: str, size: int) -> None:
+        shrink = ["--shrink"] if size < virtual_size(self.paths[key]) else []
+        run("qemu-img", "resize", "-q", *shrink, self.paths[key], size)
+
+    def lose_tracking(self, key: str, change_id: str) -> None:
+        run("qemu-img", "bitmap", "--remove", self.paths[key], change_id)
+
+    def tracking_state(self, job: str) -> list[str]:
+        mine = (f"sendense.{job}.", f"sendense-shrink.{job}.")
+        return [
+            f"{k}: bitmap {b}"
+            for k, p in self.paths.items()
+            for b in all_bitmap_names(p)
+            if b.startswith(mine)
+        ]
+
+
+class AwsVm(VmSide):
+    """An EC2 instance of the AWS lab with two 1 GiB volumes, written through the lab's control API."""
+
+    platform = "aws"
+    granule = EBS_BLOCK
+    zero_writes_listed_as_zero = False  # EBS lists written blocks, zeros or not
+    no_discard = "EBS: the AWS lab's guest only writes (a discard reaches no EBS direct API)"
+    no_resize = "EBS volumes only grow with ModifyVolume, which the AWS source does not follow"
+
+    def __init__(self, lab: AwsLab) -> None:
+        self.lab = lab
+        self.ec2 = lab.client("ec2")
+        inst = lab.make_instance(f"c-{uuid.uuid4().hex[:6]}", [1, 1])
+        self.instance_id = inst.instance_id
+        self.volumes = {disk_key(dev): vol for dev, vol, _ in inst.volumes}
+        self.sizes = {disk_key(dev): gib << 30 for dev, _, gib in inst.volumes}
+
+    def spec(self) -> SourceSpec:
+        lab = self.lab
+        return AwsSource(
+            platform="aws", region=lab.region, endpoint_url=lab.endpoint_url, instance_id=self.instance_id
+        )
+
+    def write(self, key: str, offset: int, data: bytes) -> None:
+        self.lab.write(self.volumes[key], offset, data)
+
+    def zero(self, key: str, offset: int, length: int) -> None:
+        self.lab.write(self.volumes[key], offset, bytes(length))
+
+    def lose_tracking(self, key: str, change_id: str) -> None:
+        self.ec2.delete_snapshot(SnapshotId=change_id)
+
+    def tracking_state(self, job: str) -> list[str]:
+        f = [
+            {"Name": f"tag:{TAG_JOB}", "Values": [job]},
+            {"Name": f"tag:{TAG_ROLE}", "Values": [ROLE_SOURCE]},
+        ]
+        snaps = self.ec2.describe_snapshots(OwnerIds=["self"], Filters=f)["Snapshots"]
+        return [f"snapshot {s['SnapshotId']}" for s in snaps]
+
+
+# ------------------------------------------------------------------------------- replica sides
+
+
+class ReplicaSide:
+    platform = ""
+    block = 1  # the unit it writes in (a half-written attempt is written in it)
+    # why prune keeps the point before a held one too, if it does
+    keeps_point_before_held: str | None = None
+
+    def spec(self) -> TargetSpec:
+        raise NotImplementedError
+
+    def leftovers(self, job: str) -> list[str]:
+        """Everything of the job the target holds (points, replicas, pending writes, records)."""
+        raise NotImplementedError
+
+
+class MemoryReplicas(ReplicaSide):
+    platform = "memory"
+
+    def __init__(self, store: Store, block: int = 1) -> None:
+        self.store, self.block = store, block
+
+    def spec(self) -> TargetSpec:
+        return MemoryTarget(platform="memory", store=self.store.name, block_size=self.block)
+
+    def leftovers(self, job: str) -> list[str]:
+        return self.store.contents(f"target/{job}/")
+
+
+class KvmReplicas(ReplicaSide):
+    platform = "kvm"
+    keeps_point_before_held = (
+        "a KVM point is pruned by merging it into its successor's file (qemu-img commit), "
+        "which would rewrite the held point"
+    )
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def spec(self) -> TargetSpec:
+        return KvmTarget(platform="kvm", path=self.path)
+
+    def leftovers(self, job: str) -> list[str]:
+        d = self.path / job
+        return sorted(str(p.relative_to(d)) for p in d.rglob("*")) if d.exists() else []
+
+
+class AwsReplicas(ReplicaSide):
+    platform = "aws"
+    block = EBS_BLOCK
+
+    def __init__(self, lab: AwsLab) -> None:
+        self.lab = lab
+        self.ec2 = lab.client("ec2")
+
+    def spec(self) -> TargetSpec:
+        return AwsTarget(platform="aws", region=self.lab.region, endpoint_url=self.lab.endpoint_url)
+
+    def leftovers(self, job: str) -> list[str]:
+        """The job's target snapshots, and the target's local records but tombstones (the record that
+        a snapshot was deleted, kept while EC2 may still list it)."""
+        f = [
+            {"Name": f"tag:{TAG_JOB}", "Values": [job]},
+            {"Name": f"tag:{TAG_ROLE}", "Values": [ROLE_TARGET]},
+        ]
+        snaps = self.ec2.describe_snapshots(OwnerIds=["self"], Filters=f)["Snapshots"]
+        records = config.home() / "aws-target" / job
+        files = [f"record {p.name}" for p in records.glob("*") if not p.name.endswith(".deleted")]
+        return sorted(f"snapshot {s['SnapshotId']}" for s in snaps) + sorted(files)
