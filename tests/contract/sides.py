@@ -230,6 +230,10 @@ class AwsVm(VmSide):
     def lose_tracking(self, key: str, change_id: str) -> None:
         self.ec2.delete_snapshot(SnapshotId=change_id)
 
+    def close(self) -> None:
+        """The lab runs a QEMU per running instance: terminate it (its volumes go with it)."""
+        self.ec2.terminate_instances(InstanceIds=[self.instance_id])
+
     def tracking_state(self, job: str) -> list[str]:
         f = [
             {"Name": f"tag:{TAG_JOB}", "Values": [job]},
