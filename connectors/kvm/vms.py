@@ -234,6 +234,10 @@ class KvmVms:
             if left:
                 more = f" and {len(left) - 1} more" if len(left) > 1 else ""
                 raise TargetError(f"destroy of VM {name}: could not remove {left[0]}{more}")
+            try:  # the job's last VM: its vms/ directory goes too (nothing of the VMs stays)
+                paths.state.parent.rmdir()
+            except OSError:
+                pass  # other VMs remain (or it was never there)
         log.info("job %s: VM %s destroyed", self.job, name)
 
     # ------------------------------------------------------------------ power
