@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from connectors.aws.client import Aws, aws_call, error_code
+from connectors.aws.client import Aws, aws_call, error_code, is_not_found
 from sendense.errors import ChangeTrackingLost, DataPathError
 
 BLOCK = 512 * 1024
@@ -60,6 +61,10 @@ def list_changed(
 ) -> Iterator[tuple[int, str | None]]:
     """(index, token in `second` or None) of every block that differs between two snapshots of one
     lineage, from block `start`, in index order."""
+    if not re.match(r"^snap-[0-9a-f]+\Z", first):
+        raise ChangeTrackingLost(
+            f"change id {first!r} is not an EBS snapshot id: no changes can be listed since it"
+        )
     kw: dict[str, Any] = {
         "FirstSnapshotId": first,
         "SecondSnapshotId": second,
@@ -75,6 +80,8 @@ def list_changed(
                     raise ChangeTrackingLost(
                         f"snapshots {first} and {second} are of different volumes"
                     ) from None
+                if is_not_found(e):  # (`second` is this sync's own snapshot, open: the base is what is gone)
+                    raise ChangeTrackingLost(f"base snapshot {first} is gone") from None
                 raise
         for b in page.get("ChangedBlocks", []):
             yield b["BlockIndex"], b.get("SecondBlockToken")
