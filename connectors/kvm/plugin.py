@@ -24,7 +24,7 @@ def _target(spec: KvmTarget, job: str, job_id: str) -> TargetConnector:
 def _vms(spec: KvmTarget, job: str, job_id: str) -> VmProvisioner:
     from connectors.kvm.vms import KvmVms
 
-    return KvmVms(job, spec.path, job_id)
+    return KvmVms(job, spec.path, job_id, libvirt_uri=spec.libvirt.uri if spec.libvirt else None)
 
 
 PLATFORM = Platform(

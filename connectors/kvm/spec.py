@@ -4,10 +4,11 @@ domain (source), and a directory of qcow2 replicas (target)."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Literal, Self
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from sendense.models import SourceSpec, Strict, TargetSpec, resolve_path
 
@@ -17,6 +18,24 @@ KVM_CREDENTIALS = "the agent reaches QEMU and libvirt as its own user (for libvi
 class LibvirtDomain(Strict):
     uri: str = Field(description="libvirt connection URI, e.g. qemu:///system")
     domain: str = Field(description="domain name")
+
+
+class LibvirtConnection(Strict):
+    """The libvirt a KVM target makes its VMs on: they are libvirt domains there, not bare QEMU."""
+
+    uri: str = Field(description="libvirt connection URI, e.g. qemu:///system")
+
+    @field_validator("uri")
+    @classmethod
+    def _no_secrets(cls, uri: str) -> str:
+        scheme, sep, rest = uri.partition("://")
+        if not sep or not re.fullmatch(r"[a-z][a-z0-9+.-]*", scheme):
+            raise ValueError(
+                "not a libvirt URI (driver[+transport]://[user@][host]/path, e.g. qemu:///system)"
+            )
+        if ":" in rest.partition("/")[0].rpartition("@")[0]:  # user:password@host
+            raise ValueError("the URI carries a password: give the agent ssh keys instead")
+        return uri
 
 
 class KvmNic(Strict):
@@ -95,6 +114,9 @@ class KvmTarget(TargetSpec):
 
     platform: Literal["kvm"]
     path: Path = Field(description="directory that holds the replicas and recovery points")
+    libvirt: LibvirtConnection | None = Field(
+        default=None, description="VMs from points as domains of this libvirt (default: bare QEMU processes)"
+    )
 
     credentials_hint = KVM_CREDENTIALS
 

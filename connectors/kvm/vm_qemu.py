@@ -22,14 +22,13 @@ import select
 import shutil
 import signal
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 
-from connectors.kvm.vm_state import VmPaths
+from connectors.kvm.vm_state import Disk, Nic, VmPaths, VmRecord
 from sendense.errors import InvalidSpec, SendenseError, TargetError
 from sendense.models import NicInfo
 from tools.boot import accelerator
-from tools.qemu import tool
+from tools.qemu import fits_unix_socket, tool
 from tools.qmp import QmpClient
 
 ISOLATED = "sendense-isolated"  # the test network: QEMU's user network with restrict=on (no way out)
@@ -43,21 +42,6 @@ OVMF = [
     (Path("/usr/share/edk2/ovmf/OVMF_CODE.fd"), Path("/usr/share/edk2/ovmf/OVMF_VARS.fd")),
 ]
 MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
-
-
-@dataclass(frozen=True)
-class Disk:
-    key: str
-    overlay: Path
-    bus: str  # one of BUSES
-    boot: int  # bootindex, 1 first
-
-
-@dataclass(frozen=True)
-class Nic:
-    mac: str
-    model: str  # a QEMU device
-    bridge: str | None  # None: the isolated user network
 
 
 def ovmf(name: str) -> tuple[Path, Path]:
@@ -171,6 +155,61 @@ def check_buses(name: str, disks: list[Disk]) -> None:
     for bus, most in limits.items():
         if sum(d.bus == bus for d in disks) > most:
             raise InvalidSpec(f"VM {name}: at most {most} disks on bus {bus}")
+
+
+# ------------------------------------------------------------------------------------------ backend
+
+
+class QemuBackend:
+    """vm_state.Backend: the VM is a daemonized QEMU of its own (the functions below)."""
+
+    def __init__(self, runtime_base: Path, stop_timeout: float) -> None:
+        self.runtime_base, self.stop_timeout = runtime_base, stop_timeout  # QMP quit, then SIGKILL
+
+    def check(self, paths: VmPaths, name: str, mode: str, nics: list[NicInfo], disks: list[Disk]) -> None:
+        check_buses(name, disks)
+        if not (fits_unix_socket(paths.qmp) and fits_unix_socket(paths.qga)):
+            raise TargetError(
+                f"VM {name}: runtime directory {self.runtime_base} is too deep for unix sockets "
+                "(107 bytes); give the provisioner a shorter one"
+            )
+
+    def define(self, paths: VmPaths, record: VmRecord, disks: list[Disk], nics: list[Nic]) -> None:
+        pass  # nothing exists outside the state directory until the VM runs
+
+    def running(self, paths: VmPaths, uuid: str | None) -> bool:
+        return find(paths, uuid) is not None
+
+    def started_at(self, paths: VmPaths) -> float | None:
+        try:
+            return paths.pidfile.stat().st_mtime  # QEMU wrote it when it started
+        except FileNotFoundError:
+            return None
+
+    def start(self, paths: VmPaths, record: VmRecord, disks: list[Disk], nics: list[Nic]) -> None:
+        plan = record.plan
+        uefi = plan.firmware == "uefi"
+        cmd = command(paths, record.uuid, plan.cpus, plan.memory_mib, uefi, disks, nics)
+        if uefi:
+            copy_efivars(paths)
+        try:
+            add_taps(paths, nics)
+            start(paths, cmd)
+        except BaseException:
+            if find(paths, record.uuid) is None:  # nothing runs: nothing may stay on a bridge
+                remove_taps(paths)
+            raise
+
+    def stop(self, paths: VmPaths, uuid: str | None) -> None:
+        pid = find(paths, uuid)
+        if pid is not None:
+            stop(paths, pid, uuid, self.stop_timeout)
+        remove_taps(paths)
+        for f in (paths.qmp, paths.qga, paths.pidfile):
+            f.unlink(missing_ok=True)
+
+    def remove(self, paths: VmPaths, uuid: str | None) -> None:
+        self.stop(paths, uuid)
 
 
 # ------------------------------------------------------------------------------------------ process

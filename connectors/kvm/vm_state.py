@@ -15,6 +15,10 @@ of the VM's state directory: unix socket paths are limited to 107 bytes and a jo
 deep. The runtime directory is named in the record and can be derived again without it, so a VM whose
 record was never written (a create killed early) is still found and removed.
 
+How a VM runs is its backend's (`Backend`): a bare daemonized QEMU (`vm_qemu.QemuBackend`) or a libvirt
+domain (`vm_libvirt.LibvirtBackend`); the files above are the same for both (a libvirt domain has no
+qemu.pid or sockets of ours: libvirt keeps its own).
+
 `backed_files` is what the target's prune asks: which point files a VM's overlay backs, whether the VM
 runs or not (a running VM also holds QEMU's image lock on them; a stopped one holds nothing).
 """
@@ -27,11 +31,12 @@ import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from sendense.errors import SendenseError
-from sendense.models import VmPlan
+from sendense.models import NicInfo, VmPlan
 from tools.qemu import is_qcow2, read_qcow2_header
 
 RECORD = "vm.json"
@@ -156,3 +161,47 @@ def backed_files(job_dir: Path) -> dict[Path, list[str]]:
 def vm_names(job_dir: Path) -> list[str]:
     root = vms_dir(job_dir)
     return sorted(d.name for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
+
+
+@dataclass(frozen=True)
+class Disk:
+    key: str
+    overlay: Path
+    bus: str  # virtio, scsi, sata, ide, nvme
+    boot: int  # boot order, 1 first
+
+
+@dataclass(frozen=True)
+class Nic:
+    mac: str
+    model: str  # a QEMU device
+    bridge: str | None  # None: the isolated test network
+
+
+class Backend(Protocol):
+    """What runs a VM from its overlays. Every method is idempotent; `uuid` is None when the VM's record
+    is gone (a create cut short): the backend then finds what it made by the VM's paths alone."""
+
+    def check(self, paths: VmPaths, name: str, mode: str, nics: list[NicInfo], disks: list[Disk]) -> None:
+        """Refuse (one line) what this backend cannot make, before anything is written."""
+        ...
+
+    def define(self, paths: VmPaths, record: VmRecord, disks: list[Disk], nics: list[Nic]) -> None:
+        """Make the VM known to whatever runs it (nothing for a bare QEMU). Undo: `remove`."""
+        ...
+
+    def running(self, paths: VmPaths, uuid: str | None) -> bool: ...
+
+    def started_at(self, paths: VmPaths) -> float | None:
+        """When the VM's current run started (epoch seconds), if it is known."""
+        ...
+
+    def start(self, paths: VmPaths, record: VmRecord, disks: list[Disk], nics: list[Nic]) -> None: ...
+
+    def stop(self, paths: VmPaths, uuid: str | None) -> None:
+        """Hard stop; stopped already: nothing."""
+        ...
+
+    def remove(self, paths: VmPaths, uuid: str | None) -> None:
+        """Stop, and remove whatever is outside the VM's state directory (taps, the libvirt domain)."""
+        ...

@@ -1,15 +1,18 @@
 """VMs from recovery points on a KVM target (sendense.protocols.VmProvisioner): a drill's test VM or a
-failover's VM, as a bare QEMU process on the host that holds the replicas.
+failover's VM, as a bare QEMU process on the host that holds the replicas, or as a libvirt domain there
+when the target names a libvirt connection (`KvmTarget.libvirt`).
 
 A VM is an overlay per disk on the point's files (which QEMU only reads), its state kept under the job
 directory (`vm_state`), its process daemonized so that it outlives the agent that started it
-(`vm_qemu`). Every verb is idempotent by the VM's name; `destroy_vm(name)` undoes `create_vm` and
+(`vm_qemu`) or owned by libvirt (`vm_libvirt`): the backend (`vm_state.Backend`) is the only
+difference. Every verb is idempotent by the VM's name; `destroy_vm(name)` undoes `create_vm` and
 whatever a half-done `create_vm` or `power_on` left, and `power_off` undoes `power_on`. The target's
 prune keeps a point that a VM's overlay backs, running or not (on top of the caller's hold).
 
-Libvirt-managed hosts (a libvirt domain instead of a bare QEMU: `virsh define` from the same plan, the
-domain's console log and `domstate`) are not covered here: a separate provisioner, for hosts where
-libvirt owns the VMs.
+Under libvirt, `create_vm` defines a persistent domain `sendense-<job>-<name>` (its uuid the record's),
+`power_on` starts it, `power_off` shuts it down (destroy when that does not finish), `destroy_vm`
+destroys and undefines it; its serial console is logged to the same console file, so the boot check
+and `console` read it as they do a bare QEMU's.
 """
 
 from __future__ import annotations
@@ -27,7 +30,10 @@ from pathlib import Path
 from connectors.kvm import vm_qemu
 from connectors.kvm.jobdir import check_place
 from connectors.kvm.target import KvmTarget
+from connectors.kvm.vm_qemu import QemuBackend
 from connectors.kvm.vm_state import (
+    Backend,
+    Disk,
     VmPaths,
     VmRecord,
     backing_path,
@@ -40,7 +46,7 @@ from connectors.kvm.vm_state import (
 from sendense.errors import InvalidSpec, ResourceNotFound, ResourceUnavailable, TargetError
 from sendense.models import BootCheck, NetworkInfo, PointInfo, VmPlan, VmRef
 from tools.exports import safe_key
-from tools.qemu import fits_unix_socket, qemu_img
+from tools.qemu import qemu_img
 from tools.qmp import QmpClient
 
 log = logging.getLogger(__name__)
@@ -70,11 +76,19 @@ class KvmVms:
         *,
         runtime_dir: Path | None = None,
         stop_timeout: float = 10.0,
+        libvirt_uri: str | None = None,
     ) -> None:
         self.target = KvmTarget(job, root, job_id)
         self.job, self.job_id = job, job_id
         self.runtime_base = runtime_dir or default_runtime_base()
-        self.stop_timeout = stop_timeout  # QMP quit, then SIGKILL
+        self.stop_timeout = stop_timeout  # QMP quit (libvirt: shutdown), then SIGKILL (destroy)
+        self.backend: Backend
+        if libvirt_uri is None:
+            self.backend = QemuBackend(self.runtime_base, stop_timeout)
+        else:
+            from connectors.kvm.vm_libvirt import LibvirtBackend  # libvirt's bindings only when used
+
+            self.backend = LibvirtBackend(libvirt_uri, job, job_id, stop_timeout)
 
     # ------------------------------------------------------------------ helpers
 
@@ -114,9 +128,9 @@ class KvmVms:
     def _ref(self, paths: VmPaths, rec: VmRecord | None) -> VmRef:
         if rec is None:
             return VmRef(name=paths.name, platform="kvm", point_id="", mode="test", state="incomplete")
-        pid = vm_qemu.find(paths, rec.uuid)
+        running = self.backend.running(paths, rec.uuid)
         complete = all((paths.state / f).exists() for f in rec.overlays.values())
-        state = "running" if pid else "stopped" if complete else "incomplete"
+        state = "running" if running else "stopped" if complete else "incomplete"
         plan = rec.plan
         return VmRef(name=plan.name, platform=self.platform, point_id=plan.point_id, mode=plan.mode,
                      vm_id=rec.uuid, state=state)  # fmt: skip
@@ -140,9 +154,9 @@ class KvmVms:
         ordered = sorted(chosen, key=lambda d: d.boot_order if d.boot_order is not None else 1 << 30)
         return [(d.key, d.bus or "virtio") for d in ordered]  # sorted() is stable: ties keep the plan's order
 
-    def _disks(self, paths: VmPaths, rec: VmRecord, point: PointInfo) -> list[vm_qemu.Disk]:
+    def _disks(self, paths: VmPaths, rec: VmRecord, point: PointInfo) -> list[Disk]:
         return [
-            vm_qemu.Disk(key, paths.state / rec.overlays[key], bus, n)
+            Disk(key, paths.state / rec.overlays[key], bus, n)
             for n, (key, bus) in enumerate(self._layout(rec.plan, point), 1)
         ]
 
@@ -171,21 +185,20 @@ class KvmVms:
                 point = self.target.get_point(plan.point_id)
                 for key, file in rec.overlays.items():
                     self._overlay(plan, point, key, paths.state / file)
+            nic_list = vm_qemu.nics(plan.name, plan.mode, plan.nics, plan.network_map)
+            self.backend.define(paths, rec, self._disks(paths, rec, point), nic_list)
         log.info("job %s: VM %s made from point %s (%s)", self.job, plan.name, plan.point_id, plan.mode)
         return self._ref(paths, rec)
 
     def _new_record(self, plan: VmPlan, point: PointInfo, paths: VmPaths) -> VmRecord:
         """Everything a plan can be refused for, checked before anything is written."""
         layout = self._layout(plan, point)
-        vm_qemu.check_buses(plan.name, [vm_qemu.Disk(k, Path(), b, 0) for k, b in layout])
+        disks = [Disk(k, Path(), b, n) for n, (k, b) in enumerate(layout, 1)]
+        vm_qemu.check_buses(plan.name, disks)
         if plan.firmware == "uefi":
             vm_qemu.ovmf(plan.name)
         vm_qemu.nics(plan.name, plan.mode, plan.nics, plan.network_map)
-        if not (fits_unix_socket(paths.qmp) and fits_unix_socket(paths.qga)):
-            raise TargetError(
-                f"VM {plan.name}: runtime directory {self.runtime_base} is too deep for unix sockets "
-                "(107 bytes); give the provisioner a shorter one"
-            )
+        self.backend.check(paths, plan.name, plan.mode, plan.nics, disks)
         return VmRecord(
             plan=plan, uuid=str(uuid.uuid4()), run_dir=str(paths.run), disks=[k for k, _ in layout],
             overlays={k: f"{safe_key(k)}.qcow2" for k, _ in layout},
@@ -215,11 +228,7 @@ class KvmVms:
         paths = self.files(name)
         with self._locked() as any_vms:
             rec = read_record(paths) if any_vms else None
-            uid = rec.uuid if rec else None
-            pid = vm_qemu.find(paths, uid)
-            if pid is not None:
-                vm_qemu.stop(paths, pid, uid, self.stop_timeout)
-            vm_qemu.remove_taps(paths)
+            self.backend.remove(paths, rec.uuid if rec else None)
             left: list[str] = []
             for d in (paths.run, paths.state):
                 if d.exists():
@@ -246,7 +255,7 @@ class KvmVms:
         """Start the VM (running already: no error). Undo: power_off(name)."""
         with self._locked():
             paths, rec = self._load(name)
-            if vm_qemu.find(paths, rec.uuid) is not None:
+            if self.backend.running(paths, rec.uuid):
                 return self._ref(paths, rec)
             plan = rec.plan
             missing = [k for k, f in rec.overlays.items() if not (paths.state / f).exists()]
@@ -258,56 +267,36 @@ class KvmVms:
                     raise TargetError(f"VM {name}: disk {key}: its point's file {backing} is gone")
             point = self.target.get_point(plan.point_id)
             nic_list = vm_qemu.nics(name, plan.mode, plan.nics, plan.network_map)
-            uefi = plan.firmware == "uefi"
-            cmd = vm_qemu.command(
-                paths, rec.uuid, plan.cpus, plan.memory_mib, uefi, self._disks(paths, rec, point), nic_list
-            )
-            if uefi:
-                vm_qemu.copy_efivars(paths)
-            try:
-                vm_qemu.add_taps(paths, nic_list)
-                vm_qemu.start(paths, cmd)
-            except BaseException:
-                if vm_qemu.find(paths, rec.uuid) is None:  # nothing runs: nothing may stay on a bridge
-                    vm_qemu.remove_taps(paths)
-                raise
+            self.backend.start(paths, rec, self._disks(paths, rec, point), nic_list)
             log.info("job %s: VM %s powered on (%s)", self.job, name, plan.mode)
             return self._ref(paths, rec)
 
     def power_off(self, name: str) -> VmRef:
-        """Stop the VM hard (QMP quit, SIGKILL after `stop_timeout`); stopped or gone: no error."""
+        """Stop the VM hard (QMP quit, SIGKILL after `stop_timeout`; libvirt: shutdown, then destroy);
+        stopped or gone: no error."""
         paths = self.files(name)
         with self._locked() as any_vms:
             rec = read_record(paths) if any_vms else None
             if rec is None and not paths.state.exists():
                 return VmRef(name=name, platform=self.platform, point_id="", mode="test", state="absent")
-            uid = rec.uuid if rec else None
-            pid = vm_qemu.find(paths, uid)
-            if pid is not None:
-                vm_qemu.stop(paths, pid, uid, self.stop_timeout)
-            vm_qemu.remove_taps(paths)
-            for f in (paths.qmp, paths.qga, paths.pidfile):
-                f.unlink(missing_ok=True)
+            self.backend.stop(paths, rec.uuid if rec else None)
             return self._ref(paths, rec)
 
     # ------------------------------------------------------------------ observe
 
     def boot_check(self, name: str, pattern: str, timeout: float) -> BootCheck:
         """Until `pattern` shows on the console, a line after which nothing boots, the VM stops, or
-        `timeout`; seconds count from power-on (the pid file QEMU wrote)."""
+        `timeout`; seconds count from power-on (as the backend knows it)."""
         try:
             rx = re.compile(pattern)
         except re.error as e:
             raise InvalidSpec(f"boot check pattern {pattern!r}: {e}") from None
         paths, rec = self._load(name)
-        try:
-            started = paths.pidfile.stat().st_mtime
-        except FileNotFoundError:
-            started = time.time()
+        started = self.backend.started_at(paths) or time.time()
         deadline = time.monotonic() + timeout
         raw = bytearray()
         while True:
-            running = vm_qemu.find(paths, rec.uuid) is not None
+            running = self.backend.running(paths, rec.uuid)
             raw += self._read_from(paths.console, len(raw))
             text = clean(bytes(raw))
             seconds = round(time.time() - started, 2)
@@ -355,7 +344,9 @@ class KvmVms:
     def monitor(self, name: str) -> QmpClient:
         """A QMP client on the running VM's monitor (labs and tests ask QEMU what it runs)."""
         paths, rec = self._load(name)
-        if vm_qemu.find(paths, rec.uuid) is None:
+        if not isinstance(self.backend, QemuBackend):
+            raise ResourceUnavailable(f"VM {name}: a libvirt domain; its monitor is libvirt's")
+        if not self.backend.running(paths, rec.uuid):
             raise ResourceUnavailable(f"VM {name}: not running")
         return QmpClient(paths.qmp)
 
