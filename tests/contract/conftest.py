@@ -15,6 +15,7 @@ The AWS lab is started once per session (a few seconds), each KVM VM per test (a
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,8 +28,17 @@ from helpers_aws import lab_in_env
 from connectors.memory.store import Store
 from labs.aws import AwsLab
 
+# The real-endpoint tier: with a real AWS test instance configured (as for tests/connectors/aws:
+# SENDENSE_AWS_TEST_INSTANCE, SENDENSE_AWS_TEST_REGION and credentials), the target contract runs
+# against that region too (it makes and deletes its own snapshots; the source contract must write into
+# volumes as a guest would, which only the lab can).
+REAL_AWS_REGION = (
+    os.environ.get("SENDENSE_AWS_TEST_REGION", "us-east-1")
+    if os.environ.get("SENDENSE_AWS_TEST_INSTANCE")
+    else None
+)
 SOURCES = ["memory", "kvm-qmp", "kvm-stopped", "aws"]
-TARGETS = ["memory", "memory-blocks", "kvm", "aws"]
+TARGETS = ["memory", "memory-blocks", "kvm", "aws", *(["aws-real"] if REAL_AWS_REGION else [])]
 
 
 @pytest.fixture(scope="session")
@@ -86,6 +96,8 @@ def target_rig(request: pytest.FixtureRequest, tmp_path: Path, store: Store) -> 
         if p == "memory-blocks"
         else KvmReplicas(tmp_path / "replicas")
         if p == "kvm"
+        else AwsReplicas(None, REAL_AWS_REGION)
+        if p == "aws-real"
         else AwsReplicas(request.getfixturevalue("contract_aws_lab"))
     )
     rig = Rig(tmp_path, MemoryVm(store), replicas)

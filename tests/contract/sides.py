@@ -295,12 +295,21 @@ class AwsReplicas(ReplicaSide):
     platform = "aws"
     block = EBS_BLOCK
 
-    def __init__(self, lab: AwsLab) -> None:
+    def __init__(self, lab: AwsLab | None, region: str | None = None) -> None:
+        """The lab's region; or, with no lab, a real AWS region (the agent's credential chain)."""
         self.lab = lab
-        self.ec2 = lab.client("ec2")
+        if lab is not None:
+            self.region, self.endpoint_url = lab.region, lab.endpoint_url
+            self.ec2 = lab.client("ec2")
+        else:
+            import boto3
+
+            assert region is not None
+            self.region, self.endpoint_url = region, None
+            self.ec2 = boto3.client("ec2", region_name=region)
 
     def spec(self) -> TargetSpec:
-        return AwsTarget(platform="aws", region=self.lab.region, endpoint_url=self.lab.endpoint_url)
+        return AwsTarget(platform="aws", region=self.region, endpoint_url=self.endpoint_url)
 
     def leftovers(self, job: str) -> list[str]:
         """The job's target snapshots, and the target's local records but tombstones (the record that
