@@ -103,6 +103,7 @@ def _write(state_dir: Path, info: StackInfo) -> None:
 def _locked(state_dir: Path) -> Iterator[None]:
     """Serialise up/down/restart on one state dir (two `sendense up` at once start one stack)."""
     state_dir.mkdir(parents=True, exist_ok=True)
+    state_dir.chmod(0o700)  # the server's database, logs and the agent's work files: its user's only
     with open(state_dir / ".stack.lock", "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:

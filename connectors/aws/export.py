@@ -20,7 +20,8 @@ READERS = 8
 def read_snapshot(aws: Aws, snapshot_id: str, size: int, dst: Path) -> None:
     """The snapshot's first `size` bytes into a sparse raw file."""
     ebs = aws.client("ebs")
-    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)  # the VM's data: private
+    os.fchmod(fd, 0o600)
     try:
         os.ftruncate(fd, size)
 
@@ -57,6 +58,7 @@ def export_point(aws: Aws, point: PointInfo, fmt: str, out_dir: Path) -> list[tu
                 os.replace(raw, dst)
             else:
                 qemu_img("convert", "-f", "raw", "-O", qfmt, str(raw), str(tmp))
+                tmp.chmod(0o600)
                 raw.unlink()
                 os.replace(tmp, dst)
             made.append(dst)

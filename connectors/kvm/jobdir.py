@@ -21,6 +21,9 @@ from pathlib import Path
 
 from sendense.errors import InvalidSpec, TargetError
 
+# Modes of what a job directory holds, set explicitly (never left to the umask): replicas are private.
+PRIVATE_DIR, PRIVATE_RW, PRIVATE_RO = 0o700, 0o600, 0o400
+
 MARKER = ".sendense-job.json"
 # what a job directory may hold
 JOB_ENTRIES = {"points", "disks", "holds", "vms", ".lock", ".points.lock", MARKER}
@@ -98,6 +101,7 @@ def claim(directory: Path, job: str, job_id: str) -> None:
     if read_marker(directory) is not None:
         return
     directory.mkdir(parents=True, exist_ok=True)
+    directory.chmod(PRIVATE_DIR)  # replicas are the VM's data: no one but the agent's user reads them
     tmp = directory / f"{MARKER}.tmp"
     tmp.write_text(json.dumps({"job": job, "job_id": job_id}) + "\n")
     os.replace(tmp, directory / MARKER)

@@ -31,7 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from connectors.kvm.holds import Holds
-from connectors.kvm.jobdir import JOB_ENTRIES, MARKER, check_place, claim
+from connectors.kvm.jobdir import JOB_ENTRIES, MARKER, PRIVATE_RO, PRIVATE_RW, check_place, claim
 from connectors.kvm.vm_state import backed_files, vm_names
 from sendense.datapath.extents import Extent, clip
 from sendense.datapath.nbd import ALLOCATION, NbdConnection
@@ -163,9 +163,9 @@ class KvmTarget:
         lies beyond the child's size must read as zeros if the disk grows again. Raises
         ResourceUnavailable, having changed nothing, when either file is open elsewhere."""
         size = read_qcow2_header(child).size
-        # points are kept read-only; qemu-img commit opens both images read-write
-        child.chmod(0o644)
-        base.chmod(0o644)
+        # points are kept read-only (and private); qemu-img commit opens both images read-write
+        child.chmod(PRIVATE_RW)
+        base.chmod(PRIVATE_RW)
         try:
             qemu_img("commit", "-q", "-f", "qcow2", "-d", str(child))
             if read_qcow2_header(base).size > size:
@@ -173,20 +173,20 @@ class KvmTarget:
         finally:
             for f in (child, base):
                 if f.exists():
-                    f.chmod(0o444)
+                    f.chmod(PRIVATE_RO)
         os.replace(base, child)
         fsync_dir(child.parent)
 
     def _in_use(self, path: Path) -> bool:
         """Whether another process holds `path` open (QEMU's image locks: a VM booted on the point,
         an export reading it), probed by opening it for writing and closing it at once."""
-        path.chmod(0o644)
+        path.chmod(PRIVATE_RW)
         try:
             p = subprocess.run(
                 [tool("qemu-io"), "-f", "qcow2", "-c", "quit", str(path)], capture_output=True, text=True
             )
         finally:
-            path.chmod(0o444)
+            path.chmod(PRIVATE_RO)
         return p.returncode != 0 and "lock" in p.stderr.lower()  # any other failure: the merge says it
 
     # ------------------------------------------------------------------ sync lifecycle
@@ -211,6 +211,7 @@ class KvmTarget:
                     args += ["-u", "-b", f"{latest.point_id}.qcow2", "-F", "qcow2"]  # type: ignore[union-attr]
                 try:
                     qemu_img(*args, str(pending), str(d.size))
+                    pending.chmod(PRIVATE_RW)
                 except TargetError:
                     raise
                 except Exception as e:
@@ -240,7 +241,7 @@ class KvmTarget:
                     fsync_dir(final.parent)
                 elif not final.exists():
                     raise TargetError(f"replica for disk {d.key} of sync {sync_id} is missing")
-                final.chmod(0o444)
+                final.chmod(PRIVATE_RO)
                 disks.append(d.model_copy(update={"path": str(final)}))
             committed = point.model_copy(update={"disks": disks, "committed_at": datetime.now(UTC)})
             self.points_dir.mkdir(parents=True, exist_ok=True)
@@ -383,6 +384,7 @@ class KvmTarget:
                 except BaseException:
                     tmp.unlink(missing_ok=True)
                     raise
+                tmp.chmod(PRIVATE_RW)  # the replica's data: the owner's only (never the umask's say)
                 os.replace(tmp, dst)
                 files.append((d.key, dst))
         return files

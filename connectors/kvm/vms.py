@@ -217,6 +217,7 @@ class KvmVms:
         rel = os.path.relpath(backing.resolve(), overlay.parent.resolve())
         try:
             qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", rel, "-F", "qcow2", str(part), str(size))
+            part.chmod(0o600)  # the VM's disk: its data is the point's, private as the point is
         except Exception as e:
             part.unlink(missing_ok=True)
             raise TargetError(f"VM {plan.name}: cannot make disk {key} in {overlay.parent}: {e}") from None

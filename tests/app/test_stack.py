@@ -94,6 +94,7 @@ def test_up_records_and_status_reachable(running: tuple[Path, stack.StackInfo]) 
     assert recorded["address"] == info.address and recorded["address"].startswith("127.0.0.1:")
     assert recorded["ui_url"].startswith("http://127.0.0.1:")
     assert recorded["namespace"] == "default"
+    assert st.stat().st_mode & 0o777 == 0o700  # the server's database and logs: its user's only (issue 11)
     assert (st / "temporal.db").exists()
     assert (st / "logs" / "temporal.log").exists()
 

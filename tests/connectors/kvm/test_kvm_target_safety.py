@@ -5,10 +5,13 @@ deleted job's name, purges that cannot delete everything, export failures, a ful
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -351,3 +354,46 @@ def test_a_held_point_survives_any_retention_and_its_files_never_change(m: Model
         m.tgt.hold("p4", "../x", "drill")
     m.tgt.destroy()
     assert not m.tgt.dir.exists()
+
+
+# ------------------------------------------------------------------------ privacy (issue 11 item 2)
+
+
+@pytest.fixture
+def open_model() -> Iterator[Model]:
+    """A Model in a directory any user can reach (/tmp, 0755): only the product's modes protect it."""
+    d = Path(tempfile.mkdtemp(prefix="sd-priv-", dir="/tmp"))
+    d.chmod(0o755)
+    try:
+        yield Model(d)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.root
+def test_replicas_points_and_exports_are_private_whatever_the_umask(open_model: Model) -> None:
+    """Replicas are the VM's data: the job directory is 0700, pending replicas 0600, points 0400 and
+    exports 0600, set explicitly even under a permissive umask; another user reads none of them."""
+    m = open_model
+    old = os.umask(0)  # the most permissive umask: nothing may be left to it
+    try:
+        m.sync("p1", {"disk0": [(0, pattern(1, MiB))]}, {"disk0": 2 * MiB})
+        m.tgt.prepare("p2", m.disks({"disk0": 2 * MiB}))
+        [(_, exported)] = m.tgt.export("p1", "raw", m.tmp / "out")
+    finally:
+        os.umask(old)
+    mode = lambda p: oct(os.stat(p).st_mode & 0o777)  # noqa: E731
+    point = m.tgt.point_path("p1", "disk0")
+    pending = [f for f in point.parent.iterdir() if f.name.startswith("p2")]
+    assert pending, sorted(point.parent.iterdir())
+    assert mode(m.tgt.dir) == "0o700"
+    assert mode(point) == "0o400"
+    assert [mode(f) for f in pending] == ["0o600"]
+    assert mode(exported) == "0o600"
+    for f in (point, exported):
+        p = subprocess.run(
+            ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "cat", str(f)],
+            capture_output=True,
+        )
+        assert p.returncode != 0 and b"Permission denied" in p.stderr, (f, p.stderr)
+    m.tgt.abort("p2")
