@@ -12,7 +12,7 @@ die() { printf 'install: error: %s\n' "$*" >&2; exit 1; }
 
 APT_PACKAGES=(
   qemu-utils nbdkit libnbd-bin python3-libnbd
-  qemu-system-x86
+  qemu-system-x86 ovmf  # ovmf: UEFI firmware for VMs made from points (plan.firmware: uefi)
   libvirt-dev pkg-config
   libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients
   python3-venv python3-dev gcc

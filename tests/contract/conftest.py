@@ -38,6 +38,11 @@ REAL_AWS_REGION = (
     else None
 )
 SOURCES = ["memory", "kvm-qmp", "kvm-stopped", "aws"]
+# What a platform's disks can do, for the tests of it (selected by parametrization, never skipped):
+# EBS volumes never shrink (the resize test shrinks a disk and grows it back), and no EBS direct API
+# or volume operation discards blocks (a guest's TRIM is the instance's business, not the snapshot's).
+RESIZABLE_SOURCES = [s for s in SOURCES if s != "aws"]
+DISCARDING_SOURCES = [s for s in SOURCES if s != "aws"]
 TARGETS = ["memory", "memory-blocks", "kvm", "aws", *(["aws-real"] if REAL_AWS_REGION else [])]
 
 

@@ -32,8 +32,6 @@ class VmSide:
     platform = ""
     granule = 1  # change tracking's unit: an incremental lists whole granules
     zero_writes_listed_as_zero = True  # False: a zero write is listed as a data block of zeros
-    no_discard: str | None = None  # why its guest cannot discard, if it cannot
-    no_resize: str | None = None  # why its disks cannot be resized under the source, if they cannot
     # why a write after the snapshot makes its copy refuse the snapshot (SnapshotInconsistent, the
     # workflow takes a new one) instead of reading the instant, if it does
     refuses_writes_after_snapshot: str | None = None
@@ -204,8 +202,6 @@ class AwsVm(VmSide):
     platform = "aws"
     granule = EBS_BLOCK
     zero_writes_listed_as_zero = False  # EBS lists written blocks, zeros or not
-    no_discard = "EBS: the AWS lab's guest only writes (a discard reaches no EBS direct API)"
-    no_resize = "EBS volumes only grow with ModifyVolume, which the AWS source does not follow"
 
     def __init__(self, lab: AwsLab) -> None:
         self.lab = lab

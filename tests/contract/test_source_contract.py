@@ -12,6 +12,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
+from contract.conftest import DISCARDING_SOURCES, RESIZABLE_SOURCES
 from contract.rigs import Rig
 
 from sendense.datapath.extents import Extent, coalesce
@@ -116,10 +117,9 @@ def test_incremental_extents_are_exact_for_writes_and_zero_writes(source_rig: Ri
     assert rig.differs("s2", at2) == []
 
 
+@pytest.mark.parametrize("source_rig", DISCARDING_SOURCES, indirect=True)
 def test_incremental_extents_are_exact_for_discards(source_rig: Rig) -> None:
     rig, g = source_rig, source_rig.vm.granule
-    if rig.vm.no_discard:
-        pytest.skip(rig.vm.no_discard)
     k0, k1 = rig.keys
     rig.write(k0, 0, 6 * g, 0x11)
     s1, _ = rig.sync("s1")
@@ -224,10 +224,9 @@ def test_forget_is_idempotent_leaves_no_tracking_and_spares_other_jobs(source_ri
     assert rig.differs("o2", at, job=other) == []
 
 
+@pytest.mark.parametrize("source_rig", RESIZABLE_SOURCES, indirect=True)
 def test_a_resized_disk_is_copied_exactly(source_rig: Rig) -> None:
     rig, g = source_rig, source_rig.vm.granule
-    if rig.vm.no_resize:
-        pytest.skip(rig.vm.no_resize)
     k0, k1 = rig.keys
     size0, size1 = rig.shadows[k0].size, rig.shadows[k1].size
     rig.write(k0, 0, 2 * g, 0x11)

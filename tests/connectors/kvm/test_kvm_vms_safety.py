@@ -305,7 +305,6 @@ def test_disks_boot_in_the_plans_order_on_the_plans_buses(tmp_path: Path, guest_
         shutil.rmtree(s.run, ignore_errors=True)
 
 
-@pytest.mark.skipif(not any(c.is_file() for c, _ in vm_qemu.OVMF), reason="OVMF is not installed")
 def test_a_uefi_vm_runs_ovmf_with_a_variable_store_of_its_own(vm_site: Site) -> None:
     vms = vm_site.vms
     vms.create_vm(plan("efi", firmware="uefi"))
