@@ -4,6 +4,10 @@ file name of a disk's image."""
 from __future__ import annotations
 
 import hashlib
+import os
+from pathlib import Path
+
+from tools.qemu import qemu_img
 
 # --format -> (qemu-img output format, file extension)
 EXPORT_FORMATS = {
@@ -22,3 +26,26 @@ def safe_key(key: str) -> str:
     if safe == key and not key.startswith("."):
         return key
     return f"{safe.lstrip('.')}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
+
+
+def export_name(out_dir: Path, job: str, point_id: str, key: str, fmt: str) -> Path:
+    """Where disk `key` of a point is exported in format `fmt` (checked: one of EXPORT_FORMATS)."""
+    return out_dir / f"{job}-{point_id}-{safe_key(key)}.{EXPORT_FORMATS[fmt][1]}"
+
+
+def finish_export(raw: Path, dst: Path, fmt: str) -> None:
+    """A disk read into the raw file `raw` becomes the export `dst` in format `fmt`: renamed, or converted
+    through `<dst>.part` (the raw file removed), private (0600) either way: it is the VM's data."""
+    raw.chmod(0o600)
+    qfmt = EXPORT_FORMATS[fmt][0]
+    if qfmt == "raw":
+        os.replace(raw, dst)
+        return
+    tmp = dst.with_name(dst.name + ".part")
+    try:
+        qemu_img("convert", "-f", "raw", "-O", qfmt, str(raw), str(tmp))
+        tmp.chmod(0o600)
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+        raw.unlink(missing_ok=True)

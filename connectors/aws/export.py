@@ -11,8 +11,7 @@ from connectors.aws.blocks import BLOCK, get_block, list_blocks
 from connectors.aws.client import Aws
 from sendense.errors import InvalidSpec
 from sendense.models import PointInfo
-from tools.exports import EXPORT_FORMATS, safe_key
-from tools.qemu import qemu_img
+from tools.exports import EXPORT_FORMATS, export_name, finish_export
 
 READERS = 8
 
@@ -45,23 +44,15 @@ def export_point(aws: Aws, point: PointInfo, fmt: str, out_dir: Path) -> list[tu
     if fmt not in EXPORT_FORMATS:
         raise InvalidSpec(f"--format: {fmt!r} is not one of {', '.join(EXPORT_FORMATS)}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    qfmt, ext = EXPORT_FORMATS[fmt]
     files: list[tuple[str, Path]] = []
     made: list[Path] = []
     try:
         for d in point.disks:
-            dst = out_dir / f"{point.job}-{point.point_id}-{safe_key(d.key)}.{ext}"
-            raw, tmp = dst.with_name(dst.name + ".raw.part"), dst.with_name(dst.name + ".part")
-            made += [raw, tmp]
+            dst = export_name(out_dir, point.job, point.point_id, d.key, fmt)
+            raw = dst.with_name(dst.name + ".raw.part")
+            made += [raw, dst]
             read_snapshot(aws, d.path, d.size, raw)
-            if qfmt == "raw":
-                os.replace(raw, dst)
-            else:
-                qemu_img("convert", "-f", "raw", "-O", qfmt, str(raw), str(tmp))
-                tmp.chmod(0o600)
-                raw.unlink()
-                os.replace(tmp, dst)
-            made.append(dst)
+            finish_export(raw, dst, fmt)
             files.append((d.key, dst))
     except BaseException:
         for f in made:

@@ -36,7 +36,7 @@ from connectors.memory.store import Store
 from sendense.datapath.extents import Extent
 from sendense.errors import InvalidSpec, ResourceNotFound, TargetError
 from sendense.models import DiskInfo, PointInfo, check_hold_id
-from tools.exports import EXPORT_FORMATS, safe_key
+from tools.exports import EXPORT_FORMATS, export_name, finish_export, safe_key
 
 
 class MemoryWriter:
@@ -273,7 +273,6 @@ class MemoryTargetConnector:
         self.store.faults.check("target.export")
         if fmt not in EXPORT_FORMATS:
             raise InvalidSpec(f"--format: {fmt!r} is not one of {', '.join(EXPORT_FORMATS)}")
-        qfmt, ext = EXPORT_FORMATS[fmt]
         out_dir.mkdir(parents=True, exist_ok=True)
         files: list[tuple[str, Path]] = []
         made: list[Path] = []
@@ -283,17 +282,11 @@ class MemoryTargetConnector:
                 if point is None:
                     raise ResourceNotFound(f"job {self.job}: no recovery point {point_id}")
                 for d in point.disks:
-                    dst = out_dir / f"{self.job}-{point.point_id}-{safe_key(d.key)}.{ext}"
+                    dst = export_name(out_dir, self.job, point.point_id, d.key, fmt)
                     raw = dst.with_name(dst.name + ".raw.part")
                     made += [raw, dst]
                     _write_raw(b, d.path, raw)
-                    if qfmt == "raw":
-                        os.replace(raw, dst)
-                    else:
-                        from tools.qemu import qemu_img
-
-                        qemu_img("convert", "-f", "raw", "-O", qfmt, str(raw), str(dst))
-                        raw.unlink()
+                    finish_export(raw, dst, fmt)
                     files.append((d.key, dst))
         except BaseException:
             for f in made:

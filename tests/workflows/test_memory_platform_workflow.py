@@ -20,10 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import pytest_asyncio
 from contract.shadow import Shadow
 from temporalio.client import WorkflowExecutionStatus, WorkflowHandle, WorkflowUpdateFailedError
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
@@ -50,18 +48,6 @@ from workflows.replication import ReplicationWorkflow
 KiB, MiB = 1 << 10, 1 << 20
 BLOCK = 64 * KiB  # the source's change tracking granularity in these tests
 SIZES = {"disk0": 8 * MiB, "disk1": 2 * MiB + 4 * KiB}
-
-
-@pytest_asyncio.fixture(scope="module")
-async def env() -> AsyncIterator[WorkflowEnvironment]:
-    server = shutil.which("temporal-test-server") or ".venv/bin/temporal-test-server"
-    e = await WorkflowEnvironment.start_time_skipping(
-        data_converter=pydantic_data_converter, test_server_existing_path=server
-    )
-    try:
-        yield e
-    finally:
-        await e.shutdown()
 
 
 @pytest.fixture(autouse=True)

@@ -12,7 +12,7 @@ from temporalio.client import WorkflowUpdateFailedError
 from temporalio.exceptions import ApplicationError
 
 from sendense.models import Settings
-from tests.workflows.test_replication_workflow import Job, _run, env, spec  # noqa: F401 - env: fixture
+from tests.workflows.test_replication_workflow import Job, _run, spec
 from workflows.replication import ReplicationWorkflow
 
 
