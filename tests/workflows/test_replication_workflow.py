@@ -406,8 +406,8 @@ async def _close(handle: WorkflowHandle[Any, JobStatus]) -> None:
     try:
         if (await handle.describe()).status != WorkflowExecutionStatus.RUNNING:
             return
-        await asyncio.wait_for(handle.execute_update(ReplicationWorkflow.delete, DeleteRequest()), 10)
-        await asyncio.wait_for(handle.result(), 10)
+        await asyncio.wait_for(handle.execute_update(ReplicationWorkflow.delete, DeleteRequest()), 30)
+        await asyncio.wait_for(handle.result(), 30)
     except Exception:
         if (await handle.describe()).status == WorkflowExecutionStatus.RUNNING:
             await handle.terminate("test teardown")
