@@ -49,14 +49,15 @@ from sendense.models import (
     VmInfo,
 )
 from sendense.platforms import source_for, target_for
+from sendense.private import private_dir
 
 log = logging.getLogger(__name__)
 
 
 def work_dir(job: str) -> Path:
-    d = config.home() / "work" / job
-    d.mkdir(parents=True, exist_ok=True)
-    return d
+    """The job's records on this agent (resume tokens, sockets, scratch files): 0700 all the way."""
+    home = private_dir(config.home(), "SENDENSE_HOME")
+    return private_dir(private_dir(home / "work", "work directory") / job, "work directory")
 
 
 @activity.defn(name="validate_job")

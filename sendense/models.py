@@ -203,6 +203,12 @@ class PlatformSpec(Strict):
 class SourceSpec(PlatformSpec):
     """A job's source: the VM to replicate."""
 
+    def pinned(self, vm_id: str) -> Self:
+        """This source pinned to the VM found when the job was created (VmInfo.vm_id), where the spec
+        names it by something another VM could take (a libvirt domain's name): later syncs refuse
+        another VM under that name. Nothing to pin by default."""
+        return self
+
 
 class TargetSpec(PlatformSpec):
     """A job's target: where its replicas and recovery points live."""
@@ -431,6 +437,7 @@ class VmInfo(Wire):
     name: str
     platform: str
     disks: list[DiskInfo]
+    vm_id: str = Field(default="", description="the platform's immutable id of the VM (a libvirt UUID)")
     cpus: int = Field(default=0, description="vCPUs (0 unknown)")
     memory_mib: int = Field(default=0, description="memory in MiB (0 unknown)")
     firmware: Firmware = Field(default="", description="bios or uefi ('' unknown)")

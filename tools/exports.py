@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from tools.qemu import qemu_img
@@ -33,15 +37,30 @@ def export_name(out_dir: Path, job: str, point_id: str, key: str, fmt: str) -> P
     return out_dir / f"{job}-{point_id}-{safe_key(key)}.{EXPORT_FORMATS[fmt][1]}"
 
 
+@contextmanager
+def staging(out_dir: Path) -> Iterator[Path]:
+    """A directory for an export's partial files, made exclusively (0700, a fresh name) inside the
+    output directory, removed with whatever is left in it. The output directory may be shared (/tmp):
+    a file or symlink another user planted there (`<export>.part` -> a victim) is never written
+    through, since nothing is created in the output directory but by rename (which replaces a
+    planted symlink, never follows it)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(dir=out_dir, prefix=".sendense-export-"))
+    try:
+        yield stage
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
 def finish_export(raw: Path, dst: Path, fmt: str) -> None:
-    """A disk read into the raw file `raw` becomes the export `dst` in format `fmt`: renamed, or converted
-    through `<dst>.part` (the raw file removed), private (0600) either way: it is the VM's data."""
+    """A disk read into the raw file `raw` (in a `staging` directory) becomes the export `dst` in
+    format `fmt`: renamed, or converted beside `raw` first, private (0600) either way: the VM's data."""
     raw.chmod(0o600)
     qfmt = EXPORT_FORMATS[fmt][0]
     if qfmt == "raw":
         os.replace(raw, dst)
         return
-    tmp = dst.with_name(dst.name + ".part")
+    tmp = raw.with_name(raw.name + ".converted")
     try:
         qemu_img("convert", "-f", "raw", "-O", qfmt, str(raw), str(tmp))
         tmp.chmod(0o600)

@@ -257,6 +257,9 @@ class ReplicationWorkflow:
         if not self.st.validated:
             self._set_state("starting")
             self.vm = await self._step("validate_job", JobRequest(spec=spec), VmInfo)
+            # the VM the job was created for: a source that names it by a name another VM could take
+            # (a libvirt domain) refuses another VM under that name in every later step
+            spec = inp.spec = spec.model_copy(update={"source": spec.source.pinned(self.vm.vm_id)})
             self.st.validated = True
             if inp.search_attributes:
                 workflow.upsert_search_attributes([SA_VM.value_set(self.vm.name)])

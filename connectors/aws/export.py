@@ -11,7 +11,7 @@ from connectors.aws.blocks import BLOCK, get_block, list_blocks
 from connectors.aws.client import Aws
 from sendense.errors import InvalidSpec
 from sendense.models import PointInfo
-from tools.exports import EXPORT_FORMATS, export_name, finish_export
+from tools.exports import EXPORT_FORMATS, export_name, finish_export, staging
 
 READERS = 8
 
@@ -43,19 +43,17 @@ def export_point(aws: Aws, point: PointInfo, fmt: str, out_dir: Path) -> list[tu
     `.raw.part` of a half-read snapshot) and the disks it had finished."""
     if fmt not in EXPORT_FORMATS:
         raise InvalidSpec(f"--format: {fmt!r} is not one of {', '.join(EXPORT_FORMATS)}")
-    out_dir.mkdir(parents=True, exist_ok=True)
     files: list[tuple[str, Path]] = []
-    made: list[Path] = []
     try:
-        for d in point.disks:
-            dst = export_name(out_dir, point.job, point.point_id, d.key, fmt)
-            raw = dst.with_name(dst.name + ".raw.part")
-            made += [raw, dst]
-            read_snapshot(aws, d.path, d.size, raw)
-            finish_export(raw, dst, fmt)
-            files.append((d.key, dst))
+        with staging(out_dir) as stage:
+            for d in point.disks:
+                dst = export_name(out_dir, point.job, point.point_id, d.key, fmt)
+                raw = stage / f"{dst.name}.raw"
+                read_snapshot(aws, d.path, d.size, raw)
+                finish_export(raw, dst, fmt)
+                files.append((d.key, dst))
     except BaseException:
-        for f in made:
+        for _, f in files:
             f.unlink(missing_ok=True)
         raise
     return files

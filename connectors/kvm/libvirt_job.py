@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import tempfile
 import time
 import xml.etree.ElementTree as ET
@@ -20,6 +21,7 @@ import libvirt
 from connectors.kvm.identity import bitmap_prefix
 from connectors.kvm.offline import BUSY_WAIT
 from sendense.errors import InvalidSpec, ResourceNotFound, ResourceUnavailable, SendenseError
+from sendense.private import private_dir
 from tools.qemu import fits_unix_socket
 
 log = logging.getLogger(__name__)
@@ -98,10 +100,11 @@ class LibvirtJob:
 
     busy_wait = BUSY_WAIT  # for another job's backup of the same domain to end
 
-    def __init__(self, job: str, uri: str, domain: str, work_dir: Path) -> None:
+    def __init__(self, job: str, uri: str, domain: str, work_dir: Path, uuid: str | None = None) -> None:
         self.job = job
         self.uri = uri
         self.domain = domain
+        self.uuid = uuid  # the domain the job was created for (None: any domain of this name)
         self.work_dir = Path(work_dir)
         self.prefix = bitmap_prefix(job)
 
@@ -128,6 +131,11 @@ class LibvirtJob:
                         f"libvirt domain {self.domain} not found on {safe_uri(self.uri)}"
                     ) from None
                 raise self._error(e, "lookup") from None
+            if self.uuid is not None and (now := dom.UUIDString()) != self.uuid:
+                raise ResourceNotFound(
+                    f"{self._where()} is another VM now (UUID {now}; the job replicates {self.uuid}): "
+                    "delete the job and create it again to replicate the new one"
+                )
             yield dom
         finally:
             with suppress(libvirt.libvirtError):
@@ -356,7 +364,10 @@ class LibvirtJob:
         if fits_unix_socket(sock):
             return sock
         digest = hashlib.sha256(f"{self.work_dir}\0{self.job}".encode()).hexdigest()[:16]
-        return Path(tempfile.gettempdir()) / f"sendense-{digest}.sock"
+        socks = private_dir(
+            Path(tempfile.gettempdir()) / f"sendense-sockets-{os.geteuid()}", "socket directory"
+        )
+        return socks / f"{digest}.sock"
 
     def _scratch_path(self, checkpoint: str, key: str) -> Path:
         return self.work_dir / f"{checkpoint}.{key}.scratch"

@@ -34,6 +34,7 @@ are no base) are cleared by the next create_snapshot; a backup job of someone el
 from __future__ import annotations
 
 import logging
+import os
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
@@ -57,6 +58,7 @@ from sendense.errors import (
     SnapshotInconsistent,
 )
 from sendense.models import DiskInfo, DiskSnapshot, SnapshotRef, VmInfo
+from sendense.private import private_dir
 from tools.qemu import (
     image_info,
     is_qcow2,
@@ -140,9 +142,10 @@ class LibvirtSource(LibvirtJob):
                     DiskInfo(key=d.target, size=int(dom.blockInfo(d.target)[0]), ref=d.source) for d in disks
                 ]
                 hw = libvirt_hardware(dom.XMLDesc(0), infos)
+                vm_id = dom.UUIDString()
             except libvirt.libvirtError as e:
                 raise self._error(e, "blockInfo") from None
-        return VmInfo(name=self.domain, platform="kvm", **hw)
+        return VmInfo(name=self.domain, platform="kvm", vm_id=vm_id, **hw)
 
     def create_snapshot(self, snapshot_id: str, base: dict[str, str | None]) -> SnapshotRef:
         new = self.prefix + snapshot_id
@@ -173,7 +176,7 @@ class LibvirtSource(LibvirtJob):
             per_disk = self._lib_version(dom) >= PER_DISK_INCREMENTAL
             if not per_disk:
                 self._legacy_lost(disks, since_cp, lost)
-            self.work_dir.mkdir(parents=True, exist_ok=True)
+            private_dir(self.work_dir, "work directory")  # its NBD socket and scratch files: ours only
             sock = self._socket_path()
             scratch = {d.target: self._scratch_path(new, d.target) for d in disks}
             for p in [sock, *scratch.values()]:
@@ -207,6 +210,8 @@ class LibvirtSource(LibvirtJob):
                 job = self._backup(dom)
                 if job is None:
                     raise ResourceUnavailable(f"{self._where()}: the backup job ended as soon as it began")
+                with suppress(OSError):  # QEMU made it under its umask (0775 seen): the owner's only
+                    os.chmod(job.socket or sock, 0o600)
                 snap_disks = []
                 for d in disks:
                     bd = job.disks.get(d.target)

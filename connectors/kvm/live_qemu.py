@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from connectors.kvm.identity import bitmap_prefix, shrink_markers
 from connectors.kvm.image_bitmaps import SPAN_GRANULARITY, marker_scratch
 from connectors.kvm.live_disks import QemuDisk, list_disks, named_nodes, record, refusal
 from sendense.errors import InvalidSpec, ResourceUnavailable
+from sendense.private import private_dir
 from tools.qmp import QmpClient, QmpError
 
 log = logging.getLogger(__name__)
@@ -198,9 +201,11 @@ class QmpJob:
     def _start_nbd(self, c: QmpClient) -> Path:
         """Start QEMU's NBD server, or share the one another job of this host started on this VM."""
         sock = self._nbd_socket()
-        sock.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_dir(sock.parent, "NBD socket directory")  # (in /tmp: anyone could have made it first)
         try:
             c.execute("nbd-server-start", addr={"type": "unix", "data": {"path": str(sock)}})
+            with suppress(OSError):
+                os.chmod(sock, 0o600)  # QEMU makes it under its own umask
         except QmpError as e:
             if "already running" not in e.desc:
                 raise

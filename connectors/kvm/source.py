@@ -20,4 +20,4 @@ def make_kvm_source(job: str, spec: KvmSource, work_dir: Path) -> SourceConnecto
     assert spec.libvirt is not None
     from connectors.kvm.libvirt_source import LibvirtSource
 
-    return LibvirtSource(job, spec.libvirt.uri, spec.libvirt.domain, work_dir)
+    return LibvirtSource(job, spec.libvirt.uri, spec.libvirt.domain, work_dir, uuid=spec.libvirt.uuid)

@@ -18,6 +18,11 @@ KVM_CREDENTIALS = "the agent reaches QEMU and libvirt as its own user (for libvi
 class LibvirtDomain(Strict):
     uri: str = Field(description="libvirt connection URI, e.g. qemu:///system")
     domain: str = Field(description="domain name")
+    uuid: str | None = Field(
+        default=None,
+        pattern=r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$",
+        description="the domain's UUID, recorded at job creation: another VM under the name is refused",
+    )
 
 
 class LibvirtConnection(Strict):
@@ -92,6 +97,11 @@ class KvmSource(SourceSpec):
             return f"kvm:qmp:{self.qmp}"
         assert self.libvirt is not None
         return f"kvm:libvirt:{self.libvirt.domain}"
+
+    def pinned(self, vm_id: str) -> Self:
+        if self.libvirt is None or not vm_id or self.libvirt.uuid:
+            return self
+        return self.model_copy(update={"libvirt": self.libvirt.model_copy(update={"uuid": vm_id})})
 
     def reach(self) -> Reach:
         return Reach(

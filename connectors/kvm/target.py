@@ -37,7 +37,7 @@ from sendense.datapath.extents import Extent, clip
 from sendense.datapath.nbd import ALLOCATION, NbdConnection
 from sendense.errors import InvalidSpec, ResourceNotFound, ResourceUnavailable, SendenseError, TargetError
 from sendense.models import DiskInfo, PointDisk, PointInfo
-from tools.exports import EXPORT_FORMATS, safe_key
+from tools.exports import EXPORT_FORMATS, export_name, safe_key, staging
 from tools.qemu import fsync_dir, qcow2_backing_name, qemu_img, qemu_nbd, read_qcow2_header, tool
 
 log = logging.getLogger(__name__)
@@ -364,29 +364,26 @@ class KvmTarget:
         if fmt not in EXPORT_FORMATS:
             raise InvalidSpec(f"--format: {fmt!r} is not one of {', '.join(EXPORT_FORMATS)}")
         check_place(self.dir, self.job, self.job_id)
-        qfmt, ext = EXPORT_FORMATS[fmt]
+        qfmt = EXPORT_FORMATS[fmt][0]
         files: list[tuple[str, Path]] = []
         with self._points_read(wait=True):
             point = self.get_point(point_id)
-            out_dir.mkdir(parents=True, exist_ok=True)
-            for d in point.disks:
-                src = self._point_file(point.point_id, d.key)
-                dst = out_dir / f"{self.job}-{point.point_id}-{safe_key(d.key)}.{ext}"
-                tmp = dst.with_name(dst.name + ".part")
-                try:
-                    qemu_img("convert", "-U", "-f", "qcow2", "-O", qfmt, str(src), str(tmp))
-                except SendenseError as e:
-                    tmp.unlink(missing_ok=True)
-                    reason = e.message.removeprefix("qemu-img convert: ").removeprefix("qemu-img: ")
-                    raise TargetError(
-                        f"export of point {point.point_id} disk {d.key} to {dst}: {reason}"
-                    ) from None
-                except BaseException:
-                    tmp.unlink(missing_ok=True)
-                    raise
-                tmp.chmod(PRIVATE_RW)  # the replica's data: the owner's only (never the umask's say)
-                os.replace(tmp, dst)
-                files.append((d.key, dst))
+            with staging(out_dir) as stage:  # (never written through a file planted in out_dir)
+                for d in point.disks:
+                    src = self._point_file(point.point_id, d.key)
+                    dst = export_name(out_dir, self.job, point.point_id, d.key, fmt)
+                    tmp = stage / dst.name
+                    try:
+                        qemu_img("convert", "-U", "-f", "qcow2", "-O", qfmt, str(src), str(tmp))
+                    except SendenseError as e:
+                        reason = e.message.removeprefix("qemu-img convert: ").removeprefix("qemu-img: ")
+                        reason = reason.replace(str(tmp), str(dst))
+                        raise TargetError(
+                            f"export of point {point.point_id} disk {d.key} to {dst}: {reason}"
+                        ) from None
+                    tmp.chmod(PRIVATE_RW)  # the replica's data: the owner's only (never the umask's say)
+                    os.replace(tmp, dst)
+                    files.append((d.key, dst))
         return files
 
     def point_path(self, point_id: str, key: str) -> Path:

@@ -36,7 +36,7 @@ from connectors.memory.store import Store
 from sendense.datapath.extents import Extent
 from sendense.errors import InvalidSpec, ResourceNotFound, TargetError
 from sendense.models import DiskInfo, PointInfo, check_hold_id
-from tools.exports import EXPORT_FORMATS, export_name, finish_export, safe_key
+from tools.exports import EXPORT_FORMATS, export_name, finish_export, safe_key, staging
 
 
 class MemoryWriter:
@@ -273,23 +273,20 @@ class MemoryTargetConnector:
         self.store.faults.check("target.export")
         if fmt not in EXPORT_FORMATS:
             raise InvalidSpec(f"--format: {fmt!r} is not one of {', '.join(EXPORT_FORMATS)}")
-        out_dir.mkdir(parents=True, exist_ok=True)
         files: list[tuple[str, Path]] = []
-        made: list[Path] = []
         try:
-            with self.store.locked() as b:  # a prune waits: the files are the point as committed
+            with self.store.locked() as b, staging(out_dir) as stage:  # a prune waits: the point as committed
                 point = next((p for p in self._points(b) if p.point_id == point_id), None)
                 if point is None:
                     raise ResourceNotFound(f"job {self.job}: no recovery point {point_id}")
                 for d in point.disks:
                     dst = export_name(out_dir, self.job, point.point_id, d.key, fmt)
-                    raw = dst.with_name(dst.name + ".raw.part")
-                    made += [raw, dst]
+                    raw = stage / f"{dst.name}.raw"
                     _write_raw(b, d.path, raw)
                     finish_export(raw, dst, fmt)
                     files.append((d.key, dst))
         except BaseException:
-            for f in made:
+            for _, f in files:
                 f.unlink(missing_ok=True)
             raise
         return files

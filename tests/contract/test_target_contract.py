@@ -18,6 +18,7 @@ from sendense.datapath.sync import copy_disk
 from sendense.errors import InvalidSpec, ResourceNotFound, TargetError
 from sendense.models import DiskInfo, SnapshotRef
 from sendense.protocols import SourceConnector, TargetConnector
+from tools.qemu import qemu_img
 
 KiB = 1 << 10
 
@@ -202,3 +203,31 @@ def test_destroy_removes_everything_and_refuses_while_a_hold_stands(target_rig: 
     assert rig.target().list_points() == []
     rig.target().destroy()  # again: no error
     assert rig.replicas.leftovers(rig.job) == []
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_export_never_writes_through_files_planted_in_its_output_directory(target_rig: Rig, fmt: str) -> None:
+    """Issue 11, finding 8: the output directory may be shared (/tmp). Symlinks another user planted at
+    every name an export could write (`<export>`, `<export>.part`, `<export>.raw.part`) point at a
+    victim file: the victim keeps its bytes, the export is the point, 0600."""
+    rig = target_rig
+    k0, _ = rig.keys
+    rig.write(k0, 0, 1 * MiB, 0x5A)
+    _, at = rig.sync("p1")
+    out = rig.tmp / f"shared-{fmt}"
+    out.mkdir(mode=0o777)
+    victim = rig.tmp / "victim"
+    victim.write_bytes(b"victim's data\n")
+    names = [f.name for _, f in rig.target().export("p1", fmt, rig.tmp / f"probe-{fmt}")]
+    for name in names:
+        for planted in (name, f"{name}.part", f"{name}.raw.part", f"{name}.converted"):
+            (out / planted).symlink_to(victim)
+    files = dict(rig.target().export("p1", fmt, out))
+    assert victim.read_bytes() == b"victim's data\n"
+    for key, f in files.items():
+        assert not f.is_symlink() and f.stat().st_mode & 0o777 == 0o600
+        raw = f if fmt == "raw" else rig.tmp / f"{f.name}.raw"
+        if fmt != "raw":
+            qemu_img("convert", "-f", "qcow2", "-O", "raw", str(f), str(raw))
+        assert at[key].differs(raw) is None, key
+    assert not [p for p in out.iterdir() if p.name.startswith(".sendense-export-")]  # no staging left

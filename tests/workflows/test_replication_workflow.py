@@ -89,6 +89,9 @@ def spec(
     )
 
 
+VM_UUID = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"
+
+
 def change_ids(sync_id: str) -> dict[str, str | None]:
     return {k: f"{sync_id}:{k}" for k in DISKS}
 
@@ -154,6 +157,7 @@ class FakeHost:
             name=req.spec.name,
             platform="kvm",
             disks=[DiskInfo(key=k, size=s, ref=f"/vms/web01/{k}.qcow2") for k, s in DISKS.items()],
+            vm_id=VM_UUID,
         )
 
     @activity.defn(name="create_snapshot")
@@ -1120,3 +1124,23 @@ async def test_combined_finish_whose_release_fails_is_released_again(
         assert host.combined == (["begin_and_copy"] if inline else ["begin_and_copy", "finish_sync"]) * 2
 
     await _run(env, spec(interval=timedelta(hours=1)), body, host=host)
+
+
+async def test_a_libvirt_source_is_pinned_to_the_domain_validate_found(env: WorkflowEnvironment) -> None:
+    """Issue 11, finding 4: the domain's UUID is recorded when the job is created, and every later
+    step (and the spec carried on by continue-as-new) names it: another VM under the name is refused."""
+    libvirt_spec = spec().model_copy(
+        update={"source": KvmSource(platform="kvm", libvirt={"uri": "qemu:///system", "domain": "web01"})}
+    )
+
+    async def body(job: Job) -> None:
+        await job.settled(1)
+        [snap] = job.snapshots()
+        assert [c[1].spec.source.libvirt.uuid for c in job.host.calls] == [None] + [VM_UUID] * (
+            len(job.host.calls) - 1
+        )
+        assert snap.spec.source.libvirt.uuid == VM_UUID
+        stored = await job.handle.query(ReplicationWorkflow.get_spec)
+        assert stored.source.libvirt.uuid == VM_UUID
+
+    await _run(env, libvirt_spec, body)

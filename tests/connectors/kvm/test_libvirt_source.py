@@ -27,6 +27,7 @@ import pytest
 from helpers_kvm import Synced, sync_point
 
 from connectors.kvm.libvirt_source import LibvirtSource
+from connectors.kvm.spec import KvmSource
 from connectors.kvm.target import KvmTarget
 from labs.kvm.libvirtd import (
     LabLibvirtd,
@@ -308,6 +309,8 @@ def test_incremental_extents_are_exact(
         d = snap.disk("vda")
         assert d.base_change_id == s1.base["vda"] and d.tracking_lost is None
         assert d.handle["bitmap"] == "backup-vda" and d.handle["export"] == "vda"
+        sock = Path(d.handle["socket"])  # the backup's NBD server serves the disk: nobody else may reach it
+        assert (sock.parent.stat().st_mode & 0o777, sock.stat().st_mode & 0o777) == (0o700, 0o600)
         with src.open_disk(snap, "vda") as sd:
             got = list(coalesce(sd.extents(d.base_change_id)))
             everything = list(coalesce(sd.extents(None)))
@@ -823,6 +826,32 @@ def test_a_domain_redefined_under_the_same_name_resyncs_with_the_reason(
     )
     assert s2.results["vda"].kind == "resync"
     assert_point(tgt, "p2", ref)
+
+
+def test_a_job_pinned_to_a_domain_refuses_another_vm_under_its_name(
+    lab: LabLibvirtd, make_guest: Callable[..., Guest], work: Path, tmp_path: Path
+) -> None:
+    """Issue 11, finding 4: the job records the domain's UUID when it is created (discover's vm_id, the
+    workflow pins the spec with it); a different VM defined under the old name fails the sync in one
+    line and nothing of it is read."""
+    g = make_guest(32 * MiB)
+    vm = source(lab, g, work).discover()
+    assert vm.vm_id == g.dom.UUIDString()
+    spec = KvmSource(platform="kvm", libvirt={"uri": lab.uri, "domain": g.name}).pinned(vm.vm_id)
+    assert spec.libvirt is not None and spec.libvirt.uuid == vm.vm_id
+    src = LibvirtSource("job1", lab.uri, g.name, work, uuid=spec.libvirt.uuid)
+    tgt = KvmTarget("job1", tmp_path / "replicas")
+    g.write("vda", 0, 2 * MiB, 0x11)
+    s1 = sync(src, tgt, "p1")
+    remove_lab_domain(g.dom)
+    g.dom = define_lab_domain(g.conn, g.name, [g.images["vda"]])
+    with pytest.raises(ResourceNotFound) as e:
+        src.create_snapshot("p2", s1.base)
+    assert e.value.message == (
+        f"libvirt domain {g.name} on {lab.uri} is another VM now (UUID {g.dom.UUIDString()}; the job "
+        f"replicates {vm.vm_id}): delete the job and create it again to replicate the new one"
+    )
+    assert g.checkpoints() == []  # the new VM was not touched
 
 
 def test_a_raw_disk_is_refused_at_validate_saying_what_to_do(

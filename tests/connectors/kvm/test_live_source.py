@@ -220,8 +220,16 @@ def test_incremental_extents_are_exact_at_bitmap_granularity(rig_factory: Any) -
     vm.write(0, 0, 0x11, 1 * MiB)
     vm.write(0, 4 * MiB, 0x22, 128 * KiB)
     seen: list[list[tuple[int, int, bool]]] = []
-    p1 = rig.sync("p1", before_copy=lambda snap: seen.append(extents(rig.src, snap, "disk0", None)))
+    modes: list[tuple[int, int]] = []
+
+    def before(snap: Any) -> None:
+        seen.append(extents(rig.src, snap, "disk0", None))
+        sock = nbd_socket(vm.qmp_path)  # QEMU's NBD server serves the disks: nobody else may reach it
+        modes.append((sock.parent.stat().st_mode & 0o777, sock.stat().st_mode & 0o777))
+
+    p1 = rig.sync("p1", before_copy=before)
     assert data_ranges(seen[0]) == [(0, 1 * MiB), (4 * MiB, 128 * KiB)]
+    assert modes == [(0o700, 0o600)]
     assert p1.results["disk0"].kind == "full" and p1.results["disk0"].stats.bytes_read == 1 * MiB + 128 * KiB
 
     vm.write(0, 8 * MiB, 0x33, CLUSTER)  # one granule of data
