@@ -56,14 +56,12 @@ from sendense.errors import (
     InvalidSpec,
     ResourceNotFound,
     ResourceUnavailable,
-    SendenseError,
     SnapshotInconsistent,
 )
 from sendense.models import DiskInfo, DiskSnapshot, NicInfo, SnapshotRef, VmInfo
+from tools.qcow2 import BadImage, NotQcow2, sniff_format
 from tools.qemu import (
     Qcow2Header,
-    image_info,
-    is_qcow2,
     qemu_img,
     qemu_nbd,
     read_qcow2_header,
@@ -162,14 +160,14 @@ class OfflineQcow2Source:
             raise InvalidSpec(f"{field} is an empty file, not a qcow2 image: leave it out of source.disks")
         try:
             info = read_qcow2_header(path)  # one open and read of the header: this runs every sync
-        except SendenseError:
-            if is_qcow2(path):
-                raise
-            fmt = image_info(path).get("format")
+        except NotQcow2:
+            fmt = sniff_format(path)  # not qemu-img info: some formats name other files, which it opens
             raise InvalidSpec(
                 f"{field} is {fmt}, not qcow2: convert it with the VM stopped "
                 f"(qemu-img convert -O qcow2 {path} NEW.qcow2) and list the new image"
             ) from None
+        except BadImage as e:
+            raise InvalidSpec(f"{field}: qcow2 header: {e.reason}") from None
         if info.version < 3:
             raise InvalidSpec(
                 f"{field} is qcow2 v2 (compat=0.10), which cannot hold dirty bitmaps: upgrade it with "
