@@ -68,12 +68,13 @@ def qcow2_bitmaps(info: dict[str, Any]) -> dict[str, list[str]]:
     return {b["name"]: list(b.get("flags", [])) for b in data.get("bitmaps", [])}
 
 
-def remove_bitmaps(image: Path, names: Sequence[str], in_use: str) -> None:
+def remove_bitmaps(image: Path, names: Sequence[str], in_use: str, *, spec: str | None = None) -> None:
     """Remove persistent bitmaps from an image that no process holds; `in_use` is the one-line error
-    (a ResourceUnavailable) when one does."""
+    (a ResourceUnavailable) when one does. `spec`: what QEMU opens instead of the bare path (a
+    `json:` filename from tools.image_chain, which pins the files a user's image may name)."""
     for n in names:
         try:
-            qemu_img("bitmap", "--remove", str(image), n)
+            qemu_img("bitmap", "--remove", spec or str(image), n)
         except ResourceUnavailable:
             raise ResourceUnavailable(in_use) from None
         log.info("removed bitmap %s from %s", n, image)
@@ -182,8 +183,11 @@ def start_qemu_nbd(
     bitmaps: Sequence[str] = (),
     connections: int = 40,  # the copy engine opens up to 2 x tuning.connections + 1
     extra: Sequence[str] = (),
+    spec: str | None = None,
 ) -> NbdServer:
-    """Start qemu-nbd on `image`; it dies with this process (PDEATHSIG) so a killed worker leaks nothing."""
+    """Start qemu-nbd on `image`; it dies with this process (PDEATHSIG) so a killed worker leaks nothing.
+    `spec`: a `json:` filename opened instead of `image` with `fmt` (tools.image_chain: the exact
+    files and formats of a user's image chain); errors still name `image`."""
     _sweep_stale_servers()
     tmpdir = tempfile.mkdtemp(prefix=_NBD_PREFIX)
     sock = Path(tmpdir) / "nbd.sock"
@@ -193,8 +197,7 @@ def start_qemu_nbd(
         "--persistent",
         "--shared",
         str(connections),
-        "--format",
-        fmt,
+        *(() if spec else ("--format", fmt)),
         "--socket",
         str(sock),
     ]
@@ -211,7 +214,7 @@ def start_qemu_nbd(
         cmd += ["--cache=writeback", "--aio=threads", "--discard=unmap"]
     for b in bitmaps:
         cmd += ["--bitmap", b]
-    cmd += [*extra, str(image)]
+    cmd += [*extra, spec or str(image)]
     proc = subprocess.Popen(die_with_parent(cmd), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 30
     pause = 0.001  # qemu-nbd is ready after ~5-10 ms: poll finely at first

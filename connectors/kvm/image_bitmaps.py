@@ -93,15 +93,16 @@ def _qemu_io(image: Path, command: str) -> None:
         raise SendenseError(f"qemu-io {command!r} on {image}: {(p.stderr or p.stdout).strip()}")
 
 
-def add_shrink_markers(image: Path, span: str, tail: str, size: int) -> None:
+def add_shrink_markers(image: Path, span: str, tail: str, size: int, *, spec: str | None = None) -> None:
     """Add to `image` the two disabled persistent bitmaps that show a later shrink: `span`, dirty over
     the whole disk, and `tail`, dirty at its last sector only. A shrink truncates bitmaps and a grow
     extends them clean, so a clean `tail` means the disk was shrunk, and where `span` turns clean is
-    how far (to within one granule)."""
+    how far (to within one granule). `spec`: what QEMU opens instead of the bare path (see
+    tools.qemu.remove_bitmaps)."""
     scratch = marker_scratch(size)
     for name, src, gran in ((span, "span", SPAN_GRANULARITY), (tail, "tail", 512)):
         merge = ["--merge", src, "-b", str(scratch), "-F", "qcow2"]
-        qemu_img("bitmap", "--add", "-g", str(gran), "--disable", *merge, str(image), name)
+        qemu_img("bitmap", "--add", "-g", str(gran), "--disable", *merge, spec or str(image), name)
 
 
 def bitmap_dirty_end(path: Path, header: Qcow2Header, name: str, granularity: int) -> int:
