@@ -21,6 +21,7 @@ from typing import Any
 from temporalio import activity
 
 from activities.errors import mapped, to_application_error
+from activities.guard import authorized
 from sendense import config
 from sendense.datapath.sync import copy_disk as run_copy_disk
 from sendense.datapath.sync import planned_bytes
@@ -60,6 +61,7 @@ def work_dir(job: str) -> Path:
 
 @activity.defn(name="validate_job")
 @mapped
+@authorized
 def validate_job(req: JobRequest) -> VmInfo:
     src = source_for(req.spec, work_dir(req.spec.name))
     src.validate()
@@ -72,6 +74,7 @@ HEARTBEAT_EVERY = 1.0  # seconds between copy heartbeats (progress, cancellation
 
 @activity.defn(name="create_snapshot")
 @mapped
+@authorized
 def create_snapshot(req: SnapshotRequest) -> SnapshotRef:
     """Heartbeats while it runs: a cloud snapshot may take long to complete (a cloud's first snapshot
     of a large volume: hours), and a dead worker must still be noticed after the heartbeat timeout."""
@@ -92,6 +95,7 @@ def _create_snapshot(req: SnapshotRequest) -> SnapshotRef:
 
 @activity.defn(name="prepare_target")
 @mapped
+@authorized
 def prepare_target(req: PrepareRequest) -> None:
     target_for(req.spec).prepare(req.sync_id, req.disks)
 
@@ -105,6 +109,7 @@ def _release(req: ReleaseRequest) -> None:
 
 @activity.defn(name="begin_sync")
 @mapped
+@authorized
 def begin_sync(req: SnapshotRequest) -> SnapshotRef:
     """create_snapshot, then prepare_target, in one task: the workflow uses it when the source and
     the target are served by the same host queue. If the target cannot be prepared, the snapshot is
@@ -127,6 +132,7 @@ def _begin(req: SnapshotRequest) -> SnapshotRef:
 
 @activity.defn(name="begin_and_copy")
 @mapped
+@authorized
 def begin_and_copy(req: SnapshotRequest) -> BeginResult:
     """begin_sync, then the copy of the first disks whose changes fit in `req.copy_up_to` bytes in all,
     inside this task: a small sync needs no copy_disk task (one activity and one workflow task less
@@ -237,6 +243,7 @@ def _heartbeating(every: float) -> Iterator[None]:
 
 @activity.defn(name="copy_disk")
 @mapped
+@authorized
 def copy_disk(req: CopyRequest) -> DiskCopyResult:
     """Copy one disk of a snapshot into the sync's replica, resuming from the last resume token.
 
@@ -310,6 +317,7 @@ def copy_disk(req: CopyRequest) -> DiskCopyResult:
 
 @activity.defn(name="commit_point")
 @mapped
+@authorized
 def commit_point(req: CommitRequest) -> PointInfo:
     return _commit(req)
 
@@ -343,12 +351,14 @@ def _commit(req: CommitRequest) -> PointInfo:
 
 @activity.defn(name="release_snapshot")
 @mapped
+@authorized
 def release_snapshot(req: ReleaseRequest) -> None:
     _release(req)
 
 
 @activity.defn(name="finish_sync")
 @mapped
+@authorized
 def finish_sync(req: CommitRequest) -> FinishResult:
     """commit_point (with retention), then release_snapshot(committed), in one task (same host queue).
     A failed release is returned, not raised: the point is committed either way, and the workflow
@@ -372,24 +382,28 @@ def _release_committed(spec: JobSpec, snap: SnapshotRef, point: PointInfo) -> Fi
 
 @activity.defn(name="abort_sync")
 @mapped
+@authorized
 def abort_sync(req: AbortRequest) -> None:
     target_for(req.spec).abort(req.sync_id)
 
 
 @activity.defn(name="prune_points")
 @mapped
+@authorized
 def prune_points(req: PruneRequest) -> PruneResult:
     return PruneResult(removed=target_for(req.spec).prune(req.keep))
 
 
 @activity.defn(name="destroy_target")
 @mapped
+@authorized
 def destroy_target(req: JobRequest) -> None:
     target_for(req.spec).destroy()
 
 
 @activity.defn(name="forget_source")
 @mapped
+@authorized
 def forget_source(req: JobRequest) -> None:
     """The job is deleted: remove its change tracking from the source, then its local work files."""
     source_for(req.spec, work_dir(req.spec.name)).forget()

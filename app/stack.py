@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 
 import psutil
 
-from sendense import config
+from sendense import config, policy
 from sendense.errors import SendenseError, ServerUnreachable
 
 log = logging.getLogger(__name__)
@@ -327,6 +327,18 @@ def _wait_reachable(info: StackInfo, log_path: Path, offset: int, timeout: float
 # -------------------------------------------------------------------------------------------- worker
 
 
+def _starter_policy(state: Path) -> None:
+    """The embedded worker's policy (sendense.policy), written when there is none: the stack's own
+    replica and lab directories, the libvirt image pool, each cloud's own endpoints."""
+    p = Path(os.environ["SENDENSE_POLICY"]) if os.environ.get("SENDENSE_POLICY") else state / "policy.yaml"
+    if p.exists():
+        return
+    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(policy.starter(state))
+    log.info("wrote the agent policy %s: add the directories your VMs and replicas live in", p)
+
+
 def _start_worker(state_dir: Path, info: StackInfo, cmd: list[str], grace: float) -> None:
     env = dict(os.environ)
     env.update(
@@ -374,6 +386,8 @@ def up(
     state = _state(state_dir)
     (state / "logs").mkdir(parents=True, exist_ok=True)
     cmd_worker = list(worker_cmd) if worker_cmd else list(DEFAULT_WORKER_CMD)
+    if worker:
+        _starter_policy(state)
     with _locked(state):
         info = _read(state)
         if info is not None and _alive(info.server_pid, info.server_create_time):

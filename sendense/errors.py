@@ -30,6 +30,14 @@ class InvalidSpec(SendenseError):
     kind = "InvalidSpec"
 
 
+class NotAllowed(SendenseError):
+    """This agent's policy does not allow what a job asks: a path outside its roots, a platform or an
+    endpoint it does not serve (sendense.policy). Retrying cannot help; the operator changes the spec or
+    the agent's policy."""
+
+    kind = "NotAllowed"
+
+
 class ResourceNotFound(SendenseError):
     """A VM, disk, socket or point named by the user does not exist."""
 

@@ -159,6 +159,15 @@ def refuse_credentials(data: Any, hint: str) -> Any:
     return data
 
 
+class Reach(BaseModel):
+    """What one end of a job touches on the agent's host and beyond, each named by its spec field: the
+    agent's policy (sendense.policy) allows or refuses a job by it."""
+
+    reads: list[tuple[str, Path]] = Field(default_factory=list, description="files and sockets read")
+    writes: list[tuple[str, Path]] = Field(default_factory=list, description="directories written")
+    endpoints: list[tuple[str, str]] = Field(default_factory=list, description="APIs called")
+
+
 class PlatformSpec(Strict):
     """What a job spec says about one end of a job. Each platform's package subclasses SourceSpec or
     TargetSpec with its own fields and checks (sendense.platforms finds them by `platform`)."""
@@ -179,6 +188,10 @@ class PlatformSpec(Strict):
     def describe(self) -> str:
         """One line for status and search attributes: the platform and what this end is."""
         return self.platform
+
+    def reach(self) -> Reach:
+        """What this end reads, writes and calls (each platform says; nothing by default)."""
+        return Reach()
 
     def resolved(self, base: Path) -> Self:
         """This end with paths given relative to the spec file (in `base`) made absolute, and what can

@@ -19,8 +19,8 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Worker
 
 from activities.replication import HOST_ACTIVITIES
-from sendense import config
-from sendense.errors import ServerUnreachable
+from sendense import config, policy
+from sendense.errors import NotAllowed, ServerUnreachable
 from workflows.replication import ReplicationWorkflow
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,14 @@ def build_workers(client: Client, host: str | None = None, max_activities: int =
 
 
 async def serve() -> None:
+    pol = policy.current()  # an agent without a (valid) policy does not start: it would refuse every job
+    log.info(
+        "agent policy %s: platforms %s; source roots %s; target roots %s",
+        policy.path(),
+        ", ".join(pol.platforms),
+        ", ".join(map(str, pol.source_roots)),
+        ", ".join(map(str, pol.target_roots)),
+    )
     client = await connect()
     workers = build_workers(client)
     stop = asyncio.Event()
@@ -97,7 +105,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         asyncio.run(serve())
-    except ServerUnreachable as e:
+    except (ServerUnreachable, NotAllowed) as e:
         log.error("%s", e)
         raise SystemExit(2) from None
 

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from sendense.models import PlatformSpec, SourceSpec, Strict, TargetSpec
+from sendense.models import PlatformSpec, Reach, SourceSpec, Strict, TargetSpec
 
 _AWS_REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d+\Z")  # \Z: $ admits a trailing newline
 
@@ -40,6 +40,13 @@ class _AwsPlace(PlatformSpec):
 
     _region = field_validator("region")(_check_region)
     _endpoint = field_validator("endpoint_url")(_check_endpoint)
+
+    def reach(self) -> Reach:
+        """The lab's or another endpoint if given, else AWS's own endpoints of the region (aws:<region>)."""
+        end = "source" if isinstance(self, SourceSpec) else "target"
+        if self.endpoint_url is not None:
+            return Reach(endpoints=[(f"{end}.endpoint_url", self.endpoint_url.rstrip("/"))])
+        return Reach(endpoints=[(f"{end}.region", f"aws:{self.region}")])
 
 
 class AwsSource(_AwsPlace, SourceSpec):

@@ -10,7 +10,7 @@ from typing import Literal, Self
 
 from pydantic import Field, field_validator, model_validator
 
-from sendense.models import SourceSpec, Strict, TargetSpec, resolve_path
+from sendense.models import Reach, SourceSpec, Strict, TargetSpec, resolve_path
 
 KVM_CREDENTIALS = "the agent reaches QEMU and libvirt as its own user (for libvirt over ssh: its ssh keys)"
 
@@ -93,6 +93,13 @@ class KvmSource(SourceSpec):
         assert self.libvirt is not None
         return f"kvm:libvirt:{self.libvirt.domain}"
 
+    def reach(self) -> Reach:
+        return Reach(
+            reads=[(f"source.disks[{i}]", d) for i, d in enumerate(self.disks or [])]
+            + ([("source.qmp", self.qmp)] if self.qmp is not None else []),
+            endpoints=[("source.libvirt.uri", self.libvirt.uri)] if self.libvirt is not None else [],
+        )
+
     def resolved(self, base: Path) -> Self:
         update: dict[str, object] = {}
         if self.disks is not None:
@@ -122,6 +129,12 @@ class KvmTarget(TargetSpec):
 
     def describe(self) -> str:
         return f"kvm:{self.path}"
+
+    def reach(self) -> Reach:
+        return Reach(
+            writes=[("target.path", self.path)],
+            endpoints=[("target.libvirt.uri", self.libvirt.uri)] if self.libvirt is not None else [],
+        )
 
     def resolved(self, base: Path) -> Self:
         return self.model_copy(update={"path": resolve_path(self.path, base)})

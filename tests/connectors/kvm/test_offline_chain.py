@@ -8,36 +8,33 @@ import os
 from pathlib import Path
 
 import pytest
+import yaml
 from helpers_kvm import MiB, make_qcow2, qemu_io, run, same_content, sync_point, to_raw
 from helpers_qcow2 import header, write_image
 
-import connectors.kvm.offline as offline
 from connectors.kvm.offline import OfflineQcow2Source
 from connectors.kvm.target import KvmTarget
-from sendense.errors import InvalidSpec, SendenseError
+from sendense.errors import InvalidSpec, NotAllowed, SendenseError
 
 JOB = "j"
 
 
-class Outside(SendenseError):
-    """What the agent's policy raises for a path outside its source roots (the test's stand-in)."""
-
-
 @pytest.fixture
 def roots(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The agent's allowed source roots: `<tmp>/roots`; `<tmp>/host` stands for the rest of the host."""
+    """The agent's policy allows sources under `<tmp>/roots` only; `<tmp>/host` stands for the rest
+    of the host (replicas go anywhere under <tmp>)."""
     root = tmp_path / "roots"
     root.mkdir()
     (tmp_path / "host").mkdir()
-    checked: list[Path] = []
-
-    def require_source_path(path: Path, what: str) -> None:
-        checked.append(path)
-        if not path.is_relative_to(root):
-            raise Outside(f"{what} {path} is outside the allowed source roots")
-
-    monkeypatch.setattr(offline, "require_source_path", require_source_path, raising=False)
+    policy = tmp_path / "policy.yaml"
+    doc = {"platforms": ["kvm"], "source_roots": [str(root)], "target_roots": [str(tmp_path)]}
+    policy.write_text(yaml.safe_dump(doc))
+    monkeypatch.setenv("SENDENSE_POLICY", str(policy))
     return root
+
+
+def outside(what: str, path: Path, root: Path) -> str:
+    return f"{what} {path} is outside this agent's source roots ({root})"
 
 
 def secret(tmp: Path) -> Path:
@@ -81,8 +78,8 @@ def test_a_backing_file_outside_the_roots_is_refused_naming_the_disk(tmp_path: P
     shadow = secret(tmp_path)
     img = overlay(roots / "vm.qcow2", str(shadow), "raw")
     msg = refusal(img)
-    assert msg == f"source.disks[1]: {img}: backing file {shadow} is outside the allowed source roots"
-    with pytest.raises(Outside):  # nor does a sync read it
+    assert msg == outside(f"source.disks[1]: {img}: backing file", shadow, roots)
+    with pytest.raises(NotAllowed):  # nor does a sync read it
         full_sync(tmp_path, img)
 
 
@@ -91,10 +88,10 @@ def test_a_relative_backing_name_and_a_symlink_are_resolved_before_the_check(
 ) -> None:
     shadow = secret(tmp_path)
     rel = overlay(roots / "rel.qcow2", os.path.relpath(shadow, roots), "raw")
-    assert refusal(rel).endswith(f"backing file {shadow} is outside the allowed source roots")
+    assert refusal(rel).endswith(outside("backing file", shadow, roots))
     (roots / "base.raw").symlink_to(shadow)
     linked = overlay(roots / "linked.qcow2", "base.raw", "raw")
-    assert refusal(linked).endswith(f"backing file {shadow} is outside the allowed source roots")
+    assert refusal(linked).endswith(outside("backing file", shadow, roots))
 
 
 def test_a_chain_inside_the_roots_replicates_exactly(tmp_path: Path, roots: Path) -> None:
@@ -135,7 +132,7 @@ def test_an_external_data_file_outside_the_roots_is_refused(tmp_path: Path, root
     img = roots / "vm.qcow2"
     run("qemu-img", "create", "-q", "-f", "qcow2", "-o", f"data_file={shadow},data_file_raw=on", img, 1 * MiB)
     msg = refusal(img)
-    assert msg == f"source.disks[1]: {img}: external data file {shadow} is outside the allowed source roots"
+    assert msg == outside(f"source.disks[1]: {img}: external data file", shadow, roots)
 
 
 def test_an_external_data_file_inside_the_roots_replicates_and_a_relative_one_is_refused(
@@ -161,7 +158,7 @@ def test_a_raw_backing_is_never_probed(tmp_path: Path, roots: Path) -> None:
     fake = header(backing_offset=512, backing_size=len(name), size=1 * MiB, version=3)
     base = write_image(roots / "base.raw", fake, file_size=1 * MiB, at={512: name})
     probed = overlay(roots / "probed.qcow2", "base.raw", None)
-    assert refusal(probed).endswith(f"backing file {shadow} is outside the allowed source roots")
+    assert refusal(probed).endswith(outside("backing file", shadow, roots))
     explicit = overlay(roots / "explicit.qcow2", "base.raw", "raw")
     point = full_sync(tmp_path, explicit)
     assert to_raw(point, tmp_path / "point.raw").read_bytes() == base.read_bytes()
