@@ -11,17 +11,20 @@ import select
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sendense.errors import ResourceNotFound, ResourceUnavailable, SendenseError, TargetError
+from tools.qcow2 import QCOW2_MAGIC as QCOW2_MAGIC  # the header reader's names, where they used to live
+from tools.qcow2 import Qcow2Header as Qcow2Header
+from tools.qcow2 import is_qcow2 as is_qcow2
+from tools.qcow2 import qcow2_backing_name as qcow2_backing_name
+from tools.qcow2 import read_qcow2_header as read_qcow2_header
 
 log = logging.getLogger(__name__)
 
@@ -65,99 +68,13 @@ def qcow2_bitmaps(info: dict[str, Any]) -> dict[str, list[str]]:
     return {b["name"]: list(b.get("flags", [])) for b in data.get("bitmaps", [])}
 
 
-QCOW2_MAGIC = b"QFI\xfb"
-_BITMAPS_EXT = 0x23852875
-_BITMAP_FLAGS = ((1, "in-use"), (2, "auto"))
-
-
-@dataclass(frozen=True)
-class Qcow2Header:
-    """What the hot paths need from a qcow2 header, read in-process (`qemu-img info` costs a process
-    and ~4 ms of CPU per call; a sync used to make two per disk)."""
-
-    size: int  # virtual size
-    backing: str | None  # the backing file name as written in the header
-    bitmaps: dict[str, list[str]]  # persistent bitmap name -> flags, as qcow2_bitmaps() gives them
-    version: int = 3  # 2: compat=0.10, which cannot hold persistent bitmaps
-    cluster_size: int = 65536
-    tables: dict[str, tuple[int, int]] = field(default_factory=dict)  # bitmap -> (table offset, entries)
-
-
-def is_qcow2(path: Path) -> bool:
-    with open(path, "rb") as f:
-        return f.read(4) == QCOW2_MAGIC
-
-
-def read_qcow2_header(path: Path) -> Qcow2Header:
-    """Parse the header, its extensions and the bitmap directory (qcow2 spec, docs/interop/qcow2.txt).
-
-    The bitmaps extension counts only while autoclear bit 0 is set: a program that does not know
-    bitmaps clears it on write, and then the bitmaps are stale (QEMU ignores them the same way).
-    """
-    with open(path, "rb") as f:
-        head = f.read(112)
-        if len(head) < 72 or head[:4] != QCOW2_MAGIC:
-            raise SendenseError(f"{path} is not a qcow2 image")
-        version, b_off, b_len, cluster_bits = struct.unpack(">IQII", head[4:24])
-        (size,) = struct.unpack(">Q", head[24:32])
-        backing = None
-        if b_off and b_len:
-            f.seek(b_off)
-            backing = f.read(b_len).decode("utf-8", "replace")
-        bitmaps: dict[str, list[str]] = {}
-        tables: dict[str, tuple[int, int]] = {}
-        if version < 3 or len(head) < 104:
-            return Qcow2Header(size, backing, bitmaps, version, 1 << cluster_bits)
-        (autoclear,) = struct.unpack(">Q", head[88:96])
-        (header_len,) = struct.unpack(">I", head[100:104])
-        f.seek(header_len)
-        while True:
-            ext = f.read(8)
-            if len(ext) < 8:
-                break
-            etype, elen = struct.unpack(">II", ext)
-            if etype == 0:
-                break
-            data = f.read((elen + 7) & ~7)
-            if etype == _BITMAPS_EXT and autoclear & 1 and elen >= 24:
-                nb, _reserved, dir_size, dir_off = struct.unpack(">IIQQ", data[:24])
-                f.seek(dir_off)
-                bitmaps, tables = _bitmap_directory(f.read(dir_size), nb, path)
-                break
-        return Qcow2Header(size, backing, bitmaps, version, 1 << cluster_bits, tables)
-
-
-def _bitmap_directory(
-    raw: bytes, count: int, path: Path
-) -> tuple[dict[str, list[str]], dict[str, tuple[int, int]]]:
-    out: dict[str, list[str]] = {}
-    tables: dict[str, tuple[int, int]] = {}
-    pos = 0
-    for _ in range(count):
-        if pos + 24 > len(raw):
-            raise SendenseError(f"{path}: truncated qcow2 bitmap directory")
-        t_off, t_size = struct.unpack(">QI", raw[pos : pos + 12])
-        flags, _type, _gran, name_len, extra = struct.unpack(">IBBHI", raw[pos + 12 : pos + 24])
-        name_at = pos + 24 + extra
-        name = raw[name_at : name_at + name_len].decode("utf-8", "replace")
-        out[name] = [label for bit, label in _BITMAP_FLAGS if flags & bit]
-        tables[name] = (t_off, t_size)
-        pos = (name_at + name_len + 7) & ~7
-    return out, tables
-
-
-def qcow2_backing_name(path: Path) -> str | None:
-    """The backing file's name from the qcow2 header, without spawning qemu-img (hot in recovery)."""
-    backing = read_qcow2_header(path).backing
-    return Path(backing).name if backing else None
-
-
-def remove_bitmaps(image: Path, names: Sequence[str], in_use: str) -> None:
+def remove_bitmaps(image: Path, names: Sequence[str], in_use: str, *, spec: str | None = None) -> None:
     """Remove persistent bitmaps from an image that no process holds; `in_use` is the one-line error
-    (a ResourceUnavailable) when one does."""
+    (a ResourceUnavailable) when one does. `spec`: what QEMU opens instead of the bare path (a
+    `json:` filename from tools.image_chain, which pins the files a user's image may name)."""
     for n in names:
         try:
-            qemu_img("bitmap", "--remove", str(image), n)
+            qemu_img("bitmap", "--remove", spec or str(image), n)
         except ResourceUnavailable:
             raise ResourceUnavailable(in_use) from None
         log.info("removed bitmap %s from %s", n, image)
@@ -266,8 +183,11 @@ def start_qemu_nbd(
     bitmaps: Sequence[str] = (),
     connections: int = 40,  # the copy engine opens up to 2 x tuning.connections + 1
     extra: Sequence[str] = (),
+    spec: str | None = None,
 ) -> NbdServer:
-    """Start qemu-nbd on `image`; it dies with this process (PDEATHSIG) so a killed worker leaks nothing."""
+    """Start qemu-nbd on `image`; it dies with this process (PDEATHSIG) so a killed worker leaks nothing.
+    `spec`: a `json:` filename opened instead of `image` with `fmt` (tools.image_chain: the exact
+    files and formats of a user's image chain); errors still name `image`."""
     _sweep_stale_servers()
     tmpdir = tempfile.mkdtemp(prefix=_NBD_PREFIX)
     sock = Path(tmpdir) / "nbd.sock"
@@ -277,8 +197,7 @@ def start_qemu_nbd(
         "--persistent",
         "--shared",
         str(connections),
-        "--format",
-        fmt,
+        *(() if spec else ("--format", fmt)),
         "--socket",
         str(sock),
     ]
@@ -295,7 +214,7 @@ def start_qemu_nbd(
         cmd += ["--cache=writeback", "--aio=threads", "--discard=unmap"]
     for b in bitmaps:
         cmd += ["--bitmap", b]
-    cmd += [*extra, str(image)]
+    cmd += [*extra, spec or str(image)]
     proc = subprocess.Popen(die_with_parent(cmd), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 30
     pause = 0.001  # qemu-nbd is ready after ~5-10 ms: poll finely at first

@@ -6,6 +6,11 @@ and are kept (bounded) in `events`. One command at a time per client (a lock ser
 
 A QEMU monitor serves one client at a time: a second client's connection is accepted by the kernel
 but gets no greeting until the first one leaves, hence the greeting timeout.
+
+The socket is the user's (a spec names it) and whatever listens there is not trusted: a reply line
+is at most MAX_REPLY bytes and an event line at most MAX_EVENT (a peer sending 40 MB without a
+newline pushed the CLI to 1.1 GB), and a reply nested too deep to parse is malformed; each is one
+line naming the socket.
 """
 
 from __future__ import annotations
@@ -19,6 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from sendense.errors import ResourceNotFound, ResourceUnavailable, SendenseError
+
+MAX_REPLY = 4 << 20  # query-block of 60 disks with backing chains is well under 1 MiB; JSON parsed
+# from a line can take ~15x its size (many small keys), so this also bounds the parse
+MAX_EVENT = 64 << 10  # QEMU's events are a few hundred bytes; up to 256 are kept
 
 
 class QmpError(SendenseError):
@@ -45,7 +54,8 @@ class QmpClient:
         self.command_timeout = command_timeout
         self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=256)
         self._sock: socket.socket | None = None
-        self._buf = b""
+        self._buf = bytearray()
+        self._scanned = 0  # bytes of _buf known to hold no newline
         self._lock = threading.RLock()
         self.greeting: dict[str, Any] = {}
 
@@ -58,7 +68,7 @@ class QmpClient:
             if not self.path.exists():
                 raise ResourceNotFound(f"QMP socket {self.path}: not found (is the VM running?)")
             s = self._open_socket()
-            self._sock, self._buf = s, b""
+            self._sock, self._buf, self._scanned = s, bytearray(), 0
             try:
                 greeting = self._recv(self.timeout, what="greeting")
                 if "QMP" not in greeting:
@@ -105,7 +115,7 @@ class QmpClient:
                 try:
                     self._sock.close()
                 finally:
-                    self._sock, self._buf = None, b""
+                    self._sock, self._buf, self._scanned = None, bytearray(), 0
 
     def __enter__(self) -> QmpClient:
         return self.connect()
@@ -152,7 +162,7 @@ class QmpClient:
                 if "event" in msg:
                     if ok(msg):
                         return msg
-                    self.events.append(msg)
+                    self._keep(msg)
 
     # ------------------------------------------------------------------ wire
 
@@ -170,7 +180,7 @@ class QmpClient:
         while True:
             reply = self._recv(max(0.001, deadline - time.monotonic()), what=f"reply to {cmd}")
             if "event" in reply:
-                self.events.append(reply)
+                self._keep(reply)
                 continue
             if "error" in reply:
                 err = reply["error"]
@@ -181,10 +191,31 @@ class QmpClient:
             if "return" in reply:
                 return reply["return"]
 
+    def _keep(self, event: dict[str, Any]) -> None:
+        if self._last_len > MAX_EVENT:
+            self.close()
+            raise SendenseError(
+                f"QMP socket {self.path}: an event of {self._last_len} bytes (max {MAX_EVENT}): "
+                "not a QEMU monitor"
+            )
+        self.events.append(event)
+
+    _last_len = 0  # the length of the line _recv returned last
+
+    def _too_long(self, what: str) -> SendenseError:
+        self.close()
+        return SendenseError(
+            f"QMP socket {self.path}: {what} is longer than {MAX_REPLY >> 20} MiB: not a QEMU monitor, "
+            "or a reply too large to trust"
+        )
+
     def _recv(self, timeout: float, *, what: str) -> dict[str, Any]:
         assert self._sock is not None
         deadline = time.monotonic() + timeout
-        while b"\n" not in self._buf:
+        while (nl := self._buf.find(b"\n", self._scanned)) < 0:
+            self._scanned = len(self._buf)
+            if self._scanned > MAX_REPLY:
+                raise self._too_long(what)
             left = deadline - time.monotonic()
             if left <= 0:
                 self.close()
@@ -206,9 +237,18 @@ class QmpClient:
                     f"QMP socket {self.path}: connection closed by QEMU while waiting for {what}"
                 )
             self._buf += chunk
-        line, self._buf = self._buf.split(b"\n", 1)
+        line = bytes(self._buf[:nl])
+        del self._buf[: nl + 1]
+        self._scanned = 0
+        self._last_len = len(line)
+        if len(line) > MAX_REPLY:
+            raise self._too_long(what)
         try:
-            return json.loads(line)
-        except ValueError:
+            msg = json.loads(line)
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
             self.close()
             raise ResourceUnavailable(f"QMP socket {self.path}: malformed reply {line[:80]!r}") from None
+        if not isinstance(msg, dict):
+            self.close()
+            raise ResourceUnavailable(f"QMP socket {self.path}: malformed reply {line[:80]!r}")
+        return msg

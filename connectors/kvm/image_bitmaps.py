@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 from sendense.errors import ResourceUnavailable, SendenseError
 from tools.qemu import Qcow2Header, qemu_img, tool
@@ -92,15 +93,16 @@ def _qemu_io(image: Path, command: str) -> None:
         raise SendenseError(f"qemu-io {command!r} on {image}: {(p.stderr or p.stdout).strip()}")
 
 
-def add_shrink_markers(image: Path, span: str, tail: str, size: int) -> None:
+def add_shrink_markers(image: Path, span: str, tail: str, size: int, *, spec: str | None = None) -> None:
     """Add to `image` the two disabled persistent bitmaps that show a later shrink: `span`, dirty over
     the whole disk, and `tail`, dirty at its last sector only. A shrink truncates bitmaps and a grow
     extends them clean, so a clean `tail` means the disk was shrunk, and where `span` turns clean is
-    how far (to within one granule)."""
+    how far (to within one granule). `spec`: what QEMU opens instead of the bare path (see
+    tools.qemu.remove_bitmaps)."""
     scratch = marker_scratch(size)
     for name, src, gran in ((span, "span", SPAN_GRANULARITY), (tail, "tail", 512)):
         merge = ["--merge", src, "-b", str(scratch), "-F", "qcow2"]
-        qemu_img("bitmap", "--add", "-g", str(gran), "--disable", *merge, str(image), name)
+        qemu_img("bitmap", "--add", "-g", str(gran), "--disable", *merge, spec or str(image), name)
 
 
 def bitmap_dirty_end(path: Path, header: Qcow2Header, name: str, granularity: int) -> int:
@@ -109,10 +111,7 @@ def bitmap_dirty_end(path: Path, header: Qcow2Header, name: str, granularity: in
     bits = header.cluster_size * 8  # granules per bitmap table entry
     limit = -(-header.size // granularity)
     with open(path, "rb") as f:
-        f.seek(t_off)
-        entries = struct.unpack(f">{t_size}Q", f.read(8 * t_size))
-        for i in range(len(entries) - 1, -1, -1):
-            e = entries[i]
+        for i, e in _table(f, t_off, t_size, reverse=True):
             if e & _TABLE_OFFSET:
                 f.seek(e & _TABLE_OFFSET)
                 data = f.read(header.cluster_size).rstrip(b"\0")
@@ -125,6 +124,21 @@ def bitmap_dirty_end(path: Path, header: Qcow2Header, name: str, granularity: in
 
 
 _TABLE_OFFSET = 0x00FFFFFFFFFFFE00  # bits 9-55 of a bitmap table entry
+_TABLE_CHUNK = 8192  # entries read at a time (64 KiB): a table's size comes from the image
+
+
+def _table(f: BinaryIO, t_off: int, t_size: int, *, reverse: bool = False) -> Iterator[tuple[int, int]]:
+    """(index, entry) of a bitmap table, read a chunk at a time (the header reader checked that the
+    table lies inside the file, but it may still be large)."""
+    starts = range(0, t_size, _TABLE_CHUNK)
+    for start in reversed(starts) if reverse else starts:
+        n = min(_TABLE_CHUNK, t_size - start)
+        f.seek(t_off + 8 * start)
+        raw = f.read(8 * n)
+        entries = struct.unpack(f">{len(raw) // 8}Q", raw[: len(raw) // 8 * 8])
+        idx = range(start, start + len(entries))
+        pairs = list(zip(idx, entries, strict=True))
+        yield from reversed(pairs) if reverse else pairs
 
 
 def bitmap_is_clean(path: Path, header: Qcow2Header, name: str) -> bool:
@@ -133,9 +147,7 @@ def bitmap_is_clean(path: Path, header: Qcow2Header, name: str) -> bool:
     0 with bit 0 saying all ones (1) or all zeros (0)."""
     t_off, t_size = header.tables[name]
     with open(path, "rb") as f:
-        f.seek(t_off)
-        entries = struct.unpack(f">{t_size}Q", f.read(8 * t_size))
-        for e in entries:
+        for _, e in _table(f, t_off, t_size):
             if e & _TABLE_OFFSET:
                 f.seek(e & _TABLE_OFFSET)
                 if f.read(header.cluster_size).strip(b"\0"):

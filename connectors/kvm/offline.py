@@ -56,14 +56,14 @@ from sendense.errors import (
     InvalidSpec,
     ResourceNotFound,
     ResourceUnavailable,
-    SendenseError,
     SnapshotInconsistent,
 )
 from sendense.models import DiskInfo, DiskSnapshot, NicInfo, SnapshotRef, VmInfo
+from sendense.policy import require_source_path
+from tools.image_chain import Level, image_json, walk_chain
+from tools.qcow2 import BadImage, NotQcow2, sniff_format
 from tools.qemu import (
     Qcow2Header,
-    image_info,
-    is_qcow2,
     qemu_img,
     qemu_nbd,
     read_qcow2_header,
@@ -151,6 +151,22 @@ class OfflineQcow2Source:
                 return p
         raise ResourceNotFound(f"source disk {key}: not part of job {self.job}")
 
+    def _index(self, key: str) -> int:
+        for i, (k, _) in enumerate(self._keys()):
+            if k == key:
+                return i
+        raise ResourceNotFound(f"source disk {key}: not part of job {self.job}")
+
+    def _chain(self, i: int, path: Path, *, backing: bool = True) -> list[Level]:
+        """The files QEMU would open for disk `i` (its backing chain and data files, or the image
+        alone for a bitmap change), each checked against the agent's allowed source roots before
+        anything reads it (tools.image_chain)."""
+        return walk_chain(path, require_source_path, f"source.disks[{i}]: {path}", backing=backing)
+
+    def _spec(self, i: int, path: Path, *, backing: bool = True) -> str:
+        """What QEMU is given to open disk `i`: exactly the checked files, with explicit formats."""
+        return image_json(self._chain(i, path, backing=backing))
+
     def _info(self, i: int, path: Path) -> Qcow2Header:
         """The image's header, refusing what can never sync (raw, qcow2 v2, empty) with what to do."""
         field = f"source.disks[{i}]: {path}"
@@ -162,14 +178,14 @@ class OfflineQcow2Source:
             raise InvalidSpec(f"{field} is an empty file, not a qcow2 image: leave it out of source.disks")
         try:
             info = read_qcow2_header(path)  # one open and read of the header: this runs every sync
-        except SendenseError:
-            if is_qcow2(path):
-                raise
-            fmt = image_info(path).get("format")
+        except NotQcow2:
+            fmt = sniff_format(path)  # not qemu-img info: some formats name other files, which it opens
             raise InvalidSpec(
                 f"{field} is {fmt}, not qcow2: convert it with the VM stopped "
                 f"(qemu-img convert -O qcow2 {path} NEW.qcow2) and list the new image"
             ) from None
+        except BadImage as e:
+            raise InvalidSpec(f"{field}: qcow2 header: {e.reason}") from None
         if info.version < 3:
             raise InvalidSpec(
                 f"{field} is qcow2 v2 (compat=0.10), which cannot hold dirty bitmaps: upgrade it with "
@@ -177,6 +193,7 @@ class OfflineQcow2Source:
             )
         if info.size == 0:
             raise InvalidSpec(f"{field} has a virtual size of 0 bytes: leave it out of source.disks")
+        self._chain(i, path)  # backing and data files only inside the allowed roots
         return info
 
     def _lock(self, path: Path, *, exclusive: bool) -> AbstractContextManager[None]:
@@ -222,12 +239,13 @@ class OfflineQcow2Source:
                 regrown = None
                 if since and not lost:
                     lost, regrown = self._shrunk(path, info, since)
+                spec = self._spec(i, path, backing=False)
                 try:
                     for n in (new, *shrink_markers(new, self.job)):
                         if n in bitmaps:  # an earlier attempt's, whose instant is gone: start afresh
-                            qemu_img("bitmap", "--remove", str(path), n)
-                    qemu_img("bitmap", "--add", "--enable", str(path), new)
-                    add_shrink_markers(path, *shrink_markers(new, self.job), info.size)
+                            qemu_img("bitmap", "--remove", spec, n)
+                    qemu_img("bitmap", "--add", "--enable", spec, new)
+                    add_shrink_markers(path, *shrink_markers(new, self.job), info.size, spec=spec)
                 except ResourceUnavailable:
                     raise ResourceUnavailable(
                         f"source disk {path} is in use by a running process; use the qmp or libvirt "
@@ -275,7 +293,7 @@ class OfflineQcow2Source:
         regrown = handles.OfflineDisk.parse(d.handle).regrown
         with (
             self._lock(path, exclusive=False),
-            qemu_nbd(path, readonly=True, bitmaps=bitmaps) as srv,
+            qemu_nbd(path, readonly=True, bitmaps=bitmaps, spec=self._spec(self._index(key), path)) as srv,
             NbdSourceDisk(
                 srv.uri,
                 d.size,
@@ -305,6 +323,7 @@ class OfflineQcow2Source:
                 continue
             try:
                 with self._lock(path, exclusive=True):
+                    spec = self._spec(self._index(d.key), path, backing=False)
                     names = read_qcow2_header(path).bitmaps.keys()
                     keep = {d.change_id, *shrink_markers(d.change_id, self.job)}
                     if committed:
@@ -312,14 +331,14 @@ class OfflineQcow2Source:
                     else:
                         drop = [n for n in names if n in keep]
                     for n in drop:
-                        qemu_img("bitmap", "--remove", str(path), n)
+                        qemu_img("bitmap", "--remove", spec, n)
             except ResourceUnavailable as e:  # the next commit removes what stays
                 log.warning("release of %s: bitmaps stay in %s: %s", snap.snapshot_id, path, e)
 
     def forget(self) -> None:
         """Remove every bitmap of this job from every disk; a disk that no longer exists is skipped."""
         prefix, markers = bitmap_prefix(self.job), marker_prefix(self.job)
-        for path in self.paths:
+        for i, path in enumerate(self.paths):
             if not path.is_file():
                 log.info("forget job %s: source disk %s is gone, nothing to remove", self.job, path)
                 continue
@@ -329,4 +348,5 @@ class OfflineQcow2Source:
                     [n for n in read_qcow2_header(path).bitmaps if n.startswith((prefix, markers))],
                     f"source disk {path} is in use by a running process: the dirty bitmaps {prefix}* of "
                     f"job {self.job} stay (remove them with qemu-img bitmap --remove once it is stopped)",
+                    spec=self._spec(i, path, backing=False),
                 )

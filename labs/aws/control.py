@@ -34,11 +34,14 @@ from labs.aws.ec2_instances import InstanceHooks
 from labs.aws.faults import Faults
 from labs.aws.images import import_image
 from labs.aws.state import LabState, LabStateError
-from labs.aws.wire import Response, json_response
+from labs.aws.wire import Response, content_length, json_response
 
 _VOLUME = re.compile(r"^/_lab/volumes/(?P<vid>[^/]+)(?P<op>/write|/read)?/?$")
 _FAIL = re.compile(r"^/_lab/snapshots/(?P<sid>[^/]+)/fail/?$")
 _INSTANCE = re.compile(r"^/_lab/instances/(?P<iid>i-[0-9a-f]+)/?$")
+
+
+MAX_CONTROL_BODY = 1 << 20
 
 
 def _error(status: int, message: str) -> Response:
@@ -62,11 +65,15 @@ class Control:
     def handle(self, method: str, path: str, query_string: str, environ: dict[str, Any]) -> Response:
         query = parse_qs(query_string)
         read = environ["wsgi.input"].read
-        length = int(environ.get("CONTENT_LENGTH") or 0)
+        length = content_length(environ)
+        if length is None:
+            return _error(400, "the request's Content-Length is not a byte count")
         try:
             m = _VOLUME.match(path)
-            if m:
+            if m:  # a write streams its body into the volume, bounded by the volume's size
                 return self._volume(method, m["vid"], m["op"] or "", query, read, length)
+            if length > MAX_CONTROL_BODY:  # everything else takes a small JSON object
+                return _error(413, f"a request body of {length} bytes is too large (max {MAX_CONTROL_BODY})")
             f = _FAIL.match(path)
             if f and method == "POST":
                 message = str(_json(read, length).get("message") or "the AWS lab failed this snapshot")
@@ -160,7 +167,7 @@ class Control:
 def _json(read: Callable[[int], bytes], length: int) -> dict[str, Any]:
     try:
         value = json.loads(read(length) or b"{}")
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
         raise LabStateError(400, "the request body must be JSON") from None
     if not isinstance(value, dict):
         raise LabStateError(400, "the request body must be a JSON object")

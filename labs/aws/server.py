@@ -25,7 +25,7 @@ from urllib.parse import parse_qs, quote
 
 from werkzeug.http import HTTP_STATUS_CODES
 
-from labs.aws.wire import EbsError, Response, ec2_error, json_response
+from labs.aws.wire import EbsError, Response, content_length, ec2_error, json_response
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,9 @@ class LabApp:
         query = environ.get("QUERY_STRING", "")
         if path.startswith("/_lab/"):
             return self.control.handle(method, path, query, environ)
-        length = int(environ.get("CONTENT_LENGTH") or 0)
+        length = content_length(environ)
+        if length is None:
+            return json_response(400, {"error": "the request's Content-Length is not a byte count"})
         if length > MAX_AWS_BODY:
             return json_response(413, {"error": f"request body of {length} bytes is too large for the lab"})
         body = environ["wsgi.input"].read(length) if length else b""

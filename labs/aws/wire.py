@@ -14,6 +14,7 @@ import json
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 from xml.sax.saxutils import escape
 
 # HTTP status of an error code when injected as a fault or raised by the lab
@@ -49,6 +50,13 @@ class Response:
     status: int
     body: bytes | Iterable[bytes] = b""
     headers: list[tuple[str, str]] = field(default_factory=list)
+
+
+def content_length(environ: dict[str, Any]) -> int | None:
+    """The request's Content-Length, or None when it is not a byte count (a negative one would make
+    `wsgi.input.read` read until the client closes)."""
+    raw = str(environ.get("CONTENT_LENGTH") or "0").strip()
+    return int(raw) if raw.isdigit() else None
 
 
 def request_id() -> str:

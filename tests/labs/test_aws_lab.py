@@ -603,3 +603,61 @@ def test_write_and_read_cli_round_trip(lab: AwsLab, tmp_path: Path) -> None:
         [*cli, "read", "--dir", str(lab.root), "vol-00000000000000000", "0", "1", "--out", str(out)], **run
     )
     assert bad.returncode != 0 and "does not exist" in bad.stderr
+
+
+def _raw_request(lab: AwsLab, path: str, length: str, send: int) -> tuple[int, dict[str, Any]]:
+    """POST with the given Content-Length, streaming `send` bytes of body from a thread (ignoring the
+    lab hanging up); the status and JSON body of the lab's answer."""
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(lab.endpoint_url)
+    s = socket.create_connection((url.hostname, url.port), timeout=120)
+    s.sendall(f"POST {path} HTTP/1.1\r\nHost: lab\r\nContent-Length: {length}\r\n\r\n".encode())
+
+    def stream() -> None:
+        chunk = b"[" * (1 << 20)
+        try:
+            for _ in range(send >> 20):
+                s.sendall(chunk)
+        except OSError:
+            pass
+
+    t = threading.Thread(target=stream, daemon=True)
+    t.start()
+    f = s.makefile("rb")
+    status = int(f.readline().split()[1])
+    headers = {}
+    while (line := f.readline().strip()) != b"":
+        k, v = line.decode().split(":", 1)
+        headers[k.lower()] = v.strip()
+    body = json.loads(f.read(int(headers["content-length"])))
+    s.close()
+    t.join(timeout=120)
+    return status, body
+
+
+@pytest.mark.parametrize("path", ["/_lab/faults", "/"])
+def test_a_huge_request_body_is_refused_before_it_is_read(lab: AwsLab, path: str) -> None:
+    """A control or AWS request announcing 300 MiB (and sending it) is answered 413 from its headers:
+    the lab's memory does not grow by the body (it read it whole before, then parsed it)."""
+    import psutil
+
+    proc = psutil.Process(int(lab._get("pid")))
+    before = proc.memory_info().rss
+    status, body = _raw_request(lab, path, str(300 << 20), 300 << 20)
+    assert status == 413, body
+    assert "too large" in body.get("error", "") and "\n" not in body["error"]
+    assert proc.memory_info().rss - before < 200 << 20
+
+
+@pytest.mark.parametrize("length", ["-1", "12abc"])
+def test_a_content_length_that_is_not_a_byte_count_is_refused(lab: AwsLab, length: str) -> None:
+    for path in ("/_lab/faults", "/"):
+        status, body = _raw_request(lab, path, length, 0)
+        assert (status, body) == (400, {"error": "the request's Content-Length is not a byte count"})
+
+
+def test_a_control_body_nested_too_deep_is_a_bad_request(lab: AwsLab) -> None:
+    status, body = _raw_request(lab, "/_lab/settings", str(1 << 20), 1 << 20)
+    assert (status, body) == (400, {"error": "the request body must be JSON"})

@@ -729,3 +729,16 @@ def test_a_read_error_names_the_source_disk_not_an_internal_socket(tmp_path: Pat
     msg = str(ei.value)
     assert str(rig.images[0]) in msg and "socket" not in msg and "nbd+unix" not in msg, msg
     rig.src.release_snapshot(snap, committed=False)
+
+
+def test_a_crafted_header_is_refused_at_validate_naming_the_disk_field(tmp_path: Path) -> None:
+    """A backing file name of 4 GiB drove the worker to gigabytes; it is refused before any read."""
+    from helpers_qcow2 import header, write_image
+
+    good = make_qcow2(tmp_path / "good.qcow2", 16 * MiB)
+    bad = write_image(tmp_path / "x.qcow2", header(backing_offset=512, backing_size=0xFFFFFFF0))
+    with pytest.raises(InvalidSpec) as ei:
+        OfflineQcow2Source(JOB, [good, bad]).validate()
+    assert error_text(ei) == (
+        f"source.disks[1]: {bad}: qcow2 header: backing file name of 4294967280 bytes (max 1023)"
+    )
