@@ -133,7 +133,7 @@ def check_hold_id(hold_id: str) -> str:
 # virtual disks on some) is theory: no VM of that many disks is replicated here.
 MAX_DISKS = 128
 MAX_NICS = 64  # per VM (the largest cloud instances have about 50 network interfaces)
-MAX_PATH_BYTES = 1024  # a path in a spec: ample for real paths, and 128 of them stay small in history
+MAX_PATH_BYTES = 512  # a path in a spec: ample for real paths, and 128 of them stay small in history
 MAX_TEXT = 1024  # characters in any other string of a spec (names, ids, URIs)
 
 
@@ -530,6 +530,14 @@ class Handle(Wire):
         return _no_secret_in_handle(self.model_dump(mode="json", exclude_defaults=True))  # type: ignore[no-any-return]
 
 
+MAX_REASON = 512  # characters of a reason kept per disk (a platform's error text may be any length)
+
+
+def shortened(text: str | None, limit: int = MAX_REASON) -> str | None:
+    """`text` cut to `limit` characters, marked where it was cut."""
+    return text if text is None or len(text) <= limit else text[: limit - 1] + "…"
+
+
 class DiskSnapshot(Wire):
     key: str
     size: int
@@ -537,6 +545,11 @@ class DiskSnapshot(Wire):
     base_change_id: str | None = Field(default=None, description="None: no base, a full sync")
     tracking_lost: str | None = Field(default=None, description="why change tracking was lost, if it was")
     handle: HandleData = Field(default_factory=dict, description="the connector's Handle model, as JSON")
+
+    @field_validator("tracking_lost")
+    @classmethod
+    def _short(cls, v: str | None) -> str | None:
+        return shortened(v)  # every disk of a VM may lose tracking at once, each with a long reason
 
 
 class SnapshotRef(Wire):

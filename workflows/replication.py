@@ -404,7 +404,10 @@ class ReplicationWorkflow:
         """copy_disk for each disk of the snapshot not copied yet, in order."""
         assert attempt.snap is not None
         for d in attempt.snap.disks[len(attempt.results) :]:
-            req = CopyRequest(spec=self._spec, sync_id=attempt.sync_id, snapshot=attempt.snap, disk=d.key)
+            # the snapshot with this disk only: a copy reads one disk, and n copies of every disk's
+            # handles would make a sync's history grow with the square of the disk count
+            one = attempt.snap.model_copy(update={"disks": [d]})
+            req = CopyRequest(spec=self._spec, sync_id=attempt.sync_id, snapshot=one, disk=d.key)
             attempt.results.append(await self._step("copy_disk", req, DiskCopyResult))
 
     def _commit_request(self, attempt: Attempt) -> CommitRequest:
