@@ -76,7 +76,9 @@ class LibvirtConnection(Strict):
 
 class KvmNic(Strict):
     mac: str = Field(pattern=r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$", description="e.g. 52:54:00:12:34:56")
-    network: str = Field(default="", description="what it is on, e.g. bridge:br0 or network:default")
+    network: str = Field(
+        default="", max_length=255, description="what it is on, e.g. bridge:br0 or network:default"
+    )
     model: str = Field(default="virtio", pattern=r"^[a-z0-9_-]{1,32}$")
 
 

@@ -85,7 +85,7 @@ def bitmap(i: int) -> str:
 
 def spec(n: int) -> JobSpec:
     """The largest spec: n disks at the path cap, the most NICs, every string of them at its longest."""
-    nic = KvmNic(mac="52:54:00:12:34:56", network="b" * 255, model="m" * 32)
+    nic = KvmNic(mac="52:54:00:12:34:56", network="b" * 255, model="m" * 32)  # (their caps)
     return JobSpec(
         name=JOB,
         job_id="i" * 64,

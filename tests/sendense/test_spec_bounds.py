@@ -188,3 +188,11 @@ def test_other_strings_are_capped(where: str, value: dict[str, Any]) -> None:
     data["source"].update(value)
     data["source"] = {k: v for k, v in data["source"].items() if v is not None}
     assert spec_error(data) == f"job.yaml: {where}: String should have at most {MAX_TEXT} characters"
+
+
+def test_a_nic_network_name_is_capped() -> None:
+    """Up to 64 of them go into every request of a sync with the spec."""
+    nic = {"mac": "52:54:00:12:34:56", "network": "b" * 256}
+    assert spec_error(kvm(["/img/a.qcow2"], hardware={"nics": [nic]})) == (
+        "job.yaml: source.hardware.nics.0.network: String should have at most 255 characters"
+    )
