@@ -25,8 +25,9 @@ from activities.guard import authorized
 from sendense import config
 from sendense.datapath.sync import copy_disk as run_copy_disk
 from sendense.datapath.sync import planned_bytes
-from sendense.errors import SendenseError
+from sendense.errors import InvalidSpec, SendenseError
 from sendense.models import (
+    MAX_DISKS,
     AbortRequest,
     BeginResult,
     CommitRequest,
@@ -67,7 +68,18 @@ def validate_job(req: JobRequest) -> VmInfo:
     src = source_for(req.spec, work_dir(req.spec.name))
     src.validate()
     target_for(req.spec).validate()
-    return src.discover()
+    vm = src.discover()
+    _refuse_too_many_disks(req.spec, len(vm.disks))
+    return vm
+
+
+def _refuse_too_many_disks(spec: JobSpec, count: int) -> None:
+    """A VM found with more disks than a spec may list (a running VM's are discovered, not listed)
+    is refused: its snapshot, copy and commit payloads would outgrow what Temporal carries."""
+    if count > MAX_DISKS:
+        raise InvalidSpec(
+            f"source {spec.source.describe()}: the VM has {count} disks; at most {MAX_DISKS} per VM"
+        )
 
 
 HEARTBEAT_EVERY = 1.0  # seconds between copy heartbeats (progress, cancellation, liveness)
@@ -86,6 +98,8 @@ def create_snapshot(req: SnapshotRequest) -> SnapshotRef:
 def _create_snapshot(req: SnapshotRequest) -> SnapshotRef:
     src = source_for(req.spec, work_dir(req.spec.name))
     snap = src.create_snapshot(req.snapshot_id, req.base)
+    with _released_on_error(req, snap, "snapshot"):  # (a disk added since the job was validated)
+        _refuse_too_many_disks(req.spec, len(snap.disks))
     for d in snap.disks:
         if d.tracking_lost:
             activity.logger.warning(

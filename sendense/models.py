@@ -7,6 +7,7 @@ new workers can run side by side.
 
 from __future__ import annotations
 
+import os
 import re
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -26,20 +27,22 @@ from pydantic_core import PydanticCustomError
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+# Errors name the rule, never the value given: a secret pasted into the wrong field is not echoed.
+_BAD_DURATION = "not a duration (use e.g. 30s, 5m, 1h)"
 
 
 def parse_duration(value: Any) -> Any:
     """Accept `30s`, `5m`, `1h`, `1.5h`, plain seconds, or a timedelta. A value too large for a
     timedelta (or not finite) is a ValueError, so the field is named instead of an OverflowError."""
     if isinstance(value, bool):
-        raise ValueError(f"invalid duration {value!r} (use e.g. 30s, 5m, 1h)")
+        raise ValueError(_BAD_DURATION)
     if isinstance(value, str):
         m = _DURATION.match(value)
         if m:
             return _seconds(value, float(m.group(1)) * _UNITS[m.group(2)])
         if value.strip().upper().startswith("P"):
             return value  # ISO 8601, as the model serializes itself
-        raise ValueError(f"invalid duration {value!r} (use e.g. 30s, 5m, 1h)")
+        raise ValueError(_BAD_DURATION)
     if isinstance(value, int | float):
         return _seconds(value, value)
     return value
@@ -49,7 +52,7 @@ def _seconds(value: Any, seconds: float) -> timedelta:
     try:
         return timedelta(seconds=seconds)
     except (OverflowError, ValueError):
-        raise ValueError(f"duration {value!r} is out of range") from None
+        raise ValueError("duration out of range (at most 30d)") from None
 
 
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
@@ -104,7 +107,7 @@ _HOST_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}\Z")
 
 def _check_host(v: str) -> str:
     if not _HOST_ID.match(v):
-        raise ValueError(f"{v!r} is not a host id (1-63 chars of A-Z a-z 0-9 . _ -, as the agent's)")
+        raise ValueError("not a host id (1-63 chars of A-Z a-z 0-9 . _ -, as the agent's)")
     return v
 
 
@@ -121,10 +124,54 @@ def check_hold_id(hold_id: str) -> str:
     return hold_id
 
 
-class Strict(BaseModel):
-    """Spec models reject unknown fields, so a typo is an error and not a silent default."""
+# ------------------------------------------------------------------- bounds of what a spec may hold
 
-    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)  # (a mistyped secret)
+# Disks per VM. The largest real VMs have about 60; 128 leaves room for the largest a cloud offers
+# (128 volume attachments on the largest instances of one cloud, 64 data disks and the OS disk on
+# another), and a job of 128 disks still keeps every activity payload a small fraction of
+# Temporal's 2 MB limit (tests/sendense/test_payload_sizes.py). A hypervisor's own ceiling (256
+# virtual disks on some) is theory: no VM of that many disks is replicated here.
+MAX_DISKS = 128
+MAX_NICS = 64  # per VM (the largest cloud instances have about 50 network interfaces)
+MAX_PATH_BYTES = 512  # a path in a spec: ample for real paths, and 128 of them stay small in history
+MAX_TEXT = 1024  # characters in any other string of a spec (names, ids, URIs)
+
+
+def _check_path(v: Any) -> Any:
+    """Before the path is parsed: a longer one is refused naming the limit (pydantic would say only
+    "not a valid path")."""
+    if isinstance(v, str | Path) and len(os.fsencode(v)) > MAX_PATH_BYTES:
+        raise ValueError(f"a path of at most {MAX_PATH_BYTES} bytes")
+    return v
+
+
+SpecPath = Annotated[Path, BeforeValidator(_check_path)]
+
+
+def check_path_length(p: Path, what: str) -> Path:
+    """A path made longer by resolution (relative to the spec file, `~`) is held to the same limit."""
+    if len(os.fsencode(p)) > MAX_PATH_BYTES:
+        raise ValueError(f"{what}: a path of at most {MAX_PATH_BYTES} bytes")
+    return p
+
+
+def capped(what: str, limit: int) -> Any:
+    """A list (or mapping) of at most `limit` items, refused naming the limit before any item is
+    validated: a spec listing a million disks costs nothing more than its length."""
+
+    def check(v: Any) -> Any:
+        if isinstance(v, list | tuple | dict) and len(v) > limit:
+            raise ValueError(f"at most {limit} {what}")
+        return v
+
+    return BeforeValidator(check)
+
+
+class Strict(BaseModel):
+    """Spec models reject unknown fields, so a typo is an error and not a silent default; errors never
+    carry the value given (a mistyped secret), and no string is longer than MAX_TEXT."""
+
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True, str_max_length=MAX_TEXT)
 
 
 class Wire(BaseModel):
@@ -157,6 +204,30 @@ def refuse_credentials(data: Any, hint: str) -> Any:
             if any(w in str(k).lower().replace("-", "_") for w in SECRET_WORDS):
                 raise ValueError(f"{k}: credentials never go in a job spec; {hint}")
     return data
+
+
+_QUERY_SECRET = re.compile(
+    r"[?&;](sig|signature|token|access_token|password|passwd|secret|x-amz-[a-z-]+|se|sp|sv)=", re.I
+)
+
+
+def check_url_secrets(url: str, instead: str, *, user: bool = True, noun: str = "URL") -> str:
+    """Every URL of a spec goes into workflow history: one with a password in its user-info
+    (`scheme://user:password@host`), a signed or token query, or (unless `user`) any user-info at
+    all is refused, saying what to do `instead`, without echoing the URL."""
+    if re.search(r"[\x00-\x20\x7f]", url):
+        raise ValueError(f"a {noun} has no spaces or control characters")
+    rest = url.partition("://")[2]
+    # the user-info is what precedes the first '@': where a password holds '/', '?' or '#'
+    # unescaped, the host part ends earlier than the '@' (so the '@' is looked for in all of it)
+    userinfo, at, _ = rest.partition("@")
+    if at and ":" in userinfo:
+        raise ValueError(f"the {noun} carries a password (user:password@): {instead}")
+    if at and not user:
+        raise ValueError(f"the {noun} carries user-info (user@): {instead}")
+    if _QUERY_SECRET.search(url):
+        raise ValueError(f"the {noun} carries a token or a signature: {instead}")
+    return url
 
 
 class Reach(BaseModel):
@@ -205,7 +276,7 @@ class SourceSpec(PlatformSpec):
 
     def pinned(self, vm_id: str) -> Self:
         """This source pinned to the VM found when the job was created (VmInfo.vm_id), where the spec
-        names it by something another VM could take (a libvirt domain's name): later syncs refuse
+        names it by something another VM could take (a name): later syncs refuse
         another VM under that name. Nothing to pin by default."""
         return self
 
@@ -241,7 +312,7 @@ def _end(kind: str) -> Any:
             offered = ", ".join(platforms.offered(kind))
             if name is None:
                 raise PydanticCustomError("platform_missing", f"field required (one of: {offered})")
-            raise PydanticCustomError("platform_unknown", f"{name!r} is not supported (one of: {offered})")
+            raise PydanticCustomError("platform_unknown", f"not a supported platform (one of: {offered})")
         return model.model_validate(value)
 
     return validate
@@ -437,7 +508,7 @@ class VmInfo(Wire):
     name: str
     platform: str
     disks: list[DiskInfo]
-    vm_id: str = Field(default="", description="the platform's immutable id of the VM (a libvirt UUID)")
+    vm_id: str = Field(default="", description="the platform's immutable id of the VM ('' if none)")
     cpus: int = Field(default=0, description="vCPUs (0 unknown)")
     memory_mib: int = Field(default=0, description="memory in MiB (0 unknown)")
     firmware: Firmware = Field(default="", description="bios or uefi ('' unknown)")
@@ -479,6 +550,14 @@ class Handle(Wire):
         return _no_secret_in_handle(self.model_dump(mode="json", exclude_defaults=True))  # type: ignore[no-any-return]
 
 
+MAX_REASON = 512  # characters of a reason kept per disk (a platform's error text may be any length)
+
+
+def shortened(text: str | None, limit: int = MAX_REASON) -> str | None:
+    """`text` cut to `limit` characters, marked where it was cut."""
+    return text if text is None or len(text) <= limit else text[: limit - 1] + "…"
+
+
 class DiskSnapshot(Wire):
     key: str
     size: int
@@ -486,6 +565,11 @@ class DiskSnapshot(Wire):
     base_change_id: str | None = Field(default=None, description="None: no base, a full sync")
     tracking_lost: str | None = Field(default=None, description="why change tracking was lost, if it was")
     handle: HandleData = Field(default_factory=dict, description="the connector's Handle model, as JSON")
+
+    @field_validator("tracking_lost")
+    @classmethod
+    def _short(cls, v: str | None) -> str | None:
+        return shortened(v)  # every disk of a VM may lose tracking at once, each with a long reason
 
 
 class SnapshotRef(Wire):

@@ -46,6 +46,10 @@ class Platform:
     lab: str | None = None  # module of its lab hook (labs/...: LAB), imported by the app only
     lab_note: str = ""  # said by `sendense lab up/status` for a platform without a lab
     developer_only: bool = False  # not offered in specs unless DEVELOPER_PLATFORMS=1
+    # what the starter agent policy (sendense.policy.starter) allows for it: its usual image
+    # directories and its own endpoints (patterns)
+    starter_source_roots: tuple[str, ...] = ()
+    starter_endpoints: tuple[str, ...] = ()
 
 
 _loaded: dict[str, Platform] = {}

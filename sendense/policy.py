@@ -1,23 +1,23 @@
 """What this agent will do for a job, whoever started it.
 
-Anyone who can start a workflow on the Temporal server can hand an agent a job spec. The agent runs as
-root on a KVM host, so the spec alone must not decide what it reads, writes or calls: every activity
-checks the job's spec against this agent's own policy before it touches anything (activities.policy),
-and the KVM source checks each backing file of a source image too.
+Anyone who can start a workflow on the Temporal server can hand an agent a job spec. An agent may run
+as root on its host, so the spec alone must not decide what it reads, writes or calls: every activity
+checks the job's spec against this agent's own policy before it touches anything (activities.guard),
+and a source that opens image files checks each file an image refers to as well.
 
 The policy is a YAML file owned by the agent's user: `SENDENSE_POLICY`, or `SENDENSE_HOME/policy.yaml`.
 An agent without one refuses every job. `sendense up` writes a starter policy for the embedded stack
-when there is none (`starter()`):
+when there is none (`starter()`). Its fields:
 
-    platforms: [kvm, aws]                  # the platforms it serves, as source or target
-    source_roots: [/var/lib/libvirt/images] # images (and their backing files) and QMP sockets it reads
-    target_roots: [/var/lib/sendense/replicas]  # directories it writes replicas, points and VMs into
-    endpoints: ["aws:*", "qemu:///system"]  # clouds and libvirt it calls (fnmatch patterns)
+    platforms      the platforms it serves, as source or target
+    source_roots   directories whose files (images, the files they refer to, sockets) it reads
+    target_roots   directories it writes replicas, points and VMs into
+    endpoints      the APIs it calls, as fnmatch patterns
 
 An end of a job says what it reaches (`PlatformSpec.reach()`): paths it reads, paths it writes, and
-endpoints it calls. A cloud end without an `endpoint_url` reaches `<platform>:<region>`, its
-provider's own endpoints; with one, that URL. Endpoints a lab on this machine registered
-(`sendense lab up`, under the agent's private SENDENSE_HOME) are allowed too.
+endpoints it calls. A cloud end without an endpoint URL reaches `<platform>:<region>`, its provider's
+own endpoints; with one, that URL. Endpoints a lab on this machine registered (`sendense lab up`,
+under the agent's private SENDENSE_HOME) are allowed too.
 """
 
 from __future__ import annotations
@@ -103,21 +103,22 @@ def load(p: Path) -> Policy:
 
 
 def starter(home: Path) -> str:
-    """The policy `sendense up` writes when there is none: the embedded stack's own directories, the
-    libvirt image pool, each registered platform's own cloud endpoints and the local libvirt."""
+    """The policy `sendense up` writes when there is none: the embedded stack's own directories (its
+    demo guest's `lab/`, `replicas/`), and what each platform offers for a starter (its usual image
+    directories, its own endpoints)."""
     from sendense import platforms  # (platforms imports the models; this module is imported early)
 
-    names = [p.name for p in platforms.load_all() if not p.developer_only]
+    offered = [p for p in platforms.load_all() if not p.developer_only]
     doc = {
-        "platforms": names,
-        "source_roots": [str(home / "lab"), "/var/lib/libvirt/images"],  # lab: the demo's guest
+        "platforms": [p.name for p in offered],
+        "source_roots": [str(home / "lab")] + [r for p in offered for r in p.starter_source_roots],
         "target_roots": [str(home / "replicas"), "/var/lib/sendense/replicas"],
-        "endpoints": [f"{n}:*" for n in names if n != "kvm"] + ["qemu:///system", "qemu:///session"],
+        "endpoints": [e for p in offered for e in p.starter_endpoints],
     }
     return (
-        "# What this agent does for a job, whoever starts it (README, 'Agent policy'). Checked on every\n"
-        "# activity; edits apply to the next one. Add the directories your VMs' images live in and the\n"
-        "# directories replicas go to.\n" + yaml.safe_dump(doc, sort_keys=False)
+        "# What this agent does for a job, whoever starts it (README, 'Security model'). Checked on\n"
+        "# every activity; edits apply to the next one. Add the directories your VMs' images live in\n"
+        "# and the directories replicas go to.\n" + yaml.safe_dump(doc, sort_keys=False)
     )
 
 

@@ -53,8 +53,57 @@ def parse_spec(data: Any, source: str = "spec") -> JobSpec:
 MAX_SPEC_BYTES = 1 << 20  # a job spec is a few hundred bytes; anything near this is not one
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last, silently)."""
+# What a YAML text may build before it is refused: a job spec nests a few levels and holds a few
+# hundred values (MAX_DISKS disks, MAX_NICS NICs of a few fields each). The composer stops at the
+# first value past a limit, before the rest of the text is even scanned; aliases count as the
+# values they repeat, so a small text cannot expand into a huge one (a "billion laughs").
+MAX_SPEC_DEPTH = 16
+MAX_SPEC_VALUES = 10_000
+
+
+class _SpecTooBig(yaml.YAMLError):
+    def __init__(self, problem: str, mark: Any) -> None:
+        super().__init__(problem)
+        self.problem, self.problem_mark = problem, mark
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """SafeLoader that bounds nesting and size (above) and refuses a key given twice in one mapping
+    (plain YAML keeps the last, silently)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._values = 0
+        self._sizes: dict[int, int] = {}  # id(node) -> values it holds (for its aliases)
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
+        if self.check_event(yaml.AliasEvent):  # type: ignore[no-untyped-call]
+            node = super().compose_node(parent, index)  # type: ignore[no-untyped-call]
+            if id(node) not in self._sizes:  # its own anchor, still being composed
+                raise _SpecTooBig("an alias inside its own anchor: a job spec is not recursive", mark)
+            self._count(self._sizes[id(node)], mark)
+            return node
+        self._depth += 1
+        if self._depth > MAX_SPEC_DEPTH:
+            raise _SpecTooBig(f"nested deeper than {MAX_SPEC_DEPTH} levels: not a job spec", mark)
+        before = self._values
+        self._count(1, mark)
+        try:
+            node = super().compose_node(parent, index)  # type: ignore[no-untyped-call]
+        finally:
+            self._depth -= 1
+        self._sizes[id(node)] = self._values - before
+        return node
+
+    def _count(self, n: int, mark: Any) -> None:
+        self._values += n
+        if self._values > MAX_SPEC_VALUES:
+            raise _SpecTooBig(
+                f"more than {MAX_SPEC_VALUES} values (an alias counts what it repeats): not a job spec",
+                mark,
+            )
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
@@ -99,20 +148,15 @@ def _read(path: Path) -> str:
 def load_spec(path: Path) -> JobSpec:
     text = _read(path)
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+        data = yaml.load(text, Loader=_SpecLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
         problem = getattr(e, "problem", None) or ""
-        why = problem if problem.startswith("key ") else "not valid YAML"  # (a duplicate key)
+        # ours (a duplicate key, a limit) say what is wrong; PyYAML's may quote the text
+        why = problem if isinstance(e, _SpecTooBig) or problem.startswith("key ") else "not valid YAML"
         raise InvalidSpec(f"{path}{where}: {why}") from None
-    except RecursionError:
-        raise InvalidSpec(f"{path}: nested too deeply to be a job spec") from None
-    try:
-        spec = _resolve_paths(parse_spec(data, str(path)), path.parent, str(path))
-    except RecursionError:
-        raise InvalidSpec(f"{path}: nested too deeply to be a job spec") from None
-    return spec
+    return _resolve_paths(parse_spec(data, str(path)), path.parent, str(path))
 
 
 def _resolve_paths(spec: JobSpec, base: Path, where: str) -> JobSpec:

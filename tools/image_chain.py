@@ -60,7 +60,7 @@ def walk_chain(image: Path, allow: Allow, label: str, *, backing: bool = True) -
     is read. `label` is how errors name the image (a spec field and its path). `backing=False`:
     the top level alone (what a bitmap change opens)."""
     top = Path(os.path.realpath(image))
-    allow(top, label)
+    allow(top, label.removesuffix(f": {image}"))  # (the check names the path itself)
     given, fmt, real = image, "qcow2", top  # given: the name QEMU resolves relative names against
     levels: list[Level] = []
     seen = {real}

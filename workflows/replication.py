@@ -258,7 +258,7 @@ class ReplicationWorkflow:
             self._set_state("starting")
             self.vm = await self._step("validate_job", JobRequest(spec=spec), VmInfo)
             # the VM the job was created for: a source that names it by a name another VM could take
-            # (a libvirt domain) refuses another VM under that name in every later step
+            # refuses another VM under that name in every later step
             spec = inp.spec = spec.model_copy(update={"source": spec.source.pinned(self.vm.vm_id)})
             self.st.validated = True
             if inp.search_attributes:
@@ -407,7 +407,10 @@ class ReplicationWorkflow:
         """copy_disk for each disk of the snapshot not copied yet, in order."""
         assert attempt.snap is not None
         for d in attempt.snap.disks[len(attempt.results) :]:
-            req = CopyRequest(spec=self._spec, sync_id=attempt.sync_id, snapshot=attempt.snap, disk=d.key)
+            # the snapshot with this disk only: a copy reads one disk, and n copies of every disk's
+            # handles would make a sync's history grow with the square of the disk count
+            one = attempt.snap.model_copy(update={"disks": [d]})
+            req = CopyRequest(spec=self._spec, sync_id=attempt.sync_id, snapshot=one, disk=d.key)
             attempt.results.append(await self._step("copy_disk", req, DiskCopyResult))
 
     def _commit_request(self, attempt: Attempt) -> CommitRequest:

@@ -37,4 +37,5 @@ PLATFORM = Platform(
     target=_target,
     vms=_vms,
     lab="labs.aws.hook",
+    starter_endpoints=("aws:*",),  # AWS's own endpoints, every region (aws:<region>)
 )

@@ -4,13 +4,15 @@ are EBS snapshots and instances are launched from them (target)."""
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 
-from sendense.models import PlatformSpec, Reach, SourceSpec, Strict, TargetSpec
+from sendense.models import PlatformSpec, Reach, SourceSpec, Strict, TargetSpec, capped, check_url_secrets
 
 _AWS_REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d+\Z")  # \Z: $ admits a trailing newline
+
+MAX_SECURITY_GROUPS = 16  # per network interface: AWS allows 5, up to 16 by a quota increase
 
 AWS_CREDENTIALS = (
     "the agent uses the AWS credential chain "
@@ -18,16 +20,21 @@ AWS_CREDENTIALS = (
 )
 
 
+# Errors name the rule, never the value given: a secret pasted into the wrong field is not echoed.
+
+
 def _check_region(v: str) -> str:
     if not _AWS_REGION.match(v):
-        raise ValueError(f"{v!r} is not an AWS region name (e.g. us-east-1)")
+        raise ValueError("not an AWS region name (e.g. us-east-1)")
     return v
 
 
 def _check_endpoint(v: str | None) -> str | None:
-    if v is not None and not re.match(r"^https?://[^\s/]+", v):
-        raise ValueError(f"{v!r} is not an http(s) URL")
-    return v
+    if v is None:
+        return v
+    if not re.match(r"^https?://[^\s/?#@]", v):
+        raise ValueError("not an http(s) URL (e.g. https://ec2.eu-west-1.amazonaws.com)")
+    return check_url_secrets(v, f"an endpoint has none; {AWS_CREDENTIALS}", user=False)
 
 
 class _AwsPlace(PlatformSpec):
@@ -65,7 +72,9 @@ class AwsInstanceSettings(Strict):
 
     instance_type: str = Field(default="t3.medium", pattern=r"^[a-z0-9-]+\.[a-z0-9]+$")
     subnet_id: str | None = Field(default=None, pattern=r"^subnet-[0-9a-f]{8,17}$")
-    security_group_ids: list[str] = Field(default_factory=list)
+    security_group_ids: Annotated[list[str], capped("security groups", MAX_SECURITY_GROUPS)] = Field(
+        default_factory=list
+    )
     key_name: str | None = None
     architecture: Literal["x86_64", "arm64"] = "x86_64"
     boot_mode: Literal["legacy-bios", "uefi", "uefi-preferred"] | None = None
@@ -75,7 +84,7 @@ class AwsInstanceSettings(Strict):
     def _groups(cls, v: list[str]) -> list[str]:
         for g in v:
             if not re.match(r"^sg-[0-9a-f]{8,17}\Z", g):
-                raise ValueError(f"{g!r} is not a security group id (sg-...)")
+                raise ValueError("not a security group id (sg- and 8 or 17 hex digits)")
         return v
 
 
@@ -91,7 +100,7 @@ class AwsTarget(_AwsPlace, TargetSpec):
     def _zone(cls, v: str | None, info: Any) -> str | None:
         region = info.data.get("region")
         if v is not None and region is not None and not (v.startswith(region) and len(v) > len(region)):
-            raise ValueError(f"{v!r} is not a zone of region {region}")
+            raise ValueError(f"not a zone of region {region} (e.g. {region}a)")
         return v
 
     def describe(self) -> str:

@@ -49,7 +49,7 @@ from connectors.kvm.image_bitmaps import (
     bitmap_is_clean,
     image_lock,
 )
-from connectors.kvm.spec import KvmHardware
+from connectors.kvm.spec import SOURCE_REFUSED, KvmHardware, refuse_system_tree, same_files
 from sendense.datapath.extents import Extent
 from sendense.datapath.nbd import ALLOCATION, NbdConnection, dirty_context
 from sendense.errors import (
@@ -206,6 +206,14 @@ class OfflineQcow2Source:
         )
 
     def validate(self) -> None:
+        # as the spec's loader checks them, again here: a job given through the SDK skips the loader
+        try:
+            for i, p in enumerate(self.paths):
+                refuse_system_tree(p, SOURCE_REFUSED, f"source.disks[{i}]")
+        except ValueError as e:
+            raise InvalidSpec(str(e)) from None
+        if same := same_files(self.paths):
+            raise InvalidSpec(f"source: disks lists the same image twice ({same[0]} and {same[1]})")
         for i, p in enumerate(self.paths):
             self._info(i, p)
 

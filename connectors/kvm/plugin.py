@@ -37,4 +37,6 @@ PLATFORM = Platform(
     target=_target,
     vms=_vms,
     lab_note="KVM runs for real here: source.disks (stopped VM), source.qmp or source.libvirt; no lab",
+    starter_source_roots=("/var/lib/libvirt/images",),  # libvirt's default image pool
+    starter_endpoints=("qemu:///system", "qemu:///session"),
 )

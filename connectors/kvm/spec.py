@@ -6,17 +6,66 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Literal, Self
+from typing import Annotated, Literal, Self
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
-from sendense.models import Reach, SourceSpec, Strict, TargetSpec, resolve_path
+from sendense.models import (
+    MAX_DISKS,
+    MAX_NICS,
+    Reach,
+    SourceSpec,
+    SpecPath,
+    Strict,
+    TargetSpec,
+    capped,
+    check_path_length,
+    check_url_secrets,
+    resolve_path,
+)
+from tools.qemu import UNIX_PATH_MAX
 
 KVM_CREDENTIALS = "the agent reaches QEMU and libvirt as its own user (for libvirt over ssh: its ssh keys)"
 
+# Trees of the running system: never a place for replicas (a job's purge deletes what it made there)
+# nor for source images (a source disk is a qcow2 image file: not a device node, not a kernel file).
+TARGET_REFUSED = ("/proc", "/sys", "/dev", "/boot", "/etc", "/run", "/var/run")
+SOURCE_REFUSED = ("/proc", "/sys", "/dev")
+
+
+def system_tree(path: Path | str, trees: tuple[str, ...], *, root: bool = False) -> str | None:
+    """The system tree (of `trees`, and `/` itself if `root`) that `path` is or is under, by its text:
+    the caller resolves symlinks first where the file system is at hand."""
+    text = os.path.normpath(path)
+    if text.startswith("//"):  # (POSIX keeps two leading slashes; Linux reads them as one)
+        text = "/" + text.lstrip("/")
+    if root and text == "/":
+        return "/"
+    return next((t for t in trees if text == t or text.startswith(t + "/")), None)
+
+
+def refuse_system_tree(path: Path, trees: tuple[str, ...], what: str, *, root: bool = False) -> None:
+    """Raises ValueError if `path`, as written or with its symlinks resolved, is in a system tree."""
+    tree = system_tree(path, trees, root=root) or system_tree(os.path.realpath(path), trees, root=root)
+    if tree is not None:
+        raise ValueError(
+            f"{what}: {path} is {'/, the root' if tree == '/' else f'under {tree}'}, a system tree"
+        )
+
+
+def _libvirt_uri(uri: str) -> str:
+    scheme, sep, _ = uri.partition("://")
+    if not sep or not re.fullmatch(r"[a-z][a-z0-9+.-]*", scheme):
+        raise ValueError("not a libvirt URI (driver[+transport]://[user@][host]/path, e.g. qemu:///system)")
+    return check_url_secrets(uri, "give the agent ssh keys instead", noun="URI")
+
+
+# A libvirt URI, as a source's or a target's: never a password (it would be stored in workflow history).
+LibvirtUri = Annotated[str, AfterValidator(_libvirt_uri)]
+
 
 class LibvirtDomain(Strict):
-    uri: str = Field(description="libvirt connection URI, e.g. qemu:///system")
+    uri: LibvirtUri = Field(description="libvirt connection URI, e.g. qemu:///system")
     domain: str = Field(description="domain name")
     uuid: str | None = Field(
         default=None,
@@ -28,24 +77,14 @@ class LibvirtDomain(Strict):
 class LibvirtConnection(Strict):
     """The libvirt a KVM target makes its VMs on: they are libvirt domains there, not bare QEMU."""
 
-    uri: str = Field(description="libvirt connection URI, e.g. qemu:///system")
-
-    @field_validator("uri")
-    @classmethod
-    def _no_secrets(cls, uri: str) -> str:
-        scheme, sep, rest = uri.partition("://")
-        if not sep or not re.fullmatch(r"[a-z][a-z0-9+.-]*", scheme):
-            raise ValueError(
-                "not a libvirt URI (driver[+transport]://[user@][host]/path, e.g. qemu:///system)"
-            )
-        if ":" in rest.partition("/")[0].rpartition("@")[0]:  # user:password@host
-            raise ValueError("the URI carries a password: give the agent ssh keys instead")
-        return uri
+    uri: LibvirtUri = Field(description="libvirt connection URI, e.g. qemu:///system")
 
 
 class KvmNic(Strict):
     mac: str = Field(pattern=r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$", description="e.g. 52:54:00:12:34:56")
-    network: str = Field(default="", description="what it is on, e.g. bridge:br0 or network:default")
+    network: str = Field(
+        default="", max_length=255, description="what it is on, e.g. bridge:br0 or network:default"
+    )
     model: str = Field(default="virtio", pattern=r"^[a-z0-9_-]{1,32}$")
 
 
@@ -59,15 +98,17 @@ class KvmHardware(Strict):
     bus: Literal["virtio", "scsi", "sata", "ide", "nvme", ""] = Field(
         default="", description="the disks' bus"
     )
-    nics: list[KvmNic] = Field(default_factory=list)
+    nics: Annotated[list[KvmNic], capped("NICs per VM", MAX_NICS)] = Field(default_factory=list)
 
 
 class KvmSource(SourceSpec):
     """A KVM VM, given in exactly one of three forms."""
 
     platform: Literal["kvm"]
-    disks: list[Path] | None = Field(default=None, description="stopped VM: its qcow2 disk images")
-    qmp: Path | None = Field(default=None, description="running VM: its QMP unix socket")
+    disks: Annotated[list[SpecPath], capped("disks per VM", MAX_DISKS)] | None = Field(
+        default=None, description="stopped VM: its qcow2 disk images"
+    )
+    qmp: SpecPath | None = Field(default=None, description="running VM: its QMP unix socket")
     libvirt: LibvirtDomain | None = Field(default=None, description="running VM managed by libvirt")
     hardware: KvmHardware | None = Field(default=None, description="stopped VM: its CPUs, memory, NICs...")
 
@@ -85,6 +126,23 @@ class KvmSource(SourceSpec):
         if self.hardware is not None and self.disks is None:
             raise ValueError("hardware is given for a stopped VM (disks); a running VM's is asked of it")
         return self
+
+    @field_validator("disks")
+    @classmethod
+    def _no_system_disk(cls, disks: list[Path] | None) -> list[Path] | None:
+        for i, d in enumerate(disks or []):  # by their text here; resolved() follows symlinks
+            if tree := system_tree(d, SOURCE_REFUSED):
+                raise ValueError(
+                    f"disks[{i}] is under {tree}, a system tree: a source disk is a qcow2 image file"
+                )
+        return disks
+
+    @field_validator("qmp")
+    @classmethod
+    def _qmp(cls, qmp: Path | None) -> Path | None:
+        if qmp is not None and len(os.fsencode(qmp)) > UNIX_PATH_MAX:
+            raise ValueError(f"a unix socket path is at most {UNIX_PATH_MAX} bytes")
+        return qmp
 
     @property
     def mode(self) -> str:
@@ -114,23 +172,48 @@ class KvmSource(SourceSpec):
         update: dict[str, object] = {}
         if self.disks is not None:
             disks = [resolve_path(d, base) for d in self.disks]
-            seen: dict[str, Path] = {}
-            for d in disks:
-                real = os.path.realpath(d)  # /a/../b and a symlink to b name one image
-                if real in seen:
-                    raise ValueError(f"source: disks lists the same image twice ({seen[real]} and {d})")
-                seen[real] = d
+            for i, d in enumerate(disks):
+                check_path_length(d, f"source.disks[{i}]")
+                refuse_system_tree(d, SOURCE_REFUSED, f"source.disks[{i}]")
+            if same := same_files(disks):
+                raise ValueError(f"source: disks lists the same image twice ({same[0]} and {same[1]})")
             update["disks"] = disks
         if self.qmp is not None:
-            update["qmp"] = resolve_path(self.qmp, base)
+            qmp = resolve_path(self.qmp, base)
+            if len(os.fsencode(qmp)) > UNIX_PATH_MAX:
+                raise ValueError(
+                    f"source.qmp: {qmp} is longer than a unix socket path ({UNIX_PATH_MAX} bytes)"
+                )
+            update["qmp"] = qmp
         return self.model_copy(update=update)
+
+
+def file_identity(p: Path) -> tuple[int, int] | str:
+    """What names one file whatever path reaches it: device and inode of an existing file (a hard
+    link, a bind mount, a symlink or `..` are the same file), else the path with symlinks resolved."""
+    try:
+        st = os.stat(p)
+    except OSError:
+        return os.path.realpath(p)
+    return (st.st_dev, st.st_ino)
+
+
+def same_files(paths: list[Path]) -> tuple[Path, Path] | None:
+    """The first two of `paths` that are one file, if any."""
+    seen: dict[tuple[int, int] | str, Path] = {}
+    for p in paths:
+        ident = file_identity(p)
+        if ident in seen:
+            return seen[ident], p
+        seen[ident] = p
+    return None
 
 
 class KvmTarget(TargetSpec):
     """Replica volumes as qcow2 files in a directory, as on a KVM host's primary storage."""
 
     platform: Literal["kvm"]
-    path: Path = Field(description="directory that holds the replicas and recovery points")
+    path: SpecPath = Field(description="directory that holds the replicas and recovery points")
     libvirt: LibvirtConnection | None = Field(
         default=None, description="VMs from points as domains of this libvirt (default: bare QEMU processes)"
     )
@@ -146,5 +229,14 @@ class KvmTarget(TargetSpec):
             endpoints=[("target.libvirt.uri", self.libvirt.uri)] if self.libvirt is not None else [],
         )
 
+    @field_validator("path")
+    @classmethod
+    def _not_a_system_tree(cls, path: Path) -> Path:  # by its text; resolved() and the agent follow symlinks
+        if tree := system_tree(path, TARGET_REFUSED, root=True):
+            raise ValueError(f"{'/, the root' if tree == '/' else f'under {tree}'}, a system tree")
+        return path
+
     def resolved(self, base: Path) -> Self:
-        return self.model_copy(update={"path": resolve_path(self.path, base)})
+        path = check_path_length(resolve_path(self.path, base), "target.path")
+        refuse_system_tree(path, TARGET_REFUSED, "target.path", root=True)
+        return self.model_copy(update={"path": path})

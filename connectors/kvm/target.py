@@ -32,6 +32,7 @@ from pathlib import Path
 
 from connectors.kvm.holds import Holds
 from connectors.kvm.jobdir import JOB_ENTRIES, MARKER, PRIVATE_RO, PRIVATE_RW, check_place, claim
+from connectors.kvm.spec import TARGET_REFUSED, refuse_system_tree
 from connectors.kvm.vm_state import backed_files, vm_names
 from sendense.datapath.extents import Extent, clip
 from sendense.datapath.nbd import ALLOCATION, NbdConnection
@@ -83,6 +84,10 @@ class KvmTarget:
     # ------------------------------------------------------------------ helpers
 
     def validate(self) -> None:
+        try:  # as the spec's loader checks it, again here: a job given through the SDK skips the loader
+            refuse_system_tree(self.root, TARGET_REFUSED, "target.path", root=True)
+        except ValueError as e:
+            raise InvalidSpec(str(e)) from None
         parent = self.root
         while not parent.exists() and not parent.is_symlink():
             parent = parent.parent

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from connectors.kvm.spec import KvmTarget
 from sendense import config, policy
 from sendense.errors import NotAllowed
 from sendense.models import JobSpec
@@ -96,13 +97,14 @@ def test_a_target_outside_the_roots_or_in_a_system_tree_is_refused(
         policy.authorize(
             _spec({"platform": "kvm", "disks": [str(src / "a")]}, {"platform": "kvm", "path": "/root/x"})
         )
-    # a policy that (wrongly) allows / still never lets replicas into /proc, /etc, /dev...
+    # a policy that (wrongly) allows / still never lets replicas into /proc, /etc, /dev... (the spec
+    # model refuses them too: here a target model that does not, as a stored older spec might be)
     _policy(tmp_path, monkeypatch, platforms=["kvm"], source_roots=["/"], target_roots=["/"])
+    ok = _spec({"platform": "kvm", "disks": [str(src / "a")]}, {"platform": "kvm", "path": str(dst)})
     for system in ("/proc", "/proc/self", "/etc/sendense", "/dev/shm", "/", "/sys/kernel"):
+        target = KvmTarget.model_construct(platform="kvm", path=Path(system), libvirt=None, host=None)
         with pytest.raises(NotAllowed, match="is a system directory"):
-            policy.authorize(
-                _spec({"platform": "kvm", "disks": [str(src / "a")]}, {"platform": "kvm", "path": system})
-            )
+            policy.authorize(ok.model_copy(update={"target": target}))
 
 
 def test_platforms_and_endpoints(

@@ -181,7 +181,7 @@ def test_durations(value: Any, seconds: float) -> None:
         (with_(source__platform=...), "job.yaml: source.platform: field required (one of: kvm, aws)"),
         (
             with_(source__platform="vmware"),
-            "job.yaml: source.platform: 'vmware' is not supported (one of: kvm, aws)",
+            "job.yaml: source.platform: not a supported platform (one of: kvm, aws)",
         ),
         (with_(source__qmp="/run/vm.qmp"), "job.yaml: source: give exactly one of disks, qmp or libvirt"),
         (with_(source__disks=...), "job.yaml: source: give exactly one of disks, qmp or libvirt"),
@@ -189,7 +189,7 @@ def test_durations(value: Any, seconds: float) -> None:
         (with_(source__disks=["/a.qcow2", "/a.qcow2"]), "job.yaml: source: disks lists the same image twice"),
         (
             with_(schedule__interval="5 minutes"),
-            "job.yaml: schedule.interval: invalid duration '5 minutes' (use e.g. 30s, 5m, 1h)",
+            "job.yaml: schedule.interval: not a duration (use e.g. 30s, 5m, 1h)",
         ),
         (with_(schedule__interval="0s"), "job.yaml: schedule.interval: interval must be at least 1s"),
         (with_(schedule__interval="500ms"), "job.yaml: schedule.interval: interval must be at least 1s"),
@@ -377,11 +377,11 @@ def aws_data(text: str, **changes: Any) -> Any:
         ({"source__instance_id": ...}, "job.yaml: source.instance_id: field required"),
         (
             {"source__region": "mars"},
-            "job.yaml: source.region: 'mars' is not an AWS region name (e.g. us-east-1)",
+            "job.yaml: source.region: not an AWS region name (e.g. us-east-1)",
         ),
         (
             {"source__endpoint_url": "localhost:4566"},
-            "job.yaml: source.endpoint_url: 'localhost:4566' is not",
+            "job.yaml: source.endpoint_url: not an http(s) URL",
         ),
         ({"source__volumes": ["vol-1"]}, "job.yaml: source.volumes: unknown field"),
         ({"source__instance_id": "web01"}, "job.yaml: source.instance_id: String should match pattern"),
@@ -396,11 +396,11 @@ def test_aws_source_errors_name_the_field(changes: dict[str, Any], expected: str
     [
         (
             {"target__availability_zone": "us-east-1a"},
-            "job.yaml: target.availability_zone: 'us-east-1a' is not a zone of region eu-west-1",
+            "job.yaml: target.availability_zone: not a zone of region eu-west-1",
         ),
         (
             {"target__instance__security_group_ids": ["default"]},
-            "job.yaml: target.instance.security_group_ids: 'default' is not a security group id",
+            "job.yaml: target.instance.security_group_ids: not a security group id",
         ),
         ({"target__instance__subnet": "subnet-1"}, "job.yaml: target.instance.subnet: unknown field"),
         ({"target__region": ...}, "job.yaml: target.region: field required"),
@@ -445,13 +445,13 @@ def test_a_name_with_a_trailing_newline_is_refused() -> None:
 @pytest.mark.parametrize(
     ("interval", "expected"),
     [
-        ("99999999999999d", "duration '99999999999999d' is out of range"),
-        (float("inf"), "duration inf is out of range"),
-        (float("nan"), "duration nan is out of range"),
+        ("99999999999999d", "duration out of range (at most 30d)"),
+        (float("inf"), "duration out of range (at most 30d)"),
+        (float("nan"), "duration out of range (at most 30d)"),
         ("99999999d", "interval must be at most 30d"),
         ("P99999999D", "interval must be at most 30d"),
         ("31d", "interval must be at most 30d"),
-        (True, "invalid duration True"),
+        (True, "not a duration (use e.g. 30s, 5m, 1h)"),
     ],
 )
 def test_a_huge_interval_names_the_field(interval: Any, expected: str) -> None:
@@ -495,8 +495,10 @@ def test_a_huge_spec_file_is_refused_before_parsing(tmp_path: Path) -> None:
     "text", ["[" * 5000 + "]" * 5000, "name: x\nsource: " + "{a: " * 3000 + "1" + "}" * 3000]
 )
 def test_deeply_nested_yaml_is_one_line(tmp_path: Path, text: str) -> None:
+    """Before: a bare RecursionError (5000 levels), caught and worded after the fact."""
     path = write(tmp_path, text)
-    assert load_error(path) == f"{path}: nested too deeply to be a job spec"
+    line = text.count("\n") + 1
+    assert load_error(path) == f"{path} line {line}: nested deeper than 16 levels: not a job spec"
 
 
 def test_tilde_is_the_home_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -536,7 +538,7 @@ def test_a_host_id_no_agent_could_serve_is_refused(host: str) -> None:
         ("target", with_(target__host=host)),
         ("source", aws_data(AWS_TO_KVM, source__host=host)),
     ):
-        assert spec_error(data).startswith(f"job.yaml: {side}.host: {host!r} is not a host id"), side
+        assert spec_error(data).startswith(f"job.yaml: {side}.host: not a host id"), side
 
 
 @pytest.mark.parametrize("host", ["dr-host-1", "3f2a9c1b77d0", "kvm-1.example.com", "A_1"])
