@@ -46,6 +46,9 @@ class Platform:
     lab: str | None = None  # module of its lab hook (labs/...: LAB), imported by the app only
     lab_note: str = ""  # said by `sendense lab up/status` for a platform without a lab
     developer_only: bool = False  # not offered in specs unless DEVELOPER_PLATFORMS=1
+    # environment its connectors read on an agent (names; a trailing * is a prefix): the embedded
+    # stack hands its worker these and the common ones, not the caller's whole environment
+    agent_env: tuple[str, ...] = ()
 
 
 _loaded: dict[str, Platform] = {}

@@ -37,4 +37,5 @@ PLATFORM = Platform(
     target=_target,
     vms=_vms,
     lab="labs.aws.hook",
+    agent_env=("AWS_*", "BOTO_CONFIG"),  # the standard credential chain and its files
 )

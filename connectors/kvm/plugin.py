@@ -37,4 +37,6 @@ PLATFORM = Platform(
     target=_target,
     vms=_vms,
     lab_note="KVM runs for real here: source.disks (stopped VM), source.qmp or source.libvirt; no lab",
+    # libvirt's client: its default URI and config, qemu:///session's runtime dir, qemu+ssh's agent
+    agent_env=("LIBVIRT_*", "VIRSH_*", "XDG_RUNTIME_DIR", "SSH_AUTH_SOCK"),
 )
