@@ -86,13 +86,16 @@ def _tls_reason(e: Exception) -> str:
     """What the TLS layer said, in a few words (the client's error is a multi-line chain)."""
     text = " ".join(str(e).split()).lower()
     for needle, reason in (
+        ("certificaterequired", "the server requires a client certificate"),
         ("certificate required", "the server requires a client certificate"),
+        ("unknownca", "the server does not trust this client certificate"),
         ("unknown ca", "the server does not trust this client certificate"),
+        ("badcertificate", "the server refused the client certificate"),
         ("bad certificate", "the server refused the client certificate"),
-        ("certificate verify failed", "the server's certificate is not trusted"),
-        ("invalidcertificate", "the server's certificate is not trusted"),
-        ("notvalidforname", "the server's certificate is not for this name"),
-        ("unknownissuer", "the server's certificate is not trusted"),
+        ("notvalidforname", "the server's certificate is not for this name (SENDENSE_TLS_SERVER_NAME)"),
+        ("invalidcertificate", "the server's certificate is not trusted (SENDENSE_TLS_CA)"),
+        ("certificate verify failed", "the server's certificate is not trusted (SENDENSE_TLS_CA)"),
+        ("unknownissuer", "the server's certificate is not trusted (SENDENSE_TLS_CA)"),
     ):
         if needle in text:
             return reason

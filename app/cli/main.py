@@ -147,6 +147,42 @@ def codec_server(
         server.server_close()
 
 
+# ------------------------------------------------------------------------------- certificates
+
+certs_app = typer.Typer(help="Certificates for mutual TLS with the Temporal server.", no_args_is_help=True)
+app.add_typer(certs_app, name="certs")
+
+
+@certs_app.command("make")
+def certs_make(
+    directory: Path = typer.Argument(..., help="where the files go (0700; each file 0600)"),
+    server_name: list[str] = typer.Option(
+        [], "--server-name", help="a name the server is reached by (default: temporal, localhost, 127.0.0.1)"
+    ),
+    client: list[str] = typer.Option(
+        [], "--client", help="a client certificate to make (default for a new CA: worker, ui, admin)"
+    ),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Make a private CA, the Temporal server's certificate and client certificates (mTLS) in DIR.
+    An existing CA in DIR is reused (to add clients); no file is ever overwritten."""
+    from tools.certs import DEFAULT_SERVER_NAMES, make
+
+    try:
+        made = make(directory, server_name or DEFAULT_SERVER_NAMES, client or None)
+    except SendenseError as e:
+        fail(e.message)
+    except OSError as e:
+        fail(f"{directory}: {e.strerror}")
+    if as_json:
+        emit_json({"dir": str(made.dir), "ca_reused": made.ca_reused, "files": [str(f) for f in made.files]})
+        return
+    if not made.files:
+        out.print(f"{directory}: nothing to make (add --client NAME)", highlight=False)
+    for f in made.files:
+        out.print(f"made {f}", highlight=False)
+
+
 # ------------------------------------------------------------------------------- demo
 
 

@@ -12,9 +12,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_stack import SLEEPER, free_ports
 
 from app import stack
+from tests.app.test_stack import SLEEPER, free_ports
 from workers import codec
 
 FAKE_SECRET = "fakeSECRETa1b2c3d4e5f6g7h8i9j0kLmNoPqRsT"
