@@ -379,7 +379,7 @@ def _wait_reachable(info: StackInfo, log_path: Path, offset: int, timeout: float
 # -------------------------------------------------------------------------------------------- worker
 
 
-def _key_path(state_dir: Path) -> Path:
+def key_path(state_dir: Path) -> Path:
     """The stack's payload key: SENDENSE_CODEC_KEY when set, else STATE/codec.key."""
     explicit = os.environ.get("SENDENSE_CODEC_KEY")
     return Path(explicit).expanduser().resolve() if explicit else state_dir / "codec.key"
@@ -391,7 +391,7 @@ def _start_worker(state_dir: Path, info: StackInfo, cmd: list[str], grace: float
         SENDENSE_TEMPORAL=info.address,
         SENDENSE_HOME=str(state_dir),
         SENDENSE_NAMESPACE=info.namespace,
-        SENDENSE_CODEC_KEY=str(_key_path(state_dir)),
+        SENDENSE_CODEC_KEY=str(key_path(state_dir)),
         PYTHONUNBUFFERED="1",
     )
     log_path = state_dir / "logs" / WORKER_LOG
@@ -439,7 +439,7 @@ def up(
     with _locked(state):
         from workers.codec import ensure_key
 
-        kid = ensure_key(_key_path(state))  # the payload key: made once, 0600
+        kid = ensure_key(key_path(state))  # the payload key: made once, 0600
         log.debug("payload key id %s", kid)
         info = _read(state)
         if info is not None and _alive(info.server_pid, info.server_create_time):
@@ -532,7 +532,7 @@ def _start_codec(state_dir: Path, info: StackInfo, port: int) -> int:
         cmd += ["--ui-origin", o]
     env = codec_env()
     env.update(
-        SENDENSE_HOME=str(state_dir), SENDENSE_CODEC_KEY=str(_key_path(state_dir)), PYTHONUNBUFFERED="1"
+        SENDENSE_HOME=str(state_dir), SENDENSE_CODEC_KEY=str(key_path(state_dir)), PYTHONUNBUFFERED="1"
     )
     pid, offset = _spawn(cmd, state_dir / "logs" / CODEC_LOG, env)
     info.codec_pid, info.codec_create_time = pid, _create_time(pid)

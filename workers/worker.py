@@ -1,7 +1,8 @@
 """Worker process: serves the control queue and this host's own queue.
 
 Run in the foreground with `sendense worker` (or `python -m workers.worker`). The Temporal address,
-namespace and TLS come from the environment (see sendense.config).
+namespace, TLS and the payload key come from the environment (see sendense.config); without a
+payload key (SENDENSE_CODEC_KEY, default SENDENSE_HOME/codec.key) it refuses to start, in one line.
 """
 
 from __future__ import annotations

@@ -162,7 +162,12 @@ async def test_refused_in_one_line(proxy: TlsProxy, pki: tuple[Path, Path], case
         "wrong server name": "the server's certificate is not for this name",
         "another CA's server": "the server's certificate is not trusted",
     }[case]
-    assert why in msg, msg
+    if case in ("no client certificate", "another CA's certificate"):
+        # the server's alert races its closing the connection (TLS 1.3: the client learns after the
+        # handshake): either is said, always in one line naming the address
+        assert why in msg or "(handshake or connection failed)" in msg, msg
+    else:  # the client's own verdict on the server's certificate: always the same
+        assert why in msg, msg
 
 
 async def test_plain_tcp_to_a_tls_server_is_refused(proxy: TlsProxy) -> None:
