@@ -2,9 +2,15 @@
 
 `up` starts them (idempotently) and records `STATE/stack.json`, which `sendense.config` reads;
 `down` stops them; `status` reports; `restart_worker` kills the worker with a signal and starts a new one.
+A codec server (app.codec_server) runs beside them so that the web UI shows decrypted payloads.
 
-Both processes run in their own session (they survive the CLI that started them) and log to
-`STATE/logs/temporal.log` and `STATE/logs/worker.log`. Nothing here prints: it logs and raises.
+The processes run in their own session (they survive the CLI that started them) and log to
+`STATE/logs/temporal.log`, `worker.log` and `codec.log`. Nothing here prints: it logs and raises.
+
+Trust: every port is bound to 127.0.0.1 (frontend, web UI, the server's HTTP API and metrics, the
+codec server). The payload key (`STATE/codec.key`, or SENDENSE_CODEC_KEY) is made at the first `up`
+(0600). Each process gets an environment built for it, not the caller's: the server none of the
+caller's secrets, the worker what its platforms' connectors read (AWS_*, LIBVIRT_*, ...).
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ T = TypeVar("T")
 HOST = "127.0.0.1"
 SERVER_LOG = "temporal.log"
 WORKER_LOG = "worker.log"
+CODEC_LOG = "codec.log"
+CODEC_CMD = [sys.executable, "-m", "app.codec_server"]
 DEFAULT_WORKER_CMD = [sys.executable, "-m", "workers.worker"]
 
 # Popen objects of the processes this Python process started, so they are reaped (no zombies)
@@ -67,6 +75,9 @@ class StackInfo:
     server_create_time: float | None = None
     worker_create_time: float | None = None
     worker_cmd: list[str] | None = None
+    codec_url: str | None = None  # the codec server the web UI asks (None: not started)
+    codec_pid: int | None = None
+    codec_create_time: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -190,11 +201,52 @@ def _stop(pid: int, create_time: float | None, sig: int = signal.SIGTERM, timeou
     _children.pop(pid, None)
 
 
+# What every process of the stack gets from the caller's environment (a trailing * is a prefix).
+BASE_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "LC_*", "TZ", "TMPDIR")
+PYTHON_ENV = ("PYTHON*", "VIRTUAL_ENV")
+# the worker also reaches platforms' APIs: proxies and CA bundles, and its platforms' own variables
+WORKER_ENV = (
+    "SENDENSE_*", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy",
+    "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE",
+)  # fmt: skip
+
+
+def pick_env(names: tuple[str, ...], env: dict[str, str] | None = None) -> dict[str, str]:
+    """The variables of `env` (default: ours) that `names` lists (a trailing * is a prefix)."""
+    env = dict(os.environ) if env is None else env
+    exact = {n for n in names if not n.endswith("*")}
+    prefixes = tuple(n[:-1] for n in names if n.endswith("*"))
+    return {k: v for k, v in env.items() if k in exact or (prefixes and k.startswith(prefixes))}
+
+
 def server_env() -> dict[str, str]:
-    """The embedded server's environment: Go's collector runs less often (GOGC=400, bounded by
-    GOMEMLIMIT=1GiB). At 100 concurrent syncs: server CPU 5-10% lower (within this machine's noise),
-    peak RSS 270 -> 450 MiB. A GOGC or GOMEMLIMIT already in the environment wins."""
-    return {"GOGC": "400", "GOMEMLIMIT": "1GiB", **os.environ}
+    """The embedded server's environment, built from what it needs (no AWS_*, no SENDENSE_*: it
+    holds no secret). Go's collector runs less often (GOGC=400, bounded by GOMEMLIMIT=1GiB). At 100
+    concurrent syncs: server CPU 5-10% lower (within this machine's noise), peak RSS 270 -> 450 MiB.
+    A GOGC or GOMEMLIMIT already in the environment wins."""
+    return {"GOGC": "400", "GOMEMLIMIT": "1GiB", **pick_env((*BASE_ENV, "GOGC", "GOMEMLIMIT", "GOMAXPROCS"))}
+
+
+def worker_env() -> dict[str, str]:
+    """The embedded worker's environment: the common variables, SENDENSE_*, and what its platforms'
+    connectors read (Platform.agent_env: AWS_* for AWS's credential chain, LIBVIRT_* ...)."""
+    from sendense import platforms
+
+    names: list[str] = [*BASE_ENV, *PYTHON_ENV, *WORKER_ENV]
+    for name in platforms.REGISTRY:
+        try:
+            p = platforms.get(name)
+        except ImportError as e:  # its extra is not installed: the worker will say so for its jobs
+            log.debug("platform %s not loaded: %s", name, e)
+            continue
+        if p is not None:
+            names.extend(p.agent_env)
+    return pick_env(tuple(names))
+
+
+def codec_env() -> dict[str, str]:
+    """The codec server's: the common variables and where its keys are."""
+    return pick_env((*BASE_ENV, *PYTHON_ENV, "SENDENSE_HOME", "SENDENSE_CODEC_*"))
 
 
 def _spawn(cmd: list[str], log_path: Path, env: dict[str, str] | None = None) -> tuple[int, int]:
@@ -339,12 +391,19 @@ def _starter_policy(state: Path) -> None:
     log.info("wrote the agent policy %s: add the directories your VMs and replicas live in", p)
 
 
+def key_path(state_dir: Path) -> Path:
+    """The stack's payload key: SENDENSE_CODEC_KEY when set, else STATE/codec.key."""
+    explicit = os.environ.get("SENDENSE_CODEC_KEY")
+    return Path(explicit).expanduser().resolve() if explicit else state_dir / "codec.key"
+
+
 def _start_worker(state_dir: Path, info: StackInfo, cmd: list[str], grace: float) -> None:
-    env = dict(os.environ)
+    env = worker_env()
     env.update(
         SENDENSE_TEMPORAL=info.address,
         SENDENSE_HOME=str(state_dir),
         SENDENSE_NAMESPACE=info.namespace,
+        SENDENSE_CODEC_KEY=str(key_path(state_dir)),
         PYTHONUNBUFFERED="1",
     )
     log_path = state_dir / "logs" / WORKER_LOG
@@ -378,10 +437,13 @@ def up(
     namespace: str = "default",
     timeout: float = 30.0,
     worker_grace: float = 1.5,
+    codec_port: int | None = 0,
 ) -> StackInfo:
-    """Start the Temporal dev server (and one worker) in the background; return what was recorded.
+    """Start the Temporal dev server (and one worker, and the codec server for the web UI on
+    `codec_port`: 0 any free port, None none) in the background; return what was recorded.
 
-    Idempotent: when the recorded server is alive and answers, it is kept (a missing worker is started).
+    Idempotent: when the recorded server is alive and answers, it is kept (a missing worker or codec
+    server is started).
     """
     state = _state(state_dir)
     (state / "logs").mkdir(parents=True, exist_ok=True)
@@ -389,11 +451,18 @@ def up(
     if worker:
         _starter_policy(state)
     with _locked(state):
+        from workers.codec import ensure_key
+
+        kid = ensure_key(key_path(state))  # the payload key: made once, 0600
+        log.debug("payload key id %s", kid)
         info = _read(state)
         if info is not None and _alive(info.server_pid, info.server_create_time):
             if reachable(info.address, info.namespace, timeout=min(timeout, 10.0)):
                 if (info.address, info.ui_url) != (f"{HOST}:{port}", f"http://{HOST}:{ui_port}"):
                     log.warning("stack already up at %s (asked for port %d); keeping it", info.address, port)
+                if info.codec_url and not _alive(info.codec_pid, info.codec_create_time):
+                    off = _start_codec(state, info, int(info.codec_url.rsplit(":", 1)[1]))
+                    _check_codec(state, info, 0.5, off)
                 if worker and not _alive(info.worker_pid, info.worker_create_time):
                     _start_worker(state, info, worker_cmd or info.worker_cmd or cmd_worker, worker_grace)
                 log.info("stack already up at %s", info.address)
@@ -402,11 +471,26 @@ def up(
         if info is not None:
             _stop_all(state, info)
 
-        for p in dict.fromkeys((port, ui_port)):
-            if not _port_free(p):
+        for p in dict.fromkeys((port, ui_port, codec_port or 0)):
+            if p and not _port_free(p):
                 raise StackError(
                     f"port {p} on {HOST} is already in use by another process; stop it or choose another port"
                 )
+        info = StackInfo(
+            address=f"{HOST}:{port}",
+            ui_url=f"http://{HOST}:{ui_port}",
+            namespace=namespace,
+            server_pid=None,
+            worker_pid=None,
+            state_dir=str(state),
+            started_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            worker_cmd=cmd_worker,
+        )
+        codec_flags: list[str] = []
+        codec_offset = 0
+        if codec_port is not None:
+            codec_offset = _start_codec(state, info, codec_port or _free_port())
+            codec_flags = ["--ui-codec-endpoint", str(info.codec_url)]
 
         sa_flags = [
             arg
@@ -415,7 +499,8 @@ def up(
         ]
         cmd = [
             temporal_binary(), "server", "start-dev",
-            "--ip", HOST, "--port", str(port), "--ui-port", str(ui_port),
+            "--ip", HOST, "--port", str(port), "--ui-ip", HOST, "--ui-port", str(ui_port),
+            *codec_flags,
             "--db-filename", str(state / "temporal.db"),
             "--namespace", namespace,
             "--log-level", "warn",
@@ -431,34 +516,63 @@ def up(
         ]  # fmt: skip
         log_path = state / "logs" / SERVER_LOG
         pid, offset = _spawn(cmd, log_path, server_env())
-        info = StackInfo(
-            address=f"{HOST}:{port}",
-            ui_url=f"http://{HOST}:{ui_port}",
-            namespace=namespace,
-            server_pid=pid,
-            worker_pid=None,
-            state_dir=str(state),
-            started_at=datetime.now(UTC).isoformat(timespec="seconds"),
-            server_create_time=_create_time(pid),
-            worker_cmd=cmd_worker,
-        )
+        info.server_pid, info.server_create_time = pid, _create_time(pid)
         _write(state, info)
         log.info("Temporal server started (pid %d) at %s, UI %s", pid, info.address, info.ui_url)
         try:
             _wait_reachable(info, log_path, offset, timeout)
+            if info.codec_pid is not None:
+                _check_codec(state, info, 0.0, codec_offset)  # it has had the server's start-up time to bind
         except StackError:
-            _stop(pid, info.server_create_time)
-            info.server_pid = info.server_create_time = None
-            _write(state, info)
+            _stop_all(state, info)
             raise
         if worker:
             _start_worker(state, info, cmd_worker, worker_grace)
         return info
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def _start_codec(state_dir: Path, info: StackInfo, port: int) -> int:
+    """The codec server for the web UI (its origin under both local names), on loopback."""
+    host = info.ui_url.split("//", 1)[1].rsplit(":", 1)
+    origins = [info.ui_url, f"http://localhost:{host[1]}"]
+    cmd = [*CODEC_CMD, "--host", HOST, "--port", str(port)]
+    for o in origins:
+        cmd += ["--ui-origin", o]
+    env = codec_env()
+    env.update(
+        SENDENSE_HOME=str(state_dir), SENDENSE_CODEC_KEY=str(key_path(state_dir)), PYTHONUNBUFFERED="1"
+    )
+    pid, offset = _spawn(cmd, state_dir / "logs" / CODEC_LOG, env)
+    info.codec_pid, info.codec_create_time = pid, _create_time(pid)
+    info.codec_url = f"http://{HOST}:{port}"
+    _write(state_dir, info)
+    log.info("codec server started (pid %d) at %s", pid, info.codec_url)
+    return offset
+
+
+def _check_codec(state_dir: Path, info: StackInfo, grace: float, offset: int) -> None:
+    deadline = time.monotonic() + grace
+    while True:
+        if not _alive(info.codec_pid, info.codec_create_time):
+            code = _exit_code(info.codec_pid or 0)
+            raise StackError(
+                f"codec server exited at once (code {code}): "
+                f"{_last_line(state_dir / 'logs' / CODEC_LOG, offset)}"
+            )
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(0.05)
+
+
 def _stop_all(state: Path, info: StackInfo, timeout: float = 10.0) -> bool:
     was_running = False
-    for role in ("worker", "server"):
+    for role in ("worker", "codec", "server"):
         pid = getattr(info, f"{role}_pid")
         ctime = getattr(info, f"{role}_create_time")
         if _alive(pid, ctime):
@@ -472,7 +586,8 @@ def _stop_all(state: Path, info: StackInfo, timeout: float = 10.0) -> bool:
 
 
 def down(state_dir: Path | str, timeout: float = 10.0) -> bool:
-    """Stop the worker, then the server (SIGTERM, SIGKILL after `timeout`). True if anything ran."""
+    """Stop the worker, the codec server, then the server (SIGTERM, SIGKILL after `timeout`).
+    True if anything ran."""
     state = _state(state_dir)
     if not config.stack_file(state).exists():
         return False
@@ -491,6 +606,7 @@ def status(state_dir: Path | str) -> dict[str, Any]:
             "state_dir": str(state), "address": None, "ui_url": None, "namespace": None,
             "server_pid": None, "server_alive": False, "server_reachable": False,
             "worker_pid": None, "worker_alive": False, "started_at": None,
+            "codec_url": None, "codec_pid": None, "codec_alive": False,
         }  # fmt: skip
     server_alive = _alive(info.server_pid, info.server_create_time)
     return {
@@ -504,6 +620,9 @@ def status(state_dir: Path | str) -> dict[str, Any]:
         "worker_pid": info.worker_pid,
         "worker_alive": _alive(info.worker_pid, info.worker_create_time),
         "started_at": info.started_at,
+        "codec_url": info.codec_url,
+        "codec_pid": info.codec_pid,
+        "codec_alive": _alive(info.codec_pid, info.codec_create_time),
     }
 
 

@@ -3,7 +3,10 @@
 SENDENSE_HOME        state directory of the embedded stack (default ~/.sendense)
 SENDENSE_TEMPORAL    Temporal frontend address (default 127.0.0.1:7233, or what `sendense up` recorded)
 SENDENSE_NAMESPACE   Temporal namespace (default `default`)
-SENDENSE_TLS_CERT / SENDENSE_TLS_KEY / SENDENSE_TLS_CA   client TLS for a real deployment
+SENDENSE_TLS_CERT / SENDENSE_TLS_KEY / SENDENSE_TLS_CA   client TLS (mTLS) for a real deployment
+SENDENSE_TLS_SERVER_NAME   the name the server's certificate must carry (default: the address's host)
+SENDENSE_CODEC_KEY   file of the payload encryption key (32 bytes; default SENDENSE_HOME/codec.key)
+SENDENSE_CODEC_OLD_KEYS    retired key files, separated by ':', still accepted for decryption
 SENDENSE_HOST_ID     stable id of this host; its agent serves task queue host-<id>
 """
 
@@ -62,6 +65,7 @@ class TemporalConfig:
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_ca: str | None = None
+    tls_server_name: str | None = None
 
 
 def stack_file(state: Path | None = None) -> Path:
@@ -84,7 +88,20 @@ def temporal_config() -> TemporalConfig:
         tls_cert=os.environ.get("SENDENSE_TLS_CERT"),
         tls_key=os.environ.get("SENDENSE_TLS_KEY"),
         tls_ca=os.environ.get("SENDENSE_TLS_CA"),
+        tls_server_name=os.environ.get("SENDENSE_TLS_SERVER_NAME") or None,
     )
+
+
+def codec_key_path() -> Path:
+    """The payload encryption key in use: SENDENSE_CODEC_KEY, else SENDENSE_HOME/codec.key."""
+    explicit = os.environ.get("SENDENSE_CODEC_KEY")
+    return Path(explicit).expanduser() if explicit else home() / "codec.key"
+
+
+def codec_old_key_paths() -> list[Path]:
+    """Retired payload keys (SENDENSE_CODEC_OLD_KEYS, ':'-separated): decrypt only."""
+    raw = os.environ.get("SENDENSE_CODEC_OLD_KEYS", "")
+    return [Path(p).expanduser() for p in raw.split(os.pathsep) if p.strip()]
 
 
 # ------------------------------------------------------------------------------ local labs

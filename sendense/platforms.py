@@ -50,6 +50,9 @@ class Platform:
     # directories and its own endpoints (patterns)
     starter_source_roots: tuple[str, ...] = ()
     starter_endpoints: tuple[str, ...] = ()
+    # environment its connectors read on an agent (names; a trailing * is a prefix): the embedded
+    # stack hands its worker these and the common ones, not the caller's whole environment
+    agent_env: tuple[str, ...] = ()
 
 
 _loaded: dict[str, Platform] = {}

@@ -1,7 +1,8 @@
 """Worker process: serves the control queue and this host's own queue.
 
 Run in the foreground with `sendense worker` (or `python -m workers.worker`). The Temporal address,
-namespace and TLS come from the environment (see sendense.config).
+namespace, TLS and the payload key come from the environment (see sendense.config); without a
+payload key (SENDENSE_CODEC_KEY, default SENDENSE_HOME/codec.key) it refuses to start, in one line.
 """
 
 from __future__ import annotations
@@ -15,35 +16,91 @@ from datetime import timedelta
 from pathlib import Path
 
 from temporalio.client import Client, TLSConfig
-from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.converter import PayloadCodec
 from temporalio.worker import Worker
 
 from activities.replication import HOST_ACTIVITIES
 from sendense import config, policy
 from sendense.errors import NotAllowed, ServerUnreachable
+from workers.codec import CodecError, data_converter, load_codec
 from workflows.replication import ReplicationWorkflow
 
 log = logging.getLogger(__name__)
 
 
-async def connect(cfg: config.TemporalConfig | None = None) -> Client:
+def tls_config(cfg: config.TemporalConfig) -> TLSConfig | bool:
+    """Client TLS from SENDENSE_TLS_*: the CA that signed the server's certificate, this agent's
+    certificate and key (mTLS), and the name the server's certificate must carry."""
+    if not (cfg.tls_cert or cfg.tls_ca or cfg.tls_key):
+        return False
+    if bool(cfg.tls_cert) != bool(cfg.tls_key):
+        raise ServerUnreachable("SENDENSE_TLS_CERT and SENDENSE_TLS_KEY go together: set both or neither")
+
+    def read(var: str, path: str | None) -> bytes | None:
+        if not path:
+            return None
+        try:
+            return Path(path).read_bytes()
+        except OSError as e:
+            raise ServerUnreachable(f"{var} {path}: {e.strerror}") from None
+
+    return TLSConfig(
+        server_root_ca_cert=read("SENDENSE_TLS_CA", cfg.tls_ca),
+        client_cert=read("SENDENSE_TLS_CERT", cfg.tls_cert),
+        client_private_key=read("SENDENSE_TLS_KEY", cfg.tls_key),
+        domain=cfg.tls_server_name,
+    )
+
+
+async def connect(cfg: config.TemporalConfig | None = None, codec: PayloadCodec | None = None) -> Client:
+    """A client of the configured server whose payloads are encrypted (workers.codec) with the
+    configured key. No key: refused in one line (after the server's reachability, which is the more
+    useful thing to hear first)."""
     cfg = cfg or config.temporal_config()
-    tls: TLSConfig | bool = False
-    if cfg.tls_cert or cfg.tls_ca:
-        tls = TLSConfig(
-            server_root_ca_cert=Path(cfg.tls_ca).read_bytes() if cfg.tls_ca else None,
-            client_cert=Path(cfg.tls_cert).read_bytes() if cfg.tls_cert else None,
-            client_private_key=Path(cfg.tls_key).read_bytes() if cfg.tls_key else None,
-        )
+    tls = tls_config(cfg)
+    missing: CodecError | None = None
+    if codec is None:
+        try:
+            codec = load_codec()
+        except CodecError as e:
+            missing = e
     try:
-        return await Client.connect(
-            cfg.address, namespace=cfg.namespace, tls=tls, data_converter=pydantic_data_converter
+        client = await Client.connect(
+            cfg.address, namespace=cfg.namespace, tls=tls, data_converter=data_converter(codec)
         )
-    except Exception:
+    except Exception as e:
+        if tls:
+            raise ServerUnreachable(
+                f"Temporal server at {cfg.address} is not reachable over TLS ({_tls_reason(e)}); "
+                "check SENDENSE_TEMPORAL and SENDENSE_TLS_CA/CERT/KEY/SERVER_NAME"
+            ) from None
         raise ServerUnreachable(
             f"Temporal server at {cfg.address} is not reachable; start the embedded stack with "
             "'sendense up' (or set SENDENSE_TEMPORAL)"
         ) from None
+    if missing is not None:
+        raise missing
+    return client
+
+
+def _tls_reason(e: Exception) -> str:
+    """What the TLS layer said, in a few words (the client's error is a multi-line chain)."""
+    text = " ".join(str(e).split()).lower()
+    for needle, reason in (
+        ("certificaterequired", "the server requires a client certificate"),
+        ("certificate required", "the server requires a client certificate"),
+        ("unknownca", "the server does not trust this client certificate"),
+        ("unknown ca", "the server does not trust this client certificate"),
+        ("badcertificate", "the server refused the client certificate"),
+        ("bad certificate", "the server refused the client certificate"),
+        ("notvalidforname", "the server's certificate is not for this name (SENDENSE_TLS_SERVER_NAME)"),
+        ("invalidcertificate", "the server's certificate is not trusted (SENDENSE_TLS_CA)"),
+        ("certificate verify failed", "the server's certificate is not trusted (SENDENSE_TLS_CA)"),
+        ("unknownissuer", "the server's certificate is not trusted (SENDENSE_TLS_CA)"),
+    ):
+        if needle in text:
+            return reason
+    return "handshake or connection failed"
 
 
 def build_workers(client: Client, host: str | None = None, max_activities: int = 32) -> list[Worker]:
@@ -105,7 +162,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         asyncio.run(serve())
-    except (ServerUnreachable, NotAllowed) as e:
+    except (ServerUnreachable, NotAllowed, CodecError) as e:
         log.error("%s", e)
         raise SystemExit(2) from None
 

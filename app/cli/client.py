@@ -9,6 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError
 from temporalio.api.enums.v1 import PendingActivityState
+from temporalio.api.failure.v1 import Failure
 from temporalio.client import (
     Client,
     WorkflowExecutionDescription,
@@ -65,10 +66,15 @@ class JobView(JobStatus):
     no_answer: str | None = Field(default=None, description="why the job's status could not be read")
 
 
-def pending_steps(desc: WorkflowExecutionDescription) -> list[PendingStep]:
+def pending_steps(
+    desc: WorkflowExecutionDescription, failures: dict[int, str] | None = None
+) -> list[PendingStep]:
+    """The steps in flight; `failures`: their last failures' messages decoded (by index), which the
+    history holds encrypted (workers.codec: `Encoded failure` in the clear)."""
     steps = []
-    for pa in desc.raw_description.pending_activities:
+    for i, pa in enumerate(desc.raw_description.pending_activities):
         failure = pa.last_failure.message if pa.HasField("last_failure") else ""
+        failure = (failures or {}).get(i, failure)
         nxt = (
             pa.next_attempt_schedule_time.ToDatetime(UTC)
             if pa.HasField("next_attempt_schedule_time")
@@ -241,7 +247,24 @@ class Jobs:
                 f"job {name}: does not answer within {timeout:.0f}s; is a worker running for it?"
             ) from None
         _, problem = readable_spec(await h.query("get_spec", result_type=dict))
-        return JobView(**dict(st), steps=pending_steps(desc), spec_problem=problem)
+        failures = await self._failure_messages(desc)
+        return JobView(**dict(st), steps=pending_steps(desc, failures), spec_problem=problem)
+
+    async def _failure_messages(self, desc: WorkflowExecutionDescription) -> dict[int, str]:
+        """The pending activities' last failure messages, decrypted (by index)."""
+        out: dict[int, str] = {}
+        for i, pa in enumerate(desc.raw_description.pending_activities):
+            if not pa.HasField("last_failure") or not pa.last_failure.HasField("encoded_attributes"):
+                continue
+            failure = Failure()
+            failure.CopyFrom(pa.last_failure)
+            try:
+                exc = await self.client.data_converter.decode_failure(failure)
+            except Exception as e:  # noqa: BLE001 - a key this client lacks: say so in the step
+                out[i] = f"(cannot decrypt: {getattr(e, 'message', None) or e})"
+                continue
+            out[i] = str(getattr(exc, "message", None) or exc)
+        return out
 
     async def spec(self, name: str) -> JobSpec:
         return (await self.spec_and_problem(name))[0]

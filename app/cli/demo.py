@@ -10,6 +10,7 @@ and the web UI address.
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,8 @@ def run_demo(console: Console, state: Path, port: int, ui_port: int, incremental
     console.rule(Text("Sendense Replication demo", style="bold"))
     info = stack.up(state, port=port, ui_port=ui_port)
     console.print(Text.assemble("embedded stack: Temporal at ", B(info.address), ", web UI ", B(info.ui_url)))
+    # this process's clients use the stack's payload key (also under a --state-dir of its own)
+    os.environ.setdefault("SENDENSE_CODEC_KEY", str(stack.key_path(Path(info.state_dir))))
 
     asyncio.run(_forget_previous(console))
     lab = _lab(state)

@@ -8,6 +8,7 @@ are the AWS lab's own: an instance to replicate, and writes to a volume as its g
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,30 @@ lab_app = typer.Typer(
 
 
 MAX_WRITE = 1 << 30  # `lab write` holds the bytes in memory
+
+# A lab's env values whose names say they are secret are printed only with --show-secrets.
+SECRET_NAME = re.compile(r"SECRET|PASSWORD|PASSWD|TOKEN|PRIVATE|CREDENTIAL", re.IGNORECASE)
+SHOW_SECRETS_HINT = "hidden; add --show-secrets to print them"
+ShowSecrets = typer.Option(
+    False, "--show-secrets", help="print the lab's secrets (its credentials) too; hidden otherwise"
+)
+
+
+def _redacted(info: dict[str, Any], show: bool) -> dict[str, Any]:
+    """Each lab's description with the values of its secret env variables set to null and named in
+    `hidden` (unless `show`)."""
+    if show:
+        return info
+    out: dict[str, Any] = {}
+    for name, lab in info.items():
+        env: dict[str, Any] = (lab.get("env") if isinstance(lab, dict) else None) or {}
+        secret = sorted(k for k in env if SECRET_NAME.search(k))
+        if secret:
+            lab = {**lab, "env": {k: (None if k in secret else v) for k, v in env.items()}}
+            lab["hidden"] = secret
+            lab["hidden_note"] = f"{', '.join(secret)}: {SHOW_SECRETS_HINT}"
+        out[name] = lab
+    return out
 
 
 def _hooks() -> dict[str, Any]:
@@ -51,9 +76,11 @@ def _errors(hook: Any) -> tuple[type[Exception], ...]:
 def lab_up(
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
     port: int = typer.Option(0, help="the lab's port, for a single lab (0: any free one)"),
+    show_secrets: bool = ShowSecrets,
 ) -> None:
     """Start the labs in the background (already running: just describe them). Agents on this machine
-    reach them at once; the output says what a job spec needs."""
+    reach them at once; the output says what a job spec needs (and, with --show-secrets, the
+    credentials an agent elsewhere needs)."""
     from app.cli.output import emit_json, fail, out
 
     info: dict[str, Any] = {}
@@ -62,7 +89,7 @@ def lab_up(
             info[name] = hook.up(port=port)
         except _errors(hook) as e:
             fail(f"{name} lab: {e}")
-    info |= _notes()
+    info = _redacted(info | _notes(), show_secrets)
     if as_json:
         emit_json(info)
         return
@@ -70,11 +97,26 @@ def lab_up(
         if "endpoint_url" in lab:
             where = f" (region {lab['region']})" if "region" in lab else ""
             out.print(
-                f"{name} lab: {lab['endpoint_url']}{where}; agents on this machine reach it as they are"
+                f"{name} lab: {lab['endpoint_url']}{where}; agents on this machine reach it as they are",
+                highlight=False,
             )
-            out.print(f"  an agent elsewhere needs: {' '.join(f'{k}=...' for k in lab.get('env', {}))}")
+            _print_env(lab, show_secrets)
         else:
             out.print(f"{name}: {lab.get('note', '')}", highlight=False)
+
+
+def _print_env(lab: dict[str, Any], show: bool) -> None:
+    from app.cli.output import out
+
+    env = lab.get("env") or {}
+    if show:
+        out.print(
+            f"  an agent elsewhere needs: {' '.join(f'{k}={v}' for k, v in env.items())}", highlight=False
+        )
+    else:
+        out.print(f"  an agent elsewhere needs: {' '.join(f'{k}=...' for k in env)}", highlight=False)
+        if lab.get("hidden"):
+            out.print(f"  ({lab['hidden_note']})", highlight=False)
 
 
 @lab_app.command("down")
@@ -96,17 +138,25 @@ def lab_down(as_json: bool = typer.Option(False, "--json", help="machine-readabl
 
 
 @lab_app.command("status")
-def lab_status(as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
+def lab_status(
+    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+    show_secrets: bool = ShowSecrets,
+) -> None:
     """Which labs run, and how to reach them."""
     from app.cli.output import emit_json, out
 
-    info = {name: hook.status() for name, hook in _hooks().items()} | _notes()
+    info = _redacted({name: hook.status() for name, hook in _hooks().items()} | _notes(), show_secrets)
     if as_json:
         emit_json(info)
         return
     for name, lab in info.items():
         if "running" in lab:
-            out.print(f"{name} lab: {lab['endpoint_url']}" if lab["running"] else f"{name} lab: not running")
+            if not lab["running"]:
+                out.print(f"{name} lab: not running")
+                continue
+            out.print(f"{name} lab: {lab['endpoint_url']}", highlight=False)
+            if show_secrets or lab.get("hidden"):
+                _print_env(lab, show_secrets)
 
 
 def _running_lab() -> Any:

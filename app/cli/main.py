@@ -28,14 +28,18 @@ app.add_typer(lab_app, name="lab")
 def up(
     port: int = typer.Option(7233, min=1, max=65535, help="Temporal frontend port"),
     ui_port: int = typer.Option(8233, min=1, max=65535, help="Temporal web UI port"),
+    codec_port: int = typer.Option(
+        0, min=0, max=65535, help="port of the codec server the web UI asks (0: any free port)"
+    ),
     state_dir: Path = typer.Option(None, help="state directory (default $SENDENSE_HOME or ~/.sendense)"),
     as_json: bool = JsonOpt,
 ) -> None:
-    """Start the embedded stack: Temporal dev server (with web UI) and a worker, in the background."""
+    """Start the embedded stack: Temporal dev server (with web UI), a worker and the codec server,
+    in the background, on 127.0.0.1 only. Makes the payload key (STATE/codec.key) if there is none."""
     from app import stack
 
     try:
-        info = stack.up(state_dir or config.home(), port=port, ui_port=ui_port)
+        info = stack.up(state_dir or config.home(), port=port, ui_port=ui_port, codec_port=codec_port)
     except SendenseError as e:
         fail(e.message)
     data = info.to_dict()
@@ -44,7 +48,7 @@ def up(
     else:
         out.print(
             f"Temporal at {data.get('address')}, web UI {data.get('ui_url')}, "
-            f"worker pid {data.get('worker_pid')}"
+            f"worker pid {data.get('worker_pid')}, codec server {data.get('codec_url')}"
         )
 
 
@@ -79,6 +83,104 @@ def worker() -> None:
     from workers.worker import main
 
     main()
+
+
+# ------------------------------------------------------------------------------- payload keys
+
+codec_key_app = typer.Typer(help="The payload encryption key (workers/codec.py).", no_args_is_help=True)
+app.add_typer(codec_key_app, name="codec-key")
+
+
+@codec_key_app.command("new")
+def codec_key_new(
+    path: Path = typer.Argument(..., help="file to create (0600; never over an existing file)"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Make a new payload key (32 random bytes). To rotate: make one, give every worker and client
+    the new one as SENDENSE_CODEC_KEY and the old one in SENDENSE_CODEC_OLD_KEYS."""
+    from workers.codec import new_key
+
+    try:
+        kid = new_key(path)
+    except FileExistsError:
+        fail(f"{path}: already exists (a key is never overwritten)")
+    except OSError as e:
+        fail(f"{path}: {e.strerror}")
+    if as_json:
+        emit_json({"path": str(path), "key_id": kid})
+    else:
+        out.print(f"payload key {path} (key id {kid})")
+
+
+@app.command("codec-server")
+def codec_server(
+    host: str = typer.Option("127.0.0.1", help="address to listen on (not loopback: needs --token-file)"),
+    port: int = typer.Option(8234, min=1, max=65535),
+    ui_origin: list[str] = typer.Option(
+        [], "--ui-origin", help="web UI origin allowed by CORS (default: the embedded stack's UI)"
+    ),
+    token_file: Path = typer.Option(None, help="require `Authorization: Bearer <this file's token>`"),
+) -> None:
+    """Serve Temporal's remote codec protocol (POST /encode, /decode) with this machine's payload
+    keys, so that the web UI and `temporal --codec-endpoint` show decrypted payloads. In the
+    foreground; answers only this user's processes on loopback."""
+    from app.codec_server import CodecHTTPServer, default_origins, read_token
+    from workers.codec import CodecError, load_codec
+
+    try:
+        server = CodecHTTPServer(
+            (host, port),
+            load_codec(),
+            ui_origin or default_origins(config.temporal_config().ui_url),
+            token=read_token(token_file) if token_file else None,
+        )
+    except CodecError as e:
+        fail(e.message)
+    except OSError as e:
+        fail(f"codec server on {host}:{port}: {e.strerror}")
+    out.print(f"codec server at {server.url} (key id {server.codec.key_id}); Ctrl-C stops it")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+# ------------------------------------------------------------------------------- certificates
+
+certs_app = typer.Typer(help="Certificates for mutual TLS with the Temporal server.", no_args_is_help=True)
+app.add_typer(certs_app, name="certs")
+
+
+@certs_app.command("make")
+def certs_make(
+    directory: Path = typer.Argument(..., help="where the files go (0700; each file 0600)"),
+    server_name: list[str] = typer.Option(
+        [], "--server-name", help="a name the server is reached by (default: temporal, localhost, 127.0.0.1)"
+    ),
+    client: list[str] = typer.Option(
+        [], "--client", help="a client certificate to make (default for a new CA: worker, ui, admin)"
+    ),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Make a private CA, the Temporal server's certificate and client certificates (mTLS) in DIR.
+    An existing CA in DIR is reused (to add clients); no file is ever overwritten."""
+    from tools.certs import DEFAULT_SERVER_NAMES, make
+
+    try:
+        made = make(directory, server_name or DEFAULT_SERVER_NAMES, client or None)
+    except SendenseError as e:
+        fail(e.message)
+    except OSError as e:
+        fail(f"{directory}: {e.strerror}")
+    if as_json:
+        emit_json({"dir": str(made.dir), "ca_reused": made.ca_reused, "files": [str(f) for f in made.files]})
+        return
+    if not made.files:
+        out.print(f"{directory}: nothing to make (add --client NAME)", highlight=False)
+    for f in made.files:
+        out.print(f"made {f}", highlight=False)
 
 
 # ------------------------------------------------------------------------------- demo

@@ -38,4 +38,5 @@ PLATFORM = Platform(
     vms=_vms,
     lab="labs.aws.hook",
     starter_endpoints=("aws:*",),  # AWS's own endpoints, every region (aws:<region>)
+    agent_env=("AWS_*", "BOTO_CONFIG"),  # the standard credential chain and its files
 )

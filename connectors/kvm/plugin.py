@@ -39,4 +39,6 @@ PLATFORM = Platform(
     lab_note="KVM runs for real here: source.disks (stopped VM), source.qmp or source.libvirt; no lab",
     starter_source_roots=("/var/lib/libvirt/images",),  # libvirt's default image pool
     starter_endpoints=("qemu:///system", "qemu:///session"),
+    # libvirt's client: its default URI and config, qemu:///session's runtime dir, qemu+ssh's agent
+    agent_env=("LIBVIRT_*", "VIRSH_*", "XDG_RUNTIME_DIR", "SSH_AUTH_SOCK"),
 )

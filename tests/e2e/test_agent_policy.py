@@ -1,7 +1,8 @@
 """Whoever reaches Temporal does not command the root agent (issue 11, finding 1).
 
 The embedded stack runs as root with a narrow agent policy. `nobody`, a local user who can reach the
-Temporal port, starts jobs straight through the SDK (no CLI and its checks): one copies a root-only
+Temporal port and even holds the payload key (a copy given to it: the codec keeps payloads secret, it
+is not an authority), starts jobs straight through the SDK (no CLI and its checks): one copies a root-only
 image into a directory it can read, one points a job at a root-owned directory and purges it. The
 agent refuses both on their first activity, in one line naming the spec field, and touches nothing."""
 
@@ -9,8 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,12 +32,12 @@ ATTACK = textwrap.dedent(
     """
     import asyncio, json, os, sys
     from temporalio.client import Client, WorkflowFailureError
-    from temporalio.contrib.pydantic import pydantic_data_converter
+    from workers.codec import data_converter, load_codec
     from sendense.models import DeleteRequest, JobSpec, ReplicationInput
     from workflows.replication import ReplicationWorkflow
 
     async def main(address, queue, spec, purge):
-        client = await Client.connect(address, data_converter=pydantic_data_converter)
+        client = await Client.connect(address, data_converter=data_converter(load_codec()))
         spec = JobSpec.model_validate(spec)
         h = await client.start_workflow(
             ReplicationWorkflow.run,
@@ -91,6 +94,9 @@ def narrow_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cli
         yield Cli(env=env, state=state), base
     finally:
         stack.down(state)
+        given = base / "key-given-to-nobody"
+        if given.is_symlink():
+            shutil.rmtree(given.resolve().parent, ignore_errors=True)
         for k, v in old.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -100,13 +106,26 @@ def narrow_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cli
 
 def attack_as_nobody(cli: Cli, spec: dict[str, object], purge: bool = False) -> str:
     info = json.loads((cli.state / "stack.json").read_text())
+    key = cli.state.parent / "key-given-to-nobody"
+    if not key.exists():  # (the pytest base directory is root's 0700: a directory of nobody's in /tmp)
+        d = Path(tempfile.mkdtemp(prefix="sendense-nobody-key-"))
+        os.chown(d, 65534, 65534)
+        shutil.copy(cli.state / "codec.key", d / "codec.key")
+        os.chown(d / "codec.key", 65534, 65534)
+        key.symlink_to(d / "codec.key")
+    key = key.resolve()
     arg = json.dumps({"address": info["address"], "queue": config.host_queue(), "spec": spec, "purge": purge})
     p = subprocess.run(
         ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", sys.executable, "-c", ATTACK, arg],
         capture_output=True,
         text=True,
         timeout=180,
-        env={"PATH": os.environ["PATH"], "HOME": "/tmp", "PYTHONDONTWRITEBYTECODE": "1"},
+        env={
+            "PATH": os.environ["PATH"],
+            "HOME": "/tmp",
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "SENDENSE_CODEC_KEY": str(key),
+        },
         cwd="/",
     )
     assert p.returncode == 0, p.stderr[-2000:]

@@ -38,7 +38,7 @@ def aws_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cli, d
     os.environ.update(env)
     try:
         stack.up(state, port=port, ui_port=free_port())
-        lab = cli.json("lab", "up")["aws"]
+        lab = cli.json("lab", "up", "--show-secrets")["aws"]
         yield cli, lab
     finally:
         try:
@@ -70,6 +70,26 @@ def test_lab_up_describes_what_a_spec_needs_and_is_idempotent(aws_stack: tuple[C
     }
     assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(lab["env"])
     assert cli.json("lab", "status")["aws"]["running"] is True
+
+
+def test_lab_secret_printed_only_with_show_secrets(aws_stack: tuple[Cli, dict]) -> None:  # type: ignore[type-arg]
+    """Issue 11: `lab up/status --json` printed the lab's secret key; now only with --show-secrets,
+    and the output says it is hidden and how to see it."""
+    cli, lab = aws_stack
+    secret = lab["env"]["AWS_SECRET_ACCESS_KEY"]
+    assert secret and len(secret) >= 16
+    for verb in ("up", "status"):
+        hidden = cli.json("lab", verb)["aws"]
+        assert hidden["env"]["AWS_SECRET_ACCESS_KEY"] is None and hidden["hidden"] == [
+            "AWS_SECRET_ACCESS_KEY"
+        ]
+        assert "--show-secrets" in hidden["hidden_note"]
+        assert hidden["env"]["AWS_ACCESS_KEY_ID"] == lab["env"]["AWS_ACCESS_KEY_ID"]  # an id, not a secret
+        text = cli.run("lab", verb).stdout
+        assert secret not in text and "hidden; add --show-secrets" in text, text
+        shown = cli.json("lab", verb, "--show-secrets")["aws"]
+        assert shown["env"]["AWS_SECRET_ACCESS_KEY"] == secret and "hidden" not in shown
+        assert f"AWS_SECRET_ACCESS_KEY={secret}" in cli.run("lab", verb, "--show-secrets").stdout
 
 
 def test_kvm_to_aws_full_then_incremental_bit_exact(aws_stack: tuple[Cli, dict], tmp_path: Path) -> None:  # type: ignore[type-arg]
