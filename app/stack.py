@@ -27,6 +27,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Coroutine, Iterator
 from dataclasses import asdict, dataclass, fields
@@ -104,10 +105,29 @@ def _read(state_dir: Path) -> StackInfo | None:
 
 
 def _write(state_dir: Path, info: StackInfo) -> None:
+    """stack.json, 0600, written through a fresh temporary file (never through a planted one)."""
     path = config.stack_file(state_dir)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(info.to_dict(), indent=2) + "\n")
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".stack.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(info.to_dict(), indent=2) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _private_files(state_dir: Path) -> None:
+    """The server's database (and its WAL), its logs and every other file of the state directory:
+    0600, directories 0700, set explicitly (the server makes them under its own umask)."""
+    for d in (state_dir, state_dir / "logs"):
+        if not d.is_dir() or d.is_symlink():
+            continue
+        d.chmod(0o700)
+        for f in d.iterdir():
+            if f.is_file() and not f.is_symlink():
+                with contextlib.suppress(OSError):
+                    f.chmod(0o600)
 
 
 @contextlib.contextmanager
@@ -252,7 +272,9 @@ def codec_env() -> dict[str, str]:
 def _spawn(cmd: list[str], log_path: Path, env: dict[str, str] | None = None) -> tuple[int, int]:
     """Start `cmd` detached (own session) with output appended to `log_path`; return (pid, log offset)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as out:
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+    os.fchmod(fd, 0o600)  # (a log of an earlier version may be 0644)
+    with os.fdopen(fd, "ab") as out:
         stamp = datetime.now(UTC).isoformat(timespec="seconds")
         out.write(f"--- {stamp} start: {' '.join(cmd)}\n".encode())
         out.flush()
@@ -521,6 +543,7 @@ def up(
         log.info("Temporal server started (pid %d) at %s, UI %s", pid, info.address, info.ui_url)
         try:
             _wait_reachable(info, log_path, offset, timeout)
+            _private_files(state)  # temporal.db and its -wal/-shm exist once the server answers
             if info.codec_pid is not None:
                 _check_codec(state, info, 0.0, codec_offset)  # it has had the server's start-up time to bind
         except StackError:

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import socket
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,9 +143,16 @@ def lab_env(endpoint: str | None) -> dict[str, str] | None:
 
 
 def _write_private(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    """`path` (0600, in a 0700 directory) written through a fresh temporary file: the credentials a
+    lab hands out never go through a file or symlink someone planted."""
+    from sendense.private import private_dir  # (private imports errors only; config is imported first)
+
+    private_dir(path.parent, "labs directory")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

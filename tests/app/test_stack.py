@@ -97,6 +97,10 @@ def test_up_records_and_status_reachable(running: tuple[Path, stack.StackInfo]) 
     assert st.stat().st_mode & 0o777 == 0o700  # the server's database and logs: its user's only (issue 11)
     assert (st / "temporal.db").exists()
     assert (st / "logs" / "temporal.log").exists()
+    # every file of it too, explicitly: the database and its WAL, stack.json, the logs (issue 11)
+    files = [f for d in (st, st / "logs") for f in d.iterdir() if f.is_file()]
+    assert {f.name for f in files} >= {"temporal.db", "stack.json", "temporal.log"}
+    assert {f.name: f.stat().st_mode & 0o777 for f in files} == {f.name: 0o600 for f in files}
 
     s = stack.status(st)
     assert s["server_alive"] and s["server_reachable"] and s["worker_alive"]
