@@ -72,6 +72,7 @@ def test_quickstart_demo_runs(tmp_path: Path) -> None:
     with tempfile.TemporaryDirectory(prefix="sddemo", dir="/tmp") as state:
         env = dict(os.environ, SENDENSE_HOME=state, SENDENSE_HOST_ID=f"demo{free_port()}")
         env.pop("SENDENSE_TEMPORAL", None)
+        env.pop("SENDENSE_POLICY", None)  # as a new user: the agent policy is the starter `up` writes
         args = ["demo", "--port", str(free_port()), "--ui-port", str(free_port())]
         try:
             p = subprocess.run(
@@ -88,6 +89,7 @@ def test_quickstart_demo_runs(tmp_path: Path) -> None:
             text = " ".join(p.stdout.split())  # (the console wraps long lines)
             assert "filesystem is clean after journal replay" in text, p.stdout
             assert re.search(r"holding workload sequence \d+", text), p.stdout
+            assert (Path(state) / "policy.yaml").stat().st_mode & 0o777 == 0o600
             clean = subprocess.run(
                 [SENDENSE, "demo", "--clean"], capture_output=True, text=True, env=env, timeout=120
             )
