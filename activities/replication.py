@@ -91,7 +91,7 @@ HEARTBEAT_EVERY = 1.0  # seconds between copy heartbeats (progress, cancellation
 def create_snapshot(req: SnapshotRequest) -> SnapshotRef:
     """Heartbeats while it runs: a cloud snapshot may take long to complete (a cloud's first snapshot
     of a large volume: hours), and a dead worker must still be noticed after the heartbeat timeout."""
-    with _heartbeating(HEARTBEAT_EVERY * 5):
+    with heartbeating(HEARTBEAT_EVERY * 5):
         return _create_snapshot(req)
 
 
@@ -130,7 +130,7 @@ def begin_sync(req: SnapshotRequest) -> SnapshotRef:
     the target are served by the same host queue. If the target cannot be prepared, the snapshot is
     released uncommitted before the error goes up, so a failed begin leaves nothing behind.
     Heartbeats while it runs, as create_snapshot does."""
-    with _heartbeating(HEARTBEAT_EVERY * 5):
+    with heartbeating(HEARTBEAT_EVERY * 5):
         return _begin(req)
 
 
@@ -167,7 +167,7 @@ def begin_and_copy(req: SnapshotRequest) -> BeginResult:
         done = _finished_before(req, record)
         if done is not None:
             return done
-    with _heartbeating(HEARTBEAT_EVERY * 5):
+    with heartbeating(HEARTBEAT_EVERY * 5):
         snap = _begin(req)
         copied: list[DiskCopyResult] = []
         with _released_on_error(req, snap, "inline copy"):
@@ -237,7 +237,7 @@ def _released_on_error(req: SnapshotRequest, snap: SnapshotRef, step: str) -> It
 
 
 @contextmanager
-def _heartbeating(every: float) -> Iterator[None]:
+def heartbeating(every: float) -> Iterator[None]:
     """Heartbeat from a side thread while the block runs (a task with several steps and no natural
     checkpoint); nothing is sent for a block shorter than `every`."""
     stop = threading.Event()

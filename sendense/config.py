@@ -28,6 +28,7 @@ SEARCH_ATTRIBUTES = {
     "SendenseTarget": "Keyword",
     "SendenseVm": "Keyword",
     "SendenseState": "Keyword",
+    "SendenseOperation": "Keyword",  # a disaster-recovery operation's kind: drill (workflows.drill)
 }
 
 

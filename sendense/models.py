@@ -357,6 +357,59 @@ class Tuning(Strict):
     )
 
 
+class BootCheckSpec(Strict):
+    """How a VM made from a point shows it booted (a drill's test VM, a failover's VM)."""
+
+    console_contains: str = Field(
+        default="login:",
+        min_length=1,
+        max_length=256,
+        description="regular expression the VM's console shows once it is up",
+    )
+    timeout: Duration = Field(default=timedelta(minutes=10), description="from power-on; then it failed")
+
+    @field_validator("console_contains")
+    @classmethod
+    def _regex(cls, v: str) -> str:
+        try:
+            re.compile(v)
+        except re.error as e:
+            raise ValueError(f"not a regular expression ({e.msg})") from None
+        return v
+
+    @field_validator("timeout")
+    @classmethod
+    def _timeout(cls, v: timedelta) -> timedelta:
+        if not timedelta(seconds=10) <= v <= timedelta(hours=2):
+            raise ValueError("must be between 10s and 2h")
+        return v
+
+
+class RecoverySpec(Strict):
+    """What a VM made from the job's points looks like (drills, failover); unset: the defaults."""
+
+    cpus: int | None = Field(default=None, ge=1, le=256, description="vCPUs (default 1)")
+    memory_mib: int | None = Field(default=None, ge=64, le=4 << 20, description="memory (default 512 MiB)")
+    firmware: Literal["bios", "uefi"] | None = Field(default=None, description="default bios")
+    network_map: dict[str, str] = Field(
+        default_factory=dict, max_length=64, description="source network -> target network (failover)"
+    )
+    boot_check: BootCheckSpec = Field(default_factory=BootCheckSpec)
+
+
+class DrillSummary(Wire):
+    """A drill's outcome as `job status` shows the newest one."""
+
+    drill_id: str
+    point_id: str = ""
+    ok: bool | None = Field(default=None, description="the boot check passed (None: not reached)")
+    seconds: float = 0.0
+    evidence: str = ""
+    error: str | None = None
+    ended_at: datetime | None = None
+    cleaned: bool = False
+
+
 class JobSpec(Strict):
     name: str
     job_id: str = Field(
@@ -369,6 +422,7 @@ class JobSpec(Strict):
     schedule: Schedule = Field(default_factory=Schedule)
     retention: Retention = Field(default_factory=Retention)
     tuning: Tuning = Field(default_factory=Tuning)
+    recovery: RecoverySpec = Field(default_factory=RecoverySpec)
 
     _source = field_validator("source", mode="wrap")(_end("source"))
     _target = field_validator("target", mode="wrap")(_end("target"))
@@ -678,6 +732,7 @@ class JobStatus(Wire):
     total_bytes_written: int = 0
     current_sync: str | None = None
     left_behind: list[str] = Field(default_factory=list, description="what a delete could not remove")
+    last_drill: DrillSummary | None = None
 
 
 # ------------------------------------------------------------------------ activity contracts
@@ -782,6 +837,7 @@ class CarriedState(Wire):
     last_sync_started_at: datetime | None = None
     validated: bool = False
     inconsistent_in_row: int = Field(default=0, description="syncs failed in a row on SnapshotInconsistent")
+    last_drill: DrillSummary | None = None
 
 
 class ReplicationInput(Wire):

@@ -33,6 +33,7 @@ with workflow.unsafe.imports_passed_through():
         DeleteRequest,
         DiskCopyResult,
         DiskInfo,
+        DrillSummary,
         FinishResult,
         JobRequest,
         JobSpec,
@@ -174,7 +175,16 @@ class ReplicationWorkflow:
             total_bytes_written=self.st.total_bytes_written,
             current_sync=self.current,
             left_behind=list(self.left_behind),
+            last_drill=self.st.last_drill,
         )
+
+    @workflow.signal
+    def drill_finished(self, summary: DrillSummary) -> None:
+        """A drill of this job ended (workflows.drill): `job status` shows the newest."""
+        if self.st.last_drill is None or (summary.ended_at or workflow.now()) >= (
+            self.st.last_drill.ended_at or workflow.now()
+        ):
+            self.st.last_drill = summary
 
     @workflow.query
     def get_spec(self) -> JobSpec:

@@ -102,7 +102,7 @@ def test_a_long_begin_heartbeats_from_a_side_thread_and_stops_with_the_block() -
     env.on_heartbeat = lambda *details: beats.append(details)
 
     def long_step() -> int:
-        with replication._heartbeating(0.05):
+        with replication.heartbeating(0.05):
             time.sleep(0.5)
         n = len(beats)
         time.sleep(0.2)

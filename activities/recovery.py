@@ -1,0 +1,98 @@
+"""The disaster-recovery activities (workflows.drill): hold a point, make a VM from it, power it,
+check that it booted, destroy it, release the hold. Each runs on the job's target host queue, asks the
+agent's policy first, and is idempotent by the name or hold id its saga chose before it ran."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from temporalio import activity
+
+from activities.errors import mapped
+from activities.guard import authorized
+from activities.replication import HEARTBEAT_EVERY, heartbeating
+from sendense.errors import ResourceNotFound
+from sendense.models import BootCheck, PointInfo, VmRef
+from sendense.platforms import target_for, vms_for
+from sendense.recovery import BootRequest, HoldRequest, PointRequest, VmNameRequest, VmRequest
+
+
+@activity.defn(name="choose_point")
+@mapped
+@authorized
+def choose_point(req: PointRequest) -> PointInfo:
+    """The point asked for, or the newest; one line naming the job if there is none."""
+    points = target_for(req.spec).list_points()
+    if req.point_id is None:
+        if not points:
+            raise ResourceNotFound(f"job {req.spec.name} has no recovery point yet")
+        return points[0]
+    for p in points:
+        if p.point_id == req.point_id:
+            return p
+    raise ResourceNotFound(f"job {req.spec.name}: no recovery point {req.point_id}")
+
+
+@activity.defn(name="hold_point")
+@mapped
+@authorized
+def hold_point(req: HoldRequest) -> None:
+    target_for(req.spec).hold(req.point_id, req.hold_id, req.reason)
+
+
+@activity.defn(name="release_point")
+@mapped
+@authorized
+def release_point(req: HoldRequest) -> None:
+    target_for(req.spec).release(req.point_id, req.hold_id)
+
+
+@activity.defn(name="create_vm")
+@mapped
+@authorized
+def create_vm(req: VmRequest) -> VmRef:
+    with heartbeating(HEARTBEAT_EVERY * 5):  # an AWS volume from a snapshot: minutes
+        return vms_for(req.spec).create_vm(req.plan)
+
+
+@activity.defn(name="power_on")
+@mapped
+@authorized
+def power_on(req: VmNameRequest) -> VmRef:
+    return vms_for(req.spec).power_on(req.name)
+
+
+@activity.defn(name="power_off")
+@mapped
+@authorized
+def power_off(req: VmNameRequest) -> VmRef:
+    return vms_for(req.spec).power_off(req.name)
+
+
+@activity.defn(name="boot_check")
+@mapped
+@authorized
+def boot_check(req: BootRequest) -> BootCheck:
+    with heartbeating(HEARTBEAT_EVERY * 5):
+        return vms_for(req.spec).boot_check(req.name, req.pattern, req.timeout_seconds)
+
+
+@activity.defn(name="destroy_vm")
+@mapped
+@authorized
+def destroy_vm(req: VmNameRequest) -> None:
+    with heartbeating(HEARTBEAT_EVERY * 5):
+        vms_for(req.spec).destroy_vm(req.name)
+
+
+RECOVERY_ACTIVITIES: list[Callable[..., Any]] = [
+    choose_point,
+    hold_point,
+    release_point,
+    create_vm,
+    power_on,
+    power_off,
+    boot_check,
+    destroy_vm,
+]

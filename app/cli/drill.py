@@ -1,0 +1,114 @@
+"""`sendense drill ...`: test failovers of a job (workflows.drill)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import typer
+
+from app.cli.output import JsonOpt, emit_json, one_line, out, run
+from sendense.errors import InvalidSpec
+from sendense.models import parse_duration
+
+drill_app = typer.Typer(
+    help="Drills: test failovers in an isolated network, boot-checked.", no_args_is_help=True
+)
+
+
+async def _drills() -> Any:
+    from app.cli.client import Jobs
+    from app.cli.drill_client import Drills
+
+    return Drills(await Jobs.connect())
+
+
+def _keep(text: str) -> timedelta:
+    try:
+        keep = parse_duration(text)
+    except ValueError:
+        raise InvalidSpec("--keep: a duration such as 30s, 10m or 2h") from None
+    if not timedelta(0) <= keep <= timedelta(days=7):
+        raise InvalidSpec("--keep: between 0s and 7d")
+    return keep  # type: ignore[no-any-return]
+
+
+def _lines(r: Any) -> list[str]:
+    lines = [f"drill {r.drill_id} of job {r.job}: point {r.point_id or '(none)'}"]
+    if r.vm is not None:
+        lines.append(f"  VM {r.vm.name} ({r.vm.platform}, {r.vm.mode}, {r.vm.vm_id or 'no id'})")
+    if r.boot is not None:
+        verdict = "booted" if r.boot.ok else "did NOT boot"
+        lines.append(f"  {verdict} in {r.boot.seconds:.1f}s: {one_line(r.boot.evidence)[:300]}")
+    if r.error:
+        lines.append(f"  failed: {one_line(r.error)}")
+    lines.append(
+        "  cleaned up: nothing left" if r.cleaned else f"  NOT cleaned up: {'; '.join(r.left_behind)}"
+    )
+    return lines
+
+
+@drill_app.command("run")
+def drill_run(
+    job: str,
+    point: str | None = typer.Option(None, "--point", help="the point to boot (default: the newest)"),
+    keep: str = typer.Option("0s", "--keep", help="keep the VM up this long after its boot check (e.g. 30m)"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Hold a point, boot a test VM from it in an isolated network, check it booted, clean up.
+    Replication goes on meanwhile. Exit 1 unless the VM booted and nothing is left."""
+
+    async def go() -> Any:
+        kept = _keep(keep)
+        drills = await _drills()
+        h = await drills.start(job, point, kept)
+        if not as_json:
+            out.print(f"drill {h.id} started")
+
+        def step(st: Any) -> None:
+            if not as_json:
+                out.print(f"  {st.step}")
+
+        return await drills.wait(h, step)
+
+    r = run(go)
+    if as_json:
+        emit_json(r)
+    else:
+        for line in _lines(r):
+            out.print(line)
+    if r.error or not r.cleaned or r.boot is None or not r.boot.ok:
+        raise typer.Exit(1)
+
+
+@drill_app.command("end")
+def drill_end(job: str, as_json: bool = JsonOpt) -> None:
+    """End the job's kept drill now: its VM is destroyed and its point released."""
+
+    async def go() -> list[str]:
+        return list(await (await _drills()).end(job))
+
+    ids = run(go)
+    emit_json({"ended": ids}) if as_json else out.print(f"ending drill {', '.join(ids)}: it cleans up now")
+
+
+@drill_app.command("list")
+def drill_list(job: str, as_json: bool = JsonOpt) -> None:
+    """The job's drills, newest first, with their outcomes."""
+
+    async def go() -> list[Any]:
+        return list(await (await _drills()).list(job))
+
+    drills = run(go)
+    if as_json:
+        emit_json(drills)
+        return
+    if not drills:
+        out.print(f"job {job} has had no drill")
+        return
+    for d in drills:
+        if hasattr(d, "cleaned"):
+            for line in _lines(d):
+                out.print(line)
+        else:
+            out.print(f"drill {d.drill_id}: running: {d.step}")

@@ -1,0 +1,225 @@
+"""DrillWorkflow: a test failover of one job, as a saga.
+
+choose the point (the newest, or the one asked for) -> hold it -> create a test VM from it (isolated
+network) -> power on -> boot check -> keep it up for `keep` or until `end` -> undo, newest first:
+destroy the VM, release the hold. Every mutating step registers its undo before it runs, and every
+step is idempotent by the name or hold id chosen here before it ran, so a failure, a cancel or a
+worker killed at any step leaves nothing behind. The drill never changes a point (the VM runs on an
+overlay or a copy, and the hold keeps prune away from it); the job keeps syncing on its interval
+meanwhile. When it ends, the job's workflow is told (its `job status` shows the newest drill).
+Deterministic: no I/O, no clocks but workflow.now(), no connector imports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy, SearchAttributeKey
+from temporalio.exceptions import ActivityError
+
+with workflow.unsafe.imports_passed_through():
+    from sendense import platforms
+    from sendense.models import BootCheck, PointInfo, VmPlan, VmRef
+    from sendense.recovery import (
+        BootRequest,
+        DrillInput,
+        DrillResult,
+        DrillStatus,
+        HoldRequest,
+        PointRequest,
+        VmNameRequest,
+        VmRequest,
+    )
+
+    platforms.load_all()
+
+from workflows.replication import SA_JOB, SA_STATE, failure_message
+
+SA_OPERATION = SearchAttributeKey.for_keyword("SendenseOperation")
+
+STEP = RetryPolicy(
+    initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30), maximum_attempts=5
+)
+# an undo is tried harder than a step: what it fails to remove is left behind (and said)
+UNDO = RetryPolicy(
+    initial_interval=timedelta(seconds=1), maximum_interval=timedelta(minutes=1), maximum_attempts=10
+)
+STEP_TIMEOUT = timedelta(
+    minutes=30
+)  # create_vm from a cloud snapshot: minutes; heartbeats show a dead worker
+HEARTBEAT = timedelta(minutes=1)
+BOOT_MARGIN = timedelta(minutes=2)
+
+
+@dataclass
+class Undo:
+    what: str
+    run: Callable[[], Awaitable[Any]]
+
+
+class Saga:
+    """Undos registered before their steps run; `unwind` runs them newest first, each to the end,
+    and says what could not be undone."""
+
+    def __init__(self) -> None:
+        self.undos: list[Undo] = []
+
+    def register(self, what: str, run: Callable[[], Awaitable[Any]]) -> None:
+        self.undos.append(Undo(what, run))
+
+    async def unwind(self) -> tuple[list[str], list[str]]:
+        done, left = [], []
+        while self.undos:
+            u = self.undos.pop()
+            try:
+                await u.run()
+                done.append(u.what)
+            except ActivityError as e:
+                left.append(f"{u.what}: {failure_message(e)}")
+        return done, left
+
+
+@workflow.defn(name="DrillWorkflow")
+class DrillWorkflow:
+    def __init__(self) -> None:
+        self.inp: DrillInput | None = None
+        self.st = DrillStatus(drill_id="")
+        self.ended = False
+
+    @workflow.query
+    def status(self) -> DrillStatus:
+        return self.st
+
+    @workflow.signal
+    def end(self) -> None:
+        """`sendense drill end`: stop keeping the VM; the drill cleans up now."""
+        self.ended = True
+
+    @workflow.run
+    async def run(self, inp: DrillInput) -> DrillResult:
+        self.inp = inp
+        self.st = DrillStatus(drill_id=inp.drill_id)
+        spec = inp.spec
+        if inp.search_attributes:
+            workflow.upsert_search_attributes(
+                [SA_JOB.value_set(spec.name), SA_OPERATION.value_set("drill"), SA_STATE.value_set("starting")]
+            )
+        result = DrillResult(drill_id=inp.drill_id, job=spec.name, started_at=workflow.now())
+        saga = Saga()
+        name = f"drill-{inp.drill_id}"
+        try:
+            self._step_is("choosing the point")
+            point: PointInfo = await self._act("choose_point", PointRequest(spec=spec, point_id=inp.point_id))
+            result.point, result.point_id = point, point.point_id
+            self.st.point_id = point.point_id
+
+            hold = HoldRequest(
+                spec=spec, point_id=point.point_id, hold_id=name, reason=f"drill {inp.drill_id}"
+            )
+            saga.register(
+                f"release the hold on point {point.point_id}", lambda: self._undo("release_point", hold)
+            )
+            self._step_is(f"holding point {point.point_id}")
+            await self._act("hold_point", hold)
+
+            rec = spec.recovery
+            plan = VmPlan(
+                name=name,
+                point_id=point.point_id,
+                mode="test",
+                cpus=rec.cpus or 1,
+                memory_mib=rec.memory_mib or 512,
+                firmware=rec.firmware or "bios",
+            )
+            vm_req = VmNameRequest(spec=spec, name=name)
+            saga.register(f"destroy VM {name}", lambda: self._undo("destroy_vm", vm_req))
+            self._step_is(f"creating VM {name}")
+            result.vm = self.st.vm = await self._act("create_vm", VmRequest(spec=spec, plan=plan))
+            self._step_is(f"powering on VM {name}")
+            result.vm = self.st.vm = await self._act("power_on", vm_req)
+
+            check = rec.boot_check
+            self._step_is(f"boot check of VM {name}")
+            result.boot = self.st.boot = await self._act(
+                "boot_check",
+                BootRequest(
+                    spec=spec,
+                    name=name,
+                    pattern=check.console_contains,
+                    timeout_seconds=check.timeout.total_seconds(),
+                ),
+                timeout=check.timeout + BOOT_MARGIN,
+            )
+            if inp.keep > timedelta(0) and not self.ended:
+                self.st.keep_until = workflow.now() + inp.keep
+                self._step_is(f"keeping VM {name} until {self.st.keep_until:%Y-%m-%d %H:%M:%S}Z")
+                try:
+                    await workflow.wait_condition(lambda: self.ended, timeout=inp.keep)
+                except TimeoutError:
+                    pass
+        except ActivityError as e:
+            result.error = failure_message(e)
+        except asyncio.CancelledError:
+            result.error = "the drill was cancelled"
+        finally:
+            self._step_is("cleaning up")
+            result.undone, result.left_behind = await saga.unwind()
+            result.cleaned = not result.left_behind
+            result.ended_at = workflow.now()
+            self._step_is("ended" if result.error is None and result.boot and result.boot.ok else "failed")
+        await self._tell_the_job(result)
+        return result
+
+    # ------------------------------------------------------------------ helpers
+
+    def _step_is(self, step: str) -> None:
+        self.st.step = step
+        if self.inp is not None and self.inp.search_attributes:
+            state = "drilling" if step not in ("ended", "failed") else step
+            workflow.upsert_search_attributes([SA_STATE.value_set(state)])
+
+    async def _act(self, name: str, arg: Any, timeout: timedelta = STEP_TIMEOUT) -> Any:
+        assert self.inp is not None
+        result_type = {
+            "choose_point": PointInfo,
+            "create_vm": VmRef,
+            "power_on": VmRef,
+            "boot_check": BootCheck,
+        }.get(name)
+        return await workflow.execute_activity(
+            name,
+            arg,
+            result_type=result_type,
+            task_queue=self.inp.target_queue,
+            start_to_close_timeout=timeout,
+            heartbeat_timeout=HEARTBEAT if name in ("create_vm", "boot_check", "destroy_vm") else None,
+            retry_policy=STEP,
+        )
+
+    async def _undo(self, name: str, arg: Any) -> None:
+        assert self.inp is not None
+        await workflow.execute_activity(
+            name,
+            arg,
+            task_queue=self.inp.target_queue,
+            start_to_close_timeout=STEP_TIMEOUT,
+            heartbeat_timeout=HEARTBEAT if name == "destroy_vm" else None,
+            retry_policy=UNDO,
+        )
+
+    async def _tell_the_job(self, result: DrillResult) -> None:
+        """The job's `job status` shows the newest drill; a job that is gone is no error."""
+        assert self.inp is not None
+        try:
+            await workflow.get_external_workflow_handle(self.inp.job_workflow_id).signal(
+                "drill_finished", result.summary()
+            )
+        except Exception as e:  # noqa: BLE001 - the drill's own result stands whatever the job says
+            workflow.logger.info(
+                "drill %s: job %s not told: %s", self.inp.drill_id, self.inp.job_workflow_id, e
+            )
