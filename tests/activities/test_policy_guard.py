@@ -10,7 +10,8 @@ import pytest
 import yaml
 from temporalio.exceptions import ApplicationError
 
-from activities import replication
+from activities import recovery, replication
+from activities.recovery import RECOVERY_ACTIVITIES
 from activities.replication import HOST_ACTIVITIES
 from sendense.models import JobSpec
 
@@ -35,10 +36,12 @@ def narrow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
     for name in ("source_for", "target_for", "work_dir"):
         monkeypatch.setattr(replication, name, untouched)
+    for name in ("target_for", "vms_for"):
+        monkeypatch.setattr(recovery, name, untouched)
     return tmp_path
 
 
-@pytest.mark.parametrize("fn", HOST_ACTIVITIES, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("fn", [*HOST_ACTIVITIES, *RECOVERY_ACTIVITIES], ids=lambda f: f.__name__)
 def test_every_activity_refuses_a_job_outside_the_policy(fn: typing.Any, narrow: Path) -> None:
     spec = JobSpec.model_validate(
         {
@@ -57,7 +60,7 @@ def test_every_activity_refuses_a_job_outside_the_policy(fn: typing.Any, narrow:
     )
 
 
-@pytest.mark.parametrize("fn", HOST_ACTIVITIES, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("fn", [*HOST_ACTIVITIES, *RECOVERY_ACTIVITIES], ids=lambda f: f.__name__)
 def test_every_activity_refuses_a_target_outside_the_policy(fn: typing.Any, narrow: Path) -> None:
     spec = JobSpec.model_validate(
         {

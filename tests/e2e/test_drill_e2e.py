@@ -1,0 +1,89 @@
+"""Drills end to end (issue 12): the bootable guest's disk replicated by the embedded stack's real
+worker, then `sendense drill run`: its newest point held, a test VM made from it (an overlay: the
+point never changes) under QEMU, the guest's ready marker on its console, everything removed again,
+the hold released; the job went on syncing meanwhile and `job status` shows the drill."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import psutil
+import yaml
+from helpers_kvm import file_digest
+
+from labs.guest.build import build
+from tests.e2e.conftest import Cli
+from tools.qemu import qemu_img
+
+READY = "SENDENSE-GUEST-READY"
+
+
+def drill_qemus(job_dir: Path) -> list[str]:
+    return [
+        " ".join(p.info["cmdline"] or [])
+        for p in psutil.process_iter(["cmdline", "status"])
+        if p.info["status"] != psutil.STATUS_ZOMBIE
+        and (p.info["cmdline"] or [""])[0].endswith("qemu-system-x86_64")
+        and any(str(job_dir) in a for a in p.info["cmdline"] or [])
+    ]
+
+
+def test_a_drill_boots_the_guest_from_the_newest_point_and_leaves_nothing(
+    e2e_stack: Cli, tmp_path: Path
+) -> None:
+    cli = e2e_stack
+    disk = tmp_path / "guest.qcow2"  # a standalone copy: a backing file outside the policy's roots is refused
+    qemu_img("convert", "-O", "qcow2", str(build()), str(disk))
+    replicas = tmp_path / "replicas"
+    spec = tmp_path / "guest.yaml"
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "name": "drillguest",
+                "source": {"platform": "kvm", "disks": [str(disk)]},
+                "target": {"platform": "kvm", "path": str(replicas)},
+                "schedule": {"interval": "1h"},
+                "recovery": {"memory_mib": 256, "boot_check": {"console_contains": READY, "timeout": "4m"}},
+            }
+        )
+    )
+    cli.run("job", "create", "-f", str(spec))
+    st = cli.wait_point("drillguest", timeout=300)
+    [point] = cli.json("point", "list", "drillguest")
+    point_file = Path(point["disks"][0]["path"])
+    before = file_digest(point_file)
+
+    p = cli.run("drill", "run", "drillguest", "--json", check=False, timeout=600)
+    assert p.returncode == 0, p.stderr + p.stdout
+    r = json.loads(p.stdout)
+    assert r["point_id"] == st["last_point"] and r["error"] is None
+    assert r["boot"]["ok"] and READY in r["boot"]["evidence"], r["boot"]
+    assert r["vm"]["name"] == f"drill-{r['drill_id']}" and r["vm"]["mode"] == "test"
+    assert r["cleaned"] and r["left_behind"] == []
+    assert r["undone"] == [f"destroy VM drill-{r['drill_id']}", f"release the hold on point {r['point_id']}"]
+
+    assert file_digest(point_file) == before  # the drill never changed the point
+    assert drill_qemus(replicas) == []
+    [after] = cli.json("point", "list", "drillguest")
+    assert after["holds"] == []
+    status = cli.json("job", "status", "drillguest")
+    assert status["last_drill"]["drill_id"] == r["drill_id"] and status["last_drill"]["ok"] is True
+    [listed] = cli.json("drill", "list", "drillguest")
+    assert listed["drill_id"] == r["drill_id"] and listed["cleaned"]
+
+    # the job went on: a sync after the drill commits a point as before
+    cli.run("job", "sync-now", "drillguest", "--wait")
+    assert len(cli.json("point", "list", "drillguest")) == 2
+    cli.run("job", "delete", "drillguest", "--purge")
+
+
+def test_drill_errors_are_one_line(e2e_stack: Cli, tmp_path: Path) -> None:
+    cli = e2e_stack
+    p = cli.run("drill", "run", "no-such-job", check=False)
+    assert p.returncode == 1 and p.stderr.strip().count("\n") == 0
+    assert "job no-such-job: not found" in p.stderr
+    p = cli.run("drill", "end", "no-such-job", check=False)
+    assert p.returncode == 1 and "job no-such-job has no drill running" in p.stderr
+    p = cli.run("drill", "run", "x", "--keep", "forever", check=False)
+    assert p.returncode == 1 and "--keep: a duration" in p.stderr
