@@ -298,3 +298,61 @@ def test_a_lab_instance_is_a_real_os_whose_points_are_consistent(
     fs = check(Path(root["path"]))
     assert fs.ok, f"point {st['last_point']}: {fs.detail}"
     cli.json("job", "delete", "e2e-guest", "--purge")
+
+
+def _drill_leftovers(lab: dict, job: str) -> list[str]:  # type: ignore[type-arg]
+    """What a drill could leave on the lab for `job`: instances not terminated, images, groups, volumes."""
+    c = ec2(lab)
+    vm = [{"Name": "tag:sendense:job", "Values": [job]}, {"Name": "tag-key", "Values": ["sendense:vm"]}]
+    return (
+        [
+            i["InstanceId"]
+            for r in c.describe_instances(Filters=vm)["Reservations"]  # type: ignore[attr-defined]
+            for i in r["Instances"]
+            if i["State"]["Name"] != "terminated"
+        ]
+        + [i["ImageId"] for i in c.describe_images(Owners=["self"], Filters=vm)["Images"]]  # type: ignore[attr-defined]
+        + [g["GroupId"] for g in c.describe_security_groups(Filters=vm)["SecurityGroups"]]  # type: ignore[attr-defined]
+        + [v["VolumeId"] for v in c.describe_volumes(Filters=vm)["Volumes"]]  # type: ignore[attr-defined]
+    )
+
+
+@pytest.mark.parametrize("source", ["kvm", "aws"])
+def test_a_drill_on_an_aws_target_boots_the_guest_and_leaves_nothing(
+    aws_stack: tuple[Cli, dict],
+    tmp_path: Path,
+    source: str,  # type: ignore[type-arg]
+) -> None:
+    """Issue 12: KVM -> AWS and AWS -> AWS drills. The guest's point (EBS snapshots) becomes an
+    instance in an isolated group; its console (GetConsoleOutput) shows the guest's ready marker;
+    the instance, its image, volumes and group are gone afterwards and the hold is released."""
+    from labs.guest.build import build
+    from tools.qemu import qemu_img
+
+    cli, lab = aws_stack
+    job = f"drill-{source}-aws"
+    place = {"region": lab["region"], "endpoint_url": lab["endpoint_url"]}
+    if source == "aws":
+        iid = cli.json("lab", "instance", f"{job}-src")["instance_id"]
+        src: dict[str, object] = {"platform": "aws", "instance_id": iid, **place}
+    else:
+        disk = tmp_path / "guest.qcow2"
+        qemu_img("convert", "-O", "qcow2", str(build()), str(disk))
+        src = {"platform": "kvm", "disks": [str(disk)]}
+    spec = {
+        "name": job,
+        "source": src,
+        "target": {"platform": "aws", **place},
+        "schedule": {"interval": "1h"},
+        "recovery": {"boot_check": {"console_contains": "SENDENSE-GUEST-READY", "timeout": "4m"}},
+    }
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    cli.json("job", "create", "-f", str(tmp_path / "job.yaml"))
+    st = cli.wait_point(job, 1, timeout=300)
+    r = cli.json("drill", "run", job, timeout=600)
+    assert r["point_id"] == st["last_point"] and r["error"] is None
+    assert r["boot"]["ok"] and "SENDENSE-GUEST-READY" in r["boot"]["evidence"], r["boot"]
+    assert r["vm"]["platform"] == "aws" and r["vm"]["vm_id"].startswith("i-")
+    assert r["cleaned"] and _drill_leftovers(lab, job) == []
+    assert cli.json("point", "list", job)[0]["holds"] == []
+    cli.json("job", "delete", job, "--purge")
