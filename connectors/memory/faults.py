@@ -7,6 +7,7 @@ Never through a spec: what users write cannot make a connector fail on purpose.
     faults.fail("source.read", nth=3, times=None)       # every read from the 3rd on
     faults.fail("target.write", retryable=False, error=TargetError, message="disk full")
     faults.kill_after(1 << 20)                          # a copy dies once 1 MiB was written
+    faults.fail("vms.create_vm", after_effect=True)     # the VM is made, then the call fails
 
 Calls are counted per verb from the moment a fault is injected: `nth=3` fails the 3rd call of the verb
 after `fail` returned. `times` is how many calls fail (None: every one from the nth on). With
@@ -14,12 +15,18 @@ after `fail` returned. `times` is how many calls fail (None: every one from the 
 pass that many (the failing call moves nothing): a copy killed mid-way, after its earlier chunks
 landed. The error is `error(message, retryable=retryable)`, by default InjectedFault, whose one-line
 message names the verb and the call. `calls` counts every call of every verb (tests read it).
+
+With `after_effect=True` (mutating verbs only: EFFECT_VERBS) the call does what it does, then fails,
+as a worker killed before its result reached the server would: the VM is created, the hold is
+recorded, and the caller sees an error. A call whose own effect fails does not spend the fault.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from sendense.errors import SendenseError
@@ -48,7 +55,30 @@ TARGET_VERBS = (
     "hold",
     "release",
 )
-VERBS = tuple(f"source.{v}" for v in SOURCE_VERBS) + tuple(f"target.{v}" for v in TARGET_VERBS)
+VM_VERBS = (
+    "list_networks",
+    "create_vm",
+    "power_on",
+    "power_off",
+    "boot_check",
+    "console",
+    "list_vms",
+    "destroy_vm",
+)
+VERBS = (
+    tuple(f"source.{v}" for v in SOURCE_VERBS)
+    + tuple(f"target.{v}" for v in TARGET_VERBS)
+    + tuple(f"vms.{v}" for v in VM_VERBS)
+)
+# Verbs whose connector marks the end of their effect (`Faults.effect`): a fault can hit after it.
+EFFECT_VERBS = (
+    "target.hold",
+    "target.release",
+    "vms.create_vm",
+    "vms.power_on",
+    "vms.power_off",
+    "vms.destroy_vm",
+)
 
 
 class InjectedFault(SendenseError):
@@ -67,6 +97,7 @@ class Fault:
     error: type[SendenseError] = InjectedFault
     message: str = ""
     after_bytes: int | None = None
+    after_effect: bool = False
     seen: int = 0  # calls of the verb since the injection
     moved: int = 0  # bytes the verb moved since the injection
     fired: int = 0
@@ -92,12 +123,17 @@ class Faults:
         error: type[SendenseError] = InjectedFault,
         message: str = "",
         after_bytes: int | None = None,
+        after_effect: bool = False,
     ) -> Fault:
         if verb not in VERBS:
             raise ValueError(f"no verb {verb!r} in the memory platform (one of: {', '.join(VERBS)})")
         if nth < 1 or (times is not None and times < 1):
             raise ValueError("nth and times count calls from 1")
-        f = Fault(verb, nth, times, retryable, error, message, after_bytes)
+        if after_effect and (verb not in EFFECT_VERBS or after_bytes is not None):
+            raise ValueError(
+                f"after_effect: {verb} is not one of {', '.join(EFFECT_VERBS)} (or after_bytes was given)"
+            )
+        f = Fault(verb, nth, times, retryable, error, message, after_bytes, after_effect)
         with self._lock:
             self._faults.append(f)
         return f
@@ -124,9 +160,30 @@ class Faults:
 
     def check(self, verb: str, nbytes: int = 0) -> None:
         """Called by the connectors at the start of every verb; raises the fault that is due."""
+        self._due(verb, nbytes)  # after_effect is refused for verbs that only check
+
+    @contextmanager
+    def effect(self, verb: str) -> Iterator[None]:
+        """Around a mutating verb's effect: a fault due raises before it, or, injected with
+        `after_effect`, once the block completed (its effect stands)."""
+        late = self._due(verb, 0)
+        try:
+            yield
+        except BaseException:
+            if late is not None:
+                with self._lock:
+                    late[0].fired -= 1  # the verb failed by itself: the fault hits a later call
+            raise
+        if late is not None:
+            raise _error(*late)
+
+    def _due(self, verb: str, nbytes: int) -> tuple[Fault, int] | None:
+        """Count the call; raise the fault due before the effect, return one due after it (with
+        the call's number)."""
         due: Fault | None = None
         with self._lock:
             self.calls[verb] += 1
+            n = self.calls[verb]
             for f in self._faults:
                 if f.verb != verb or f.spent:
                     continue
@@ -140,6 +197,13 @@ class Faults:
                     due = f
             if due is not None:
                 due.fired += 1
-        if due is not None:
-            n = self.calls[verb]
-            raise due.error(due.message or f"injected fault: {verb} (call {n})", retryable=due.retryable)
+        if due is None:
+            return None
+        if not due.after_effect:
+            raise _error(due, n)
+        return due, n
+
+
+def _error(f: Fault, n: int) -> SendenseError:
+    when = f"call {n}, after its effect" if f.after_effect else f"call {n}"
+    return f.error(f.message or f"injected fault: {f.verb} ({when})", retryable=f.retryable)

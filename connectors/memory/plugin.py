@@ -6,7 +6,7 @@ from pathlib import Path
 
 from connectors.memory.spec import MemorySource, MemoryTarget
 from sendense.platforms import Platform
-from sendense.protocols import SourceConnector, TargetConnector
+from sendense.protocols import SourceConnector, TargetConnector, VmProvisioner
 
 
 def _source(spec: MemorySource, job: str, work_dir: Path) -> SourceConnector:
@@ -21,6 +21,12 @@ def _target(spec: MemoryTarget, job: str, job_id: str) -> TargetConnector:
     return MemoryTargetConnector(job, spec, job_id=job_id)
 
 
+def _vms(spec: MemoryTarget, job: str, job_id: str) -> VmProvisioner:
+    from connectors.memory.vms import MemoryVms
+
+    return MemoryVms(job, spec, job_id)
+
+
 PLATFORM = Platform(
     name="memory",
     summary="in-process memory or plain files: VMs made by tests, exact change tracking, fault injection",
@@ -28,6 +34,7 @@ PLATFORM = Platform(
     target_spec=MemoryTarget,
     source=_source,
     target=_target,
+    vms=_vms,
     lab_note="the memory platform needs no lab: tests make its VMs (connectors.memory.store)",
     developer_only=True,
 )

@@ -13,6 +13,9 @@ range it touched to every change id recorded for that disk (`tracking/<vm>/<key>
 byte ranges written since), a resize the range between the old and the new size. Change ids are
 made and dropped by the source connector (`source.py`); `lose_tracking` drops them as a lost bitmap
 or a CBT reset would.
+
+Networks (`add_network`, records `networks/<name>`) are what production VMs made from points on a
+memory target can be mapped to (`vms.py`); those VMs live under the job's target (`vm_state.py`).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Any
 from connectors.memory.backend import Backend, FileBackend, MemoryBackend
 from connectors.memory.faults import Faults
 from connectors.memory.ranges import Ranges, add, as_json, from_json
+from sendense.models import NetworkInfo
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")  # store, VM and disk names
 
@@ -147,6 +151,28 @@ class Store:
             for n in b.records(f"tracking/{vm}/"):
                 b.drop(n)
             b.drop(f"vm/{vm}")
+
+    # ------------------------------------------------------------------ networks
+
+    def add_network(self, name: str, *, kind: str = "bridge") -> None:
+        """A network production VMs made from points can be mapped to (`network_map`), as a target
+        platform's bridges or subnets are. Test VMs never use these: each gets an isolated one."""
+        check("network", name)
+        with self.locked() as b:
+            b.put(f"networks/{name}", {"kind": kind})
+
+    def remove_network(self, name: str) -> None:
+        with self.locked() as b:
+            b.drop(f"networks/{check('network', name)}")
+
+    def networks(self) -> list[NetworkInfo]:
+        """The store's networks (those of add_network), by name."""
+        with self.locked() as b:
+            out = []
+            for n in b.records("networks/"):
+                rec = b.get(n) or {}
+                out.append(NetworkInfo(name=n.removeprefix("networks/"), kind=rec.get("kind", "")))
+            return out
 
     # ------------------------------------------------------------------ change tracking
 

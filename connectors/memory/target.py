@@ -14,10 +14,12 @@ Semantics (exact; the target contract in tests/contract checks them):
 - `prune(keep)` removes the oldest points beyond the newest `keep`, except held ones, whatever the
   retention; `hold`/`release` pin and unpin a point, idempotent by hold id.
 - `export` writes a point's disks as raw images (sparse; other formats through qemu-img).
-- `destroy` removes every replica, point and record of the job; refused while a hold stands.
+- `destroy` removes every replica, point and record of the job; refused while a hold stands or a VM
+  made from its points (`vms.py`) exists.
 - The job's identity (JobSpec.job_id) is recorded at the first prepare: another job of the same name
   is refused by `validate` rather than adopting or pruning those points.
-Every verb first asks the store's faults (`faults.py`) whether a test made it fail.
+Every verb first asks the store's faults (`faults.py`) whether a test made it fail; `hold` and
+`release` can also fail after their effect.
 """
 
 from __future__ import annotations
@@ -30,9 +32,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from connectors.memory.backend import Backend, BlobMissing
+from connectors.memory.backend import Backend, BlobMissing, check_name
 from connectors.memory.spec import MemoryTarget
 from connectors.memory.store import Store
+from connectors.memory.vm_state import vm_names
 from sendense.datapath.extents import Extent
 from sendense.errors import InvalidSpec, ResourceNotFound, TargetError
 from sendense.models import DiskInfo, PointInfo, check_hold_id
@@ -146,12 +149,26 @@ class MemoryTargetConnector:
     def validate(self) -> None:
         self.store.faults.check("target.validate")
         with self.store.locked() as b:
-            owner = b.get(f"{self.top}/owner")
+            self.check_owner(b)
+
+    def check_owner(self, b: Backend) -> None:
+        """Refuse a store that holds the points of another job of this name (another job_id)."""
+        owner = b.get(f"{self.top}/owner")
         if owner is not None and owner.get("job_id", "") != self.job_id:
             raise TargetError(
                 f"target: {self._where()} holds the points of an earlier job {self.job}; "
                 "delete them or use another job name"
             )
+
+    def point_in(self, b: Backend, point_id: str) -> PointInfo:
+        """The committed point (without its holds), read under the caller's lock."""
+        try:
+            rec = b.get(check_name(f"{self.top}/points/{point_id}")) if "/" not in point_id else None
+        except ValueError:  # not a name a point could have
+            rec = None
+        if rec is None:
+            raise ResourceNotFound(f"job {self.job}: no recovery point {point_id}")
+        return PointInfo.model_validate(rec)
 
     # ------------------------------------------------------------------ sync lifecycle
 
@@ -245,28 +262,28 @@ class MemoryTargetConnector:
         return removed
 
     def hold(self, point_id: str, hold_id: str, reason: str) -> None:
-        self.store.faults.check("target.hold")
-        hid = _hold_id(hold_id)
-        with self.store.locked() as b:
-            if b.get(f"{self.top}/points/{point_id}") is None:
-                raise ResourceNotFound(f"job {self.job}: no recovery point {point_id}")
-            holds = b.get(f"{self.top}/holds") or {}
-            holds.setdefault(point_id, {}).setdefault(hid, reason)
-            b.put(f"{self.top}/holds", holds)
+        with self.store.faults.effect("target.hold"):
+            hid = _hold_id(hold_id)
+            with self.store.locked() as b:
+                if b.get(f"{self.top}/points/{point_id}") is None:
+                    raise ResourceNotFound(f"job {self.job}: no recovery point {point_id}")
+                holds = b.get(f"{self.top}/holds") or {}
+                holds.setdefault(point_id, {}).setdefault(hid, reason)
+                b.put(f"{self.top}/holds", holds)
 
     def release(self, point_id: str, hold_id: str) -> None:
-        self.store.faults.check("target.release")
-        hid = _hold_id(hold_id)
-        with self.store.locked() as b:
-            holds = b.get(f"{self.top}/holds") or {}
-            if hid not in holds.get(point_id, {}):
-                return
-            del holds[point_id][hid]
-            holds = {p: h for p, h in holds.items() if h}
-            if holds:
-                b.put(f"{self.top}/holds", holds)
-            else:
-                b.drop(f"{self.top}/holds")
+        with self.store.faults.effect("target.release"):
+            hid = _hold_id(hold_id)
+            with self.store.locked() as b:
+                holds = b.get(f"{self.top}/holds") or {}
+                if hid not in holds.get(point_id, {}):
+                    return
+                del holds[point_id][hid]
+                holds = {p: h for p, h in holds.items() if h}
+                if holds:
+                    b.put(f"{self.top}/holds", holds)
+                else:
+                    b.drop(f"{self.top}/holds")
 
     def export(self, point_id: str, fmt: str, out_dir: Path) -> list[tuple[str, Path]]:
         """Every disk of the point as a standalone image, or nothing (partial files are removed)."""
@@ -298,6 +315,11 @@ class MemoryTargetConnector:
             if held:
                 names = ", ".join(f"{p.point_id} ({', '.join(p.holds)})" for p in held)
                 raise TargetError(f"purge of job {self.job}: nothing deleted: points are held: {names}")
+            if vms := vm_names(b, self.top):
+                raise TargetError(
+                    f"purge of job {self.job}: nothing deleted: VMs made from its points exist: "
+                    f"{', '.join(vms)} (destroy them first)"
+                )
             for n in b.records(f"{self.top}/"):
                 b.drop(n)
             for blob in b.blobs(f"{self.top}/"):
