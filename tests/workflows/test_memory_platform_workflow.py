@@ -27,6 +27,7 @@ from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
+from activities.recovery import RECOVERY_ACTIVITIES
 from activities.replication import HOST_ACTIVITIES
 from connectors.memory.spec import MemorySource, MemoryTarget
 from connectors.memory.store import Store
@@ -43,6 +44,7 @@ from sendense.models import (
     Tuning,
 )
 from sendense.platforms import target_for
+from workflows.drill import DrillWorkflow
 from workflows.replication import ReplicationWorkflow
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -65,6 +67,7 @@ class Job:
         self.guest = store.guest("web")
         self.shadows = {k: Shadow(s) for k, s in SIZES.items()}
         self.handle: WorkflowHandle[Any, JobStatus] | None = None
+        self.queue = ""  # the job's (target's) task queue, once it runs
 
     # the guest
     def write(self, key: str, offset: int, length: int, byte: int) -> None:
@@ -159,8 +162,8 @@ async def running(env: WorkflowEnvironment, job: Job, *, source_queue: bool = Fa
             Worker(
                 env.client,
                 task_queue=name,
-                workflows=[ReplicationWorkflow] if name == q else [],
-                activities=list(HOST_ACTIVITIES),
+                workflows=[ReplicationWorkflow, DrillWorkflow] if name == q else [],
+                activities=[*HOST_ACTIVITIES, *RECOVERY_ACTIVITIES],
                 activity_executor=pool,
                 max_heartbeat_throttle_interval=timedelta(seconds=1),
                 default_heartbeat_throttle_interval=timedelta(seconds=1),
@@ -177,6 +180,7 @@ async def running(env: WorkflowEnvironment, job: Job, *, source_queue: bool = Fa
                 task_queue=q,
             )
             job.handle = env.client.get_workflow_handle_for(ReplicationWorkflow.run, started.id)
+            job.queue = q
             try:
                 yield job
             finally:
