@@ -52,7 +52,6 @@ UNDO = RetryPolicy(
 STEP_TIMEOUT = timedelta(
     minutes=30
 )  # create_vm from a cloud snapshot: minutes; heartbeats show a dead worker
-HEARTBEAT = timedelta(minutes=1)
 BOOT_MARGIN = timedelta(minutes=2)
 
 
@@ -197,7 +196,7 @@ class DrillWorkflow:
             result_type=result_type,
             task_queue=self.inp.target_queue,
             start_to_close_timeout=timeout,
-            heartbeat_timeout=HEARTBEAT if name in ("create_vm", "boot_check", "destroy_vm") else None,
+            heartbeat_timeout=self._heartbeat if name in ("create_vm", "boot_check", "destroy_vm") else None,
             retry_policy=STEP,
         )
 
@@ -208,9 +207,15 @@ class DrillWorkflow:
             arg,
             task_queue=self.inp.target_queue,
             start_to_close_timeout=STEP_TIMEOUT,
-            heartbeat_timeout=HEARTBEAT if name == "destroy_vm" else None,
+            heartbeat_timeout=self._heartbeat if name == "destroy_vm" else None,
             retry_policy=UNDO,
         )
+
+    @property
+    def _heartbeat(self) -> timedelta:
+        """The job's heartbeat timeout: a step of a killed worker is retried on another this soon."""
+        assert self.inp is not None
+        return self.inp.spec.tuning.heartbeat_timeout
 
     async def _tell_the_job(self, result: DrillResult) -> None:
         """The job's `job status` shows the newest drill; a job that is gone is no error."""

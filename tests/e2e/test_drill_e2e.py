@@ -6,14 +6,19 @@ the hold released; the job went on syncing meanwhile and `job status` shows the 
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import psutil
+import pytest
 import yaml
 from helpers_kvm import file_digest
 
+from app import stack
 from labs.guest.build import build
-from tests.e2e.conftest import Cli
+from tests.e2e.conftest import SENDENSE, Cli
 from tools.qemu import qemu_img
 
 READY = "SENDENSE-GUEST-READY"
@@ -87,3 +92,62 @@ def test_drill_errors_are_one_line(e2e_stack: Cli, tmp_path: Path) -> None:
     assert p.returncode == 1 and "job no-such-job has no drill running" in p.stderr
     p = cli.run("drill", "run", "x", "--keep", "forever", check=False)
     assert p.returncode == 1 and "--keep: a duration" in p.stderr
+
+
+@pytest.mark.slow
+def test_a_drill_survives_its_worker_killed_during_the_boot_check_and_while_kept(
+    e2e_stack: Cli, tmp_path: Path
+) -> None:
+    """Issue 12: SIGKILL of the worker in the middle of a drill, twice (during the boot check, then
+    while the VM is kept): the steps in flight are retried on the new worker, idempotent by name, the
+    drill ends when told, and nothing is left: no QEMU, no hold."""
+    cli = e2e_stack
+    disk = tmp_path / "guest.qcow2"
+    qemu_img("convert", "-O", "qcow2", str(build()), str(disk))
+    replicas = tmp_path / "replicas"
+    spec = tmp_path / "guest.yaml"
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "name": "drillkill",
+                "source": {"platform": "kvm", "disks": [str(disk)]},
+                "target": {"platform": "kvm", "path": str(replicas)},
+                "schedule": {"interval": "1h"},
+                "tuning": {"heartbeat_timeout": "5s"},
+                "recovery": {"memory_mib": 256, "boot_check": {"console_contains": READY, "timeout": "4m"}},
+            }
+        )
+    )
+    cli.run("job", "create", "-f", str(spec))
+    cli.wait_point("drillkill", timeout=300)
+    drill = subprocess.Popen(
+        [SENDENSE, "drill", "run", "drillkill", "--keep", "30m", "--json"],
+        env=cli.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+
+        def step() -> str:
+            running = [d for d in cli.json("drill", "list", "drillkill") if "step" in d]
+            return running[0]["step"] if running else ""
+
+        for phase in ("boot check of VM", "keeping VM"):
+            deadline = time.monotonic() + 240
+            while not step().startswith(phase):
+                assert time.monotonic() < deadline, f"the drill never reached {phase!r}: {step()!r}"
+                time.sleep(0.3)
+            stack.restart_worker(cli.state, signal.SIGKILL)
+        assert drill_qemus(replicas), "the kept drill VM runs on after its worker was killed"
+        cli.run("drill", "end", "drillkill")
+        out, err = drill.communicate(timeout=300)
+    finally:
+        if drill.poll() is None:
+            drill.kill()
+    assert drill.returncode == 0, err + out
+    r = json.loads(out)
+    assert r["boot"]["ok"] and r["cleaned"] and r["error"] is None, r
+    assert drill_qemus(replicas) == []
+    assert cli.json("point", "list", "drillkill")[0]["holds"] == []
+    cli.run("job", "delete", "drillkill", "--purge")
