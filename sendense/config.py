@@ -59,6 +59,11 @@ def workflow_id(job: str) -> str:
     return f"{WORKFLOW_ID_PREFIX}{job}"
 
 
+def drill_schedule_id(job: str) -> str:
+    """The Temporal Schedule of a job's drills (`sendense drill schedule`)."""
+    return f"drill-schedule-{job}"
+
+
 @dataclass
 class TemporalConfig:
     address: str

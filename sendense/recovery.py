@@ -41,7 +41,11 @@ class BootRequest(Wire):
 
 class DrillInput(Wire):
     spec: JobSpec
-    drill_id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,31}$")
+    drill_id: str = Field(
+        default="",
+        pattern=r"^([a-z0-9][a-z0-9-]{0,31})?$",
+        description="'': made from the workflow id (a scheduled drill: each run its own)",
+    )
     job_workflow_id: str = Field(description="the job's workflow, told the outcome (its `job status`)")
     target_queue: str
     point_id: str | None = Field(default=None, description="None: the newest point when the drill starts")

@@ -13,6 +13,7 @@ Deterministic: no I/O, no clocks but workflow.now(), no connector imports.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -101,6 +102,9 @@ class DrillWorkflow:
 
     @workflow.run
     async def run(self, inp: DrillInput) -> DrillResult:
+        if not inp.drill_id:  # a scheduled run: its own id, from the id the schedule gave its workflow
+            digest = hashlib.sha1(workflow.info().workflow_id.encode()).hexdigest()[:8]
+            inp = inp.model_copy(update={"drill_id": digest})
         self.inp = inp
         self.st = DrillStatus(drill_id=inp.drill_id)
         spec = inp.spec

@@ -317,6 +317,11 @@ class Jobs:
     async def delete(self, name: str, purge: bool) -> JobStatus:
         """The job's final status: `left_behind` says what the delete could not remove."""
         h = await self._running(name)
+        try:  # no more drills of a job that is going (a schedule would start them on and on)
+            await self.client.get_schedule_handle(config.drill_schedule_id(name)).delete()
+        except RPCError as e:
+            if e.status != RPCStatusCode.NOT_FOUND:
+                raise
         await h.execute_update(ReplicationWorkflow.delete, DeleteRequest(purge=purge))
         final = await h.result()
         return final if isinstance(final, JobStatus) else JobStatus.model_validate(final)

@@ -81,6 +81,56 @@ def drill_run(
         raise typer.Exit(1)
 
 
+def _every(text: str, what: str, low: timedelta, high: timedelta) -> timedelta:
+    try:
+        v = parse_duration(text)
+    except ValueError:
+        raise InvalidSpec(f"{what}: a duration such as 12h, 1d or 7d") from None
+    if not low <= v <= high:
+        raise InvalidSpec(f"{what}: between {low} and {high}")
+    return v  # type: ignore[no-any-return]
+
+
+def _at(text: str | None) -> timedelta:
+    if text is None:
+        return timedelta(0)
+    hh, sep, mm = text.partition(":")
+    if not (sep and hh.isdigit() and mm.isdigit() and int(hh) < 24 and int(mm) < 60 and len(mm) == 2):
+        raise InvalidSpec("--at: a time of day, HH:MM (UTC)")
+    return timedelta(hours=int(hh), minutes=int(mm))
+
+
+@drill_app.command("schedule")
+def drill_schedule(
+    job: str,
+    every: str = typer.Option(..., "--every", help="how often, e.g. 1d or 7d (1h to 90d)"),
+    at: str | None = typer.Option(None, "--at", help="HH:MM UTC past each interval's start, e.g. 02:00"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Drill the job on a Temporal Schedule (a drill still running when the next is due is skipped)."""
+
+    async def go() -> str:
+        period = _every(every, "--every", timedelta(hours=1), timedelta(days=90))
+        offset = _at(at)
+        if offset >= period:
+            raise InvalidSpec("--at: must fall within one --every")
+        return str(await (await _drills()).schedule(job, period, offset))
+
+    sid = run(go)
+    emit_json({"schedule_id": sid}) if as_json else out.print(f"drills of job {job} scheduled ({sid})")
+
+
+@drill_app.command("unschedule")
+def drill_unschedule(job: str, as_json: bool = JsonOpt) -> None:
+    """Remove the job's drill schedule (drills running now go on)."""
+
+    async def go() -> None:
+        await (await _drills()).unschedule(job)
+
+    run(go)
+    emit_json({"unscheduled": True}) if as_json else out.print(f"drills of job {job} unscheduled")
+
+
 @drill_app.command("end")
 def drill_end(job: str, as_json: bool = JsonOpt) -> None:
     """End the job's kept drill now: its VM is destroyed and its point released."""

@@ -151,3 +151,75 @@ def test_a_drill_survives_its_worker_killed_during_the_boot_check_and_while_kept
     assert drill_qemus(replicas) == []
     assert cli.json("point", "list", "drillkill")[0]["holds"] == []
     cli.run("job", "delete", "drillkill", "--purge")
+
+
+def test_scheduled_drills_run_on_a_temporal_schedule_each_its_own(e2e_stack: Cli, tmp_path: Path) -> None:
+    """`drill schedule` makes a Temporal Schedule (not a cron string in a workflow) whose runs are
+    drills of their own (each its own id, VM and hold), skipped while one still runs; `drill
+    unschedule` and `job delete` remove it."""
+    import asyncio
+
+    from temporalio.client import ScheduleOverlapPolicy
+    from temporalio.service import RPCError
+
+    from workers.worker import connect
+
+    cli = e2e_stack
+    disk = tmp_path / "guest.qcow2"
+    qemu_img("convert", "-O", "qcow2", str(build()), str(disk))
+    spec = tmp_path / "guest.yaml"
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "name": "drillsched",
+                "source": {"platform": "kvm", "disks": [str(disk)]},
+                "target": {"platform": "kvm", "path": str(tmp_path / "replicas")},
+                "schedule": {"interval": "1h"},
+                "recovery": {"memory_mib": 256, "boot_check": {"console_contains": READY, "timeout": "4m"}},
+            }
+        )
+    )
+    cli.run("job", "create", "-f", str(spec))
+    cli.wait_point("drillsched", timeout=300)
+    p = cli.run("drill", "schedule", "drillsched", "--every", "1d", "--at", "25:00", check=False)
+    assert p.returncode == 1 and "--at: a time of day, HH:MM (UTC)" in p.stderr
+    assert cli.json("drill", "schedule", "drillsched", "--every", "7d", "--at", "02:00") == {
+        "schedule_id": "drill-schedule-drillsched"
+    }
+
+    async def trigger_and_describe() -> object:
+        h = (await connect()).get_schedule_handle("drill-schedule-drillsched")
+        await h.trigger()
+        return await h.describe()
+
+    desc = asyncio.run(trigger_and_describe())
+    interval = desc.schedule.spec.intervals[0]  # type: ignore[attr-defined]
+    assert interval.every.days == 7 and interval.offset.total_seconds() == 2 * 3600
+    assert desc.schedule.policy.overlap == ScheduleOverlapPolicy.SKIP  # type: ignore[attr-defined]
+
+    deadline = time.monotonic() + 300
+    while True:
+        drills = cli.json("drill", "list", "drillsched")
+        done = [d for d in drills if "cleaned" in d]
+        if done:
+            break
+        assert time.monotonic() < deadline, f"the scheduled drill did not end: {drills}"
+        time.sleep(1)
+    [d] = done
+    assert d["boot"]["ok"] and d["cleaned"] and len(d["drill_id"]) == 8
+    assert cli.json("job", "status", "drillsched")["last_drill"]["drill_id"] == d["drill_id"]
+
+    cli.run("drill", "unschedule", "drillsched")
+    p = cli.run("drill", "unschedule", "drillsched", check=False)
+    assert p.returncode == 1 and "job drillsched has no drill schedule" in p.stderr
+    cli.run("drill", "schedule", "drillsched", "--every", "1d")
+    cli.run("job", "delete", "drillsched", "--purge")
+
+    async def gone() -> bool:
+        try:
+            await (await connect()).get_schedule_handle("drill-schedule-drillsched").describe()
+        except RPCError:
+            return True
+        return False
+
+    assert asyncio.run(gone()), "job delete left its drill schedule"
