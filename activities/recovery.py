@@ -52,7 +52,7 @@ def release_point(req: HoldRequest) -> None:
 @mapped
 @authorized
 def create_vm(req: VmRequest) -> VmRef:
-    with heartbeating(HEARTBEAT_EVERY * 5):  # an AWS volume from a snapshot: minutes
+    with heartbeating(HEARTBEAT_EVERY * 5):  # a cloud volume from a snapshot: minutes
         return vms_for(req.spec).create_vm(req.plan)
 
 

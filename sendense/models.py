@@ -410,6 +410,17 @@ class DrillSummary(Wire):
     cleaned: bool = False
 
 
+class FailedOver(Wire):
+    """A job whose VM runs on its target now (`sendense failover`): its schedule is stopped."""
+
+    failover_id: str
+    point_id: str
+    planned: bool
+    vm: str = Field(description="the production VM's name on the target")
+    vm_id: str = ""
+    at: datetime
+
+
 class JobSpec(Strict):
     name: str
     job_id: str = Field(
@@ -709,7 +720,9 @@ class SyncResult(Wire):
     resync_reason: str | None = None
 
 
-JobState = Literal["starting", "idle", "syncing", "paused", "error", "deleting", "deleted"]
+JobState = Literal[
+    "starting", "idle", "syncing", "paused", "error", "failing-over", "failed-over", "deleting", "deleted"
+]
 
 
 class JobStatus(Wire):
@@ -733,6 +746,7 @@ class JobStatus(Wire):
     current_sync: str | None = None
     left_behind: list[str] = Field(default_factory=list, description="what a delete could not remove")
     last_drill: DrillSummary | None = None
+    failed_over: FailedOver | None = None
 
 
 # ------------------------------------------------------------------------ activity contracts
@@ -838,6 +852,8 @@ class CarriedState(Wire):
     validated: bool = False
     inconsistent_in_row: int = Field(default=0, description="syncs failed in a row on SnapshotInconsistent")
     last_drill: DrillSummary | None = None
+    vm: VmInfo | None = Field(default=None, description="the source VM as validate found it at create")
+    failed_over: FailedOver | None = None
 
 
 class ReplicationInput(Wire):

@@ -7,7 +7,7 @@ from datetime import datetime, timedelta
 
 from pydantic import Field
 
-from sendense.models import BootCheck, DrillSummary, JobSpec, PointInfo, VmPlan, VmRef, Wire
+from sendense.models import BootCheck, DrillSummary, JobSpec, PointInfo, VmInfo, VmPlan, VmRef, Wire
 
 
 class PointRequest(Wire):
@@ -92,3 +92,38 @@ class DrillResult(Wire):
             ended_at=self.ended_at,
             cleaned=self.cleaned,
         )
+
+
+class FailoverRequest(Wire):
+    """`sendense failover`: the job's update, which runs the failover (workflows.failover) as its child."""
+
+    failover_id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,31}$")
+    point_id: str | None = Field(default=None, description="None: the newest point")
+
+
+class FailoverInput(Wire):
+    spec: JobSpec
+    failover_id: str
+    target_queue: str
+    point_id: str | None = None
+    vm: VmInfo | None = Field(default=None, description="the source VM as found at create: its hardware")
+    requested_at: datetime
+    planned: bool = False
+    search_attributes: bool = True
+
+
+class FailoverResult(Wire):
+    """A failover's outcome: the production VM on the target, booted and checked, from which point;
+    or why not, and that what it made was removed again (`cleaned`)."""
+
+    failover_id: str
+    job: str
+    point_id: str = ""
+    planned: bool = False
+    boot: BootCheck | None = None
+    vm: VmRef | None = None
+    rto_seconds: float | None = Field(default=None, description="from the request to the boot check passed")
+    error: str | None = None
+    cleaned: bool = True
+    left_behind: list[str] = Field(default_factory=list)
+    undone: list[str] = Field(default_factory=list)

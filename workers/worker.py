@@ -25,6 +25,7 @@ from sendense import config, policy
 from sendense.errors import NotAllowed, ServerUnreachable
 from workers.codec import CodecError, data_converter, load_codec
 from workflows.drill import DrillWorkflow
+from workflows.failover import FailoverWorkflow
 from workflows.replication import ReplicationWorkflow
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,7 @@ def build_workers(client: Client, host: str | None = None, max_activities: int =
     control = Worker(
         client,
         task_queue=config.CONTROL_QUEUE,
-        workflows=[ReplicationWorkflow, DrillWorkflow],
+        workflows=[ReplicationWorkflow, DrillWorkflow, FailoverWorkflow],
         max_concurrent_workflow_tasks=100,
         # after a worker restart, its workflows move to the new worker in 3 s instead of the default 10 s
         sticky_queue_schedule_to_start_timeout=timedelta(seconds=3),

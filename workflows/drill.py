@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy, SearchAttributeKey
+from temporalio.common import SearchAttributeKey
 from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
@@ -40,48 +38,9 @@ with workflow.unsafe.imports_passed_through():
     platforms.load_all()
 
 from workflows.replication import SA_JOB, SA_STATE, failure_message
+from workflows.saga import BOOT_MARGIN, STEP, STEP_TIMEOUT, UNDO, Saga
 
 SA_OPERATION = SearchAttributeKey.for_keyword("SendenseOperation")
-
-STEP = RetryPolicy(
-    initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30), maximum_attempts=5
-)
-# an undo is tried harder than a step: what it fails to remove is left behind (and said)
-UNDO = RetryPolicy(
-    initial_interval=timedelta(seconds=1), maximum_interval=timedelta(minutes=1), maximum_attempts=10
-)
-STEP_TIMEOUT = timedelta(
-    minutes=30
-)  # create_vm from a cloud snapshot: minutes; heartbeats show a dead worker
-BOOT_MARGIN = timedelta(minutes=2)
-
-
-@dataclass
-class Undo:
-    what: str
-    run: Callable[[], Awaitable[Any]]
-
-
-class Saga:
-    """Undos registered before their steps run; `unwind` runs them newest first, each to the end,
-    and says what could not be undone."""
-
-    def __init__(self) -> None:
-        self.undos: list[Undo] = []
-
-    def register(self, what: str, run: Callable[[], Awaitable[Any]]) -> None:
-        self.undos.append(Undo(what, run))
-
-    async def unwind(self) -> tuple[list[str], list[str]]:
-        done, left = [], []
-        while self.undos:
-            u = self.undos.pop()
-            try:
-                await u.run()
-                done.append(u.what)
-            except ActivityError as e:
-                left.append(f"{u.what}: {failure_message(e)}")
-        return done, left
 
 
 @workflow.defn(name="DrillWorkflow")

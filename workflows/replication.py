@@ -34,6 +34,7 @@ with workflow.unsafe.imports_passed_through():
         DiskCopyResult,
         DiskInfo,
         DrillSummary,
+        FailedOver,
         FinishResult,
         JobRequest,
         JobSpec,
@@ -50,6 +51,7 @@ with workflow.unsafe.imports_passed_through():
         SyncResult,
         VmInfo,
     )
+    from sendense.recovery import FailoverInput, FailoverRequest, FailoverResult
     from sendense.spec import format_validation_error
 
     # The platforms' spec models decode JobSpec: load them here, outside the sandbox, so that a
@@ -148,6 +150,7 @@ class ReplicationWorkflow:
         self.next_sync_at: datetime | None = None
         self.vm: VmInfo | None = None
         self.left_behind: list[str] = []  # what a delete could not remove, said in its result
+        self.failing_over = False  # the failover update runs (its child makes the VM)
 
     # ------------------------------------------------------------------ handlers
 
@@ -176,6 +179,7 @@ class ReplicationWorkflow:
             current_sync=self.current,
             left_behind=list(self.left_behind),
             last_drill=self.st.last_drill,
+            failed_over=self.st.failed_over,
         )
 
     @workflow.signal
@@ -185,6 +189,57 @@ class ReplicationWorkflow:
             self.st.last_drill.ended_at or workflow.now()
         ):
             self.st.last_drill = summary
+
+    @workflow.update
+    async def failover(self, req: FailoverRequest) -> FailoverResult:
+        """Stop the schedule, wait for a running sync to end, then make the job's VM on the target
+        from a point (FailoverWorkflow, a child). Failed: the job syncs on as before. Done: the job is
+        `failed-over` and syncs no more."""
+        assert self.inp is not None
+        self.failing_over = True
+        self._set_state("failing-over")
+        try:
+            await workflow.wait_condition(lambda: self.current is None)
+            result: FailoverResult = await workflow.execute_child_workflow(
+                "FailoverWorkflow",
+                FailoverInput(
+                    spec=self.inp.spec,
+                    failover_id=req.failover_id,
+                    target_queue=self.inp.target_queue,
+                    point_id=req.point_id,
+                    vm=self.st.vm,
+                    requested_at=workflow.now(),
+                    planned=False,
+                    search_attributes=self.inp.search_attributes,
+                ),
+                id=f"failover-{self.inp.spec.name}-{req.failover_id}",
+                result_type=FailoverResult,
+            )
+            if result.error is None and result.vm is not None:
+                self.st.failed_over = FailedOver(
+                    failover_id=req.failover_id,
+                    point_id=result.point_id,
+                    planned=result.planned,
+                    vm=result.vm.name,
+                    vm_id=result.vm.vm_id,
+                    at=workflow.now(),
+                )
+            return result
+        finally:
+            self.failing_over = False
+            self._set_state(self._resting_state())
+
+    @failover.validator
+    def _validate_failover(self, req: FailoverRequest) -> None:
+        if self.deleting is not None:
+            raise ApplicationError("job is being deleted", type="JobDeleted")
+        if self.failing_over:
+            raise ApplicationError("a failover of this job is running", type="FailoverRunning")
+        if (done := self.st.failed_over) is not None:
+            raise ApplicationError(
+                f"job is failed over already (point {done.point_id}, VM {done.vm}); fail it back first",
+                type="FailedOver",
+            )
 
     @workflow.query
     def get_spec(self) -> JobSpec:
@@ -222,6 +277,8 @@ class ReplicationWorkflow:
             raise ApplicationError("job is being deleted", type="JobDeleted")
         if self.st.paused:
             raise ApplicationError("job is paused; resume it first", type="JobPaused")
+        if self.failing_over or self.st.failed_over is not None:
+            raise ApplicationError("job is failed over: its VM runs on the target now", type="FailedOver")
 
     @workflow.update
     def update_settings(self, settings: SettingsChange) -> JobStatus:
@@ -270,15 +327,16 @@ class ReplicationWorkflow:
             # the VM the job was created for: a source that names it by a name another VM could take
             # refuses another VM under that name in every later step
             spec = inp.spec = spec.model_copy(update={"source": spec.source.pinned(self.vm.vm_id)})
+            self.st.vm = self.vm  # (what a VM made from its points looks like: failover)
             self.st.validated = True
             if inp.search_attributes:
                 workflow.upsert_search_attributes([SA_VM.value_set(self.vm.name)])
         self._reschedule()
         syncs_this_run = 0
         while self.deleting is None:
-            self._set_state("paused" if self.st.paused else ("error" if self.st.last_error else "idle"))
-            if self.st.paused:
-                await workflow.wait_condition(lambda: not self.st.paused or self.deleting is not None)
+            self._set_state(self._resting_state())
+            if self._held():  # paused, or failing over / failed over: no syncs
+                await workflow.wait_condition(lambda: not self._held() or self.deleting is not None)
                 self._reschedule()
                 continue
             if self.st.pending_requests == 0:
@@ -289,7 +347,7 @@ class ReplicationWorkflow:
                         await workflow.wait_condition(
                             lambda: (
                                 self.st.pending_requests > 0
-                                or self.st.paused
+                                or self._held()
                                 or self.deleting is not None
                                 or self.next_sync_at != due  # noqa: B023
                             ),  # update_settings changed the interval
@@ -298,7 +356,7 @@ class ReplicationWorkflow:
                     except TimeoutError:
                         pass
                     continue  # re-check pause, delete, requests and the (possibly new) due time
-            if self.st.paused or self.deleting is not None:
+            if self._held() or self.deleting is not None:
                 continue
             self.st.pending_requests = 0
             await self._sync()
@@ -534,6 +592,17 @@ class ReplicationWorkflow:
             self.next_sync_at = workflow.now()
         else:
             self.next_sync_at = self.st.last_sync_started_at + self.inp.spec.schedule.interval
+
+    def _held(self) -> bool:
+        """No syncs: paused, failing over or failed over."""
+        return self.st.paused or self.failing_over or self.st.failed_over is not None
+
+    def _resting_state(self) -> str:
+        if self.failing_over:
+            return "failing-over"
+        if self.st.failed_over is not None:
+            return "failed-over"
+        return "paused" if self.st.paused else ("error" if self.st.last_error else "idle")
 
     def _set_state(self, state: str) -> None:
         assert self.inp is not None

@@ -16,6 +16,7 @@ from temporalio.client import (
     WorkflowExecutionStatus,
     WorkflowHandle,
     WorkflowQueryFailedError,
+    WorkflowUpdateFailedError,
     WorkflowUpdateStage,
 )
 from temporalio.common import (
@@ -42,6 +43,7 @@ from sendense.models import (
     SyncResult,
     Tuning,
 )
+from sendense.recovery import FailoverRequest, FailoverResult
 from workers.worker import connect
 from workflows.replication import SA_JOB, SA_SOURCE, SA_STATE, SA_TARGET, ReplicationWorkflow
 
@@ -313,6 +315,18 @@ class Jobs:
     async def settings(self, name: str, settings: Settings) -> JobStatus:
         h = await self._running(name)
         return await h.execute_update(ReplicationWorkflow.update_settings, settings)
+
+    async def failover(self, name: str, point_id: str | None = None) -> FailoverResult:
+        """Fail the job over (unplanned: the newest point, or `point_id`): its result, also when the
+        failover failed and was rolled back (`error` says why)."""
+        h = await self._running(name)
+        try:
+            return await h.execute_update(
+                ReplicationWorkflow.failover,
+                FailoverRequest(failover_id=secrets.token_hex(4), point_id=point_id),
+            )
+        except WorkflowUpdateFailedError as e:
+            raise InvalidSpec(f"job {name}: {getattr(e.cause, 'message', None) or e.cause}") from None
 
     async def delete(self, name: str, purge: bool) -> JobStatus:
         """The job's final status: `left_behind` says what the delete could not remove."""

@@ -10,6 +10,7 @@ from pathlib import Path
 import typer
 
 from app.cli.drill import drill_app
+from app.cli.failover import failover
 from app.cli.jobs import job_app
 from app.cli.lab import lab_app
 from app.cli.output import JsonOpt, debugging, describe_error, emit_json, error_line, fail, one_line, out
@@ -22,6 +23,7 @@ app.add_typer(job_app, name="job")
 app.add_typer(point_app, name="point")
 app.add_typer(lab_app, name="lab")
 app.add_typer(drill_app, name="drill")
+app.command("failover")(failover)
 
 # ------------------------------------------------------------------------------- stack
 

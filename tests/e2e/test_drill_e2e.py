@@ -5,11 +5,13 @@ the hold released; the job went on syncing meanwhile and `job status` shows the 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -223,3 +225,59 @@ def test_scheduled_drills_run_on_a_temporal_schedule_each_its_own(e2e_stack: Cli
         return False
 
     assert asyncio.run(gone()), "job delete left its drill schedule"
+
+
+async def _job_spec(name: str) -> Any:
+    from app.cli.client import Jobs
+
+    return await (await Jobs.connect()).spec(name)
+
+
+def test_failover_boots_the_jobs_vm_on_the_target_and_the_job_stops_syncing(
+    e2e_stack: Cli, tmp_path: Path
+) -> None:
+    """Issue 12, unplanned failover on KVM: the newest point of the guest becomes the job's production
+    VM (QEMU on an overlay of the point), booted to the guest's ready marker; the job is failed-over,
+    refuses syncs and a second failover in one line each; the point never changes."""
+    from sendense.models import JobSpec
+    from sendense.platforms import target_for, vms_for
+
+    cli = e2e_stack
+    disk = tmp_path / "guest.qcow2"
+    qemu_img("convert", "-O", "qcow2", str(build()), str(disk))
+    replicas = tmp_path / "replicas"
+    spec_doc = {
+        "name": "failoverguest",
+        "source": {"platform": "kvm", "disks": [str(disk)]},
+        "target": {"platform": "kvm", "path": str(replicas)},
+        "schedule": {"interval": "1h"},
+        "recovery": {"memory_mib": 256, "boot_check": {"console_contains": READY, "timeout": "4m"}},
+    }
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec_doc))
+    cli.run("job", "create", "-f", str(tmp_path / "job.yaml"))
+    st = cli.wait_point("failoverguest", timeout=300)
+    [point] = cli.json("point", "list", "failoverguest")
+    point_file = Path(point["disks"][0]["path"])
+    before = file_digest(point_file)
+    try:
+        r = cli.json("failover", "failoverguest", timeout=600)
+        assert r["error"] is None and r["point_id"] == st["last_point"] and not r["planned"]
+        assert r["boot"]["ok"] and READY in r["boot"]["evidence"]
+        assert r["vm"]["name"] == "failoverguest" and r["vm"]["mode"] == "production"
+        assert 0 < r["rto_seconds"] < 600
+        assert drill_qemus(replicas), "the production VM runs"
+        status = cli.json("job", "status", "failoverguest")
+        assert status["state"] == "failed-over" and status["failed_over"]["point_id"] == r["point_id"]
+        p = cli.run("job", "sync-now", "failoverguest", check=False)
+        assert p.returncode == 1 and "job is failed over" in p.stderr and p.stderr.count("\n") == 1
+        p = cli.run("failover", "failoverguest", check=False)
+        assert p.returncode == 1 and "failed over already (point" in p.stderr and p.stderr.count("\n") == 1
+        assert file_digest(point_file) == before
+    finally:  # (failback, which ends a failover, is the next slice: undo it by hand)
+        spec: JobSpec = asyncio.run(_job_spec("failoverguest"))
+        vms_for(spec).destroy_vm("failoverguest")
+        for p in target_for(spec).list_points():
+            for h in p.holds:
+                target_for(spec).release(p.point_id, h)
+        cli.run("job", "delete", "failoverguest", "--purge")
+    assert drill_qemus(replicas) == []

@@ -45,6 +45,7 @@ from sendense.models import (
 )
 from sendense.platforms import target_for
 from workflows.drill import DrillWorkflow
+from workflows.failover import FailoverWorkflow
 from workflows.replication import ReplicationWorkflow
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -162,7 +163,7 @@ async def running(env: WorkflowEnvironment, job: Job, *, source_queue: bool = Fa
             Worker(
                 env.client,
                 task_queue=name,
-                workflows=[ReplicationWorkflow, DrillWorkflow] if name == q else [],
+                workflows=[ReplicationWorkflow, DrillWorkflow, FailoverWorkflow] if name == q else [],
                 activities=[*HOST_ACTIVITIES, *RECOVERY_ACTIVITIES],
                 activity_executor=pool,
                 max_heartbeat_throttle_interval=timedelta(seconds=1),
