@@ -34,6 +34,14 @@ def choose_point(req: PointRequest) -> PointInfo:
     raise ResourceNotFound(f"job {req.spec.name}: no recovery point {req.point_id}")
 
 
+@activity.defn(name="list_points")
+@mapped
+@authorized
+def list_points(req: PointRequest) -> list[PointInfo]:
+    """The job's points, newest first (a plan picks the ones nearest one instant)."""
+    return target_for(req.spec).list_points()
+
+
 @activity.defn(name="hold_point")
 @mapped
 @authorized
@@ -88,6 +96,7 @@ def destroy_vm(req: VmNameRequest) -> None:
 
 RECOVERY_ACTIVITIES: list[Callable[..., Any]] = [
     choose_point,
+    list_points,
     hold_point,
     release_point,
     create_vm,

@@ -48,6 +48,9 @@ class Policy(Strict):
     source_roots: list[Path] = Field(default_factory=list, max_length=256)
     target_roots: list[Path] = Field(default_factory=list, max_length=256)
     endpoints: list[str] = Field(default_factory=list, max_length=256, description="fnmatch patterns")
+    hooks: list[Path] = Field(
+        default_factory=list, max_length=256, description="programs a recovery plan's hooks may run"
+    )
 
 
 def path() -> Path:
@@ -164,6 +167,16 @@ def require_endpoint(endpoint: str, what: str, pol: Policy | None = None) -> Non
         return
     allowed = ", ".join(pol.endpoints) or "none"
     raise NotAllowed(f"{what} {endpoint} is not among this agent's endpoints ({allowed})")
+
+
+def require_hook(program: str, what: str) -> None:
+    """Raise NotAllowed unless `program` (a hook's, an absolute path) is one of the policy's hooks: a
+    plan's hooks run as the agent's user, so only programs its operator listed run at all."""
+    pol = current()
+    real = os.path.realpath(program)
+    if not any(real == os.path.realpath(h) for h in pol.hooks):
+        listed = ", ".join(str(h) for h in pol.hooks) or "none"
+        raise NotAllowed(f"{what}: {program} is not among this agent's hooks ({listed})")
 
 
 def authorize(spec: JobSpec) -> None:

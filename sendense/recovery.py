@@ -50,6 +50,9 @@ class DrillInput(Wire):
     target_queue: str
     point_id: str | None = Field(default=None, description="None: the newest point when the drill starts")
     keep: timedelta = Field(default=timedelta(0), description="how long the VM stays up after its boot check")
+    notify_workflow_id: str | None = Field(
+        default=None, description="told `vm_checked(job, ok, evidence)` after the boot check (a plan's drill)"
+    )
     search_attributes: bool = True
 
 

@@ -145,6 +145,19 @@ def _read(path: Path) -> str:
         raise InvalidSpec(f"spec file {path}: not UTF-8 text (byte {e.start}); a spec is YAML") from None
 
 
+def load_yaml(path: Path) -> Any:
+    """A spec file's YAML, with the job spec's bounds (size, nesting, values, keys given twice)."""
+    text = _read(path)
+    try:
+        return yaml.load(text, Loader=_SpecLoader)  # noqa: S506 - a SafeLoader
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or ""
+        why = problem if isinstance(e, _SpecTooBig) or problem.startswith("key ") else "not valid YAML"
+        raise InvalidSpec(f"{path}{where}: {why}") from None
+
+
 def load_spec(path: Path) -> JobSpec:
     text = _read(path)
     try:

@@ -117,6 +117,10 @@ class DrillWorkflow:
                 ),
                 timeout=check.timeout + BOOT_MARGIN,
             )
+            if inp.notify_workflow_id is not None:  # a plan waits for its tier's boot checks
+                await workflow.get_external_workflow_handle(inp.notify_workflow_id).signal(
+                    "vm_checked", args=[spec.name, result.boot.ok, result.boot.evidence[:300]]
+                )
             if inp.keep > timedelta(0) and not self.ended:
                 self.st.keep_until = workflow.now() + inp.keep
                 self._step_is(f"keeping VM {name} until {self.st.keep_until:%Y-%m-%d %H:%M:%S}Z")

@@ -14,6 +14,7 @@ from app.cli.failover import failover
 from app.cli.jobs import job_app
 from app.cli.lab import lab_app
 from app.cli.output import JsonOpt, debugging, describe_error, emit_json, error_line, fail, one_line, out
+from app.cli.plan import plan_app
 from app.cli.points import point_app
 from sendense import config
 from sendense.errors import SendenseError
@@ -24,6 +25,7 @@ app.add_typer(point_app, name="point")
 app.add_typer(lab_app, name="lab")
 app.add_typer(drill_app, name="drill")
 app.command("failover")(failover)
+app.add_typer(plan_app, name="plan")
 
 # ------------------------------------------------------------------------------- stack
 

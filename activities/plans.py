@@ -1,0 +1,64 @@
+"""The recovery plans' own activity: a hook command before or after a tier, on the agent the plan names,
+only if that agent's policy lists its program (sendense.policy `hooks`)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Callable
+from typing import Any
+
+from temporalio import activity
+
+from activities.errors import mapped
+from activities.replication import HEARTBEAT_EVERY, heartbeating
+from sendense import policy
+from sendense.errors import ResourceNotFound
+from sendense.plans import HookRequest, HookResult
+
+OUTPUT_TAIL = 2000  # characters of a hook's output kept in its result
+
+
+@activity.defn(name="run_hook")
+@mapped
+def run_hook(req: HookRequest) -> HookResult:
+    """Run the hook; its exit code and output's tail say how it went (a hook that fails or times out
+    is a result, not an error: the plan decides). Refused by the policy, or missing: an error."""
+    what = f"plan {req.plan} tier {req.tier} {req.when} hook"
+    policy.require_hook(req.command[0], what)
+    if not os.access(req.command[0], os.X_OK):
+        raise ResourceNotFound(f"{what}: {req.command[0]} is not an executable file on this agent")
+    started = time.monotonic()
+    with heartbeating(HEARTBEAT_EVERY * 5):
+        try:
+            p = subprocess.run(
+                req.command,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=req.timeout_seconds,
+                env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"},  # no secrets of the agent
+                cwd="/",
+            )
+        except subprocess.TimeoutExpired as e:
+            out = (e.stdout or b"") + (e.stderr or b"")
+            return HookResult(
+                tier=req.tier,
+                when=req.when,
+                ok=False,
+                seconds=round(time.monotonic() - started, 2),
+                output=f"timed out after {req.timeout_seconds:g}s; "
+                + out.decode(errors="replace")[-OUTPUT_TAIL:],
+            )
+    text = (p.stdout + p.stderr).decode(errors="replace")
+    return HookResult(
+        tier=req.tier,
+        when=req.when,
+        ok=p.returncode == 0,
+        exit_code=p.returncode,
+        seconds=round(time.monotonic() - started, 2),
+        output=text[-OUTPUT_TAIL:],
+    )
+
+
+PLAN_ACTIVITIES: list[Callable[..., Any]] = [run_hook]

@@ -1,0 +1,184 @@
+"""Recovery plan drills (workflows.plan) with the REAL activities on the memory platform, under the
+time-skipping server: three jobs in two tiers, hooks before and after, the points nearest one instant;
+a failing hook or a VM that does not boot stops the plan, and every drill it started cleans up."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import yaml
+from temporalio.testing import WorkflowEnvironment
+
+from connectors.memory.store import Store
+from sendense.models import BootCheckSpec, RecoverySpec
+from sendense.plans import Hook, PlanDrillInput, PlanDrillResult, PlanJob, PlanSpec, PlanVm, Tier
+from tests.workflows.test_memory_platform_workflow import Job, new_job, running
+from workflows.plan import PlanDrillWorkflow
+
+READY = "SENDENSE-GUEST-READY"
+
+
+@pytest.fixture(autouse=True)
+def policy_with_hooks(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, agent_policy: Path) -> None:
+    monkeypatch.setenv("SENDENSE_DEVELOPER_PLATFORMS", "1")
+    monkeypatch.setenv("SENDENSE_HOME", str(tmp_path / "home"))
+    doc = yaml.safe_load(agent_policy.read_text())
+    doc["hooks"] = ["/bin/true", "/bin/false"]
+    p = tmp_path / "policy.yaml"
+    p.write_text(yaml.safe_dump(doc))
+    monkeypatch.setenv("SENDENSE_POLICY", str(p))
+
+
+@pytest.fixture
+def stores() -> Iterator[list[Store]]:
+    s = [Store.named(f"plan-{uuid.uuid4().hex[:8]}") for _ in range(3)]
+    yield s
+    for x in s:
+        Store.discard(x)
+
+
+def plan_job(env: WorkflowEnvironment, store: Store, tmp: Path, boots: bool = True) -> Job:
+    job = new_job(env, store, tmp)
+    check = BootCheckSpec(console_contains=READY, timeout=timedelta(seconds=30))
+    job.spec = job.spec.model_copy(update={"recovery": RecoverySpec(boot_check=check)})
+    if boots:
+        job.guest.write("disk0", 512, READY.encode())
+    return job
+
+
+@contextlib.asynccontextmanager
+async def three_jobs(
+    env: WorkflowEnvironment, stores: list[Store], tmp: Path, boots: tuple[bool, ...] = (True, True, True)
+) -> AsyncIterator[list[Job]]:
+    jobs = [plan_job(env, s, tmp / f"j{i}", b) for i, (s, b) in enumerate(zip(stores, boots, strict=True))]
+    async with contextlib.AsyncExitStack() as stack:
+        for j in jobs:
+            await stack.enter_async_context(running(env, j))
+        yield jobs
+
+
+def plan_of(jobs: list[Job], before: Hook | None = None, after: Hook | None = None) -> PlanSpec:
+    return PlanSpec(
+        name="shop",
+        tiers=[
+            Tier(vms=[PlanVm(job=jobs[0].spec.name)], after=after),
+            Tier(vms=[PlanVm(job=jobs[1].spec.name), PlanVm(job=jobs[2].spec.name)], before=before),
+        ],
+    )
+
+
+async def drill_plan(env: WorkflowEnvironment, jobs: list[Job], plan: PlanSpec) -> PlanDrillResult:
+    assert all(j.handle is not None for j in jobs)
+    h = await env.client.start_workflow(
+        PlanDrillWorkflow.run,
+        PlanDrillInput(
+            plan=plan,
+            jobs={
+                j.spec.name: PlanJob(spec=j.spec, job_workflow_id=j.handle.id, target_queue=j.queue)  # type: ignore[union-attr]
+                for j in jobs
+            },
+            hook_queues={"": jobs[0].queue},
+            drill_id=uuid.uuid4().hex[:8],
+            search_attributes=False,
+        ),
+        id=f"plan-drill-{uuid.uuid4()}",
+        task_queue=jobs[0].queue,
+    )
+    return await asyncio.wait_for(h.result(), 120)
+
+
+def ended_at_once(r: PlanDrillResult) -> bool:
+    """The plan ended its drills itself (each child keeps its VM for days unless told to end)."""
+    assert r.started_at is not None and r.ended_at is not None
+    return r.ended_at - r.started_at < timedelta(days=1)
+
+
+def no_holds(jobs: list[Job]) -> bool:
+    return all(not p.holds for j in jobs for p in j.target().list_points())
+
+
+def left(stores: list[Store]) -> list[list[str]]:
+    """What a drill could leave in each store: VMs (records, disks, consoles, networks) and holds. (The
+    time-skipping server skips hours while a plan waits, so the jobs commit more points meanwhile.)"""
+    kinds = ("/vms/", "/vm-disks/", "/vm-consoles/", "/vm-networks/", "/holds")
+    return [[k for k in s.contents() if any(x in k for x in kinds)] for s in stores]
+
+
+async def test_a_plan_drill_boots_every_tier_in_order_from_points_nearest_one_instant(
+    env: WorkflowEnvironment, stores: list[Store], tmp_path: Path
+) -> None:
+    async with three_jobs(env, stores, tmp_path) as jobs:
+        for j in jobs:
+            await j.settled(1)
+        await env.sleep(timedelta(minutes=30))
+        await jobs[1].sync_now()  # jobs[1]: a newer point too, 30 min after its first
+        before = left(stores)
+        hook = Hook(command=["/bin/true"])
+        r = await drill_plan(env, jobs, plan_of(jobs, before=hook, after=hook))
+        assert r.error is None and r.cleaned, r
+        assert [v.job for v in r.vms] == [j.spec.name for j in jobs]
+        assert all(v.boot is not None and v.boot.ok for v in r.vms)
+        # the common instant is the oldest newest point; jobs[1] gets the point nearest it (its first)
+        firsts = {j.spec.name: j.target().list_points()[-1] for j in jobs}
+        assert {c.job: c.point_id for c in r.points} == {n: p.point_id for n, p in firsts.items()}
+        assert r.spread_seconds is not None and r.spread_seconds < 60
+        assert [(h.tier, h.when, h.ok) for h in r.hooks] == [(1, "after", True), (2, "before", True)]
+        # tier 2 started only once tier 1 had booted
+        tier1, tier2 = r.vms[0], r.vms[1]
+        assert tier1.started_at is not None and tier2.started_at is not None
+        assert tier2.started_at >= tier1.started_at
+        assert left(stores) == before and no_holds(jobs) and ended_at_once(r)
+
+
+async def test_a_failing_hook_stops_the_plan_and_every_started_drill_cleans_up(
+    env: WorkflowEnvironment, stores: list[Store], tmp_path: Path
+) -> None:
+    async with three_jobs(env, stores, tmp_path) as jobs:
+        for j in jobs:
+            await j.settled(1)
+        before = left(stores)
+        r = await drill_plan(env, jobs, plan_of(jobs, before=Hook(command=["/bin/false"])))
+        assert r.error is not None and r.error.startswith("tier 2 before hook /bin/false failed (exit 1)")
+        assert [v.job for v in r.vms] == [jobs[0].spec.name] and r.vms[0].cleaned and r.cleaned
+        assert left(stores) == before and no_holds(jobs) and ended_at_once(r)
+
+
+async def test_a_vm_that_does_not_boot_stops_the_plan_before_the_next_tier(
+    env: WorkflowEnvironment, stores: list[Store], tmp_path: Path
+) -> None:
+    async with three_jobs(env, stores, tmp_path, boots=(False, True, True)) as jobs:
+        for j in jobs:
+            await j.settled(1)
+        before = left(stores)
+        r = await drill_plan(env, jobs, plan_of(jobs))
+        assert r.error is not None and r.error.startswith(f"tier 1: {jobs[0].spec.name}: did not boot")
+        assert [v.job for v in r.vms] == [jobs[0].spec.name] and r.cleaned
+        assert left(stores) == before and no_holds(jobs) and ended_at_once(r)
+
+
+async def test_a_hook_the_agent_policy_does_not_list_is_refused(
+    env: WorkflowEnvironment, stores: list[Store], tmp_path: Path
+) -> None:
+    async with three_jobs(env, stores, tmp_path) as jobs:
+        for j in jobs:
+            await j.settled(1)
+        before = left(stores)
+        r = await drill_plan(env, jobs, plan_of(jobs, after=Hook(command=["/bin/sh", "-c", "id"])))
+        assert (
+            r.error
+            == "plan shop tier 1 after hook: /bin/sh is not among this agent's hooks (/bin/true, /bin/false)"
+        )
+        assert r.cleaned and left(stores) == before and no_holds(jobs)
+
+
+def test_a_plan_names_each_job_once() -> None:
+    with pytest.raises(ValueError, match="job a is in tier 1 and tier 2: once only"):
+        PlanSpec(name="p", tiers=[Tier(vms=[PlanVm(job="a")]), Tier(vms=[PlanVm(job="a")])])
+    with pytest.raises(ValueError, match="the program must be an absolute path"):
+        Hook(command=["true"])

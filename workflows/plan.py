@@ -1,0 +1,237 @@
+"""PlanDrillWorkflow: a drill of a recovery plan, its VMs tier by tier in boot order.
+
+Picks, for every job, the point nearest one common instant (the newest instant every job's points
+reach: the oldest of their newest points) and reports the spread. Then per tier: its `before` hook,
+a DrillWorkflow child per VM (kept up until the plan ends them), until every VM of the tier booted;
+then its `after` hook. A failing hook, a VM that does not boot or a failed child stops the plan: every
+drill it started is ended (each cleans up its own VM and hold), newest tier first. With every tier up,
+the plan keeps them for `keep` (or until `end`), then ends them the same way.
+Deterministic: no I/O, no clocks but workflow.now(), no connector imports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from typing import Any
+
+from temporalio import workflow
+from temporalio.exceptions import ActivityError, ChildWorkflowError
+
+with workflow.unsafe.imports_passed_through():
+    from sendense import platforms
+    from sendense.models import PointInfo
+    from sendense.plans import (
+        HookRequest,
+        HookResult,
+        PlanDrillInput,
+        PlanDrillResult,
+        PlanSpec,
+        PointChoice,
+    )
+    from sendense.recovery import DrillInput, DrillResult, PointRequest
+
+    platforms.load_all()
+
+from workflows.replication import failure_message
+from workflows.saga import BOOT_MARGIN, STEP, STEP_TIMEOUT
+
+UP_FOR = timedelta(days=7)  # a child drill's keep: the plan ends it long before
+
+
+@workflow.defn(name="PlanDrillWorkflow")
+class PlanDrillWorkflow:
+    def __init__(self) -> None:
+        self.booted: set[str] = set()
+        self.checked: set[str] = set()
+        self.evidence: dict[str, str] = {}
+        self.done: dict[str, DrillResult | None] = {}
+        self.ended = False
+        self.step = "starting"
+        self.watchers: list[asyncio.Task[None]] = []
+
+    @workflow.signal
+    def vm_checked(self, job: str, ok: bool, evidence: str) -> None:
+        """A child drill's boot check is done (a VM that did not boot stays up for a look until the
+        plan ends it)."""
+        self.checked.add(job)
+        self.evidence[job] = evidence
+        if ok:
+            self.booted.add(job)
+
+    @workflow.signal
+    def end(self) -> None:
+        self.ended = True
+
+    @workflow.query
+    def status(self) -> str:
+        return self.step
+
+    @workflow.run
+    async def run(self, inp: PlanDrillInput) -> PlanDrillResult:
+        result = PlanDrillResult(plan=inp.plan.name, drill_id=inp.drill_id, started_at=workflow.now())
+        children: list[tuple[str, Any]] = []  # (job, child handle), in start order
+        try:
+            self.step = "choosing the points"
+            await self._choose_points(inp, result)
+            chosen = {c.job: c.point_id for c in result.points}
+            for n, tier in enumerate(inp.plan.tiers, 1):
+                if tier.before is not None:
+                    await self._hook(inp, result, n, "before")
+                self.step = f"tier {n}: drilling {', '.join(vm.job for vm in tier.vms)}"
+                for vm in tier.vms:
+                    job = inp.jobs[vm.job]
+                    h = await workflow.start_child_workflow(
+                        "DrillWorkflow",
+                        DrillInput(
+                            spec=job.spec,
+                            drill_id=f"{inp.drill_id}-{len(children) + 1}",
+                            job_workflow_id=job.job_workflow_id,
+                            target_queue=job.target_queue,
+                            point_id=chosen[vm.job],
+                            keep=UP_FOR,
+                            notify_workflow_id=workflow.info().workflow_id,
+                            search_attributes=inp.search_attributes,
+                        ),
+                        id=f"drill-{vm.job}-{inp.drill_id}",
+                        result_type=DrillResult,
+                    )
+                    children.append((vm.job, h))
+                    self.done[vm.job] = None
+                    self.watchers.append(asyncio.create_task(self._watch(vm.job, h)))
+                jobs = [vm.job for vm in tier.vms]
+                await workflow.wait_condition(
+                    lambda: all(j in self.checked or self.done[j] is not None for j in jobs)  # noqa: B023
+                )
+                failed = [j for j in jobs if j not in self.booted]
+                if failed:
+                    why = [self._why(j) for j in failed]
+                    raise PlanStopped(f"tier {n}: " + "; ".join(why))
+                if tier.after is not None:
+                    await self._hook(inp, result, n, "after")
+            self.step = "every tier up"
+            if inp.keep > timedelta(0) and not self.ended:
+                try:
+                    await workflow.wait_condition(lambda: self.ended, timeout=inp.keep)
+                except TimeoutError:
+                    pass
+        except PlanStopped as e:
+            result.error = str(e)
+        except ActivityError as e:
+            result.error = failure_message(e)
+        except asyncio.CancelledError:
+            result.error = "the plan's drill was cancelled"
+        self.step = "ending the drills"
+        for job, h in reversed(children):  # newest tier first
+            if self.done.get(job) is None:
+                await workflow.get_external_workflow_handle(h.id).signal("end")
+            await workflow.wait_condition(lambda: self.done.get(job) is not None)  # noqa: B023
+        result.vms = [r for j, _ in children if (r := self.done.get(j)) is not None]
+        result.cleaned = all(r.cleaned for r in result.vms)
+        result.ended_at = workflow.now()
+        self.step = "ended" if result.error is None else "failed"
+        return result
+
+    async def _watch(self, job: str, h: Any) -> None:
+        try:
+            self.done[job] = await h
+        except ChildWorkflowError as e:
+            self.done[job] = DrillResult(drill_id=h.id, job=job, error=failure_message(e), cleaned=False)
+
+    def _why(self, job: str) -> str:
+        if job in self.checked and job not in self.booted:
+            return f"{job}: did not boot ({self.evidence.get(job, '')})"
+        r = self.done.get(job)
+        if r is None:
+            return f"{job}: no answer"
+        if r.error:
+            return f"{job}: {r.error}"
+        if r.boot is not None and not r.boot.ok:
+            return f"{job}: did not boot ({r.boot.evidence})"
+        return f"{job}: ended before it booted"
+
+    async def _choose_points(self, inp: PlanDrillInput, result: PlanDrillResult) -> None:
+        points: dict[str, list[PointInfo]] = {}
+        for name in inp.plan.jobs():
+            job = inp.jobs[name]
+            points[name] = await workflow.execute_activity(
+                "list_points",
+                PointRequest(spec=job.spec),
+                result_type=list[PointInfo],
+                task_queue=job.target_queue,
+                start_to_close_timeout=STEP_TIMEOUT,
+                retry_policy=STEP,
+            )
+            if not points[name]:
+                raise PlanStopped(f"job {name} has no recovery point yet")
+        instant = min(p[0].created_at for p in points.values())  # every job has a point this new
+        for name, pts in points.items():
+            best = min(pts, key=lambda p: abs((p.created_at - instant).total_seconds()))
+            result.points.append(PointChoice(job=name, point_id=best.point_id, created_at=best.created_at))
+        stamps = [c.created_at for c in result.points]
+        result.instant = instant
+        result.spread_seconds = round((max(stamps) - min(stamps)).total_seconds(), 3)
+
+    async def _hook(self, inp: PlanDrillInput, result: PlanDrillResult, n: int, when: str) -> None:
+        tier = inp.plan.tiers[n - 1]
+        hook = tier.before if when == "before" else tier.after
+        assert hook is not None
+        self.step = f"tier {n}: {when} hook"
+        r: HookResult = await workflow.execute_activity(
+            "run_hook",
+            HookRequest(
+                plan=inp.plan.name,
+                tier=n,
+                when=when,  # type: ignore[arg-type]
+                command=hook.command,
+                timeout_seconds=hook.timeout.total_seconds(),
+            ),
+            result_type=HookResult,
+            task_queue=inp.hook_queues[hook.agent or ""],
+            start_to_close_timeout=hook.timeout + BOOT_MARGIN,
+            heartbeat_timeout=timedelta(minutes=1),
+            retry_policy=STEP,
+        )
+        result.hooks.append(r)
+        if not r.ok:
+            tail = " ".join(r.output.split())[-300:]
+            raise PlanStopped(
+                f"tier {n} {when} hook {hook.command[0]} failed "
+                f"({'exit ' + str(r.exit_code) if r.exit_code is not None else 'timed out'}): {tail}"
+            )
+
+
+class PlanStopped(Exception):
+    """Why a plan's drill stops before every tier is up (one line)."""
+
+
+@workflow.defn(name="PlanWorkflow")
+class PlanWorkflow:
+    """A recovery plan, kept as a workflow (`plan-<name>`) like a job: its spec and its last drill."""
+
+    def __init__(self) -> None:
+        self.spec: PlanSpec | None = None
+        self.last_drill: PlanDrillResult | None = None
+        self.deleted = False
+
+    @workflow.run
+    async def run(self, spec: PlanSpec) -> None:
+        self.spec = spec
+        await workflow.wait_condition(lambda: self.deleted and workflow.all_handlers_finished())
+
+    @workflow.query
+    def get_spec(self) -> PlanSpec:
+        assert self.spec is not None
+        return self.spec
+
+    @workflow.query
+    def get_last_drill(self) -> PlanDrillResult | None:
+        return self.last_drill
+
+    @workflow.signal
+    def drill_finished(self, result: PlanDrillResult) -> None:
+        self.last_drill = result
+
+    @workflow.signal
+    def delete(self) -> None:
+        self.deleted = True
