@@ -24,7 +24,7 @@ from typing import Any
 
 from rich.console import Console
 
-from bench import control_plane, full_sync, incremental, memory, resume
+from bench import control_plane, drill, full_sync, incremental, memory, resume
 from bench.harness import Bench, MiB, Options, parse_size
 from bench.report import evaluate, machine, print_table
 
@@ -33,6 +33,7 @@ MEASURES: dict[str, Callable[[Bench], Awaitable[dict[str, Any]]]] = {
     "memory": memory.measure,
     "incremental": incremental.measure,  # churns the shared source, so after the full syncs
     "control_plane": control_plane.measure,
+    "drill": drill.measure,  # the bootable guest to KVM and the AWS lab, then drills of each
     "resume": resume.measure,  # last: restarts the worker
 }
 
@@ -41,7 +42,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="smoke run for CI: tiny disks, 1 run, 5/10 jobs")
     p.add_argument("--size", help="full sync disk size (default 2G; quick 64M)")
-    p.add_argument("--runs", type=int, help="runs per full sync comparison (default 3; quick 1)")
+    p.add_argument("--runs", type=int, help="runs per comparison, drills per target (default 3; quick 1)")
     p.add_argument("--jobs", help="control plane job counts, comma-separated (default 50,100; quick 5,10)")
     p.add_argument("--only", help=f"comma-separated subset of: {','.join(MEASURES)}")
     p.add_argument("--out", help="JSON output file (default bench/results/latest.json; soak: soak.json)")

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import yaml
 from temporalio.api.enums.v1 import EventType
 
 from app import stack
@@ -146,6 +147,20 @@ class RssSampler:
 # ------------------------------------------------------------------------------------------- bench
 
 
+def write_policy(state: Path, root: Path) -> Path:
+    """The bench agent's policy (sendense.policy): every image and target of a measure lives under
+    `root`; the AWS lab's endpoint is allowed once the lab registers it. Without it the stack writes its
+    starter policy, whose roots are the stack's own `lab/` and `replicas/`: every bench job refused."""
+    state.mkdir(parents=True, exist_ok=True)
+    state.chmod(0o700)
+    p = state / "policy.yaml"
+    roots = [str(root)]
+    doc = {"platforms": ["kvm", "aws"], "source_roots": roots, "target_roots": roots, "endpoints": []}
+    p.write_text(yaml.safe_dump(doc, sort_keys=False))
+    p.chmod(0o600)
+    return p
+
+
 @dataclass
 class Options:
     quick: bool = False
@@ -176,11 +191,17 @@ class Bench:
         host = f"bench{os.getpid()}"
         b = cls(opts=opts, root=root, state=state, host_id=host)
         b._env = {
-            k: os.environ.get(k) for k in ("SENDENSE_HOME", "SENDENSE_HOST_ID", "SENDENSE_TEMPORAL", "TMPDIR")
+            k: os.environ.get(k)
+            for k in ("SENDENSE_HOME", "SENDENSE_HOST_ID", "SENDENSE_TEMPORAL", "SENDENSE_POLICY", "TMPDIR")
         }
         # the worker's temp dirs (qemu-nbd sockets) land in `root` too: a SIGKILLed worker leaks them
         (root / "tmp").mkdir()
-        os.environ.update(SENDENSE_HOME=str(state), SENDENSE_HOST_ID=host, TMPDIR=str(root / "tmp"))
+        os.environ.update(
+            SENDENSE_HOME=str(state),
+            SENDENSE_HOST_ID=host,
+            SENDENSE_POLICY=str(write_policy(state, root)),
+            TMPDIR=str(root / "tmp"),
+        )
         os.environ.pop("SENDENSE_TEMPORAL", None)
         try:
             stack.up(state, port=free_port(), ui_port=free_port())

@@ -11,6 +11,7 @@ from collections import defaultdict
 from typing import Any
 
 from temporalio.api.enums.v1 import EventType
+from temporalio.client import WorkflowHandle
 
 from app.cli.client import Jobs
 from bench.harness import median, percentile
@@ -89,3 +90,26 @@ def summarize(parts: list[dict[str, Any]]) -> dict[str, Any]:
         },
         "timeouts": dict(timeouts),
     }
+
+
+async def activity_times(h: WorkflowHandle[Any, Any]) -> list[dict[str, Any]]:
+    """Every activity of one workflow run in the order scheduled, with its event times (epoch seconds):
+    `scheduled`, `started` (its last attempt's: a retried activity's started event is written when it
+    ends) and `ended`; `attempt`, and how it ended (`completed`, `failed`, `timed_out`; None: still on)."""
+    out: dict[int, dict[str, Any]] = {}
+    async for ev in h.fetch_history_events():
+        t = ev.event_time.ToDatetime().timestamp()
+        et = ev.event_type
+        if et == E.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
+            kind = ev.activity_task_scheduled_event_attributes.activity_type.name
+            out[ev.event_id] = {"type": kind, "scheduled": t, "started": None, "ended": None, "outcome": None}
+        elif et == E.EVENT_TYPE_ACTIVITY_TASK_STARTED:
+            a = ev.activity_task_started_event_attributes
+            if a.scheduled_event_id in out:
+                out[a.scheduled_event_id].update(started=t, attempt=a.attempt)
+        elif et in _DONE:
+            sid = getattr(ev, _DONE[et]).scheduled_event_id
+            if sid in out:
+                outcome = E.Name(et).removeprefix("EVENT_TYPE_ACTIVITY_TASK_").lower()
+                out[sid].update(ended=t, outcome=outcome)
+    return list(out.values())

@@ -76,6 +76,17 @@ FIGURES: list[Figure] = [
         _at_most(64),
     ),
     Figure("resume.bit_exact", "resume: bit-exact", "true", _true),
+    *(
+        f
+        for t, name in (("kvm", "KVM"), ("aws", "AWS lab"))
+        for f in (
+            Figure(f"drill.{t}.rto_seconds", f"drill ({name}): RTO s, to booted", "<= 900", _at_most(900)),
+            Figure(f"drill.{t}.drill_seconds", f"drill ({name}): whole drill s"),
+            Figure(f"drill.{t}.boot_seconds", f"drill ({name}): boot s (power-on)"),
+            Figure(f"drill.{t}.cleanup_seconds", f"drill ({name}): cleanup s"),
+        )
+    ),
+    Figure("drill.ok", "drill: all booted, nothing left", "true", _true),
 ]
 
 

@@ -32,8 +32,18 @@ POSITIVE = [
     "memory.mixed.worker_and_children_peak_rss_mib",
     "memory.sparse.worker_peak_rss_mib",
     "memory.sparse.worker_and_children_peak_rss_mib",
+    *(f"drill.{t}.{k}" for t in ("kvm", "aws") for k in ("rto_seconds", "drill_seconds", "boot_seconds")),
 ]
 BIT_EXACT = ["full_sync.bit_exact", "incremental.bit_exact", "memory.sparse.bit_exact", "resume.bit_exact"]
+DRILL_STEPS = [
+    "choose_point",
+    "hold_point",
+    "create_vm",
+    "power_on",
+    "boot_check",
+    "destroy_vm",
+    "release_point",
+]
 
 
 def get(d: dict[str, Any], dotted: str) -> Any:
@@ -54,11 +64,11 @@ def test_quick_bench_reports_every_figure(tmp_path: Path) -> None:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=420,  # ~60 s on a quiet 2-core machine, ~90 s with other work on it
     )
     assert out.exists(), f"no results written (exit {p.returncode}): {p.stderr[-3000:]}"
     r = json.loads(out.read_text())
-    for name in ("full_sync", "incremental", "control_plane", "memory", "resume"):
+    for name in ("full_sync", "incremental", "control_plane", "memory", "resume", "drill"):
         assert "error" not in r[name], f"{name} failed: {r[name].get('traceback') or r[name]['error']}"
     assert p.returncode == 0, p.stderr[-3000:]
 
@@ -104,6 +114,19 @@ def test_quick_bench_reports_every_figure(tmp_path: Path) -> None:
     for step in ("begin_and_copy", "workflow_task"):
         assert steps[step]["count"] >= 10, step
     assert "copy_disk" not in steps and "finish_sync" not in steps
+
+    # drills: one per target, booted the guest from the job's point and left nothing; every step of the
+    # saga shows in the history, in order, and the figures are consistent with one another
+    d = get(r, "drill")
+    assert d["ok"] is True and d["accelerator"] in ("kvm", "tcg")
+    for t in ("kvm", "aws"):
+        [run] = d[t]["runs"]
+        assert run["boot_ok"] and run["boot_evidence"] == "SENDENSE-GUEST-READY", run
+        assert run["cleaned"] and run["left_behind"] == [] and run["problems"] == [], run
+        assert list(run["steps"]) == [*DRILL_STEPS, "report"], t
+        assert 0 <= run["cleanup_seconds"] and run["rto_seconds"] <= run["drill_seconds"], run
+        steps = sum(s["seconds"] for s in run["steps"].values())
+        assert abs(steps - run["drill_seconds"]) < 0.01, (t, steps, run["drill_seconds"])
 
     # every figure has its goal evaluated (met or not: never asserted)
     for key, g in r["goals"].items():
