@@ -38,6 +38,7 @@ def agent_policy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
                 "source_roots": roots,
                 "target_roots": roots,
                 "endpoints": ["*"],
+                "hooks": ["/bin/true", "/bin/false"],
             }
         )
     )

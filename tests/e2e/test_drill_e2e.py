@@ -281,3 +281,54 @@ def test_failover_boots_the_jobs_vm_on_the_target_and_the_job_stops_syncing(
                 target_for(spec).release(p.point_id, h)
         cli.run("job", "delete", "failoverguest", "--purge")
     assert drill_qemus(replicas) == []
+
+
+def test_a_plan_drill_boots_two_tiers_of_guests_through_the_cli(e2e_stack: Cli, tmp_path: Path) -> None:
+    """Issue 12, recovery plans: two jobs of the guest in two tiers, a hook between them; `plan drill`
+    boots both from the points nearest one instant, in order, and cleans up; `plan status` shows it."""
+    cli = e2e_stack
+    for name in ("plandb", "planweb"):
+        disk = tmp_path / f"{name}.qcow2"
+        qemu_img("convert", "-O", "qcow2", str(build()), str(disk))
+        (tmp_path / f"{name}.yaml").write_text(
+            yaml.safe_dump(
+                {
+                    "name": name,
+                    "source": {"platform": "kvm", "disks": [str(disk)]},
+                    "target": {"platform": "kvm", "path": str(tmp_path / "replicas")},
+                    "schedule": {"interval": "1h"},
+                    "recovery": {
+                        "memory_mib": 256,
+                        "boot_check": {"console_contains": READY, "timeout": "4m"},
+                    },
+                }
+            )
+        )
+        cli.run("job", "create", "-f", str(tmp_path / f"{name}.yaml"))
+    plan = {
+        "name": "shop",
+        "tiers": [
+            {"vms": [{"job": "plandb"}], "after": {"command": ["/bin/true"], "timeout": "30s"}},
+            {"vms": [{"job": "planweb"}]},
+        ],
+    }
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**plan, "tiers": [{"vms": [{"job": "nosuch"}]}]}))
+    p = cli.run("plan", "create", "-f", str(tmp_path / "bad.yaml"), check=False)
+    assert p.returncode == 1 and "plan shop: no running job nosuch" in p.stderr
+    (tmp_path / "plan.yaml").write_text(yaml.safe_dump(plan))
+    for name in ("plandb", "planweb"):
+        cli.wait_point(name, timeout=300)
+    cli.run("plan", "create", "-f", str(tmp_path / "plan.yaml"))
+    assert "shop" in cli.json("plan", "list")
+    r = cli.json("plan", "drill", "shop", timeout=600)
+    assert r["error"] is None and r["cleaned"], r
+    assert [v["job"] for v in r["vms"]] == ["plandb", "planweb"]
+    assert all(v["boot"]["ok"] for v in r["vms"])
+    assert [(h["tier"], h["when"], h["ok"]) for h in r["hooks"]] == [(1, "after", True)]
+    assert r["spread_seconds"] is not None and {c["job"] for c in r["points"]} == {"plandb", "planweb"}
+    assert drill_qemus(tmp_path / "replicas") == []
+    st = cli.json("plan", "status", "shop")
+    assert st["last_drill"]["drill_id"] == r["drill_id"]
+    cli.run("plan", "delete", "shop")
+    for name in ("plandb", "planweb"):
+        cli.run("job", "delete", name, "--purge")
