@@ -25,6 +25,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -227,9 +228,12 @@ class QmpPower:
                 return True
         try:
             stat = Path(f"/proc/{pid}/stat").read_text()
+            threads = len(os.listdir(f"/proc/{pid}/task"))
         except FileNotFoundError:
             return True
-        return stat.rsplit(") ", 1)[1][:1] in ("Z", "X")  # a zombie has exited (its parent reaps it)
+        # a zombie whose threads are all gone has exited (its parent reaps it); QEMU's main thread
+        # ends first, while its other threads (and the images' file descriptors) still live
+        return stat.rsplit(") ", 1)[1][:1] in ("Z", "X") and threads <= 1
 
     def power_on_vm(self) -> None:
         raise VmNotStartable(
