@@ -51,6 +51,15 @@ class ResourceUnavailable(SendenseError):
     retryable = True
 
 
+class VmNotStartable(SendenseError):
+    """The product cannot start this source VM (one known only by its disks, or a VM process the product
+    did not start: how it is started is the operator's command line). Not a failure of the verb: the
+    disks are current, and the operator starts the VM. A failback tells it apart from a failure by this
+    class (its `kind`), never by the message."""
+
+    kind = "VmNotStartable"
+
+
 class ChangeTrackingLost(SendenseError):
     """The source's change tracking (bitmap, CBT, change id) is gone or inconsistent.
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from sendense.errors import InvalidSpec
 from sendense.models import JobSpec, SourceSpec, TargetSpec
-from sendense.protocols import SourceConnector, TargetConnector, VmProvisioner
+from sendense.protocols import SourceConnector, SourcePower, TargetConnector, VmProvisioner
 
 REGISTRY: dict[str, str] = {
     "kvm": "connectors.kvm.plugin",
@@ -43,6 +43,8 @@ class Platform:
     # (its target spec, job name, job id)
     target: Callable[[Any, str, str], TargetConnector] | None = None
     vms: Callable[[Any, str, str], VmProvisioner] | None = None
+    # the source VM's power (failover, failback): (its source spec, job name, the job's work directory)
+    source_power: Callable[[Any, str, Path], SourcePower] | None = None
     lab: str | None = None  # module of its lab hook (labs/...: LAB), imported by the app only
     lab_note: str = ""  # said by `sendense lab up/status` for a platform without a lab
     developer_only: bool = False  # not offered in specs unless DEVELOPER_PLATFORMS=1
@@ -127,3 +129,11 @@ def vms_for(spec: JobSpec) -> VmProvisioner:
     if p.vms is None:
         raise InvalidSpec(f"target.platform: {p.name} cannot make VMs from recovery points")
     return p.vms(spec.target, spec.name, spec.job_id)
+
+
+def source_power_for(spec: JobSpec, work_dir: Path) -> SourcePower:
+    """The power verbs of the job's source VM (sendense.protocols.SourcePower)."""
+    p = _platform("source", spec.source.platform)
+    if p.source_power is None:
+        raise InvalidSpec(f"source.platform: {p.name} cannot pause, stop or start its VMs")
+    return p.source_power(spec.source, spec.name, work_dir)

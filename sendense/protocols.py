@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 from sendense.models import BootCheck, DiskInfo, NetworkInfo, PointInfo, SnapshotRef, VmInfo, VmPlan, VmRef
 
@@ -96,6 +96,90 @@ class SourceConnector(Protocol):
         touched. Idempotent. A VM that is gone, or stopped where cleaning up without it is safe, is no
         error; what cannot be removed raises a one-line error saying what stays.
         """
+        ...
+
+
+# What `SourcePower.power_state` answers: the VM's state as its platform says it.
+PowerState = Literal["running", "paused", "stopped", "gone", "unreachable"]
+POWER_STATES: tuple[PowerState, ...] = ("running", "paused", "stopped", "gone", "unreachable")
+
+
+@runtime_checkable
+class SourcePower(Protocol):
+    """The source VM's power, for a failover (pause it, take the final sync, power it off) and a
+    failback's cutover (start the original VM again). An optional capability of a source platform
+    (`Platform.source_power`, made by `sendense.platforms.source_power_for`), on the VM the job's
+    source spec names.
+
+    Every verb is idempotent (a retried step finds its effect done and does nothing more) and has its
+    undo named. A verb that cannot reach the platform raises a retryable error (ResourceUnavailable);
+    one that the platform refuses, a one-line error naming the VM. A pause or power-off whose VM is
+    already in that state, or stopped, or gone, is no error.
+
+    Undo and state: `pause_vm`'s undo is `resume_vm`, `power_off_vm`'s is `power_on_vm` (where
+    `can_power_on`), `power_on_vm`'s is `power_off_vm`. Undos act on the state they find, not on who
+    made it: `resume_vm` resumes a paused VM whoever paused it. A caller registers an undo only when
+    `power_state()` showed that its step changes something (e.g. resume only a VM that was running
+    before the pause), so that rolling back never starts what the operator had stopped.
+
+    Capabilities:
+    - `can_power_on`: False where the product cannot start the VM (a stopped VM given by its disks, a
+      VM process the product did not start): `power_on_vm` then raises VmNotStartable, at once;
+    - `pause_stops`: True where the platform has no pause and `pause_vm` stops the VM (a cloud instance): its
+      `resume_vm` boots the guest again (a restart, not a continuation), and `power_state` after a
+      pause says "stopped", never "paused".
+    """
+
+    platform: str
+
+    @property
+    def can_power_on(self) -> bool: ...
+
+    @property
+    def pause_stops(self) -> bool: ...
+
+    def power_state(self) -> PowerState:
+        """The VM's state as its platform says it, in bounded time (a few seconds), never raising for a
+        platform that does not answer: that is how a failover decides planned (the source answers) or
+        unplanned (it does not).
+
+        - running: the guest runs and may write (also starting, or shutting down: not stopped yet);
+        - paused: the VM exists and its vCPUs are stopped (paused, suspended, never started), so nothing
+          writes its disks; `resume_vm` continues it;
+        - stopped: no process runs the VM (or its platform says stopped) and its disks are there;
+        - gone: the platform answers and the VM is not there (no domain, terminated, disks missing);
+        - unreachable: the platform does not answer in time (socket busy or dead, connection refused,
+          timeout, throttled or failing). A platform that answers with a configuration fault (bad
+          credentials, a missing permission) raises that one-line error: it never means the VM is down.
+        """
+        ...
+
+    def pause_vm(self) -> None:
+        """Stop the VM's writes, so that nothing lands on its disks after the next snapshot (a planned
+        failover's final sync): returns once no guest write can land any more (in-flight I/O drained).
+        Paused already, stopped or gone: no error. Undo: `resume_vm`. Where `pause_stops`, the VM is
+        stopped (waited for until the platform says stopped: a stopping guest still writes)."""
+        ...
+
+    def resume_vm(self) -> None:
+        """Undo of `pause_vm`: a paused VM runs again (where `pause_stops`: a stopped VM is started and
+        waited for until running). Running already, or stopped (not by a pause) or gone where the
+        platform has a pause: no error, nothing done."""
+        ...
+
+    def power_off_vm(self) -> None:
+        """The VM off for good (after a failover: the VM now runs on the target), hard: the guest gets
+        no chance to write (its last writes are those of the final sync's point), while the platform's
+        own state is kept (the VM process's I/O drained, its change tracking stored). Returns once the
+        platform says the VM is off. Off already, or gone: no error. Undo: `power_on_vm`."""
+        ...
+
+    def power_on_vm(self) -> None:
+        """Start the VM (a failback's cutover, the original VM on its current disks) and return once
+        the platform says it runs (its guest then boots); paused: it is resumed; running already: no
+        error. Where the product cannot start the VM (`can_power_on` False) raises VmNotStartable at
+        once: the disks are current and the VM is the operator's to start. A VM that is gone raises
+        ResourceNotFound. Undo: `power_off_vm`."""
         ...
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import json
 import socket
+import struct
 import threading
 import time
 from pathlib import Path
@@ -108,6 +109,19 @@ class QmpClient:
             except OSError as e:
                 s.close()
                 raise ResourceUnavailable(f"QMP socket {self.path}: {e.strerror or e}") from None
+
+    def peer_pid(self) -> int | None:
+        """The pid of the process serving the monitor (SO_PEERCRED of the unix socket), None when not
+        connected or not known."""
+        with self._lock:
+            if self._sock is None:
+                return None
+            try:
+                creds = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            except OSError:
+                return None
+            pid = struct.unpack("3i", creds)[0]
+            return pid if pid > 0 else None
 
     def close(self) -> None:
         with self._lock:

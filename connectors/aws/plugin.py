@@ -6,13 +6,19 @@ from pathlib import Path
 
 from connectors.aws.spec import AwsSource, AwsTarget
 from sendense.platforms import Platform
-from sendense.protocols import SourceConnector, TargetConnector, VmProvisioner
+from sendense.protocols import SourceConnector, SourcePower, TargetConnector, VmProvisioner
 
 
 def _source(spec: AwsSource, job: str, work_dir: Path) -> SourceConnector:
     from connectors.aws.source import AwsSourceConnector
 
     return AwsSourceConnector(job, spec, work_dir)
+
+
+def _power(spec: AwsSource, job: str, work_dir: Path) -> SourcePower:
+    from connectors.aws.power import AwsSourcePower
+
+    return AwsSourcePower(job, spec)
 
 
 def _target(spec: AwsTarget, job: str, job_id: str) -> TargetConnector:
@@ -36,6 +42,7 @@ PLATFORM = Platform(
     source=_source,
     target=_target,
     vms=_vms,
+    source_power=_power,
     lab="labs.aws.hook",
     starter_endpoints=("aws:*",),  # AWS's own endpoints, every region (aws:<region>)
     agent_env=("AWS_*", "BOTO_CONFIG"),  # the standard credential chain and its files

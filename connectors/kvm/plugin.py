@@ -6,13 +6,19 @@ from pathlib import Path
 
 from connectors.kvm.spec import KvmSource, KvmTarget
 from sendense.platforms import Platform
-from sendense.protocols import SourceConnector, TargetConnector, VmProvisioner
+from sendense.protocols import SourceConnector, SourcePower, TargetConnector, VmProvisioner
 
 
 def _source(spec: KvmSource, job: str, work_dir: Path) -> SourceConnector:
     from connectors.kvm.source import make_kvm_source
 
     return make_kvm_source(job, spec, work_dir)
+
+
+def _power(spec: KvmSource, job: str, work_dir: Path) -> SourcePower:
+    from connectors.kvm.power import make_kvm_power
+
+    return make_kvm_power(job, spec, work_dir)
 
 
 def _target(spec: KvmTarget, job: str, job_id: str) -> TargetConnector:
@@ -36,6 +42,7 @@ PLATFORM = Platform(
     source=_source,
     target=_target,
     vms=_vms,
+    source_power=_power,
     lab_note="KVM runs for real here: source.disks (stopped VM), source.qmp or source.libvirt; no lab",
     starter_source_roots=("/var/lib/libvirt/images",),  # libvirt's default image pool
     starter_endpoints=("qemu:///system", "qemu:///session"),

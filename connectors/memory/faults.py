@@ -8,6 +8,7 @@ Never through a spec: what users write cannot make a connector fail on purpose.
     faults.fail("target.write", retryable=False, error=TargetError, message="disk full")
     faults.kill_after(1 << 20)                          # a copy dies once 1 MiB was written
     faults.fail("vms.create_vm", after_effect=True)     # the VM is made, then the call fails
+    faults.fail("source.power_state")                   # the source's platform does not answer once
 
 Calls are counted per verb from the moment a fault is injected: `nth=3` fails the 3rd call of the verb
 after `fail` returned. `times` is how many calls fail (None: every one from the nth on). With
@@ -19,6 +20,8 @@ message names the verb and the call. `calls` counts every call of every verb (te
 With `after_effect=True` (mutating verbs only: EFFECT_VERBS) the call does what it does, then fails,
 as a worker killed before its result reached the server would: the VM is created, the hold is
 recorded, and the caller sees an error. A call whose own effect fails does not spend the fault.
+`source.power_state` never raises (sendense.protocols.SourcePower): a fault due there makes it answer
+"unreachable", as a platform that does not answer.
 """
 
 from __future__ import annotations
@@ -39,6 +42,11 @@ SOURCE_VERBS = (
     "read",
     "release_snapshot",
     "forget",
+    "power_state",
+    "pause_vm",
+    "resume_vm",
+    "power_off_vm",
+    "power_on_vm",
 )
 TARGET_VERBS = (
     "validate",
@@ -78,6 +86,10 @@ EFFECT_VERBS = (
     "vms.power_on",
     "vms.power_off",
     "vms.destroy_vm",
+    "source.pause_vm",
+    "source.resume_vm",
+    "source.power_off_vm",
+    "source.power_on_vm",
 )
 
 

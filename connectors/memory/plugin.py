@@ -6,13 +6,19 @@ from pathlib import Path
 
 from connectors.memory.spec import MemorySource, MemoryTarget
 from sendense.platforms import Platform
-from sendense.protocols import SourceConnector, TargetConnector, VmProvisioner
+from sendense.protocols import SourceConnector, SourcePower, TargetConnector, VmProvisioner
 
 
 def _source(spec: MemorySource, job: str, work_dir: Path) -> SourceConnector:
     from connectors.memory.source import MemorySourceConnector
 
     return MemorySourceConnector(job, spec, work_dir)
+
+
+def _power(spec: MemorySource, job: str, work_dir: Path) -> SourcePower:
+    from connectors.memory.power import MemorySourcePower
+
+    return MemorySourcePower(job, spec, work_dir)
 
 
 def _target(spec: MemoryTarget, job: str, job_id: str) -> TargetConnector:
@@ -35,6 +41,7 @@ PLATFORM = Platform(
     source=_source,
     target=_target,
     vms=_vms,
+    source_power=_power,
     lab_note="the memory platform needs no lab: tests make its VMs (connectors.memory.store)",
     developer_only=True,
 )

@@ -39,7 +39,13 @@ from connectors.memory.ranges import Ranges, as_json, blocks, from_json
 from connectors.memory.spec import MemorySource
 from connectors.memory.store import Store
 from sendense.datapath.extents import Extent, coalesce
-from sendense.errors import ChangeTrackingLost, DataPathError, InvalidSpec, ResourceNotFound
+from sendense.errors import (
+    ChangeTrackingLost,
+    DataPathError,
+    InvalidSpec,
+    ResourceNotFound,
+    ResourceUnavailable,
+)
 from sendense.models import DiskInfo, DiskSnapshot, NicInfo, SnapshotRef, VmInfo
 
 
@@ -141,6 +147,8 @@ class MemorySourceConnector:
         rec = self.store.vm(self.vm)
         if rec is None:
             raise ResourceNotFound(f"source.vm: no {self._what()}")
+        if rec.get("reachable") is False:
+            raise ResourceUnavailable(f"source.vm: {self._what()} is unreachable")
         return rec
 
     def _snap_name(self, snapshot_id: str) -> str:

@@ -14,6 +14,12 @@ byte ranges written since), a resize the range between the old and the new size.
 made and dropped by the source connector (`source.py`); `lose_tracking` drops them as a lost bitmap
 or a CBT reset would.
 
+Power (`set_power`, fields of the VM's record): `power` is running (the default), paused or stopped, as
+the source's power verbs (`power.py`) leave it; a guest of a VM that is not running cannot write
+(`GuestHalted`: its vCPUs do not run). `reachable: false` makes the VM's platform unreachable (every
+source verb fails, retryable; `power_state` says unreachable), `startable: false` makes it a VM the
+product cannot start (`power_on_vm` raises VmNotStartable), as a stopped KVM VM given by its disks.
+
 Networks (`add_network`, records `networks/<name>`) are what production VMs made from points on a
 memory target can be mapped to (`vms.py`); those VMs live under the job's target (`vm_state.py`).
 """
@@ -30,7 +36,17 @@ from typing import Any
 from connectors.memory.backend import Backend, FileBackend, MemoryBackend
 from connectors.memory.faults import Faults
 from connectors.memory.ranges import Ranges, add, as_json, from_json
+from sendense.errors import SendenseError
 from sendense.models import NetworkInfo
+
+POWER = ("running", "paused", "stopped")
+
+
+class GuestHalted(SendenseError):
+    """A guest write to a VM that is paused or stopped: no vCPU of it runs to write."""
+
+    kind = "GuestHalted"
+
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")  # store, VM and disk names
 
@@ -139,6 +155,28 @@ class Store:
             rec: dict[str, Any] | None = b.get(f"vm/{vm}")
             return rec
 
+    def set_power(
+        self,
+        vm: str,
+        power: str | None = None,
+        *,
+        reachable: bool | None = None,
+        startable: bool | None = None,
+    ) -> dict[str, Any]:
+        """Set the VM's power state (running, paused, stopped), whether its platform answers and
+        whether the product can start it (what is None stays); returns the VM's record."""
+        if power is not None and power not in POWER:
+            raise ValueError(f"VM {vm}: power is one of {', '.join(POWER)}, not {power!r}")
+        with self.locked() as b:
+            rec: dict[str, Any] | None = b.get(f"vm/{vm}")
+            if rec is None:
+                raise KeyError(f"no VM {vm} in memory store {self.name}")
+            for k, v in (("power", power), ("reachable", reachable), ("startable", startable)):
+                if v is not None:
+                    rec[k] = v
+            b.put(f"vm/{vm}", rec)
+            return rec
+
     def guest(self, vm: str) -> Guest:
         if self.vm(vm) is None:
             raise KeyError(f"no VM {vm} in memory store {self.name}")
@@ -220,6 +258,12 @@ class Guest:
         with self.store.locked() as b:
             return b.read(self.blob(key), offset, length)
 
+    def _running(self, b: Backend) -> None:
+        power = (b.get(f"vm/{self.vm}") or {}).get("power", "running")
+        if power != "running":
+            where = f"VM {self.vm} in memory store {self.store.name}"
+            raise GuestHalted(f"{where} is {power}: its guest cannot write")
+
     def _changed(self, b: Backend, key: str, start: int, end: int) -> None:
         rec = b.get(f"tracking/{self.vm}/{key}") or {}
         b.put(
@@ -229,12 +273,14 @@ class Guest:
 
     def write(self, key: str, offset: int, data: bytes) -> None:
         with self.store.locked() as b:
+            self._running(b)
             b.write(self.blob(key), offset, data)
             self._changed(b, key, offset, offset + len(data))
 
     def zero(self, key: str, offset: int, length: int) -> None:
         """A zero write (WRITE ZEROES): the range reads zeros, and counts as written."""
         with self.store.locked() as b:
+            self._running(b)
             b.zero(self.blob(key), offset, length)
             self._changed(b, key, offset, offset + length)
 
@@ -247,6 +293,7 @@ class Guest:
         if size <= 0:
             raise ValueError(f"VM {self.vm} disk {key}: size must be positive")
         with self.store.locked() as b:
+            self._running(b)
             old = b.size(self.blob(key))
             b.resize(self.blob(key), size)
             self._changed(b, key, min(old, size), max(old, size))

@@ -116,6 +116,10 @@ Images and instances
   StopInstances kills the VM, StartInstances boots a new one (LaunchTime updated), RebootInstances
   restarts it, TerminateInstances kills it before its volumes go; a VM the guest powers off or resets
   leaves the instance stopped (`Client.InstanceInitiatedShutdown`). Every VM dies with the lab.
+  `set_instance_state_delay(seconds)` makes the transitions take time, as EC2's do: `stopping` (the VM
+  still runs and writes) then `stopped`, `pending` (the VM boots) then `running`; StopInstances with
+  Force=True ends a `stopping` at once; StartInstances of a `stopping` instance is
+  IncorrectInstanceState. Stopping a stopped instance or starting a running one changes nothing.
 - GetConsoleOutput: the serial console (SeaBIOS's messages included), base64 on the wire (boto3 decodes
   it), the most recent 64 KiB, afresh at each start. A volume that does not boot still launches; its
   console says why ("No bootable device.").

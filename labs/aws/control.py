@@ -14,7 +14,8 @@
     GET    /_lab/stats      {"PutSnapshotBlock": 12, ...};  DELETE resets
     POST   /_lab/clock      {"advance_seconds": N}: the lab clock moves (snapshot delays, timeouts, expiry)
     POST   /_lab/settings   {"capture_pause_seconds": S}: each volume capture of CreateSnapshot(s) takes S;
-                            {"snapshot_delay_seconds": D}: snapshots complete D seconds after they start
+                            {"snapshot_delay_seconds": D}: snapshots complete D seconds after they start;
+                            {"instance_state_delay_seconds": T}: instances stay stopping/pending T seconds
 
 Errors answer {"error": message} with 400 (bad request) or 404 (unknown volume or path).
 """
@@ -106,11 +107,14 @@ class Control:
                     self.state.capture_pause = max(0.0, float(req["capture_pause_seconds"]))
                 if "snapshot_delay_seconds" in req:
                     self.state.delay = max(0.0, float(req["snapshot_delay_seconds"]))
+                if "instance_state_delay_seconds" in req:
+                    self.instances.state_delay = max(0.0, float(req["instance_state_delay_seconds"]))
                 return json_response(
                     200,
                     {
                         "capture_pause_seconds": self.state.capture_pause,
                         "snapshot_delay_seconds": self.state.delay,
+                        "instance_state_delay_seconds": self.instances.state_delay,
                     },
                 )
             if path == "/_lab/clock" and method == "POST":

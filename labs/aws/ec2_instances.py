@@ -6,7 +6,13 @@
   parameters are `IdempotentParameterMismatch`.
 - StopInstances kills the VM (a power cut; the volumes keep what was written), StartInstances starts a
   new one (console afresh, LaunchTime now), RebootInstances restarts it, TerminateInstances kills it
-  before the volumes go. A VM that exits by itself (the guest powered off or reset) leaves its instance
+  before the volumes go. With a state delay (`state_delay`, `AwsLab.set_instance_state_delay`; 0 by
+  default: at once), the transitions take time as EC2's do: a stopped instance is `stopping` for that
+  long with its VM still running (its guest still writes), then the VM is killed and the instance is
+  `stopped`; a started one is `pending` (its VM already booting) until it turns `running`.
+  StopInstances with Force=True ends a `stopping` at once. StartInstances of a `stopping` instance is
+  `IncorrectInstanceState`, as on EC2. A stop or start of an instance already in that state changes
+  nothing. A VM that exits by itself (the guest powered off or reset) leaves its instance
   stopped with `Client.InstanceInitiatedShutdown`.
 - GetConsoleOutput: the VM's serial console, base64 (`Output`, absent while there is none), the most
   recent 64 KiB, with `Timestamp` (when it last changed) and `InstanceId`.
@@ -23,6 +29,7 @@ from __future__ import annotations
 import base64
 import datetime
 import logging
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -39,6 +46,7 @@ from labs.aws.machines import Machine, Machines
 log = logging.getLogger(__name__)
 
 NO_TOKEN = "ABCDE"  # what moto passes when the request had no ClientToken
+CODES = {"pending": 0, "running": 16, "shutting-down": 32, "terminated": 48, "stopping": 64, "stopped": 80}
 
 
 class InstanceHooks:
@@ -47,6 +55,9 @@ class InstanceHooks:
         self.backend = bridge.backend
         self.machines = machines
         self.tokens: dict[str, tuple[str, str]] = {}  # ClientToken -> (parameters, reservation id)
+        self.state_delay = 0.0  # seconds an instance stays stopping / pending
+        self._force = threading.local()  # the Force of the StopInstances being answered
+        self._transition: dict[str, int] = {}  # instance id -> its latest transition (a settle is for it)
 
     def install(self) -> None:
         hook = self.bridge.hook
@@ -61,12 +72,22 @@ class InstanceHooks:
         def get_console_output(response: General) -> ActionResult:
             return ActionResult(hooks.console_output(response._get_param("InstanceId")))
 
+        stop = InstanceResponse.stop_instances
+
+        def stop_instances(response: InstanceResponse) -> ActionResult:
+            hooks._force.value = response._get_bool_param("Force", False)  # moto drops it
+            try:
+                return stop(response)
+            finally:
+                hooks._force.value = False
+
         def describe_instance_status(response: InstanceResponse) -> ActionResult:
             ids = response._get_param("InstanceIds", [])
             include_all = response._get_bool_param("IncludeAllInstances", False)
             instances = hooks.backend.describe_instance_status(ids, include_all, None)
             return ActionResult({"InstanceStatuses": [hooks.status(i) for i in instances]})
 
+        InstanceResponse.stop_instances = stop_instances  # type: ignore[method-assign,assignment]
         General.get_console_output = get_console_output  # type: ignore[method-assign,assignment]
         InstanceResponse.describe_instance_status = describe_instance_status  # type: ignore[method-assign,assignment]
 
@@ -91,7 +112,8 @@ class InstanceHooks:
                 instance = self.backend.get_instance(machine.instance_id)
             except EC2ClientError:
                 return
-            if instance.state == "running":
+            if instance.state in ("running", "pending"):
+                self._next(instance.id)  # (a pending start ends here)
                 instance.stop()
                 instance._reason = f"Client.InstanceInitiatedShutdown ({utcnow():%Y-%m-%d %H:%M:%S} GMT)"
                 instance.state_reason = StateReason(
@@ -127,19 +149,51 @@ class InstanceHooks:
 
         return run_instances
 
+    def _set(self, instance: Instance, state: str) -> None:
+        instance._state.name, instance._state.code = state, CODES[state]
+
+    def _next(self, instance_id: str) -> int:
+        """A new transition of the instance: the settle of an earlier one no longer applies."""
+        self._transition[instance_id] = self._transition.get(instance_id, 0) + 1
+        return self._transition[instance_id]
+
+    def _later(self, instance_id: str, settle: Callable[[], None]) -> None:
+        """Run `settle` after the state delay, under the lab's lock, if no newer transition came."""
+        n = self._next(instance_id)
+
+        def run() -> None:
+            with self.bridge.lock:
+                if self._transition.get(instance_id) == n:
+                    settle()
+
+        timer = threading.Timer(self.state_delay, run)
+        timer.daemon = True
+        timer.start()
+
     def _start_instances(self, orig: Callable[..., Any]) -> Callable[..., Any]:
         def start_instances(instance_ids: list[str]) -> Any:
             for instance in self.backend.get_multi_instances_by_id(instance_ids):
-                if instance.state in ("terminated", "shutting-down"):
+                if instance.state in ("terminated", "shutting-down", "stopping"):
                     raise EC2ClientError(
                         "IncorrectInstanceState",
                         f"The instance '{instance.id}' is not in a state from which it can be started.",
                     )
             started = orig(instance_ids)
             for instance, previous in started:
-                if previous.name != "running":
-                    instance.launch_time = utcnow()
-                    self.boot(instance)
+                if previous.name in ("running", "pending"):
+                    self._set(instance, previous.name)  # (moto says running at once)
+                    continue
+                instance.launch_time = utcnow()
+                self.boot(instance)
+                if self.state_delay > 0:
+                    self._set(instance, "pending")
+
+                    def up(i: Instance = instance) -> None:
+                        self._set(i, "running")
+
+                    self._later(instance.id, up)
+                else:
+                    self._next(instance.id)
             return started
 
         return start_instances
@@ -152,9 +206,26 @@ class InstanceHooks:
                         "IncorrectInstanceState",
                         f"This instance '{instance.id}' is not in a state from which it can be stopped.",
                     )
-            for instance_id in instance_ids:
-                self.machines.stop(instance_id)
-            return orig(instance_ids)
+            force = bool(getattr(self._force, "value", False))
+            stopped = orig(instance_ids)
+            for instance, previous in stopped:
+                if previous.name == "stopped":
+                    continue
+                if previous.name == "stopping" and not force:
+                    self._set(instance, "stopping")  # (moto says stopped at once) its stop goes on
+                    continue
+                if self.state_delay > 0 and not force:
+                    self._set(instance, "stopping")  # its VM runs on until the stop completes
+
+                    def done(i: Instance = instance) -> None:
+                        self.machines.stop(i.id)
+                        self._set(i, "stopped")
+
+                    self._later(instance.id, done)
+                else:
+                    self._next(instance.id)
+                    self.machines.stop(instance.id)
+            return stopped
 
         return stop_instances
 
@@ -162,6 +233,7 @@ class InstanceHooks:
         def terminate_instances(instance_ids: list[str]) -> Any:
             self.backend.get_multi_instances_by_id(instance_ids)  # unknown ids: nothing stops
             for instance_id in instance_ids:
+                self._next(instance_id)  # a stop or start under way ends here
                 self.machines.stop(instance_id)  # before its volumes go
             return orig(instance_ids)
 

@@ -308,6 +308,11 @@ class AwsLab:
         """How long snapshots stay pending (from their start, or their CompleteSnapshot), from now on."""
         self._call("POST", "/_lab/settings", json.dumps({"snapshot_delay_seconds": seconds}).encode())
 
+    def set_instance_state_delay(self, seconds: float) -> None:
+        """How long a stopped instance stays `stopping` (its VM still running) and a started one
+        `pending`, from now on (0 = at once, the default)."""
+        self._call("POST", "/_lab/settings", json.dumps({"instance_state_delay_seconds": seconds}).encode())
+
     def advance_clock(self, seconds: float) -> None:
         """Move the lab's clock forward: snapshot delays, StartSnapshot timeouts, token expiry."""
         self._call("POST", "/_lab/clock", json.dumps({"advance_seconds": seconds}).encode())

@@ -275,3 +275,54 @@ def test_the_vms_die_with_the_lab(tmp_path: Path) -> None:
         assert not alive(pid)
     finally:
         lab.stop()
+
+
+def test_with_a_state_delay_stop_and_start_take_time_as_on_ec2_and_repeat_as_no_ops(
+    lab: AwsLab, ec2: Any
+) -> None:
+    """stopping (the VM runs on) then stopped (the VM killed); pending (the VM booting) then running;
+    a repeated stop or start changes nothing; a forced stop ends a stopping at once; a stopping
+    instance cannot be started."""
+    inst = lab.make_instance("transitions", [1])
+    iid = inst.instance_id
+    first = lab.vm(iid)["pid"]
+    try:
+        lab.set_instance_state_delay(600)  # far longer than the steps below: no race with the settle
+        answer = ec2.stop_instances(InstanceIds=[iid])["StoppingInstances"][0]
+        assert answer["CurrentState"]["Name"] == "stopping" and answer["PreviousState"]["Name"] == "running"
+        assert wait_state(ec2, iid, "stopping")["State"]["Code"] == 64
+        assert alive(first) and lab.vm(iid)["running"]  # its guest still runs (and writes) while stopping
+        ec2.stop_instances(InstanceIds=[iid])  # again: the stop goes on, nothing more
+        assert wait_state(ec2, iid, "stopping") and alive(first)
+        with pytest.raises(ClientError, match="IncorrectInstanceState"):
+            ec2.start_instances(InstanceIds=[iid])
+        assert [s["InstanceState"]["Name"] for s in statuses(ec2, iid, IncludeAllInstances=True)] == [
+            "stopping"
+        ]
+
+        ec2.stop_instances(InstanceIds=[iid], Force=True)  # a forced stop: at once
+        assert wait_state(ec2, iid, "stopped", timeout=5)["State"]["Code"] == 80
+        assert not alive(first) and not lab.vm(iid)["running"]
+        ec2.stop_instances(InstanceIds=[iid])  # stopped already: stays so, no VM
+        assert wait_state(ec2, iid, "stopped") and not lab.vm(iid)["running"]
+
+        answer = ec2.start_instances(InstanceIds=[iid])["StartingInstances"][0]
+        assert answer["CurrentState"]["Name"] == "pending"
+        assert wait_state(ec2, iid, "pending")["State"]["Code"] == 0
+        second = lab.vm(iid)["pid"]
+        assert second != first and alive(second)  # the VM boots while pending
+        ec2.start_instances(InstanceIds=[iid])  # again: no second VM
+        assert wait_state(ec2, iid, "pending") and lab.vm(iid)["pid"] == second and alive(second)
+
+        lab.set_instance_state_delay(0.3)  # transitions that settle by themselves
+        ec2.stop_instances(InstanceIds=[iid])  # (a pending instance stops: its start ends there)
+        assert wait_state(ec2, iid, "stopped", timeout=30) and not alive(second)
+        ec2.start_instances(InstanceIds=[iid])
+        running = wait_state(ec2, iid, "running", timeout=30)
+        assert running["State"]["Code"] == 16 and alive(lab.vm(iid)["pid"])
+        ec2.start_instances(InstanceIds=[iid])  # running already: the same VM runs on
+        assert wait_state(ec2, iid, "running")
+    finally:
+        lab.set_instance_state_delay(0)
+        ec2.terminate_instances(InstanceIds=[iid])
+    assert not lab.vm(iid)["running"]
