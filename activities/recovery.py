@@ -11,10 +11,10 @@ from temporalio import activity
 
 from activities.errors import mapped
 from activities.guard import authorized
-from activities.replication import HEARTBEAT_EVERY, heartbeating
+from activities.replication import HEARTBEAT_EVERY, heartbeating, work_dir
 from sendense.errors import ResourceNotFound
-from sendense.models import BootCheck, PointInfo, VmRef
-from sendense.platforms import target_for, vms_for
+from sendense.models import BootCheck, JobRequest, PointInfo, VmRef
+from sendense.platforms import source_power_for, target_for, vms_for
 from sendense.recovery import BootRequest, HoldRequest, PointRequest, VmNameRequest, VmRequest
 
 
@@ -94,6 +94,39 @@ def destroy_vm(req: VmNameRequest) -> None:
         vms_for(req.spec).destroy_vm(req.name)
 
 
+# ------------------------------------------------------------------ the source VM (planned failover)
+
+
+@activity.defn(name="source_power_state")
+@mapped
+@authorized
+def source_power_state(req: JobRequest) -> str:
+    """running, paused, stopped, gone or unreachable: a failover is planned when the source answers."""
+    return str(source_power_for(req.spec, work_dir(req.spec.name)).power_state())
+
+
+@activity.defn(name="pause_source")
+@mapped
+@authorized
+def pause_source(req: JobRequest) -> None:
+    source_power_for(req.spec, work_dir(req.spec.name)).pause_vm()
+
+
+@activity.defn(name="resume_source")
+@mapped
+@authorized
+def resume_source(req: JobRequest) -> None:
+    source_power_for(req.spec, work_dir(req.spec.name)).resume_vm()
+
+
+@activity.defn(name="power_off_source")
+@mapped
+@authorized
+def power_off_source(req: JobRequest) -> None:
+    with heartbeating(HEARTBEAT_EVERY * 5):  # a cloud instance stops in minutes
+        source_power_for(req.spec, work_dir(req.spec.name)).power_off_vm()
+
+
 RECOVERY_ACTIVITIES: list[Callable[..., Any]] = [
     choose_point,
     list_points,
@@ -104,4 +137,8 @@ RECOVERY_ACTIVITIES: list[Callable[..., Any]] = [
     power_off,
     boot_check,
     destroy_vm,
+    source_power_state,
+    pause_source,
+    resume_source,
+    power_off_source,
 ]

@@ -130,3 +130,4 @@ class FailoverResult(Wire):
     cleaned: bool = True
     left_behind: list[str] = Field(default_factory=list)
     undone: list[str] = Field(default_factory=list)
+    source_note: str | None = Field(default=None, description="a planned failover's source, if not off")

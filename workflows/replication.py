@@ -106,6 +106,11 @@ STEPS: dict[str, Step] = {
     "abort_sync": Step("target", timedelta(minutes=5)),
     "destroy_target": Step("target", timedelta(minutes=30)),
     "forget_source": Step("source", timedelta(minutes=5)),
+    # a planned failover's source steps (activities/recovery.py): asked once or twice, in bounded time
+    "source_power_state": Step("source", timedelta(minutes=1), retry=RetryPolicy(maximum_attempts=2)),
+    "pause_source": Step("source", timedelta(minutes=15)),  # a cloud instance: stopped and waited for
+    "resume_source": Step("source", timedelta(minutes=15)),
+    "power_off_source": Step("source", timedelta(minutes=15)),
 }
 
 
@@ -196,25 +201,60 @@ class ReplicationWorkflow:
         from a point (FailoverWorkflow, a child). Failed: the job syncs on as before. Done: the job is
         `failed-over` and syncs no more."""
         assert self.inp is not None
+        requested_at = workflow.now()
         self.failing_over = True
         self._set_state("failing-over")
         try:
             await workflow.wait_condition(lambda: self.current is None)
+            job = JobRequest(spec=self.inp.spec)
+            planned, resume, point_id = False, False, req.point_id
+            if point_id is None:  # planned if the source answers: pause it, take a final sync
+                try:
+                    state = await self._step("source_power_state", job, str)
+                except ActivityError:  # no power verbs, or no answer: unplanned
+                    state = "unreachable"
+                planned = state in ("running", "paused")
+                if planned:
+                    resume = state == "running"  # (the undo, registered before the pause runs)
+                    try:
+                        await self._step("pause_source", job)
+                    except ActivityError as e:
+                        if resume:
+                            await self._step("resume_source", job)
+                        return self._failover_failed(
+                            req, f"pausing the source VM failed: {failure_message(e)}"
+                        )
+                    before = self.st.last_point.point_id if self.st.last_point else None
+                    await self._sync()  # the final sync: nothing lands after it
+                    after = self.st.last_point.point_id if self.st.last_point else None
+                    if after is None or after == before:
+                        if resume:
+                            await self._step("resume_source", job)
+                        why = self.st.last_error or "no point was committed"
+                        return self._failover_failed(req, f"the final sync failed: {why}", planned=True)
+                    point_id = after
             result: FailoverResult = await workflow.execute_child_workflow(
                 "FailoverWorkflow",
                 FailoverInput(
                     spec=self.inp.spec,
                     failover_id=req.failover_id,
                     target_queue=self.inp.target_queue,
-                    point_id=req.point_id,
+                    point_id=point_id,
                     vm=self.st.vm,
-                    requested_at=workflow.now(),
-                    planned=False,
+                    requested_at=requested_at,
+                    planned=planned,
                     search_attributes=self.inp.search_attributes,
                 ),
                 id=f"failover-{self.inp.spec.name}-{req.failover_id}",
                 result_type=FailoverResult,
             )
+            if result.error is not None and resume:
+                await self._step("resume_source", job)  # rolled back: the source runs on as before
+            if result.error is None and planned:
+                try:  # the source off for good: the job's VM runs on the target now
+                    await self._step("power_off_source", job)
+                except ActivityError as e:
+                    result.source_note = f"the source VM stays paused, not powered off: {failure_message(e)}"
             if result.error is None and result.vm is not None:
                 self.st.failed_over = FailedOver(
                     failover_id=req.failover_id,
@@ -228,6 +268,10 @@ class ReplicationWorkflow:
         finally:
             self.failing_over = False
             self._set_state(self._resting_state())
+
+    def _failover_failed(self, req: FailoverRequest, why: str, planned: bool = False) -> FailoverResult:
+        assert self.inp is not None
+        return FailoverResult(failover_id=req.failover_id, job=self.inp.spec.name, planned=planned, error=why)
 
     @failover.validator
     def _validate_failover(self, req: FailoverRequest) -> None:

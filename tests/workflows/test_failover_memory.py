@@ -43,6 +43,7 @@ def failover_job(env: WorkflowEnvironment, store: Store, tmp: Path, *, boots: bo
     job.spec = job.spec.model_copy(update={"recovery": RecoverySpec(cpus=2, boot_check=check)})
     if boots:
         job.guest.write("disk0", 512, READY.encode())
+        job.shadows["disk0"].write(512, READY.encode())
     return job
 
 
@@ -64,6 +65,7 @@ async def test_failover_makes_the_production_vm_and_the_job_stops_syncing(
         await job.settled(1)
         job.write("disk1", 0, 1 * MiB, 0x22)
         await job.sync_now()
+        store.set_power("web", reachable=False)  # unplanned: the source does not answer
         newest, older = job.points()
         r = await failover(job)
         assert r.error is None and r.point_id == newest and not r.planned
@@ -113,6 +115,7 @@ async def test_a_failed_failover_rolls_back_and_the_job_syncs_on(
     job = failover_job(env, store, tmp_path)
     async with running(env, job):
         await job.settled(1)
+        store.set_power("web", reachable=False)  # unplanned (a planned one also takes a final sync)
         before = store.contents()
         store.faults.fail(verb, retryable=False, after_effect=after_effect)
         r = await failover(job)
@@ -120,6 +123,7 @@ async def test_a_failed_failover_rolls_back_and_the_job_syncs_on(
         assert store.contents() == before
         st = await job.status()
         assert st.state == "idle" and st.failed_over is None
+        store.set_power("web", reachable=True)
         job.write("disk1", 0, 4096, 0x33)
         await job.sync_now()  # the schedule is back
         assert (await job.status()).syncs == 2
@@ -131,6 +135,7 @@ async def test_a_vm_that_does_not_boot_is_rolled_back(
     job = failover_job(env, store, tmp_path, boots=False)
     async with running(env, job):
         await job.settled(1)
+        store.set_power("web", reachable=False)
         before = store.contents()
         r = await failover(job)
         assert r.error is not None and "did not boot" in r.error and r.cleaned
@@ -143,3 +148,68 @@ async def test_an_unknown_point_is_one_line(env: WorkflowEnvironment, store: Sto
         await job.settled(1)
         r = await failover(job, point_id="nope")
         assert r.error == f"job {job.spec.name}: no recovery point nope"
+
+
+def power(store: Store) -> str:
+    """The source VM's power (set_power with nothing to set reads it)."""
+    return str(store.set_power("web").get("power", "running"))
+
+
+async def test_a_planned_failover_pauses_the_source_takes_a_final_sync_and_powers_it_off(
+    env: WorkflowEnvironment, store: Store, tmp_path: Path
+) -> None:
+    job = failover_job(env, store, tmp_path)
+    async with running(env, job):
+        await job.settled(1)
+        job.write("disk1", 0, 1 * MiB, 0x5A)  # written after the last point: the final sync takes it
+        last_write = job.now()
+        r = await failover(job)
+        assert r.error is None and r.planned and r.source_note is None, r
+        assert r.point_id == job.points()[0] and len(job.points()) == 2  # a final sync made it
+        assert job.differs(r.point_id, last_write) == []  # it holds every write up to the pause
+        assert power(store) == "stopped"
+        st = await job.status()
+        assert st.state == "failed-over" and st.failed_over is not None and st.failed_over.planned
+
+
+async def test_a_planned_failover_that_fails_resumes_the_source(
+    env: WorkflowEnvironment, store: Store, tmp_path: Path
+) -> None:
+    job = failover_job(env, store, tmp_path)
+    async with running(env, job):
+        await job.settled(1)
+        store.faults.fail("vms.create_vm", retryable=False)
+        r = await failover(job)
+        assert r.error is not None and r.planned and r.cleaned
+        assert power(store) == "running"  # resumed: the guest writes on
+        job.write("disk1", 0, 4096, 0x33)
+        await job.sync_now()
+        assert (await job.status()).state == "idle"
+
+
+async def test_a_source_that_does_not_answer_means_an_unplanned_failover_to_the_newest_point(
+    env: WorkflowEnvironment, store: Store, tmp_path: Path
+) -> None:
+    job = failover_job(env, store, tmp_path)
+    async with running(env, job):
+        await job.settled(1)
+        [newest] = job.points()
+        store.set_power("web", reachable=False)
+        r = await failover(job)
+        assert r.error is None and not r.planned and r.point_id == newest
+        assert job.points() == [newest]  # no final sync
+        assert power(store) == "running"  # untouched
+
+
+async def test_a_source_that_cannot_be_paused_fails_the_failover_and_the_job_syncs_on(
+    env: WorkflowEnvironment, store: Store, tmp_path: Path
+) -> None:
+    job = failover_job(env, store, tmp_path)
+    async with running(env, job):
+        await job.settled(1)
+        before = store.contents()
+        store.faults.fail("source.pause_vm", retryable=False)
+        r = await failover(job)
+        assert r.error is not None and r.error.startswith("pausing the source VM failed:")
+        assert power(store) == "running" and store.contents() == before
+        await job.sync_now()
