@@ -332,3 +332,70 @@ def test_a_plan_drill_boots_two_tiers_of_guests_through_the_cli(e2e_stack: Cli, 
     cli.run("plan", "delete", "shop")
     for name in ("plandb", "planweb"):
         cli.run("job", "delete", name, "--purge")
+
+
+@pytest.mark.slow
+def test_a_planned_failover_of_a_running_guest_continues_its_sequence(e2e_stack: Cli, tmp_path: Path) -> None:
+    """Issue 12, planned failover on KVM: the guest runs its workload (files and a sequence counter,
+    each step synced) under QEMU with a QMP socket. `sendense failover` pauses it, takes a final sync,
+    makes the job's VM from that point and powers the source off. The new VM boots the filesystem of
+    the final point (e2fsck clean), whose sequence is at least the last one the source printed: nothing
+    the source wrote before the pause is lost."""
+    import re
+    import tempfile
+
+    from labs.guest.fscheck import check
+    from sendense.platforms import target_for, vms_for
+    from tools.boot import GuestVm
+
+    cli = e2e_stack
+    short = Path(tempfile.mkdtemp(prefix="sd-fo-"))  # unix socket paths stay short
+    disk = tmp_path / "guest.qcow2"
+    qemu_img("convert", "-O", "qcow2", str(build()), str(disk))
+    replicas = tmp_path / "replicas"
+    (tmp_path / "job.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "name": "plannedfo",
+                "source": {"platform": "kvm", "qmp": str(short / "qmp.sock")},
+                "target": {"platform": "kvm", "path": str(replicas)},
+                "schedule": {"interval": "1h"},
+                "recovery": {
+                    "memory_mib": 256,
+                    "boot_check": {
+                        "console_contains": r"SENDENSE-GUEST-BOOTED mode=\w+ seq=\d+",
+                        "timeout": "4m",
+                    },
+                },
+            }
+        )
+    )
+    vm = GuestVm(disk, tmp_path / "vm", mode="workload", qmp=short / "qmp.sock").start()
+    spec = None
+    try:
+        assert vm.wait_for("SENDENSE-GUEST-SEQ 25", timeout=240).ok, vm.text()[-400:]
+        cli.run("job", "create", "-f", str(tmp_path / "job.yaml"))
+        cli.wait_point("plannedfo", timeout=300)
+        assert vm.wait_for("SENDENSE-GUEST-SEQ 50", timeout=240).ok  # it writes on after the seed
+        r = cli.json("failover", "plannedfo", timeout=600)
+        printed = [int(n) for n in re.findall(r"SENDENSE-GUEST-SEQ (\d+)", vm.text())]
+        assert r["error"] is None and r["planned"] and r["source_note"] is None, r
+        spec = asyncio.run(_job_spec("plannedfo"))
+        points = target_for(spec).list_points()
+        assert len(points) == 2 and r["point_id"] == points[0].point_id  # the final sync's point
+        seq = int(re.search(r"seq=(\d+)", r["boot"]["evidence"]).group(1))  # type: ignore[union-attr]
+        fs = check(Path(points[0].disks[0].path))
+        assert fs.ok and fs.seq == seq, (fs.detail, seq)
+        assert seq >= max(printed), (seq, printed[-3:])  # nothing written before the pause is lost
+        deadline = time.monotonic() + 30
+        while vm.running():  # the source was powered off (QMP quit)
+            assert time.monotonic() < deadline, "the source VM still runs"
+            time.sleep(0.2)
+    finally:
+        vm.stop()
+        if spec is not None:
+            vms_for(spec).destroy_vm("plannedfo")
+            for p in target_for(spec).list_points():
+                for h in p.holds:
+                    target_for(spec).release(p.point_id, h)
+        cli.run("job", "delete", "plannedfo", "--purge", check=False)
