@@ -4,6 +4,7 @@ agent's policy first, and is idempotent by the name or hold id its saga chose be
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -18,8 +19,21 @@ from sendense.platforms import source_power_for, target_for, vms_for
 from sendense.recovery import BootRequest, HoldRequest, PointRequest, VmNameRequest, VmRequest
 
 
+def beating(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Heartbeat while the step runs, whatever it is: a worker killed in any step of a saga is noticed
+    within the job's heartbeat timeout, and the step retried on another, not after its whole timeout."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with heartbeating(HEARTBEAT_EVERY * 2):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 @activity.defn(name="choose_point")
 @mapped
+@beating
 @authorized
 def choose_point(req: PointRequest) -> PointInfo:
     """The point asked for, or the newest; one line naming the job if there is none."""
@@ -36,6 +50,7 @@ def choose_point(req: PointRequest) -> PointInfo:
 
 @activity.defn(name="list_points")
 @mapped
+@beating
 @authorized
 def list_points(req: PointRequest) -> list[PointInfo]:
     """The job's points, newest first (a plan picks the ones nearest one instant)."""
@@ -44,6 +59,7 @@ def list_points(req: PointRequest) -> list[PointInfo]:
 
 @activity.defn(name="hold_point")
 @mapped
+@beating
 @authorized
 def hold_point(req: HoldRequest) -> None:
     target_for(req.spec).hold(req.point_id, req.hold_id, req.reason)
@@ -51,6 +67,7 @@ def hold_point(req: HoldRequest) -> None:
 
 @activity.defn(name="release_point")
 @mapped
+@beating
 @authorized
 def release_point(req: HoldRequest) -> None:
     target_for(req.spec).release(req.point_id, req.hold_id)
@@ -58,14 +75,15 @@ def release_point(req: HoldRequest) -> None:
 
 @activity.defn(name="create_vm")
 @mapped
+@beating
 @authorized
 def create_vm(req: VmRequest) -> VmRef:
-    with heartbeating(HEARTBEAT_EVERY * 5):  # a cloud volume from a snapshot: minutes
-        return vms_for(req.spec).create_vm(req.plan)
+    return vms_for(req.spec).create_vm(req.plan)  # (a cloud volume from a snapshot: minutes)
 
 
 @activity.defn(name="power_on")
 @mapped
+@beating
 @authorized
 def power_on(req: VmNameRequest) -> VmRef:
     return vms_for(req.spec).power_on(req.name)
@@ -73,6 +91,7 @@ def power_on(req: VmNameRequest) -> VmRef:
 
 @activity.defn(name="power_off")
 @mapped
+@beating
 @authorized
 def power_off(req: VmNameRequest) -> VmRef:
     return vms_for(req.spec).power_off(req.name)
@@ -80,18 +99,18 @@ def power_off(req: VmNameRequest) -> VmRef:
 
 @activity.defn(name="boot_check")
 @mapped
+@beating
 @authorized
 def boot_check(req: BootRequest) -> BootCheck:
-    with heartbeating(HEARTBEAT_EVERY * 5):
-        return vms_for(req.spec).boot_check(req.name, req.pattern, req.timeout_seconds)
+    return vms_for(req.spec).boot_check(req.name, req.pattern, req.timeout_seconds)
 
 
 @activity.defn(name="destroy_vm")
 @mapped
+@beating
 @authorized
 def destroy_vm(req: VmNameRequest) -> None:
-    with heartbeating(HEARTBEAT_EVERY * 5):
-        vms_for(req.spec).destroy_vm(req.name)
+    vms_for(req.spec).destroy_vm(req.name)
 
 
 # ------------------------------------------------------------------ the source VM (planned failover)
@@ -99,6 +118,7 @@ def destroy_vm(req: VmNameRequest) -> None:
 
 @activity.defn(name="source_power_state")
 @mapped
+@beating
 @authorized
 def source_power_state(req: JobRequest) -> str:
     """running, paused, stopped, gone or unreachable: a failover is planned when the source answers."""
@@ -107,6 +127,7 @@ def source_power_state(req: JobRequest) -> str:
 
 @activity.defn(name="pause_source")
 @mapped
+@beating
 @authorized
 def pause_source(req: JobRequest) -> None:
     source_power_for(req.spec, work_dir(req.spec.name)).pause_vm()
@@ -114,6 +135,7 @@ def pause_source(req: JobRequest) -> None:
 
 @activity.defn(name="resume_source")
 @mapped
+@beating
 @authorized
 def resume_source(req: JobRequest) -> None:
     source_power_for(req.spec, work_dir(req.spec.name)).resume_vm()
@@ -121,10 +143,10 @@ def resume_source(req: JobRequest) -> None:
 
 @activity.defn(name="power_off_source")
 @mapped
+@beating
 @authorized
 def power_off_source(req: JobRequest) -> None:
-    with heartbeating(HEARTBEAT_EVERY * 5):  # a cloud instance stops in minutes
-        source_power_for(req.spec, work_dir(req.spec.name)).power_off_vm()
+    source_power_for(req.spec, work_dir(req.spec.name)).power_off_vm()  # (a cloud instance: minutes)
 
 
 RECOVERY_ACTIVITIES: list[Callable[..., Any]] = [

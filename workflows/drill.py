@@ -163,7 +163,7 @@ class DrillWorkflow:
             result_type=result_type,
             task_queue=self.inp.target_queue,
             start_to_close_timeout=timeout,
-            heartbeat_timeout=self._heartbeat if name in ("create_vm", "boot_check", "destroy_vm") else None,
+            heartbeat_timeout=self._heartbeat,
             retry_policy=STEP,
         )
 
@@ -174,7 +174,7 @@ class DrillWorkflow:
             arg,
             task_queue=self.inp.target_queue,
             start_to_close_timeout=STEP_TIMEOUT,
-            heartbeat_timeout=self._heartbeat if name == "destroy_vm" else None,
+            heartbeat_timeout=self._heartbeat,
             retry_policy=UNDO,
         )
 

@@ -135,9 +135,7 @@ class FailoverWorkflow:
             result_type=RESULT_TYPES.get(name),
             task_queue=self.inp.target_queue,
             start_to_close_timeout=timeout,
-            heartbeat_timeout=(
-                self.inp.spec.tuning.heartbeat_timeout if name in ("create_vm", "boot_check") else None
-            ),
+            heartbeat_timeout=self.inp.spec.tuning.heartbeat_timeout,
             retry_policy=STEP,
         )
 
@@ -148,6 +146,6 @@ class FailoverWorkflow:
             arg,
             task_queue=self.inp.target_queue,
             start_to_close_timeout=STEP_TIMEOUT,
-            heartbeat_timeout=self.inp.spec.tuning.heartbeat_timeout if name == "destroy_vm" else None,
+            heartbeat_timeout=self.inp.spec.tuning.heartbeat_timeout,
             retry_policy=UNDO,
         )

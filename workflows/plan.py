@@ -160,6 +160,7 @@ class PlanDrillWorkflow:
                 result_type=list[PointInfo],
                 task_queue=job.target_queue,
                 start_to_close_timeout=STEP_TIMEOUT,
+                heartbeat_timeout=job.spec.tuning.heartbeat_timeout,
                 retry_policy=STEP,
             )
             if not points[name]:
@@ -189,7 +190,7 @@ class PlanDrillWorkflow:
             result_type=HookResult,
             task_queue=inp.hook_queues[hook.agent or ""],
             start_to_close_timeout=hook.timeout + BOOT_MARGIN,
-            heartbeat_timeout=timedelta(minutes=1),
+            heartbeat_timeout=timedelta(seconds=30),  # (the hook activity beats every 5 s)
             retry_policy=STEP,
         )
         result.hooks.append(r)

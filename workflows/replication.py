@@ -107,10 +107,12 @@ STEPS: dict[str, Step] = {
     "destroy_target": Step("target", timedelta(minutes=30)),
     "forget_source": Step("source", timedelta(minutes=5)),
     # a planned failover's source steps (activities/recovery.py): asked once or twice, in bounded time
-    "source_power_state": Step("source", timedelta(minutes=1), retry=RetryPolicy(maximum_attempts=2)),
-    "pause_source": Step("source", timedelta(minutes=15)),  # a cloud instance: stopped and waited for
-    "resume_source": Step("source", timedelta(minutes=15)),
-    "power_off_source": Step("source", timedelta(minutes=15)),
+    "source_power_state": Step(
+        "source", timedelta(minutes=1), retry=RetryPolicy(maximum_attempts=2), heartbeat=True
+    ),
+    "pause_source": Step("source", timedelta(minutes=15), heartbeat=True),  # a cloud instance: waited for
+    "resume_source": Step("source", timedelta(minutes=15), heartbeat=True),
+    "power_off_source": Step("source", timedelta(minutes=15), heartbeat=True),
 }
 
 

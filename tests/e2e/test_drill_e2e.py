@@ -399,3 +399,57 @@ def test_a_planned_failover_of_a_running_guest_continues_its_sequence(e2e_stack:
                 for h in p.holds:
                     target_for(spec).release(p.point_id, h)
         cli.run("job", "delete", "plannedfo", "--purge", check=False)
+
+
+@pytest.mark.slow
+def test_a_failover_survives_its_worker_killed_during_the_boot_check(e2e_stack: Cli, tmp_path: Path) -> None:
+    """Issue 12: SIGKILL of the worker while the failover's boot check runs: the step is retried on the
+    new worker (the VM, made by name, is found again, not made twice) and the failover completes."""
+    from sendense.platforms import target_for, vms_for
+
+    cli = e2e_stack
+    disk = tmp_path / "guest.qcow2"
+    qemu_img("convert", "-O", "qcow2", str(build()), str(disk))
+    replicas = tmp_path / "replicas"
+    (tmp_path / "job.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "name": "fokill",
+                "source": {"platform": "kvm", "disks": [str(disk)]},
+                "target": {"platform": "kvm", "path": str(replicas)},
+                "schedule": {"interval": "1h"},
+                "tuning": {"heartbeat_timeout": "5s"},
+                "recovery": {"memory_mib": 256, "boot_check": {"console_contains": READY, "timeout": "4m"}},
+            }
+        )
+    )
+    cli.run("job", "create", "-f", str(tmp_path / "job.yaml"))
+    cli.wait_point("fokill", timeout=300)
+    fo = subprocess.Popen(
+        [SENDENSE, "failover", "fokill", "--json"],
+        env=cli.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    spec = asyncio.run(_job_spec("fokill"))
+    try:
+        deadline = time.monotonic() + 240
+        while not drill_qemus(replicas):  # the VM was made and powered on: its boot check runs
+            assert time.monotonic() < deadline, "the failover never powered its VM on"
+            time.sleep(0.2)
+        stack.restart_worker(cli.state, signal.SIGKILL)
+        out, err = fo.communicate(timeout=300)
+        assert fo.returncode == 0, err + out
+        r = json.loads(out)
+        assert r["error"] is None and r["boot"]["ok"], r
+        assert len(drill_qemus(replicas)) == 1  # one VM, not two
+        assert [v.name for v in vms_for(spec).list_vms()] == ["fokill"]
+    finally:
+        if fo.poll() is None:
+            fo.kill()
+        vms_for(spec).destroy_vm("fokill")
+        for p in target_for(spec).list_points():
+            for h in p.holds:
+                target_for(spec).release(p.point_id, h)
+        cli.run("job", "delete", "fokill", "--purge", check=False)
