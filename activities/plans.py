@@ -3,6 +3,7 @@ only if that agent's policy lists its program (sendense.policy `hooks`)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import time
@@ -10,12 +11,15 @@ from collections.abc import Callable
 from typing import Any
 
 from temporalio import activity
+from temporalio.client import Client, WorkflowUpdateFailedError
+from temporalio.exceptions import ApplicationError
 
 from activities.errors import mapped
 from activities.replication import HEARTBEAT_EVERY, heartbeating
 from sendense import policy
 from sendense.errors import ResourceNotFound
-from sendense.plans import HookRequest, HookResult
+from sendense.plans import HookRequest, HookResult, JobFailoverRequest
+from sendense.recovery import FailoverRequest, FailoverResult
 
 OUTPUT_TAIL = 2000  # characters of a hook's output kept in its result
 
@@ -62,3 +66,34 @@ def run_hook(req: HookRequest) -> HookResult:
 
 
 PLAN_ACTIVITIES: list[Callable[..., Any]] = [run_hook]
+
+
+class JobOperations:
+    """Activities that act on jobs through their workflows (a plan's failover asks each job's own
+    `failover` update): they hold the worker's Temporal client, and run on the control queue."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+
+    @activity.defn(name="failover_job")
+    async def failover_job(self, req: JobFailoverRequest) -> FailoverResult:
+        """The job's failover, by update id: a retried step attaches to the same failover."""
+        h = self.client.get_workflow_handle(req.job_workflow_id)
+        update = asyncio.ensure_future(
+            h.execute_update(
+                "failover",
+                FailoverRequest(failover_id=req.failover_id, point_id=req.point_id),
+                id=f"failover-{req.failover_id}",
+                result_type=FailoverResult,
+            )
+        )
+        while not update.done():
+            activity.heartbeat()
+            await asyncio.wait([update], timeout=2)
+        try:
+            return update.result()
+        except WorkflowUpdateFailedError as e:  # refused: failed over already, being deleted...
+            why = getattr(e.cause, "message", None) or str(e.cause)
+            raise ApplicationError(
+                f"job {req.job}: {why}", type="FailoverRefused", non_retryable=True
+            ) from None

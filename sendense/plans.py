@@ -9,7 +9,7 @@ from typing import Literal, Self
 from pydantic import Field, field_validator, model_validator
 
 from sendense.models import JOB_NAME, Duration, HostId, JobSpec, RecoverySpec, Strict, Wire
-from sendense.recovery import DrillResult
+from sendense.recovery import DrillResult, FailoverResult
 
 
 class Hook(Strict):
@@ -133,5 +133,42 @@ class PlanDrillResult(Wire):
     hooks: list[HookResult] = Field(default_factory=list)
     error: str | None = None
     cleaned: bool = False
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+
+
+class JobFailoverRequest(Wire):
+    """A plan's failover of one of its jobs, through the job's own `failover` update (by its id, so a
+    retried step finds the same failover)."""
+
+    job: str
+    job_workflow_id: str
+    failover_id: str
+    point_id: str | None = None
+
+
+class PlanFailoverInput(Wire):
+    plan: PlanSpec
+    jobs: dict[str, PlanJob]
+    hook_queues: dict[str, str] = Field(default_factory=dict)
+    failover_id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,31}$")
+    control_queue: str
+    search_attributes: bool = True
+
+
+class PlanFailoverResult(Wire):
+    """A plan's failover: per job its failover's result, tier by tier, from the points nearest one
+    instant. A failure stops the plan: the tiers before it stay failed over (a failback returns them),
+    later tiers are not touched."""
+
+    plan: str
+    failover_id: str
+    instant: datetime | None = None
+    spread_seconds: float | None = None
+    points: list[PointChoice] = Field(default_factory=list)
+    jobs: list[FailoverResult] = Field(default_factory=list)
+    hooks: list[HookResult] = Field(default_factory=list)
+    error: str | None = None
+    rto_seconds: float | None = Field(default=None, description="request to the last VM's boot check passed")
     started_at: datetime | None = None
     ended_at: datetime | None = None

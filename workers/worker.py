@@ -19,7 +19,7 @@ from temporalio.client import Client, TLSConfig
 from temporalio.converter import PayloadCodec
 from temporalio.worker import Worker
 
-from activities.plans import PLAN_ACTIVITIES
+from activities.plans import PLAN_ACTIVITIES, JobOperations
 from activities.recovery import RECOVERY_ACTIVITIES
 from activities.replication import HOST_ACTIVITIES
 from sendense import config, policy
@@ -27,7 +27,7 @@ from sendense.errors import NotAllowed, ServerUnreachable
 from workers.codec import CodecError, data_converter, load_codec
 from workflows.drill import DrillWorkflow
 from workflows.failover import FailoverWorkflow
-from workflows.plan import PlanDrillWorkflow, PlanWorkflow
+from workflows.plan import PlanDrillWorkflow, PlanFailoverWorkflow, PlanWorkflow
 from workflows.replication import ReplicationWorkflow
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,16 @@ def build_workers(client: Client, host: str | None = None, max_activities: int =
     control = Worker(
         client,
         task_queue=config.CONTROL_QUEUE,
-        workflows=[ReplicationWorkflow, DrillWorkflow, FailoverWorkflow, PlanWorkflow, PlanDrillWorkflow],
+        workflows=[
+            ReplicationWorkflow,
+            DrillWorkflow,
+            FailoverWorkflow,
+            PlanWorkflow,
+            PlanDrillWorkflow,
+            PlanFailoverWorkflow,
+        ],
+        # a plan's failover acts on its jobs through their workflows (async, on this queue)
+        activities=[JobOperations(client).failover_job],
         max_concurrent_workflow_tasks=100,
         # after a worker restart, its workflows move to the new worker in 3 s instead of the default 10 s
         sticky_queue_schedule_to_start_timeout=timedelta(seconds=3),

@@ -24,12 +24,15 @@ with workflow.unsafe.imports_passed_through():
     from sendense.plans import (
         HookRequest,
         HookResult,
+        JobFailoverRequest,
         PlanDrillInput,
         PlanDrillResult,
+        PlanFailoverInput,
+        PlanFailoverResult,
         PlanSpec,
         PointChoice,
     )
-    from sendense.recovery import DrillInput, DrillResult, PointRequest
+    from sendense.recovery import DrillInput, DrillResult, FailoverResult, PointRequest
 
     platforms.load_all()
 
@@ -151,55 +154,66 @@ class PlanDrillWorkflow:
         return f"{job}: ended before it booted"
 
     async def _choose_points(self, inp: PlanDrillInput, result: PlanDrillResult) -> None:
-        points: dict[str, list[PointInfo]] = {}
-        for name in inp.plan.jobs():
-            job = inp.jobs[name]
-            points[name] = await workflow.execute_activity(
-                "list_points",
-                PointRequest(spec=job.spec),
-                result_type=list[PointInfo],
-                task_queue=job.target_queue,
-                start_to_close_timeout=STEP_TIMEOUT,
-                heartbeat_timeout=job.spec.tuning.heartbeat_timeout,
-                retry_policy=STEP,
-            )
-            if not points[name]:
-                raise PlanStopped(f"job {name} has no recovery point yet")
-        instant = min(p[0].created_at for p in points.values())  # every job has a point this new
-        for name, pts in points.items():
-            best = min(pts, key=lambda p: abs((p.created_at - instant).total_seconds()))
-            result.points.append(PointChoice(job=name, point_id=best.point_id, created_at=best.created_at))
-        stamps = [c.created_at for c in result.points]
-        result.instant = instant
-        result.spread_seconds = round((max(stamps) - min(stamps)).total_seconds(), 3)
+        await choose_points(inp, result)
 
     async def _hook(self, inp: PlanDrillInput, result: PlanDrillResult, n: int, when: str) -> None:
-        tier = inp.plan.tiers[n - 1]
-        hook = tier.before if when == "before" else tier.after
-        assert hook is not None
         self.step = f"tier {n}: {when} hook"
-        r: HookResult = await workflow.execute_activity(
-            "run_hook",
-            HookRequest(
-                plan=inp.plan.name,
-                tier=n,
-                when=when,  # type: ignore[arg-type]
-                command=hook.command,
-                timeout_seconds=hook.timeout.total_seconds(),
-            ),
-            result_type=HookResult,
-            task_queue=inp.hook_queues[hook.agent or ""],
-            start_to_close_timeout=hook.timeout + BOOT_MARGIN,
-            heartbeat_timeout=timedelta(seconds=30),  # (the hook activity beats every 5 s)
+        await run_hook(inp, result, n, when)
+
+
+async def choose_points(inp: Any, result: Any) -> None:
+    """For every job of the plan, the point nearest one common instant: the newest instant every job's
+    points reach (the oldest of their newest points); the spread is the newest minus the oldest chosen."""
+    points: dict[str, list[PointInfo]] = {}
+    for name in inp.plan.jobs():
+        job = inp.jobs[name]
+        points[name] = await workflow.execute_activity(
+            "list_points",
+            PointRequest(spec=job.spec),
+            result_type=list[PointInfo],
+            task_queue=job.target_queue,
+            start_to_close_timeout=STEP_TIMEOUT,
+            heartbeat_timeout=job.spec.tuning.heartbeat_timeout,
             retry_policy=STEP,
         )
-        result.hooks.append(r)
-        if not r.ok:
-            tail = " ".join(r.output.split())[-300:]
-            raise PlanStopped(
-                f"tier {n} {when} hook {hook.command[0]} failed "
-                f"({'exit ' + str(r.exit_code) if r.exit_code is not None else 'timed out'}): {tail}"
-            )
+        if not points[name]:
+            raise PlanStopped(f"job {name} has no recovery point yet")
+    instant = min(p[0].created_at for p in points.values())  # every job has a point this new
+    for name, pts in points.items():
+        best = min(pts, key=lambda p: abs((p.created_at - instant).total_seconds()))
+        result.points.append(PointChoice(job=name, point_id=best.point_id, created_at=best.created_at))
+    stamps = [c.created_at for c in result.points]
+    result.instant = instant
+    result.spread_seconds = round((max(stamps) - min(stamps)).total_seconds(), 3)
+
+
+async def run_hook(inp: Any, result: Any, n: int, when: str) -> None:
+    """Tier `n`'s `when` hook on its agent; a failed one stops the plan (PlanStopped)."""
+    tier = inp.plan.tiers[n - 1]
+    hook = tier.before if when == "before" else tier.after
+    assert hook is not None
+    r: HookResult = await workflow.execute_activity(
+        "run_hook",
+        HookRequest(
+            plan=inp.plan.name,
+            tier=n,
+            when=when,  # type: ignore[arg-type]
+            command=hook.command,
+            timeout_seconds=hook.timeout.total_seconds(),
+        ),
+        result_type=HookResult,
+        task_queue=inp.hook_queues[hook.agent or ""],
+        start_to_close_timeout=hook.timeout + BOOT_MARGIN,
+        heartbeat_timeout=timedelta(seconds=30),  # (the hook activity beats every 5 s)
+        retry_policy=STEP,
+    )
+    result.hooks.append(r)
+    if not r.ok:
+        tail = " ".join(r.output.split())[-300:]
+        raise PlanStopped(
+            f"tier {n} {when} hook {hook.command[0]} failed "
+            f"({'exit ' + str(r.exit_code) if r.exit_code is not None else 'timed out'}): {tail}"
+        )
 
 
 class PlanStopped(Exception):
@@ -236,3 +250,80 @@ class PlanWorkflow:
     @workflow.signal
     def delete(self) -> None:
         self.deleted = True
+
+
+@workflow.defn(name="PlanFailoverWorkflow")
+class PlanFailoverWorkflow:
+    """A plan's failover: the points nearest one instant, then tier by tier its `before` hook, each of
+    its jobs failed over through the job's own `failover` update (its schedule stops, its VM is made
+    and boot-checked; a job's failure is rolled back by the job), its `after` hook. A failure stops the
+    plan there: the tiers before stay failed over, later tiers are not touched, and the result says so."""
+
+    def __init__(self) -> None:
+        self.step = "starting"
+
+    @workflow.query
+    def status(self) -> str:
+        return self.step
+
+    @workflow.run
+    async def run(self, inp: PlanFailoverInput) -> PlanFailoverResult:
+        result = PlanFailoverResult(
+            plan=inp.plan.name, failover_id=inp.failover_id, started_at=workflow.now()
+        )
+        try:
+            self.step = "choosing the points"
+            await choose_points(inp, result)
+            chosen = {c.job: c.point_id for c in result.points}
+            for n, tier in enumerate(inp.plan.tiers, 1):
+                if tier.before is not None:
+                    self.step = f"tier {n}: before hook"
+                    await run_hook(inp, result, n, "before")
+                self.step = f"tier {n}: failing over {', '.join(vm.job for vm in tier.vms)}"
+                outcomes = await asyncio.gather(
+                    *(
+                        self._failover(inp, vm.job, chosen[vm.job], len(result.jobs) + i)
+                        for i, vm in enumerate(tier.vms)
+                    ),
+                    return_exceptions=True,
+                )
+                failed = []
+                for vm, out in zip(tier.vms, outcomes, strict=True):
+                    if isinstance(out, FailoverResult):
+                        result.jobs.append(out)
+                        if out.error is not None:
+                            failed.append(f"{vm.job}: {out.error}")
+                    else:
+                        failed.append(
+                            f"{vm.job}: {failure_message(out) if isinstance(out, BaseException) else out}"
+                        )
+                if failed:
+                    raise PlanStopped(f"tier {n}: " + "; ".join(failed))
+                if tier.after is not None:
+                    self.step = f"tier {n}: after hook"
+                    await run_hook(inp, result, n, "after")
+            result.rto_seconds = round((workflow.now() - result.started_at).total_seconds(), 1)  # type: ignore[operator]
+        except PlanStopped as e:
+            result.error = str(e)
+        except ActivityError as e:
+            result.error = failure_message(e)
+        result.ended_at = workflow.now()
+        self.step = "failed over" if result.error is None else "stopped"
+        return result
+
+    async def _failover(self, inp: PlanFailoverInput, job: str, point_id: str, n: int) -> FailoverResult:
+        r: FailoverResult = await workflow.execute_activity(
+            "failover_job",
+            JobFailoverRequest(
+                job=job,
+                job_workflow_id=inp.jobs[job].job_workflow_id,
+                failover_id=f"{inp.failover_id}-{n + 1}",
+                point_id=point_id,
+            ),
+            result_type=FailoverResult,
+            task_queue=inp.control_queue,
+            start_to_close_timeout=timedelta(hours=2),
+            heartbeat_timeout=timedelta(seconds=30),
+            retry_policy=STEP,
+        )
+        return r

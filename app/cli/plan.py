@@ -121,3 +121,27 @@ def plan_drill(
         out.print(_verdict(r))
     if r.error is not None or not r.cleaned or not all(v.boot is not None and v.boot.ok for v in r.vms):
         raise typer.Exit(1)
+
+
+@plan_app.command("failover")
+def plan_failover(name: str, as_json: bool = JsonOpt) -> None:
+    """Fail the plan over: for every VM the point nearest one common instant, tier by tier (hooks
+    before and after each), each through its job's own failover. A failure stops the plan there (the
+    tiers before stay failed over). Exit 1 unless every VM failed over."""
+
+    async def go() -> Any:
+        return await (await _plans()).failover(name)
+
+    r = run(go)
+    if as_json:
+        emit_json(r)
+    else:
+        for j in r.jobs:
+            verdict = "failed over" if j.error is None else f"FAILED: {one_line(j.error)}"
+            out.print(f"  {j.job}: point {j.point_id}: {verdict}")
+        out.print(
+            f"plan {name}: "
+            + ("every VM failed over" if r.error is None else f"stopped: {one_line(r.error)}")
+        )
+    if r.error is not None:
+        raise typer.Exit(1)

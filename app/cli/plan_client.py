@@ -17,10 +17,17 @@ from temporalio.service import RPCError, RPCStatusCode
 from app.cli.client import Jobs
 from sendense import config
 from sendense.errors import InvalidSpec, ResourceNotFound
-from sendense.plans import PlanDrillInput, PlanDrillResult, PlanJob, PlanSpec
+from sendense.plans import (
+    PlanDrillInput,
+    PlanDrillResult,
+    PlanFailoverInput,
+    PlanFailoverResult,
+    PlanJob,
+    PlanSpec,
+)
 from sendense.spec import format_validation_error, load_yaml
 from workflows.drill import SA_OPERATION
-from workflows.plan import PlanDrillWorkflow, PlanWorkflow
+from workflows.plan import PlanDrillWorkflow, PlanFailoverWorkflow, PlanWorkflow
 from workflows.replication import SA_JOB
 
 
@@ -83,8 +90,9 @@ class Plans:
             PlanWorkflow.delete
         )
 
-    async def drill(self, name: str, keep: timedelta = timedelta(0), search_attributes: bool = True) -> Any:
-        """Start the plan's drill: each VM's job spec as its job holds it now, with the plan's overrides."""
+    async def _plan_jobs(self, name: str) -> tuple[PlanSpec, dict[str, PlanJob], dict[str, str]]:
+        """The plan, each VM's job (its spec as the job holds it now, with the plan's overrides) and the
+        queues of the agents its hooks run on."""
         plan = await self.spec(name)
         jobs: dict[str, PlanJob] = {}
         for tier in plan.tiers:
@@ -100,6 +108,30 @@ class Plans:
                     target_queue=config.host_queue(spec.target.host),
                 )
         agents = {h.agent or "" for t in plan.tiers for h in (t.before, t.after) if h is not None}
+        return plan, jobs, {a: config.host_queue(a or None) for a in agents}
+
+    async def failover(self, name: str) -> PlanFailoverResult:
+        """Fail the plan over, tier by tier, to the points nearest one instant; its result."""
+        plan, jobs, hook_queues = await self._plan_jobs(name)
+        failover_id = secrets.token_hex(4)
+        h = await self.client.start_workflow(
+            PlanFailoverWorkflow.run,
+            PlanFailoverInput(
+                plan=plan,
+                jobs=jobs,
+                hook_queues=hook_queues,
+                failover_id=failover_id,
+                control_queue=config.CONTROL_QUEUE,
+            ),
+            id=f"plan-failover-{name}-{failover_id}",
+            task_queue=config.CONTROL_QUEUE,
+            static_summary=f"Failover {failover_id} of recovery plan {name}",
+        )
+        return await h.result()
+
+    async def drill(self, name: str, keep: timedelta = timedelta(0), search_attributes: bool = True) -> Any:
+        """Start the plan's drill: each VM's job spec as its job holds it now, with the plan's overrides."""
+        plan, jobs, hook_queues = await self._plan_jobs(name)
         drill_id = secrets.token_hex(4)
         sa = TypedSearchAttributes(
             [SearchAttributePair(SA_JOB, f"plan:{name}"), SearchAttributePair(SA_OPERATION, "plan-drill")]
@@ -109,7 +141,7 @@ class Plans:
             PlanDrillInput(
                 plan=plan,
                 jobs=jobs,
-                hook_queues={a: config.host_queue(a or None) for a in agents},
+                hook_queues=hook_queues,
                 drill_id=drill_id,
                 keep=keep,
                 search_attributes=search_attributes,

@@ -27,7 +27,7 @@ from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
-from activities.plans import PLAN_ACTIVITIES
+from activities.plans import PLAN_ACTIVITIES, JobOperations
 from activities.recovery import RECOVERY_ACTIVITIES
 from activities.replication import HOST_ACTIVITIES
 from connectors.memory.spec import MemorySource, MemoryTarget
@@ -47,7 +47,7 @@ from sendense.models import (
 from sendense.platforms import target_for
 from workflows.drill import DrillWorkflow
 from workflows.failover import FailoverWorkflow
-from workflows.plan import PlanDrillWorkflow
+from workflows.plan import PlanDrillWorkflow, PlanFailoverWorkflow
 from workflows.replication import ReplicationWorkflow
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -165,10 +165,21 @@ async def running(env: WorkflowEnvironment, job: Job, *, source_queue: bool = Fa
             Worker(
                 env.client,
                 task_queue=name,
-                workflows=[ReplicationWorkflow, DrillWorkflow, FailoverWorkflow, PlanDrillWorkflow]
+                workflows=[
+                    ReplicationWorkflow,
+                    DrillWorkflow,
+                    FailoverWorkflow,
+                    PlanDrillWorkflow,
+                    PlanFailoverWorkflow,
+                ]
                 if name == q
                 else [],
-                activities=[*HOST_ACTIVITIES, *RECOVERY_ACTIVITIES, *PLAN_ACTIVITIES],
+                activities=[
+                    *HOST_ACTIVITIES,
+                    *RECOVERY_ACTIVITIES,
+                    *PLAN_ACTIVITIES,
+                    JobOperations(env.client).failover_job,
+                ],
                 activity_executor=pool,
                 max_heartbeat_throttle_interval=timedelta(seconds=1),
                 default_heartbeat_throttle_interval=timedelta(seconds=1),

@@ -17,9 +17,19 @@ from temporalio.testing import WorkflowEnvironment
 
 from connectors.memory.store import Store
 from sendense.models import BootCheckSpec, RecoverySpec
-from sendense.plans import Hook, PlanDrillInput, PlanDrillResult, PlanJob, PlanSpec, PlanVm, Tier
+from sendense.plans import (
+    Hook,
+    PlanDrillInput,
+    PlanDrillResult,
+    PlanFailoverInput,
+    PlanFailoverResult,
+    PlanJob,
+    PlanSpec,
+    PlanVm,
+    Tier,
+)
 from tests.workflows.test_memory_platform_workflow import Job, new_job, running
-from workflows.plan import PlanDrillWorkflow
+from workflows.plan import PlanDrillWorkflow, PlanFailoverWorkflow
 
 READY = "SENDENSE-GUEST-READY"
 
@@ -182,3 +192,51 @@ def test_a_plan_names_each_job_once() -> None:
         PlanSpec(name="p", tiers=[Tier(vms=[PlanVm(job="a")]), Tier(vms=[PlanVm(job="a")])])
     with pytest.raises(ValueError, match="the program must be an absolute path"):
         Hook(command=["true"])
+
+
+async def fail_plan_over(env: WorkflowEnvironment, jobs: list[Job], plan: PlanSpec) -> PlanFailoverResult:
+    h = await env.client.start_workflow(
+        PlanFailoverWorkflow.run,
+        PlanFailoverInput(
+            plan=plan,
+            jobs={
+                j.spec.name: PlanJob(spec=j.spec, job_workflow_id=j.handle.id, target_queue=j.queue)  # type: ignore[union-attr]
+                for j in jobs
+            },
+            hook_queues={"": jobs[0].queue},
+            failover_id=uuid.uuid4().hex[:8],
+            control_queue=jobs[0].queue,
+            search_attributes=False,
+        ),
+        id=f"plan-failover-{uuid.uuid4()}",
+        task_queue=jobs[0].queue,
+    )
+    return await asyncio.wait_for(h.result(), 120)
+
+
+async def test_a_plan_fails_over_every_tier_through_each_jobs_own_failover(
+    env: WorkflowEnvironment, stores: list[Store], tmp_path: Path
+) -> None:
+    async with three_jobs(env, stores, tmp_path) as jobs:
+        for j in jobs:
+            await j.settled(1)
+        r = await fail_plan_over(env, jobs, plan_of(jobs, after=Hook(command=["/bin/true"])))
+        assert r.error is None, r
+        assert [j.job for j in r.jobs] == [j.spec.name for j in jobs]
+        assert {j.job: j.point_id for j in r.jobs} == {c.job: c.point_id for c in r.points}
+        assert all(j.boot is not None and j.boot.ok and not j.planned for j in r.jobs)  # at the chosen points
+        for j in jobs:
+            st = await j.status()
+            assert st.state == "failed-over" and st.failed_over is not None
+
+
+async def test_a_plan_failover_stops_at_a_failing_tier_and_leaves_later_tiers_alone(
+    env: WorkflowEnvironment, stores: list[Store], tmp_path: Path
+) -> None:
+    async with three_jobs(env, stores, tmp_path, boots=(True, True, False)) as jobs:
+        for j in jobs:
+            await j.settled(1)
+        r = await fail_plan_over(env, jobs, plan_of(jobs))
+        assert r.error is not None and r.error.startswith(f"tier 2: {jobs[2].spec.name}: VM ")
+        states = [(await j.status()).state for j in jobs]
+        assert states == ["failed-over", "failed-over", "idle"]  # tier 2's failed job rolled back
