@@ -329,6 +329,25 @@ def test_a_plan_drill_boots_two_tiers_of_guests_through_the_cli(e2e_stack: Cli, 
     assert drill_qemus(tmp_path / "replicas") == []
     st = cli.json("plan", "status", "shop")
     assert st["last_drill"]["drill_id"] == r["drill_id"]
+
+    # the plan's failover: each job through its own failover, at the points nearest one instant
+    from sendense.platforms import target_for, vms_for
+
+    specs = {name: asyncio.run(_job_spec(name)) for name in ("plandb", "planweb")}
+    try:
+        f = cli.json("plan", "failover", "shop", timeout=600)
+        assert f["error"] is None, f
+        assert [(j["job"], j["boot"]["ok"]) for j in f["jobs"]] == [("plandb", True), ("planweb", True)]
+        assert {j["job"]: j["point_id"] for j in f["jobs"]} == {c["job"]: c["point_id"] for c in f["points"]}
+        for name in ("plandb", "planweb"):
+            assert cli.json("job", "status", name)["state"] == "failed-over"
+        assert len(drill_qemus(tmp_path / "replicas")) == 2
+    finally:
+        for name, spec in specs.items():
+            vms_for(spec).destroy_vm(name)
+            for p in target_for(spec).list_points():
+                for h in p.holds:
+                    target_for(spec).release(p.point_id, h)
     cli.run("plan", "delete", "shop")
     for name in ("plandb", "planweb"):
         cli.run("job", "delete", name, "--purge")
