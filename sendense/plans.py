@@ -95,8 +95,11 @@ class PlanDrillInput(Wire):
     plan: PlanSpec
     jobs: dict[str, PlanJob]
     hook_queues: dict[str, str] = Field(default_factory=dict, description="hook agent ('' local) -> queue")
-    drill_id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,31}$")
+    drill_id: str = Field(
+        default="", pattern=r"^([a-z0-9][a-z0-9-]{0,31})?$", description="'': a scheduled run's own"
+    )
     keep: timedelta = timedelta(0)
+    plan_workflow_id: str | None = Field(default=None, description="told the result (`plan status`)")
     search_attributes: bool = True
 
 

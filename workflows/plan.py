@@ -12,6 +12,7 @@ Deterministic: no I/O, no clocks but workflow.now(), no connector imports.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from datetime import timedelta
 from typing import Any
 
@@ -72,6 +73,9 @@ class PlanDrillWorkflow:
 
     @workflow.run
     async def run(self, inp: PlanDrillInput) -> PlanDrillResult:
+        if not inp.drill_id:  # a scheduled run: its own id, from the id the schedule gave its workflow
+            digest = hashlib.sha1(workflow.info().workflow_id.encode()).hexdigest()[:8]
+            inp = inp.model_copy(update={"drill_id": digest})
         result = PlanDrillResult(plan=inp.plan.name, drill_id=inp.drill_id, started_at=workflow.now())
         children: list[tuple[str, Any]] = []  # (job, child handle), in start order
         try:
@@ -133,6 +137,13 @@ class PlanDrillWorkflow:
         result.cleaned = all(r.cleaned for r in result.vms)
         result.ended_at = workflow.now()
         self.step = "ended" if result.error is None else "failed"
+        if inp.plan_workflow_id is not None:  # `plan status` shows the newest drill; a plan gone: no error
+            try:
+                await workflow.get_external_workflow_handle(inp.plan_workflow_id).signal(
+                    "drill_finished", result
+                )
+            except Exception as e:  # noqa: BLE001 - the drill's own result stands
+                workflow.logger.info("plan %s not told of drill %s: %s", inp.plan.name, inp.drill_id, e)
         return result
 
     async def _watch(self, job: str, h: Any) -> None:

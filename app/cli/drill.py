@@ -100,35 +100,62 @@ def _at(text: str | None) -> timedelta:
     return timedelta(hours=int(hh), minutes=int(mm))
 
 
+def _job_or_plan(job: str | None, plan: str | None) -> str:
+    if (job is None) == (plan is None):
+        raise InvalidSpec("give a job, or --plan NAME (one of them)")
+    return f"plan {plan}" if plan is not None else f"job {job}"
+
+
+async def _plans() -> Any:
+    from app.cli.client import Jobs
+    from app.cli.plan_client import Plans
+
+    return Plans(await Jobs.connect())
+
+
 @drill_app.command("schedule")
 def drill_schedule(
-    job: str,
+    job: str | None = typer.Argument(None, help="the job (or --plan)"),
+    plan: str | None = typer.Option(None, "--plan", help="a recovery plan instead of a job"),
     every: str = typer.Option(..., "--every", help="how often, e.g. 1d or 7d (1h to 90d)"),
     at: str | None = typer.Option(None, "--at", help="HH:MM UTC past each interval's start, e.g. 02:00"),
     as_json: bool = JsonOpt,
 ) -> None:
-    """Drill the job on a Temporal Schedule (a drill still running when the next is due is skipped)."""
+    """Drill a job (or a plan) on a Temporal Schedule (a drill still running when the next is due is
+    skipped; each run is a drill of its own)."""
 
-    async def go() -> str:
+    async def go() -> tuple[str, str]:
+        what = _job_or_plan(job, plan)
         period = _every(every, "--every", timedelta(hours=1), timedelta(days=90))
         offset = _at(at)
         if offset >= period:
             raise InvalidSpec("--at: must fall within one --every")
-        return str(await (await _drills()).schedule(job, period, offset))
+        if plan is not None:
+            return what, str(await (await _plans()).schedule(plan, period, offset))
+        return what, str(await (await _drills()).schedule(job, period, offset))
 
-    sid = run(go)
-    emit_json({"schedule_id": sid}) if as_json else out.print(f"drills of job {job} scheduled ({sid})")
+    what, sid = run(go)
+    emit_json({"schedule_id": sid}) if as_json else out.print(f"drills of {what} scheduled ({sid})")
 
 
 @drill_app.command("unschedule")
-def drill_unschedule(job: str, as_json: bool = JsonOpt) -> None:
-    """Remove the job's drill schedule (drills running now go on)."""
+def drill_unschedule(
+    job: str | None = typer.Argument(None, help="the job (or --plan)"),
+    plan: str | None = typer.Option(None, "--plan", help="a recovery plan instead of a job"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Remove the drill schedule of a job (or a plan); drills running now go on."""
 
-    async def go() -> None:
-        await (await _drills()).unschedule(job)
+    async def go() -> str:
+        what = _job_or_plan(job, plan)
+        if plan is not None:
+            await (await _plans()).unschedule(plan)
+        else:
+            await (await _drills()).unschedule(job)
+        return what
 
-    run(go)
-    emit_json({"unscheduled": True}) if as_json else out.print(f"drills of job {job} unscheduled")
+    what = run(go)
+    emit_json({"unscheduled": True}) if as_json else out.print(f"drills of {what} unscheduled")
 
 
 @drill_app.command("end")

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
-from temporalio.client import WorkflowExecutionStatus
+from temporalio.client import (
+    Schedule,
+    ScheduleActionStartWorkflow,
+    ScheduleAlreadyRunningError,
+    ScheduleIntervalSpec,
+    ScheduleOverlapPolicy,
+    SchedulePolicy,
+    ScheduleSpec,
+)
 from temporalio.common import SearchAttributePair, TypedSearchAttributes, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
@@ -33,6 +42,10 @@ from workflows.replication import SA_JOB
 
 def plan_workflow_id(name: str) -> str:
     return f"plan-{name}"
+
+
+def plan_schedule_id(name: str) -> str:
+    return f"plan-drill-schedule-{name}"
 
 
 def load_plan(path: Path) -> PlanSpec:
@@ -86,6 +99,8 @@ class Plans:
 
     async def delete(self, name: str) -> None:
         await self.spec(name)
+        with contextlib.suppress(ResourceNotFound):  # no more drills of a plan that is gone
+            await self.unschedule(name)
         await self.client.get_workflow_handle_for(PlanWorkflow.run, plan_workflow_id(name)).signal(
             PlanWorkflow.delete
         )
@@ -144,6 +159,7 @@ class Plans:
                 hook_queues=hook_queues,
                 drill_id=drill_id,
                 keep=keep,
+                plan_workflow_id=plan_workflow_id(name),
                 search_attributes=search_attributes,
             ),
             id=f"plan-drill-{name}-{drill_id}",
@@ -166,8 +182,38 @@ class Plans:
                     on_step(step)
             await asyncio.wait([result], timeout=0.5)
         r: PlanDrillResult = result.result()
-        plan = self.client.get_workflow_handle_for(PlanWorkflow.run, plan_workflow_id(name))
-        desc = await plan.describe()
-        if desc.status == WorkflowExecutionStatus.RUNNING:
-            await plan.signal(PlanWorkflow.drill_finished, r)
         return r
+
+    async def schedule(self, name: str, every: timedelta, at: timedelta = timedelta(0)) -> str:
+        """Drill the plan on a Temporal Schedule (each run its own drill; skipped while one runs); the
+        plan and its jobs' specs as they are now. Again: replaced."""
+        plan, jobs, hook_queues = await self._plan_jobs(name)
+        action = ScheduleActionStartWorkflow(
+            PlanDrillWorkflow.run,
+            PlanDrillInput(
+                plan=plan, jobs=jobs, hook_queues=hook_queues, plan_workflow_id=plan_workflow_id(name)
+            ),
+            id=f"plan-drill-{name}-scheduled",
+            task_queue=config.CONTROL_QUEUE,
+            static_summary=f"Scheduled drill of recovery plan {name}",
+        )
+        sched = Schedule(
+            action=action,
+            spec=ScheduleSpec(intervals=[ScheduleIntervalSpec(every=every, offset=at)]),
+            policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP),
+        )
+        sid = plan_schedule_id(name)
+        try:
+            await self.client.create_schedule(sid, sched)
+        except ScheduleAlreadyRunningError:
+            await self.client.get_schedule_handle(sid).delete()
+            await self.client.create_schedule(sid, sched)
+        return sid
+
+    async def unschedule(self, name: str) -> None:
+        try:
+            await self.client.get_schedule_handle(plan_schedule_id(name)).delete()
+        except RPCError as e:
+            if e.status == RPCStatusCode.NOT_FOUND:
+                raise ResourceNotFound(f"plan {name} has no drill schedule") from None
+            raise

@@ -330,6 +330,25 @@ def test_a_plan_drill_boots_two_tiers_of_guests_through_the_cli(e2e_stack: Cli, 
     st = cli.json("plan", "status", "shop")
     assert st["last_drill"]["drill_id"] == r["drill_id"]
 
+    # scheduled plan drills: a Temporal Schedule whose runs tell the plan (`plan status`)
+    p = cli.run("drill", "schedule", "plandb", "--plan", "shop", "--every", "1d", check=False)
+    assert p.returncode == 1 and "give a job, or --plan NAME (one of them)" in p.stderr
+    sid = cli.json("drill", "schedule", "--plan", "shop", "--every", "1d")["schedule_id"]
+
+    async def trigger() -> None:
+        from workers.worker import connect
+
+        await (await connect()).get_schedule_handle(sid).trigger()
+
+    asyncio.run(trigger())
+    deadline = time.monotonic() + 300
+    while cli.json("plan", "status", "shop")["last_drill"]["drill_id"] == r["drill_id"]:
+        assert time.monotonic() < deadline, "the scheduled plan drill did not end"
+        time.sleep(1)
+    scheduled = cli.json("plan", "status", "shop")["last_drill"]
+    assert scheduled["error"] is None and scheduled["cleaned"] and len(scheduled["drill_id"]) == 8
+    cli.run("drill", "unschedule", "--plan", "shop")
+
     # the plan's failover: each job through its own failover, at the points nearest one instant
     from sendense.platforms import target_for, vms_for
 
