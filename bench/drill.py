@@ -159,6 +159,35 @@ async def drill_once(bench: Bench, name: str) -> dict[str, Any]:
     return out
 
 
+async def failover_once(bench: Bench, name: str) -> dict[str, Any]:
+    """One (unplanned: the source is a stopped VM's disk) failover of the job: its RTO, from the
+    request to the boot check passed (the failover's own figure); the VM and its hold are removed after
+    (there is no failback yet to end a failover)."""
+    from sendense.platforms import target_for, vms_for
+
+    jobs = await bench.client()
+    requested = time.time()
+    r = await jobs.failover(name)
+    received = time.time()
+    spec = await jobs.spec(name)
+    problems = [] if r.error is None and r.boot is not None and r.boot.ok else [r.error or "did not boot"]
+    try:
+        vms_for(spec).destroy_vm(name)
+        for p in target_for(spec).list_points():
+            for h in p.holds:
+                target_for(spec).release(p.point_id, h)
+    except Exception as e:  # noqa: BLE001 - said, and the measure fails
+        problems.append(f"cleanup: {e}")
+    return {
+        "rto_seconds": r.rto_seconds,
+        "request_to_result_seconds": round(received - requested, 3),
+        "boot_seconds": round(r.boot.seconds, 3) if r.boot else None,
+        "planned": r.planned,
+        "point_id": r.point_id,
+        "problems": problems,
+    }
+
+
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Medians (and min/max) over the runs; per step the median of each figure."""
 
@@ -198,15 +227,19 @@ async def drill_target(bench: Bench, kind: str, disk: Path, target: dict[str, An
             if kind == "kvm" and (left := qemus_under(Path(target["path"]))):
                 r["problems"].append(f"QEMU still running: pids {left}")
             runs.append(r)
+        fo = await failover_once(bench, name)  # last: the job is failed over after it
     finally:
         await bench.delete(name, purge=True)
         remove_job_bitmaps(disk, name)
+    if fo.get("problems"):
+        runs[-1]["problems"].extend(f"failover: {p}" for p in fo["problems"])
     return {
         "wall_seconds": round(time.monotonic() - t0, 2),  # job created to deleted, all drills
         "job": name,
         "ok": all(not r["problems"] for r in runs) and len(runs) == bench.opts.runs,
         "runs_count": len(runs),
         **summarize(runs),
+        "failover": fo,
         "first_sync_seconds": round(first_sync, 2),
         "first_sync_bytes_written": sync.bytes_written,
         "runs": runs,

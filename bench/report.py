@@ -84,6 +84,12 @@ FIGURES: list[Figure] = [
             Figure(f"drill.{t}.drill_seconds", f"drill ({name}): whole drill s"),
             Figure(f"drill.{t}.boot_seconds", f"drill ({name}): boot s (power-on)"),
             Figure(f"drill.{t}.cleanup_seconds", f"drill ({name}): cleanup s"),
+            Figure(
+                f"drill.{t}.failover.rto_seconds",
+                f"failover ({name}): RTO s, request to booted",
+                "<= 900",
+                _at_most(900),
+            ),
         )
     ),
     Figure("drill.ok", "drill: all booted, nothing left", "true", _true),
