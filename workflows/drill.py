@@ -145,6 +145,7 @@ class DrillWorkflow:
 
     def _step_is(self, step: str) -> None:
         self.st.step = step
+        workflow.set_current_details(f"Drill {self.st.drill_id}: {step}")  # (the web UI shows it)
         if self.inp is not None and self.inp.search_attributes:
             state = "drilling" if step not in ("ended", "failed") else step
             workflow.upsert_search_attributes([SA_STATE.value_set(state)])

@@ -54,6 +54,10 @@ class FailoverWorkflow:
     def status(self) -> str:
         return self.step
 
+    def _step_is(self, step: str) -> None:
+        self.step = step
+        workflow.set_current_details(f"Failover: {step}")  # (the web UI shows it)
+
     @workflow.run
     async def run(self, inp: FailoverInput) -> FailoverResult:
         self.inp = inp
@@ -66,7 +70,7 @@ class FailoverWorkflow:
         saga = Saga()
         name = spec.name  # the production VM is the job's VM
         try:
-            self.step = "choosing the point"
+            self._step_is("choosing the point")
             point: PointInfo = await self._act("choose_point", PointRequest(spec=spec, point_id=inp.point_id))
             result.point_id = point.point_id
 
@@ -76,7 +80,7 @@ class FailoverWorkflow:
             saga.register(
                 f"release the hold on point {point.point_id}", lambda: self._undo("release_point", hold)
             )
-            self.step = f"holding point {point.point_id}"
+            self._step_is(f"holding point {point.point_id}")
             await self._act("hold_point", hold)
 
             rec, vm = spec.recovery, inp.vm
@@ -92,11 +96,11 @@ class FailoverWorkflow:
             )
             vm_req = VmNameRequest(spec=spec, name=name)
             saga.register(f"destroy VM {name}", lambda: self._undo("destroy_vm", vm_req))
-            self.step = f"creating VM {name}"
+            self._step_is(f"creating VM {name}")
             result.vm = await self._act("create_vm", VmRequest(spec=spec, plan=plan))
-            self.step = f"powering on VM {name}"
+            self._step_is(f"powering on VM {name}")
             result.vm = await self._act("power_on", vm_req)
-            self.step = f"boot check of VM {name}"
+            self._step_is(f"boot check of VM {name}")
             check = rec.boot_check
             result.boot = await self._act(
                 "boot_check",
@@ -118,11 +122,11 @@ class FailoverWorkflow:
         except asyncio.CancelledError:
             result.error = "the failover was cancelled"
         if result.error is not None:
-            self.step = "rolling back"
+            self._step_is("rolling back")
             result.undone, result.left_behind = await saga.unwind()
             result.cleaned = not result.left_behind
             result.vm = None if result.cleaned else result.vm
-        self.step = "failed over" if result.error is None else "failed"
+        self._step_is("failed over" if result.error is None else "failed")
         if inp.search_attributes:
             workflow.upsert_search_attributes([SA_STATE.value_set(self.step.replace(" ", "-"))])
         return result

@@ -71,6 +71,10 @@ class PlanDrillWorkflow:
     def status(self) -> str:
         return self.step
 
+    def _step_is(self, step: str) -> None:
+        self.step = step
+        workflow.set_current_details(step)  # (the web UI shows it)
+
     @workflow.run
     async def run(self, inp: PlanDrillInput) -> PlanDrillResult:
         if not inp.drill_id:  # a scheduled run: its own id, from the id the schedule gave its workflow
@@ -79,13 +83,13 @@ class PlanDrillWorkflow:
         result = PlanDrillResult(plan=inp.plan.name, drill_id=inp.drill_id, started_at=workflow.now())
         children: list[tuple[str, Any]] = []  # (job, child handle), in start order
         try:
-            self.step = "choosing the points"
+            self._step_is("choosing the points")
             await self._choose_points(inp, result)
             chosen = {c.job: c.point_id for c in result.points}
             for n, tier in enumerate(inp.plan.tiers, 1):
                 if tier.before is not None:
                     await self._hook(inp, result, n, "before")
-                self.step = f"tier {n}: drilling {', '.join(vm.job for vm in tier.vms)}"
+                self._step_is(f"tier {n}: drilling {', '.join(vm.job for vm in tier.vms)}")
                 for vm in tier.vms:
                     job = inp.jobs[vm.job]
                     h = await workflow.start_child_workflow(
@@ -116,7 +120,7 @@ class PlanDrillWorkflow:
                     raise PlanStopped(f"tier {n}: " + "; ".join(why))
                 if tier.after is not None:
                     await self._hook(inp, result, n, "after")
-            self.step = "every tier up"
+            self._step_is("every tier up")
             if inp.keep > timedelta(0) and not self.ended:
                 try:
                     await workflow.wait_condition(lambda: self.ended, timeout=inp.keep)
@@ -128,7 +132,7 @@ class PlanDrillWorkflow:
             result.error = failure_message(e)
         except asyncio.CancelledError:
             result.error = "the plan's drill was cancelled"
-        self.step = "ending the drills"
+        self._step_is("ending the drills")
         for job, h in reversed(children):  # newest tier first
             if self.done.get(job) is None:
                 await workflow.get_external_workflow_handle(h.id).signal("end")
@@ -136,7 +140,7 @@ class PlanDrillWorkflow:
         result.vms = [r for j, _ in children if (r := self.done.get(j)) is not None]
         result.cleaned = all(r.cleaned for r in result.vms)
         result.ended_at = workflow.now()
-        self.step = "ended" if result.error is None else "failed"
+        self._step_is("ended" if result.error is None else "failed")
         if inp.plan_workflow_id is not None:  # `plan status` shows the newest drill; a plan gone: no error
             try:
                 await workflow.get_external_workflow_handle(inp.plan_workflow_id).signal(
@@ -168,7 +172,7 @@ class PlanDrillWorkflow:
         await choose_points(inp, result)
 
     async def _hook(self, inp: PlanDrillInput, result: PlanDrillResult, n: int, when: str) -> None:
-        self.step = f"tier {n}: {when} hook"
+        self._step_is(f"tier {n}: {when} hook")
         await run_hook(inp, result, n, when)
 
 
@@ -277,20 +281,24 @@ class PlanFailoverWorkflow:
     def status(self) -> str:
         return self.step
 
+    def _step_is(self, step: str) -> None:
+        self.step = step
+        workflow.set_current_details(step)  # (the web UI shows it)
+
     @workflow.run
     async def run(self, inp: PlanFailoverInput) -> PlanFailoverResult:
         result = PlanFailoverResult(
             plan=inp.plan.name, failover_id=inp.failover_id, started_at=workflow.now()
         )
         try:
-            self.step = "choosing the points"
+            self._step_is("choosing the points")
             await choose_points(inp, result)
             chosen = {c.job: c.point_id for c in result.points}
             for n, tier in enumerate(inp.plan.tiers, 1):
                 if tier.before is not None:
-                    self.step = f"tier {n}: before hook"
+                    self._step_is(f"tier {n}: before hook")
                     await run_hook(inp, result, n, "before")
-                self.step = f"tier {n}: failing over {', '.join(vm.job for vm in tier.vms)}"
+                self._step_is(f"tier {n}: failing over {', '.join(vm.job for vm in tier.vms)}")
                 outcomes = await asyncio.gather(
                     *(
                         self._failover(inp, vm.job, chosen[vm.job], len(result.jobs) + i)
@@ -311,7 +319,7 @@ class PlanFailoverWorkflow:
                 if failed:
                     raise PlanStopped(f"tier {n}: " + "; ".join(failed))
                 if tier.after is not None:
-                    self.step = f"tier {n}: after hook"
+                    self._step_is(f"tier {n}: after hook")
                     await run_hook(inp, result, n, "after")
             result.rto_seconds = round((workflow.now() - result.started_at).total_seconds(), 1)  # type: ignore[operator]
         except PlanStopped as e:
@@ -319,7 +327,7 @@ class PlanFailoverWorkflow:
         except ActivityError as e:
             result.error = failure_message(e)
         result.ended_at = workflow.now()
-        self.step = "failed over" if result.error is None else "stopped"
+        self._step_is("failed over" if result.error is None else "stopped")
         return result
 
     async def _failover(self, inp: PlanFailoverInput, job: str, point_id: str, n: int) -> FailoverResult:
