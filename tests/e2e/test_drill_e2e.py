@@ -94,6 +94,15 @@ def test_drill_errors_are_one_line(e2e_stack: Cli, tmp_path: Path) -> None:
     assert p.returncode == 1 and "job no-such-job has no drill running" in p.stderr
     p = cli.run("drill", "run", "x", "--keep", "forever", check=False)
     assert p.returncode == 1 and "--keep: a duration" in p.stderr
+    p = cli.run("failover", "no-such-job", check=False)
+    assert p.returncode == 1 and "job no-such-job: not found" in p.stderr and p.stderr.count("\n") == 1
+    p = cli.run("plan", "drill", "no-such-plan", check=False)
+    assert p.returncode == 1 and "plan no-such-plan: not found" in p.stderr and p.stderr.count("\n") == 1
+    (tmp_path / "cycle.yaml").write_text(
+        "name: p\ntiers:\n  - vms: [{job: a}]\n  - vms: [{job: b}, {job: a}]\n"
+    )
+    p = cli.run("plan", "create", "-f", str(tmp_path / "cycle.yaml"), check=False)
+    assert p.returncode == 1 and "job a is in tier 1 and tier 2: once only" in p.stderr
 
 
 @pytest.mark.slow
