@@ -146,6 +146,14 @@ def status_rows(st: JobView) -> list[tuple[str, str]]:
     if st.last_sync:
         ls = st.last_sync
         rows.append(("last sync", f"{ls.kind}, {human(ls.bytes_written)} written, {ls.seconds:.1f}s"))
+    if (fo := st.failed_over) is not None:
+        how = "planned" if fo.planned else "unplanned"
+        rows.append(("failed over", f"{how}, to point {fo.point_id}: VM {fo.vm} ({fo.vm_id or 'no id'})"))
+    if (d := st.last_drill) is not None:
+        verdict = "booted" if d.ok else ("did NOT boot" if d.ok is False else "failed")
+        tail = f": {one_line(d.error)}" if d.error else ""
+        clean = "" if d.cleaned else ", NOT cleaned up"
+        rows.append(("last drill", f"{d.drill_id} from point {d.point_id or '-'}, {verdict}{tail}{clean}"))
     if st.resyncs:
         rows.append(("resyncs", f"{st.resyncs} (last: {st.last_resync_reason})"))
     if st.last_error:

@@ -76,6 +76,8 @@ def test_a_drill_boots_the_guest_from_the_newest_point_and_leaves_nothing(
     assert after["holds"] == []
     status = cli.json("job", "status", "drillguest")
     assert status["last_drill"]["drill_id"] == r["drill_id"] and status["last_drill"]["ok"] is True
+    text = " ".join(cli.run("job", "status", "drillguest").stdout.split())
+    assert f"last drill: {r['drill_id']} from point {r['point_id']}, booted" in text, text
     [listed] = cli.json("drill", "list", "drillguest")
     assert listed["drill_id"] == r["drill_id"] and listed["cleaned"]
 
@@ -277,6 +279,8 @@ def test_failover_boots_the_jobs_vm_on_the_target_and_the_job_stops_syncing(
         assert drill_qemus(replicas), "the production VM runs"
         status = cli.json("job", "status", "failoverguest")
         assert status["state"] == "failed-over" and status["failed_over"]["point_id"] == r["point_id"]
+        text = " ".join(cli.run("job", "status", "failoverguest").stdout.split())
+        assert f"failed over: unplanned, to point {r['point_id']}: VM failoverguest" in text, text
         p = cli.run("job", "sync-now", "failoverguest", check=False)
         assert p.returncode == 1 and "job is failed over" in p.stderr and p.stderr.count("\n") == 1
         p = cli.run("failover", "failoverguest", check=False)
