@@ -23,7 +23,7 @@ from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
     from sendense import platforms
-    from sendense.models import BootCheck, PointInfo, VmPlan, VmRef
+    from sendense.models import PointInfo, VmPlan
     from sendense.recovery import (
         BootRequest,
         DrillInput,
@@ -38,7 +38,7 @@ with workflow.unsafe.imports_passed_through():
     platforms.load_all()
 
 from workflows.replication import SA_JOB, SA_STATE, failure_message
-from workflows.saga import BOOT_MARGIN, STEP, STEP_TIMEOUT, UNDO, Saga
+from workflows.saga import BOOT_MARGIN, STEP_TIMEOUT, Saga, step, undo
 
 SA_OPERATION = SearchAttributeKey.for_keyword("SendenseOperation")
 
@@ -152,32 +152,11 @@ class DrillWorkflow:
 
     async def _act(self, name: str, arg: Any, timeout: timedelta = STEP_TIMEOUT) -> Any:
         assert self.inp is not None
-        result_type = {
-            "choose_point": PointInfo,
-            "create_vm": VmRef,
-            "power_on": VmRef,
-            "boot_check": BootCheck,
-        }.get(name)
-        return await workflow.execute_activity(
-            name,
-            arg,
-            result_type=result_type,
-            task_queue=self.inp.target_queue,
-            start_to_close_timeout=timeout,
-            heartbeat_timeout=self._heartbeat,
-            retry_policy=STEP,
-        )
+        return await step(self.inp.target_queue, self._heartbeat, name, arg, timeout)
 
     async def _undo(self, name: str, arg: Any) -> None:
         assert self.inp is not None
-        await workflow.execute_activity(
-            name,
-            arg,
-            task_queue=self.inp.target_queue,
-            start_to_close_timeout=STEP_TIMEOUT,
-            heartbeat_timeout=self._heartbeat,
-            retry_policy=UNDO,
-        )
+        await undo(self.inp.target_queue, self._heartbeat, name, arg)
 
     @property
     def _heartbeat(self) -> timedelta:

@@ -20,7 +20,7 @@ from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
     from sendense import platforms
-    from sendense.models import BootCheck, PointInfo, VmPlan, VmRef
+    from sendense.models import PointInfo, VmPlan
     from sendense.recovery import (
         BootRequest,
         FailoverInput,
@@ -34,14 +34,7 @@ with workflow.unsafe.imports_passed_through():
     platforms.load_all()
 
 from workflows.replication import SA_JOB, SA_STATE, failure_message
-from workflows.saga import BOOT_MARGIN, STEP, STEP_TIMEOUT, UNDO, Saga
-
-RESULT_TYPES: dict[str, type] = {
-    "choose_point": PointInfo,
-    "create_vm": VmRef,
-    "power_on": VmRef,
-    "boot_check": BootCheck,
-}
+from workflows.saga import BOOT_MARGIN, STEP_TIMEOUT, Saga, step, undo
 
 
 @workflow.defn(name="FailoverWorkflow")
@@ -133,23 +126,8 @@ class FailoverWorkflow:
 
     async def _act(self, name: str, arg: Any, timeout: timedelta = STEP_TIMEOUT) -> Any:
         assert self.inp is not None
-        return await workflow.execute_activity(
-            name,
-            arg,
-            result_type=RESULT_TYPES.get(name),
-            task_queue=self.inp.target_queue,
-            start_to_close_timeout=timeout,
-            heartbeat_timeout=self.inp.spec.tuning.heartbeat_timeout,
-            retry_policy=STEP,
-        )
+        return await step(self.inp.target_queue, self.inp.spec.tuning.heartbeat_timeout, name, arg, timeout)
 
     async def _undo(self, name: str, arg: Any) -> None:
         assert self.inp is not None
-        await workflow.execute_activity(
-            name,
-            arg,
-            task_queue=self.inp.target_queue,
-            start_to_close_timeout=STEP_TIMEOUT,
-            heartbeat_timeout=self.inp.spec.tuning.heartbeat_timeout,
-            retry_policy=UNDO,
-        )
+        await undo(self.inp.target_queue, self.inp.spec.tuning.heartbeat_timeout, name, arg)

@@ -9,10 +9,22 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+from temporalio import workflow
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError
 
 from workflows.replication import failure_message
+
+with workflow.unsafe.imports_passed_through():
+    from sendense.models import BootCheck, PointInfo, VmRef
+
+# what the recovery activities (activities/recovery.py) return, by name
+RESULT_TYPES: dict[str, type] = {
+    "choose_point": PointInfo,
+    "create_vm": VmRef,
+    "power_on": VmRef,
+    "boot_check": BootCheck,
+}
 
 STEP = RetryPolicy(
     initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30), maximum_attempts=5
@@ -56,3 +68,30 @@ class Saga:
             except ActivityError as e:
                 left.append(f"{u.what}: {failure_message(e)}")
         return done, left
+
+
+async def step(
+    queue: str, heartbeat: timedelta, name: str, arg: Any, timeout: timedelta = STEP_TIMEOUT
+) -> Any:
+    """A saga's step: the recovery activity `name` on `queue`, heartbeating, retried as STEP."""
+    return await workflow.execute_activity(
+        name,
+        arg,
+        result_type=RESULT_TYPES.get(name),
+        task_queue=queue,
+        start_to_close_timeout=timeout,
+        heartbeat_timeout=heartbeat,
+        retry_policy=STEP,
+    )
+
+
+async def undo(queue: str, heartbeat: timedelta, name: str, arg: Any) -> None:
+    """A saga's undo: retried harder than a step (UNDO)."""
+    await workflow.execute_activity(
+        name,
+        arg,
+        task_queue=queue,
+        start_to_close_timeout=STEP_TIMEOUT,
+        heartbeat_timeout=heartbeat,
+        retry_policy=UNDO,
+    )

@@ -23,7 +23,7 @@ async def _drills() -> Any:
     return Drills(await Jobs.connect())
 
 
-def _keep(text: str) -> timedelta:
+def keep_duration(text: str) -> timedelta:
     try:
         keep = parse_duration(text)
     except ValueError:
@@ -59,7 +59,7 @@ def drill_run(
     Replication goes on meanwhile. Exit 1 unless the VM booted and nothing is left."""
 
     async def go() -> Any:
-        kept = _keep(keep)
+        kept = keep_duration(keep)
         drills = await _drills()
         h = await drills.start(job, point, kept)
         if not as_json:

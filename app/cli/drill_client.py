@@ -9,20 +9,14 @@ from datetime import timedelta
 from typing import Any
 
 from temporalio.client import (
-    Schedule,
     ScheduleActionStartWorkflow,
-    ScheduleAlreadyRunningError,
-    ScheduleIntervalSpec,
-    ScheduleOverlapPolicy,
-    SchedulePolicy,
-    ScheduleSpec,
     WorkflowExecutionStatus,
     WorkflowHandle,
 )
 from temporalio.common import SearchAttributePair, TypedSearchAttributes
-from temporalio.service import RPCError, RPCStatusCode
 
 from app.cli.client import Jobs
+from app.cli.schedules import delete_schedule, put_schedule
 from sendense import config
 from sendense.errors import ResourceNotFound
 from sendense.recovery import DrillInput, DrillResult, DrillStatus
@@ -105,26 +99,10 @@ class Drills:
             typed_search_attributes=sa,
             static_summary=f"Scheduled drill of job {job}",
         )
-        sched = Schedule(
-            action=action,
-            spec=ScheduleSpec(intervals=[ScheduleIntervalSpec(every=every, offset=at)]),
-            policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP),
-        )
-        sid = schedule_id(job)
-        try:
-            await self.client.create_schedule(sid, sched)
-        except ScheduleAlreadyRunningError:
-            await self.client.get_schedule_handle(sid).delete()
-            await self.client.create_schedule(sid, sched)
-        return sid
+        return await put_schedule(self.client, schedule_id(job), action, every, at)
 
     async def unschedule(self, job: str) -> None:
-        try:
-            await self.client.get_schedule_handle(schedule_id(job)).delete()
-        except RPCError as e:
-            if e.status == RPCStatusCode.NOT_FOUND:
-                raise ResourceNotFound(f"job {job} has no drill schedule") from None
-            raise
+        await delete_schedule(self.client, schedule_id(job), f"job {job}")
 
     async def wait(
         self, h: WorkflowHandle[Any, DrillResult], on_step: Callable[[DrillStatus], None] | None = None

@@ -100,11 +100,11 @@ def plan_drill(
 ) -> None:
     """Drill the plan: for every VM the point nearest one common instant, tier by tier (hooks before and
     after each), each VM boot-checked; then everything is cleaned up. Exit 1 unless every VM booted."""
-    from app.cli.drill import _keep
+    from app.cli.drill import keep_duration
 
     async def go() -> Any:
         plans = await _plans()
-        h = await plans.drill(name, _keep(keep))
+        h = await plans.drill(name, keep_duration(keep))
         if not as_json:
             out.print(f"{h.id} started")
         return await plans.wait(name, h, None if as_json else (lambda s: out.print(f"  {s}")))

@@ -11,19 +11,14 @@ from typing import Any
 
 from pydantic import ValidationError
 from temporalio.client import (
-    Schedule,
     ScheduleActionStartWorkflow,
-    ScheduleAlreadyRunningError,
-    ScheduleIntervalSpec,
-    ScheduleOverlapPolicy,
-    SchedulePolicy,
-    ScheduleSpec,
 )
 from temporalio.common import SearchAttributePair, TypedSearchAttributes, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from app.cli.client import Jobs
+from app.cli.schedules import delete_schedule, put_schedule
 from sendense import config
 from sendense.errors import InvalidSpec, ResourceNotFound
 from sendense.plans import (
@@ -197,23 +192,7 @@ class Plans:
             task_queue=config.CONTROL_QUEUE,
             static_summary=f"Scheduled drill of recovery plan {name}",
         )
-        sched = Schedule(
-            action=action,
-            spec=ScheduleSpec(intervals=[ScheduleIntervalSpec(every=every, offset=at)]),
-            policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP),
-        )
-        sid = plan_schedule_id(name)
-        try:
-            await self.client.create_schedule(sid, sched)
-        except ScheduleAlreadyRunningError:
-            await self.client.get_schedule_handle(sid).delete()
-            await self.client.create_schedule(sid, sched)
-        return sid
+        return await put_schedule(self.client, plan_schedule_id(name), action, every, at)
 
     async def unschedule(self, name: str) -> None:
-        try:
-            await self.client.get_schedule_handle(plan_schedule_id(name)).delete()
-        except RPCError as e:
-            if e.status == RPCStatusCode.NOT_FOUND:
-                raise ResourceNotFound(f"plan {name} has no drill schedule") from None
-            raise
+        await delete_schedule(self.client, plan_schedule_id(name), f"plan {name}")
