@@ -10,8 +10,11 @@ with HMP `qemu-io`).
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,3 +219,35 @@ def test_repeated_reverse_syncs_cutover_and_rebase(site: Site) -> None:
     assert fwd.results[DISK].kind == "incremental"
     assert same_content(s.image, s.tgt.point_path("p3", DISK))
     print(f"\nforward after failback from the p2 base: read {fwd.results[DISK].stats.bytes_read} B")
+
+
+def test_vm_killed_falls_back_to_the_point(site: Site) -> None:
+    """A VM killed with its bitmaps in use: the next reverse snapshot's base is the point (what the
+    overlay holds), never a full read, and the copy still makes the original equal to the VM."""
+    s = site
+    s.vm_write("write -P 0xa1 1M 64k")
+    r1 = s.changes.snapshot_vm(VM, "r1")
+    reverse_sync(s, r1)
+    s.changes.release(r1, committed=True)
+    s.vm_write("write -P 0xa2 9M 64k")
+    pid = int(s.vms.files(VM).pidfile.read_text())
+    os.kill(pid, signal.SIGKILL)
+    _wait_gone(pid)
+    r2 = s.changes.snapshot_vm(VM, "r2", {DISK: r1.disk(DISK).change_id})
+    assert r2.disk(DISK).base_change_id == point_base("p2") and r2.disk(DISK).tracking_lost is None
+    res = reverse_sync(s, r2)
+    assert res.kind == "incremental" and written(res) == CLUSTER  # 1M was copied back already
+    s.changes.release(r2, committed=True)
+    assert same_content(s.image, s.overlay())
+
+
+def _wait_gone(pid: int) -> None:
+    for _ in range(3000):
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return
+        if state in ("Z", "X"):
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"QEMU {pid} did not exit after SIGKILL")
