@@ -18,7 +18,14 @@ from typing import Any
 
 from sendense.errors import InvalidSpec
 from sendense.models import JobSpec, SourceSpec, TargetSpec
-from sendense.protocols import SourceConnector, SourcePower, TargetConnector, VmProvisioner
+from sendense.protocols import (
+    FailbackSink,
+    SourceConnector,
+    SourcePower,
+    TargetConnector,
+    VmChanges,
+    VmProvisioner,
+)
 
 REGISTRY: dict[str, str] = {
     "kvm": "connectors.kvm.plugin",
@@ -45,6 +52,10 @@ class Platform:
     vms: Callable[[Any, str, str], VmProvisioner] | None = None
     # the source VM's power (failover, failback): (its source spec, job name, the job's work directory)
     source_power: Callable[[Any, str, Path], SourcePower] | None = None
+    # failback: what a VM made from a point changed (its target spec, job name, job id), and the
+    # original place written back (its source spec, job name, the job's work directory)
+    vm_changes: Callable[[Any, str, str], VmChanges] | None = None
+    failback_sink: Callable[[Any, str, Path], FailbackSink] | None = None
     lab: str | None = None  # module of its lab hook (labs/...: LAB), imported by the app only
     lab_note: str = ""  # said by `sendense lab up/status` for a platform without a lab
     developer_only: bool = False  # not offered in specs unless DEVELOPER_PLATFORMS=1
@@ -137,3 +148,19 @@ def source_power_for(spec: JobSpec, work_dir: Path) -> SourcePower:
     if p.source_power is None:
         raise InvalidSpec(f"source.platform: {p.name} cannot pause, stop or start its VMs")
     return p.source_power(spec.source, spec.name, work_dir)
+
+
+def vm_changes_for(spec: JobSpec) -> VmChanges:
+    """What the job's failed-over VM changed since its point (sendense.protocols.VmChanges)."""
+    p = _platform("target", spec.target.platform)
+    if p.vm_changes is None:
+        raise InvalidSpec(f"target.platform: {p.name} cannot replicate a failed-over VM back (failback)")
+    return p.vm_changes(spec.target, spec.name, spec.job_id)
+
+
+def failback_sink_for(spec: JobSpec, work_dir: Path) -> FailbackSink:
+    """The job's source place written back by a failback (sendense.protocols.FailbackSink)."""
+    p = _platform("source", spec.source.platform)
+    if p.failback_sink is None:
+        raise InvalidSpec(f"source.platform: {p.name} cannot be written back (failback)")
+    return p.failback_sink(spec.source, spec.name, work_dir)

@@ -281,3 +281,100 @@ class VmProvisioner(Protocol):
         network, tap, namespace); its point's hold is the caller's to release. Gone already: no
         error. What cannot be removed raises a one-line error naming it."""
         ...
+
+
+# The change id that stands for "the content of the VM's point": a failed-over VM's first reverse sync
+# is an incremental from it (only what the VM changed since it was made from the point).
+POINT_BASE = "point:"
+
+
+def point_base(point_id: str) -> str:
+    return f"{POINT_BASE}{point_id}"
+
+
+@runtime_checkable
+class VmChanges(Protocol):
+    """A failback's reverse source: what a VM made from a point (`VmProvisioner`, a failover's VM)
+    changed since it was made, read back for the copy engine. An optional capability of a target
+    platform (`Platform.vm_changes`, made by `sendense.platforms.vm_changes_for`).
+
+    Disk keys are the point's. Change ids: `point_base(point_id)` is the point's content itself, which
+    the original place holds after the failover (where the source diverged after the point, the sink's
+    `FailbackSink.diverged` lists where); every snapshot's `change_id` is the base of the next reverse
+    sync. A base that cannot be used any more (tracking state lost with the VM's process) falls back to
+    `point_base`, never to a full read: what a VM changed since its point is always known.
+
+    Every verb is idempotent; `snapshot_vm`'s undo is `release(ref, committed=False)`.
+    """
+
+    platform: str
+
+    def snapshot_vm(self, name: str, snapshot_id: str, base: dict[str, str] | None = None) -> SnapshotRef:
+        """A crash-consistent snapshot of VM `name`'s disks, running or stopped. Each disk's
+        `base_change_id` is `base[key]` where that is usable, else the VM's point (`point_base`), so a
+        copy of it is always an incremental. A retried call with the same id takes the snapshot again
+        (an earlier attempt's state is discarded). Undo: `release(ref, committed=False)`."""
+        ...
+
+    def changed_since_point(self, ref: SnapshotRef, key: str) -> Iterator[Extent]:
+        """What disk `key` of the VM holds that its point does not (written, or zeroed), at the snapshot,
+        in offset order: the ranges a first reverse sync copies."""
+        ...
+
+    def open_disk(self, ref: SnapshotRef, key: str) -> AbstractContextManager[SourceDisk]:
+        """The disk at the snapshot, for the copy engine: `extents(point_base(...))` is
+        `changed_since_point`, `extents(change id of an earlier reverse snapshot)` what changed since
+        it, `extents(None)` everything."""
+        ...
+
+    def release(self, ref: SnapshotRef, committed: bool) -> None:
+        """Drop what the snapshot holds. Committed: its change ids are the next reverse sync's base;
+        not: the previous base stays usable. Released already, or the VM gone: no error."""
+        ...
+
+    def forget(self, name: str) -> None:
+        """Remove every change tracking state failback made on VM `name` (a failback given up with the
+        VM kept). Destroying the VM removes it as well. Idempotent."""
+        ...
+
+
+@runtime_checkable
+class FailbackSink(Protocol):
+    """A failback's reverse target: the original source place, its disks written in place. An optional
+    capability of a source platform (`Platform.failback_sink`, made by
+    `sendense.platforms.failback_sink_for`), on the VM the job's source spec names; keys are the
+    source's disk keys (as in the job's points).
+
+    The source VM must be off while its disks are written (`SourcePower.power_off_vm`): `open_disk`
+    refuses, in one line, a disk a VM runs on. Every verb is idempotent.
+    """
+
+    platform: str
+
+    def disks(self) -> list[DiskInfo]:
+        """The source's disks as they are now (key, size, image or volume)."""
+        ...
+
+    def open_disk(self, key: str) -> AbstractContextManager[TargetDisk]:
+        """Disk `key` of the source, writable (`has_base`: it holds the failover point's content, or
+        more). What is written stays written: undoing a reverse sync is another reverse sync."""
+        ...
+
+    def diverged(self, key: str, since: str) -> Iterator[Extent]:
+        """Where disk `key` changed since the job's change id `since` (the failover point's), by the
+        source's own change tracking: what the source wrote after its last point (an unplanned
+        failover) and what reverse syncs wrote since. A reverse sync copies these ranges too, so the
+        disk ends up equal to the VM. Raises ChangeTrackingLost when `since` cannot be used: the
+        reverse sync must then compare the whole disk (a resync)."""
+        ...
+
+    def rebase(self, snapshot_id: str) -> SnapshotRef:
+        """New change tracking bases on every disk, named as the job's own snapshot `snapshot_id`
+        would be: the job's next forward sync is an incremental from the returned change ids, if the
+        job's latest point on the target reads what the disks hold now. Older bases stay (the next
+        committed forward sync removes them). Undo: `drop_base(ref)`."""
+        ...
+
+    def drop_base(self, ref: SnapshotRef) -> None:
+        """Undo of `rebase`: remove exactly the bases it added; gone already: no error."""
+        ...

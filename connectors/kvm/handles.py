@@ -60,3 +60,24 @@ class LibvirtSnapshot(Handle):
     domain: str = ""
     checkpoint: str = ""
     socket: str = ""
+
+
+class VmChangesSnapshot(Handle):
+    """A failed-over VM's reverse snapshot (vm_changes): the VM, how it was taken (`qmp`: the running
+    VM's QEMU; `stopped`: its overlays through qemu-nbd) and the handle of that form's snapshot."""
+
+    vm: str = ""
+    form: str = ""
+    point_id: str = ""
+    inner: dict[str, Any] = {}
+
+
+class VmChangesDisk(Handle):
+    """One disk of it: its key in the form's snapshot (the VM's QEMU node name), its overlay, and
+    that snapshot's own base and handle."""
+
+    node: str = ""
+    image: str = ""
+    base: str = ""
+    lost: str = ""
+    inner: dict[str, Any] = {}

@@ -88,6 +88,9 @@ GRANULARITY = 64 << 10
 
 class QmpSource(QmpJob):
     platform = "kvm"
+    # export `qemu:allocation-depth` too (which layer of the fleece's chain holds a range): a failed-over
+    # VM's reverse sync reads what its overlay holds (vm_changes)
+    allocation_depth = False
 
     # ------------------------------------------------------------------ protocol
 
@@ -282,6 +285,8 @@ class QmpSource(QmpJob):
                     }
                     if p["sources"]:
                         args["bitmaps"] = [tmp]
+                    if self.allocation_depth:
+                        args["allocation-depth"] = True
                     c.execute("block-export-add", **args)
             except BaseException:
                 try:

@@ -136,14 +136,25 @@ class NbdSourceDisk:
 class OfflineQcow2Source:
     platform = "kvm"
     busy_wait = BUSY_WAIT
+    nbd_options: tuple[str, ...] = ()  # more qemu-nbd options for reads (vm_changes: --allocation-depth)
 
-    def __init__(self, job: str, disks: list[Path], hardware: KvmHardware | None = None) -> None:
+    def __init__(
+        self,
+        job: str,
+        disks: list[Path],
+        hardware: KvmHardware | None = None,
+        *,
+        keys: list[str] | None = None,
+    ) -> None:
         self.job = job
         self.paths = [Path(p) for p in disks]
         self.hardware = hardware or KvmHardware()  # the spec's word: the images say nothing of it
+        # the disks' keys: disk<i> for a stopped VM's spec; another form's keys for its images at rest
+        # (a QMP VM's node names, when a failback writes them back or reads a stopped VM's overlays)
+        self.keys = keys or [f"disk{i}" for i in range(len(self.paths))]
 
     def _keys(self) -> list[tuple[str, Path]]:
-        return [(f"disk{i}", p) for i, p in enumerate(self.paths)]
+        return list(zip(self.keys, self.paths, strict=True))
 
     def _path(self, key: str) -> Path:
         for k, p in self._keys():
@@ -301,7 +312,13 @@ class OfflineQcow2Source:
         regrown = handles.OfflineDisk.parse(d.handle).regrown
         with (
             self._lock(path, exclusive=False),
-            qemu_nbd(path, readonly=True, bitmaps=bitmaps, spec=self._spec(self._index(key), path)) as srv,
+            qemu_nbd(
+                path,
+                readonly=True,
+                bitmaps=bitmaps,
+                extra=self.nbd_options,
+                spec=self._spec(self._index(key), path),
+            ) as srv,
             NbdSourceDisk(
                 srv.uri,
                 d.size,

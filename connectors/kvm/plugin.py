@@ -6,7 +6,14 @@ from pathlib import Path
 
 from connectors.kvm.spec import KvmSource, KvmTarget
 from sendense.platforms import Platform
-from sendense.protocols import SourceConnector, SourcePower, TargetConnector, VmProvisioner
+from sendense.protocols import (
+    FailbackSink,
+    SourceConnector,
+    SourcePower,
+    TargetConnector,
+    VmChanges,
+    VmProvisioner,
+)
 
 
 def _source(spec: KvmSource, job: str, work_dir: Path) -> SourceConnector:
@@ -33,6 +40,20 @@ def _vms(spec: KvmTarget, job: str, job_id: str) -> VmProvisioner:
     return KvmVms(job, spec.path, job_id, libvirt_uri=spec.libvirt.uri if spec.libvirt else None)
 
 
+def _vm_changes(spec: KvmTarget, job: str, job_id: str) -> VmChanges:
+    from connectors.kvm.vm_changes import KvmVmChanges
+    from connectors.kvm.vms import KvmVms
+
+    vms = KvmVms(job, spec.path, job_id, libvirt_uri=spec.libvirt.uri if spec.libvirt else None)
+    return KvmVmChanges(job, spec.path, job_id, vms=vms)
+
+
+def _failback_sink(spec: KvmSource, job: str, work_dir: Path) -> FailbackSink:
+    from connectors.kvm.failback_sink import KvmFailbackSink
+
+    return KvmFailbackSink(job, spec, work_dir)
+
+
 PLATFORM = Platform(
     name="kvm",
     summary="KVM/QEMU: a stopped VM's qcow2 images, a running VM over QMP or a libvirt domain; "
@@ -43,6 +64,8 @@ PLATFORM = Platform(
     target=_target,
     vms=_vms,
     source_power=_power,
+    vm_changes=_vm_changes,
+    failback_sink=_failback_sink,
     lab_note="KVM runs for real here: source.disks (stopped VM), source.qmp or source.libvirt; no lab",
     starter_source_roots=("/var/lib/libvirt/images",),  # libvirt's default image pool
     starter_endpoints=("qemu:///system", "qemu:///session"),

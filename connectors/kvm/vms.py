@@ -21,6 +21,7 @@ import fcntl
 import logging
 import os
 import re
+import shutil
 import time
 import uuid
 from collections.abc import Iterator
@@ -236,7 +237,12 @@ class KvmVms:
                     entries = sorted(d.iterdir(), key=lambda f: f.name == "vm.json")  # the record last
                     for f in [*entries, d]:
                         try:
-                            f.rmdir() if f.is_dir() and not f.is_symlink() else f.unlink()
+                            if f == d:
+                                f.rmdir()
+                            elif f.is_dir() and not f.is_symlink():
+                                shutil.rmtree(f)  # a failback tracker's work directory (vm_changes)
+                            else:
+                                f.unlink()
                         except FileNotFoundError:
                             pass
                         except OSError as e:

@@ -28,6 +28,9 @@ except ImportError as _e:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 ALLOCATION = "base:allocation"
+# QEMU's NBD servers (qemu-nbd -A, block-export-add allocation-depth): per range, the layer of the
+# export's backing chain that holds it, 1 the top, 0 none (reads as zero or from beyond the chain)
+ALLOCATION_DEPTH = "qemu:allocation-depth"
 STATE_HOLE = 1
 STATE_ZERO = 2
 STATE_DIRTY = 1
@@ -183,6 +186,23 @@ class NbdConnection:
             alloc = [(s, e, bool(f & STATE_ZERO)) for s, e, f in r[ALLOCATION]]
             dirty = None if bitmap is None else [(s, e, bool(f & STATE_DIRTY)) for s, e, f in r[contexts[1]]]
             yield from intersect_dirty(alloc, dirty)
+            pos = w_end
+
+    def layer_extents(self, layers: int, start: int = 0, end: int | None = None) -> Iterator[Extent]:
+        """The ranges held by the top `layers` layers of the export's backing chain (an overlay's own
+        clusters, allocated or zeroed: what was written since its backing was made), each tagged data
+        or zero by `base:allocation`, in order. Needs a server that exports `qemu:allocation-depth`."""
+        end = self.size if end is None else end
+        for c in (ALLOCATION, ALLOCATION_DEPTH):
+            if not self.can_meta_context(c):
+                raise DataPathError(f"NBD export {self.label} lacks {c}", retryable=False)
+        pos = start
+        while pos < end:
+            w_end = min(end, pos + BLOCK_STATUS_WINDOW)
+            r = self.status_ranges(pos, w_end, (ALLOCATION, ALLOCATION_DEPTH))
+            alloc = [(s, e, bool(f & STATE_ZERO)) for s, e, f in r[ALLOCATION]]
+            top = [(s, e, 1 <= f <= layers) for s, e, f in r[ALLOCATION_DEPTH]]
+            yield from intersect_dirty(alloc, top)
             pos = w_end
 
 
