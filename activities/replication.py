@@ -23,8 +23,8 @@ from temporalio import activity
 from activities.errors import mapped, to_application_error
 from activities.guard import authorized
 from sendense import config
+from sendense.datapath.sync import Checkpoint, planned_bytes
 from sendense.datapath.sync import copy_disk as run_copy_disk
-from sendense.datapath.sync import planned_bytes
 from sendense.errors import InvalidSpec, SendenseError
 from sendense.models import (
     MAX_DISKS,
@@ -260,19 +260,47 @@ def heartbeating(every: float) -> Iterator[None]:
 @mapped
 @authorized
 def copy_disk(req: CopyRequest) -> DiskCopyResult:
-    """Copy one disk of a snapshot into the sync's replica, resuming from the last resume token.
+    """Copy one disk of a snapshot into the sync's replica, resuming from the last resume token
+    (`resumable_copy`)."""
+    src = source_for(req.spec, work_dir(req.spec.name))
+    tgt = target_for(req.spec)
+    disk = req.snapshot.disk(req.disk)
+
+    def copy(start: int, checkpoint: Checkpoint) -> DiskCopyResult:
+        with src.open_disk(req.snapshot, req.disk) as sd, tgt.open_disk(req.sync_id, req.disk) as td:
+            return run_copy_disk(
+                sd,
+                td,
+                disk,
+                req.spec.tuning,
+                start=start,
+                on_checkpoint=checkpoint,
+                cancelled=activity.is_cancelled,
+            )
+
+    return resumable_copy(req.spec, req.sync_id, req.disk, req.snapshot.created_at, copy)
+
+
+def resumable_copy(
+    spec: JobSpec,
+    sync_id: str,
+    key: str,
+    snapshot_at: datetime,
+    copy: Callable[[int, Checkpoint], DiskCopyResult],
+) -> DiskCopyResult:
+    """Run `copy(start, checkpoint)` for disk `key` of sync `sync_id`, from the last resume token.
 
     The token (everything below `offset` is on the target and flushed) is kept in a local file at
     every checkpoint, and heartbeated at most every HEARTBEAT_EVERY, never at the copy's last
     checkpoint (the result follows at once; a small sync's copy then heartbeats not at all): each
     call costs the copy ~1 ms of GIL for the payload conversion, the first one of an attempt a server
-    round trip. A retry of this activity runs on the same host queue, so the local token bounds what
+    round trip. A retry of the activity runs on the same host queue, so the local token bounds what
     is copied again to one checkpoint.
     """
     start = 0
     carried = CopyStats()
     tokens = [CopyToken.model_validate(d) for d in activity.info().heartbeat_details[:1]]
-    store = work_dir(req.spec.name) / "tokens" / f"{req.sync_id}-{req.disk}.json"
+    store = work_dir(spec.name) / "tokens" / f"{sync_id}-{key}.json"
     try:
         tokens.append(CopyToken.model_validate_json(store.read_text()))
     except (OSError, ValueError):
@@ -280,20 +308,17 @@ def copy_disk(req: CopyRequest) -> DiskCopyResult:
     valid = [
         t
         for t in tokens
-        if t.sync_id == req.sync_id
-        and t.disk == req.disk
-        and t.snapshot_at in (None, req.snapshot.created_at)  # None: a token of an older worker
+        if t.sync_id == sync_id
+        and t.disk == key
+        and t.snapshot_at in (None, snapshot_at)  # None: a token of an older worker
     ]
     if valid:
         best = max(valid, key=lambda t: t.offset)
         start, carried = best.offset, best.stats
-        activity.logger.info("resuming disk %s of %s at offset %d", req.disk, req.sync_id, start)
-    src = source_for(req.spec, work_dir(req.spec.name))
-    tgt = target_for(req.spec)
-    disk = req.snapshot.disk(req.disk)
+        activity.logger.info("resuming disk %s of %s at offset %d", key, sync_id, start)
     store.parent.mkdir(parents=True, exist_ok=True)
     for stale in store.parent.glob("*.json"):  # tokens of abandoned syncs of this job
-        if not stale.name.startswith(f"{req.sync_id}-"):
+        if not stale.name.startswith(f"{sync_id}-"):
             stale.unlink(missing_ok=True)
 
     last_beat = [float("-inf")]
@@ -302,11 +327,11 @@ def copy_disk(req: CopyRequest) -> DiskCopyResult:
         merged = carried.model_copy()
         merged.add(stats)
         token = CopyToken(
-            sync_id=req.sync_id,
-            disk=req.disk,
+            sync_id=sync_id,
+            disk=key,
             offset=max(offset, start),
             stats=merged,
-            snapshot_at=req.snapshot.created_at,
+            snapshot_at=snapshot_at,
         )
         token.done, token.total = done, total
         _write_atomic(store, token.model_dump_json())
@@ -315,16 +340,7 @@ def copy_disk(req: CopyRequest) -> DiskCopyResult:
             last_beat[0] = now
             activity.heartbeat(token)
 
-    with src.open_disk(req.snapshot, req.disk) as sd, tgt.open_disk(req.sync_id, req.disk) as td:
-        result = run_copy_disk(
-            sd,
-            td,
-            disk,
-            req.spec.tuning,
-            start=start,
-            on_checkpoint=checkpoint,
-            cancelled=activity.is_cancelled,
-        )
+    result = copy(start, checkpoint)
     result.stats.add(carried)
     store.unlink(missing_ok=True)
     return result

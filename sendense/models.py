@@ -421,6 +421,19 @@ class FailedOver(Wire):
     at: datetime
 
 
+class FailbackSummary(Wire):
+    """A failback's outcome as `job status` shows the newest one."""
+
+    failback_id: str
+    point_id: str = ""
+    syncs: int = 0
+    bytes_written: int = 0
+    cutover_seconds: float | None = None
+    started: bool = False
+    note: str | None = Field(default=None, description="why the source VM was not started, if not")
+    at: datetime
+
+
 class JobSpec(Strict):
     name: str
     job_id: str = Field(
@@ -721,7 +734,16 @@ class SyncResult(Wire):
 
 
 JobState = Literal[
-    "starting", "idle", "syncing", "paused", "error", "failing-over", "failed-over", "deleting", "deleted"
+    "starting",
+    "idle",
+    "syncing",
+    "paused",
+    "error",
+    "failing-over",
+    "failed-over",
+    "failing-back",
+    "deleting",
+    "deleted",
 ]
 
 
@@ -747,6 +769,7 @@ class JobStatus(Wire):
     left_behind: list[str] = Field(default_factory=list, description="what a delete could not remove")
     last_drill: DrillSummary | None = None
     failed_over: FailedOver | None = None
+    last_failback: FailbackSummary | None = None
 
 
 # ------------------------------------------------------------------------ activity contracts
@@ -854,6 +877,7 @@ class CarriedState(Wire):
     last_drill: DrillSummary | None = None
     vm: VmInfo | None = Field(default=None, description="the source VM as validate found it at create")
     failed_over: FailedOver | None = None
+    last_failback: FailbackSummary | None = None
 
 
 class ReplicationInput(Wire):

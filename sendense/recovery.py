@@ -7,7 +7,20 @@ from datetime import datetime, timedelta
 
 from pydantic import Field
 
-from sendense.models import BootCheck, DrillSummary, JobSpec, PointInfo, VmInfo, VmPlan, VmRef, Wire
+from sendense.models import (
+    BootCheck,
+    DiskCopyResult,
+    DrillSummary,
+    FailbackSummary,
+    FailedOver,
+    JobSpec,
+    PointInfo,
+    SnapshotRef,
+    VmInfo,
+    VmPlan,
+    VmRef,
+    Wire,
+)
 
 
 class PointRequest(Wire):
@@ -131,3 +144,109 @@ class FailoverResult(Wire):
     left_behind: list[str] = Field(default_factory=list)
     undone: list[str] = Field(default_factory=list)
     source_note: str | None = Field(default=None, description="a planned failover's source, if not off")
+
+
+class FailbackRequest(Wire):
+    """`sendense failback`: the job's update, which runs the failback (workflows.failback) as its child."""
+
+    failback_id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,31}$")
+    stop_source: bool = Field(
+        default=False, description="power off a source VM found running (else the failback is refused)"
+    )
+    max_syncs: int = Field(default=5, ge=1, le=50, description="reverse syncs while the VM runs, at most")
+    small_bytes: int = Field(
+        default=64 << 20, ge=0, description="cut over once a reverse sync had at most this much to read"
+    )
+
+
+class FailbackInput(Wire):
+    spec: JobSpec
+    failback_id: str
+    source_queue: str
+    target_queue: str
+    failed_over: FailedOver
+    requested_at: datetime
+    stop_source: bool = False
+    max_syncs: int = 5
+    small_bytes: int = 64 << 20
+    search_attributes: bool = True
+
+
+class ReverseSync(Wire):
+    """One reverse sync of a failback: the VM's snapshot copied into the source's disks."""
+
+    snapshot_id: str
+    cutover: bool = Field(default=False, description="the final one, with the VM powered off")
+    bytes_read: int = 0
+    bytes_written: int = Field(default=0, description="data written on the source's disks")
+    bytes_zeroed: int = Field(default=0, description="ranges zeroed on the source's disks")
+    planned_bytes: int = Field(default=0, description="what it had to read: the delta")
+    seconds: float = 0.0
+    compared_whole: list[str] = Field(
+        default_factory=list, description="disks compared whole: where the source diverged was not known"
+    )
+
+
+class FailbackResult(Wire):
+    """A failback's outcome: the source's disks hold what the failed-over VM wrote, the VM is gone and
+    the job replicates again; or why not, and that the failed-over VM runs on as before (`cleaned`)."""
+
+    failback_id: str
+    job: str
+    point_id: str = ""
+    vm: str = ""
+    syncs: int = 0
+    reverse_syncs: list[ReverseSync] = Field(default_factory=list)
+    bytes_written: int = Field(default=0, description="written and zeroed on the source's disks, in all")
+    bytes_read: int = 0
+    cutover_seconds: float | None = Field(
+        default=None, description="the VM powered off to the source started"
+    )
+    started: bool = False
+    start_note: str | None = Field(default=None, description="why the source VM was not started, if not")
+    error: str | None = None
+    cleaned: bool = True
+    left_behind: list[str] = Field(default_factory=list)
+    undone: list[str] = Field(default_factory=list)
+
+    def summary(self, at: datetime) -> FailbackSummary:
+        return FailbackSummary(
+            failback_id=self.failback_id,
+            point_id=self.point_id,
+            syncs=self.syncs,
+            bytes_written=self.bytes_written,
+            cutover_seconds=self.cutover_seconds,
+            started=self.started,
+            note=self.start_note,
+            at=at,
+        )
+
+
+class ReverseSnapshotRequest(Wire):
+    spec: JobSpec
+    vm: str
+    snapshot_id: str
+    base: dict[str, str] | None = None
+
+
+class ReverseCopyRequest(Wire):
+    spec: JobSpec
+    snapshot: SnapshotRef = Field(description="the VM's snapshot with this disk only")
+    disk: str
+    since: str | None = Field(
+        default=None,
+        description="the failover point's change id of the disk: where the source changed since it is "
+        "copied too (the first reverse sync); None: only the VM's changes",
+    )
+
+
+class ReverseReleaseRequest(Wire):
+    spec: JobSpec
+    snapshot: SnapshotRef
+    committed: bool
+
+
+class ReverseCopyResult(Wire):
+    result: DiskCopyResult
+    planned_bytes: int
+    compared_whole: bool = False

@@ -19,6 +19,7 @@ from temporalio.client import Client, TLSConfig
 from temporalio.converter import PayloadCodec
 from temporalio.worker import Worker
 
+from activities.failback import FAILBACK_ACTIVITIES
 from activities.plans import PLAN_ACTIVITIES, JobOperations
 from activities.recovery import RECOVERY_ACTIVITIES
 from activities.replication import HOST_ACTIVITIES
@@ -26,6 +27,7 @@ from sendense import config, policy
 from sendense.errors import NotAllowed, ServerUnreachable
 from workers.codec import CodecError, data_converter, load_codec
 from workflows.drill import DrillWorkflow
+from workflows.failback import FailbackWorkflow
 from workflows.failover import FailoverWorkflow
 from workflows.plan import PlanDrillWorkflow, PlanFailoverWorkflow, PlanWorkflow
 from workflows.replication import ReplicationWorkflow
@@ -117,6 +119,7 @@ def build_workers(client: Client, host: str | None = None, max_activities: int =
             ReplicationWorkflow,
             DrillWorkflow,
             FailoverWorkflow,
+            FailbackWorkflow,
             PlanWorkflow,
             PlanDrillWorkflow,
             PlanFailoverWorkflow,
@@ -130,7 +133,7 @@ def build_workers(client: Client, host: str | None = None, max_activities: int =
     host_worker = Worker(
         client,
         task_queue=config.host_queue(host),
-        activities=[*HOST_ACTIVITIES, *RECOVERY_ACTIVITIES, *PLAN_ACTIVITIES],
+        activities=[*HOST_ACTIVITIES, *RECOVERY_ACTIVITIES, *FAILBACK_ACTIVITIES, *PLAN_ACTIVITIES],
         activity_executor=pool,
         max_concurrent_activities=max_activities,
         # resume tokens reach the server within a second, so a killed worker re-copies little

@@ -33,7 +33,7 @@ with workflow.unsafe.imports_passed_through():
 
     platforms.load_all()
 
-from workflows.replication import SA_JOB, SA_STATE, failure_message
+from workflows.common import SA_JOB, SA_STATE, failure_message
 from workflows.saga import BOOT_MARGIN, STEP_TIMEOUT, Saga, step, undo
 
 

@@ -37,7 +37,7 @@ with workflow.unsafe.imports_passed_through():
 
     platforms.load_all()
 
-from workflows.replication import failure_message
+from workflows.common import failure_message
 from workflows.saga import BOOT_MARGIN, STEP, STEP_TIMEOUT
 
 UP_FOR = timedelta(days=7)  # a child drill's keep: the plan ends it long before

@@ -17,8 +17,11 @@ from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy, SearchAttributeKey
-from temporalio.exceptions import ActivityError, ApplicationError, FailureError
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError, ApplicationError
+
+from workflows.common import SA_STATE, SA_VM, failure_message, failure_type
+from workflows.job_recovery import JobRecovery
 
 with workflow.unsafe.imports_passed_through():
     from pydantic import ValidationError
@@ -33,8 +36,6 @@ with workflow.unsafe.imports_passed_through():
         DeleteRequest,
         DiskCopyResult,
         DiskInfo,
-        DrillSummary,
-        FailedOver,
         FinishResult,
         JobRequest,
         JobSpec,
@@ -51,18 +52,11 @@ with workflow.unsafe.imports_passed_through():
         SyncResult,
         VmInfo,
     )
-    from sendense.recovery import FailoverInput, FailoverRequest, FailoverResult
     from sendense.spec import format_validation_error
 
     # The platforms' spec models decode JobSpec: load them here, outside the sandbox, so that a
     # workflow never imports a platform's package into its sandbox.
     platforms.load_all()
-
-SA_JOB = SearchAttributeKey.for_keyword("SendenseJob")
-SA_SOURCE = SearchAttributeKey.for_keyword("SendenseSource")
-SA_TARGET = SearchAttributeKey.for_keyword("SendenseTarget")
-SA_VM = SearchAttributeKey.for_keyword("SendenseVm")
-SA_STATE = SearchAttributeKey.for_keyword("SendenseState")
 
 # workflow.patched ids (each guards a change to the command sequence; histories before it replay)
 PATCH_COMBINED_STEPS = "begin-finish-sync"  # begin_sync/finish_sync when source and target queues match
@@ -126,26 +120,8 @@ class Attempt:
     results: list[DiskCopyResult] = field(default_factory=list)
 
 
-def failure_type(e: BaseException) -> str | None:
-    """The root cause's ApplicationError type (the connector error's kind), if any."""
-    cause: BaseException | None = e
-    while isinstance(cause, ActivityError) and cause.cause is not None:
-        cause = cause.cause
-    return cause.type if isinstance(cause, ApplicationError) else None
-
-
-def failure_message(e: BaseException) -> str:
-    """The root cause's one-line message (activity failures wrap it)."""
-    cause: BaseException | None = e
-    while isinstance(cause, ActivityError) and cause.cause is not None:
-        cause = cause.cause
-    if isinstance(cause, FailureError):
-        return cause.message
-    return str(cause)
-
-
 @workflow.defn(name="ReplicationWorkflow")
-class ReplicationWorkflow:
+class ReplicationWorkflow(JobRecovery):
     def __init__(self) -> None:
         self.inp: ReplicationInput | None = None
         self.st = CarriedState()
@@ -158,6 +134,7 @@ class ReplicationWorkflow:
         self.vm: VmInfo | None = None
         self.left_behind: list[str] = []  # what a delete could not remove, said in its result
         self.failing_over = False  # the failover update runs (its child makes the VM)
+        self.failing_back = False  # the failback update runs (its child replicates the VM back)
 
     # ------------------------------------------------------------------ handlers
 
@@ -187,105 +164,8 @@ class ReplicationWorkflow:
             left_behind=list(self.left_behind),
             last_drill=self.st.last_drill,
             failed_over=self.st.failed_over,
+            last_failback=self.st.last_failback,
         )
-
-    @workflow.signal
-    def drill_finished(self, summary: DrillSummary) -> None:
-        """A drill of this job ended (workflows.drill): `job status` shows the newest."""
-        if self.st.last_drill is None or (summary.ended_at or workflow.now()) >= (
-            self.st.last_drill.ended_at or workflow.now()
-        ):
-            self.st.last_drill = summary
-
-    @workflow.update
-    async def failover(self, req: FailoverRequest) -> FailoverResult:
-        """Stop the schedule, wait for a running sync to end, then make the job's VM on the target
-        from a point (FailoverWorkflow, a child). Failed: the job syncs on as before. Done: the job is
-        `failed-over` and syncs no more."""
-        assert self.inp is not None
-        requested_at = workflow.now()
-        self.failing_over = True
-        self._set_state("failing-over")
-        try:
-            await workflow.wait_condition(lambda: self.current is None)
-            job = JobRequest(spec=self.inp.spec)
-            planned, resume, point_id = False, False, req.point_id
-            if point_id is None:  # planned if the source answers: pause it, take a final sync
-                try:
-                    state = await self._step("source_power_state", job, str)
-                except ActivityError:  # no power verbs, or no answer: unplanned
-                    state = "unreachable"
-                planned = state in ("running", "paused")
-                if planned:
-                    resume = state == "running"  # (the undo, registered before the pause runs)
-                    try:
-                        await self._step("pause_source", job)
-                    except ActivityError as e:
-                        if resume:
-                            await self._step("resume_source", job)
-                        return self._failover_failed(
-                            req, f"pausing the source VM failed: {failure_message(e)}"
-                        )
-                    before = self.st.last_point.point_id if self.st.last_point else None
-                    await self._sync()  # the final sync: nothing lands after it
-                    after = self.st.last_point.point_id if self.st.last_point else None
-                    if after is None or after == before:
-                        if resume:
-                            await self._step("resume_source", job)
-                        why = self.st.last_error or "no point was committed"
-                        return self._failover_failed(req, f"the final sync failed: {why}", planned=True)
-                    point_id = after
-            result: FailoverResult = await workflow.execute_child_workflow(
-                "FailoverWorkflow",
-                FailoverInput(
-                    spec=self.inp.spec,
-                    failover_id=req.failover_id,
-                    target_queue=self.inp.target_queue,
-                    point_id=point_id,
-                    vm=self.st.vm,
-                    requested_at=requested_at,
-                    planned=planned,
-                    search_attributes=self.inp.search_attributes,
-                ),
-                id=f"failover-{self.inp.spec.name}-{req.failover_id}",
-                result_type=FailoverResult,
-            )
-            if result.error is not None and resume:
-                await self._step("resume_source", job)  # rolled back: the source runs on as before
-            if result.error is None and planned:
-                try:  # the source off for good: the job's VM runs on the target now
-                    await self._step("power_off_source", job)
-                except ActivityError as e:
-                    result.source_note = f"the source VM stays paused, not powered off: {failure_message(e)}"
-            if result.error is None and result.vm is not None:
-                self.st.failed_over = FailedOver(
-                    failover_id=req.failover_id,
-                    point_id=result.point_id,
-                    planned=result.planned,
-                    vm=result.vm.name,
-                    vm_id=result.vm.vm_id,
-                    at=workflow.now(),
-                )
-            return result
-        finally:
-            self.failing_over = False
-            self._set_state(self._resting_state())
-
-    def _failover_failed(self, req: FailoverRequest, why: str, planned: bool = False) -> FailoverResult:
-        assert self.inp is not None
-        return FailoverResult(failover_id=req.failover_id, job=self.inp.spec.name, planned=planned, error=why)
-
-    @failover.validator
-    def _validate_failover(self, req: FailoverRequest) -> None:
-        if self.deleting is not None:
-            raise ApplicationError("job is being deleted", type="JobDeleted")
-        if self.failing_over:
-            raise ApplicationError("a failover of this job is running", type="FailoverRunning")
-        if (done := self.st.failed_over) is not None:
-            raise ApplicationError(
-                f"job is failed over already (point {done.point_id}, VM {done.vm}); fail it back first",
-                type="FailedOver",
-            )
 
     @workflow.query
     def get_spec(self) -> JobSpec:
@@ -640,12 +520,14 @@ class ReplicationWorkflow:
             self.next_sync_at = self.st.last_sync_started_at + self.inp.spec.schedule.interval
 
     def _held(self) -> bool:
-        """No syncs: paused, failing over or failed over."""
-        return self.st.paused or self.failing_over or self.st.failed_over is not None
+        """No syncs: paused, failing over, failed over or failing back."""
+        return self.st.paused or self.failing_over or self.failing_back or self.st.failed_over is not None
 
     def _resting_state(self) -> str:
         if self.failing_over:
             return "failing-over"
+        if self.failing_back:
+            return "failing-back"
         if self.st.failed_over is not None:
             return "failed-over"
         return "paused" if self.st.paused else ("error" if self.st.last_error else "idle")

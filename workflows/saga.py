@@ -13,10 +13,10 @@ from temporalio import workflow
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError
 
-from workflows.replication import failure_message
+from workflows.common import failure_message
 
 with workflow.unsafe.imports_passed_through():
-    from sendense.models import BootCheck, PointInfo, VmRef
+    from sendense.models import BootCheck, PointInfo, SnapshotRef, VmRef
 
 # what the recovery activities (activities/recovery.py) return, by name
 RESULT_TYPES: dict[str, type] = {
@@ -24,6 +24,9 @@ RESULT_TYPES: dict[str, type] = {
     "create_vm": VmRef,
     "power_on": VmRef,
     "boot_check": BootCheck,
+    "reverse_snapshot": SnapshotRef,
+    "source_power_state": str,
+    "power_on_source": str,
 }
 
 STEP = RetryPolicy(

@@ -45,7 +45,8 @@ from sendense.models import (
 )
 from sendense.recovery import FailoverRequest, FailoverResult
 from workers.worker import connect
-from workflows.replication import SA_JOB, SA_SOURCE, SA_STATE, SA_TARGET, ReplicationWorkflow
+from workflows.common import SA_JOB, SA_SOURCE, SA_STATE, SA_TARGET
+from workflows.replication import ReplicationWorkflow
 
 
 class PendingStep(BaseModel):

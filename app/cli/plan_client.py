@@ -30,9 +30,9 @@ from sendense.plans import (
     PlanSpec,
 )
 from sendense.spec import format_validation_error, load_yaml
+from workflows.common import SA_JOB
 from workflows.drill import SA_OPERATION
 from workflows.plan import PlanDrillWorkflow, PlanFailoverWorkflow, PlanWorkflow
-from workflows.replication import SA_JOB
 
 
 def plan_workflow_id(name: str) -> str:

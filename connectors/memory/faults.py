@@ -73,10 +73,15 @@ VM_VERBS = (
     "list_vms",
     "destroy_vm",
 )
+# failback (failback.py): the VM's changes read back (`changes.*`), the source written back (`sink.*`)
+CHANGES_VERBS = ("snapshot_vm", "open_disk", "read", "release", "forget")
+SINK_VERBS = ("disks", "open_disk", "write", "diverged", "rebase", "drop_base")
 VERBS = (
     tuple(f"source.{v}" for v in SOURCE_VERBS)
     + tuple(f"target.{v}" for v in TARGET_VERBS)
     + tuple(f"vms.{v}" for v in VM_VERBS)
+    + tuple(f"changes.{v}" for v in CHANGES_VERBS)
+    + tuple(f"sink.{v}" for v in SINK_VERBS)
 )
 # Verbs whose connector marks the end of their effect (`Faults.effect`): a fault can hit after it.
 EFFECT_VERBS = (
@@ -90,6 +95,9 @@ EFFECT_VERBS = (
     "source.resume_vm",
     "source.power_off_vm",
     "source.power_on_vm",
+    "changes.snapshot_vm",
+    "changes.release",
+    "sink.rebase",
 )
 
 

@@ -6,7 +6,14 @@ from pathlib import Path
 
 from connectors.memory.spec import MemorySource, MemoryTarget
 from sendense.platforms import Platform
-from sendense.protocols import SourceConnector, SourcePower, TargetConnector, VmProvisioner
+from sendense.protocols import (
+    FailbackSink,
+    SourceConnector,
+    SourcePower,
+    TargetConnector,
+    VmChanges,
+    VmProvisioner,
+)
 
 
 def _source(spec: MemorySource, job: str, work_dir: Path) -> SourceConnector:
@@ -33,6 +40,18 @@ def _vms(spec: MemoryTarget, job: str, job_id: str) -> VmProvisioner:
     return MemoryVms(job, spec, job_id)
 
 
+def _vm_changes(spec: MemoryTarget, job: str, job_id: str) -> VmChanges:
+    from connectors.memory.failback import MemoryVmChanges
+
+    return MemoryVmChanges(job, spec, job_id)
+
+
+def _failback_sink(spec: MemorySource, job: str, work_dir: Path) -> FailbackSink:
+    from connectors.memory.failback import MemoryFailbackSink
+
+    return MemoryFailbackSink(job, spec, work_dir)
+
+
 PLATFORM = Platform(
     name="memory",
     summary="in-process memory or plain files: VMs made by tests, exact change tracking, fault injection",
@@ -42,6 +61,8 @@ PLATFORM = Platform(
     target=_target,
     vms=_vms,
     source_power=_power,
+    vm_changes=_vm_changes,
+    failback_sink=_failback_sink,
     lab_note="the memory platform needs no lab: tests make its VMs (connectors.memory.store)",
     developer_only=True,
 )

@@ -52,11 +52,11 @@ from sendense.models import DiskInfo, DiskSnapshot, NicInfo, SnapshotRef, VmInfo
 class MemoryReader:
     """A BlockReader over a snapshot's frozen copy of one disk."""
 
-    def __init__(self, store: Store, blob: str, size: int, label: str) -> None:
-        self.store, self.blob, self.size, self.label = store, blob, size, label
+    def __init__(self, store: Store, blob: str, size: int, label: str, verb: str = "source.read") -> None:
+        self.store, self.blob, self.size, self.label, self.verb = store, blob, size, label, verb
 
     def read(self, offset: int, length: int) -> bytes:
-        self.store.faults.check("source.read", length)
+        self.store.faults.check(self.verb, length)
         if offset < 0 or offset + length > self.size:
             raise DataPathError(
                 f"{self.label}: read of {length} bytes at {offset} is beyond its end ({self.size})"

@@ -7,7 +7,8 @@ Under the job's target (`target/<job>`), for a VM `<name>`:
   memory they share the point's chunks; in files they are copies), so nothing the VM writes ever
   reaches the point and no prune of the point reaches the VM;
 - record `vm-consoles/<name>`: its console text;
-- record `vm-networks/<name>`: the isolated network of a test VM, its own.
+- record `vm-networks/<name>`: the isolated network of a test VM, its own;
+- records and blobs under `vm-failback/<name>/`: failback's snapshots of the VM (`failback.py`).
 `vm_names` sees every VM with anything of these left, whole or not: the target refuses `destroy`
 while there is one, and `list_vms` shows them.
 
@@ -33,6 +34,8 @@ CONSOLE_TAIL = 256 << 10  # console() returns at most this much (the newest text
 STRINGS = re.compile(rb"[\x20-\x7e\t]{8,}")
 
 VMS, DISKS, CONSOLES, NETWORKS = "vms", "vm-disks", "vm-consoles", "vm-networks"
+FAILBACK = "vm-failback"
+POINT = "point"  # the change id of a VM's disk that records every write since it was made
 
 
 class VmRecord(BaseModel):
@@ -47,6 +50,11 @@ class VmRecord(BaseModel):
     state: Literal["stopped", "running"] = "stopped"
     powered_on_at: float | None = Field(default=None, description="time.time() of the last power-on")
     boot_from: int = Field(default=0, description="where the last boot's text starts in the console")
+    changes: dict[str, dict[str, list[list[int]]]] = Field(
+        default_factory=dict,
+        description="per disk key: change id -> byte ranges the guest wrote since (`point`: since the VM "
+        "was made from its point; the others: failback's snapshots, failback.py)",
+    )
 
 
 class VmPlace:
@@ -58,6 +66,7 @@ class VmPlace:
         self.console = f"{top}/{CONSOLES}/{name}"
         self.network = f"{top}/{NETWORKS}/{name}"
         self.disks = f"{top}/{DISKS}/{name}/"
+        self.failback = f"{top}/{FAILBACK}/{name}/"
 
     def disk(self, blob_key: str) -> str:
         return f"{self.disks}{blob_key}"
@@ -65,8 +74,8 @@ class VmPlace:
 
 def vm_names(b: Backend, top: str) -> list[str]:
     """Every VM of the job's target with anything left in the store (record, disk, console, network)."""
-    names = {n.split("/")[3] for n in b.blobs(f"{top}/{DISKS}/")}
-    for kind in (VMS, CONSOLES, NETWORKS):
+    names = {n.split("/")[3] for kind in (DISKS, FAILBACK) for n in b.blobs(f"{top}/{kind}/")}
+    for kind in (VMS, CONSOLES, NETWORKS, FAILBACK):
         names.update(n.split("/")[3] for n in b.records(f"{top}/{kind}/"))
     return sorted(names)
 

@@ -29,6 +29,7 @@ import secrets
 import time
 
 from connectors.memory.backend import Backend, BlobMissing
+from connectors.memory.ranges import add, as_json, from_json
 from connectors.memory.spec import MemoryTarget
 from connectors.memory.target import MemoryTargetConnector
 from connectors.memory.vm_state import (
@@ -36,6 +37,7 @@ from connectors.memory.vm_state import (
     CONSOLE_KEEP,
     CONSOLE_TAIL,
     NETWORKS,
+    POINT,
     VmPlace,
     VmRecord,
     boot_text,
@@ -152,7 +154,7 @@ class MemoryVms:
                 point = self.target.point_in(b, plan.point_id)
                 keys, nics = self._layout(plan, point), self._nics(plan)  # refused: nothing made
                 rec = VmRecord(plan=plan, job_id=self.job_id, vm_id=f"mem-{secrets.token_hex(6)}",
-                               disks=keys, nics=nics)  # fmt: skip
+                               disks=keys, nics=nics, changes={k: {POINT: []} for k in keys})  # fmt: skip
                 paths = {d.key: d.path for d in point.disks}
                 for key in keys:
                     try:
@@ -174,8 +176,10 @@ class MemoryVms:
             place = self._place(name)
             with self.store.locked() as b:
                 self.target.check_owner(b)
-                for blob in b.blobs(place.disks):
+                for blob in [*b.blobs(place.disks), *b.blobs(place.failback)]:
                     b.delete(blob)
+                for rec_name in b.records(place.failback):  # failback's snapshots of it
+                    b.drop(rec_name)
                 b.drop(place.network)
                 b.drop(place.console)
                 b.drop(place.record)  # last: what a destroy cut short left is still found by name
@@ -277,10 +281,25 @@ class MemoryVms:
             return b.read(self._disk(b, place, key), offset, length)
 
     def write_disk(self, name: str, key: str, offset: int, data: bytes) -> None:
-        """Write to disk `key` of the VM as its guest would (its point never sees it)."""
+        """Write to disk `key` of the VM as its guest would (its point never sees it); every change
+        id of the disk records the range (`VmRecord.changes`)."""
         with self.store.locked() as b:
-            place, _ = self._load(b, name)
+            place, rec = self._load(b, name)
             b.write(self._disk(b, place, key), offset, data)
+            self._changed(b, place, rec, key, offset, offset + len(data))
+
+    def zero_disk(self, name: str, key: str, offset: int, length: int) -> None:
+        """A zero write (or a discard) to disk `key` of the VM, as its guest would."""
+        with self.store.locked() as b:
+            place, rec = self._load(b, name)
+            b.zero(self._disk(b, place, key), offset, length)
+            self._changed(b, place, rec, key, offset, offset + length)
+
+    def _changed(self, b: Backend, place: VmPlace, rec: VmRecord, key: str, start: int, end: int) -> None:
+        track = rec.changes.setdefault(key, {POINT: []})
+        for cid, ranges in track.items():
+            track[cid] = as_json(add(from_json(ranges), start, end))
+        self._save(b, place, rec)
 
     def _disk(self, b: Backend, place: VmPlace, key: str) -> str:
         blob = place.disk(safe_key(key))

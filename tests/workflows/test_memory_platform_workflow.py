@@ -27,6 +27,7 @@ from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
+from activities.failback import FAILBACK_ACTIVITIES
 from activities.plans import PLAN_ACTIVITIES, JobOperations
 from activities.recovery import RECOVERY_ACTIVITIES
 from activities.replication import HOST_ACTIVITIES
@@ -46,6 +47,7 @@ from sendense.models import (
 )
 from sendense.platforms import target_for
 from workflows.drill import DrillWorkflow
+from workflows.failback import FailbackWorkflow
 from workflows.failover import FailoverWorkflow
 from workflows.plan import PlanDrillWorkflow, PlanFailoverWorkflow
 from workflows.replication import ReplicationWorkflow
@@ -169,6 +171,7 @@ async def running(env: WorkflowEnvironment, job: Job, *, source_queue: bool = Fa
                     ReplicationWorkflow,
                     DrillWorkflow,
                     FailoverWorkflow,
+                    FailbackWorkflow,
                     PlanDrillWorkflow,
                     PlanFailoverWorkflow,
                 ]
@@ -177,6 +180,7 @@ async def running(env: WorkflowEnvironment, job: Job, *, source_queue: bool = Fa
                 activities=[
                     *HOST_ACTIVITIES,
                     *RECOVERY_ACTIVITIES,
+                    *FAILBACK_ACTIVITIES,
                     *PLAN_ACTIVITIES,
                     JobOperations(env.client).failover_job,
                 ],

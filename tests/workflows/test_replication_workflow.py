@@ -64,7 +64,8 @@ from sendense.models import (
     Tuning,
     VmInfo,
 )
-from workflows.replication import SA_JOB, SA_SOURCE, SA_STATE, SA_TARGET, SA_VM, ReplicationWorkflow
+from workflows.common import SA_JOB, SA_SOURCE, SA_STATE, SA_TARGET, SA_VM
+from workflows.replication import ReplicationWorkflow
 
 DISKS = {"disk0": 8 << 30, "disk1": 2 << 30}
 WRITTEN = 3 << 20  # bytes each fake copy writes per disk

@@ -414,7 +414,14 @@ def test_after_effect_faults_on_holds_and_what_refuses_them(store: Store) -> Non
     with pytest.raises(ValueError, match="after_effect: vms.console is not one of target.hold, "):
         store.faults.fail("vms.console", after_effect=True)
     power = {f"source.{v}" for v in ("pause_vm", "resume_vm", "power_off_vm", "power_on_vm")}
-    assert set(EFFECT_VERBS) == {"target.hold", "target.release", *(f"vms.{v}" for v in EFFECT), *power}
+    failback = {"changes.snapshot_vm", "changes.release", "sink.rebase"}
+    assert set(EFFECT_VERBS) == {
+        "target.hold",
+        "target.release",
+        *(f"vms.{v}" for v in EFFECT),
+        *power,
+        *failback,
+    }
 
 
 def test_a_verb_that_fails_by_itself_does_not_spend_an_after_effect_fault(store: Store) -> None:

@@ -1,0 +1,126 @@
+"""Failback's activities (workflows.failback): the failed-over VM's snapshots read back into the
+source's disks in place, and the source VM started again. They run on the job's source host queue
+(the source's disks are written there; the VM's changes are read through its target platform), ask
+the agent's policy first, and are idempotent by the snapshot id their workflow chose before they ran.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from temporalio import activity
+
+from activities.errors import mapped
+from activities.guard import authorized
+from activities.recovery import beating
+from activities.replication import resumable_copy, work_dir
+from sendense.datapath.reverse import WithDiverged
+from sendense.datapath.sync import Checkpoint, planned_bytes
+from sendense.datapath.sync import copy_disk as run_copy_disk
+from sendense.errors import ChangeTrackingLost, VmNotStartable
+from sendense.models import DiskCopyResult, JobRequest, SnapshotRef
+from sendense.platforms import failback_sink_for, source_power_for, vm_changes_for
+from sendense.protocols import SourceDisk
+from sendense.recovery import (
+    ReverseCopyRequest,
+    ReverseCopyResult,
+    ReverseReleaseRequest,
+    ReverseSnapshotRequest,
+    VmNameRequest,
+)
+
+
+@activity.defn(name="reverse_snapshot")
+@mapped
+@beating
+@authorized
+def reverse_snapshot(req: ReverseSnapshotRequest) -> SnapshotRef:
+    """A crash-consistent snapshot of the failed-over VM's disks, incremental from `base` (the last
+    committed reverse snapshot's change ids) or from its point."""
+    return vm_changes_for(req.spec).snapshot_vm(req.vm, req.snapshot_id, req.base)
+
+
+@activity.defn(name="reverse_copy")
+@mapped
+@authorized
+def reverse_copy(req: ReverseCopyRequest) -> ReverseCopyResult:
+    """Copy one disk of the VM's snapshot into the source's disk in place, resuming from the last
+    resume token. The first reverse sync (`since`) also copies where the source changed since the
+    failover point; when the source no longer knows where (its change tracking is gone), the disk is
+    compared whole (a resync: only what differs is written), never skipped."""
+    changes, sink = vm_changes_for(req.spec), failback_sink_for(req.spec, work_dir(req.spec.name))
+    disk = req.snapshot.disk(req.disk)
+    whole = [False]
+    planned = [0]
+
+    def copy(start: int, checkpoint: Checkpoint) -> DiskCopyResult:
+        with changes.open_disk(req.snapshot, req.disk) as vm_disk, sink.open_disk(req.disk) as original:
+            src: SourceDisk = vm_disk
+            d = disk
+            if req.since is not None:
+                try:
+                    src = WithDiverged(vm_disk, sink.diverged(req.disk, req.since))
+                except ChangeTrackingLost as e:
+                    activity.logger.warning(
+                        "job %s disk %s: comparing the whole disk: %s", req.spec.name, req.disk, e.message
+                    )
+                    whole[0], d = True, disk.model_copy(update={"base_change_id": None})
+            planned[0] = planned_bytes(src, original, d, start)
+            return run_copy_disk(
+                src,
+                original,
+                d,
+                req.spec.tuning,
+                start=start,
+                on_checkpoint=checkpoint,
+                cancelled=activity.is_cancelled,
+                total=planned[0],
+            )
+
+    sync_id = f"reverse-{req.snapshot.snapshot_id}"
+    result = resumable_copy(req.spec, sync_id, req.disk, req.snapshot.created_at, copy)
+    return ReverseCopyResult(result=result, planned_bytes=planned[0], compared_whole=whole[0])
+
+
+@activity.defn(name="reverse_release")
+@mapped
+@beating
+@authorized
+def reverse_release(req: ReverseReleaseRequest) -> None:
+    """Committed: the snapshot's change ids are the next reverse sync's base."""
+    vm_changes_for(req.spec).release(req.snapshot, req.committed)
+
+
+@activity.defn(name="reverse_forget")
+@mapped
+@beating
+@authorized
+def reverse_forget(req: VmNameRequest) -> None:
+    """A failback given up: every snapshot and change id failback made on the VM goes (the next
+    failback starts from the VM's point again, which is always right)."""
+    vm_changes_for(req.spec).forget(req.name)
+
+
+@activity.defn(name="power_on_source")
+@mapped
+@beating
+@authorized
+def power_on_source(req: JobRequest) -> str:
+    """Start the source VM where the product can: '' once started, else why not (a VM the product
+    cannot start: its disks are current, it is the operator's to start)."""
+    power = source_power_for(req.spec, work_dir(req.spec.name))
+    try:
+        power.power_on_vm()
+    except VmNotStartable as e:
+        return e.message
+    return ""
+
+
+FAILBACK_ACTIVITIES: list[Callable[..., Any]] = [
+    reverse_snapshot,
+    reverse_copy,
+    reverse_release,
+    reverse_forget,
+    power_on_source,
+]
