@@ -15,6 +15,7 @@ from activities.errors import mapped
 from activities.guard import authorized
 from activities.recovery import beating
 from activities.replication import resumable_copy, work_dir
+from sendense.datapath.extents import Extent
 from sendense.datapath.reverse import WithDiverged
 from sendense.datapath.sync import Checkpoint, planned_bytes
 from sendense.datapath.sync import copy_disk as run_copy_disk
@@ -54,23 +55,24 @@ def reverse_copy(req: ReverseCopyRequest) -> ReverseCopyResult:
     whole = [False]
     planned = [0]
 
+    diverged: list[Extent] | None = None
+    if req.since is not None:  # read before the disk is opened for writing (which holds its image)
+        try:
+            diverged = list(sink.diverged(req.disk, req.since))
+        except ChangeTrackingLost as e:
+            activity.logger.warning(
+                "job %s disk %s: comparing the whole disk: %s", req.spec.name, req.disk, e.message
+            )
+            whole[0], disk = True, disk.model_copy(update={"base_change_id": None})
+
     def copy(start: int, checkpoint: Checkpoint) -> DiskCopyResult:
         with changes.open_disk(req.snapshot, req.disk) as vm_disk, sink.open_disk(req.disk) as original:
-            src: SourceDisk = vm_disk
-            d = disk
-            if req.since is not None:
-                try:
-                    src = WithDiverged(vm_disk, sink.diverged(req.disk, req.since))
-                except ChangeTrackingLost as e:
-                    activity.logger.warning(
-                        "job %s disk %s: comparing the whole disk: %s", req.spec.name, req.disk, e.message
-                    )
-                    whole[0], d = True, disk.model_copy(update={"base_change_id": None})
-            planned[0] = planned_bytes(src, original, d, start)
+            src: SourceDisk = vm_disk if diverged is None else WithDiverged(vm_disk, diverged)
+            planned[0] = planned_bytes(src, original, disk, start)
             return run_copy_disk(
                 src,
                 original,
-                d,
+                disk,
                 req.spec.tuning,
                 start=start,
                 on_checkpoint=checkpoint,

@@ -199,6 +199,4 @@ class JobRecovery:
         if self.failing_over:
             raise ApplicationError("a failover of this job is running", type="FailoverRunning")
         if self.st.failed_over is None:
-            raise ApplicationError(
-                f"job {self.inp.spec.name} is not failed over: nothing to fail back", type="NotFailedOver"
-            )
+            raise ApplicationError("not failed over: nothing to fail back", type="NotFailedOver")

@@ -43,7 +43,7 @@ from sendense.models import (
     SyncResult,
     Tuning,
 )
-from sendense.recovery import FailoverRequest, FailoverResult
+from sendense.recovery import FailbackRequest, FailbackResult, FailoverRequest, FailoverResult
 from workers.worker import connect
 from workflows.common import SA_JOB, SA_SOURCE, SA_STATE, SA_TARGET
 from workflows.replication import ReplicationWorkflow
@@ -326,6 +326,15 @@ class Jobs:
                 ReplicationWorkflow.failover,
                 FailoverRequest(failover_id=secrets.token_hex(4), point_id=point_id),
             )
+        except WorkflowUpdateFailedError as e:
+            raise InvalidSpec(f"job {name}: {getattr(e.cause, 'message', None) or e.cause}") from None
+
+    async def failback(self, name: str, req: FailbackRequest) -> FailbackResult:
+        """Fail the job back (workflows.failback): its result, also when the failback failed and was
+        rolled back (`error` says why)."""
+        h = await self._running(name)
+        try:
+            return await h.execute_update(ReplicationWorkflow.failback, req)
         except WorkflowUpdateFailedError as e:
             raise InvalidSpec(f"job {name}: {getattr(e.cause, 'message', None) or e.cause}") from None
 

@@ -149,6 +149,11 @@ def status_rows(st: JobView) -> list[tuple[str, str]]:
     if (fo := st.failed_over) is not None:
         how = "planned" if fo.planned else "unplanned"
         rows.append(("failed over", f"{how}, to point {fo.point_id}: VM {fo.vm} ({fo.vm_id or 'no id'})"))
+    if (fb := st.last_failback) is not None:
+        started = "source started" if fb.started else f"source NOT started: {one_line(fb.note or '')}"
+        down = f"{fb.cutover_seconds:.1f}s" if fb.cutover_seconds is not None else "-"
+        what = f"{fb.failback_id}: {fb.syncs} reverse syncs, {human(fb.bytes_written)} written"
+        rows.append(("last failback", f"{what}, down {down}, {started}"))
     if (d := st.last_drill) is not None:
         verdict = "booted" if d.ok else ("did NOT boot" if d.ok is False else "failed")
         tail = f": {one_line(d.error)}" if d.error else ""

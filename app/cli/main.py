@@ -10,6 +10,7 @@ from pathlib import Path
 import typer
 
 from app.cli.drill import drill_app
+from app.cli.failback import failback
 from app.cli.failover import failover
 from app.cli.jobs import job_app
 from app.cli.lab import lab_app
@@ -25,6 +26,7 @@ app.add_typer(point_app, name="point")
 app.add_typer(lab_app, name="lab")
 app.add_typer(drill_app, name="drill")
 app.command("failover")(failover)
+app.command("failback")(failback)
 app.add_typer(plan_app, name="plan")
 
 # ------------------------------------------------------------------------------- stack

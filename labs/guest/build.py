@@ -149,6 +149,22 @@ def build(cache: Path | None = None) -> Path:
     return out
 
 
+def with_mode(out: Path, mode: str, cache: Path | None = None) -> Path:
+    """A qcow2 copy of the guest at `out` whose own mode file (`/etc/sendense/mode`) says `mode`: the
+    mode a VM made from it boots in when nothing passes one through fw_cfg (a failed-over VM)."""
+    if mode not in ("boot", "workload"):
+        raise ValueError(f"guest mode {mode!r}: boot or workload")
+    with tempfile.TemporaryDirectory(prefix="sendense-guest-") as tmp:
+        raw, text = Path(tmp) / "disk.raw", Path(tmp) / "mode"
+        _run("qemu-img", "convert", "-q", "-O", "raw", build(cache), raw)
+        text.write_text(f"{mode}\n")
+        fs = f"{raw}?offset={PART_OFFSET}"
+        _run("debugfs", "-w", "-R", "rm /etc/sendense/mode", fs)
+        _run("debugfs", "-w", "-R", f"write {text} /etc/sendense/mode", fs)
+        _run("qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", "-o", "compat=1.1", raw, out)
+    return out
+
+
 def _fetch_kernel(work: Path, version: str) -> tuple[Path, Path]:
     _run("apt-get", "download", f"linux-image-{version}", cwd=work)
     deb = next(work.glob(f"linux-image-{version}_*.deb"))

@@ -1,0 +1,131 @@
+"""Failback end to end on KVM (issue 12), with the bootable guest: the job's VM failed over to the
+target runs the guest's filesystem workload; `sendense failback` copies what it wrote back into the
+source's qcow2 image in place (reverse syncs while it runs, then the cutover), the failed-over VM and
+its point's hold go, and the job replicates again with an incremental. The source image then holds
+the failed-over VM's filesystem as of its power-off: e2fsck passes after journal replay, its sequence
+counter is at least the last one the VM printed, and the guest boots from it."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from labs.guest.build import with_mode
+from labs.guest.fscheck import check
+from tests.e2e.conftest import Cli
+from tests.e2e.test_drill_e2e import drill_qemus
+from tools.boot import GuestVm
+
+BOOTED = r"SENDENSE-GUEST-BOOTED mode=\w+ seq=\d+"
+
+
+async def _job_spec(name: str) -> Any:
+    from app.cli.client import Jobs
+
+    return await (await Jobs.connect()).spec(name)
+
+
+def test_failback_of_a_job_never_failed_over_is_one_line(e2e_stack: Cli, tmp_path: Path) -> None:
+    cli = e2e_stack
+    p = cli.run("failback", "nosuchjob", check=False)
+    assert p.returncode == 1 and p.stderr.count("\n") == 1 and "nosuchjob" in p.stderr, p.stderr
+    disk = tmp_path / "d.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "16M"], check=True)
+    (tmp_path / "job.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "name": "neverfo",
+                "source": {"platform": "kvm", "disks": [str(disk)]},
+                "target": {"platform": "kvm", "path": str(tmp_path / "replicas")},
+                "schedule": {"interval": "1h"},
+            }
+        )
+    )
+    cli.run("job", "create", "-f", str(tmp_path / "job.yaml"))
+    try:
+        cli.wait_point("neverfo", timeout=120)
+        p = cli.run("failback", "neverfo", check=False)
+        assert p.returncode == 1 and p.stderr.count("\n") == 1, p.stderr
+        assert "job neverfo: not failed over: nothing to fail back" in p.stderr, p.stderr
+    finally:
+        cli.run("job", "delete", "neverfo", "--purge")
+
+
+@pytest.mark.slow
+def test_failback_brings_the_failed_over_guests_writes_home(e2e_stack: Cli, tmp_path: Path) -> None:
+    from sendense.platforms import target_for, vms_for
+
+    cli = e2e_stack
+    disk = with_mode(tmp_path / "guest.qcow2", "workload")  # a VM made from it runs the workload
+    replicas = tmp_path / "replicas"
+    (tmp_path / "job.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "name": "failbackguest",
+                "source": {"platform": "kvm", "disks": [str(disk)]},
+                "target": {"platform": "kvm", "path": str(replicas)},
+                "schedule": {"interval": "1h"},
+                "recovery": {"memory_mib": 256, "boot_check": {"console_contains": BOOTED, "timeout": "4m"}},
+            }
+        )
+    )
+    cli.run("job", "create", "-f", str(tmp_path / "job.yaml"))
+    spec = None
+    try:
+        cli.wait_point("failbackguest", timeout=300)
+        fo = cli.json("failover", "failbackguest", timeout=600)
+        assert fo["error"] is None, fo
+        spec = asyncio.run(_job_spec("failbackguest"))
+        vms = vms_for(spec)
+        deadline = time.monotonic() + 300
+        while "SENDENSE-GUEST-SEQ 50" not in vms.console("failbackguest"):  # the VM writes
+            assert time.monotonic() < deadline, vms.console("failbackguest")[-400:]
+            time.sleep(1)
+        printed = [int(n) for n in re.findall(r"SENDENSE-GUEST-SEQ (\d+)", vms.console("failbackguest"))]
+
+        r = cli.json("failback", "failbackguest", timeout=900)
+        assert r["error"] is None, r
+        assert r["syncs"] >= 2 and r["reverse_syncs"][-1]["cutover"], r
+        assert all(s["compared_whole"] == [] for s in r["reverse_syncs"]), r  # the source knew
+        print("failback:", r)
+        assert not r["started"] and "the disks are current" in r["start_note"]  # a VM known by its disks
+        assert r["cutover_seconds"] is not None and r["bytes_written"] > 0
+        assert drill_qemus(replicas) == []  # the failed-over VM is gone
+        assert not any(p.holds for p in target_for(spec).list_points())
+
+        fs = check(disk)  # the failed-over VM's filesystem, as of its power-off
+        assert fs.ok, fs.detail
+        assert fs.seq is not None and fs.seq >= max(printed), (fs.seq, printed[-3:])
+
+        st = cli.wait_point("failbackguest", count=2, timeout=300)  # replicating again, at once
+        assert (
+            st["state"] == "idle" and st["failed_over"] is None and st["last_failback"]["syncs"] == r["syncs"]
+        )
+        assert st["last_sync"]["kind"] == "incremental", st["last_sync"]
+        newest = target_for(spec).list_points()[0]
+        same = subprocess.run(["qemu-img", "compare", "-q", str(disk), str(newest.disks[0].path)])
+        assert same.returncode == 0, "the new point differs from the failed-back source"
+        text = " ".join(cli.run("job", "status", "failbackguest").stdout.split())
+        assert f"last failback: {r['failback_id']}: {r['syncs']} reverse syncs" in text, text
+
+        vm = GuestVm(disk, tmp_path / "vm", mode="boot").start()  # the operator starts the source
+        try:
+            booted = vm.wait_for("SENDENSE-GUEST-READY", timeout=240)
+            assert booted.ok and booted.seq == fs.seq, (booted.evidence, fs.seq)
+        finally:
+            vm.stop()
+    finally:
+        if spec is not None:
+            vms_for(spec).destroy_vm("failbackguest")
+            for p in target_for(spec).list_points():
+                for h in p.holds:
+                    target_for(spec).release(p.point_id, h)
+        cli.run("job", "delete", "failbackguest", "--purge", check=False)
+    assert drill_qemus(replicas) == []
