@@ -305,10 +305,7 @@ async def test_bad_failbacks_are_one_line_and_change_nothing(
         await job.settled(1)
         with pytest.raises(WorkflowUpdateFailedError) as e:
             await failback(job)
-        assert (
-            getattr(e.value.cause, "message", "")
-            == "not failed over: nothing to fail back"
-        )
+        assert getattr(e.value.cause, "message", "") == "not failed over: nothing to fail back"
         await failover(job)
         before = store.contents()
         store.delete_vm("web")
