@@ -129,3 +129,75 @@ def test_failback_brings_the_failed_over_guests_writes_home(e2e_stack: Cli, tmp_
                     target_for(spec).release(p.point_id, h)
         cli.run("job", "delete", "failbackguest", "--purge", check=False)
     assert drill_qemus(replicas) == []
+
+
+@pytest.mark.slow
+def test_planned_failover_and_failback_of_a_running_guest_over_qmp(e2e_stack: Cli, tmp_path: Path) -> None:
+    """The whole round trip of a running VM: the guest's workload runs under QEMU with a QMP socket;
+    a planned failover pauses it, takes a final sync and quits it; the job's VM on the target continues
+    the workload from that point; failback writes the VM's work back into the source's images (QMP
+    form: the product does not start a QEMU it did not start, it says so); the operator starts the
+    guest again, which continues from the failed-over VM's sequence, and the job syncs incrementally
+    from the base it had before the failover."""
+    import tempfile
+
+    from sendense.platforms import target_for, vms_for
+
+    cli = e2e_stack
+    short = Path(tempfile.mkdtemp(prefix="sd-fb-"))  # unix socket paths stay short
+    disk = with_mode(tmp_path / "guest.qcow2", "workload")
+    replicas = tmp_path / "replicas"
+    (tmp_path / "job.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "name": "roundtrip",
+                "source": {"platform": "kvm", "qmp": str(short / "qmp.sock")},
+                "target": {"platform": "kvm", "path": str(replicas)},
+                "schedule": {"interval": "1h"},
+                "recovery": {"memory_mib": 256, "boot_check": {"console_contains": BOOTED, "timeout": "4m"}},
+            }
+        )
+    )
+    vm = GuestVm(disk, tmp_path / "vm", mode="workload", qmp=short / "qmp.sock").start()
+    spec = None
+    try:
+        assert vm.wait_for("SENDENSE-GUEST-SEQ 25", timeout=240).ok, vm.text()[-400:]
+        cli.run("job", "create", "-f", str(tmp_path / "job.yaml"))
+        cli.wait_point("roundtrip", timeout=300)
+        fo = cli.json("failover", "roundtrip", timeout=600)
+        assert fo["error"] is None and fo["planned"], fo
+        seq_at_failover = int(re.search(r"seq=(\d+)", fo["boot"]["evidence"]).group(1))  # type: ignore[union-attr]
+        vm.stop()  # (QEMU quit already: the planned failover powered it off)
+        spec = asyncio.run(_job_spec("roundtrip"))
+        vms = vms_for(spec)
+        target = seq_at_failover + 50 - seq_at_failover % 25
+        deadline = time.monotonic() + 300
+        while f"SENDENSE-GUEST-SEQ {target}" not in vms.console("roundtrip"):  # it writes on
+            assert time.monotonic() < deadline, vms.console("roundtrip")[-400:]
+            time.sleep(1)
+        printed = [int(n) for n in re.findall(r"SENDENSE-GUEST-SEQ (\d+)", vms.console("roundtrip"))]
+
+        r = cli.json("failback", "roundtrip", timeout=900)
+        assert r["error"] is None, r
+        assert all(s["compared_whole"] == [] for s in r["reverse_syncs"]), r
+        assert not r["started"] and r["start_note"], r  # a QEMU the product did not start
+        fs = check(disk)
+        assert fs.ok and fs.seq is not None and fs.seq >= max(printed) > seq_at_failover, (fs, printed[-3:])
+        assert drill_qemus(replicas) == []
+
+        vm = GuestVm(disk, tmp_path / "vm2", mode="workload", qmp=short / "qmp.sock").start()  # the operator
+        booted = vm.wait_for("SENDENSE-GUEST-SEQ", timeout=240)
+        assert booted.ok and booted.seq == fs.seq, (booted.evidence, fs.seq)
+        s = cli.json("job", "sync-now", "roundtrip", "--wait", timeout=300)
+        assert s["kind"] == "incremental", s  # from the base the job had before the failover
+        newest = target_for(spec).list_points()[0]
+        got = check(Path(newest.disks[0].path))
+        assert got.ok and got.seq is not None and got.seq >= fs.seq, got
+    finally:
+        vm.stop()
+        if spec is not None:
+            vms_for(spec).destroy_vm("roundtrip")
+            for p in target_for(spec).list_points():
+                for h in p.holds:
+                    target_for(spec).release(p.point_id, h)
+        cli.run("job", "delete", "roundtrip", "--purge", check=False)
