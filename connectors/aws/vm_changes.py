@@ -45,6 +45,8 @@ from sendense.protocols import POINT_BASE, point_base
 
 log = logging.getLogger(__name__)
 
+NO_INSTANCE = "i-00000000"  # where a verb needs no instance (release, forget): never called upon
+
 
 class _VmSnapshots(AwsSourceConnector):
     """The AWS source on a failed-over instance, its snapshots tagged as the VM's reverse snapshots."""
@@ -164,12 +166,12 @@ class AwsVmChanges:
                 ]
             }
         )
-        self._source(h.vm, h.instance_id).release_snapshot(inner, committed)
+        self._source(h.vm, h.instance_id or NO_INSTANCE).release_snapshot(inner, committed)
 
     def forget(self, name: str) -> None:
         """Every reverse snapshot of VM `name`: the ledger's, and those tagged with the VM's name and
         this job's identity (a ledger lost with its machine); then the ledger."""
-        src = self._source(name, "")
+        src = self._source(name, NO_INSTANCE)  # (the ledger and tags say what: no instance needed)
         stays = src._delete(src.recorded())
         for s in self.tagged(name):
             why = delete_snapshot(self.aws, self.vms.ec2, s["SnapshotId"])
