@@ -378,3 +378,26 @@ class FailbackSink(Protocol):
     def drop_base(self, ref: SnapshotRef) -> None:
         """Undo of `rebase`: remove exactly the bases it added; gone already: no error."""
         ...
+
+    # Where the source's disks cannot be written in place (a cloud whose block API writes snapshots,
+    # not volumes), the reverse syncs write beside them and the cutover swaps them in. A platform that
+    # writes in place (KVM) does nothing in these three.
+
+    def cut_over(self) -> None:
+        """With the VM off and after the final reverse sync: make what the reverse syncs wrote the disks
+        the VM starts on (AWS: volumes made from the written snapshots replace the old ones at their
+        devices; the old ones are kept for the undo). Refuses, in one line, a reverse sync that did not
+        finish. Idempotent. Undo: `undo_cut_over()`. In place: nothing to do."""
+        ...
+
+    def undo_cut_over(self) -> None:
+        """Undo of `cut_over` (the VM off): the disks the VM had before it again; what the cutover made
+        stays until `cleanup`. Nothing cut over: no error."""
+        ...
+
+    def cleanup(self) -> None:
+        """Remove what the failback made or kept beside the source's disks (written snapshots, volumes
+        no VM uses: after a cutover the replaced ones, after an undo the new ones), never a disk the VM
+        uses nor the job's own change tracking. Call it once the failback is over either way (after the
+        job's next forward point, when undo is no longer wanted). Idempotent."""
+        ...

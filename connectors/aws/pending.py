@@ -19,7 +19,15 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from connectors.aws.blocks import BLOCK, ZERO_BLOCK, ZERO_CHECKSUM, BlockTokens, checksum, list_blocks
+from connectors.aws.blocks import (
+    BLOCK,
+    ZERO_BLOCK,
+    ZERO_CHECKSUM,
+    BlockTokens,
+    checksum,
+    linear_checksum,
+    list_blocks,
+)
 from connectors.aws.client import Aws, aws_call, error_code
 from sendense.datapath.extents import Extent
 from sendense.errors import DataPathError, TargetError
@@ -38,6 +46,23 @@ def load_record(path: Path) -> dict[int, str]:
         if len(parts) == 2 and parts[0].isdigit():  # a torn last line (crash mid-write) is skipped
             written[int(parts[0])] = parts[1]
     return written
+
+
+def complete_snapshot(aws: Aws, ebs: Any, snapshot_id: str, record: Path, what: str) -> None:
+    """CompleteSnapshot with the exact count of distinct blocks written and their LINEAR aggregate
+    checksum, from the snapshot's local record; EBS seals it asynchronously (wait for completed)."""
+    written = load_record(record)
+    kw: dict[str, Any] = {"SnapshotId": snapshot_id, "ChangedBlocksCount": len(written)}
+    if written:  # the aggregate checksum of the blocks written, in block order
+        kw["Checksum"] = linear_checksum([written[i] for i in sorted(written)])
+        kw["ChecksumAlgorithm"], kw["ChecksumAggregationMethod"] = "SHA256", "LINEAR"
+    with aws_call(aws, f"ebs CompleteSnapshot {snapshot_id}"):
+        res = ebs.complete_snapshot(**kw)
+    if res.get("Status") == "error":
+        raise TargetError(
+            f"target: EBS refused to complete snapshot {snapshot_id} of {what} "
+            f"({len(written)} blocks: count or checksum mismatch)"
+        )
 
 
 class PendingSnapshot:

@@ -6,7 +6,14 @@ from pathlib import Path
 
 from connectors.aws.spec import AwsSource, AwsTarget
 from sendense.platforms import Platform
-from sendense.protocols import SourceConnector, SourcePower, TargetConnector, VmProvisioner
+from sendense.protocols import (
+    FailbackSink,
+    SourceConnector,
+    SourcePower,
+    TargetConnector,
+    VmChanges,
+    VmProvisioner,
+)
 
 
 def _source(spec: AwsSource, job: str, work_dir: Path) -> SourceConnector:
@@ -33,6 +40,18 @@ def _vms(spec: AwsTarget, job: str, job_id: str) -> VmProvisioner:
     return AwsVmProvisioner(job, spec, job_id)
 
 
+def _vm_changes(spec: AwsTarget, job: str, job_id: str) -> VmChanges:
+    from connectors.aws.vm_changes import AwsVmChanges
+
+    return AwsVmChanges(job, spec, job_id)
+
+
+def _failback_sink(spec: AwsSource, job: str, work_dir: Path) -> FailbackSink:
+    from connectors.aws.failback_sink import AwsFailbackSink
+
+    return AwsFailbackSink(job, spec, work_dir)
+
+
 PLATFORM = Platform(
     name="aws",
     summary="AWS EC2: an instance's EBS volumes (EBS direct APIs); points as EBS snapshots, "
@@ -43,6 +62,8 @@ PLATFORM = Platform(
     target=_target,
     vms=_vms,
     source_power=_power,
+    vm_changes=_vm_changes,
+    failback_sink=_failback_sink,
     lab="labs.aws.hook",
     starter_endpoints=("aws:*",),  # AWS's own endpoints, every region (aws:<region>)
     agent_env=("AWS_*", "BOTO_CONFIG"),  # the standard credential chain and its files

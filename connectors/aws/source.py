@@ -39,7 +39,7 @@ from connectors.aws.client import Aws, aws_call, is_not_found
 from connectors.aws.handles import AwsDisk
 from connectors.aws.hardware import instance_hardware
 from connectors.aws.spec import AwsSource
-from connectors.aws.tags import ROLE_SOURCE, TAG_JOB, TAG_ROLE, TAG_SYNC, role_of, tags_of
+from connectors.aws.tags import ROLE_SOURCE, TAG_JOB, TAG_REPLACES, TAG_ROLE, TAG_SYNC, role_of, tags_of
 from sendense import config
 from sendense.datapath.extents import Extent
 from sendense.errors import ResourceNotFound, SendenseError
@@ -131,6 +131,7 @@ class AwsSourceConnector:
     """SourceConnector for an EC2 instance."""
 
     platform = "aws"
+    role = ROLE_SOURCE  # the side its snapshots are tagged with (a failed-over VM's reverse source: its own)
 
     def __init__(self, job: str, spec: AwsSource, work_dir: Path | None = None) -> None:
         self.job, self.spec = job, spec
@@ -191,13 +192,13 @@ class AwsSourceConnector:
 
     # ------------------------------------------------------------------ snapshots
 
+    def _tags(self) -> dict[str, str]:
+        """The tags that say a snapshot is this side's (a sync's adds its id)."""
+        return {TAG_JOB: self.job, TAG_ROLE: self.role}
+
     def _tagged(self, sync: str) -> list[dict[str, Any]]:
         """The sync's snapshots on this side, found by their tags (a retried snapshot step)."""
-        filters = [
-            {"Name": f"tag:{TAG_JOB}", "Values": [self.job]},
-            {"Name": f"tag:{TAG_ROLE}", "Values": [ROLE_SOURCE]},
-            {"Name": f"tag:{TAG_SYNC}", "Values": [sync]},
-        ]
+        filters = [{"Name": f"tag:{k}", "Values": [v]} for k, v in {**self._tags(), TAG_SYNC: sync}.items()]
         out: list[dict[str, Any]] = []
         with aws_call(self.aws, f"ec2 DescribeSnapshots of job {self.job}"):
             for page in self.ec2.get_paginator("describe_snapshots").paginate(
@@ -250,11 +251,7 @@ class AwsSourceConnector:
         return SnapshotRef(snapshot_id=snapshot_id, created_at=created, disks=disks)
 
     def _create(self, snapshot_id: str) -> dict[str, dict[str, Any]]:
-        tags = [
-            {"Key": TAG_JOB, "Value": self.job},
-            {"Key": TAG_ROLE, "Value": ROLE_SOURCE},
-            {"Key": TAG_SYNC, "Value": snapshot_id},
-        ]
+        tags = [{"Key": k, "Value": v} for k, v in {**self._tags(), TAG_SYNC: snapshot_id}.items()]
         with aws_call(self.aws, f"ec2 CreateSnapshots {self.spec.instance_id}"):
             res = self.ec2.create_snapshots(
                 InstanceSpecification={"InstanceId": self.spec.instance_id, "ExcludeBootVolume": False},
@@ -272,11 +269,28 @@ class AwsSourceConnector:
             prev = []
         if not prev:
             return f"the previous snapshot {since} of disk {key} is gone"
-        if prev[0]["VolumeId"] != volume_id:
+        if prev[0]["VolumeId"] != volume_id and prev[0]["VolumeId"] not in self._replaced(volume_id):
             return f"disk {key} is another volume now ({prev[0]['VolumeId']} -> {volume_id})"
         if prev[0]["State"] != "completed":
             return f"the previous snapshot {since} of disk {key} is {prev[0]['State']}"
         return None
+
+    def _replaced(self, volume_id: str, depth: int = 8) -> list[str]:
+        """The volumes `volume_id` replaced in failback cutovers of this job (its `sendense:replaces` tag,
+        followed back): a volume made from the snapshot a failback wrote on a snapshot of the volume it
+        replaced continues that volume's lineage, so a base snapshot of it still diffs (and if EBS says
+        otherwise, ListChangedBlocks' UNRELATED_SNAPSHOTS is change tracking lost all the same)."""
+        out: list[str] = []
+        while depth > 0:
+            with aws_call(self.aws, f"ec2 DescribeVolumes {volume_id}"):
+                vols = self.ec2.describe_volumes(VolumeIds=[volume_id])["Volumes"]
+            tags = tags_of(vols[0]) if vols else {}
+            before = tags.get(TAG_REPLACES)
+            if not before or tags.get(TAG_JOB) != self.job or before in out:
+                return out
+            out.append(before)
+            volume_id, depth = before, depth - 1
+        return out
 
     @contextmanager
     def open_disk(self, snap: SnapshotRef, key: str) -> Iterator[AwsSourceDisk]:
@@ -299,17 +313,14 @@ class AwsSourceConnector:
                 found = self.ec2.describe_snapshots(SnapshotIds=[snapshot_id])["Snapshots"]
         except ResourceNotFound:
             return False
-        return any(tags_of(s).get(TAG_JOB) == self.job and role_of(tags_of(s)) == ROLE_SOURCE for s in found)
+        return any(tags_of(s).get(TAG_JOB) == self.job and role_of(tags_of(s)) == self.role for s in found)
 
     def forget(self) -> None:
         """This side's snapshots go (the ledger's); one an image uses stays, and is named in a one-line
         error. Others tagged as this job's source side (a ledger lost with its machine) are named in
         the log, never deleted by their tags."""
         stays = self._delete(self.recorded())
-        filters = [
-            {"Name": f"tag:{TAG_JOB}", "Values": [self.job]},
-            {"Name": f"tag:{TAG_ROLE}", "Values": [ROLE_SOURCE]},
-        ]
+        filters = [{"Name": f"tag:{k}", "Values": [v]} for k, v in self._tags().items()]
         with aws_call(self.aws, f"ec2 DescribeSnapshots of job {self.job}"):
             left = self.ec2.describe_snapshots(OwnerIds=["self"], Filters=filters)["Snapshots"]
         unrecorded = sorted(s["SnapshotId"] for s in left if s["SnapshotId"] not in stays)

@@ -24,6 +24,12 @@ TAG_SELF = "sendense:snapshot"  # a committed point's snapshot carries its own i
 TAG_PRUNING = "sendense:pruning"  # set on all of a point's snapshots at once before they are deleted
 TAG_HOLD = "sendense:hold:"  # + hold id, on all of a point's snapshots: prune and destroy leave it
 TAG_VM, TAG_MODE = "sendense:vm", "sendense:mode"  # on what a VM from a point is made of (vms.py)
+# failback (vm_changes.py, failback_sink.py): the failed-over VM's reverse snapshots, and on the source
+# side the snapshots and volumes a failback writes and swaps in
+ROLE_FAILBACK_VM, ROLE_FAILBACK = "failback-vm", "failback"
+TAG_REPLACES = "sendense:replaces"  # on a volume a cutover attached: the volume it replaced
+TAG_CUTOVER = "sendense:cutover"  # on both volumes of a cutover: "old" (kept for an undo), "new", "undone"
+TAG_FROM = "sendense:from-snapshot"  # on a cutover's new volume: the failback snapshot it was made from
 
 
 def holds_of(tags: dict[str, str]) -> list[str]:

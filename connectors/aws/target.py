@@ -27,9 +27,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from connectors.aws.blocks import linear_checksum
 from connectors.aws.client import AccessDenied, Aws, aws_call
-from connectors.aws.pending import AwsTargetDisk, PendingSnapshot, load_record
+from connectors.aws.pending import AwsTargetDisk, PendingSnapshot, complete_snapshot
 from connectors.aws.points import committed_by_us, group_points, job_id_of, point_of, target_snapshots
 from connectors.aws.records import TargetRecords
 from connectors.aws.source import GIB, delete_snapshot, wait_completed
@@ -281,18 +280,7 @@ class AwsTargetConnector:
         return committed.model_copy(update={"disks": disks})
 
     def _complete(self, ebs: Any, snapshot_id: str, key: str) -> None:
-        written = load_record(self.records.blocks(snapshot_id))
-        kw: dict[str, Any] = {"SnapshotId": snapshot_id, "ChangedBlocksCount": len(written)}
-        if written:  # the aggregate checksum of the blocks written, in block order
-            kw["Checksum"] = linear_checksum([written[i] for i in sorted(written)])
-            kw["ChecksumAlgorithm"], kw["ChecksumAggregationMethod"] = "SHA256", "LINEAR"
-        with aws_call(self.aws, f"ebs CompleteSnapshot {snapshot_id}"):
-            res = ebs.complete_snapshot(**kw)
-        if res.get("Status") == "error":
-            raise TargetError(
-                f"target: EBS refused to complete snapshot {snapshot_id} of disk {key} "
-                f"({len(written)} blocks: count or checksum mismatch)"
-            )
+        complete_snapshot(self.aws, ebs, snapshot_id, self.records.blocks(snapshot_id), f"disk {key}")
 
     def abort(self, sync_id: str) -> None:
         """Every snapshot of the sync goes unless the sync is a whole point: also those an interrupted

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import shutil
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,9 +36,11 @@ from typing import Any
 from connectors.aws import vm_network
 from connectors.aws.client import Aws, aws_call
 from connectors.aws.launch import boot_disks, image_request
+from connectors.aws.source import delete_snapshot
 from connectors.aws.spec import AwsTarget
 from connectors.aws.tags import TAG_JOB, TAG_JOB_ID, TAG_MODE, TAG_POINT, TAG_VM, tags_of
 from connectors.aws.target import AwsTargetConnector
+from sendense import config
 from sendense.errors import InvalidSpec, ResourceNotFound, SendenseError, TargetError
 from sendense.models import BootCheck, NetworkInfo, VmPlan, VmRef
 
@@ -46,6 +49,11 @@ log = logging.getLogger(__name__)
 LIVE = ["pending", "running", "stopping", "stopped", "shutting-down"]  # every state but terminated
 BOOT_FAILURE = re.compile(r"No bootable device\.?|Kernel panic[^\n]*")
 _ESCAPES = re.compile(r"\x1b(\[[0-9;?]*[A-Za-z]|[@-Z\\-_])")
+
+
+def failback_state(job: str, name: str) -> Path:
+    """Where a failback keeps its local record of VM `name`'s reverse snapshots (vm_changes.py)."""
+    return config.home() / "aws-failback" / job / f"vm-{name}"
 
 
 def console_lines(text: str) -> list[str]:
@@ -112,6 +120,13 @@ class AwsVmProvisioner:
     def _volumes(self, name: str | None) -> list[dict[str, Any]]:
         with aws_call(self.aws, f"ec2 DescribeVolumes of job {self.job}"):
             return self._mine(self.ec2.describe_volumes(Filters=self._filters(name))["Volumes"])
+
+    def _snapshots(self, name: str | None) -> list[dict[str, Any]]:
+        """A failback's reverse snapshots of the VM (vm_changes.py): they carry its name too."""
+        with aws_call(self.aws, f"ec2 DescribeSnapshots of job {self.job}"):
+            return self._mine(
+                self.ec2.describe_snapshots(OwnerIds=["self"], Filters=self._filters(name))["Snapshots"]
+            )
 
     def _groups(self, name: str | None) -> list[dict[str, Any]]:
         return self._mine(vm_network.find_groups(self.aws, self.ec2, self._filters(name)))
@@ -323,7 +338,7 @@ class AwsVmProvisioner:
     def list_vms(self) -> list[VmRef]:
         """This job's VMs: instances, and what a create killed half-way left (state `incomplete`)."""
         refs = {r.name: r for r in map(self._ref, self._instances(None))}
-        for item in [*self._images(None), *self._groups(None), *self._volumes(None)]:
+        for item in [*self._images(None), *self._groups(None), *self._volumes(None), *self._snapshots(None)]:
             refs.setdefault(tags_of(item)[TAG_VM], self._ref({"Tags": item.get("Tags", [])}))
         return sorted(refs.values(), key=lambda r: r.name)
 
@@ -367,6 +382,12 @@ class AwsVmProvisioner:
                 pass
             except SendenseError as e:
                 stays.append(f"image {image['ImageId']} ({_why(e)})")
+        for snap in self._snapshots(name):  # a failback's reverse snapshots of it
+            why = delete_snapshot(self.aws, self.ec2, snap["SnapshotId"])
+            if why is not None:
+                stays.append(f"snapshot {snap['SnapshotId']} ({why})")
+        if not any(s.startswith("snapshot") for s in stays):
+            shutil.rmtree(failback_state(self.job, name), ignore_errors=True)
         for group in self._groups(name):
             why = vm_network.delete_group(self.aws, self.ec2, group["GroupId"], 30, self.poll_seconds)
             if why is not None:

@@ -151,5 +151,16 @@ class KvmFailbackSink:
     def drop_base(self, ref: SnapshotRef) -> None:
         self._tracked().release_snapshot(ref, committed=False)
 
+    # The images are written in place: no cutover, nothing kept beside them.
+
+    def cut_over(self) -> None:
+        return None
+
+    def undo_cut_over(self) -> None:
+        return None
+
+    def cleanup(self) -> None:
+        return None
+
     def _busy(self, path: Path) -> str:
         return f"source disk {path} is in use by another job's step; the failback of job {self.job} retries"

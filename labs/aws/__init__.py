@@ -125,6 +125,10 @@ Images and instances
   console says why ("No bootable device.").
 - DescribeInstanceStatus: `ok`/`ok` while the VM runs; instance status `impaired` (reachability failed)
   once its console shows it cannot boot (no bootable device, a kernel panic).
+- AttachVolume / DetachVolume (a failback's cutover swaps an instance's volumes): EC2 detaches a root
+  volume only from a stopped instance (else `IncorrectState` "Unable to detach root volume ..."); a
+  volume attached already is `VolumeInUse`, a device the instance uses already `InvalidParameterValue`
+  ("Attachment point ... is already in use"). A volume keeps its lineage wherever it is attached.
 - RunInstances honours ClientToken: the same token and parameters answer the original reservation
   (whatever its state since), other parameters `IdempotentParameterMismatch`.
 - `make_instance(name, disks_gib)` runs an instance of the lab's base image (`aws-lab-base`, root device

@@ -16,6 +16,10 @@
   stopped with `Client.InstanceInitiatedShutdown`.
 - GetConsoleOutput: the VM's serial console, base64 (`Output`, absent while there is none), the most
   recent 64 KiB, with `Timestamp` (when it last changed) and `InstanceId`.
+- AttachVolume of a volume attached already: `VolumeInUse`; at a device the instance uses already:
+  `InvalidParameterValue` ("Attachment point ... is already in use"); DetachVolume of an instance's root
+  device while the instance is not stopped: `IncorrectState` ("Unable to detach root volume ...": EC2
+  detaches a root volume only from a stopped instance). moto allowed all three.
 - DeleteSecurityGroup of a group a network interface or a live instance uses: `DependencyViolation`
   (moto deletes it).
 - DescribeInstanceStatus: a running instance whose VM runs is `ok`/`ok` (reachability passed); when its
@@ -57,6 +61,7 @@ class InstanceHooks:
         self.tokens: dict[str, tuple[str, str]] = {}  # ClientToken -> (parameters, reservation id)
         self.state_delay = 0.0  # seconds an instance stays stopping / pending
         self._force = threading.local()  # the Force of the StopInstances being answered
+        self._terminating = threading.local()  # moto detaches a terminated instance's volumes itself
         self._transition: dict[str, int] = {}  # instance id -> its latest transition (a settle is for it)
 
     def install(self) -> None:
@@ -67,6 +72,8 @@ class InstanceHooks:
         hook("terminate_instances", self._terminate_instances)
         hook("reboot_instances", self._reboot_instances)
         hook("delete_security_group", self._delete_security_group)
+        hook("attach_volume", self._attach_volume)
+        hook("detach_volume", self._detach_volume)
         hooks = self
 
         def get_console_output(response: General) -> ActionResult:
@@ -235,7 +242,11 @@ class InstanceHooks:
             for instance_id in instance_ids:
                 self._next(instance_id)  # a stop or start under way ends here
                 self.machines.stop(instance_id)  # before its volumes go
-            return orig(instance_ids)
+            self._terminating.on = True
+            try:
+                return orig(instance_ids)
+            finally:
+                self._terminating.on = False
 
         return terminate_instances
 
@@ -249,6 +260,39 @@ class InstanceHooks:
             return rebooted
 
         return reboot_instances
+
+    def _attach_volume(self, orig: Callable[..., Any]) -> Callable[..., Any]:
+        def attach_volume(volume_id: str, instance_id: str, device_path: str, *args: Any, **kw: Any) -> Any:
+            volume = self.backend.get_volume(volume_id)
+            instance = self.backend.get_instance(instance_id)
+            if volume.attachment is not None:
+                raise EC2ClientError("VolumeInUse", f"{volume_id} is already attached to an instance")
+            if device_path in instance.block_device_mapping:
+                raise EC2ClientError(
+                    "InvalidParameterValue",
+                    f"Invalid value '{device_path}' for unixDevice. Attachment point {device_path} is "
+                    "already in use",
+                )
+            return orig(volume_id, instance_id, device_path, *args, **kw)
+
+        return attach_volume
+
+    def _detach_volume(self, orig: Callable[..., Any]) -> Callable[..., Any]:
+        def detach_volume(volume_id: str, instance_id: str, device_path: str, *args: Any, **kw: Any) -> Any:
+            volume = self.backend.get_volume(volume_id)
+            attached = volume.attachment
+            if attached is not None:
+                instance = attached.instance
+                root = getattr(instance, "root_device_name", None)
+                inside = getattr(self._terminating, "on", False)
+                if attached.device == root and instance.state != "stopped" and not inside:
+                    raise EC2ClientError(
+                        "IncorrectState",
+                        f"Unable to detach root volume '{volume_id}' from instance '{instance.id}'",
+                    )
+            return orig(volume_id, instance_id, device_path, *args, **kw)
+
+        return detach_volume
 
     def _delete_security_group(self, orig: Callable[..., Any]) -> Callable[..., Any]:
         def delete_security_group(name: str | None = None, group_id: str | None = None) -> Any:

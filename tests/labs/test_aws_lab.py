@@ -507,6 +507,75 @@ def test_make_instance_has_root_and_data_disks(lab: AwsLab, ec2: Any) -> None:
     assert lab.read(inst.volumes[0][1], (2 << 30) - BLOCK, BLOCK) == bytes(BLOCK)
 
 
+def changed(ebs: Any, first: str, second: str) -> list[int]:
+    rows = ebs.list_changed_blocks(FirstSnapshotId=first, SecondSnapshotId=second)["ChangedBlocks"]
+    return [r["BlockIndex"] for r in rows]
+
+
+def stopped(ec2: Any, instance_id: str) -> None:
+    ec2.stop_instances(InstanceIds=[instance_id], Force=True)
+    for _ in range(200):
+        desc = ec2.describe_instances(InstanceIds=[instance_id])["Reservations"][0]["Instances"][0]
+        if desc["State"]["Name"] == "stopped":
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{instance_id} did not stop")
+
+
+def test_an_instance_from_a_snapshot_continues_its_lineage(lab: AwsLab, ebs: Any, ec2: Any) -> None:
+    """AWS (EBS user guide, "Write snapshots"): snapshot A made volume 1, snapshot D of volume 1 is an
+    incremental snapshot of A. So ListChangedBlocks(A, D) lists what the volume's writes changed, for a
+    volume RunInstances made from an image of A as for one CreateVolume made."""
+    point = direct(ebs, ec2, {0: block("p0"), 3: block("p3")})
+    image = ec2.register_image(
+        Name="lineage-image", RootDeviceName="/dev/xvda", VirtualizationType="hvm", Architecture="x86_64",
+        BlockDeviceMappings=[{"DeviceName": "/dev/xvda", "Ebs": {"SnapshotId": point}}],
+    )["ImageId"]  # fmt: skip
+    inst = ec2.run_instances(ImageId=image, MinCount=1, MaxCount=1, InstanceType="t3.micro")["Instances"][0]
+    desc = ec2.describe_instances(InstanceIds=[inst["InstanceId"]])["Reservations"][0]["Instances"][0]
+    vol = desc["BlockDeviceMappings"][0]["Ebs"]["VolumeId"]
+    assert ec2.describe_volumes(VolumeIds=[vol])["Volumes"][0]["SnapshotId"] == point
+    lab.write(vol, 3 * BLOCK + 7, b"guest")
+    lab.write(vol, 9 * BLOCK, b"new")
+    later = volume_snapshot(ec2, vol)
+    assert changed(ebs, point, later) == [3, 9]
+    ec2.terminate_instances(InstanceIds=[inst["InstanceId"]])
+    ec2.deregister_image(ImageId=image)
+
+
+def test_swapping_an_instances_root_volume(lab: AwsLab, ebs: Any, ec2: Any) -> None:
+    """A failback's cutover: a volume made from a snapshot written with the direct APIs (parent: a
+    snapshot of the instance's volume) replaces the root volume of the stopped instance, at its device;
+    its snapshots stay in the lineage of the old volume's."""
+    inst = lab.make_instance("swap", [1])
+    iid, old = inst.instance_id, inst.volumes[0][1]
+    lab.write(old, 0, b"before")
+    base = volume_snapshot(ec2, old)
+    lab.write(old, 2 * BLOCK, b"diverged")
+    head = volume_snapshot(ec2, old)
+    written = direct(ebs, ec2, {5: block("reverse")}, parent=head)
+    new = ec2.create_volume(SnapshotId=written, AvailabilityZone="us-east-1a")["VolumeId"]
+    with pytest.raises(ClientError) as err:
+        ec2.detach_volume(VolumeId=old, InstanceId=iid)
+    assert code(err)[0] == "IncorrectState" and "root volume" in str(err.value)
+    stopped(ec2, iid)
+    with pytest.raises(ClientError) as err:  # the device is the old volume's still
+        ec2.attach_volume(VolumeId=new, InstanceId=iid, Device="/dev/xvda")
+    assert code(err)[0] == "InvalidParameterValue" and "already in use" in str(err.value)
+    ec2.detach_volume(VolumeId=old, InstanceId=iid)
+    ec2.attach_volume(VolumeId=new, InstanceId=iid, Device="/dev/xvda")
+    with pytest.raises(ClientError) as err:
+        ec2.attach_volume(VolumeId=new, InstanceId=iid, Device="/dev/sdf")
+    assert code(err)[0] == "VolumeInUse"
+    desc = ec2.describe_instances(InstanceIds=[iid])["Reservations"][0]["Instances"][0]
+    assert {m["DeviceName"]: m["Ebs"]["VolumeId"] for m in desc["BlockDeviceMappings"]} == {"/dev/xvda": new}
+    assert lab.read(new, 2 * BLOCK, 8) == b"diverged" and lab.read(new, 5 * BLOCK, BLOCK) == block("reverse")
+    lab.write(new, 7 * BLOCK, b"after")
+    now = volume_snapshot(ec2, new)
+    assert changed(ebs, base, now) == [2, 5, 7]  # the old volume's, the written snapshot's, the new volume's
+    ec2.terminate_instances(InstanceIds=[iid])
+
+
 # ---------------------------------------------------------------------- credentials, faults, processes
 
 
