@@ -104,6 +104,33 @@ def reverse_forget(req: VmNameRequest) -> None:
     vm_changes_for(req.spec).forget(req.name)
 
 
+@activity.defn(name="failback_cut_over")
+@mapped
+@beating
+@authorized
+def failback_cut_over(req: JobRequest) -> None:
+    """The VM off and the final reverse sync done: what the reverse syncs wrote becomes the disks the
+    source VM starts on (AWS: volumes swapped at their devices; in place: nothing to do)."""
+    failback_sink_for(req.spec, work_dir(req.spec.name)).cut_over()
+
+
+@activity.defn(name="failback_undo_cut_over")
+@mapped
+@beating
+@authorized
+def failback_undo_cut_over(req: JobRequest) -> None:
+    failback_sink_for(req.spec, work_dir(req.spec.name)).undo_cut_over()
+
+
+@activity.defn(name="failback_cleanup")
+@mapped
+@beating
+@authorized
+def failback_cleanup(req: JobRequest) -> None:
+    """What the failback made or kept beside the source's disks goes (its failback is over)."""
+    failback_sink_for(req.spec, work_dir(req.spec.name)).cleanup()
+
+
 @activity.defn(name="power_on_source")
 @mapped
 @beating
@@ -124,5 +151,8 @@ FAILBACK_ACTIVITIES: list[Callable[..., Any]] = [
     reverse_copy,
     reverse_release,
     reverse_forget,
+    failback_cut_over,
+    failback_undo_cut_over,
+    failback_cleanup,
     power_on_source,
 ]

@@ -100,6 +100,8 @@ class FailbackWorkflow:
                 )
             if result.error is not None:
                 return self._ended(result)
+            # registered first, so it runs last: what failback made beside the source's disks goes
+            saga.register("remove what failback made beside the source's disks", lambda: self._cleanup(job))
             if state in ("running", "paused"):
                 saga.register("start the source VM again", lambda: self._undo("power_on_source", job, True))
                 self._step_is("powering off the source VM")
@@ -126,6 +128,10 @@ class FailbackWorkflow:
             await self._act("power_off", vm)
             self._step_is("cutover: the final reverse sync")
             r, base = await self._reverse_sync(result, f"{inp.failback_id}-final", base, since, cutover=True)
+            saga.register(
+                "give the source VM back its disks", lambda: self._undo("failback_undo_cut_over", job, True)
+            )
+            await self._act("failback_cut_over", job, source=True)
             self._step_is("cutover: starting the source VM")
             why_not = await self._act("power_on_source", job, source=True)
             result.started = not why_not
@@ -146,15 +152,19 @@ class FailbackWorkflow:
         hold = HoldRequest(
             spec=spec, point_id=fo.point_id, hold_id=f"failover-{fo.failover_id}", reason="failover"
         )
-        for what, name, arg in (
-            (f"VM {fo.vm}", "destroy_vm", vm),
-            (f"the failover's hold on point {fo.point_id}", "release_point", hold),
+        for what, name, arg, source in (
+            (f"VM {fo.vm}", "destroy_vm", vm, False),
+            (f"the failover's hold on point {fo.point_id}", "release_point", hold, False),
+            ("what failback made beside the source's disks", "failback_cleanup", job, True),
         ):
             try:
-                await self._undo(name, arg)
+                await self._undo(name, arg, source)
             except ActivityError as e:
                 result.left_behind.append(f"{what}: {failure_message(e)}")
         return self._ended(result)
+
+    async def _cleanup(self, job: JobRequest) -> None:
+        await self._undo("failback_cleanup", job, True)
 
     def _ended(self, result: FailbackResult) -> FailbackResult:
         assert self.inp is not None

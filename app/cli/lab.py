@@ -177,11 +177,15 @@ def lab_instance(
     blank: bool = typer.Option(
         False, "--blank", help="all volumes empty (default: the root volume holds the bootable guest)"
     ),
+    workload: bool = typer.Option(
+        False, "--workload", help="the guest runs its filesystem workload (files and a sequence counter)"
+    ),
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
 ) -> None:
     """Create a running EC2 instance with EBS volumes in the AWS lab (a source to replicate). Its root
     volume holds the bootable guest (a small Linux, built once), so the instance really boots: its
-    console (GetConsoleOutput) shows SENDENSE-GUEST-READY a few seconds after the start."""
+    console (GetConsoleOutput) shows SENDENSE-GUEST-READY a few seconds after the start (with
+    --workload: SENDENSE-GUEST-SEQ N as it writes)."""
     from app.cli.output import emit_json, fail, out
 
     if not all(1 <= g <= 16384 for g in disk_gib):  # EBS volumes are 1 GiB to 16 TiB
@@ -191,9 +195,9 @@ def lab_instance(
         if blank:
             inst = lab.make_instance(name, list(disk_gib))
         else:
-            from labs.guest.build import build
+            from labs.guest.build import build, workload_image
 
-            inst = lab.make_instance(name, list(disk_gib), image=build())
+            inst = lab.make_instance(name, list(disk_gib), image=workload_image() if workload else build())
     except _aws_errors() as e:
         fail(str(e))
     vols = [{"device": d, "volume_id": v, "size_gib": s} for d, v, s in inst.volumes]

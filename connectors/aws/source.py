@@ -282,8 +282,11 @@ class AwsSourceConnector:
         otherwise, ListChangedBlocks' UNRELATED_SNAPSHOTS is change tracking lost all the same)."""
         out: list[str] = []
         while depth > 0:
-            with aws_call(self.aws, f"ec2 DescribeVolumes {volume_id}"):
-                vols = self.ec2.describe_volumes(VolumeIds=[volume_id])["Volumes"]
+            try:
+                with aws_call(self.aws, f"ec2 DescribeVolumes {volume_id}"):
+                    vols = self.ec2.describe_volumes(VolumeIds=[volume_id])["Volumes"]
+            except ResourceNotFound:  # a replaced volume deleted (failback's cleanup): the chain ends here
+                return out
             tags = tags_of(vols[0]) if vols else {}
             before = tags.get(TAG_REPLACES)
             if not before or tags.get(TAG_JOB) != self.job or before in out:

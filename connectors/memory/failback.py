@@ -341,6 +341,18 @@ class MemoryFailbackSink:
                     disks.append(DiskSnapshot(key=key, size=b.size(f"vm/{self.vm}/{key}"), change_id=cid))
         return SnapshotRef(snapshot_id=snapshot_id, created_at=datetime.now(UTC), disks=disks)
 
+    def cut_over(self) -> None:
+        """Written in place: nothing to swap (a fault can still be injected, for the undo's sake)."""
+        with self.store.faults.effect("sink.cut_over"):
+            with self.store.locked() as b:
+                self.refuse_running(b)
+
+    def undo_cut_over(self) -> None:
+        self.store.faults.check("sink.undo_cut_over")
+
+    def cleanup(self) -> None:
+        self.store.faults.check("sink.cleanup")
+
     def drop_base(self, ref: SnapshotRef) -> None:
         self.store.faults.check("sink.drop_base")
         mine = {d.change_id for d in ref.disks}

@@ -75,7 +75,17 @@ VM_VERBS = (
 )
 # failback (failback.py): the VM's changes read back (`changes.*`), the source written back (`sink.*`)
 CHANGES_VERBS = ("snapshot_vm", "open_disk", "read", "release", "forget")
-SINK_VERBS = ("disks", "open_disk", "write", "diverged", "rebase", "drop_base")
+SINK_VERBS = (
+    "disks",
+    "open_disk",
+    "write",
+    "diverged",
+    "rebase",
+    "drop_base",
+    "cut_over",
+    "undo_cut_over",
+    "cleanup",
+)
 VERBS = (
     tuple(f"source.{v}" for v in SOURCE_VERBS)
     + tuple(f"target.{v}" for v in TARGET_VERBS)
@@ -98,6 +108,7 @@ EFFECT_VERBS = (
     "changes.snapshot_vm",
     "changes.release",
     "sink.rebase",
+    "sink.cut_over",
 )
 
 

@@ -165,6 +165,18 @@ def with_mode(out: Path, mode: str, cache: Path | None = None) -> Path:
     return out
 
 
+def workload_image(cache: Path | None = None) -> Path:
+    """The guest whose own mode is `workload` (cached beside the guest): every VM made from it writes
+    files and its sequence counter, whatever platform boots it."""
+    base = build(cache)
+    out = base.with_name(f"{base.stem}-workload.qcow2")
+    if not out.exists():
+        part = out.with_name(out.name + ".part")
+        with_mode(part, "workload", cache)
+        os.replace(part, out)
+    return out
+
+
 def _fetch_kernel(work: Path, version: str) -> tuple[Path, Path]:
     _run("apt-get", "download", f"linux-image-{version}", cwd=work)
     deb = next(work.glob(f"linux-image-{version}_*.deb"))

@@ -4,6 +4,7 @@ started by `sendense lab up`, the agent reaching it with the lab's credentials f
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -356,3 +357,102 @@ def test_a_drill_on_an_aws_target_boots_the_guest_and_leaves_nothing(
     assert r["cleaned"] and _drill_leftovers(lab, job) == []
     assert cli.json("point", "list", job)[0]["holds"] == []
     cli.json("job", "delete", job, "--purge")
+
+
+def _console(spec: object, name: str) -> str:
+    from sendense.platforms import vms_for
+
+    return vms_for(spec).console(name)  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source, target", [("kvm", "aws"), ("aws", "aws"), ("aws", "kvm")])
+def test_failover_and_failback_with_aws_bring_the_guests_writes_home(
+    aws_stack: tuple[Cli, dict],  # type: ignore[type-arg]
+    tmp_path: Path,
+    source: str,
+    target: str,
+) -> None:
+    """Issue 12, failback in the directions with AWS: the guest runs its filesystem workload on the
+    source; failover makes the job's VM on the target, which continues the workload; failback writes
+    its work back (EBS: new snapshots on the source volume's lineage, then volumes swapped in at the
+    instance's devices; KVM: the qcow2 image in place), starts the source where the product can, and
+    the guest continues from the failed-over VM's sequence; the job then syncs incrementally, and the
+    failed-over VM is gone."""
+    import asyncio
+    import re
+
+    from labs.guest.build import workload_image
+    from tests.e2e.test_failback_e2e import _job_spec
+    from tools.qemu import qemu_img
+
+    cli, lab = aws_stack
+    job = f"fb-{source}-{target}"
+    place = {"region": lab["region"], "endpoint_url": lab["endpoint_url"]}
+    disk = tmp_path / "guest.qcow2"
+    iid = ""
+    if source == "aws":
+        iid = cli.json("lab", "instance", f"{job}-src", "--workload")["instance_id"]
+        src: dict[str, object] = {"platform": "aws", "instance_id": iid, **place}
+        deadline = time.monotonic() + 240
+        while "SENDENSE-GUEST-SEQ 25" not in ec2(lab).get_console_output(InstanceId=iid).get("Output", ""):  # type: ignore[attr-defined]
+            assert time.monotonic() < deadline, "the source guest does not write"
+            time.sleep(1)
+    else:
+        qemu_img("convert", "-O", "qcow2", str(workload_image()), str(disk))
+        src = {"platform": "kvm", "disks": [str(disk)]}
+    tgt = (
+        {"platform": "aws", **place} if target == "aws" else {"platform": "kvm", "path": str(tmp_path / "r")}
+    )
+    check_boot = {"console_contains": r"SENDENSE-GUEST-BOOTED mode=\w+ seq=\d+", "timeout": "4m"}
+    recovery: dict[str, object] = {"memory_mib": 256, "boot_check": check_boot}
+    if source == "aws":  # its production VM: in the source's own subnet on AWS, unconnected on KVM
+        [res] = ec2(lab).describe_instances(InstanceIds=[iid])["Reservations"]  # type: ignore[attr-defined]
+        subnet = res["Instances"][0]["SubnetId"]
+        recovery["network_map"] = {f"subnet:{subnet}": subnet if target == "aws" else "sendense-isolated"}
+    spec_doc = {
+        "name": job,
+        "source": src,
+        "target": tgt,
+        "schedule": {"interval": "1h"},
+        "recovery": recovery,
+    }
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec_doc))
+    cli.json("job", "create", "-f", str(tmp_path / "job.yaml"))
+    try:
+        cli.wait_point(job, 1, timeout=300)
+        p = cli.run("failover", job, "--json", check=False, timeout=600)
+        fo = json.loads(p.stdout)
+        assert fo["error"] is None and fo["planned"] == (source == "aws"), fo
+        spec = asyncio.run(_job_spec(job))
+        seq0 = int(re.search(r"seq=(\d+)", fo["boot"]["evidence"]).group(1))  # type: ignore[union-attr]
+        want = seq0 + 50 - seq0 % 25
+        deadline = time.monotonic() + 300
+        while f"SENDENSE-GUEST-SEQ {want}" not in _console(spec, job):  # the failed-over VM writes on
+            assert time.monotonic() < deadline, _console(spec, job)[-400:]
+            time.sleep(1)
+        printed = max(int(n) for n in re.findall(r"SENDENSE-GUEST-SEQ (\d+)", _console(spec, job)))
+
+        r = cli.json("failback", job, timeout=900)
+        assert r["error"] is None, r
+        assert all(s["compared_whole"] == [] for s in r["reverse_syncs"]), r
+        assert r["started"] == (source == "aws"), r
+        if source == "aws":  # the instance boots from the swapped-in volume and writes on from there
+            deadline = time.monotonic() + 300
+            while True:
+                out = ec2(lab).get_console_output(InstanceId=iid).get("Output", "")  # type: ignore[attr-defined]
+                booted = [int(n) for n in re.findall(r"SENDENSE-GUEST-BOOTED mode=\w+ seq=(\d+)", out)]
+                if booted and booted[-1] >= printed:
+                    break
+                assert time.monotonic() < deadline, (booted, printed, out[-400:])
+                time.sleep(1)
+        else:
+            fs = check(disk)
+            assert fs.ok and fs.seq is not None and fs.seq >= printed, (fs, printed)
+        st = cli.wait_point(job, 3 if source == "aws" else 2, timeout=300)
+        assert st["failed_over"] is None and st["last_sync"]["kind"] == "incremental", st
+        if target == "aws":
+            assert _drill_leftovers(lab, job) == []
+        assert cli.json("point", "list", job)[0]["holds"] == []
+    finally:
+        cli.run("job", "delete", job, "--purge", check=False)

@@ -251,6 +251,7 @@ async def test_a_source_that_lost_its_change_tracking_is_compared_whole(
         ("sink.diverged", False),
         ("changes.release", True),
         ("vms.power_off", True),
+        ("sink.cut_over", True),
         ("source.power_on_vm", False),
     ],
 )
@@ -295,6 +296,22 @@ async def test_a_source_the_product_cannot_start_has_current_disks_and_is_the_op
         assert power(store) == "stopped" and source_differs(job, vm.shadows) == []
         st = await job.settled(3)  # a stopped VM's disks replicate all the same
         assert st.last_failback is not None and not st.last_failback.started
+
+
+async def test_a_cleanup_that_fails_is_said_and_the_failback_stands(
+    env: WorkflowEnvironment, store: Store, tmp_path: Path
+) -> None:
+    job = fb_job(env, store, tmp_path)
+    async with running(env, job):
+        await job.settled(1)
+        await failover(job)
+        store.faults.fail("sink.cleanup", retryable=False)
+        r = await failback(job)
+        assert r.error is None and r.started
+        assert r.left_behind == [
+            "what failback made beside the source's disks: injected fault: sink.cleanup (call 1)"
+        ]
+        assert (await job.settled(3)).failed_over is None
 
 
 async def test_bad_failbacks_are_one_line_and_change_nothing(

@@ -257,6 +257,11 @@ def test_reverse_syncs_cutover_undo_and_cleanup(site: Site) -> None:
     assert (
         s.ec2().describe_volumes(Filters=[{"Name": "volume-id", "Values": [s.src_volume]}])["Volumes"] == []
     )
+    # the replaced volume is gone: the job's failover-point base still diffs (the new volume's tag
+    # names it; found by the e2e, where cleanup ran before the job's next sync)
+    fwd = s.source.create_snapshot("p3", {KEY: s.p2_base})
+    assert fwd.disk(KEY).tracking_lost is None
+    s.source.release_snapshot(fwd, committed=False)
 
 
 def test_changes_listed_by_checksums_when_ebs_refuses_the_pair(site: Site) -> None:

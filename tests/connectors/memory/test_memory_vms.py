@@ -414,7 +414,7 @@ def test_after_effect_faults_on_holds_and_what_refuses_them(store: Store) -> Non
     with pytest.raises(ValueError, match="after_effect: vms.console is not one of target.hold, "):
         store.faults.fail("vms.console", after_effect=True)
     power = {f"source.{v}" for v in ("pause_vm", "resume_vm", "power_off_vm", "power_on_vm")}
-    failback = {"changes.snapshot_vm", "changes.release", "sink.rebase"}
+    failback = {"changes.snapshot_vm", "changes.release", "sink.rebase", "sink.cut_over"}
     assert set(EFFECT_VERBS) == {
         "target.hold",
         "target.release",
