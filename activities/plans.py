@@ -18,8 +18,8 @@ from activities.errors import mapped
 from activities.replication import HEARTBEAT_EVERY, heartbeating
 from sendense import policy
 from sendense.errors import ResourceNotFound
-from sendense.plans import HookRequest, HookResult, JobFailoverRequest
-from sendense.recovery import FailoverRequest, FailoverResult
+from sendense.plans import HookRequest, HookResult, JobFailbackRequest, JobFailoverRequest
+from sendense.recovery import FailbackRequest, FailbackResult, FailoverRequest, FailoverResult
 
 OUTPUT_TAIL = 2000  # characters of a hook's output kept in its result
 
@@ -74,6 +74,29 @@ class JobOperations:
 
     def __init__(self, client: Client) -> None:
         self.client = client
+
+    @activity.defn(name="failback_job")
+    async def failback_job(self, req: JobFailbackRequest) -> FailbackResult:
+        """The job's failback, by update id: a retried step attaches to the same failback. A job that
+        is not failed over is refused with type NotFailedOver (a plan skips it)."""
+        h = self.client.get_workflow_handle(req.job_workflow_id)
+        update = asyncio.ensure_future(
+            h.execute_update(
+                "failback",
+                FailbackRequest(failback_id=req.failback_id, stop_source=req.stop_source),
+                id=f"failback-{req.failback_id}",
+                result_type=FailbackResult,
+            )
+        )
+        while not update.done():
+            activity.heartbeat()
+            await asyncio.wait([update], timeout=2)
+        try:
+            return update.result()
+        except WorkflowUpdateFailedError as e:
+            why = getattr(e.cause, "message", None) or str(e.cause)
+            kind = getattr(e.cause, "type", None) or "FailbackRefused"
+            raise ApplicationError(f"job {req.job}: {why}", type=kind, non_retryable=True) from None
 
     @activity.defn(name="failover_job")
     async def failover_job(self, req: JobFailoverRequest) -> FailoverResult:

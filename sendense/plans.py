@@ -9,7 +9,7 @@ from typing import Literal, Self
 from pydantic import Field, field_validator, model_validator
 
 from sendense.models import JOB_NAME, Duration, HostId, JobSpec, RecoverySpec, Strict, Wire
-from sendense.recovery import DrillResult, FailoverResult
+from sendense.recovery import DrillResult, FailbackResult, FailoverResult
 
 
 class Hook(Strict):
@@ -173,5 +173,39 @@ class PlanFailoverResult(Wire):
     hooks: list[HookResult] = Field(default_factory=list)
     error: str | None = None
     rto_seconds: float | None = Field(default=None, description="request to the last VM's boot check passed")
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+
+
+class JobFailbackRequest(Wire):
+    """A plan's failback of one of its jobs, through the job's own `failback` update (by its id)."""
+
+    job: str
+    job_workflow_id: str
+    failback_id: str
+    stop_source: bool = False
+
+
+class PlanFailbackInput(Wire):
+    plan: PlanSpec
+    jobs: dict[str, PlanJob]
+    hook_queues: dict[str, str] = Field(default_factory=dict)
+    failback_id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,31}$")
+    control_queue: str
+    stop_source: bool = False
+    search_attributes: bool = True
+
+
+class PlanFailbackResult(Wire):
+    """A plan's failback: per job its failback's result, tier by tier in boot order (a tier's sources
+    run again before the next tier's cut over). A failure stops the plan: the tiers before it stay
+    failed back, later tiers stay failed over (their VMs run on), and the result says so."""
+
+    plan: str
+    failback_id: str
+    jobs: list[FailbackResult] = Field(default_factory=list)
+    hooks: list[HookResult] = Field(default_factory=list)
+    skipped: list[str] = Field(default_factory=list, description="jobs that were not failed over")
+    error: str | None = None
     started_at: datetime | None = None
     ended_at: datetime | None = None

@@ -29,7 +29,7 @@ from workers.codec import CodecError, data_converter, load_codec
 from workflows.drill import DrillWorkflow
 from workflows.failback import FailbackWorkflow
 from workflows.failover import FailoverWorkflow
-from workflows.plan import PlanDrillWorkflow, PlanFailoverWorkflow, PlanWorkflow
+from workflows.plan import PlanDrillWorkflow, PlanFailbackWorkflow, PlanFailoverWorkflow, PlanWorkflow
 from workflows.replication import ReplicationWorkflow
 
 log = logging.getLogger(__name__)
@@ -123,9 +123,10 @@ def build_workers(client: Client, host: str | None = None, max_activities: int =
             PlanWorkflow,
             PlanDrillWorkflow,
             PlanFailoverWorkflow,
+            PlanFailbackWorkflow,
         ],
-        # a plan's failover acts on its jobs through their workflows (async, on this queue)
-        activities=[JobOperations(client).failover_job],
+        # a plan's failover and failback act on its jobs through their workflows (async, on this queue)
+        activities=[JobOperations(client).failover_job, JobOperations(client).failback_job],
         max_concurrent_workflow_tasks=100,
         # after a worker restart, its workflows move to the new worker in 3 s instead of the default 10 s
         sticky_queue_schedule_to_start_timeout=timedelta(seconds=3),

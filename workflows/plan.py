@@ -25,19 +25,22 @@ with workflow.unsafe.imports_passed_through():
     from sendense.plans import (
         HookRequest,
         HookResult,
+        JobFailbackRequest,
         JobFailoverRequest,
         PlanDrillInput,
         PlanDrillResult,
+        PlanFailbackInput,
+        PlanFailbackResult,
         PlanFailoverInput,
         PlanFailoverResult,
         PlanSpec,
         PointChoice,
     )
-    from sendense.recovery import DrillInput, DrillResult, FailoverResult, PointRequest
+    from sendense.recovery import DrillInput, DrillResult, FailbackResult, FailoverResult, PointRequest
 
     platforms.load_all()
 
-from workflows.common import failure_message
+from workflows.common import failure_message, failure_type
 from workflows.saga import BOOT_MARGIN, STEP, STEP_TIMEOUT
 
 UP_FOR = timedelta(days=7)  # a child drill's keep: the plan ends it long before
@@ -342,6 +345,85 @@ class PlanFailoverWorkflow:
             result_type=FailoverResult,
             task_queue=inp.control_queue,
             start_to_close_timeout=timedelta(hours=2),
+            heartbeat_timeout=timedelta(seconds=30),
+            retry_policy=STEP,
+        )
+        return r
+
+
+@workflow.defn(name="PlanFailbackWorkflow")
+class PlanFailbackWorkflow:
+    """A plan's failback: tier by tier in boot order, its `before` hook, each of its failed-over jobs
+    failed back through the job's own `failback` update (its VM replicated back, cut over, the source
+    started; a job's failure is rolled back by the job: its VM runs on), its `after` hook. Jobs that are
+    not failed over are skipped and said. A failure stops the plan there: tiers before stay failed
+    back, later tiers stay failed over."""
+
+    def __init__(self) -> None:
+        self.step = "starting"
+
+    @workflow.query
+    def status(self) -> str:
+        return self.step
+
+    def _step_is(self, step: str) -> None:
+        self.step = step
+        workflow.set_current_details(step)  # (the web UI shows it)
+
+    @workflow.run
+    async def run(self, inp: PlanFailbackInput) -> PlanFailbackResult:
+        result = PlanFailbackResult(
+            plan=inp.plan.name, failback_id=inp.failback_id, started_at=workflow.now()
+        )
+        n_job = 0
+        try:
+            for n, tier in enumerate(inp.plan.tiers, 1):
+                if tier.before is not None:
+                    self._step_is(f"tier {n}: before hook")
+                    await run_hook(inp, result, n, "before")
+                self._step_is(f"tier {n}: failing back {', '.join(vm.job for vm in tier.vms)}")
+                outcomes = await asyncio.gather(
+                    *(self._failback(inp, vm.job, n_job + i) for i, vm in enumerate(tier.vms)),
+                    return_exceptions=True,
+                )
+                n_job += len(tier.vms)
+                failed = []
+                for vm, out in zip(tier.vms, outcomes, strict=True):
+                    if isinstance(out, FailbackResult):
+                        result.jobs.append(out)
+                        if out.error is not None:
+                            failed.append(f"{vm.job}: {out.error}")
+                    elif isinstance(out, BaseException) and failure_type(out) == "NotFailedOver":
+                        result.skipped.append(vm.job)
+                    else:
+                        failed.append(
+                            f"{vm.job}: {failure_message(out) if isinstance(out, BaseException) else out}"
+                        )
+                if failed:
+                    raise PlanStopped(f"tier {n}: " + "; ".join(failed))
+                if tier.after is not None:
+                    self._step_is(f"tier {n}: after hook")
+                    await run_hook(inp, result, n, "after")
+        except PlanStopped as e:
+            result.error = str(e)
+        except ActivityError as e:
+            result.error = failure_message(e)
+        result.ended_at = workflow.now()
+        self._step_is("failed back" if result.error is None else "stopped")
+        return result
+
+    async def _failback(self, inp: PlanFailbackInput, job: str, n: int) -> FailbackResult:
+        r: FailbackResult = await workflow.execute_activity(
+            "failback_job",
+            JobFailbackRequest(
+                job=job,
+                job_workflow_id=inp.jobs[job].job_workflow_id,
+                failback_id=f"{inp.failback_id}-{n + 1}",
+                stop_source=inp.stop_source,
+            ),
+            result_type=FailbackResult,
+            task_queue=inp.control_queue,
+            start_to_close_timeout=timedelta(hours=48),  # reverse syncs of large disks
             heartbeat_timeout=timedelta(seconds=30),
             retry_policy=STEP,
         )

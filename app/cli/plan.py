@@ -145,3 +145,40 @@ def plan_failover(name: str, as_json: bool = JsonOpt) -> None:
         )
     if r.error is not None:
         raise typer.Exit(1)
+
+
+@plan_app.command("failback")
+def plan_failback(
+    name: str,
+    stop_source: bool = typer.Option(
+        False, "--stop-source", help="power off source VMs found running (else their failback is refused)"
+    ),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Fail the plan back: tier by tier in boot order (hooks before and after each), each failed-over
+    job through its job's own failback (its VM replicated back, cut over, the source started). Jobs not
+    failed over are skipped. A failure stops the plan there (the tiers before stay failed back).
+    Exit 1 unless every failed-over VM failed back."""
+
+    async def go() -> Any:
+        return await (await _plans()).failback(name, stop_source)
+
+    r = run(go)
+    if as_json:
+        emit_json(r)
+    else:
+        for j in r.jobs:
+            verdict = (
+                f"failed back ({j.syncs} reverse syncs, down {j.cutover_seconds}s)"
+                if j.error is None
+                else f"FAILED: {one_line(j.error)}"
+            )
+            out.print(f"  {j.job}: {verdict}")
+        for job in r.skipped:
+            out.print(f"  {job}: not failed over, skipped")
+        out.print(
+            f"plan {name}: "
+            + ("every failed-over VM failed back" if r.error is None else f"stopped: {one_line(r.error)}")
+        )
+    if r.error is not None:
+        raise typer.Exit(1)

@@ -24,6 +24,8 @@ from sendense.errors import InvalidSpec, ResourceNotFound
 from sendense.plans import (
     PlanDrillInput,
     PlanDrillResult,
+    PlanFailbackInput,
+    PlanFailbackResult,
     PlanFailoverInput,
     PlanFailoverResult,
     PlanJob,
@@ -32,7 +34,7 @@ from sendense.plans import (
 from sendense.spec import format_validation_error, load_yaml
 from workflows.common import SA_JOB
 from workflows.drill import SA_OPERATION
-from workflows.plan import PlanDrillWorkflow, PlanFailoverWorkflow, PlanWorkflow
+from workflows.plan import PlanDrillWorkflow, PlanFailbackWorkflow, PlanFailoverWorkflow, PlanWorkflow
 
 
 def plan_workflow_id(name: str) -> str:
@@ -136,6 +138,26 @@ class Plans:
             id=f"plan-failover-{name}-{failover_id}",
             task_queue=config.CONTROL_QUEUE,
             static_summary=f"Failover {failover_id} of recovery plan {name}",
+        )
+        return await h.result()
+
+    async def failback(self, name: str, stop_source: bool = False) -> PlanFailbackResult:
+        """Fail the plan's failed-over jobs back, tier by tier; its result."""
+        plan, jobs, hook_queues = await self._plan_jobs(name)
+        failback_id = secrets.token_hex(4)
+        h = await self.client.start_workflow(
+            PlanFailbackWorkflow.run,
+            PlanFailbackInput(
+                plan=plan,
+                jobs=jobs,
+                hook_queues=hook_queues,
+                failback_id=failback_id,
+                control_queue=config.CONTROL_QUEUE,
+                stop_source=stop_source,
+            ),
+            id=f"plan-failback-{name}-{failback_id}",
+            task_queue=config.CONTROL_QUEUE,
+            static_summary=f"Failback {failback_id} of recovery plan {name}",
         )
         return await h.result()
 

@@ -49,7 +49,7 @@ from sendense.platforms import target_for
 from workflows.drill import DrillWorkflow
 from workflows.failback import FailbackWorkflow
 from workflows.failover import FailoverWorkflow
-from workflows.plan import PlanDrillWorkflow, PlanFailoverWorkflow
+from workflows.plan import PlanDrillWorkflow, PlanFailbackWorkflow, PlanFailoverWorkflow
 from workflows.replication import ReplicationWorkflow
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -174,6 +174,7 @@ async def running(env: WorkflowEnvironment, job: Job, *, source_queue: bool = Fa
                     FailbackWorkflow,
                     PlanDrillWorkflow,
                     PlanFailoverWorkflow,
+                    PlanFailbackWorkflow,
                 ]
                 if name == q
                 else [],
@@ -183,6 +184,7 @@ async def running(env: WorkflowEnvironment, job: Job, *, source_queue: bool = Fa
                     *FAILBACK_ACTIVITIES,
                     *PLAN_ACTIVITIES,
                     JobOperations(env.client).failover_job,
+                    JobOperations(env.client).failback_job,
                 ],
                 activity_executor=pool,
                 max_heartbeat_throttle_interval=timedelta(seconds=1),

@@ -21,6 +21,8 @@ from sendense.plans import (
     Hook,
     PlanDrillInput,
     PlanDrillResult,
+    PlanFailbackInput,
+    PlanFailbackResult,
     PlanFailoverInput,
     PlanFailoverResult,
     PlanJob,
@@ -29,7 +31,7 @@ from sendense.plans import (
     Tier,
 )
 from tests.workflows.test_memory_platform_workflow import Job, new_job, running
-from workflows.plan import PlanDrillWorkflow, PlanFailoverWorkflow
+from workflows.plan import PlanDrillWorkflow, PlanFailbackWorkflow, PlanFailoverWorkflow
 
 READY = "SENDENSE-GUEST-READY"
 
@@ -240,3 +242,62 @@ async def test_a_plan_failover_stops_at_a_failing_tier_and_leaves_later_tiers_al
         assert r.error is not None and r.error.startswith(f"tier 2: {jobs[2].spec.name}: VM ")
         states = [(await j.status()).state for j in jobs]
         assert states == ["failed-over", "failed-over", "idle"]  # tier 2's failed job rolled back
+
+
+async def fail_plan_back(
+    env: WorkflowEnvironment, jobs: list[Job], plan: PlanSpec, stop_source: bool = True
+) -> PlanFailbackResult:
+    h = await env.client.start_workflow(
+        PlanFailbackWorkflow.run,
+        PlanFailbackInput(
+            plan=plan,
+            jobs={
+                j.spec.name: PlanJob(spec=j.spec, job_workflow_id=j.handle.id, target_queue=j.queue)  # type: ignore[union-attr]
+                for j in jobs
+            },
+            hook_queues={"": jobs[0].queue},
+            failback_id=uuid.uuid4().hex[:8],
+            control_queue=jobs[0].queue,
+            stop_source=stop_source,
+            search_attributes=False,
+        ),
+        id=f"plan-failback-{uuid.uuid4()}",
+        task_queue=jobs[0].queue,
+    )
+    return await asyncio.wait_for(h.result(), 120)
+
+
+async def test_a_plan_fails_back_tier_by_tier_through_each_jobs_own_failback(
+    env: WorkflowEnvironment, stores: list[Store], tmp_path: Path
+) -> None:
+    async with three_jobs(env, stores, tmp_path) as jobs:
+        for j in jobs:
+            await j.settled(1)
+        assert (await fail_plan_over(env, jobs, plan_of(jobs))).error is None
+        # unplanned (the plan's points): the sources never stopped, so failback refuses to write them
+        r = await fail_plan_back(env, jobs, plan_of(jobs), stop_source=False)
+        assert r.error is not None and r.error.startswith(f"tier 1: {jobs[0].spec.name}: the source VM")
+        assert "--stop-source" in r.error and [j.job for j in r.jobs] == [jobs[0].spec.name]
+        assert [(await j.status()).state for j in jobs] == ["failed-over"] * 3  # the next tier untouched
+
+        r = await fail_plan_back(env, jobs, plan_of(jobs, after=Hook(command=["/bin/true"])))
+        assert r.error is None, r
+        assert [j.job for j in r.jobs] == [j.spec.name for j in jobs] and r.skipped == []
+        assert all(j.started and j.syncs >= 2 for j in r.jobs) and [h.ok for h in r.hooks] == [True]
+        for j in jobs:
+            st = await j.settled(2)  # replicating again
+            assert st.failed_over is None and st.last_failback is not None
+
+
+async def test_a_plan_failback_skips_jobs_that_are_not_failed_over(
+    env: WorkflowEnvironment, stores: list[Store], tmp_path: Path
+) -> None:
+    async with three_jobs(env, stores, tmp_path, boots=(True, True, False)) as jobs:
+        for j in jobs:
+            await j.settled(1)
+        assert (await fail_plan_over(env, jobs, plan_of(jobs))).error is not None  # the third rolled back
+        r = await fail_plan_back(env, jobs, plan_of(jobs))
+        assert r.error is None, r
+        assert [j.job for j in r.jobs] == [jobs[0].spec.name, jobs[1].spec.name]
+        assert r.skipped == [jobs[2].spec.name]
+        assert [(await j.status()).failed_over for j in jobs] == [None, None, None]
