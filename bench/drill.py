@@ -39,6 +39,8 @@ from sendense.models import JobSpec
 from sendense.recovery import DrillResult
 
 READY = "SENDENSE-GUEST-READY"
+MIB = 1 << 20
+DEVICE = "/machine/peripheral/dev0/virtio-backend"  # the KVM VM's first disk (connectors.kvm.vm_qemu)
 STEPS = ("choose_point", "hold_point", "create_vm", "power_on", "boot_check", "destroy_vm", "release_point")
 MEMORY_MIB = 256  # the AWS lab runs every instance with 256 MiB: the KVM drill VM gets the same
 BOOT_TIMEOUT = "4m"
@@ -161,29 +163,83 @@ async def drill_once(bench: Bench, name: str) -> dict[str, Any]:
 
 async def failover_once(bench: Bench, name: str) -> dict[str, Any]:
     """One (unplanned: the source is a stopped VM's disk) failover of the job: its RTO, from the
-    request to the boot check passed (the failover's own figure); the VM and its hold are removed after
-    (there is no failback yet to end a failover)."""
-    from sendense.platforms import target_for, vms_for
-
+    request to the boot check passed (the failover's own figure). The job stays failed over (the
+    failback measure ends it)."""
     jobs = await bench.client()
     requested = time.time()
     r = await jobs.failover(name)
     received = time.time()
-    spec = await jobs.spec(name)
     problems = [] if r.error is None and r.boot is not None and r.boot.ok else [r.error or "did not boot"]
-    try:
-        vms_for(spec).destroy_vm(name)
-        for p in target_for(spec).list_points():
-            for h in p.holds:
-                target_for(spec).release(p.point_id, h)
-    except Exception as e:  # noqa: BLE001 - said, and the measure fails
-        problems.append(f"cleanup: {e}")
     return {
         "rto_seconds": r.rto_seconds,
         "request_to_result_seconds": round(received - requested, 3),
         "boot_seconds": round(r.boot.seconds, 3) if r.boot else None,
         "planned": r.planned,
         "point_id": r.point_id,
+        "vm_id": r.vm.vm_id if r.vm else "",
+        "problems": problems,
+    }
+
+
+def vm_writes(kind: str, spec: JobSpec, vm_id: str, block: int, count: int) -> int:
+    """Write `count` blocks of `block` bytes of random data at distinct block-aligned offsets of the
+    failed-over VM's first disk, as its guest would (KVM: QEMU's own block backend through HMP
+    `qemu-io`, the VM running; AWS lab: the lab's volume write, as the instance's guest), spread over
+    the disk's first 256 MiB; returns the bytes written."""
+    import random
+
+    rng = random.Random(12)
+    offsets = sorted(rng.sample(range(256 * MIB // block), count))
+    if kind == "kvm":
+        from connectors.kvm.vms import KvmVms
+        from tools.qmp import QmpClient
+
+        vms = KvmVms(spec.name, Path(spec.target.path), spec.job_id)  # type: ignore[attr-defined]
+        with QmpClient(vms.files(spec.name).qmp).connect() as c:
+            for i in offsets:
+                line = f'qemu-io -d {DEVICE} "write -P {i % 251} {i * block} {block}"'
+                out = c.execute("human-monitor-command", **{"command-line": line})
+                if str(out).strip():
+                    raise RuntimeError(f"qemu-io: {out}")
+    else:
+        from labs.aws import hook
+
+        lab = hook.attach()
+        assert lab is not None, "the AWS lab is not running"
+        root = lab.vm(vm_id)["disks"][0]
+        for i in offsets:
+            lab.write(root, i * block, rng.randbytes(block))
+    return count * block
+
+
+async def failback_once(bench: Bench, kind: str, name: str, vm_id: str) -> dict[str, Any]:
+    """The failed-over VM writes random blocks (KVM: 64 KiB, the overlay's cluster; AWS: 512 KiB, the
+    EBS block), then `sendense failback`'s client call: bytes written back vs what the VM wrote (goal
+    <= 1.1x plus a bounded constant: the guest's own writes while it runs, a few clusters), the reverse
+    syncs, and the cutover (the VM powered off to the source started or its disks current)."""
+    import secrets
+
+    from sendense.recovery import FailbackRequest
+
+    jobs = await bench.client()
+    spec = await jobs.spec(name)
+    block, count = (64 << 10, 256) if kind == "kvm" else (512 << 10, 32)  # 16 MiB either way
+    wrote = vm_writes(kind, spec, vm_id, block, count)
+    t0 = time.time()
+    r = await jobs.failback(name, FailbackRequest(failback_id=secrets.token_hex(4)))
+    seconds = time.time() - t0
+    problems = [] if r.error is None else [r.error]
+    problems += [f"left behind: {x}" for x in r.left_behind]
+    return {
+        "vm_wrote_bytes": wrote,
+        "bytes_written": r.bytes_written,
+        "bytes_read": r.bytes_read,
+        "ratio": round(r.bytes_written / wrote, 3) if wrote else None,
+        "syncs": r.syncs,
+        "reverse_syncs": [s.model_dump() for s in r.reverse_syncs],
+        "cutover_seconds": r.cutover_seconds,
+        "failback_seconds": round(seconds, 2),
+        "started": r.started,
         "problems": problems,
     }
 
@@ -217,6 +273,8 @@ async def drill_target(bench: Bench, kind: str, disk: Path, target: dict[str, An
     """A job from the guest's disk to `target`, its first sync, then `--runs` drills; job deleted after."""
     name = f"drill-{kind}-{int(time.time()) % 100000}"
     runs: list[dict[str, Any]] = []
+    fo: dict[str, Any] = {}
+    fb: dict[str, Any] = {}
     t0 = time.monotonic()
     try:
         await bench.create(job_spec(name, disk, target))
@@ -227,12 +285,17 @@ async def drill_target(bench: Bench, kind: str, disk: Path, target: dict[str, An
             if kind == "kvm" and (left := qemus_under(Path(target["path"]))):
                 r["problems"].append(f"QEMU still running: pids {left}")
             runs.append(r)
-        fo = await failover_once(bench, name)  # last: the job is failed over after it
+        fo = await failover_once(bench, name)  # last: the job is failed over after it...
+        fb = await failback_once(bench, kind, name, fo["vm_id"]) if not fo["problems"] else {}
+        if fb:  # ...until its failback; the job replicates again then
+            await bench.wait_syncs(name, 2, timeout=900)
     finally:
         await bench.delete(name, purge=True)
         remove_job_bitmaps(disk, name)
     if fo.get("problems"):
         runs[-1]["problems"].extend(f"failover: {p}" for p in fo["problems"])
+    if fb.get("problems"):
+        runs[-1]["problems"].extend(f"failback: {p}" for p in fb["problems"])
     return {
         "wall_seconds": round(time.monotonic() - t0, 2),  # job created to deleted, all drills
         "job": name,
@@ -240,6 +303,7 @@ async def drill_target(bench: Bench, kind: str, disk: Path, target: dict[str, An
         "runs_count": len(runs),
         **summarize(runs),
         "failover": fo,
+        "failback": fb,
         "first_sync_seconds": round(first_sync, 2),
         "first_sync_bytes_written": sync.bytes_written,
         "runs": runs,

@@ -90,6 +90,14 @@ FIGURES: list[Figure] = [
                 "<= 900",
                 _at_most(900),
             ),
+            Figure(
+                f"drill.{t}.failback.ratio",
+                f"failback ({name}): bytes written / VM wrote",
+                "<= 1.1",
+                _at_most(1.1),
+            ),
+            Figure(f"drill.{t}.failback.cutover_seconds", f"failback ({name}): cutover s (VM down)"),
+            Figure(f"drill.{t}.failback.failback_seconds", f"failback ({name}): whole failback s"),
         )
     ),
     Figure("drill.ok", "drill: all booted, nothing left", "true", _true),
