@@ -4,6 +4,7 @@ inside leaves no snapshot behind."""
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import threading
 import time
@@ -112,6 +113,24 @@ def test_a_long_begin_heartbeats_from_a_side_thread_and_stops_with_the_block() -
     assert during >= 5  # every 0.05 s
     assert len(beats) == during  # none after the block
     assert not [t for t in threading.enumerate() if t.name == "heartbeat"]
+
+
+def test_side_thread_heartbeats_come_three_times_per_heartbeat_timeout() -> None:
+    """A job's heartbeat timeout may be 1 s: a step that heartbeats every 5 s by default would time out
+    whenever it ran longer (found by a throttled resync inside begin_and_copy with a 5 s timeout)."""
+    from datetime import timedelta
+
+    beats: list[float] = []
+    env = ActivityEnvironment()
+    env.info = dataclasses.replace(env.info, heartbeat_timeout=timedelta(seconds=0.3))
+    env.on_heartbeat = lambda *details: beats.append(time.monotonic())
+
+    def long_step() -> None:
+        with replication.heartbeating(5.0):
+            time.sleep(0.65)
+
+    env.run(long_step)
+    assert len(beats) >= 5  # every 0.1 s, not every 5 s
 
 
 def test_a_small_sync_asked_to_finish_is_committed_in_the_task_and_a_retry_never_copies_again(

@@ -201,3 +201,84 @@ def test_planned_failover_and_failback_of_a_running_guest_over_qmp(e2e_stack: Cl
                 for h in p.holds:
                     target_for(spec).release(p.point_id, h)
         cli.run("job", "delete", "roundtrip", "--purge", check=False)
+
+
+@pytest.mark.slow
+def test_a_failback_survives_its_worker_killed_during_a_reverse_copy(e2e_stack: Cli, tmp_path: Path) -> None:
+    """SIGKILL of the worker while a reverse sync copies (throttled to 2 MiB/s so that it is caught in
+    the act): the failback completes on the new worker, the source ends equal to the VM, and the data
+    written is what the VM wrote plus at most a checkpoint window. The killed writer (qemu-nbd, with
+    the worker) leaves the source image's dirty bitmaps flagged in use, i.e. inconsistent: the retry
+    compares the disk whole (zero ranges zeroed, data written only where it differs), and the job's
+    next forward sync is a resync that says why. Slower, never wrong."""
+    import json
+    import signal
+
+    from app import stack
+    from bench.drill import vm_writes
+    from sendense.platforms import target_for, vms_for
+    from tests.e2e.conftest import SENDENSE
+    from tools.qemu import qemu_img
+
+    cli = e2e_stack
+    disk = tmp_path / "guest.qcow2"
+    qemu_img("convert", "-O", "qcow2", str(with_mode(tmp_path / "g.qcow2", "boot")), str(disk))
+    replicas = tmp_path / "replicas"
+    (tmp_path / "job.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "name": "fbkill",
+                "source": {"platform": "kvm", "disks": [str(disk)]},
+                "target": {"platform": "kvm", "path": str(replicas)},
+                "schedule": {"interval": "1h"},
+                "tuning": {"heartbeat_timeout": "5s", "checkpoint_bytes": 1 << 20},
+                "recovery": {"memory_mib": 256, "boot_check": {"console_contains": BOOTED, "timeout": "4m"}},
+            }
+        )
+    )
+    cli.run("job", "create", "-f", str(tmp_path / "job.yaml"))
+    spec = None
+    fb = None
+    try:
+        cli.wait_point("fbkill", timeout=300)
+        fo = cli.json("failover", "fbkill", timeout=600)
+        assert fo["error"] is None, fo
+        spec = asyncio.run(_job_spec("fbkill"))
+        wrote = vm_writes("kvm", spec, fo["vm"]["vm_id"], 64 << 10, 256)  # 16 MiB
+        cli.run("job", "settings", "fbkill", "--bandwidth", str(2 << 20))
+        fb = subprocess.Popen(
+            [SENDENSE, "failback", "fbkill", "--json"],
+            env=cli.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        tokens = cli.state / "work" / "fbkill" / "tokens"
+        deadline = time.monotonic() + 120
+        while not list(tokens.glob("reverse-*.json")):  # a reverse copy checkpointed
+            assert time.monotonic() < deadline and fb.poll() is None, "no reverse copy was caught"
+            time.sleep(0.1)
+        stack.restart_worker(cli.state, signal.SIGKILL)
+        out, err = fb.communicate(timeout=600)
+        assert fb.returncode == 0, err + out
+        r = json.loads(out)
+        assert r["error"] is None, r
+        data = sum(s["bytes_written"] for s in r["reverse_syncs"])
+        assert wrote <= data <= wrote + 2 * (1 << 20), r["reverse_syncs"]  # the guest's few, a window again
+        assert r["reverse_syncs"][0]["compared_whole"] == ["disk0"], r["reverse_syncs"]
+        cli.run("job", "settings", "fbkill", "--bandwidth", "0")
+        assert drill_qemus(replicas) == []
+        st = cli.wait_point("fbkill", count=2, timeout=300)
+        assert st["last_sync"]["kind"] == "resync" and "inconsistent" in st["last_resync_reason"], st
+        newest = target_for(spec).list_points()[0]
+        same = subprocess.run(["qemu-img", "compare", "-q", str(disk), str(newest.disks[0].path)])
+        assert same.returncode == 0
+    finally:
+        if fb is not None and fb.poll() is None:
+            fb.kill()
+        if spec is not None:
+            vms_for(spec).destroy_vm("fbkill")
+            for p in target_for(spec).list_points():
+                for h in p.holds:
+                    target_for(spec).release(p.point_id, h)
+        cli.run("job", "delete", "fbkill", "--purge", check=False)
