@@ -114,6 +114,7 @@ class JobRecovery:
                 ),
                 id=f"failover-{self.inp.spec.name}-{req.failover_id}",
                 result_type=FailoverResult,
+                static_summary=f"Failover {req.failover_id} of job {self.inp.spec.name}",
             )
             if result.error is not None and resume:
                 await self._step("resume_source", job)  # rolled back: the source runs on as before
@@ -178,6 +179,7 @@ class JobRecovery:
                 ),
                 id=f"failback-{self.inp.spec.name}-{req.failback_id}",
                 result_type=FailbackResult,
+                static_summary=f"Failback {req.failback_id} of job {self.inp.spec.name}",
             )
             if result.error is None:
                 self.st.failed_over = None
