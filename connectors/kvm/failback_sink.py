@@ -3,9 +3,10 @@ place, through `qemu-nbd` (writable), with the VM off.
 
 Which images: the stopped-VM form's `disks` (keys disk<i>); the QMP form's images as its last
 snapshot recorded them (`live_disks.record`, keys the VM's node names), so this runs on the agent that
-synced the job. The VM must be off (`SourcePower.power_off_vm`): a disk a VM runs on is refused in
-one line (QEMU's image lock refuses it too). The libvirt form is not built yet (its disks and
-checkpoints are libvirt's).
+synced the job; the libvirt form's qcow2 file disks as the libvirt source keys them (vda...), with
+the domain shut off (`failback_libvirt`: its change ids are checkpoints, their bitmaps read offline).
+The VM must be off (`SourcePower.power_off_vm`): a disk a VM runs on is refused in one line (QEMU's
+image lock refuses it too).
 
 The job's change tracking and failback:
 
@@ -22,7 +23,8 @@ The job's change tracking and failback:
   written after the rebase, which is right only if the job's newest point on the target reads what
   the images hold at the rebase (the target adopted the failed-over VM's final state as a point).
   Older bitmaps stay until the job's next commit removes them. A raw disk (QMP form) cannot hold a
-  bitmap: it is left out, and its next forward sync is a resync.
+  bitmap: it is left out, and its next forward sync is a resync. The libvirt form refuses it (libvirt
+  makes checkpoints only in a running domain's backup job); the workflow does not rebase.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from connectors.kvm.identity import tracking_problem
 from connectors.kvm.image_bitmaps import image_lock
@@ -52,6 +55,9 @@ from sendense.models import DiskInfo, SnapshotRef
 from sendense.policy import require_source_path
 from tools.image_chain import image_json, walk_chain
 from tools.qemu import qemu_nbd, read_qcow2_header
+
+if TYPE_CHECKING:
+    from connectors.kvm.failback_libvirt import LibvirtDomainImages
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +82,13 @@ class KvmFailbackSink:
                     f"({self.work_dir}): a failback writes them where the job's syncs ran"
                 )
             return [(d.key, Path(d.image), "qcow2" if d.persistent else "raw") for d in disks]
-        raise InvalidSpec("source.libvirt: a failback into a libvirt domain's disks is not built yet")
+        return [(k, p, "qcow2") for k, p in self._libvirt().images()]
+
+    def _libvirt(self) -> LibvirtDomainImages:
+        from connectors.kvm.failback_libvirt import LibvirtDomainImages
+
+        assert self.spec.libvirt is not None
+        return LibvirtDomainImages(self.job, self.spec.libvirt, self.work_dir)
 
     def _image(self, key: str) -> tuple[Path, str]:
         for k, path, fmt in self._images():
@@ -86,6 +98,11 @@ class KvmFailbackSink:
 
     def _tracked(self) -> OfflineQcow2Source:
         """The stopped-VM source on the qcow2 images, under the form's keys (raw ones cannot be tracked)."""
+        if self.spec.libvirt is not None:
+            raise InvalidSpec(
+                f"source.libvirt: job {self.job} cannot rebase a shut-off domain's change tracking "
+                "(libvirt makes checkpoints only in a running domain's backup job)"
+            )
         pairs = [(k, p) for k, p, fmt in self._images() if fmt == "qcow2"]
         return OfflineQcow2Source(self.job, [p for _, p in pairs], keys=[k for k, _ in pairs])
 
@@ -133,15 +150,18 @@ class KvmFailbackSink:
         path, fmt = self._image(key)
         if fmt != "qcow2":
             raise ChangeTrackingLost(f"source disk {key} ({path}) is raw: no change tracking at rest")
-        problem = tracking_problem(read_qcow2_header(path).bitmaps, since, str(path))
-        if problem:
+        bitmap = since
+        if self.spec.libvirt is not None:
+            self._check_off()  # a running domain's bitmaps are QEMU's, in use
+            bitmap = self._libvirt().bitmap(key, path, since)  # checked, or ChangeTrackingLost
+        elif problem := tracking_problem(read_qcow2_header(path).bitmaps, since, str(path)):
             raise ChangeTrackingLost(problem)
         with (
             image_lock(path, exclusive=False, wait=BUSY_WAIT, busy=self._busy(path)),
-            qemu_nbd(path, readonly=True, bitmaps=[since], spec=self._spec(path, fmt)) as srv,
-            NbdConnection(srv.uri, contexts=(ALLOCATION, dirty_context(since)), label=str(path)) as c,
+            qemu_nbd(path, readonly=True, bitmaps=[bitmap], spec=self._spec(path, fmt)) as srv,
+            NbdConnection(srv.uri, contexts=(ALLOCATION, dirty_context(bitmap)), label=str(path)) as c,
         ):
-            yield from coalesce(c.changed_extents(since))
+            yield from coalesce(c.changed_extents(bitmap))
 
     def rebase(self, snapshot_id: str) -> SnapshotRef:
         ref = self._tracked().create_snapshot(snapshot_id, {})
@@ -149,6 +169,8 @@ class KvmFailbackSink:
         return ref
 
     def drop_base(self, ref: SnapshotRef) -> None:
+        if self.spec.libvirt is not None:
+            return None  # rebase never adds a base there
         self._tracked().release_snapshot(ref, committed=False)
 
     # The images are written in place: no cutover, nothing kept beside them.
