@@ -75,7 +75,7 @@ class Site:
     guest: list[str] = field(default_factory=list)
 
     def overlay(self) -> Path:
-        return self.vms.files(VM).state / "disk0.qcow2"
+        return self.vms.files(VM).state / f"{KEY}.qcow2"
 
     def vm_write(self, *cmds: str) -> None:
         """Write the running VM's disk through its own block backend (as its guest would)."""
@@ -103,9 +103,8 @@ def site(lab: LabLibvirtd, tmp_path: Path) -> Iterator[Site]:
         guest_write(dom, KEY, 6 * MiB, 4 * MiB, 0x13)
         p2 = sync_point(src, tgt, "p2", p1.base, tuning=fast_tuning())
         assert p2.results[KEY].kind == "incremental"
-        spec = KvmSource(
-            platform="kvm", libvirt=LibvirtDomain(uri=lab.uri, domain=dom.name(), uuid=dom.UUIDString())
-        )
+        domain = LibvirtDomain(uri=lab.uri, domain=dom.name(), uuid=dom.UUIDString())
+        spec = KvmSource(platform="kvm", libvirt=domain)
         yield Site(
             image, dom, src, tgt, vms, KvmVmChanges(JOB, tmp_path / "replicas", "j1", vms=vms),
             KvmFailbackSink(JOB, spec, work), p1.snap.disk(KEY).change_id, p2.snap.disk(KEY).change_id,
@@ -176,11 +175,11 @@ def test_failback_into_a_shut_off_domain_and_the_next_sync_is_incremental_from_t
     # writes only what the VM wrote since r1
     assert diverged == [
         Extent(1 * MiB, 128 * KiB),
-        Extent(2 * MiB, CLUSTER),
+        Extent(2 * MiB, CLUSTER, zero=True),
         Extent(5000 * KiB // CLUSTER * CLUSTER, CLUSTER),
         Extent(7 * MiB, CLUSTER),
         Extent(40 * MiB, CLUSTER),
-        Extent(50 * MiB, CLUSTER),
+        Extent(50 * MiB, CLUSTER, zero=True),
     ]
     assert written(res) == 128 * KiB
     s.changes.release(r2, committed=True)
@@ -213,6 +212,7 @@ def test_failback_into_a_shut_off_domain_and_the_next_sync_is_incremental_from_t
         Extent(60 * MiB, 128 * KiB),
     ]
     assert p3.results[KEY].kind == "incremental"
+    assert [c.getName() for c in s.dom.listAllCheckpoints(0)] == [f"sendense.{JOB}.p3"]
     print(f"forward p3 from the p2 checkpoint: read {p3.results[KEY].stats.bytes_read} B")
     assert same_content(s.tgt.point_path("p3", KEY), s.image)
     assert same_content(s.tgt.point_path("p3", KEY), s.overlay())
