@@ -60,6 +60,15 @@ class VmNotStartable(SendenseError):
     kind = "VmNotStartable"
 
 
+class NotWhileRunning(SendenseError):
+    """The verb cannot act on the VM while it runs (a failback reads a libvirt-run VM's changes only
+    while it is stopped): the failback then cuts over at once (VM off, one reverse sync). Told apart
+    by its `kind`, never by the message."""
+
+    kind = "NotWhileRunning"
+    retryable = False
+
+
 class ChangeTrackingLost(SendenseError):
     """The source's change tracking (bitmap, CBT, change id) is gone or inconsistent.
 

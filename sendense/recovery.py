@@ -204,6 +204,7 @@ class FailbackResult(Wire):
     )
     started: bool = False
     start_note: str | None = Field(default=None, description="why the source VM was not started, if not")
+    notes: list[str] = Field(default_factory=list, description="what went otherwise than usual, and why")
     error: str | None = None
     cleaned: bool = True
     left_behind: list[str] = Field(default_factory=list)

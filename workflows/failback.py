@@ -48,7 +48,7 @@ with workflow.unsafe.imports_passed_through():
 
     platforms.load_all()
 
-from workflows.common import SA_JOB, SA_STATE, failure_message
+from workflows.common import SA_JOB, SA_STATE, failure_message, failure_type
 from workflows.drill import SA_OPERATION
 from workflows.replication import COPY
 from workflows.saga import STEP_TIMEOUT, Saga, step, undo
@@ -117,7 +117,13 @@ class FailbackWorkflow:
             last: int | None = None
             for n in range(1, inp.max_syncs + 1):
                 self._step_is(f"reverse sync {n} (VM {fo.vm} running)")
-                r, base = await self._reverse_sync(result, f"{inp.failback_id}-{n}", base, since)
+                try:
+                    r, base = await self._reverse_sync(result, f"{inp.failback_id}-{n}", base, since)
+                except ActivityError as e:
+                    if failure_type(e) != "NotWhileRunning":
+                        raise
+                    result.notes.append(f"no reverse sync while VM {fo.vm} runs: {failure_message(e)}")
+                    break  # its changes are read once it is off: the cutover's sync takes them all
                 if r.planned_bytes <= inp.small_bytes or (last is not None and r.planned_bytes >= last):
                     break
                 last = r.planned_bytes

@@ -46,7 +46,7 @@ from connectors.kvm.vm_state import VmPaths, VmRecord
 from connectors.kvm.vms import KvmVms
 from sendense.datapath.extents import Extent, coalesce
 from sendense.datapath.nbd import ALLOCATION, ALLOCATION_DEPTH, NbdConnection
-from sendense.errors import InvalidSpec, ResourceNotFound
+from sendense.errors import InvalidSpec, NotWhileRunning, ResourceNotFound
 from sendense.models import DiskSnapshot, SnapshotRef
 from sendense.policy import require_target_path
 from sendense.protocols import POINT_BASE, point_base
@@ -144,7 +144,7 @@ class KvmVmChanges:
         if not self.vms.backend.running(paths, rec.uuid):
             return "stopped"
         if not isinstance(self.vms.backend, QemuBackend):
-            raise InvalidSpec(
+            raise NotWhileRunning(
                 f"VM {name} runs under libvirt, whose changes a failback reads only while it is stopped: "
                 "power it off first"
             )

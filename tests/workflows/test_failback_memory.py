@@ -298,6 +298,28 @@ async def test_a_source_the_product_cannot_start_has_current_disks_and_is_the_op
         assert st.last_failback is not None and not st.last_failback.started
 
 
+async def test_a_vm_whose_changes_are_read_only_while_stopped_is_cut_over_at_once(
+    env: WorkflowEnvironment, store: Store, tmp_path: Path
+) -> None:
+    """A platform that cannot snapshot the running VM (a libvirt-run KVM VM) says NotWhileRunning: no
+    reverse sync before the cutover, the cutover's takes everything."""
+    from sendense.errors import NotWhileRunning
+
+    job = fb_job(env, store, tmp_path)
+    async with running(env, job):
+        await job.settled(1)
+        await failover(job)
+        vm = Vm(job, job.now())
+        vm.write("disk0", 2 * MiB, 256 * KiB, 0x71)
+        store.faults.fail("changes.snapshot_vm", error=NotWhileRunning, retryable=False, message="VM runs")
+        r = await failback(job)
+        assert r.error is None, r
+        assert [s.cutover for s in r.reverse_syncs] == [True] and r.notes == [
+            f"no reverse sync while VM {r.vm} runs: VM runs"
+        ]
+        assert r.bytes_written == vm.written and source_differs(job, vm.shadows) == []
+
+
 async def test_a_cleanup_that_fails_is_said_and_the_failback_stands(
     env: WorkflowEnvironment, store: Store, tmp_path: Path
 ) -> None:
