@@ -16,6 +16,7 @@ import logging
 import shutil
 import tempfile
 import uuid
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,7 @@ from labs.kvm.libvirtd import LabLibvirtd, define_lab_domain, guest_write, remov
 from sendense.datapath.extents import Extent, coalesce
 from sendense.datapath.reverse import WithDiverged
 from sendense.datapath.sync import copy_disk
-from sendense.errors import ChangeTrackingLost, InvalidSpec, TargetError
+from sendense.errors import ChangeTrackingLost, InvalidSpec, NotWhileRunning, TargetError
 from sendense.models import DiskCopyResult, SnapshotRef
 from sendense.protocols import point_base
 from tools.qmp import QmpClient
@@ -116,11 +117,13 @@ def site(lab: LabLibvirtd, tmp_path: Path) -> Iterator[Site]:
         conn.close()
 
 
-def reverse_sync(s: Site, snap: SnapshotRef) -> tuple[DiskCopyResult, list[Extent]]:
+def reverse_sync(
+    s: Site, snap: SnapshotRef, changes: KvmVmChanges | None = None
+) -> tuple[DiskCopyResult, list[Extent]]:
     """One reverse sync as the workflow runs it: diverged first (before the sink's disk is open for
     writing, which marks the image's bitmaps in use), then the copy."""
     diverged = list(s.sink.diverged(KEY, s.p2_base))
-    with s.changes.open_disk(snap, KEY) as vm_disk, s.sink.open_disk(KEY) as original:
+    with (changes or s.changes).open_disk(snap, KEY) as vm_disk, s.sink.open_disk(KEY) as original:
         res = copy_disk(WithDiverged(vm_disk, diverged), original, snap.disk(KEY), fast_tuning())
     return res, diverged
 
@@ -246,3 +249,39 @@ def test_what_a_libvirt_sink_refuses(site: Site, lab: LabLibvirtd) -> None:
     copy.rename(s.image)
     with pytest.raises(ChangeTrackingLost, match=r"is not the file it was at checkpoint .*\(replaced\)"):
         list(s.sink.diverged(KEY, s.p2_base))
+
+
+def test_a_failed_over_vm_run_by_libvirt_is_read_stopped_into_the_domain(
+    site: Site, lab: LabLibvirtd
+) -> None:
+    """libvirt on both sides: the failed-over VM is a libvirt domain (`KvmTarget.libvirt`), whose changes
+    are read only while it is stopped (NotWhileRunning while it runs: the failback cuts over at once)."""
+    s = site
+    s.dom.destroy()
+    vms = KvmVms(JOB, s.tgt.root, "j1", runtime_dir=s.vms.runtime_base, libvirt_uri=lab.uri, stop_timeout=2)
+    changes = KvmVmChanges(JOB, s.tgt.root, "j1", vms=vms)
+    conn = lab.connect()
+    try:
+        vms.create_vm(plan(VM, "p2", memory_mib=128))
+        vms.power_on(VM)
+        vm = conn.lookupByName(f"sendense-{JOB}-{VM}")
+        target = ET.fromstring(vm.XMLDesc(0)).find("./devices/disk/target")
+        assert target is not None
+        dev = str(target.get("dev"))
+        guest_write(vm, dev, 1 * MiB, 128 * KiB, 0xA1)
+        guest_write(vm, dev, 40 * MiB, 64 * KiB, 0xA3)
+        with pytest.raises(NotWhileRunning) as e:
+            changes.snapshot_vm(VM, "r1")
+        assert "runs under libvirt" in one_line(e)
+
+        vms.power_off(VM)  # libvirt's destroy: QEMU stores the overlay's bitmaps
+        r1 = changes.snapshot_vm(VM, "r1")
+        assert r1.disk(KEY).base_change_id == point_base("p2")
+        res, diverged = reverse_sync(s, r1, changes)
+        assert diverged == []
+        assert res.kind == "incremental" and written(res) == 128 * KiB + 64 * KiB
+        changes.release(r1, committed=True)
+        run("qemu-img", "compare", s.image, s.overlay())
+    finally:
+        vms.destroy_vm(VM)
+        conn.close()
