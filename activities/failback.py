@@ -110,7 +110,7 @@ def reverse_forget(req: VmNameRequest) -> None:
 @authorized
 def failback_cut_over(req: JobRequest) -> None:
     """The VM off and the final reverse sync done: what the reverse syncs wrote becomes the disks the
-    source VM starts on (AWS: volumes swapped at their devices; in place: nothing to do)."""
+    source VM starts on (volumes swapped at their devices; written in place: nothing to do)."""
     failback_sink_for(req.spec, work_dir(req.spec.name)).cut_over()
 
 

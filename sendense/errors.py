@@ -61,8 +61,8 @@ class VmNotStartable(SendenseError):
 
 
 class NotWhileRunning(SendenseError):
-    """The verb cannot act on the VM while it runs (a failback reads a libvirt-run VM's changes only
-    while it is stopped): the failback then cuts over at once (VM off, one reverse sync). Told apart
+    """The verb cannot act on the VM while it runs (a platform that reads a VM's changes only while it
+    is stopped): the failback then cuts over at once (VM off, one reverse sync). Told apart
     by its `kind`, never by the message."""
 
     kind = "NotWhileRunning"

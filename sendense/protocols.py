@@ -381,12 +381,12 @@ class FailbackSink(Protocol):
 
     # Where the source's disks cannot be written in place (a cloud whose block API writes snapshots,
     # not volumes), the reverse syncs write beside them and the cutover swaps them in. A platform that
-    # writes in place (KVM) does nothing in these three.
+    # writes in place does nothing in these three.
 
     def cut_over(self) -> None:
         """With the VM off and after the final reverse sync: make what the reverse syncs wrote the disks
-        the VM starts on (AWS: volumes made from the written snapshots replace the old ones at their
-        devices; the old ones are kept for the undo). Refuses, in one line, a reverse sync that did not
+        the VM starts on (volumes made from the written snapshots replace the old ones at their devices;
+        the old ones are kept for the undo). Refuses, in one line, a reverse sync that did not
         finish. Idempotent. Undo: `undo_cut_over()`. In place: nothing to do."""
         ...
 
