@@ -47,12 +47,13 @@ BOOT_TIMEOUT = "4m"
 TARGETS = ("kvm", "aws")  # also in --quick: the AWS lab adds ~7 s (its start, a sync, one drill)
 
 
-def guest_disk(bench: Bench) -> Path:
-    """A standalone copy of the bootable guest (its cached image may be a backing chain outside the
-    policy's roots, and a job's bitmaps must not land in the cache)."""
+def guest_disk(bench: Bench, kind: str) -> Path:
+    """A standalone copy of the bootable guest per target (its cached image may be a backing chain
+    outside the policy's roots, and a job's bitmaps must not land in the cache; the failback measure
+    writes random blocks into a target's copy, which then no longer boots)."""
     from labs.guest.build import build
 
-    disk = bench.dir("drill") / "guest.qcow2"
+    disk = bench.dir("drill") / f"guest-{kind}.qcow2"
     if not disk.exists():
         run("qemu-img", "convert", "-O", "qcow2", build(), disk)
     return disk
@@ -313,7 +314,7 @@ async def drill_target(bench: Bench, kind: str, disk: Path, target: dict[str, An
 async def measure(bench: Bench) -> dict[str, Any]:
     from tools.boot import accelerator
 
-    disk = guest_disk(bench)
+    disk = guest_disk(bench, "kvm")
     out: dict[str, Any] = {
         "accelerator": accelerator(),
         "guest_mib": round(disk.stat().st_size / (1 << 20), 1),
@@ -325,7 +326,7 @@ async def measure(bench: Bench) -> dict[str, Any]:
     t0 = time.monotonic()
     with aws_lab() as lab:
         place = {"platform": "aws", "region": lab["region"], "endpoint_url": lab["endpoint_url"]}
-        out["aws"] = await drill_target(bench, "aws", disk, place)
+        out["aws"] = await drill_target(bench, "aws", guest_disk(bench, "aws"), place)
         out["aws"]["lab_start_seconds"] = lab["start_seconds"]
     out["aws"]["wall_seconds_with_lab"] = round(time.monotonic() - t0, 2)
     failed = [
