@@ -374,6 +374,18 @@ def test_a_plan_drill_boots_two_tiers_of_guests_through_the_cli(e2e_stack: Cli, 
         for name in ("plandb", "planweb"):
             assert cli.json("job", "status", name)["state"] == "failed-over"
         assert len(drill_qemus(tmp_path / "replicas")) == 2
+
+        # and back: each job's own failback, tier by tier (stopped VMs' disks: the operator starts them)
+        b = cli.json("plan", "failback", "shop", timeout=600)
+        assert b["error"] is None and b["skipped"] == [], b
+        assert [j["job"] for j in b["jobs"]] == ["plandb", "planweb"]
+        assert all(j["syncs"] >= 2 and not j["started"] and j["start_note"] for j in b["jobs"]), b
+        assert drill_qemus(tmp_path / "replicas") == []
+        for name in ("plandb", "planweb"):
+            st = cli.wait_point(name, count=2, timeout=300)  # replicating again
+            assert st["failed_over"] is None and st["last_failback"] is not None, st
+        p = cli.run("plan", "failback", "shop", check=False)  # nothing failed over: nothing to do
+        assert p.returncode == 0 and "not failed over, skipped" in p.stdout, p.stdout
     finally:
         for name, spec in specs.items():
             vms_for(spec).destroy_vm(name)
