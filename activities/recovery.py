@@ -102,7 +102,14 @@ def power_off(req: VmNameRequest) -> VmRef:
 @beating
 @authorized
 def boot_check(req: BootRequest) -> BootCheck:
-    return vms_for(req.spec).boot_check(req.name, req.pattern, req.timeout_seconds)
+    check = req.spec.recovery.boot_check  # (a plan's per-VM recovery is in the spec it sends)
+    return vms_for(req.spec).boot_check(
+        req.name,
+        req.pattern,
+        req.timeout_seconds,
+        guest_agent=check.guest_agent,
+        status_checks=check.status_checks,
+    )
 
 
 @activity.defn(name="destroy_vm")

@@ -367,6 +367,15 @@ class BootCheckSpec(Strict):
         description="regular expression the VM's console shows once it is up",
     )
     timeout: Duration = Field(default=timedelta(minutes=10), description="from power-on; then it failed")
+    guest_agent: bool = Field(
+        default=False,
+        description="also: the guest's agent answers (KVM: QEMU's guest agent channel, `guest-sync`)",
+    )
+    status_checks: bool = Field(
+        default=False,
+        description="also: the platform's own status checks pass (AWS: instance and system status ok; "
+        "KVM: QEMU says the VM runs)",
+    )
 
     @field_validator("console_contains")
     @classmethod

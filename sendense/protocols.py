@@ -263,9 +263,14 @@ class VmProvisioner(Protocol):
         """Stop the VM, hard (stopped already, or gone: no error)."""
         ...
 
-    def boot_check(self, name: str, pattern: str, timeout: float) -> BootCheck:
+    def boot_check(
+        self, name: str, pattern: str, timeout: float, guest_agent: bool = False, status_checks: bool = False
+    ) -> BootCheck:
         """Wait until `pattern` (a regular expression) shows on the VM's console, the platform reports
-        it failed, or `timeout` seconds pass; say which, with the evidence."""
+        it failed, or `timeout` seconds pass; say which, with the evidence. With `guest_agent`, the
+        guest's agent must answer too; with `status_checks`, the platform's own status checks must
+        pass (both within the same `timeout`); a platform without a guest agent channel refuses
+        `guest_agent` in one line (InvalidSpec)."""
         ...
 
     def console(self, name: str) -> str:

@@ -289,7 +289,9 @@ class AwsVmProvisioner:
     def console(self, name: str) -> str:
         return "\n".join(console_lines(self._console_text(self._instance(name)["InstanceId"])))
 
-    def boot_check(self, name: str, pattern: str, timeout: float) -> BootCheck:
+    def boot_check(
+        self, name: str, pattern: str, timeout: float, guest_agent: bool = False, status_checks: bool = False
+    ) -> BootCheck:
         try:
             wanted = re.compile(pattern)
         except re.error as e:

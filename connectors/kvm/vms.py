@@ -291,9 +291,13 @@ class KvmVms:
 
     # ------------------------------------------------------------------ observe
 
-    def boot_check(self, name: str, pattern: str, timeout: float) -> BootCheck:
+    def boot_check(
+        self, name: str, pattern: str, timeout: float, guest_agent: bool = False, status_checks: bool = False
+    ) -> BootCheck:
         """Until `pattern` shows on the console, a line after which nothing boots, the VM stops, or
         `timeout`; seconds count from power-on (as the backend knows it)."""
+        if guest_agent:
+            raise InvalidSpec(f"VM {name}: recovery.boot_check.guest_agent is not built for KVM yet")
         try:
             rx = re.compile(pattern)
         except re.error as e:

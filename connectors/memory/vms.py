@@ -223,7 +223,9 @@ class MemoryVms:
     def _console(b: Backend, place: VmPlace) -> str:
         return str((b.get(place.console) or {}).get("text", ""))
 
-    def boot_check(self, name: str, pattern: str, timeout: float) -> BootCheck:
+    def boot_check(
+        self, name: str, pattern: str, timeout: float, guest_agent: bool = False, status_checks: bool = False
+    ) -> BootCheck:
         """Decided at once: the memory VM's console is whole from its power-on."""
         self.store.faults.check("vms.boot_check")
         try:
