@@ -292,6 +292,16 @@ class AwsVmProvisioner:
     def boot_check(
         self, name: str, pattern: str, timeout: float, guest_agent: bool = False, status_checks: bool = False
     ) -> BootCheck:
+        """Until `pattern` shows on the console (GetConsoleOutput), the instance fails (a state other
+        than pending/running, an impaired status, a boot failure on the console) or `timeout`. With
+        `status_checks`, the instance's own status checks must also say ok (DescribeInstanceStatus:
+        instance status and system status, both `ok`; `initializing` waits). EC2 has no guest agent
+        channel: `guest_agent` is refused in one line."""
+        if guest_agent:
+            raise InvalidSpec(
+                f"VM {name}: recovery.boot_check.guest_agent: EC2 has no guest agent channel; "
+                "use status_checks (instance and system status checks) and console_contains"
+            )
         try:
             wanted = re.compile(pattern)
         except re.error as e:
@@ -301,7 +311,8 @@ class AwsVmProvisioner:
         while True:
             inst = self._describe(iid)
             state = inst["State"]["Name"]
-            impaired = state == "running" and self._impaired(iid)
+            status = self._status(iid) if state == "running" else {}
+            impaired = "impaired" in status.values()
             text = self._console_text(iid)  # read after the status: it holds what the status judged
             lines = console_lines(text[: text.rfind("\n") + 1])  # whole lines decide, never one half-written
             seconds = round(max(0.0, (datetime.now(UTC) - inst["LaunchTime"]).total_seconds()), 1)
@@ -319,9 +330,18 @@ class AwsVmProvisioner:
             if impaired:
                 evidence = f"instance status impaired; console: {last}"
                 return BootCheck(ok=False, seconds=seconds, evidence=evidence, via="status")
-            if hit is not None and state == "running":
-                return BootCheck(ok=True, seconds=seconds, evidence=hit, via="console")
+            checked = not status_checks or (status.get("instance") == status.get("system") == "ok")
+            if hit is not None and state == "running" and checked:
+                evidence = hit + ("; instance and system status checks ok" if status_checks else "")
+                return BootCheck(ok=True, seconds=seconds, evidence=evidence, via="console")
             if time.monotonic() >= deadline:
+                if hit is not None:  # the console says up, the status checks do not
+                    inst_st, sys_st = status.get("instance") or "none", status.get("system") or "none"
+                    why = (
+                        f"{iid}'s status checks not ok after {timeout:.0f} s (instance {inst_st}, "
+                        f"system {sys_st}); console: {hit}"
+                    )
+                    return BootCheck(ok=False, seconds=seconds, evidence=why, via="status")
                 return BootCheck(
                     ok=False,
                     seconds=seconds,
@@ -330,10 +350,16 @@ class AwsVmProvisioner:
                 )
             time.sleep(self.poll_seconds)
 
-    def _impaired(self, instance_id: str) -> bool:
+    def _status(self, instance_id: str) -> dict[str, str]:
+        """The instance's status checks: {"instance": ..., "system": ...} (ok, impaired, initializing,
+        insufficient-data, not-applicable); empty while EC2 reports none."""
         with aws_call(self.aws, f"ec2 DescribeInstanceStatus {instance_id}"):
             found = self.ec2.describe_instance_status(InstanceIds=[instance_id])["InstanceStatuses"]
-        return any(s.get("InstanceStatus", {}).get("Status") == "impaired" for s in found)
+        out: dict[str, str] = {}
+        for s in found:
+            out["instance"] = s.get("InstanceStatus", {}).get("Status", "")
+            out["system"] = s.get("SystemStatus", {}).get("Status", "")
+        return out
 
     # ------------------------------------------------------------------ listings
 

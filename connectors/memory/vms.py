@@ -13,7 +13,8 @@ VM's "boot" is decided by its disk's content, at once, with no clock to wait for
 - `power_off`: stopped, the console says so; stopped or gone: no error.
 - `boot_check`: the pattern searched in the last boot's text: ok with the matching line, else not ok
   with the console's tail; a VM that is not running: not ok, saying so. Decided at once (`timeout`
-  is never waited for: the text is whole at power-on).
+  is never waited for: the text is whole at power-on). `guest_agent`: its agent answers when the boot
+  text has `SENDENSE-GUEST-AGENT` (a disk that carries one), else not ok; `status_checks`: running.
 - `destroy_vm`: its disks, console, network and record go; gone already: no error.
 - A VM holds nothing: the point's hold is its caller's (`TargetConnector.hold`), and the VM's disks
   are its own, so a VM never changes its point and a prune of the point never changes the VM. The
@@ -53,6 +54,7 @@ from tools.exports import safe_key
 log = logging.getLogger(__name__)
 
 NAME = re.compile(VmPlan.model_fields["name"].metadata[0].pattern)
+AGENT = "SENDENSE-GUEST-AGENT"  # a memory VM's "guest agent" answers when its first disk says so
 
 
 class MemoryVms:
@@ -242,7 +244,13 @@ class MemoryVms:
             return BootCheck(ok=False, seconds=seconds, evidence=why, via="status")
         boot = text[rec.boot_from :]
         if m := rx.search(boot):
-            return BootCheck(ok=True, seconds=seconds, evidence=line_at(boot, m.start()))
+            line = line_at(boot, m.start())
+            if guest_agent and AGENT not in boot:  # no agent on its disk: it never answers
+                why = f"{line}; the guest agent of memory VM {name} did not answer"
+                return BootCheck(ok=False, seconds=seconds, evidence=why, via="agent")
+            extra = "; guest agent answered" if guest_agent else ""
+            extra += "; status running" if status_checks else ""
+            return BootCheck(ok=True, seconds=seconds, evidence=line + extra)
         why = f"no /{pattern}/ on the console of memory VM {name}; its tail: {tail(boot)}"
         return BootCheck(ok=False, seconds=seconds, evidence=why)
 

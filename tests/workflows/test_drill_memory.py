@@ -85,6 +85,27 @@ async def test_a_drill_boots_the_newest_point_and_leaves_the_store_as_it_was(
         assert st.last_drill is not None and st.last_drill.drill_id == r.drill_id and st.last_drill.ok
 
 
+async def test_a_drill_with_the_guest_agent_check_needs_an_agent_that_answers(
+    env: WorkflowEnvironment, store: Store, tmp_path: Path
+) -> None:
+    """recovery.boot_check.guest_agent / status_checks go from the job's spec to the VM's boot check."""
+    job = drill_job(env, store, tmp_path)
+    check = BootCheckSpec(
+        console_contains=READY, timeout=timedelta(seconds=30), guest_agent=True, status_checks=True
+    )
+    job.spec = job.spec.model_copy(update={"recovery": RecoverySpec(boot_check=check)})
+    async with running(env, job):
+        await job.settled(1)
+        r = await run_drill(job)  # its disk carries no agent
+        assert r.boot is not None and not r.boot.ok and r.cleaned
+        assert r.boot.evidence.endswith("did not answer") and r.boot.via == "agent", r.boot
+        job.guest.write("disk0", 4096, b"SENDENSE-GUEST-AGENT")
+        await job.sync_now()
+        r = await run_drill(job)
+        assert r.boot is not None and r.boot.ok, r.boot
+        assert r.boot.evidence == f"{READY}; guest agent answered; status running"
+
+
 STEPS = [
     ("target.hold", False),
     ("target.hold", True),

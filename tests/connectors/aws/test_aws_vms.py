@@ -155,6 +155,12 @@ def test_a_test_vm_from_a_held_point_boots_isolated_and_destroy_leaves_nothing(r
         assert check.ok, check.evidence
         assert check.evidence == READY and check.via == "console" and 0 < check.seconds < 240
         assert READY in vms.console(name).splitlines()
+        checked = vms.boot_check(name, r"SENDENSE-GUEST-READY$", timeout=60, status_checks=True)
+        assert checked.ok and checked.evidence == f"{READY}; instance and system status checks ok", checked
+        with pytest.raises(
+            InvalidSpec, match=r"guest_agent: EC2 has no guest agent channel; use status_checks"
+        ):
+            vms.boot_check(name, READY, timeout=60, guest_agent=True)
         assert [(v.name, v.vm_id, v.state) for v in vms.list_vms()] == [(name, ref.vm_id, "running")]
 
         assert vms.power_off(name).state == "stopped"
