@@ -142,6 +142,12 @@ async def test_failback_copies_back_what_the_vm_wrote_and_the_job_replicates_aga
         assert source_differs(job, vm.shadows) == []
         assert power(store) == "running"
         assert leftovers(store, job) == []  # the failed-over VM, its snapshots and console: gone
+        # what the web UI shows of it: its summary, and its last step as current details
+        child = job.env.client.get_workflow_handle(f"failback-{job.spec.name}-{r.failback_id}")
+        desc = await child.describe()
+        assert await desc.static_summary() == f"Failback {r.failback_id} of job {job.spec.name}"
+        meta = await child.query("__temporal_workflow_metadata")
+        assert meta.current_details == "Failback: failed back", meta
         assert not job.target().list_points()[0].holds  # the failover's hold: released
 
         st = await job.settled(3)  # the job syncs again at once: an incremental, not a full copy
