@@ -17,6 +17,7 @@ host that holds the target directory (qemu:///system, or a remote URI naming thi
 
 from __future__ import annotations
 
+import json
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
@@ -24,7 +25,9 @@ from contextlib import contextmanager, suppress
 from typing import TypeAlias
 
 import libvirt
+import libvirt_qemu
 
+from connectors.kvm import guest_agent
 from connectors.kvm.libvirt_job import error_code, error_text, safe_uri
 from connectors.kvm.vm_state import Disk, Nic, VmPaths, VmRecord
 from sendense.errors import InvalidSpec, ResourceUnavailable, TargetError
@@ -42,6 +45,11 @@ UNDEFINE = (
     | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
     | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
 )
+
+STATES = {libvirt.VIR_DOMAIN_NOSTATE: "no state", libvirt.VIR_DOMAIN_RUNNING: "running",
+          libvirt.VIR_DOMAIN_BLOCKED: "blocked", libvirt.VIR_DOMAIN_PAUSED: "paused",
+          libvirt.VIR_DOMAIN_SHUTDOWN: "shutting down", libvirt.VIR_DOMAIN_SHUTOFF: "shut off",
+          libvirt.VIR_DOMAIN_CRASHED: "crashed", libvirt.VIR_DOMAIN_PMSUSPENDED: "suspended"}  # fmt: skip
 
 Domain: TypeAlias = libvirt.virDomain
 ET.register_namespace("sendense", NS)
@@ -205,6 +213,40 @@ class LibvirtBackend:
                         f"{self.domain_name(paths)} on {safe_uri(self.uri)}: {error_text(e)}"
                     ) from None
 
+    def status(self, paths: VmPaths, uuid: str | None) -> str:
+        """libvirt's state of the domain (running, paused, shut off, ...)."""
+        with self._conn() as conn:
+            dom = self._lookup(conn, paths)
+            if dom is None:
+                return "not defined (no libvirt domain)"
+            try:
+                state, reason = dom.state()
+            except libvirt.libvirtError as e:
+                return f"unknown (libvirt: {error_text(e)})"
+            name = STATES.get(state, f"state {state}")
+            return name if state == libvirt.VIR_DOMAIN_RUNNING else f"{name} (reason {reason})"
+
+    def agent_sync(self, paths: VmPaths, timeout: float) -> bool:
+        """`guest-sync` through libvirt, which holds the agent's socket (libvirt_qemu.qemuAgentCommand);
+        tried again until `timeout` while libvirt says the agent is not connected yet."""
+        deadline = time.monotonic() + timeout
+        with self._conn() as conn:
+            dom = self._lookup(conn, paths)
+            while dom is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                ident = guest_agent.new_id()
+                cmd = json.dumps({"execute": "guest-sync", "arguments": {"id": ident}})
+                try:
+                    out = libvirt_qemu.qemuAgentCommand(dom, cmd, max(1, min(5, int(left))), 0)
+                    if guest_agent.answered(str(out).encode(), {ident}):
+                        return True
+                except libvirt.libvirtError:
+                    pass  # not connected yet, or no answer within this try
+                time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+        return False
+
     # ------------------------------------------------------------------ XML
 
     def domain_xml(self, paths: VmPaths, record: VmRecord, disks: list[Disk], nics: list[Nic]) -> str:
@@ -251,6 +293,7 @@ class LibvirtBackend:
         ET.SubElement(serial, "source", path=str(paths.console), append="off")
         ET.SubElement(serial, "target", port="0")
         chan = ET.SubElement(devs, "channel", type="unix")
+        ET.SubElement(chan, "source", mode="bind")  # libvirt names the socket and connects to it
         ET.SubElement(chan, "target", type="virtio", name="org.qemu.guest_agent.0")
         ET.SubElement(ET.SubElement(devs, "video"), "model", type="none")
         ET.SubElement(devs, "memballoon", model="none")

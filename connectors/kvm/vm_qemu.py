@@ -24,6 +24,7 @@ import signal
 import subprocess
 from pathlib import Path
 
+from connectors.kvm import guest_agent
 from connectors.kvm.vm_state import Disk, Nic, VmPaths, VmRecord
 from sendense.errors import InvalidSpec, SendenseError, TargetError
 from sendense.models import NicInfo
@@ -210,6 +211,19 @@ class QemuBackend:
 
     def remove(self, paths: VmPaths, uuid: str | None) -> None:
         self.stop(paths, uuid)
+
+    def status(self, paths: VmPaths, uuid: str | None) -> str:
+        """QMP `query-status` (QEMU's run state: running, paused, shutdown, ...)."""
+        if find(paths, uuid) is None:
+            return "not running (no QEMU process)"
+        try:
+            with QmpClient(paths.qmp, timeout=5.0, command_timeout=5.0) as q:
+                return str(q.execute("query-status").get("status", "unknown"))
+        except (SendenseError, OSError) as e:
+            return f"unknown (QMP: {e})"
+
+    def agent_sync(self, paths: VmPaths, timeout: float) -> bool:
+        return guest_agent.sync_unix(paths.qga, timeout)
 
 
 # ------------------------------------------------------------------------------------------ process

@@ -205,3 +205,11 @@ class Backend(Protocol):
     def remove(self, paths: VmPaths, uuid: str | None) -> None:
         """Stop, and remove whatever is outside the VM's state directory (taps, the libvirt domain)."""
         ...
+
+    def status(self, paths: VmPaths, uuid: str | None) -> str:
+        """What runs the VM says of it: `running`, or another state (`paused`, `shutdown`, ...)."""
+        ...
+
+    def agent_sync(self, paths: VmPaths, timeout: float) -> bool:
+        """Whether the guest's agent answers `guest-sync` with this call's id within `timeout` seconds."""
+        ...

@@ -295,9 +295,9 @@ class KvmVms:
         self, name: str, pattern: str, timeout: float, guest_agent: bool = False, status_checks: bool = False
     ) -> BootCheck:
         """Until `pattern` shows on the console, a line after which nothing boots, the VM stops, or
-        `timeout`; seconds count from power-on (as the backend knows it)."""
-        if guest_agent:
-            raise InvalidSpec(f"VM {name}: recovery.boot_check.guest_agent is not built for KVM yet")
+        `timeout`; seconds count from power-on (as the backend knows it). Once the pattern showed:
+        with `status_checks`, QEMU (libvirt) must say the VM runs; with `guest_agent`, the guest's
+        agent must answer `guest-sync` with our id within what is left of `timeout`."""
         try:
             rx = re.compile(pattern)
         except re.error as e:
@@ -312,7 +312,8 @@ class KvmVms:
             text = clean(bytes(raw))
             seconds = round(time.time() - started, 2)
             if m := rx.search(text):
-                return BootCheck(ok=True, seconds=seconds, evidence=_line_at(text, m.start()))
+                line = _line_at(text, m.start())
+                return self._after_console(paths, rec, line, started, deadline, guest_agent, status_checks)
             if bad := FAILED.search(text):
                 failed = BOOT_FAILED.findall(text[: bad.start()])
                 evidence = bad.group(0).strip() + (f" ({failed[-1].strip()})" if failed else "")
@@ -325,6 +326,33 @@ class KvmVms:
                 why = f"no {pattern!r} within {timeout:g}s; last line: {last}"
                 return BootCheck(ok=False, seconds=seconds, evidence=why)
             time.sleep(0.2)
+
+    def _after_console(
+        self, paths: VmPaths, rec: VmRecord, line: str, started: float, deadline: float,
+        guest_agent: bool, status_checks: bool,
+    ) -> BootCheck:  # fmt: skip
+        """The checks that follow the console's pattern (status first: a paused VM's agent is silent)."""
+        evidence = [line]
+        if status_checks:
+            state = self.backend.status(paths, rec.uuid)
+            if state != "running":
+                why = f"{line}; but the VM is not running: {state}"
+                return BootCheck(ok=False, seconds=round(time.time() - started, 2), evidence=why)
+            evidence.append("VM running")
+        if guest_agent:
+            shown = time.monotonic()
+            wait = max(0.0, deadline - shown)
+            if not self.backend.agent_sync(paths, wait):
+                last = self._last_line(paths)
+                why = f"guest agent did not answer within {wait:.0f}s; last line: {last}"
+                return BootCheck(ok=False, seconds=round(time.time() - started, 2), evidence=why)
+            evidence.append(f"guest agent answered ({time.monotonic() - shown:.1f}s after the console)")
+        return BootCheck(ok=True, seconds=round(time.time() - started, 2), evidence="; ".join(evidence))
+
+    def _last_line(self, paths: VmPaths) -> str:
+        size = paths.console.stat().st_size if paths.console.exists() else 0
+        text = clean(self._read_from(paths.console, max(0, size - 4096)))
+        return (text.strip().splitlines() or ["no console output"])[-1].strip()
 
     @staticmethod
     def _read_from(path: Path, offset: int) -> bytes:

@@ -10,6 +10,14 @@ filesystem is busybox plus `/sbin/init`, which reads its mode from QEMU's fw_cfg
 - `workload`: prints the same, then writes files and a sequence counter in a loop, each step
   synced (`/var/lib/sendense/seq`), and prints `SENDENSE-GUEST-SEQ N` now and then.
 
+In both modes, before its first marker, init starts `/sbin/sendense-qga` in the background: a tiny
+QEMU guest agent (busybox sh) on the virtio-serial port `org.qemu.guest_agent.0`, when the VM has one
+(found through `/sys/class/virtio-ports/*/name`; no port: it exits). Per JSON line it answers
+`guest-sync` / `guest-sync-delimited` with `{"return": <id>}` (the delimited one after a 0xFF byte),
+`guest-ping` with `{"return": {}}`, and any other command with an error. While the host side is not
+connected its reads end at once (virtio_console), so it polls twice a second. Without the file (a
+test removes it) the guest boots the same and no agent answers.
+
 Everything comes from Debian packages (the kernel .deb is fetched with `apt-get download`; the tools
 are in scripts/install.sh). The image is cached by recipe: a second build is a file lookup.
 """
@@ -59,6 +67,7 @@ export PATH=/bin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -o remount,rw /
+[ -x /sbin/sendense-qga ] && /sbin/sendense-qga </dev/null >/dev/null 2>&1 &
 mode=$(cat /sys/firmware/qemu_fw_cfg/by_name/opt/sendense/mode/raw 2>/dev/null || cat /etc/sendense/mode)
 seq=$(cat /var/lib/sendense/seq 2>/dev/null || echo 0)
 echo "SENDENSE-GUEST-BOOTED mode=$mode seq=$seq" > /dev/console
@@ -77,6 +86,33 @@ while true; do
   mv /var/lib/sendense/seq.tmp /var/lib/sendense/seq
   sync
   [ $((seq % 25)) = 0 ] && echo "SENDENSE-GUEST-SEQ $seq" > /dev/console
+done
+"""
+
+GUEST_AGENT = r"""#!/bin/busybox sh
+export PATH=/bin
+port=""
+for i in 1 2 3 4 5 6 7 8 9 10; do
+  for n in /sys/class/virtio-ports/*/name; do
+    [ "$(cat "$n" 2>/dev/null)" = org.qemu.guest_agent.0 ] && port=${n%/name} && break 2
+  done
+  sleep 0.2
+done
+[ -n "$port" ] || exit 0
+dev=/dev/${port##*/}
+[ -c "$dev" ] || mknod "$dev" c $(tr : ' ' < "$port/dev") || exit 0
+exec 3<>"$dev" || exit 0
+while true; do
+  while IFS= read -r line <&3; do
+    id=$(echo "$line" | sed -n 's/.*"id" *: *\(-\{0,1\}[0-9][0-9]*\).*/\1/p')
+    case "$line" in
+      *'"guest-sync-delimited"'*) printf '\377{"return": %s}\n' "${id:-0}" >&3 ;;
+      *'"guest-sync"'*) printf '{"return": %s}\n' "${id:-0}" >&3 ;;
+      *'"guest-ping"'*) printf '{"return": {}}\n' >&3 ;;
+      *'"execute"'*) printf '{"error": {"class": "CommandNotFound", "desc": "not in this guest"}}\n' >&3 ;;
+    esac
+  done
+  sleep 0.5
 done
 """
 
@@ -120,7 +156,7 @@ def image_path(cache: Path | None = None, version: str | None = None) -> Path:
     """Where the cached image for this recipe and kernel lives (built or not)."""
     cache = cache or default_cache()
     recipe = hashlib.sha256(
-        (RECIPE_VERSION + INITRAMFS_INIT + ROOT_INIT + EXTLINUX_CONF).encode()
+        (RECIPE_VERSION + INITRAMFS_INIT + ROOT_INIT + GUEST_AGENT + EXTLINUX_CONF).encode()
     ).hexdigest()
     return cache / f"guest-{version or kernel_version()}-{recipe[:12]}.qcow2"
 
@@ -220,6 +256,9 @@ def _root_tree(root: Path, kernel: Path, initrd: Path) -> None:
     init = root / "sbin" / "init"
     init.write_text(ROOT_INIT)
     init.chmod(0o755)
+    agent = root / "sbin" / "sendense-qga"
+    agent.write_text(GUEST_AGENT)
+    agent.chmod(0o755)
     (root / "etc" / "sendense" / "mode").write_text("boot\n")
     (root / "var" / "lib" / "sendense" / "seq").write_text("0\n")
     shutil.copy2(kernel, root / "boot" / "vmlinuz")

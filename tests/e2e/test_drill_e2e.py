@@ -51,7 +51,16 @@ def test_a_drill_boots_the_guest_from_the_newest_point_and_leaves_nothing(
                 "source": {"platform": "kvm", "disks": [str(disk)]},
                 "target": {"platform": "kvm", "path": str(replicas)},
                 "schedule": {"interval": "1h"},
-                "recovery": {"memory_mib": 256, "boot_check": {"console_contains": READY, "timeout": "4m"}},
+                "recovery": {
+                    "memory_mib": 256,
+                    # the guest's own agent answers guest-sync, and QEMU says the VM runs
+                    "boot_check": {
+                        "console_contains": READY,
+                        "timeout": "4m",
+                        "guest_agent": True,
+                        "status_checks": True,
+                    },
+                },
             }
         )
     )
@@ -66,6 +75,7 @@ def test_a_drill_boots_the_guest_from_the_newest_point_and_leaves_nothing(
     r = json.loads(p.stdout)
     assert r["point_id"] == st["last_point"] and r["error"] is None
     assert r["boot"]["ok"] and READY in r["boot"]["evidence"], r["boot"]
+    assert "VM running; guest agent answered" in r["boot"]["evidence"], r["boot"]
     assert r["vm"]["name"] == f"drill-{r['drill_id']}" and r["vm"]["mode"] == "test"
     assert r["cleaned"] and r["left_behind"] == []
     assert r["undone"] == [f"destroy VM drill-{r['drill_id']}", f"release the hold on point {r['point_id']}"]

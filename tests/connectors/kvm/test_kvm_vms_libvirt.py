@@ -126,6 +126,33 @@ def test_a_test_vm_is_a_libvirt_domain_that_boots_and_a_new_provisioner_destroys
     assert file_digest(point) == before
 
 
+def test_the_guest_agent_answers_through_libvirt_and_a_suspended_domain_fails_status_checks(
+    vm_site: Site, lab: LabLibvirtd, conn: libvirt.virConnect
+) -> None:
+    vms = provisioner(vm_site, lab)
+    vms.create_vm(plan("drill"))
+    dom = conn.lookupByName(f"sendense-{JOB}-drill")
+    chan = ET.fromstring(dom.XMLDesc(0)).find("./devices/channel/target")
+    assert chan is not None and chan.get("name") == "org.qemu.guest_agent.0"
+    vms.power_on("drill")
+    check = vms.boot_check("drill", READY, BOOT_TIMEOUT, guest_agent=True, status_checks=True)
+    print(f"libvirt boot check: {check.seconds} s, {check.evidence!r}")
+    assert check.ok, check.evidence
+    assert check.evidence.startswith(f"{READY}; VM running; guest agent answered ("), check.evidence
+
+    dom.suspend()
+    paused = vms.boot_check("drill", READY, 30, status_checks=True)
+    assert not paused.ok and paused.evidence.startswith(f"{READY}; but the VM is not running: paused ("), (
+        paused
+    )
+    silent = vms.boot_check("drill", READY, 3, guest_agent=True)
+    assert silent.evidence == f"guest agent did not answer within 3s; last line: {READY}", silent.evidence
+    dom.resume()
+    vms.destroy_vm("drill")
+    assert_no_domain(conn, "drill")
+    assert_gone(vms, "drill")
+
+
 def test_a_create_or_power_on_cut_short_is_undone_by_destroy(
     vm_site: Site, lab: LabLibvirtd, conn: libvirt.virConnect, monkeypatch: pytest.MonkeyPatch
 ) -> None:
