@@ -241,7 +241,7 @@ def heartbeating(every: float) -> Iterator[None]:
     """Heartbeat from a side thread while the block runs (a task with several steps and no natural
     checkpoint); nothing is sent for a block shorter than `every`. At least three beats per heartbeat
     timeout of the activity, whatever `every` says (a job's timeout may be as short as 1 s)."""
-    timeout = activity.info().heartbeat_timeout
+    timeout = activity.info().heartbeat_timeout if activity.in_activity() else None
     if timeout is not None and timeout.total_seconds() > 0:
         every = min(every, timeout.total_seconds() / 3)
     stop = threading.Event()
