@@ -127,10 +127,9 @@ def test_quick_bench_reports_every_figure(tmp_path: Path) -> None:
         assert 0 <= run["cleanup_seconds"] and run["rto_seconds"] <= run["drill_seconds"], run
         steps = sum(s["seconds"] for s in run["steps"].values())
         assert abs(steps - run["drill_seconds"]) < 0.01, (t, steps, run["drill_seconds"])
-        fb = d[t]["failback"]  # the failover that followed, failed back: what the VM wrote, and more
-        assert (
-            fb["problems"] == [] and fb["syncs"] >= 2 and fb["bytes_written"] >= fb["vm_wrote_bytes"] > 0
-        ), fb
+        fb = d[t]["failback"]  # the failover that followed, failed back; its ratio is a figure, not asserted
+        assert fb["problems"] == [] and fb["syncs"] >= 2 and fb["vm_wrote_bytes"] > 0, fb
+        assert fb["bytes_written"] > 0 and number(fb["ratio"]), fb
         assert fb["cutover_seconds"] is not None and fb["reverse_syncs"][-1]["cutover"] is True, fb
 
     # every figure has its goal evaluated (met or not: never asserted)
