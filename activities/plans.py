@@ -79,44 +79,44 @@ class JobOperations:
     async def failback_job(self, req: JobFailbackRequest) -> FailbackResult:
         """The job's failback, by update id: a retried step attaches to the same failback. A job that
         is not failed over is refused with type NotFailedOver (a plan skips it)."""
-        h = self.client.get_workflow_handle(req.job_workflow_id)
-        update = asyncio.ensure_future(
-            h.execute_update(
-                "failback",
-                FailbackRequest(failback_id=req.failback_id, stop_source=req.stop_source),
-                id=f"failback-{req.failback_id}",
-                result_type=FailbackResult,
-            )
+        arg = FailbackRequest(failback_id=req.failback_id, stop_source=req.stop_source)
+        r: FailbackResult = await self._update(
+            req.job, req.job_workflow_id, "failback", arg, req.failback_id, FailbackResult, None
         )
-        while not update.done():
-            activity.heartbeat()
-            await asyncio.wait([update], timeout=2)
-        try:
-            return update.result()
-        except WorkflowUpdateFailedError as e:
-            why = getattr(e.cause, "message", None) or str(e.cause)
-            kind = getattr(e.cause, "type", None) or "FailbackRefused"
-            raise ApplicationError(f"job {req.job}: {why}", type=kind, non_retryable=True) from None
+        return r
 
     @activity.defn(name="failover_job")
     async def failover_job(self, req: JobFailoverRequest) -> FailoverResult:
         """The job's failover, by update id: a retried step attaches to the same failover."""
-        h = self.client.get_workflow_handle(req.job_workflow_id)
-        update = asyncio.ensure_future(
-            h.execute_update(
-                "failover",
-                FailoverRequest(failover_id=req.failover_id, point_id=req.point_id),
-                id=f"failover-{req.failover_id}",
-                result_type=FailoverResult,
-            )
+        arg = FailoverRequest(failover_id=req.failover_id, point_id=req.point_id)
+        r: FailoverResult = await self._update(
+            req.job, req.job_workflow_id, "failover", arg, req.failover_id, FailoverResult, "FailoverRefused"
         )
-        while not update.done():
+        return r
+
+    async def _update(
+        self,
+        job: str,
+        workflow_id: str,
+        update: str,
+        arg: Any,
+        op_id: str,
+        result_type: type,
+        refused: str | None,
+    ) -> Any:
+        """The job's update `update` by id `<update>-<op_id>`, heartbeating while it runs. Refused (failed
+        over already, not failed over, being deleted...): one line naming the job, non-retryable, of
+        type `refused` (None: the type of the job's own reason)."""
+        h = self.client.get_workflow_handle(workflow_id)
+        running = asyncio.ensure_future(
+            h.execute_update(update, arg, id=f"{update}-{op_id}", result_type=result_type)
+        )
+        while not running.done():
             activity.heartbeat()
-            await asyncio.wait([update], timeout=2)
+            await asyncio.wait([running], timeout=2)
         try:
-            return update.result()
-        except WorkflowUpdateFailedError as e:  # refused: failed over already, being deleted...
+            return running.result()
+        except WorkflowUpdateFailedError as e:
             why = getattr(e.cause, "message", None) or str(e.cause)
-            raise ApplicationError(
-                f"job {req.job}: {why}", type="FailoverRefused", non_retryable=True
-            ) from None
+            kind = refused or getattr(e.cause, "type", None) or "Refused"
+            raise ApplicationError(f"job {job}: {why}", type=kind, non_retryable=True) from None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
@@ -234,6 +235,48 @@ async def run_hook(inp: Any, result: Any, n: int, when: str) -> None:
         )
 
 
+async def tier_by_tier(
+    inp: Any,
+    result: Any,
+    step_is: Callable[[str], None],
+    doing: str,
+    act: Callable[[Any, int], Awaitable[Any]],
+    done: type[FailoverResult] | type[FailbackResult],
+    skipped: list[str] | None = None,
+) -> None:
+    """A plan's operation on its jobs, tier by tier: the tier's `before` hook, `act(vm, i)` for each of
+    its VMs at once (a job's own operation, whose result of type `done` goes to `result.jobs`), its
+    `after` hook. A job's failure (or a hook's) stops the plan there (PlanStopped, one line). With
+    `skipped`, a job refused as not failed over is skipped and listed there."""
+    for n, tier in enumerate(inp.plan.tiers, 1):
+        if tier.before is not None:
+            step_is(f"tier {n}: before hook")
+            await run_hook(inp, result, n, "before")
+        step_is(f"tier {n}: {doing} {', '.join(vm.job for vm in tier.vms)}")
+        outcomes = await asyncio.gather(
+            *(act(vm, i) for i, vm in enumerate(tier.vms)), return_exceptions=True
+        )
+        failed = []
+        for vm, out in zip(tier.vms, outcomes, strict=True):
+            if isinstance(out, done):
+                result.jobs.append(out)
+                if out.error is not None:
+                    failed.append(f"{vm.job}: {out.error}")
+            elif (
+                skipped is not None
+                and isinstance(out, BaseException)
+                and failure_type(out) == "NotFailedOver"
+            ):
+                skipped.append(vm.job)
+            else:
+                failed.append(f"{vm.job}: {failure_message(out) if isinstance(out, BaseException) else out}")
+        if failed:
+            raise PlanStopped(f"tier {n}: " + "; ".join(failed))
+        if tier.after is not None:
+            step_is(f"tier {n}: after hook")
+            await run_hook(inp, result, n, "after")
+
+
 class PlanStopped(Exception):
     """Why a plan's drill stops before every tier is up (one line)."""
 
@@ -297,33 +340,14 @@ class PlanFailoverWorkflow:
             self._step_is("choosing the points")
             await choose_points(inp, result)
             chosen = {c.job: c.point_id for c in result.points}
-            for n, tier in enumerate(inp.plan.tiers, 1):
-                if tier.before is not None:
-                    self._step_is(f"tier {n}: before hook")
-                    await run_hook(inp, result, n, "before")
-                self._step_is(f"tier {n}: failing over {', '.join(vm.job for vm in tier.vms)}")
-                outcomes = await asyncio.gather(
-                    *(
-                        self._failover(inp, vm.job, chosen[vm.job], len(result.jobs) + i)
-                        for i, vm in enumerate(tier.vms)
-                    ),
-                    return_exceptions=True,
-                )
-                failed = []
-                for vm, out in zip(tier.vms, outcomes, strict=True):
-                    if isinstance(out, FailoverResult):
-                        result.jobs.append(out)
-                        if out.error is not None:
-                            failed.append(f"{vm.job}: {out.error}")
-                    else:
-                        failed.append(
-                            f"{vm.job}: {failure_message(out) if isinstance(out, BaseException) else out}"
-                        )
-                if failed:
-                    raise PlanStopped(f"tier {n}: " + "; ".join(failed))
-                if tier.after is not None:
-                    self._step_is(f"tier {n}: after hook")
-                    await run_hook(inp, result, n, "after")
+            await tier_by_tier(
+                inp,
+                result,
+                self._step_is,
+                "failing over",
+                lambda vm, i: self._failover(inp, vm.job, chosen[vm.job], len(result.jobs) + i),
+                FailoverResult,
+            )
             result.rto_seconds = round((workflow.now() - result.started_at).total_seconds(), 1)  # type: ignore[operator]
         except PlanStopped as e:
             result.error = str(e)
@@ -375,35 +399,16 @@ class PlanFailbackWorkflow:
         result = PlanFailbackResult(
             plan=inp.plan.name, failback_id=inp.failback_id, started_at=workflow.now()
         )
-        n_job = 0
         try:
-            for n, tier in enumerate(inp.plan.tiers, 1):
-                if tier.before is not None:
-                    self._step_is(f"tier {n}: before hook")
-                    await run_hook(inp, result, n, "before")
-                self._step_is(f"tier {n}: failing back {', '.join(vm.job for vm in tier.vms)}")
-                outcomes = await asyncio.gather(
-                    *(self._failback(inp, vm.job, n_job + i) for i, vm in enumerate(tier.vms)),
-                    return_exceptions=True,
-                )
-                n_job += len(tier.vms)
-                failed = []
-                for vm, out in zip(tier.vms, outcomes, strict=True):
-                    if isinstance(out, FailbackResult):
-                        result.jobs.append(out)
-                        if out.error is not None:
-                            failed.append(f"{vm.job}: {out.error}")
-                    elif isinstance(out, BaseException) and failure_type(out) == "NotFailedOver":
-                        result.skipped.append(vm.job)
-                    else:
-                        failed.append(
-                            f"{vm.job}: {failure_message(out) if isinstance(out, BaseException) else out}"
-                        )
-                if failed:
-                    raise PlanStopped(f"tier {n}: " + "; ".join(failed))
-                if tier.after is not None:
-                    self._step_is(f"tier {n}: after hook")
-                    await run_hook(inp, result, n, "after")
+            await tier_by_tier(
+                inp,
+                result,
+                self._step_is,
+                "failing back",
+                lambda vm, i: self._failback(inp, vm.job, len(result.jobs) + len(result.skipped) + i),
+                FailbackResult,
+                skipped=result.skipped,
+            )
         except PlanStopped as e:
             result.error = str(e)
         except ActivityError as e:
