@@ -369,12 +369,13 @@ class BootCheckSpec(Strict):
     timeout: Duration = Field(default=timedelta(minutes=10), description="from power-on; then it failed")
     guest_agent: bool = Field(
         default=False,
-        description="also: the guest's agent answers (KVM: QEMU's guest agent channel, `guest-sync`)",
+        description="also: the guest's agent answers through the platform's agent channel (refused where "
+        "the platform has none)",
     )
     status_checks: bool = Field(
         default=False,
-        description="also: the platform's own status checks pass (AWS: instance and system status ok; "
-        "KVM: QEMU says the VM runs)",
+        description="also: the platform's own status checks pass (its instance and system checks, or its "
+        "hypervisor's run state)",
     )
 
     @field_validator("console_contains")
