@@ -13,16 +13,16 @@ from temporalio import activity
 
 from activities.errors import mapped
 from activities.guard import authorized
-from activities.recovery import beating
+from activities.recovery import beating, source_power
 from activities.replication import resumable_copy, work_dir
 from sendense.datapath.extents import Extent
 from sendense.datapath.reverse import WithDiverged
 from sendense.datapath.sync import Checkpoint, planned_bytes
 from sendense.datapath.sync import copy_disk as run_copy_disk
 from sendense.errors import ChangeTrackingLost, VmNotStartable
-from sendense.models import DiskCopyResult, JobRequest, SnapshotRef
-from sendense.platforms import failback_sink_for, source_power_for, vm_changes_for
-from sendense.protocols import SourceDisk
+from sendense.models import DiskCopyResult, JobRequest, JobSpec, SnapshotRef
+from sendense.platforms import failback_sink_for, vm_changes_for
+from sendense.protocols import FailbackSink, SourceDisk
 from sendense.recovery import (
     ReverseCopyRequest,
     ReverseCopyResult,
@@ -30,6 +30,11 @@ from sendense.recovery import (
     ReverseSnapshotRequest,
     VmNameRequest,
 )
+
+
+def _sink(spec: JobSpec) -> FailbackSink:
+    """The job's source place written back, with the job's work directory on this agent."""
+    return failback_sink_for(spec, work_dir(spec.name))
 
 
 @activity.defn(name="reverse_snapshot")
@@ -50,7 +55,7 @@ def reverse_copy(req: ReverseCopyRequest) -> ReverseCopyResult:
     resume token. The first reverse sync (`since`) also copies where the source changed since the
     failover point; when the source no longer knows where (its change tracking is gone), the disk is
     compared whole (a resync: only what differs is written), never skipped."""
-    changes, sink = vm_changes_for(req.spec), failback_sink_for(req.spec, work_dir(req.spec.name))
+    changes, sink = vm_changes_for(req.spec), _sink(req.spec)
     disk = req.snapshot.disk(req.disk)
     whole = [False]
     planned = [0]
@@ -111,7 +116,7 @@ def reverse_forget(req: VmNameRequest) -> None:
 def failback_cut_over(req: JobRequest) -> None:
     """The VM off and the final reverse sync done: what the reverse syncs wrote becomes the disks the
     source VM starts on (volumes swapped at their devices; written in place: nothing to do)."""
-    failback_sink_for(req.spec, work_dir(req.spec.name)).cut_over()
+    _sink(req.spec).cut_over()
 
 
 @activity.defn(name="failback_undo_cut_over")
@@ -119,7 +124,7 @@ def failback_cut_over(req: JobRequest) -> None:
 @beating
 @authorized
 def failback_undo_cut_over(req: JobRequest) -> None:
-    failback_sink_for(req.spec, work_dir(req.spec.name)).undo_cut_over()
+    _sink(req.spec).undo_cut_over()
 
 
 @activity.defn(name="failback_cleanup")
@@ -128,7 +133,7 @@ def failback_undo_cut_over(req: JobRequest) -> None:
 @authorized
 def failback_cleanup(req: JobRequest) -> None:
     """What the failback made or kept beside the source's disks goes (its failback is over)."""
-    failback_sink_for(req.spec, work_dir(req.spec.name)).cleanup()
+    _sink(req.spec).cleanup()
 
 
 @activity.defn(name="power_on_source")
@@ -138,7 +143,7 @@ def failback_cleanup(req: JobRequest) -> None:
 def power_on_source(req: JobRequest) -> str:
     """Start the source VM where the product can: '' once started, else why not (a VM the product
     cannot start: its disks are current, it is the operator's to start)."""
-    power = source_power_for(req.spec, work_dir(req.spec.name))
+    power = source_power(req.spec)
     try:
         power.power_on_vm()
     except VmNotStartable as e:

@@ -14,8 +14,9 @@ from activities.errors import mapped
 from activities.guard import authorized
 from activities.replication import HEARTBEAT_EVERY, heartbeating, work_dir
 from sendense.errors import ResourceNotFound
-from sendense.models import BootCheck, JobRequest, PointInfo, VmRef
+from sendense.models import BootCheck, JobRequest, JobSpec, PointInfo, VmRef
 from sendense.platforms import source_power_for, target_for, vms_for
+from sendense.protocols import SourcePower
 from sendense.recovery import BootRequest, HoldRequest, PointRequest, VmNameRequest, VmRequest
 
 
@@ -123,13 +124,18 @@ def destroy_vm(req: VmNameRequest) -> None:
 # ------------------------------------------------------------------ the source VM (planned failover)
 
 
+def source_power(spec: JobSpec) -> SourcePower:
+    """The job's source VM's power verbs, with the job's work directory on this agent."""
+    return source_power_for(spec, work_dir(spec.name))
+
+
 @activity.defn(name="source_power_state")
 @mapped
 @beating
 @authorized
 def source_power_state(req: JobRequest) -> str:
     """running, paused, stopped, gone or unreachable: a failover is planned when the source answers."""
-    return str(source_power_for(req.spec, work_dir(req.spec.name)).power_state())
+    return str(source_power(req.spec).power_state())
 
 
 @activity.defn(name="pause_source")
@@ -137,7 +143,7 @@ def source_power_state(req: JobRequest) -> str:
 @beating
 @authorized
 def pause_source(req: JobRequest) -> None:
-    source_power_for(req.spec, work_dir(req.spec.name)).pause_vm()
+    source_power(req.spec).pause_vm()
 
 
 @activity.defn(name="resume_source")
@@ -145,7 +151,7 @@ def pause_source(req: JobRequest) -> None:
 @beating
 @authorized
 def resume_source(req: JobRequest) -> None:
-    source_power_for(req.spec, work_dir(req.spec.name)).resume_vm()
+    source_power(req.spec).resume_vm()
 
 
 @activity.defn(name="power_off_source")
@@ -153,7 +159,7 @@ def resume_source(req: JobRequest) -> None:
 @beating
 @authorized
 def power_off_source(req: JobRequest) -> None:
-    source_power_for(req.spec, work_dir(req.spec.name)).power_off_vm()  # (a cloud instance: minutes)
+    source_power(req.spec).power_off_vm()  # (a cloud instance: minutes)
 
 
 RECOVERY_ACTIVITIES: list[Callable[..., Any]] = [

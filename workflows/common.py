@@ -11,6 +11,7 @@ SA_SOURCE = SearchAttributeKey.for_keyword("SendenseSource")
 SA_TARGET = SearchAttributeKey.for_keyword("SendenseTarget")
 SA_VM = SearchAttributeKey.for_keyword("SendenseVm")
 SA_STATE = SearchAttributeKey.for_keyword("SendenseState")
+SA_OPERATION = SearchAttributeKey.for_keyword("SendenseOperation")  # drill, failback, plan-drill
 
 
 def failure_type(e: BaseException) -> str | None:

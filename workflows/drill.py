@@ -18,7 +18,6 @@ from datetime import timedelta
 from typing import Any
 
 from temporalio import workflow
-from temporalio.common import SearchAttributeKey
 from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
@@ -37,10 +36,8 @@ with workflow.unsafe.imports_passed_through():
 
     platforms.load_all()
 
-from workflows.common import SA_JOB, SA_STATE, failure_message
+from workflows.common import SA_JOB, SA_OPERATION, SA_STATE, failure_message
 from workflows.saga import BOOT_MARGIN, STEP_TIMEOUT, Saga, step, undo
-
-SA_OPERATION = SearchAttributeKey.for_keyword("SendenseOperation")
 
 
 @workflow.defn(name="DrillWorkflow")

@@ -48,8 +48,7 @@ with workflow.unsafe.imports_passed_through():
 
     platforms.load_all()
 
-from workflows.common import SA_JOB, SA_STATE, failure_message, failure_type
-from workflows.drill import SA_OPERATION
+from workflows.common import SA_JOB, SA_OPERATION, SA_STATE, failure_message, failure_type
 from workflows.replication import COPY
 from workflows.saga import STEP_TIMEOUT, Saga, step, undo
 

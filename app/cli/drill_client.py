@@ -20,8 +20,8 @@ from app.cli.schedules import delete_schedule, put_schedule
 from sendense import config
 from sendense.errors import ResourceNotFound
 from sendense.recovery import DrillInput, DrillResult, DrillStatus
-from workflows.common import SA_JOB, SA_STATE
-from workflows.drill import SA_OPERATION, DrillWorkflow
+from workflows.common import SA_JOB, SA_OPERATION, SA_STATE
+from workflows.drill import DrillWorkflow
 
 DRILL_PREFIX = "drill-"
 

@@ -32,8 +32,7 @@ from sendense.plans import (
     PlanSpec,
 )
 from sendense.spec import format_validation_error, load_yaml
-from workflows.common import SA_JOB
-from workflows.drill import SA_OPERATION
+from workflows.common import SA_JOB, SA_OPERATION
 from workflows.plan import PlanDrillWorkflow, PlanFailbackWorkflow, PlanFailoverWorkflow, PlanWorkflow
 
 
