@@ -47,6 +47,7 @@ fi
 # files symlinked, ours added, patched ones copied); other packages resolve to Debian's tree.
 gopath="$CACHE/gopath-$recipe"
 rm -rf "$gopath"
+trap 'rm -rf "$gopath" "$bin.tmp"' EXIT  # the overlay is only needed while building
 # Go takes a package from the first GOPATH entry whose directory exists, so the overlay mirrors Debian's
 # whole govmomi tree (symlinks) with simulator/ as the only real directory.
 gov="$gopath/src/github.com/vmware/govmomi"
@@ -84,6 +85,6 @@ start=$(date +%s)
 )
 mv "$bin.tmp" "$bin"
 ln -sfn "$(basename "$bin")" "$CACHE/vcsim-lab"
-rm -rf "$gopath"
+find "$CACHE" -maxdepth 1 -name 'vcsim-lab-*' ! -name "$(basename "$bin")" -delete  # older recipes
 say "built in $(($(date +%s) - start)) s"
 echo "$bin"
