@@ -1,5 +1,8 @@
 """Smoke test of the vSphere lab's extended vcsim (labs/vsphere): pyvmomi over real SOAP/TLS.
 
+The tests after the first prove the lab's fixes of stock vcsim bugs (labs/vsphere/overlay/simulator/lab_fixes.go);
+each fails against stock vcsim (SENDENSE_VCSIM_BIN=/path/to/stock-build runs them against another binary).
+
 Builds (or finds cached) vcsim-lab with labs/vsphere/build.sh, starts it on a free loopback port, logs in,
 finds a VM, enables change tracking, records writes through the lab's control endpoint, takes a snapshot
 and pages QueryChangedDiskAreas("*") the way vSphere pages (2 extents per reply by default).
@@ -21,6 +24,7 @@ import pytest
 
 pyVmomi = pytest.importorskip("pyVmomi")
 from pyVim.connect import Disconnect, SmartConnect  # noqa: E402
+from pyVim.task import WaitForTask  # noqa: E402
 from pyVmomi import vim  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,8 +46,10 @@ def lab():
     if not shutil.which("go") or not Path("/usr/share/gocode/src/github.com/vmware/govmomi").is_dir():
         if os.geteuid() != 0:
             pytest.skip("needs Debian's golang-go and golang-github-vmware-govmomi-dev (labs/vsphere/build.sh)")
-    out = subprocess.run(["bash", str(BUILD)], check=True, capture_output=True, text=True, timeout=600)
-    binary = out.stdout.strip().splitlines()[-1]
+    binary = os.environ.get("SENDENSE_VCSIM_BIN")  # another build (e.g. stock vcsim, to check a test bites)
+    if not binary:
+        out = subprocess.run(["bash", str(BUILD)], check=True, capture_output=True, text=True, timeout=600)
+        binary = out.stdout.strip().splitlines()[-1]
     proc = subprocess.Popen([binary, "-l", "127.0.0.1:0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline().strip()
@@ -111,3 +117,111 @@ def test_query_changed_disk_areas_star_is_paged(lab):
                                      changeId="52 00 00 00 00 00 00 00-00 00 00 00 00 00 00 00/1")
     finally:
         Disconnect(si)
+
+
+@pytest.fixture
+def si(lab):
+    si = SmartConnect(host=lab.hostname, port=lab.port, user=lab.username, pwd=lab.password,
+                      disableSslCertValidation=True)
+    yield si
+    Disconnect(si)
+
+
+def _vm(si, name):
+    content = si.RetrieveContent()
+    view = content.viewManager.CreateContainerView(content.rootFolder, [vim.VirtualMachine], True)
+    try:
+        return next(v for v in view.view if v.name == name)
+    finally:
+        view.Destroy()
+
+
+def _snap(vm, name):
+    return _wait_task(vm.CreateSnapshot_Task(name=name, description="", memory=False, quiesce=False))
+
+
+def test_snapshot_tasks_work_with_pyvim_wait_for_task(si):
+    """Stock vcsim: Revert/RemoveSnapshot tasks name the snapshot as TaskInfo.entity; pyvmomi refuses to
+    deserialize it (not a ManagedEntity) and WaitForTask raises TypeError. vSphere names the VM."""
+    vm = _vm(si, "DC0_H0_VM0")
+    s1 = _snap(vm, "s1")
+    s2 = _snap(vm, "s2")
+    for start in (s1.RevertToSnapshot_Task, lambda: s2.RemoveSnapshot_Task(removeChildren=False)):
+        task = start()
+        assert WaitForTask(task) == vim.TaskInfo.State.success
+        assert task.info.entity == vm and task.info.entityName == vm.name
+    assert vm.snapshot.currentSnapshot == s1
+    assert [(s.name, s.childSnapshotList) for s in vm.snapshot.rootSnapshotList] == [("s1", [])]
+
+
+def test_remove_s2_then_s1_keeps_base_disk(si, lab):
+    """Stock vcsim: RefreshStorageInfo renumbered every layoutEx file key, so s1's dataKey came to name the
+    base disk and removing s1 (after s2) deleted it. The base disk must stay (nothing to consolidate: vcsim
+    makes no delta disks)."""
+    vm = _vm(si, "DC0_H0_VM1")
+    disk = next(d for d in vm.config.hardware.device if isinstance(d, vim.vm.device.VirtualDisk))
+    disk_files = sorted(f.name for f in vm.layoutEx.file if f.type in ("diskDescriptor", "diskExtent"))
+    assert len(disk_files) == 2, disk_files
+    s1 = _snap(vm, "s1")
+    s2 = _snap(vm, "s2")
+    _wait_task(s2.RemoveSnapshot_Task(removeChildren=False, consolidate=True))
+    _wait_task(s1.RemoveSnapshot_Task(removeChildren=False, consolidate=True))
+
+    assert vm.snapshot is None
+    assert not vm.runtime.consolidationNeeded
+    assert not any(f.type in ("snapshotData", "snapshotMemory") for f in vm.layoutEx.file)
+    assert sorted(f.name for f in vm.layoutEx.file if f.type in ("diskDescriptor", "diskExtent")) == disk_files
+    assert next(d for d in vm.config.hardware.device if d.key == disk.key).backing.fileName == disk.backing.fileName
+    ctx = ssl._create_unverified_context()
+    for name in disk_files:  # "[LocalDS_0] DC0_H0_VM1/disk1.vmdk": the bytes on the datastore, via /folder
+        ds, rel = name[1:].split("] ", 1)
+        url = f"https://{lab.hostname}:{lab.port}/folder/{rel}?dcPath=DC0&dsName={ds}"
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), context=ctx) as r:
+            assert r.status == 200, (name, r.status)
+
+
+def test_disk_capacity_in_bytes_is_set_and_agrees_with_kb(si):
+    """Stock vcsim: default disks have capacityInKB 1024 and capacityInBytes unset; a disk added with only
+    capacityInBytes gets capacityInKB 0. vSphere sets both, consistently."""
+    content = si.RetrieveContent()
+    view = content.viewManager.CreateContainerView(content.rootFolder, [vim.VirtualMachine], True)
+    vms = list(view.view)
+    view.Destroy()
+    disks = [d for v in vms for d in v.config.hardware.device if isinstance(d, vim.vm.device.VirtualDisk)]
+    assert disks
+    for d in disks:
+        assert d.capacityInBytes and d.capacityInBytes == d.capacityInKB * 1024, (d.capacityInKB, d.capacityInBytes)
+
+    vm = _vm(si, "DC0_C0_RP0_VM1")
+    ctrl = next(d for d in vm.config.hardware.device if isinstance(d, vim.vm.device.ParaVirtualSCSIController))
+    new = vim.vm.device.VirtualDisk(
+        key=-1, controllerKey=ctrl.key, unitNumber=1, capacityInBytes=4 << 20,
+        backing=vim.vm.device.VirtualDisk.FlatVer2BackingInfo(diskMode="persistent", thinProvisioned=True,
+                                                               fileName=""))
+    spec = vim.vm.ConfigSpec(deviceChange=[vim.vm.device.VirtualDeviceSpec(
+        operation="add", fileOperation="create", device=new)])
+    _wait_task(vm.ReconfigVM_Task(spec=spec))
+    added = [d for d in vm.config.hardware.device
+             if isinstance(d, vim.vm.device.VirtualDisk) and d.controllerKey == ctrl.key and d.unitNumber == 1]
+    assert [(d.capacityInKB, d.capacityInBytes) for d in added] == [(4096, 4 << 20)]
+
+
+def test_nfc_lease_complete_keeps_lease_done(si):
+    """Stock vcsim: HttpNfcLeaseComplete deletes the lease, so reading lease.state afterwards faults
+    ManagedObjectNotFound. vSphere keeps it with state "done"; completing it again is InvalidState."""
+    template = _vm(si, "DC0_C0_RP0_VM0")
+    cfg = vim.vm.ConfigSpec(name="imported-vm0", guestId="otherGuest", numCPUs=1, memoryMB=32,
+                            files=vim.vm.FileInfo(vmPathName="[LocalDS_0]"))
+    lease = template.resourcePool.ImportVApp(spec=vim.vm.VmImportSpec(configSpec=cfg),
+                                             folder=template.parent)
+    deadline = time.monotonic() + 10
+    while lease.state == vim.HttpNfcLease.State.initializing:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert lease.state == vim.HttpNfcLease.State.ready
+    imported = lease.info.entity
+    lease.HttpNfcLeaseComplete()
+    assert lease.state == vim.HttpNfcLease.State.done
+    assert lease.info.entity == imported and imported.name == "imported-vm0"
+    with pytest.raises(vim.fault.InvalidState):
+        lease.HttpNfcLeaseComplete()
