@@ -1,6 +1,7 @@
 """Smoke test of the vSphere lab's extended vcsim (labs/vsphere): pyvmomi over real SOAP/TLS.
 
-The tests after the first prove the lab's fixes of stock vcsim bugs (labs/vsphere/overlay/simulator/lab_fixes.go);
+The tests after the first prove the lab's fixes of stock vcsim bugs
+(labs/vsphere/overlay/simulator/lab_fixes.go);
 each fails against stock vcsim (SENDENSE_VCSIM_BIN=/path/to/stock-build runs them against another binary).
 
 Builds (or finds cached) vcsim-lab with labs/vsphere/build.sh, starts it on a free loopback port, logs in,
@@ -25,7 +26,7 @@ import pytest
 pyVmomi = pytest.importorskip("pyVmomi")
 from pyVim.connect import Disconnect, SmartConnect  # noqa: E402
 from pyVim.task import WaitForTask  # noqa: E402
-from pyVmomi import vim  # noqa: E402
+from pyVmomi import vim, vmodl  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 BUILD = ROOT / "labs" / "vsphere" / "build.sh"
@@ -45,15 +46,18 @@ def _wait_task(task, timeout=30.0):
 def lab():
     if not shutil.which("go") or not Path("/usr/share/gocode/src/github.com/vmware/govmomi").is_dir():
         if os.geteuid() != 0:
-            pytest.skip("needs Debian's golang-go and golang-github-vmware-govmomi-dev (labs/vsphere/build.sh)")
+            pytest.skip("needs Debian's golang-go and golang-github-vmware-govmomi-dev "
+                        "(labs/vsphere/build.sh)")
     binary = os.environ.get("SENDENSE_VCSIM_BIN")  # another build (e.g. stock vcsim, to check a test bites)
     if not binary:
         out = subprocess.run(["bash", str(BUILD)], check=True, capture_output=True, text=True, timeout=600)
         binary = out.stdout.strip().splitlines()[-1]
-    proc = subprocess.Popen([binary, "-l", "127.0.0.1:0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([binary, "-l", "127.0.0.1:0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     try:
         line = proc.stdout.readline().strip()
-        assert line.startswith("VCSIM_URL="), f"vcsim-lab said {line!r}: {proc.stderr.read() if proc.poll() is not None else ''}"
+        err = proc.stderr.read() if proc.poll() is not None else ""
+        assert line.startswith("VCSIM_URL="), f"vcsim-lab said {line!r}: {err}"
         url = urlsplit(line.removeprefix("VCSIM_URL="))
         yield url
     finally:
@@ -73,7 +77,8 @@ def test_query_changed_disk_areas_star_is_paged(lab):
         capacity = disk.capacityInBytes or disk.capacityInKB * 1024
 
         # Before tracking is on, a snapshot has no changeId and the query is refused with FileFault.
-        snap0 = _wait_task(vm.CreateSnapshot_Task(name="before-cbt", description="", memory=False, quiesce=False))
+        snap0 = _wait_task(
+            vm.CreateSnapshot_Task(name="before-cbt", description="", memory=False, quiesce=False))
         with pytest.raises(vim.fault.FileFault):
             vm.QueryChangedDiskAreas(snapshot=snap0, deviceKey=disk.key, startOffset=0, changeId="*")
 
@@ -99,7 +104,8 @@ def test_query_changed_disk_areas_star_is_paged(lab):
 
         pages, areas, offset = [], [], 0
         while offset < capacity:
-            info = vm.QueryChangedDiskAreas(snapshot=snap, deviceKey=disk.key, startOffset=offset, changeId="*")
+            info = vm.QueryChangedDiskAreas(snapshot=snap, deviceKey=disk.key, startOffset=offset,
+                                            changeId="*")
             assert info.startOffset == offset and info.length > 0
             pages.append(len(info.changedArea))
             areas += [(a.start, a.length) for a in info.changedArea]
@@ -136,6 +142,24 @@ def _vm(si, name):
         view.Destroy()
 
 
+def _wait_task_state(si, task, timeout=30.0):
+    """Poll only info.state/info.error (not the whole TaskInfo): no dependence on the task-entity fix."""
+    pc = si.content.propertyCollector
+    spec = vmodl.query.PropertyCollector.FilterSpec(
+        objectSet=[vmodl.query.PropertyCollector.ObjectSpec(obj=task)],
+        propSet=[vmodl.query.PropertyCollector.PropertySpec(type=vim.Task,
+                                                            pathSet=["info.state", "info.error"])])
+    deadline = time.monotonic() + timeout
+    while True:
+        props = {p.name: p.val for p in pc.RetrieveContents([spec])[0].propSet}
+        if props["info.state"] == vim.TaskInfo.State.error:
+            raise props["info.error"]
+        if props["info.state"] == vim.TaskInfo.State.success:
+            return
+        assert time.monotonic() < deadline, f"task {task} still {props['info.state']}"
+        time.sleep(0.05)
+
+
 def _snap(vm, name):
     return _wait_task(vm.CreateSnapshot_Task(name=name, description="", memory=False, quiesce=False))
 
@@ -160,24 +184,32 @@ def test_remove_s2_then_s1_keeps_base_disk(si, lab):
     makes no delta disks)."""
     vm = _vm(si, "DC0_H0_VM1")
     disk = next(d for d in vm.config.hardware.device if isinstance(d, vim.vm.device.VirtualDisk))
-    disk_files = sorted(f.name for f in vm.layoutEx.file if f.type in ("diskDescriptor", "diskExtent"))
-    assert len(disk_files) == 2, disk_files
+    vm_dir = disk.backing.fileName.rsplit("/", 1)[0] + "/"  # "[LocalDS_0] DC0_H0_VM1/"
+
+    def disk_files():
+        return sorted(f.name for f in vm.layoutEx.file
+                      if f.type in ("diskDescriptor", "diskExtent") and f.name.startswith(vm_dir))
+
+    base = disk_files()
+    assert len(base) == 2, base  # disk1.vmdk, disk1-flat.vmdk
     s1 = _snap(vm, "s1")
     s2 = _snap(vm, "s2")
-    _wait_task(s2.RemoveSnapshot_Task(removeChildren=False, consolidate=True))
-    _wait_task(s1.RemoveSnapshot_Task(removeChildren=False, consolidate=True))
+    _wait_task_state(si, s2.RemoveSnapshot_Task(removeChildren=False, consolidate=True))
+    _wait_task_state(si, s1.RemoveSnapshot_Task(removeChildren=False, consolidate=True))
+
+    ctx = ssl._create_unverified_context()
+    for name in base:  # "[LocalDS_0] DC0_H0_VM1/disk1.vmdk": the bytes on the datastore, via /folder
+        ds, rel = name[1:].split("] ", 1)
+        url = f"https://{lab.hostname}:{lab.port}/folder/{rel}?dcPath=DC0&dsName={ds}"
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), context=ctx) as r:
+            assert r.status == 200, (name, r.status)  # stock vcsim: 404, the base disk was deleted
 
     assert vm.snapshot is None
     assert not vm.runtime.consolidationNeeded
     assert not any(f.type in ("snapshotData", "snapshotMemory") for f in vm.layoutEx.file)
-    assert sorted(f.name for f in vm.layoutEx.file if f.type in ("diskDescriptor", "diskExtent")) == disk_files
-    assert next(d for d in vm.config.hardware.device if d.key == disk.key).backing.fileName == disk.backing.fileName
-    ctx = ssl._create_unverified_context()
-    for name in disk_files:  # "[LocalDS_0] DC0_H0_VM1/disk1.vmdk": the bytes on the datastore, via /folder
-        ds, rel = name[1:].split("] ", 1)
-        url = f"https://{lab.hostname}:{lab.port}/folder/{rel}?dcPath=DC0&dsName={ds}"
-        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), context=ctx) as r:
-            assert r.status == 200, (name, r.status)
+    assert disk_files() == base
+    now = next(d for d in vm.config.hardware.device if d.key == disk.key)
+    assert now.backing.fileName == disk.backing.fileName
 
 
 def test_disk_capacity_in_bytes_is_set_and_agrees_with_kb(si):
@@ -190,10 +222,12 @@ def test_disk_capacity_in_bytes_is_set_and_agrees_with_kb(si):
     disks = [d for v in vms for d in v.config.hardware.device if isinstance(d, vim.vm.device.VirtualDisk)]
     assert disks
     for d in disks:
-        assert d.capacityInBytes and d.capacityInBytes == d.capacityInKB * 1024, (d.capacityInKB, d.capacityInBytes)
+        assert d.capacityInBytes and d.capacityInBytes == d.capacityInKB * 1024, \
+            (d.capacityInKB, d.capacityInBytes)
 
     vm = _vm(si, "DC0_C0_RP0_VM1")
-    ctrl = next(d for d in vm.config.hardware.device if isinstance(d, vim.vm.device.ParaVirtualSCSIController))
+    ctrl = next(d for d in vm.config.hardware.device
+                if isinstance(d, vim.vm.device.ParaVirtualSCSIController))
     new = vim.vm.device.VirtualDisk(
         key=-1, controllerKey=ctrl.key, unitNumber=1, capacityInBytes=4 << 20,
         backing=vim.vm.device.VirtualDisk.FlatVer2BackingInfo(diskMode="persistent", thinProvisioned=True,
@@ -202,7 +236,8 @@ def test_disk_capacity_in_bytes_is_set_and_agrees_with_kb(si):
         operation="add", fileOperation="create", device=new)])
     _wait_task(vm.ReconfigVM_Task(spec=spec))
     added = [d for d in vm.config.hardware.device
-             if isinstance(d, vim.vm.device.VirtualDisk) and d.controllerKey == ctrl.key and d.unitNumber == 1]
+             if isinstance(d, vim.vm.device.VirtualDisk)
+             and d.controllerKey == ctrl.key and d.unitNumber == 1]
     assert [(d.capacityInKB, d.capacityInBytes) for d in added] == [(4096, 4 << 20)]
 
 
