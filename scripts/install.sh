@@ -87,3 +87,11 @@ if ! guest="$("$VENV/bin/python" -m labs.guest build 2>&1)"; then
   die "the bootable guest could not be built: ${guest##*$'\n'}"
 fi
 say "bootable guest: $guest"
+
+# --- the vSphere lab (issue 13) -------------------------------------------------------------------
+# vcsim from Debian's govmomi with the lab's Go extensions (labs/vsphere), built offline once into
+# ~/.cache/sendense/vcsim (SENDENSE_VCSIM_CACHE); later runs find it cached
+if ! vcsim="$(bash "$ROOT/labs/vsphere/build.sh" 2>&1)"; then
+  die "the vSphere lab (vcsim-lab) could not be built: ${vcsim##*$'\n'}"
+fi
+say "vSphere lab: ${vcsim##*$'\n'}"
