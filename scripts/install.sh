@@ -12,6 +12,7 @@ die() { printf 'install: error: %s\n' "$*" >&2; exit 1; }
 
 APT_PACKAGES=(
   qemu-utils nbdkit libnbd-bin python3-libnbd
+  nbdkit-plugin-python golang-go golang-github-vmware-govmomi-dev patch  # the vSphere lab (labs/vsphere)
   qemu-system-x86 ovmf  # ovmf: UEFI firmware for VMs made from points (plan.firmware: uefi)
   libvirt-dev pkg-config
   libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients
