@@ -30,6 +30,7 @@ from sendense.protocols import (
 REGISTRY: dict[str, str] = {
     "kvm": "connectors.kvm.plugin",
     "aws": "connectors.aws.plugin",
+    "vsphere": "connectors.vsphere.plugin",
     "memory": "connectors.memory.plugin",
 }
 

@@ -22,7 +22,7 @@ BOUNDED = settings(
     suppress_health_check=list(HealthCheck),
     print_blob=True,
 )
-SLOW = settings(BOUNDED, max_examples=24, stateful_step_count=50, derandomize=False)
+SLOW = settings(BOUNDED, max_examples=24, stateful_step_count=85, derandomize=False)
 SLOW_AWS = settings(SLOW, max_examples=12)  # every point read back through the lab at every step
 
 

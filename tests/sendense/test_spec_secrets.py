@@ -76,6 +76,20 @@ EXAMPLES: dict[tuple[str, str], list[dict[str, Any]]] = {
             },
         },
     ],
+    ("vsphere", "source"): [
+        {
+            "platform": "vsphere",
+            "server": "vcenter.example.com:443",
+            "thumbprint": "AA:BB:CC:DD:EE:FF:00:11:22:33:44:55:66:77:88:99:AA:BB:CC:DD",
+            "login": "prod",
+            "vm": "/DC1/vm/web/web01",
+            "instance_uuid": "50123456-89ab-cdef-0123-456789abcdef",
+            "datacenter": "DC1",
+            "quiesce": True,
+            "vddk": {"libdir": "/opt/vmware-vix-disklib-distrib", "transports": ["nbdssl", "nbd"]},
+        },
+        {"platform": "vsphere", "server": "esx1", "insecure": True, "vm": "vm-42"},
+    ],
     ("memory", "source"): [
         {"platform": "memory", "vm": "web", "store": "s1", "block_size": 65536},
         {"platform": "memory", "vm": "web", "directory": "/var/tmp/store"},

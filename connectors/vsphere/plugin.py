@@ -1,0 +1,29 @@
+"""The vSphere platform as sendense.platforms sees it. Connectors (and pyvmomi) are imported when first
+made."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from connectors.vsphere.spec import VsphereSource
+from sendense.platforms import Platform
+from sendense.protocols import SourceConnector
+
+
+def _source(spec: VsphereSource, job: str, work_dir: Path) -> SourceConnector:
+    from connectors.vsphere.source import VsphereSourceConnector
+
+    return VsphereSourceConnector(job, spec, work_dir)
+
+
+PLATFORM = Platform(
+    name="vsphere",
+    summary="VMware vSphere (vCenter, ESXi): a VM's disks by Changed Block Tracking and VM snapshots, "
+    "read through nbdkit's vddk plugin",
+    source_spec=VsphereSource,
+    source=_source,
+    lab_note="its lab (labs/vsphere: vcsim-lab) is not part of `sendense lab up` yet",
+    developer_only=True,  # until its target, lab and end-to-end tests land (issue 13)
+    starter_endpoints=("vsphere:*",),  # any vCenter or ESXi host the agent can reach
+    agent_env=("SENDENSE_VSPHERE_*", "SENDENSE_VDDK_*"),  # logins, and the agent's VDDK
+)
