@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from connectors.vsphere.spec import VsphereSource
+from connectors.vsphere.spec import VsphereSource, VsphereTarget
 from sendense.platforms import Platform
-from sendense.protocols import SourceConnector
+from sendense.protocols import SourceConnector, TargetConnector
 
 
 def _source(spec: VsphereSource, job: str, work_dir: Path) -> SourceConnector:
@@ -16,12 +16,20 @@ def _source(spec: VsphereSource, job: str, work_dir: Path) -> SourceConnector:
     return VsphereSourceConnector(job, spec, work_dir)
 
 
+def _target(spec: VsphereTarget, job: str, job_id: str) -> TargetConnector:
+    from connectors.vsphere.target import VsphereTargetConnector
+
+    return VsphereTargetConnector(job, spec, job_id)
+
+
 PLATFORM = Platform(
     name="vsphere",
     summary="VMware vSphere (vCenter, ESXi): a VM's disks by Changed Block Tracking and VM snapshots, "
-    "read through nbdkit's vddk plugin",
+    "read through nbdkit's vddk plugin; points as snapshots of a placeholder VM",
     source_spec=VsphereSource,
+    target_spec=VsphereTarget,
     source=_source,
+    target=_target,
     lab_note="its lab (labs/vsphere: vcsim-lab) is not part of `sendense lab up` yet",
     developer_only=True,  # until its target, lab and end-to-end tests land (issue 13)
     starter_endpoints=("vsphere:*",),  # any vCenter or ESXi host the agent can reach

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from connectors.vsphere.spec import VsphereSource, normal_thumbprint, vm_form
+from connectors.vsphere.spec import VspherePlace, normal_thumbprint, vm_form
 from sendense.errors import (
     InvalidSpec,
     NotAllowed,
@@ -35,6 +35,7 @@ from sendense.errors import (
     ServerUnreachable,
     TargetError,
 )
+from sendense.models import SourceSpec
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def env_prefix(login: str) -> str:
     return "SENDENSE_VSPHERE_" if login == "default" else f"SENDENSE_VSPHERE_{login.upper()}_"
 
 
-def credentials(login: str) -> tuple[str, str]:
+def credentials(login: str, end: str = "source") -> tuple[str, str]:
     """(user, password) of the agent's login `login`; a one-line error naming the variables if unset."""
     p = env_prefix(login)
     path = os.environ.get(p + "FILE")
@@ -54,14 +55,14 @@ def credentials(login: str) -> tuple[str, str]:
         try:
             lines = open(path, encoding="utf-8").read().splitlines()  # noqa: SIM115 (read at once)
         except OSError as e:
-            raise InvalidSpec(f"source.login {login}: cannot read {p}FILE: {e.strerror}") from None
+            raise InvalidSpec(f"{end}.login {login}: cannot read {p}FILE: {e.strerror}") from None
         if len(lines) < 2 or not lines[0]:
-            raise InvalidSpec(f"source.login {login}: {p}FILE must hold two lines: the user, the password")
+            raise InvalidSpec(f"{end}.login {login}: {p}FILE must hold two lines: the user, the password")
         return lines[0], lines[1]
     user, password = os.environ.get(p + "USER"), os.environ.get(p + "PASSWORD")
     if not user or password is None:
         raise InvalidSpec(
-            f"source.login {login}: the agent has no vSphere credentials for it "
+            f"{end}.login {login}: the agent has no vSphere credentials for it "
             f"(set {p}USER and {p}PASSWORD, or {p}FILE)"
         )
     return user, password
@@ -119,10 +120,11 @@ def is_fault(e: BaseException, *names: str) -> bool:
 class Session:
     """A logged-in vSphere session (pyvmomi ServiceInstance) and what the connectors ask of it."""
 
-    def __init__(self, spec: VsphereSource) -> None:
+    def __init__(self, spec: VspherePlace) -> None:
         self.spec = spec
         self.host, self.port = spec.address()
         self.where = f"vSphere {spec.server}"
+        self.end = "source" if isinstance(spec, SourceSpec) else "target"
         self._si: Any = None
         self.cert: Certificate | None = None
 
@@ -138,12 +140,12 @@ class Session:
             pinned = normal_thumbprint(self.spec.thumbprint)
             if pinned not in (cert.sha1, cert.sha256):
                 raise NotAllowed(
-                    f"{self.where}: the server's certificate does not match source.thumbprint "
+                    f"{self.where}: the server's certificate does not match {self.end}.thumbprint "
                     f"(it has SHA-1 {cert.vddk_thumbprint()})"
                 )
         else:
-            log.warning("%s: certificate not checked (source.insecure)", self.where)
-        user, password = credentials(self.spec.login)
+            log.warning("%s: certificate not checked (%s.insecure)", self.where, self.end)
+        user, password = credentials(self.spec.login, self.end)
         try:
             si = SmartConnect(
                 host=self.host,
@@ -187,8 +189,10 @@ class Session:
 
     # ---------------------------------------------------------------- inventory
 
-    def find_vm(self, vm: str, datacenter: str | None, instance_uuid: str | None = None) -> Any:
-        """The VM the spec names; a one-line error if there is none or the name is ambiguous."""
+    def find_vm(
+        self, vm: str, datacenter: str | None, instance_uuid: str | None = None, field: str = "source.vm"
+    ) -> Any:
+        """The VM the spec names (`field`); a one-line error if there is none or the name is ambiguous."""
         from pyVmomi import vim, vmodl
 
         content = self.content
@@ -206,25 +210,25 @@ class Session:
             elif form == "path":
                 found = content.searchIndex.FindByInventoryPath(vm.lstrip("/"))
                 if found is not None and not isinstance(found, vim.VirtualMachine):
-                    raise InvalidSpec(f"source.vm {vm}: that inventory path is not a VM")
+                    raise InvalidSpec(f"{field} {vm}: that inventory path is not a VM")
             else:
                 root = self._datacenter(datacenter) or content.rootFolder
                 matches = [v for v, name in self._names(root) if name == vm]
                 if len(matches) > 1:
                     raise InvalidSpec(
-                        f"source.vm {vm}: {len(matches)} VMs have that name on {self.spec.server}; "
+                        f"{field} {vm}: {len(matches)} VMs have that name on {self.spec.server}; "
                         "give its inventory path or instance UUID"
                     )
                 found = matches[0] if matches else None
         except vmodl.fault.ManagedObjectNotFound:
             found = None
         if found is None:
-            raise ResourceNotFound(f"source.vm {vm}: no such VM on {self.spec.server}")
+            raise ResourceNotFound(f"{field} {vm}: no such VM on {self.spec.server}")
         if instance_uuid is not None:
             got = found.config.instanceUuid if found.config is not None else ""
             if got.lower() != instance_uuid.lower():
                 raise ResourceNotFound(
-                    f"source.vm {vm}: the VM of that name now is another VM (instance UUID {got}, "
+                    f"{field} {vm}: the VM of that name now is another VM (instance UUID {got}, "
                     f"the job was made for {instance_uuid})"
                 )
         return found
@@ -237,7 +241,7 @@ class Session:
         for dc in self.content.rootFolder.childEntity:
             if isinstance(dc, vim.Datacenter) and dc.name == name:
                 return dc
-        raise ResourceNotFound(f"source.datacenter {name}: no such datacenter on {self.spec.server}")
+        raise ResourceNotFound(f"{self.end}.datacenter {name}: no such datacenter on {self.spec.server}")
 
     def _names(self, root: Any) -> Iterator[tuple[Any, str]]:
         """(VM, name) of every VM under `root`, in one property collector round trip."""

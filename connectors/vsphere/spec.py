@@ -1,4 +1,5 @@
-"""The vSphere platform's part of a job spec: a VM on a vCenter or ESXi host (source).
+"""The vSphere platform's part of a job spec: a VM on a vCenter or ESXi host (source), and a datastore
+where a placeholder VM's snapshots are the recovery points (target).
 
 Credentials never go in a spec: the spec names a login (`login`, default `default`) and the agent finds
 its user and password in its environment (`SENDENSE_VSPHERE_USER` / `SENDENSE_VSPHERE_PASSWORD`, or
@@ -15,7 +16,16 @@ from typing import Literal, Self
 
 from pydantic import Field, field_validator, model_validator
 
-from sendense.models import Reach, SourceSpec, SpecPath, Strict, check_path_length, resolve_path
+from sendense.models import (
+    PlatformSpec,
+    Reach,
+    SourceSpec,
+    SpecPath,
+    Strict,
+    TargetSpec,
+    check_path_length,
+    resolve_path,
+)
 
 VSPHERE_CREDENTIALS = (
     "the agent reads the login's user and password from SENDENSE_VSPHERE_USER/SENDENSE_VSPHERE_PASSWORD "
@@ -68,28 +78,17 @@ class VddkSettings(Strict):
         return v
 
 
-class VsphereSource(SourceSpec):
-    """A vSphere VM: one VM snapshot per sync, changed areas from Changed Block Tracking
-    (QueryChangedDiskAreas), bytes read through nbdkit's vddk plugin from the snapshot."""
+class VspherePlace(PlatformSpec):
+    """Where a vSphere end is reached: the server, its pinned certificate, the agent's login for it,
+    the datacenter, and how disk bytes travel (VDDK)."""
 
-    platform: Literal["vsphere"]
     server: str = Field(description="vCenter or ESXi host, host[:port] (port 443 by default)")
     thumbprint: str | None = Field(
         default=None, description="SHA-1 or SHA-256 thumbprint of the server's certificate (xx:xx:...)"
     )
     insecure: bool = Field(default=False, description="trust any certificate (not for production)")
     login: str = Field(default="default", description="which of the agent's vSphere logins to use")
-    vm: str = Field(
-        min_length=1,
-        description="the VM: its name, inventory path (/DC/vm/folder/name), instance UUID or moref (vm-42)",
-    )
-    instance_uuid: str | None = Field(
-        default=None,
-        pattern=r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$",
-        description="set when the job is made: later syncs refuse another VM under the same name or path",
-    )
-    datacenter: str | None = Field(default=None, description="the datacenter to look in (default: all)")
-    quiesce: bool = Field(default=False, description="quiesce the guest file systems (VMware Tools)")
+    datacenter: str | None = Field(default=None, description="the datacenter (default: the only one, or all)")
     vddk: VddkSettings = Field(default_factory=VddkSettings)
 
     credentials_hint = VSPHERE_CREDENTIALS
@@ -118,18 +117,12 @@ class VsphereSource(SourceSpec):
             raise ValueError("a login name: a letter, then letters, digits or _ (at most 32)")
         return v
 
-    @field_validator("vm")
-    @classmethod
-    def _vm(cls, v: str) -> str:
-        if any(ord(c) < 32 for c in v):
-            raise ValueError("a VM name has no control characters")
-        return v
-
     @model_validator(mode="after")
     def _pinned(self) -> Self:
         if self.thumbprint is None and not self.insecure:
+            end = "source" if isinstance(self, SourceSpec) else "target"
             raise ValueError(
-                "thumbprint: the server's certificate thumbprint is required "
+                f"{end}.thumbprint: the server's certificate thumbprint is required "
                 "(openssl s_client -connect HOST:443 | openssl x509 -noout -fingerprint -sha1), "
                 "or insecure: true to trust any certificate"
             )
@@ -143,20 +136,46 @@ class VsphereSource(SourceSpec):
         h, sep, p = self.server.partition(":")
         return h, int(p) if sep else 443
 
-    def describe(self) -> str:
-        return f"vsphere:{self.server}:{self.vm}"
-
     def reach(self) -> Reach:
+        end = "source" if isinstance(self, SourceSpec) else "target"
         h, p = self.address()
-        reads = [("source.vddk.libdir", self.vddk.libdir)] if self.vddk.libdir is not None else []
-        return Reach(reads=reads, endpoints=[("source.server", f"vsphere:{h}:{p}")])
+        reads = [(f"{end}.vddk.libdir", self.vddk.libdir)] if self.vddk.libdir is not None else []
+        return Reach(reads=reads, endpoints=[(f"{end}.server", f"vsphere:{h}:{p}")])
 
     def resolved(self, base: Path) -> Self:
         if self.vddk.libdir is None:
             return self
+        end = "source" if isinstance(self, SourceSpec) else "target"
         libdir = resolve_path(self.vddk.libdir, base)
-        check_path_length(libdir, "source.vddk.libdir")
+        check_path_length(libdir, f"{end}.vddk.libdir")
         return self.model_copy(update={"vddk": self.vddk.model_copy(update={"libdir": libdir})})
+
+
+class VsphereSource(VspherePlace, SourceSpec):
+    """A vSphere VM: one VM snapshot per sync, changed areas from Changed Block Tracking
+    (QueryChangedDiskAreas), bytes read through nbdkit's vddk plugin from the snapshot."""
+
+    platform: Literal["vsphere"]
+    vm: str = Field(
+        min_length=1,
+        description="the VM: its name, inventory path (/DC/vm/folder/name), instance UUID or moref (vm-42)",
+    )
+    instance_uuid: str | None = Field(
+        default=None,
+        pattern=r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$",
+        description="set when the job is made: later syncs refuse another VM under the same name or path",
+    )
+    quiesce: bool = Field(default=False, description="quiesce the guest file systems (VMware Tools)")
+
+    @field_validator("vm")
+    @classmethod
+    def _vm(cls, v: str) -> str:
+        if any(ord(c) < 32 for c in v):
+            raise ValueError("a VM name has no control characters")
+        return v
+
+    def describe(self) -> str:
+        return f"vsphere:{self.server}:{self.vm}"
 
     def pinned(self, vm_id: str) -> Self:
         """Named by name, path or moref, the job keeps to the VM found when it was made (its instance
@@ -164,3 +183,27 @@ class VsphereSource(SourceSpec):
         if not vm_id or self.instance_uuid or vm_form(self.vm) == "uuid":
             return self
         return self.model_copy(update={"instance_uuid": vm_id})
+
+
+class VsphereTarget(VspherePlace, TargetSpec):
+    """Recovery points as snapshots of a powered-off placeholder VM whose disks each sync writes
+    (through nbdkit's vddk plugin); VMs from points are linked clones of a point's snapshot."""
+
+    platform: Literal["vsphere"]
+    datastore: str = Field(
+        min_length=1, max_length=80, description="the datastore of the placeholder's disks"
+    )
+    cluster: str | None = Field(default=None, max_length=80, description="the cluster to place it in")
+    esx_host: str | None = Field(default=None, max_length=255, description="or the ESXi host (default: any)")
+    folder: str | None = Field(
+        default=None, max_length=255, description="VM folder, as an inventory path under the datacenter's vm/"
+    )
+    vm_name: str | None = Field(
+        default=None,
+        max_length=80,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="the placeholder VM's name (default: sendense-<job>)",
+    )
+
+    def describe(self) -> str:
+        return f"vsphere:{self.server}:{self.datastore}"

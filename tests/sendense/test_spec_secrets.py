@@ -90,6 +90,21 @@ EXAMPLES: dict[tuple[str, str], list[dict[str, Any]]] = {
         },
         {"platform": "vsphere", "server": "esx1", "insecure": True, "vm": "vm-42"},
     ],
+    ("vsphere", "target"): [
+        {
+            "platform": "vsphere",
+            "server": "[fd00::1]:8443",
+            "thumbprint": ":".join(["ab"] * 32),  # SHA-256
+            "login": "dr",
+            "datacenter": "DR",
+            "datastore": "ds-dr-1",
+            "cluster": "dr-cluster",
+            "esx_host": "esx-dr-1.example.com",
+            "folder": "replicas/web",
+            "vm_name": "web01-replica",
+            "vddk": {"transports": ["hotadd"]},
+        },
+    ],
     ("memory", "source"): [
         {"platform": "memory", "vm": "web", "store": "s1", "block_size": 65536},
         {"platform": "memory", "vm": "web", "directory": "/var/tmp/store"},
