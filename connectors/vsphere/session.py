@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from connectors.vsphere.spec import VspherePlace, normal_thumbprint, vm_form
+from sendense import config
 from sendense.errors import (
     InvalidSpec,
     NotAllowed,
@@ -47,10 +48,23 @@ def env_prefix(login: str) -> str:
     return "SENDENSE_VSPHERE_" if login == "default" else f"SENDENSE_VSPHERE_{login.upper()}_"
 
 
-def credentials(login: str, end: str = "source") -> tuple[str, str]:
-    """(user, password) of the agent's login `login`; a one-line error naming the variables if unset."""
+def endpoint(spec: VspherePlace) -> str:
+    """The server as the agent's policy and a lab's registration name it: vsphere:<host>:<port>."""
+    h, port = spec.address()
+    return f"vsphere:{h}:{port}"
+
+
+def agent_env(spec: VspherePlace) -> dict[str, str]:
+    """The agent's environment for this server: its own, over what a lab this agent's user started on
+    this machine registered for it (`sendense lab up`: the lab's login and its VDDK stand-in)."""
+    return {**(config.lab_env(endpoint(spec)) or {}), **os.environ}
+
+
+def credentials(spec: VspherePlace, end: str = "source") -> tuple[str, str]:
+    """(user, password) of the spec's login; a one-line error naming the variables if unset."""
+    login, env = spec.login, agent_env(spec)
     p = env_prefix(login)
-    path = os.environ.get(p + "FILE")
+    path = env.get(p + "FILE")
     if path:
         try:
             lines = open(path, encoding="utf-8").read().splitlines()  # noqa: SIM115 (read at once)
@@ -59,7 +73,7 @@ def credentials(login: str, end: str = "source") -> tuple[str, str]:
         if len(lines) < 2 or not lines[0]:
             raise InvalidSpec(f"{end}.login {login}: {p}FILE must hold two lines: the user, the password")
         return lines[0], lines[1]
-    user, password = os.environ.get(p + "USER"), os.environ.get(p + "PASSWORD")
+    user, password = env.get(p + "USER"), env.get(p + "PASSWORD")
     if not user or password is None:
         raise InvalidSpec(
             f"{end}.login {login}: the agent has no vSphere credentials for it "
@@ -93,6 +107,14 @@ def server_certificate(host: str, port: int, where: str) -> Certificate:
     if not der:
         raise ServerUnreachable(f"{where}: the server sent no certificate")
     return Certificate(hashlib.sha1(der).hexdigest(), hashlib.sha256(der).hexdigest())
+
+
+def extra_config(vm: Any) -> dict[str, str]:
+    """The VM's extraConfig as a dict: the last value of a key wins; an empty value is no value."""
+    out: dict[str, str] = {}
+    for o in (vm.config.extraConfig if vm.config is not None else None) or []:
+        out[o.key] = str(o.value) if o.value is not None else ""
+    return {k: v for k, v in out.items() if v != ""}
 
 
 def fault_text(e: BaseException) -> str:
@@ -145,7 +167,7 @@ class Session:
                 )
         else:
             log.warning("%s: certificate not checked (%s.insecure)", self.where, self.end)
-        user, password = credentials(self.spec.login, self.end)
+        user, password = credentials(self.spec, self.end)
         try:
             si = SmartConnect(
                 host=self.host,

@@ -18,7 +18,9 @@ changed, disk bytes read from the snapshot through nbdkit's vddk plugin.
 - Bytes: nbdkit's vddk plugin with `snapshot=` and the snapshot's file of the disk (connectors.vsphere.vddk).
 - Release: the snapshot is removed (consolidated); change ids stay valid after removal, so a
   committed point's change ids are the next sync's base and an abandoned sync leaves the old base usable.
-- `forget` removes this job's snapshots. Change tracking stays on (other backup tools may rely on it).
+- The VM carries a mark of each job replicating it (extraConfig `sendense.job.<job>`): `forget` removes
+  it with this job's snapshots, and a change id of a forgotten job is never a base again. Change
+  tracking itself stays on (other backup tools may rely on it).
 """
 
 from __future__ import annotations
@@ -31,9 +33,17 @@ from pathlib import Path
 from typing import Any
 
 from connectors.vsphere.handles import VsphereDisk, VsphereSnapshot
-from connectors.vsphere.session import Session, calling, credentials, fault_text, is_fault
+from connectors.vsphere.session import (
+    Session,
+    agent_env,
+    calling,
+    credentials,
+    extra_config,
+    fault_text,
+    is_fault,
+)
 from connectors.vsphere.spec import VsphereSource
-from connectors.vsphere.vddk import VddkServer, VddkTarget, serving
+from connectors.vsphere.vddk import VddkServer, VddkTarget, agent_libdir, plugin_words, serving
 from sendense.datapath.extents import Extent, coalesce
 from sendense.datapath.nbd import NbdConnection
 from sendense.errors import ChangeTrackingLost, InvalidSpec, ResourceNotFound, SendenseError
@@ -42,6 +52,11 @@ from sendense.models import DiskInfo, DiskSnapshot, NicInfo, SnapshotRef, VmInfo
 log = logging.getLogger(__name__)
 
 MIN_HW_VERSION = 7  # Changed Block Tracking needs virtual hardware 7 or later
+
+
+def job_key(job: str) -> str:
+    """The source VM's extraConfig key that marks it as replicated by `job`."""
+    return f"sendense.job.{job}"
 
 
 def snapshot_name(job: str, snapshot_id: str) -> str:
@@ -234,7 +249,7 @@ class VsphereSourceConnector:
             )
         if not disks_of(list(vm.config.hardware.device)):
             raise InvalidSpec(f"source.vm {self.spec.vm}: the VM has no virtual disks")
-        credentials(self.spec.login)
+        credentials(self.spec)
 
     def discover(self) -> VmInfo:
         from pyVmomi import vim
@@ -317,6 +332,7 @@ class VsphereSourceConnector:
         vm = self._vm()
         self.validate_hw(vm)
         enabled_now = self._ensure_tracking(vm)
+        registered = self._register(vm)
         name = snapshot_name(self.job, snapshot_id)
         mine = f"sendense-{self.job}-"
         node = None
@@ -346,7 +362,7 @@ class VsphereSourceConnector:
             snap = self.session.wait(task, what)
             created = datetime.now(UTC)
         try:
-            disks = self._disk_snapshots(vm, snap, base, enabled_now)
+            disks = self._disk_snapshots(vm, snap, base, enabled_now, registered)
         except vmodl.MethodFault as e:
             self._remove(snap, f"snapshot {name}")
             raise SendenseError(
@@ -368,7 +384,7 @@ class VsphereSourceConnector:
             )
 
     def _disk_snapshots(
-        self, vm: Any, snap: Any, base: dict[str, str | None], enabled_now: bool
+        self, vm: Any, snap: Any, base: dict[str, str | None], enabled_now: bool, registered: bool
     ) -> list[DiskSnapshot]:
         out = []
         for key, d, _bus in disks_of(list(snap.config.hardware.device)):
@@ -379,7 +395,11 @@ class VsphereSourceConnector:
             base_size = 0
             if prev is not None:
                 prev_cid, base_size = parse_change_id(prev)
-                lost = self._check_base(vm, snap, d.key, key, prev_cid, cid, size, base_size, enabled_now)
+                lost = (
+                    self._check_base(vm, snap, d.key, key, prev_cid, cid, size, base_size, enabled_now)
+                    if registered
+                    else "this job's change tracking on the VM was removed (the job was forgotten)"
+                )
             if not cid:
                 # tracking did not take effect at this snapshot: the next sync cannot diff against it
                 cid = "-"
@@ -438,7 +458,8 @@ class VsphereSourceConnector:
         vm = self._vm()
         if vm._moId != h.vm:
             raise SendenseError(f"source.vm {self.spec.vm}: not the VM the snapshot was taken of ({h.vm})")
-        user, password = credentials(self.spec.login)
+        user, password = credentials(self.spec)
+        env = agent_env(self.spec)
         self.session.si  # noqa: B018 (logs in and pins the certificate)
         cert = self.session.cert
         assert cert is not None
@@ -453,7 +474,8 @@ class VsphereSourceConnector:
             file=dh.file,
             snapshot=h.snapshot,
             transports=tuple(self.spec.vddk.transports),
-            libdir=self.spec.vddk.libdir,
+            libdir=agent_libdir(self.spec.vddk.libdir, env),
+            plugin=plugin_words(env),
         )
         label = self._label(key)
         with serving(target, label) as srv:
@@ -487,6 +509,8 @@ class VsphereSourceConnector:
             return
 
     def forget(self) -> None:
+        from pyVmomi import vim
+
         try:
             vm = self._vm()
         except ResourceNotFound:
@@ -495,3 +519,25 @@ class VsphereSourceConnector:
         for n in list(self._snapshots(vm)):
             if n.name.startswith(mine):
                 self._remove(n.snapshot, f"snapshot {n.name}")
+        if job_key(self.job) in extra_config(vm):
+            opt = vim.option.OptionValue(key=job_key(self.job), value="")  # (an empty value removes it)
+            self._reconfigure(vm, vim.vm.ConfigSpec(extraConfig=[opt]), "forgetting the job")
+
+    def _register(self, vm: Any) -> bool:
+        """Mark the VM as replicated by this job (its extraConfig); True if it was already. Change ids
+        of a job that was forgotten (the mark removed) are never a base again."""
+        from pyVmomi import vim
+
+        if job_key(self.job) in extra_config(vm):
+            return True
+        opt = vim.option.OptionValue(
+            key=job_key(self.job), value=datetime.now(UTC).isoformat(timespec="seconds")
+        )
+        self._reconfigure(vm, vim.vm.ConfigSpec(extraConfig=[opt]), "marking it replicated")
+        return False
+
+    def _reconfigure(self, vm: Any, spec: Any, what: str) -> None:
+        what = f"source.vm {self.spec.vm}: {what}"
+        with calling(what):
+            task = vm.ReconfigVM_Task(spec=spec)
+        self.session.wait(task, what)

@@ -12,7 +12,8 @@
 - A sync that does not commit is undone by reverting to the newest point (its partial writes go with
   the discarded delta); before the first point the placeholder is made again.
 - Retention removes the oldest points' snapshots (vSphere consolidates their deltas into the next);
-  a held point (`sendense.hold.<point>.<hold>` in extraConfig) is never removed. `export` reads a
+  a held point (a custom attribute per hold: reverting keeps it) is never removed, nor the point
+  before it (removing that one would rewrite the files the held point's VM runs on). `export` reads a
   point's snapshot through the vddk plugin with `snapshot=`.
 - Disks: a disk added to the source is added to the placeholder; a disk removed stays (older points
   hold it); a grown disk is grown while the placeholder has no points; vSphere cannot extend a disk
@@ -21,24 +22,22 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from connectors.vsphere.session import Session, calling, credentials
+from connectors.vsphere.session import Session, agent_env, calling, credentials, extra_config
 from connectors.vsphere.source import capacity
 from connectors.vsphere.spec import VsphereTarget
-from connectors.vsphere.vddk import VddkTarget, serving
+from connectors.vsphere.vddk import VddkTarget, agent_libdir, plugin_words, serving
 from sendense.datapath.extents import Extent, clip
 from sendense.datapath.nbd import ALLOCATION, NbdConnection
 from sendense.errors import InvalidSpec, ResourceNotFound, SendenseError, TargetError
-from sendense.models import DiskInfo, PointInfo
+from sendense.models import DiskInfo, PointInfo, check_hold_id
 from tools.exports import EXPORT_FORMATS, export_name, staging
 from tools.qemu import qemu_img
 
@@ -47,26 +46,15 @@ log = logging.getLogger(__name__)
 POINT_PREFIX = "sendense-point-"
 KEY_JOB = "sendense.job_id"
 KEY_DISK = "sendense.disk."
-KEY_HOLD = "sendense.hold."
+KEY_SYNC = "sendense.sync"  # the sync whose writes the placeholder's current disks hold
 SCSI_KEY = 1000  # the placeholder's controller; its disks are units 0-6 and 8-15 (7 is the controller's)
 
 
-def hold_key(point_id: str, hold_id: str) -> str:
-    """The extraConfig key of a hold: hold ids of any text become a short digest."""
-    safe = (
-        hold_id
-        if re.fullmatch(r"[A-Za-z0-9_-]{1,64}", hold_id)
-        else hashlib.sha256(hold_id.encode()).hexdigest()[:32]
-    )
-    return f"{KEY_HOLD}{point_id}.{safe}"
-
-
-def extra_config(vm: Any) -> dict[str, str]:
-    """The VM's extraConfig as a dict: the last value of a key wins; an empty value is no value."""
-    out: dict[str, str] = {}
-    for o in (vm.config.extraConfig if vm.config is not None else None) or []:
-        out[o.key] = str(o.value) if o.value is not None else ""
-    return {k: v for k, v in out.items() if v != ""}
+def _hold_id(hold_id: str) -> str:
+    try:
+        return check_hold_id(hold_id)
+    except ValueError as e:
+        raise InvalidSpec(str(e)) from None
 
 
 class PlaceholderDisk:
@@ -175,7 +163,7 @@ class VsphereTargetConnector:
     # ---------------------------------------------------------------- checks
 
     def validate(self) -> None:
-        credentials(self.spec.login, "target")
+        credentials(self.spec, "target")
         dc = self._datacenter()
         self._folder(dc)
         self._pool_and_host(dc)
@@ -266,7 +254,7 @@ class VsphereTargetConnector:
             self._destroy(vm)  # an abandoned first sync: start empty
             vm = None
         if vm is None:
-            self._create(disks)
+            self._mark(self._create(disks), sync_id)
             return
         self._revert(vm, points[0][1])  # whatever an unfinished sync wrote goes
         have = self._disks(vm)
@@ -303,6 +291,14 @@ class VsphereTargetConnector:
                 for k, d in zip(mapping, new, strict=True)
             ]
             self._reconfigure(vm, vim.vm.ConfigSpec(extraConfig=opts), "recording its disks")
+        self._mark(vm, sync_id)
+
+    def _mark(self, vm: Any, sync_id: str) -> None:
+        """Record whose writes the current disks take ('': nobody's; vSphere drops an empty value)."""
+        from pyVmomi import vim
+
+        opt = vim.option.OptionValue(key=KEY_SYNC, value=sync_id)
+        self._reconfigure(vm, vim.vm.ConfigSpec(extraConfig=[opt]), f"sync {sync_id or 'done'}")
 
     def _revert(self, vm: Any, snap: Any) -> None:
         what = f"target: {self.label}: reverting to the newest point"
@@ -315,6 +311,8 @@ class VsphereTargetConnector:
         vm = self._placeholder()
         if vm is None:
             raise ResourceNotFound(f"target: {self.label} is gone (prepare the sync again)")
+        if extra_config(vm).get(KEY_SYNC) != sync_id:
+            raise ResourceNotFound(f"target: {self.label}: no sync {sync_id} in progress (prepare it first)")
         d = self._disks(vm).get(key)
         if d is None:
             raise ResourceNotFound(f"target: {self.label} has no disk for {key}")
@@ -324,7 +322,8 @@ class VsphereTargetConnector:
 
     @contextmanager
     def _vddk(self, vm: Any, file: str, snapshot: str | None, *, readonly: bool, key: str) -> Iterator[Any]:
-        user, password = credentials(self.spec.login, "target")
+        user, password = credentials(self.spec, "target")
+        env = agent_env(self.spec)
         self.session.si  # noqa: B018 (logs in and pins the certificate)
         cert = self.session.cert
         assert cert is not None
@@ -339,7 +338,8 @@ class VsphereTargetConnector:
             file=file,
             snapshot=snapshot,
             transports=tuple(self.spec.vddk.transports),
-            libdir=self.spec.vddk.libdir,
+            libdir=agent_libdir(self.spec.vddk.libdir, env),
+            plugin=plugin_words(env),
         )
         with serving(t, f"{self.label} disk {key}", readonly=readonly) as srv:
             yield srv
@@ -366,12 +366,14 @@ class VsphereTargetConnector:
         return [(p.model_copy(update={"holds": holds.get(p.point_id, [])}), s, n) for p, s, n in out]
 
     def _holds(self, vm: Any) -> dict[str, list[str]]:
+        fields, prefix = self._hold_fields(), self._hold_prefix()
         out: dict[str, list[str]] = {}
-        for k, v in extra_config(vm).items():
-            if k.startswith(KEY_HOLD):
-                point, _, _ = k[len(KEY_HOLD) :].rpartition(".")
-                out.setdefault(point, []).append(v.partition(" ")[0])
-        return out
+        for v in vm.customValue or []:
+            name = fields.get(v.key)
+            if name is not None and str(getattr(v, "value", None) or ""):
+                point, _, hold = name[len(prefix) :].partition("/")
+                out.setdefault(point, []).append(hold)
+        return {p: sorted(h) for p, h in out.items()}
 
     def commit(self, sync_id: str, point: PointInfo) -> PointInfo:
         vm = self._placeholder()
@@ -387,6 +389,8 @@ class VsphereTargetConnector:
                 "disks": [d.model_copy(update={"path": disks[d.key].backing.fileName}) for d in point.disks],
             }
         )
+        if extra_config(vm).get(KEY_SYNC):
+            self._mark(vm, "")  # first: the point's configuration names no sync in progress
         name = POINT_PREFIX + point.point_id
         what = f"target: {self.label}: snapshot {name}"
         with calling(what):
@@ -398,11 +402,13 @@ class VsphereTargetConnector:
 
     def abort(self, sync_id: str) -> None:
         vm = self._placeholder()
-        if vm is None:
-            return
+        if vm is None or extra_config(vm).get(KEY_SYNC, sync_id) != sync_id:
+            return  # nothing of this sync (another one is in progress)
         points = self._points(vm)
         if points:
             self._revert(vm, points[0][1])
+            if extra_config(vm).get(KEY_SYNC):
+                self._mark(vm, "")
         else:
             self._destroy(vm)
 
@@ -415,8 +421,13 @@ class VsphereTargetConnector:
         if vm is None:
             return []
         removed = []
-        for p, snap, _ in self._points(vm)[max(keep, 1) :][::-1]:
-            if p.holds:
+        points = self._points(vm)
+        for i in range(len(points) - 1, max(keep, 1) - 1, -1):  # oldest first
+            p, snap, _ = points[i]
+            newer = points[i - 1][0]
+            if p.holds or newer.holds:
+                # removing a point consolidates the next point's delta with its own: the files a held
+                # point's VM runs on would be rewritten
                 continue
             what = f"target: {self.label}: removing point {p.point_id}"
             with calling(what):
@@ -425,27 +436,51 @@ class VsphereTargetConnector:
             removed.append(p.point_id)
         return removed
 
+    # Holds are custom attributes, one field per hold (`sendense.hold.<job id>.<point>/<hold>`): they
+    # are not part of the VM's configuration, so reverting the placeholder to a point (abort, prepare)
+    # keeps them, and no two holds write the same field.
+
+    def _hold_prefix(self) -> str:
+        return f"sendense.hold.{self.job_id or self.job}."
+
+    def _hold_fields(self) -> dict[int, str]:
+        """Key -> name of this job's hold fields."""
+        prefix = self._hold_prefix()
+        cfm = self.session.content.customFieldsManager
+        return {f.key: f.name for f in cfm.field or [] if f.name.startswith(prefix)}
+
     def hold(self, point_id: str, hold_id: str, reason: str) -> None:
         from pyVmomi import vim
 
+        _hold_id(hold_id)
         vm = self._vm_with_point(point_id)
-        value = f"{hold_id} {reason}"[:1024]
-        opt = vim.option.OptionValue(key=hold_key(point_id, hold_id), value=value)
-        self._reconfigure(vm, vim.vm.ConfigSpec(extraConfig=[opt]), f"holding point {point_id}")
+        name = f"{self._hold_prefix()}{point_id}/{hold_id}"
+        cfm = self.session.content.customFieldsManager
+        key = next((k for k, n in self._hold_fields().items() if n == name), None)
+        if key is None:
+            try:
+                key = cfm.AddCustomFieldDef(name=name, moType=vim.VirtualMachine).key
+            except vim.fault.DuplicateName:  # another activity made it at the same time
+                key = next(k for k, n in self._hold_fields().items() if n == name)
+        with calling(f"target: {self.label}: holding point {point_id}"):
+            cfm.SetField(entity=vm, key=key, value=" ".join(reason.split())[:512] or "held")
 
     def release(self, point_id: str, hold_id: str) -> None:
         from pyVmomi import vim
 
-        vm = self._placeholder()
-        if vm is None or hold_key(point_id, hold_id) not in extra_config(vm):
-            return
-        opt = vim.option.OptionValue(key=hold_key(point_id, hold_id), value="")
-        self._reconfigure(vm, vim.vm.ConfigSpec(extraConfig=[opt]), f"releasing point {point_id}")
+        _hold_id(hold_id)
+        name = f"{self._hold_prefix()}{point_id}/{hold_id}"
+        cfm = self.session.content.customFieldsManager
+        for key in [k for k, n in self._hold_fields().items() if n == name]:
+            try:
+                cfm.RemoveCustomFieldDef(key=key)
+            except vim.fault.NotFound:
+                pass  # released at the same time
 
     def _vm_with_point(self, point_id: str) -> Any:
         vm = self._placeholder()
         if vm is None or all(p.point_id != point_id for p, _, _ in self._points(vm)):
-            raise ResourceNotFound(f"point {point_id}: no such point of job {self.job}")
+            raise ResourceNotFound(f"job {self.job}: no recovery point {point_id}")
         return vm
 
     def export(self, point_id: str, fmt: str, out_dir: Path) -> list[tuple[str, Path]]:
@@ -480,8 +515,15 @@ class VsphereTargetConnector:
 
     def destroy(self) -> None:
         vm = self._placeholder()
-        if vm is not None:
-            self._destroy(vm)
+        if vm is None:
+            return
+        held = [f"{p.point_id} ({', '.join(p.holds)})" for p, _, _ in self._points(vm) if p.holds]
+        if held:
+            raise TargetError(
+                f"purge of job {self.job}: refused while points are held by a drill or failover: "
+                f"{'; '.join(held)}; end those first"
+            )
+        self._destroy(vm)
 
 
 def _unit(i: int) -> int:

@@ -19,7 +19,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,17 +47,22 @@ class VddkTarget:
     snapshot: str | None = None
     transports: tuple[str, ...] = ("nbdssl", "nbd")
     libdir: Path | None = None
+    plugin: tuple[str, ...] = ("vddk",)
 
 
-def plugin_words() -> list[str]:
-    plugin = os.environ.get(PLUGIN_ENV) or "vddk"
-    return ["python", plugin] if plugin.endswith(".py") else [plugin]
+def plugin_words(env: Mapping[str, str]) -> tuple[str, ...]:
+    """The plugin the agent runs (its environment `env`): nbdkit's vddk, or a Python plugin."""
+    plugin = env.get(PLUGIN_ENV) or "vddk"
+    return ("python", plugin) if plugin.endswith(".py") else (plugin,)
+
+
+def agent_libdir(spec_libdir: Path | None, env: Mapping[str, str]) -> Path | None:
+    return spec_libdir or (Path(env[LIBDIR_ENV]) if env.get(LIBDIR_ENV) else None)
 
 
 def arguments(t: VddkTarget, password_fd: int) -> list[str]:
     """The plugin's key=value parameters (the password by file descriptor)."""
-    libdir = t.libdir or (Path(os.environ[LIBDIR_ENV]) if os.environ.get(LIBDIR_ENV) else None)
-    args = [f"libdir={libdir}"] if libdir is not None else []
+    args = [f"libdir={t.libdir}"] if t.libdir is not None else []
     args += [
         f"server={t.host}",
         f"port={t.port}",
@@ -100,7 +105,7 @@ def start(t: VddkTarget, label: str, *, readonly: bool = True, connections: int 
     r, w = os.pipe()
     try:
         cmd = [tool("nbdkit"), "--foreground", "--exit-with-parent", "-U", str(sock), "-P", str(pidfile)]
-        cmd += ["--threads", str(connections), *(["-r"] if readonly else []), *plugin_words()]
+        cmd += ["--threads", str(connections), *(["-r"] if readonly else []), *t.plugin]
         cmd += arguments(t, r)
         proc = subprocess.Popen(
             die_with_parent(cmd), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, pass_fds=(r,)
