@@ -1,0 +1,450 @@
+"""nbdkit plugin standing in for nbdkit's ``vddk`` plugin in the vSphere lab.
+
+VDDK (VMware's Virtual Disk Development Kit) cannot be installed here, so the lab serves disks with this
+nbdkit Python plugin instead.  It takes the parameters of nbdkit's vddk plugin
+(https://libguestfs.org/nbdkit-vddk-plugin.1.html) and serves the bytes the lab's vcsim-lab holds for
+the disk, so the product's connector runs the same command line with only the plugin word swapped:
+
+production::
+
+    nbdkit -U SOCK --exit-with-parent [-r] vddk libdir=/opt/vmware-vix-disklib-distrib \\
+        server=vc.example port=443 user=U password=+/path/pwfile thumbprint=AA:BB:... \\
+        vm=moref=vm-42 snapshot=snapshot-7 'file=[ds1] web/web.vmdk' transports=nbdssl:nbd
+
+lab::
+
+    nbdkit -U SOCK --exit-with-parent [-r] python /path/to/labs/vsphere/vddk_standin.py \\
+        libdir=/opt/vmware-vix-disklib-distrib \\
+        server=127.0.0.1 port=PORT user=U password=+/path/pwfile thumbprint=AA:BB:... \\
+        vm=moref=vm-42 snapshot=snapshot-7 'file=[ds1] web/web.vmdk' transports=nbdssl:nbd
+
+Runs inside nbdkit's embedded system Python (3.11): stdlib and Debian's python3-libnbd (``import nbd``)
+only.
+
+Parameters (all of the vddk plugin's listed below; any other key is ``unknown parameter 'KEY'``):
+
+- ``file`` (required): the datastore path ``[ds] dir/name.vmdk`` (remote) or a local disk path (local).
+- ``server``, ``port`` (default 443), ``user``, ``password``, ``vm``, ``thumbprint``, ``cookie``,
+  ``nfchostport``: any of them makes the connection remote, as in the vddk plugin; a remote connection
+  needs ``server``, ``vm`` (``moref=ID``), ``thumbprint`` (VDDK refuses a remote connection without it)
+  and ``user``/``password`` (or ``cookie``).  ``password=+FILE`` reads the file (one trailing newline
+  stripped), ``password=-`` reads a line from stdin, ``password=-FD`` reads file descriptor FD, as
+  nbdkit_read_password does.
+- ``snapshot``: snapshot moref (``snapshot-7``); the disk as of that snapshot, always read-only.
+- ``transports``: colon list of ``nbd``, ``nbdssl``, ``hotadd``, ``san``; parsed and validated, served
+  all the same way (the lab has one data path).
+- ``libdir``, ``config``, ``compression`` (none/zlib/fastlz/skipz), ``single-link``, ``unbuffered``,
+  ``nfchostport``: accepted (values validated) and otherwise ignored; there is no VDDK library to load.
+
+Per NBD connection (``open``), as VDDK's ConnectEx + Open do: connect to ``https://server:port``, check
+the SHA-1 thumbprint of the certificate the server presents against ``thumbprint`` (case-insensitive),
+then, on that same TLS connection, ``GET /sendense-lab/disk?vm=&snapshot=&file=`` with HTTP Basic auth
+(the lab's contract; 200 JSON ``{path, format, capacity, writable, disk_key, power_state}``).  It then
+starts ``qemu-nbd`` on the file (``setpriv --pdeathsig KILL``: it dies with the nbdkit thread that
+started it) on a unix socket in a private temp dir, connects with libnbd and removes the temp dir at once
+(nothing is left behind even if nbdkit is SIGKILLed), and forwards pread/pwrite/zero/trim/flush and
+block status (``base:allocation``, so clients see holes and zeros).  qemu-nbd runs read-only
+(``--read-only --force-share``) unless nbdkit is writable, no ``snapshot`` is given and the lab says the
+disk is writable.  ``close`` (and ``unload``) kill it.  The export size is the lab's capacity.
+
+Errors are one line in the style of the vddk plugin (``VixDiskLib_Open: ...``,
+``VixDiskLib_ConnectEx: ...``) and never contain the password.
+"""
+
+from __future__ import annotations
+
+import base64
+import builtins
+import hashlib
+import http.client
+import json
+import os
+import shutil
+import ssl
+import subprocess
+import tempfile
+import threading
+import time
+import traceback
+import urllib.parse
+
+import nbd  # Debian's python3-libnbd
+import nbdkit  # provided by nbdkit's python plugin
+
+API_VERSION = 2
+
+TRANSPORTS = ("nbd", "nbdssl", "hotadd", "san")
+COMPRESSIONS = ("none", "zlib", "fastlz", "skipz")
+FORMATS = ("vmdk", "qcow2", "raw")
+BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+REMOTE_KEYS = ("server", "user", "password", "vm", "thumbprint", "cookie", "port", "nfchostport")
+KNOWN_KEYS = (
+    "libdir", "server", "port", "user", "password", "thumbprint", "vm", "snapshot", "file", "transports",
+    "config", "cookie", "compression", "single-link", "unbuffered", "nfchostport",
+)  # fmt: skip
+START_TIMEOUT = 20.0
+
+
+class VixError(Exception):
+    """An error reported as one line (no traceback), like nbdkit's vddk plugin."""
+
+
+# nbdkit's python plugin prints an exception with traceback.format_exception; errors of this plugin are
+# meant to be one line, so VixError is printed as its message alone.
+_format_exception = traceback.format_exception
+
+
+def _one_line_format_exception(exc, value=None, tb=None, *args, **kwargs):  # type: ignore[no-untyped-def]
+    if isinstance(value, VixError):
+        return [" ".join(str(value).split())]
+    return _format_exception(exc, value, tb, *args, **kwargs)
+
+
+traceback.format_exception = _one_line_format_exception  # type: ignore[assignment]
+
+params: dict[str, str] = {}
+transports: list[str] = []
+password: str | None = None
+remote = False
+_live: set[Handle] = set()
+_live_lock = threading.Lock()
+
+
+def _read_password(value: str) -> str:
+    """nbdkit_read_password: VALUE, +FILE, - (stdin) or -FD."""
+    if value.startswith("+"):
+        try:
+            with builtins.open(value[1:], encoding="utf-8") as f:
+                text = f.read()
+        except OSError as e:
+            raise VixError(f"password: cannot read {value[1:]}: {e.strerror}") from None
+        return text[:-1] if text.endswith("\n") else text
+    if value == "-" or (value.startswith("-") and value[1:].isdigit()):
+        fd = 0 if value == "-" else int(value[1:])
+        data = b""
+        try:
+            while not data.endswith(b"\n"):
+                chunk = os.read(fd, 1)
+                if not chunk:
+                    break
+                data += chunk
+        except OSError as e:
+            raise VixError(f"password: cannot read from fd {fd}: {e.strerror}") from None
+        return data.decode("utf-8").rstrip("\r\n")
+    return value
+
+
+def config(key: str, value: str) -> None:
+    global password
+    if key not in KNOWN_KEYS:
+        raise VixError(f"unknown parameter '{key}'")
+    if key == "password":
+        password = _read_password(value)
+        value = "***"
+    elif key in ("port", "nfchostport"):
+        if not value.isdigit() or not 0 < int(value) < 65536:
+            raise VixError(f"could not parse {key}: '{value}'")
+    elif key in ("single-link", "unbuffered"):
+        if value.lower() not in BOOLS:
+            raise VixError(f"could not decipher boolean ({key}={value})")
+    elif key == "compression":
+        if value.lower() not in COMPRESSIONS:
+            raise VixError(f"unknown compression type '{value}'")
+    elif key == "transports":
+        words = value.split(":")
+        bad = [w for w in words if w not in TRANSPORTS]
+        if bad or not value:
+            raise VixError(f"transports: unknown transport mode '{bad[0] if bad else value}'"
+                           f" (expected a colon list of {':'.join(TRANSPORTS)})")
+        transports[:] = words
+    params[key] = value
+
+
+def config_complete() -> None:
+    global remote
+    if "file" not in params or not params["file"]:
+        raise VixError("you must supply the file=<FILENAME> parameter after the plugin name on the command line")
+    remote = any(k in params for k in REMOTE_KEYS)
+    if remote:
+        for key in ("server", "vm", "thumbprint"):
+            if not params.get(key):
+                raise VixError(f"remote connection requested, missing parameter: {key}")
+        if "cookie" not in params:
+            if not params.get("user"):
+                raise VixError("remote connection requested, missing parameter: user")
+            if password is None:
+                raise VixError("remote connection requested, missing parameter: password")
+        vm = params["vm"]
+        if not vm.startswith("moref=") or len(vm) == len("moref="):
+            raise VixError(f"vm: expected moref=<managed object reference> (e.g. moref=vm-42), got '{vm}'")
+
+
+def config_help() -> str:  # shown by nbdkit python SCRIPT --help
+    return "file=<DISK> [server=HOST port=443 user=USER password=+FILE thumbprint=XX:XX:.. vm=moref=vm-N " \
+           "snapshot=snapshot-N transports=nbdssl:nbd ...] (lab stand-in for the vddk plugin)"
+
+
+def thread_model() -> int:
+    return int(nbdkit.THREAD_MODEL_SERIALIZE_REQUESTS)
+
+
+def _lab_disk() -> dict:
+    """ConnectEx + Open against vcsim-lab: thumbprint check, then the lab's disk endpoint, one TLS connection."""
+    server = params["server"]
+    port = int(params.get("port", "443"))
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # trust is the thumbprint, as with VDDK
+    conn = http.client.HTTPSConnection(server, port, context=ctx, timeout=30)
+    try:
+        try:
+            conn.connect()
+        except (OSError, ssl.SSLError) as e:
+            raise VixError(f"VixDiskLib_ConnectEx: Cannot connect to host {server}:{port}: "
+                           f"{getattr(e, 'strerror', None) or e}") from None
+        der = conn.sock.getpeercert(binary_form=True)  # type: ignore[union-attr]
+        got = ":".join(f"{b:02X}" for b in hashlib.sha1(der or b"").digest())
+        if got.lower() != params["thumbprint"].strip().lower():
+            raise VixError(f"VixDiskLib_ConnectEx: Cannot connect to host {server}: "
+                           "The host's thumbprint does not match")
+        query = urllib.parse.urlencode({
+            "vm": params["vm"].removeprefix("moref="),
+            "snapshot": params.get("snapshot", ""),
+            "file": params["file"],
+        })
+        headers = {"Accept": "application/json"}
+        if password is not None or "user" in params:
+            token = f"{params.get('user', '')}:{password or ''}".encode()
+            headers["Authorization"] = "Basic " + base64.b64encode(token).decode()
+        if "cookie" in params:
+            headers["Cookie"] = f'vmware_soap_session="{params["cookie"]}"'
+        try:
+            conn.request("GET", "/sendense-lab/disk?" + query, headers=headers)
+            resp = conn.getresponse()
+            body = resp.read()
+        except (OSError, http.client.HTTPException) as e:
+            raise VixError(f"VixDiskLib_ConnectEx: Cannot connect to host {server}:{port}: {e}") from None
+    finally:
+        conn.close()
+    if resp.status == 401:
+        raise VixError(f"VixDiskLib_ConnectEx: Cannot connect to host {server}: bad user name or password")
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        answer = {}
+    if not isinstance(answer, dict):
+        answer = {}
+    if resp.status == 404:
+        raise VixError(f"VixDiskLib_Open: {params['file']}: The system cannot find the file specified "
+                       f"({answer.get('error', 'not found')})")
+    if resp.status != 200:
+        raise VixError(f"VixDiskLib_Open: {params['file']}: lab endpoint answered HTTP {resp.status} "
+                       f"({answer.get('error', '')})")
+    for key, kind in (("path", str), ("format", str), ("capacity", int), ("writable", bool)):
+        if not isinstance(answer.get(key), kind):
+            raise VixError(f"VixDiskLib_Open: {params['file']}: lab endpoint answer lacks {key}")
+    if answer["format"] not in FORMATS:
+        raise VixError(f"VixDiskLib_Open: {params['file']}: unsupported disk format {answer['format']!r}")
+    return answer
+
+
+def _local_disk() -> dict:
+    """Local mode (no server): file is a local disk path, as with VDDK's local connections."""
+    path = params["file"]
+    try:
+        out = subprocess.run(["qemu-img", "info", "--output=json", "--force-share", path],
+                             capture_output=True, text=True, timeout=60)
+    except OSError as e:
+        raise VixError(f"VixDiskLib_Open: {path}: {e.strerror}") from None
+    if out.returncode != 0:
+        raise VixError(f"VixDiskLib_Open: {path}: {out.stderr.strip() or 'cannot open'}")
+    info = json.loads(out.stdout)
+    return {"path": os.path.abspath(path), "format": info["format"], "capacity": int(info["virtual-size"]),
+            "writable": True}
+
+
+class Handle:
+    """One NBD connection: a qemu-nbd of its own, reached through libnbd."""
+
+    def __init__(self, disk: dict, writable: bool) -> None:
+        self.disk = disk
+        self.writable = writable
+        self.capacity = int(disk["capacity"])
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.nbd: nbd.NBD | None = None
+        tmp = tempfile.mkdtemp(prefix="vddk-standin-")
+        try:
+            self._start(tmp)
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # connected (or failed): the socket is no longer needed
+
+    def _start(self, tmp: str) -> None:
+        sock = os.path.join(tmp, "qemu-nbd.sock")
+        cmd = ["setpriv", "--pdeathsig", "KILL", "--", "qemu-nbd", "--socket", sock,
+               "--format", self.disk["format"], "--shared", "1"]
+        cmd += ["--discard", "unmap"] if self.writable else ["--read-only", "--force-share"]
+        cmd.append(self.disk["path"])
+        errpath = os.path.join(tmp, "stderr")
+        with builtins.open(errpath, "wb") as err:
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                                         close_fds=True)
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if self.proc.poll() is not None:
+                with builtins.open(errpath, encoding="utf-8", errors="replace") as f:
+                    why = " ".join(f.read().split()) or f"exit {self.proc.returncode}"
+                raise VixError(f"VixDiskLib_Open: {params['file']}: {why}")
+            if os.path.exists(sock):
+                h = nbd.NBD()
+                h.add_meta_context("base:allocation")
+                try:
+                    h.connect_unix(sock)
+                except nbd.Error:
+                    pass
+                else:
+                    self.nbd = h
+                    break
+            if time.monotonic() > deadline:
+                raise VixError(f"VixDiskLib_Open: {params['file']}: qemu-nbd did not start")
+            time.sleep(0.01)
+        size = self.nbd.get_size()
+        if size != self.capacity:
+            raise VixError(f"VixDiskLib_Open: {params['file']}: disk file holds {size} bytes, "
+                           f"the VM's disk has capacity {self.capacity}")
+
+    def close(self) -> None:
+        if self.nbd is not None:
+            try:
+                self.nbd.shutdown()
+            except nbd.Error:
+                pass
+            self.nbd = None  # libnbd 1.14's Python handle closes when collected
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
+def open(readonly: bool) -> Handle:  # noqa: A001 - nbdkit's callback name
+    disk = _lab_disk() if remote else _local_disk()
+    writable = not readonly and not params.get("snapshot") and bool(disk["writable"])
+    h = Handle(disk, writable)
+    with _live_lock:
+        _live.add(h)
+    return h
+
+
+def close(h: Handle) -> None:
+    with _live_lock:
+        _live.discard(h)
+    h.close()
+
+
+def unload() -> None:
+    with _live_lock:
+        handles = list(_live)
+        _live.clear()
+    for h in handles:
+        h.close()
+
+
+def _nbd(h: Handle) -> nbd.NBD:
+    assert h.nbd is not None
+    return h.nbd
+
+
+def get_size(h: Handle) -> int:
+    return h.capacity
+
+
+def can_write(h: Handle) -> bool:
+    return h.writable
+
+
+def can_flush(h: Handle) -> bool:
+    return h.writable and bool(_nbd(h).can_flush())
+
+
+def can_trim(h: Handle) -> bool:
+    return h.writable and bool(_nbd(h).can_trim())
+
+
+def can_zero(h: Handle) -> bool:
+    return h.writable
+
+
+def can_fast_zero(h: Handle) -> bool:
+    return h.writable and bool(_nbd(h).can_fast_zero())
+
+
+def can_fua(h: Handle) -> int:
+    return int(nbdkit.FUA_NATIVE if h.writable and _nbd(h).can_fua() else nbdkit.FUA_EMULATE)
+
+
+def can_multi_conn(h: Handle) -> bool:
+    return False  # like the vddk plugin; each connection has its own qemu-nbd
+
+
+def can_extents(h: Handle) -> bool:
+    return True
+
+
+def can_cache(h: Handle) -> int:
+    return int(nbdkit.CACHE_NONE)
+
+
+def is_rotational(h: Handle) -> bool:
+    return False
+
+
+def _fua(flags: int) -> int:
+    return nbd.CMD_FLAG_FUA if flags & nbdkit.FLAG_FUA else 0
+
+
+def pread(h: Handle, buf: memoryview, offset: int, flags: int) -> None:
+    buf[:] = _nbd(h).pread(len(buf), offset)
+
+
+def pwrite(h: Handle, buf: memoryview, offset: int, flags: int) -> None:
+    _nbd(h).pwrite(buf, offset, _fua(flags))
+
+
+def flush(h: Handle, flags: int) -> None:
+    _nbd(h).flush()
+
+
+def trim(h: Handle, count: int, offset: int, flags: int) -> None:
+    _nbd(h).trim(count, offset, _fua(flags))
+
+
+def zero(h: Handle, count: int, offset: int, flags: int) -> None:
+    f = _fua(flags)
+    if not flags & nbdkit.FLAG_MAY_TRIM:
+        f |= nbd.CMD_FLAG_NO_HOLE
+    if flags & nbdkit.FLAG_FAST_ZERO:
+        f |= nbd.CMD_FLAG_FAST_ZERO
+    _nbd(h).zero(count, offset, f)
+
+
+def extents(h: Handle, count: int, offset: int, flags: int) -> list[tuple[int, int, int]]:
+    out: list[tuple[int, int, int]] = []
+
+    def collect(metacontext: str, start: int, entries: list[int], err: list[int]) -> int:
+        if metacontext == "base:allocation":
+            pos = start
+            for i in range(0, len(entries) - 1, 2):
+                length, state = entries[i], entries[i + 1]
+                out.append((pos, length, state & (nbdkit.EXTENT_HOLE | nbdkit.EXTENT_ZERO)))
+                pos += length
+        return 0
+
+    n = _nbd(h)
+    if not n.can_meta_context("base:allocation"):
+        return [(offset, count, 0)]
+    n.block_status(count, offset, collect, nbd.CMD_FLAG_REQ_ONE if flags & nbdkit.FLAG_REQ_ONE else 0)
+    return out or [(offset, count, 0)]
+
