@@ -283,10 +283,16 @@ class Handle:
 
     def _start(self, tmp: str) -> None:
         sock = os.path.join(tmp, "qemu-nbd.sock")
-        cmd = ["setpriv", "--pdeathsig", "KILL", "--", "qemu-nbd", "--socket", sock,
-               "--format", self.disk["format"], "--shared", "1"]
-        cmd += ["--discard", "unmap"] if self.writable else ["--read-only", "--force-share"]
-        cmd.append(self.disk["path"])
+        # --image-opts: qemu-nbd 7.2 has no --force-share option; force-share=on (read-only only) lets a
+        # reader share the file with a writer, as VDDK reads a snapshot's disk of a running VM.
+        opts = f"driver={self.disk['format']},file.driver=file,file.filename={self.disk['path'].replace(',', ',,')}"
+        cmd = ["setpriv", "--pdeathsig", "KILL", "--", "qemu-nbd", "--socket", sock, "--shared", "1"]
+        if self.writable:
+            cmd += ["--discard", "unmap"]
+        else:
+            cmd += ["--read-only"]
+            opts += ",read-only=on,force-share=on"
+        cmd += ["--image-opts", opts]
         errpath = os.path.join(tmp, "stderr")
         with builtins.open(errpath, "wb") as err:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
