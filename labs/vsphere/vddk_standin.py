@@ -45,7 +45,7 @@ started it) on a unix socket in a private temp dir, connects with libnbd and rem
 (nothing is left behind even if nbdkit is SIGKILLed), and forwards pread/pwrite/zero/trim/flush and
 block status (``base:allocation``, so clients see holes and zeros).  qemu-nbd runs read-only
 (``--read-only --force-share``) unless nbdkit is writable, no ``snapshot`` is given and the lab says the
-disk is writable.  ``close`` (and ``unload``) kill it.  The export size is the lab's capacity.
+disk is writable.  ``close`` (and ``cleanup`` at exit) kill it.  The export size is the lab's capacity.
 
 Errors are one line in the style of the vddk plugin (``VixDiskLib_Open: ...``,
 ``VixDiskLib_ConnectEx: ...``) and never contain the password.
@@ -76,7 +76,7 @@ API_VERSION = 2
 TRANSPORTS = ("nbd", "nbdssl", "hotadd", "san")
 COMPRESSIONS = ("none", "zlib", "fastlz", "skipz")
 FORMATS = ("vmdk", "qcow2", "raw")
-BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+BOOLS = ("1", "true", "yes", "on", "0", "false", "no", "off")
 REMOTE_KEYS = ("server", "user", "password", "vm", "thumbprint", "cookie", "port", "nfchostport")
 KNOWN_KEYS = (
     "libdir", "server", "port", "user", "password", "thumbprint", "vm", "snapshot", "file", "transports",
@@ -154,8 +154,10 @@ def config(key: str, value: str) -> None:
         words = value.split(":")
         bad = [w for w in words if w not in TRANSPORTS]
         if bad or not value:
-            raise VixError(f"transports: unknown transport mode '{bad[0] if bad else value}'"
-                           f" (expected a colon list of {':'.join(TRANSPORTS)})")
+            raise VixError(
+                f"transports: unknown transport mode '{bad[0] if bad else value}'"
+                f" (expected a colon list of {':'.join(TRANSPORTS)})"
+            )
         transports[:] = words
     params[key] = value
 
@@ -163,7 +165,9 @@ def config(key: str, value: str) -> None:
 def config_complete() -> None:
     global remote
     if "file" not in params or not params["file"]:
-        raise VixError("you must supply the file=<FILENAME> parameter after the plugin name on the command line")
+        raise VixError(
+            "you must supply the file=<FILENAME> parameter after the plugin name on the command line"
+        )  # noqa: E501
     remote = any(k in params for k in REMOTE_KEYS)
     if remote:
         for key in ("server", "vm", "thumbprint"):
@@ -180,8 +184,10 @@ def config_complete() -> None:
 
 
 def config_help() -> str:  # shown by nbdkit python SCRIPT --help
-    return "file=<DISK> [server=HOST port=443 user=USER password=+FILE thumbprint=XX:XX:.. vm=moref=vm-N " \
-           "snapshot=snapshot-N transports=nbdssl:nbd ...] (lab stand-in for the vddk plugin)"
+    return (
+        "file=<DISK> [server=HOST port=443 user=USER password=+FILE thumbprint=XX:XX:.. vm=moref=vm-N "
+        "snapshot=snapshot-N transports=nbdssl:nbd ...] (lab stand-in for the vddk plugin)"
+    )
 
 
 def thread_model() -> int:
@@ -189,7 +195,7 @@ def thread_model() -> int:
 
 
 def _lab_disk() -> dict:
-    """ConnectEx + Open against vcsim-lab: thumbprint check, then the lab's disk endpoint, one TLS connection."""
+    """VDDK's ConnectEx + Open against vcsim-lab: thumbprint check, then the lab's disk endpoint."""
     server = params["server"]
     port = int(params.get("port", "443"))
     ctx = ssl.create_default_context()
@@ -200,18 +206,23 @@ def _lab_disk() -> dict:
         try:
             conn.connect()
         except (OSError, ssl.SSLError) as e:
-            raise VixError(f"VixDiskLib_ConnectEx: Cannot connect to host {server}:{port}: "
-                           f"{getattr(e, 'strerror', None) or e}") from None
+            raise VixError(
+                f"VixDiskLib_ConnectEx: Cannot connect to host {server}:{port}: "
+                f"{getattr(e, 'strerror', None) or e}"
+            ) from None
         der = conn.sock.getpeercert(binary_form=True)  # type: ignore[union-attr]
         got = ":".join(f"{b:02X}" for b in hashlib.sha1(der or b"").digest())
         if got.lower() != params["thumbprint"].strip().lower():
-            raise VixError(f"VixDiskLib_ConnectEx: Cannot connect to host {server}: "
-                           "The host's thumbprint does not match")
-        query = urllib.parse.urlencode({
-            "vm": params["vm"].removeprefix("moref="),
-            "snapshot": params.get("snapshot", ""),
-            "file": params["file"],
-        })
+            raise VixError(
+                f"VixDiskLib_ConnectEx: Cannot connect to host {server}: The host's thumbprint does not match"
+            )
+        query = urllib.parse.urlencode(
+            {
+                "vm": params["vm"].removeprefix("moref="),
+                "snapshot": params.get("snapshot", ""),
+                "file": params["file"],
+            }
+        )
         headers = {"Accept": "application/json"}
         if password is not None or "user" in params:
             token = f"{params.get('user', '')}:{password or ''}".encode()
@@ -235,11 +246,15 @@ def _lab_disk() -> dict:
     if not isinstance(answer, dict):
         answer = {}
     if resp.status == 404:
-        raise VixError(f"VixDiskLib_Open: {params['file']}: The system cannot find the file specified "
-                       f"({answer.get('error', 'not found')})")
+        raise VixError(
+            f"VixDiskLib_Open: {params['file']}: The system cannot find the file specified "
+            f"({answer.get('error', 'not found')})"
+        )
     if resp.status != 200:
-        raise VixError(f"VixDiskLib_Open: {params['file']}: lab endpoint answered HTTP {resp.status} "
-                       f"({answer.get('error', '')})")
+        raise VixError(
+            f"VixDiskLib_Open: {params['file']}: lab endpoint answered HTTP {resp.status} "
+            f"({answer.get('error', '')})"
+        )
     for key, kind in (("path", str), ("format", str), ("capacity", int), ("writable", bool)):
         if not isinstance(answer.get(key), kind):
             raise VixError(f"VixDiskLib_Open: {params['file']}: lab endpoint answer lacks {key}")
@@ -252,15 +267,23 @@ def _local_disk() -> dict:
     """Local mode (no server): file is a local disk path, as with VDDK's local connections."""
     path = params["file"]
     try:
-        out = subprocess.run(["qemu-img", "info", "--output=json", "--force-share", path],
-                             capture_output=True, text=True, timeout=60)
+        out = subprocess.run(
+            ["qemu-img", "info", "--output=json", "--force-share", path],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     except OSError as e:
         raise VixError(f"VixDiskLib_Open: {path}: {e.strerror}") from None
     if out.returncode != 0:
         raise VixError(f"VixDiskLib_Open: {path}: {out.stderr.strip() or 'cannot open'}")
     info = json.loads(out.stdout)
-    return {"path": os.path.abspath(path), "format": info["format"], "capacity": int(info["virtual-size"]),
-            "writable": True}
+    return {
+        "path": os.path.abspath(path),
+        "format": info["format"],
+        "capacity": int(info["virtual-size"]),
+        "writable": True,
+    }
 
 
 class Handle:
@@ -285,7 +308,8 @@ class Handle:
         sock = os.path.join(tmp, "qemu-nbd.sock")
         # --image-opts: qemu-nbd 7.2 has no --force-share option; force-share=on (read-only only) lets a
         # reader share the file with a writer, as VDDK reads a snapshot's disk of a running VM.
-        opts = f"driver={self.disk['format']},file.driver=file,file.filename={self.disk['path'].replace(',', ',,')}"
+        path = self.disk["path"].replace(",", ",,")  # --image-opts escapes a comma by doubling it
+        opts = f"driver={self.disk['format']},file.driver=file,file.filename={path}"
         cmd = ["setpriv", "--pdeathsig", "KILL", "--", "qemu-nbd", "--socket", sock, "--shared", "1"]
         if self.writable:
             cmd += ["--discard", "unmap"]
@@ -295,8 +319,9 @@ class Handle:
         cmd += ["--image-opts", opts]
         errpath = os.path.join(tmp, "stderr")
         with builtins.open(errpath, "wb") as err:
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
-                                         close_fds=True)
+            self.proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, close_fds=True
+            )
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             if self.proc.poll() is not None:
@@ -318,8 +343,10 @@ class Handle:
             time.sleep(0.01)
         size = self.nbd.get_size()
         if size != self.capacity:
-            raise VixError(f"VixDiskLib_Open: {params['file']}: disk file holds {size} bytes, "
-                           f"the VM's disk has capacity {self.capacity}")
+            raise VixError(
+                f"VixDiskLib_Open: {params['file']}: disk file holds {size} bytes, "
+                f"the VM's disk has capacity {self.capacity}"
+            )
 
     def close(self) -> None:
         if self.nbd is not None:
@@ -350,7 +377,10 @@ def close(h: Handle) -> None:
     h.close()
 
 
-def unload() -> None:
+def cleanup() -> None:
+    # nbdkit 1.32 calls no close for a connection still open when it quits (SIGTERM) and the python
+    # plugin has no unload callback; cleanup runs at exit. (The connection thread's exit already killed
+    # qemu-nbd through its parent-death signal.)
     with _live_lock:
         handles = list(_live)
         _live.clear()
@@ -453,4 +483,3 @@ def extents(h: Handle, count: int, offset: int, flags: int) -> list[tuple[int, i
         return [(offset, count, 0)]
     n.block_status(count, offset, collect, nbd.CMD_FLAG_REQ_ONE if flags & nbdkit.FLAG_REQ_ONE else 0)
     return out or [(offset, count, 0)]
-

@@ -1,0 +1,490 @@
+"""The vSphere lab's VDDK stand-in (labs/vsphere/vddk_standin.py): real nbdkit, vcsim-lab and qemu-nbd.
+
+nbdkit runs the stand-in with the vddk plugin's command line (only the plugin word swapped); clients are
+python3-libnbd and nbdcopy over the unix socket; expected bytes come from the file the lab's endpoint
+names (GET /sendense-lab/disk), read with qemu-img/qemu-io.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import signal
+import ssl
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+nbd = pytest.importorskip("nbd")  # Debian's python3-libnbd (the venv has system site packages)
+pytest.importorskip("pyVmomi")
+from pyVim.connect import Disconnect, SmartConnect  # noqa: E402
+from pyVmomi import vim  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+STANDIN = ROOT / "labs" / "vsphere" / "vddk_standin.py"
+BUILD = ROOT / "labs" / "vsphere" / "build.sh"
+MIB = 1 << 20
+
+for tool in ("nbdkit", "qemu-nbd", "qemu-img", "qemu-io", "nbdcopy", "setpriv"):
+    if not shutil.which(tool):
+        pytest.skip(f"needs {tool}", allow_module_level=True)
+if subprocess.run(["nbdkit", "python", "--version"], capture_output=True).returncode != 0:
+    pytest.skip("needs nbdkit-plugin-python", allow_module_level=True)
+
+
+# ---------------------------------------------------------------------------------------------- the lab
+class Lab:
+    def __init__(self, url: urllib.parse.SplitResult) -> None:
+        self.host, self.port = url.hostname or "127.0.0.1", url.port or 443
+        self.user, self.password = url.username or "", url.password or ""
+        der = ssl.PEM_cert_to_DER_cert(ssl.get_server_certificate((self.host, self.port)))
+        self.thumbprint = ":".join(f"{b:02X}" for b in hashlib.sha1(der).digest())
+        self.si = SmartConnect(
+            host=self.host, port=self.port, user=self.user, pwd=self.password, disableSslCertValidation=True
+        )
+
+    def vms(self) -> list:
+        content = self.si.RetrieveContent()
+        view = content.viewManager.CreateContainerView(content.rootFolder, [vim.VirtualMachine], True)
+        try:
+            return sorted(view.view, key=lambda v: v.name)
+        finally:
+            view.Destroy()
+
+    def disk_info(self, vm, snapshot=None) -> dict:
+        """The lab endpoint's answer for the VM's (or snapshot's) first disk."""
+        config = snapshot.config if snapshot is not None else vm.config
+        disk = next(d for d in config.hardware.device if isinstance(d, vim.vm.device.VirtualDisk))
+        q = urllib.parse.urlencode(
+            {"vm": vm._moId, "snapshot": snapshot._moId if snapshot else "", "file": disk.backing.fileName}
+        )
+        req = urllib.request.Request(f"https://{self.host}:{self.port}/sendense-lab/disk?{q}")
+        token = base64.b64encode(f"{self.user}:{self.password}".encode()).decode()
+        req.add_header("Authorization", f"Basic {token}")
+        with urllib.request.urlopen(req, context=ssl._create_unverified_context()) as r:
+            answer = json.load(r)
+        answer["file"] = disk.backing.fileName
+        return answer
+
+
+def _wait(task, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while task.info.state not in (vim.TaskInfo.State.success, vim.TaskInfo.State.error):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    if task.info.state == vim.TaskInfo.State.error:
+        raise task.info.error
+    return task.info.result
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    binary = os.environ.get("SENDENSE_VCSIM_BIN")
+    if not binary:
+        if not shutil.which("go") and os.geteuid() != 0:
+            pytest.skip(
+                "needs Debian's golang-go and golang-github-vmware-govmomi-dev (labs/vsphere/build.sh)"
+            )
+        out = subprocess.run(["bash", str(BUILD)], check=True, capture_output=True, text=True, timeout=600)
+        binary = out.stdout.strip().splitlines()[-1]
+    proc = subprocess.Popen(
+        [binary, "-l", "127.0.0.1:0", "-disk-mib", "16"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = ""
+        while proc.stdout is not None and not line.startswith("VCSIM_URL="):
+            line = proc.stdout.readline().strip()
+            assert line or proc.poll() is None, (
+                f"vcsim-lab exited: {proc.stderr.read() if proc.stderr else ''}"
+            )
+        lab = Lab(urllib.parse.urlsplit(line.removeprefix("VCSIM_URL=")))
+        yield lab
+        Disconnect(lab.si)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture
+def vm_off(lab: Lab):
+    """A powered-off VM of the inventory (its current disk is writable through the endpoint)."""
+    vm = lab.vms()[0]
+    if vm.runtime.powerState != vim.VirtualMachinePowerState.poweredOff:
+        _wait(vm.PowerOffVM_Task())
+    return vm
+
+
+# ------------------------------------------------------------------------------------------- nbdkit
+def _args(lab: Lab, vm, file: str, *, snapshot=None, password_file: Path | None = None, **over) -> list[str]:
+    kv = {
+        "libdir": "/opt/vmware-vix-disklib-distrib",
+        "server": lab.host,
+        "port": str(lab.port),
+        "user": lab.user,
+        "password": f"+{password_file}" if password_file else lab.password,
+        "thumbprint": lab.thumbprint,
+        "vm": f"moref={vm._moId}",
+        "file": file,
+        "transports": "nbdssl:nbd",
+    }
+    if snapshot is not None:
+        kv["snapshot"] = snapshot._moId
+    kv.update(over)
+    return [f"{k}={v}" for k, v in kv.items() if v is not None]
+
+
+class Nbdkit:
+    def __init__(self, proc: subprocess.Popen, sock: Path, errpath: Path) -> None:
+        self.proc, self.sock, self.errpath = proc, sock, errpath
+
+    @property
+    def stderr(self) -> str:
+        return self.errpath.read_text()
+
+    def connect(self):
+        h = nbd.NBD()
+        h.add_meta_context("base:allocation")
+        h.connect_unix(str(self.sock))
+        return h
+
+    @property
+    def uri(self) -> str:
+        return f"nbd+unix:///?socket={self.sock}"
+
+
+@contextlib.contextmanager
+def nbdkit(tmp_path: Path, args: list[str], *, readonly: bool = False) -> Iterator[Nbdkit]:
+    """`nbdkit -U SOCK --exit-with-parent [-r] python STANDIN args...`, the production command line."""
+    n = len(list(tmp_path.glob("nbdkit-*.stderr")))
+    sock = tmp_path / f"nbdkit-{n}.sock"
+    errpath = tmp_path / f"nbdkit-{n}.stderr"
+    tmpdir = tmp_path / "tmp"  # the stand-in's private temp dirs go here (checked empty afterwards)
+    tmpdir.mkdir(exist_ok=True)
+    cmd = [
+        "nbdkit",
+        "-U",
+        str(sock),
+        "--exit-with-parent",
+        *(["-r"] if readonly else []),
+        "python",
+        str(STANDIN),
+        *args,
+    ]
+    with errpath.open("w") as err:
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            env={**os.environ, "TMPDIR": str(tmpdir)},
+        )
+    try:
+        deadline = time.monotonic() + 10
+        while not sock.exists():
+            assert proc.poll() is None, errpath.read_text()
+            assert time.monotonic() < deadline, "nbdkit did not create its socket"
+            time.sleep(0.01)
+        yield Nbdkit(proc, sock, errpath)
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+        proc.wait(timeout=10)
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                stat = (entry / "stat").read_text()
+                if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(entry.name))
+    return out
+
+
+def _qemu_nbd_children(pid: int) -> list[int]:
+    pids = []
+    for child in _children(pid):
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{child}/comm").read_text().strip() == "qemu-nbd":
+                pids.append(child)
+    return pids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) != "Z"
+    except OSError:
+        return False
+
+
+def _error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if "error" in line]
+
+
+def _qemu_io_write(path: str, pattern: int, offset: int, length: int) -> None:
+    subprocess.run(
+        ["qemu-io", "-f", "vmdk", "-c", f"write -P {pattern} {offset} {length}", path],
+        check=True,
+        capture_output=True,
+    )
+
+
+def _qemu_io_reads(path: str, pattern: int, offset: int, length: int) -> bool:
+    out = subprocess.run(
+        ["qemu-io", "-r", "-U", "-f", "vmdk", "-c", f"read -P {pattern} {offset} {length}", path],
+        capture_output=True,
+        text=True,
+    )
+    return out.returncode == 0 and "Pattern verification failed" not in out.stdout
+
+
+# ---------------------------------------------------------------------------------- parameter errors
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["server=127.0.0.1", "user=u", "password=p", "thumbprint=AA:BB", "vm=moref=vm-1"],
+            "you must supply the file=<FILENAME> parameter",
+        ),
+        (
+            ["server=127.0.0.1", "user=u", "password=p", "vm=moref=vm-1", "file=[ds] a/a.vmdk"],
+            "missing parameter: thumbprint",
+        ),
+        (
+            ["server=127.0.0.1", "user=u", "password=p", "thumbprint=AA:BB", "vm=vm-1", "file=[ds] a/a.vmdk"],
+            "vm: expected moref=",
+        ),
+        (["file=[ds] a/a.vmdk", "transports=nbdssl:nfs"], "unknown transport mode 'nfs'"),
+        (["file=[ds] a/a.vmdk", "bogus=1"], "unknown parameter 'bogus'"),
+        (
+            [
+                "file=[ds] a/a.vmdk",
+                "server=h",
+                "user=u",
+                "password=+/nonexistent/pw",
+                "thumbprint=AA",
+                "vm=moref=vm-1",
+            ],
+            "password: cannot read /nonexistent/pw",
+        ),
+    ],
+    ids=[
+        "missing-file",
+        "no-thumbprint",
+        "bad-vm",
+        "unknown-transport",
+        "unknown-parameter",
+        "password-file",
+    ],
+)
+def test_parameter_errors_are_one_line_and_fail_nbdkit(tmp_path: Path, args: list[str], message: str) -> None:
+    out = subprocess.run(
+        ["nbdkit", "-U", str(tmp_path / "s"), "--exit-with-parent", "python", str(STANDIN), *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode != 0
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in out.stderr, out.stderr
+    assert not (tmp_path / "s").exists()
+
+
+# ------------------------------------------------------------------------------- connection refusals
+def _refused(srv: Nbdkit) -> None:
+    with pytest.raises(nbd.Error):
+        srv.connect()
+
+
+def test_wrong_thumbprint_is_refused(lab: Lab, vm_off, tmp_path: Path) -> None:
+    disk = lab.disk_info(vm_off)
+    wrong = lab.thumbprint[:-2] + ("00" if not lab.thumbprint.endswith("00") else "11")
+    with nbdkit(tmp_path, _args(lab, vm_off, disk["file"], thumbprint=wrong)) as srv:
+        _refused(srv)
+        assert not _qemu_nbd_children(srv.proc.pid)
+    errors = _error_lines(srv.stderr)
+    assert errors and all("VixDiskLib_ConnectEx" in e and "thumbprint does not match" in e for e in errors)
+    # the right thumbprint in lower case is accepted (VDDK compares case-insensitively)
+    with nbdkit(tmp_path, _args(lab, vm_off, disk["file"], thumbprint=lab.thumbprint.lower())) as srv:
+        assert srv.connect().get_size() == disk["capacity"]
+
+
+def test_wrong_password_is_refused_and_never_printed(lab: Lab, vm_off, tmp_path: Path) -> None:
+    disk = lab.disk_info(vm_off)
+    secret = "Wr0ng-s3cret-4711"
+    pwfile = tmp_path / "pw"
+    pwfile.write_text(secret + "\n")
+    for args in (
+        _args(lab, vm_off, disk["file"], password_file=pwfile),
+        _args(lab, vm_off, disk["file"], password=secret),
+    ):
+        with nbdkit(tmp_path, args) as srv:
+            _refused(srv)
+        errors = _error_lines(srv.stderr)
+        assert errors and all("bad user name or password" in e for e in errors), srv.stderr
+        assert secret not in srv.stderr
+    # the right password from a file (trailing newline stripped, as nbdkit does) works
+    pwfile.write_text(lab.password + "\n")
+    with nbdkit(tmp_path, _args(lab, vm_off, disk["file"], password_file=pwfile)) as srv:
+        assert srv.connect().get_size() == disk["capacity"]
+
+
+def test_unknown_snapshot_or_file_is_refused(lab: Lab, vm_off, tmp_path: Path) -> None:
+    disk = lab.disk_info(vm_off)
+    for args in (
+        [*_args(lab, vm_off, disk["file"]), "snapshot=snapshot-99999"],
+        _args(lab, vm_off, "[LocalDS_0] nowhere/none.vmdk"),
+    ):
+        with nbdkit(tmp_path, args) as srv:
+            _refused(srv)
+        assert "VixDiskLib_Open" in srv.stderr and "cannot find the file" in srv.stderr
+
+
+# ------------------------------------------------------------------------------------------ data path
+def test_snapshot_reads_are_the_snapshot_files_bytes_and_writes_land_in_the_current_file(
+    lab: Lab, vm_off, tmp_path: Path
+) -> None:
+    before = lab.disk_info(vm_off)
+    assert before["writable"], before
+    # write through the stand-in (no snapshot, writable): lands in the VM's current file
+    with nbdkit(tmp_path, _args(lab, vm_off, before["file"])) as srv:
+        h = srv.connect()
+        assert not h.is_read_only()
+        h.pwrite(b"\xa1" * MIB, 2 * MIB)
+        h.pwrite(b"\xa2" * 4096, 5 * MIB + 512)  # unaligned to the block size
+        h.flush()
+        h.shutdown()
+    assert _qemu_io_reads(before["path"], 0xA1, 2 * MIB, MIB)
+    assert _qemu_io_reads(before["path"], 0xA2, 5 * MIB + 512, 4096)
+
+    snap = _wait(vm_off.CreateSnapshot_Task(name="vddk-s1", description="", memory=False, quiesce=False))
+    frozen = lab.disk_info(vm_off, snap)
+    current = lab.disk_info(vm_off)
+    assert current["path"] != frozen["path"]
+
+    # after the snapshot, a write to the VM's (new) current file must not show in the snapshot
+    with nbdkit(tmp_path, _args(lab, vm_off, current["file"])) as srv:
+        h = srv.connect()
+        h.pwrite(b"\xb7" * MIB, 2 * MIB)
+        h.flush()
+        h.shutdown()
+    assert _qemu_io_reads(current["path"], 0xB7, 2 * MIB, MIB)
+    assert _qemu_io_reads(frozen["path"], 0xA1, 2 * MIB, MIB)
+
+    # read the snapshot's disk through the stand-in (nbdkit not -r: a snapshot is served read-only)
+    out = tmp_path / "snap.raw"
+    with nbdkit(tmp_path, _args(lab, vm_off, frozen["file"], snapshot=snap)) as srv:
+        h = srv.connect()
+        assert h.is_read_only() and h.get_size() == frozen["capacity"]
+        with pytest.raises(nbd.Error):
+            h.pwrite(b"x" * 512, 0)
+        h.shutdown()
+        subprocess.run(["nbdcopy", srv.uri, str(out)], check=True, timeout=60)
+    cmp = subprocess.run(
+        ["qemu-img", "compare", "-U", "-f", "raw", "-F", frozen["format"], str(out), frozen["path"]],
+        capture_output=True,
+        text=True,
+    )
+    assert cmp.returncode == 0, cmp.stdout + cmp.stderr
+    assert out.stat().st_size == frozen["capacity"]
+    assert not any((tmp_path / "tmp").iterdir()), "the stand-in left temp files"
+
+
+def test_readonly_refuses_writes_and_holds_no_write_lock(lab: Lab, vm_off, tmp_path: Path) -> None:
+    disk = lab.disk_info(vm_off)
+    assert disk["writable"]
+    digest = hashlib.sha256(Path(disk["path"]).read_bytes()).hexdigest()
+    with nbdkit(tmp_path, _args(lab, vm_off, disk["file"]), readonly=True) as srv:
+        h = srv.connect()
+        assert h.is_read_only()
+        with pytest.raises(nbd.Error):
+            h.pwrite(b"\xcc" * 4096, 0)
+        h.pread(4096, 0)
+        # nobody may hold the disk open for writing while a read-only export is served:
+        # `qemu-img info` without -U takes the shared lock and fails against a writer
+        info = subprocess.run(["qemu-img", "info", disk["path"]], capture_output=True, text=True)
+        assert info.returncode == 0, info.stderr
+        h.shutdown()
+    assert hashlib.sha256(Path(disk["path"]).read_bytes()).hexdigest() == digest
+
+
+def test_block_status_shows_holes_and_data(lab: Lab, tmp_path: Path) -> None:
+    vm = lab.vms()[1]
+    if vm.runtime.powerState != vim.VirtualMachinePowerState.poweredOff:
+        _wait(vm.PowerOffVM_Task())
+    disk = lab.disk_info(vm)
+    _qemu_io_write(disk["path"], 0x5A, 4 * MIB, MIB)
+    with nbdkit(tmp_path, _args(lab, vm, disk["file"]), readonly=True) as srv:
+        h = srv.connect()
+        assert h.can_meta_context("base:allocation")
+        seen: list[tuple[int, int, int]] = []
+
+        def collect(ctx, offset, entries, err):
+            pos = offset
+            for i in range(0, len(entries), 2):
+                seen.append((pos, entries[i], entries[i + 1]))
+                pos += entries[i]
+            return 0
+
+        off = 0
+        while off < disk["capacity"]:
+            n = len(seen)
+            h.block_status(disk["capacity"] - off, off, collect)
+            off = seen[-1][0] + seen[-1][1] if len(seen) > n else disk["capacity"]
+        h.shutdown()
+    data = [(o, n) for o, n, f in seen if not f & 1]
+    holes = [(o, n) for o, n, f in seen if f & 3 == 3]
+    assert data == [(4 * MIB, MIB)], seen
+    assert holes and holes[0][0] == 0 and sum(n for _, n in holes) == disk["capacity"] - MIB, seen
+
+
+# ------------------------------------------------------------------------------------------ lifetime
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_qemu_nbd_dies_with_nbdkit(lab: Lab, vm_off, tmp_path: Path, sig: signal.Signals) -> None:
+    disk = lab.disk_info(vm_off)
+    with nbdkit(tmp_path, _args(lab, vm_off, disk["file"]), readonly=True) as srv:
+        h = srv.connect()
+        h.pread(512, 0)
+        children = _qemu_nbd_children(srv.proc.pid)
+        assert len(children) == 1
+        assert not any((tmp_path / "tmp").iterdir()), "socket dir should be gone once connected"
+        srv.proc.send_signal(sig)
+        if sig == signal.SIGTERM:  # nbdkit 1.32 waits for a connected client to leave before it exits
+            time.sleep(0.2)
+            h.shutdown()
+        srv.proc.wait(timeout=10)
+        deadline = time.monotonic() + 5
+        while _alive(children[0]) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not _alive(children[0]), "qemu-nbd outlived nbdkit"
+    assert not any((tmp_path / "tmp").iterdir())
+
+
+def test_close_stops_qemu_nbd(lab: Lab, vm_off, tmp_path: Path) -> None:
+    disk = lab.disk_info(vm_off)
+    with nbdkit(tmp_path, _args(lab, vm_off, disk["file"]), readonly=True) as srv:
+        h = srv.connect()
+        children = _qemu_nbd_children(srv.proc.pid)
+        assert len(children) == 1
+        h.shutdown()
+        del h
+        deadline = time.monotonic() + 5
+        while _alive(children[0]) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not _alive(children[0])
+        assert srv.proc.poll() is None  # nbdkit keeps serving
+        h2 = srv.connect()
+        assert h2.get_size() == disk["capacity"]
