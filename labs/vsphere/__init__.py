@@ -195,7 +195,9 @@ class VsphereLab:
             raise task.info.error
         return task.info.result
 
-    def make_vm(self, name: str, disk_sizes: list[int], cbt: bool = True, datastore: str = "LocalDS_0") -> str:
+    def make_vm(
+        self, name: str, disk_sizes: list[int], cbt: bool = True, datastore: str = "LocalDS_0"
+    ) -> str:
         """Create a powered-off VM through CreateVM_Task with one paravirtual SCSI controller and one thin
         disk per size (bytes; "[ds] name/name.vmdk", "name_1.vmdk", ...); its moref value."""
         from pyVmomi import vim
@@ -215,7 +217,9 @@ class VsphereLab:
         changes = [
             vim.vm.device.VirtualDeviceSpec(
                 operation="add",
-                device=vim.vm.device.ParaVirtualSCSIController(key=ctrl_key, busNumber=0, sharedBus="noSharing"),
+                device=vim.vm.device.ParaVirtualSCSIController(
+                    key=ctrl_key, busNumber=0, sharedBus="noSharing"
+                ),
             )
         ]
         units = [u for u in range(16) if u != 7]  # unit 7 is the controller's own

@@ -44,16 +44,18 @@ def _wait_task(task, timeout=30.0):
 def lab():
     if not shutil.which("go") or not Path("/usr/share/gocode/src/github.com/vmware/govmomi").is_dir():
         if os.geteuid() != 0:
-            pytest.skip("needs Debian's golang-go and golang-github-vmware-govmomi-dev "
-                        "(labs/vsphere/build.sh)")
+            pytest.skip(
+                "needs Debian's golang-go and golang-github-vmware-govmomi-dev (labs/vsphere/build.sh)"
+            )
     # SENDENSE_VCSIM_BIN: another build (e.g. stock vcsim, to check a test bites)
     with VsphereLab() as lab:
         yield lab
 
 
 def test_query_changed_disk_areas_star_is_paged(lab):
-    si = SmartConnect(host=lab.host, port=lab.port, user=lab.user, pwd=lab.password,
-                      disableSslCertValidation=True)
+    si = SmartConnect(
+        host=lab.host, port=lab.port, user=lab.user, pwd=lab.password, disableSslCertValidation=True
+    )
     try:
         content = si.RetrieveContent()
         view = content.viewManager.CreateContainerView(content.rootFolder, [vim.VirtualMachine], True)
@@ -64,7 +66,8 @@ def test_query_changed_disk_areas_star_is_paged(lab):
 
         # Before tracking is on, a snapshot has no changeId and the query is refused with FileFault.
         snap0 = _wait_task(
-            vm.CreateSnapshot_Task(name="before-cbt", description="", memory=False, quiesce=False))
+            vm.CreateSnapshot_Task(name="before-cbt", description="", memory=False, quiesce=False)
+        )
         with pytest.raises(vim.fault.FileFault):
             vm.QueryChangedDiskAreas(snapshot=snap0, deviceKey=disk.key, startOffset=0, changeId="*")
 
@@ -76,8 +79,11 @@ def test_query_changed_disk_areas_star_is_paged(lab):
         writes = [(0, 4096), (131072, 8192), (135168, 8192), (262144, 4096), (524288, 65536), (900000, 1000)]
         current = next(d for d in vm.config.hardware.device if d.key == disk.key)  # the delta since snap0
         path = lab.disk_info(vm._moId, current.backing.fileName)["path"]
-        subprocess.run(["qemu-io", "-f", "vmdk", *(a for off, n in writes for a in ("-c", f"write {off} {n}")),
-                        path], check=True, capture_output=True)
+        subprocess.run(
+            ["qemu-io", "-f", "vmdk", *(a for off, n in writes for a in ("-c", f"write {off} {n}")), path],
+            check=True,
+            capture_output=True,
+        )
         expected = [(0, 65536), (131072, 65536), (262144, 65536), (524288, 65536), (851968, 65536)]
 
         snap = _wait_task(vm.CreateSnapshot_Task(name="s1", description="", memory=False, quiesce=False))
@@ -88,8 +94,9 @@ def test_query_changed_disk_areas_star_is_paged(lab):
 
         pages, areas, offset = [], [], 0
         while offset < capacity:
-            info = vm.QueryChangedDiskAreas(snapshot=snap, deviceKey=disk.key, startOffset=offset,
-                                            changeId="*")
+            info = vm.QueryChangedDiskAreas(
+                snapshot=snap, deviceKey=disk.key, startOffset=offset, changeId="*"
+            )
             assert info.startOffset == offset and info.length > 0
             pages.append(len(info.changedArea))
             areas += [(a.start, a.length) for a in info.changedArea]
@@ -103,16 +110,21 @@ def test_query_changed_disk_areas_star_is_paged(lab):
         assert info.changedArea == [] and info.length == capacity
 
         with pytest.raises(vim.fault.FileFault):  # a changeId of another tracking session
-            vm.QueryChangedDiskAreas(snapshot=snap2, deviceKey=disk.key, startOffset=0,
-                                     changeId="52 00 00 00 00 00 00 00-00 00 00 00 00 00 00 00/1")
+            vm.QueryChangedDiskAreas(
+                snapshot=snap2,
+                deviceKey=disk.key,
+                startOffset=0,
+                changeId="52 00 00 00 00 00 00 00-00 00 00 00 00 00 00 00/1",
+            )
     finally:
         Disconnect(si)
 
 
 @pytest.fixture
 def si(lab):
-    si = SmartConnect(host=lab.host, port=lab.port, user=lab.user, pwd=lab.password,
-                      disableSslCertValidation=True)
+    si = SmartConnect(
+        host=lab.host, port=lab.port, user=lab.user, pwd=lab.password, disableSslCertValidation=True
+    )
     yield si
     Disconnect(si)
 
@@ -131,8 +143,10 @@ def _wait_task_state(si, task, timeout=30.0):
     pc = si.content.propertyCollector
     spec = vmodl.query.PropertyCollector.FilterSpec(
         objectSet=[vmodl.query.PropertyCollector.ObjectSpec(obj=task)],
-        propSet=[vmodl.query.PropertyCollector.PropertySpec(type=vim.Task,
-                                                            pathSet=["info.state", "info.error"])])
+        propSet=[
+            vmodl.query.PropertyCollector.PropertySpec(type=vim.Task, pathSet=["info.state", "info.error"])
+        ],
+    )
     deadline = time.monotonic() + timeout
     while True:
         props = {p.name: p.val for p in pc.RetrieveContents([spec])[0].propSet}
@@ -171,8 +185,11 @@ def test_remove_s2_then_s1_keeps_base_disk(si, lab):
     vm_dir = disk.backing.fileName.rsplit("/", 1)[0] + "/"  # "[LocalDS_0] DC0_H0_VM1/"
 
     def disk_files():
-        return sorted(f.name for f in vm.layoutEx.file
-                      if f.type in ("diskDescriptor", "diskExtent") and f.name.startswith(vm_dir))
+        return sorted(
+            f.name
+            for f in vm.layoutEx.file
+            if f.type in ("diskDescriptor", "diskExtent") and f.name.startswith(vm_dir)
+        )
 
     base = disk_files()
     assert len(base) == 1, base  # disk1.vmdk (one monolithicSparse file)
@@ -206,22 +223,33 @@ def test_disk_capacity_in_bytes_is_set_and_agrees_with_kb(si):
     disks = [d for v in vms for d in v.config.hardware.device if isinstance(d, vim.vm.device.VirtualDisk)]
     assert disks
     for d in disks:
-        assert d.capacityInBytes and d.capacityInBytes == d.capacityInKB * 1024, \
-            (d.capacityInKB, d.capacityInBytes)
+        assert d.capacityInBytes and d.capacityInBytes == d.capacityInKB * 1024, (
+            d.capacityInKB,
+            d.capacityInBytes,
+        )
 
     vm = _vm(si, "DC0_C0_RP0_VM1")
-    ctrl = next(d for d in vm.config.hardware.device
-                if isinstance(d, vim.vm.device.ParaVirtualSCSIController))
+    ctrl = next(
+        d for d in vm.config.hardware.device if isinstance(d, vim.vm.device.ParaVirtualSCSIController)
+    )
     new = vim.vm.device.VirtualDisk(
-        key=-1, controllerKey=ctrl.key, unitNumber=1, capacityInBytes=4 << 20,
-        backing=vim.vm.device.VirtualDisk.FlatVer2BackingInfo(diskMode="persistent", thinProvisioned=True,
-                                                               fileName=""))
-    spec = vim.vm.ConfigSpec(deviceChange=[vim.vm.device.VirtualDeviceSpec(
-        operation="add", fileOperation="create", device=new)])
+        key=-1,
+        controllerKey=ctrl.key,
+        unitNumber=1,
+        capacityInBytes=4 << 20,
+        backing=vim.vm.device.VirtualDisk.FlatVer2BackingInfo(
+            diskMode="persistent", thinProvisioned=True, fileName=""
+        ),
+    )
+    spec = vim.vm.ConfigSpec(
+        deviceChange=[vim.vm.device.VirtualDeviceSpec(operation="add", fileOperation="create", device=new)]
+    )
     _wait_task(vm.ReconfigVM_Task(spec=spec))
-    added = [d for d in vm.config.hardware.device
-             if isinstance(d, vim.vm.device.VirtualDisk)
-             and d.controllerKey == ctrl.key and d.unitNumber == 1]
+    added = [
+        d
+        for d in vm.config.hardware.device
+        if isinstance(d, vim.vm.device.VirtualDisk) and d.controllerKey == ctrl.key and d.unitNumber == 1
+    ]
     assert [(d.capacityInKB, d.capacityInBytes) for d in added] == [(4096, 4 << 20)]
 
 
@@ -229,10 +257,14 @@ def test_nfc_lease_complete_keeps_lease_done(si):
     """Stock vcsim: HttpNfcLeaseComplete deletes the lease, so reading lease.state afterwards faults
     ManagedObjectNotFound. vSphere keeps it with state "done"; completing it again is InvalidState."""
     template = _vm(si, "DC0_C0_RP0_VM0")
-    cfg = vim.vm.ConfigSpec(name="imported-vm0", guestId="otherGuest", numCPUs=1, memoryMB=32,
-                            files=vim.vm.FileInfo(vmPathName="[LocalDS_0]"))
-    lease = template.resourcePool.ImportVApp(spec=vim.vm.VmImportSpec(configSpec=cfg),
-                                             folder=template.parent)
+    cfg = vim.vm.ConfigSpec(
+        name="imported-vm0",
+        guestId="otherGuest",
+        numCPUs=1,
+        memoryMB=32,
+        files=vim.vm.FileInfo(vmPathName="[LocalDS_0]"),
+    )
+    lease = template.resourcePool.ImportVApp(spec=vim.vm.VmImportSpec(configSpec=cfg), folder=template.parent)
     deadline = time.monotonic() + 10
     while lease.state == vim.HttpNfcLease.State.initializing:
         assert time.monotonic() < deadline

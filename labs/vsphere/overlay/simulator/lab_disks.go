@@ -10,7 +10,9 @@
 package simulator
 
 import (
+	"bytes"
 	"crypto/subtle"
+	"encoding/binary"
 	"encoding/json"
 	"fmt"
 	"log"
@@ -259,7 +261,7 @@ func labConsolidate(vm *VirtualMachine) types.BaseMethodFault {
 				if p != child {
 					continue
 				}
-				if _, err := labQemuImg("rebase", "-q", "-u", "-f", "vmdk", "-b", labBackingRef(vm, g, parent), "-F", "vmdk", labLocal(vm, g)); err != nil {
+				if err := labSetParent(labLocal(vm, g), labBackingRef(vm, g, parent), labLocal(vm, parent)); err != nil {
 					fault = labCannotFault(g, err)
 				}
 				d.parents[g] = parent
@@ -463,4 +465,79 @@ func LabDiskHandler(user *url.Userinfo) http.HandlerFunc {
 		}
 		reply(http.StatusNotFound, map[string]string{"error": fmt.Sprintf("%s is not a disk of %s", file, where)})
 	}
+}
+
+// labBaseFirst orders each layoutEx disk chain base disk first, the running delta last (as vCenter
+// reports it; stock vcsim listed the top file first).
+func labBaseFirst(disks []types.VirtualMachineFileLayoutExDiskLayout) []types.VirtualMachineFileLayoutExDiskLayout {
+	for _, d := range disks {
+		for i, j := 0, len(d.Chain)-1; i < j; i, j = i+1, j-1 {
+			d.Chain[i], d.Chain[j] = d.Chain[j], d.Chain[i]
+		}
+	}
+	return disks
+}
+
+// labSetParent points a monolithicSparse VMDK at another backing file: its embedded descriptor's
+// parentFileNameHint and parentCID (QEMU refuses to read through a parent whose CID differs; it gives a
+// file a new CID when it first writes to it, so a commit into the parent changes it). QEMU cannot do this
+// itself: `qemu-img rebase -u` on VMDK is "Operation not supported".
+func labSetParent(local, hint, parentLocal string) error {
+	parentDesc, _, _, err := labDescriptor(parentLocal)
+	if err != nil {
+		return err
+	}
+	cid := regexp.MustCompile(`(?m)^CID=([0-9a-fA-F]+)`).FindStringSubmatch(parentDesc)
+	if cid == nil {
+		return fmt.Errorf("%s: no CID in its descriptor", parentLocal)
+	}
+	desc, off, size, err := labDescriptor(local)
+	if err != nil {
+		return err
+	}
+	desc = regexp.MustCompile(`(?m)^parentCID=.*$`).ReplaceAllLiteralString(desc, "parentCID="+cid[1])
+	desc = regexp.MustCompile(`(?m)^parentFileNameHint=.*$`).ReplaceAllLiteralString(desc, fmt.Sprintf("parentFileNameHint=%q", hint))
+	if int64(len(desc)) > size {
+		return fmt.Errorf("%s: the new descriptor does not fit (%d > %d bytes)", local, len(desc), size)
+	}
+	f, err := os.OpenFile(local, os.O_WRONLY, 0)
+	if err != nil {
+		return err
+	}
+	buf := make([]byte, size)
+	copy(buf, desc)
+	if _, err := f.WriteAt(buf, off); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
+}
+
+// labDescriptor reads the descriptor embedded in a monolithicSparse VMDK: its text, offset, area size.
+func labDescriptor(local string) (string, int64, int64, error) {
+	f, err := os.Open(local)
+	if err != nil {
+		return "", 0, 0, err
+	}
+	defer f.Close()
+	hdr := make([]byte, 44)
+	if _, err := f.ReadAt(hdr, 0); err != nil {
+		return "", 0, 0, err
+	}
+	if string(hdr[:4]) != "KDMV" {
+		return "", 0, 0, fmt.Errorf("%s: not a sparse VMDK", local)
+	}
+	off := int64(binary.LittleEndian.Uint64(hdr[28:36])) * 512
+	size := int64(binary.LittleEndian.Uint64(hdr[36:44])) * 512
+	if off <= 0 || size <= 0 || size > 1<<20 {
+		return "", 0, 0, fmt.Errorf("%s: no embedded descriptor", local)
+	}
+	buf := make([]byte, size)
+	if _, err := f.ReadAt(buf, off); err != nil {
+		return "", 0, 0, err
+	}
+	if i := bytes.IndexByte(buf, 0); i >= 0 {
+		buf = buf[:i]
+	}
+	return string(buf), off, size, nil
 }
