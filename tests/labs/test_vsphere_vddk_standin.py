@@ -7,18 +7,13 @@ names (GET /sendense-lab/disk), read with qemu-img/qemu-io.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import hashlib
-import json
 import os
 import shutil
 import signal
-import ssl
 import subprocess
 import time
-import urllib.parse
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,8 +21,9 @@ import pytest
 
 nbd = pytest.importorskip("nbd")  # Debian's python3-libnbd (the venv has system site packages)
 pytest.importorskip("pyVmomi")
-from pyVim.connect import Disconnect, SmartConnect  # noqa: E402
 from pyVmomi import vim  # noqa: E402
+
+from labs.vsphere import VsphereLab  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 STANDIN = ROOT / "labs" / "vsphere" / "vddk_standin.py"
@@ -42,92 +38,46 @@ if subprocess.run(["nbdkit", "python", "--version"], capture_output=True).return
 
 
 # ---------------------------------------------------------------------------------------------- the lab
-class Lab:
-    def __init__(self, url: urllib.parse.SplitResult) -> None:
-        self.host, self.port = url.hostname or "127.0.0.1", url.port or 443
-        self.user, self.password = url.username or "", url.password or ""
-        der = ssl.PEM_cert_to_DER_cert(ssl.get_server_certificate((self.host, self.port)))
-        self.thumbprint = ":".join(f"{b:02X}" for b in hashlib.sha1(der).digest())
-        self.si = SmartConnect(
-            host=self.host, port=self.port, user=self.user, pwd=self.password, disableSslCertValidation=True
-        )
-
-    def vms(self) -> list:
-        content = self.si.RetrieveContent()
-        view = content.viewManager.CreateContainerView(content.rootFolder, [vim.VirtualMachine], True)
-        try:
-            return sorted(view.view, key=lambda v: v.name)
-        finally:
-            view.Destroy()
-
-    def disk_info(self, vm, snapshot=None) -> dict:
-        """The lab endpoint's answer for the VM's (or snapshot's) first disk."""
-        config = snapshot.config if snapshot is not None else vm.config
-        disk = next(d for d in config.hardware.device if isinstance(d, vim.vm.device.VirtualDisk))
-        q = urllib.parse.urlencode(
-            {"vm": vm._moId, "snapshot": snapshot._moId if snapshot else "", "file": disk.backing.fileName}
-        )
-        req = urllib.request.Request(f"https://{self.host}:{self.port}/sendense-lab/disk?{q}")
-        token = base64.b64encode(f"{self.user}:{self.password}".encode()).decode()
-        req.add_header("Authorization", f"Basic {token}")
-        with urllib.request.urlopen(req, context=ssl._create_unverified_context()) as r:
-            answer = json.load(r)
-        answer["file"] = disk.backing.fileName
-        return answer
-
-
-def _wait(task, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while task.info.state not in (vim.TaskInfo.State.success, vim.TaskInfo.State.error):
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    if task.info.state == vim.TaskInfo.State.error:
-        raise task.info.error
-    return task.info.result
-
-
 @pytest.fixture(scope="module")
-def lab() -> Iterator[Lab]:
-    binary = os.environ.get("SENDENSE_VCSIM_BIN")
-    if not binary:
-        if not shutil.which("go") and os.geteuid() != 0:
-            pytest.skip(
-                "needs Debian's golang-go and golang-github-vmware-govmomi-dev (labs/vsphere/build.sh)"
-            )
-        out = subprocess.run(["bash", str(BUILD)], check=True, capture_output=True, text=True, timeout=600)
-        binary = out.stdout.strip().splitlines()[-1]
-    proc = subprocess.Popen(
-        [binary, "-l", "127.0.0.1:0", "-disk-mib", "16"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        line = ""
-        while proc.stdout is not None and not line.startswith("VCSIM_URL="):
-            line = proc.stdout.readline().strip()
-            assert line or proc.poll() is None, (
-                f"vcsim-lab exited: {proc.stderr.read() if proc.stderr else ''}"
-            )
-        lab = Lab(urllib.parse.urlsplit(line.removeprefix("VCSIM_URL=")))
+def lab() -> Iterator[VsphereLab]:
+    if not shutil.which("go") and os.geteuid() != 0 and not os.environ.get("SENDENSE_VCSIM_BIN"):
+        pytest.skip("needs Debian's golang-go and golang-github-vmware-govmomi-dev (labs/vsphere/build.sh)")
+    with VsphereLab(vms=1) as lab:
         yield lab
-        Disconnect(lab.si)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+
+
+class Vm:
+    """A powered-off lab VM with one thin 16 MiB disk; `disk()` asks the lab's endpoint about it."""
+
+    def __init__(self, lab: VsphereLab, name: str) -> None:
+        self.lab, self.moref = lab, lab.make_vm(name, [16 * MIB])
+        self.obj = lab.vm(self.moref)
+
+    def file(self, snapshot=None) -> str:
+        config = (snapshot or self.obj).config
+        return next(
+            d for d in config.hardware.device if isinstance(d, vim.vm.device.VirtualDisk)
+        ).backing.fileName
+
+    def disk(self, snapshot=None) -> dict:
+        info = self.lab.disk_info(self.moref, self.file(snapshot), snapshot._moId if snapshot else None)
+        return {**info, "file": self.file(snapshot)}
+
+    def snapshot(self, name: str):
+        return self.lab.wait(
+            self.obj.CreateSnapshot_Task(name=name, description="", memory=False, quiesce=False)
+        )
 
 
 @pytest.fixture
-def vm_off(lab: Lab):
-    """A powered-off VM of the inventory (its current disk is writable through the endpoint)."""
-    vm = lab.vms()[0]
-    if vm.runtime.powerState != vim.VirtualMachinePowerState.poweredOff:
-        _wait(vm.PowerOffVM_Task())
-    return vm
+def vm(lab: VsphereLab, request: pytest.FixtureRequest) -> Vm:
+    return Vm(lab, "vddk-" + "".join(c if c.isalnum() else "-" for c in request.node.name)[:60])
 
 
 # ------------------------------------------------------------------------------------------- nbdkit
-def _args(lab: Lab, vm, file: str, *, snapshot=None, password_file: Path | None = None, **over) -> list[str]:
+def _args(
+    lab: VsphereLab, vm: Vm, file: str, *, snapshot=None, password_file: Path | None = None, **over
+) -> list[str]:
     kv = {
         "libdir": "/opt/vmware-vix-disklib-distrib",
         "server": lab.host,
@@ -135,7 +85,7 @@ def _args(lab: Lab, vm, file: str, *, snapshot=None, password_file: Path | None 
         "user": lab.user,
         "password": f"+{password_file}" if password_file else lab.password,
         "thumbprint": lab.thumbprint,
-        "vm": f"moref={vm._moId}",
+        "vm": f"moref={vm.moref}",
         "file": file,
         "transports": "nbdssl:nbd",
     }
@@ -199,8 +149,13 @@ def nbdkit(tmp_path: Path, args: list[str], *, readonly: bool = False) -> Iterat
         yield Nbdkit(proc, sock, errpath)
     finally:
         if proc.poll() is None:
-            proc.terminate()
-        proc.wait(timeout=10)
+            proc.terminate()  # nbdkit 1.32 waits for connected clients to leave before it exits
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise AssertionError("nbdkit did not exit on SIGTERM (a client left connected?)") from None
 
 
 def _children(pid: int) -> list[int]:
@@ -309,27 +264,27 @@ def _refused(srv: Nbdkit) -> None:
         srv.connect()
 
 
-def test_wrong_thumbprint_is_refused(lab: Lab, vm_off, tmp_path: Path) -> None:
-    disk = lab.disk_info(vm_off)
+def test_wrong_thumbprint_is_refused(lab: VsphereLab, vm: Vm, tmp_path: Path) -> None:
+    disk = vm.disk()
     wrong = lab.thumbprint[:-2] + ("00" if not lab.thumbprint.endswith("00") else "11")
-    with nbdkit(tmp_path, _args(lab, vm_off, disk["file"], thumbprint=wrong)) as srv:
+    with nbdkit(tmp_path, _args(lab, vm, disk["file"], thumbprint=wrong)) as srv:
         _refused(srv)
         assert not _qemu_nbd_children(srv.proc.pid)
     errors = _error_lines(srv.stderr)
     assert errors and all("VixDiskLib_ConnectEx" in e and "thumbprint does not match" in e for e in errors)
     # the right thumbprint in lower case is accepted (VDDK compares case-insensitively)
-    with nbdkit(tmp_path, _args(lab, vm_off, disk["file"], thumbprint=lab.thumbprint.lower())) as srv:
+    with nbdkit(tmp_path, _args(lab, vm, disk["file"], thumbprint=lab.thumbprint.lower())) as srv:
         assert srv.connect().get_size() == disk["capacity"]
 
 
-def test_wrong_password_is_refused_and_never_printed(lab: Lab, vm_off, tmp_path: Path) -> None:
-    disk = lab.disk_info(vm_off)
+def test_wrong_password_is_refused_and_never_printed(lab: VsphereLab, vm: Vm, tmp_path: Path) -> None:
+    disk = vm.disk()
     secret = "Wr0ng-s3cret-4711"
     pwfile = tmp_path / "pw"
     pwfile.write_text(secret + "\n")
     for args in (
-        _args(lab, vm_off, disk["file"], password_file=pwfile),
-        _args(lab, vm_off, disk["file"], password=secret),
+        _args(lab, vm, disk["file"], password_file=pwfile),
+        _args(lab, vm, disk["file"], password=secret),
     ):
         with nbdkit(tmp_path, args) as srv:
             _refused(srv)
@@ -338,15 +293,15 @@ def test_wrong_password_is_refused_and_never_printed(lab: Lab, vm_off, tmp_path:
         assert secret not in srv.stderr
     # the right password from a file (trailing newline stripped, as nbdkit does) works
     pwfile.write_text(lab.password + "\n")
-    with nbdkit(tmp_path, _args(lab, vm_off, disk["file"], password_file=pwfile)) as srv:
+    with nbdkit(tmp_path, _args(lab, vm, disk["file"], password_file=pwfile)) as srv:
         assert srv.connect().get_size() == disk["capacity"]
 
 
-def test_unknown_snapshot_or_file_is_refused(lab: Lab, vm_off, tmp_path: Path) -> None:
-    disk = lab.disk_info(vm_off)
+def test_unknown_snapshot_or_file_is_refused(lab: VsphereLab, vm: Vm, tmp_path: Path) -> None:
+    disk = vm.disk()
     for args in (
-        [*_args(lab, vm_off, disk["file"]), "snapshot=snapshot-99999"],
-        _args(lab, vm_off, "[LocalDS_0] nowhere/none.vmdk"),
+        [*_args(lab, vm, disk["file"]), "snapshot=snapshot-99999"],
+        _args(lab, vm, "[LocalDS_0] nowhere/none.vmdk"),
     ):
         with nbdkit(tmp_path, args) as srv:
             _refused(srv)
@@ -355,12 +310,12 @@ def test_unknown_snapshot_or_file_is_refused(lab: Lab, vm_off, tmp_path: Path) -
 
 # ------------------------------------------------------------------------------------------ data path
 def test_snapshot_reads_are_the_snapshot_files_bytes_and_writes_land_in_the_current_file(
-    lab: Lab, vm_off, tmp_path: Path
+    lab: VsphereLab, vm: Vm, tmp_path: Path
 ) -> None:
-    before = lab.disk_info(vm_off)
+    before = vm.disk()
     assert before["writable"], before
     # write through the stand-in (no snapshot, writable): lands in the VM's current file
-    with nbdkit(tmp_path, _args(lab, vm_off, before["file"])) as srv:
+    with nbdkit(tmp_path, _args(lab, vm, before["file"])) as srv:
         h = srv.connect()
         assert not h.is_read_only()
         h.pwrite(b"\xa1" * MIB, 2 * MIB)
@@ -370,13 +325,13 @@ def test_snapshot_reads_are_the_snapshot_files_bytes_and_writes_land_in_the_curr
     assert _qemu_io_reads(before["path"], 0xA1, 2 * MIB, MIB)
     assert _qemu_io_reads(before["path"], 0xA2, 5 * MIB + 512, 4096)
 
-    snap = _wait(vm_off.CreateSnapshot_Task(name="vddk-s1", description="", memory=False, quiesce=False))
-    frozen = lab.disk_info(vm_off, snap)
-    current = lab.disk_info(vm_off)
+    snap = vm.snapshot("vddk-s1")
+    frozen = vm.disk(snap)
+    current = vm.disk()
     assert current["path"] != frozen["path"]
 
     # after the snapshot, a write to the VM's (new) current file must not show in the snapshot
-    with nbdkit(tmp_path, _args(lab, vm_off, current["file"])) as srv:
+    with nbdkit(tmp_path, _args(lab, vm, current["file"])) as srv:
         h = srv.connect()
         h.pwrite(b"\xb7" * MIB, 2 * MIB)
         h.flush()
@@ -386,7 +341,7 @@ def test_snapshot_reads_are_the_snapshot_files_bytes_and_writes_land_in_the_curr
 
     # read the snapshot's disk through the stand-in (nbdkit not -r: a snapshot is served read-only)
     out = tmp_path / "snap.raw"
-    with nbdkit(tmp_path, _args(lab, vm_off, frozen["file"], snapshot=snap)) as srv:
+    with nbdkit(tmp_path, _args(lab, vm, frozen["file"], snapshot=snap)) as srv:
         h = srv.connect()
         assert h.is_read_only() and h.get_size() == frozen["capacity"]
         with pytest.raises(nbd.Error):
@@ -403,11 +358,11 @@ def test_snapshot_reads_are_the_snapshot_files_bytes_and_writes_land_in_the_curr
     assert not any((tmp_path / "tmp").iterdir()), "the stand-in left temp files"
 
 
-def test_readonly_refuses_writes_and_holds_no_write_lock(lab: Lab, vm_off, tmp_path: Path) -> None:
-    disk = lab.disk_info(vm_off)
+def test_readonly_refuses_writes_and_holds_no_write_lock(lab: VsphereLab, vm: Vm, tmp_path: Path) -> None:
+    disk = vm.disk()
     assert disk["writable"]
     digest = hashlib.sha256(Path(disk["path"]).read_bytes()).hexdigest()
-    with nbdkit(tmp_path, _args(lab, vm_off, disk["file"]), readonly=True) as srv:
+    with nbdkit(tmp_path, _args(lab, vm, disk["file"]), readonly=True) as srv:
         h = srv.connect()
         assert h.is_read_only()
         with pytest.raises(nbd.Error):
@@ -421,11 +376,8 @@ def test_readonly_refuses_writes_and_holds_no_write_lock(lab: Lab, vm_off, tmp_p
     assert hashlib.sha256(Path(disk["path"]).read_bytes()).hexdigest() == digest
 
 
-def test_block_status_shows_holes_and_data(lab: Lab, tmp_path: Path) -> None:
-    vm = lab.vms()[1]
-    if vm.runtime.powerState != vim.VirtualMachinePowerState.poweredOff:
-        _wait(vm.PowerOffVM_Task())
-    disk = lab.disk_info(vm)
+def test_block_status_shows_holes_and_data(lab: VsphereLab, vm: Vm, tmp_path: Path) -> None:
+    disk = vm.disk()
     _qemu_io_write(disk["path"], 0x5A, 4 * MIB, MIB)
     with nbdkit(tmp_path, _args(lab, vm, disk["file"]), readonly=True) as srv:
         h = srv.connect()
@@ -453,9 +405,9 @@ def test_block_status_shows_holes_and_data(lab: Lab, tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------------------ lifetime
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
-def test_qemu_nbd_dies_with_nbdkit(lab: Lab, vm_off, tmp_path: Path, sig: signal.Signals) -> None:
-    disk = lab.disk_info(vm_off)
-    with nbdkit(tmp_path, _args(lab, vm_off, disk["file"]), readonly=True) as srv:
+def test_qemu_nbd_dies_with_nbdkit(lab: VsphereLab, vm: Vm, tmp_path: Path, sig: signal.Signals) -> None:
+    disk = vm.disk()
+    with nbdkit(tmp_path, _args(lab, vm, disk["file"]), readonly=True) as srv:
         h = srv.connect()
         h.pread(512, 0)
         children = _qemu_nbd_children(srv.proc.pid)
@@ -473,9 +425,9 @@ def test_qemu_nbd_dies_with_nbdkit(lab: Lab, vm_off, tmp_path: Path, sig: signal
     assert not any((tmp_path / "tmp").iterdir())
 
 
-def test_close_stops_qemu_nbd(lab: Lab, vm_off, tmp_path: Path) -> None:
-    disk = lab.disk_info(vm_off)
-    with nbdkit(tmp_path, _args(lab, vm_off, disk["file"]), readonly=True) as srv:
+def test_close_stops_qemu_nbd(lab: VsphereLab, vm: Vm, tmp_path: Path) -> None:
+    disk = vm.disk()
+    with nbdkit(tmp_path, _args(lab, vm, disk["file"]), readonly=True) as srv:
         h = srv.connect()
         children = _qemu_nbd_children(srv.proc.pid)
         assert len(children) == 1
@@ -488,3 +440,4 @@ def test_close_stops_qemu_nbd(lab: Lab, vm_off, tmp_path: Path) -> None:
         assert srv.proc.poll() is None  # nbdkit keeps serving
         h2 = srv.connect()
         assert h2.get_size() == disk["capacity"]
+        h2.shutdown()
