@@ -115,7 +115,9 @@ class Nbdkit:
 
 
 @contextlib.contextmanager
-def nbdkit(tmp_path: Path, args: list[str], *, readonly: bool = False) -> Iterator[Nbdkit]:
+def nbdkit(
+    tmp_path: Path, args: list[str], *, readonly: bool = False, stdin: bytes | None = None
+) -> Iterator[Nbdkit]:
     """`nbdkit -U SOCK --exit-with-parent [-r] python STANDIN args...`, the production command line."""
     n = len(list(tmp_path.glob("nbdkit-*.stderr")))
     sock = tmp_path / f"nbdkit-{n}.sock"
@@ -135,11 +137,15 @@ def nbdkit(tmp_path: Path, args: list[str], *, readonly: bool = False) -> Iterat
     with errpath.open("w") as err:
         proc = subprocess.Popen(
             cmd,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             stderr=err,
             env={**os.environ, "TMPDIR": str(tmpdir)},
         )
+    if stdin is not None:
+        assert proc.stdin is not None
+        proc.stdin.write(stdin)
+        proc.stdin.close()
     try:
         deadline = time.monotonic() + 10
         while not sock.exists():
@@ -147,6 +153,9 @@ def nbdkit(tmp_path: Path, args: list[str], *, readonly: bool = False) -> Iterat
             assert time.monotonic() < deadline, "nbdkit did not create its socket"
             time.sleep(0.01)
         yield Nbdkit(proc, sock, errpath)
+    except BaseException:
+        proc.kill()  # the test failed: a client may still be connected
+        raise
     finally:
         if proc.poll() is None:
             proc.terminate()  # nbdkit 1.32 waits for connected clients to leave before it exits
@@ -291,9 +300,13 @@ def test_wrong_password_is_refused_and_never_printed(lab: VsphereLab, vm: Vm, tm
         errors = _error_lines(srv.stderr)
         assert errors and all("bad user name or password" in e for e in errors), srv.stderr
         assert secret not in srv.stderr
-    # the right password from a file (trailing newline stripped, as nbdkit does) works
+    # the right password from a file (trailing newline stripped, as nbdkit does) and from stdin works
     pwfile.write_text(lab.password + "\n")
     with nbdkit(tmp_path, _args(lab, vm, disk["file"], password_file=pwfile)) as srv:
+        assert srv.connect().get_size() == disk["capacity"]
+    with nbdkit(
+        tmp_path, _args(lab, vm, disk["file"], password="-"), stdin=f"{lab.password}\n".encode()
+    ) as srv:
         assert srv.connect().get_size() == disk["capacity"]
 
 
@@ -320,10 +333,16 @@ def test_snapshot_reads_are_the_snapshot_files_bytes_and_writes_land_in_the_curr
         assert not h.is_read_only()
         h.pwrite(b"\xa1" * MIB, 2 * MIB)
         h.pwrite(b"\xa2" * 4096, 5 * MIB + 512)  # unaligned to the block size
+        h.pwrite(b"\xa3" * MIB, 8 * MIB)
+        h.zero(64 << 10, 8 * MIB, nbd.CMD_FLAG_NO_HOLE)
+        h.zero(MIB - (64 << 10), 8 * MIB + (64 << 10))  # may trim
+        h.trim(MIB, 12 * MIB)  # advisory: the bytes after a trim are unspecified
         h.flush()
+        assert h.pread(MIB, 8 * MIB) == bytes(MIB)
         h.shutdown()
     assert _qemu_io_reads(before["path"], 0xA1, 2 * MIB, MIB)
     assert _qemu_io_reads(before["path"], 0xA2, 5 * MIB + 512, 4096)
+    assert _qemu_io_reads(before["path"], 0, 8 * MIB, MIB)
 
     snap = vm.snapshot("vddk-s1")
     frozen = vm.disk(snap)
@@ -441,3 +460,15 @@ def test_close_stops_qemu_nbd(lab: VsphereLab, vm: Vm, tmp_path: Path) -> None:
         h2 = srv.connect()
         assert h2.get_size() == disk["capacity"]
         h2.shutdown()
+
+
+def test_powered_on_vm_disk_is_served_read_only(lab: VsphereLab, vm: Vm, tmp_path: Path) -> None:
+    lab.wait(vm.obj.PowerOnVM_Task())
+    disk = vm.disk()
+    assert disk["power_state"] == "poweredOn" and not disk["writable"]
+    with nbdkit(tmp_path, _args(lab, vm, disk["file"])) as srv:
+        h = srv.connect()
+        assert h.is_read_only()
+        with pytest.raises(nbd.Error):
+            h.pwrite(b"\x01" * 512, 0)
+        h.shutdown()
