@@ -55,6 +55,8 @@ from __future__ import annotations
 
 import base64
 import builtins
+import errno
+import functools
 import hashlib
 import http.client
 import json
@@ -67,11 +69,15 @@ import threading
 import time
 import traceback
 import urllib.parse
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import nbd  # Debian's python3-libnbd
 import nbdkit  # provided by nbdkit's python plugin
 
 API_VERSION = 2
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 TRANSPORTS = ("nbd", "nbdssl", "hotadd", "san")
 COMPRESSIONS = ("none", "zlib", "fastlz", "skipz")
@@ -437,26 +443,52 @@ def is_rotational(h: Handle) -> bool:
     return False
 
 
+def _vix(name: str) -> Callable[[F], F]:
+    """Data-path errors from qemu-nbd/libnbd: one line named like VDDK's call, errno passed to the client
+    (ENOTSUP for an unsupported fast zero matters to clients)."""
+
+    def wrap(fn: F) -> F:
+        @functools.wraps(fn)
+        def call(*args: Any) -> Any:
+            try:
+                return fn(*args)
+            except nbd.Error as e:
+                code = e.errno  # libnbd 1.14: the errno's name ("ENOTSUP"), or None
+                nbdkit.set_error(
+                    getattr(errno, code, errno.EIO) if isinstance(code, str) else code or errno.EIO
+                )
+                raise VixError(f"{name}: {e.string}") from None
+
+        return call  # type: ignore[return-value]
+
+    return wrap
+
+
 def _fua(flags: int) -> int:
     return nbd.CMD_FLAG_FUA if flags & nbdkit.FLAG_FUA else 0
 
 
+@_vix("VixDiskLib_Read")
 def pread(h: Handle, buf: memoryview, offset: int, flags: int) -> None:
     buf[:] = _nbd(h).pread(len(buf), offset)
 
 
+@_vix("VixDiskLib_Write")
 def pwrite(h: Handle, buf: memoryview, offset: int, flags: int) -> None:
     _nbd(h).pwrite(buf, offset, _fua(flags))
 
 
+@_vix("VixDiskLib_Flush")
 def flush(h: Handle, flags: int) -> None:
     _nbd(h).flush()
 
 
+@_vix("VixDiskLib_Unmap")
 def trim(h: Handle, count: int, offset: int, flags: int) -> None:
     _nbd(h).trim(count, offset, _fua(flags))
 
 
+@_vix("VixDiskLib_Write (zero)")
 def zero(h: Handle, count: int, offset: int, flags: int) -> None:
     f = _fua(flags)
     if not flags & nbdkit.FLAG_MAY_TRIM:
@@ -466,6 +498,7 @@ def zero(h: Handle, count: int, offset: int, flags: int) -> None:
     _nbd(h).zero(count, offset, f)
 
 
+@_vix("VixDiskLib_QueryAllocatedBlocks")
 def extents(h: Handle, count: int, offset: int, flags: int) -> list[tuple[int, int, int]]:
     out: list[tuple[int, int, int]] = []
 

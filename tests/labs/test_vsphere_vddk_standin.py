@@ -472,3 +472,35 @@ def test_powered_on_vm_disk_is_served_read_only(lab: VsphereLab, vm: Vm, tmp_pat
         with pytest.raises(nbd.Error):
             h.pwrite(b"\x01" * 512, 0)
         h.shutdown()
+
+
+def test_data_path_error_is_one_line(lab: VsphereLab, vm: Vm, tmp_path: Path) -> None:
+    disk = vm.disk()
+    with nbdkit(tmp_path, _args(lab, vm, disk["file"]), readonly=True) as srv:
+        h = srv.connect()
+        (child,) = _qemu_nbd_children(srv.proc.pid)
+        os.kill(child, signal.SIGKILL)
+        with pytest.raises(nbd.Error):
+            h.pread(4096, 0)
+        h.shutdown()
+    errors = _error_lines(srv.stderr)
+    assert errors and "Traceback" not in srv.stderr, srv.stderr
+    assert any("VixDiskLib_Read: " in e for e in errors), srv.stderr
+
+
+def test_local_mode_serves_a_local_file(tmp_path: Path) -> None:
+    """No server: file= is a local disk (VDDK's local mode); writable unless -r."""
+    image = tmp_path / "local.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), str(4 * MIB)], check=True)
+    with nbdkit(tmp_path, [f"file={image}"]) as srv:
+        h = srv.connect()
+        assert h.get_size() == 4 * MIB and not h.is_read_only()
+        h.pwrite(b"\x42" * 4096, MIB)
+        h.flush()
+        h.shutdown()
+    out = subprocess.run(
+        ["qemu-io", "-r", "-f", "qcow2", "-c", f"read -P 0x42 {MIB} 4096", str(image)],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0 and "verification failed" not in out.stdout, out.stdout
