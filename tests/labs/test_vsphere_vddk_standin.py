@@ -432,6 +432,10 @@ def test_qemu_nbd_dies_with_nbdkit(lab: VsphereLab, vm: Vm, tmp_path: Path, sig:
         children = _qemu_nbd_children(srv.proc.pid)
         assert len(children) == 1
         assert not any((tmp_path / "tmp").iterdir()), "socket dir should be gone once connected"
+        if sig == signal.SIGKILL:
+            # a stopped (hung) qemu-nbd cannot notice its client is gone: only the parent-death signal
+            # ends it (without setpriv --pdeathsig it would outlive nbdkit)
+            os.kill(children[0], signal.SIGSTOP)
         srv.proc.send_signal(sig)
         if sig == signal.SIGTERM:  # nbdkit 1.32 waits for a connected client to leave before it exits
             time.sleep(0.2)
@@ -440,7 +444,9 @@ def test_qemu_nbd_dies_with_nbdkit(lab: VsphereLab, vm: Vm, tmp_path: Path, sig:
         deadline = time.monotonic() + 5
         while _alive(children[0]) and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert not _alive(children[0]), "qemu-nbd outlived nbdkit"
+        if _alive(children[0]):
+            os.kill(children[0], signal.SIGKILL)
+            pytest.fail("qemu-nbd outlived nbdkit")
     assert not any((tmp_path / "tmp").iterdir())
 
 
