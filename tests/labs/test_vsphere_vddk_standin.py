@@ -510,3 +510,42 @@ def test_local_mode_serves_a_local_file(tmp_path: Path) -> None:
         text=True,
     )
     assert out.returncode == 0 and "verification failed" not in out.stdout, out.stdout
+
+
+def test_snapshot_read_while_the_current_disk_is_written(lab: VsphereLab, vm: Vm, tmp_path: Path) -> None:
+    """A backup reads a snapshot while the VM writes its current delta (whose backing is the snapshot's
+    file): the reader shares the file (force-share); a second writer of the current disk is refused."""
+    with nbdkit(tmp_path, _args(lab, vm, vm.disk()["file"])) as srv:
+        h = srv.connect()
+        h.pwrite(b"\x31" * MIB, 0)
+        h.shutdown()
+    snap = vm.snapshot("busy")
+    frozen, current = vm.disk(snap), vm.disk()
+    (tmp_path / "w").mkdir()
+    (tmp_path / "r").mkdir()
+    (tmp_path / "w2").mkdir()
+    with nbdkit(tmp_path / "w", _args(lab, vm, current["file"])) as writer:
+        w = writer.connect()
+        assert not w.is_read_only()
+        w.pwrite(b"\x32" * MIB, 0)
+        with nbdkit(tmp_path / "r", _args(lab, vm, frozen["file"], snapshot=snap)) as reader:
+            r = reader.connect()
+            assert r.pread(MIB, 0) == b"\x31" * MIB
+            w.pwrite(b"\x33" * MIB, MIB)
+            assert r.pread(MIB, MIB) == bytes(MIB)
+            r.shutdown()
+        # a read-only export of the disk being written is served too (force-share; a torn read is the
+        # reader's risk, as when reading a running VM's disk without a snapshot)
+        w.flush()
+        (tmp_path / "r2").mkdir()
+        with nbdkit(tmp_path / "r2", _args(lab, vm, current["file"]), readonly=True) as peek:
+            p = peek.connect()
+            assert p.pread(MIB, MIB) == b"\x33" * MIB
+            p.shutdown()
+        with nbdkit(tmp_path / "w2", _args(lab, vm, current["file"])) as second:
+            with pytest.raises(nbd.Error):
+                second.connect()
+        errors = _error_lines(second.stderr)
+        assert errors and all("VixDiskLib_Open" in e and "lock" in e for e in errors), second.stderr
+        assert w.pread(2 * MIB, 0) == b"\x32" * MIB + b"\x33" * MIB
+        w.shutdown()
