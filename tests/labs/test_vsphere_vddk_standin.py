@@ -104,10 +104,18 @@ class Nbdkit:
         return self.errpath.read_text()
 
     def connect(self):
-        h = nbd.NBD()
-        h.add_meta_context("base:allocation")
-        h.connect_unix(str(self.sock))
-        return h
+        # nbdkit binds the socket before it listens: ECONNREFUSED for a moment after the file appears
+        deadline = time.monotonic() + 10
+        while True:
+            h = nbd.NBD()
+            h.add_meta_context("base:allocation")
+            try:
+                h.connect_unix(str(self.sock))
+                return h
+            except nbd.Error as e:
+                if e.errno != "ECONNREFUSED" or time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise
+            time.sleep(0.01)
 
     @property
     def uri(self) -> str:
