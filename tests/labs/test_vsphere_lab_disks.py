@@ -411,6 +411,7 @@ def test_disk_endpoint_contract(lab):
         from pyVim.connect import SmartConnect
 
         SmartConnect(host=lab.host, port=lab.port, user=lab.user, pwd="wrong", disableSslCertValidation=True)
+    assert re.fullmatch(r"([0-9A-F]{2}:){19}[0-9A-F]{2}", lab.thumbprint)  # VDDK's form of the SHA-1
     assert lab.disk_request(vm=sc.moref)[0] == 400
     assert lab.disk_request(file=cur)[0] == 400
 
