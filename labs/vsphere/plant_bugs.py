@@ -77,6 +77,11 @@ BUGS = {
         "\t\td := rec.disk(key)\n\t\troots := map[string]bool{}",
         "\t\td := rec.disk(key)\n\t\td.epochs = map[int]*labEpoch{}\n\t\troots := map[string]bool{}",
     ),
+    "merge-forgets-open-epoch": (
+        SIM + "lab_disks.go",
+        "d.merged, d.carry, d.baseline, current = true, open, baseline, parent",
+        "_, _, current = open, baseline, parent",
+    ),
     "snapshot-names-the-new-delta": (
         SIM + "lab_cbt.go",
         "\t\tcopied := *disk\n\t\tbc := *b\n",
