@@ -143,11 +143,11 @@ def run_one(name: str) -> None:
             text=True,
             timeout=300,
         )
-        failed = re.findall(r"^FAILED (\S+)", t.stdout, re.M)
+        failed = re.findall(r"^FAILED (\S+?)(?: - (.*))?$", t.stdout, re.M)
         summary = t.stdout.strip().splitlines()[-1]
         print(f"{name}: {summary}")
-        for f in failed:
-            print("   ", f.split("::")[-1])
+        for test, why in failed:
+            print("   ", test.split("::")[-1], "--", why[:150])
     finally:
         subprocess.run(["git", "checkout", "--", path], cwd=WT, check=True)
     sys.stdout.flush()
