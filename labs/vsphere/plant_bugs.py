@@ -133,7 +133,7 @@ def run_one(name: str) -> None:
                 "-p",
                 "no:cacheprovider",
                 "-o",
-                "addopts=",
+                "addopts=-rf",
                 "tests/labs/test_vsphere_lab_disks.py",
                 "tests/labs/test_vsphere_lab_smoke.py",
             ],
