@@ -143,11 +143,12 @@ def run_one(name: str) -> None:
             text=True,
             timeout=300,
         )
-        failed = re.findall(r"^FAILED (\S+?)(?: - (.*))?$", t.stdout, re.M)
+        sections = re.split(r"^_{3,} (\S+) _{3,}$", t.stdout, flags=re.M)[1:]
         summary = t.stdout.strip().splitlines()[-1]
         print(f"{name}: {summary}")
-        for test, why in failed:
-            print("   ", test.split("::")[-1], "--", why[:150])
+        for test, body in zip(sections[::2], sections[1::2], strict=True):
+            why = next((line[1:].strip() for line in body.splitlines() if line.startswith("E ")), "")
+            print("   ", test, "--", why[:150])
     finally:
         subprocess.run(["git", "checkout", "--", path], cwd=WT, check=True)
     sys.stdout.flush()
