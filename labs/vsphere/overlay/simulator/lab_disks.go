@@ -65,14 +65,19 @@ func labParentName(b *types.VirtualDiskFlatVer2BackingInfo) string {
 	return ""
 }
 
-// labAllocated: the allocated areas of one disk file alone (its backing file is not opened), rounded out
-// to the tracking block and merged.
-func labAllocated(local string) ([]labExtent, error) {
+// labAlone: a qemu filename that opens one VMDK file without its backing file.
+func labAlone(local string) string {
 	spec, _ := json.Marshal(map[string]interface{}{
 		"driver": "vmdk", "backing": nil,
 		"file": map[string]string{"driver": "file", "filename": local},
 	})
-	out, err := labQemuImg("map", "--output=json", "json:"+string(spec))
+	return "json:" + string(spec)
+}
+
+// labAllocated: the allocated areas of one disk file alone (its backing file is not opened), rounded out
+// to the tracking block and merged.
+func labAllocated(local string) ([]labExtent, error) {
+	out, err := labQemuImg("map", "--output=json", labAlone(local))
 	if err != nil {
 		return nil, err
 	}
@@ -608,11 +613,7 @@ func labBlockHashes(local string) (map[int64][sha256.Size]byte, error) {
 	}
 	tmp.Close()
 	defer os.Remove(tmp.Name())
-	spec, _ := json.Marshal(map[string]interface{}{
-		"driver": "vmdk", "backing": nil,
-		"file": map[string]string{"driver": "file", "filename": local},
-	})
-	if _, err := labQemuImg("convert", "-O", "raw", "json:"+string(spec), tmp.Name()); err != nil {
+	if _, err := labQemuImg("convert", "-O", "raw", labAlone(local), tmp.Name()); err != nil {
 		return nil, err
 	}
 	f, err := os.Open(tmp.Name())
