@@ -370,6 +370,46 @@ def test_remove_s2_first_keeps_s1_and_current_bytes(lab, tmp_path):
     assert _query(vm, s3, key, cid1)[1] == _rounded(B + C)
 
 
+def test_backup_pattern_snapshot_then_remove_keeps_incrementals_exact(lab, tmp_path):
+    """A backup's cycle: snapshot, read, remove the snapshot (the running delta is committed into the
+    base), the guest writes on, next snapshot: the incremental is exactly the new writes, also where they
+    overwrite blocks the merged file already had."""
+    moref = lab.make_vm("cycle", [CAP])
+    vm = lab.vm(moref)
+    key = _disks(vm.config.hardware.device)[0].key
+    image = bytearray(CAP)
+
+    def current_path() -> str:
+        file = _disk(vm.config.hardware.device, key).backing.fileName
+        return lab.disk_info(moref, file)["path"]
+
+    _write(current_path(), A)
+    _apply(image, A)
+    s1 = _snap(lab, vm, "s1")
+    cid = _change_id(s1, key)
+    rounds = [
+        [(0, 512, 0x61), (2 * MIB, 4096, 0x62)],  # overwrites A's first block, and a new block
+        [(1 * MIB + 100, 1, 0x71)],  # overwrites A's second block
+        [(3 * MIB, BLOCK, 0x81)],
+    ]
+    prev = s1
+    for i, writes in enumerate(rounds, start=2):
+        lab.wait(prev.RemoveSnapshot_Task(removeChildren=False, consolidate=True))
+        assert _chain(_disk(vm.config.hardware.device, key).backing) == ["[LocalDS_0] cycle/cycle.vmdk"]
+        _write(current_path(), writes)
+        _apply(image, writes)
+        snap = _snap(lab, vm, f"s{i}")
+        assert _query(vm, snap, key, cid)[1] == _rounded(writes), i
+        assert _query(vm, snap, key, "*")[1] == _rounded(A + [w for r in rounds[: i - 1] for w in r]), i
+        assert _read(
+            lab.disk_info(
+                moref, _disk(snap.config.hardware.device, key).backing.fileName, snapshot=snap._moId
+            )["path"],
+            tmp_path,
+        ) == bytes(image)
+        cid, prev = _change_id(snap, key), snap
+
+
 def test_remove_all_snapshots_merges_into_the_base_disk(lab, tmp_path):
     sc = _scenario(lab, "all")
     sc.lab.wait(sc.vm.RemoveAllSnapshots_Task())
@@ -411,6 +451,7 @@ def test_disk_endpoint_contract(lab):
         from pyVim.connect import SmartConnect
 
         SmartConnect(host=lab.host, port=lab.port, user=lab.user, pwd="wrong", disableSslCertValidation=True)
+    assert re.fullmatch(r"([0-9A-F]{2}:){19}[0-9A-F]{2}", lab.thumbprint)  # VDDK's form of the SHA-1
     assert lab.disk_request(vm=sc.moref)[0] == 400
     assert lab.disk_request(file=cur)[0] == 400
 

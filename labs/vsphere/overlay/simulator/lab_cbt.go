@@ -14,6 +14,7 @@ package simulator
 
 import (
 	"crypto/rand"
+	"crypto/sha256"
 	"fmt"
 	"os"
 	"sort"
@@ -44,6 +45,12 @@ type labDiskCBT struct {
 	epochs   map[int]*labEpoch
 	// every live file of the disk (datastore path "[ds] dir/f.vmdk") -> its backing file ("" for the base)
 	parents map[string]string
+	// Set when consolidation committed the VM's running delta into its parent, so the current file holds
+	// sealed data too: the open epoch is then carry + the blocks that differ from baseline (hash per 64 KiB
+	// block of the merged file right after the commit) instead of the file's whole allocation.
+	merged   bool
+	carry    []labExtent
+	baseline map[int64][sha256.Size]byte
 }
 
 type labVMCBT struct {
@@ -127,10 +134,11 @@ func labSnapshotTaken(vm *VirtualMachine, snapshot *VirtualMachineSnapshot) type
 		if _, known := d.parents[frozen]; !known {
 			d.parents[frozen] = labParentName(b)
 		}
-		extents, err := labAllocated(labLocal(vm, frozen))
+		extents, err := d.labOpenChanges(labLocal(vm, frozen))
 		if err != nil {
 			fault = labCannotFault(frozen, err)
 		}
+		d.labResetOpen()
 		d.seq++
 		d.epochs[d.seq] = &labEpoch{seq: d.seq, parent: d.open, extents: extents}
 		d.open = d.seq

@@ -11,6 +11,7 @@ package simulator
 
 import (
 	"bytes"
+	"crypto/sha256"
 	"crypto/subtle"
 	"encoding/binary"
 	"encoding/json"
@@ -64,14 +65,19 @@ func labParentName(b *types.VirtualDiskFlatVer2BackingInfo) string {
 	return ""
 }
 
-// labAllocated: the allocated areas of one disk file alone (its backing file is not opened), rounded out
-// to the tracking block and merged.
-func labAllocated(local string) ([]labExtent, error) {
+// labAlone: a qemu filename that opens one VMDK file without its backing file.
+func labAlone(local string) string {
 	spec, _ := json.Marshal(map[string]interface{}{
 		"driver": "vmdk", "backing": nil,
 		"file": map[string]string{"driver": "file", "filename": local},
 	})
-	out, err := labQemuImg("map", "--output=json", "json:"+string(spec))
+	return "json:" + string(spec)
+}
+
+// labAllocated: the allocated areas of one disk file alone (its backing file is not opened), rounded out
+// to the tracking block and merged.
+func labAllocated(local string) ([]labExtent, error) {
+	out, err := labQemuImg("map", "--output=json", labAlone(local))
 	if err != nil {
 		return nil, err
 	}
@@ -248,14 +254,38 @@ func labConsolidate(vm *VirtualMachine) types.BaseMethodFault {
 				delete(d.parents, f)
 			}
 		}
+		current := ""
+		for _, dev := range vm.Config.Hardware.Device {
+			if disk, ok := dev.(*types.VirtualDisk); ok && disk.Key == key {
+				if b, ok := disk.Backing.(*types.VirtualDiskFlatVer2BackingInfo); ok {
+					current = b.FileName
+				}
+			}
+		}
 		for fault == nil {
 			parent, child := labMergeable(d, roots)
 			if child == "" {
 				break
 			}
+			var open []labExtent
+			if child == current { // the running delta: remember what the open epoch has so far
+				var err error
+				if open, err = d.labOpenChanges(labLocal(vm, child)); err != nil {
+					fault = labCannotFault(child, err)
+					break
+				}
+			}
 			if _, err := labQemuImg("commit", "-q", "-d", "-f", "vmdk", labLocal(vm, child)); err != nil {
 				fault = labCannotFault(child, err)
 				break
+			}
+			if child == current {
+				baseline, err := labBlockHashes(labLocal(vm, parent))
+				if err != nil {
+					fault = labCannotFault(parent, err)
+					break
+				}
+				d.merged, d.carry, d.baseline, current = true, open, baseline, parent
 			}
 			for g, p := range d.parents {
 				if p != child {
@@ -332,6 +362,7 @@ func labReverted(vm *VirtualMachine, snapshot *VirtualMachineSnapshot) types.Bas
 			continue
 		}
 		d := rec.disk(disk.Key)
+		d.labResetOpen() // the open epoch is the new delta's allocation again
 		if f := labNewDelta(vm, d, disk, frozen[disk.Key]); f != nil && fault == nil {
 			fault = f
 		}
@@ -540,4 +571,66 @@ func labDescriptor(local string) (string, int64, int64, error) {
 		buf = buf[:i]
 	}
 	return string(buf), off, size, nil
+}
+
+// labOpenChanges: the open epoch of a disk whose current file is local: the file's allocation, or, once
+// consolidation merged the running delta into sealed data, carry + the blocks that differ from baseline.
+func (d *labDiskCBT) labOpenChanges(local string) ([]labExtent, error) {
+	if !d.merged {
+		return labAllocated(local)
+	}
+	now, err := labBlockHashes(local)
+	if err != nil {
+		return nil, err
+	}
+	out := append([]labExtent(nil), d.carry...)
+	for blk, h := range now {
+		if old, ok := d.baseline[blk]; !ok || old != h {
+			out = append(out, labExtent{blk, labTrackingBlock})
+		}
+	}
+	for blk := range d.baseline {
+		if _, ok := now[blk]; !ok {
+			out = append(out, labExtent{blk, labTrackingBlock})
+		}
+	}
+	return labMerge(out), nil
+}
+
+func (d *labDiskCBT) labResetOpen() {
+	d.merged, d.carry, d.baseline = false, nil, nil
+}
+
+// labBlockHashes: SHA-256 of every allocated 64 KiB block of one disk file alone (its backing not opened).
+func labBlockHashes(local string) (map[int64][sha256.Size]byte, error) {
+	extents, err := labAllocated(local)
+	if err != nil {
+		return nil, err
+	}
+	tmp, err := os.CreateTemp("", "vcsim-lab-blocks-*.raw")
+	if err != nil {
+		return nil, err
+	}
+	tmp.Close()
+	defer os.Remove(tmp.Name())
+	if _, err := labQemuImg("convert", "-O", "raw", labAlone(local), tmp.Name()); err != nil {
+		return nil, err
+	}
+	f, err := os.Open(tmp.Name())
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	out := map[int64][sha256.Size]byte{}
+	buf := make([]byte, labTrackingBlock)
+	for _, x := range extents {
+		for blk := x.start; blk < x.start+x.length; blk += labTrackingBlock {
+			n, err := f.ReadAt(buf, blk)
+			if err != nil && n == 0 {
+				return nil, err
+			}
+			out[blk] = sha256.Sum256(buf[:n])
+		}
+	}
+	return out, nil
 }
