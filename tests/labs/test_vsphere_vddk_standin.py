@@ -557,3 +557,66 @@ def test_snapshot_read_while_the_current_disk_is_written(lab: VsphereLab, vm: Vm
         assert errors and all("VixDiskLib_Open" in e and "lock" in e for e in errors), second.stderr
         assert w.pread(2 * MIB, 0) == b"\x32" * MIB + b"\x33" * MIB
         w.shutdown()
+
+
+# ------------------------------------------------------------------------------------- planted bugs
+# `python tests/labs/test_vsphere_vddk_standin.py [BUG ...]`: plant each bug into the stand-in in turn, run
+# this module, print the failing tests, restore the file (labs/vsphere/NOTES.md has the results). Never
+# commit a planted bug; the script refuses to run when the stand-in has uncommitted changes.
+PLANTED_BUGS = {
+    "skip-thumbprint": ('if got.lower() != params["thumbprint"].strip().lower():', "if False:"),
+    "ignore-snapshot": ('"snapshot": params.get("snapshot", ""),', '"snapshot": "",'),
+    "writable-on-r": (
+        'writable = not readonly and not params.get("snapshot") and bool(disk["writable"])',
+        'writable = not params.get("snapshot") and bool(disk["writable"])',
+    ),
+    "pread-off-by-one": (
+        "buf[:] = _nbd(h).pread(len(buf), offset)",
+        "buf[:] = _nbd(h).pread(len(buf), min(offset + 1, h.capacity - len(buf)))",
+    ),
+    "no-pdeathsig": ('cmd = ["setpriv", "--pdeathsig", "KILL", "--", "qemu-nbd"', 'cmd = ["qemu-nbd"'),
+    "no-force-share": ('opts += ",read-only=on,force-share=on"', 'opts += ",read-only=on"'),
+    "snapshot-writable": (
+        'writable = not readonly and not params.get("snapshot") and bool(disk["writable"])',
+        'writable = not readonly and bool(disk["writable"])',
+    ),
+}
+
+
+def _plant(names: list[str]) -> int:
+    import re
+    import sys
+
+    dirty = subprocess.run(
+        ["git", "-C", str(ROOT), "status", "--porcelain", str(STANDIN)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    if dirty:
+        print(f"{STANDIN} has uncommitted changes; refusing to plant bugs", file=sys.stderr)
+        return 2
+    original = STANDIN.read_text()
+    try:
+        for name in names or list(PLANTED_BUGS):
+            old, new = PLANTED_BUGS[name]
+            assert original.count(old) == 1, f"{name}: the text to replace is gone"
+            STANDIN.write_text(original.replace(old, new))
+            out = subprocess.run(
+                [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rf", "--tb=no", __file__],
+                capture_output=True,
+                text=True,
+                cwd=ROOT,
+            )
+            print(f"## {name}: {out.stdout.strip().splitlines()[-1]}")
+            for test, why in re.findall(r"^FAILED \S+::(\S+) - (.*)$", out.stdout, re.M):
+                print(f"    {test}: {why[:160]}")
+    finally:
+        STANDIN.write_text(original)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(_plant(sys.argv[1:]))
