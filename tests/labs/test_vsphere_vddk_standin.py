@@ -609,8 +609,8 @@ def _plant(names: list[str]) -> int:
                 cwd=ROOT,
             )
             print(f"## {name}: {out.stdout.strip().splitlines()[-1]}")
-            for test, why in re.findall(r"^FAILED \S+::(\S+) - (.*)$", out.stdout, re.M):
-                print(f"    {test}: {why[:160]}")
+            for test, why in re.findall(r"^FAILED \S+::(\S+)(?: - (.*))?$", out.stdout, re.M):
+                print(f"    {test}: {why[:200]}")
     finally:
         STANDIN.write_text(original)
     return 0
