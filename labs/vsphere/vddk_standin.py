@@ -44,11 +44,19 @@ starts ``qemu-nbd`` on the file (``setpriv --pdeathsig KILL``: it dies with the 
 started it) on a unix socket in a private temp dir, connects with libnbd and removes the temp dir at once
 (nothing is left behind even if nbdkit is SIGKILLed), and forwards pread/pwrite/zero/trim/flush and
 block status (``base:allocation``, so clients see holes and zeros).  qemu-nbd runs read-only
-(``--read-only --force-share``) unless nbdkit is writable, no ``snapshot`` is given and the lab says the
-disk is writable.  ``close`` (and ``cleanup`` at exit) kill it.  The export size is the lab's capacity.
+(``--read-only`` and ``read-only=on,force-share=on`` in ``--image-opts``) unless nbdkit is writable, no
+``snapshot`` is given and the lab says the disk is writable (a powered-off VM's current disk).  ``close``
+(and ``cleanup`` at exit) kill it.  The export size is the lab's capacity.  Without ``server`` (local
+mode) ``file`` is a local disk path, served writable unless ``-r``.
 
-Errors are one line in the style of the vddk plugin (``VixDiskLib_Open: ...``,
-``VixDiskLib_ConnectEx: ...``) and never contain the password.
+Errors are one line in the style of the vddk plugin and never contain the password: parameter errors
+from config/config_complete (nbdkit exits 1); ``VixDiskLib_ConnectEx: ...`` (unreachable server,
+thumbprint mismatch, bad user name or password) and ``VixDiskLib_Open: ...`` (unknown VM/snapshot/file,
+qemu-nbd refusing the file) from ``open``, as with VDDK: nbdkit keeps running and that client's handshake
+fails; ``VixDiskLib_Read/Write/...: ...`` from the data path, with the errno passed on.  Caveats: nbdkit
+1.32's core prints every ``key=value`` with ``-v``, the password too (as with the real plugin), so pass it
+as ``+FILE`` or ``-``; ``cookie`` is sent as a ``vmware_soap_session`` cookie, but the lab's endpoint
+accepts only Basic auth.
 """
 
 from __future__ import annotations
@@ -173,7 +181,7 @@ def config_complete() -> None:
     if "file" not in params or not params["file"]:
         raise VixError(
             "you must supply the file=<FILENAME> parameter after the plugin name on the command line"
-        )  # noqa: E501
+        )
     remote = any(k in params for k in REMOTE_KEYS)
     if remote:
         for key in ("server", "vm", "thumbprint"):
