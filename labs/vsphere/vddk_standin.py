@@ -27,9 +27,9 @@ Parameters (all of the vddk plugin's listed below; any other key is ``unknown pa
 - ``server``, ``port`` (default 443), ``user``, ``password``, ``vm``, ``thumbprint``, ``cookie``,
   ``nfchostport``: any of them makes the connection remote, as in the vddk plugin; a remote connection
   needs ``server``, ``vm`` (``moref=ID``), ``thumbprint`` (VDDK refuses a remote connection without it)
-  and ``user``/``password`` (or ``cookie``).  ``password=+FILE`` reads the file (one trailing newline
-  stripped), ``password=-`` reads a line from stdin, ``password=-FD`` reads file descriptor FD, as
-  nbdkit_read_password does.
+  and ``user``/``password`` (or ``cookie``).  ``password`` as nbdkit_read_password takes it: the value,
+  ``+FILE`` (its first line), ``-FD`` (a line from inherited fd FD, not 0/1/2) or ``-`` (a line typed
+  on stdin, which must be a tty: a pipe is refused, as by nbdkit).
 - ``snapshot``: snapshot moref (``snapshot-7``); the disk as of that snapshot, always read-only.
 - ``transports``: colon list of ``nbd``, ``nbdssl``, ``hotadd``, ``san``; parsed and validated, served
   all the same way (the lab has one data path).
@@ -124,27 +124,70 @@ _live: set[Handle] = set()
 _live_lock = threading.Lock()
 
 
+def _line(data: bytes) -> str:
+    """getline's first line, one trailing newline removed (EOF at once: the empty password)."""
+    line = data.split(b"\n", 1)[0]
+    return line.decode("utf-8", errors="surrogateescape")
+
+
+def _read_fd_line(fd: int) -> bytes:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = os.read(fd, 4096 if fd != 0 else 1)  # stdin: no read beyond the line
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
 def _read_password(value: str) -> str:
-    """nbdkit_read_password: VALUE, +FILE, - (stdin) or -FD."""
+    """nbdkit_read_password (nbdkit 1.32 server/public.c), which the vddk plugin uses: VALUE; ``-`` a line
+    from stdin, only when stdin is a tty (prompt, no echo); ``-FD`` a line from fd FD (not 0/1/2, closed
+    after); ``+FILE`` the file's first line. The python plugin does not expose the C function."""
+    if value == "-":
+        if not os.isatty(0):
+            raise VixError("stdin is not a tty, cannot read password interactively")
+        import termios
+
+        os.write(1, b"password: ")
+        old = termios.tcgetattr(0)
+        new = termios.tcgetattr(0)
+        new[3] &= ~termios.ECHO
+        termios.tcsetattr(0, termios.TCSAFLUSH, new)
+        try:
+            data = _read_fd_line(0)
+        finally:
+            termios.tcsetattr(0, termios.TCSAFLUSH, old)
+            os.write(1, b"\n")
+        return _line(data)
+    if value.startswith("-"):
+        try:
+            fd = int(value[1:], 10)
+        except ValueError:
+            raise VixError(f"password file descriptor: could not parse number: {value[1:]!r}") from None
+        if fd in (0, 1, 2):
+            raise VixError("cannot use password -FD for stdin/stdout/stderr")
+        try:
+            try:
+                data = _read_fd_line(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise VixError(f"could not read password from {value[1:]}: {e.strerror}") from None
+        return _line(data)
     if value.startswith("+"):
         try:
-            with builtins.open(value[1:], encoding="utf-8") as f:
-                text = f.read()
+            fd = os.open(value[1:], os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
-            raise VixError(f"password: cannot read {value[1:]}: {e.strerror}") from None
-        return text[:-1] if text.endswith("\n") else text
-    if value == "-" or (value.startswith("-") and value[1:].isdigit()):
-        fd = 0 if value == "-" else int(value[1:])
-        data = b""
+            raise VixError(f"open {value[1:]}: {e.strerror}") from None
         try:
-            while not data.endswith(b"\n"):
-                chunk = os.read(fd, 1)
-                if not chunk:
-                    break
-                data += chunk
+            try:
+                data = _read_fd_line(fd)
+            finally:
+                os.close(fd)
         except OSError as e:
-            raise VixError(f"password: cannot read from fd {fd}: {e.strerror}") from None
-        return data.decode("utf-8").rstrip("\r\n")
+            raise VixError(f"could not read password from {value[1:]}: {e.strerror}") from None
+        return _line(data)
     return value
 
 

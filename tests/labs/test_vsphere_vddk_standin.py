@@ -124,7 +124,12 @@ class Nbdkit:
 
 @contextlib.contextmanager
 def nbdkit(
-    tmp_path: Path, args: list[str], *, readonly: bool = False, stdin: bytes | None = None
+    tmp_path: Path,
+    args: list[str],
+    *,
+    readonly: bool = False,
+    stdin: bytes | None = None,
+    pass_fds: tuple[int, ...] = (),
 ) -> Iterator[Nbdkit]:
     """`nbdkit -U SOCK --exit-with-parent [-r] python STANDIN args...`, the production command line."""
     n = len(list(tmp_path.glob("nbdkit-*.stderr")))
@@ -149,6 +154,7 @@ def nbdkit(
             stdout=subprocess.DEVNULL,
             stderr=err,
             env={**os.environ, "TMPDIR": str(tmpdir)},
+            pass_fds=pass_fds,
         )
     if stdin is not None:
         assert proc.stdin is not None
@@ -250,7 +256,7 @@ def _qemu_io_reads(path: str, pattern: int, offset: int, length: int) -> bool:
                 "thumbprint=AA",
                 "vm=moref=vm-1",
             ],
-            "password: cannot read /nonexistent/pw",
+            "open /nonexistent/pw: No such file or directory",
         ),
     ],
     ids=[
@@ -308,14 +314,27 @@ def test_wrong_password_is_refused_and_never_printed(lab: VsphereLab, vm: Vm, tm
         errors = _error_lines(srv.stderr)
         assert errors and all("bad user name or password" in e for e in errors), srv.stderr
         assert secret not in srv.stderr
-    # the right password from a file (trailing newline stripped, as nbdkit does) and from stdin works
-    pwfile.write_text(lab.password + "\n")
+    # the right password: from a file (its first line, as nbdkit_read_password reads it) and from an
+    # inherited fd (-FD) works; password=- reads only from a terminal (nbdkit refuses a pipe)
+    pwfile.write_text(lab.password + "\nsecond line\n")
     with nbdkit(tmp_path, _args(lab, vm, disk["file"], password_file=pwfile)) as srv:
         assert srv.connect().get_size() == disk["capacity"]
-    with nbdkit(
-        tmp_path, _args(lab, vm, disk["file"], password="-"), stdin=f"{lab.password}\n".encode()
-    ) as srv:
-        assert srv.connect().get_size() == disk["capacity"]
+    rfd, wfd = os.pipe()
+    os.write(wfd, f"{lab.password}\n".encode())
+    os.close(wfd)
+    try:
+        with nbdkit(tmp_path, _args(lab, vm, disk["file"], password=f"-{rfd}"), pass_fds=(rfd,)) as srv:
+            assert srv.connect().get_size() == disk["capacity"]
+    finally:
+        os.close(rfd)
+    out = subprocess.run(
+        ["nbdkit", "-U", str(tmp_path / "s"), "--exit-with-parent", "python", str(STANDIN),
+         *_args(lab, vm, disk["file"], password="-")],
+        input=f"{lab.password}\n", capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert out.returncode != 0 and out.stderr.strip().splitlines() == [
+        f"nbdkit: error: {STANDIN}: config: error: stdin is not a tty, cannot read password interactively"
+    ], out.stderr
 
 
 def test_unknown_snapshot_or_file_is_refused(lab: VsphereLab, vm: Vm, tmp_path: Path) -> None:
