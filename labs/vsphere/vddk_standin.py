@@ -26,15 +26,20 @@ Parameters (all of the vddk plugin's listed below; any other key is ``unknown pa
 - ``file`` (required): the datastore path ``[ds] dir/name.vmdk`` (remote) or a local disk path (local).
 - ``server``, ``port`` (default 443), ``user``, ``password``, ``vm``, ``thumbprint``, ``cookie``,
   ``nfchostport``: any of them makes the connection remote, as in the vddk plugin; a remote connection
-  needs ``server``, ``vm`` (``moref=ID``), ``thumbprint`` (VDDK refuses a remote connection without it)
-  and ``user``/``password`` (or ``cookie``).  ``password`` as nbdkit_read_password takes it: the value,
-  ``+FILE`` (its first line), ``-FD`` (a line from inherited fd FD, not 0/1/2) or ``-`` (a line typed
-  on stdin, which must be a tty: a pipe is refused, as by nbdkit).
+  needs ``server``, ``user``, ``password``, ``vm`` (``moref=ID``), in the vddk plugin's order, then
+  ``thumbprint`` (VDDK refuses a remote connection without it; checked here up front).  ``cookie`` is
+  sent as a ``vmware_soap_session`` cookie beside Basic auth (the lab's endpoint ignores it).
+  ``password`` as nbdkit_read_password takes it: the value, ``+FILE`` (its first line), ``-FD`` (a line
+  from inherited fd FD, not 0/1/2) or ``-`` (a line typed on stdin, which must be a tty: a pipe is
+  refused, as by nbdkit).
 - ``snapshot``: snapshot moref (``snapshot-7``); the disk as of that snapshot, always read-only.
 - ``transports``: colon list of ``nbd``, ``nbdssl``, ``hotadd``, ``san``; parsed and validated, served
   all the same way (the lab has one data path).
 - ``libdir``, ``config``, ``compression`` (none/zlib/fastlz/skipz), ``single-link``, ``unbuffered``,
-  ``nfchostport``: accepted (values validated) and otherwise ignored; there is no VDDK library to load.
+  ``nfchostport``, ``vimapiver``, ``noreexec``: accepted (values checked as the vddk plugin checks them)
+  and otherwise ignored; there is no VDDK library to load.  Unlike the vddk plugin, ``libdir`` and
+  ``config`` need not exist (the lab has no /opt/vmware-vix-disklib-distrib), and a bare disk name is not
+  taken as ``file`` (the python plugin's own magic key is the script).
 
 Per NBD connection (``open``), as VDDK's ConnectEx + Open do: connect to ``https://server:port``, check
 the SHA-1 thumbprint of the certificate the server presents against ``thumbprint`` (case-insensitive),
@@ -53,10 +58,9 @@ Errors are one line in the style of the vddk plugin and never contain the passwo
 from config/config_complete (nbdkit exits 1); ``VixDiskLib_ConnectEx: ...`` (unreachable server,
 thumbprint mismatch, bad user name or password) and ``VixDiskLib_Open: ...`` (unknown VM/snapshot/file,
 qemu-nbd refusing the file) from ``open``, as with VDDK: nbdkit keeps running and that client's handshake
-fails; ``VixDiskLib_Read/Write/...: ...`` from the data path, with the errno passed on.  Caveats: nbdkit
+fails; ``VixDiskLib_Read/Write/...: ...`` from the data path, with the errno passed on.  Caveat: nbdkit
 1.32's core prints every ``key=value`` with ``-v``, the password too (as with the real plugin), so pass it
-as ``+FILE`` or ``-``; ``cookie`` is sent as a ``vmware_soap_session`` cookie, but the lab's endpoint
-accepts only Basic auth.
+as ``+FILE`` or ``-FD``.
 """
 
 from __future__ import annotations
@@ -90,12 +94,12 @@ F = TypeVar("F", bound=Callable[..., Any])
 TRANSPORTS = ("nbd", "nbdssl", "hotadd", "san")
 COMPRESSIONS = ("none", "zlib", "fastlz", "skipz")
 FORMATS = ("vmdk", "qcow2", "raw")
-BOOLS = ("1", "true", "yes", "on", "0", "false", "no", "off")
+BOOLS = ("1", "true", "t", "yes", "y", "on", "0", "false", "f", "no", "n", "off", "")  # nbdkit_parse_bool
 REMOTE_KEYS = ("server", "user", "password", "vm", "thumbprint", "cookie", "port", "nfchostport")
 KNOWN_KEYS = (
-    "libdir", "server", "port", "user", "password", "thumbprint", "vm", "snapshot", "file", "transports",
-    "config", "cookie", "compression", "single-link", "unbuffered", "nfchostport",
-)  # fmt: skip
+    "compression", "config", "cookie", "file", "libdir", "nfchostport", "noreexec", "password", "port",
+    "server", "single-link", "snapshot", "thumbprint", "transports", "unbuffered", "user", "vimapiver", "vm",
+)  # fmt: skip  # the vddk plugin's keys (nbdkit 1.32) but its internal reexeced_
 START_TIMEOUT = 20.0
 
 
@@ -191,7 +195,20 @@ def _read_password(value: str) -> str:
     return value
 
 
+def _uint16(key: str, value: str) -> None:
+    """nbdkit_parse_uint16_t's checks and messages."""
+    try:
+        n = int(value, 0)
+    except ValueError:
+        raise VixError(f'{key}: could not parse number: "{value}"') from None
+    if not 0 <= n <= 0xFFFF:
+        raise VixError(f'{key}: value is out of range: "{value}"')
+
+
 def config(key: str, value: str) -> None:
+    """The vddk plugin's vddk_config (nbdkit 1.32): the same keys, checks and messages, except that
+    ``libdir`` and ``config`` need not exist (the vddk plugin realpath()s them) and ``transports`` is
+    checked word by word (the vddk plugin hands it to VDDK unchecked)."""
     global password
     if key not in KNOWN_KEYS:
         raise VixError(f"unknown parameter '{key}'")
@@ -199,14 +216,13 @@ def config(key: str, value: str) -> None:
         password = _read_password(value)
         value = "***"
     elif key in ("port", "nfchostport"):
-        if not value.isdigit() or not 0 < int(value) < 65536:
-            raise VixError(f"could not parse {key}: '{value}'")
-    elif key in ("single-link", "unbuffered"):
-        if value.lower() not in BOOLS:
-            raise VixError(f"could not decipher boolean ({key}={value})")
+        _uint16(key, value)
+    elif key in ("single-link", "unbuffered", "noreexec"):
+        if value.strip().lower() not in BOOLS:
+            raise VixError(f"could not decipher boolean ({value})")
     elif key == "compression":
-        if value.lower() not in COMPRESSIONS:
-            raise VixError(f"unknown compression type '{value}'")
+        if value not in COMPRESSIONS:
+            raise VixError(f"unknown compression type: {value}")
     elif key == "transports":
         words = value.split(":")
         bad = [w for w in words if w not in TRANSPORTS]
@@ -225,16 +241,15 @@ def config_complete() -> None:
         raise VixError(
             "you must supply the file=<FILENAME> parameter after the plugin name on the command line"
         )
-    remote = any(k in params for k in REMOTE_KEYS)
+    # the vddk plugin's is_remote test (a port of 0 counts as unset, as there)
+    remote = any(k in params for k in REMOTE_KEYS if k not in ("port", "nfchostport")) or any(
+        int(params.get(k, "0"), 0) != 0 for k in ("port", "nfchostport")
+    )
     if remote:
-        for key in ("server", "vm", "thumbprint"):
-            if not params.get(key):
+        # the vddk plugin's order and message; then what VDDK refuses at ConnectEx, checked up front here
+        for key in ("server", "user", "password", "vm", "thumbprint"):
+            if (password is None) if key == "password" else not params.get(key):
                 raise VixError(f"remote connection requested, missing parameter: {key}")
-        if "cookie" not in params:
-            if not params.get("user"):
-                raise VixError("remote connection requested, missing parameter: user")
-            if password is None:
-                raise VixError("remote connection requested, missing parameter: password")
         vm = params["vm"]
         if not vm.startswith("moref=") or len(vm) == len("moref="):
             raise VixError(f"vm: expected moref=<managed object reference> (e.g. moref=vm-42), got '{vm}'")

@@ -258,6 +258,13 @@ def _qemu_io_reads(path: str, pattern: int, offset: int, length: int) -> bool:
             ],
             "open /nonexistent/pw: No such file or directory",
         ),
+        (
+            ["file=[ds] a/a.vmdk", "server=h", "cookie=c", "user=u", "vm=moref=vm-1", "thumbprint=AA"],
+            "remote connection requested, missing parameter: password",
+        ),
+        (["file=[ds] a/a.vmdk", "port=44x"], 'port: could not parse number: "44x"'),
+        (["file=[ds] a/a.vmdk", "compression=ZLIB"], "unknown compression type: ZLIB"),
+        (["file=[ds] a/a.vmdk", "single-link=maybe"], "could not decipher boolean (maybe)"),
     ],
     ids=[
         "missing-file",
@@ -266,6 +273,10 @@ def _qemu_io_reads(path: str, pattern: int, offset: int, length: int) -> bool:
         "unknown-transport",
         "unknown-parameter",
         "password-file",
+        "cookie-without-password",
+        "bad-port",
+        "bad-compression",
+        "bad-bool",
     ],
 )
 def test_parameter_errors_are_one_line_and_fail_nbdkit(tmp_path: Path, args: list[str], message: str) -> None:
