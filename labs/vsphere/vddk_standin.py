@@ -35,7 +35,9 @@ Parameters (all of the vddk plugin's listed below; any other key is ``unknown pa
 - ``snapshot``: snapshot moref (``snapshot-7``); the disk as of that snapshot, always read-only.
 - ``transports``: colon list of ``nbd``, ``nbdssl``, ``hotadd``, ``san``; parsed and validated, served
   all the same way (the lab has one data path).
-- ``libdir``, ``config``, ``compression`` (none/zlib/fastlz/skipz), ``single-link``, ``unbuffered``,
+- ``single-link=true``: only this link of the disk's chain (qemu ``"backing": null``); its holes are
+  reported as holes, not zeros, as the vddk plugin does.
+- ``libdir``, ``config``, ``compression`` (none/zlib/fastlz/skipz), ``unbuffered``,
   ``nfchostport``, ``vimapiver``, ``noreexec``: accepted (values checked as the vddk plugin checks them)
   and otherwise ignored; there is no VDDK library to load.  Unlike the vddk plugin, ``libdir`` and
   ``config`` need not exist (the lab has no /opt/vmware-vix-disklib-distrib), and a bare disk name is not
@@ -48,11 +50,12 @@ then, on that same TLS connection, ``GET /sendense-lab/disk?vm=&snapshot=&file=`
 starts ``qemu-nbd`` on the file (``setpriv --pdeathsig KILL``: it dies with the nbdkit thread that
 started it) on a unix socket in a private temp dir, connects with libnbd and removes the temp dir at once
 (nothing is left behind even if nbdkit is SIGKILLed), and forwards pread/pwrite/zero/trim/flush and
-block status (``base:allocation``, so clients see holes and zeros).  qemu-nbd runs read-only
-(``--read-only`` and ``read-only=on,force-share=on`` in ``--image-opts``) unless nbdkit is writable, no
-``snapshot`` is given and the lab says the disk is writable (a powered-off VM's current disk).  ``close``
-(and ``cleanup`` at exit) kill it.  The export size is the lab's capacity.  Without ``server`` (local
-mode) ``file`` is a local disk path, served writable unless ``-r``.
+block status (``base:allocation``, so clients see holes and zeros); I/O not aligned to 512-byte sectors
+is refused, as by the vddk plugin.  qemu-nbd runs read-only (``--read-only``; ``"read-only": true,
+"force-share": true`` in its ``json:`` filename) unless nbdkit is writable, no ``snapshot`` is given and
+the lab says the disk is writable (a powered-off VM's current disk).  ``close`` (and ``cleanup`` at exit)
+kill it.  The export size is the lab's capacity.  Without ``server`` (local mode) ``file`` is a local
+disk path, served writable unless ``-r``.
 
 Errors are one line in the style of the vddk plugin and never contain the password: parameter errors
 from config/config_complete (nbdkit exits 1); ``VixDiskLib_ConnectEx: ...`` (unreachable server,
@@ -101,6 +104,7 @@ KNOWN_KEYS = (
     "server", "single-link", "snapshot", "thumbprint", "transports", "unbuffered", "user", "vimapiver", "vm",
 )  # fmt: skip  # the vddk plugin's keys (nbdkit 1.32) but its internal reexeced_
 START_TIMEOUT = 20.0
+SECTOR = 512  # VIXDISKLIB_SECTOR_SIZE
 
 
 class VixError(Exception):
@@ -193,6 +197,10 @@ def _read_password(value: str) -> str:
             raise VixError(f"could not read password from {value[1:]}: {e.strerror}") from None
         return _line(data)
     return value
+
+
+def _single_link() -> bool:
+    return params.get("single-link", "").strip().lower() in ("1", "true", "t", "yes", "y", "on")
 
 
 def _uint16(key: str, value: str) -> None:
@@ -378,17 +386,22 @@ class Handle:
 
     def _start(self, tmp: str) -> None:
         sock = os.path.join(tmp, "qemu-nbd.sock")
-        # --image-opts: qemu-nbd 7.2 has no --force-share option; force-share=on (read-only only) lets a
-        # reader share the file with a writer, as VDDK reads a snapshot's disk of a running VM.
-        path = self.disk["path"].replace(",", ",,")  # --image-opts escapes a comma by doubling it
-        opts = f"driver={self.disk['format']},file.driver=file,file.filename={path}"
+        # a json: filename: qemu-nbd 7.2 has no --force-share option, and single-link needs "backing": null.
+        # force-share (read-only only) lets a reader share the file with a writer of it.
+        spec: dict[str, Any] = {
+            "driver": self.disk["format"],
+            "file": {"driver": "file", "filename": self.disk["path"]},
+        }
+        if _single_link():
+            spec["backing"] = None  # VIXDISKLIB_FLAG_OPEN_SINGLE_LINK: this link of the chain only
         cmd = ["setpriv", "--pdeathsig", "KILL", "--", "qemu-nbd", "--socket", sock, "--shared", "1"]
         if self.writable:
             cmd += ["--discard", "unmap"]
         else:
             cmd += ["--read-only"]
-            opts += ",read-only=on,force-share=on"
-        cmd += ["--image-opts", opts]
+            spec["read-only"] = True
+            spec["force-share"] = True
+        cmd.append("json:" + json.dumps(spec))
         errpath = os.path.join(tmp, "stderr")
         with builtins.open(errpath, "wb") as err:
             self.proc = subprocess.Popen(
@@ -534,13 +547,23 @@ def _fua(flags: int) -> int:
     return nbd.CMD_FLAG_FUA if flags & nbdkit.FLAG_FUA else 0
 
 
+def _aligned(what: str, count: int, offset: int) -> None:
+    """The vddk plugin refuses I/O not aligned to VDDK's 512-byte sectors (zero and trim, which it
+    emulates with writes or lacks, too)."""
+    if offset % SECTOR or count % SECTOR:
+        nbdkit.set_error(errno.EINVAL)
+        raise VixError(f"{what} is not aligned to sectors")
+
+
 @_vix("VixDiskLib_Read")
 def pread(h: Handle, buf: memoryview, offset: int, flags: int) -> None:
+    _aligned("read", len(buf), offset)
     buf[:] = _nbd(h).pread(len(buf), offset)
 
 
 @_vix("VixDiskLib_Write")
 def pwrite(h: Handle, buf: memoryview, offset: int, flags: int) -> None:
+    _aligned("write", len(buf), offset)
     _nbd(h).pwrite(buf, offset, _fua(flags))
 
 
@@ -551,11 +574,13 @@ def flush(h: Handle, flags: int) -> None:
 
 @_vix("VixDiskLib_Unmap")
 def trim(h: Handle, count: int, offset: int, flags: int) -> None:
+    _aligned("write", count, offset)
     _nbd(h).trim(count, offset, _fua(flags))
 
 
 @_vix("VixDiskLib_Write (zero)")
 def zero(h: Handle, count: int, offset: int, flags: int) -> None:
+    _aligned("write", count, offset)
     f = _fua(flags)
     if not flags & nbdkit.FLAG_MAY_TRIM:
         f |= nbd.CMD_FLAG_NO_HOLE
@@ -567,13 +592,19 @@ def zero(h: Handle, count: int, offset: int, flags: int) -> None:
 @_vix("VixDiskLib_QueryAllocatedBlocks")
 def extents(h: Handle, count: int, offset: int, flags: int) -> list[tuple[int, int, int]]:
     out: list[tuple[int, int, int]] = []
+    single = _single_link()
 
     def collect(metacontext: str, start: int, entries: list[int], err: list[int]) -> int:
         if metacontext == "base:allocation":
             pos = start
             for i in range(0, len(entries) - 1, 2):
                 length, state = entries[i], entries[i + 1]
-                out.append((pos, length, state & (nbdkit.EXTENT_HOLE | nbdkit.EXTENT_ZERO)))
+                kind = state & (nbdkit.EXTENT_HOLE | nbdkit.EXTENT_ZERO)
+                if single and kind & nbdkit.EXTENT_HOLE:
+                    kind = (
+                        nbdkit.EXTENT_HOLE
+                    )  # as the vddk plugin: a single link's holes may not read as zero
+                out.append((pos, length, kind))
                 pos += length
         return 0
 

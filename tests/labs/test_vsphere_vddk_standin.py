@@ -433,26 +433,32 @@ def test_readonly_refuses_writes_and_holds_no_write_lock(lab: VsphereLab, vm: Vm
     assert hashlib.sha256(Path(disk["path"]).read_bytes()).hexdigest() == digest
 
 
+def _map(h, size: int) -> list[tuple[int, int, int]]:
+    """base:allocation over the whole export: (offset, length, flags) with flags 1 hole, 2 zero."""
+    seen: list[tuple[int, int, int]] = []
+
+    def collect(ctx, offset, entries, err):
+        for i in range(0, len(entries), 2):
+            seen.append((offset, entries[i], entries[i + 1]))
+            offset += entries[i]
+        return 0
+
+    off = 0
+    while off < size:
+        n = len(seen)
+        h.block_status(size - off, off, collect)
+        assert len(seen) > n, "block status made no progress"
+        off = seen[-1][0] + seen[-1][1]
+    return seen
+
+
 def test_block_status_shows_holes_and_data(lab: VsphereLab, vm: Vm, tmp_path: Path) -> None:
     disk = vm.disk()
     _qemu_io_write(disk["path"], 0x5A, 4 * MIB, MIB)
     with nbdkit(tmp_path, _args(lab, vm, disk["file"]), readonly=True) as srv:
         h = srv.connect()
         assert h.can_meta_context("base:allocation")
-        seen: list[tuple[int, int, int]] = []
-
-        def collect(ctx, offset, entries, err):
-            pos = offset
-            for i in range(0, len(entries), 2):
-                seen.append((pos, entries[i], entries[i + 1]))
-                pos += entries[i]
-            return 0
-
-        off = 0
-        while off < disk["capacity"]:
-            n = len(seen)
-            h.block_status(disk["capacity"] - off, off, collect)
-            off = seen[-1][0] + seen[-1][1] if len(seen) > n else disk["capacity"]
+        seen = _map(h, disk["capacity"])
         h.shutdown()
     data = [(o, n) for o, n, f in seen if not f & 1]
     holes = [(o, n) for o, n, f in seen if f & 3 == 3]
@@ -589,6 +595,48 @@ def test_snapshot_read_while_the_current_disk_is_written(lab: VsphereLab, vm: Vm
         w.shutdown()
 
 
+def test_unaligned_io_is_refused_like_vddk(lab: VsphereLab, vm: Vm, tmp_path: Path) -> None:
+    disk = vm.disk()
+    with nbdkit(tmp_path, _args(lab, vm, disk["file"])) as srv:
+        h = srv.connect()
+        with pytest.raises(nbd.Error, match="EINVAL"):
+            h.pread(100, 0)
+        with pytest.raises(nbd.Error, match="EINVAL"):
+            h.pwrite(b"x" * 512, 100)
+        assert h.pread(512, 512) == bytes(512)  # aligned is fine
+        h.shutdown()
+    assert "read is not aligned to sectors" in srv.stderr and "write is not aligned to sectors" in srv.stderr
+
+
+def test_single_link_serves_only_the_top_file(lab: VsphereLab, vm: Vm, tmp_path: Path) -> None:
+    with nbdkit(tmp_path, _args(lab, vm, vm.disk()["file"])) as srv:
+        h = srv.connect()
+        h.pwrite(b"\x41" * MIB, 0)  # into the base file
+        h.shutdown()
+    vm.snapshot("base")
+    current = vm.disk()
+    with nbdkit(tmp_path, _args(lab, vm, current["file"])) as srv:
+        h = srv.connect()
+        h.pwrite(b"\x42" * MIB, 4 * MIB)  # into the delta
+        h.shutdown()
+
+    def view(single: bool) -> tuple[bytes, bytes, list[tuple[int, int, int]]]:
+        args = _args(lab, vm, current["file"], **({"single-link": "true"} if single else {}))
+        with nbdkit(tmp_path, args, readonly=True) as srv:
+            h = srv.connect()
+            seen = _map(h, current["capacity"])
+            head, mine = h.pread(MIB, 0), h.pread(MIB, 4 * MIB)
+            h.shutdown()
+        return head, mine, seen
+
+    head, mine, seen = view(single=False)
+    assert head == b"\x41" * MIB and mine == b"\x42" * MIB
+    head, mine, seen = view(single=True)
+    assert mine == b"\x42" * MIB and head != b"\x41" * MIB  # the base's bytes are not in this link
+    assert [(o, n) for o, n, f in seen if not f & 1] == [(4 * MIB, MIB)], seen
+    assert all(f == 1 for o, n, f in seen if f & 1), seen  # holes, not promised to read as zeros
+
+
 # ------------------------------------------------------------------------------------- planted bugs
 # `python tests/labs/test_vsphere_vddk_standin.py [BUG ...]`: plant each bug into the stand-in in turn, run
 # this module, print the failing tests, restore the file (labs/vsphere/NOTES.md has the results). Never
@@ -605,7 +653,9 @@ PLANTED_BUGS = {
         "buf[:] = _nbd(h).pread(len(buf), min(offset + 1, h.capacity - len(buf)))",
     ),
     "no-pdeathsig": ('cmd = ["setpriv", "--pdeathsig", "KILL", "--", "qemu-nbd"', 'cmd = ["qemu-nbd"'),
-    "no-force-share": ('opts += ",read-only=on,force-share=on"', 'opts += ",read-only=on"'),
+    "no-force-share": ('spec["force-share"] = True', "pass"),
+    "unaligned-io-served": ("    if offset % SECTOR or count % SECTOR:", "    if False:"),
+    "single-link-ignored": ('spec["backing"] = None', "pass"),
     "snapshot-writable": (
         'writable = not readonly and not params.get("snapshot") and bool(disk["writable"])',
         'writable = not readonly and bool(disk["writable"])',
