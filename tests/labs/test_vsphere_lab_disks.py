@@ -278,6 +278,36 @@ def test_snapshot_freezes_the_file_and_a_delta_becomes_current(lab):
     assert info["backing-filename"] == "chain-000001.vmdk" and info["virtual-size"] == CAP
 
 
+def test_two_disks_each_get_their_delta_record_and_bytes(lab, tmp_path):
+    moref = lab.make_vm("two", [CAP, 2 * MIB])
+    vm = lab.vm(moref)
+    keys = [d.key for d in _disks(vm.config.hardware.device)]
+    writes = {keys[0]: [(0, 100, 0xA1)], keys[1]: [(MIB, BLOCK + 1, 0xB1)]}
+
+    def path(key: int, snap=None) -> str:
+        devices = (snap or vm).config.hardware.device
+        file = _disk(devices, key).backing.fileName
+        return lab.disk_info(moref, file, snapshot=snap._moId if snap else None)["path"]
+
+    for key, w in writes.items():
+        _write(path(key), w)
+    s1 = _snap(lab, vm, "s1")
+    assert [_chain(_disk(vm.config.hardware.device, k).backing) for k in keys] == [
+        ["[LocalDS_0] two/two-000001.vmdk", "[LocalDS_0] two/two.vmdk"],
+        ["[LocalDS_0] two/two_1-000001.vmdk", "[LocalDS_0] two/two_1.vmdk"],
+    ]
+    _write(path(keys[1]), [(0, 1, 0xB2)])
+    s2 = _snap(lab, vm, "s2")
+    assert _query(vm, s2, keys[0], _change_id(s1, keys[0]))[1] == []
+    assert _query(vm, s2, keys[1], _change_id(s1, keys[1]), 2 * MIB)[1] == [(0, BLOCK)]
+    assert _query(vm, s1, keys[1], "*", 2 * MIB)[1] == _rounded(writes[keys[1]])
+    lab.wait(vm.RemoveAllSnapshots_Task())
+    for key, size in zip(keys, [CAP, 2 * MIB], strict=True):
+        image = bytearray(size)
+        _apply(image, writes[key] + ([(0, 1, 0xB2)] if key == keys[1] else []))
+        assert _read(path(key), tmp_path) == bytes(image)
+
+
 def test_bytes_of_each_snapshot_and_the_current_disk_are_exact(lab, tmp_path):
     sc = _scenario(lab, "bytes")
     _assert_bytes(sc, tmp_path, s1=sc.s1, s2=sc.s2, current=None)
