@@ -85,6 +85,6 @@ start=$(date +%s)
 )
 mv "$bin.tmp" "$bin"
 ln -sfn "$(basename "$bin")" "$CACHE/vcsim-lab"
-find "$CACHE" -maxdepth 1 -name 'vcsim-lab-*' ! -name "$(basename "$bin")" -delete  # older recipes
+find "$CACHE" -mindepth 1 -maxdepth 1 -name 'vcsim-lab-*' ! -name "$(basename "$bin")" -delete  # older recipes
 say "built in $(($(date +%s) - start)) s"
 echo "$bin"

@@ -4,8 +4,8 @@ The tests after the first prove the lab's fixes of stock vcsim bugs
 (labs/vsphere/overlay/simulator/lab_fixes.go);
 each fails against stock vcsim (SENDENSE_VCSIM_BIN=/path/to/stock-build runs them against another binary).
 
-Builds (or finds cached) vcsim-lab with labs/vsphere/build.sh, starts it on a free loopback port, logs in,
-finds a VM, enables change tracking, records writes through the lab's control endpoint, takes a snapshot
+Builds (or finds cached) vcsim-lab with labs/vsphere/build.sh, starts it on a free loopback port (VsphereLab),
+logs in, finds a VM, enables change tracking, writes into the VM's disk file with qemu-io, takes a snapshot
 and pages QueryChangedDiskAreas("*") the way vSphere pages (2 extents per reply by default).
 Skipped when pyvmomi or the Debian Go packages are missing. Not wired into CI yet.
 """
@@ -19,7 +19,6 @@ import subprocess
 import time
 import urllib.request
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
 
@@ -28,8 +27,7 @@ from pyVim.connect import Disconnect, SmartConnect  # noqa: E402
 from pyVim.task import WaitForTask  # noqa: E402
 from pyVmomi import vim, vmodl  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
-BUILD = ROOT / "labs" / "vsphere" / "build.sh"
+from labs.vsphere import VsphereLab  # noqa: E402
 
 
 def _wait_task(task, timeout=30.0):
@@ -49,27 +47,14 @@ def lab():
             pytest.skip(
                 "needs Debian's golang-go and golang-github-vmware-govmomi-dev (labs/vsphere/build.sh)"
             )
-    binary = os.environ.get("SENDENSE_VCSIM_BIN")  # another build (e.g. stock vcsim, to check a test bites)
-    if not binary:
-        out = subprocess.run(["bash", str(BUILD)], check=True, capture_output=True, text=True, timeout=600)
-        binary = out.stdout.strip().splitlines()[-1]
-    proc = subprocess.Popen(
-        [binary, "-l", "127.0.0.1:0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    try:
-        line = proc.stdout.readline().strip()
-        err = proc.stderr.read() if proc.poll() is not None else ""
-        assert line.startswith("VCSIM_URL="), f"vcsim-lab said {line!r}: {err}"
-        url = urlsplit(line.removeprefix("VCSIM_URL="))
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    # SENDENSE_VCSIM_BIN: another build (e.g. stock vcsim, to check a test bites)
+    with VsphereLab() as lab:
+        yield lab
 
 
 def test_query_changed_disk_areas_star_is_paged(lab):
     si = SmartConnect(
-        host=lab.hostname, port=lab.port, user=lab.username, pwd=lab.password, disableSslCertValidation=True
+        host=lab.host, port=lab.port, user=lab.user, pwd=lab.password, disableSslCertValidation=True
     )
     try:
         content = si.RetrieveContent()
@@ -89,17 +74,17 @@ def test_query_changed_disk_areas_star_is_paged(lab):
         _wait_task(vm.ReconfigVM_Task(spec=vim.vm.ConfigSpec(changeTrackingEnabled=True)))
         assert vm.config.changeTrackingEnabled
 
-        # five separate writes (and one overlapping write that merges) -> five extents, 2 per reply
-        writes = [(0, 4096), (65536, 8192), (69632, 8192), (262144, 4096), (524288, 65536), (900000, 1000)]
-        ctx = ssl._create_unverified_context()
-        for off, n in writes:
-            req = urllib.request.Request(
-                f"https://{lab.hostname}:{lab.port}/sendense-lab/write?vm={vm._moId}&key={disk.key}&offset={off}&length={n}",
-                method="POST",
-            )
-            with urllib.request.urlopen(req, context=ctx) as r:
-                assert r.status == 204
-        expected = [(0, 4096), (65536, 12288), (262144, 4096), (524288, 65536), (900000, 1000)]
+        # guest writes into the VM's current disk file (qemu-io on the file the lab's endpoint names):
+        # five areas once rounded out to the 64 KiB tracking block (two writes share one block)
+        writes = [(0, 4096), (131072, 8192), (135168, 8192), (262144, 4096), (524288, 65536), (900000, 1000)]
+        current = next(d for d in vm.config.hardware.device if d.key == disk.key)  # the delta since snap0
+        path = lab.disk_info(vm._moId, current.backing.fileName)["path"]
+        subprocess.run(
+            ["qemu-io", "-f", "vmdk", *(a for off, n in writes for a in ("-c", f"write {off} {n}")), path],
+            check=True,
+            capture_output=True,
+        )
+        expected = [(0, 65536), (131072, 65536), (262144, 65536), (524288, 65536), (851968, 65536)]
 
         snap = _wait_task(vm.CreateSnapshot_Task(name="s1", description="", memory=False, quiesce=False))
         sdisk = next(d for d in snap.config.hardware.device if d.key == disk.key)
@@ -138,7 +123,7 @@ def test_query_changed_disk_areas_star_is_paged(lab):
 @pytest.fixture
 def si(lab):
     si = SmartConnect(
-        host=lab.hostname, port=lab.port, user=lab.username, pwd=lab.password, disableSslCertValidation=True
+        host=lab.host, port=lab.port, user=lab.user, pwd=lab.password, disableSslCertValidation=True
     )
     yield si
     Disconnect(si)
@@ -207,7 +192,7 @@ def test_remove_s2_then_s1_keeps_base_disk(si, lab):
         )
 
     base = disk_files()
-    assert len(base) == 2, base  # disk1.vmdk, disk1-flat.vmdk
+    assert len(base) == 1, base  # disk1.vmdk (one monolithicSparse file)
     s1 = _snap(vm, "s1")
     s2 = _snap(vm, "s2")
     _wait_task_state(si, s2.RemoveSnapshot_Task(removeChildren=False, consolidate=True))
@@ -216,7 +201,7 @@ def test_remove_s2_then_s1_keeps_base_disk(si, lab):
     ctx = ssl._create_unverified_context()
     for name in base:  # "[LocalDS_0] DC0_H0_VM1/disk1.vmdk": the bytes on the datastore, via /folder
         ds, rel = name[1:].split("] ", 1)
-        url = f"https://{lab.hostname}:{lab.port}/folder/{rel}?dcPath=DC0&dsName={ds}"
+        url = f"https://{lab.host}:{lab.port}/folder/{rel}?dcPath=DC0&dsName={ds}"
         with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), context=ctx) as r:
             assert r.status == 200, (name, r.status)  # stock vcsim: 404, the base disk was deleted
 

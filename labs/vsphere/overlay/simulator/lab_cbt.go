@@ -4,9 +4,9 @@
 // Go only lets methods be added to simulator.VirtualMachine from inside its own package, and embedding
 // the type from another package breaks property access and snapshots (see NOTES.md).
 //
-// The lab keeps a change record per VM disk: writes the lab is told about (POST /sendense-lab/write) go to
-// the disk's open epoch; each snapshot seals the epoch, gives it the next sequence number and stamps the
-// snapshot's disk backings with changeId "<ctk uuid>/<seq>" as real vSphere does.
+// The lab keeps a change record per VM disk, derived from the data: each snapshot seals an epoch (the
+// allocated areas of the disk file it froze, rounded out to the 64 KiB tracking block), gives it the next
+// sequence number and stamps the snapshot's disk backings with changeId "<ctk uuid>/<seq>" as vSphere does.
 // QueryChangedDiskAreas answers from that record and pages like vSphere with a small per-reply extent
 // limit (SENDENSE_VCSIM_CBT_MAX_EXTENTS, default 2) so that paging bugs in a client show.
 
@@ -14,8 +14,8 @@ package simulator
 
 import (
 	"crypto/rand"
+	"crypto/sha256"
 	"fmt"
-	"net/http"
 	"os"
 	"sort"
 	"strconv"
@@ -29,16 +29,28 @@ import (
 
 type labExtent struct{ start, length int64 }
 
+// labEpoch: the changes sealed by one snapshot, i.e. the allocated areas of the disk file that was current
+// until that snapshot froze it. parent is the epoch the file's own backing was sealed with (0: a base
+// disk), so that after a revert the record follows the branch the snapshot is on.
 type labEpoch struct {
-	seq     int
-	extents []labExtent
+	seq, parent int
+	extents     []labExtent
 }
 
 type labDiskCBT struct {
-	ctk     string // "52 d2 ... xx-xx ... xx", fixed for the life of the tracking
-	seq     int    // last sealed epoch
-	pending []labExtent
-	epochs  []labEpoch
+	ctk      string // "52 d2 ... xx-xx ... xx"; a new one when tracking is reset (disabled then enabled)
+	ctkSince int    // changeIds of ctk with a lower seq were never handed out: FileFault
+	seq      int    // last sealed epoch
+	open     int    // the epoch the current (open) disk file's backing was sealed with
+	epochs   map[int]*labEpoch
+	// every live file of the disk (datastore path "[ds] dir/f.vmdk") -> its backing file ("" for the base)
+	parents map[string]string
+	// Set when consolidation committed the VM's running delta into its parent, so the current file holds
+	// sealed data too: the open epoch is then carry + the blocks that differ from baseline (hash per 64 KiB
+	// block of the merged file right after the commit) instead of the file's whole allocation.
+	merged   bool
+	carry    []labExtent
+	baseline map[int64][sha256.Size]byte
 }
 
 type labVMCBT struct {
@@ -46,6 +58,7 @@ type labVMCBT struct {
 	snapSeq map[string]map[int32]int // snapshot moref value -> device key -> seq sealed by it
 }
 
+// labCBT guards the lab's record and the disk files (qemu-img runs under it).
 var labCBT = struct {
 	sync.Mutex
 	vms map[string]*labVMCBT
@@ -82,7 +95,7 @@ func labVM(ref string) *labVMCBT {
 func (v *labVMCBT) disk(key int32) *labDiskCBT {
 	d := v.disks[key]
 	if d == nil {
-		d = &labDiskCBT{ctk: labNewCtk()}
+		d = &labDiskCBT{ctk: labNewCtk(), ctkSince: 1, epochs: map[int]*labEpoch{}, parents: map[string]string{}}
 		v.disks[key] = d
 	}
 	return d
@@ -95,49 +108,120 @@ func labDiskCapacity(d *types.VirtualDisk) int64 {
 	return d.CapacityInKB * 1024
 }
 
-// labSnapshotTaken is called by CreateSnapshotTask (patched virtual_machine.go) once the snapshot exists:
-// it seals every disk's open epoch and gives the snapshot its own copies of the disks, whose backings
-// carry the new changeId (the snapshot's config shared the VM's device structs before).
-func labSnapshotTaken(vm *VirtualMachine, snapshot *VirtualMachineSnapshot) {
+// labSnapshotTaken is called by CreateSnapshotTask (patched virtual_machine.go) once the snapshot exists.
+// Per disk, as vSphere does: the file that was current is frozen and becomes the snapshot's; its
+// allocated areas (that file alone, without its backing) are sealed as the next epoch; a new delta
+// "<disk>-00000N.vmdk" backed by it becomes the VM's current disk. The snapshot gets its own copies of the
+// disks (vcsim's snapshot config shared the VM's device structs), with changeId "<ctk>/<seq>" when
+// change tracking is on.
+func labSnapshotTaken(vm *VirtualMachine, snapshot *VirtualMachineSnapshot) types.BaseMethodFault {
 	labCBT.Lock()
 	defer labCBT.Unlock()
 	rec := labVM(vm.Self.Value)
 	seqs := map[int32]int{}
 	devices := make([]types.BaseVirtualDevice, 0, len(snapshot.Config.Hardware.Device))
+	tracking := snapshot.Config.ChangeTrackingEnabled != nil && *snapshot.Config.ChangeTrackingEnabled
+	var fault types.BaseMethodFault
 	for _, dev := range snapshot.Config.Hardware.Device {
 		disk, ok := dev.(*types.VirtualDisk)
-		if !ok {
+		b, ok2 := dev.GetVirtualDevice().Backing.(*types.VirtualDiskFlatVer2BackingInfo)
+		if !ok || !ok2 || fault != nil {
 			devices = append(devices, dev)
 			continue
 		}
 		d := rec.disk(disk.Key)
+		frozen := b.FileName
+		if _, known := d.parents[frozen]; !known {
+			d.parents[frozen] = labParentName(b)
+		}
+		extents, err := d.labOpenChanges(labLocal(vm, frozen))
+		if err != nil {
+			fault = labCannotFault(frozen, err)
+		}
+		d.labResetOpen()
 		d.seq++
-		d.epochs = append(d.epochs, labEpoch{seq: d.seq, extents: d.pending})
-		d.pending = nil
+		d.epochs[d.seq] = &labEpoch{seq: d.seq, parent: d.open, extents: extents}
+		d.open = d.seq
 		seqs[disk.Key] = d.seq
 
 		copied := *disk
-		if b, ok := disk.Backing.(*types.VirtualDiskFlatVer2BackingInfo); ok {
-			bc := *b
-			if snapshot.Config.ChangeTrackingEnabled != nil && *snapshot.Config.ChangeTrackingEnabled {
-				bc.ChangeId = fmt.Sprintf("%s/%d", d.ctk, d.seq)
-			} else {
-				bc.ChangeId = ""
-			}
-			copied.Backing = &bc
+		bc := *b
+		bc.ChangeId = ""
+		if tracking {
+			bc.ChangeId = fmt.Sprintf("%s/%d", d.ctk, d.seq)
 		}
+		copied.Backing = &bc
 		devices = append(devices, &copied)
+
+		if fault == nil {
+			fault = labNewDelta(vm, d, disk, frozen)
+		}
 	}
 	snapshot.Config.Hardware.Device = devices
 	rec.snapSeq[snapshot.Self.Value] = seqs
+	labRefreshLayouts(vm)
+	return fault
 }
 
-// labRecordWrite notes that [offset, offset+length) of a VM disk changed since the last snapshot.
-func labRecordWrite(vmRef string, key int32, offset, length int64) {
+// labReconfigure is called by ReconfigVMTask before the spec is applied: turning change tracking off
+// resets it (vSphere: disable then enable, or a power failure), so every changeId handed out before is
+// refused with FileFault from then on.
+func labReconfigure(vm *VirtualMachine, spec *types.VirtualMachineConfigSpec) {
+	was := vm.Config.ChangeTrackingEnabled != nil && *vm.Config.ChangeTrackingEnabled
+	if spec.ChangeTrackingEnabled == nil || *spec.ChangeTrackingEnabled || !was {
+		return
+	}
 	labCBT.Lock()
 	defer labCBT.Unlock()
-	d := labVM(vmRef).disk(key)
-	d.pending = append(d.pending, labExtent{offset, length})
+	for _, d := range labVM(vm.Self.Value).disks {
+		d.ctk = labNewCtk()
+		d.ctkSince = d.seq + 1
+	}
+}
+
+// labLineage: the epochs a snapshot's disk state is made of, newest first (seq, its parent, ...).
+func (d *labDiskCBT) labLineage(seq int) []int {
+	var out []int
+	for seq > 0 {
+		out = append(out, seq)
+		e := d.epochs[seq]
+		if e == nil {
+			break
+		}
+		seq = e.parent
+	}
+	return out
+}
+
+// labChangedSince: the extents of the epochs between changeId seq `from` and snapshot seq `to`: the
+// epochs of `to`'s lineage after `from`; when `from` is on another branch (a revert happened in between),
+// also `from`'s own epochs back to the common ancestor (a superset: false positives are allowed, misses
+// not).
+func (d *labDiskCBT) labChangedSince(from, to int) []labExtent {
+	onTo := map[int]bool{}
+	for _, s := range d.labLineage(to) {
+		onTo[s] = true
+	}
+	lca := 0
+	var fromSide []int
+	for _, s := range d.labLineage(from) {
+		if onTo[s] {
+			lca = s
+			break
+		}
+		fromSide = append(fromSide, s)
+	}
+	var out []labExtent
+	for _, s := range d.labLineage(to) {
+		if s == lca {
+			break
+		}
+		out = append(out, d.epochs[s].extents...)
+	}
+	for _, s := range fromSide {
+		out = append(out, d.epochs[s].extents...)
+	}
+	return out
 }
 
 func labMerge(in []labExtent) []labExtent {
@@ -198,27 +282,20 @@ func (vm *VirtualMachine) QueryChangedDiskAreas(ctx *Context, req *types.QueryCh
 	rec := labVM(vm.Self.Value)
 	d := rec.disk(disk.Key)
 	snapSeq, ok := rec.snapSeq[snap.Self.Value][disk.Key]
-	var from int
+	var changed []labExtent
 	var fault soap.HasFault
 	switch {
 	case !ok:
 		fault = labFileFault("the lab has no change record for this snapshot")
 	case req.ChangeId == "*":
-		from = 0
+		changed = d.labChangedSince(0, snapSeq)
 	default:
 		i := strings.LastIndex(req.ChangeId, "/")
 		seq, err := strconv.Atoi(req.ChangeId[i+1:])
-		if i < 0 || err != nil || req.ChangeId[:i] != d.ctk || seq > snapSeq || seq < 0 {
+		if i < 0 || err != nil || req.ChangeId[:i] != d.ctk || seq > snapSeq || seq < d.ctkSince || d.epochs[seq] == nil {
 			fault = labFileFault(fmt.Sprintf("changeId %q is not valid for this disk", req.ChangeId))
-		}
-		from = seq
-	}
-	var changed []labExtent
-	if fault == nil {
-		for _, e := range d.epochs {
-			if e.seq > from && e.seq <= snapSeq {
-				changed = append(changed, e.extents...)
-			}
+		} else {
+			changed = d.labChangedSince(seq, snapSeq)
 		}
 	}
 	labCBT.Unlock()
@@ -254,23 +331,4 @@ func (vm *VirtualMachine) QueryChangedDiskAreas(ctx *Context, req *types.QueryCh
 			Returnval: types.DiskChangeInfo{StartOffset: req.StartOffset, Length: length, ChangedArea: areas},
 		},
 	}
-}
-
-// LabHandleWrite serves POST /sendense-lab/write?vm=MOREF&key=DEVICEKEY&offset=N&length=N: the lab's own
-// control endpoint (the guest/data path will call labRecordWrite directly later).
-func LabHandleWrite(w http.ResponseWriter, r *http.Request) {
-	if r.Method != http.MethodPost {
-		http.Error(w, "POST only", http.StatusMethodNotAllowed)
-		return
-	}
-	q := r.URL.Query()
-	key, err1 := strconv.ParseInt(q.Get("key"), 10, 32)
-	off, err2 := strconv.ParseInt(q.Get("offset"), 10, 64)
-	n, err3 := strconv.ParseInt(q.Get("length"), 10, 64)
-	if q.Get("vm") == "" || err1 != nil || err2 != nil || err3 != nil || off < 0 || n <= 0 {
-		http.Error(w, "need vm, key, offset, length", http.StatusBadRequest)
-		return
-	}
-	labRecordWrite(q.Get("vm"), int32(key), off, n)
-	w.WriteHeader(http.StatusNoContent)
 }

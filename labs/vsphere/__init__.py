@@ -1,0 +1,277 @@
+"""The vSphere lab: `VsphereLab` starts vcsim-lab (govmomi's vCenter simulator with the lab's extensions,
+built by `labs/vsphere/build.sh`) and hands tests what a vSphere client needs.
+
+    with VsphereLab() as lab:
+        vm = lab.make_vm("web", [8 << 20, 4 << 20])     # moref value; real thin VMDKs, CBT on
+        si = lab.si()                                   # pyvmomi ServiceInstance (TLS, cert not checked)
+        info = lab.disk_info(vm, "[LocalDS_0] web/web.vmdk")   # GET /sendense-lab/disk: the local file
+
+The lab's disks are real files on the datastore directories vcsim-lab prints (`VCSIM_DATASTORE=`);
+`stop()` ends the process and removes them. `thumbprint` is the server certificate's SHA-1 in VDDK's form
+(`AA:BB:...`), for a VDDK-style data path. pyvmomi is imported lazily (the `vsphere` extra).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import shutil
+import signal
+import ssl
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from tools.qemu import die_with_parent
+
+__all__ = ["VsphereLab", "VsphereLabError", "build"]
+
+_HERE = Path(__file__).resolve().parent
+BUILD = _HERE / "build.sh"
+
+
+class VsphereLabError(RuntimeError):
+    """vcsim-lab could not be built, started or used."""
+
+
+def build(timeout: float = 600) -> str:
+    """The vcsim-lab binary: `SENDENSE_VCSIM_BIN` when set (e.g. another build, to check a test bites),
+    else what `build.sh` prints last (a cache lookup when nothing changed, ~15 s otherwise)."""
+    binary = os.environ.get("SENDENSE_VCSIM_BIN")
+    if binary:
+        return binary
+    out = subprocess.run(["bash", str(BUILD)], capture_output=True, text=True, timeout=timeout)
+    if out.returncode != 0:
+        raise VsphereLabError(f"build.sh failed: {out.stderr.strip()[-2000:]}")
+    return out.stdout.strip().splitlines()[-1]
+
+
+class VsphereLab:
+    """One vcsim-lab process on a free loopback port (context manager: start on enter, stop on exit)."""
+
+    def __init__(
+        self,
+        *,
+        binary: str | None = None,
+        disk_mib: int = 1,
+        vms: int = 2,
+        env: dict[str, str] | None = None,
+        start_timeout: float = 30.0,
+    ) -> None:
+        self._binary = binary
+        self._args = ["-l", "127.0.0.1:0", "-disk-mib", str(disk_mib), "-vm", str(vms)]
+        self._env = {**os.environ, **(env or {})}
+        self._start_timeout = start_timeout
+        self._proc: subprocess.Popen[str] | None = None
+        self._si: Any = None
+        self._stderr = tempfile.TemporaryFile(mode="w+")
+        self.url = ""
+        self.host = ""
+        self.port = 0
+        self.user = ""
+        self.password = ""
+        self.thumbprint = ""
+        self.datastores: dict[str, Path] = {}
+
+    # --- lifecycle ---------------------------------------------------------------------------------
+    def start(self) -> VsphereLab:
+        binary = self._binary or build()
+        proc = subprocess.Popen(
+            die_with_parent([binary, *self._args]),
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            text=True,
+            env=self._env,
+        )
+        self._proc = proc
+        timer = threading.Timer(self._start_timeout, proc.kill)  # a hung start ends readline below
+        timer.start()
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                key, _, value = line.strip().partition("=")
+                if key == "VCSIM_DATASTORE":
+                    name, _, local = value.partition(" ")
+                    self.datastores[name] = Path(local)
+                elif key == "VCSIM_URL":
+                    self._set_url(value)
+                    break
+        finally:
+            timer.cancel()
+        if not self.url:
+            self.stop()
+            raise VsphereLabError(f"vcsim-lab did not start: {self.stderr()[-2000:]}")
+        return self
+
+    def _set_url(self, url: str) -> None:
+        parts = urllib.parse.urlsplit(url)
+        self.url = url
+        self.host = parts.hostname or "127.0.0.1"
+        self.port = parts.port or 443
+        self.user = urllib.parse.unquote(parts.username or "")
+        self.password = urllib.parse.unquote(parts.password or "")
+        der = ssl.PEM_cert_to_DER_cert(ssl.get_server_certificate((self.host, self.port)))
+        digest = hashlib.sha1(der).hexdigest().upper()
+        self.thumbprint = ":".join(digest[i : i + 2] for i in range(0, len(digest), 2))
+
+    def stderr(self) -> str:
+        """What vcsim-lab logged (its own log lines and the lab's qemu-img failures)."""
+        self._stderr.seek(0)
+        return self._stderr.read()
+
+    def stop(self) -> None:
+        """Log out, end the process (SIGTERM: vcsim removes its datastore dirs; SIGKILL after 10 s) and
+        remove the datastore dirs in any case."""
+        if self._si is not None:
+            from pyVim.connect import Disconnect
+
+            try:
+                Disconnect(self._si)
+            except Exception:  # noqa: BLE001 - the server may be gone already
+                pass
+            self._si = None
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc is not None and proc.stdout is not None:
+            proc.stdout.close()
+        for d in self.datastores.values():
+            shutil.rmtree(d, ignore_errors=True)
+
+    def __enter__(self) -> VsphereLab:
+        return self.start()
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    # --- clients -----------------------------------------------------------------------------------
+    def si(self) -> Any:
+        """A logged-in pyvmomi ServiceInstance (one per lab, reused; the certificate is not checked)."""
+        if self._si is None:
+            from pyVim.connect import SmartConnect
+
+            self._si = SmartConnect(
+                host=self.host,
+                port=self.port,
+                user=self.user,
+                pwd=self.password,
+                disableSslCertValidation=True,
+            )
+        return self._si
+
+    def vm(self, moref: str) -> Any:
+        """The pyvmomi VirtualMachine of a moref value (e.g. "vm-42")."""
+        from pyVmomi import vim
+
+        si = self.si()
+        return vim.VirtualMachine(moref, si._stub)
+
+    def wait(self, task: Any, timeout: float = 60.0) -> Any:
+        """Wait for a vim.Task; its result, or its fault raised."""
+        from pyVmomi import vim
+
+        deadline = time.monotonic() + timeout
+        while task.info.state not in (vim.TaskInfo.State.success, vim.TaskInfo.State.error):
+            if time.monotonic() > deadline:
+                raise VsphereLabError(f"task {task} still {task.info.state}")
+            time.sleep(0.02)
+        if task.info.state == vim.TaskInfo.State.error:
+            raise task.info.error
+        return task.info.result
+
+    def make_vm(
+        self, name: str, disk_sizes: list[int], cbt: bool = True, datastore: str = "LocalDS_0"
+    ) -> str:
+        """Create a powered-off VM through CreateVM_Task with one paravirtual SCSI controller and one thin
+        disk per size (bytes; "[ds] name/name.vmdk", "name_1.vmdk", ...); its moref value."""
+        from pyVmomi import vim
+
+        content = self.si().RetrieveContent()
+        view = content.viewManager.CreateContainerView(content.rootFolder, [vim.Datacenter], True)
+        try:
+            dc = view.view[0]
+        finally:
+            view.Destroy()
+        view = content.viewManager.CreateContainerView(dc.hostFolder, [vim.ComputeResource], True)
+        try:
+            pool = view.view[0].resourcePool
+        finally:
+            view.Destroy()
+        ctrl_key = -100
+        changes = [
+            vim.vm.device.VirtualDeviceSpec(
+                operation="add",
+                device=vim.vm.device.ParaVirtualSCSIController(
+                    key=ctrl_key, busNumber=0, sharedBus="noSharing"
+                ),
+            )
+        ]
+        units = [u for u in range(16) if u != 7]  # unit 7 is the controller's own
+        for i, size in enumerate(disk_sizes):
+            disk = vim.vm.device.VirtualDisk(
+                key=-(i + 1),
+                controllerKey=ctrl_key,
+                unitNumber=units[i],
+                capacityInBytes=size,
+                backing=vim.vm.device.VirtualDisk.FlatVer2BackingInfo(
+                    diskMode="persistent", thinProvisioned=True, fileName=f"[{datastore}]"
+                ),
+            )
+            changes.append(
+                vim.vm.device.VirtualDeviceSpec(operation="add", fileOperation="create", device=disk)
+            )
+        spec = vim.vm.ConfigSpec(
+            name=name,
+            guestId="otherGuest",
+            numCPUs=1,
+            memoryMB=64,
+            changeTrackingEnabled=cbt,
+            files=vim.vm.FileInfo(vmPathName=f"[{datastore}]"),
+            deviceChange=changes,
+        )
+        vm = self.wait(dc.vmFolder.CreateVM_Task(config=spec, pool=pool))
+        return str(vm._moId)
+
+    # --- the lab's own endpoint --------------------------------------------------------------------
+    def disk_info(
+        self, vm: str, file: str, snapshot: str | None = None, auth: tuple[str, str] | None = None
+    ) -> dict[str, Any]:
+        """GET /sendense-lab/disk: where a disk's bytes are ({"path", "format", "capacity", "writable",
+        "disk_key", "power_state"}); VsphereLabError on any other answer."""
+        status, body = self.disk_request(vm=vm, file=file, snapshot=snapshot or "", auth=auth)
+        if status != 200:
+            raise VsphereLabError(f"/sendense-lab/disk: {status} {body}")
+        return body
+
+    def disk_request(
+        self, auth: tuple[str, str] | None | bool = None, **params: str
+    ) -> tuple[int, dict[str, Any]]:
+        """The raw endpoint call: (status, JSON body). auth None: the lab's credentials; False: none."""
+        query = urllib.parse.urlencode(params)
+        req = urllib.request.Request(f"https://{self.host}:{self.port}/sendense-lab/disk?{query}")
+        if auth is not False:
+            user, pwd = auth if isinstance(auth, tuple) else (self.user, self.password)
+            token = base64.b64encode(f"{user}:{pwd}".encode()).decode()
+            req.add_header("Authorization", f"Basic {token}")
+        ctx = ssl._create_unverified_context()
+        try:
+            with urllib.request.urlopen(req, context=ctx, timeout=30) as r:
+                return r.status, json.loads(r.read() or b"{}")
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"{}")

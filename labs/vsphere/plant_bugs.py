@@ -1,0 +1,158 @@
+"""Plant known bugs into vcsim-lab one at a time and show which tests catch each (labs/vsphere/NOTES.md).
+
+    python labs/vsphere/plant_bugs.py [BUG ...]      # all of BUGS when none is named
+
+Each bug is a temporary textual edit of an overlay Go file; the script builds that variant into its own
+cache (SENDENSE_VCSIM_BUGS_CACHE, default /tmp/vcsim-lab-bugs, so the normal cache keeps its binary), runs
+tests/labs/test_vsphere_lab_disks.py and test_vsphere_lab_smoke.py against it (SENDENSE_VCSIM_BIN), prints
+the failing tests and restores the file with `git checkout` (so it refuses to run on an uncommitted
+overlay). Never commit a planted bug. ~20 s per bug (the build dominates).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+WT = str(Path(__file__).resolve().parents[2])
+SIM = "labs/vsphere/overlay/simulator/"
+BUGS = {
+    "paging-one-byte-short": (
+        SIM + "lab_cbt.go",
+        "length = last.Start + last.Length - req.StartOffset\n",
+        "length = last.Start + last.Length - req.StartOffset - 1\n",
+    ),
+    "paging-limit-off-by-one": (SIM + "lab_cbt.go", "if len(areas) == max {", "if len(areas) == max+1 {"),
+    "changes-not-rounded": (
+        SIM + "lab_disks.go",
+        "start := e.Start / labTrackingBlock * labTrackingBlock\n"
+        "\t\tend := (e.Start + e.Length + labTrackingBlock - 1) / labTrackingBlock * labTrackingBlock",
+        "start := e.Start\n\t\tend := e.Start + e.Length",
+    ),
+    "epoch-reads-through-backing": (
+        SIM + "lab_disks.go",
+        '"driver": "vmdk", "backing": nil,',
+        '"driver": "vmdk",',
+    ),
+    "consolidate-drops-child-data": (
+        SIM + "lab_disks.go",
+        'if _, err := labQemuImg("commit", "-q", "-d", "-f", "vmdk", labLocal(vm, child)); err != nil {',
+        'if _, err := labQemuImg("info", labLocal(vm, child)); err != nil {',
+    ),
+    "consolidate-wrong-direction": (
+        SIM + "lab_disks.go",
+        "if !roots[p] && len(children[p]) == 1 {",
+        "if roots[p] && len(children[p]) == 1 {",
+    ),
+    "revert-keeps-delta": (
+        SIM + "lab_disks.go",
+        "if f := labNewDelta(vm, d, disk, frozen[disk.Key]); f != nil && fault == nil {",
+        "if f := types.BaseMethodFault(nil); f != nil && fault == nil {",
+    ),
+    "endpoint-ignores-auth": (
+        SIM + "lab_disks.go",
+        "u, p, ok := r.BasicAuth()",
+        "u, p, ok := user.Username(), wantPass, true",
+    ),
+    "endpoint-snapshot-writable": (
+        SIM + "lab_disks.go",
+        '"writable":    snapRef == "" && vm.Runtime',
+        '"writable":    vm.Runtime',
+    ),
+    "reset-keeps-ctk": (
+        SIM + "lab_cbt.go",
+        "if spec.ChangeTrackingEnabled == nil || *spec.ChangeTrackingEnabled || !was {",
+        "if true || spec.ChangeTrackingEnabled == nil || *spec.ChangeTrackingEnabled || !was {",
+    ),
+    "revert-lineage-ignores-other-branch": (
+        SIM + "lab_cbt.go",
+        "\tfor _, s := range fromSide {\n\t\tout = append(out, d.epochs[s].extents...)",
+        "\tfor _, s := range fromSide[:0] {\n\t\tout = append(out, d.epochs[s].extents...)",
+    ),
+    "removal-forgets-change-record": (
+        SIM + "lab_disks.go",
+        "\t\td := rec.disk(key)\n\t\troots := map[string]bool{}",
+        "\t\td := rec.disk(key)\n\t\td.epochs = map[int]*labEpoch{}\n\t\troots := map[string]bool{}",
+    ),
+    "merge-forgets-open-epoch": (
+        SIM + "lab_disks.go",
+        "d.merged, d.carry, d.baseline, current = true, open, baseline, parent",
+        "_, _, current = open, baseline, parent",
+    ),
+    "snapshot-names-the-new-delta": (
+        SIM + "lab_cbt.go",
+        "\t\tcopied := *disk\n\t\tbc := *b\n",
+        "\t\tif fault == nil {\n\t\t\tfault = labNewDelta(vm, d, disk, frozen)\n\t\t}\n"
+        "\t\tb = disk.Backing.(*types.VirtualDiskFlatVer2BackingInfo)\n\t\tcopied := *disk\n\t\tbc := *b\n",
+    ),
+}
+
+
+def main(names: list[str]) -> int:
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--", "labs/vsphere/overlay"],
+        cwd=WT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    if dirty:
+        print(
+            "labs/vsphere/overlay has uncommitted changes; commit them first "
+            "(planted bugs are undone with git checkout)"
+        )
+        return 2
+    for name in names or list(BUGS):
+        run_one(name)
+    return 0
+
+
+def run_one(name: str) -> None:
+    path, old, new = BUGS[name]
+    full = os.path.join(WT, path)
+    src = Path(full).read_text()
+    assert src.count(old) == 1, (name, src.count(old))
+    Path(full).write_text(src.replace(old, new))
+    try:
+        env = {
+            **os.environ,
+            "SENDENSE_VCSIM_CACHE": os.environ.get("SENDENSE_VCSIM_BUGS_CACHE", "/tmp/vcsim-lab-bugs"),
+        }
+        b = subprocess.run(["bash", "labs/vsphere/build.sh"], cwd=WT, env=env, capture_output=True, text=True)
+        if b.returncode:
+            print(name, "BUILD FAILED", b.stderr[-800:])
+            return
+        env["SENDENSE_VCSIM_BIN"] = b.stdout.strip().splitlines()[-1]
+        t = subprocess.run(
+            [
+                WT + "/.venv/bin/pytest",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                "-o",
+                "addopts=-rf",
+                "tests/labs/test_vsphere_lab_disks.py",
+                "tests/labs/test_vsphere_lab_smoke.py",
+            ],
+            cwd=WT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        sections = re.split(r"^_{3,} (\S+) _{3,}$", t.stdout, flags=re.M)[1:]
+        summary = t.stdout.strip().splitlines()[-1]
+        print(f"{name}: {summary}")
+        for test, body in zip(sections[::2], sections[1::2], strict=True):
+            why = next((line[1:].strip() for line in body.splitlines() if line.startswith("E ")), "")
+            print("   ", test, "--", why[:150])
+    finally:
+        subprocess.run(["git", "checkout", "--", path], cwd=WT, check=True)
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
