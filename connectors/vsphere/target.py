@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,8 +35,8 @@ from connectors.vsphere.session import Session, agent_env, calling, credentials,
 from connectors.vsphere.source import capacity
 from connectors.vsphere.spec import VsphereTarget
 from connectors.vsphere.vddk import VddkTarget, agent_libdir, plugin_words, serving
-from sendense.datapath.extents import Extent, clip
-from sendense.datapath.nbd import ALLOCATION, NbdConnection
+from sendense.datapath.extents import Extent
+from sendense.datapath.nbd import NbdConnection
 from sendense.errors import InvalidSpec, ResourceNotFound, SendenseError, TargetError
 from sendense.models import DiskInfo, PointInfo, check_hold_id
 from tools.exports import EXPORT_FORMATS, export_name, staging
@@ -57,20 +58,61 @@ def _hold_id(hold_id: str) -> str:
         raise InvalidSpec(str(e)) from None
 
 
+class _SharedWriter:
+    """One of the copy's writers over the disk's one VDDK connection (see PlaceholderDisk)."""
+
+    def __init__(self, conn: NbdConnection) -> None:
+        self.conn = conn
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self.conn.read(offset, length)
+
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        self.conn.write(offset, data)
+
+    def zero(self, offset: int, length: int) -> None:
+        self.conn.zero(offset, length)
+
+    def flush(self) -> None:
+        self.conn.flush()
+
+    def wire(self) -> None:
+        return None  # (several writers share the socket: no splicing into it)
+
+    def close(self) -> None:
+        pass  # the disk closes the connection
+
+
 class PlaceholderDisk:
-    """A placeholder disk being written through the vddk plugin (the copy engine's TargetDisk)."""
+    """A placeholder disk being written through the vddk plugin (the copy engine's TargetDisk).
+
+    VDDK opens a disk for writing once (the host locks it): every writer of the copy shares one NBD
+    connection (libnbd handles are thread-safe), however many connections the tuning asks for."""
 
     block_size = 1
 
     def __init__(self, uri: str, size: int, has_base: bool, label: str) -> None:
         self.uri, self.size, self.has_base, self.label = uri, size, has_base, label
+        self._conn: NbdConnection | None = None
+        self._lock = threading.Lock()
 
-    def connect(self) -> NbdConnection:
-        return NbdConnection(self.uri, writable=True, label=self.label)
+    def connect(self) -> _SharedWriter:
+        with self._lock:
+            if self._conn is None:
+                self._conn = NbdConnection(self.uri, writable=True, label=self.label)
+            return _SharedWriter(self._conn)
 
     def data_extents(self, start: int, end: int) -> Iterator[Extent]:
-        with NbdConnection(self.uri, contexts=(ALLOCATION,), label=self.label) as status:
-            yield from clip(status.changed_extents(None, start=start), start, end)
+        """Where the disk may hold data: the whole range (a second open of a disk VDDK holds for
+        writing is refused, and a replica's holes are no promise on a real datastore)."""
+        if end > start:
+            yield Extent(start, end - start)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
 
 
 class VsphereTargetConnector:
@@ -81,6 +123,10 @@ class VsphereTargetConnector:
         self.session = Session(spec)
         self.name = spec.vm_name or f"sendense-{job}"
         self.label = f"placeholder VM {self.name}"
+
+    def _owner(self) -> str:
+        """What the placeholder's KEY_JOB holds: the job's id (its name for a job made before ids)."""
+        return self.job_id or f"name:{self.job}"
 
     # ---------------------------------------------------------------- inventory
 
@@ -109,8 +155,7 @@ class VsphereTargetConnector:
             return None
         if not isinstance(vm, vim.VirtualMachine):
             raise InvalidSpec(f"target.vm_name {self.name}: that name is taken by something that is not a VM")
-        owner = extra_config(vm).get(KEY_JOB)
-        if owner != self.job_id:
+        if extra_config(vm).get(KEY_JOB) != self._owner():
             raise InvalidSpec(
                 f"target.vm_name {self.name}: a VM of that name exists and is not this job's placeholder"
             )
@@ -212,7 +257,7 @@ class VsphereTargetConnector:
             "Do not power it on.",
             files=vim.vm.FileInfo(vmPathName=f"[{ds.name}]"),
             deviceChange=changes,
-            extraConfig=[vim.option.OptionValue(key=KEY_JOB, value=self.job_id)],
+            extraConfig=[vim.option.OptionValue(key=KEY_JOB, value=self._owner())],
         )
         what = f"target: creating {self.label}"
         with calling(what):
@@ -318,7 +363,11 @@ class VsphereTargetConnector:
             raise ResourceNotFound(f"target: {self.label} has no disk for {key}")
         has_base = bool(self._points(vm))
         with self._vddk(vm, d.backing.fileName, None, readonly=False, key=key) as srv:
-            yield PlaceholderDisk(srv.uri, capacity(d), has_base, f"{self.label} disk {key}")
+            disk = PlaceholderDisk(srv.uri, capacity(d), has_base, f"{self.label} disk {key}")
+            try:
+                yield disk
+            finally:
+                disk.close()
 
     @contextmanager
     def _vddk(self, vm: Any, file: str, snapshot: str | None, *, readonly: bool, key: str) -> Iterator[Any]:
@@ -373,7 +422,7 @@ class VsphereTargetConnector:
             if name is not None and str(getattr(v, "value", None) or ""):
                 point, _, hold = name[len(prefix) :].partition("/")
                 out.setdefault(point, []).append(hold)
-        return {p: sorted(h) for p, h in out.items()}
+        return {p: sorted(set(h)) for p, h in out.items()}
 
     def commit(self, sync_id: str, point: PointInfo) -> PointInfo:
         vm = self._placeholder()
@@ -382,16 +431,13 @@ class VsphereTargetConnector:
         for p, _, _ in self._points(vm):
             if p.point_id == point.point_id:
                 return p  # a retried commit
-        disks = self._disks(vm)
+        name = POINT_PREFIX + point.point_id
+        where = f"{self.name}@{name}"  # the VM and its snapshot (files move when older points go)
         record = point.model_copy(
-            update={
-                "holds": [],
-                "disks": [d.model_copy(update={"path": disks[d.key].backing.fileName}) for d in point.disks],
-            }
+            update={"holds": [], "disks": [d.model_copy(update={"path": where}) for d in point.disks]}
         )
         if extra_config(vm).get(KEY_SYNC):
             self._mark(vm, "")  # first: the point's configuration names no sync in progress
-        name = POINT_PREFIX + point.point_id
         what = f"target: {self.label}: snapshot {name}"
         with calling(what):
             task = vm.CreateSnapshot_Task(
@@ -441,7 +487,7 @@ class VsphereTargetConnector:
     # keeps them, and no two holds write the same field.
 
     def _hold_prefix(self) -> str:
-        return f"sendense.hold.{self.job_id or self.job}."
+        return f"sendense.hold.{self._owner()}."
 
     def _hold_fields(self) -> dict[int, str]:
         """Key -> name of this job's hold fields."""
@@ -489,12 +535,13 @@ class VsphereTargetConnector:
         vm = self._vm_with_point(point_id)
         point, snap, _ = next(x for x in self._points(vm) if x[0].point_id == point_id)
         qfmt = EXPORT_FORMATS[fmt][0]
+        files = self._snapshot_files(vm, snap)
         out = []
         with staging(out_dir) as stage:  # (never written through a file planted in out_dir)
             for d in point.disks:
                 dst = export_name(out_dir, self.job, point_id, d.key, fmt)
                 tmp = stage / dst.name
-                with self._vddk(vm, d.path, snap._moId, readonly=True, key=d.key) as srv:
+                with self._vddk(vm, files[d.key], snap._moId, readonly=True, key=d.key) as srv:
                     # exactly the point's size (a placeholder disk is a whole number of KiB)
                     src = {
                         "driver": "raw",
@@ -512,6 +559,18 @@ class VsphereTargetConnector:
                 os.replace(tmp, dst)
                 out.append((d.key, dst))
         return out
+
+    def _snapshot_files(self, vm: Any, snap: Any) -> dict[str, str]:
+        """Source disk key -> the snapshot's file of it (consolidating older points moves data between
+        files, so the file is asked when it is read, never remembered)."""
+        from pyVmomi import vim
+
+        keys = {d.key: k for k, d in self._disks(vm).items()}
+        return {
+            keys[d.key]: str(getattr(d.backing, "fileName", ""))
+            for d in snap.config.hardware.device
+            if isinstance(d, vim.vm.device.VirtualDisk) and d.key in keys
+        }
 
     def destroy(self) -> None:
         vm = self._placeholder()

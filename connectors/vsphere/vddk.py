@@ -15,6 +15,7 @@ file, or in an error. nbdkit serves on a unix socket in a private directory and 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -23,6 +24,8 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+import nbd  # (python3-libnbd)
 
 from sendense.errors import ResourceUnavailable, SendenseError
 from tools.qemu import die_with_parent, tool, wait_exit
@@ -88,30 +91,35 @@ class VddkServer:
     def uri(self) -> str:
         return f"nbd+unix:///?socket={self.socket}"
 
-    def stop(self) -> None:
+    def stop_process(self) -> None:
         if self.proc.poll() is None:
-            self.proc.terminate()
+            self.proc.terminate()  # (nbdkit exits once its clients have gone)
             if not wait_exit(self.proc, 30):
                 self.proc.kill()
                 self.proc.wait()
+
+    def stop(self) -> None:
+        self.stop_process()
         shutil.rmtree(self._tmpdir, ignore_errors=True)
 
 
 def start(t: VddkTarget, label: str, *, readonly: bool = True, connections: int = 16) -> VddkServer:
-    """Start nbdkit on `t`; `label` names the disk in errors (the VM and the disk, never a socket)."""
+    """Start nbdkit on `t` and open the disk once (VDDK connects, checks the thumbprint and the login
+    and opens the file when a client connects); `label` names the disk in errors (the VM and the disk,
+    never a socket)."""
     tmpdir = tempfile.mkdtemp(prefix="sendense-vddk-")
     sock = Path(tmpdir) / "nbd.sock"
     pidfile = Path(tmpdir) / "pid"  # written once nbdkit serves
+    log = open(Path(tmpdir) / "stderr", "w+b")  # noqa: SIM115 (nbdkit's messages, read on failure)
     r, w = os.pipe()
     try:
         cmd = [tool("nbdkit"), "--foreground", "--exit-with-parent", "-U", str(sock), "-P", str(pidfile)]
         cmd += ["--threads", str(connections), *(["-r"] if readonly else []), *t.plugin]
         cmd += arguments(t, r)
-        proc = subprocess.Popen(
-            die_with_parent(cmd), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, pass_fds=(r,)
-        )
+        proc = subprocess.Popen(die_with_parent(cmd), stdout=subprocess.DEVNULL, stderr=log, pass_fds=(r,))
     except BaseException:
         os.close(w)
+        log.close()
         shutil.rmtree(tmpdir, ignore_errors=True)
         raise
     finally:
@@ -120,30 +128,47 @@ def start(t: VddkTarget, label: str, *, readonly: bool = True, connections: int 
         os.write(w, t.password.encode() + b"\n")
     finally:
         os.close(w)
+    srv = VddkServer(proc, sock, tmpdir)
+
+    def failed(why: str) -> SendenseError:
+        srv.stop_process()
+        log.seek(0)
+        err = log.read().decode(errors="replace")
+        log.close()
+        srv.stop()
+        return SendenseError(f"{label}: VDDK could not open the disk: {_last_error(err, t.password) or why}")
+
     deadline = time.monotonic() + START_TIMEOUT
     pause = 0.002
     while not (pidfile.exists() and sock.exists()):
         if proc.poll() is not None:
-            err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-            shutil.rmtree(tmpdir, ignore_errors=True)
-            raise SendenseError(f"{label}: VDDK could not open the disk: {_last_error(err, t.password)}")
+            raise failed("nbdkit exited")
         if time.monotonic() > deadline:
             proc.kill()
-            proc.wait()
-            shutil.rmtree(tmpdir, ignore_errors=True)
+            log.close()
+            srv.stop()
             raise ResourceUnavailable(f"{label}: VDDK did not open the disk in {START_TIMEOUT:.0f} s")
         time.sleep(pause)
         pause = min(pause * 2, 0.05)
-    return VddkServer(proc, sock, tmpdir)
+    for attempt in range(20):  # (the socket may exist a moment before nbdkit accepts on it)
+        try:
+            probe = nbd.NBD()
+            probe.connect_uri(srv.uri)
+            probe.shutdown()
+            break
+        except nbd.Error as e:
+            if proc.poll() is not None or attempt == 19 or "refused" not in (e.string or "").lower():
+                raise failed(e.string or "the connection failed") from None
+            time.sleep(0.01 * (attempt + 1))
+    log.close()
+    return srv
 
 
 def _last_error(stderr: str, password: str) -> str:
     """nbdkit's last error line, without its prefixes, never the password."""
     lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
-    errs = [ln for ln in lines if "error" in ln.lower()] or lines or ["nbdkit exited"]
-    line = errs[-1]
-    for prefix in ("nbdkit: ",):
-        line = line.removeprefix(prefix)
+    errs = [ln for ln in lines if "error" in ln.lower()] or lines or [""]
+    line = re.sub(r"^(nbdkit: )?([\w.-]+\[\d+\]: )?(error: )?", "", errs[-1])
     if len(password) >= 4:  # (a shorter one would mask ordinary words)
         line = line.replace(password, "***")
     return line[:400]

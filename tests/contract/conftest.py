@@ -22,11 +22,23 @@ from pathlib import Path
 
 import pytest
 from contract.rigs import Rig
-from contract.sides import AwsReplicas, AwsVm, KvmReplicas, KvmStoppedVm, KvmVm, MemoryReplicas, MemoryVm
+from contract.sides import (
+    AwsReplicas,
+    AwsVm,
+    KvmReplicas,
+    KvmStoppedVm,
+    KvmVm,
+    MemoryReplicas,
+    MemoryVm,
+    VsphereReplicas,
+    VsphereVm,
+)
 from helpers_aws import lab_in_env
+from helpers_vsphere import vsphere_agent_env
 
 from connectors.memory.store import Store
 from labs.aws import AwsLab
+from labs.vsphere import VsphereLab
 
 # The real-endpoint tier: with a real AWS test instance configured (as for tests/connectors/aws:
 # SENDENSE_AWS_TEST_INSTANCE, SENDENSE_AWS_TEST_REGION and credentials), the target contract runs
@@ -37,18 +49,27 @@ REAL_AWS_REGION = (
     if os.environ.get("SENDENSE_AWS_TEST_INSTANCE")
     else None
 )
-SOURCES = ["memory", "kvm-qmp", "kvm-stopped", "aws"]
+SOURCES = ["memory", "kvm-qmp", "kvm-stopped", "aws"]  # vsphere: once its lab lists rewrites and resets per disk
 # What a platform's disks can do, for the tests of it (selected by parametrization, never skipped):
 # EBS volumes never shrink (the resize test shrinks a disk and grows it back), and no EBS direct API
 # or volume operation discards blocks (a guest's TRIM is the instance's business, not the snapshot's).
-RESIZABLE_SOURCES = [s for s in SOURCES if s != "aws"]
-DISCARDING_SOURCES = [s for s in SOURCES if s != "aws"]
-TARGETS = ["memory", "memory-blocks", "kvm", "aws", *(["aws-real"] if REAL_AWS_REGION else [])]
+# vSphere disks never shrink either, and the lab's guest does not discard (a thin VMDK's UNMAP is the
+# guest's and ESXi's business; CBT lists nothing for it).
+RESIZABLE_SOURCES = [s for s in SOURCES if s not in ("aws", "vsphere")]
+DISCARDING_SOURCES = [s for s in SOURCES if s not in ("aws", "vsphere")]
+TARGETS = ["memory", "memory-blocks", "kvm", "aws", "vsphere", *(["aws-real"] if REAL_AWS_REGION else [])]
 
 
 @pytest.fixture(scope="session")
 def contract_aws_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AwsLab]:
     with lab_in_env(tmp_path_factory.mktemp("contract-awslab"), snapshot_delay=0.0) as lab:
+        yield lab
+
+
+@pytest.fixture(scope="session")
+def contract_vsphere_lab() -> Iterator[VsphereLab]:
+    """The vSphere lab, and the agent's environment for it: the lab's login, its VDDK stand-in."""
+    with VsphereLab(vms=1) as lab, vsphere_agent_env(lab):
         yield lab
 
 
@@ -81,6 +102,8 @@ def source_rig(request: pytest.FixtureRequest, tmp_path: Path, store: Store) -> 
         if p == "kvm-qmp"
         else KvmStoppedVm(tmp_path)
         if p == "kvm-stopped"
+        else VsphereVm(request.getfixturevalue("contract_vsphere_lab"))
+        if p == "vsphere"
         else AwsVm(request.getfixturevalue("contract_aws_lab"))
     )
     rig = Rig(tmp_path, vm, MemoryReplicas(store))
@@ -103,6 +126,8 @@ def target_rig(request: pytest.FixtureRequest, tmp_path: Path, store: Store) -> 
         if p == "kvm"
         else AwsReplicas(None, REAL_AWS_REGION)
         if p == "aws-real"
+        else VsphereReplicas(request.getfixturevalue("contract_vsphere_lab"))
+        if p == "vsphere"
         else AwsReplicas(request.getfixturevalue("contract_aws_lab"))
     )
     rig = Rig(tmp_path, MemoryVm(store), replicas)

@@ -17,8 +17,12 @@ from connectors.aws.tags import ROLE_SOURCE, ROLE_TARGET, TAG_JOB, TAG_ROLE
 from connectors.kvm.spec import KvmSource, KvmTarget
 from connectors.memory.spec import MemorySource, MemoryTarget
 from connectors.memory.store import Store
+from connectors.vsphere.session import extra_config
+from connectors.vsphere.source import job_key
+from connectors.vsphere.spec import VsphereSource, VsphereTarget
 from labs.aws import AwsLab
 from labs.kvm.vm import LabVm
+from labs.vsphere import VsphereLab
 from sendense import config
 from sendense.models import SourceSpec, TargetSpec
 from tools.qmp import QmpClient
@@ -239,6 +243,72 @@ class AwsVm(VmSide):
         return [f"snapshot {s['SnapshotId']}" for s in snaps]
 
 
+class VsphereVm(VmSide):
+    """A powered-off VM of the vSphere lab (vcsim-lab): its guest writes land in the VM's current disk
+    file (the delta on top of its snapshots), written with qemu-io on the file the lab names."""
+
+    platform = "vsphere"
+    granule = 64 * KiB  # the lab's tracking block (and the VMDK grain)
+    zero_writes_listed_as_zero = False  # (a zero write allocates a VMDK grain of zeros)
+
+    def __init__(self, lab: VsphereLab) -> None:
+        self.lab = lab
+        self.sizes = {"scsi0-0": 8 * MiB, "scsi0-1": 4 * MiB + 4 * KiB}
+        self.name = f"c-{uuid.uuid4().hex[:8]}"
+        self.moref = lab.make_vm(self.name, list(self.sizes.values()))
+        self.vm = lab.vm(self.moref)
+
+    def spec(self) -> SourceSpec:
+        lab = self.lab
+        return VsphereSource(
+            platform="vsphere", server=f"{lab.host}:{lab.port}", thumbprint=lab.thumbprint, vm=self.name
+        )
+
+    def _file(self, key: str) -> tuple[str, str]:
+        from pyVmomi import vim
+
+        disks = [d for d in self.vm.config.hardware.device if isinstance(d, vim.vm.device.VirtualDisk)]
+        d = sorted(disks, key=lambda d: d.unitNumber)[list(self.sizes).index(key)]
+        info = self.lab.disk_info(self.moref, d.backing.fileName)
+        return info["path"], info["format"]
+
+    def _io(self, key: str, cmd: str) -> None:
+        path, fmt = self._file(key)
+        run("qemu-io", "-f", fmt, "-c", cmd, path)
+
+    def write(self, key: str, offset: int, data: bytes) -> None:
+        assert len(set(data)) == 1, "qemu-io writes a pattern byte"
+        self._io(key, f"write -P 0x{data[0]:02x} {offset} {len(data)}")
+
+    def zero(self, key: str, offset: int, length: int) -> None:
+        self._io(key, f"write -z {offset} {length}")
+
+    def lose_tracking(self, key: str, change_id: str) -> None:
+        """Change tracking reset (disabled and enabled again, as after a restore): every disk's."""
+        from pyVmomi import vim
+
+        for on in (False, True):
+            self.lab.wait(self.vm.ReconfigVM_Task(spec=vim.vm.ConfigSpec(changeTrackingEnabled=on)))
+
+    def tracking_state(self, job: str) -> list[str]:
+        todo = list(self.vm.snapshot.rootSnapshotList) if self.vm.snapshot is not None else []
+        left = []
+        while todo:
+            n = todo.pop()
+            todo.extend(n.childSnapshotList or [])
+            if n.name.startswith(f"sendense-{job}-"):
+                left.append(f"snapshot {n.name}")
+        if job_key(job) in extra_config(self.vm):
+            left.append(f"mark {job_key(job)}")
+        return sorted(left)
+
+    def close(self) -> None:
+        try:
+            self.lab.wait(self.vm.Destroy_Task())
+        except Exception:  # noqa: BLE001 (the lab may be gone with the session)
+            pass
+
+
 # ------------------------------------------------------------------------------- replica sides
 
 
@@ -318,3 +388,46 @@ class AwsReplicas(ReplicaSide):
         records = config.home() / "aws-target" / job
         files = [f"record {p.name}" for p in records.glob("*") if not p.name.endswith(".deleted")]
         return sorted(f"snapshot {s['SnapshotId']}" for s in snaps) + sorted(files)
+
+
+class VsphereReplicas(ReplicaSide):
+    platform = "vsphere"
+    keeps_point_before_held = (
+        "removing a vSphere point's snapshot consolidates the next point's delta with it: the files a "
+        "held point's VM runs on would be rewritten"
+    )
+
+    def __init__(self, lab: VsphereLab) -> None:
+        self.lab = lab
+
+    def spec(self) -> TargetSpec:
+        lab = self.lab
+        return VsphereTarget(
+            platform="vsphere",
+            server=f"{lab.host}:{lab.port}",
+            thumbprint=lab.thumbprint,
+            datacenter="DC0",
+            datastore="LocalDS_0",
+        )
+
+    def leftovers(self, job: str) -> list[str]:
+        """The job's placeholder VM and its snapshots, and hold fields of the job."""
+        from pyVmomi import vim
+
+        content = self.lab.si().RetrieveContent()
+        view = content.viewManager.CreateContainerView(content.rootFolder, [vim.VirtualMachine], True)
+        try:
+            vms = [v for v in view.view if v.name == f"sendense-{job}"]
+        finally:
+            view.Destroy()
+        out = []
+        for vm in vms:
+            out.append(f"vm {vm.name}")
+            todo = list(vm.snapshot.rootSnapshotList) if vm.snapshot is not None else []
+            while todo:
+                n = todo.pop()
+                todo.extend(n.childSnapshotList or [])
+                out.append(f"snapshot {n.name}")
+        fields = content.customFieldsManager.field or []
+        out += [f"field {f.name}" for f in fields if f.name.startswith(f"sendense.hold.name:{job}.")]
+        return sorted(out)
