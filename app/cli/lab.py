@@ -3,7 +3,8 @@
 `lab up` starts every platform's lab (its plug-in names a hook: sendense.platforms, Platform.lab) and
 says, per platform, what a job spec needs to reach it; agents on this machine reach a lab at once (the
 hook registers its credentials for its endpoint). `lab down` stops them. `lab instance` and `lab write`
-are the AWS lab's own: an instance to replicate, and writes to a volume as its guest would.
+are the AWS lab's own: an instance to replicate, and writes to a volume as its guest would; `lab vm`
+is the vSphere lab's: a VM to replicate.
 """
 
 from __future__ import annotations
@@ -54,7 +55,12 @@ def _hooks() -> dict[str, Any]:
 
     from sendense import platforms
 
-    return {p.name: importlib.import_module(p.lab) for p in platforms.load_all() if p.lab}
+    dev = platforms.developer_platforms()  # a developer-only platform's lab only for developers
+    return {
+        p.name: importlib.import_module(p.lab)
+        for p in platforms.load_all()
+        if p.lab and (dev or not p.developer_only)
+    }
 
 
 def _notes() -> dict[str, dict[str, Any]]:
@@ -244,3 +250,31 @@ def _aws_errors() -> tuple[type[Exception], ...]:
     from labs.aws import hook
 
     return hook.ERRORS
+
+
+@lab_app.command("vm")
+def lab_vm(
+    name: str,
+    disk_mib: list[int] = typer.Option([256], "--disk-mib", help="disk sizes in MiB, the boot disk first"),
+    blank: bool = typer.Option(False, "--blank", help="all disks empty (default: the first holds the guest)"),
+    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+) -> None:
+    """Create a powered-off VM in the vSphere lab (a source to replicate), with thin disks on its
+    datastore and change tracking on; its first disk holds the bootable guest (a small Linux)."""
+    from app.cli.output import emit_json, fail, out
+    from sendense import platforms
+
+    if not platforms.developer_platforms():
+        fail(f"the vSphere lab is for developers for now: set {platforms.DEVELOPER_PLATFORMS}=1")
+    if not all(1 <= m <= 1 << 20 for m in disk_mib):
+        fail(f"--disk-mib: sizes are 1 to {1 << 20} MiB, not {disk_mib}")
+    from labs.vsphere import hook
+
+    try:
+        made = hook.make_vm(name, list(disk_mib), blank=blank)
+    except hook.ERRORS as e:
+        fail(str(e))
+    if as_json:
+        emit_json(made)
+        return
+    out.print(f"VM {name} ({made['moref']})" + ("" if blank else " (first disk: the bootable guest)"))

@@ -360,7 +360,8 @@ class VsphereSourceConnector:
                     quiesce=quiesce,
                 )
             snap = self.session.wait(task, what)
-            created = datetime.now(UTC)
+            node = next((n for n in self._snapshots(vm) if n.snapshot._moId == snap._moId), None)
+            created = node.createTime if node is not None else datetime.now(UTC)
         try:
             disks = self._disk_snapshots(vm, snap, base, enabled_now, registered)
         except vmodl.MethodFault as e:
@@ -372,7 +373,7 @@ class VsphereSourceConnector:
             self._remove(snap, f"snapshot {name}")
             raise
         handle = VsphereSnapshot(vm=vm._moId, snapshot=snap._moId, name=name)
-        created_at = created if isinstance(created, datetime) else datetime.now(UTC)
+        created_at = created.astimezone(UTC) if isinstance(created, datetime) else datetime.now(UTC)
         return SnapshotRef(snapshot_id=snapshot_id, created_at=created_at, disks=disks, handle=handle.dump())
 
     def validate_hw(self, vm: Any) -> None:

@@ -1,0 +1,102 @@
+"""The vSphere target against the lab, beyond the contract suite: what a user gets wrong (one line, no
+placeholder half made), a VM of the placeholder's name that is not the job's (never written), points as
+snapshots whose bytes later syncs and prunes never change, a disk added between syncs."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+from helpers_kvm import MiB
+from helpers_vsphere import name, target_spec
+from pyVmomi import vim
+
+from connectors.vsphere.target import POINT_PREFIX, VsphereTargetConnector
+from labs.vsphere import VsphereLab
+from sendense.errors import InvalidSpec, ResourceNotFound
+from sendense.models import DiskInfo, PointDisk, PointInfo
+
+
+def point(pid: str, disks: list[DiskInfo]) -> PointInfo:
+    now = datetime.now(UTC)
+    return PointInfo(
+        point_id=pid,
+        job="j",
+        created_at=now,
+        committed_at=now,
+        kind="full",
+        disks=[PointDisk(key=d.key, size=d.size, change_id="c") for d in disks],
+    )
+
+
+def find(lab: VsphereLab, vm_name: str) -> object | None:
+    return lab.si().RetrieveContent().searchIndex.FindByInventoryPath(f"DC0/vm/{vm_name}")
+
+
+def test_bad_places_are_one_line_and_nothing_is_made(vlab: VsphereLab) -> None:
+    job = name("j")
+    cases: list[tuple[dict[str, object], type[Exception], str]] = [
+        ({"datastore": "nope"}, ResourceNotFound, "target.datastore nope: no such datastore in DC0"),
+        ({"datacenter": "DC9"}, ResourceNotFound, "target.datacenter DC9: no such datacenter"),
+        ({"folder": "no/such"}, ResourceNotFound, "target.folder no/such: no such VM folder in DC0"),
+        ({"cluster": "nope"}, ResourceNotFound, "target.cluster nope: no such cluster in DC0"),
+        ({"esx_host": "esx-nope"}, ResourceNotFound, "target.esx_host esx-nope: no such host in DC0"),
+    ]
+    for over, kind, text in cases:
+        t = VsphereTargetConnector(job, target_spec(vlab, **over), "id-1")
+        with pytest.raises(kind, match=text) as ei:
+            t.validate()
+        assert "\n" not in str(ei.value)
+        with pytest.raises(kind, match=text):
+            t.prepare("s1", [DiskInfo(key="vda", size=4 * MiB)])
+    assert find(vlab, f"sendense-{job}") is None
+
+
+def test_a_vm_of_the_placeholders_name_that_is_not_the_jobs_is_never_written(vlab: VsphereLab) -> None:
+    job = name("j")
+    vlab.make_vm(f"sendense-{job}", [4 * MiB])  # someone's VM under the name the job would use
+    t = VsphereTargetConnector(job, target_spec(vlab), "id-1")
+    with pytest.raises(InvalidSpec, match=f"target.vm_name sendense-{job}: a VM of that name exists"):
+        t.validate()
+    with pytest.raises(InvalidSpec, match="is not this job's placeholder"):
+        t.prepare("s1", [DiskInfo(key="vda", size=4 * MiB)])
+    with pytest.raises(InvalidSpec):
+        t.destroy()  # (never removed either)
+    assert find(vlab, f"sendense-{job}") is not None
+    other = VsphereTargetConnector(job, target_spec(vlab), "id-2")  # the same name, another job id
+    with pytest.raises(InvalidSpec):
+        other.list_points()
+
+
+def test_a_disk_added_between_syncs_joins_the_placeholder_and_older_points_keep_theirs(
+    vlab: VsphereLab,
+) -> None:
+    job = name("j")
+    t = VsphereTargetConnector(job, target_spec(vlab, vm_name=f"r-{job}"), "id-1")
+    one = [DiskInfo(key="vda", size=4 * MiB)]
+    t.prepare("s1", one)
+    t.commit("s1", point("p1", one))
+    two = [*one, DiskInfo(key="vdb", size=2 * MiB + 512)]  # (not a whole KiB: the next one)
+    t.prepare("s2", two)
+    with t.open_disk("s2", "vdb") as d:
+        assert d.size == 2 * MiB + 1024 and d.has_base  # (a point exists)
+        w = d.connect()
+        w.write(0, b"\x42" * 4096)
+        w.flush()
+    t.commit("s2", point("p2", two))
+    pts = {p.point_id: [d.key for d in p.disks] for p in t.list_points()}
+    assert pts == {"p2": ["vda", "vdb"], "p1": ["vda"]}
+    vm = find(vlab, f"r-{job}")
+    assert isinstance(vm, vim.VirtualMachine)
+    names = []
+    todo = list(vm.snapshot.rootSnapshotList)
+    while todo:
+        n = todo.pop()
+        todo.extend(n.childSnapshotList or [])
+        names.append(n.name)
+    assert sorted(names) == [POINT_PREFIX + "p1", POINT_PREFIX + "p2"]
+    with pytest.raises(ResourceNotFound, match="no sync s2 in progress"):
+        with t.open_disk("s2", "vda"):
+            pass
+    t.destroy()
+    assert find(vlab, f"r-{job}") is None
