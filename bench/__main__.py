@@ -24,7 +24,7 @@ from typing import Any
 
 from rich.console import Console
 
-from bench import control_plane, drill, full_sync, incremental, memory, resume
+from bench import control_plane, drill, full_sync, incremental, memory, resume, vsphere
 from bench.harness import Bench, MiB, Options, parse_size
 from bench.report import evaluate, machine, print_table
 
@@ -34,6 +34,7 @@ MEASURES: dict[str, Callable[[Bench], Awaitable[dict[str, Any]]]] = {
     "incremental": incremental.measure,  # churns the shared source, so after the full syncs
     "control_plane": control_plane.measure,
     "drill": drill.measure,  # the bootable guest to KVM and the AWS lab, then drills of each
+    "vsphere": vsphere.measure,  # a VMware source's full copy through the vSphere lab, against nbdcopy
     "resume": resume.measure,  # last: restarts the worker
 }
 

@@ -101,6 +101,10 @@ FIGURES: list[Figure] = [
         )
     ),
     Figure("drill.ok", "drill: all booted, nothing left", "true", _true),
+    Figure("vsphere.engine_gibps", "vSphere source (lab VDDK stand-in): engine GiB/s"),
+    Figure("vsphere.nbdcopy_gibps", "vSphere source: nbdcopy from the same export GiB/s"),
+    Figure("vsphere.ratio_vs_nbdcopy", "vSphere source: engine / nbdcopy"),
+    Figure("vsphere.bit_exact", "vSphere source: bit-exact", "true", _true),
 ]
 
 
