@@ -3,7 +3,8 @@
     SENDENSE_VSPHERE_TEST_SERVER=vcenter.example.com  SENDENSE_VSPHERE_TEST_THUMBPRINT=AA:BB:...
     SENDENSE_VSPHERE_TEST_VM=test-vm          (a powered-off or running VM it may snapshot)
     SENDENSE_VSPHERE_TEST_DATACENTER=DC1  SENDENSE_VSPHERE_TEST_DATASTORE=ds1   (the target's place)
-    SENDENSE_VSPHERE_USER=...  SENDENSE_VSPHERE_PASSWORD=...  SENDENSE_VDDK_LIBDIR=/opt/vmware-vix-disklib-distrib
+    SENDENSE_VSPHERE_USER=...  SENDENSE_VSPHERE_PASSWORD=...
+    SENDENSE_VDDK_LIBDIR=/opt/vmware-vix-disklib-distrib
 
 Without them this module says so and skips. With them: the source finds the VM, takes a snapshot, lists
 its allocated areas page by page and reads through VDDK, then an incremental from it (nothing written:
