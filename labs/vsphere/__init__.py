@@ -259,12 +259,20 @@ class VsphereLab:
             raise VsphereLabError(f"/sendense-lab/disk: {status} {body}")
         return body
 
-    def disk_request(
-        self, auth: tuple[str, str] | None | bool = None, **params: str
+    def reset_tracking(self, vm: str, device_key: int) -> None:
+        """POST /sendense-lab/ctk-reset: that disk alone loses its change tracking (a new ctk; its old
+        changeIds answer FileFault), as when vSphere loses one disk's -ctk.vmdk. VsphereLabError unless 204."""
+        status, body = self.lab_request("POST", "/sendense-lab/ctk-reset", vm=vm, key=str(device_key))
+        if status != 204:
+            raise VsphereLabError(f"/sendense-lab/ctk-reset: {status} {body}")
+
+    def lab_request(
+        self, method: str, endpoint: str, auth: tuple[str, str] | None | bool = None, **params: str
     ) -> tuple[int, dict[str, Any]]:
-        """The raw endpoint call: (status, JSON body). auth None: the lab's credentials; False: none."""
+        """A raw call of a lab endpoint: (status, JSON body or {}). auth None: the lab's credentials; False:
+        none."""
         query = urllib.parse.urlencode(params)
-        req = urllib.request.Request(f"https://{self.host}:{self.port}/sendense-lab/disk?{query}")
+        req = urllib.request.Request(f"https://{self.host}:{self.port}{endpoint}?{query}", method=method)
         if auth is not False:
             user, pwd = auth if isinstance(auth, tuple) else (self.user, self.password)
             token = base64.b64encode(f"{user}:{pwd}".encode()).decode()
@@ -275,3 +283,9 @@ class VsphereLab:
                 return r.status, json.loads(r.read() or b"{}")
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read() or b"{}")
+
+    def disk_request(
+        self, auth: tuple[str, str] | None | bool = None, **params: str
+    ) -> tuple[int, dict[str, Any]]:
+        """The raw endpoint call: (status, JSON body). auth None: the lab's credentials; False: none."""
+        return self.lab_request("GET", "/sendense-lab/disk", auth=auth, **params)

@@ -377,10 +377,14 @@ def test_remove_s1_then_s2_consolidates_and_keeps_bytes_and_change_ids(lab, tmp_
     assert _query(vm, sc.s2, key, "*")[1] == _rounded(A + B)
 
     sc.lab.wait(sc.s2.RemoveSnapshot_Task(removeChildren=False, consolidate=True))
-    assert _chain(_disk(vm.config.hardware.device, key).backing) == ["[LocalDS_0] consol/consol.vmdk"]
-    assert sc.vmdks() == ["consol.vmdk"]
+    # the running delta is committed into the base disk, the VM goes on a fresh empty delta of it
+    assert _chain(_disk(vm.config.hardware.device, key).backing) == [
+        "[LocalDS_0] consol/consol-000001.vmdk",
+        "[LocalDS_0] consol/consol.vmdk",
+    ]
+    assert sc.vmdks() == ["consol-000001.vmdk", "consol.vmdk"]
     assert vm.snapshot is None
-    assert not [f.name for f in vm.layoutEx.file if "-00000" in f.name]
+    assert [f.name for f in vm.layoutEx.file if "-00000" in f.name] == ["[LocalDS_0] consol/consol-000001.vmdk"]
     _assert_bytes(sc, tmp_path, current=None)
     assert sc.lab.disk_info(sc.moref, sc.current_file())["writable"]
 
@@ -391,10 +395,11 @@ def test_remove_s2_first_keeps_s1_and_current_bytes(lab, tmp_path):
     cid1 = _change_id(sc.s1, key)
     sc.lab.wait(sc.s2.RemoveSnapshot_Task(removeChildren=False, consolidate=True))
     assert _chain(_disk(vm.config.hardware.device, key).backing) == [
+        "[LocalDS_0] mid/mid-000002.vmdk",  # a fresh delta of s2's file, which got the running delta
         "[LocalDS_0] mid/mid-000001.vmdk",
         "[LocalDS_0] mid/mid.vmdk",
     ]
-    assert sc.vmdks() == ["mid-000001.vmdk", "mid.vmdk"]
+    assert sc.vmdks() == ["mid-000001.vmdk", "mid-000002.vmdk", "mid.vmdk"]
     _assert_bytes(sc, tmp_path, s1=sc.s1, current=None)
     s3 = _snap(sc.lab, vm, "s3")
     assert _query(vm, s3, key, cid1)[1] == _rounded(B + C)
@@ -425,7 +430,10 @@ def test_backup_pattern_snapshot_then_remove_keeps_incrementals_exact(lab, tmp_p
     prev = s1
     for i, writes in enumerate(rounds, start=2):
         lab.wait(prev.RemoveSnapshot_Task(removeChildren=False, consolidate=True))
-        assert _chain(_disk(vm.config.hardware.device, key).backing) == ["[LocalDS_0] cycle/cycle.vmdk"]
+        assert _chain(_disk(vm.config.hardware.device, key).backing) == [
+            "[LocalDS_0] cycle/cycle-000001.vmdk",  # fresh, empty: the running delta went into the base
+            "[LocalDS_0] cycle/cycle.vmdk",
+        ]
         _write(current_path(), writes)
         _apply(image, writes)
         snap = _snap(lab, vm, f"s{i}")
@@ -443,8 +451,11 @@ def test_backup_pattern_snapshot_then_remove_keeps_incrementals_exact(lab, tmp_p
 def test_remove_all_snapshots_merges_into_the_base_disk(lab, tmp_path):
     sc = _scenario(lab, "all")
     sc.lab.wait(sc.vm.RemoveAllSnapshots_Task())
-    assert _chain(_disk(sc.vm.config.hardware.device, sc.key).backing) == ["[LocalDS_0] all/all.vmdk"]
-    assert sc.vmdks() == ["all.vmdk"]
+    assert _chain(_disk(sc.vm.config.hardware.device, sc.key).backing) == [
+        "[LocalDS_0] all/all-000001.vmdk",  # fresh, empty: everything else went into the base
+        "[LocalDS_0] all/all.vmdk",
+    ]
+    assert sc.vmdks() == ["all-000001.vmdk", "all.vmdk"]
     _assert_bytes(sc, tmp_path, current=None)
 
 
