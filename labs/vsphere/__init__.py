@@ -196,10 +196,17 @@ class VsphereLab:
         return task.info.result
 
     def make_vm(
-        self, name: str, disk_sizes: list[int], cbt: bool = True, datastore: str = "LocalDS_0"
+        self,
+        name: str,
+        disk_sizes: list[int],
+        cbt: bool = True,
+        datastore: str = "LocalDS_0",
+        version: str | None = None,
+        extra_config: dict[str, str] | None = None,
     ) -> str:
         """Create a powered-off VM through CreateVM_Task with one paravirtual SCSI controller and one thin
-        disk per size (bytes; "[ds] name/name.vmdk", "name_1.vmdk", ...); its moref value."""
+        disk per size (bytes; "[ds] name/name.vmdk", "name_1.vmdk", ...); its moref value. version: the
+        virtual hardware ("vmx-04"; default the lab's, vmx-13); extra_config: extraConfig options."""
         from pyVmomi import vim
 
         content = self.si().RetrieveContent()
@@ -245,6 +252,10 @@ class VsphereLab:
             files=vim.vm.FileInfo(vmPathName=f"[{datastore}]"),
             deviceChange=changes,
         )
+        if version:
+            spec.version = version
+        if extra_config:
+            spec.extraConfig = [vim.option.OptionValue(key=k, value=v) for k, v in extra_config.items()]
         vm = self.wait(dc.vmFolder.CreateVM_Task(config=spec, pool=pool))
         return str(vm._moId)
 
