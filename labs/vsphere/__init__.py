@@ -272,7 +272,8 @@ class VsphereLab:
 
     def reset_tracking(self, vm: str, device_key: int) -> None:
         """POST /sendense-lab/ctk-reset: that disk alone loses its change tracking (a new ctk; its old
-        changeIds answer FileFault), as when vSphere loses one disk's -ctk.vmdk. VsphereLabError unless 204."""
+        changeIds answer FileFault), as when vSphere loses one disk's -ctk.vmdk. VsphereLabError unless
+        204."""
         status, body = self.lab_request("POST", "/sendense-lab/ctk-reset", vm=vm, key=str(device_key))
         if status != 204:
             raise VsphereLabError(f"/sendense-lab/ctk-reset: {status} {body}")
