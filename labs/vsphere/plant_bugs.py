@@ -4,8 +4,8 @@
 
 Each bug is a temporary textual edit of an overlay Go file; the script builds that variant into its own
 cache (SENDENSE_VCSIM_BUGS_CACHE, default /tmp/vcsim-lab-bugs, so the normal cache keeps its binary), runs
-tests/labs/test_vsphere_lab_disks.py, test_vsphere_lab_smoke.py and test_vsphere_lab_config.py against it (SENDENSE_VCSIM_BIN), prints
-the failing tests and restores the file with `git checkout` (so it refuses to run on an uncommitted
+tests/labs/test_vsphere_lab_disks.py, test_vsphere_lab_smoke.py and test_vsphere_lab_config.py against it
+(SENDENSE_VCSIM_BIN), prints the failing tests and restores the file with `git checkout` (so it refuses to run on an uncommitted
 overlay). Never commit a planted bug. ~20 s per bug (the build dominates).
 """
 
@@ -109,7 +109,8 @@ BUGS = {
     "extra-config-appends": (
         SIM + "lab_fixes.go",
         "\tval := c.GetOptionValue()\n\tremove := val.Value == nil\n",
-        "\tif true {\n\t\treturn append(have, c)\n\t}\n\tval := c.GetOptionValue()\n\tremove := val.Value == nil\n",
+        "\tif true {\n\t\treturn append(have, c)\n\t}\n"
+        "\tval := c.GetOptionValue()\n\tremove := val.Value == nil\n",
     ),
     "extra-config-empty-kept": (SIM + "lab_fixes.go", 'ok && s == "" {', 'ok && s == "never" {'),
     "set-field-appends": (
