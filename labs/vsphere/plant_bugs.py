@@ -5,8 +5,8 @@
 Each bug is a temporary textual edit of an overlay Go file; the script builds that variant into its own
 cache (SENDENSE_VCSIM_BUGS_CACHE, default /tmp/vcsim-lab-bugs, so the normal cache keeps its binary), runs
 tests/labs/test_vsphere_lab_disks.py, test_vsphere_lab_smoke.py and test_vsphere_lab_config.py against it
-(SENDENSE_VCSIM_BIN), prints the failing tests and restores the file with `git checkout` (so it refuses to run on an uncommitted
-overlay). Never commit a planted bug. ~20 s per bug (the build dominates).
+(SENDENSE_VCSIM_BIN), prints the failing tests and restores the file with `git checkout` (so it refuses
+to run on an uncommitted overlay). Never commit a planted bug. ~20 s per bug (the build dominates).
 """
 
 from __future__ import annotations
