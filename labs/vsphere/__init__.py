@@ -39,6 +39,15 @@ _HERE = Path(__file__).resolve().parent
 BUILD = _HERE / "build.sh"
 
 
+def _json_or_text(body: bytes) -> dict[str, Any]:
+    """A lab endpoint's JSON body; {"text": ...} for anything else (e.g. an endpoint the binary lacks)."""
+    try:
+        out = json.loads(body or b"{}")
+    except ValueError:
+        return {"text": body.decode(errors="replace")}
+    return out if isinstance(out, dict) else {"value": out}
+
+
 class VsphereLabError(RuntimeError):
     """vcsim-lab could not be built, started or used."""
 
@@ -292,9 +301,9 @@ class VsphereLab:
         ctx = ssl._create_unverified_context()
         try:
             with urllib.request.urlopen(req, context=ctx, timeout=30) as r:
-                return r.status, json.loads(r.read() or b"{}")
+                return r.status, _json_or_text(r.read())
         except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read() or b"{}")
+            return e.code, _json_or_text(e.read())
 
     def disk_request(
         self, auth: tuple[str, str] | None | bool = None, **params: str
