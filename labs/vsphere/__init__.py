@@ -39,6 +39,15 @@ _HERE = Path(__file__).resolve().parent
 BUILD = _HERE / "build.sh"
 
 
+def _json_or_text(body: bytes) -> dict[str, Any]:
+    """A lab endpoint's JSON body; {"text": ...} for anything else (e.g. an endpoint the binary lacks)."""
+    try:
+        out = json.loads(body or b"{}")
+    except ValueError:
+        return {"text": body.decode(errors="replace")}
+    return out if isinstance(out, dict) else {"value": out}
+
+
 class VsphereLabError(RuntimeError):
     """vcsim-lab could not be built, started or used."""
 
@@ -196,10 +205,17 @@ class VsphereLab:
         return task.info.result
 
     def make_vm(
-        self, name: str, disk_sizes: list[int], cbt: bool = True, datastore: str = "LocalDS_0"
+        self,
+        name: str,
+        disk_sizes: list[int],
+        cbt: bool = True,
+        datastore: str = "LocalDS_0",
+        version: str | None = None,
+        extra_config: dict[str, str] | None = None,
     ) -> str:
         """Create a powered-off VM through CreateVM_Task with one paravirtual SCSI controller and one thin
-        disk per size (bytes; "[ds] name/name.vmdk", "name_1.vmdk", ...); its moref value."""
+        disk per size (bytes; "[ds] name/name.vmdk", "name_1.vmdk", ...); its moref value. version: the
+        virtual hardware ("vmx-04"; default the lab's, vmx-13); extra_config: extraConfig options."""
         from pyVmomi import vim
 
         content = self.si().RetrieveContent()
@@ -245,6 +261,10 @@ class VsphereLab:
             files=vim.vm.FileInfo(vmPathName=f"[{datastore}]"),
             deviceChange=changes,
         )
+        if version:
+            spec.version = version
+        if extra_config:
+            spec.extraConfig = [vim.option.OptionValue(key=k, value=v) for k, v in extra_config.items()]
         vm = self.wait(dc.vmFolder.CreateVM_Task(config=spec, pool=pool))
         return str(vm._moId)
 
@@ -259,12 +279,21 @@ class VsphereLab:
             raise VsphereLabError(f"/sendense-lab/disk: {status} {body}")
         return body
 
-    def disk_request(
-        self, auth: tuple[str, str] | None | bool = None, **params: str
+    def reset_tracking(self, vm: str, device_key: int) -> None:
+        """POST /sendense-lab/ctk-reset: that disk alone loses its change tracking (a new ctk; its old
+        changeIds answer FileFault), as when vSphere loses one disk's -ctk.vmdk. VsphereLabError unless
+        204."""
+        status, body = self.lab_request("POST", "/sendense-lab/ctk-reset", vm=vm, key=str(device_key))
+        if status != 204:
+            raise VsphereLabError(f"/sendense-lab/ctk-reset: {status} {body}")
+
+    def lab_request(
+        self, method: str, endpoint: str, auth: tuple[str, str] | None | bool = None, **params: str
     ) -> tuple[int, dict[str, Any]]:
-        """The raw endpoint call: (status, JSON body). auth None: the lab's credentials; False: none."""
+        """A raw call of a lab endpoint: (status, JSON body or {}). auth None: the lab's credentials; False:
+        none."""
         query = urllib.parse.urlencode(params)
-        req = urllib.request.Request(f"https://{self.host}:{self.port}/sendense-lab/disk?{query}")
+        req = urllib.request.Request(f"https://{self.host}:{self.port}{endpoint}?{query}", method=method)
         if auth is not False:
             user, pwd = auth if isinstance(auth, tuple) else (self.user, self.password)
             token = base64.b64encode(f"{user}:{pwd}".encode()).decode()
@@ -272,6 +301,12 @@ class VsphereLab:
         ctx = ssl._create_unverified_context()
         try:
             with urllib.request.urlopen(req, context=ctx, timeout=30) as r:
-                return r.status, json.loads(r.read() or b"{}")
+                return r.status, _json_or_text(r.read())
         except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read() or b"{}")
+            return e.code, _json_or_text(e.read())
+
+    def disk_request(
+        self, auth: tuple[str, str] | None | bool = None, **params: str
+    ) -> tuple[int, dict[str, Any]]:
+        """The raw endpoint call: (status, JSON body). auth None: the lab's credentials; False: none."""
+        return self.lab_request("GET", "/sendense-lab/disk", auth=auth, **params)

@@ -4,9 +4,9 @@
 
 Each bug is a temporary textual edit of an overlay Go file; the script builds that variant into its own
 cache (SENDENSE_VCSIM_BUGS_CACHE, default /tmp/vcsim-lab-bugs, so the normal cache keeps its binary), runs
-tests/labs/test_vsphere_lab_disks.py and test_vsphere_lab_smoke.py against it (SENDENSE_VCSIM_BIN), prints
-the failing tests and restores the file with `git checkout` (so it refuses to run on an uncommitted
-overlay). Never commit a planted bug. ~20 s per bug (the build dominates).
+tests/labs/test_vsphere_lab_disks.py, test_vsphere_lab_smoke.py and test_vsphere_lab_config.py against it
+(SENDENSE_VCSIM_BIN), prints the failing tests and restores the file with `git checkout` (so it refuses
+to run on an uncommitted overlay). Never commit a planted bug. ~20 s per bug (the build dominates).
 """
 
 from __future__ import annotations
@@ -79,8 +79,66 @@ BUGS = {
     ),
     "merge-forgets-open-epoch": (
         SIM + "lab_disks.go",
-        "d.merged, d.carry, d.baseline, current = true, open, baseline, parent",
-        "_, _, current = open, baseline, parent",
+        "\t\t\t\td.carry = open\n",
+        "\t\t\t\t_ = open\n",
+    ),
+    # (1) identical rewrites / the fresh delta after merging the running delta
+    "no-fresh-delta-after-merge": (
+        SIM + "lab_disks.go",
+        "if remade && fault == nil {",
+        "if false && remade && fault == nil {",
+    ),
+    "carry-counts-merged-file": (
+        SIM + "lab_disks.go",
+        "if child == current && !remade {",
+        "if child == current {",
+    ),
+    "open-epoch-ignores-carry": (
+        SIM + "lab_disks.go",
+        "return labMerge(append(append([]labExtent(nil), d.carry...), now...)), nil",
+        "return labMerge(now), nil",
+    ),
+    # (2) per-disk ctk reset
+    "ctk-reset-resets-every-disk": (
+        SIM + "lab_cbt.go",
+        "labVM(vm.Self.Value).disk(int32(key)).labResetDisk()",
+        "for _, d := range labVM(vm.Self.Value).disks {\n\t\t\td.labResetDisk()\n\t\t}",
+    ),
+    "ctk-reset-unknown-key-ok": (SIM + "lab_cbt.go", "if !found {", "if false && !found {"),
+    # (3) extraConfig / SetField
+    "extra-config-appends": (
+        SIM + "lab_fixes.go",
+        "\tval := c.GetOptionValue()\n\tremove := val.Value == nil\n",
+        "\tif true {\n\t\treturn append(have, c)\n\t}\n"
+        "\tval := c.GetOptionValue()\n\tremove := val.Value == nil\n",
+    ),
+    "extra-config-empty-kept": (SIM + "lab_fixes.go", 'ok && s == "" {', 'ok && s == "never" {'),
+    "set-field-appends": (
+        SIM + "lab_fixes.go",
+        "if o.GetCustomFieldValue().Key == v.Key {",
+        "if false && o.GetCustomFieldValue().Key == v.Key {",
+    ),
+    # (4) changeTrackingSupported
+    "tracking-supported-on-any-hardware": (
+        SIM + "lab_fixes.go",
+        "types.NewBool(labHardwareVersion(vm.Config.Version) >= 7)",
+        "types.NewBool(labHardwareVersion(vm.Config.Version) >= 0)",
+    ),
+    "old-hardware-enables-tracking": (
+        SIM + "lab_fixes.go",
+        "!*enable || labHardwareVersion(vm.Config.Version) >= 7 {",
+        "!*enable || labHardwareVersion(vm.Config.Version) >= 0 {",
+    ),
+    # (5) revert restores the config
+    "revert-keeps-current-config": (
+        SIM + "lab_fixes.go",
+        "cfg := labConfigCopy(&snapshot.Config)",
+        "cfg := labConfigCopy(vm.Config)",
+    ),
+    "snapshot-shares-config": (
+        SIM + "lab_cbt.go",
+        "snapshot.Config = labConfigCopy(vm.Config)",
+        "snapshot.Config = *vm.Config",
     ),
     "snapshot-names-the-new-delta": (
         SIM + "lab_cbt.go",
@@ -136,6 +194,7 @@ def run_one(name: str) -> None:
                 "addopts=-rf",
                 "tests/labs/test_vsphere_lab_disks.py",
                 "tests/labs/test_vsphere_lab_smoke.py",
+                "tests/labs/test_vsphere_lab_config.py",
             ],
             cwd=WT,
             env=env,

@@ -7,6 +7,7 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
+from typing import Any
 
 from helpers_kvm import KiB, MiB, all_bitmap_names, make_qcow2, qemu_io, run, virtual_size
 
@@ -265,10 +266,7 @@ class VsphereVm(VmSide):
         )
 
     def _file(self, key: str) -> tuple[str, str]:
-        from pyVmomi import vim
-
-        disks = [d for d in self.vm.config.hardware.device if isinstance(d, vim.vm.device.VirtualDisk)]
-        d = sorted(disks, key=lambda d: d.unitNumber)[list(self.sizes).index(key)]
+        d = self._disk(key)
         info = self.lab.disk_info(self.moref, d.backing.fileName)
         return info["path"], info["format"]
 
@@ -283,12 +281,16 @@ class VsphereVm(VmSide):
     def zero(self, key: str, offset: int, length: int) -> None:
         self._io(key, f"write -z {offset} {length}")
 
-    def lose_tracking(self, key: str, change_id: str) -> None:
-        """Change tracking reset (disabled and enabled again, as after a restore): every disk's."""
+    def _disk(self, key: str) -> Any:
         from pyVmomi import vim
 
-        for on in (False, True):
-            self.lab.wait(self.vm.ReconfigVM_Task(spec=vim.vm.ConfigSpec(changeTrackingEnabled=on)))
+        disks = [d for d in self.vm.config.hardware.device if isinstance(d, vim.vm.device.VirtualDisk)]
+        return sorted(disks, key=lambda d: d.unitNumber)[list(self.sizes).index(key)]
+
+    def lose_tracking(self, key: str, change_id: str) -> None:
+        """That disk alone loses its change tracking (its -ctk.vmdk lost: the lab's per-disk reset, a new
+        ctk uuid); the other disks keep theirs."""
+        self.lab.reset_tracking(self.moref, self._disk(key).key)
 
     def tracking_state(self, job: str) -> list[str]:
         todo = list(self.vm.snapshot.rootSnapshotList) if self.vm.snapshot is not None else []

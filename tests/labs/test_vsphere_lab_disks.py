@@ -377,10 +377,16 @@ def test_remove_s1_then_s2_consolidates_and_keeps_bytes_and_change_ids(lab, tmp_
     assert _query(vm, sc.s2, key, "*")[1] == _rounded(A + B)
 
     sc.lab.wait(sc.s2.RemoveSnapshot_Task(removeChildren=False, consolidate=True))
-    assert _chain(_disk(vm.config.hardware.device, key).backing) == ["[LocalDS_0] consol/consol.vmdk"]
-    assert sc.vmdks() == ["consol.vmdk"]
+    # the running delta is committed into the base disk, the VM goes on a fresh empty delta of it
+    assert _chain(_disk(vm.config.hardware.device, key).backing) == [
+        "[LocalDS_0] consol/consol-000001.vmdk",
+        "[LocalDS_0] consol/consol.vmdk",
+    ]
+    assert sc.vmdks() == ["consol-000001.vmdk", "consol.vmdk"]
     assert vm.snapshot is None
-    assert not [f.name for f in vm.layoutEx.file if "-00000" in f.name]
+    assert [f.name for f in vm.layoutEx.file if "-00000" in f.name] == [
+        "[LocalDS_0] consol/consol-000001.vmdk"
+    ]
     _assert_bytes(sc, tmp_path, current=None)
     assert sc.lab.disk_info(sc.moref, sc.current_file())["writable"]
 
@@ -391,10 +397,11 @@ def test_remove_s2_first_keeps_s1_and_current_bytes(lab, tmp_path):
     cid1 = _change_id(sc.s1, key)
     sc.lab.wait(sc.s2.RemoveSnapshot_Task(removeChildren=False, consolidate=True))
     assert _chain(_disk(vm.config.hardware.device, key).backing) == [
+        "[LocalDS_0] mid/mid-000002.vmdk",  # a fresh delta of s2's file, which got the running delta
         "[LocalDS_0] mid/mid-000001.vmdk",
         "[LocalDS_0] mid/mid.vmdk",
     ]
-    assert sc.vmdks() == ["mid-000001.vmdk", "mid.vmdk"]
+    assert sc.vmdks() == ["mid-000001.vmdk", "mid-000002.vmdk", "mid.vmdk"]
     _assert_bytes(sc, tmp_path, s1=sc.s1, current=None)
     s3 = _snap(sc.lab, vm, "s3")
     assert _query(vm, s3, key, cid1)[1] == _rounded(B + C)
@@ -425,7 +432,10 @@ def test_backup_pattern_snapshot_then_remove_keeps_incrementals_exact(lab, tmp_p
     prev = s1
     for i, writes in enumerate(rounds, start=2):
         lab.wait(prev.RemoveSnapshot_Task(removeChildren=False, consolidate=True))
-        assert _chain(_disk(vm.config.hardware.device, key).backing) == ["[LocalDS_0] cycle/cycle.vmdk"]
+        assert _chain(_disk(vm.config.hardware.device, key).backing) == [
+            "[LocalDS_0] cycle/cycle-000001.vmdk",  # fresh, empty: the running delta went into the base
+            "[LocalDS_0] cycle/cycle.vmdk",
+        ]
         _write(current_path(), writes)
         _apply(image, writes)
         snap = _snap(lab, vm, f"s{i}")
@@ -443,8 +453,11 @@ def test_backup_pattern_snapshot_then_remove_keeps_incrementals_exact(lab, tmp_p
 def test_remove_all_snapshots_merges_into_the_base_disk(lab, tmp_path):
     sc = _scenario(lab, "all")
     sc.lab.wait(sc.vm.RemoveAllSnapshots_Task())
-    assert _chain(_disk(sc.vm.config.hardware.device, sc.key).backing) == ["[LocalDS_0] all/all.vmdk"]
-    assert sc.vmdks() == ["all.vmdk"]
+    assert _chain(_disk(sc.vm.config.hardware.device, sc.key).backing) == [
+        "[LocalDS_0] all/all-000001.vmdk",  # fresh, empty: everything else went into the base
+        "[LocalDS_0] all/all.vmdk",
+    ]
+    assert sc.vmdks() == ["all-000001.vmdk", "all.vmdk"]
     _assert_bytes(sc, tmp_path, current=None)
 
 
@@ -518,3 +531,140 @@ def test_disk_endpoint_contract(lab):
         assert (now["writable"], now["power_state"]) == (False, "poweredOn")
     finally:
         lab.wait(sc.vm.PowerOffVM_Task())
+
+
+# --- identical rewrites (vSphere's CBT reports every written block, whatever the bytes) ------------------
+X = [(MIB, BLOCK, 0x42)]  # one whole 64 KiB block
+Y = [(2 * MIB + 10, 20, 0x43)]
+
+
+def _remove(lab: VsphereLab, snap) -> None:
+    lab.wait(snap.RemoveSnapshot_Task(removeChildren=False, consolidate=True))
+
+
+@pytest.mark.parametrize(
+    "steps",
+    [
+        # the backup cycle of the brief: s1, remove s1, the same bytes again, s2
+        ["w:X", "snap", "rm:0", "w:X", "snap"],
+        # twice round the cycle, the rewrite only in the second round
+        ["w:X", "snap", "rm:0", "w:Y", "snap", "rm:1", "w:X", "snap"],
+        # removing the newest snapshot while an older one stays (its running delta merged into its file)
+        ["w:X", "snap", "w:Y", "snap", "rm:1", "w:Y", "snap"],
+        # RemoveAllSnapshots, then the same bytes again
+        ["w:X", "snap", "w:Y", "snap", "rmall", "w:X", "w:Y", "snap"],
+        # a removal between two rewrites within one epoch, and one right after a snapshot
+        ["w:X", "snap", "w:X", "snap", "rm:0", "w:X", "rm:1", "w:X", "snap"],
+        # no removal at all (a rewrite into a delta)
+        ["w:X", "snap", "w:X", "snap"],
+    ],
+    ids=["cycle", "two-cycles", "keep-older", "remove-all", "rewrite-remove-rewrite", "no-removal"],
+)
+def test_identical_rewrites_are_tracked_in_every_sequence(lab, tmp_path, request, steps):
+    """Each incremental (from the previous snapshot's changeId, whether that snapshot was removed or not)
+    is exactly the blocks written in between, identical bytes included; the bytes of the current disk and
+    of every remaining snapshot stay exact."""
+    moref = lab.make_vm("same-" + request.node.callspec.id, [CAP])
+    vm = lab.vm(moref)
+    key = _disks(vm.config.hardware.device)[0].key
+    image = bytearray(CAP)
+    snaps: list[tuple[Any, bytes, str]] = []  # (snapshot, its bytes, its changeId); removed ones stay here
+    removed: set[int] = set()
+    written: list[tuple[int, int, int]] = []
+
+    def current_path() -> str:
+        return lab.disk_info(moref, _disk(vm.config.hardware.device, key).backing.fileName)["path"]
+
+    for step in steps:
+        if step.startswith("w:"):
+            writes = {"X": X, "Y": Y}[step[2:]]
+            _write(current_path(), writes)
+            _apply(image, writes)
+            written += writes
+        elif step == "snap":
+            snap = _snap(lab, vm, f"s{len(snaps)}")
+            if snaps:
+                assert _query(vm, snap, key, snaps[-1][2])[1] == _rounded(written), step
+            snaps.append((snap, bytes(image), _change_id(snap, key)))
+            written = []
+        elif step == "rmall":
+            lab.wait(vm.RemoveAllSnapshots_Task())
+            removed |= set(range(len(snaps)))
+        else:
+            i = int(step[3:])
+            _remove(lab, snaps[i][0])
+            removed.add(i)
+        assert _read(current_path(), tmp_path) == bytes(image), step
+        for i, (snap, data, _) in enumerate(snaps):
+            if i not in removed:
+                file = _disk(snap.config.hardware.device, key).backing.fileName
+                path = lab.disk_info(moref, file, snapshot=snap._moId)["path"]
+                assert _read(path, tmp_path) == data, (step, i)
+    last = snaps[-1][0]
+    assert _query(vm, last, key, "*")[1] == _rounded(X + Y if "w:Y" in steps else X)
+    # every changeId handed out still answers (removal keeps the record): from the first, all writes
+    assert _query(vm, last, key, snaps[0][2])[1] == _rounded(
+        [w for s in steps[steps.index("snap") + 1 :] if s.startswith("w:") for w in {"X": X, "Y": Y}[s[2:]]]
+    )
+
+
+# --- per-disk tracking reset (a lost or corrupted -ctk.vmdk) ----------------------------------------
+def test_ctk_reset_of_one_disk_keeps_the_others(lab):
+    moref = lab.make_vm("ctk1", [CAP, 2 * MIB])
+    vm = lab.vm(moref)
+    k0, k1 = (d.key for d in _disks(vm.config.hardware.device))
+
+    def path(key: int) -> str:
+        return lab.disk_info(moref, _disk(vm.config.hardware.device, key).backing.fileName)["path"]
+
+    _write(path(k0), [(0, 10, 0x11)])
+    _write(path(k1), [(0, 10, 0x12)])
+    s1 = _snap(lab, vm, "s1")
+    old0, old1 = _change_id(s1, k0), _change_id(s1, k1)
+    lab.reset_tracking(moref, k0)
+    _write(path(k0), [(MIB, 10, 0x21)])
+    _write(path(k1), [(MIB, 10, 0x22)])
+    s2 = _snap(lab, vm, "s2")
+    new0, new1 = _change_id(s2, k0), _change_id(s2, k1)
+    assert new0.split("/")[0] != old0.split("/")[0]  # disk 0: a new ctk
+    assert new1.split("/")[0] == old1.split("/")[0]  # disk 1: the same
+    for snap in (s1, s2):
+        with pytest.raises(vim.fault.FileFault):
+            vm.QueryChangedDiskAreas(snapshot=snap, deviceKey=k0, startOffset=0, changeId=old0)
+    assert _query(vm, s2, k1, old1, 2 * MIB)[1] == [(MIB, BLOCK)]  # the other disk's changeIds stay valid
+    assert _query(vm, s2, k0, "*")[1] == [(0, BLOCK), (MIB, BLOCK)]  # a full read still works
+    _write(path(k0), [(3 * MIB, 1, 0x31)])
+    s3 = _snap(lab, vm, "s3")
+    assert _query(vm, s3, k0, new0)[1] == [(3 * MIB, BLOCK)]  # tracking goes on with the new ctk
+    assert _query(vm, s3, k1, old1, 2 * MIB)[1] == [(MIB, BLOCK)]
+
+    # disabling then enabling change tracking resets every disk
+    for on in (False, True):
+        lab.wait(vm.ReconfigVM_Task(spec=vim.vm.ConfigSpec(changeTrackingEnabled=on)))
+    s4 = _snap(lab, vm, "s4")
+    for key, cid, cap in ((k0, new0, CAP), (k1, old1, 2 * MIB)):
+        assert _change_id(s4, key).split("/")[0] != cid.split("/")[0]
+        with pytest.raises(vim.fault.FileFault):
+            vm.QueryChangedDiskAreas(snapshot=s4, deviceKey=key, startOffset=0, changeId=cid)
+        assert _query(vm, s4, key, _change_id(s4, key), cap)[1] == []
+
+
+def test_ctk_reset_endpoint_contract(lab):
+    moref = lab.make_vm("ctk2", [CAP])
+    vm = lab.vm(moref)
+    key = _disks(vm.config.hardware.device)[0].key
+    ep = "/sendense-lab/ctk-reset"
+    assert lab.lab_request("POST", ep, auth=False, vm=moref, key=str(key))[0] == 401
+    assert lab.lab_request("POST", ep, auth=(lab.user, "wrong"), vm=moref, key=str(key))[0] == 401
+    assert lab.lab_request("GET", ep, vm=moref, key=str(key))[0] == 405
+    assert lab.lab_request("POST", ep, vm=moref, key="x")[0] == 400
+    assert lab.lab_request("POST", ep, key=str(key))[0] == 400
+    assert lab.lab_request("POST", ep, vm="vm-99999", key=str(key))[0] == 404
+    assert lab.lab_request("POST", ep, vm=moref, key="99999")[0] == 404
+    ctrl = next(
+        d.key for d in vm.config.hardware.device if isinstance(d, vim.vm.device.ParaVirtualSCSIController)
+    )
+    assert lab.lab_request("POST", ep, vm=moref, key=str(ctrl))[0] == 404  # not a disk
+    assert lab.lab_request("POST", ep, vm=moref, key=str(key)) == (204, {})
+    with pytest.raises(Exception, match="404"):
+        lab.reset_tracking("vm-99999", key)

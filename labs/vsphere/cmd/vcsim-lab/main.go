@@ -37,6 +37,7 @@ func main() {
 	model.Service.TLS = new(tls.Config)
 	model.Service.RegisterEndpoints = true
 	model.Service.HandleFunc("/sendense-lab/disk", simulator.LabDiskHandler(model.Service.Listen.User))
+	model.Service.HandleFunc("/sendense-lab/ctk-reset", simulator.LabCtkResetHandler(model.Service.Listen.User))
 
 	for _, e := range simulator.Map.All("Datastore") { // where the disk files live (the lab removes them)
 		ds := e.(*simulator.Datastore)

@@ -14,8 +14,9 @@ package simulator
 
 import (
 	"crypto/rand"
-	"crypto/sha256"
 	"fmt"
+	"net/http"
+	"net/url"
 	"os"
 	"sort"
 	"strconv"
@@ -45,12 +46,9 @@ type labDiskCBT struct {
 	epochs   map[int]*labEpoch
 	// every live file of the disk (datastore path "[ds] dir/f.vmdk") -> its backing file ("" for the base)
 	parents map[string]string
-	// Set when consolidation committed the VM's running delta into its parent, so the current file holds
-	// sealed data too: the open epoch is then carry + the blocks that differ from baseline (hash per 64 KiB
-	// block of the merged file right after the commit) instead of the file's whole allocation.
-	merged   bool
-	carry    []labExtent
-	baseline map[int64][sha256.Size]byte
+	// The open epoch's extents from running deltas that consolidation merged into their parent (the VM
+	// then got a fresh delta); nil after a snapshot or revert.
+	carry []labExtent
 }
 
 type labVMCBT struct {
@@ -112,9 +110,10 @@ func labDiskCapacity(d *types.VirtualDisk) int64 {
 // Per disk, as vSphere does: the file that was current is frozen and becomes the snapshot's; its
 // allocated areas (that file alone, without its backing) are sealed as the next epoch; a new delta
 // "<disk>-00000N.vmdk" backed by it becomes the VM's current disk. The snapshot gets its own copies of the
-// disks (vcsim's snapshot config shared the VM's device structs), with changeId "<ctk>/<seq>" when
+// disks (its config is a deep copy; vcsim's shared the VM's device structs), with changeId "<ctk>/<seq>" when
 // change tracking is on.
 func labSnapshotTaken(vm *VirtualMachine, snapshot *VirtualMachineSnapshot) types.BaseMethodFault {
+	snapshot.Config = labConfigCopy(vm.Config) // the snapshot's own config, restored by a revert
 	labCBT.Lock()
 	defer labCBT.Unlock()
 	rec := labVM(vm.Self.Value)
@@ -153,8 +152,10 @@ func labSnapshotTaken(vm *VirtualMachine, snapshot *VirtualMachineSnapshot) type
 		copied.Backing = &bc
 		devices = append(devices, &copied)
 
-		if fault == nil {
-			fault = labNewDelta(vm, d, disk, frozen)
+		for _, vdev := range vm.Config.Hardware.Device { // the VM's own device (the snapshot has a copy)
+			if vdisk, ok := vdev.(*types.VirtualDisk); ok && vdisk.Key == disk.Key && fault == nil {
+				fault = labNewDelta(vm, d, vdisk, frozen)
+			}
 		}
 	}
 	snapshot.Config.Hardware.Device = devices
@@ -166,16 +167,68 @@ func labSnapshotTaken(vm *VirtualMachine, snapshot *VirtualMachineSnapshot) type
 // labReconfigure is called by ReconfigVMTask before the spec is applied: turning change tracking off
 // resets it (vSphere: disable then enable, or a power failure), so every changeId handed out before is
 // refused with FileFault from then on.
-func labReconfigure(vm *VirtualMachine, spec *types.VirtualMachineConfigSpec) {
+// Enabling it on virtual hardware older than vmx-07 is refused (NotSupported).
+func labReconfigure(vm *VirtualMachine, spec *types.VirtualMachineConfigSpec) types.BaseMethodFault {
+	if fault := labTrackingUnsupported(vm, spec.ChangeTrackingEnabled); fault != nil {
+		return fault
+	}
 	was := vm.Config.ChangeTrackingEnabled != nil && *vm.Config.ChangeTrackingEnabled
 	if spec.ChangeTrackingEnabled == nil || *spec.ChangeTrackingEnabled || !was {
-		return
+		return nil
 	}
 	labCBT.Lock()
 	defer labCBT.Unlock()
 	for _, d := range labVM(vm.Self.Value).disks {
-		d.ctk = labNewCtk()
-		d.ctkSince = d.seq + 1
+		d.labResetDisk()
+	}
+	return nil
+}
+
+// labResetDisk gives one disk a new ctk (caller holds labCBT): every changeId of it handed out before is
+// FileFault from then on; the other disks keep theirs.
+func (d *labDiskCBT) labResetDisk() {
+	d.ctk = labNewCtk()
+	d.ctkSince = d.seq + 1
+}
+
+// LabCtkResetHandler serves POST /sendense-lab/ctk-reset?vm=MOREF&key=DEVICEKEY: that disk alone loses its
+// change tracking, as on vSphere when its -ctk.vmdk is lost or corrupted (HTTP Basic auth as
+// /sendense-lab/disk). 204 done; 404 unknown VM or no disk with that key in the VM's current config;
+// 400 bad parameters; 405 not POST.
+func LabCtkResetHandler(user *url.Userinfo) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		if !labAuthorized(w, r, user) {
+			return
+		}
+		if r.Method != http.MethodPost {
+			labReply(w, http.StatusMethodNotAllowed, map[string]string{"error": "POST only"})
+			return
+		}
+		q := r.URL.Query()
+		key, err := strconv.ParseInt(q.Get("key"), 10, 32)
+		if q.Get("vm") == "" || err != nil {
+			labReply(w, http.StatusBadRequest, map[string]string{"error": "need vm and an integer key"})
+			return
+		}
+		vm, ok := Map.Get(types.ManagedObjectReference{Type: "VirtualMachine", Value: q.Get("vm")}).(*VirtualMachine)
+		if !ok {
+			labReply(w, http.StatusNotFound, map[string]string{"error": "unknown VM " + q.Get("vm")})
+			return
+		}
+		found := false
+		for _, dev := range vm.Config.Hardware.Device {
+			if disk, ok := dev.(*types.VirtualDisk); ok && disk.Key == int32(key) {
+				found = true
+			}
+		}
+		if !found {
+			labReply(w, http.StatusNotFound, map[string]string{"error": fmt.Sprintf("no disk with key %d in %s", key, q.Get("vm"))})
+			return
+		}
+		labCBT.Lock()
+		labVM(vm.Self.Value).disk(int32(key)).labResetDisk()
+		labCBT.Unlock()
+		w.WriteHeader(http.StatusNoContent)
 	}
 }
 

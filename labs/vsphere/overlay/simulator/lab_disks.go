@@ -11,7 +11,6 @@ package simulator
 
 import (
 	"bytes"
-	"crypto/sha256"
 	"crypto/subtle"
 	"encoding/binary"
 	"encoding/json"
@@ -262,30 +261,30 @@ func labConsolidate(vm *VirtualMachine) types.BaseMethodFault {
 				}
 			}
 		}
+		remade := false
 		for fault == nil {
 			parent, child := labMergeable(d, roots)
 			if child == "" {
 				break
 			}
-			var open []labExtent
-			if child == current { // the running delta: remember what the open epoch has so far
-				var err error
-				if open, err = d.labOpenChanges(labLocal(vm, child)); err != nil {
+			// the running delta (the open epoch's file, only before it was merged: the file it went into
+			// holds sealed data too, whose allocation is no change): remember what the epoch has so far
+			if child == current && !remade {
+				open, err := d.labOpenChanges(labLocal(vm, child))
+				if err != nil {
 					fault = labCannotFault(child, err)
 					break
 				}
+				d.carry = open
 			}
 			if _, err := labQemuImg("commit", "-q", "-d", "-f", "vmdk", labLocal(vm, child)); err != nil {
 				fault = labCannotFault(child, err)
 				break
 			}
 			if child == current {
-				baseline, err := labBlockHashes(labLocal(vm, parent))
-				if err != nil {
-					fault = labCannotFault(parent, err)
-					break
-				}
-				d.merged, d.carry, d.baseline, current = true, open, baseline, parent
+				// the running delta is now merged into sealed data: the VM goes on a fresh empty delta
+				// below, so every write of the open epoch lands in a file whose allocation the lab sees
+				current, remade = parent, true
 			}
 			for g, p := range d.parents {
 				if p != child {
@@ -309,6 +308,13 @@ func labConsolidate(vm *VirtualMachine) types.BaseMethodFault {
 			delete(roots, child)
 			delete(d.parents, child)
 			_ = os.Remove(labLocal(vm, child))
+		}
+		if remade && fault == nil {
+			for _, dev := range vm.Config.Hardware.Device {
+				if disk, ok := dev.(*types.VirtualDisk); ok && disk.Key == key {
+					fault = labNewDelta(vm, d, disk, current)
+				}
+			}
 		}
 		for _, disk := range disks { // fresh parent chains, as the record now has them
 			b := *disk.Backing.(*types.VirtualDiskFlatVer2BackingInfo)
@@ -345,6 +351,8 @@ func labMergeable(d *labDiskCBT, roots map[string]bool) (string, string) {
 // delta is discarded and a new delta off the snapshot's frozen file becomes current; the open epoch
 // continues the snapshot's lineage.
 func labReverted(vm *VirtualMachine, snapshot *VirtualMachineSnapshot) types.BaseMethodFault {
+	labRestoreConfig(vm, snapshot)
+	Map.Update(vm, []types.PropertyChange{{Name: "config", Val: vm.Config}})
 	labCBT.Lock()
 	rec := labVM(vm.Self.Value)
 	frozen := map[int32]string{}
@@ -422,23 +430,33 @@ func labRefreshLayouts(vm *VirtualMachine) {
 	}
 }
 
+func labReply(w http.ResponseWriter, code int, v interface{}) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	_ = json.NewEncoder(w).Encode(v)
+}
+
+// labAuthorized checks HTTP Basic auth against the credentials SOAP Login accepts; it answers 401 itself.
+func labAuthorized(w http.ResponseWriter, r *http.Request, user *url.Userinfo) bool {
+	wantPass, _ := user.Password()
+	u, p, ok := r.BasicAuth()
+	if !ok || subtle.ConstantTimeCompare([]byte(u), []byte(user.Username())) != 1 ||
+		subtle.ConstantTimeCompare([]byte(p), []byte(wantPass)) != 1 {
+		w.Header().Set("WWW-Authenticate", `Basic realm="vcsim-lab"`)
+		labReply(w, http.StatusUnauthorized, map[string]string{"error": "bad or missing credentials"})
+		return false
+	}
+	return true
+}
+
 // LabDiskHandler serves GET /sendense-lab/disk?vm=MOREF&snapshot=MOREF-or-empty&file=[ds]%20path: which
 // local file holds the bytes of a disk, for the lab's data-path stand-in. HTTP Basic auth with the
 // user/password SOAP Login accepts. 200 {"path","format","capacity","writable","disk_key","power_state"};
 // 401 bad credentials; 404 {"error"} unknown VM/snapshot/file; 400 missing parameters.
 func LabDiskHandler(user *url.Userinfo) http.HandlerFunc {
-	wantPass, _ := user.Password()
 	return func(w http.ResponseWriter, r *http.Request) {
-		reply := func(code int, v interface{}) {
-			w.Header().Set("Content-Type", "application/json")
-			w.WriteHeader(code)
-			_ = json.NewEncoder(w).Encode(v)
-		}
-		u, p, ok := r.BasicAuth()
-		if !ok || subtle.ConstantTimeCompare([]byte(u), []byte(user.Username())) != 1 ||
-			subtle.ConstantTimeCompare([]byte(p), []byte(wantPass)) != 1 {
-			w.Header().Set("WWW-Authenticate", `Basic realm="vcsim-lab"`)
-			reply(http.StatusUnauthorized, map[string]string{"error": "bad or missing credentials"})
+		reply := func(code int, v interface{}) { labReply(w, code, v) }
+		if !labAuthorized(w, r, user) {
 			return
 		}
 		if r.Method != http.MethodGet {
@@ -573,64 +591,18 @@ func labDescriptor(local string) (string, int64, int64, error) {
 	return string(buf), off, size, nil
 }
 
-// labOpenChanges: the open epoch of a disk whose current file is local: the file's allocation, or, once
-// consolidation merged the running delta into sealed data, carry + the blocks that differ from baseline.
+// labOpenChanges: the open epoch of a disk whose current file is local: what earlier running deltas of
+// the epoch had when consolidation merged them (carry) + the current file's allocation. The VM never
+// writes into a file holding sealed data (a fresh delta follows every merge of the running delta), so
+// every write of the epoch, identical bytes too, is an allocated grain of one of those files.
 func (d *labDiskCBT) labOpenChanges(local string) ([]labExtent, error) {
-	if !d.merged {
-		return labAllocated(local)
-	}
-	now, err := labBlockHashes(local)
+	now, err := labAllocated(local)
 	if err != nil {
 		return nil, err
 	}
-	out := append([]labExtent(nil), d.carry...)
-	for blk, h := range now {
-		if old, ok := d.baseline[blk]; !ok || old != h {
-			out = append(out, labExtent{blk, labTrackingBlock})
-		}
-	}
-	for blk := range d.baseline {
-		if _, ok := now[blk]; !ok {
-			out = append(out, labExtent{blk, labTrackingBlock})
-		}
-	}
-	return labMerge(out), nil
+	return labMerge(append(append([]labExtent(nil), d.carry...), now...)), nil
 }
 
 func (d *labDiskCBT) labResetOpen() {
-	d.merged, d.carry, d.baseline = false, nil, nil
-}
-
-// labBlockHashes: SHA-256 of every allocated 64 KiB block of one disk file alone (its backing not opened).
-func labBlockHashes(local string) (map[int64][sha256.Size]byte, error) {
-	extents, err := labAllocated(local)
-	if err != nil {
-		return nil, err
-	}
-	tmp, err := os.CreateTemp("", "vcsim-lab-blocks-*.raw")
-	if err != nil {
-		return nil, err
-	}
-	tmp.Close()
-	defer os.Remove(tmp.Name())
-	if _, err := labQemuImg("convert", "-O", "raw", labAlone(local), tmp.Name()); err != nil {
-		return nil, err
-	}
-	f, err := os.Open(tmp.Name())
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	out := map[int64][sha256.Size]byte{}
-	buf := make([]byte, labTrackingBlock)
-	for _, x := range extents {
-		for blk := x.start; blk < x.start+x.length; blk += labTrackingBlock {
-			n, err := f.ReadAt(buf, blk)
-			if err != nil && n == 0 {
-				return nil, err
-			}
-			out[blk] = sha256.Sum256(buf[:n])
-		}
-	}
-	return out, nil
+	d.carry = nil
 }

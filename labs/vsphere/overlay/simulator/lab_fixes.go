@@ -4,6 +4,8 @@ package simulator
 
 import (
 	"path"
+	"strconv"
+	"strings"
 
 	"github.com/vmware/govmomi/object"
 	"github.com/vmware/govmomi/vim25/methods"
@@ -78,4 +80,106 @@ func labRefOrNil(ref *types.ManagedObjectReference) types.AnyType {
 		return nil
 	}
 	return *ref
+}
+
+// labHardwareVersion: the number of a "vmx-NN" virtual hardware version (0 when it is not one).
+func labHardwareVersion(v string) int {
+	n, err := strconv.Atoi(strings.TrimPrefix(v, "vmx-"))
+	if err != nil || !strings.HasPrefix(v, "vmx-") {
+		return 0
+	}
+	return n
+}
+
+// labSetCapability: capability.changeTrackingSupported as vSphere reports it: true from virtual hardware
+// vmx-07 on, false before (stock vcsim left it unset). Called when a VM is created, reconfigured, upgraded.
+func labSetCapability(vm *VirtualMachine) {
+	vm.Capability.ChangeTrackingSupported = types.NewBool(labHardwareVersion(vm.Config.Version) >= 7)
+}
+
+// labTrackingUnsupported: the fault vSphere gives for enabling change tracking on hardware older than vmx-07.
+func labTrackingUnsupported(vm *VirtualMachine, enable *bool) types.BaseMethodFault {
+	if enable == nil || !*enable || labHardwareVersion(vm.Config.Version) >= 7 {
+		return nil
+	}
+	return &types.NotSupported{RuntimeFault: types.RuntimeFault{MethodFault: types.MethodFault{
+		FaultMessage: []types.LocalizableMessage{{Key: "msg.cbt.unsupported",
+			Message: "change tracking needs virtual hardware vmx-07 or later, the VM has " + vm.Config.Version}},
+	}}}
+}
+
+// labCreated is called by create once the spec is applied: the capability, and a VM of hardware older than
+// vmx-07 cannot be created with change tracking on.
+func labCreated(vm *VirtualMachine, spec *types.VirtualMachineConfigSpec) types.BaseMethodFault {
+	labSetCapability(vm)
+	return labTrackingUnsupported(vm, spec.ChangeTrackingEnabled)
+}
+
+// labSetExtraConfig applies one extraConfig OptionValue as vSphere does: a key already there gets the new
+// value, an empty value ("" or unset) removes the key, a new key is added. Stock vcsim appended every
+// OptionValue, so a key could appear several times and never be removed. A new slice is built, so a
+// snapshot's config never shares the VM's.
+func labSetExtraConfig(have []types.BaseOptionValue, c types.BaseOptionValue) []types.BaseOptionValue {
+	val := c.GetOptionValue()
+	remove := val.Value == nil
+	if s, ok := val.Value.(string); ok && s == "" {
+		remove = true
+	}
+	out := make([]types.BaseOptionValue, 0, len(have)+1)
+	replaced := false
+	for _, o := range have {
+		if o.GetOptionValue().Key != val.Key {
+			out = append(out, o)
+			continue
+		}
+		if !remove && !replaced {
+			out = append(out, &types.OptionValue{Key: val.Key, Value: val.Value})
+			replaced = true
+		}
+	}
+	if !remove && !replaced {
+		out = append(out, &types.OptionValue{Key: val.Key, Value: val.Value})
+	}
+	return out
+}
+
+// labSetCustomValue: CustomFieldsManager.SetField replaces the entity's value for that key (stock vcsim
+// appended another one); customValue and value stay alike.
+func labSetCustomValue(values []types.BaseCustomFieldValue, v *types.CustomFieldStringValue) []types.BaseCustomFieldValue {
+	out := make([]types.BaseCustomFieldValue, 0, len(values)+1)
+	replaced := false
+	for _, o := range values {
+		if o.GetCustomFieldValue().Key == v.Key {
+			if !replaced {
+				out = append(out, v)
+				replaced = true
+			}
+			continue
+		}
+		out = append(out, o)
+	}
+	if !replaced {
+		out = append(out, v)
+	}
+	return out
+}
+
+// labConfigCopy: a deep copy of a VM's configuration (vcsim's snapshots shared the VM's config structs, so
+// a later reconfigure changed the snapshot too).
+func labConfigCopy(c *types.VirtualMachineConfigInfo) types.VirtualMachineConfigInfo {
+	var out types.VirtualMachineConfigInfo
+	deepCopy(c, &out)
+	return out
+}
+
+// labRestoreConfig: RevertToSnapshot restores the VM's configuration as of the snapshot (devices, extraConfig,
+// CPU, memory, change tracking, ...), as vSphere does; the inventory name stays, and custom field values
+// (entity.customValue) are not part of the config. The disks are then put on new deltas (labReverted).
+func labRestoreConfig(vm *VirtualMachine, snapshot *VirtualMachineSnapshot) {
+	cfg := labConfigCopy(&snapshot.Config)
+	cfg.Name = vm.Config.Name
+	vm.Config = &cfg
+	vm.Summary.Config.NumCpu = cfg.Hardware.NumCPU
+	vm.Summary.Config.MemorySizeMB = cfg.Hardware.MemoryMB
+	labSetCapability(vm)
 }
