@@ -7,13 +7,19 @@ from pathlib import Path
 
 from connectors.vsphere.spec import VsphereSource, VsphereTarget
 from sendense.platforms import Platform
-from sendense.protocols import SourceConnector, TargetConnector
+from sendense.protocols import SourceConnector, SourcePower, TargetConnector
 
 
 def _source(spec: VsphereSource, job: str, work_dir: Path) -> SourceConnector:
     from connectors.vsphere.source import VsphereSourceConnector
 
     return VsphereSourceConnector(job, spec, work_dir)
+
+
+def _power(spec: VsphereSource, job: str, work_dir: Path) -> SourcePower:
+    from connectors.vsphere.power import VsphereSourcePower
+
+    return VsphereSourcePower(job, spec)
 
 
 def _target(spec: VsphereTarget, job: str, job_id: str) -> TargetConnector:
@@ -30,6 +36,7 @@ PLATFORM = Platform(
     target_spec=VsphereTarget,
     source=_source,
     target=_target,
+    source_power=_power,
     lab="labs.vsphere.hook",
     developer_only=True,  # until its target, lab and end-to-end tests land (issue 13)
     starter_endpoints=("vsphere:*",),  # any vCenter or ESXi host the agent can reach

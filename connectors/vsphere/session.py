@@ -92,13 +92,13 @@ class Certificate:
         return ":".join(self.sha1[i : i + 2] for i in range(0, 40, 2)).upper()
 
 
-def server_certificate(host: str, port: int, where: str) -> Certificate:
+def server_certificate(host: str, port: int, where: str, timeout: float = CONNECT_TIMEOUT) -> Certificate:
     """The server's certificate digests (fetched without trusting it: it is compared next)."""
     ctx = ssl.create_default_context()
     ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
     try:
         with (
-            socket.create_connection((host, port), timeout=CONNECT_TIMEOUT) as raw,
+            socket.create_connection((host, port), timeout=timeout) as raw,
             ctx.wrap_socket(raw, server_hostname=host) as tls,
         ):
             der = tls.getpeercert(binary_form=True)
@@ -142,8 +142,9 @@ def is_fault(e: BaseException, *names: str) -> bool:
 class Session:
     """A logged-in vSphere session (pyvmomi ServiceInstance) and what the connectors ask of it."""
 
-    def __init__(self, spec: VspherePlace) -> None:
+    def __init__(self, spec: VspherePlace, connect_timeout: float = CONNECT_TIMEOUT) -> None:
         self.spec = spec
+        self.connect_timeout = connect_timeout
         self.host, self.port = spec.address()
         self.where = f"vSphere {spec.server}"
         self.end = "source" if isinstance(spec, SourceSpec) else "target"
@@ -156,7 +157,7 @@ class Session:
         from pyVim.connect import SmartConnect
         from pyVmomi import vim
 
-        cert = server_certificate(self.host, self.port, self.where)
+        cert = server_certificate(self.host, self.port, self.where, self.connect_timeout)
         pinned = None
         if self.spec.thumbprint is not None:
             pinned = normal_thumbprint(self.spec.thumbprint)
@@ -193,7 +194,11 @@ class Session:
     def si(self) -> Any:
         """The session's ServiceInstance: one per (server, login, thumbprint) in this process, kept,
         and replaced when vCenter has dropped it."""
-        key = (self.host, self.port, self.spec.login, self.spec.thumbprint or "", self.spec.insecure)
+        user, password = credentials(self.spec, self.end)
+        who = hashlib.sha256(
+            f"{user}\0{password}".encode()
+        ).hexdigest()  # (changed credentials: a new session)
+        key = (self.host, self.port, who, self.spec.thumbprint or "", self.spec.insecure)
         with _lock:
             cached = _sessions.get(key)
             if cached is not None and _alive(cached[0]):

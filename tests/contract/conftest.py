@@ -49,8 +49,7 @@ REAL_AWS_REGION = (
     if os.environ.get("SENDENSE_AWS_TEST_INSTANCE")
     else None
 )
-# vsphere joins once its lab lists rewrites of the same bytes and resets tracking per disk
-SOURCES = ["memory", "kvm-qmp", "kvm-stopped", "aws"]
+SOURCES = ["memory", "kvm-qmp", "kvm-stopped", "aws", "vsphere"]
 # What a platform's disks can do, for the tests of it (selected by parametrization, never skipped):
 # EBS volumes never shrink (the resize test shrinks a disk and grows it back), and no EBS direct API
 # or volume operation discards blocks (a guest's TRIM is the instance's business, not the snapshot's).

@@ -68,6 +68,8 @@ def test_bad_input_is_one_line_naming_what_the_user_gave(
     with pytest.raises(InvalidSpec, match="set SENDENSE_VSPHERE_USER and SENDENSE_VSPHERE_PASSWORD"):
         connector(vlab, vm, tmp_path).validate()
 
+    monkeypatch.setenv("SENDENSE_VSPHERE_USER", vlab.user)
+    monkeypatch.setenv("SENDENSE_VSPHERE_PASSWORD", vlab.password)
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -163,3 +165,18 @@ def test_a_reset_is_tracking_lost_with_the_reason(vlab: VsphereLab, tmp_path: Pa
         assert lost is not None and "reset" in lost and "\n" not in lost
     finally:
         src.release_snapshot(s2, committed=False)
+
+
+def test_old_virtual_hardware_is_refused_in_one_line_and_nothing_is_made(
+    vlab: VsphereLab, tmp_path: Path
+) -> None:
+    vm = name()
+    moref = vlab.make_vm(vm, [4 * MiB], cbt=False, version="vmx-04")
+    src = connector(vlab, vm, tmp_path)
+    with pytest.raises(
+        InvalidSpec, match=f"source.vm {vm}: virtual hardware vmx-04 cannot track changed blocks"
+    ):
+        src.validate()
+    with pytest.raises(InvalidSpec, match="vmx-04"):
+        src.create_snapshot("s1", {})
+    assert snapshots(vlab, moref) == [] and not vlab.vm(moref).config.changeTrackingEnabled
