@@ -155,7 +155,12 @@ def write_policy(state: Path, root: Path) -> Path:
     state.chmod(0o700)
     p = state / "policy.yaml"
     roots = [str(root)]
-    doc = {"platforms": ["kvm", "aws"], "source_roots": roots, "target_roots": roots, "endpoints": []}
+    doc = {
+        "platforms": ["kvm", "aws", "vsphere"],
+        "source_roots": roots,
+        "target_roots": roots,
+        "endpoints": [],
+    }
     p.write_text(yaml.safe_dump(doc, sort_keys=False))
     p.chmod(0o600)
     return p

@@ -211,6 +211,10 @@ class TargetConnector(Protocol):
         """Committed points, newest first."""
         ...
 
+    def get_point(self, point_id: str | None) -> PointInfo:
+        """The point `point_id` (None: the newest); ResourceNotFound naming the job if there is none."""
+        ...
+
     def prune(self, keep: int) -> list[str]:
         """Delete the oldest points beyond `keep`; newer points keep their content."""
         ...

@@ -262,10 +262,7 @@ def lab_vm(
     """Create a powered-off VM in the vSphere lab (a source to replicate), with thin disks on its
     datastore and change tracking on; its first disk holds the bootable guest (a small Linux)."""
     from app.cli.output import emit_json, fail, out
-    from sendense import platforms
 
-    if not platforms.developer_platforms():
-        fail(f"the vSphere lab is for developers for now: set {platforms.DEVELOPER_PLATFORMS}=1")
     if not all(1 <= m <= 1 << 20 for m in disk_mib):
         fail(f"--disk-mib: sizes are 1 to {1 << 20} MiB, not {disk_mib}")
     from labs.vsphere import hook

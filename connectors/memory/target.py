@@ -242,9 +242,12 @@ class MemoryTargetConnector:
         with self.store.locked() as b:
             return self._points(b)
 
-    def get_point(self, point_id: str) -> PointInfo:
-        for p in self.list_points():
-            if p.point_id == point_id:
+    def get_point(self, point_id: str | None) -> PointInfo:
+        pts = self.list_points()
+        if not pts:
+            raise ResourceNotFound(f"job {self.job}: no recovery point yet")
+        for p in pts:
+            if point_id is None or p.point_id == point_id:
                 return p
         raise ResourceNotFound(f"job {self.job}: no recovery point {point_id}")
 

@@ -38,7 +38,6 @@ PLATFORM = Platform(
     target=_target,
     source_power=_power,
     lab="labs.vsphere.hook",
-    developer_only=True,  # until its target, lab and end-to-end tests land (issue 13)
     starter_endpoints=("vsphere:*",),  # any vCenter or ESXi host the agent can reach
     agent_env=("SENDENSE_VSPHERE_*", "SENDENSE_VDDK_*"),  # logins, and the agent's VDDK
 )

@@ -462,6 +462,16 @@ class VsphereTargetConnector:
         vm = self._placeholder()
         return [] if vm is None else [p for p, _, _ in self._points(vm)]
 
+    def get_point(self, point_id: str | None) -> PointInfo:
+        """The point `point_id` (None: the newest); a one-line error naming the job if there is none."""
+        pts = self.list_points()
+        if not pts:
+            raise ResourceNotFound(f"job {self.job}: no recovery point yet")
+        for p in pts:
+            if point_id is None or p.point_id == point_id:
+                return p
+        raise ResourceNotFound(f"job {self.job}: no recovery point {point_id}")
+
     def prune(self, keep: int) -> list[str]:
         vm = self._placeholder()
         if vm is None:
