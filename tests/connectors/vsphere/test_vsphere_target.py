@@ -100,3 +100,40 @@ def test_a_disk_added_between_syncs_joins_the_placeholder_and_older_points_keep_
             pass
     t.destroy()
     assert find(vlab, f"r-{job}") is None
+
+
+def test_an_export_during_a_prune_of_older_points_reads_its_point_exactly(vlab: VsphereLab, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Removing older points consolidates files under the exported point's chain while VDDK reads it:
+    the export still reads the point as committed."""
+    import threading
+
+    job = name("j")
+    t = VsphereTargetConnector(job, target_spec(vlab, vm_name=f"r-{job}"), "id-1")
+    disks = [DiskInfo(key="vda", size=16 * MiB)]
+    for n in range(1, 6):
+        t.prepare(f"s{n}", disks)
+        with t.open_disk(f"s{n}", "vda") as d:
+            w = d.connect()
+            w.write((n - 1) * 2 * MiB, bytes([0x10 + n]) * (3 * MiB))  # each over the last one's tail
+            w.flush()
+        t.commit(f"s{n}", point(f"p{n}", disks))
+    expected = bytearray(16 * MiB)
+    for n in range(1, 6):
+        expected[(n - 1) * 2 * MiB : (n - 1) * 2 * MiB + 3 * MiB] = bytes([0x10 + n]) * (3 * MiB)
+    errors: list[BaseException] = []
+
+    def prune() -> None:
+        try:
+            t2 = VsphereTargetConnector(job, target_spec(vlab, vm_name=f"r-{job}"), "id-1")
+            t2.prune(1)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    th = threading.Thread(target=prune)
+    th.start()
+    files = dict(t.export("p5", "raw", tmp_path / "x"))
+    th.join()
+    assert not errors, errors
+    assert files["vda"].read_bytes() == bytes(expected)
+    assert [p.point_id for p in t.list_points()] == ["p5"]
+    t.destroy()
