@@ -26,8 +26,9 @@ changed, disk bytes read from the snapshot through nbdkit's vddk plugin.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -465,28 +466,50 @@ class VsphereSourceConnector:
         cert = self.session.cert
         assert cert is not None
         host, port = self.spec.address()
-        target = VddkTarget(
-            host=host,
-            port=port,
-            user=user,
-            password=password,
-            thumbprint=cert.vddk_thumbprint(),
-            vm=h.vm,
-            file=dh.file,
-            snapshot=h.snapshot,
-            transports=tuple(self.spec.vddk.transports),
-            libdir=agent_libdir(self.spec.vddk.libdir, env),
-            plugin=plugin_words(env),
-        )
+        ref = vim.vm.Snapshot(h.snapshot, self.session.si._stub)
         label = self._label(key)
-        with serving(target, label) as srv:
-            disk = VsphereSourceDisk(
-                self.session, vm, vim.vm.Snapshot(h.snapshot, self.session.si._stub), d, srv, label
+        for attempt in range(6):
+            # the snapshot's file of the disk, asked now: removing another snapshot of the VM (another
+            # job's, a user's) consolidates and renames the files of the chain
+            target = VddkTarget(
+                host=host,
+                port=port,
+                user=user,
+                password=password,
+                thumbprint=cert.vddk_thumbprint(),
+                vm=h.vm,
+                file=self._snapshot_file(ref, dh.device_key) or dh.file,
+                snapshot=h.snapshot,
+                transports=tuple(self.spec.vddk.transports),
+                libdir=agent_libdir(self.spec.vddk.libdir, env),
+                plugin=plugin_words(env),
             )
-            try:
-                yield disk
-            finally:
-                disk.close()
+            with ExitStack() as stack:
+                try:
+                    srv = stack.enter_context(serving(target, label))
+                except SendenseError as e:
+                    if attempt < 5 and "find the file" in e.message:  # renamed between asking and opening
+                        time.sleep(0.1 * (attempt + 1))
+                        continue
+                    raise
+                disk = VsphereSourceDisk(self.session, vm, ref, d, srv, label)
+                try:
+                    yield disk
+                finally:
+                    disk.close()
+                return
+
+    def _snapshot_file(self, ref: Any, device_key: int) -> str | None:
+        from pyVmomi import vim, vmodl
+
+        try:
+            devices = ref.config.hardware.device
+        except vmodl.fault.ManagedObjectNotFound:
+            raise ResourceNotFound(f"source.vm {self.spec.vm}: the sync's snapshot is gone") from None
+        for dev in devices:
+            if isinstance(dev, vim.vm.device.VirtualDisk) and dev.key == device_key:
+                return str(getattr(dev.backing, "fileName", "")) or None
+        return None
 
     def release_snapshot(self, snap: SnapshotRef, committed: bool) -> None:
         from pyVmomi import vim, vmodl

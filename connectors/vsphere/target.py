@@ -26,8 +26,9 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -545,13 +546,12 @@ class VsphereTargetConnector:
         vm = self._vm_with_point(point_id)
         point, snap, _ = next(x for x in self._points(vm) if x[0].point_id == point_id)
         qfmt = EXPORT_FORMATS[fmt][0]
-        files = self._snapshot_files(vm, snap)
         out = []
         with staging(out_dir) as stage:  # (never written through a file planted in out_dir)
             for d in point.disks:
                 dst = export_name(out_dir, self.job, point_id, d.key, fmt)
                 tmp = stage / dst.name
-                with self._vddk(vm, files[d.key], snap._moId, readonly=True, key=d.key) as srv:
+                with self._snapshot_disk(vm, snap, d.key) as srv:
                     # exactly the point's size (a placeholder disk is a whole number of KiB)
                     src = {
                         "driver": "raw",
@@ -569,6 +569,25 @@ class VsphereTargetConnector:
                 os.replace(tmp, dst)
                 out.append((d.key, dst))
         return out
+
+    @contextmanager
+    def _snapshot_disk(self, vm: Any, snap: Any, key: str) -> Iterator[Any]:
+        """VDDK serving a point's disk read-only. A prune of older points renames the files of a chain
+        while it consolidates: a file gone between asking the snapshot and opening it is asked again."""
+        for attempt in range(6):
+            file = self._snapshot_files(vm, snap).get(key)
+            if file is None:
+                raise ResourceNotFound(f"target: {self.label}: the point's snapshot has no disk {key}")
+            with ExitStack() as stack:
+                try:
+                    srv = stack.enter_context(self._vddk(vm, file, snap._moId, readonly=True, key=key))
+                except SendenseError as e:
+                    if attempt < 5 and "find the file" in e.message:
+                        time.sleep(0.1 * (attempt + 1))
+                        continue
+                    raise
+                yield srv
+                return
 
     def _snapshot_files(self, vm: Any, snap: Any) -> dict[str, str]:
         """Source disk key -> the snapshot's file of it (consolidating older points moves data between

@@ -180,3 +180,28 @@ def test_old_virtual_hardware_is_refused_in_one_line_and_nothing_is_made(
     with pytest.raises(InvalidSpec, match="vmx-04"):
         src.create_snapshot("s1", {})
     assert snapshots(vlab, moref) == [] and not vlab.vm(moref).config.changeTrackingEnabled
+
+
+def test_two_jobs_on_one_vm_read_their_snapshots_while_the_other_releases(
+    vlab: VsphereLab, tmp_path: Path
+) -> None:
+    """Removing one job's snapshot consolidates the chain the other job's snapshot reads through (and
+    renames its files): the other job still opens and reads its snapshot exactly."""
+    vm = name()
+    moref = vlab.make_vm(vm, [8 * MiB])
+    guest_io(vlab, moref, 0, "write -P 0x11 0 2M")
+    a, b = connector(vlab, vm, tmp_path, job="ja"), connector(vlab, vm, tmp_path, job="jb")
+    sa = a.create_snapshot("s1", {})
+    guest_io(vlab, moref, 0, "write -P 0x22 1M 2M")
+    sb = b.create_snapshot("s1", {})
+    guest_io(vlab, moref, 0, "write -P 0x33 0 8M")  # after both: neither sees it
+    expected = b"\x11" * MiB + b"\x22" * (2 * MiB) + bytes(5 * MiB)
+    a.release_snapshot(sa, committed=True)  # consolidates: jb's snapshot file is renamed
+    with b.open_disk(sb, "scsi0-0") as disk:
+        r = disk.connect()
+        try:
+            assert r.read(0, 8 * MiB) == expected
+        finally:
+            r.close()
+    b.release_snapshot(sb, committed=True)
+    assert snapshots(vlab, moref) == []
