@@ -27,12 +27,14 @@ import logging
 import os
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from connectors.vsphere.session import Session, agent_env, calling, credentials, extra_config
+from connectors.vsphere.session import Session, agent_env, calling, credentials, extra_config, fault_text
 from connectors.vsphere.source import capacity
 from connectors.vsphere.spec import VsphereTarget
 from connectors.vsphere.vddk import VddkTarget, agent_libdir, plugin_words, serving
@@ -48,6 +50,8 @@ log = logging.getLogger(__name__)
 POINT_PREFIX = "sendense-point-"
 KEY_JOB = "sendense.job_id"
 KEY_DISK = "sendense.disk."
+EXPORT_HOLD = timedelta(hours=12)  # an export's hold outlives no exporter by more than this
+EXPORT_REASON = "point export until "
 KEY_SYNC = "sendense.sync"  # the sync whose writes the placeholder's current disks hold
 SCSI_KEY = 1000  # the placeholder's controller; its disks are units 0-6 and 8-15 (7 is the controller's)
 
@@ -304,15 +308,24 @@ class VsphereTargetConnector:
             return
         self._revert(vm, points[0][1])  # whatever an unfinished sync wrote goes
         have = self._disks(vm)
-        changes, mapping = [], []
+        in_point = {d.key for d in points[0][0].disks}
+        changes: list[Any] = []
+        mapping: list[tuple[str, int]] = []  # (source disk key, the new disk's unit)
         used = {d.unitNumber for d in vm.config.hardware.device if isinstance(d, vim.vm.device.VirtualDisk)}
         for i, d in enumerate(disks):
             cur = have.get(d.key)
+            if cur is not None and d.key not in in_point:
+                # a disk the newest point does not have (removed from the source, now back under the
+                # same key): its device holds older points' bytes; a fresh one takes the key (the old
+                # file stays for those points)
+                changes.append(vim.vm.device.VirtualDeviceSpec(operation="remove", device=cur))
+                used.discard(cur.unitNumber)
+                cur = None
             if cur is None:
                 unit = next(u for u in range(16) if u != 7 and u not in used)
                 used.add(unit)
                 changes.append(self._disk_spec(d.key, d.size, unit, -(201 + i)))
-                mapping.append(d.key)
+                mapping.append((d.key, unit))
             elif capacity(cur) < d.size:
                 raise TargetError(
                     f"target: disk {d.key} grew to {d.size} bytes; vSphere cannot extend a disk of a VM "
@@ -320,22 +333,15 @@ class VsphereTargetConnector:
                     "removing the points, or start a new job"
                 )
         if changes:
-            self._reconfigure(vm, vim.vm.ConfigSpec(deviceChange=changes), "adding disks")
+            self._reconfigure(vm, vim.vm.ConfigSpec(deviceChange=changes), "adding disks")  # (fresh ones)
             vm = self._placeholder()
             assert vm is not None
-            known = {d.key for d in self._disks(vm).values()}
-            new = sorted(
-                (
-                    d
-                    for d in vm.config.hardware.device
-                    if isinstance(d, vim.vm.device.VirtualDisk) and d.key not in known
-                ),
-                key=lambda d: d.unitNumber or 0,
-            )
-            opts = [
-                vim.option.OptionValue(key=KEY_DISK + k, value=str(d.key))
-                for k, d in zip(mapping, new, strict=True)
-            ]
+            by_unit = {
+                d.unitNumber: d.key
+                for d in vm.config.hardware.device
+                if isinstance(d, vim.vm.device.VirtualDisk)
+            }
+            opts = [vim.option.OptionValue(key=KEY_DISK + k, value=str(by_unit[u])) for k, u in mapping]
             self._reconfigure(vm, vim.vm.ConfigSpec(extraConfig=opts), "recording its disks")
         self._mark(vm, sync_id)
 
@@ -362,7 +368,10 @@ class VsphereTargetConnector:
         d = self._disks(vm).get(key)
         if d is None:
             raise ResourceNotFound(f"target: {self.label} has no disk for {key}")
-        has_base = bool(self._points(vm))
+        points = self._points(vm)
+        has_base = bool(points) and any(
+            d.key == key for d in points[0][0].disks
+        )  # (a disk new in this sync: no)
         with self._vddk(vm, d.backing.fileName, None, readonly=False, key=key) as srv:
             disk = PlaceholderDisk(srv.uri, capacity(d), has_base, f"{self.label} disk {key}")
             try:
@@ -477,6 +486,7 @@ class VsphereTargetConnector:
         vm = self._placeholder()
         if vm is None:
             return []
+        self._drop_expired_export_holds(vm)
         removed = []
         points = self._points(vm)
         for i in range(len(points) - 1, max(keep, 1) - 1, -1):  # oldest first
@@ -505,6 +515,23 @@ class VsphereTargetConnector:
         prefix = self._hold_prefix()
         cfm = self.session.content.customFieldsManager
         return {f.key: f.name for f in cfm.field or [] if f.name.startswith(prefix)}
+
+    def _drop_expired_export_holds(self, vm: Any) -> None:
+        """An export's hold whose exporter died (its `until` passed) goes: it must not keep a point
+        forever."""
+        fields, prefix, now = self._hold_fields(), self._hold_prefix(), datetime.now(UTC)
+        for v in vm.customValue or []:
+            name, value = fields.get(v.key), str(getattr(v, "value", None) or "")
+            if name is None or not value.startswith(EXPORT_REASON):
+                continue
+            try:
+                expired = datetime.fromisoformat(value.removeprefix(EXPORT_REASON)) < now
+            except ValueError:
+                expired = True
+            if expired:
+                point, _, hold = name[len(prefix) :].partition("/")
+                log.warning("%s: export hold %s on point %s expired: released", self.label, hold, point)
+                self.release(point, hold)
 
     def hold(self, point_id: str, hold_id: str, reason: str) -> None:
         from pyVmomi import vim
@@ -541,12 +568,26 @@ class VsphereTargetConnector:
         return vm
 
     def export(self, point_id: str, fmt: str, out_dir: Path) -> list[tuple[str, Path]]:
+        """Standalone images of a point, read from its snapshot through VDDK. The point is held while it
+        is read (a prune elsewhere leaves it), and a point removed meanwhile all the same (the hold
+        came too late) fails the export in one line: nothing of it reaches `out_dir`."""
         if fmt not in EXPORT_FORMATS:
             raise InvalidSpec(f"export format {fmt!r}: one of {', '.join(EXPORT_FORMATS)}")
         vm = self._vm_with_point(point_id)
-        point, snap, _ = next(x for x in self._points(vm) if x[0].point_id == point_id)
+        hold = f"export-{uuid.uuid4().hex[:12]}"
+        until = (datetime.now(UTC) + EXPORT_HOLD).isoformat(timespec="seconds")
+        self.hold(point_id, hold, f"{EXPORT_REASON}{until}")
+        try:
+            return self._export(vm, point_id, fmt, out_dir)
+        except vmodl_fault() as e:
+            raise TargetError(f"export of point {point_id}: {fault_text(e)}") from None
+        finally:
+            self.release(point_id, hold)
+
+    def _export(self, vm: Any, point_id: str, fmt: str, out_dir: Path) -> list[tuple[str, Path]]:
+        point, snap, _ = self._point(vm, point_id)
         qfmt = EXPORT_FORMATS[fmt][0]
-        out = []
+        staged = []
         with staging(out_dir) as stage:  # (never written through a file planted in out_dir)
             for d in point.disks:
                 dst = export_name(out_dir, self.job, point_id, d.key, fmt)
@@ -566,9 +607,22 @@ class VsphereTargetConnector:
                             f"export of point {point_id} disk {d.key} to {dst}: {reason}"
                         ) from None
                 tmp.chmod(0o600)  # the VM's data: the owner's only
+                staged.append((d.key, tmp, dst))
+            again = next((x for x in self._points(vm) if x[0].point_id == point_id), None)
+            if again is None or again[1]._moId != snap._moId:
+                raise TargetError(
+                    f"export of point {point_id}: the point was removed while it was read (a prune); "
+                    "nothing was written"
+                )
+            for _, tmp, dst in staged:
                 os.replace(tmp, dst)
-                out.append((d.key, dst))
-        return out
+        return [(k, dst) for k, _, dst in staged]
+
+    def _point(self, vm: Any, point_id: str) -> tuple[PointInfo, Any, Any]:
+        found = next((x for x in self._points(vm) if x[0].point_id == point_id), None)
+        if found is None:
+            raise ResourceNotFound(f"job {self.job}: no recovery point {point_id}")
+        return found
 
     @contextmanager
     def _snapshot_disk(self, vm: Any, snap: Any, key: str) -> Iterator[Any]:
@@ -622,3 +676,9 @@ def _unit(i: int) -> int:
 def _kib(size: int) -> int:
     """vSphere sizes disks in KiB: a source of another size gets the next KiB (its point says its size)."""
     return -(-size // 1024) * 1024
+
+
+def vmodl_fault() -> type[BaseException]:
+    from pyVmomi import vmodl
+
+    return vmodl.MethodFault  # type: ignore[no-any-return]

@@ -140,6 +140,8 @@ def leaks(sc: Scenario, listed: list[PointInfo]) -> None:
         sc.fail(f"finish records left: {records}")
     if sc.target_kind == "kvm":
         kvm_target_files(sc, listed, open_id)
+    elif sc.target_kind == "vsphere":
+        vsphere_snapshots(sc, listed)
     else:
         aws_snapshots(sc, listed, open_id)
 
@@ -177,3 +179,21 @@ def aws_snapshots(sc: Scenario, listed: list[PointInfo], open_id: str | None) ->
     records = sorted(f.name for f in state.glob("*.blocks")) if open_id is None else []
     if records:
         sc.fail(f"block records left: {records}")
+
+
+def vsphere_snapshots(sc: Scenario, listed: list[PointInfo]) -> None:
+    """The placeholder VM's snapshots are exactly the points' (an unfinished sync writes the VM's
+    current disks, never a snapshot)."""
+    from connectors.vsphere.target import POINT_PREFIX
+
+    si = sc.lab.si()
+    vm = si.RetrieveContent().searchIndex.FindByInventoryPath(f"DC0/vm/sendense-{sc.job}")
+    names: list[str] = []
+    todo = list(vm.snapshot.rootSnapshotList) if vm is not None and vm.snapshot is not None else []
+    while todo:
+        n = todo.pop()
+        todo.extend(n.childSnapshotList or [])
+        names.append(n.name)
+    want = sorted(POINT_PREFIX + p.point_id for p in listed)
+    if sorted(names) != want:
+        sc.fail(f"placeholder snapshots {sorted(names)}, the points' {want}")

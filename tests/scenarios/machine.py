@@ -25,8 +25,6 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 from scenarios.rig import CLUSTER, MiB, Scenario, Step
 
-from labs.aws import AwsLab
-
 # THE SWITCH: what the bounded CI run leaves out, each entry an open defect (no fix on main yet) that
 # the runner finds at once otherwise; the soak runs everything. Empty it as fixes land.
 OPEN_DEFECTS: dict[str, str] = {
@@ -48,7 +46,7 @@ class Counters:
 class ScenarioMachine(RuleBasedStateMachine):
     target: ClassVar[str] = "kvm"
     source: ClassVar[str] = "disks"  # or "qmp": a running lab VM
-    lab: ClassVar[AwsLab | None] = None
+    lab: ClassVar[Any] = None  # the AWS lab or the vSphere lab
     excluded: ClassVar[frozenset[str]] = frozenset()
     last_log: ClassVar[list[Step]] = []  # the steps of the latest scenario (the minimal one after a failure)
 
@@ -265,7 +263,7 @@ class ScenarioMachine(RuleBasedStateMachine):
 
 
 def make_machine(
-    target: str, lab: AwsLab | None = None, excluded: frozenset[str] = frozenset(), source: str = "disks"
+    target: str, lab: Any = None, excluded: frozenset[str] = frozenset(), source: str = "disks"
 ) -> type[ScenarioMachine]:
     name = f"Scenarios{source.capitalize()}To{target.capitalize()}"
     attrs = {"target": target, "lab": lab, "excluded": excluded, "source": source}

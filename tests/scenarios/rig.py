@@ -52,7 +52,7 @@ from activities.replication import (
 )
 from connectors.aws.spec import AwsTarget
 from connectors.kvm.spec import KvmTarget
-from labs.aws import AwsLab
+from connectors.vsphere.spec import VsphereTarget
 from sendense.errors import SendenseError
 from sendense.models import (
     AbortRequest,
@@ -89,7 +89,7 @@ class Scenario:
         self,
         root: Path,
         target: str,
-        lab: AwsLab | None = None,
+        lab: Any = None,  # the AWS lab (aws target), the vSphere lab (vsphere target)
         *,
         keep: int = 3,
         tuning: dict[str, Any],
@@ -143,6 +143,15 @@ class Scenario:
             assert self.lab is not None
             target: Any = AwsTarget(
                 platform="aws", region=self.lab.region, endpoint_url=self.lab.endpoint_url
+            )
+        elif self.target_kind == "vsphere":
+            lab = self.lab
+            target = VsphereTarget(
+                platform="vsphere",
+                server=f"{lab.host}:{lab.port}",
+                thumbprint=lab.thumbprint,
+                datacenter="DC0",
+                datastore="LocalDS_0",
             )
         else:
             target = KvmTarget(platform="kvm", path=self.root / "rep")
@@ -418,7 +427,7 @@ class Scenario:
             self.fail(f"export during prune left {left}")
 
 
-def replay_log(root: Path, target: str, lab: AwsLab | None, log: list[Step]) -> None:
+def replay_log(root: Path, target: str, lab: Any, log: list[Step]) -> None:
     """Replay a scenario as the soak prints it: ["start", keep, tuning, source] and its steps."""
     _, keep, tuning, source = log[0]
     sc = Scenario(root, target, lab, keep=keep, tuning=tuning, source=source)

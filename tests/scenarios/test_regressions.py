@@ -14,8 +14,6 @@ import pytest
 from scenarios.machine import OPEN_DEFECTS
 from scenarios.rig import MiB, Scenario
 
-from labs.aws import AwsLab
-
 TUNING: dict[str, Any] = {"chunk_size": 256 << 10, "connections": 2, "checkpoint_bytes": 1 * MiB}
 
 CASES: dict[str, tuple[str, int, list[list[Any]]]] = {
@@ -213,7 +211,7 @@ QMP_CASES: dict[str, tuple[str, int, list[list[Any]]]] = {
 }
 
 
-def replay(root: Path, target: tuple[str, AwsLab | None], case: str) -> None:
+def replay(root: Path, target: tuple[str, Any], case: str) -> None:
     kind, lab = target
     source = "qmp" if case in QMP_CASES else "disks"
     _, keep, steps = QMP_CASES[case] if source == "qmp" else CASES[case]
@@ -237,5 +235,10 @@ RUN_OPEN = os.environ.get("SCENARIO_OPEN_DEFECTS") == "1"
 @pytest.mark.parametrize(
     "case", sorted(c for c in [*CASES, *QMP_CASES] if RUN_OPEN or open_defect(c) is None)
 )
-def test_regression(case: str, target: tuple[str, AwsLab | None], tmp_path: Path) -> None:
+def test_regression(case: str, target: tuple[str, Any], tmp_path: Path) -> None:
+    steps = (QMP_CASES[case] if case in QMP_CASES else CASES[case])[2]
+    if target[0] == "vsphere" and any(s[0] == "resize" for s in steps):
+        pytest.skip(
+            "vSphere cannot extend a disk of a VM with snapshots: a vSphere target refuses a grown disk"
+        )
     replay(tmp_path, target, case)

@@ -5,13 +5,12 @@ examples, so CI is reproducible), a larger random one in the slow tier. The soak
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import run_state_machine_as_test
 from scenarios.machine import Counters, make_machine, without_open_defects
-
-from labs.aws import AwsLab
 
 BOUNDED = settings(
     max_examples=4,
@@ -26,8 +25,12 @@ SLOW = settings(BOUNDED, max_examples=24, stateful_step_count=85, derandomize=Fa
 SLOW_AWS = settings(SLOW, max_examples=12)  # every point read back through the lab at every step
 
 
-def _run(target: tuple[str, AwsLab | None], source: str, how: settings, excluded: frozenset[str]) -> None:
+def _run(target: tuple[str, Any], source: str, how: settings, excluded: frozenset[str]) -> None:
     kind, lab = target
+    if kind == "vsphere":
+        # vSphere cannot extend a disk of a VM with snapshots (the placeholder's points): a source disk
+        # that grew is refused in one line, by design; its resizes are left out
+        excluded = excluded | {"resize"}
     before, t0 = (Counters.scenarios, Counters.steps), time.monotonic()
     run_state_machine_as_test(make_machine(kind, lab, excluded, source), settings=how)
     print(
@@ -37,9 +40,9 @@ def _run(target: tuple[str, AwsLab | None], source: str, how: settings, excluded
 
 
 @pytest.mark.parametrize("source", ["disks", "qmp"])
-def test_bounded_scenarios(target: tuple[str, AwsLab | None], source: str) -> None:
-    if source == "qmp" and target[0] == "aws":
-        how = settings(BOUNDED, max_examples=2)  # the AWS checks cost most: the stopped form covers it
+def test_bounded_scenarios(target: tuple[str, Any], source: str) -> None:
+    if source == "qmp" and target[0] in ("aws", "vsphere"):
+        how = settings(BOUNDED, max_examples=2)  # the lab checks cost most: the stopped form covers it
     else:
         how = BOUNDED
     _run(target, source, how, without_open_defects())
@@ -47,5 +50,5 @@ def test_bounded_scenarios(target: tuple[str, AwsLab | None], source: str) -> No
 
 @pytest.mark.slow
 @pytest.mark.parametrize("source", ["disks", "qmp"])
-def test_random_scenarios(target: tuple[str, AwsLab | None], source: str) -> None:
-    _run(target, source, SLOW_AWS if target[0] == "aws" else SLOW, without_open_defects())
+def test_random_scenarios(target: tuple[str, Any], source: str) -> None:
+    _run(target, source, SLOW_AWS if target[0] in ("aws", "vsphere") else SLOW, without_open_defects())

@@ -79,7 +79,7 @@ def test_a_disk_added_between_syncs_joins_the_placeholder_and_older_points_keep_
     two = [*one, DiskInfo(key="vdb", size=2 * MiB + 512)]  # (not a whole KiB: the next one)
     t.prepare("s2", two)
     with t.open_disk("s2", "vdb") as d:
-        assert d.size == 2 * MiB + 1024 and d.has_base  # (a point exists)
+        assert d.size == 2 * MiB + 1024 and not d.has_base  # (new in this sync: nothing under it)
         w = d.connect()
         w.write(0, b"\x42" * 4096)
         w.flush()
@@ -136,4 +136,33 @@ def test_an_export_during_a_prune_of_older_points_reads_its_point_exactly(vlab: 
     assert not errors, errors
     assert files["vda"].read_bytes() == bytes(expected)
     assert [p.point_id for p in t.list_points()] == ["p5"]
+    t.destroy()
+
+
+def test_a_disk_removed_and_back_under_its_key_starts_empty_and_older_points_keep_it(
+    vlab: VsphereLab, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    """Found by the scenario runner: a source disk added back under a key an older point's disk had
+    was written over that disk's old bytes (and synced as a resync)."""
+    job = name("j")
+    t = VsphereTargetConnector(job, target_spec(vlab, vm_name=f"r-{job}"), "id-1")
+    a, b = DiskInfo(key="vda", size=4 * MiB), DiskInfo(key="vdb", size=2 * MiB)
+
+    def sync(n: int, disks: list[DiskInfo], writes: dict[str, bytes]) -> None:
+        t.prepare(f"s{n}", disks)
+        for key, data in writes.items():
+            with t.open_disk(f"s{n}", key) as d:
+                assert d.has_base == (n > 1 and key == "vda")  # vdb is new in s1 and again in s3
+                w = d.connect()
+                w.write(0, data)
+                w.flush()
+        t.commit(f"s{n}", point(f"p{n}", disks))
+
+    sync(1, [a, b], {"vda": b"\x11" * MiB, "vdb": b"\x22" * (2 * MiB)})
+    sync(2, [a], {})
+    sync(3, [a, b], {"vdb": b"\x33" * 4096})
+    p3 = dict(t.export("p3", "raw", tmp_path / "p3"))
+    assert p3["vdb"].read_bytes() == b"\x33" * 4096 + bytes(2 * MiB - 4096)
+    p1 = dict(t.export("p1", "raw", tmp_path / "p1"))
+    assert p1["vdb"].read_bytes() == b"\x22" * (2 * MiB)
     t.destroy()
