@@ -24,7 +24,6 @@ def vsphere_agent_env(lab: VsphereLab) -> Iterator[None]:
     mp.setenv("SENDENSE_VSPHERE_USER", lab.user)
     mp.setenv("SENDENSE_VSPHERE_PASSWORD", lab.password)
     mp.setenv("SENDENSE_VDDK_PLUGIN", str(STANDIN))
-    mp.setenv("SENDENSE_DEVELOPER_PLATFORMS", "1")  # (vsphere is developer-only until issue 13 lands)
     try:
         yield
     finally:

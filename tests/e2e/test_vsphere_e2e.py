@@ -31,7 +31,7 @@ def vs_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cli, di
     state = Path(tmp_path_factory.mktemp("sdvs"))
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SENDENSE_VSPHERE_", "SENDENSE_VDDK_"))}
-    env.update(SENDENSE_HOME=str(state), SENDENSE_HOST_ID=f"vs{port}", SENDENSE_DEVELOPER_PLATFORMS="1")
+    env.update(SENDENSE_HOME=str(state), SENDENSE_HOST_ID=f"vs{port}")
     env.pop("SENDENSE_TEMPORAL", None)
     cli = Cli(env=env, state=state)
     saved = dict(os.environ)
