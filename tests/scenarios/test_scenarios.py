@@ -48,7 +48,12 @@ def test_bounded_scenarios(target: tuple[str, Any], source: str) -> None:
     _run(target, source, how, without_open_defects())
 
 
+# Random runs on the KVM and AWS-lab targets only, for now: a vSphere target refuses a disk that grew by
+# design, and random disk list changes and restarts that swap disks of different sizes grow a disk under
+# its key (CI: `restart` in the qmp form). Until the model expects that refusal, the vSphere target runs
+# the bounded, derandomized scenarios above and the regression cases.
 @pytest.mark.slow
+@pytest.mark.parametrize("target", ["kvm", "aws"], indirect=True)
 @pytest.mark.parametrize("source", ["disks", "qmp"])
 def test_random_scenarios(target: tuple[str, Any], source: str) -> None:
     _run(target, source, SLOW_AWS if target[0] in ("aws", "vsphere") else SLOW, without_open_defects())
