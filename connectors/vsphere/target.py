@@ -369,12 +369,17 @@ class VsphereTargetConnector:
         if d is None:
             raise ResourceNotFound(f"target: {self.label} has no disk for {key}")
         points = self._points(vm)
-        has_base = bool(points) and any(
-            d.key == key for d in points[0][0].disks
-        )  # (a disk new in this sync: no)
+        before = next((x.size for x in points[0][0].disks if x.key == key), None) if points else None
+        has_base = before is not None  # (a disk new in this sync: no)
         with self._vddk(vm, d.backing.fileName, None, readonly=False, key=key) as srv:
             disk = PlaceholderDisk(srv.uri, capacity(d), has_base, f"{self.label} disk {key}")
             try:
+                if before is not None and before < disk.size:
+                    # the source disk shrank at the newest point: beyond that size the placeholder still
+                    # holds older bytes, and a disk grown back must read zeros there (idempotent)
+                    w = disk.connect()
+                    w.zero(before, disk.size - before)
+                    w.flush()
                 yield disk
             finally:
                 disk.close()
