@@ -23,7 +23,7 @@ import time
 import uuid
 from typing import Any
 
-from bench.full_sync import _no_op, source_image
+from bench.full_sync import source_image
 from bench.harness import Bench, GiB, median
 from bench.images import qcow2, run, same_content
 from connectors.kvm.target import REPLICA_OPTIONS, PendingDisk
@@ -74,7 +74,7 @@ async def measure(bench: Bench) -> dict[str, Any]:
                             if tool == "engine":
                                 stats = copy_disk(
                                     sd, PendingDisk(d.uri, size, has_base=False), snap.disk(key), Tuning(),
-                                    on_checkpoint=_no_op,
+                                    on_checkpoint=lambda *_: None,
                                 )  # fmt: skip
                                 r["engine_bytes_read"] = stats.stats.bytes_read
                             else:

@@ -12,22 +12,17 @@ Skipped when pyvmomi or the Debian Go packages are missing. Not wired into CI ye
 
 from __future__ import annotations
 
-import os
-import shutil
 import ssl
 import subprocess
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
+from pyVim.connect import Disconnect, SmartConnect
+from pyVim.task import WaitForTask
+from pyVmomi import vim, vmodl
 
-pyVmomi = pytest.importorskip("pyVmomi")
-from pyVim.connect import Disconnect, SmartConnect  # noqa: E402
-from pyVim.task import WaitForTask  # noqa: E402
-from pyVmomi import vim, vmodl  # noqa: E402
-
-from labs.vsphere import VsphereLab  # noqa: E402
+from labs.vsphere import VsphereLab
 
 
 def _wait_task(task, timeout=30.0):
@@ -42,11 +37,6 @@ def _wait_task(task, timeout=30.0):
 
 @pytest.fixture(scope="module")
 def lab():
-    if not shutil.which("go") or not Path("/usr/share/gocode/src/github.com/vmware/govmomi").is_dir():
-        if os.geteuid() != 0:
-            pytest.skip(
-                "needs Debian's golang-go and golang-github-vmware-govmomi-dev (labs/vsphere/build.sh)"
-            )
     # SENDENSE_VCSIM_BIN: another build (e.g. stock vcsim, to check a test bites)
     with VsphereLab() as lab:
         yield lab
