@@ -272,11 +272,7 @@ class VsphereLab:
         """The VM's first disk (controller, then unit order): the one it boots from."""
         from pyVmomi import vim
 
-        disks = [
-            d
-            for d in self.vm(vm).config.hardware.device
-            if isinstance(d, vim.vm.device.VirtualDisk)
-        ]
+        disks = [d for d in self.vm(vm).config.hardware.device if isinstance(d, vim.vm.device.VirtualDisk)]
         return min(disks, key=lambda d: (d.controllerKey, d.unitNumber or 0))
 
     def write_guest(self, vm: str, mode: str | None = None, memory_mb: int | None = 256) -> None:
@@ -298,7 +294,7 @@ class VsphereLab:
         if not info["writable"]:
             raise VsphereLabError(f"{vm} is not powered off: its disk is not writable")
         qemu_img("convert", "-n", "--target-is-zero", "-O", info["format"], str(image), info["path"])
-        spec = vim.vm.ConfigSpec()
+        spec: Any = vim.vm.ConfigSpec()
         if memory_mb is not None:
             spec.memoryMB = memory_mb
         if mode is not None:
@@ -316,9 +312,7 @@ class VsphereLab:
             yieldOnPoll=True,
             backing=vim.vm.device.VirtualSerialPort.FileBackingInfo(fileName=path),
         )
-        spec = vim.vm.ConfigSpec(
-            deviceChange=[vim.vm.device.VirtualDeviceSpec(operation="add", device=port)]
-        )
+        spec = vim.vm.ConfigSpec(deviceChange=[vim.vm.device.VirtualDeviceSpec(operation="add", device=port)])
         self.wait(self.vm(vm).ReconfigVM_Task(spec=spec))
 
     def datastore_file(self, path: str, datacenter: str = "DC0") -> bytes:

@@ -166,9 +166,7 @@ def _raw(path: str, out: Path) -> bytes:
 def _alone_map(path: str) -> list[tuple[int, int]]:
     import json
 
-    spec = json.dumps(
-        {"driver": "vmdk", "backing": None, "file": {"driver": "file", "filename": path}}
-    )
+    spec = json.dumps({"driver": "vmdk", "backing": None, "file": {"driver": "file", "filename": path}})
     out = subprocess.run(
         ["qemu-img", "map", "-U", "--output=json", f"json:{spec}"],
         check=True,
