@@ -251,7 +251,7 @@ def run_one(name: str) -> None:
             text=True,
             timeout=900,
         )
-        sections = re.split(r"^_{3,} (\S+) _{3,}$", t.stdout, flags=re.M)[1:]
+        sections = re.split(r"^_+ (test\S+) _+$", t.stdout, flags=re.M)[1:]
         summary = t.stdout.strip().splitlines()[-1]
         print(f"{name}: {summary}")
         for test, body in zip(sections[::2], sections[1::2], strict=True):

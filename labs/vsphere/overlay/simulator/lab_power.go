@@ -516,8 +516,8 @@ func labLiveSwitch(m *labMachine, deltas map[int32]string) error {
 	var actions []map[string]interface{}
 	for key, local := range deltas {
 		id, ok := m.drives[key]
-		if !ok {
-			return fmt.Errorf("disk %d is not attached to the running VM", key)
+		if !ok { // added while running (no hot-add in the lab): QEMU does not write it, nothing to switch
+			continue
 		}
 		abs, _ := filepath.Abs(local)
 		actions = append(actions, map[string]interface{}{
