@@ -39,8 +39,8 @@ def lab() -> Any:
         yield lab
 
 
-def _guest_vm(lab: VsphereLab, name: str, mode: str | None = None) -> str:
-    vm = lab.make_vm(name, [GUEST_DISK])
+def _guest_vm(lab: VsphereLab, name: str, mode: str | None = None, extra: list[int] | None = None) -> str:
+    vm = lab.make_vm(name, [GUEST_DISK, *(extra or [])])
     lab.write_guest(vm, mode=mode)
     lab.add_serial_file(vm, f"[LocalDS_0] {name}/serial.log")
     return vm
@@ -193,7 +193,7 @@ def _snap_disk(snap: Any) -> Any:
 def test_snapshot_of_a_running_vm_freezes_its_bytes_and_tracks_the_guests_writes(
     lab: VsphereLab, tmp_path: Path
 ) -> None:
-    vm = _guest_vm(lab, "work1", mode="workload")
+    vm = _guest_vm(lab, "work1", mode="workload", extra=[16 << 20])  # two disks: one QMP transaction
     v = lab.vm(vm)
     lab.wait(v.PowerOnVM_Task())
     _wait_console(lab, "work1", "SENDENSE-GUEST-SEQ")  # the guest writes now
@@ -204,6 +204,12 @@ def test_snapshot_of_a_running_vm_freezes_its_bytes_and_tracks_the_guests_writes
     current = lab.first_disk(vm).backing.fileName
     assert current != s1_file and current.endswith("-000001.vmdk")
     assert lab.disk_info(vm, current)["writable"] is False
+    second = [
+        d for d in s1.config.hardware.device if isinstance(d, vim.vm.device.VirtualDisk) and d.key != key
+    ][0]
+    now_second = next(d for d in v.config.hardware.device if d.key == second.key)
+    assert now_second.backing.parent.fileName == second.backing.fileName
+    second_mtime = os.stat(lab.disk_info(vm, second.backing.fileName, s1._moId)["path"]).st_mtime_ns
     before = _raw(s1_path, tmp_path / "s1-before.raw")
     seq_at_s1 = _console(lab, "work1").count("SENDENSE-GUEST-SEQ")
     mtime = os.stat(s1_path).st_mtime_ns
@@ -213,6 +219,7 @@ def test_snapshot_of_a_running_vm_freezes_its_bytes_and_tracks_the_guests_writes
         time.sleep(0.5)
     # the frozen file is never written again, the chain's bytes are the same
     assert os.stat(s1_path).st_mtime_ns == mtime
+    assert os.stat(lab.disk_info(vm, second.backing.fileName, s1._moId)["path"]).st_mtime_ns == second_mtime
     assert _raw(s1_path, tmp_path / "s1-after.raw") == before
     running = lab.disk_info(vm, current)["path"]
     assert _alone_map(running), "the guest's writes are not in the running delta"
@@ -248,13 +255,18 @@ def test_snapshot_of_a_running_vm_freezes_its_bytes_and_tracks_the_guests_writes
     lab.wait(v.PowerOffVM_Task())
     assert lab.qemu_pids(vm) == []
     assert v.runtime.consolidationNeeded is False
-    # consolidated: the base and one fresh empty delta on it, nothing else left on the datastore
-    top = lab.first_disk(vm).backing
-    assert top.parent is not None and top.parent.parent is None
-    assert sorted(p.name for p in Path(s1_path).parent.glob("*.vmdk")) == sorted(
-        [Path(top.fileName.split("] ")[1]).name, Path(top.parent.fileName.split("] ")[1]).name]
-    )
-    assert _alone_map(lab.disk_info(vm, top.fileName)["path"]) == []
+    # consolidated: per disk the base and one fresh empty delta on it, nothing else on the datastore
+    left = set()
+    for d in v.config.hardware.device:
+        if isinstance(d, vim.vm.device.VirtualDisk):
+            top = d.backing
+            assert top.parent is not None and top.parent.parent is None
+            assert _alone_map(lab.disk_info(vm, top.fileName)["path"]) == []
+            left |= {
+                top.fileName.split("] ")[1].split("/")[-1],
+                top.parent.fileName.split("] ")[1].split("/")[-1],
+            }
+    assert sorted(p.name for p in Path(s1_path).parent.glob("*.vmdk")) == sorted(left)
     subprocess.run(
         ["qemu-img", "check", lab.disk_info(vm, lab.first_disk(vm).backing.fileName)["path"]],
         check=True,
