@@ -309,3 +309,27 @@ def test_qemu_dies_with_the_lab() -> None:
         while _alive(pids[0]):
             assert time.monotonic() < deadline, "QEMU outlived vcsim-lab"
             time.sleep(0.1)
+
+
+def test_qemu_follows_cpus_memory_firmware_and_disk_order(lab: VsphereLab) -> None:
+    vm = lab.make_vm("efi1", [16 << 20, 8 << 20])
+    v = lab.vm(vm)
+    lab.wait(v.ReconfigVM_Task(spec=vim.vm.ConfigSpec(numCPUs=2, memoryMB=128, firmware="efi")))
+    lab.wait(v.PowerOnVM_Task())
+    try:
+        (pid,) = lab.qemu_pids(vm)
+        argv = [a.decode() for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")]
+        assert argv[argv.index("-smp") + 1] == "2" and argv[argv.index("-m") + 1] == "128"
+        assert any("OVMF_CODE_4M.fd" in a for a in argv)
+        drives = [a for a in argv if a.startswith("if=none,id=disk")]
+        files = [lab.disk_info(vm, d.backing.fileName)["path"] for d in _disks(v)]
+        assert [d.split("file=", 1)[1] for d in drives] == files
+        assert "-netdev" not in argv and "-net" not in argv and "-nic" not in argv
+    finally:
+        lab.wait(v.PowerOffVM_Task())
+    lab.wait(v.Destroy_Task())
+
+
+def _disks(v: Any) -> list[Any]:
+    disks = [d for d in v.config.hardware.device if isinstance(d, vim.vm.device.VirtualDisk)]
+    return sorted(disks, key=lambda d: (d.controllerKey, d.unitNumber))
