@@ -185,6 +185,19 @@ def _changed(lab: VsphereLab, v: Any, snap: Any, key: int, change_id: str) -> li
     return got
 
 
+def _assert_consolidated(lab: VsphereLab, vm: str, v: Any, folder: Path, running: bool = False) -> None:
+    """Per disk the base and one fresh delta on it (empty unless the guest runs), nothing else on the
+    datastore."""
+    left = set()
+    for d in v.config.hardware.device:
+        if isinstance(d, vim.vm.device.VirtualDisk):
+            top = d.backing
+            assert top.parent is not None and top.parent.parent is None
+            assert running or _alone_map(lab.disk_info(vm, top.fileName)["path"]) == []
+            left |= {top.fileName.split("/")[-1], top.parent.fileName.split("/")[-1]}
+    assert sorted(p.name for p in folder.glob("*.vmdk")) == sorted(left)
+
+
 def _snap_disk(snap: Any) -> Any:
     cfg = snap.config
     return next(d for d in cfg.hardware.device if isinstance(d, vim.vm.device.VirtualDisk))
@@ -247,26 +260,50 @@ def test_snapshot_of_a_running_vm_freezes_its_bytes_and_tracks_the_guests_writes
     text = _console(lab, "work1")
     assert "I/O error" not in text and "EXT4-fs error" not in text, text[-800:]
 
-    # removal while running: the snapshots go, the files stay until power off
+    # removal while running: the running delta is merged live (QMP block-commit into the base), the VM goes
+    # on a fresh delta, the open epoch is carried
     lab.wait(v.RemoveAllSnapshots_Task())
     assert v.snapshot is None
+    assert not v.runtime.consolidationNeeded
+    _assert_consolidated(lab, vm, v, Path(s1_path).parent, running=True)
+    seq = _console(lab, "work1").count("SENDENSE-GUEST-SEQ")
+    deadline = time.monotonic() + 60
+    while _console(lab, "work1").count("SENDENSE-GUEST-SEQ") < seq + 2:
+        assert time.monotonic() < deadline, "the guest stopped writing after the live consolidation"
+        time.sleep(0.5)
+    s3 = lab.wait(v.CreateSnapshot_Task(name="s3", memory=False, quiesce=False))
+    d3 = _snap_disk(s3)
+    s3_path = lab.disk_info(vm, d3.backing.fileName, s3._moId)["path"]
+    latest = _raw(s3_path, tmp_path / "s3.raw")
+    changed3 = _changed(lab, v, s3, key, d2.backing.changeId)
+    inside3 = {b for s, n in changed3 for b in range(s // BLOCK, (s + n + BLOCK - 1) // BLOCK)}
+    differing3 = {
+        i // BLOCK for i in range(0, GUEST_DISK, BLOCK) if after[i : i + BLOCK] != latest[i : i + BLOCK]
+    }
+    assert differing3 and differing3 <= inside3, sorted(differing3 - inside3)[:10]
+    text = _console(lab, "work1")
+    assert "I/O error" not in text and "EXT4-fs error" not in text, text[-800:]
+
+    # a removal that needs a file QEMU only reads merged (the older snapshot) is left for power-off
+    s4 = lab.wait(v.CreateSnapshot_Task(name="s4", memory=False, quiesce=False))
+    lab.wait(s3.RemoveSnapshot_Task(removeChildren=False))
     assert v.runtime.consolidationNeeded is True
-    assert Path(s1_path).exists() and Path(s2_path).exists()
+    assert [s.name for s in v.snapshot.rootSnapshotList] == ["s4"]
+    s4_disk = _snap_disk(s4)
+    assert s4_disk.backing.parent.fileName == d3.backing.fileName  # s3's frozen file still under s4's
+    s4_file = s4_disk.backing.fileName
+    s4_bytes = _raw(lab.disk_info(vm, s4_file, s4._moId)["path"], tmp_path / "s4.raw")
     lab.wait(v.PowerOffVM_Task())
     assert lab.qemu_pids(vm) == []
     assert v.runtime.consolidationNeeded is False
-    # consolidated: per disk the base and one fresh empty delta on it, nothing else on the datastore
-    left = set()
-    for d in v.config.hardware.device:
-        if isinstance(d, vim.vm.device.VirtualDisk):
-            top = d.backing
-            assert top.parent is not None and top.parent.parent is None
-            assert _alone_map(lab.disk_info(vm, top.fileName)["path"]) == []
-            left |= {
-                top.fileName.split("] ")[1].split("/")[-1],
-                top.parent.fileName.split("] ")[1].split("/")[-1],
-            }
-    assert sorted(p.name for p in Path(s1_path).parent.glob("*.vmdk")) == sorted(left)
+    # power-off merged s4's and s3's files into the base (s4 now names it), s4's bytes the same
+    s4_disk = _snap_disk(s4)
+    assert s4_disk.backing.parent is None
+    assert (
+        _raw(lab.disk_info(vm, s4_disk.backing.fileName, s4._moId)["path"], tmp_path / "s4b.raw") == s4_bytes
+    )
+    lab.wait(v.RemoveAllSnapshots_Task())
+    _assert_consolidated(lab, vm, v, Path(s1_path).parent)
     subprocess.run(
         ["qemu-img", "check", lab.disk_info(vm, lab.first_disk(vm).backing.fileName)["path"]],
         check=True,

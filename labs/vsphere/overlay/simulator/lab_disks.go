@@ -239,9 +239,16 @@ func labDisksOf(vm *VirtualMachine) map[int32][]*types.VirtualDisk {
 // snapshot's and has exactly one child gets that child committed into it (vSphere's consolidation: the
 // bytes of every remaining snapshot and of the VM stay the same; the base disk stays). changeIds stay.
 func labConsolidate(vm *VirtualMachine) types.BaseMethodFault {
-	if labMachineOf(vm) != nil {
-		// the VM runs on its delta: the lab merges no file QEMU has open (no live block-commit yet); the
-		// snapshots are gone from the tree, the files stay until power-off (runtime.consolidationNeeded)
+	if m := labMachineOf(vm); m != nil {
+		// the VM runs: merges of its running delta are done live (QMP block-commit); any other merge is
+		// left for power-off: the snapshots are gone from the tree, the files stay
+		// (runtime.consolidationNeeded)
+		if fault, done := labConsolidateLive(vm, m); done {
+			if fault == nil && vm.Runtime.ConsolidationNeeded != nil && *vm.Runtime.ConsolidationNeeded {
+				labMarkConsolidation(vm, false)
+			}
+			return fault
+		}
 		labMarkConsolidation(vm, true)
 		labRefreshLayouts(vm)
 		return nil

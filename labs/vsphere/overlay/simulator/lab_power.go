@@ -611,3 +611,199 @@ func labPowerOffForRevert(vm *VirtualMachine) {
 		{Name: "summary.runtime.powerState", Val: off},
 	})
 }
+
+// labLivePlan: what consolidation does to one disk of a running VM: files nothing needs (deleted; never in
+// QEMU's chain), and the active commit of the running delta (top) down into base (merged: top and the
+// intermediate files, each a non-root with one child).
+type labLivePlan struct {
+	d      *labDiskCBT
+	disk   *types.VirtualDisk
+	drop   []string
+	top    string
+	base   string
+	merged []string
+}
+
+// labConsolidateLive: consolidation of a running VM when every merge it needs is of the running delta
+// (the backup cycle: snapshot, read, remove): QEMU paused, QMP block-commit of the active layer into the
+// file it goes into (job-complete pivots QEMU onto it), the open epoch carried, a fresh delta made and
+// switched to live (as the offline path does), QEMU resumed. ok false: a merge of a file QEMU only reads
+// would be needed (its overlay's VMDK descriptor would have to change under QEMU): left for power-off.
+func labConsolidateLive(vm *VirtualMachine, m *labMachine) (types.BaseMethodFault, bool) {
+	labCBT.Lock()
+	rec := labVM(vm.Self.Value)
+	var plans []*labLivePlan
+	for key, disks := range labDisksOf(vm) {
+		d := rec.disk(key)
+		var cur *types.VirtualDisk
+		for _, dev := range vm.Config.Hardware.Device {
+			if disk, ok := dev.(*types.VirtualDisk); ok && disk.Key == key {
+				cur = disk
+			}
+		}
+		if cur == nil {
+			labCBT.Unlock()
+			return nil, false
+		}
+		top := cur.Backing.(*types.VirtualDiskFlatVer2BackingInfo).FileName
+		roots := map[string]bool{}
+		for _, disk := range disks {
+			roots[disk.Backing.(*types.VirtualDiskFlatVer2BackingInfo).FileName] = true
+		}
+		reachable := map[string]bool{}
+		for f := range roots {
+			for ; f != "" && !reachable[f]; f = d.parents[f] {
+				reachable[f] = true
+			}
+		}
+		sim := &labDiskCBT{parents: map[string]string{}}
+		p := &labLivePlan{d: d, disk: cur, top: top}
+		for f, parent := range d.parents {
+			if reachable[f] {
+				sim.parents[f] = parent
+			} else {
+				p.drop = append(p.drop, f)
+			}
+		}
+		current := top
+		for {
+			parent, child := labMergeable(sim, roots)
+			if child == "" {
+				break
+			}
+			if child != current {
+				labCBT.Unlock()
+				return nil, false
+			}
+			p.merged = append(p.merged, child)
+			if roots[child] {
+				roots[parent] = true
+			}
+			delete(roots, child)
+			delete(sim.parents, child)
+			current = parent
+		}
+		p.base = current
+		plans = append(plans, p)
+	}
+	labCBT.Unlock()
+
+	_, resume, err := labLivePause(vm)
+	if err != nil {
+		return labCannotFault(vm.Name, err), true
+	}
+	if resume {
+		defer func() {
+			if _, err := m.qmpCmd("cont", nil); err != nil {
+				log.Printf("sendense lab: resume %s: %v", vm.Name, err)
+			}
+		}()
+	}
+	labCBT.Lock()
+	defer labCBT.Unlock()
+	live := map[int32]string{}
+	for _, p := range plans {
+		for _, f := range p.drop {
+			if err := os.Remove(labLocal(vm, f)); err != nil && !os.IsNotExist(err) {
+				log.Printf("sendense lab: %s: %v", f, err)
+			}
+			delete(p.d.parents, f)
+		}
+		if len(p.merged) == 0 {
+			continue
+		}
+		open, err := p.d.labOpenChanges(labLocal(vm, p.top))
+		if err != nil {
+			return labCannotFault(p.top, err), true
+		}
+		if err := labActiveCommit(m, m.drives[p.disk.Key], labLocal(vm, p.base)); err != nil {
+			return labCannotFault(p.top, err), true
+		}
+		p.d.carry = open
+		for _, f := range p.merged {
+			delete(p.d.parents, f)
+			_ = os.Remove(labLocal(vm, f))
+		}
+		b := *p.disk.Backing.(*types.VirtualDiskFlatVer2BackingInfo)
+		b.FileName = p.base
+		p.disk.Backing = &b
+		if fault := labNewDeltaLive(vm, p.d, p.disk, p.base, true); fault != nil {
+			return fault, true
+		}
+		live[p.disk.Key] = labLocal(vm, p.disk.Backing.(*types.VirtualDiskFlatVer2BackingInfo).FileName)
+	}
+	if err := labLiveSwitch(m, live); err != nil {
+		return labCannotFault(vm.Name, err), true
+	}
+	for key, disks := range labDisksOf(vm) { // fresh parent chains, as the record now has them
+		d := rec.disk(key)
+		for _, disk := range disks {
+			b := *disk.Backing.(*types.VirtualDiskFlatVer2BackingInfo)
+			b.Parent = labChain(d, d.parents[b.FileName], &b)
+			disk.Backing = &b
+		}
+	}
+	labRefreshLayouts(vm)
+	return nil, true
+}
+
+// labActiveCommit: QMP block-commit of drive's active layer (and what lies between) into base, run to
+// the pivot: QEMU then writes base. Waits for the job (the VM is paused: it converges at once).
+func labActiveCommit(m *labMachine, drive, baseLocal string) error {
+	abs, _ := filepath.Abs(baseLocal)
+	job := "commit-" + drive
+	if _, err := m.qmpCmd("block-commit", map[string]interface{}{"job-id": job, "device": drive, "base": abs}); err != nil {
+		return err
+	}
+	deadline := time.Now().Add(5 * time.Minute)
+	completed := false
+	for time.Now().Before(deadline) {
+		raw, err := m.qmpCmd("query-block-jobs", nil)
+		if err != nil {
+			return err
+		}
+		var jobs []struct {
+			Device string `json:"device"`
+			Ready  bool   `json:"ready"`
+		}
+		if err := json.Unmarshal(raw, &jobs); err != nil {
+			return err
+		}
+		found := false
+		for _, j := range jobs {
+			if j.Device != job {
+				continue
+			}
+			found = true
+			if j.Ready && !completed {
+				if _, err := m.qmpCmd("block-job-complete", map[string]interface{}{"device": job}); err != nil {
+					return err
+				}
+				completed = true
+			}
+		}
+		if !found {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	raw, err := m.qmpCmd("query-block", nil)
+	if err != nil {
+		return err
+	}
+	var devs []struct {
+		Device   string `json:"device"`
+		Inserted *struct {
+			File string `json:"file"`
+		} `json:"inserted"`
+	}
+	if err := json.Unmarshal(raw, &devs); err != nil {
+		return err
+	}
+	for _, d := range devs {
+		if d.Device == drive && d.Inserted != nil && d.Inserted.File == abs {
+			return nil
+		}
+	}
+	return fmt.Errorf("block-commit of %s into %s did not pivot", drive, abs)
+}
