@@ -343,9 +343,13 @@ def test_qemu_dies_with_the_lab() -> None:
         assert len(pids) == 1
         os.kill(lab.pid(), signal.SIGKILL)
         deadline = time.monotonic() + 10
-        while _alive(pids[0]):
-            assert time.monotonic() < deadline, "QEMU outlived vcsim-lab"
-            time.sleep(0.1)
+        try:
+            while _alive(pids[0]):
+                assert time.monotonic() < deadline, "QEMU outlived vcsim-lab"
+                time.sleep(0.1)
+        finally:  # a QEMU that outlived it (a planted bug) is ended here, not left to run
+            if _alive(pids[0]):
+                os.kill(pids[0], signal.SIGKILL)
 
 
 def test_qemu_follows_cpus_memory_firmware_and_disk_order(lab: VsphereLab) -> None:
