@@ -268,6 +268,90 @@ class VsphereLab:
         vm = self.wait(dc.vmFolder.CreateVM_Task(config=spec, pool=pool))
         return str(vm._moId)
 
+    def first_disk(self, vm: str) -> Any:
+        """The VM's first disk (controller, then unit order): the one it boots from."""
+        from pyVmomi import vim
+
+        disks = [d for d in self.vm(vm).config.hardware.device if isinstance(d, vim.vm.device.VirtualDisk)]
+        return min(disks, key=lambda d: (d.controllerKey, d.unitNumber or 0))
+
+    def write_guest(self, vm: str, mode: str | None = None, memory_mb: int | None = 256) -> None:
+        """Write the bootable guest (labs/guest) into a powered-off VM's first disk (the file
+        /sendense-lab/disk names: the current top of its chain), so the VM boots it on PowerOnVM_Task.
+        mode: the guest's mode passed through fw_cfg (extraConfig `guestinfo.sendense.mode`: "workload"
+        writes files in a loop); memory_mb: the VM's memory (the guest's kernel wants more than 64)."""
+        from pyVmomi import vim
+
+        from labs.guest.build import build as guest
+        from tools.qemu import image_info, qemu_img
+
+        image = guest()
+        disk = self.first_disk(vm)
+        need = int(image_info(image)["virtual-size"])
+        if disk.capacityInBytes < need:
+            raise VsphereLabError(f"the first disk of {vm} is smaller than the guest ({need} bytes)")
+        info = self.disk_info(vm, str(disk.backing.fileName))
+        if not info["writable"]:
+            raise VsphereLabError(f"{vm} is not powered off: its disk is not writable")
+        qemu_img("convert", "-n", "--target-is-zero", "-O", info["format"], str(image), info["path"])
+        spec: Any = vim.vm.ConfigSpec()
+        if memory_mb is not None:
+            spec.memoryMB = memory_mb
+        if mode is not None:
+            spec.extraConfig = [vim.option.OptionValue(key="guestinfo.sendense.mode", value=mode)]
+        if memory_mb is not None or mode is not None:
+            self.wait(self.vm(vm).ReconfigVM_Task(spec=spec))
+
+    def add_serial_file(self, vm: str, path: str) -> None:
+        """Give a VM a serial port writing to a datastore file ("[LocalDS_0] web/serial.log"; ReconfigVM_Task
+        with a VirtualSerialPort and a FileBackingInfo): the lab's QEMU writes the console there."""
+        from pyVmomi import vim
+
+        port = vim.vm.device.VirtualSerialPort(
+            key=-1,
+            yieldOnPoll=True,
+            backing=vim.vm.device.VirtualSerialPort.FileBackingInfo(fileName=path),
+        )
+        spec = vim.vm.ConfigSpec(deviceChange=[vim.vm.device.VirtualDeviceSpec(operation="add", device=port)])
+        self.wait(self.vm(vm).ReconfigVM_Task(spec=spec))
+
+    def datastore_file(self, path: str, datacenter: str = "DC0") -> bytes:
+        """GET a datastore file ("[ds] dir/file") through vcsim's /folder URL with the session's cookie,
+        as a vSphere client downloads it."""
+        ds, _, rel = path.partition("] ")
+        query = urllib.parse.urlencode({"dcPath": datacenter, "dsName": ds.lstrip("[")})
+        url = f"https://{self.host}:{self.port}/folder/{urllib.parse.quote(rel)}?{query}"
+        req = urllib.request.Request(url)
+        req.add_header("Cookie", self.si()._stub.cookie)
+        with urllib.request.urlopen(req, context=ssl._create_unverified_context(), timeout=30) as r:
+            return bytes(r.read())
+
+    def pid(self) -> int:
+        """vcsim-lab's process id (its QEMUs are its children)."""
+        if self._proc is None:
+            raise VsphereLabError("vcsim-lab is not running")
+        return self._proc.pid
+
+    def qemu_pids(self, vm: str | None = None, any_parent: bool = False) -> list[int]:
+        """The QEMU processes vcsim-lab runs (for one VM: `-name vcsim-lab:<moref>`); any_parent: also
+        those that are no longer its children (outlived it)."""
+        name = f"vcsim-lab:{vm}" if vm else "vcsim-lab:"
+        out = []
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                argv = (proc / "cmdline").read_bytes().split(b"\0")
+                stat = (proc / "stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            if (not any_parent and ppid != self.pid()) or not argv or b"qemu-system" not in argv[0]:
+                continue
+            if any(a == name.encode() or (vm is None and a.startswith(name.encode())) for a in argv):
+                out.append(int(proc.name))
+        return out
+
     # --- the lab's own endpoint --------------------------------------------------------------------
     def disk_info(
         self, vm: str, file: str, snapshot: str | None = None, auth: tuple[str, str] | None = None

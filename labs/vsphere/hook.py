@@ -168,7 +168,7 @@ def make_vm(name: str, disk_mib: list[int], blank: bool = False) -> dict[str, An
     sizes = [m << 20 for m in disk_mib]
     if not blank:
         from labs.guest.build import build as guest
-        from tools.qemu import image_info, qemu_img
+        from tools.qemu import image_info
 
         image = guest()
         need = int(image_info(image)["virtual-size"])
@@ -176,13 +176,5 @@ def make_vm(name: str, disk_mib: list[int], blank: bool = False) -> dict[str, An
             raise VsphereLabError(f"--disk-mib: the first disk holds the guest: at least {need >> 20} MiB")
     moref = lab.make_vm(name, sizes)
     if not blank:
-        vm = lab.vm(moref)
-        from pyVmomi import vim
-
-        first = min(
-            (d for d in vm.config.hardware.device if isinstance(d, vim.vm.device.VirtualDisk)),
-            key=lambda d: (d.controllerKey, d.unitNumber),
-        )
-        info = lab.disk_info(moref, str(getattr(first.backing, "fileName", "")))
-        qemu_img("convert", "-n", "--target-is-zero", "-O", info["format"], str(image), info["path"])
+        lab.write_guest(moref)  # and memoryMB 256: PowerOnVM_Task boots it (QEMU under vcsim-lab)
     return {"vm": name, "moref": moref, "disks_mib": disk_mib, "guest": not blank}

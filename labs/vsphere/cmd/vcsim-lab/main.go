@@ -23,6 +23,8 @@ func main() {
 	user := flag.String("username", "user", "the only user SOAP Login and the lab endpoints accept")
 	pass := flag.String("password", "pass", "its password")
 	diskMiB := flag.Int64("disk-mib", 1, "capacity of the default inventory VMs' disks, MiB (thin VMDKs)")
+	boot := flag.Bool("qemu", true, "power operations run QEMU on the VM's disks (false: state changes only)")
+	accel := flag.String("accel", "tcg", "QEMU accelerator of the VMs (tcg or kvm)")
 	flag.Parse()
 	simulator.LabDefaultDiskKB = *diskMiB * 1024
 
@@ -32,6 +34,9 @@ func main() {
 	if err := model.Create(); err != nil {
 		log.Fatalf("vcsim-lab: %v", err)
 	}
+	// the model's own VMs were powered on without QEMU; from here power operations run it
+	simulator.LabPowerEnabled = *boot
+	simulator.LabAccel = *accel
 	// an explicit user: vcsim's default accepts any non-empty user/password
 	model.Service.Listen = &url.URL{Host: *listen, User: url.UserPassword(*user, *pass)}
 	model.Service.TLS = new(tls.Config)
@@ -51,6 +56,7 @@ func main() {
 	sig := make(chan os.Signal, 1)
 	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM)
 	<-sig
+	simulator.LabPowerShutdown()
 	s.Close()
 	model.Remove()
 }

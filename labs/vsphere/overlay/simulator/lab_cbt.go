@@ -15,6 +15,7 @@ package simulator
 import (
 	"crypto/rand"
 	"fmt"
+	"log"
 	"net/http"
 	"net/url"
 	"os"
@@ -114,6 +115,21 @@ func labDiskCapacity(d *types.VirtualDisk) int64 {
 // change tracking is on.
 func labSnapshotTaken(vm *VirtualMachine, snapshot *VirtualMachineSnapshot) types.BaseMethodFault {
 	snapshot.Config = labConfigCopy(vm.Config) // the snapshot's own config, restored by a revert
+	// a running VM: QEMU paused while the deltas are made, then switched to them live and resumed
+	machine, resume, err := labLivePause(vm)
+	if err != nil {
+		return labCannotFault(vm.Name, err)
+	}
+	live := map[int32]string{}
+	if machine != nil {
+		defer func() {
+			if resume {
+				if _, err := machine.qmpCmd("cont", nil); err != nil {
+					log.Printf("sendense lab: resume %s: %v", vm.Name, err)
+				}
+			}
+		}()
+	}
 	labCBT.Lock()
 	defer labCBT.Unlock()
 	rec := labVM(vm.Self.Value)
@@ -154,8 +170,16 @@ func labSnapshotTaken(vm *VirtualMachine, snapshot *VirtualMachineSnapshot) type
 
 		for _, vdev := range vm.Config.Hardware.Device { // the VM's own device (the snapshot has a copy)
 			if vdisk, ok := vdev.(*types.VirtualDisk); ok && vdisk.Key == disk.Key && fault == nil {
-				fault = labNewDelta(vm, d, vdisk, frozen)
+				fault = labNewDeltaLive(vm, d, vdisk, frozen, machine != nil)
+				if fault == nil && machine != nil {
+					live[disk.Key] = labLocal(vm, vdisk.Backing.(*types.VirtualDiskFlatVer2BackingInfo).FileName)
+				}
 			}
+		}
+	}
+	if machine != nil && fault == nil {
+		if err := labLiveSwitch(machine, live); err != nil {
+			fault = labCannotFault(vm.Name, err)
 		}
 	}
 	snapshot.Config.Hardware.Device = devices

@@ -67,7 +67,7 @@ func labParentName(b *types.VirtualDiskFlatVer2BackingInfo) string {
 // labAlone: a qemu filename that opens one VMDK file without its backing file.
 func labAlone(local string) string {
 	spec, _ := json.Marshal(map[string]interface{}{
-		"driver": "vmdk", "backing": nil,
+		"driver": "vmdk", "backing": nil, "read-only": true, "force-share": true, // QEMU may run the VM
 		"file": map[string]string{"driver": "file", "filename": local},
 	})
 	return "json:" + string(spec)
@@ -154,6 +154,12 @@ var labDeltaSuffix = regexp.MustCompile(`-[0-9]{6}$`)
 // labNewDelta makes "<disk>-00000N.vmdk" (next free N in the directory) backed by frozen and makes it the
 // VM's current file of the disk (caller holds labCBT).
 func labNewDelta(vm *VirtualMachine, d *labDiskCBT, disk *types.VirtualDisk, frozen string) types.BaseMethodFault {
+	return labNewDeltaLive(vm, d, disk, frozen, false)
+}
+
+// labNewDeltaLive: labNewDelta; live: the VM's QEMU holds frozen (locked), so the delta is made without
+// opening it (labCreateDeltaOf).
+func labNewDeltaLive(vm *VirtualMachine, d *labDiskCBT, disk *types.VirtualDisk, frozen string, live bool) types.BaseMethodFault {
 	dir, base := path.Split(frozen) // "[ds] vm/", "disk.vmdk"
 	stem := labDeltaSuffix.ReplaceAllString(strings.TrimSuffix(base, ".vmdk"), "")
 	var name string
@@ -167,7 +173,11 @@ func labNewDelta(vm *VirtualMachine, d *labDiskCBT, disk *types.VirtualDisk, fro
 		}
 		break
 	}
-	if _, err := labQemuImg("create", "-q", "-f", "vmdk", "-b", labBackingRef(vm, name, frozen), "-F", "vmdk", labLocal(vm, name)); err != nil {
+	if live {
+		if err := labCreateDeltaOf(labLocal(vm, name), labBackingRef(vm, name, frozen), labLocal(vm, frozen), labDiskCapacity(disk)); err != nil {
+			return labCannotFault(name, err)
+		}
+	} else if _, err := labQemuImg("create", "-q", "-f", "vmdk", "-b", labBackingRef(vm, name, frozen), "-F", "vmdk", labLocal(vm, name)); err != nil {
 		return labCannotFault(name, err)
 	}
 	d.parents[name] = frozen
@@ -229,6 +239,28 @@ func labDisksOf(vm *VirtualMachine) map[int32][]*types.VirtualDisk {
 // snapshot's and has exactly one child gets that child committed into it (vSphere's consolidation: the
 // bytes of every remaining snapshot and of the VM stay the same; the base disk stays). changeIds stay.
 func labConsolidate(vm *VirtualMachine) types.BaseMethodFault {
+	if m := labMachineOf(vm); m != nil {
+		// the VM runs: merges of its running delta are done live (QMP block-commit); any other merge is
+		// left for power-off: the snapshots are gone from the tree, the files stay
+		// (runtime.consolidationNeeded)
+		if fault, done := labConsolidateLive(vm, m); done {
+			if fault == nil && vm.Runtime.ConsolidationNeeded != nil && *vm.Runtime.ConsolidationNeeded {
+				labMarkConsolidation(vm, false)
+			}
+			return fault
+		}
+		labMarkConsolidation(vm, true)
+		labRefreshLayouts(vm)
+		return nil
+	}
+	if vm.Runtime.ConsolidationNeeded != nil && *vm.Runtime.ConsolidationNeeded {
+		labMarkConsolidation(vm, false)
+	}
+	return labConsolidateFiles(vm)
+}
+
+// labConsolidateFiles: labConsolidate's work on a VM that does not run.
+func labConsolidateFiles(vm *VirtualMachine) types.BaseMethodFault {
 	labCBT.Lock()
 	defer labCBT.Unlock()
 	rec := labVM(vm.Self.Value)
@@ -351,6 +383,7 @@ func labMergeable(d *labDiskCBT, roots map[string]bool) (string, string) {
 // delta is discarded and a new delta off the snapshot's frozen file becomes current; the open epoch
 // continues the snapshot's lineage.
 func labReverted(vm *VirtualMachine, snapshot *VirtualMachineSnapshot) types.BaseMethodFault {
+	labPowerOffForRevert(vm)
 	labRestoreConfig(vm, snapshot)
 	Map.Update(vm, []types.PropertyChange{{Name: "config", Val: vm.Config}})
 	labCBT.Lock()
