@@ -559,6 +559,23 @@ class VmPlan(Wire):
     )
 
 
+def boot_disks(point: PointInfo, chosen: list[PlanDisk]) -> list[PointDisk]:
+    """The point's disks a VM gets, the boot disk first: those `chosen` names (the one with boot order 1
+    first, then by boot order, then as listed), or every disk of the point in its order."""
+    by_key = {d.key: d for d in point.disks}
+    if not chosen:
+        return list(point.disks)
+    unknown = [c.key for c in chosen if c.key not in by_key]
+    if unknown:
+        from sendense.errors import InvalidSpec
+
+        raise InvalidSpec(f"point {point.point_id} has no disk {', '.join(unknown)}")
+    ranked = sorted(
+        enumerate(chosen), key=lambda ic: (ic[1].boot_order is None, ic[1].boot_order or 0, ic[0])
+    )
+    return [by_key[c.key] for _, c in ranked]
+
+
 class VmRef(Wire):
     """A VM made from a point, as the target knows it (no secrets)."""
 

@@ -12,7 +12,7 @@ from typing import Any
 from connectors.aws.source import GIB
 from connectors.aws.spec import AwsInstanceSettings
 from sendense.errors import InvalidSpec
-from sendense.models import PlanDisk, PointDisk, PointInfo
+from sendense.models import PointDisk
 
 DATA_DEVICES = [f"/dev/sd{c}" for c in string.ascii_lowercase[5:16]]  # sdf..sdp, as AWS recommends
 ROOT_DEVICE = "/dev/xvda"
@@ -28,21 +28,6 @@ def device_names(keys: list[str]) -> dict[str, str]:
     if len(keys) - 1 > len(DATA_DEVICES):
         raise InvalidSpec(f"{len(keys)} disks: an instance takes at most {len(DATA_DEVICES) + 1}")
     return {k: ROOT_DEVICE if i == 0 else DATA_DEVICES[i - 1] for i, k in enumerate(keys)}
-
-
-def boot_disks(point: PointInfo, chosen: list[PlanDisk]) -> list[PointDisk]:
-    """The point's disks a VM gets, the boot disk first: those `chosen` names (the one with boot order 1
-    first, then by boot order, then as listed), or every disk of the point in its order."""
-    by_key = {d.key: d for d in point.disks}
-    if not chosen:
-        return list(point.disks)
-    unknown = [c.key for c in chosen if c.key not in by_key]
-    if unknown:
-        raise InvalidSpec(f"point {point.point_id} has no disk {', '.join(unknown)}")
-    ranked = sorted(
-        enumerate(chosen), key=lambda ic: (ic[1].boot_order is None, ic[1].boot_order or 0, ic[0])
-    )
-    return [by_key[c.key] for _, c in ranked]
 
 
 def image_request(

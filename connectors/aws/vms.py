@@ -35,14 +35,14 @@ from typing import Any
 
 from connectors.aws import vm_network
 from connectors.aws.client import Aws, aws_call
-from connectors.aws.launch import boot_disks, image_request
+from connectors.aws.launch import image_request
 from connectors.aws.source import delete_snapshot
 from connectors.aws.spec import AwsTarget
 from connectors.aws.tags import TAG_JOB, TAG_JOB_ID, TAG_MODE, TAG_POINT, TAG_VM, tags_of
 from connectors.aws.target import AwsTargetConnector
 from sendense import config
 from sendense.errors import InvalidSpec, ResourceNotFound, SendenseError, TargetError
-from sendense.models import BootCheck, NetworkInfo, VmPlan, VmRef
+from sendense.models import BootCheck, NetworkInfo, VmPlan, VmRef, boot_disks
 
 log = logging.getLogger(__name__)
 

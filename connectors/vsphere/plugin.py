@@ -7,7 +7,7 @@ from pathlib import Path
 
 from connectors.vsphere.spec import VsphereSource, VsphereTarget
 from sendense.platforms import Platform
-from sendense.protocols import SourceConnector, SourcePower, TargetConnector
+from sendense.protocols import SourceConnector, SourcePower, TargetConnector, VmProvisioner
 
 
 def _source(spec: VsphereSource, job: str, work_dir: Path) -> SourceConnector:
@@ -28,6 +28,12 @@ def _target(spec: VsphereTarget, job: str, job_id: str) -> TargetConnector:
     return VsphereTargetConnector(job, spec, job_id)
 
 
+def _vms(spec: VsphereTarget, job: str, job_id: str) -> VmProvisioner:
+    from connectors.vsphere.vms import VsphereVmProvisioner
+
+    return VsphereVmProvisioner(job, spec, job_id)
+
+
 PLATFORM = Platform(
     name="vsphere",
     summary="VMware vSphere (vCenter, ESXi): a VM's disks by Changed Block Tracking and VM snapshots, "
@@ -36,6 +42,7 @@ PLATFORM = Platform(
     target_spec=VsphereTarget,
     source=_source,
     target=_target,
+    vms=_vms,
     source_power=_power,
     lab="labs.vsphere.hook",
     starter_endpoints=("vsphere:*",),  # any vCenter or ESXi host the agent can reach

@@ -303,6 +303,50 @@ class Session:
         finally:
             view.Destroy()
 
+    # ---------------------------------------------------------------- datastore files
+
+    def datastore_file(self, datacenter: str, path: str, limit: int = 4 << 20) -> bytes:
+        """The last `limit` bytes of a datastore file (`[ds] dir/file`), through the server's `/folder`
+        URL with this session's cookie, on a connection whose certificate is the pinned one. A file
+        that does not exist (yet) is empty."""
+        import http.client
+        from urllib.parse import quote, urlencode
+
+        ds, _, rel = path.partition("]")
+        ds, rel = ds.lstrip("["), rel.strip()
+        si = self.si
+        cert = self.cert
+        assert cert is not None
+        cookie = si._stub.cookie  # vmware_soap_session="..."; Path=/; ...
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE  # pinned below instead
+        conn = http.client.HTTPSConnection(self.host, self.port, timeout=self.connect_timeout, context=ctx)
+        what = f"{self.where}: reading {path}"
+        try:
+            conn.connect()
+            der = conn.sock.getpeercert(binary_form=True) if conn.sock is not None else None
+            if not der or hashlib.sha1(der).hexdigest() != cert.sha1:
+                raise NotAllowed(f"{what}: the server's certificate changed")
+            query = urlencode({"dcPath": datacenter, "dsName": ds})
+            conn.request(
+                "GET",
+                f"/folder/{quote(rel)}?{query}",
+                headers={"Cookie": cookie.split(";", 1)[0], "Range": f"bytes=-{limit}"},
+            )
+            resp = conn.getresponse()
+            body = resp.read()
+        except (OSError, http.client.HTTPException) as e:
+            raise ServerUnreachable(f"{what}: {getattr(e, 'strerror', None) or e}") from None
+        finally:
+            conn.close()
+        if resp.status == 404:
+            return b""
+        if resp.status == 416:  # an empty file has no last bytes
+            return b""
+        if resp.status not in (200, 206):
+            raise TargetError(f"{what}: HTTP {resp.status} {resp.reason}")
+        return body[-limit:]
+
     # ---------------------------------------------------------------- tasks
 
     def wait(self, task: Any, what: str, timeout: float = TASK_TIMEOUT) -> Any:
