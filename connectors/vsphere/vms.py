@@ -600,6 +600,7 @@ class VsphereVmProvisioner:
         except Exception as e:  # noqa: BLE001 (said below)
             if is_fault(e, "FileNotFound") or "FileNotFound" in str(e) or "not found" in str(e).lower():
                 return []
+            log.debug("deleting %s", path, exc_info=True)
             return [f"file {path} ({_fault(e)})"]
         return []
 

@@ -270,3 +270,20 @@ def test_nfc_lease_complete_keeps_lease_done(si):
     assert lease.info.entity == imported and imported.name == "imported-vm0"
     with pytest.raises(vim.fault.InvalidState):
         lease.HttpNfcLeaseComplete()
+
+
+def test_a_file_manager_task_is_readable_through_pyvmomi(lab):
+    """DeleteDatastoreFile_Task's TaskInfo: stock vcsim set its entity to the FileManager, which is no
+    ManagedEntity, and pyvmomi refused to read the task (TypeError) -- a connector could not wait for it."""
+    si = lab.si()
+    content = si.RetrieveContent()
+    dc = content.rootFolder.childEntity[0]
+    ds_dir = lab.datastores["LocalDS_0"]
+    (ds_dir / "smoke-delete.txt").write_text("x")
+    task = content.fileManager.DeleteDatastoreFile_Task(name="[LocalDS_0] smoke-delete.txt", datacenter=dc)
+    _wait_task(task)
+    assert task.info.entity is None and not (ds_dir / "smoke-delete.txt").exists()
+    with pytest.raises(vim.fault.FileNotFound):
+        _wait_task(
+            content.fileManager.DeleteDatastoreFile_Task(name="[LocalDS_0] smoke-delete.txt", datacenter=dc)
+        )
