@@ -7,7 +7,7 @@ from pathlib import Path
 
 from connectors.vsphere.spec import VsphereSource, VsphereTarget
 from sendense.platforms import Platform
-from sendense.protocols import SourceConnector, SourcePower, TargetConnector, VmProvisioner
+from sendense.protocols import FailbackSink, SourceConnector, SourcePower, TargetConnector, VmProvisioner
 
 
 def _source(spec: VsphereSource, job: str, work_dir: Path) -> SourceConnector:
@@ -34,6 +34,12 @@ def _vms(spec: VsphereTarget, job: str, job_id: str) -> VmProvisioner:
     return VsphereVmProvisioner(job, spec, job_id)
 
 
+def _failback_sink(spec: VsphereSource, job: str, work_dir: Path) -> FailbackSink:
+    from connectors.vsphere.failback_sink import VsphereFailbackSink
+
+    return VsphereFailbackSink(job, spec, work_dir)
+
+
 PLATFORM = Platform(
     name="vsphere",
     summary="VMware vSphere (vCenter, ESXi): a VM's disks by Changed Block Tracking and VM snapshots, "
@@ -43,6 +49,7 @@ PLATFORM = Platform(
     source=_source,
     target=_target,
     vms=_vms,
+    failback_sink=_failback_sink,
     source_power=_power,
     lab="labs.vsphere.hook",
     starter_endpoints=("vsphere:*",),  # any vCenter or ESXi host the agent can reach

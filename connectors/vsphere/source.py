@@ -130,6 +130,36 @@ def hw_version(vm: Any) -> int:
 # ------------------------------------------------------------------------------------- the disk
 
 
+def changed_areas(
+    vm: Any, snap: Any, device_key: int, cid: str, start: int, end: int, label: str
+) -> Iterator[Extent]:
+    """QueryChangedDiskAreas of disk `device_key` at `snap` from change id `cid` over [start, end),
+    paged as vSphere pages (each reply covers [startOffset, startOffset + length); an empty page is
+    legal). A change id vSphere refuses (FileFault, InvalidArgument) is ChangeTrackingLost."""
+    from pyVmomi import vmodl
+
+    offset = start
+    while offset < end:
+        try:
+            info = vm.QueryChangedDiskAreas(
+                snapshot=snap, deviceKey=device_key, startOffset=offset, changeId=cid
+            )
+        except vmodl.MethodFault as e:
+            if is_fault(e, "FileFault", "InvalidArgument"):
+                raise ChangeTrackingLost(
+                    f"{label}: vSphere refused change id {cid!r}: {fault_text(e)}"
+                ) from None
+            raise SendenseError(f"{label}: QueryChangedDiskAreas: {fault_text(e)}") from None
+        for a in info.changedArea or []:
+            lo, hi = max(int(a.start), offset), min(int(a.start) + int(a.length), end)
+            if hi > lo:
+                yield Extent(lo, hi - lo)
+        nxt = int(info.startOffset) + int(info.length)
+        if nxt <= offset:
+            raise SendenseError(f"{label}: QueryChangedDiskAreas made no progress at offset {offset}")
+        offset = nxt
+
+
 class VsphereSourceDisk:
     """One disk of a sync's snapshot: changed areas from CBT, bytes through nbdkit's vddk plugin."""
 
@@ -154,35 +184,7 @@ class VsphereSourceDisk:
 
     def areas(self, cid: str, start: int, end: int) -> Iterator[Extent]:
         """QueryChangedDiskAreas from `cid` over [start, end), paged as vSphere pages."""
-        offset = start
-        while offset < end:
-            with self._query(cid):
-                info = self.vm.QueryChangedDiskAreas(
-                    snapshot=self.snap, deviceKey=self.handle.device_key, startOffset=offset, changeId=cid
-                )
-            for a in info.changedArea or []:
-                lo, hi = max(int(a.start), offset), min(int(a.start) + int(a.length), end)
-                if hi > lo:
-                    yield Extent(lo, hi - lo)
-            nxt = int(info.startOffset) + int(info.length)
-            if nxt <= offset:
-                raise SendenseError(
-                    f"{self.label}: QueryChangedDiskAreas made no progress at offset {offset}"
-                )
-            offset = nxt
-
-    @contextmanager
-    def _query(self, cid: str) -> Iterator[None]:
-        from pyVmomi import vmodl
-
-        try:
-            yield
-        except vmodl.MethodFault as e:
-            if is_fault(e, "FileFault", "InvalidArgument"):
-                raise ChangeTrackingLost(
-                    f"{self.label}: vSphere refused change id {cid!r}: {fault_text(e)}"
-                ) from None
-            raise SendenseError(f"{self.label}: QueryChangedDiskAreas: {fault_text(e)}") from None
+        return changed_areas(self.vm, self.snap, self.handle.device_key, cid, start, end, self.label)
 
     def _split(self, areas: Iterator[Extent]) -> Iterator[Extent]:
         """Areas split into data and zero by the export's allocation."""

@@ -12,8 +12,8 @@ report the boot): the bootable guest replicated into a placeholder's point, then
 from __future__ import annotations
 
 import hashlib
-import urllib.error
 import shutil
+import urllib.error
 import uuid
 from pathlib import Path
 from typing import Any
