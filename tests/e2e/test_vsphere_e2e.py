@@ -5,7 +5,11 @@ Full then incremental, bit-exact against the source at the snapshot instant, onl
 
 from __future__ import annotations
 
+import asyncio
 import os
+import re
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,9 +17,11 @@ from typing import Any
 import pytest
 import yaml
 from helpers_kvm import KiB, MiB, make_qcow2, qemu_io, to_raw
-from helpers_vsphere import disk_image, guest_io
+from helpers_vsphere import current_disk, disk_image, guest_io
 
 from app import stack
+from labs.guest.build import with_mode
+from labs.guest.fscheck import check as fscheck
 from labs.vsphere import VsphereLab
 from labs.vsphere import hook as vsphere_hook
 from tests.e2e.conftest import Cli, free_port
@@ -171,3 +177,72 @@ def test_vmware_to_vmware_full_then_incremental_bit_exact(
     vs_stack: tuple[Cli, dict[str, Any], VsphereLab], tmp_path: Path
 ) -> None:
     vmware_source_round(vs_stack, tmp_path, "e2e-vs-vs", vs_stack[1]["target"])
+
+
+@pytest.mark.slow
+def test_vmware_failover_to_kvm_then_failback_sends_only_what_changed(
+    vs_stack: tuple[Cli, dict[str, Any], VsphereLab], tmp_path: Path
+) -> None:
+    """A lab VM running the guest's filesystem workload, replicated to KVM; a failover boots it there
+    (the workload writes), `sendense failback` brings what it wrote home into the VMware VM's disks in
+    place (reverse syncs through the VDDK stand-in, CBT telling where the source went its own way),
+    powers the VMware VM on, and the job replicates again with an incremental. Only what changed
+    travels; the VM's filesystem at home is the failed-over VM's as of its power-off."""
+    from sendense.platforms import target_for, vms_for
+    from tests.e2e.test_failback_e2e import BOOTED, _job_spec
+
+    cli, lab, vlab = vs_stack
+    job = "e2e-vs-fb"
+    moref = cli.json("lab", "vm", "vs-fb", "--disk-mib", "256")["moref"]
+    workload = with_mode(tmp_path / "workload.qcow2", "workload")  # what a VM made from it runs
+    path, fmt = current_disk(vlab, moref, 0)
+    subprocess.run(["qemu-img", "convert", "-n", "-O", fmt, str(workload), path], check=True)
+    replicas = tmp_path / "replicas"
+    spec_doc = {
+        "name": job,
+        "source": {**lab["source"], "vm": "vs-fb"},
+        "target": {"platform": "kvm", "path": str(replicas)},
+        "schedule": {"interval": "1h"},
+        "recovery": {"memory_mib": 256, "boot_check": {"console_contains": BOOTED, "timeout": "4m"}},
+    }
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec_doc))
+    cli.json("job", "create", "-f", str(tmp_path / "job.yaml"))
+    spec = None
+    try:
+        cli.wait_point(job, timeout=300)
+        fo = cli.json("failover", job, timeout=600)
+        assert fo["error"] is None and fo["boot"]["ok"], fo
+        spec = asyncio.run(_job_spec(job))
+        vms = vms_for(spec)
+        deadline = time.monotonic() + 300
+        while "SENDENSE-GUEST-SEQ 30" not in vms.console(job):  # the failed-over VM writes
+            assert time.monotonic() < deadline, vms.console(job)[-400:]
+            time.sleep(1)
+        printed = [int(n) for n in re.findall(r"SENDENSE-GUEST-SEQ (\d+)", vms.console(job))]
+
+        r = cli.json("failback", job, timeout=900)
+        assert r["error"] is None, r
+        print("failback:", r)
+        assert r["syncs"] >= 2 and r["reverse_syncs"][-1]["cutover"], r
+        assert all(s["compared_whole"] == [] for s in r["reverse_syncs"]), r  # CBT knew where
+        read = sum(s["bytes_read"] for s in r["reverse_syncs"])
+        assert read == sum(s["planned_bytes"] for s in r["reverse_syncs"])  # only the listed changes
+        assert 0 < read < 128 * MiB, read  # of a 256 MiB disk (the workload writes ~30 MiB here)
+        assert r["started"], r  # PowerOnVM_Task: the VMware VM runs again
+        assert vlab.vm(moref).runtime.powerState == "poweredOn"
+        assert not any(p.holds for p in target_for(spec).list_points())
+
+        st = cli.wait_point(job, count=2, timeout=300)  # replicating again, at once
+        assert st["last_sync"]["kind"] == "incremental", st["last_sync"]
+        vlab.wait(vlab.vm(moref).PowerOffVM_Task())
+        path, fmt = current_disk(vlab, moref, 0)
+        fs = fscheck(Path(path), fmt)  # the failed-over VM's filesystem came home
+        assert fs.ok, fs.detail
+        assert fs.seq is not None and fs.seq >= max(printed), (fs.seq, printed[-3:])
+    finally:
+        if spec is not None:
+            vms_for(spec).destroy_vm(job)
+            for p in target_for(spec).list_points():
+                for h in p.holds:
+                    target_for(spec).release(p.point_id, h)
+        cli.run("job", "delete", job, "--purge", check=False)
