@@ -682,6 +682,9 @@ class SnapshotRef(Wire):
     created_at: datetime
     disks: list[DiskSnapshot]
     handle: HandleData = Field(default_factory=dict)
+    notes: list[str] = Field(
+        default_factory=list, description="what the source did that an operator should know (job status)"
+    )
 
     def disk(self, key: str) -> DiskSnapshot:
         for d in self.disks:
@@ -758,6 +761,7 @@ class SyncResult(Wire):
     seconds: float
     created_at: datetime
     resync_reason: str | None = None
+    notes: list[str] = Field(default_factory=list, description="the source's notes on this sync")
 
 
 JobState = Literal[

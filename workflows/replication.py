@@ -440,6 +440,7 @@ class ReplicationWorkflow(JobRecovery):
             seconds=(workflow.now() - t0).total_seconds(),
             created_at=point.created_at,
             resync_reason=self.st.last_resync_reason if point.kind == "resync" else None,
+            notes=list(snap.notes),
         )
         self.st.last_sync = result
         self.outcomes[seq] = result

@@ -146,6 +146,8 @@ def status_rows(st: JobView) -> list[tuple[str, str]]:
     if st.last_sync:
         ls = st.last_sync
         rows.append(("last sync", f"{ls.kind}, {human(ls.bytes_written)} written, {ls.seconds:.1f}s"))
+        for note in ls.notes:
+            rows.append(("  note", note))
     if (fo := st.failed_over) is not None:
         how = "planned" if fo.planned else "unplanned"
         rows.append(("failed over", f"{how}, to point {fo.point_id}: VM {fo.vm} ({fo.vm_id or 'no id'})"))

@@ -338,6 +338,12 @@ class VsphereSourceConnector:
         registered = self._register(vm)
         name = snapshot_name(self.job, snapshot_id)
         mine = f"sendense-{self.job}-"
+        notes = []
+        if enabled_now:
+            notes.append(
+                f"change tracking (CBT) was off on VM {self.spec.vm}: enabled; it takes effect at this "
+                "sync's snapshot"
+            )
         node = None
         for n in self._snapshots(vm):
             if n.name == name:
@@ -354,6 +360,10 @@ class VsphereSourceConnector:
             quiesce = self.spec.quiesce and tools_ok
             if self.spec.quiesce and not tools_ok:
                 log.warning("%s: VMware Tools not running: the snapshot is crash-consistent", self.spec.vm)
+                notes.append(
+                    f"source.quiesce: VMware Tools do not run on VM {self.spec.vm}: this point is "
+                    "crash-consistent, not quiesced"
+                )
             what = f"source.vm {self.spec.vm}: snapshot {name}"
             with calling(what):
                 task = vm.CreateSnapshot_Task(
@@ -377,7 +387,9 @@ class VsphereSourceConnector:
             raise
         handle = VsphereSnapshot(vm=vm._moId, snapshot=snap._moId, name=name)
         created_at = created.astimezone(UTC) if isinstance(created, datetime) else datetime.now(UTC)
-        return SnapshotRef(snapshot_id=snapshot_id, created_at=created_at, disks=disks, handle=handle.dump())
+        return SnapshotRef(
+            snapshot_id=snapshot_id, created_at=created_at, disks=disks, handle=handle.dump(), notes=notes
+        )
 
     def validate_hw(self, vm: Any) -> None:
         hw = hw_version(vm)

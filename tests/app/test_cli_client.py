@@ -35,3 +35,30 @@ def test_invalid_stored_settings_fall_back_to_defaults_and_are_named() -> None:
     spec, problem = readable_spec({**STORED, "schedule": {"interval": "PT0S"}, "tuning": {}})
     assert problem is not None and problem.startswith("its stored settings are invalid (schedule.interval: ")
     assert spec.schedule.interval.total_seconds() == 300
+
+
+def test_job_status_shows_the_sources_notes_on_the_last_sync() -> None:
+    """A source says what an operator should know about a sync (vSphere: change tracking was off and
+    was enabled; a quiesce asked for without VMware Tools): `job status` lists each under the last sync."""
+    from datetime import UTC, datetime
+
+    from app.cli.client import JobView
+    from app.cli.jobs import status_rows
+    from sendense.models import SyncResult
+
+    note = "change tracking (CBT) was off on VM web: enabled; it takes effect at this sync's snapshot"
+    st = JobView(
+        name="j",
+        state="idle",
+        source="vsphere:vc:web",
+        target="kvm:/r",
+        interval_seconds=3600,
+        retention_points=3,
+        last_sync=SyncResult(
+            point_id="p1", kind="full", bytes_read=1, bytes_written=1, bytes_zeroed=0, seconds=1.0,
+            created_at=datetime.now(UTC), notes=[note],
+        ),
+    )  # fmt: skip
+    rows = status_rows(st)
+    i = [k for k, _ in rows].index("last sync")
+    assert rows[i + 1] == ("  note", note)

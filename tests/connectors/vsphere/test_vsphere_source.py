@@ -88,6 +88,9 @@ def test_change_tracking_is_enabled_when_off_and_the_first_sync_is_full(
     snap = src.create_snapshot("s1", {})
     try:
         assert vlab.vm(moref).config.changeTrackingEnabled
+        assert snap.notes == [  # said in job status (the sync's notes)
+            f"change tracking (CBT) was off on VM {vm}: enabled; it takes effect at this sync's snapshot"
+        ]
         d = snap.disk("scsi0-0")
         assert d.base_change_id is None and d.tracking_lost is None
         assert "/" in d.change_id and d.change_id.endswith(f"@{4 * MiB}")
