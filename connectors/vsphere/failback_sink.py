@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from connectors.vsphere.session import agent_env, calling, credentials
+from connectors.vsphere.session import calling
 from connectors.vsphere.source import (
     VsphereSourceConnector,
     capacity,
@@ -37,7 +37,7 @@ from connectors.vsphere.source import (
 )
 from connectors.vsphere.spec import VsphereSource
 from connectors.vsphere.target import PlaceholderDisk
-from connectors.vsphere.vddk import VddkTarget, agent_libdir, plugin_words, serving
+from connectors.vsphere.vddk import serving
 from sendense.datapath.extents import Extent, coalesce
 from sendense.errors import ChangeTrackingLost, ResourceNotFound, ResourceUnavailable
 from sendense.models import DiskInfo, SnapshotRef
@@ -74,26 +74,8 @@ class VsphereFailbackSink:
                 "(failback --stop-source powers it off)"
             )
         d = self._disk(vm, key)
-        user, password = credentials(self.spec)
-        env = agent_env(self.spec)
-        self.session.si  # noqa: B018 (logs in and pins the certificate)
-        cert = self.session.cert
-        assert cert is not None
-        host, port = self.spec.address()
         label = f"source.vm {self.spec.vm} disk {key}"
-        t = VddkTarget(
-            host=host,
-            port=port,
-            user=user,
-            password=password,
-            thumbprint=cert.vddk_thumbprint(),
-            vm=vm._moId,
-            file=str(d.backing.fileName),
-            snapshot=None,
-            transports=tuple(self.spec.vddk.transports),
-            libdir=agent_libdir(self.spec.vddk.libdir, env),
-            plugin=plugin_words(env),
-        )
+        t = self.session.vddk(vm._moId, str(d.backing.fileName), None)
         with serving(t, label, readonly=False) as srv:
             disk = PlaceholderDisk(srv.uri, capacity(d), True, label)
             try:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from connectors.vsphere.spec import VspherePlace, normal_thumbprint, vm_form
+from connectors.vsphere.vddk import VddkTarget, agent_libdir, plugin_words
 from sendense import config
 from sendense.errors import (
     InvalidSpec,
@@ -302,6 +303,30 @@ class Session:
                 result = pc.ContinueRetrievePropertiesEx(token) if token else None
         finally:
             view.Destroy()
+
+    # ---------------------------------------------------------------- disk bytes
+
+    def vddk(self, vm: str, file: str, snapshot: str | None) -> VddkTarget:
+        """What nbdkit's vddk plugin opens for disk `file` of VM `vm` (moref) at `snapshot` (None: the
+        VM's current disk): this session's server, login and pinned certificate, the spec's transports
+        and libdir, the agent's plugin."""
+        user, password = credentials(self.spec, self.end)
+        env = agent_env(self.spec)
+        self.si  # noqa: B018 (logs in and pins the certificate)
+        assert self.cert is not None
+        return VddkTarget(
+            host=self.host,
+            port=self.port,
+            user=user,
+            password=password,
+            thumbprint=self.cert.vddk_thumbprint(),
+            vm=vm,
+            file=file,
+            snapshot=snapshot,
+            transports=tuple(self.spec.vddk.transports),
+            libdir=agent_libdir(self.spec.vddk.libdir, env),
+            plugin=plugin_words(env),
+        )
 
     # ---------------------------------------------------------------- datastore files
 

@@ -36,7 +36,6 @@ from typing import Any
 from connectors.vsphere.handles import VsphereDisk, VsphereSnapshot
 from connectors.vsphere.session import (
     Session,
-    agent_env,
     calling,
     credentials,
     extra_config,
@@ -44,7 +43,7 @@ from connectors.vsphere.session import (
     is_fault,
 )
 from connectors.vsphere.spec import VsphereSource
-from connectors.vsphere.vddk import VddkServer, VddkTarget, agent_libdir, plugin_words, serving
+from connectors.vsphere.vddk import VddkServer, serving
 from sendense.datapath.extents import Extent, coalesce
 from sendense.datapath.nbd import NbdConnection
 from sendense.errors import ChangeTrackingLost, InvalidSpec, ResourceNotFound, SendenseError
@@ -474,30 +473,12 @@ class VsphereSourceConnector:
         vm = self._vm()
         if vm._moId != h.vm:
             raise SendenseError(f"source.vm {self.spec.vm}: not the VM the snapshot was taken of ({h.vm})")
-        user, password = credentials(self.spec)
-        env = agent_env(self.spec)
-        self.session.si  # noqa: B018 (logs in and pins the certificate)
-        cert = self.session.cert
-        assert cert is not None
-        host, port = self.spec.address()
         ref = vim.vm.Snapshot(h.snapshot, self.session.si._stub)
         label = self._label(key)
         for attempt in range(6):
             # the snapshot's file of the disk, asked now: removing another snapshot of the VM (another
             # job's, a user's) consolidates and renames the files of the chain
-            target = VddkTarget(
-                host=host,
-                port=port,
-                user=user,
-                password=password,
-                thumbprint=cert.vddk_thumbprint(),
-                vm=h.vm,
-                file=self._snapshot_file(ref, dh.device_key) or dh.file,
-                snapshot=h.snapshot,
-                transports=tuple(self.spec.vddk.transports),
-                libdir=agent_libdir(self.spec.vddk.libdir, env),
-                plugin=plugin_words(env),
-            )
+            target = self.session.vddk(h.vm, self._snapshot_file(ref, dh.device_key) or dh.file, h.snapshot)
             with ExitStack() as stack:
                 try:
                     srv = stack.enter_context(serving(target, label))

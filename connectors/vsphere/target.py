@@ -34,10 +34,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from connectors.vsphere.session import Session, agent_env, calling, credentials, extra_config, fault_text
+from connectors.vsphere.session import Session, calling, credentials, extra_config, fault_text
 from connectors.vsphere.source import capacity
 from connectors.vsphere.spec import VsphereTarget
-from connectors.vsphere.vddk import VddkTarget, agent_libdir, plugin_words, serving
+from connectors.vsphere.vddk import serving
 from sendense.datapath.extents import Extent
 from sendense.datapath.nbd import NbdConnection
 from sendense.errors import InvalidSpec, ResourceNotFound, SendenseError, TargetError
@@ -386,25 +386,7 @@ class VsphereTargetConnector:
 
     @contextmanager
     def _vddk(self, vm: Any, file: str, snapshot: str | None, *, readonly: bool, key: str) -> Iterator[Any]:
-        user, password = credentials(self.spec, "target")
-        env = agent_env(self.spec)
-        self.session.si  # noqa: B018 (logs in and pins the certificate)
-        cert = self.session.cert
-        assert cert is not None
-        host, port = self.spec.address()
-        t = VddkTarget(
-            host=host,
-            port=port,
-            user=user,
-            password=password,
-            thumbprint=cert.vddk_thumbprint(),
-            vm=vm._moId,
-            file=file,
-            snapshot=snapshot,
-            transports=tuple(self.spec.vddk.transports),
-            libdir=agent_libdir(self.spec.vddk.libdir, env),
-            plugin=plugin_words(env),
-        )
+        t = self.session.vddk(vm._moId, file, snapshot)
         with serving(t, f"{self.label} disk {key}", readonly=readonly) as srv:
             yield srv
 
