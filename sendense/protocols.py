@@ -14,6 +14,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
+from sendense.errors import ResourceNotFound
 from sendense.models import BootCheck, DiskInfo, NetworkInfo, PointInfo, SnapshotRef, VmInfo, VmPlan, VmRef
 
 if TYPE_CHECKING:  # (workflows import the registry, which names these protocols: no data path for them)
@@ -235,6 +236,17 @@ class TargetConnector(Protocol):
     def destroy(self) -> None:
         """Remove every replica and point of the job."""
         ...
+
+
+def pick_point(job: str, points: list[PointInfo], point_id: str | None) -> PointInfo:
+    """`TargetConnector.get_point` over a target's points (newest first): `point_id`, or the newest
+    for None; a one-line error naming the job when there is none."""
+    if not points:
+        raise ResourceNotFound(f"job {job}: no recovery point yet")
+    for p in points:
+        if point_id is None or p.point_id == point_id:
+            return p
+    raise ResourceNotFound(f"job {job}: no recovery point {point_id}")
 
 
 @runtime_checkable

@@ -58,6 +58,7 @@ from connectors.aws.tags import (
 from sendense import config
 from sendense.errors import InvalidSpec, ResourceNotFound, SendenseError, TargetError
 from sendense.models import DiskInfo, PointInfo, check_hold_id
+from sendense.protocols import pick_point
 
 log = logging.getLogger(__name__)
 
@@ -299,13 +300,7 @@ class AwsTargetConnector:
         return sorted(points, key=lambda p: (p.committed_at, p.point_id), reverse=True)
 
     def get_point(self, point_id: str | None) -> PointInfo:
-        pts = self.list_points()
-        if not pts:
-            raise ResourceNotFound(f"job {self.job}: no recovery point yet")
-        for p in pts:
-            if point_id is None or p.point_id == point_id:
-                return p
-        raise ResourceNotFound(f"job {self.job}: no recovery point {point_id}")
+        return pick_point(self.job, self.list_points(), point_id)
 
     def prune(self, keep: int) -> list[str]:
         """The oldest points beyond `keep` go, except those an image uses (all of a point's snapshots

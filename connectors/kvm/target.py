@@ -38,6 +38,7 @@ from sendense.datapath.extents import Extent, clip
 from sendense.datapath.nbd import ALLOCATION, NbdConnection
 from sendense.errors import InvalidSpec, ResourceNotFound, ResourceUnavailable, SendenseError, TargetError
 from sendense.models import DiskInfo, PointDisk, PointInfo
+from sendense.protocols import pick_point
 from tools.exports import EXPORT_FORMATS, export_name, safe_key, staging
 from tools.qemu import fsync_dir, qcow2_backing_name, qemu_img, qemu_nbd, read_qcow2_header, tool
 
@@ -277,15 +278,7 @@ class KvmTarget:
             self.holds.remove(point_id, hold_id)
 
     def get_point(self, point_id: str | None) -> PointInfo:
-        pts = self.list_points()
-        if not pts:
-            raise ResourceNotFound(f"job {self.job}: no recovery point yet")
-        if point_id is None:
-            return pts[0]
-        for p in pts:
-            if p.point_id == point_id:
-                return p
-        raise ResourceNotFound(f"job {self.job}: no recovery point {point_id}")
+        return pick_point(self.job, self.list_points(), point_id)
 
     @contextmanager
     def _points_read(self, *, wait: bool) -> Iterator[bool]:

@@ -39,6 +39,7 @@ from connectors.memory.vm_state import vm_names
 from sendense.datapath.extents import Extent
 from sendense.errors import InvalidSpec, ResourceNotFound, TargetError
 from sendense.models import DiskInfo, PointInfo, check_hold_id
+from sendense.protocols import pick_point
 from tools.exports import EXPORT_FORMATS, export_name, finish_export, safe_key, staging
 
 
@@ -243,13 +244,7 @@ class MemoryTargetConnector:
             return self._points(b)
 
     def get_point(self, point_id: str | None) -> PointInfo:
-        pts = self.list_points()
-        if not pts:
-            raise ResourceNotFound(f"job {self.job}: no recovery point yet")
-        for p in pts:
-            if point_id is None or p.point_id == point_id:
-                return p
-        raise ResourceNotFound(f"job {self.job}: no recovery point {point_id}")
+        return pick_point(self.job, self.list_points(), point_id)
 
     def prune(self, keep: int) -> list[str]:
         self.store.faults.check("target.prune")

@@ -42,6 +42,7 @@ from sendense.datapath.extents import Extent
 from sendense.datapath.nbd import NbdConnection
 from sendense.errors import InvalidSpec, ResourceNotFound, SendenseError, TargetError
 from sendense.models import DiskInfo, PointInfo, check_hold_id
+from sendense.protocols import pick_point
 from tools.exports import EXPORT_FORMATS, export_name, staging
 from tools.qemu import qemu_img
 
@@ -460,14 +461,7 @@ class VsphereTargetConnector:
         return [] if vm is None else [p for p, _, _ in self._points(vm)]
 
     def get_point(self, point_id: str | None) -> PointInfo:
-        """The point `point_id` (None: the newest); a one-line error naming the job if there is none."""
-        pts = self.list_points()
-        if not pts:
-            raise ResourceNotFound(f"job {self.job}: no recovery point yet")
-        for p in pts:
-            if point_id is None or p.point_id == point_id:
-                return p
-        raise ResourceNotFound(f"job {self.job}: no recovery point {point_id}")
+        return pick_point(self.job, self.list_points(), point_id)
 
     def prune(self, keep: int) -> list[str]:
         vm = self._placeholder()
