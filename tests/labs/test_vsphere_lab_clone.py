@@ -175,13 +175,13 @@ def test_linked_clone_has_the_snapshots_bytes_and_its_own_delta(lab, tmp_path):
     moref = lab.make_vm("lc-src", [CAP, CAP])
     src = lab.vm(moref)
     images = [bytearray(CAP), bytearray(CAP)]
-    for path, img, shift in zip(_current(lab, moref), images, (0, 1)):
+    for path, img, shift in zip(_current(lab, moref), images, (0, 1), strict=True):
         w = [(o, n, p + shift) for o, n, p in A]
         _write(path, w)
         _apply(img, w)
     s1 = _snap(lab, src, "s1")
     s1_images = [bytes(i) for i in images]
-    for path, img in zip(_current(lab, moref), images):
+    for path, img in zip(_current(lab, moref), images, strict=True):
         _write(path, B)
         _apply(img, B)
     before = _config_view(src)
@@ -205,7 +205,7 @@ def test_linked_clone_has_the_snapshots_bytes_and_its_own_delta(lab, tmp_path):
 
     # the clone's own writes: its delta only
     clone_images = [bytearray(i) for i in s1_images]
-    for path, img in zip(_current(lab, clone_ref), clone_images):
+    for path, img in zip(_current(lab, clone_ref), clone_images, strict=True):
         info = lab.disk_info(clone_ref, _disks(clone.config.hardware.device)[0].backing.fileName)
         assert info["writable"] is True
         _write(path, C)
