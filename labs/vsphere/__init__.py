@@ -315,6 +315,43 @@ class VsphereLab:
         spec = vim.vm.ConfigSpec(deviceChange=[vim.vm.device.VirtualDeviceSpec(operation="add", device=port)])
         self.wait(self.vm(vm).ReconfigVM_Task(spec=spec))
 
+    def linked_clone(
+        self,
+        vm: str,
+        snapshot: Any,
+        name: str,
+        power_on: bool = False,
+        config: Any = None,
+        disk_move_type: str = "createNewChildDiskBacking",
+    ) -> str:
+        """CloneVM_Task of a VM's snapshot (a vim.vm.Snapshot or its moref value) into the VM's folder and
+        pool, as a DR drill does: diskMoveType createNewChildDiskBacking = a linked clone (a delta per disk
+        in the clone's directory over the snapshot's files); config: a vim.vm.ConfigSpec applied to the
+        clone like a reconfigure. The clone's moref value."""
+        from pyVmomi import vim
+
+        source = self.vm(vm)
+        if isinstance(snapshot, str):
+            snapshot = vim.vm.Snapshot(snapshot, self.si()._stub)
+        dc = source.parent
+        while not isinstance(dc, vim.Datacenter):
+            dc = dc.parent
+        spec = vim.vm.CloneSpec(
+            snapshot=snapshot,
+            powerOn=power_on,
+            template=False,
+            location=vim.vm.RelocateSpec(diskMoveType=disk_move_type, pool=source.resourcePool),
+            config=config,
+        )
+        return str(self.wait(source.CloneVM_Task(folder=dc.vmFolder, name=name, spec=spec))._moId)
+
+    def datastore_listing(self, directory: str) -> list[str]:
+        """The file names in a datastore directory ("[LocalDS_0] web"), read from the lab's local
+        directory (sorted; [] when it does not exist)."""
+        ds, _, rel = directory.partition("] ")
+        local = self.datastores[ds.lstrip("[")] / rel
+        return sorted(p.name for p in local.iterdir()) if local.is_dir() else []
+
     def datastore_file(self, path: str, datacenter: str = "DC0") -> bytes:
         """GET a datastore file ("[ds] dir/file") through vcsim's /folder URL with the session's cookie,
         as a vSphere client downloads it."""

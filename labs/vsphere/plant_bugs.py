@@ -20,6 +20,7 @@ from pathlib import Path
 WT = str(Path(__file__).resolve().parents[2])
 SIM = "labs/vsphere/overlay/simulator/"
 POWER = SIM + "lab_power.go"
+CLONE = SIM + "lab_clone.go"
 BUGS = {
     # power and boot (tests/labs/test_vsphere_lab_power.py)
     "snapshot-no-live-switch": (
@@ -205,11 +206,74 @@ BUGS = {
         "\t\tif fault == nil {\n\t\t\tfault = labNewDelta(vm, d, disk, frozen)\n\t\t}\n"
         "\t\tb = disk.Backing.(*types.VirtualDiskFlatVer2BackingInfo)\n\t\tcopied := *disk\n\t\tbc := *b\n",
     ),
+    # linked clones and portgroups (tests/labs/test_vsphere_lab_clone.py)
+    "clone-shares-source-devices": (
+        CLONE,
+        "cfg := labConfigCopy(srcConfig) // never touch the source's structs",
+        "cfg := *srcConfig",
+    ),
+    "clone-from-current-not-snapshot": (CLONE, "\t\tsrcConfig = &s.Config\n", "\t\t_ = s.Config\n"),
+    "consolidation-ignores-clones": (
+        CLONE,
+        '\t\t\t\tout[f] = true\n\t\t\t\tif p != "" {',
+        '\t\t\t\t_ = f\n\t\t\t\tif false && p != "" {',
+    ),
+    "destroy-deletes-clones-parent-files": (
+        CLONE,
+        'if strings.HasPrefix(labAbs(labLocal(vm, f)), dir+"/") {',
+        'if false && strings.HasPrefix(labAbs(labLocal(vm, f)), dir+"/") {',
+    ),
+    "clone-delta-without-parent": (
+        CLONE,
+        "labCreateDeltaOf(local, labAbs(labLocal(vm, b.FileName)),",
+        'labCreateDeltaOf(local, "",',
+    ),
+    "clone-ignores-config-spec": (
+        CLONE,
+        "if c := spec.Config; c != nil {",
+        "if c := spec.Config; c != nil && false {",
+    ),
+    "clone-shares-ctk": (
+        CLONE,
+        '\t\t\td.parents = map[string]string{cd.file: ""}\n',
+        '\t\t\td.parents = map[string]string{cd.file: ""}\n\t\t\td.ctk = srcRec.disk(disk.Key).ctk\n',
+    ),
+    "clone-epoch-only-own-delta": (
+        CLONE,
+        "d.epochs[1] = &labEpoch{seq: 1, extents: labMerge(start)}",
+        "d.epochs[1] = &labEpoch{seq: 1, extents: nil}",
+    ),
+    "portgroup-remove-in-use-allowed": (
+        CLONE,
+        "if b.DeviceName == c.PgName || (network != nil",
+        "if false && b.DeviceName == c.PgName || false && (network != nil",
+    ),
+    "portgroup-not-in-host-network": (
+        CLONE,
+        "if FindReference(h.Network, network.Self) == nil {",
+        "if false && FindReference(h.Network, network.Self) == nil {",
+    ),
 }
 
 POWER_BUGS = {n for n, (p, _, _) in BUGS.items() if p == POWER} | {
     "removal-merges-under-running-qemu",
     "live-consolidation-off",
+}
+
+
+CLONE_BUGS = {n for n, (p, _, _) in BUGS.items() if p == CLONE}
+BASE_MODULES = [
+    "tests/labs/test_vsphere_lab_disks.py",
+    "tests/labs/test_vsphere_lab_smoke.py",
+    "tests/labs/test_vsphere_lab_config.py",
+]
+MODULES = {
+    n: (
+        ["tests/labs/test_vsphere_lab_disks.py", "tests/labs/test_vsphere_lab_clone.py"]
+        if n in CLONE_BUGS
+        else [*BASE_MODULES, *(["tests/labs/test_vsphere_lab_power.py"] if n in POWER_BUGS else [])]
+    )
+    for n in BUGS
 }
 
 
@@ -250,16 +314,15 @@ def run_one(name: str) -> None:
         env["SENDENSE_VCSIM_BIN"] = b.stdout.strip().splitlines()[-1]
         t = subprocess.run(
             [
-                WT + "/.venv/bin/pytest",
+                sys.executable,
+                "-m",
+                "pytest",
                 "-q",
                 "-p",
                 "no:cacheprovider",
                 "-o",
                 "addopts=-rf",
-                "tests/labs/test_vsphere_lab_disks.py",
-                "tests/labs/test_vsphere_lab_smoke.py",
-                "tests/labs/test_vsphere_lab_config.py",
-                *(["tests/labs/test_vsphere_lab_power.py"] if name in POWER_BUGS else []),
+                *MODULES[name],
             ],
             cwd=WT,
             env=env,

@@ -264,6 +264,7 @@ func labConsolidateFiles(vm *VirtualMachine) types.BaseMethodFault {
 	labCBT.Lock()
 	defer labCBT.Unlock()
 	rec := labVM(vm.Self.Value)
+	pinned := labPinned(vm) // files another VM's chain uses (linked clones) stay as they are
 	var fault types.BaseMethodFault
 	for key, disks := range labDisksOf(vm) {
 		d := rec.disk(key)
@@ -271,6 +272,7 @@ func labConsolidateFiles(vm *VirtualMachine) types.BaseMethodFault {
 		for _, disk := range disks {
 			roots[disk.Backing.(*types.VirtualDiskFlatVer2BackingInfo).FileName] = true
 		}
+		labPinnedRoots(d, roots, pinned)
 		reachable := map[string]bool{}
 		for f := range roots {
 			for ; f != "" && !reachable[f]; f = d.parents[f] {
@@ -295,7 +297,7 @@ func labConsolidateFiles(vm *VirtualMachine) types.BaseMethodFault {
 		}
 		remade := false
 		for fault == nil {
-			parent, child := labMergeable(d, roots)
+			parent, child := labMergeable(d, roots, pinned)
 			if child == "" {
 				break
 			}
@@ -358,8 +360,9 @@ func labConsolidateFiles(vm *VirtualMachine) types.BaseMethodFault {
 	return fault
 }
 
-// labMergeable: a (parent, child) pair where parent is no root and child is its only child.
-func labMergeable(d *labDiskCBT, roots map[string]bool) (string, string) {
+// labMergeable: a (parent, child) pair where parent is no root and child is its only child, neither pinned
+// (used by another VM's chain: a linked clone's parent is never merged into another file nor merged into).
+func labMergeable(d *labDiskCBT, roots, pinned map[string]bool) (string, string) {
 	children := map[string][]string{}
 	for f, p := range d.parents {
 		if p != "" {
@@ -372,7 +375,7 @@ func labMergeable(d *labDiskCBT, roots map[string]bool) (string, string) {
 	}
 	sort.Strings(names)
 	for _, p := range names {
-		if !roots[p] && len(children[p]) == 1 {
+		if !roots[p] && !pinned[p] && len(children[p]) == 1 && !pinned[children[p][0]] {
 			return p, children[p][0]
 		}
 	}

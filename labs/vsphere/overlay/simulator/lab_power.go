@@ -409,6 +409,9 @@ func labDestroyFault(vm *VirtualMachine) types.BaseMethodFault {
 	if vm.Runtime.PowerState == types.VirtualMachinePowerStatePoweredOn {
 		return &types.InvalidPowerState{RequestedState: types.VirtualMachinePowerStatePoweredOff, ExistingState: vm.Runtime.PowerState}
 	}
+	if fault := labDestroyShared(vm); fault != nil { // a linked clone uses files in its directory
+		return fault
+	}
 	labKill(vm)
 	return nil
 }
@@ -632,6 +635,7 @@ type labLivePlan struct {
 func labConsolidateLive(vm *VirtualMachine, m *labMachine) (types.BaseMethodFault, bool) {
 	labCBT.Lock()
 	rec := labVM(vm.Self.Value)
+	pinned := labPinned(vm) // files another VM's chain uses (linked clones) stay as they are
 	var plans []*labLivePlan
 	for key, disks := range labDisksOf(vm) {
 		d := rec.disk(key)
@@ -650,6 +654,7 @@ func labConsolidateLive(vm *VirtualMachine, m *labMachine) (types.BaseMethodFaul
 		for _, disk := range disks {
 			roots[disk.Backing.(*types.VirtualDiskFlatVer2BackingInfo).FileName] = true
 		}
+		labPinnedRoots(d, roots, pinned)
 		reachable := map[string]bool{}
 		for f := range roots {
 			for ; f != "" && !reachable[f]; f = d.parents[f] {
@@ -667,7 +672,7 @@ func labConsolidateLive(vm *VirtualMachine, m *labMachine) (types.BaseMethodFaul
 		}
 		current := top
 		for {
-			parent, child := labMergeable(sim, roots)
+			parent, child := labMergeable(sim, roots, pinned)
 			if child == "" {
 				break
 			}
