@@ -22,12 +22,13 @@ from connectors.kvm.source import make_kvm_source
 from connectors.kvm.spec import KvmSource
 from labs.aws import AwsLab
 from labs.guest.build import build
+from labs.vsphere import VsphereLab
 from sendense.models import JobSpec, VmPlan
 from sendense.platforms import target_for, vms_for
 from sendense.protocols import TargetConnector, VmProvisioner
 
 READY = "SENDENSE-GUEST-READY"
-PLATFORMS = ["kvm", "aws"]
+PLATFORMS = ["kvm", "aws", "vsphere"]
 
 
 @dataclass
@@ -57,6 +58,31 @@ def _leftovers_kvm(root: Path) -> Any:
     return left
 
 
+def _leftovers_vsphere(lab: VsphereLab, placeholder: str) -> Any:
+    """VMs other than the placeholder and the lab's own, portgroups, and datastore directories."""
+
+    def left() -> list[str]:
+        from pyVmomi import vim
+
+        content = lab.si().RetrieveContent()
+        view = content.viewManager.CreateContainerView(content.rootFolder, [vim.VirtualMachine], True)
+        hosts = content.viewManager.CreateContainerView(content.rootFolder, [vim.HostSystem], True)
+        try:
+            vms = sorted(v.name for v in view.view if v.name.startswith(placeholder + "-"))
+            pgs = sorted(
+                p.spec.name
+                for h in hosts.view
+                for p in h.configManager.networkSystem.networkInfo.portgroup or []
+            )
+        finally:
+            view.Destroy()
+            hosts.Destroy()
+        dirs = sorted(str(p.relative_to(d)) for d in lab.datastores.values() for p in d.rglob("*"))
+        return vms + pgs + [f for f in dirs if not f.startswith(placeholder + "/")]
+
+    return left
+
+
 def _leftovers_aws(lab: AwsLab, job_id: str) -> Any:
     def left() -> list[str]:
         ec2 = lab.client("ec2")
@@ -76,13 +102,22 @@ def _leftovers_aws(lab: AwsLab, job_id: str) -> Any:
 
 
 @pytest.fixture(params=PLATFORMS)
-def vm_rig(request: pytest.FixtureRequest, tmp_path: Path, contract_aws_lab: AwsLab) -> Iterator[VmRig]:
+def vm_rig(request: pytest.FixtureRequest, tmp_path: Path, contract_aws_lab: AwsLab) -> Iterator[VmRig]:  # noqa: C901
     """A point p1 of the bootable guest on the platform's target, through the registry."""
     job, job_id = f"vmc{uuid.uuid4().hex[:6]}", uuid.uuid4().hex[:12]
     disk = tmp_path / "guest.qcow2"
     shutil.copyfile(build(), disk)  # the stopped VM's disk
     if request.param == "kvm":
         target = {"platform": "kvm", "path": str(tmp_path / "replicas")}
+    elif request.param == "vsphere":
+        vlab: VsphereLab = request.getfixturevalue("contract_vsphere_lab")
+        target = {
+            "platform": "vsphere",
+            "server": f"{vlab.host}:{vlab.port}",
+            "thumbprint": vlab.thumbprint,
+            "datacenter": "DC0",
+            "datastore": "LocalDS_0",
+        }
     else:
         lab = contract_aws_lab
         target = {"platform": "aws", "region": lab.region, "endpoint_url": lab.endpoint_url}
@@ -92,11 +127,12 @@ def vm_rig(request: pytest.FixtureRequest, tmp_path: Path, contract_aws_lab: Aws
     tgt = target_for(spec)
     src = make_kvm_source(job, KvmSource(platform="kvm", disks=[disk]), tmp_path / "work")
     sync_point(src, tgt, "p1")
-    left = (
-        _leftovers_kvm(tmp_path / "replicas")
-        if request.param == "kvm"
-        else _leftovers_aws(contract_aws_lab, job_id)
-    )
+    if request.param == "kvm":
+        left = _leftovers_kvm(tmp_path / "replicas")
+    elif request.param == "vsphere":
+        left = _leftovers_vsphere(vlab, f"sendense-{job}")
+    else:
+        left = _leftovers_aws(contract_aws_lab, job_id)
     rig = VmRig(spec, tgt, vms_for(spec), left)
     try:
         yield rig

@@ -113,6 +113,11 @@ class Scenario:
         self.open_spec: JobSpec | None = None
         self.results: list[DiskCopyResult] = []
         self.committed: dict[str, dict[str, Any]] = {}  # point id -> its metadata at commit
+        # vSphere target: the placeholder's disk capacities as of its newest point (vSphere cannot
+        # extend a disk of a VM with snapshots: a sync of a disk grown past its capacity is refused)
+        self.capacity: dict[str, int] = {}
+        self.pending_capacity: dict[str, int] = {}
+        self.refused = False  # the open sync's last begin was refused (a replay's copy steps do nothing)
         self._target: Any = None
         self._lab_ec2: Any = None
 
@@ -245,9 +250,22 @@ class Scenario:
         assert not sync.snapped, "begin is retried only after a failed begin"
         checks.source_matches_shadow(self)
         sh.snapshot(sync)
+        refused = self._placeholder_refuses(sync)
+        self.refused = False
         req = SnapshotRequest(spec=self.live_spec(), snapshot_id=sync.sync_id, base=dict(self.base))
         if sync.mode == "split":
-            self.open_snap = self.env.run(begin_sync, req)
+            try:
+                self.open_snap = self.env.run(begin_sync, req)
+            except ApplicationError as e:
+                if refused is None:
+                    raise
+                self._expect_refusal(e, refused, injected=False)
+                sync.snapped = False
+                return
+            if refused is not None:
+                self.fail(
+                    f"begin of {sync.sync_id}: not refused although disk {refused} grew past its capacity"
+                )
             self._check_snapshot(self.open_snap)
             return
         req = req.model_copy(update={"copy_up_to": copy_up_to, "finish": True})
@@ -258,15 +276,52 @@ class Scenario:
             else:
                 begun = self.env.run(begin_and_copy, req)
         except ApplicationError as e:
-            self._expect_injected(e)
+            if refused is not None:
+                self._expect_refusal(e, refused, injected=bool(k))
+            else:
+                self._expect_injected(e)
             sync.snapped = False  # the activity released its snapshot; the workflow retries the begin
             return
+        if refused is not None:
+            self.fail(f"begin of {sync.sync_id}: not refused although disk {refused} grew past its capacity")
         self.open_snap = begun.snapshot
         self._check_snapshot(begun.snapshot)
         self.results = list(begun.copied)
         sync.copied = [r.key for r in begun.copied]
         if begun.finished is not None:
             self._committed(begun.finished)
+
+    def _placeholder_refuses(self, sync: OpenSync) -> str | None:
+        """vSphere target: the disk whose size is past its placeholder disk's capacity (the sync is
+        refused in one line: vSphere cannot extend a disk of a VM with snapshots), else None. The
+        capacities the sync's prepare leaves are kept for its commit. Each prepare starts from the
+        newest point's configuration (it reverts to it); before the first point the placeholder is made
+        anew with the source's sizes."""
+        if self.target_kind != "vsphere":
+            return None
+        latest = self.shadow.latest()
+        cap = dict(self.capacity) if latest is not None else {}
+        in_point = set(latest.disks) if latest is not None else set()
+        for key, data in sync.contents.items():
+            size = -(-len(data) // 1024) * 1024  # vSphere sizes disks in KiB
+            if key in cap and key in in_point:
+                if cap[key] < len(data):
+                    return key
+            else:
+                cap[key] = size  # a new disk device for the key
+        self.pending_capacity = cap
+        return None
+
+    def _expect_refusal(self, e: ApplicationError, key: str, injected: bool) -> None:
+        if injected and INJECTED in e.message:
+            return  # the injected fault fired before the prepare
+        self.refused = True
+        if "vSphere cannot extend a disk of a VM with snapshots" not in e.message or key not in e.message:
+            self.fail(
+                f"disk {key} grew past its placeholder disk: expected the refusal, got {e.type}: {e.message}"
+            )
+        if "\n" in e.message:
+            self.fail(f"a multi-line error: {e.message!r}")
 
     def _check_snapshot(self, snap: SnapshotRef) -> None:
         sync = self.shadow.open
@@ -286,6 +341,8 @@ class Scenario:
             self.fail(f"a multi-line error: {e.message!r}")
 
     def _do_copy(self, fault: str, k: int) -> None:
+        if self.refused and self.shadow.open is not None and not self.shadow.open.snapped:
+            return  # (a replayed case: its begin was refused, nothing to copy)
         sync, snap = self.shadow.open, self.open_snap
         assert sync is not None and sync.snapped and snap is not None
         if len(self.results) == len(snap.disks):
@@ -329,6 +386,9 @@ class Scenario:
         sync.copied.append(key)
 
     def _do_finish(self) -> None:
+        if self.refused and self.shadow.open is not None and not self.shadow.open.snapped:
+            self._do_fail()  # (a replayed case whose begin was refused: the workflow gives the sync up)
+            return
         sync, snap = self.shadow.open, self.open_snap
         assert sync is not None and snap is not None
         while len(self.results) < len(snap.disks):  # (a replay whose fault fired where it did not before)
@@ -365,6 +425,7 @@ class Scenario:
             self.fail(f"point {point.point_id} is {point.kind}, the model expects {want_kind}")
         self.committed[point.point_id] = checks.point_meta(point)
         self.base = {d.key: d.change_id for d in snap.disks}
+        self.capacity = self.pending_capacity
         self.shadow.commit(sync)
         self.open_snap, self.open_spec, self.results = None, None, []
 

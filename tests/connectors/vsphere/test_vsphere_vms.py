@@ -190,3 +190,67 @@ def test_destroying_a_vm_never_made_is_no_error_and_lists_nothing(site: Site) ->
     with pytest.raises(ResourceNotFound, match="vm never-made: job .* has no such VM"):
         site.vms.power_on("never-made")
     assert site.vms.power_off("never-made").state == "gone"
+
+
+def _datastore_dirs(lab: VsphereLab) -> set[str]:
+    return {p.name for p in lab.datastores["LocalDS_0"].iterdir() if p.is_dir()}
+
+
+def _portgroups(lab: VsphereLab) -> list[str]:
+    from pyVmomi import vim
+
+    content = lab.si().RetrieveContent()
+    view = content.viewManager.CreateContainerView(content.rootFolder, [vim.HostSystem], True)
+    try:
+        return sorted(
+            p.spec.name for h in view.view for p in h.configManager.networkSystem.networkInfo.portgroup or []
+        )
+    finally:
+        view.Destroy()
+
+
+def test_a_drill_vm_is_a_linked_clone_that_boots_isolated_while_the_placeholder_syncs(site: Site) -> None:
+    before_dirs, before_pgs = _datastore_dirs(site.lab), _portgroups(site.lab)
+    before = site.digest("p1")
+    site.tgt.hold("p1", "drill-d1", "drill")
+    plan = VmPlan(name="drill-d1", point_id="p1", memory_mib=256, cpus=2)
+    ref = site.vms.create_vm(plan)
+    assert (ref.name, ref.point_id, ref.mode, ref.state) == ("drill-d1", "p1", "test", "stopped")
+    assert site.vms.create_vm(plan) == ref  # a retried create: the same VM
+    assert [v.name for v in site.vms.list_vms()] == ["drill-d1"]
+    clone = site.lab.vm(ref.vm_id)
+    assert clone.name == site.vms.clone_name("drill-d1") == f"sendense-{site.job}-drill-d1"
+    assert clone.config.hardware.numCPU == 2 and clone.config.hardware.memoryMB == 256
+    [(_, pg)] = _nics(clone)
+    assert pg == f"{clone.name}-isolated" and pg in _portgroups(site.lab)
+    assert {n.name for n in site.vms.list_networks() if n.isolated} == {pg}
+    assert "sendense.job_id" not in {
+        o.key for o in clone.config.extraConfig or [] if o.value
+    }  # no placeholder
+    site.vms.power_on("drill-d1")
+    # the placeholder takes another sync while the drill runs (its point p1 is the clone's parent)
+    p2 = sync_point(site.src, site.tgt, "p2", site.synced.base)
+    assert p2.point.point_id == "p2"
+    check = site.vms.boot_check("drill-d1", READY, BOOT_TIMEOUT, status_checks=True)
+    assert check.ok and "heartbeat green" in check.evidence, check.evidence
+    assert READY in site.vms.console("drill-d1")
+    assert site.placeholder().runtime.powerState == "poweredOff"  # the replica never ran
+    site.vms.power_off("drill-d1")
+    site.vms.destroy_vm("drill-d1")
+    site.vms.destroy_vm("drill-d1")  # gone already: no error
+    assert site.vms.list_vms() == []
+    assert _portgroups(site.lab) == before_pgs and _datastore_dirs(site.lab) == before_dirs
+    site.tgt.release("p1", "drill-d1")
+    assert site.digest("p1") == before  # the clone wrote its own child disk, never the point
+    assert site.tgt.prune(1) == ["p1"]
+
+
+def test_a_drill_create_cut_short_is_undone_by_name(site: Site) -> None:
+    """The saga's undo is destroy_vm(name): the isolated network a create made before it was killed
+    is listed (state incomplete) and goes."""
+    before = _portgroups(site.lab)
+    host = site.placeholder().runtime.host
+    site.vms._isolated_network(host, "drill-cut")  # what a create killed after its first step left
+    assert [(v.name, v.state) for v in site.vms.list_vms()] == [("drill-cut", "incomplete")]
+    site.vms.destroy_vm("drill-cut")
+    assert site.vms.list_vms() == [] and _portgroups(site.lab) == before
