@@ -20,6 +20,7 @@ from helpers_kvm import KiB, MiB, make_qcow2, qemu_io, to_raw
 from helpers_vsphere import current_disk, disk_image, guest_io
 
 from app import stack
+from labs.guest.build import build as build_guest
 from labs.guest.build import with_mode
 from labs.guest.fscheck import check as fscheck
 from labs.vsphere import VsphereLab
@@ -28,6 +29,7 @@ from tests.e2e.conftest import Cli, free_port
 from tests.e2e.test_replication_e2e import export_raw, same
 
 G = 64 * KiB  # the lab's change tracking block
+READY = "SENDENSE-GUEST-READY"
 
 
 @pytest.fixture(scope="module")
@@ -296,3 +298,75 @@ def test_aws_to_vmware_full_then_incremental_bit_exact(
 
 def vlab_has_no(vm_name: str, vlab: VsphereLab) -> bool:
     return vlab.si().RetrieveContent().searchIndex.FindByInventoryPath(f"DC0/vm/{vm_name}") is None
+
+
+def _vm_names(vlab: VsphereLab, prefix: str) -> list[str]:
+    from pyVmomi import vim
+
+    content = vlab.si().RetrieveContent()
+    view = content.viewManager.CreateContainerView(content.rootFolder, [vim.VirtualMachine], True)
+    try:
+        return sorted(v.name for v in view.view if v.name.startswith(prefix))
+    finally:
+        view.Destroy()
+
+
+def test_kvm_to_vmware_drill_and_failover_boot_the_guest_on_the_vmware_target(
+    vs_stack: tuple[Cli, dict[str, Any], VsphereLab], tmp_path: Path
+) -> None:
+    """The bootable guest replicated from KVM into a vSphere placeholder. A drill boots a linked clone of
+    the point's snapshot on an isolated portgroup (serial console read through /folder, VMware Tools
+    heartbeat green) and removes it; a failover reverts the placeholder to the point and boots it. The
+    point never changes."""
+    from sendense.platforms import target_for, vms_for
+    from tests.e2e.test_failback_e2e import _job_spec
+
+    cli, lab, vlab = vs_stack
+    job = "e2e-vs-dr"
+    disk = tmp_path / "guest.qcow2"
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(build_guest()), str(disk)], check=True)
+    spec_doc = {
+        "name": job,
+        "source": {"platform": "kvm", "disks": [str(disk)]},
+        "target": lab["target"],
+        "schedule": {"interval": "1h"},
+        "recovery": {
+            "memory_mib": 256,
+            "boot_check": {"console_contains": READY, "timeout": "4m", "guest_agent": True},
+        },
+    }
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec_doc))
+    cli.json("job", "create", "-f", str(tmp_path / "job.yaml"))
+    spec = None
+    try:
+        st = cli.wait_point(job, timeout=300)
+        before = export_raw(cli, job, st["last_point"], tmp_path / "x0")["disk0"].read_bytes()
+        r = cli.json("drill", "run", job, timeout=600)
+        assert r["error"] is None and r["point_id"] == st["last_point"], r
+        assert r["boot"]["ok"] and READY in r["boot"]["evidence"], r["boot"]
+        assert "VMware Tools running, heartbeat green" in r["boot"]["evidence"], r["boot"]
+        assert r["cleaned"] and r["left_behind"] == [], r
+        assert _vm_names(vlab, f"sendense-{job}") == [f"sendense-{job}"]  # the clone went
+        [after] = cli.json("point", "list", job)
+        assert after["holds"] == []
+
+        fo = cli.json("failover", job, timeout=600)
+        assert fo["error"] is None and fo["boot"]["ok"] and READY in fo["boot"]["evidence"], fo
+        assert fo["vm"]["mode"] == "production" and fo["rto_seconds"] > 0
+        ph = vlab.si().RetrieveContent().searchIndex.FindByInventoryPath(f"DC0/vm/sendense-{job}")
+        assert ph is not None and ph.runtime.powerState == "poweredOn"  # the placeholder runs the guest
+        assert cli.json("job", "status", job)["state"] == "failed-over"
+        spec = asyncio.run(_job_spec(job))
+        vms_for(spec).destroy_vm(job)  # (failback from a vSphere target is not built yet)
+        assert ph.runtime.powerState == "poweredOff"
+        again = export_raw(cli, job, st["last_point"], tmp_path / "x1")["disk0"].read_bytes()
+        assert again == before  # neither VM changed the point
+    finally:
+        if spec is None:
+            spec = asyncio.run(_job_spec(job))
+        vms_for(spec).destroy_vm(job)
+        for p in target_for(spec).list_points():
+            for h in p.holds:
+                target_for(spec).release(p.point_id, h)
+        cli.run("job", "delete", job, "--purge", check=False)
+    assert _vm_names(vlab, f"sendense-{job}") == []
