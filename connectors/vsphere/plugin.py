@@ -7,7 +7,14 @@ from pathlib import Path
 
 from connectors.vsphere.spec import VsphereSource, VsphereTarget
 from sendense.platforms import Platform
-from sendense.protocols import FailbackSink, SourceConnector, SourcePower, TargetConnector, VmProvisioner
+from sendense.protocols import (
+    FailbackSink,
+    SourceConnector,
+    SourcePower,
+    TargetConnector,
+    VmChanges,
+    VmProvisioner,
+)
 
 
 def _source(spec: VsphereSource, job: str, work_dir: Path) -> SourceConnector:
@@ -40,6 +47,12 @@ def _failback_sink(spec: VsphereSource, job: str, work_dir: Path) -> FailbackSin
     return VsphereFailbackSink(job, spec, work_dir)
 
 
+def _vm_changes(spec: VsphereTarget, job: str, job_id: str) -> VmChanges:
+    from connectors.vsphere.vm_changes import VsphereVmChanges
+
+    return VsphereVmChanges(job, spec, job_id)
+
+
 PLATFORM = Platform(
     name="vsphere",
     summary="VMware vSphere (vCenter, ESXi): a VM's disks by Changed Block Tracking and VM snapshots, "
@@ -49,6 +62,7 @@ PLATFORM = Platform(
     source=_source,
     target=_target,
     vms=_vms,
+    vm_changes=_vm_changes,
     failback_sink=_failback_sink,
     source_power=_power,
     lab="labs.vsphere.hook",

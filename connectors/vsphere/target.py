@@ -264,6 +264,7 @@ class VsphereTargetConnector:
             files=vim.vm.FileInfo(vmPathName=f"[{ds.name}]"),
             deviceChange=changes,
             extraConfig=[vim.option.OptionValue(key=KEY_JOB, value=self._owner())],
+            changeTrackingEnabled=True,  # each point's changeIds: what a failed-over VM changed (failback)
         )
         what = f"target: creating {self.label}"
         with calling(what):
@@ -308,6 +309,8 @@ class VsphereTargetConnector:
             self._mark(self._create(disks), sync_id)
             return
         self._revert(vm, points[0][1])  # whatever an unfinished sync wrote goes
+        if not vm.config.changeTrackingEnabled:  # (a placeholder made before points had changeIds)
+            self._reconfigure(vm, vim.vm.ConfigSpec(changeTrackingEnabled=True), "enabling change tracking")
         have = self._disks(vm)
         in_point = {d.key for d in points[0][0].disks}
         changes: list[Any] = []

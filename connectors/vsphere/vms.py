@@ -34,13 +34,14 @@ from typing import Any
 from connectors.vsphere.session import calling, extra_config, is_fault
 from connectors.vsphere.spec import VsphereTarget
 from connectors.vsphere.target import KEY_DISK, KEY_JOB, KEY_SYNC, VsphereTargetConnector
-from sendense.errors import InvalidSpec, ResourceNotFound, TargetError
+from sendense.errors import InvalidSpec, ResourceNotFound, SendenseError, TargetError
 from sendense.models import BootCheck, NetworkInfo, PointInfo, VmPlan, VmRef, boot_disks
 
 log = logging.getLogger(__name__)
 
 MARK = "sendense.vm."  # extraConfig of a VM made from a point: owner, name, point, mode
 CONSOLE_FILE = "sendense-console.log"
+FAILBACK_PREFIX = "sendense-failback-"  # a failback's snapshots of the production VM (vm_changes.py)
 NAME_MAX = 71  # vSphere names are at most 80 characters; the clone's portgroup adds "-isolated"
 BOOT_FAILURE = re.compile(r"No bootable device\.?|Kernel panic[^\n]*")
 _ESCAPES = re.compile(r"\x1b(\[[0-9;?]*[A-Za-z]|[@-Z\\-_])")
@@ -429,7 +430,11 @@ class VsphereVmProvisioner:
 
     def _task(self, vm: Any, name: str, verb: str, what: str) -> None:
         with calling(f"vm {name}: {what}"):
-            task = getattr(vm, verb)()
+            task = (
+                vm.RemoveSnapshot_Task(removeChildren=False, consolidate=True)
+                if verb == "RemoveSnapshot_Task"
+                else getattr(vm, verb)()
+            )
         self.session.wait(task, f"vm {name}: {what}")
 
     def power_on(self, name: str) -> VmRef:
@@ -584,12 +589,27 @@ class VsphereVmProvisioner:
             with calling(what):
                 task = points[0][1].RevertToSnapshot_Task()  # (the point's configuration: no marks, no NICs)
             self.session.wait(task, what)
+            stays += self._drop_failback_snapshots(ph, name)
             stays += self._delete_file(path)
         stays += self._drop_network(name)
         if stays:
             raise TargetError(f"vm {name}: what was made for it stays: {'; '.join(stays)}")
         if vm is not None or ph is not None:
             log.info("vm %s of job %s: destroyed", name, self.job)
+
+    def _drop_failback_snapshots(self, vm: Any, name: str) -> list[str]:
+        """A failback's snapshots of the VM (none left by a finished one): they go with it."""
+        stays = []
+        todo = list(vm.snapshot.rootSnapshotList) if vm.snapshot is not None else []
+        while todo:
+            n = todo.pop()
+            todo.extend(n.childSnapshotList or [])
+            if n.name.startswith(FAILBACK_PREFIX):
+                try:
+                    self._task(n.snapshot, name, "RemoveSnapshot_Task", f"removing snapshot {n.name}")
+                except SendenseError as e:
+                    stays.append(f"snapshot {n.name} ({e.message})")
+        return stays
 
     def _delete_file(self, path: str) -> list[str]:
         dc = self.target._datacenter()

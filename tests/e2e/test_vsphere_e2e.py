@@ -311,13 +311,14 @@ def _vm_names(vlab: VsphereLab, prefix: str) -> list[str]:
         view.Destroy()
 
 
-def test_kvm_to_vmware_drill_and_failover_boot_the_guest_on_the_vmware_target(
+def test_kvm_to_vmware_drill_failover_and_failback_with_the_guest_on_the_vmware_target(
     vs_stack: tuple[Cli, dict[str, Any], VsphereLab], tmp_path: Path
 ) -> None:
     """The bootable guest replicated from KVM into a vSphere placeholder. A drill boots a linked clone of
     the point's snapshot on an isolated portgroup (serial console read through /folder, VMware Tools
-    heartbeat green) and removes it; a failover reverts the placeholder to the point and boots it. The
-    point never changes."""
+    heartbeat green) and removes it; a failover reverts the placeholder to the point and boots it; the
+    point never changes. Failback brings what the VM wrote home (CBT since the point), and the job
+    replicates again with an incremental whose point equals the source."""
     from sendense.platforms import target_for, vms_for
     from tests.e2e.test_failback_e2e import _job_spec
 
@@ -356,11 +357,24 @@ def test_kvm_to_vmware_drill_and_failover_boot_the_guest_on_the_vmware_target(
         ph = vlab.si().RetrieveContent().searchIndex.FindByInventoryPath(f"DC0/vm/sendense-{job}")
         assert ph is not None and ph.runtime.powerState == "poweredOn"  # the placeholder runs the guest
         assert cli.json("job", "status", job)["state"] == "failed-over"
-        spec = asyncio.run(_job_spec(job))
-        vms_for(spec).destroy_vm(job)  # (failback from a vSphere target is not built yet)
-        assert ph.runtime.powerState == "poweredOff"
         again = export_raw(cli, job, st["last_point"], tmp_path / "x1")["disk0"].read_bytes()
         assert again == before  # neither VM changed the point
+
+        # failback: what the VM on the placeholder wrote (the guest's boot) comes home to the qcow2
+        fb = cli.json("failback", job, timeout=900)
+        print("failback from vSphere:", {k: fb[k] for k in ("syncs", "bytes_read", "bytes_written")})
+        assert fb["error"] is None and fb["reverse_syncs"][-1]["cutover"], fb
+        assert all(s["compared_whole"] == [] for s in fb["reverse_syncs"]), fb  # CBT since the point
+        assert fb["bytes_read"] < 64 * MiB, fb  # what the VM changed, not the whole disk
+        assert ph.runtime.powerState == "poweredOff"
+        st2 = cli.wait_point(job, count=2, timeout=300)  # replicating again, at once
+        assert st2["state"] == "idle" and st2["last_sync"]["kind"] == "incremental", st2
+        newest = export_raw(cli, job, st2["last_point"], tmp_path / "x2")["disk0"]
+        home = subprocess.run(["qemu-img", "compare", "-q", str(disk), str(newest)])
+        assert home.returncode == 0, "the new point differs from the failed-back source"
+        snaps = [n.name for n in ph.snapshot.rootSnapshotList[0].childSnapshotList or []]
+        assert not any(n.startswith("sendense-failback-") for n in snaps), snaps
+        spec = asyncio.run(_job_spec(job))
     finally:
         if spec is None:
             spec = asyncio.run(_job_spec(job))

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 from helpers_kvm import sync_point
-from helpers_vsphere import target_spec
+from helpers_vsphere import guest_io, target_spec
 
 from connectors.kvm.source import make_kvm_source
 from connectors.kvm.spec import KvmSource
@@ -254,3 +254,50 @@ def test_a_drill_create_cut_short_is_undone_by_name(site: Site) -> None:
     assert [(v.name, v.state) for v in site.vms.list_vms()] == [("drill-cut", "incomplete")]
     site.vms.destroy_vm("drill-cut")
     assert site.vms.list_vms() == [] and _portgroups(site.lab) == before
+
+
+def test_failback_reads_what_the_failed_over_vm_changed_by_change_tracking(site: Site) -> None:
+    """VmChanges on the vSphere target: the placeholder has change tracking on, so the point's snapshot
+    has changeIds; a reverse snapshot lists exactly the blocks written since the point, the next one
+    those since the previous one; destroy_vm leaves no failback snapshot."""
+    from pyVmomi import vim
+
+    from connectors.vsphere.vm_changes import VsphereVmChanges
+    from sendense.datapath.extents import Extent
+    from sendense.protocols import VmChanges, point_base
+
+    G = 64 * 1024
+    site.tgt.hold("p1", "failover-f3", "failover")
+    site.vms.create_vm(VmPlan(name=site.job, point_id="p1", mode="production", memory_mib=256))
+    ph = site.placeholder()
+    assert ph.config.changeTrackingEnabled
+    guest_io(site.lab, ph._moId, 0, "write -P 0x77 2M 4k")  # the VM's writes (it is off: the lab's file)
+    changes = VsphereVmChanges(site.job, target_spec(site.lab), site.job_id)
+    assert isinstance(changes, VmChanges)
+    r1 = changes.snapshot_vm(site.job, "r1")
+    [d1] = r1.disks
+    assert d1.key == "disk0" and d1.base_change_id == point_base("p1") and d1.tracking_lost is None
+    assert list(changes.changed_since_point(r1, "disk0")) == [Extent(2 << 20, G)]
+    with changes.open_disk(r1, "disk0") as disk:
+        assert [(e.offset, e.length, e.zero) for e in disk.extents(point_base("p1"))] == [(2 << 20, G, False)]
+        assert disk.connect().read(2 << 20, 4096) == b"\x77" * 4096
+    changes.release(r1, committed=True)
+    guest_io(site.lab, ph._moId, 0, "write -P 0x78 5M 4k")
+    r2 = changes.snapshot_vm(site.job, "r2", {"disk0": d1.change_id})
+    assert r2.disks[0].base_change_id == d1.change_id
+    with changes.open_disk(r2, "disk0") as disk:
+        assert [(e.offset, e.length) for e in disk.extents(d1.change_id) if not e.zero] == [(5 << 20, G)]
+    assert list(changes.changed_since_point(r2, "disk0")) == [Extent(2 << 20, G), Extent(5 << 20, G)]
+    r3 = changes.snapshot_vm(site.job, "r3", {"disk0": r2.disks[0].change_id})  # left unreleased
+    assert r3.disks[0].base_change_id == r2.disks[0].change_id
+    site.vms.destroy_vm(site.job)
+    ph = site.placeholder()
+    names = []
+    todo = list(ph.snapshot.rootSnapshotList)
+    while todo:
+        n = todo.pop()
+        todo.extend(n.childSnapshotList or [])
+        names.append(n.name)
+    assert names == ["sendense-point-p1"], names  # the failback's snapshots went with the VM
+    assert isinstance(ph.config.hardware.device[0], vim.vm.device.VirtualDevice)
+    site.tgt.release("p1", "failover-f3")
