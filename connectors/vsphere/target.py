@@ -376,7 +376,9 @@ class VsphereTargetConnector:
         before = next((x.size for x in points[0][0].disks if x.key == key), None) if points else None
         has_base = before is not None  # (a disk new in this sync: no)
         with self._vddk(vm, d.backing.fileName, None, readonly=False, key=key) as srv:
-            disk = PlaceholderDisk(srv.uri, capacity(d), has_base, f"{self.label} disk {key}")
+            # (a write refused for space is the datastore's: "target datastore X (...) is full")
+            where = f"datastore {self.spec.datastore} ({self.label} disk {key})"
+            disk = PlaceholderDisk(srv.uri, capacity(d), has_base, where)
             try:
                 if before is not None and before < disk.size:
                     # the source disk shrank at the newest point: beyond that size the placeholder still

@@ -389,6 +389,12 @@ func labReverted(vm *VirtualMachine, snapshot *VirtualMachineSnapshot) types.Bas
 	labPowerOffForRevert(vm)
 	labRestoreConfig(vm, snapshot)
 	Map.Update(vm, []types.PropertyChange{{Name: "config", Val: vm.Config}})
+	// the discarded state's delta goes first (the VM's disks are the snapshot's frozen files for a
+	// moment): a revert frees the space an unwanted delta holds before it makes the new one, so it
+	// works on a full datastore too
+	if f := labConsolidateFiles(vm); f != nil {
+		return f
+	}
 	labCBT.Lock()
 	rec := labVM(vm.Self.Value)
 	frozen := map[int32]string{}
