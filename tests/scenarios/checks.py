@@ -79,8 +79,15 @@ def source_matches_shadow(sc: Scenario) -> None:
     """The model of the guest's writes is right (else a failure would be the model's, not the
     product's): checked at each snapshot instant."""
     for i, d in enumerate(sc.shadow.disks):
-        if sc.src.content(i, sc.root / "source.raw") != bytes(d.data):
-            raise AssertionError(f"the shadow of source disk {i} is wrong: the model is broken")
+        got = sc.src.content(i, sc.root / "source.raw")
+        if got != bytes(d.data):
+            want = bytes(d.data)
+            n = min(len(got), len(want))
+            at = next((k for k in range(n) if got[k] != want[k]), n)
+            sc.fail(
+                f"the shadow of source disk {i} is wrong (the model is broken): first difference at byte "
+                f"{at} (source {len(got)} bytes, shadow {len(want)})"
+            )
 
 
 # ---------------------------------------------------------------------- leaks

@@ -165,6 +165,12 @@ class ScenarioMachine(RuleBasedStateMachine):
             return  # a running VM: resized online (block_resize), between syncs
         if size > d.size and d.ident in self.shrunk and not self.allowed("grow_after_shrink"):
             return
+        if size > d.size and d.ident in self.shrunk and d.size % CLUSTER:
+            # QEMU's qcow2 keeps the bytes past a shrunk size that ends inside a cluster, and a grow
+            # gives them back (qemu-img 7.2: shrink to 3 MiB + 512, grow: the old bytes at 3 MiB + 512
+            # read again); the shadow zeroes a grown part, so it leaves this case out (the product
+            # replicates whatever the source reads there)
+            return
         if size < d.size:
             self.shrunk.add(d.ident)
         self.do("resize", i, size)
