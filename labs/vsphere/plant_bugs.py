@@ -21,6 +21,7 @@ WT = str(Path(__file__).resolve().parents[2])
 SIM = "labs/vsphere/overlay/simulator/"
 POWER = SIM + "lab_power.go"
 CLONE = SIM + "lab_clone.go"
+EXTEND = SIM + "lab_extend.go"
 BUGS = {
     # power and boot (tests/labs/test_vsphere_lab_power.py)
     "snapshot-no-live-switch": (
@@ -253,6 +254,33 @@ BUGS = {
         "if FindReference(h.Network, network.Self) == nil {",
         "if false && FindReference(h.Network, network.Self) == nil {",
     ),
+    # growing a disk (tests/labs/test_vsphere_lab_extend.py)
+    "grow-keeps-old-size-in-delta": (
+        EXTEND,
+        "\t\tif fault := labNewDelta(vm, d, disk, base); fault != nil {",
+        "\t\td.parents[top] = base\n"
+        '\t\t_, _ = labQemuImg("create", "-q", "-f", "vmdk", "-b", labBackingRef(vm, top, base),'
+        ' "-F", "vmdk", labLocal(vm, top), fmt.Sprint(have))\n'
+        "\t\tnb.FileName = top\n\t\tnb.Parent = labChain(d, base, &nb)\n"
+        "\t\tif fault := types.BaseMethodFault(nil); fault != nil {",
+    ),
+    "grow-allowed-with-snapshots": (
+        EXTEND,
+        "if vm.Snapshot != nil && len(vm.Snapshot.RootSnapshotList) > 0 {",
+        "if false {",
+    ),
+    "grow-loses-data": (
+        EXTEND,
+        '"convert", "-n", "--target-is-zero", "-f", "vmdk", "-O", "vmdk", labLocal(vm, top), tmp)',
+        '"info", tmp)',
+    ),
+    "grow-shrink-allowed": (EXTEND, "\t\tif size < have {", "\t\tif false {"),
+    "grow-forgets-open-epoch": (EXTEND, "\td.carry = open\n", "\t_ = open\n"),
+    "grow-config-only": (
+        EXTEND,
+        "if fault := labGrowDisk(vm, disk, have, size, withParents); fault != nil {",
+        "if fault := types.BaseMethodFault(nil); fault != nil {",
+    ),
 }
 
 POWER_BUGS = {n for n, (p, _, _) in BUGS.items() if p == POWER} | {
@@ -262,6 +290,7 @@ POWER_BUGS = {n for n, (p, _, _) in BUGS.items() if p == POWER} | {
 
 
 CLONE_BUGS = {n for n, (p, _, _) in BUGS.items() if p == CLONE}
+EXTEND_BUGS = {n for n, (p, _, _) in BUGS.items() if p == EXTEND}
 BASE_MODULES = [
     "tests/labs/test_vsphere_lab_disks.py",
     "tests/labs/test_vsphere_lab_smoke.py",
@@ -271,6 +300,8 @@ MODULES = {
     n: (
         ["tests/labs/test_vsphere_lab_disks.py", "tests/labs/test_vsphere_lab_clone.py"]
         if n in CLONE_BUGS
+        else ["tests/labs/test_vsphere_lab_extend.py", "tests/labs/test_vsphere_lab_disks.py"]
+        if n in EXTEND_BUGS
         else [*BASE_MODULES, *(["tests/labs/test_vsphere_lab_power.py"] if n in POWER_BUGS else [])]
     )
     for n in BUGS

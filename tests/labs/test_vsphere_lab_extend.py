@@ -170,7 +170,7 @@ def test_grow_after_a_backup_cycle_keeps_bytes_and_tracking(lab: VsphereLab, tmp
         _write(_path(lab, moref, vm, k), B)
         _apply(images[k], B)
 
-    for k, by in zip(keys, ["bytes", "kb"]):
+    for k, by in zip(keys, ["bytes", "kb"], strict=True):
         lab.wait(vm.ReconfigVM_Task(spec=_grow_spec(_disk(vm.config.hardware.device, k), GROWN, by)))
     for k in keys:
         disk = _disk(vm.config.hardware.device, k)
@@ -189,7 +189,8 @@ def test_grow_after_a_backup_cycle_keeps_bytes_and_tracking(lab: VsphereLab, tmp
         assert got[:CAP] == bytes(images[k]), "the bytes before the old end changed"
         assert got[CAP:] == bytes(GROWN - CAP), "the grown region is not zeros"
         images[k].extend(bytes(GROWN - CAP))
-    assert _listing(lab, name) == sorted(f"{n}.vmdk" for n in (name, f"{name}-000001", f"{name}_1", f"{name}_1-000001"))
+    stems = (name, f"{name}-000001", f"{name}_1", f"{name}_1-000001")
+    assert _listing(lab, name) == sorted(f"{n}.vmdk" for n in stems)
 
     for k in keys:
         _write(_path(lab, moref, vm, k), C)

@@ -15,6 +15,7 @@ package simulator
 
 import (
 	"fmt"
+	"log"
 	"os"
 	"path/filepath"
 
@@ -80,7 +81,7 @@ func labGrowDisks(vm *VirtualMachine, spec *types.VirtualMachineConfigSpec) type
 			return labDeviceFault(&types.NotSupported{},
 				"msg.lab.hotExtend", fmt.Sprintf("the lab cannot extend a disk of a %s virtual machine (QEMU cannot resize a VMDK): power it off first", vm.Runtime.PowerState))
 		}
-		if fault := labGrowDisk(vm, disk, size, withParents); fault != nil {
+		if fault := labGrowDisk(vm, disk, have, size, withParents); fault != nil {
 			return fault
 		}
 		want.Backing = disk.Backing
@@ -90,7 +91,7 @@ func labGrowDisks(vm *VirtualMachine, spec *types.VirtualMachineConfigSpec) type
 
 // labGrowDisk makes the disk's chain one base file of the new size (the same bytes, holes kept) with the VM
 // on a fresh delta over it when it ran on a delta before.
-func labGrowDisk(vm *VirtualMachine, disk *types.VirtualDisk, size int64, withParents func(string) types.BaseMethodFault) types.BaseMethodFault {
+func labGrowDisk(vm *VirtualMachine, disk *types.VirtualDisk, have, size int64, withParents func(string) types.BaseMethodFault) types.BaseMethodFault {
 	labCBT.Lock()
 	defer labCBT.Unlock()
 	b, ok := disk.Backing.(*types.VirtualDiskFlatVer2BackingInfo)
@@ -144,5 +145,6 @@ func labGrowDisk(vm *VirtualMachine, disk *types.VirtualDisk, size int64, withPa
 		}
 	}
 	labRefreshLayouts(vm)
+	log.Printf("sendense lab: %s: disk %d grown from %d to %d bytes, now on %s", vm.Name, disk.Key, have, size, disk.Backing.(*types.VirtualDiskFlatVer2BackingInfo).FileName)
 	return nil
 }
