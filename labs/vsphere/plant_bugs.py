@@ -5,6 +5,7 @@
 Each bug is a temporary textual edit of an overlay Go file; the script builds that variant into its own
 cache (SENDENSE_VCSIM_BUGS_CACHE, default /tmp/vcsim-lab-bugs, so the normal cache keeps its binary), runs
 tests/labs/test_vsphere_lab_disks.py, test_vsphere_lab_smoke.py and test_vsphere_lab_config.py against it
+(other modules for the power, clone, extend and NFC bugs: MODULES)
 (SENDENSE_VCSIM_BIN), prints the failing tests and restores the file with `git checkout` (so it refuses
 to run on an uncommitted overlay). Never commit a planted bug. ~20 s per bug (the build dominates).
 """
@@ -22,6 +23,7 @@ SIM = "labs/vsphere/overlay/simulator/"
 POWER = SIM + "lab_power.go"
 CLONE = SIM + "lab_clone.go"
 EXTEND = SIM + "lab_extend.go"
+NFC = SIM + "lab_nfc.go"
 BUGS = {
     # power and boot (tests/labs/test_vsphere_lab_power.py)
     "snapshot-no-live-switch": (
@@ -281,6 +283,15 @@ BUGS = {
         "if fault := labGrowDisk(vm, disk, have, size, withParents); fault != nil {",
         "if fault := types.BaseMethodFault(nil); fault != nil {",
     ),
+    # NFC uploads (tests/labs/test_vsphere_lab_nfc.py)
+    "nfc-upload-discarded": (NFC, "\terr = os.Rename(made, local)\n", "\terr = nil\n"),
+    "nfc-abort-keeps-vm": (
+        NFC,
+        "if vm, ok := Map.Get(l.Info.Entity).(*VirtualMachine); ok {",
+        "if vm, ok := Map.Get(l.Info.Entity).(*VirtualMachine); ok && false {",
+    ),
+    "nfc-wrong-disk-order": (NFC, "path.Base(b.FileName) == name {", "path.Base(b.FileName) != name {"),
+    "nfc-image-size-not-capacity": (NFC, "made, fmt.Sprint(capacity))", "made, fmt.Sprint(info.Size))"),
 }
 
 POWER_BUGS = {n for n, (p, _, _) in BUGS.items() if p == POWER} | {
@@ -291,6 +302,7 @@ POWER_BUGS = {n for n, (p, _, _) in BUGS.items() if p == POWER} | {
 
 CLONE_BUGS = {n for n, (p, _, _) in BUGS.items() if p == CLONE}
 EXTEND_BUGS = {n for n, (p, _, _) in BUGS.items() if p == EXTEND}
+NFC_BUGS = {n for n, (p, _, _) in BUGS.items() if p == NFC}
 BASE_MODULES = [
     "tests/labs/test_vsphere_lab_disks.py",
     "tests/labs/test_vsphere_lab_smoke.py",
@@ -302,6 +314,8 @@ MODULES = {
         if n in CLONE_BUGS
         else ["tests/labs/test_vsphere_lab_extend.py", "tests/labs/test_vsphere_lab_disks.py"]
         if n in EXTEND_BUGS
+        else ["tests/labs/test_vsphere_lab_nfc.py", "tests/labs/test_vsphere_lab_smoke.py"]
+        if n in NFC_BUGS
         else [*BASE_MODULES, *(["tests/labs/test_vsphere_lab_power.py"] if n in POWER_BUGS else [])]
     )
     for n in BUGS
