@@ -284,7 +284,7 @@ BUGS = {
         "if fault := types.BaseMethodFault(nil); fault != nil {",
     ),
     # NFC uploads (tests/labs/test_vsphere_lab_nfc.py)
-    "nfc-upload-discarded": (NFC, "\terr = os.Rename(made, local)\n", "\terr = nil\n"),
+    "nfc-upload-discarded": (NFC, "\terr = os.Rename(made, local)\n", "\terr = nil\n\t_ = local\n"),
     "nfc-abort-keeps-vm": (
         NFC,
         "if vm, ok := Map.Get(l.Info.Entity).(*VirtualMachine); ok {",

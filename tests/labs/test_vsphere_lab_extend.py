@@ -291,3 +291,31 @@ def test_grow_of_a_running_vm_is_refused_by_the_lab(lab: VsphereLab):
         lab.wait(vm.PowerOffVM_Task())
     lab.wait(vm.ReconfigVM_Task(spec=_grow_spec(_disk(vm.config.hardware.device, key), GROWN)))
     assert _virtual_size(_path(lab, moref, vm, key)) == GROWN
+
+
+def test_linked_clones_and_their_source_are_not_grown_while_they_share_files(lab: VsphereLab, tmp_path: Path):
+    """A linked clone's disk is a delta over its source's files: growing it is refused (vSphere: "Disks with
+    parents cannot be expanded"). The source, once its snapshot is removed, still shares its base with the
+    living clone: refused too (the lab's choice; nothing is changed). After the clone is destroyed the
+    source grows, its bytes kept."""
+    moref = lab.make_vm("grow-src", [CAP])
+    vm = lab.vm(moref)
+    key = _disks(vm.config.hardware.device)[0].key
+    image = bytearray(CAP)
+    _write(_path(lab, moref, vm, key), A)
+    _apply(image, A)
+    s1 = _snap(lab, vm, "s1")
+    clone = lab.vm(lab.linked_clone(moref, s1, "grow-clone"))
+    ckey = _disks(clone.config.hardware.device)[0].key
+    with pytest.raises(vim.fault.InvalidDeviceOperation):
+        lab.wait(clone.ReconfigVM_Task(spec=_grow_spec(_disk(clone.config.hardware.device, ckey), GROWN)))
+    assert _disk(clone.config.hardware.device, ckey).capacityInBytes == CAP
+    _remove(lab, s1)
+    with pytest.raises(vim.fault.InvalidDeviceOperation) as err:
+        lab.wait(vm.ReconfigVM_Task(spec=_grow_spec(_disk(vm.config.hardware.device, key), GROWN)))
+    assert "linked clone" in str(err.value)
+    assert _read(_path(lab, clone._moId, clone, ckey), tmp_path) == bytes(image)
+    lab.wait(clone.Destroy_Task())
+    lab.wait(vm.ReconfigVM_Task(spec=_grow_spec(_disk(vm.config.hardware.device, key), GROWN)))
+    assert _read(_path(lab, moref, vm, key), tmp_path) == bytes(image) + bytes(GROWN - CAP)
+    assert len(_chain(_disk(vm.config.hardware.device, key).backing)) == 2

@@ -286,9 +286,10 @@ def test_abort_removes_the_vm_and_its_files(lab: VsphereLab, tmp_path: Path):
 
 def test_a_bad_upload_is_refused_and_the_disk_stays(lab: VsphereLab, tmp_path: Path):
     """Not a VMDK (raw bytes) and an image larger than the OVF's capacity: 400, the disk stays as it was
-    (empty, the OVF's capacity); a good upload afterwards works."""
+    (empty, the OVF's capacity); then an image smaller than the OVF's capacity: the disk keeps the OVF's
+    capacity and reads the image's bytes, zeros after its end."""
     a, raw_a = _image(tmp_path, "nfc-c-disk0", 8 * MIB, A)
-    imp = Import(lab, "nfc-c", [(a, 4 * MIB)])  # the OVF says 4 MiB, the image is 8 MiB
+    imp = Import(lab, "nfc-c", [(a, 6 * MIB)])  # the OVF says 6 MiB, the image is 8 MiB
     bad = tmp_path / "nfc-c-disk0.raw"
     bad.write_bytes(b"\x55" * MIB)
     r = imp.put(bad, target=a.name)
@@ -296,8 +297,10 @@ def test_a_bad_upload_is_refused_and_the_disk_stays(lab: VsphereLab, tmp_path: P
     r = imp.put(a)
     assert r.status_code == 400 and "capacity" in r.text, r.text
     path = lab.disk_info(imp.moref, imp.disks()[0].backing.fileName)["path"]
-    assert _qemu_info(path)["virtual-size"] == 4 * MIB and _allocated(path) == []
+    assert _qemu_info(path)["virtual-size"] == 6 * MIB and _allocated(path) == []
     small, raw_small = _image(tmp_path, "small", 4 * MIB, B)
     assert imp.put(small, target=a.name).status_code == 200
     imp.lease.HttpNfcLeaseComplete()
-    assert _read(path, tmp_path) == raw_small
+    assert imp.disks()[0].capacityInBytes == 6 * MIB
+    assert _qemu_info(path)["virtual-size"] == 6 * MIB
+    assert _read(path, tmp_path) == raw_small + bytes(2 * MIB)
