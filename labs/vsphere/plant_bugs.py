@@ -278,6 +278,7 @@ BUGS = {
     ),
     "grow-shrink-allowed": (EXTEND, "\t\tif size < have {", "\t\tif false {"),
     "grow-forgets-open-epoch": (EXTEND, "\td.carry = open\n", "\t_ = open\n"),
+    "grow-ignores-linked-clones": (EXTEND, "\t\tif pinned[f] {", "\t\tif false && pinned[f] {"),
     "grow-config-only": (
         EXTEND,
         "if fault := labGrowDisk(vm, disk, have, size, withParents); fault != nil {",
