@@ -5,6 +5,7 @@
 Each bug is a temporary textual edit of an overlay Go file; the script builds that variant into its own
 cache (SENDENSE_VCSIM_BUGS_CACHE, default /tmp/vcsim-lab-bugs, so the normal cache keeps its binary), runs
 tests/labs/test_vsphere_lab_disks.py, test_vsphere_lab_smoke.py and test_vsphere_lab_config.py against it
+(other modules for the power, clone, extend and NFC bugs: MODULES)
 (SENDENSE_VCSIM_BIN), prints the failing tests and restores the file with `git checkout` (so it refuses
 to run on an uncommitted overlay). Never commit a planted bug. ~20 s per bug (the build dominates).
 """
@@ -21,6 +22,8 @@ WT = str(Path(__file__).resolve().parents[2])
 SIM = "labs/vsphere/overlay/simulator/"
 POWER = SIM + "lab_power.go"
 CLONE = SIM + "lab_clone.go"
+EXTEND = SIM + "lab_extend.go"
+NFC = SIM + "lab_nfc.go"
 BUGS = {
     # power and boot (tests/labs/test_vsphere_lab_power.py)
     "snapshot-no-live-switch": (
@@ -253,6 +256,43 @@ BUGS = {
         "if FindReference(h.Network, network.Self) == nil {",
         "if false && FindReference(h.Network, network.Self) == nil {",
     ),
+    # growing a disk (tests/labs/test_vsphere_lab_extend.py)
+    "grow-keeps-old-size-in-delta": (
+        EXTEND,
+        "\t\tif fault := labNewDelta(vm, d, disk, base); fault != nil {",
+        "\t\td.parents[top] = base\n"
+        '\t\t_, _ = labQemuImg("create", "-q", "-f", "vmdk", "-b", labBackingRef(vm, top, base),'
+        ' "-F", "vmdk", labLocal(vm, top), fmt.Sprint(have))\n'
+        "\t\tnb.FileName = top\n\t\tnb.Parent = labChain(d, base, &nb)\n"
+        "\t\tif fault := types.BaseMethodFault(nil); fault != nil {",
+    ),
+    "grow-allowed-with-snapshots": (
+        EXTEND,
+        "if vm.Snapshot != nil && len(vm.Snapshot.RootSnapshotList) > 0 {",
+        "if false {",
+    ),
+    "grow-loses-data": (
+        EXTEND,
+        '"convert", "-n", "--target-is-zero", "-f", "vmdk", "-O", "vmdk", labLocal(vm, top), tmp)',
+        '"info", tmp)',
+    ),
+    "grow-shrink-allowed": (EXTEND, "\t\tif size < have {", "\t\tif false {"),
+    "grow-forgets-open-epoch": (EXTEND, "\td.carry = open\n", "\t_ = open\n"),
+    "grow-ignores-linked-clones": (EXTEND, "\t\tif pinned[f] {", "\t\tif false && pinned[f] {"),
+    "grow-config-only": (
+        EXTEND,
+        "if fault := labGrowDisk(vm, disk, have, size, withParents); fault != nil {",
+        "if fault := types.BaseMethodFault(nil); fault != nil {",
+    ),
+    # NFC uploads (tests/labs/test_vsphere_lab_nfc.py)
+    "nfc-upload-discarded": (NFC, "\terr = os.Rename(made, local)\n", "\terr = nil\n\t_ = local\n"),
+    "nfc-abort-keeps-vm": (
+        NFC,
+        "if vm, ok := Map.Get(l.Info.Entity).(*VirtualMachine); ok {",
+        "if vm, ok := Map.Get(l.Info.Entity).(*VirtualMachine); ok && false {",
+    ),
+    "nfc-wrong-disk-order": (NFC, "path.Base(b.FileName) == name {", "path.Base(b.FileName) != name {"),
+    "nfc-image-size-not-capacity": (NFC, "made, fmt.Sprint(capacity))", "made, fmt.Sprint(info.Size))"),
 }
 
 POWER_BUGS = {n for n, (p, _, _) in BUGS.items() if p == POWER} | {
@@ -262,6 +302,8 @@ POWER_BUGS = {n for n, (p, _, _) in BUGS.items() if p == POWER} | {
 
 
 CLONE_BUGS = {n for n, (p, _, _) in BUGS.items() if p == CLONE}
+EXTEND_BUGS = {n for n, (p, _, _) in BUGS.items() if p == EXTEND}
+NFC_BUGS = {n for n, (p, _, _) in BUGS.items() if p == NFC}
 BASE_MODULES = [
     "tests/labs/test_vsphere_lab_disks.py",
     "tests/labs/test_vsphere_lab_smoke.py",
@@ -271,6 +313,10 @@ MODULES = {
     n: (
         ["tests/labs/test_vsphere_lab_disks.py", "tests/labs/test_vsphere_lab_clone.py"]
         if n in CLONE_BUGS
+        else ["tests/labs/test_vsphere_lab_extend.py", "tests/labs/test_vsphere_lab_disks.py"]
+        if n in EXTEND_BUGS
+        else ["tests/labs/test_vsphere_lab_nfc.py", "tests/labs/test_vsphere_lab_smoke.py"]
+        if n in NFC_BUGS
         else [*BASE_MODULES, *(["tests/labs/test_vsphere_lab_power.py"] if n in POWER_BUGS else [])]
     )
     for n in BUGS

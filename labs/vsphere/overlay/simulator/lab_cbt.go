@@ -191,9 +191,13 @@ func labSnapshotTaken(vm *VirtualMachine, snapshot *VirtualMachineSnapshot) type
 // labReconfigure is called by ReconfigVMTask before the spec is applied: turning change tracking off
 // resets it (vSphere: disable then enable, or a power failure), so every changeId handed out before is
 // refused with FileFault from then on.
-// Enabling it on virtual hardware older than vmx-07 is refused (NotSupported).
+// Enabling it on virtual hardware older than vmx-07 is refused (NotSupported). A disk edited to a larger
+// capacity is grown (labGrowDisks).
 func labReconfigure(vm *VirtualMachine, spec *types.VirtualMachineConfigSpec) types.BaseMethodFault {
 	if fault := labTrackingUnsupported(vm, spec.ChangeTrackingEnabled); fault != nil {
+		return fault
+	}
+	if fault := labGrowDisks(vm, spec); fault != nil { // a disk edited to a larger capacity (lab_extend.go)
 		return fault
 	}
 	was := vm.Config.ChangeTrackingEnabled != nil && *vm.Config.ChangeTrackingEnabled
