@@ -208,3 +208,51 @@ def test_two_jobs_on_one_vm_read_their_snapshots_while_the_other_releases(
             r.close()
     b.release_snapshot(sb, committed=True)
     assert snapshots(vlab, moref) == []
+
+
+def test_a_disk_grown_between_syncs_is_an_incremental_plus_what_the_grown_part_holds(
+    vlab: VsphereLab, tmp_path: Path
+) -> None:
+    """The user extends a disk between syncs (ReconfigVM_Task edit of its capacity; vSphere allows it
+    only without snapshots, which the job leaves none of): the next sync reads the blocks changed
+    within the old size (CBT from the old changeId, which stays valid) and what the grown part holds,
+    and the replica grows to equal the disk."""
+    import subprocess
+
+    from helpers_kvm import sync_point
+    from helpers_vsphere import disk_image
+
+    from connectors.kvm.target import KvmTarget
+
+    vm = name()
+    moref = vlab.make_vm(vm, [4 * MiB, 2 * MiB])
+    guest_io(vlab, moref, 0, "write -P 0x11 0 1M")
+    src = connector(vlab, vm, tmp_path)
+    tgt = KvmTarget("j1", tmp_path / "replicas", job_id="g1")
+    s1 = sync_point(src, tgt, "p1")
+    v = vlab.vm(moref)
+    disk = next(
+        d for d in v.config.hardware.device if isinstance(d, vim.vm.device.VirtualDisk) and d.unitNumber == 0
+    )
+    disk.capacityInBytes, disk.capacityInKB = 6 * MiB, 6 * MiB // 1024
+    vlab.wait(
+        v.ReconfigVM_Task(
+            spec=vim.vm.ConfigSpec(
+                deviceChange=[vim.vm.device.VirtualDeviceSpec(operation="edit", device=disk)]
+            )
+        )
+    )
+    guest_io(vlab, moref, 0, "write -P 0x22 1M 4k", "write -P 0x33 5M 4k")
+    s2 = sync_point(src, tgt, "p2", s1.base)
+    d0 = s2.snap.disk("scsi0-0")
+    assert d0.size == 6 * MiB and d0.base_change_id == s1.base["scsi0-0"] and d0.tracking_lost is None
+    assert s2.results["scsi0-0"].kind == "incremental"
+    assert s2.results["scsi0-0"].stats.bytes_read == 2 * G  # the changed block and the grown part's one
+    assert s2.results["scsi0-1"].stats.bytes_read == 0
+    want = disk_image(vlab, moref, 0, tmp_path / "want.raw")
+    got = tmp_path / "got.raw"
+    subprocess.run(
+        ["qemu-img", "convert", "-O", "raw", str(tgt.point_path("p2", "scsi0-0")), str(got)], check=True
+    )
+    assert got.read_bytes() == want.read_bytes()
+    assert snapshots(vlab, moref) == []
