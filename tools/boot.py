@@ -22,6 +22,16 @@ ERROR = re.compile(
     r"SENDENSE-GUEST-ERROR[^\n]*|Kernel panic[^\n]*|No bootable device[^\n]*|Boot failed[^\n]*"
 )
 
+# what a platform's console output shows when a guest cannot boot (AWS GetConsoleOutput, a vSphere
+# serial port file): the boot check decides a failure on it
+BOOT_FAILURE = re.compile(r"No bootable device\.?|Kernel panic[^\n]*")
+_ESCAPES = re.compile(r"\x1b(\[[0-9;?]*[A-Za-z]|[@-Z\\-_])")
+
+
+def console_lines(text: str) -> list[str]:
+    """A console's text as lines, without terminal escapes and carriage returns, blank lines dropped."""
+    return [ln.strip() for ln in _ESCAPES.sub("", text).replace("\r", "").splitlines() if ln.strip()]
+
 
 @dataclass
 class BootCheck:

@@ -43,22 +43,16 @@ from connectors.aws.target import AwsTargetConnector
 from sendense import config
 from sendense.errors import InvalidSpec, ResourceNotFound, SendenseError, TargetError
 from sendense.models import BootCheck, NetworkInfo, VmPlan, VmRef, boot_disks
+from tools.boot import BOOT_FAILURE, console_lines
 
 log = logging.getLogger(__name__)
 
 LIVE = ["pending", "running", "stopping", "stopped", "shutting-down"]  # every state but terminated
-BOOT_FAILURE = re.compile(r"No bootable device\.?|Kernel panic[^\n]*")
-_ESCAPES = re.compile(r"\x1b(\[[0-9;?]*[A-Za-z]|[@-Z\\-_])")
 
 
 def failback_state(job: str, name: str) -> Path:
     """Where a failback keeps its local record of VM `name`'s reverse snapshots (vm_changes.py)."""
     return config.home() / "aws-failback" / job / f"vm-{name}"
-
-
-def console_lines(text: str) -> list[str]:
-    """A console's text as lines, without terminal escapes and carriage returns, blank lines dropped."""
-    return [ln.strip() for ln in _ESCAPES.sub("", text).replace("\r", "").splitlines() if ln.strip()]
 
 
 class AwsVmProvisioner:

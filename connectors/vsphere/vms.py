@@ -36,6 +36,7 @@ from connectors.vsphere.spec import VsphereTarget
 from connectors.vsphere.target import KEY_DISK, KEY_JOB, KEY_SYNC, VsphereTargetConnector
 from sendense.errors import InvalidSpec, ResourceNotFound, SendenseError, TargetError
 from sendense.models import BootCheck, NetworkInfo, PointInfo, VmPlan, VmRef, boot_disks
+from tools.boot import BOOT_FAILURE, console_lines
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +44,7 @@ MARK = "sendense.vm."  # extraConfig of a VM made from a point: owner, name, poi
 CONSOLE_FILE = "sendense-console.log"
 FAILBACK_PREFIX = "sendense-failback-"  # a failback's snapshots of the production VM (vm_changes.py)
 NAME_MAX = 71  # vSphere names are at most 80 characters; the clone's portgroup adds "-isolated"
-BOOT_FAILURE = re.compile(r"No bootable device\.?|Kernel panic[^\n]*")
-_ESCAPES = re.compile(r"\x1b(\[[0-9;?]*[A-Za-z]|[@-Z\\-_])")
 _STATES = {"poweredOn": "running", "poweredOff": "stopped", "suspended": "paused"}
-
-
-def console_lines(text: str) -> list[str]:
-    """A console's text as lines, without terminal escapes and carriage returns, blank lines dropped."""
-    return [ln.strip() for ln in _ESCAPES.sub("", text).replace("\r", "").splitlines() if ln.strip()]
 
 
 class VsphereVmProvisioner:

@@ -8,13 +8,19 @@ only its own files. Through pyvmomi only, plus qemu-io/qemu-img on the files GET
 from __future__ import annotations
 
 import hashlib
-import os
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers_vsphere_lab import apply_writes as _apply
+from helpers_vsphere_lab import chain as _chain
+from helpers_vsphere_lab import guest_write as _write
+from helpers_vsphere_lab import read_raw as _read
+from helpers_vsphere_lab import remove_snapshot as _remove
+from helpers_vsphere_lab import rounded as _rounded
+from helpers_vsphere_lab import snapshot as _snap
 from pyVmomi import vim, vmodl
 
 from labs.vsphere import VsphereLab
@@ -39,41 +45,6 @@ def _disks(devices) -> list[Any]:
     )
 
 
-def _chain(backing) -> list[str]:
-    out = []
-    while backing is not None:
-        out.append(backing.fileName)
-        backing = backing.parent
-    return out
-
-
-def _snap(lab: VsphereLab, vm, name: str):
-    return lab.wait(vm.CreateSnapshot_Task(name=name, description="", memory=False, quiesce=False))
-
-
-def _write(path: str, writes: list[tuple[int, int, int]]) -> None:
-    cmds = [a for off, n, pat in writes for a in ("-c", f"write -P {pat} {off} {n}")]
-    subprocess.run(["qemu-io", "-f", "vmdk", *cmds, path], check=True, capture_output=True)
-
-
-def _apply(image: bytearray, writes: list[tuple[int, int, int]]) -> None:
-    for off, n, pat in writes:
-        image[off : off + n] = bytes([pat]) * n
-
-
-def _read(path: str, tmp: Path) -> bytes:
-    out = tmp / f"read-{os.urandom(4).hex()}.raw"
-    subprocess.run(
-        ["qemu-img", "convert", "-U", "-f", "vmdk", "-O", "raw", path, str(out)],
-        check=True,
-        capture_output=True,
-    )
-    try:
-        return out.read_bytes()
-    finally:
-        out.unlink()
-
-
 def _path(lab: VsphereLab, moref: str, disk, snap=None) -> str:
     return lab.disk_info(moref, disk.backing.fileName, snapshot=snap._moId if snap else None)["path"]
 
@@ -91,17 +62,6 @@ def _bytes(paths: list[str], tmp: Path) -> list[bytes]:
     return [_read(p, tmp) for p in paths]
 
 
-def _rounded(writes: list[tuple[int, int, int]]) -> list[tuple[int, int]]:
-    spans = sorted((off // BLOCK * BLOCK, -(-(off + n) // BLOCK) * BLOCK) for off, n, _ in writes)
-    out: list[list[int]] = []
-    for s, e in spans:
-        if out and s <= out[-1][1]:
-            out[-1][1] = max(out[-1][1], e)
-        else:
-            out.append([s, e])
-    return [(s, e - s) for s, e in out]
-
-
 def _changed(vm, snap, key: int, change_id: str, capacity: int = CAP) -> list[tuple[int, int]]:
     areas, offset = [], 0
     while offset < capacity:
@@ -115,10 +75,6 @@ def _changed(vm, snap, key: int, change_id: str, capacity: int = CAP) -> list[tu
         else:
             merged.append([s, s + n])
     return [(s, e - s) for s, e in merged]
-
-
-def _remove(lab: VsphereLab, snap) -> None:
-    lab.wait(snap.RemoveSnapshot_Task(removeChildren=False, consolidate=True))
 
 
 def _dir(lab: VsphereLab, name: str) -> Path:

@@ -19,6 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers_vsphere_lab import apply_writes as _apply
+from helpers_vsphere_lab import chain as _chain
+from helpers_vsphere_lab import disk_by_key as _disk
+from helpers_vsphere_lab import guest_write as _write
+from helpers_vsphere_lab import read_raw as _read
+from helpers_vsphere_lab import remove_snapshot as _remove
+from helpers_vsphere_lab import rounded as _rounded
+from helpers_vsphere_lab import snapshot as _snap
 from pyVmomi import vim
 
 from labs.vsphere import VsphereLab
@@ -37,56 +45,6 @@ def lab():
 # --- helpers ---------------------------------------------------------------------------------------
 def _disks(devices) -> list[Any]:
     return [d for d in devices if isinstance(d, vim.vm.device.VirtualDisk)]
-
-
-def _disk(devices, key: int) -> Any:
-    return next(d for d in _disks(devices) if d.key == key)
-
-
-def _chain(backing) -> list[str]:
-    out = []
-    while backing is not None:
-        out.append(backing.fileName)
-        backing = backing.parent
-    return out
-
-
-def _snap(lab: VsphereLab, vm, name: str):
-    return lab.wait(vm.CreateSnapshot_Task(name=name, description="", memory=False, quiesce=False))
-
-
-def _write(path: str, writes: list[tuple[int, int, int]]) -> None:
-    """The guest: pattern writes (offset, length, byte) into a disk file (opened with its backing)."""
-    cmds = [a for off, n, pat in writes for a in ("-c", f"write -P {pat} {off} {n}")]
-    subprocess.run(["qemu-io", "-f", "vmdk", *cmds, path], check=True, capture_output=True)
-
-
-def _apply(image: bytearray, writes: list[tuple[int, int, int]]) -> None:
-    for off, n, pat in writes:
-        image[off : off + n] = bytes([pat]) * n
-
-
-def _read(path: str, tmp: Path) -> bytes:
-    out = tmp / f"read-{os.urandom(4).hex()}.raw"
-    subprocess.run(
-        ["qemu-img", "convert", "-f", "vmdk", "-O", "raw", path, str(out)], check=True, capture_output=True
-    )
-    try:
-        return out.read_bytes()
-    finally:
-        out.unlink()
-
-
-def _rounded(writes: list[tuple[int, int, int]]) -> list[tuple[int, int]]:
-    """The areas a 64 KiB tracking block reports for these writes: rounded out, merged."""
-    spans = sorted((off // BLOCK * BLOCK, -(-(off + n) // BLOCK) * BLOCK) for off, n, _ in writes)
-    out: list[list[int]] = []
-    for s, e in spans:
-        if out and s <= out[-1][1]:
-            out[-1][1] = max(out[-1][1], e)
-        else:
-            out.append([s, e])
-    return [(s, e - s) for s, e in out]
 
 
 def _query(
@@ -534,10 +492,6 @@ def test_disk_endpoint_contract(lab):
 # --- identical rewrites (vSphere's CBT reports every written block, whatever the bytes) ------------------
 X = [(MIB, BLOCK, 0x42)]  # one whole 64 KiB block
 Y = [(2 * MIB + 10, 20, 0x43)]
-
-
-def _remove(lab: VsphereLab, snap) -> None:
-    lab.wait(snap.RemoveSnapshot_Task(removeChildren=False, consolidate=True))
 
 
 @pytest.mark.parametrize(

@@ -11,12 +11,19 @@ the file the lab's /sendense-lab/disk endpoint names) and the reads (qemu-img on
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers_vsphere_lab import apply_writes as _apply
+from helpers_vsphere_lab import chain as _chain
+from helpers_vsphere_lab import disk_by_key as _disk
+from helpers_vsphere_lab import guest_write as _write
+from helpers_vsphere_lab import read_raw as _read
+from helpers_vsphere_lab import remove_snapshot as _remove
+from helpers_vsphere_lab import rounded as _rounded
+from helpers_vsphere_lab import snapshot as _snap
 from pyVmomi import vim, vmodl
 
 from labs.vsphere import VsphereLab
@@ -39,51 +46,10 @@ def _disks(devices) -> list[Any]:
     )
 
 
-def _disk(devices, key: int) -> Any:
-    return next(d for d in _disks(devices) if d.key == key)
-
-
-def _chain(backing) -> list[str]:
-    out = []
-    while backing is not None:
-        out.append(backing.fileName)
-        backing = backing.parent
-    return out
-
-
-def _snap(lab: VsphereLab, vm, name: str):
-    return lab.wait(vm.CreateSnapshot_Task(name=name, description="", memory=False, quiesce=False))
-
-
-def _remove(lab: VsphereLab, snap) -> None:
-    lab.wait(snap.RemoveSnapshot_Task(removeChildren=False, consolidate=True))
-
-
 def _path(lab: VsphereLab, moref: str, vm, key: int, snap=None) -> str:
     devices = (vm if snap is None else snap).config.hardware.device
     file = _disk(devices, key).backing.fileName
     return lab.disk_info(moref, file, snapshot=None if snap is None else snap._moId)["path"]
-
-
-def _write(path: str, writes: list[tuple[int, int, int]]) -> None:
-    cmds = [a for off, n, pat in writes for a in ("-c", f"write -P {pat} {off} {n}")]
-    subprocess.run(["qemu-io", "-f", "vmdk", *cmds, path], check=True, capture_output=True)
-
-
-def _apply(image: bytearray, writes: list[tuple[int, int, int]]) -> None:
-    for off, n, pat in writes:
-        image[off : off + n] = bytes([pat]) * n
-
-
-def _read(path: str, tmp: Path) -> bytes:
-    out = tmp / f"read-{os.urandom(4).hex()}.raw"
-    subprocess.run(
-        ["qemu-img", "convert", "-f", "vmdk", "-O", "raw", path, str(out)], check=True, capture_output=True
-    )
-    try:
-        return out.read_bytes()
-    finally:
-        out.unlink()
 
 
 def _virtual_size(path: str, alone: bool = False) -> int:
@@ -97,17 +63,6 @@ def _virtual_size(path: str, alone: bool = False) -> int:
         ["qemu-img", "info", "-U", "--output=json", spec], check=True, capture_output=True, text=True
     ).stdout
     return json.loads(out)["virtual-size"]
-
-
-def _rounded(writes: list[tuple[int, int, int]]) -> list[tuple[int, int]]:
-    spans = sorted((off // BLOCK * BLOCK, -(-(off + n) // BLOCK) * BLOCK) for off, n, _ in writes)
-    out: list[list[int]] = []
-    for s, e in spans:
-        if out and s <= out[-1][1]:
-            out[-1][1] = max(out[-1][1], e)
-        else:
-            out.append([s, e])
-    return [(s, e - s) for s, e in out]
 
 
 def _query(vm, snap, key: int, change_id: str, capacity: int) -> list[tuple[int, int]]:

@@ -10,7 +10,6 @@ qemu-img for the images and for reading the disks from the paths the lab's /send
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
 from pathlib import Path
@@ -18,6 +17,8 @@ from typing import Any
 
 import pytest
 import requests
+from helpers_vsphere_lab import read_raw as _read
+from helpers_vsphere_lab import rounded as _rounded
 from pyVmomi import vim
 
 from labs.vsphere import VsphereLab
@@ -107,17 +108,6 @@ def _image(tmp: Path, name: str, size: int, writes: list[tuple[int, int, int]]) 
     return vmdk, bytes(raw)
 
 
-def _read(path: str, tmp: Path) -> bytes:
-    out = tmp / f"read-{os.urandom(4).hex()}.raw"
-    subprocess.run(
-        ["qemu-img", "convert", "-f", "vmdk", "-O", "raw", path, str(out)], check=True, capture_output=True
-    )
-    try:
-        return out.read_bytes()
-    finally:
-        out.unlink()
-
-
 def _qemu_info(path: str) -> dict[str, Any]:
     out = subprocess.run(
         ["qemu-img", "info", "-U", "--output=json", path], check=True, capture_output=True, text=True
@@ -130,17 +120,6 @@ def _allocated(path: str) -> list[tuple[int, int]]:
         ["qemu-img", "map", "-U", "--output=json", path], check=True, capture_output=True, text=True
     ).stdout
     return [(e["start"], e["length"]) for e in json.loads(out) if e["data"]]
-
-
-def _rounded(writes: list[tuple[int, int, int]]) -> list[tuple[int, int]]:
-    spans = sorted((off // BLOCK * BLOCK, -(-(off + n) // BLOCK) * BLOCK) for off, n, _ in writes)
-    out: list[list[int]] = []
-    for s, e in spans:
-        if out and s <= out[-1][1]:
-            out[-1][1] = max(out[-1][1], e)
-        else:
-            out.append([s, e])
-    return [(s, e - s) for s, e in out]
 
 
 class Import:
