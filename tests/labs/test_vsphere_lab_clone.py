@@ -8,7 +8,6 @@ only its own files. Through pyvmomi only, plus qemu-io/qemu-img on the files GET
 from __future__ import annotations
 
 import hashlib
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -420,10 +419,6 @@ def test_config_overrides_and_an_isolated_portgroup(lab):
     ns.RemoveVirtualSwitch(vswitchName="sendense-iso")
 
 
-@pytest.mark.skipif(
-    subprocess.run(["sh", "-c", "command -v qemu-system-x86_64"], capture_output=True).returncode != 0,
-    reason="needs qemu-system-x86_64",
-)
 def test_linked_clone_of_a_guest_boots_on_its_delta(lab, tmp_path):
     """A bootable guest VM, s1; its linked clone with a serial port added in the clone spec powers on (QEMU
     on the clone's delta chain), the console through /folder shows READY, the Tools heartbeat goes green;
