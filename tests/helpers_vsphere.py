@@ -30,6 +30,13 @@ def vsphere_agent_env(lab: VsphereLab) -> Iterator[None]:
         mp.undo()
 
 
+def snapshot_names(vm: object) -> list[str]:
+    """The names of every snapshot of a VM (pyvmomi object), sorted."""
+    from connectors.vsphere.session import snapshot_nodes
+
+    return sorted(n.name for n in snapshot_nodes(vm))
+
+
 def current_disk(lab: VsphereLab, moref: str, index: int) -> tuple[str, str]:
     """(local file, format) of the VM's index-th disk (by unit number) as it is now: its guest writes
     go there (the delta on top of its snapshots)."""

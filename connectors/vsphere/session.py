@@ -110,12 +110,29 @@ def server_certificate(host: str, port: int, where: str, timeout: float = CONNEC
     return Certificate(hashlib.sha1(der).hexdigest(), hashlib.sha256(der).hexdigest())
 
 
-def extra_config(vm: Any) -> dict[str, str]:
-    """The VM's extraConfig as a dict: the last value of a key wins; an empty value is no value."""
+def config_options(config: Any) -> dict[str, str]:
+    """A configuration's extraConfig (a VM's or a snapshot's) as a dict: the last value of a key wins;
+    an empty value is no value."""
     out: dict[str, str] = {}
-    for o in (vm.config.extraConfig if vm.config is not None else None) or []:
+    for o in (config.extraConfig if config is not None else None) or []:
         out[o.key] = str(o.value) if o.value is not None else ""
     return {k: v for k, v in out.items() if v != ""}
+
+
+def snapshot_nodes(vm: Any) -> list[Any]:
+    """Every node of the VM's snapshot tree (parents before their children)."""
+    todo = list(vm.snapshot.rootSnapshotList) if vm.snapshot is not None else []
+    out = []
+    while todo:
+        n = todo.pop()
+        out.append(n)
+        todo.extend(n.childSnapshotList or [])
+    return out
+
+
+def extra_config(vm: Any) -> dict[str, str]:
+    """The VM's extraConfig as a dict (config_options of its configuration)."""
+    return config_options(vm.config)
 
 
 def fault_text(e: BaseException) -> str:

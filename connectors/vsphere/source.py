@@ -41,6 +41,7 @@ from connectors.vsphere.session import (
     extra_config,
     fault_text,
     is_fault,
+    snapshot_nodes,
 )
 from connectors.vsphere.spec import VsphereSource
 from connectors.vsphere.vddk import VddkServer, serving
@@ -299,13 +300,8 @@ class VsphereSourceConnector:
 
     # ---------------------------------------------------------------- snapshots
 
-    def _snapshots(self, vm: Any) -> Iterator[Any]:
-        """Every snapshot tree node of the VM."""
-        todo = list(vm.snapshot.rootSnapshotList) if vm.snapshot is not None else []
-        while todo:
-            n = todo.pop()
-            yield n
-            todo.extend(n.childSnapshotList or [])
+    def _snapshots(self, vm: Any) -> list[Any]:
+        return snapshot_nodes(vm)
 
     def _ensure_tracking(self, vm: Any) -> bool:
         """Enable change tracking if it is off; True if it was enabled now."""

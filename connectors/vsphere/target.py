@@ -34,7 +34,15 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from connectors.vsphere.session import Session, calling, credentials, extra_config, fault_text
+from connectors.vsphere.session import (
+    Session,
+    calling,
+    config_options,
+    credentials,
+    extra_config,
+    fault_text,
+    snapshot_nodes,
+)
 from connectors.vsphere.source import capacity
 from connectors.vsphere.spec import VsphereTarget
 from connectors.vsphere.vddk import serving
@@ -205,11 +213,7 @@ class VsphereTargetConnector:
         from pyVmomi import vim
 
         by_key = {d.key: d for d in vm.config.hardware.device if isinstance(d, vim.vm.device.VirtualDisk)}
-        out = {}
-        for k, v in extra_config(vm).items():
-            if k.startswith(KEY_DISK) and v.isdigit() and int(v) in by_key:
-                out[k[len(KEY_DISK) :]] = by_key[int(v)]
-        return out
+        return {k: by_key[dk] for k, dk in disk_keys(vm.config).items() if dk in by_key}
 
     # ---------------------------------------------------------------- checks
 
@@ -400,11 +404,8 @@ class VsphereTargetConnector:
 
     def _points(self, vm: Any) -> list[tuple[PointInfo, Any, Any]]:
         """(point, snapshot, tree node) of every point, newest first."""
-        todo = list(vm.snapshot.rootSnapshotList) if vm.snapshot is not None else []
         out = []
-        while todo:
-            n = todo.pop()
-            todo.extend(n.childSnapshotList or [])
+        for n in snapshot_nodes(vm):
             if not n.name.startswith(POINT_PREFIX):
                 continue
             try:
@@ -652,6 +653,16 @@ class VsphereTargetConnector:
                 f"{'; '.join(held)}; end those first"
             )
         self._destroy(vm)
+
+
+def disk_keys(config: Any) -> dict[str, int]:
+    """Source disk key -> device key, as a placeholder's configuration (or a point snapshot's, or a
+    clone's copy of it) records them in extraConfig (`sendense.disk.<key>`)."""
+    return {
+        k[len(KEY_DISK) :]: int(v)
+        for k, v in config_options(config).items()
+        if k.startswith(KEY_DISK) and v.isdigit()
+    }
 
 
 def _unit(i: int) -> int:

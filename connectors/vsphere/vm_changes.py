@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from connectors.vsphere.handles import VsphereDisk, VsphereSnapshot
-from connectors.vsphere.session import calling
+from connectors.vsphere.session import calling, snapshot_nodes
 from connectors.vsphere.source import (
     VsphereSourceDisk,
     capacity,
@@ -34,9 +34,9 @@ from connectors.vsphere.source import (
     parse_change_id,
 )
 from connectors.vsphere.spec import VsphereTarget
-from connectors.vsphere.target import KEY_DISK
+from connectors.vsphere.target import disk_keys
 from connectors.vsphere.vddk import serving
-from connectors.vsphere.vms import FAILBACK_PREFIX, VsphereVmProvisioner, _options
+from connectors.vsphere.vms import FAILBACK_PREFIX, VsphereVmProvisioner
 from sendense.datapath.extents import Extent, coalesce
 from sendense.errors import InvalidSpec, ResourceNotFound
 from sendense.models import DiskSnapshot, SnapshotRef
@@ -82,26 +82,15 @@ class VsphereVmChanges:
         assert marks is not None
         return vm, marks["point"]
 
-    def _device_keys(self, config: Any) -> dict[str, int]:
-        """The point's disk key -> the device key of its disk in the placeholder."""
-        return {k[len(KEY_DISK) :]: int(v) for k, v in _options(config).items() if k.startswith(KEY_DISK)}
-
     def _disks_at(self, snap: Any) -> dict[int, Any]:
         from pyVmomi import vim
 
         return {d.key: d for d in snap.config.hardware.device if isinstance(d, vim.vm.device.VirtualDisk)}
 
-    def _snapshots(self, vm: Any) -> Iterator[Any]:
-        todo = list(vm.snapshot.rootSnapshotList) if vm.snapshot is not None else []
-        while todo:
-            n = todo.pop()
-            todo.extend(n.childSnapshotList or [])
-            yield n
-
     def _remove(self, vm: Any, name: str) -> None:
         from pyVmomi import vmodl
 
-        for n in list(self._snapshots(vm)):
+        for n in list(snapshot_nodes(vm)):
             if n.name == name:
                 what = f"{self.target.label}: removing snapshot {name}"
                 try:
@@ -124,7 +113,7 @@ class VsphereVmChanges:
                 name=snap_name, description=f"sendense job {self.job} failback", memory=False, quiesce=False
             )
         snap = self.session.wait(task, what)
-        keys = self._device_keys(snap.config)
+        keys = disk_keys(snap.config)
         at_snap, at_point = self._disks_at(snap), self._disks_at(point_snap)
         disks = []
         for pd in point.disks:
@@ -223,6 +212,6 @@ class VsphereVmChanges:
         ph = self.vms._production(name)
         if ph is None:
             return
-        for n in list(self._snapshots(ph)):
+        for n in list(snapshot_nodes(ph)):
             if n.name.startswith(PREFIX):
                 self._remove(ph, n.name)

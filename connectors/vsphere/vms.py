@@ -31,9 +31,9 @@ import re
 import time
 from typing import Any
 
-from connectors.vsphere.session import calling, extra_config, is_fault
+from connectors.vsphere.session import calling, extra_config, is_fault, snapshot_nodes
 from connectors.vsphere.spec import VsphereTarget
-from connectors.vsphere.target import KEY_DISK, KEY_JOB, KEY_SYNC, VsphereTargetConnector
+from connectors.vsphere.target import KEY_JOB, KEY_SYNC, VsphereTargetConnector, disk_keys
 from sendense.errors import InvalidSpec, ResourceNotFound, SendenseError, TargetError
 from sendense.models import BootCheck, NetworkInfo, PointInfo, VmPlan, VmRef, boot_disks
 from tools.boot import BOOT_FAILURE, console_lines
@@ -169,7 +169,7 @@ class VsphereVmProvisioner:
             "memoryMB": plan.memory_mib,
             "firmware": "efi" if plan.firmware == "uefi" else "bios",
         }
-        keys = {k[len(KEY_DISK) :]: int(v) for k, v in _options(config).items() if k.startswith(KEY_DISK)}
+        keys = disk_keys(config)
         boot = next((d.key for d in boot_disks(point, plan.disks) if d.key in keys), None)
         if boot is not None:
             out["bootOptions"] = vim.vm.BootOptions(
@@ -594,10 +594,7 @@ class VsphereVmProvisioner:
     def _drop_failback_snapshots(self, vm: Any, name: str) -> list[str]:
         """A failback's snapshots of the VM (none left by a finished one): they go with it."""
         stays = []
-        todo = list(vm.snapshot.rootSnapshotList) if vm.snapshot is not None else []
-        while todo:
-            n = todo.pop()
-            todo.extend(n.childSnapshotList or [])
+        for n in snapshot_nodes(vm):
             if n.name.startswith(FAILBACK_PREFIX):
                 try:
                     self._task(n.snapshot, name, "RemoveSnapshot_Task", f"removing snapshot {n.name}")
@@ -617,13 +614,6 @@ class VsphereVmProvisioner:
             log.debug("deleting %s", path, exc_info=True)
             return [f"file {path} ({_fault(e)})"]
         return []
-
-
-def _options(config: Any) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for o in config.extraConfig or []:
-        out[o.key] = str(o.value) if o.value is not None else ""
-    return {k: v for k, v in out.items() if v != ""}
 
 
 def _fault(e: BaseException) -> str:

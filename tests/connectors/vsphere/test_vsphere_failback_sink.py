@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from helpers_kvm import KiB, MiB, sync_point
-from helpers_vsphere import disk_image, guest_io, name, source_spec
+from helpers_vsphere import disk_image, guest_io, name, snapshot_names, source_spec
 from pyVmomi import vim
 
 from connectors.kvm.target import KvmTarget
@@ -29,14 +29,7 @@ G = 64 * KiB  # the lab's tracking block
 
 
 def _snapshots(lab: VsphereLab, moref: str) -> list[str]:
-    vm = lab.vm(moref)
-    todo = list(vm.snapshot.rootSnapshotList) if vm.snapshot is not None else []
-    out = []
-    while todo:
-        n = todo.pop()
-        todo.extend(n.childSnapshotList or [])
-        out.append(n.name)
-    return out
+    return snapshot_names(lab.vm(moref))
 
 
 def test_reverse_writes_land_in_place_and_the_next_forward_sync_is_an_incremental_of_them(

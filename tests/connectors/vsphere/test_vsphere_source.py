@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from helpers_kvm import KiB, MiB
-from helpers_vsphere import guest_io, name, source_spec
+from helpers_vsphere import guest_io, name, snapshot_names, source_spec
 from pyVmomi import vim
 
 from connectors.vsphere.session import extra_config
@@ -28,14 +28,7 @@ def connector(
 
 
 def snapshots(lab: VsphereLab, moref: str) -> list[str]:
-    vm = lab.vm(moref)
-    todo = list(vm.snapshot.rootSnapshotList) if vm.snapshot is not None else []
-    out = []
-    while todo:
-        n = todo.pop()
-        todo.extend(n.childSnapshotList or [])
-        out.append(n.name)
-    return sorted(out)
+    return snapshot_names(lab.vm(moref))
 
 
 def test_bad_input_is_one_line_naming_what_the_user_gave(

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 import pytest
 from helpers_kvm import MiB
-from helpers_vsphere import name, target_spec
+from helpers_vsphere import name, snapshot_names, target_spec
 from pyVmomi import vim
 
 from connectors.vsphere.target import POINT_PREFIX, VsphereTargetConnector
@@ -88,13 +88,7 @@ def test_a_disk_added_between_syncs_joins_the_placeholder_and_older_points_keep_
     assert pts == {"p2": ["vda", "vdb"], "p1": ["vda"]}
     vm = find(vlab, f"r-{job}")
     assert isinstance(vm, vim.VirtualMachine)
-    names = []
-    todo = list(vm.snapshot.rootSnapshotList)
-    while todo:
-        n = todo.pop()
-        todo.extend(n.childSnapshotList or [])
-        names.append(n.name)
-    assert sorted(names) == [POINT_PREFIX + "p1", POINT_PREFIX + "p2"]
+    assert snapshot_names(vm) == [POINT_PREFIX + "p1", POINT_PREFIX + "p2"]
     with pytest.raises(ResourceNotFound, match="no sync s2 in progress"):
         with t.open_disk("s2", "vda"):
             pass

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 from helpers_kvm import sync_point
-from helpers_vsphere import guest_io, target_spec
+from helpers_vsphere import guest_io, snapshot_names, target_spec
 
 from connectors.kvm.source import make_kvm_source
 from connectors.kvm.spec import KvmSource
@@ -292,12 +292,7 @@ def test_failback_reads_what_the_failed_over_vm_changed_by_change_tracking(site:
     assert r3.disks[0].base_change_id == r2.disks[0].change_id
     site.vms.destroy_vm(site.job)
     ph = site.placeholder()
-    names = []
-    todo = list(ph.snapshot.rootSnapshotList)
-    while todo:
-        n = todo.pop()
-        todo.extend(n.childSnapshotList or [])
-        names.append(n.name)
+    names = snapshot_names(ph)
     assert names == ["sendense-point-p1"], names  # the failback's snapshots went with the VM
     assert isinstance(ph.config.hardware.device[0], vim.vm.device.VirtualDevice)
     site.tgt.release("p1", "failover-f3")
