@@ -129,6 +129,11 @@ def test_an_export_during_a_prune_of_older_points_reads_its_point_exactly(vlab: 
     th.join()
     assert not errors, errors
     assert files["vda"].read_bytes() == bytes(expected)
+    # a prune that saw the export's hold on p5 kept p4 (the point before a held one); with the hold
+    # released, the next prune removes it
+    left = [p.point_id for p in t.list_points()]
+    assert left in (["p5"], ["p5", "p4"]), left
+    t.prune(1)
     assert [p.point_id for p in t.list_points()] == ["p5"]
     t.destroy()
 
