@@ -196,17 +196,10 @@ class VsphereVmChanges:
 
     def release(self, ref: SnapshotRef, committed: bool) -> None:
         h = VsphereSnapshot.parse(ref.handle)
-        try:
-            vm, _ = self._vm_by_moref(h.vm)
-        except ResourceNotFound:
-            return
-        self._remove(vm, h.name)
-
-    def _vm_by_moref(self, moref: str) -> tuple[Any, None]:
         ph = self.target._placeholder()
-        if ph is None or ph._moId != moref:
-            raise ResourceNotFound(f"{self.target.label} is gone")
-        return ph, None
+        if ph is None or ph._moId != h.vm:
+            return  # the VM is gone, and its snapshots with it
+        self._remove(ph, h.name)
 
     def forget(self, name: str) -> None:
         ph = self.vms._production(name)

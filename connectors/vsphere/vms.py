@@ -25,10 +25,12 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 from connectors.vsphere.session import calling, extra_config, is_fault, snapshot_nodes
@@ -422,19 +424,16 @@ class VsphereVmProvisioner:
 
     # ------------------------------------------------------------------ power
 
-    def _task(self, vm: Any, name: str, verb: str, what: str) -> None:
+    def _task(self, name: str, what: str, start: Callable[[], Any]) -> None:
+        """Start a task (`start`) and wait for it; a fault is one line naming the VM and `what`."""
         with calling(f"vm {name}: {what}"):
-            task = (
-                vm.RemoveSnapshot_Task(removeChildren=False, consolidate=True)
-                if verb == "RemoveSnapshot_Task"
-                else getattr(vm, verb)()
-            )
+            task = start()
         self.session.wait(task, f"vm {name}: {what}")
 
     def power_on(self, name: str) -> VmRef:
         vm = self._vm(name)
         if vm.runtime.powerState != "poweredOn":
-            self._task(vm, name, "PowerOnVM_Task", "powering on")
+            self._task(name, "powering on", vm.PowerOnVM_Task)
         marks = self._marks(vm)
         assert marks is not None
         return self._ref(vm, marks)
@@ -444,7 +443,7 @@ class VsphereVmProvisioner:
         if vm is None:
             return VmRef(name=name, platform=self.platform, point_id="", mode="test", state="gone")
         if vm.runtime.powerState != "poweredOff":
-            self._task(vm, name, "PowerOffVM_Task", "powering off")
+            self._task(name, "powering off", vm.PowerOffVM_Task)
         marks = self._marks(vm)
         assert marks is not None
         return self._ref(vm, marks)
@@ -568,14 +567,14 @@ class VsphereVmProvisioner:
         if vm is not None:
             path = self._console_path(vm)
             if vm.runtime.powerState != "poweredOff":
-                self._task(vm, name, "PowerOffVM_Task", "powering off")
-            self._task(vm, name, "Destroy_Task", f"removing {vm.name}")
+                self._task(name, "powering off", vm.PowerOffVM_Task)
+            self._task(name, f"removing {vm.name}", vm.Destroy_Task)
             stays += self._delete_file(path)
         ph = self._production(name)
         if ph is not None:
             path = self._console_path(ph)
             if ph.runtime.powerState != "poweredOff":
-                self._task(ph, name, "PowerOffVM_Task", "powering off")
+                self._task(name, "powering off", ph.PowerOffVM_Task)
             points = self.target._points(ph)
             if not points:
                 raise TargetError(f"vm {name}: {self.target.label} has no point left to revert to")
@@ -597,7 +596,13 @@ class VsphereVmProvisioner:
         for n in snapshot_nodes(vm):
             if n.name.startswith(FAILBACK_PREFIX):
                 try:
-                    self._task(n.snapshot, name, "RemoveSnapshot_Task", f"removing snapshot {n.name}")
+                    self._task(
+                        name,
+                        f"removing snapshot {n.name}",
+                        functools.partial(
+                            n.snapshot.RemoveSnapshot_Task, removeChildren=False, consolidate=True
+                        ),
+                    )
                 except SendenseError as e:
                     stays.append(f"snapshot {n.name} ({e.message})")
         return stays
