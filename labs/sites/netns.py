@@ -215,6 +215,12 @@ class TwoSites:
                 raise LabError(f"{host}:{port} does not accept in site {site} after {timeout:.0f} s")
             time.sleep(0.1)
 
+    @staticmethod
+    def env() -> dict[str, str]:
+        """The environment for `python -m labs.sites...` in a site: this checkout first on the path."""
+        root = Path(__file__).resolve().parents[2]
+        return {**os.environ, "PYTHONPATH": f"{root}:{os.environ.get('PYTHONPATH', '')}"}
+
     def relay(
         self, site: str, to: tuple[str, int], rtt_ms: float, listen: str = "127.0.0.1", port: int = 0,
         window: int | None = None,
@@ -227,9 +233,7 @@ class TwoSites:
         ]  # fmt: skip
         if window is not None:
             argv += ["--window", str(window)]
-        root = Path(__file__).resolve().parents[2]
-        env = {**os.environ, "PYTHONPATH": f"{root}:{os.environ.get('PYTHONPATH', '')}"}
-        p = self.popen(site, argv, stdout=subprocess.PIPE, env=env)
+        p = self.popen(site, argv, stdout=subprocess.PIPE, env=self.env())
         assert p.stdout is not None
         line = p.stdout.readline().decode()
         if not line.startswith("READY "):
