@@ -222,7 +222,12 @@ class TwoSites:
         return {**os.environ, "PYTHONPATH": f"{root}:{os.environ.get('PYTHONPATH', '')}"}
 
     def relay(
-        self, site: str, to: tuple[str, int], rtt_ms: float, listen: str = "127.0.0.1", port: int = 0,
+        self,
+        site: str,
+        to: tuple[str, int],
+        rtt_ms: float,
+        listen: str = "127.0.0.1",
+        port: int = 0,
         window: int | None = None,
     ) -> tuple[subprocess.Popen[bytes], int]:
         """A delaying relay (labs.sites.relay) in `site`, listening on listen:port and forwarding to

@@ -90,7 +90,12 @@ class _Pipe:
 
 
 async def _serve(
-    r1: asyncio.StreamReader, w1: asyncio.StreamWriter, to: tuple[str, int], fwd: float, back: float, window: int
+    r1: asyncio.StreamReader,
+    w1: asyncio.StreamWriter,
+    to: tuple[str, int],
+    fwd: float,
+    back: float,
+    window: int,
 ) -> None:
     try:
         r2, w2 = await asyncio.open_connection(*to)
@@ -101,10 +106,7 @@ async def _serve(
         s = w.get_extra_info("socket")
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     up, down = _Pipe(fwd, window), _Pipe(back, window)
-    tasks = [
-        asyncio.ensure_future(x)
-        for x in (up.read(r1), up.write(w2), down.read(r2), down.write(w1))
-    ]
+    tasks = [asyncio.ensure_future(x) for x in (up.read(r1), up.write(w2), down.read(r2), down.write(w1))]
     try:
         # both writers done (both directions saw EOF) or any error: tear down
         await asyncio.gather(tasks[1], tasks[3])

@@ -4,7 +4,8 @@
     front = TlsFront(sites, "b", accept=(sites.addr["b"], 7233), connect=("127.0.0.1", port),
                      certs=certs, mtls=True).start()
 
-    python -m labs.sites.tlsfront --accept IP:PORT --connect IP:PORT --cert S.pem --key S-key.pem [--ca CA.pem]
+    python -m labs.sites.tlsfront --accept IP:PORT --connect IP:PORT --cert S.pem --key S-key.pem \\
+        [--ca CA.pem]
 
 The dev server listens on its site's loopback only, so the other site reaches it through the front or
 not at all. `--ca` (mtls=True): a client certificate signed by that CA is required.
@@ -103,7 +104,8 @@ class TlsFront:
         c = self.certs
         argv = [
             sys.executable, "-m", "labs.sites.tlsfront",
-            "--accept", f"{self.accept[0]}:{self.accept[1]}", "--connect", f"{self.connect[0]}:{self.connect[1]}",
+            "--accept", f"{self.accept[0]}:{self.accept[1]}",
+            "--connect", f"{self.connect[0]}:{self.connect[1]}",
             "--cert", str(c / "server.pem"), "--key", str(c / "server-key.pem"),
         ]  # fmt: skip
         if self.mtls:
