@@ -14,7 +14,6 @@ import argparse
 import os
 import shutil
 import socket
-import subprocess
 import tempfile
 import threading
 import time
