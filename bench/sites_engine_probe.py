@@ -83,7 +83,7 @@ def main() -> None:
                         disk = DiskSnapshot(key="d0", size=size, change_id="x")
                         tuning = Tuning(connections=conns)
 
-                        def go() -> float:
+                        def go(uri: str = uri, disk: DiskSnapshot = disk, tuning: Tuning = tuning) -> float:
                             t = time.monotonic()
                             copy_disk(RemoteDisk(uri, size), PendingDisk(d.uri, size, has_base=False), disk,
                                       tuning, on_checkpoint=lambda *_: None)  # fmt: skip
