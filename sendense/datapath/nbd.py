@@ -61,6 +61,10 @@ class NbdConnection:
         self.h.set_request_structured_replies(bool(contexts))
         for c in contexts:
             self.h.add_meta_context(c)
+        if uri.startswith("nbds"):
+            # (issue 14 groundwork) the URI is the product's own, naming its TLS certificates directory:
+            # libnbd refuses `tls-certificates=` unless local file access is allowed
+            self.h.set_uri_allow_local_file(True)
         try:
             self.h.connect_uri(uri)
         except nbd.Error as e:
