@@ -704,6 +704,9 @@ class CopyStats(Wire):
     extents: int = 0
     seconds: float = 0.0
     recopied: int = Field(default=0, description="bytes copied again after a resume")
+    bytes_on_wire: int = Field(
+        default=0, description="what the data read cost on the link (compressed, zeros elided)"
+    )
 
     def add(self, other: CopyStats) -> None:
         for name in type(self).model_fields:

@@ -133,6 +133,9 @@ def _leaf(
     names: Sequence[str],
     server: bool,
     now: datetime.datetime,
+    *,
+    uris: Sequence[str] = (),
+    days: float = LEAF_DAYS,
 ) -> tuple[bytes, bytes]:
     ca_cert, ca_key = ca
     key = ec.generate_private_key(ec.SECP256R1())
@@ -144,15 +147,16 @@ def _leaf(
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=LEAF_DAYS))
+        .not_valid_after(now + datetime.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
         )
     )
-    if names:
-        b = b.add_extension(_san(names), critical=False)
+    if names or uris:
+        san = list(_san(names)) + [x509.UniformResourceIdentifier(u) for u in uris]
+        b = b.add_extension(x509.SubjectAlternativeName(san), critical=False)
     cert = b.sign(ca_key, hashes.SHA256())
     return cert.public_bytes(serialization.Encoding.PEM), _key_pem(key)
 
@@ -191,4 +195,38 @@ def make(
         _write_private(d / f"{stem}-key.pem", key)
         _write_private(d / f"{stem}.pem", cert)
         made.files += [d / f"{stem}.pem", d / f"{stem}-key.pem"]
+    return made
+
+
+AGENT_URI = "sendense://host/"  # (sendense.datapath.remote.HOST_URI: the name a data peer is checked by)
+HOST_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+def agent(d: Path, host_id: str, addresses: Sequence[str] = (), *, days: float = LEAF_DAYS) -> Made:
+    """An agent's certificate for data connections between agents (and for Temporal mTLS): server
+    and client use, named `sendense://host/<host_id>` (what peers check) and `addresses` (IPs or
+    DNS names the agent is reached at), signed by DIR's CA (made if DIR has none).
+    Files: DIR/agent-<host_id>.pem and agent-<host_id>-key.pem. `days` < 0 makes an expired one (tests)."""
+    if not HOST_ID.match(host_id):
+        raise CertError(f"host id {host_id!r}: 1-63 of A-Z a-z 0-9 . _ - (as SENDENSE_HOST_ID)")
+    for n in addresses:
+        if not n or len(n) > 253 or not re.match(r"^[A-Za-z0-9.:-]+$", n):
+            raise CertError(f"address {n!r}: a DNS name or an IP address")
+    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    d.chmod(0o700)
+    now = datetime.datetime.now(datetime.UTC)
+    ca = _load_ca(d)
+    made = Made(dir=d, ca_reused=ca is not None)
+    if ca is None:
+        ca = _new_ca(d, now)
+        _write_private(d / "ca-key.pem", _key_pem(ca[1]))
+        _write_private(d / "ca.pem", ca[0].public_bytes(serialization.Encoding.PEM))
+        made.files += [d / "ca.pem", d / "ca-key.pem"]
+    start = now if days > 0 else now + datetime.timedelta(days=days * 2)
+    uris = [AGENT_URI + host_id]
+    cert, key = _leaf(ca, f"agent {host_id}", list(addresses), True, start, uris=uris, days=abs(days))
+    stem = f"agent-{host_id}"
+    _write_private(d / f"{stem}-key.pem", key)
+    _write_private(d / f"{stem}.pem", cert)
+    made.files += [d / f"{stem}.pem", d / f"{stem}-key.pem"]
     return made

@@ -173,8 +173,19 @@ class _Worker(threading.Thread):
             elif self.plan.mode == "copy" and self.plan.pipeline:
                 pipe = threading.Thread(target=self._write_loop, args=(self.plan.open_writer(),), daemon=True)
                 pipe.start()
-            while (item := self.feed.next()) is not None:
-                seq, ext = item
+            # a reader across a link (datapath.remote) takes the next chunks' requests ahead of their
+            # reads, `depth` in flight: what keeps a long link full, not more connections
+            prefetch = getattr(reader, "prefetch", None) if splicer is None else None
+            depth = max(1, getattr(reader, "depth", 1)) if prefetch is not None else 1
+            ahead: deque[tuple[int, Extent]] = deque()
+            while True:
+                while len(ahead) < depth and (item := self.feed.next()) is not None:
+                    if prefetch is not None and not item[1].zero:
+                        prefetch(item[1].offset, item[1].length)
+                    ahead.append(item)
+                if not ahead:
+                    break
+                seq, ext = ahead.popleft()
                 if splicer is not None:
                     stats: CopyStats | None = self._splice_one(splicer, ext)
                 else:
@@ -210,6 +221,7 @@ class _Worker(threading.Thread):
             self.plan.throttle.consume(e.length)
         r = splicer.copy(e.offset, e.length)
         s.bytes_read, s.bytes_written, s.bytes_zeroed = e.length, r.written, r.zeroed
+        s.bytes_on_wire = e.length
         return s
 
     def _handoff(self, item: object) -> None:
@@ -256,6 +268,7 @@ class _Worker(threading.Thread):
             self.plan.throttle.consume(e.length)
         data = reader.read(e.offset, e.length)
         s.bytes_read = e.length
+        s.bytes_on_wire = getattr(reader, "last_wire", e.length)
         if self.plan.mode == "compare":
             self._compare(writer, e, data, s)
             return s
