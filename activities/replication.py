@@ -13,16 +13,17 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from temporalio import activity
 
+from activities import exports
 from activities.errors import mapped, to_application_error
 from activities.guard import authorized
-from sendense import config
+from sendense import config, policy
 from sendense.datapath.sync import Checkpoint, planned_bytes
 from sendense.datapath.sync import copy_disk as run_copy_disk
 from sendense.errors import InvalidSpec, SendenseError
@@ -51,6 +52,7 @@ from sendense.models import (
 )
 from sendense.platforms import source_for, target_for
 from sendense.private import private_dir
+from sendense.protocols import SourceDisk
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +69,8 @@ def work_dir(job: str) -> Path:
 def validate_job(req: JobRequest) -> VmInfo:
     src = source_for(req.spec, work_dir(req.spec.name))
     src.validate()
-    target_for(req.spec).validate()
+    if policy.is_local(req.spec.target):  # (another agent's target: prepare_target there checks it)
+        target_for(req.spec).validate()
     vm = src.discover()
     _refuse_too_many_disks(req.spec, len(vm.disks))
     return vm
@@ -116,6 +119,7 @@ def prepare_target(req: PrepareRequest) -> None:
 
 
 def _release(req: ReleaseRequest) -> None:
+    exports.unexport(req.spec, req.snapshot.snapshot_id)  # (a sync read across a link: its export ends)
     source_for(req.spec, work_dir(req.spec.name)).release_snapshot(req.snapshot, req.committed)
     # no copy of a released snapshot resumes: the resume tokens a failed sync's copies left are dead
     for dead in (work_dir(req.spec.name) / "tokens").glob(f"{req.snapshot.snapshot_id}-*.json"):
@@ -266,12 +270,16 @@ def heartbeating(every: float) -> Iterator[None]:
 def copy_disk(req: CopyRequest) -> DiskCopyResult:
     """Copy one disk of a snapshot into the sync's replica, resuming from the last resume token
     (`resumable_copy`)."""
-    src = source_for(req.spec, work_dir(req.spec.name))
     tgt = target_for(req.spec)
     disk = req.snapshot.disk(req.disk)
 
+    def source() -> AbstractContextManager[SourceDisk]:
+        if req.export is not None:  # the source is another agent's: read across the link
+            return nullcontext(exports.remote_source(req.export, req.disk, req.spec.tuning))
+        return source_for(req.spec, work_dir(req.spec.name)).open_disk(req.snapshot, req.disk)
+
     def copy(start: int, checkpoint: Checkpoint) -> DiskCopyResult:
-        with src.open_disk(req.snapshot, req.disk) as sd, tgt.open_disk(req.sync_id, req.disk) as td:
+        with source() as sd, tgt.open_disk(req.sync_id, req.disk) as td:
             return run_copy_disk(
                 sd,
                 td,
@@ -447,6 +455,7 @@ def forget_source(req: JobRequest) -> None:
 
 HOST_ACTIVITIES: list[Callable[..., Any]] = [
     validate_job,
+    exports.export_snapshot,
     create_snapshot,
     prepare_target,
     begin_sync,

@@ -8,6 +8,11 @@ SENDENSE_TLS_SERVER_NAME   the name the server's certificate must carry (default
 SENDENSE_CODEC_KEY   file of the payload encryption key (32 bytes; default SENDENSE_HOME/codec.key)
 SENDENSE_CODEC_OLD_KEYS    retired key files, separated by ':', still accepted for decryption
 SENDENSE_HOST_ID     stable id of this host; its agent serves task queue host-<id>
+SENDENSE_DATA_LISTEN     host:port where this host's agent serves source disks to other agents
+SENDENSE_DATA_ADVERTISE  host:port other agents reach it at (default: SENDENSE_DATA_LISTEN)
+SENDENSE_AGENT_CERT / SENDENSE_AGENT_KEY / SENDENSE_AGENT_CA   this agent's certificate for data
+                     connections between agents (default SENDENSE_HOME/agent/agent.pem,
+                     agent-key.pem, ca.pem; `sendense certs agent` makes them)
 """
 
 from __future__ import annotations
@@ -53,6 +58,51 @@ def host_id() -> str:
 
 def host_queue(host: str | None = None) -> str:
     return f"host-{host or host_id()}"
+
+
+def host_of_queue(queue: str) -> str:
+    """The host id a host queue belongs to (host-<id>)."""
+    return queue.removeprefix("host-")
+
+
+def data_listen() -> tuple[str, int] | None:
+    """Where this agent serves source disks to other agents (SENDENSE_DATA_LISTEN), or None."""
+    raw = os.environ.get("SENDENSE_DATA_LISTEN", "").strip()
+    return _host_port(raw, "SENDENSE_DATA_LISTEN") if raw else None
+
+
+def data_advertise(bound: tuple[str, int]) -> str:
+    """host:port other agents reach this one's data server at."""
+    raw = os.environ.get("SENDENSE_DATA_ADVERTISE", "").strip()
+    if raw:
+        _host_port(raw, "SENDENSE_DATA_ADVERTISE")
+        return raw
+    return f"{bound[0]}:{bound[1]}" if ":" not in bound[0] else f"[{bound[0]}]:{bound[1]}"
+
+
+def _host_port(raw: str, var: str) -> tuple[str, int]:
+    host, sep, port = raw.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{var}={raw}: not host:port")
+    return host, int(port)
+
+
+@dataclass(frozen=True)
+class AgentTlsFiles:
+    cert: Path
+    key: Path
+    ca: Path
+
+
+def agent_tls_files() -> AgentTlsFiles:
+    """This agent's certificate, key and the deployment's CA for data connections between agents."""
+    d = home() / "agent"
+    return AgentTlsFiles(
+        cert=Path(os.environ.get("SENDENSE_AGENT_CERT") or d / "agent.pem").expanduser(),
+        key=Path(os.environ.get("SENDENSE_AGENT_KEY") or d / "agent-key.pem").expanduser(),
+        ca=Path(os.environ.get("SENDENSE_AGENT_CA") or d / "ca.pem").expanduser(),
+    )
 
 
 def workflow_id(job: str) -> str:

@@ -348,6 +348,18 @@ class Tuning(Strict):
     heartbeat_timeout: Heartbeat = Field(
         default=timedelta(seconds=20), description="a copy whose worker died is resumed after this long"
     )
+    in_flight: int = Field(
+        default=4,
+        ge=1,
+        le=64,
+        description="requests in flight per connection when the source is read across a site link "
+        "(with the connections: at least the link's bandwidth x round trip)",
+    )
+    compression: Literal["auto", "zstd", "off"] = Field(
+        default="auto",
+        description="zstd on the link between two agents: auto = on when the source is another agent's "
+        "(chunks that do not compress are sent as they are), off for a fast LAN",
+    )
     inline_copy_bytes: int = Field(
         default=64 << 20,
         ge=0,
@@ -840,11 +852,30 @@ class PrepareRequest(Wire):
     disks: list[DiskInfo]
 
 
+class RemoteExport(Wire):
+    """A sync's snapshot served by the source's agent to the target's (sendense.datapath.remote)."""
+
+    address: str = Field(description="host:port of the source agent's data server")
+    host_id: str = Field(description="the source agent's host id: its certificate must name it")
+    export: str = Field(description="<job>/<sync id>")
+    token: str = Field(description="the export's secret (payloads are encrypted; never logged)", repr=False)
+
+
+class ExportRequest(Wire):
+    spec: JobSpec
+    sync_id: str
+    snapshot: SnapshotRef
+    peer_host: str = Field(description="host id of the agent that will read it (the target's)")
+
+
 class CopyRequest(Wire):
     spec: JobSpec
     sync_id: str
     snapshot: SnapshotRef
     disk: str
+    export: RemoteExport | None = Field(
+        default=None, description="read the source across the link from this export (target's agent)"
+    )
 
 
 class CommitRequest(Wire):

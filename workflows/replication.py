@@ -27,6 +27,7 @@ with workflow.unsafe.imports_passed_through():
     from pydantic import ValidationError
 
     from sendense import platforms
+    from sendense.config import host_of_queue
     from sendense.models import (
         AbortRequest,
         BeginResult,
@@ -36,6 +37,7 @@ with workflow.unsafe.imports_passed_through():
         DeleteRequest,
         DiskCopyResult,
         DiskInfo,
+        ExportRequest,
         FinishResult,
         JobRequest,
         JobSpec,
@@ -43,6 +45,7 @@ with workflow.unsafe.imports_passed_through():
         PointInfo,
         PrepareRequest,
         ReleaseRequest,
+        RemoteExport,
         ReplicationInput,
         Settings,
         SettingsChange,
@@ -64,6 +67,7 @@ PATCH_INLINE_COPY = "begin-and-copy"  # small syncs copied inside their first ta
 PATCH_INLINE_FINISH = "begin-copy-finish"  # ... and committed there too when every disk was copied
 PATCH_RESNAPSHOT = "resnapshot-at-once"  # a snapshot the source changed under is taken again at once
 PATCH_DELETE_LEFTOVERS = "delete-reports-leftovers"  # a failed purge is reported, the delete completes
+PATCH_REMOTE_COPY = "remote-copy"  # split: the target's agent pulls the source's export across the link
 
 RESNAPSHOT_LIMIT = 3  # new snapshots in a row after SnapshotInconsistent, then wait for the interval
 
@@ -84,6 +88,7 @@ class Step:
     timeout: timedelta
     retry: RetryPolicy = field(default_factory=lambda: SHORT)
     heartbeat: bool = False  # heartbeat timeout: the job's tuning.heartbeat_timeout
+    activity: str | None = None  # the activity it runs, when not the step's name
 
 
 # Every activity of a job, in one table (the activities live in activities/replication.py).
@@ -94,6 +99,9 @@ STEPS: dict[str, Step] = {
     "begin_and_copy": Step("source", SNAPSHOT_TIMEOUT + timedelta(minutes=53), heartbeat=True),
     "prepare_target": Step("target", timedelta(minutes=3)),
     "copy_disk": Step("source", timedelta(hours=48), retry=COPY, heartbeat=True),
+    # two agents: the source's serves the snapshot, the target's copies it across the link
+    "export_snapshot": Step("source", timedelta(minutes=5)),
+    "copy_remote": Step("target", timedelta(hours=48), retry=COPY, heartbeat=True, activity="copy_disk"),
     "commit_point": Step("target", timedelta(minutes=20)),  # includes pruning (a merge of two points)
     "finish_sync": Step("target", timedelta(minutes=23)),  # commit_point + release_snapshot
     "release_snapshot": Step("source", timedelta(minutes=5)),
@@ -377,7 +385,20 @@ class ReplicationWorkflow(JobRecovery):
         await self._step(
             "prepare_target", PrepareRequest(spec=self._spec, sync_id=attempt.sync_id, disks=disks)
         )
-        await self._copy_rest(attempt)
+        export = None
+        if self.inp is not None and self.inp.source_queue != self.inp.target_queue:
+            if workflow.patched(PATCH_REMOTE_COPY):  # two agents: the target's reads across the link
+                export = await self._step(
+                    "export_snapshot",
+                    ExportRequest(
+                        spec=self._spec,
+                        sync_id=attempt.sync_id,
+                        snapshot=snap,
+                        peer_host=host_of_queue(self.inp.target_queue),
+                    ),
+                    RemoteExport,
+                )
+        await self._copy_rest(attempt, export)
         point = await self._step("commit_point", self._commit_request(attempt), PointInfo)
         return FinishResult(point=point)
 
@@ -397,15 +418,19 @@ class ReplicationWorkflow(JobRecovery):
         await self._copy_rest(attempt)
         return await self._step("finish_sync", self._commit_request(attempt), FinishResult)
 
-    async def _copy_rest(self, attempt: Attempt) -> None:
-        """copy_disk for each disk of the snapshot not copied yet, in order."""
+    async def _copy_rest(self, attempt: Attempt, export: RemoteExport | None = None) -> None:
+        """copy_disk for each disk of the snapshot not copied yet, in order: on the source's agent, or
+        with an export on the target's (reading the source across the link)."""
         assert attempt.snap is not None
         for d in attempt.snap.disks[len(attempt.results) :]:
             # the snapshot with this disk only: a copy reads one disk, and n copies of every disk's
             # handles would make a sync's history grow with the square of the disk count
             one = attempt.snap.model_copy(update={"disks": [d]})
-            req = CopyRequest(spec=self._spec, sync_id=attempt.sync_id, snapshot=one, disk=d.key)
-            attempt.results.append(await self._step("copy_disk", req, DiskCopyResult))
+            req = CopyRequest(
+                spec=self._spec, sync_id=attempt.sync_id, snapshot=one, disk=d.key, export=export
+            )
+            step = "copy_disk" if export is None else "copy_remote"
+            attempt.results.append(await self._step(step, req, DiskCopyResult))
 
     def _commit_request(self, attempt: Attempt) -> CommitRequest:
         assert attempt.snap is not None
@@ -497,7 +522,7 @@ class ReplicationWorkflow(JobRecovery):
         assert self.inp is not None
         step = STEPS[name]
         return await workflow.execute_activity(
-            name,
+            step.activity or name,
             arg,
             result_type=result_type,
             task_queue=self.inp.source_queue if step.queue == "source" else self.inp.target_queue,

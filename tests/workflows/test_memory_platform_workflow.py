@@ -12,9 +12,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import os
 import shutil
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -27,12 +28,14 @@ from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
+from activities import exports
 from activities.failback import FAILBACK_ACTIVITIES
 from activities.plans import PLAN_ACTIVITIES, JobOperations
 from activities.recovery import RECOVERY_ACTIVITIES
 from activities.replication import HOST_ACTIVITIES
 from connectors.memory.spec import MemorySource, MemoryTarget
 from connectors.memory.store import Store
+from sendense import config
 from sendense.errors import TargetError
 from sendense.models import (
     DeleteRequest,
@@ -46,6 +49,7 @@ from sendense.models import (
     Tuning,
 )
 from sendense.platforms import target_for
+from tools import certs
 from workflows.drill import DrillWorkflow
 from workflows.failback import FailbackWorkflow
 from workflows.failover import FailoverWorkflow
@@ -162,6 +166,44 @@ async def running(env: WorkflowEnvironment, job: Job, *, source_queue: bool = Fa
     or inline steps)."""
     q = f"mem-{uuid.uuid4()}"
     sq = f"{q}-source" if source_queue else q
+    with contextlib.ExitStack() as agents:
+        if source_queue:  # two agents (in this process): the target's pulls the source's export
+            q = agents.enter_context(data_agent(job.tmp))
+            sq = f"{q}-source"
+        async with _running(env, job, q, sq) as j:
+            yield j
+
+
+@contextlib.contextmanager
+def data_agent(tmp: Path) -> Iterator[str]:
+    """This process as an agent serving source disks over mutual TLS on loopback (activities.exports),
+    with a certificate for a host id of its own; yields its host queue."""
+    host = f"mem{uuid.uuid4().hex[:8]}"
+    d = tmp / "agent-certs"
+    certs.agent(d, host, ["127.0.0.1"])
+    env = {
+        "SENDENSE_HOST_ID": host,
+        "SENDENSE_DATA_LISTEN": "127.0.0.1:0",
+        "SENDENSE_AGENT_CERT": str(d / f"agent-{host}.pem"),
+        "SENDENSE_AGENT_KEY": str(d / f"agent-{host}-key.pem"),
+        "SENDENSE_AGENT_CA": str(d / "ca.pem"),
+    }
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        exports.start_server()
+        yield config.host_queue(host)
+    finally:
+        exports.stop_server()
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.asynccontextmanager
+async def _running(env: WorkflowEnvironment, job: Job, q: str, sq: str) -> AsyncIterator[Job]:
     with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
         workers = [
             Worker(

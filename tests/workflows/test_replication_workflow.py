@@ -43,6 +43,7 @@ from sendense.models import (
     DiskCopyResult,
     DiskInfo,
     DiskSnapshot,
+    ExportRequest,
     FinishResult,
     JobRequest,
     JobSpec,
@@ -53,6 +54,7 @@ from sendense.models import (
     PruneRequest,
     PruneResult,
     ReleaseRequest,
+    RemoteExport,
     ReplicationInput,
     Retention,
     Schedule,
@@ -136,6 +138,7 @@ class FakeHost:
         return [
             self.validate_job,
             self.create_snapshot,
+            self.export_snapshot,
             self.prepare_target,
             self.begin_sync,
             self.begin_and_copy,
@@ -251,9 +254,18 @@ class FakeHost:
             return FinishResult(point=point, release_error=e.message)
         return FinishResult(point=point)
 
+    @activity.defn(name="export_snapshot")
+    async def export_snapshot(self, req: ExportRequest) -> RemoteExport:
+        self.calls.append(("export_snapshot", req))
+        self.queues.append(("export_snapshot", activity.info().task_queue))
+        return RemoteExport(
+            address="192.0.2.1:7400", host_id="src", export=f"{req.spec.name}/{req.sync_id}", token="t"
+        )
+
     @activity.defn(name="copy_disk")
     async def copy_disk(self, req: CopyRequest) -> DiskCopyResult:
         info = activity.info()
+        self.queues.append(("copy_disk", info.task_queue))
         self.calls.append(("copy_disk", req))
         self.copy_attempts.append((req.sync_id, req.disk, info.attempt, list(info.heartbeat_details)))
         if self.copy_hook is not None:
@@ -975,14 +987,26 @@ async def test_one_host_queue_runs_three_tasks_per_sync(env: WorkflowEnvironment
         ]
         per_sync = ["copy_disk"] * len(DISKS)
         first = {"combined": "begin_sync", "inline": "begin_and_copy"}.get(mode)
-        if first is None:
-            per_sync = ["create_snapshot", "prepare_target", *per_sync, "commit_point", "release_snapshot"]
+        if first is None:  # two agents: the target's pulls the source agent's export across the link
+            per_sync = [
+                "create_snapshot",
+                "prepare_target",
+                "export_snapshot",
+                *per_sync,
+                "commit_point",
+                "release_snapshot",
+            ]
             assert job.host.combined == []
+            queues = {n: q.endswith("-source") for n, q in job.host.queues}
+            assert queues == {"export_snapshot": True, "copy_disk": False}  # the copy on the target's
+            target_q = next(q for n, q in job.host.queues if n == "copy_disk")
+            assert [e.peer_host for e in job.host.of("export_snapshot")] == [target_q] * 2  # who may read
+            assert all(r.export is not None for r in job.host.of("copy_disk"))
         else:
             per_sync = [first, *per_sync, "finish_sync"]
             assert job.host.combined == [first, "finish_sync"] * 2
         assert scheduled == ["validate_job", *per_sync, *per_sync]
-        steps = [n for n, _ in job.host.calls if n != "validate_job"]
+        steps = [n for n, _ in job.host.calls if n not in ("validate_job", "export_snapshot")]
         one = [
             "create_snapshot",
             "prepare_target",
