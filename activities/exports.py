@@ -64,6 +64,11 @@ def start_server() -> DiskServer | None:
     return server
 
 
+def advertised() -> str | None:
+    """host:port other agents reach this one's data server at, if it runs."""
+    return _advertised
+
+
 def stop_server() -> None:
     global _server, _advertised
     if _server is not None:

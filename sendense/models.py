@@ -773,6 +773,11 @@ class SyncResult(Wire):
     bytes_written: int
     bytes_zeroed: int
     bytes_skipped: int = 0
+    bytes_on_wire: int | None = Field(
+        default=None,
+        description="what the data read cost across the link between two agents (zstd, zeros elided); "
+        "None when source and target were on one agent",
+    )
     seconds: float
     created_at: datetime
     resync_reason: str | None = None

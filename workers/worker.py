@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import ctypes
 import logging
 import signal
@@ -19,6 +20,7 @@ from temporalio.client import Client, TLSConfig
 from temporalio.converter import PayloadCodec
 from temporalio.worker import Worker
 
+from activities import exports
 from activities.failback import FAILBACK_ACTIVITIES
 from activities.plans import PLAN_ACTIVITIES, JobOperations
 from activities.recovery import RECOVERY_ACTIVITIES
@@ -110,9 +112,25 @@ def _tls_reason(e: Exception) -> str:
     return "handshake or connection failed"
 
 
-def build_workers(client: Client, host: str | None = None, max_activities: int = 32) -> list[Worker]:
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=max_activities, thread_name_prefix="activity")
-    control = Worker(
+ROLES = ("all", "host", "control")
+
+
+def build_workers(
+    client: Client, host: str | None = None, max_activities: int = 32, role: str = "all"
+) -> list[Worker]:
+    """The workers of an agent: `control` runs the workflows (and the plan's job operations) on the
+    control queue; `host` runs the activities that touch this host's disks and platforms on its own
+    queue (host-<id>); `all` both (one machine, or a small site)."""
+    workers: list[Worker] = []
+    if role in ("all", "control"):
+        workers.append(_control_worker(client))
+    if role in ("all", "host"):
+        workers.append(_host_worker(client, host, max_activities))
+    return workers
+
+
+def _control_worker(client: Client) -> Worker:
+    return Worker(
         client,
         task_queue=config.CONTROL_QUEUE,
         workflows=[
@@ -131,7 +149,11 @@ def build_workers(client: Client, host: str | None = None, max_activities: int =
         # after a worker restart, its workflows move to the new worker in 3 s instead of the default 10 s
         sticky_queue_schedule_to_start_timeout=timedelta(seconds=3),
     )
-    host_worker = Worker(
+
+
+def _host_worker(client: Client, host: str | None, max_activities: int) -> Worker:
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=max_activities, thread_name_prefix="activity")
+    return Worker(
         client,
         task_queue=config.host_queue(host),
         activities=[*HOST_ACTIVITIES, *RECOVERY_ACTIVITIES, *FAILBACK_ACTIVITIES, *PLAN_ACTIVITIES],
@@ -141,27 +163,41 @@ def build_workers(client: Client, host: str | None = None, max_activities: int =
         max_heartbeat_throttle_interval=timedelta(seconds=1),
         default_heartbeat_throttle_interval=timedelta(seconds=1),
     )
-    return [control, host_worker]
 
 
-async def serve() -> None:
-    pol = policy.current()  # an agent without a (valid) policy does not start: it would refuse every job
-    log.info(
-        "agent policy %s: platforms %s; source roots %s; target roots %s",
-        policy.path(),
-        ", ".join(pol.platforms),
-        ", ".join(map(str, pol.source_roots)),
-        ", ".join(map(str, pol.target_roots)),
-    )
+async def serve(role: str = "all") -> None:
+    if role not in ROLES:
+        raise NotAllowed(f"--role {role}: one of {', '.join(ROLES)}")
+    if role != "control":
+        pol = policy.current()  # an agent without a (valid) policy does not start: it would refuse every job
+        log.info(
+            "agent policy %s: platforms %s; source roots %s; target roots %s",
+            policy.path(),
+            ", ".join(pol.platforms),
+            ", ".join(map(str, pol.source_roots)),
+            ", ".join(map(str, pol.target_roots)),
+        )
     client = await connect()
-    workers = build_workers(client)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    log.info("worker serving %s and %s", config.CONTROL_QUEUE, config.host_queue())
-    async with workers[0], workers[1]:
-        await stop.wait()
+    data = exports.start_server() if role != "control" else None  # (SENDENSE_DATA_LISTEN: other agents read)
+    try:
+        workers = build_workers(client, role=role)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        queues = [w.task_queue for w in workers]
+        log.info(
+            "worker (role %s) serving %s%s",
+            role,
+            " and ".join(queues),
+            f"; source disks to other agents at {exports.advertised()}" if data else "",
+        )
+        async with contextlib.AsyncExitStack() as stack:
+            for w in workers:
+                await stack.enter_async_context(w)
+            await stop.wait()
+    finally:
+        exports.stop_server()
     log.info("worker stopped")
 
 
@@ -175,12 +211,15 @@ def _steady_heap() -> None:
         pass
 
 
-def main() -> None:
+def main(role: str = "all") -> None:
     _steady_heap()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        asyncio.run(serve())
+        asyncio.run(serve(role))
     except (ServerUnreachable, NotAllowed, CodecError) as e:
+        log.error("%s", e)
+        raise SystemExit(2) from None
+    except ValueError as e:  # a malformed SENDENSE_DATA_LISTEN / _ADVERTISE
         log.error("%s", e)
         raise SystemExit(2) from None
 

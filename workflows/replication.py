@@ -462,6 +462,7 @@ class ReplicationWorkflow(JobRecovery):
             bytes_written=point.stats.bytes_written,
             bytes_zeroed=point.stats.bytes_zeroed,
             bytes_skipped=point.stats.bytes_skipped,
+            bytes_on_wire=point.stats.bytes_on_wire if self._remote() else None,
             seconds=(workflow.now() - t0).total_seconds(),
             created_at=point.created_at,
             resync_reason=self.st.last_resync_reason if point.kind == "resync" else None,
@@ -532,6 +533,10 @@ class ReplicationWorkflow(JobRecovery):
         )
 
     # ------------------------------------------------------------------ helpers
+
+    def _remote(self) -> bool:
+        """Source and target on two agents: syncs read across the link between them."""
+        return self.inp is not None and self.inp.source_queue != self.inp.target_queue
 
     def _delay(self) -> float:
         if self.next_sync_at is None:

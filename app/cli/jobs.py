@@ -146,6 +146,11 @@ def status_rows(st: JobView) -> list[tuple[str, str]]:
     if st.last_sync:
         ls = st.last_sync
         rows.append(("last sync", f"{ls.kind}, {human(ls.bytes_written)} written, {ls.seconds:.1f}s"))
+        if ls.bytes_on_wire is not None:  # read across a link: what it cost there
+            ratio = f"{ls.bytes_read / ls.bytes_on_wire:.2f}x" if ls.bytes_on_wire else "-"
+            rows.append(
+                ("  link", f"{human(ls.bytes_on_wire)} on the wire for {human(ls.bytes_read)} read ({ratio})")
+            )
         for note in ls.notes:
             rows.append(("  note", note))
     if (fo := st.failed_over) is not None:

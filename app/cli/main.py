@@ -86,11 +86,35 @@ def status(state_dir: Path = typer.Option(None, help="state directory"), as_json
 
 
 @app.command()
-def worker() -> None:
-    """Run a worker in the foreground (control queue and this host's queue)."""
-    from workers.worker import main
+def worker(
+    role: str = typer.Option(
+        "all",
+        help="host: this host's disks and platforms (queue host-<id>); control: the workflows; all: both",
+    ),
+    host_id: str = typer.Option(None, help="this host's id (default $SENDENSE_HOST_ID, else the machine id)"),
+    data_listen: str = typer.Option(
+        None,
+        help="host:port to serve source disks to other agents on, over mutual TLS ($SENDENSE_DATA_LISTEN)",
+    ),
+    data_advertise: str = typer.Option(
+        None, help="host:port other agents reach it at, if not --data-listen ($SENDENSE_DATA_ADVERTISE)"
+    ),
+) -> None:
+    """Run an agent in the foreground. Temporal (TLS/mTLS) from SENDENSE_TEMPORAL and SENDENSE_TLS_*;
+    the agent's certificate for data between agents from SENDENSE_AGENT_CERT/KEY/CA
+    (`sendense certs agent`)."""
+    from workers.worker import ROLES, main
 
-    main()
+    if role not in ROLES:
+        fail(f"--role {role}: one of {', '.join(ROLES)}")
+    for var, value in (
+        ("SENDENSE_HOST_ID", host_id),
+        ("SENDENSE_DATA_LISTEN", data_listen),
+        ("SENDENSE_DATA_ADVERTISE", data_advertise),
+    ):
+        if value is not None:
+            os.environ[var] = value
+    main(role)
 
 
 # ------------------------------------------------------------------------------- payload keys
@@ -187,6 +211,33 @@ def certs_make(
         return
     if not made.files:
         out.print(f"{directory}: nothing to make (add --client NAME)", highlight=False)
+    for f in made.files:
+        out.print(f"made {f}", highlight=False)
+
+
+@certs_app.command("agent")
+def certs_agent(
+    directory: Path = typer.Argument(..., help="the CA's directory (0700; a CA is made if it has none)"),
+    host_id: str = typer.Option(..., "--host-id", help="the agent's host id (SENDENSE_HOST_ID)"),
+    address: list[str] = typer.Option(
+        [], "--address", help="an IP or DNS name other agents reach it at (repeatable)"
+    ),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Make an agent's certificate for data between agents (and Temporal mTLS): DIR/agent-<id>.pem and
+    agent-<id>-key.pem, naming sendense://host/<id>, which peers check. Give the agent the files as
+    SENDENSE_AGENT_CERT, SENDENSE_AGENT_KEY and SENDENSE_AGENT_CA=DIR/ca.pem."""
+    from tools.certs import agent
+
+    try:
+        made = agent(directory, host_id, address)
+    except SendenseError as e:
+        fail(e.message)
+    except OSError as e:
+        fail(f"{directory}: {e.strerror}")
+    if as_json:
+        emit_json({"dir": str(made.dir), "ca_reused": made.ca_reused, "files": [str(f) for f in made.files]})
+        return
     for f in made.files:
         out.print(f"made {f}", highlight=False)
 

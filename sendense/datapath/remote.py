@@ -30,6 +30,7 @@ length + JSON); the server answers with a JSON frame {"ok": true, "size": .., "t
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import socket
@@ -425,6 +426,7 @@ class DiskServer:
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._accept, daemon=True, name="disk-server")
         self._reaper = threading.Thread(target=self._reap, daemon=True, name="disk-server-reaper")
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="disk-opener")
 
     def start(self) -> DiskServer:
         self._thread.start()
@@ -445,6 +447,7 @@ class DiskServer:
             _shut(c)
         self._thread.join(timeout=5)
         self.drop("")
+        self._pool.shutdown(wait=False)
 
     def __enter__(self) -> DiskServer:
         return self.start()
@@ -509,6 +512,7 @@ class DiskServer:
             raw.close()
 
     def _session(self, s: ssl.SSLSocket, addr: Any) -> None:
+        """One connection: its hello checked, then the extents or reads it asks for."""
         peer = peer_host(s)
         frame = _recv_frame(s)
         try:
@@ -555,7 +559,9 @@ class DiskServer:
                 o.users += 1
                 o.socks.add(s)
                 return o
-        new = _Opened(key, opener)  # (outside the lock: opening may take seconds)
+        # outside the lock (opening may take seconds), on the server's own long-lived thread: a helper
+        # process (qemu-nbd) dies with the thread that started it (PR_SET_PDEATHSIG), not with ours
+        new = self._pool.submit(_Opened, key, opener).result()
         with self._lock:
             o = self._opened.get(key)
             if o is None:
@@ -578,7 +584,9 @@ class DiskServer:
                     if len(batch) >= BATCH:
                         s.sendall(_U32.pack(len(batch)) + b"".join(batch))
                         batch = []
-            except SendenseError as e:
+            except Exception as e:  # noqa: BLE001 - the reader hears it (ChangeTrackingLost, I/O errors)
+                if not isinstance(e, SendenseError):
+                    log.exception("listing the extents of %s failed", opened.key)
                 if batch:
                     s.sendall(_U32.pack(len(batch)) + b"".join(batch))
                 s.sendall(_U32.pack(FAILED))
@@ -605,7 +613,7 @@ class DiskServer:
                     return
                 try:
                     data = reader.read(offset, length)
-                except SendenseError as e:
+                except Exception as e:  # noqa: BLE001 - the reader hears it
                     payload = json.dumps(_error_frame(e)).encode()
                     s.sendall(_REPLY.pack(ERROR, len(payload)) + payload)
                     return
