@@ -228,6 +228,11 @@ def _connect(peer: Peer, tls: AgentTls, timeout: float) -> ssl.SSLSocket:
     except NotAllowed:
         raw.close()
         raise
+    except (ssl.SSLEOFError, ssl.SSLZeroReturnError) as e:  # closed mid-handshake: the peer or the path
+        raw.close()
+        raise ResourceUnavailable(
+            f"{peer.describe()}: closed during the TLS handshake ({_os_reason(e)})"
+        ) from None
     except ssl.SSLError as e:
         raw.close()
         raise NotAllowed(f"{peer.describe()}: TLS refused: {_ssl_reason(e)}") from None
@@ -282,10 +287,17 @@ class RemoteSourceDisk:
             hello = {"v": VERSION, "op": op, "export": self.peer.export, "token": self.peer.token}
             _send_frame(s, {**hello, "disk": self.key, **args})
             answer = _recv_frame(s)
-        except ssl.SSLError as e:  # TLS 1.3: the server checks this agent's certificate after the handshake
+        except (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionResetError):
+            # TLS 1.3: the server checks this agent's certificate after the handshake; a close without
+            # an alert may be that, or the peer going away: retried, and said so
             s.close()
-            reason = _ssl_reason(e) if not isinstance(e, ssl.SSLEOFError) else "it closed the connection"
-            raise NotAllowed(f"{self.peer.describe()}: TLS refused: {reason} (its log says why)") from None
+            raise ResourceUnavailable(
+                f"{self.peer.describe()}: closed the connection at once "
+                "(its log says why: it may not trust this agent's certificate)"
+            ) from None
+        except ssl.SSLError as e:  # an alert: the server refused this agent's certificate
+            s.close()
+            raise NotAllowed(f"{self.peer.describe()}: TLS refused: {_ssl_reason(e)}") from None
         except (OSError, ValueError) as e:
             s.close()
             raise DataPathError(f"{self.peer.describe()}: {_os_reason(e)}") from None
