@@ -29,6 +29,7 @@ from workers.codec import CodecError, data_converter, load_codec
 from workflows.drill import DrillWorkflow
 from workflows.failback import FailbackWorkflow
 from workflows.failover import FailoverWorkflow
+from workflows.governor import LinkGovernorWorkflow
 from workflows.plan import PlanDrillWorkflow, PlanFailbackWorkflow, PlanFailoverWorkflow, PlanWorkflow
 from workflows.replication import ReplicationWorkflow
 
@@ -124,6 +125,7 @@ def build_workers(client: Client, host: str | None = None, max_activities: int =
             PlanDrillWorkflow,
             PlanFailoverWorkflow,
             PlanFailbackWorkflow,
+            LinkGovernorWorkflow,
         ],
         # a plan's failover and failback act on its jobs through their workflows (async, on this queue)
         activities=[JobOperations(client).failover_job, JobOperations(client).failback_job],
