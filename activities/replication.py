@@ -22,6 +22,7 @@ from temporalio import activity
 
 from activities.errors import mapped, to_application_error
 from activities.guard import authorized
+from activities.leases import governed
 from sendense import config
 from sendense.datapath.sync import Checkpoint, planned_bytes
 from sendense.datapath.sync import copy_disk as run_copy_disk
@@ -178,9 +179,18 @@ def begin_and_copy(req: SnapshotRequest) -> BeginResult:
                     need = planned_bytes(sd, td, d)
                     if need > budget:
                         break
-                    copied.append(
-                        run_copy_disk(sd, td, d, req.spec.tuning, total=need, cancelled=activity.is_cancelled)
-                    )
+                    with governed(req.spec) as throttle:  # (a job on a link: its share of the link)
+                        copied.append(
+                            run_copy_disk(
+                                sd,
+                                td,
+                                d,
+                                req.spec.tuning,
+                                total=need,
+                                cancelled=activity.is_cancelled,
+                                throttle=throttle,
+                            )
+                        )
                     budget -= need
         begun = BeginResult(snapshot=snap, copied=copied)
         if not req.finish or len(copied) < len(snap.disks):
@@ -271,7 +281,11 @@ def copy_disk(req: CopyRequest) -> DiskCopyResult:
     disk = req.snapshot.disk(req.disk)
 
     def copy(start: int, checkpoint: Checkpoint) -> DiskCopyResult:
-        with src.open_disk(req.snapshot, req.disk) as sd, tgt.open_disk(req.sync_id, req.disk) as td:
+        with (
+            src.open_disk(req.snapshot, req.disk) as sd,
+            tgt.open_disk(req.sync_id, req.disk) as td,
+            governed(req.spec) as throttle,  # a job on a link: its share of the link (None: none)
+        ):
             return run_copy_disk(
                 sd,
                 td,
@@ -280,6 +294,7 @@ def copy_disk(req: CopyRequest) -> DiskCopyResult:
                 start=start,
                 on_checkpoint=checkpoint,
                 cancelled=activity.is_cancelled,
+                throttle=throttle,
             )
 
     return resumable_copy(req.spec, req.sync_id, req.disk, req.snapshot.created_at, copy)

@@ -19,6 +19,7 @@ from temporalio.client import Client, TLSConfig
 from temporalio.converter import PayloadCodec
 from temporalio.worker import Worker
 
+from activities import leases
 from activities.failback import FAILBACK_ACTIVITIES
 from activities.plans import PLAN_ACTIVITIES, JobOperations
 from activities.recovery import RECOVERY_ACTIVITIES
@@ -112,6 +113,10 @@ def _tls_reason(e: Exception) -> str:
 
 
 def build_workers(client: Client, host: str | None = None, max_activities: int = 32) -> list[Worker]:
+    try:  # copies of jobs on a link lease their share from its governor through this client
+        leases.attach(leases.Governors(client, asyncio.get_running_loop()))
+    except RuntimeError:  # (no event loop runs here: such copies run at leases.FLOOR_RATE, said once)
+        pass
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=max_activities, thread_name_prefix="activity")
     control = Worker(
         client,

@@ -1,4 +1,5 @@
-"""A token bucket shared by the copy threads of one job: the bandwidth the job is granted."""
+"""A token bucket shared by the copy threads of one job: the bandwidth the job is granted. It counts
+the bytes it lets through (`moved`), which a link's lease reports (activities.leases)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ class Throttle:
         self._tokens = float(self.burst)
         self._last = time.monotonic()
         self._lock = threading.Lock()
+        self.moved = 0  # bytes let through, in all
 
     def set_rate(self, rate: int | None) -> None:
         with self._lock:
@@ -21,13 +23,15 @@ class Throttle:
 
     def consume(self, n: int) -> None:
         """Block until `n` bytes may pass. A request larger than the burst passes at the average rate."""
-        if not self.rate:
-            return
-        with self._lock:
+        with self._lock:  # (the rate is read under the lock: set_rate may change it at any time)
+            self.moved += n
+            rate = self.rate
+            if not rate:
+                return
             now = time.monotonic()
-            self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
+            self._tokens = min(self.burst, self._tokens + (now - self._last) * rate)
             self._last = now
             self._tokens -= n
-            wait = -self._tokens / self.rate if self._tokens < 0 else 0.0
+            wait = -self._tokens / rate if self._tokens < 0 else 0.0
         if wait > 0:
             time.sleep(wait)
