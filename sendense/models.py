@@ -818,6 +818,8 @@ class JobStatus(Wire):
     last_drill: DrillSummary | None = None
     failed_over: FailedOver | None = None
     last_failback: FailbackSummary | None = None
+    priority: str = Field(default="normal", description="its class on its link")
+    link: str | None = Field(default=None, description="the site link its data crosses")
 
 
 # ------------------------------------------------------------------------ activity contracts
