@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 LEASE_PERIOD = 1.0  # seconds between renewals (the governor lets a lease lapse after its valid_for)
 FLOOR_RATE = BANDWIDTH_MIN  # bytes/s while the governor cannot be reached: 1 MiB/s
+BURST_SECONDS = 0.25  # a copy on a link bursts a quarter second at most (its setup time is not banked)
 
 
 class Governor(Protocol):
@@ -194,6 +195,11 @@ def holder_id(job: str) -> str:
     return f"{job}/{(info.workflow_run_id or '')[:8]}/{info.activity_id}#{info.attempt}"
 
 
+def link_throttle() -> Throttle:
+    """The throttle of a copy on a link: at the floor until its first grant, bursting little."""
+    return Throttle(FLOOR_RATE, burst_seconds=BURST_SECONDS)
+
+
 @contextmanager
 def governed(spec: JobSpec, governor: Governor | None = None) -> Iterator[Throttle | None]:
     """The throttle a copy of `spec`'s job runs through while it holds its link's lease; None for a
@@ -201,7 +207,7 @@ def governed(spec: JobSpec, governor: Governor | None = None) -> Iterator[Thrott
     if spec.link is None:
         yield None
         return
-    throttle = Throttle(FLOOR_RATE)
+    throttle = link_throttle()
     keeper = LeaseKeeper(
         spec.link,
         spec.name,

@@ -8,9 +8,10 @@ import time
 
 
 class Throttle:
-    def __init__(self, rate: int | None, burst: int | None = None) -> None:
+    def __init__(self, rate: int | None, burst: int | None = None, burst_seconds: float = 1.0) -> None:
         self.rate = rate
-        self.burst = burst or (rate or 0)
+        self.burst_seconds = burst_seconds  # the bucket's depth in seconds at the rate (set_rate keeps it)
+        self.burst = burst or int((rate or 0) * burst_seconds)
         self._tokens = float(self.burst)
         self._last = time.monotonic()
         self._lock = threading.Lock()
@@ -19,7 +20,8 @@ class Throttle:
     def set_rate(self, rate: int | None) -> None:
         with self._lock:
             self.rate = rate
-            self.burst = rate or 0
+            self.burst = int((rate or 0) * self.burst_seconds)
+            self._tokens = min(self._tokens, self.burst)  # a lower rate applies at once
 
     def consume(self, n: int) -> None:
         """Block until `n` bytes may pass. A request larger than the burst passes at the average rate."""

@@ -19,7 +19,7 @@ from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
-from activities.leases import FLOOR_RATE, Governors, LeaseKeeper
+from activities.leases import Governors, LeaseKeeper, link_throttle
 from app import stack
 from sendense.datapath.copy import CopyPlan, run_copy
 from sendense.datapath.extents import Extent
@@ -105,7 +105,7 @@ async def test_three_copies_get_50_30_20_and_take_up_a_finished_ones_share(serve
         sizes = {"critical": 165 * M, "normal": 10_000 * M, "low": 10_000 * M}
 
         def run(p: str) -> None:
-            throttle = Throttle(FLOOR_RATE)
+            throttle = link_throttle()
             keeper = LeaseKeeper(name, f"job-{p}", p, None, f"job-{p}/1", throttle, governors)
             keeper.start()
             try:
