@@ -98,8 +98,10 @@ class LeaseKeeper:
         governor: Governor | None,
         period: float = LEASE_PERIOD,
         floor: int = FLOOR_RATE,
+        job_id: str = "",
     ) -> None:
         self.link, self.job, self.priority, self.cap, self.holder = link, job, priority, cap, holder
+        self.job_id = job_id
         self.throttle, self.governor, self.period = throttle, governor, period
         self.floor = min(floor, cap) if cap else floor
         self.grant: LeaseGrant | None = None
@@ -155,6 +157,7 @@ class LeaseKeeper:
             req = LeaseRequest(
                 holder=self.holder,
                 job=self.job,
+                job_id=self.job_id,
                 priority=self.priority,
                 cap=self.cap,
                 bytes=moved,
@@ -216,6 +219,7 @@ def governed(spec: JobSpec, governor: Governor | None = None) -> Iterator[Thrott
         holder_id(spec.name),
         throttle,
         governor or attached(),
+        job_id=spec.job_id,
     )
     keeper.start()
     try:

@@ -289,6 +289,9 @@ class LeaseRequest(Wire):
 
     holder: str = Field(description="the copy: job, activity and attempt")
     job: str
+    job_id: str = Field(
+        default="", description="the job's unique id (a job re-created under its name differs)"
+    )
     priority: str = "normal"
     cap: int | None = Field(default=None, description="the job's own limit, bytes/s")
     bytes: int = Field(default=0, ge=0, description="bytes it moved since its last lease")
@@ -314,6 +317,14 @@ class JobPriority(Wire):
 
     job: str
     priority: str
+    job_id: str = ""
+
+
+class ClassChange(Wire):
+    """A job's class as `job settings --priority` last set it, and when (workflow time)."""
+
+    priority: str
+    at: datetime
 
 
 class LinkChange(Wire):
@@ -349,5 +360,5 @@ class GovernorInput(Wire):
     spec: dict[str, Any]
     holders: list[HolderStatus] = Field(default_factory=list)
     samples: dict[str, list[tuple[float, float]]] = Field(default_factory=dict)
-    priorities: dict[str, str] = Field(default_factory=dict)
+    priorities: dict[str, ClassChange] = Field(default_factory=dict, description="by job id (or name)")
     max_updates: int = Field(default=500, description="continue-as-new after this many lease updates")

@@ -25,6 +25,7 @@ with workflow.unsafe.imports_passed_through():
 
     from sendense.links import (
         PRIORITIES,
+        ClassChange,
         Demand,
         GovernorInput,
         HolderStatus,
@@ -45,6 +46,9 @@ with workflow.unsafe.imports_passed_through():
 LEASE_PERIOD = 1.0  # seconds between a copy's renewals (activities.leases)
 LEASE_VALID = 4.0  # a lease not renewed for this long lapses (about three missed renewals)
 SAMPLES = 5  # renewals the measured rate is averaged over (about LEASE_PERIOD each)
+# A job's priority change counts for its copies that started before it (their spec says the old one)
+# this long: a copy runs at most 48 h an attempt, and its retries get the same spec.
+PRIORITY_KEPT = timedelta(days=7)
 
 
 @workflow.defn(name="LinkGovernorWorkflow")
@@ -55,7 +59,7 @@ class LinkGovernorWorkflow:
         self.spec = LinkSpec.model_validate(inp.spec)
         self.holders = {h.holder: h for h in inp.holders}
         self.samples = {k: list(v) for k, v in inp.samples.items()}
-        self.priorities = dict(inp.priorities)
+        self.priorities = dict(inp.priorities)  # job id (or name) -> its class since a change
         self.updates = 0
         self.deleting = False
 
@@ -66,7 +70,8 @@ class LinkGovernorWorkflow:
         now = workflow.now()
         self.updates += 1
         self._expire(now)
-        priority = self.priorities.get(req.job, req.priority)
+        changed = self.priorities.get(req.job_id or req.job)
+        priority = changed.priority if changed is not None else req.priority
         h = self.holders.get(req.holder)
         if h is None:
             h = self.holders[req.holder] = HolderStatus(
@@ -95,6 +100,7 @@ class LinkGovernorWorkflow:
 
     @workflow.update
     def release(self, req: LeaseRelease) -> None:
+        self.updates += 1
         h = self.holders.pop(req.holder, None)
         self.samples.pop(req.holder, None)
         if h is not None:
@@ -106,7 +112,7 @@ class LinkGovernorWorkflow:
         if req.priority not in PRIORITIES:
             workflow.logger.warning("job %s: priority %r ignored (not a class)", req.job, req.priority)
             return
-        self.priorities[req.job] = req.priority
+        self.priorities[req.job_id or req.job] = ClassChange(priority=req.priority, at=workflow.now())
         for h in self.holders.values():
             if h.job == req.job:
                 h.priority = req.priority
@@ -167,7 +173,10 @@ class LinkGovernorWorkflow:
         await workflow.wait_condition(workflow.all_handlers_finished)
         if self.deleting:
             return self.status()
-        self._expire(workflow.now())
+        now = workflow.now()
+        self._expire(now)
+        for k in [k for k, c in self.priorities.items() if now - c.at > PRIORITY_KEPT]:
+            del self.priorities[k]  # every copy started before such a change has long ended
         workflow.continue_as_new(
             GovernorInput(
                 spec=self.spec.model_dump(mode="json"),

@@ -235,7 +235,8 @@ class ReplicationWorkflow(JobRecovery):
         assert self.inp is not None
         try:
             await workflow.get_external_workflow_handle(config.link_workflow_id(link)).signal(
-                "job_priority", JobPriority(job=self.inp.spec.name, priority=priority)
+                "job_priority",
+                JobPriority(job=self.inp.spec.name, job_id=self.inp.spec.job_id, priority=priority),
             )
         except FailureError as e:  # no governor: the job's next copies carry the new priority anyway
             workflow.logger.warning("link %s: the priority change was not delivered: %s", link, e)

@@ -20,7 +20,7 @@ from temporalio.client import Client, WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
-from temporalio.worker import Worker
+from temporalio.worker import Replayer, Worker
 
 from app import stack
 from sendense.links import GovernorInput, JobPriority, LeaseGrant, LeaseRelease, LeaseRequest, LinkChange
@@ -212,5 +212,21 @@ async def test_measured_rate_from_reported_bytes_and_refusals(server: Client) ->
         final = await link.handle.execute_update(LinkGovernorWorkflow.delete)
         assert final.holders == []
         await link.handle.result()
+
+    await governed(server, body, rate=30 * M)
+
+
+async def test_a_priority_change_is_the_jobs_not_a_new_job_of_the_same_name(server: Client) -> None:
+    """The change counts for the job (by its unique id): a job re-created under its name is not moved."""
+
+    async def body(link: Link) -> None:
+        change = JobPriority(job="web", job_id="a1", priority="critical")
+        await link.handle.signal(LinkGovernorWorkflow.job_priority, change)
+        assert (await link.lease("web/1", "low", job="web", job_id="a1")).priority == "critical"
+        assert (await link.lease("web/2", "low", job="web", job_id="b2")).priority == "low"
+        history = await link.handle.fetch_history()
+        await Replayer(
+            workflows=[LinkGovernorWorkflow], data_converter=pydantic_data_converter
+        ).replay_workflow(history)
 
     await governed(server, body, rate=30 * M)
