@@ -110,6 +110,7 @@ class LeaseKeeper:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._moved = throttle.moved
+        self._waited = throttle.waited
         self._since = time.monotonic()
 
     def start(self) -> None:
@@ -142,9 +143,10 @@ class LeaseKeeper:
         """Bytes moved, and over how long, since the last report the governor took."""
         return self.throttle.moved - self._moved, time.monotonic() - self._since
 
-    def _reported(self, moved: int, seconds: float) -> None:
+    def _reported(self, moved: int, seconds: float, waited: float) -> None:
         self._moved += moved
         self._since += seconds
+        self._waited += waited
 
     def renew(self) -> None:
         """One renewal: the grant applied, or (no answer) the last rate kept while it is valid, then
@@ -154,6 +156,7 @@ class LeaseKeeper:
             if self.governor is None:
                 raise LookupError("this worker reaches no link governor")
             moved, seconds = self._report()
+            waited = self.throttle.waited - self._waited
             req = LeaseRequest(
                 holder=self.holder,
                 job=self.job,
@@ -162,9 +165,10 @@ class LeaseKeeper:
                 cap=self.cap,
                 bytes=moved,
                 seconds=seconds,
+                waited=waited,
             )
             grant = self.governor.lease(self.link, req, max(self.period * 2, 2.0))
-            self._reported(moved, seconds)
+            self._reported(moved, seconds, waited)
         except Exception as e:  # noqa: BLE001 - whatever it is, the copy goes on at a safe rate
             if now >= self.valid_until and not self.floored:
                 self.floored = True

@@ -281,6 +281,25 @@ def allocate(budget: int | None, demands: list[Demand], weights: Weights | None 
     return grants
 
 
+HELD_BACK = 0.05  # a copy whose throttle held it back this fraction of a report's time wants more
+HEADROOM = 1.25  # a copy that was not held back is granted this much above what it moved
+DEMAND_MIN = 1 << 20  # bytes/s: never less, so that a copy that just started can speed up
+
+
+def demand_of(moved: int, seconds: float, waited: float | None) -> int | None:
+    """What a copy can use, from its last report: None (all it gets) if its throttle held it back, or
+    if it did not say; else a little more than it moved (a slow source, a copy that is mostly
+    comparing): the rest of its share goes to the others, and once it is held back again (it sped
+    up) it gets its whole share back at its next renewal."""
+    if waited is None or seconds <= 0 or waited >= HELD_BACK * seconds:
+        return None
+    return max(int(moved / seconds * HEADROOM), DEMAND_MIN)
+
+
+def lower_cap(a: int | None, b: int | None) -> int | None:
+    return b if a is None else a if b is None else min(a, b)
+
+
 # ------------------------------------------------------------------------ the governor's messages
 
 
@@ -296,6 +315,12 @@ class LeaseRequest(Wire):
     cap: int | None = Field(default=None, description="the job's own limit, bytes/s")
     bytes: int = Field(default=0, ge=0, description="bytes it moved since its last lease")
     seconds: float = Field(default=0.0, ge=0, description="over how long (its own clock)")
+    waited: float | None = Field(
+        default=None,
+        ge=0,
+        description="seconds its throttle held it back meanwhile: about 0 means it moves less than its "
+        "grant (a slow source) and its share goes to others; None: not said",
+    )
 
 
 class LeaseGrant(Wire):
@@ -341,6 +366,9 @@ class HolderStatus(Wire):
     rate: int | None = None
     share: float | None = None
     measured_rate: float | None = Field(default=None, description="bytes/s it reported over the last seconds")
+    demand: int | None = Field(
+        default=None, description="bytes/s it can use now (it moved less than its grant); None: all it gets"
+    )
     bytes: int = Field(default=0, description="bytes it reported in all")
     since: datetime
     last_seen: datetime

@@ -38,6 +38,8 @@ with workflow.unsafe.imports_passed_through():
         LinkStatus,
         allocate,
         budget_at,
+        demand_of,
+        lower_cap,
         window_at,
     )
     from sendense.models import JOB_NAME
@@ -49,6 +51,7 @@ SAMPLES = 5  # renewals the measured rate is averaged over (about LEASE_PERIOD e
 # A job's priority change counts for its copies that started before it (their spec says the old one)
 # this long: a copy runs at most 48 h an attempt, and its retries get the same spec.
 PRIORITY_KEPT = timedelta(days=7)
+DEMAND_AFTER = 2.0  # seconds after its first lease a copy's demand is judged by what it moves
 
 
 @workflow.defn(name="LinkGovernorWorkflow")
@@ -79,10 +82,18 @@ class LinkGovernorWorkflow:
             )
         h.priority, h.cap, h.last_seen = priority, req.cap, now
         self._measured(h, req.bytes, req.seconds)
+        # a copy moving less than its grant (and past its start: connecting takes a moment) leaves the
+        # rest to the others, work-conserving
         budget = budget_at(self.spec, now)
+        started = now - h.since >= timedelta(seconds=DEMAND_AFTER)
+        limited = started and budget is not None  # (an unlimited link has nothing to hand on)
+        h.demand = demand_of(req.bytes, req.seconds, req.waited) if limited else None
         grants = allocate(
             budget,
-            [Demand(x.holder, x.priority, x.cap) for x in self.holders.values()],  # type: ignore[arg-type]
+            [
+                Demand(x.holder, x.priority, lower_cap(x.cap, x.demand))  # type: ignore[arg-type]
+                for x in self.holders.values()
+            ],
             self.spec.weights,
         )
         g = grants[req.holder]

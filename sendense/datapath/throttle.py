@@ -1,5 +1,6 @@
 """A token bucket shared by the copy threads of one job: the bandwidth the job is granted. It counts
-the bytes it lets through (`moved`), which a link's lease reports (activities.leases)."""
+the bytes it lets through (`moved`) and the time it held its callers back (`waited`), which a link's
+lease reports (activities.leases): a copy that never waits does not use its grant."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ class Throttle:
         self._last = time.monotonic()
         self._lock = threading.Lock()
         self.moved = 0  # bytes let through, in all
+        self.waited = 0.0  # seconds the callers waited for the bucket, in all (0: it never held them back)
 
     def set_rate(self, rate: int | None) -> None:
         with self._lock:
@@ -35,5 +37,6 @@ class Throttle:
             self._last = now
             self._tokens -= n
             wait = -self._tokens / rate if self._tokens < 0 else 0.0
+            self.waited += wait
         if wait > 0:
             time.sleep(wait)

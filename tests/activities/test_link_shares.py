@@ -60,6 +60,14 @@ class Reader:
         return None
 
 
+class SlowReader(Reader):
+    """A source that gives 1.5 MB/s a connection (3 MB/s for a copy's two)."""
+
+    def read(self, offset: int, length: int) -> bytes:
+        time.sleep(length / 1_500_000)
+        return super().read(offset, length)
+
+
 class Writer(Reader):
     def __init__(self, received: Received) -> None:
         self.received = received
@@ -74,10 +82,12 @@ class Writer(Reader):
     def flush(self) -> None: ...
 
 
-def copy(size: int, received: Received, throttle: Throttle, stop: threading.Event) -> None:
+def copy(
+    size: int, received: Received, throttle: Throttle, stop: threading.Event, reader: type[Reader] = Reader
+) -> None:
     plan = CopyPlan(
         extents=[Extent(0, size)],
-        open_reader=Reader,
+        open_reader=reader,
         open_writer=lambda: Writer(received),
         chunk_size=CHUNK,
         connections=2,
@@ -151,6 +161,48 @@ async def test_three_copies_get_50_30_20_and_take_up_a_finished_ones_share(serve
                 await asyncio.sleep(0.1)
             print(f"the others took up the critical copy's share {took} s after it ended")
             assert took is not None and took <= 5.0, took
+        finally:
+            stop.set()
+            await asyncio.gather(*copies, return_exceptions=True)
+            with contextlib.suppress(RPCError):
+                await h.terminate()
+
+
+async def test_a_copy_with_a_slow_source_leaves_its_unused_share_to_the_others(server: Client) -> None:
+    """critical and normal on 30 MB/s, the normal copy's source giving 3 MB/s: by weight critical would
+    get 18.75 MB/s and normal 11.25 it cannot use; work-conserving, critical gets 30 - 1.25 x 3."""
+    queue, name = f"gov-{uuid.uuid4().hex[:8]}", f"l{uuid.uuid4().hex[:8]}"
+    async with Worker(server, task_queue=queue, workflows=[LinkGovernorWorkflow]):
+        h = await server.start_workflow(
+            LinkGovernorWorkflow.run,
+            GovernorInput(spec={"name": name, "rate": BUDGET}),
+            id=f"link-{name}",
+            task_queue=queue,
+        )
+        governors = Governors(server, asyncio.get_running_loop())
+        stop = threading.Event()
+        received = {"critical": Received(), "normal": Received()}
+
+        def run(p: str) -> None:
+            throttle = link_throttle()
+            keeper = LeaseKeeper(name, f"job-{p}", p, None, f"job-{p}/1", throttle, governors)
+            keeper.start()
+            try:
+                copy(10_000 * M, received[p], throttle, stop, SlowReader if p == "normal" else Reader)
+            finally:
+                keeper.stop()
+
+        copies = [asyncio.create_task(asyncio.to_thread(run, p)) for p in received]
+        try:
+            await asyncio.sleep(5)  # judged from 2 s after its first lease, on 1 s reports
+            t1, b1 = time.monotonic(), {p: r.bytes for p, r in received.items()}
+            await asyncio.sleep(4)
+            t2, b2 = time.monotonic(), {p: r.bytes for p, r in received.items()}
+            rates = {p: (b2[p] - b1[p]) / (t2 - t1) for p in received}
+            print(f"\nrates MB/s { ({p: round(r / M, 2) for p, r in rates.items()}) }")
+            assert 2.7 * M <= rates["normal"] <= 3.3 * M, rates  # its source's speed: not held back
+            assert rates["critical"] >= 0.9 * (BUDGET - 1.25 * 3 * M), rates  # not 18.75
+            assert sum(rates.values()) <= 1.05 * BUDGET, rates
         finally:
             stop.set()
             await asyncio.gather(*copies, return_exceptions=True)

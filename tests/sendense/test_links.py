@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from pydantic import ValidationError
 
-from sendense.links import Demand, LinkSpec, Weights, allocate, budget_at, parse_rate, show_rate
+from sendense.links import Demand, LinkSpec, Weights, allocate, budget_at, demand_of, parse_rate, show_rate
 from sendense.spec import format_validation_error
 
 M = 1_000_000  # 1 MB/s
@@ -235,3 +235,13 @@ def test_show_rate() -> None:
         "10 Gbit/s",
         "1000 B/s",
     ]
+
+
+def test_demand_of_a_copy_that_was_not_held_back() -> None:
+    # held back 0.2 s of 1 s: it wants more (None); not held back: 1.25 x what it moved, at least 1 MiB/s
+    assert demand_of(4 * M, 1.0, 0.2) is None
+    assert demand_of(4 * M, 1.0, None) is None
+    assert demand_of(4 * M, 1.0, 0.0) == 5 * M
+    assert demand_of(8 * M, 2.0, 0.01) == 5 * M
+    assert demand_of(0, 1.0, 0.0) == 1 << 20
+    assert demand_of(0, 0.0, 0.0) is None

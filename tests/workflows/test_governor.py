@@ -230,3 +230,25 @@ async def test_a_priority_change_is_the_jobs_not_a_new_job_of_the_same_name(serv
         ).replay_workflow(history)
 
     await governed(server, body, rate=30 * M)
+
+
+async def test_a_copy_moving_less_than_its_grant_leaves_the_rest_to_the_others(server: Client) -> None:
+    """Work-conserving within what copies use: one that its throttle never held back (a slow source)
+    is granted a little more than it moved, the others get the rest; held back again, its share is back."""
+
+    async def body(link: Link) -> None:
+        await link.lease("slow", "critical")
+        await link.lease("n", "normal")
+        await asyncio.sleep(2.1)  # (a copy's first seconds are its start: not judged)
+        g = await link.lease("slow", "critical", bytes=2 * M, seconds=1.0, waited=0.0)
+        assert g.rate == 2_500_000  # 2 MB/s moved, 1.25 x
+        assert (await link.lease("n", "normal", bytes=11 * M, seconds=1.0, waited=0.4)).rate == 27_500_000
+        st = await link.handle.query(LinkGovernorWorkflow.status)
+        assert {h.holder: h.demand for h in st.holders} == {"slow": 2_500_000, "n": None}
+        g = await link.lease("slow", "critical", bytes=2_500_000, seconds=1.0, waited=0.3)  # it sped up
+        assert g.rate == 30 * M * 50 // 80
+        assert (
+            await link.lease("n", "normal", bytes=11 * M, seconds=1.0, waited=0.4)
+        ).rate == 30 * M * 30 // 80
+
+    await governed(server, body, rate=30 * M)
