@@ -1,5 +1,5 @@
 """LinkGovernorWorkflow: one per site link (`link-<name>`), the one budget every copy crossing the
-link draws from, whichever agent runs it.
+link takes its share of, whichever agent runs it.
 
 A copy leases its share (update `lease`) when it starts and renews it every LEASE_PERIOD, reporting
 the bytes it moved since; each lease is answered with the copy's rate now: the link's budget at
