@@ -23,6 +23,7 @@ from temporalio import activity
 from activities import exports
 from activities.errors import mapped, to_application_error
 from activities.guard import authorized
+from activities.leases import governed
 from sendense import config, policy
 from sendense.datapath.sync import Checkpoint, planned_bytes
 from sendense.datapath.sync import copy_disk as run_copy_disk
@@ -182,9 +183,18 @@ def begin_and_copy(req: SnapshotRequest) -> BeginResult:
                     need = planned_bytes(sd, td, d)
                     if need > budget:
                         break
-                    copied.append(
-                        run_copy_disk(sd, td, d, req.spec.tuning, total=need, cancelled=activity.is_cancelled)
-                    )
+                    with governed(req.spec) as throttle:  # (a job on a link: its share of the link)
+                        copied.append(
+                            run_copy_disk(
+                                sd,
+                                td,
+                                d,
+                                req.spec.tuning,
+                                total=need,
+                                cancelled=activity.is_cancelled,
+                                throttle=throttle,
+                            )
+                        )
                     budget -= need
         begun = BeginResult(snapshot=snap, copied=copied)
         if not req.finish or len(copied) < len(snap.disks):
@@ -279,7 +289,11 @@ def copy_disk(req: CopyRequest) -> DiskCopyResult:
         return source_for(req.spec, work_dir(req.spec.name)).open_disk(req.snapshot, req.disk)
 
     def copy(start: int, checkpoint: Checkpoint) -> DiskCopyResult:
-        with source() as sd, tgt.open_disk(req.sync_id, req.disk) as td:
+        with (
+            source() as sd,
+            tgt.open_disk(req.sync_id, req.disk) as td,
+            governed(req.spec) as throttle,  # a job on a link: its share of the link (None: none)
+        ):
             return run_copy_disk(
                 sd,
                 td,
@@ -288,6 +302,7 @@ def copy_disk(req: CopyRequest) -> DiskCopyResult:
                 start=start,
                 on_checkpoint=checkpoint,
                 cancelled=activity.is_cancelled,
+                throttle=throttle,
             )
 
     return resumable_copy(req.spec, req.sync_id, req.disk, req.snapshot.created_at, copy)

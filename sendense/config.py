@@ -109,6 +109,14 @@ def workflow_id(job: str) -> str:
     return f"{WORKFLOW_ID_PREFIX}{job}"
 
 
+LINK_WORKFLOW_PREFIX = "link-"
+
+
+def link_workflow_id(link: str) -> str:
+    """The governor of a site link's bandwidth (workflows.governor), on the control queue."""
+    return f"{LINK_WORKFLOW_PREFIX}{link}"
+
+
 def drill_schedule_id(job: str) -> str:
     """The Temporal Schedule of a job's drills (`sendense drill schedule`)."""
     return f"drill-schedule-{job}"

@@ -99,6 +99,15 @@ Heartbeat = Annotated[Duration, _bounded("heartbeat_timeout", HEARTBEAT_MIN, HEA
 # no dots: bitmap names use them as separators; \Z, not $ (which admits a trailing newline)
 JOB_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}\Z")
 
+# A job's class on its link (sendense.links): how the link's budget is shared among its copies.
+Priority = Literal["critical", "normal", "low"]
+
+
+def _check_link_name(v: str | None) -> str | None:
+    if v is not None and not JOB_NAME.match(v):
+        raise ValueError("not a link name (1-63 chars of a-z 0-9 _ - starting with a letter or digit)")
+    return v
+
 
 # A host id names the task queue of that host's agent (host-<id>): a typo or a stray newline would be
 # a queue no agent serves, and the job would wait there for ever.
@@ -469,6 +478,10 @@ class JobSpec(Strict):
     retention: Retention = Field(default_factory=Retention)
     tuning: Tuning = Field(default_factory=Tuning)
     recovery: RecoverySpec = Field(default_factory=RecoverySpec)
+    priority: Priority = Field(default="normal", description="its class on its link: critical, normal, low")
+    link: Annotated[str | None, AfterValidator(_check_link_name)] = Field(
+        default=None, description="the site link its data crosses (`sendense link`); None: not governed"
+    )
 
     _source = field_validator("source", mode="wrap")(_end("source"))
     _target = field_validator("target", mode="wrap")(_end("target"))
@@ -492,6 +505,7 @@ class SettingsChange(Wire):
     interval: timedelta | None = None
     retention_points: int | None = None
     bandwidth_limit: int | None = None
+    priority: str | None = None
 
     def applied(self, spec: JobSpec) -> JobSpec:
         """`spec` with these settings, validated as a whole like a spec (raises ValidationError)."""
@@ -502,6 +516,8 @@ class SettingsChange(Wire):
             data["retention"]["points"] = self.retention_points
         if self.bandwidth_limit is not None:
             data["tuning"]["bandwidth_limit"] = self.bandwidth_limit or None
+        if self.priority is not None:
+            data["priority"] = self.priority
         return JobSpec.model_validate(data)
 
 
@@ -513,6 +529,7 @@ class Settings(SettingsChange):
     interval: Interval | None = None
     retention_points: RetentionPoints | None = None
     bandwidth_limit: int | None = Field(default=None, description="bytes/s; 0 = unlimited")
+    priority: Priority | None = Field(default=None, description="its class on its link")
 
     @field_validator("bandwidth_limit")
     @classmethod
@@ -821,6 +838,8 @@ class JobStatus(Wire):
     last_drill: DrillSummary | None = None
     failed_over: FailedOver | None = None
     last_failback: FailbackSummary | None = None
+    priority: str = Field(default="normal", description="its class on its link")
+    link: str | None = Field(default=None, description="the site link its data crosses")
 
 
 # ------------------------------------------------------------------------ activity contracts

@@ -20,7 +20,7 @@ from temporalio.client import Client, TLSConfig
 from temporalio.converter import PayloadCodec
 from temporalio.worker import Worker
 
-from activities import exports
+from activities import exports, leases
 from activities.failback import FAILBACK_ACTIVITIES
 from activities.plans import PLAN_ACTIVITIES, JobOperations
 from activities.recovery import RECOVERY_ACTIVITIES
@@ -31,6 +31,7 @@ from workers.codec import CodecError, data_converter, load_codec
 from workflows.drill import DrillWorkflow
 from workflows.failback import FailbackWorkflow
 from workflows.failover import FailoverWorkflow
+from workflows.governor import LinkGovernorWorkflow
 from workflows.plan import PlanDrillWorkflow, PlanFailbackWorkflow, PlanFailoverWorkflow, PlanWorkflow
 from workflows.replication import ReplicationWorkflow
 
@@ -121,6 +122,10 @@ def build_workers(
     """The workers of an agent: `control` runs the workflows (and the plan's job operations) on the
     control queue; `host` runs the activities that touch this host's disks and platforms on its own
     queue (host-<id>); `all` both (one machine, or a small site)."""
+    try:  # copies of jobs on a link lease their share from its governor through this client
+        leases.attach(leases.Governors(client, asyncio.get_running_loop()))
+    except RuntimeError:  # (no event loop runs here: such copies run at leases.FLOOR_RATE, said once)
+        pass
     workers: list[Worker] = []
     if role in ("all", "control"):
         workers.append(_control_worker(client))
@@ -142,6 +147,7 @@ def _control_worker(client: Client) -> Worker:
             PlanDrillWorkflow,
             PlanFailoverWorkflow,
             PlanFailbackWorkflow,
+            LinkGovernorWorkflow,
         ],
         # a plan's failover and failback act on its jobs through their workflows (async, on this queue)
         activities=[JobOperations(client).failover_job, JobOperations(client).failback_job],

@@ -11,6 +11,7 @@ Deterministic: no I/O, no clocks but workflow.now(), no connector imports.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -18,7 +19,7 @@ from typing import Any, Literal
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError, FailureError
 
 from workflows.common import SA_STATE, SA_VM, failure_message, failure_type
 from workflows.job_recovery import JobRecovery
@@ -26,8 +27,9 @@ from workflows.job_recovery import JobRecovery
 with workflow.unsafe.imports_passed_through():
     from pydantic import ValidationError
 
-    from sendense import platforms
+    from sendense import config, platforms
     from sendense.config import host_of_queue
+    from sendense.links import JobPriority
     from sendense.models import (
         AbortRequest,
         BeginResult,
@@ -143,6 +145,7 @@ class ReplicationWorkflow(JobRecovery):
         self.left_behind: list[str] = []  # what a delete could not remove, said in its result
         self.failing_over = False  # the failover update runs (its child makes the VM)
         self.failing_back = False  # the failback update runs (its child replicates the VM back)
+        self.link_signals: list[asyncio.Task[None]] = []  # priority changes on their way to the link
 
     # ------------------------------------------------------------------ handlers
 
@@ -173,6 +176,8 @@ class ReplicationWorkflow(JobRecovery):
             last_drill=self.st.last_drill,
             failed_over=self.st.failed_over,
             last_failback=self.st.last_failback,
+            priority=spec.priority,
+            link=spec.link,
         )
 
     @workflow.query
@@ -224,8 +229,25 @@ class ReplicationWorkflow(JobRecovery):
             spec.retention.points = settings.retention_points
         if settings.bandwidth_limit is not None:
             spec.tuning.bandwidth_limit = settings.bandwidth_limit or None
+        if settings.priority is not None and settings.priority != spec.priority:
+            spec.priority = settings.priority  # type: ignore[assignment]  # (the validator checked it)
+            if spec.link is not None:  # copies running now move class too, at their next renewal
+                self.link_signals = [t for t in self.link_signals if not t.done()]
+                self.link_signals.append(asyncio.create_task(self._tell_link(spec.link, spec.priority)))
         self._reschedule()
         return self.status()
+
+    async def _tell_link(self, link: str, priority: str) -> None:
+        """The job's priority changed: its link's governor (workflows.governor) counts the job's
+        running copies in the new class (their spec, from when they started, says the old one)."""
+        assert self.inp is not None
+        try:
+            await workflow.get_external_workflow_handle(config.link_workflow_id(link)).signal(
+                "job_priority",
+                JobPriority(job=self.inp.spec.name, job_id=self.inp.spec.job_id, priority=priority),
+            )
+        except FailureError as e:  # no governor: the job's next copies carry the new priority anyway
+            workflow.logger.warning("link %s: the priority change was not delivered: %s", link, e)
 
     @update_settings.validator
     def _validate_settings(self, settings: SettingsChange) -> None:

@@ -28,6 +28,7 @@ from temporalio.common import (
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
+from app.cli.link_client import JobShare, job_share
 from sendense import config
 from sendense.errors import InvalidSpec, ResourceNotFound, ResourceUnavailable, SendenseError
 from sendense.models import (
@@ -66,6 +67,7 @@ class JobView(JobStatus):
 
     steps: list[PendingStep] = Field(default_factory=list)
     spec_problem: str | None = Field(default=None, description="why the job's stored spec is invalid")
+    link_share: JobShare | None = Field(default=None, description="its copies' share of its link now")
     no_answer: str | None = Field(default=None, description="why the job's status could not be read")
 
 
@@ -251,7 +253,10 @@ class Jobs:
             ) from None
         _, problem = readable_spec(await h.query("get_spec", result_type=dict))
         failures = await self._failure_messages(desc)
-        return JobView(**dict(st), steps=pending_steps(desc, failures), spec_problem=problem)
+        share = await job_share(self.client, name, st.link) if st.link else None
+        return JobView(
+            **dict(st), steps=pending_steps(desc, failures), spec_problem=problem, link_share=share
+        )
 
     async def _failure_messages(self, desc: WorkflowExecutionDescription) -> dict[int, str]:
         """The pending activities' last failure messages, decrypted (by index)."""

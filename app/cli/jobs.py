@@ -14,7 +14,7 @@ from rich.text import Text
 
 from app.cli.output import JsonOpt, emit_json, fail, human, one_line, out, run, warn
 from sendense import config
-from sendense.errors import InvalidSpec
+from sendense.errors import InvalidSpec, ResourceNotFound
 from sendense.models import JobStatus, Settings, SyncResult
 
 if TYPE_CHECKING:
@@ -51,6 +51,13 @@ def job_create(
         jobs = await connect()
         if await jobs.exists(spec.name):  # before the checks below: they would see its replicas
             raise InvalidSpec(f"name: job {spec.name!r} already exists")
+        if spec.link is not None:  # (a typo would leave its copies at the floor rate)
+            from app.cli.link_client import Links
+
+            try:
+                await Links(jobs.client).status(spec.link)
+            except ResourceNotFound:
+                raise InvalidSpec(f"{file}: link: no link {spec.link!r} (sendense link create)") from None
         spec = spec.model_copy(update={"job_id": secrets.token_hex(8)})  # its replicas will carry it
         local = config.host_id()
         if spec.source.host in (None, local):
@@ -132,6 +139,8 @@ def status_rows(st: JobView) -> list[tuple[str, str]]:
         ("syncs / failures", f"{st.syncs} / {st.failures}"),
         ("written", human(st.total_bytes_written)),
     ]
+    if st.link:
+        rows.append(("link", f"{st.link}, priority {st.priority}: {_link_share(st)}"))
     if st.current_sync:
         rows.append(("current sync", st.current_sync))
     for step in st.steps:
@@ -173,6 +182,19 @@ def status_rows(st: JobView) -> list[tuple[str, str]]:
     if st.spec_problem:
         rows.append(("spec", st.spec_problem))
     return rows
+
+
+def _link_share(st: JobView) -> str:
+    from sendense.links import show_rate
+
+    ls = st.link_share
+    if ls is None or ls.note:
+        return ls.note if ls is not None and ls.note else "-"
+    if not ls.copies:
+        return "not copying now"
+    share = f", {ls.share:.0%} of the link" if ls.share is not None else ""
+    measured = show_rate(int(ls.measured_rate)) if ls.measured_rate else "-"
+    return f"granted {show_rate(ls.rate)}{share}, moving {measured}"
 
 
 def _sync_result_line(r: SyncResult) -> str:
@@ -237,27 +259,34 @@ def job_settings(
     interval: str = typer.Option(None, help="new sync interval, e.g. 5m"),
     retention: int = typer.Option(None, help="recovery points to keep"),
     bandwidth: int = typer.Option(None, help="bandwidth limit in bytes/s (0 = unlimited)"),
+    priority: str = typer.Option(None, help="its class on its link: critical, normal, low"),
     as_json: bool = JsonOpt,
 ) -> None:
-    """Change a running job's interval, retention or bandwidth limit."""
+    """Change a running job's interval, retention, bandwidth limit or priority (its running copies
+    move class on its link within seconds)."""
     from pydantic import ValidationError
 
     from sendense.spec import format_validation_error
 
-    given = {"interval": interval, "retention_points": retention, "bandwidth_limit": bandwidth}
+    given = {
+        "interval": interval,
+        "retention_points": retention,
+        "bandwidth_limit": bandwidth,
+        "priority": priority,
+    }
     try:
         s = Settings.model_validate({k: v for k, v in given.items() if v is not None})
     except ValidationError as e:
         fail(format_validation_error(e, "settings."))
     if not s.model_fields_set:
-        fail("give at least one of --interval, --retention, --bandwidth")
+        fail("give at least one of --interval, --retention, --bandwidth, --priority")
 
     async def go() -> JobStatus:
         return await (await connect()).settings(name, s)
 
     st = run(go)
     emit_json(st) if as_json else out.print(
-        f"interval {st.interval_seconds:.0f}s, retention {st.retention_points}"
+        f"interval {st.interval_seconds:.0f}s, retention {st.retention_points}, priority {st.priority}"
     )
 
 

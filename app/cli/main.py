@@ -14,6 +14,7 @@ from app.cli.failback import failback
 from app.cli.failover import failover
 from app.cli.jobs import job_app
 from app.cli.lab import lab_app
+from app.cli.links import link_app
 from app.cli.output import JsonOpt, debugging, describe_error, emit_json, error_line, fail, one_line, out
 from app.cli.plan import plan_app
 from app.cli.points import point_app
@@ -28,6 +29,7 @@ app.add_typer(drill_app, name="drill")
 app.command("failover")(failover)
 app.command("failback")(failback)
 app.add_typer(plan_app, name="plan")
+app.add_typer(link_app, name="link")
 
 # ------------------------------------------------------------------------------- stack
 

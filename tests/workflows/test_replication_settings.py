@@ -4,15 +4,20 @@ the harness of test_replication_workflow)."""
 
 from __future__ import annotations
 
+import asyncio
+import uuid
 from datetime import timedelta
 from typing import Any
 
 import pytest
 from temporalio.client import WorkflowUpdateFailedError
 from temporalio.exceptions import ApplicationError
+from temporalio.worker import Worker
 
+from sendense.links import GovernorInput, LeaseRequest
 from sendense.models import Settings
 from tests.workflows.test_replication_workflow import Job, _run, spec
+from workflows.governor import LinkGovernorWorkflow
 from workflows.replication import ReplicationWorkflow
 
 
@@ -81,3 +86,51 @@ async def test_a_paused_job_has_no_next_sync(env: Any) -> None:  # noqa: F811
         assert st.next_sync_at is not None
 
     await _run(env, spec(interval=timedelta(minutes=10)), body)
+
+
+async def test_a_priority_change_reaches_the_jobs_link(env: Any) -> None:  # noqa: F811
+    """`job settings --priority`: the job's spec changes (its next copies carry it) and its link's
+    governor counts its running copies in the new class at once (their spec still says the old one)."""
+    link = f"wan-{uuid.uuid4().hex[:8]}"
+    q = f"gov-{uuid.uuid4().hex[:8]}"
+    async with Worker(env.client, task_queue=q, workflows=[LinkGovernorWorkflow]):
+        gov = await env.client.start_workflow(
+            LinkGovernorWorkflow.run,
+            GovernorInput(spec={"name": link, "rate": 30_000_000}),
+            id=f"link-{link}",
+            task_queue=q,
+        )
+        running = LeaseRequest(holder="web01/x", job="web01", priority="low")
+        assert (await gov.execute_update(LinkGovernorWorkflow.lease, running)).priority == "low"
+
+        async def body(job: Job) -> None:
+            await job.settled(1)
+            st = await job.handle.execute_update(
+                ReplicationWorkflow.update_settings, Settings(priority="critical")
+            )
+            assert (st.priority, st.link) == ("critical", link)
+            for _ in range(100):
+                grant = await gov.execute_update(LinkGovernorWorkflow.lease, running)
+                if grant.priority == "critical":
+                    break
+                await asyncio.sleep(0.05)
+            assert grant.priority == "critical"
+            await job.sync_now()
+            assert job.host.of("commit_point")[-1].spec.priority == "critical"
+
+        await _run(env, spec(interval=timedelta(minutes=10)).model_copy(update={"link": link}), body)
+        await gov.terminate()
+
+
+async def test_a_priority_change_without_a_governor_still_applies(env: Any) -> None:  # noqa: F811
+    async def body(job: Job) -> None:
+        await job.settled(1)
+        st = await job.handle.execute_update(ReplicationWorkflow.update_settings, Settings(priority="low"))
+        assert st.priority == "low"
+        await job.sync_now()
+        assert (await job.status()).failures == 0
+        with pytest.raises(WorkflowUpdateFailedError) as ei:
+            await job.handle.execute_update("update_settings", {"priority": "urgent"})
+        assert ei.value.cause.message.startswith("settings.priority: Input should be")  # type: ignore[union-attr]
+
+    await _run(env, spec(interval=timedelta(minutes=10)).model_copy(update={"link": "nowhere"}), body)
