@@ -24,7 +24,7 @@ from activities.guard import authorized
 from sendense import config, policy
 from sendense.datapath.remote import AgentTls, DiskServer, Hello, Opener, Peer, RemoteSourceDisk
 from sendense.errors import NotAllowed, ResourceNotFound
-from sendense.models import ExportRequest, JobSpec, RemoteExport, SnapshotRef, Tuning, Wire
+from sendense.models import ExportRequest, JobSpec, RemoteExport, SnapshotRef, Wire
 from sendense.platforms import source_for
 from sendense.protocols import SourceDisk
 
@@ -150,9 +150,19 @@ def authorize(hello: Hello, peer: str) -> tuple[str, Opener]:
     return f"{job}/{sync_id}/{hello.disk}", opener
 
 
-def remote_source(export: RemoteExport, key: str, tuning: Tuning) -> RemoteSourceDisk:
+# DSCP per job priority on the link (RFC 4594 classes): a WAN that honours them can queue by them too
+DSCP = {"critical": 34, "normal": 18, "low": 8}  # AF41, AF21, CS1
+
+
+def remote_source(export: RemoteExport, key: str, spec: JobSpec) -> RemoteSourceDisk:
     """The source disk `key` of an export, read across the link by this (the target's) agent."""
     peer = Peer(address=export.address, host_id=export.host_id, export=export.export, token=export.token)
+    t = spec.tuning
     return RemoteSourceDisk(
-        peer, key, agent_tls(), compress=tuning.compression != "off", in_flight=tuning.in_flight
+        peer,
+        key,
+        agent_tls(),
+        compress=t.compression != "off",
+        in_flight=t.in_flight,
+        dscp=DSCP.get(spec.priority, 0),
     )

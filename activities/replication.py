@@ -285,7 +285,7 @@ def copy_disk(req: CopyRequest) -> DiskCopyResult:
 
     def source() -> AbstractContextManager[SourceDisk]:
         if req.export is not None:  # the source is another agent's: read across the link
-            return nullcontext(exports.remote_source(req.export, req.disk, req.spec.tuning))
+            return nullcontext(exports.remote_source(req.export, req.disk, req.spec))
         return source_for(req.spec, work_dir(req.spec.name)).open_disk(req.snapshot, req.disk)
 
     def copy(start: int, checkpoint: Checkpoint) -> DiskCopyResult:

@@ -21,7 +21,8 @@ length + JSON); the server answers with a JSON frame {"ok": true, "size": .., "t
 - "extents": the server streams batches of (u64 offset, u64 length, u8 zero) records, each batch a
   u32 count followed by the records; count 0 ends the stream, count 0xFFFFFFFF is followed by an error
   frame (the source's error, e.g. ChangeTrackingLost, re-raised as such on the client);
-- "read": the client sends requests (u64 offset, u32 length; length 0 = goodbye) without waiting,
+- "read" (with "dscp": the job's class, set on the data the server sends, for the WAN's QoS): the
+  client sends requests (u64 offset, u32 length; length 0 = goodbye) without waiting,
   several in flight; the server answers each in order with (u8 flag, u32 payload length, payload):
   flag 0 raw bytes, 1 zstd frame, 2 all zero (no payload), 3 error frame. Zero chunks never cross the
   link; with compression on, a chunk whose zstd frame is not smaller than 90% of it goes raw, and after
@@ -272,8 +273,9 @@ class RemoteSourceDisk:
         compress: bool = False,
         in_flight: int = 4,
         timeout: float = 30.0,
+        dscp: int = 0,
     ) -> None:
-        self.peer, self.key, self.tls = peer, key, tls
+        self.peer, self.key, self.tls, self.dscp = peer, key, tls, dscp
         self.compress, self.in_flight, self.timeout = compress, max(1, in_flight), timeout
         self.wire = WireCounter()
         s, info = self._open("info")
@@ -328,7 +330,7 @@ class RemoteSourceDisk:
             s.close()
 
     def connect(self) -> RemoteReader:
-        s, _ = self._open("read", compress="zstd" if self.compress else None)
+        s, _ = self._open("read", compress="zstd" if self.compress else None, dscp=self.dscp)
         return RemoteReader(s, self.peer.describe(), self.wire, self.in_flight)
 
 
@@ -557,6 +559,7 @@ class DiskServer:
             if hello.op == "extents":
                 self._extents(s, opened, hello)
             elif hello.op == "read":
+                _mark(s, hello.args.get("dscp"))
                 self._reads(s, opened, hello.args.get("compress") == "zstd")
         finally:
             with self._lock:
@@ -653,6 +656,19 @@ class DiskServer:
                 reader.close()
             except Exception:  # noqa: BLE001
                 log.debug("close failed", exc_info=True)
+
+
+def _mark(s: socket.socket, dscp: object) -> None:
+    """DSCP on the data a connection sends (the job's priority class, for the WAN's own QoS)."""
+    if not isinstance(dscp, int) or not 0 < dscp < 64:
+        return
+    try:
+        if s.family == socket.AF_INET6:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_TCLASS, dscp << 2)
+        else:
+            s.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, dscp << 2)
+    except OSError:
+        log.debug("DSCP %d not set", dscp, exc_info=True)
 
 
 def _family(host: str) -> socket.AddressFamily:

@@ -229,3 +229,108 @@ def test_a_copy_survives_a_killed_agent_or_a_cut_link_resending_at_most_a_window
     framing = data * 6 // 100  # TCP/IP and TLS records (measured ~4.5%), the control traffic
     print(f"{fault}: {sent / MiB:.1f} MiB crossed for {data / MiB:.0f} MiB (window {window / MiB:.0f} MiB)")
     assert sent <= data + framing + window, (sent, data, window)
+
+
+class ClassMeter:
+    """Bytes sent from site A on the link per DSCP class per 0.5 s (AF_PACKET on A's veth end; the
+    data server marks each job's data with its priority's DSCP)."""
+
+    def __init__(self, sites: TwoSites) -> None:
+        self.samples: list[tuple[float, int, int]] = []  # (time, dscp, bytes)
+        self.stop = threading.Event()
+        self.out = sites.dev["a"]
+
+        def open_socket() -> socket.socket:
+            s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800))  # IPv4
+            s.setsockopt(socket.SOL_SOCKET, 33, 64 << 20)
+            s.bind((self.out, 0))
+            s.settimeout(0.2)
+            return s
+
+        self.sock = sites.call("a", open_socket)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                frame, addr = self.sock.recvfrom(1 << 17)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if addr[2] != socket.PACKET_OUTGOING:
+                continue
+            self.samples.append((time.monotonic(), frame[15] >> 2, len(frame)))
+
+    def rates(self, t0: float, t1: float) -> dict[int, float]:
+        """Bytes/s per DSCP between t0 and t1."""
+        out: dict[int, float] = {}
+        for t, dscp, n in self.samples:
+            if t0 <= t < t1:
+                out[dscp] = out.get(dscp, 0) + n / (t1 - t0)
+        return out
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=5)
+        self.sock.close()
+
+
+@pytest.mark.slow
+def test_three_priorities_share_a_400mbit_link_50_30_20_measured_at_the_link(tmp_path: Path) -> None:
+    """Jobs of class critical, normal and low saturate a 400 Mbit/s link (its governor's budget 380
+    Mbit/s, the rest for framing): the bytes each class puts on the link (by the DSCP its data
+    carries) are 50/30/20 of what crosses within +-10%; when the critical job's copy ends, the
+    others take up its share within 5 s."""
+    sizes = {"critical": 192, "normal": 320, "low": 320}  # MiB of random data per job
+    dscp = {"critical": 34, "normal": 18, "low": 8}
+    with TwoSites(rate="400mbit") as s:
+        d = Deployment(
+            s, tmp_path / "dep", roots={"source_roots": [str(tmp_path)], "target_roots": [str(tmp_path)]}
+        )
+        d.start()
+        try:
+            d.cli("link", "create", "wan", "--rate", "380Mbit")
+            for prio, mib in sizes.items():
+                disk = make_qcow2(tmp_path / f"{prio}.qcow2", mib * MiB)
+                blob = tmp_path / f"{prio}.bin"
+                blob.write_bytes(os.urandom(mib * MiB))
+                subprocess.run(
+                    ["qemu-io", "-f", "qcow2", "-c", f"write -s {blob} 0 {mib}M", str(disk)],
+                    check=True,
+                    capture_output=True,
+                )
+                blob.unlink()
+                spec = write_spec(tmp_path / f"{prio}.yaml", f"j-{prio}", disk, tmp_path / f"rep-{prio}")
+                raw = yaml.safe_load(spec.read_text())
+                spec.write_text(yaml.safe_dump({**raw, "link": "wan", "priority": prio}))
+            meter = ClassMeter(s)
+            try:
+                for prio in sizes:
+                    d.cli("job", "create", "-f", str(tmp_path / f"{prio}.yaml"))
+                deadline = time.monotonic() + 60
+                while not all(d.tokens(f"j-{p}") for p in sizes):
+                    assert time.monotonic() < deadline, "the three copies did not all start"
+                    time.sleep(0.1)
+                t0 = time.monotonic() + 2  # the leases settle
+                time.sleep(8)
+                shares = meter.rates(t0, t0 + 6)
+                total = sum(shares.get(dscp[p], 0) for p in sizes)
+                measured = {p: shares.get(dscp[p], 0) / total for p in sizes}
+                print(f"link {total / 1e6:.1f} MB/s; shares {measured}")
+                for p, want in (("critical", 0.5), ("normal", 0.3), ("low", 0.2)):
+                    assert abs(measured[p] - want) <= 0.1 * want, measured
+                assert total >= 0.85 * 400e6 / 8, total  # the link is full
+                d.wait_point("j-critical", 1, timeout=120)
+                done = max(t for t, c, _ in meter.samples if c == dscp["critical"])
+                time.sleep(6)
+                after = meter.rates(done + 5, done + 6)
+                others = after.get(dscp["normal"], 0) + after.get(dscp["low"], 0)
+                print(f"after the critical copy: {others / 1e6:.1f} MB/s for normal + low")
+                assert others >= 0.85 * 400e6 / 8, after
+            finally:
+                meter.close()
+        finally:
+            for site in list(d.agents):
+                d.kill(site)
