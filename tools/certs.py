@@ -155,7 +155,7 @@ def _leaf(
         )
     )
     if names or uris:
-        san = list(_san(names)) + [x509.UniformResourceIdentifier(u) for u in uris]
+        san = (list(_san(names)) if names else []) + [x509.UniformResourceIdentifier(u) for u in uris]
         b = b.add_extension(x509.SubjectAlternativeName(san), critical=False)
     cert = b.sign(ca_key, hashes.SHA256())
     return cert.public_bytes(serialization.Encoding.PEM), _key_pem(key)

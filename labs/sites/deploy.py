@@ -56,6 +56,8 @@ class Deployment:
     rtt_ms: float = 0.0
     roots: dict[str, list[str]] = field(default_factory=dict)  # policy: source_roots, target_roots
     agent_env: dict[str, str] = field(default_factory=dict)
+    # an agent given another host's certificate (site -> host id whose certificate it presents): tests
+    cert_of: dict[str, str] = field(default_factory=dict)
     agents: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict, init=False)
     relay_port: int | None = field(default=None, init=False)
 
@@ -72,6 +74,8 @@ class Deployment:
         certs.make(self.pki, server_names=["temporal", s.addr["b"]], clients=["admin"])
         for site, host in HOSTS.items():
             certs.agent(self.pki, host, [s.addr[site]])
+        for host in set(self.cert_of.values()) - set(HOSTS.values()):
+            certs.agent(self.pki, host, [])
         sa = [a for n, k in config.SEARCH_ATTRIBUTES.items() for a in ("--search-attribute", f"{n}={k}")]
         s.popen(
             "b",
@@ -113,14 +117,15 @@ class Deployment:
             )
             return env
         host = HOSTS[site]
+        cert = self.cert_of.get(site, host)
         env.update(
             SENDENSE_HOME=str(self.home(site)),
             SENDENSE_HOST_ID=host,
             SENDENSE_POLICY=str(self.home(site) / "policy.yaml"),
-            SENDENSE_TLS_CERT=str(p / f"agent-{host}.pem"),
-            SENDENSE_TLS_KEY=str(p / f"agent-{host}-key.pem"),
-            SENDENSE_AGENT_CERT=str(p / f"agent-{host}.pem"),
-            SENDENSE_AGENT_KEY=str(p / f"agent-{host}-key.pem"),
+            SENDENSE_TLS_CERT=str(p / f"agent-{cert}.pem"),
+            SENDENSE_TLS_KEY=str(p / f"agent-{cert}-key.pem"),
+            SENDENSE_AGENT_CERT=str(p / f"agent-{cert}.pem"),
+            SENDENSE_AGENT_KEY=str(p / f"agent-{cert}-key.pem"),
             SENDENSE_AGENT_CA=str(p / "ca.pem"),
             **self.agent_env,
         )

@@ -337,3 +337,38 @@ def test_three_priorities_share_a_400mbit_link_50_30_20_measured_at_the_link(tmp
         finally:
             for site in list(d.agents):
                 d.kill(site)
+
+
+def test_a_source_agent_with_another_hosts_certificate_is_refused_in_one_line(tmp_path: Path) -> None:
+    """Site A's agent presents a valid certificate of this deployment, but for host site-c: site B's
+    agent refuses to read from it, the sync fails with one line naming the peer and why, and nothing
+    is written (no point, no replica data)."""
+    with TwoSites(rate="1gbit") as s:
+        roots = {"source_roots": [str(tmp_path)], "target_roots": [str(tmp_path)]}
+        d = Deployment(s, tmp_path / "dep", roots=roots, cert_of={"a": "site-c"}).start()
+        try:
+            disk = make_qcow2(tmp_path / "vm.qcow2", 64 * MiB)
+            qemu_io(disk, "write -P 0x11 0 4M")
+            d.cli(
+                "job",
+                "create",
+                "-f",
+                str(write_spec(tmp_path / "job.yaml", "wrongcert", disk, tmp_path / "rep")),
+            )
+            deadline = time.monotonic() + 120
+            while (st := d.json("job", "status", "wrongcert"))["failures"] < 1:
+                assert time.monotonic() < deadline, st
+                time.sleep(0.5)
+            err = st["last_error"]
+            assert "\n" not in err
+            assert err.endswith("source agent host-site-a at 10.") is False
+            assert (
+                "source agent host-site-a at " in err
+                and "its certificate is for host site-c, not site-a" in err
+            )
+            assert st["syncs"] == 0 and d.json("point", "list", "wrongcert") == []
+            written = [p for p in (tmp_path / "rep").rglob("*.qcow2")]
+            assert written == [], written  # the failed sync's pending replica was removed too
+        finally:
+            for site in list(d.agents):
+                d.kill(site)
