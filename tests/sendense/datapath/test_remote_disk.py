@@ -294,3 +294,16 @@ def test_a_released_snapshot_ends_the_connections_reading_it(certs: Path) -> Non
         ):
             for i in range(1, 8):
                 r.read(i * CHUNK, CHUNK)
+
+
+def test_an_allocated_chunk_of_zeros_crosses_as_five_bytes(certs: Path) -> None:
+    """Data the source lists as data but that reads as zeros (an allocated, zeroed range): the server
+    says "zero" and sends no payload."""
+    src = MemSource(disk_bytes())
+    with serving(certs, src) as (srv, _):
+        disk = RemoteSourceDisk(peer(srv), "d0", tls(certs, "dst"))
+        r = disk.connect()
+        assert r.read(3 * MiB, CHUNK) == bytes(CHUNK)  # (3 MiB: zeros)
+        assert r.last_wire == 5
+        assert r.read(0, CHUNK) == bytes(src.buf[:CHUNK]) and r.last_wire == 5 + CHUNK
+        r.close()
