@@ -18,6 +18,7 @@ APT_PACKAGES=(
   libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients
   python3-venv python3-dev gcc
   util-linux  # setpriv: qemu-nbd dies with the worker (--pdeathsig); a test drops to nobody
+  iproute2  # ip netns, veth and tc tbf: the two-site lab (labs/sites)
   busybox-static fdisk cpio kmod extlinux syslinux-common e2fsprogs  # the bootable guest (labs/guest)
 )
 
