@@ -16,6 +16,7 @@ import re
 import secrets
 from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Literal
 
 from temporalio import activity
 
@@ -25,7 +26,7 @@ from sendense import config, policy
 from sendense.datapath.remote import AgentTls, DiskServer, Hello, Opener, Peer, RemoteSourceDisk
 from sendense.errors import NotAllowed, ResourceNotFound
 from sendense.models import ExportRequest, JobSpec, RemoteExport, SnapshotRef, Wire
-from sendense.platforms import source_for
+from sendense.platforms import source_for, vm_changes_for
 from sendense.protocols import SourceDisk
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class ExportRecord(Wire):
     snapshot: SnapshotRef
     peer_host: str
     token_sha256: str
+    kind: Literal["sync", "reverse"] = "sync"
 
 
 def agent_tls() -> AgentTls:
@@ -106,6 +108,7 @@ def export_snapshot(req: ExportRequest) -> RemoteExport:
         snapshot=req.snapshot,
         peer_host=req.peer_host,
         token_sha256=_digest(token),
+        kind=req.kind,
     )
     _write_atomic(path, record.model_dump_json())
     return RemoteExport(
@@ -145,6 +148,8 @@ def authorize(hello: Hello, peer: str) -> tuple[str, Opener]:
     def opener() -> AbstractContextManager[SourceDisk]:
         from activities.replication import work_dir
 
+        if record.kind == "reverse":  # failback: the failed-over VM's snapshot, read by the source's agent
+            return vm_changes_for(record.spec).open_disk(record.snapshot, hello.disk)
         return source_for(record.spec, work_dir(job)).open_disk(record.snapshot, hello.disk)
 
     return f"{job}/{sync_id}/{hello.disk}", opener

@@ -7,10 +7,12 @@ the agent's policy first, and are idempotent by the snapshot id their workflow c
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 from temporalio import activity
 
+from activities import exports
 from activities.errors import mapped
 from activities.guard import authorized
 from activities.recovery import beating, source_power
@@ -55,7 +57,7 @@ def reverse_copy(req: ReverseCopyRequest) -> ReverseCopyResult:
     resume token. The first reverse sync (`since`) also copies where the source changed since the
     failover point; when the source no longer knows where (its change tracking is gone), the disk is
     compared whole (a resync: only what differs is written), never skipped."""
-    changes, sink = vm_changes_for(req.spec), _sink(req.spec)
+    sink = _sink(req.spec)
     disk = req.snapshot.disk(req.disk)
     whole = [False]
     planned = [0]
@@ -70,8 +72,13 @@ def reverse_copy(req: ReverseCopyRequest) -> ReverseCopyResult:
             )
             whole[0], disk = True, disk.model_copy(update={"base_change_id": None})
 
+    def vm_side() -> AbstractContextManager[SourceDisk]:
+        if req.export is not None:  # the VM is another agent's (two sites): read across the link
+            return nullcontext(exports.remote_source(req.export, req.disk, req.spec))
+        return vm_changes_for(req.spec).open_disk(req.snapshot, req.disk)
+
     def copy(start: int, checkpoint: Checkpoint) -> DiskCopyResult:
-        with changes.open_disk(req.snapshot, req.disk) as vm_disk, sink.open_disk(req.disk) as original:
+        with vm_side() as vm_disk, sink.open_disk(req.disk) as original:
             src: SourceDisk = vm_disk if diverged is None else WithDiverged(vm_disk, diverged)
             planned[0] = planned_bytes(src, original, disk, start)
             return run_copy_disk(
@@ -95,7 +102,9 @@ def reverse_copy(req: ReverseCopyRequest) -> ReverseCopyResult:
 @beating
 @authorized
 def reverse_release(req: ReverseReleaseRequest) -> None:
-    """Committed: the snapshot's change ids are the next reverse sync's base."""
+    """Committed: the snapshot's change ids are the next reverse sync's base. Its export to the
+    source's agent, if any (two sites), ends."""
+    exports.unexport(req.spec, req.snapshot.snapshot_id)
     vm_changes_for(req.spec).release(req.snapshot, req.committed)
 
 

@@ -890,6 +890,11 @@ class ExportRequest(Wire):
     sync_id: str
     snapshot: SnapshotRef
     peer_host: str = Field(description="host id of the agent that will read it (the target's)")
+    kind: Literal["sync", "reverse"] = Field(
+        default="sync",
+        description="sync: the source's snapshot (read by the target's agent); reverse: a failed-over "
+        "VM's snapshot (failback: read by the source's agent)",
+    )
 
 
 class CopyRequest(Wire):

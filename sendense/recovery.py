@@ -15,6 +15,7 @@ from sendense.models import (
     FailedOver,
     JobSpec,
     PointInfo,
+    RemoteExport,
     SnapshotRef,
     VmInfo,
     VmPlan,
@@ -238,6 +239,9 @@ class ReverseCopyRequest(Wire):
         default=None,
         description="the failover point's change id of the disk: where the source changed since it is "
         "copied too (the first reverse sync); None: only the VM's changes",
+    )
+    export: RemoteExport | None = Field(
+        default=None, description="read the VM's snapshot across the link from this export (two agents)"
     )
 
 

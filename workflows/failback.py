@@ -32,7 +32,8 @@ from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
     from sendense import platforms
-    from sendense.models import JobRequest, PointInfo, SnapshotRef
+    from sendense.config import host_of_queue
+    from sendense.models import ExportRequest, JobRequest, PointInfo, SnapshotRef
     from sendense.recovery import (
         FailbackInput,
         FailbackResult,
@@ -53,6 +54,7 @@ from workflows.replication import COPY
 from workflows.saga import STEP_TIMEOUT, Saga, step, undo
 
 COPY_TIMEOUT = timedelta(hours=48)  # heartbeats show a dead worker much sooner
+PATCH_REMOTE_FAILBACK = "remote-failback"  # two agents: the VM's steps on the target's, pulled across
 
 
 @workflow.defn(name="FailbackWorkflow")
@@ -60,6 +62,7 @@ class FailbackWorkflow:
     def __init__(self) -> None:
         self.inp: FailbackInput | None = None
         self.step = "starting"
+        self.remote = False
 
     @workflow.query
     def status(self) -> str:
@@ -82,6 +85,9 @@ class FailbackWorkflow:
                 ]
             )
         result = FailbackResult(failback_id=inp.failback_id, job=spec.name, point_id=fo.point_id, vm=fo.vm)
+        # two agents (two sites): the VM's steps run on the target's agent, which exports its snapshots,
+        # and the source's agent pulls them across the link into the source's disks
+        self.remote = inp.source_queue != inp.target_queue and workflow.patched(PATCH_REMOTE_FAILBACK)
         saga = Saga()
         job, vm = JobRequest(spec=spec), VmNameRequest(spec=spec, name=fo.vm)
         try:
@@ -110,7 +116,8 @@ class FailbackWorkflow:
             since = {d.key: d.change_id for d in point.disks}
 
             saga.register(
-                f"remove failback's snapshots of VM {fo.vm}", lambda: self._undo("reverse_forget", vm, True)
+                f"remove failback's snapshots of VM {fo.vm}",
+                lambda: self._undo("reverse_forget", vm, not self.remote),
             )
             base: dict[str, str] | None = None
             last: int | None = None
@@ -194,8 +201,16 @@ class FailbackWorkflow:
         snap: SnapshotRef = await self._act(
             "reverse_snapshot",
             ReverseSnapshotRequest(spec=spec, vm=fo.vm, snapshot_id=snapshot_id, base=base),
-            source=True,
+            source=not self.remote,
         )
+        export = None
+        if self.remote:
+            assert self.inp is not None
+            peer = host_of_queue(self.inp.source_queue)
+            export = await self._act(
+                "export_snapshot",
+                ExportRequest(spec=spec, sync_id=snapshot_id, snapshot=snap, peer_host=peer, kind="reverse"),
+            )
         r = ReverseSync(snapshot_id=snapshot_id, cutover=cutover)
         for d in snap.disks:
             req = ReverseCopyRequest(
@@ -203,6 +218,7 @@ class FailbackWorkflow:
                 snapshot=snap.model_copy(update={"disks": [d]}),
                 disk=d.key,
                 since=since.get(d.key) if base is None else None,
+                export=export,
             )
             copied: ReverseCopyResult = await workflow.execute_activity(
                 "reverse_copy",
@@ -221,7 +237,9 @@ class FailbackWorkflow:
             if copied.compared_whole:
                 r.compared_whole.append(d.key)
         await self._act(
-            "reverse_release", ReverseReleaseRequest(spec=spec, snapshot=snap, committed=True), True
+            "reverse_release",
+            ReverseReleaseRequest(spec=spec, snapshot=snap, committed=True),
+            not self.remote,
         )
         r.seconds = round((workflow.now() - t0).total_seconds(), 1)
         result.reverse_syncs.append(r)

@@ -16,7 +16,7 @@ from temporalio.exceptions import ActivityError
 from workflows.common import failure_message
 
 with workflow.unsafe.imports_passed_through():
-    from sendense.models import BootCheck, PointInfo, SnapshotRef, VmRef
+    from sendense.models import BootCheck, PointInfo, RemoteExport, SnapshotRef, VmRef
 
 # what the recovery activities (activities/recovery.py) return, by name
 RESULT_TYPES: dict[str, type] = {
@@ -25,6 +25,7 @@ RESULT_TYPES: dict[str, type] = {
     "power_on": VmRef,
     "boot_check": BootCheck,
     "reverse_snapshot": SnapshotRef,
+    "export_snapshot": RemoteExport,
     "source_power_state": str,
     "power_on_source": str,
 }

@@ -10,7 +10,8 @@
   worker --role all`: workflows, and the target's host activities).
 - Site A runs agent `site-a` (`--role host`): the source's host activities and its data server on A's
   end of the link (`--data-listen`), which B's agent reads through a delaying relay in B when
-  `rtt_ms` > 0 (so the copy sees the round trip; see NOTES.md on what the relay models).
+  `rtt_ms` > 0 (so the copy sees the round trip; see NOTES.md on what the relay models). B's agent
+  serves data too (failback: A's agent pulls the failed-over VM's snapshots), through a relay in A.
 - Both agents reach Temporal only through the front, with their agent certificates (the same files
   serve Temporal mTLS and the data connections between agents); the CLI uses the `admin` client
   certificate. All certificates come from `sendense certs make` / `sendense certs agent` (tools.certs).
@@ -59,7 +60,8 @@ class Deployment:
     # an agent given another host's certificate (site -> host id whose certificate it presents): tests
     cert_of: dict[str, str] = field(default_factory=dict)
     agents: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict, init=False)
-    relay_port: int | None = field(default=None, init=False)
+    relay_port: int | None = field(default=None, init=False)  # A's data server, as B reaches it
+    relay_port_b: int | None = field(default=None, init=False)  # B's (failback: A pulls from B)
 
     @property
     def pki(self) -> Path:
@@ -87,8 +89,9 @@ class Deployment:
         TlsFront(s, "b", (s.addr["b"], FRONT_PORT), ("127.0.0.1", TEMPORAL_PORT), self.pki, mtls=True).start()
         key = self.root / "codec.key"
         subprocess.run([_bin("sendense"), "codec-key", "new", str(key)], check=True, capture_output=True)
-        if self.rtt_ms > 0:
+        if self.rtt_ms > 0:  # each agent reaches the other's data server through a relay in its site
             _, self.relay_port = s.relay("b", (s.addr["a"], DATA_PORT), self.rtt_ms)
+            _, self.relay_port_b = s.relay("a", (s.addr["b"], DATA_PORT), self.rtt_ms)
         for site in HOSTS:
             self.home(site).mkdir(mode=0o700, exist_ok=True)
             (self.home(site) / "policy.yaml").write_text(
@@ -133,10 +136,10 @@ class Deployment:
 
     def start_agent(self, site: str) -> subprocess.Popen[bytes]:
         argv = [_bin("sendense"), "worker", "--role", "host" if site == "a" else "all"]
-        if site == "a":
-            argv += ["--data-listen", f"{self.sites.addr['a']}:{DATA_PORT}"]
-            if self.relay_port is not None:  # B's agent reaches it through the relay (the round trip)
-                argv += ["--data-advertise", f"127.0.0.1:{self.relay_port}"]
+        argv += ["--data-listen", f"{self.sites.addr[site]}:{DATA_PORT}"]
+        relay = self.relay_port if site == "a" else self.relay_port_b
+        if relay is not None:  # the other agent reaches it through the relay (the round trip)
+            argv += ["--data-advertise", f"127.0.0.1:{relay}"]
         log = open(self.root / f"agent-{site}.log", "ab")  # noqa: SIM115 - the process keeps it
         p = self.sites.popen(site, argv, env=self.env(site), stdout=log, stderr=subprocess.STDOUT)
         self.agents[site] = p

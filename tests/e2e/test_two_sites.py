@@ -5,6 +5,7 @@ disk byte across the link inside mutual TLS. Real processes, real sockets, names
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import threading
@@ -372,3 +373,56 @@ def test_a_source_agent_with_another_hosts_certificate_is_refused_in_one_line(tm
         finally:
             for site in list(d.agents):
                 d.kill(site)
+
+
+@pytest.mark.slow
+def test_failover_at_site_b_then_failback_across_the_link(
+    sites: tuple[TwoSites, Deployment], tmp_path: Path
+) -> None:
+    """The job's VM fails over at site B (the guest runs its filesystem workload there); failback
+    pulls its writes across the link into the source's image at site A (B's agent snapshots the VM and
+    exports each snapshot, A's agent copies it in): the image then holds the VM's filesystem as of its
+    power-off, and the job replicates A -> B again with an incremental."""
+    from labs.guest.build import with_mode
+    from labs.guest.fscheck import check
+
+    booted = r"SENDENSE-GUEST-BOOTED mode=\w+ seq=\d+"
+    s, d = sites
+    disk = with_mode(tmp_path / "guest.qcow2", "workload")
+    replicas = tmp_path / "replicas"
+    spec = {
+        "name": "fbsites",
+        "source": {"platform": "kvm", "disks": [str(disk)], "host": "site-a"},
+        "target": {"platform": "kvm", "path": str(replicas), "host": "site-b"},
+        "schedule": {"interval": "1h"},
+        "recovery": {"memory_mib": 256, "boot_check": {"console_contains": booted, "timeout": "4m"}},
+    }
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    d.cli("job", "create", "-f", str(tmp_path / "job.yaml"))
+    d.wait_point("fbsites", timeout=300)
+    fo = d.json("failover", "fbsites", timeout=600)
+    assert fo["error"] is None, fo
+
+    def console() -> str:
+        return "".join(p.read_text(errors="replace") for p in replicas.rglob("*console*") if p.is_file())
+
+    deadline = time.monotonic() + 300
+    while "SENDENSE-GUEST-SEQ 50" not in console():  # the failed-over VM writes, at site B
+        assert time.monotonic() < deadline, console()[-400:]
+        time.sleep(1)
+    printed = [int(n) for n in re.findall(r"SENDENSE-GUEST-SEQ (\d+)", console())]
+    sent0 = d.link_bytes("b")
+    r = d.json("failback", "fbsites", timeout=900)
+    assert r["error"] is None, r
+    assert r["syncs"] >= 2 and r["reverse_syncs"][-1]["cutover"], r
+    assert all(x["compared_whole"] == [] for x in r["reverse_syncs"]), r
+    # it crossed the link from B (zstd: the guest's filesystem blocks compress; measured 4.4 MB on the
+    # link for 16 MB written)
+    assert r["bytes_written"] > 0 and d.link_bytes("b") - sent0 > 2 * MiB
+    fs = check(disk)
+    assert fs.ok, fs.detail
+    assert fs.seq is not None and fs.seq >= max(printed), (fs.seq, printed[-3:])
+    st = d.wait_point("fbsites", count=2, timeout=300)  # replicating A -> B again
+    assert st["failed_over"] is None and st["last_sync"]["kind"] == "incremental", st
+    # nothing left served: the reverse exports ended with their snapshots
+    assert list((d.home("b") / "work" / "fbsites" / "exports").glob("*.json")) == []
