@@ -161,6 +161,20 @@ def _leaf(
     return cert.public_bytes(serialization.Encoding.PEM), _key_pem(key)
 
 
+def _ca(d: Path, now: datetime.datetime) -> tuple[tuple[x509.Certificate, ec.EllipticCurvePrivateKey], Made]:
+    """DIR (0700) and its CA: the one there, else a new one (written, and listed as made)."""
+    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    d.chmod(0o700)
+    ca = _load_ca(d)
+    made = Made(dir=d, ca_reused=ca is not None)
+    if ca is None:
+        ca = _new_ca(d, now)
+        _write_private(d / "ca-key.pem", _key_pem(ca[1]))
+        _write_private(d / "ca.pem", ca[0].public_bytes(serialization.Encoding.PEM))
+        made.files += [d / "ca.pem", d / "ca-key.pem"]
+    return ca, made
+
+
 def make(
     d: Path,
     server_names: Sequence[str] = DEFAULT_SERVER_NAMES,
@@ -174,18 +188,10 @@ def make(
     for n in server_names:
         if not n or len(n) > 253 or not re.match(r"^[A-Za-z0-9.*:-]+$", n):
             raise CertError(f"server name {n!r}: a DNS name or an IP address")
-    d.mkdir(parents=True, exist_ok=True, mode=0o700)
-    d.chmod(0o700)
     now = datetime.datetime.now(datetime.UTC)
-    ca = _load_ca(d)
-    made = Made(dir=d, ca_reused=ca is not None)
-    if ca is None:
-        ca = _new_ca(d, now)
-        _write_private(d / "ca-key.pem", _key_pem(ca[1]))
-        _write_private(d / "ca.pem", ca[0].public_bytes(serialization.Encoding.PEM))
-        made.files += [d / "ca.pem", d / "ca-key.pem"]
-        if clients is None:
-            clients = DEFAULT_CLIENTS
+    ca, made = _ca(d, now)
+    if not made.ca_reused and clients is None:
+        clients = DEFAULT_CLIENTS
     todo: list[tuple[str, Sequence[str], bool]] = []
     if not (d / "server.pem").exists():
         todo.append(("server", list(server_names), True))
@@ -212,16 +218,8 @@ def agent(d: Path, host_id: str, addresses: Sequence[str] = (), *, days: float =
     for n in addresses:
         if not n or len(n) > 253 or not re.match(r"^[A-Za-z0-9.:-]+$", n):
             raise CertError(f"address {n!r}: a DNS name or an IP address")
-    d.mkdir(parents=True, exist_ok=True, mode=0o700)
-    d.chmod(0o700)
     now = datetime.datetime.now(datetime.UTC)
-    ca = _load_ca(d)
-    made = Made(dir=d, ca_reused=ca is not None)
-    if ca is None:
-        ca = _new_ca(d, now)
-        _write_private(d / "ca-key.pem", _key_pem(ca[1]))
-        _write_private(d / "ca.pem", ca[0].public_bytes(serialization.Encoding.PEM))
-        made.files += [d / "ca.pem", d / "ca-key.pem"]
+    ca, made = _ca(d, now)
     start = now if days > 0 else now + datetime.timedelta(days=days * 2)
     uris = [AGENT_URI + host_id]
     cert, key = _leaf(ca, f"agent {host_id}", list(addresses), True, start, uris=uris, days=abs(days))

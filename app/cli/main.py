@@ -6,6 +6,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
@@ -20,6 +21,9 @@ from app.cli.plan import plan_app
 from app.cli.points import point_app
 from sendense import config
 from sendense.errors import SendenseError
+
+if TYPE_CHECKING:
+    from tools.certs import Made
 
 app = typer.Typer(help="Sendense Replication: block-level VM replication on Temporal.", no_args_is_help=True)
 app.add_typer(job_app, name="job")
@@ -208,11 +212,15 @@ def certs_make(
         fail(e.message)
     except OSError as e:
         fail(f"{directory}: {e.strerror}")
+    if not made.files and not as_json:
+        out.print(f"{directory}: nothing to make (add --client NAME)", highlight=False)
+    _print_made(made, as_json)
+
+
+def _print_made(made: Made, as_json: bool) -> None:
     if as_json:
         emit_json({"dir": str(made.dir), "ca_reused": made.ca_reused, "files": [str(f) for f in made.files]})
         return
-    if not made.files:
-        out.print(f"{directory}: nothing to make (add --client NAME)", highlight=False)
     for f in made.files:
         out.print(f"made {f}", highlight=False)
 
@@ -237,11 +245,7 @@ def certs_agent(
         fail(e.message)
     except OSError as e:
         fail(f"{directory}: {e.strerror}")
-    if as_json:
-        emit_json({"dir": str(made.dir), "ca_reused": made.ca_reused, "files": [str(f) for f in made.files]})
-        return
-    for f in made.files:
-        out.print(f"made {f}", highlight=False)
+    _print_made(made, as_json)
 
 
 # ------------------------------------------------------------------------------- demo

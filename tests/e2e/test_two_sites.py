@@ -45,6 +45,19 @@ def export_raw(d: Deployment, job: str, point: str, out: Path) -> Path:
     return Path(res["files"][0]["path"])
 
 
+def packet_socket(sites: TwoSites) -> socket.socket:
+    """Every frame on site A's end of the link, both ways (AF_PACKET, ETH_P_ALL, in A's namespace)."""
+
+    def make() -> socket.socket:
+        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+        s.setsockopt(socket.SOL_SOCKET, 33, 256 << 20)  # SO_RCVBUFFORCE: no frame dropped
+        s.bind((sites.dev["a"], 0))
+        s.settimeout(0.2)
+        return s
+
+    return sites.call("a", make)
+
+
 class Capture:
     """Every frame on site A's end of the link (AF_PACKET, in A's namespace), kept in memory."""
 
@@ -52,14 +65,7 @@ class Capture:
         self.frames: list[bytes] = []
         self.stop = threading.Event()
 
-        def open_socket() -> socket.socket:
-            s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))  # ETH_P_ALL
-            s.setsockopt(socket.SOL_SOCKET, 33, 256 << 20)  # SO_RCVBUFFORCE: no frame dropped
-            s.bind((sites.dev["a"], 0))
-            s.settimeout(0.2)
-            return s
-
-        self.sock = sites.call("a", open_socket)
+        self.sock = packet_socket(sites)
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
@@ -239,16 +245,7 @@ class ClassMeter:
     def __init__(self, sites: TwoSites) -> None:
         self.samples: list[tuple[float, int, int]] = []  # (time, dscp, bytes)
         self.stop = threading.Event()
-        self.out = sites.dev["a"]
-
-        def open_socket() -> socket.socket:
-            s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))  # ETH_P_ALL
-            s.setsockopt(socket.SOL_SOCKET, 33, 64 << 20)
-            s.bind((self.out, 0))
-            s.settimeout(0.2)
-            return s
-
-        self.sock = sites.call("a", open_socket)
+        self.sock = packet_socket(sites)
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
