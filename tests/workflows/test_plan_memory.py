@@ -102,7 +102,10 @@ async def drill_plan(env: WorkflowEnvironment, jobs: list[Job], plan: PlanSpec) 
         id=f"plan-drill-{uuid.uuid4()}",
         task_queue=jobs[0].queue,
     )
-    return await asyncio.wait_for(h.result(), 120)
+    # (no time skipping while it runs: the failed-over jobs have no timer, so the test server would
+    # skip straight to their 10-year execution timeout and time them out: "update ... not found")
+    with env.auto_time_skipping_disabled():
+        return await asyncio.wait_for(h.result(), 120)
 
 
 def ended_at_once(r: PlanDrillResult) -> bool:
@@ -213,7 +216,10 @@ async def fail_plan_over(env: WorkflowEnvironment, jobs: list[Job], plan: PlanSp
         id=f"plan-failover-{uuid.uuid4()}",
         task_queue=jobs[0].queue,
     )
-    return await asyncio.wait_for(h.result(), 120)
+    # (no time skipping while it runs: the failed-over jobs have no timer, so the test server would
+    # skip straight to their 10-year execution timeout and time them out: "update ... not found")
+    with env.auto_time_skipping_disabled():
+        return await asyncio.wait_for(h.result(), 120)
 
 
 async def test_a_plan_fails_over_every_tier_through_each_jobs_own_failover(
@@ -264,7 +270,10 @@ async def fail_plan_back(
         id=f"plan-failback-{uuid.uuid4()}",
         task_queue=jobs[0].queue,
     )
-    return await asyncio.wait_for(h.result(), 120)
+    # (no time skipping while it runs: the failed-over jobs have no timer, so the test server would
+    # skip straight to their 10-year execution timeout and time them out: "update ... not found")
+    with env.auto_time_skipping_disabled():
+        return await asyncio.wait_for(h.result(), 120)
 
 
 async def test_a_plan_fails_back_tier_by_tier_through_each_jobs_own_failback(
