@@ -27,6 +27,7 @@ from sendense.datapath.remote import AgentTls, DiskServer, Hello, Opener, Peer, 
 from sendense.errors import NotAllowed, ResourceNotFound
 from sendense.models import ExportRequest, JobSpec, RemoteExport, SnapshotRef, Wire
 from sendense.platforms import source_for, vm_changes_for
+from sendense.private import work_dir, write_atomic
 from sendense.protocols import SourceDisk
 
 log = logging.getLogger(__name__)
@@ -97,8 +98,6 @@ def export_snapshot(req: ExportRequest) -> RemoteExport:
             f"job {req.spec.name}: agent host-{config.host_id()} serves no data to other agents; "
             f"start its worker with --data-listen HOST:PORT (SENDENSE_DATA_LISTEN) and agent certificates"
         )
-    from activities.replication import _write_atomic, work_dir
-
     token = secrets.token_urlsafe(24)
     path = work_dir(req.spec.name) / "exports" / f"{req.sync_id}.json"
     path.parent.mkdir(mode=0o700, exist_ok=True)
@@ -110,7 +109,7 @@ def export_snapshot(req: ExportRequest) -> RemoteExport:
         token_sha256=_digest(token),
         kind=req.kind,
     )
-    _write_atomic(path, record.model_dump_json())
+    write_atomic(path, record.model_dump_json())
     return RemoteExport(
         address=_advertised, host_id=config.host_id(), export=f"{req.spec.name}/{req.sync_id}", token=token
     )
@@ -146,8 +145,6 @@ def authorize(hello: Hello, peer: str) -> tuple[str, Opener]:
     policy.authorize(record.spec)  # the policy may have changed since the export
 
     def opener() -> AbstractContextManager[SourceDisk]:
-        from activities.replication import work_dir
-
         if record.kind == "reverse":  # failback: the failed-over VM's snapshot, read by the source's agent
             return vm_changes_for(record.spec).open_disk(record.snapshot, hello.disk)
         return source_for(record.spec, work_dir(job)).open_disk(record.snapshot, hello.disk)

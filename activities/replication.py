@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextvars
 import logging
-import os
 import shutil
 import threading
 import time
@@ -24,7 +23,7 @@ from activities import exports
 from activities.errors import mapped, to_application_error
 from activities.guard import authorized
 from activities.leases import governed
-from sendense import config, policy
+from sendense import policy
 from sendense.datapath.sync import Checkpoint, planned_bytes
 from sendense.datapath.sync import copy_disk as run_copy_disk
 from sendense.errors import InvalidSpec, SendenseError
@@ -52,16 +51,10 @@ from sendense.models import (
     VmInfo,
 )
 from sendense.platforms import source_for, target_for
-from sendense.private import private_dir
+from sendense.private import work_dir, write_atomic
 from sendense.protocols import SourceDisk
 
 log = logging.getLogger(__name__)
-
-
-def work_dir(job: str) -> Path:
-    """The job's records on this agent (resume tokens, sockets, scratch files): 0700 all the way."""
-    home = private_dir(config.home(), "SENDENSE_HOME")
-    return private_dir(private_dir(home / "work", "work directory") / job, "work directory")
 
 
 @activity.defn(name="validate_job")
@@ -202,7 +195,7 @@ def begin_and_copy(req: SnapshotRequest) -> BeginResult:
         record.parent.mkdir(parents=True, exist_ok=True)
         for stale in record.parent.glob("*.json"):  # records of earlier syncs of this job
             stale.unlink(missing_ok=True)
-        _write_atomic(record, begun.model_dump_json())
+        write_atomic(record, begun.model_dump_json())
         begun.finished = _finish(_commit_request(req, begun))
     return begun
 
@@ -229,13 +222,6 @@ def _commit_request(req: SnapshotRequest, begun: BeginResult) -> CommitRequest:
         results=begun.copied,
         keep=req.spec.retention.points,
     )
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Replace `path`'s content at once: a reader sees the old or the new text, never a torn one."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 @contextmanager
@@ -361,7 +347,7 @@ def resumable_copy(
             snapshot_at=snapshot_at,
         )
         token.done, token.total = done, total
-        _write_atomic(store, token.model_dump_json())
+        write_atomic(store, token.model_dump_json())
         now = time.monotonic()
         if now - last_beat[0] >= HEARTBEAT_EVERY and done < total:  # the last one: the result follows
             last_beat[0] = now

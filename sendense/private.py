@@ -8,6 +8,7 @@ import os
 import stat
 from pathlib import Path
 
+from sendense import config
 from sendense.errors import NotAllowed
 
 
@@ -28,3 +29,16 @@ def private_dir(path: Path, what: str = "directory") -> Path:
     if stat.S_IMODE(st.st_mode) & 0o077:
         os.chmod(path, 0o700)
     return path
+
+
+def work_dir(job: str) -> Path:
+    """The job's records on this agent (resume tokens, sockets, scratch files, exports): 0700 all the way."""
+    home = private_dir(config.home(), "SENDENSE_HOME")
+    return private_dir(private_dir(home / "work", "work directory") / job, "work directory")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace `path`'s content at once: a reader sees the old or the new text, never a torn one."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
