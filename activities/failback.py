@@ -15,6 +15,7 @@ from temporalio import activity
 from activities import exports
 from activities.errors import mapped
 from activities.guard import authorized
+from activities.leases import governed
 from activities.recovery import beating, source_power
 from activities.replication import resumable_copy, work_dir
 from sendense.datapath.extents import Extent
@@ -78,7 +79,11 @@ def reverse_copy(req: ReverseCopyRequest) -> ReverseCopyResult:
         return vm_changes_for(req.spec).open_disk(req.snapshot, req.disk)
 
     def copy(start: int, checkpoint: Checkpoint) -> DiskCopyResult:
-        with vm_side() as vm_disk, sink.open_disk(req.disk) as original:
+        with (
+            vm_side() as vm_disk,
+            sink.open_disk(req.disk) as original,
+            governed(req.spec) as throttle,  # a job on a link: reverse copies take its share too
+        ):
             src: SourceDisk = vm_disk if diverged is None else WithDiverged(vm_disk, diverged)
             planned[0] = planned_bytes(src, original, disk, start)
             return run_copy_disk(
@@ -90,6 +95,7 @@ def reverse_copy(req: ReverseCopyRequest) -> ReverseCopyResult:
                 on_checkpoint=checkpoint,
                 cancelled=activity.is_cancelled,
                 total=planned[0],
+                throttle=throttle,
             )
 
     sync_id = f"reverse-{req.snapshot.snapshot_id}"

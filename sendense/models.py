@@ -289,6 +289,17 @@ class SourceSpec(PlatformSpec):
         another VM under that name. Nothing to pin by default."""
         return self
 
+    def locator(self) -> tuple[str, str] | None:
+        """(platform, VM id) by which host agents announce this source VM when they run it
+        (sendense.agents): a job follows it to the host that runs it now, before each sync. None
+        (default): the source does not move between agents (a disk path, an API endpoint)."""
+        return None
+
+    def moved(self, host: str, where: str) -> Self:
+        """This source as served by the agent of `host`, which announced the VM at `where` (its local
+        address for the VM, e.g. a hypervisor connection URI)."""
+        return self.model_copy(update={"host": host})
+
 
 class TargetSpec(PlatformSpec):
     """A job's target: where its replicas and recovery points live."""
@@ -840,6 +851,8 @@ class JobStatus(Wire):
     last_failback: FailbackSummary | None = None
     priority: str = Field(default="normal", description="its class on its link")
     link: str | None = Field(default=None, description="the site link its data crosses")
+    source_host: str | None = Field(default=None, description="the agent its source's steps run on")
+    last_move: str | None = Field(default=None, description="the source VM's last move to another host")
 
 
 # ------------------------------------------------------------------------ activity contracts
@@ -972,6 +985,7 @@ class CarriedState(Wire):
     vm: VmInfo | None = Field(default=None, description="the source VM as validate found it at create")
     failed_over: FailedOver | None = None
     last_failback: FailbackSummary | None = None
+    last_move: str | None = Field(default=None, description="the source VM's last move to another host")
 
 
 class ReplicationInput(Wire):

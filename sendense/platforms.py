@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sendense import config
+from sendense.agents import LocalVm
 from sendense.errors import InvalidSpec
 from sendense.models import JobSpec, SourceSpec, TargetSpec
 from sendense.protocols import (
@@ -67,6 +69,12 @@ class Platform:
     # environment its connectors read on an agent (names; a trailing * is a prefix): the embedded
     # stack hands its worker these and the common ones, not the caller's whole environment
     agent_env: tuple[str, ...] = ()
+    # its ends are reached through the platform's API from any agent (no disk of a host of ours):
+    # an end that names no `host` runs its steps on the control queue, not on the creating CLI's host
+    reached_by_api: bool = False
+    # the VMs it runs on this agent's host, announced to the registry (sendense.agents) so that a job
+    # follows its VM to another host; raises with a one-line message when it cannot list them
+    local_vms: Callable[[], list[LocalVm]] | None = None
 
 
 _loaded: dict[str, Platform] = {}
@@ -165,3 +173,15 @@ def failback_sink_for(spec: JobSpec, work_dir: Path) -> FailbackSink:
     if p.failback_sink is None:
         raise InvalidSpec(f"source.platform: {p.name} cannot be written back (failback)")
     return p.failback_sink(spec.source, spec.name, work_dir)
+
+
+def queue_of(end: SourceSpec | TargetSpec) -> str:
+    """The task queue that runs an end's steps: its host's agent (`host`); with no host, the control
+    queue for a platform reached by API (a cloud: any agent reaches it, so the job does not depend
+    on the machine that created it), else this machine's agent (a local disk or hypervisor)."""
+    if end.host:
+        return config.host_queue(end.host)
+    p = get(end.platform)
+    if p is not None and p.reached_by_api:
+        return config.CONTROL_QUEUE
+    return config.host_queue()

@@ -22,12 +22,14 @@ from temporalio.worker import Worker
 
 from activities import exports, leases
 from activities.failback import FAILBACK_ACTIVITIES
+from activities.placement import Placement, announce_forever
 from activities.plans import PLAN_ACTIVITIES, JobOperations
 from activities.recovery import RECOVERY_ACTIVITIES
 from activities.replication import HOST_ACTIVITIES
 from sendense import config, policy
 from sendense.errors import NotAllowed, ServerUnreachable
 from workers.codec import CodecError, data_converter, load_codec
+from workflows.agents import AgentRegistryWorkflow
 from workflows.drill import DrillWorkflow
 from workflows.failback import FailbackWorkflow
 from workflows.failover import FailoverWorkflow
@@ -128,13 +130,15 @@ def build_workers(
         pass
     workers: list[Worker] = []
     if role in ("all", "control"):
-        workers.append(_control_worker(client))
+        workers.append(_control_worker(client, max_activities))
     if role in ("all", "host"):
         workers.append(_host_worker(client, host, max_activities))
     return workers
 
 
-def _control_worker(client: Client) -> Worker:
+def _control_worker(client: Client, max_activities: int) -> Worker:
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=max_activities, thread_name_prefix="control")
+    ops = JobOperations(client)
     return Worker(
         client,
         task_queue=config.CONTROL_QUEUE,
@@ -148,9 +152,22 @@ def _control_worker(client: Client) -> Worker:
             PlanFailoverWorkflow,
             PlanFailbackWorkflow,
             LinkGovernorWorkflow,
+            AgentRegistryWorkflow,
         ],
-        # a plan's failover and failback act on its jobs through their workflows (async, on this queue)
-        activities=[JobOperations(client).failover_job, JobOperations(client).failback_job],
+        # a plan's failover and failback act on its jobs through their workflows (async); the steps of
+        # ends reached by API (AWS, vSphere with no `host`: platforms.queue_of) run here too
+        activities=[
+            ops.failover_job,
+            ops.failback_job,
+            Placement(client).locate_source,
+            *HOST_ACTIVITIES,
+            *RECOVERY_ACTIVITIES,
+            *FAILBACK_ACTIVITIES,
+        ],
+        activity_executor=pool,
+        max_concurrent_activities=max_activities,
+        max_heartbeat_throttle_interval=timedelta(seconds=1),
+        default_heartbeat_throttle_interval=timedelta(seconds=1),
         max_concurrent_workflow_tasks=100,
         # after a worker restart, its workflows move to the new worker in 3 s instead of the default 10 s
         sticky_queue_schedule_to_start_timeout=timedelta(seconds=3),
@@ -201,7 +218,15 @@ async def serve(role: str = "all") -> None:
         async with contextlib.AsyncExitStack() as stack:
             for w in workers:
                 await stack.enter_async_context(w)
+            # a host agent tells the registry it runs, and which VMs (a job follows its VM here)
+            announcing = (
+                asyncio.create_task(announce_forever(client, exports.advertised() if data else None))
+                if role != "control"
+                else None
+            )
             await stop.wait()
+            if announcing is not None:
+                announcing.cancel()
     finally:
         exports.stop_server()
     log.info("worker stopped")

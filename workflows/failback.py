@@ -49,7 +49,7 @@ with workflow.unsafe.imports_passed_through():
 
     platforms.load_all()
 
-from workflows.common import SA_JOB, SA_OPERATION, SA_STATE, failure_message, failure_type
+from workflows.common import SA_JOB, SA_OPERATION, SA_STATE, failure_message, failure_type, placement
 from workflows.replication import COPY
 from workflows.saga import STEP_TIMEOUT, Saga, step, undo
 
@@ -63,6 +63,8 @@ class FailbackWorkflow:
         self.inp: FailbackInput | None = None
         self.step = "starting"
         self.remote = False
+        self.vm_on_source = True  # reverse_snapshot/_release/_forget run on the source's queue
+        self.sink_on_source = True  # reverse_copy and the cut-over's steps run on the source's queue
 
     @workflow.query
     def status(self) -> str:
@@ -87,7 +89,12 @@ class FailbackWorkflow:
         result = FailbackResult(failback_id=inp.failback_id, job=spec.name, point_id=fo.point_id, vm=fo.vm)
         # two agents (two sites): the VM's steps run on the target's agent, which exports its snapshots,
         # and the source's agent pulls them across the link into the source's disks
-        self.remote = inp.source_queue != inp.target_queue and workflow.patched(PATCH_REMOTE_FAILBACK)
+        where = placement(inp.source_queue, inp.target_queue)
+        self.remote = where == "link" and workflow.patched(PATCH_REMOTE_FAILBACK)
+        # a source reached by API (control queue) and a VM on an agent: that agent reads the VM and
+        # writes the source by API (the sink's steps together, where its state is)
+        self.vm_on_source = not self.remote and where != "target"
+        self.sink_on_source = where != "target"
         saga = Saga()
         job, vm = JobRequest(spec=spec), VmNameRequest(spec=spec, name=fo.vm)
         try:
@@ -117,7 +124,7 @@ class FailbackWorkflow:
 
             saga.register(
                 f"remove failback's snapshots of VM {fo.vm}",
-                lambda: self._undo("reverse_forget", vm, not self.remote),
+                lambda: self._undo("reverse_forget", vm, self.vm_on_source),
             )
             base: dict[str, str] | None = None
             last: int | None = None
@@ -141,9 +148,10 @@ class FailbackWorkflow:
             self._step_is("cutover: the final reverse sync")
             r, base = await self._reverse_sync(result, f"{inp.failback_id}-final", base, since, cutover=True)
             saga.register(
-                "give the source VM back its disks", lambda: self._undo("failback_undo_cut_over", job, True)
+                "give the source VM back its disks",
+                lambda: self._undo("failback_undo_cut_over", job, self.sink_on_source),
             )
-            await self._act("failback_cut_over", job, source=True)
+            await self._act("failback_cut_over", job, source=self.sink_on_source)
             self._step_is("cutover: starting the source VM")
             why_not = await self._act("power_on_source", job, source=True)
             result.started = not why_not
@@ -167,7 +175,7 @@ class FailbackWorkflow:
         for what, name, arg, source in (
             (f"VM {fo.vm}", "destroy_vm", vm, False),
             (f"the failover's hold on point {fo.point_id}", "release_point", hold, False),
-            ("what failback made beside the source's disks", "failback_cleanup", job, True),
+            ("what failback made beside the source's disks", "failback_cleanup", job, self.sink_on_source),
         ):
             try:
                 await self._undo(name, arg, source)
@@ -176,7 +184,7 @@ class FailbackWorkflow:
         return self._ended(result)
 
     async def _cleanup(self, job: JobRequest) -> None:
-        await self._undo("failback_cleanup", job, True)
+        await self._undo("failback_cleanup", job, self.sink_on_source)
 
     def _ended(self, result: FailbackResult) -> FailbackResult:
         assert self.inp is not None
@@ -201,7 +209,7 @@ class FailbackWorkflow:
         snap: SnapshotRef = await self._act(
             "reverse_snapshot",
             ReverseSnapshotRequest(spec=spec, vm=fo.vm, snapshot_id=snapshot_id, base=base),
-            source=not self.remote,
+            source=self.vm_on_source,
         )
         export = None
         if self.remote:
@@ -224,7 +232,7 @@ class FailbackWorkflow:
                 "reverse_copy",
                 req,
                 result_type=ReverseCopyResult,
-                task_queue=self.inp.source_queue,
+                task_queue=self.inp.source_queue if self.sink_on_source else self.inp.target_queue,
                 start_to_close_timeout=COPY_TIMEOUT,
                 heartbeat_timeout=spec.tuning.heartbeat_timeout,
                 retry_policy=COPY,
@@ -239,7 +247,7 @@ class FailbackWorkflow:
         await self._act(
             "reverse_release",
             ReverseReleaseRequest(spec=spec, snapshot=snap, committed=True),
-            not self.remote,
+            self.vm_on_source,
         )
         r.seconds = round((workflow.now() - t0).total_seconds(), 1)
         result.reverse_syncs.append(r)

@@ -21,13 +21,14 @@ from temporalio import workflow
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError, FailureError
 
-from workflows.common import SA_STATE, SA_VM, failure_message, failure_type
+from workflows.common import SA_STATE, SA_VM, failure_message, failure_type, placement
 from workflows.job_recovery import JobRecovery
 
 with workflow.unsafe.imports_passed_through():
     from pydantic import ValidationError
 
     from sendense import config, platforms
+    from sendense.agents import Located
     from sendense.config import host_of_queue
     from sendense.links import JobPriority
     from sendense.models import (
@@ -70,6 +71,7 @@ PATCH_INLINE_FINISH = "begin-copy-finish"  # ... and committed there too when ev
 PATCH_RESNAPSHOT = "resnapshot-at-once"  # a snapshot the source changed under is taken again at once
 PATCH_DELETE_LEFTOVERS = "delete-reports-leftovers"  # a failed purge is reported, the delete completes
 PATCH_REMOTE_COPY = "remote-copy"  # split: the target's agent pulls the source's export across the link
+PATCH_LOCATE = "locate-source"  # a source that can move is looked up before each sync (followed)
 
 RESNAPSHOT_LIMIT = 3  # new snapshots in a row after SnapshotInconsistent, then wait for the interval
 
@@ -104,6 +106,8 @@ STEPS: dict[str, Step] = {
     # two agents: the source's serves the snapshot, the target's copies it across the link
     "export_snapshot": Step("source", timedelta(minutes=5)),
     "copy_remote": Step("target", timedelta(hours=48), retry=COPY, heartbeat=True, activity="copy_disk"),
+    # a source reached by API (the control queue's) and a target on an agent: that agent reads by API
+    "copy_at_target": Step("target", timedelta(hours=48), retry=COPY, heartbeat=True, activity="copy_disk"),
     "commit_point": Step("target", timedelta(minutes=20)),  # includes pruning (a merge of two points)
     "finish_sync": Step("target", timedelta(minutes=23)),  # commit_point + release_snapshot
     "release_snapshot": Step("source", timedelta(minutes=5)),
@@ -178,6 +182,10 @@ class ReplicationWorkflow(JobRecovery):
             last_failback=self.st.last_failback,
             priority=spec.priority,
             link=spec.link,
+            source_host=None
+            if self.inp.source_queue == config.CONTROL_QUEUE
+            else host_of_queue(self.inp.source_queue),
+            last_move=self.st.last_move,
         )
 
     @workflow.query
@@ -323,7 +331,7 @@ class ReplicationWorkflow(JobRecovery):
                 self._set_state("idle")
                 workflow.continue_as_new(
                     ReplicationInput(
-                        spec=spec,
+                        spec=inp.spec,  # (its source may have moved: _follow_source)
                         state=self.st,
                         source_queue=inp.source_queue,
                         target_queue=inp.target_queue,
@@ -334,7 +342,7 @@ class ReplicationWorkflow(JobRecovery):
         self._set_state("deleting")
         if self.deleting.purge:
             try:
-                await self._step("destroy_target", JobRequest(spec=spec))
+                await self._step("destroy_target", JobRequest(spec=inp.spec))
             except ActivityError as e:  # say what stays; the job is deleted all the same
                 if not workflow.patched(PATCH_DELETE_LEFTOVERS):
                     raise
@@ -342,7 +350,7 @@ class ReplicationWorkflow(JobRecovery):
                 workflow.logger.warning("purging the replicas of job %s failed: %s", spec.name, msg)
                 self.left_behind.append(f"replicas: {msg}")
         try:  # the job's bitmaps/checkpoints would otherwise stay on the source, recording every write
-            await self._step("forget_source", JobRequest(spec=spec))
+            await self._step("forget_source", JobRequest(spec=inp.spec))
         except ActivityError as e:  # a VM that is gone or unreachable must not make the job undeletable
             msg = failure_message(e)
             workflow.logger.warning("removing the change tracking of job %s failed: %s", spec.name, msg)
@@ -358,6 +366,7 @@ class ReplicationWorkflow(JobRecovery):
         """One sync: the sequence of steps its strategy runs (begin, copy, commit), then the story's
         end either way: a point committed and its snapshot released, or the attempt undone."""
         assert self.inp is not None
+        await self._follow_source()
         spec = self.inp.spec
         self.st.seq += 1
         seq = self.st.seq
@@ -379,6 +388,39 @@ class ReplicationWorkflow(JobRecovery):
         self._committed(attempt.snap, finished.point, seq, t0)
         if not releases or finished.release_error is not None:  # (the strategy's last step released it)
             await self._after_commit(attempt.snap)
+
+    async def _follow_source(self) -> None:
+        """A source that can move between hosts (a hypervisor's VM, migrated): ask the agent registry
+        which agent runs it now, and run this sync's source steps there. Its first sync there has no
+        change tracking of ours (it stays with the old host's hypervisor): a resync, said in
+        status. Not found (stopped, its agent down) or claimed twice: the last host is kept."""
+        assert self.inp is not None
+        spec = self.inp.spec
+        if spec.source.locator() is None or not workflow.patched(PATCH_LOCATE):
+            return
+        try:
+            found: Located = await workflow.execute_activity(
+                "locate_source",
+                JobRequest(spec=spec),
+                result_type=Located,
+                # the control plane's own queue (this workflow's): the worker that runs it asks
+                task_queue=workflow.info().task_queue,
+                start_to_close_timeout=timedelta(seconds=30),
+                schedule_to_close_timeout=timedelta(minutes=2),
+                retry_policy=RetryPolicy(maximum_attempts=2),
+            )
+        except ActivityError as e:  # the sync runs where the last one did
+            workflow.logger.warning("job %s: locating its source failed: %s", spec.name, failure_message(e))
+            return
+        was = host_of_queue(self.inp.source_queue)
+        if found.host_id is None or found.host_id == was:
+            if found.host_id is None:
+                workflow.logger.info("job %s: source stays on host %s: %s", spec.name, was, found.why)
+            return
+        self.inp.spec = spec.model_copy(update={"source": spec.source.moved(found.host_id, found.where)})
+        self.inp.source_queue = config.host_queue(found.host_id)
+        self.st.last_move = f"{workflow.now():%Y-%m-%d %H:%M:%S}Z: from host {was} to host {found.host_id}"
+        workflow.logger.info("job %s: its source VM moved %s", spec.name, self.st.last_move)
 
     def _strategy(self) -> tuple[Callable[[Attempt], Awaitable[FinishResult]], bool]:
         """The sequence of steps this sync runs, and whether its last step releases the snapshot too:
@@ -408,7 +450,9 @@ class ReplicationWorkflow(JobRecovery):
             "prepare_target", PrepareRequest(spec=self._spec, sync_id=attempt.sync_id, disks=disks)
         )
         export = None
-        if self.inp is not None and self.inp.source_queue != self.inp.target_queue:
+        assert self.inp is not None
+        where = placement(self.inp.source_queue, self.inp.target_queue)
+        if where == "link":
             if workflow.patched(PATCH_REMOTE_COPY):  # two agents: the target's reads across the link
                 export = await self._step(
                     "export_snapshot",
@@ -420,7 +464,7 @@ class ReplicationWorkflow(JobRecovery):
                     ),
                     RemoteExport,
                 )
-        await self._copy_rest(attempt, export)
+        await self._copy_rest(attempt, export, at_target=where == "target")
         point = await self._step("commit_point", self._commit_request(attempt), PointInfo)
         return FinishResult(point=point)
 
@@ -440,9 +484,12 @@ class ReplicationWorkflow(JobRecovery):
         await self._copy_rest(attempt)
         return await self._step("finish_sync", self._commit_request(attempt), FinishResult)
 
-    async def _copy_rest(self, attempt: Attempt, export: RemoteExport | None = None) -> None:
-        """copy_disk for each disk of the snapshot not copied yet, in order: on the source's agent, or
-        with an export on the target's (reading the source across the link)."""
+    async def _copy_rest(
+        self, attempt: Attempt, export: RemoteExport | None = None, at_target: bool = False
+    ) -> None:
+        """copy_disk for each disk of the snapshot not copied yet, in order: on the source's agent; or
+        on the target's, with an export (reading the source across the link) or, for a source reached
+        by API, without (`at_target`)."""
         assert attempt.snap is not None
         for d in attempt.snap.disks[len(attempt.results) :]:
             # the snapshot with this disk only: a copy reads one disk, and n copies of every disk's
@@ -451,7 +498,7 @@ class ReplicationWorkflow(JobRecovery):
             req = CopyRequest(
                 spec=self._spec, sync_id=attempt.sync_id, snapshot=one, disk=d.key, export=export
             )
-            step = "copy_disk" if export is None else "copy_remote"
+            step = "copy_remote" if export is not None else "copy_at_target" if at_target else "copy_disk"
             attempt.results.append(await self._step(step, req, DiskCopyResult))
 
     def _commit_request(self, attempt: Attempt) -> CommitRequest:
@@ -558,7 +605,7 @@ class ReplicationWorkflow(JobRecovery):
 
     def _remote(self) -> bool:
         """Source and target on two agents: syncs read across the link between them."""
-        return self.inp is not None and self.inp.source_queue != self.inp.target_queue
+        return self.inp is not None and placement(self.inp.source_queue, self.inp.target_queue) == "link"
 
     def _delay(self) -> float:
         if self.next_sync_at is None:

@@ -29,7 +29,7 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from app.cli.link_client import JobShare, job_share
-from sendense import config
+from sendense import config, platforms
 from sendense.errors import InvalidSpec, ResourceNotFound, ResourceUnavailable, SendenseError
 from sendense.models import (
     CopyToken,
@@ -158,8 +158,17 @@ class Jobs:
     async def create(self, spec: JobSpec, search_attributes: bool = True) -> WorkflowHandle[Any, Any]:
         if not spec.job_id:  # the job's identity: its replicas and points belong to it, not to its name
             spec = spec.model_copy(update={"job_id": secrets.token_hex(8)})
-        source_q = config.host_queue(spec.source.host)
-        target_q = config.host_queue(spec.target.host)
+        source_q = platforms.queue_of(spec.source)
+        target_q = platforms.queue_of(spec.target)
+        # one end reached by API (its steps on the control queue), the other on this machine's agent:
+        # the job names this host for it, so that no other agent takes it for its own local end
+        for kind, end, queue in (("source", spec.source, source_q), ("target", spec.target, target_q)):
+            if (
+                end.host is None
+                and queue != config.CONTROL_QUEUE
+                and config.CONTROL_QUEUE in (source_q, target_q)
+            ):
+                spec = spec.model_copy(update={kind: end.model_copy(update={"host": config.host_id()})})
         sa = TypedSearchAttributes(
             [
                 SearchAttributePair(SA_JOB, spec.name),

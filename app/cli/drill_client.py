@@ -17,7 +17,7 @@ from temporalio.common import SearchAttributePair, TypedSearchAttributes
 
 from app.cli.client import Jobs
 from app.cli.schedules import delete_schedule, put_schedule
-from sendense import config
+from sendense import config, platforms
 from sendense.errors import ResourceNotFound
 from sendense.recovery import DrillInput, DrillResult, DrillStatus
 from workflows.common import SA_JOB, SA_OPERATION, SA_STATE
@@ -64,7 +64,7 @@ class Drills:
                 spec=spec,
                 drill_id=drill_id,
                 job_workflow_id=config.workflow_id(job),
-                target_queue=config.host_queue(spec.target.host),
+                target_queue=platforms.queue_of(spec.target),
                 point_id=point_id,
                 keep=keep,
                 search_attributes=search_attributes,
@@ -92,7 +92,7 @@ class Drills:
             DrillInput(
                 spec=spec,
                 job_workflow_id=config.workflow_id(job),
-                target_queue=config.host_queue(spec.target.host),
+                target_queue=platforms.queue_of(spec.target),
             ),
             id=drill_workflow_id(job, "scheduled"),
             task_queue=config.CONTROL_QUEUE,

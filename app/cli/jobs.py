@@ -129,7 +129,7 @@ def status_rows(st: JobView) -> list[tuple[str, str]]:
     next_sync = "- (paused)" if st.state == "paused" else str(st.next_sync_at or "-")
     rows = [
         ("state", st.state),
-        ("source", st.source),
+        ("source", st.source + (f" on host {st.source_host}" if st.source_host else "")),
         ("target", st.target),
         ("interval", f"{st.interval_seconds:.0f}s"),
         ("retention", f"{st.retention_points} points"),
@@ -139,6 +139,8 @@ def status_rows(st: JobView) -> list[tuple[str, str]]:
         ("syncs / failures", f"{st.syncs} / {st.failures}"),
         ("written", human(st.total_bytes_written)),
     ]
+    if st.last_move:
+        rows.append(("source moved", st.last_move))
     if st.link:
         rows.append(("link", f"{st.link}, priority {st.priority}: {_link_share(st)}"))
     if st.current_sync:

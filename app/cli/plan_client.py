@@ -19,7 +19,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from app.cli.client import Jobs
 from app.cli.schedules import delete_schedule, put_schedule
-from sendense import config
+from sendense import config, platforms
 from sendense.errors import InvalidSpec, ResourceNotFound
 from sendense.plans import (
     PlanDrillInput,
@@ -116,7 +116,7 @@ class Plans:
                 jobs[vm.job] = PlanJob(
                     spec=spec,
                     job_workflow_id=config.workflow_id(vm.job),
-                    target_queue=config.host_queue(spec.target.host),
+                    target_queue=platforms.queue_of(spec.target),
                 )
         agents = {h.agent or "" for t in plan.tiers for h in (t.before, t.after) if h is not None}
         return plan, jobs, {a: config.host_queue(a or None) for a in agents}

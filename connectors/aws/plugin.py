@@ -67,4 +67,5 @@ PLATFORM = Platform(
     lab="labs.aws.hook",
     starter_endpoints=("aws:*",),  # AWS's own endpoints, every region (aws:<region>)
     agent_env=("AWS_*", "BOTO_CONFIG"),  # the standard credential chain and its files
+    reached_by_api=True,  # no host: its steps run on the control queue
 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from connectors.kvm.spec import KvmSource, KvmTarget
+from sendense.agents import LocalVm
 from sendense.platforms import Platform
 from sendense.protocols import (
     FailbackSink,
@@ -48,6 +49,12 @@ def _vm_changes(spec: KvmTarget, job: str, job_id: str) -> VmChanges:
     return KvmVmChanges(job, spec.path, job_id, vms=vms)
 
 
+def _local_vms() -> list[LocalVm]:
+    from connectors.kvm.inventory import local_vms
+
+    return local_vms()
+
+
 def _failback_sink(spec: KvmSource, job: str, work_dir: Path) -> FailbackSink:
     from connectors.kvm.failback_sink import KvmFailbackSink
 
@@ -66,9 +73,10 @@ PLATFORM = Platform(
     source_power=_power,
     vm_changes=_vm_changes,
     failback_sink=_failback_sink,
+    local_vms=_local_vms,
     lab_note="KVM runs for real here: source.disks (stopped VM), source.qmp or source.libvirt; no lab",
     starter_source_roots=("/var/lib/libvirt/images",),  # libvirt's default image pool
     starter_endpoints=("qemu:///system", "qemu:///session"),
     # libvirt's client: its default URI and config, qemu:///session's runtime dir, qemu+ssh's agent
-    agent_env=("LIBVIRT_*", "VIRSH_*", "XDG_RUNTIME_DIR", "SSH_AUTH_SOCK"),
+    agent_env=("LIBVIRT_*", "VIRSH_*", "XDG_RUNTIME_DIR", "SSH_AUTH_SOCK", "SENDENSE_KVM_*"),
 )

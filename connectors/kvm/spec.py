@@ -161,6 +161,18 @@ class KvmSource(SourceSpec):
             return self
         return self.model_copy(update={"libvirt": self.libvirt.model_copy(update={"uuid": vm_id})})
 
+    def locator(self) -> tuple[str, str] | None:
+        """A libvirt domain pinned by UUID moves between hosts (live migration, or a restart on another
+        host of shared storage): its host's agent announces it (connectors.kvm.inventory)."""
+        if self.libvirt is None or self.libvirt.uuid is None:
+            return None
+        return ("kvm", self.libvirt.uuid)
+
+    def moved(self, host: str, where: str) -> Self:
+        assert self.libvirt is not None
+        libvirt = LibvirtDomain.model_validate({**self.libvirt.model_dump(), "uri": where})  # (checked)
+        return self.model_copy(update={"host": host, "libvirt": libvirt})
+
     def reach(self) -> Reach:
         return Reach(
             reads=[(f"source.disks[{i}]", d) for i, d in enumerate(self.disks or [])]

@@ -68,4 +68,5 @@ PLATFORM = Platform(
     lab="labs.vsphere.hook",
     starter_endpoints=("vsphere:*",),  # any vCenter or ESXi host the agent can reach
     agent_env=("SENDENSE_VSPHERE_*", "SENDENSE_VDDK_*"),  # logins, and the agent's VDDK
+    reached_by_api=True,  # no host: its steps run on the control queue
 )

@@ -57,6 +57,7 @@ class Deployment:
     rtt_ms: float = 0.0
     roots: dict[str, list[str]] = field(default_factory=dict)  # policy: source_roots, target_roots
     agent_env: dict[str, str] = field(default_factory=dict)
+    site_env: dict[str, dict[str, str]] = field(default_factory=dict)  # one agent's own (site -> env)
     # an agent given another host's certificate (site -> host id whose certificate it presents): tests
     cert_of: dict[str, str] = field(default_factory=dict)
     agents: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict, init=False)
@@ -131,6 +132,7 @@ class Deployment:
             SENDENSE_AGENT_KEY=str(p / f"agent-{cert}-key.pem"),
             SENDENSE_AGENT_CA=str(p / "ca.pem"),
             **self.agent_env,
+            **self.site_env.get(site, {}),
         )
         return env
 

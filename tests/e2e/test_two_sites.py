@@ -423,3 +423,98 @@ def test_failover_at_site_b_then_failback_across_the_link(
     assert st["failed_over"] is None and st["last_sync"]["kind"] == "incremental", st
     # nothing left served: the reverse exports ended with their snapshots
     assert list((d.home("b") / "work" / "fbsites" / "exports").glob("*.json")) == []
+
+
+def _shadow_write(raw: Path, offset: int, length: int, pattern: int) -> None:
+    with raw.open("r+b") as f:
+        f.seek(offset)
+        f.write(bytes([pattern]) * length)
+
+
+def test_a_vm_that_moves_to_another_host_is_followed_at_its_next_sync(tmp_path: Path) -> None:
+    """A libvirt domain replicated from site A's host moves to site B's host (shut down there, started
+    here on the same images: what a cold migration over shared storage does). The next sync asks the
+    agent registry, runs on the agent that runs the VM now, resyncs (the job's checkpoints stayed with
+    the old host's libvirt), says so in status; later syncs are incremental there. Every point bit-exact."""
+    import libvirt
+
+    from labs.kvm.libvirtd import guest_write, libvirtd, remove_lab_domain
+
+    disk = make_qcow2(tmp_path / "vm.qcow2", 64 * MiB)
+    qemu_io(disk, "write -P 0x11 0 4M", "write -P 0x12 32M 1M")
+    ref = to_raw(disk, tmp_path / "ref.raw")
+    with libvirtd(tmp_path / "lv-a") as lva, libvirtd(tmp_path / "lv-b") as lvb:
+        uri = {
+            site: f"qemu:///system?socket={lab.base / 'run' / 'libvirt-sock'}"
+            for site, lab in (("a", lva), ("b", lvb))
+        }
+        with TwoSites(rate="1gbit") as s:
+            d = Deployment(
+                s,
+                tmp_path / "dep",
+                roots={
+                    "source_roots": [str(tmp_path)],
+                    "target_roots": [str(tmp_path)],
+                    "endpoints": ["qemu:///system?socket=*"],
+                },
+                site_env={site: {"SENDENSE_KVM_LIBVIRT_URIS": u} for site, u in uri.items()},
+            )
+            d.start()
+            try:
+                conn_a, conn_b = lva.connect(), lvb.connect()
+                from labs.kvm.libvirtd import lab_domain_xml
+
+                dom = conn_a.defineXML(lab_domain_xml("mover", [disk]))
+                dom.create()
+                vm_uuid = dom.UUIDString()
+                spec = {
+                    "name": "mover",
+                    "source": {
+                        "platform": "kvm",
+                        "libvirt": {"uri": uri["a"], "domain": "mover"},
+                        "host": "site-a",
+                    },
+                    "target": {"platform": "kvm", "path": str(tmp_path / "replicas"), "host": "site-b"},
+                    "schedule": {"interval": "1h"},
+                    "retention": {"points": 5},
+                    "tuning": {"heartbeat_timeout": "5s"},
+                }
+                (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+                d.cli("job", "create", "-f", str(tmp_path / "job.yaml"))
+                st = d.wait_point("mover", 1)
+                assert st["last_sync"]["kind"] == "full" and st["source_host"] == "site-a", st
+                assert st["last_sync"]["bytes_on_wire"] is not None  # read across the link
+                assert same(export_raw(d, "mover", st["last_point"], tmp_path / "x1"), ref)
+
+                guest_write(dom, "vda", 1 * MiB, 64 * 1024, 0x21)
+                _shadow_write(ref, 1 * MiB, 64 * 1024, 0x21)
+                r = d.json("job", "sync-now", "mover", "--wait", timeout=300)
+                assert r["kind"] == "incremental" and r["bytes_read"] <= 1 * MiB, r
+                assert same(export_raw(d, "mover", r["point_id"], tmp_path / "x2"), ref)
+
+                # the move: off on host A (its libvirt forgets it), on at host B, same UUID and images
+                xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+                remove_lab_domain(dom)
+                moved = conn_b.defineXML(xml)
+                moved.create()
+                assert moved.UUIDString() == vm_uuid
+                guest_write(moved, "vda", 40 * MiB, 128 * 1024, 0x31)
+                _shadow_write(ref, 40 * MiB, 128 * 1024, 0x31)
+                time.sleep(20)  # site B's agent announces the VM (every 15 s)
+                r = d.json("job", "sync-now", "mover", "--wait", timeout=300)
+                st = d.json("job", "status", "mover")
+                assert (
+                    st["source_host"] == "site-b" and "from host site-a to host site-b" in st["last_move"]
+                ), st
+                assert r["kind"] == "resync" and r["bytes_on_wire"] is None, r  # one agent now: no link
+                assert same(export_raw(d, "mover", r["point_id"], tmp_path / "x3"), ref)
+
+                guest_write(moved, "vda", 2 * MiB, 64 * 1024, 0x41)
+                _shadow_write(ref, 2 * MiB, 64 * 1024, 0x41)
+                r = d.json("job", "sync-now", "mover", "--wait", timeout=300)
+                assert r["kind"] == "incremental" and r["bytes_read"] <= 1 * MiB, r
+                assert same(export_raw(d, "mover", r["point_id"], tmp_path / "x4"), ref)
+                d.cli("job", "delete", "mover")
+            finally:
+                for site in list(d.agents):
+                    d.kill(site)

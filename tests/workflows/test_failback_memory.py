@@ -17,8 +17,10 @@ import pytest
 from temporalio.client import WorkflowUpdateFailedError
 from temporalio.testing import WorkflowEnvironment
 
+from activities import leases
 from connectors.memory.store import Store
 from connectors.memory.vms import MemoryVms
+from sendense.links import LeaseGrant, LeaseRelease, LeaseRequest
 from sendense.models import BootCheckSpec, RecoverySpec
 from sendense.platforms import vms_for
 from sendense.recovery import FailbackRequest, FailbackResult, FailoverRequest, FailoverResult
@@ -160,6 +162,44 @@ async def test_failback_copies_back_what_the_vm_wrote_and_the_job_replicates_aga
         job.write("disk0", 5 * MiB, 4 * KiB, 0x44)  # and on as before
         r3 = await job.sync_now()
         assert r3.kind == "incremental" and job.differs(r3.point_id, job.now()) == []
+
+
+class Governor:
+    """A link's governor as the lease keeper sees it (activities.leases.Governor): grants every lease
+    at 64 MiB/s and records who leased (the real one: tests/workflows/test_governor.py)."""
+
+    def __init__(self) -> None:
+        self.holders: list[str] = []
+
+    def lease(self, link: str, req: LeaseRequest, timeout: float) -> LeaseGrant:
+        self.holders.append(req.holder)
+        return LeaseGrant(rate=64 * MiB, share=1.0, budget=None, priority=req.priority, valid_for=4.0)
+
+    def release(self, link: str, req: LeaseRelease, timeout: float) -> None:
+        pass
+
+
+async def test_reverse_copies_of_a_job_on_a_link_take_its_share(
+    env: WorkflowEnvironment, store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Failback's reverse copies cross the job's link like its syncs: each leases its share of the
+    link from the link's governor (a failback must not take the whole link from the other jobs)."""
+    gov = Governor()
+    monkeypatch.setattr(leases, "_attached", gov)
+    job = fb_job(env, store, tmp_path)
+    job.spec = job.spec.model_copy(update={"link": "wan"})
+    async with running(env, job):
+        await job.settled(1)
+        await failover(job)
+        vm = Vm(job, job.now())
+        vm.write("disk0", 2 * MiB, 128 * KiB, 0xA1)
+        r = await failback(job)
+        assert r.error is None and source_differs(job, vm.shadows) == []
+        child = await job.env.client.get_workflow_handle(
+            f"failback-{job.spec.name}-{r.failback_id}"
+        ).describe()
+    reverse = {h for h in gov.holders if f"/{child.run_id[:8]}/" in h}  # (job/run/activity#attempt)
+    assert len(reverse) >= r.syncs, gov.holders  # (a disk with nothing to copy may take none)
 
 
 async def test_reverse_syncs_repeat_until_the_delta_is_small(

@@ -160,12 +160,19 @@ def make_spec(store: Store, directory: Path | None = None, keep: int = 24, **tun
 
 
 @contextlib.asynccontextmanager
-async def running(env: WorkflowEnvironment, job: Job, *, source_queue: bool = False) -> AsyncIterator[Job]:
+async def running(
+    env: WorkflowEnvironment, job: Job, *, source_queue: bool = False, api_end: str | None = None
+) -> AsyncIterator[Job]:
     """The job's workflow with the real activities on a worker of this process; deleted at the end.
     `source_queue`: the source's activities on a queue of their own (the split path: no combined
-    or inline steps)."""
+    or inline steps). `api_end` ("source" or "target"): that end's steps on the control queue, as
+    for an end reached by API (workflows.common.placement)."""
     q = f"mem-{uuid.uuid4()}"
     sq = f"{q}-source" if source_queue else q
+    if api_end == "source":
+        sq = config.CONTROL_QUEUE
+    elif api_end == "target":
+        q, sq = config.CONTROL_QUEUE, q
     with contextlib.ExitStack() as agents:
         if source_queue:  # two agents (in this process): the target's pulls the source's export
             q = agents.enter_context(data_agent(job.tmp))
@@ -338,6 +345,35 @@ async def test_a_retryable_fault_in_copy_resumes_from_the_last_checkpoint(
     # or a time-based one after it: 24 to 32 writes, never the 64 of a copy started over.
     resumed = job.store.faults.calls["target.write"] - 41
     assert 24 <= resumed <= 32
+
+
+@pytest.mark.parametrize("api_end", ["source", "target"])
+async def test_an_end_reached_by_api_runs_on_the_control_queue_and_the_agent_copies_without_an_export(
+    env: WorkflowEnvironment, store: Store, tmp_path: Path, api_end: str
+) -> None:
+    """An end on the control queue (AWS, vSphere with no host): its steps run there, and the copy runs
+    on the other end's agent, reading or writing it by API: no export, nothing through the link."""
+    job = new_job(env, store, tmp_path, inline_copy_bytes=0)
+    job.write("disk0", 0, 1 * MiB, 0x31)
+    seeded = job.now()
+    async with running(env, job, api_end=api_end):
+        st = await job.settled(1)
+        assert st.last_sync is not None and job.differs(st.last_sync.point_id, seeded) == []
+        job.write("disk0", 2 * MiB, BLOCK, 0x32)
+        r2 = await job.sync_now()
+        assert r2.kind == "incremental" and r2.bytes_on_wire is None
+        assert job.differs(r2.point_id, job.now()) == []
+        assert job.handle is not None
+        ran: dict[str, set[str]] = {}
+        async for ev in job.handle.fetch_history_events():
+            if ev.HasField("activity_task_scheduled_event_attributes"):
+                a = ev.activity_task_scheduled_event_attributes
+                ran.setdefault(a.activity_type.name, set()).add(a.task_queue.name)
+    agent = [q for q in ran["copy_disk"] if q != config.CONTROL_QUEUE]
+    assert len(agent) == 1 and ran["copy_disk"] == set(agent), ran
+    api, other = ("create_snapshot", "commit_point")[:: 1 if api_end == "source" else -1]
+    assert ran[api] == {config.CONTROL_QUEUE} and ran[other] == set(agent), ran
+    assert "export_snapshot" not in ran, ran
 
 
 async def test_a_non_retryable_fault_fails_the_sync_leaves_no_point_and_the_next_recovers(
