@@ -175,6 +175,18 @@ def failback_sink_for(spec: JobSpec, work_dir: Path) -> FailbackSink:
     return p.failback_sink(spec.source, spec.name, work_dir)
 
 
+def queues(spec: JobSpec) -> tuple[str, str]:
+    """The task queues of a job's source and target steps (queue_of each end), but a target reached
+    by API with a source on an agent runs where the source does: the copy writes it from there, and
+    a target keeps records of what its writer started (e.g. snapshots begun, their block lists) that
+    its commit reads. A source reached by API keeps its own on the control queue and its reads need
+    none, so its copy runs on the target's agent (workflows.common.placement)."""
+    source, target = queue_of(spec.source), queue_of(spec.target)
+    if target == config.CONTROL_QUEUE and source != config.CONTROL_QUEUE:
+        target = source
+    return source, target
+
+
 def queue_of(end: SourceSpec | TargetSpec) -> str:
     """The task queue that runs an end's steps: its host's agent (`host`); with no host, the control
     queue for a platform reached by API (a cloud: any agent reaches it, so the job does not depend

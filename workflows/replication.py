@@ -418,6 +418,15 @@ class ReplicationWorkflow(JobRecovery):
                 workflow.logger.info("job %s: source stays on host %s: %s", spec.name, was, found.why)
             return
         self.inp.spec = spec.model_copy(update={"source": spec.source.moved(found.host_id, found.where)})
+        target = platforms.get(spec.target.platform)
+        if (
+            self.inp.target_queue == self.inp.source_queue
+            and spec.target.host is None
+            and target is not None
+            and target.reached_by_api
+        ):
+            # a cloud target written from the source's agent (platforms.queues) goes with it
+            self.inp.target_queue = config.host_queue(found.host_id)
         self.inp.source_queue = config.host_queue(found.host_id)
         self.st.last_move = f"{workflow.now():%Y-%m-%d %H:%M:%S}Z: from host {was} to host {found.host_id}"
         workflow.logger.info("job %s: its source VM moved %s", spec.name, self.st.last_move)

@@ -158,17 +158,18 @@ class Jobs:
     async def create(self, spec: JobSpec, search_attributes: bool = True) -> WorkflowHandle[Any, Any]:
         if not spec.job_id:  # the job's identity: its replicas and points belong to it, not to its name
             spec = spec.model_copy(update={"job_id": secrets.token_hex(8)})
-        source_q = platforms.queue_of(spec.source)
-        target_q = platforms.queue_of(spec.target)
-        # one end reached by API (its steps on the control queue), the other on this machine's agent:
-        # the job names this host for it, so that no other agent takes it for its own local end
-        for kind, end, queue in (("source", spec.source, source_q), ("target", spec.target, target_q)):
-            if (
-                end.host is None
-                and queue != config.CONTROL_QUEUE
-                and config.CONTROL_QUEUE in (source_q, target_q)
-            ):
-                spec = spec.model_copy(update={kind: end.model_copy(update={"host": config.host_id()})})
+        # a source reached by API (its steps on the control queue), the target on this machine's
+        # agent: the job names this host for the target, so that no other agent takes it for its own
+        api_source = platforms.queue_of(spec.source) == config.CONTROL_QUEUE
+        if (
+            api_source
+            and spec.target.host is None
+            and platforms.queue_of(spec.target) != config.CONTROL_QUEUE
+        ):
+            spec = spec.model_copy(
+                update={"target": spec.target.model_copy(update={"host": config.host_id()})}
+            )
+        source_q, target_q = platforms.queues(spec)
         sa = TypedSearchAttributes(
             [
                 SearchAttributePair(SA_JOB, spec.name),

@@ -64,7 +64,7 @@ class Drills:
                 spec=spec,
                 drill_id=drill_id,
                 job_workflow_id=config.workflow_id(job),
-                target_queue=platforms.queue_of(spec.target),
+                target_queue=platforms.queues(spec)[1],
                 point_id=point_id,
                 keep=keep,
                 search_attributes=search_attributes,
@@ -92,7 +92,7 @@ class Drills:
             DrillInput(
                 spec=spec,
                 job_workflow_id=config.workflow_id(job),
-                target_queue=platforms.queue_of(spec.target),
+                target_queue=platforms.queues(spec)[1],
             ),
             id=drill_workflow_id(job, "scheduled"),
             task_queue=config.CONTROL_QUEUE,

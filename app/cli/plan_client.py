@@ -116,7 +116,7 @@ class Plans:
                 jobs[vm.job] = PlanJob(
                     spec=spec,
                     job_workflow_id=config.workflow_id(vm.job),
-                    target_queue=platforms.queue_of(spec.target),
+                    target_queue=platforms.queues(spec)[1],
                 )
         agents = {h.agent or "" for t in plan.tiers for h in (t.before, t.after) if h is not None}
         return plan, jobs, {a: config.host_queue(a or None) for a in agents}

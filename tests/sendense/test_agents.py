@@ -43,3 +43,30 @@ def test_the_registry_keeps_the_latest_word_of_each_agent_and_forgets_the_long_g
     assert table["a"].vms == []
     table = heard(table, agent("c"), T0 + timedelta(seconds=20) + FORGET + timedelta(seconds=1))
     assert sorted(table) == ["c"]
+
+
+def test_steps_run_on_the_control_queue_for_cloud_ends_and_a_cloud_target_goes_with_its_writer() -> None:
+    """platforms.queues: a cloud source's steps on the control queue (its copy on the target's agent);
+    a cloud target written from a source agent runs its steps there (its writer's records); a disk or
+    hypervisor end on its host's agent (this machine's when it names none)."""
+    from connectors.aws.spec import AwsSource, AwsTarget
+    from connectors.kvm.spec import KvmSource, KvmTarget
+    from sendense import config
+    from sendense.models import JobSpec
+    from sendense.platforms import queues
+
+    aws_s = AwsSource(platform="aws", region="us-east-1", instance_id="i-0123456789abcdef0")
+    aws_t = AwsTarget(platform="aws", region="us-east-1")
+    kvm_s = KvmSource(platform="kvm", disks=["/srv/vm/a.qcow2"])
+    kvm_t = KvmTarget(platform="kvm", path="/srv/replicas")
+
+    def q(source: object, target: object) -> tuple[str, str]:
+        return queues(JobSpec(name="j", source=source, target=target))  # type: ignore[arg-type]
+
+    here, ctl = config.host_queue(), config.CONTROL_QUEUE
+    assert q(aws_s, aws_t) == (ctl, ctl)
+    assert q(aws_s, kvm_t) == (ctl, here)
+    assert q(kvm_s, aws_t) == (here, here)
+    assert q(kvm_s.model_copy(update={"host": "site-a"}), aws_t) == ("host-site-a", "host-site-a")
+    assert q(kvm_s, kvm_t.model_copy(update={"host": "site-b"})) == (here, "host-site-b")
+    assert q(aws_s.model_copy(update={"host": "site-a"}), aws_t) == ("host-site-a", "host-site-a")
