@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
+from app.cli.agents import agent_app
 from app.cli.drill import drill_app
 from app.cli.failback import failback
 from app.cli.failover import failover
@@ -34,6 +35,7 @@ app.command("failover")(failover)
 app.command("failback")(failback)
 app.add_typer(plan_app, name="plan")
 app.add_typer(link_app, name="link")
+app.add_typer(agent_app, name="agent")
 
 # ------------------------------------------------------------------------------- stack
 

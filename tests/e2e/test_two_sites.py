@@ -501,6 +501,8 @@ def test_a_vm_that_moves_to_another_host_is_followed_at_its_next_sync(tmp_path: 
                 guest_write(moved, "vda", 40 * MiB, 128 * 1024, 0x31)
                 _shadow_write(ref, 40 * MiB, 128 * 1024, 0x31)
                 time.sleep(20)  # site B's agent announces the VM (every 15 s)
+                listed = {a["host_id"]: [v["vm_id"] for v in a["vms"]] for a in d.json("agent", "list")}
+                assert listed.get("site-b") == [vm_uuid] and listed.get("site-a") == [], listed
                 r = d.json("job", "sync-now", "mover", "--wait", timeout=300)
                 st = d.json("job", "status", "mover")
                 assert (
