@@ -20,6 +20,7 @@ from temporalio.testing import WorkflowEnvironment
 from activities import leases
 from connectors.memory.store import Store
 from connectors.memory.vms import MemoryVms
+from sendense import config
 from sendense.links import LeaseGrant, LeaseRelease, LeaseRequest
 from sendense.models import BootCheckSpec, RecoverySpec
 from sendense.platforms import vms_for
@@ -162,6 +163,34 @@ async def test_failback_copies_back_what_the_vm_wrote_and_the_job_replicates_aga
         job.write("disk0", 5 * MiB, 4 * KiB, 0x44)  # and on as before
         r3 = await job.sync_now()
         assert r3.kind == "incremental" and job.differs(r3.point_id, job.now()) == []
+
+
+@pytest.mark.parametrize("api_end", ["source", "target"])
+async def test_failback_with_an_end_on_the_control_queue_keeps_the_sinks_steps_together(
+    env: WorkflowEnvironment, store: Store, tmp_path: Path, api_end: str
+) -> None:
+    """A cloud source (its steps on the control queue) with the VM on an agent: the VM's steps, the
+    reverse copy and the cut-over run on the agent; a cloud target: all on the source's side. Either
+    way the source reads what the VM wrote, and each step ran where the placement says."""
+    job = fb_job(env, store, tmp_path)
+    async with running(env, job, api_end=api_end):
+        await job.settled(1)
+        await failover(job)
+        vm = Vm(job, job.now())
+        vm.write("disk0", 2 * MiB, 128 * KiB, 0xA1)
+        r = await failback(job)
+        assert r.error is None and r.started and source_differs(job, vm.shadows) == []
+        child = job.env.client.get_workflow_handle(f"failback-{job.spec.name}-{r.failback_id}")
+        ran: dict[str, set[str]] = {}
+        async for ev in child.fetch_history_events():
+            if ev.HasField("activity_task_scheduled_event_attributes"):
+                a = ev.activity_task_scheduled_event_attributes
+                ran.setdefault(a.activity_type.name, set()).add(a.task_queue.name)
+    agent = (ran["reverse_copy"] - {config.CONTROL_QUEUE}) or ran["reverse_copy"]
+    for name in ("reverse_snapshot", "reverse_copy", "reverse_release", "failback_cut_over"):
+        assert ran[name] == agent, ran
+    assert (ran["source_power_state"] == {config.CONTROL_QUEUE}) == (api_end == "source"), ran
+    assert config.CONTROL_QUEUE not in agent and "export_snapshot" not in ran, ran
 
 
 class Governor:
