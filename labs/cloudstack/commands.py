@@ -69,15 +69,27 @@ def list_storage_pools(c: Cloud, p: Params) -> dict[str, Any]:
 
 def list_service_offerings(c: Cloud, p: Params) -> dict[str, Any]:
     t = c.state.service_offerings
-    return list_payload("serviceoffering", [views.service_offering(o) for o in _filtered(t.values(), p, t, lambda o: o.name)])
+    return list_payload(
+        "serviceoffering", [views.service_offering(o) for o in _filtered(t.values(), p, t, lambda o: o.name)]
+    )
 
 
 def list_disk_offerings(c: Cloud, p: Params) -> dict[str, Any]:
     t = c.state.disk_offerings
-    return list_payload("diskoffering", [views.disk_offering(o) for o in _filtered(t.values(), p, t, lambda o: o.name)])
+    return list_payload(
+        "diskoffering", [views.disk_offering(o) for o in _filtered(t.values(), p, t, lambda o: o.name)]
+    )
 
 
-TEMPLATE_FILTERS = ("featured", "self", "selfexecutable", "sharedexecutable", "executable", "community", "all")
+TEMPLATE_FILTERS = (
+    "featured",
+    "self",
+    "selfexecutable",
+    "sharedexecutable",
+    "executable",
+    "community",
+    "all",
+)
 
 
 def list_templates(c: Cloud, p: Params) -> dict[str, Any]:
@@ -86,7 +98,9 @@ def list_templates(c: Cloud, p: Params) -> dict[str, Any]:
         raise wire.invalid(f"Invalid template filter {f}: one of {', '.join(TEMPLATE_FILTERS)}")
     _zone_check(c, p)
     t = c.state.templates
-    return list_payload("template", [views.template(c, x) for x in _filtered(t.values(), p, t, lambda x: x.name)])
+    return list_payload(
+        "template", [views.template(c, x) for x in _filtered(t.values(), p, t, lambda x: x.name)]
+    )
 
 
 def list_networks(c: Cloud, p: Params) -> dict[str, Any]:

@@ -56,7 +56,13 @@ class LabHost:
         return self.libvirtd.connect()
 
     def domain_xml(
-        self, name: str, vm_id: str, cpus: int, memory_mib: int, disks: list[tuple[int, Path]], macs: list[str]
+        self,
+        name: str,
+        vm_id: str,
+        cpus: int,
+        memory_mib: int,
+        disks: list[tuple[int, Path]],
+        macs: list[str],
     ) -> str:
         """The domain: disk `deviceid` N is virtio target vd<a+N> (deviceid 0, the ROOT, boots)."""
         dom = ET.Element("domain", type="qemu")
@@ -71,7 +77,9 @@ class LabHost:
         for event, action in (("on_poweroff", "destroy"), ("on_reboot", "restart"), ("on_crash", "destroy")):
             ET.SubElement(dom, event).text = action
         devs = ET.SubElement(dom, "devices")
-        ET.SubElement(devs, "emulator").text = shutil.which("qemu-system-x86_64") or "/usr/bin/qemu-system-x86_64"
+        ET.SubElement(devs, "emulator").text = (
+            shutil.which("qemu-system-x86_64") or "/usr/bin/qemu-system-x86_64"
+        )
         for deviceid, path in sorted(disks):
             devs.append(ET.fromstring(disk_xml(deviceid, path)))
         for mac in macs:

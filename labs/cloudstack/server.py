@@ -70,10 +70,14 @@ class LabApp:
             answer = self.handle(environ)
         except Exception:
             log.exception("request %s %s failed", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"))
-            err = ApiError(wire.INTERNAL_ERROR, "internal error in the CloudStack lab (see its log)", wire.CS_SERVER_API)
+            err = ApiError(
+                wire.INTERNAL_ERROR, "internal error in the CloudStack lab (see its log)", wire.CS_SERVER_API
+            )
             answer = Answer(530, wire.render("errorresponse", err.body()))
         status = f"{answer.status} {HTTP_STATUS_CODES.get(answer.status, 'Error')}"
-        start_response(status, [("Content-Type", answer.content_type), ("Content-Length", str(len(answer.body)))])
+        start_response(
+            status, [("Content-Type", answer.content_type), ("Content-Length", str(len(answer.body)))]
+        )
         return [answer.body]
 
     def handle(self, environ: dict[str, Any]) -> Answer:
@@ -91,7 +95,12 @@ class LabApp:
         if path.rstrip("/") != "/client/api":
             return _json(404, {"error": f"no such path {path}: the API is at /client/api"})
         if method not in ("GET", "POST"):
-            return Answer(405, wire.render("errorresponse", ApiError(wire.METHOD_NOT_ALLOWED, f"{method} is not allowed").body()))
+            return Answer(
+                405,
+                wire.render(
+                    "errorresponse", ApiError(wire.METHOD_NOT_ALLOWED, f"{method} is not allowed").body()
+                ),
+            )
         params: dict[str, str] = {}
         pairs = parse_qsl(environ.get("QUERY_STRING", ""), keep_blank_values=True)
         if method == "POST":
@@ -107,7 +116,9 @@ class LabApp:
         if not known or command is None:
             return Answer(401, wire.render(name, ApiError(wire.UNAUTHORIZED, wire.UNVERIFIED).body()))
         if params.get("response", "xml").lower() != "json":
-            err = ApiError(wire.PARAM_ERROR, "the CloudStack lab answers response=json only", wire.CS_SERVER_API)
+            err = ApiError(
+                wire.PARAM_ERROR, "the CloudStack lab answers response=json only", wire.CS_SERVER_API
+            )
             return Answer(431, wire.render(name, err.body()))
         try:
             signing.verify(params, self.secrets, enforce_timestamps=self.cloud.config.enforce_timestamps)
@@ -134,20 +145,32 @@ class LabApp:
         if path == "/_lab/health":
             return _json(200, {"ok": True, "pid": os.getpid()})
         if path == "/_lab/hosts":
-            return _json(200, [
-                {"id": h.id, "name": h.name, "uri": h.libvirtd.uri if h.up else None, "domains": h.domains()}
-                for h in c.hosts.values()
-            ])  # fmt: skip
+            return _json(
+                200,
+                [
+                    {
+                        "id": h.id,
+                        "name": h.name,
+                        "uri": h.libvirtd.uri if h.up else None,
+                        "domains": h.domains(),
+                    }
+                    for h in c.hosts.values()
+                ],
+            )
         if path == "/_lab/faults":
             if method == "DELETE":
                 c.faults.clear()
                 return _json(200, {"ok": True})
             try:
                 c.faults.inject(
-                    str(data["command"]), int(data["errorcode"]), int(data.get("count", 1)),
-                    after=int(data.get("after", 0)), job=bool(data.get("job", False)),
-                    text=str(data.get("text", "")), cserrorcode=data.get("cserrorcode"),
-                )  # fmt: skip
+                    str(data["command"]),
+                    int(data["errorcode"]),
+                    int(data.get("count", 1)),
+                    after=int(data.get("after", 0)),
+                    job=bool(data.get("job", False)),
+                    text=str(data.get("text", "")),
+                    cserrorcode=data.get("cserrorcode"),
+                )
             except (KeyError, ValueError, TypeError) as e:
                 return _json(400, {"error": f"a fault needs command and errorcode: {e}"})
             return _json(200, {"ok": True})
@@ -176,13 +199,17 @@ class LabApp:
                 from labs.cloudstack.vms import vm_volumes
 
                 info = {
-                    "instancename": vm.instancename, "state": vm.state, "hostid": vm.host,
+                    "instancename": vm.instancename,
+                    "state": vm.state,
+                    "hostid": vm.host,
                     "host": host.name if host is not None and vm.host else None,
                     "running": bool(host is not None and vm.host and host.running(vm.instancename)),
                     "console": str(console) if console else None,
-                    "volumes": [{"id": v.id, "deviceid": v.deviceid, "file": str(v.file) if v.file else None}
-                                for v in vm_volumes(c, vm)],
-                }  # fmt: skip
+                    "volumes": [
+                        {"id": v.id, "deviceid": v.deviceid, "file": str(v.file) if v.file else None}
+                        for v in vm_volumes(c, vm)
+                    ],
+                }
             return _json(200, info)
         return _json(404, {"error": f"no lab endpoint {method} {path}"})
 

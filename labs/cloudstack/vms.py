@@ -43,7 +43,9 @@ def _free(c: Cloud, h: LabHost, exclude: str | None = None) -> tuple[int, int]:
         for v in c.state.vms.values()
         if v.host == h.id and v.id != exclude and v.state in ("Running", "Starting", "Migrating")
     ]
-    return h.cpus - sum(v.offering.cpus for v in used), h.memory_mib - sum(v.offering.memory_mib for v in used)
+    return h.cpus - sum(v.offering.cpus for v in used), h.memory_mib - sum(
+        v.offering.memory_mib for v in used
+    )
 
 
 def _fits(c: Cloud, h: LabHost, vm: Vm) -> bool:
@@ -54,8 +56,8 @@ def _fits(c: Cloud, h: LabHost, vm: Vm) -> bool:
 def _no_host(vm: Vm, why: str) -> ApiError:
     return ApiError(
         wire.INSUFFICIENT_CAPACITY_ERROR,
-        f"Unable to create a deployment for VM instance {{\"id\": \"{vm.id}\", \"instanceName\": "
-        f"\"{vm.instancename}\"}}: {why}",
+        f'Unable to create a deployment for VM instance {{"id": "{vm.id}", "instanceName": '
+        f'"{vm.instancename}"}}: {why}',
         wire.CS_INSUFFICIENT_SERVER_CAPACITY,
     )
 
@@ -63,8 +65,11 @@ def _no_host(vm: Vm, why: str) -> ApiError:
 def place(c: Cloud, vm: Vm, wanted: LabHost | None) -> LabHost:
     if wanted is not None:
         if not _fits(c, wanted, vm):
-            raise _no_host(vm, f"host {wanted.name} has not {vm.offering.cpus} CPUs and "
-                               f"{vm.offering.memory_mib} MiB free, or is not Up")  # fmt: skip
+            raise _no_host(
+                vm,
+                f"host {wanted.name} has not {vm.offering.cpus} CPUs and "
+                f"{vm.offering.memory_mib} MiB free, or is not Up",
+            )
         return wanted
     order = sorted(c.hosts.values(), key=lambda h: h.id != vm.last_host)
     for h in order:
@@ -89,9 +94,13 @@ def _boot(c: Cloud, vm: Vm, host: LabHost) -> None:
             storage.materialize(c.state, v, c.state.pool)
         vm.state, vm.host = "Starting", host.id
         xml = host.domain_xml(
-            vm.instancename, vm.id, vm.offering.cpus, vm.offering.memory_mib,
-            [(v.deviceid or 0, v.file) for v in vols if v.file is not None], [n.mac for n in vm.nics],
-        )  # fmt: skip
+            vm.instancename,
+            vm.id,
+            vm.offering.cpus,
+            vm.offering.memory_mib,
+            [(v.deviceid or 0, v.file) for v in vols if v.file is not None],
+            [n.mac for n in vm.nics],
+        )
     try:
         host.start_domain(xml, vm.instancename)
     except BaseException:
@@ -124,7 +133,9 @@ def deploy(c: Cloud, p: Params) -> AsyncWork:
     size = template.size
     if root_gib is not None:
         if root_gib * GIB < template.size:
-            raise invalid(f"Root disk size ({root_gib} GB) is smaller than the template's ({views.gib(template.size)})")
+            raise invalid(
+                f"Root disk size ({root_gib} GB) is smaller than the template's ({views.gib(template.size)})"
+            )
         size = root_gib * GIB
     num = c.state.next_num()
     name = p.get("name") or f"VM-{new_id()}"
@@ -140,9 +151,9 @@ def deploy(c: Cloud, p: Params) -> AsyncWork:
 
     def run() -> dict[str, Any]:
         if startvm:
-            with c.state.lock:
-                host = place(c, vm, wanted)
             try:
+                with c.state.lock:
+                    host = place(c, vm, wanted)
                 _boot(c, vm, host)
             except ApiError:
                 with c.state.lock:
@@ -175,7 +186,9 @@ def start(c: Cloud, p: Params) -> AsyncWork:
         _boot(c, vm, host)
         return _result(c, vm)
 
-    return AsyncWork("org.apache.cloudstack.api.command.admin.vm.StartVMCmdByAdmin", run, "VirtualMachine", vm.id)
+    return AsyncWork(
+        "org.apache.cloudstack.api.command.admin.vm.StartVMCmdByAdmin", run, "VirtualMachine", vm.id
+    )
 
 
 def _halt(c: Cloud, vm: Vm, forced: bool) -> None:
@@ -199,7 +212,9 @@ def stop(c: Cloud, p: Params) -> AsyncWork:
         _halt(c, vm, forced)
         return _result(c, vm)
 
-    return AsyncWork("org.apache.cloudstack.api.command.admin.vm.StopVMCmdByAdmin", run, "VirtualMachine", vm.id)
+    return AsyncWork(
+        "org.apache.cloudstack.api.command.admin.vm.StopVMCmdByAdmin", run, "VirtualMachine", vm.id
+    )
 
 
 def destroy(c: Cloud, p: Params) -> AsyncWork:
@@ -225,7 +240,9 @@ def destroy(c: Cloud, p: Params) -> AsyncWork:
                 vm.state = "Destroyed"
         return {"virtualmachine": view}
 
-    return AsyncWork("org.apache.cloudstack.api.command.admin.vm.DestroyVMCmdByAdmin", run, "VirtualMachine", vm.id)
+    return AsyncWork(
+        "org.apache.cloudstack.api.command.admin.vm.DestroyVMCmdByAdmin", run, "VirtualMachine", vm.id
+    )
 
 
 def migrate(c: Cloud, p: Params) -> AsyncWork:

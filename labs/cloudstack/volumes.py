@@ -51,9 +51,13 @@ def create_volume(c: Cloud, p: Params) -> AsyncWork:
     if p.need("zoneid") != c.state.zone.id:
         raise wire.bad_value(p.command, "zoneid", p.need("zoneid"))
     size = _size(c, p, offering.size_gib == 0) or offering.size_gib * GIB
-    vol = Volume(new_id(), p.get("name") or f"DATA-{new_id()[:8]}", "DATADISK", size, diskoffering=offering.id)
+    vol = Volume(
+        new_id(), p.get("name") or f"DATA-{new_id()[:8]}", "DATADISK", size, diskoffering=offering.id
+    )
     c.state.volumes[vol.id] = vol
-    return AsyncWork(f"{PKG}.CreateVolumeCmdByAdmin", lambda: _result(c, vol), "Volume", vol.id, {"id": vol.id})
+    return AsyncWork(
+        f"{PKG}.CreateVolumeCmdByAdmin", lambda: _result(c, vol), "Volume", vol.id, {"id": vol.id}
+    )
 
 
 def attach_volume(c: Cloud, p: Params) -> AsyncWork:
@@ -66,7 +70,10 @@ def attach_volume(c: Cloud, p: Params) -> AsyncWork:
             if vol.vm is not None:
                 raise invalid(NOT_ATTACHED)
             if vol.state not in ("Allocated", "Ready"):
-                raise invalid(f"Volume {vol.name} is {vol.state}: volume state must be in Allocated, Ready or Uploaded state")
+                raise invalid(
+                    f"Volume {vol.name} is {vol.state}: volume state must be in Allocated, Ready or "
+                    "Uploaded state"
+                )
             if vm.state not in ("Running", "Stopped"):
                 raise invalid("Please specify a VM that is either running or stopped.")
             used = {v.deviceid for v in vm_volumes(c, vm)}
@@ -121,7 +128,9 @@ def resize_volume(c: Cloud, p: Params) -> AsyncWork:
     def run() -> dict[str, Any]:
         with c.state.lock:
             if vol.state not in ("Allocated", "Ready"):
-                raise invalid(f"Volume {vol.name} is {vol.state}: only Allocated or Ready volumes can be resized")
+                raise invalid(
+                    f"Volume {vol.name} is {vol.state}: only Allocated or Ready volumes can be resized"
+                )
             if new < vol.size and not shrinkok:
                 raise invalid(
                     f"Going from existing size of {vol.size} to size of {new} would shrink the volume. "
