@@ -126,7 +126,7 @@ class Cloud:
         params = Params(command, raw)
         if command in self.sync:
             with self.state.lock:
-                return self.sync[command](self, params)
+                return _paged(self.sync[command](self, params), params)
         with self.state.lock:
             work = self.asynchronous[command](self, params)
             job = Job(new_id(), command, work.cmd, work.instancetype, work.instanceid)
@@ -179,6 +179,20 @@ class Cloud:
             out["jobresult"] = job.result
             out["completed"] = job.completed
         return out
+
+
+def _paged(payload: dict[str, Any], p: Params) -> dict[str, Any]:
+    """A list answer narrowed to `page` (from 1) of `pagesize` items; `count` stays the total."""
+    size, page = p.integer("pagesize"), p.integer("page") or 1
+    items = [k for k in payload if k != "count"]
+    if size is None or "count" not in payload or len(items) != 1:
+        return payload
+    if size < 1 or page < 1:
+        raise ApiError(
+            wire.PARAM_ERROR, "page and pagesize must be positive", wire.CS_INVALID_PARAMETER_VALUE
+        )
+    [key] = items
+    return {"count": payload["count"], key: payload[key][(page - 1) * size : page * size]}
 
 
 ACCOUNT_ID = new_id()
