@@ -63,7 +63,7 @@ def control(lab: LabServer, path: str) -> Any:
     return r.json() if r.headers["Content-Type"].startswith("application/json") else r.text
 
 
-def wait_console(lab: LabServer, vm_id: str, pattern: str, timeout: float = 180) -> float:
+def wait_console(lab: LabServer, vm_id: str, pattern: str, timeout: float = 90) -> float:
     """Seconds until the VM's console shows `pattern`."""
     t0 = time.monotonic()
     while True:
@@ -122,8 +122,6 @@ def test_a_vm_from_the_guest_template_boots_as_a_domain_named_by_its_instancenam
     dom = domain(lab, vm["hostid"], vm["instancename"])
     assert dom is not None and dom.UUIDString() == vm["id"]
     assert vm["nic"][0]["macaddress"] in dom.XMLDesc(0)
-    booted = wait_console(lab, vm["id"], READY)
-    print(f"\nFIGURE deploy job {deployed:.1f} s, then {READY} after {booted:.1f} s more (TCG)")
     [root] = cs.listVolumes(virtualmachineid=vm["id"], type="ROOT")["volume"]
     [pool] = cs.listStoragePools()["storagepool"]
     assert root["state"] == "Ready" and root["storageid"] == pool["id"] and root["deviceid"] == 0
@@ -133,6 +131,8 @@ def test_a_vm_from_the_guest_template_boots_as_a_domain_named_by_its_instancenam
         Path(pool["path"]) / vm["templateid"]
     )
     assert pool["disksizeallocated"] == 2 * root["size"]  # the template's copy and the ROOT
+    booted = wait_console(lab, vm["id"], READY)
+    print(f"\nFIGURE deploy job {deployed:.1f} s, then {READY} after {booted:.1f} s more (TCG)")
     t1 = time.monotonic()
     for _ in range(20):
         cs.listVirtualMachines(id=vm["id"])
