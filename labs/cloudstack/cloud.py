@@ -90,11 +90,9 @@ class Cloud:
         self.state = LabState(root, config, guest_image)
         self.faults = Faults()
         self.hosts: dict[str, LabHost] = {}
-        for name in config.hosts:
+        for n, name in enumerate(config.hosts, 1):  # short directories: libvirt's socket paths
             hid = new_id()
-            self.hosts[hid] = LabHost(
-                hid, name, root / "hosts" / name, config.host_cpus, config.host_memory_mib
-            )
+            self.hosts[hid] = LabHost(hid, name, root / f"h{n}", config.host_cpus, config.host_memory_mib)
         self._jobs = ThreadPoolExecutor(max_workers=4, thread_name_prefix="cs-lab-job")
         from labs.cloudstack import commands
 

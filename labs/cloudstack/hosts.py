@@ -2,7 +2,7 @@
 host runs its own. A VM runs as a transient libvirt domain (as CloudStack's KVM agent starts them)
 named by its `instancename`, with the VM's uuid, on its volumes' qcow2 files (virtio disks in deviceid
 order), a virtio NIC per CloudStack NIC (user networking, restricted: the lab has no real guest
-networks) and its serial console written to DIR/hosts/<host>/console/<instancename>.log.
+networks) and its serial console written to DIR/h<N>/console/<instancename>.log (host N of the lab's list).
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import tempfile
 import time
@@ -243,9 +244,10 @@ def test_destroy_with_expunge_leaves_no_domain_and_no_file(lab: LabServer, cs: C
     assert all(not h["domains"] for h in control(lab, "/_lab/hosts"))
 
 
-def test_the_lab_hook_starts_the_lab_and_says_what_a_spec_needs(tmp_path: Path) -> None:
+def test_the_lab_hook_starts_the_lab_and_says_what_a_spec_needs() -> None:
     from labs.cloudstack import hook
 
+    tmp_path = Path(tempfile.mkdtemp(prefix="cshome-", dir="/tmp"))  # short: libvirt socket paths
     old = os.environ.get("SENDENSE_HOME")
     os.environ["SENDENSE_HOME"] = str(tmp_path)
     try:
@@ -271,3 +273,4 @@ def test_the_lab_hook_starts_the_lab_and_says_what_a_spec_needs(tmp_path: Path) 
             os.environ.pop("SENDENSE_HOME", None)
         else:
             os.environ["SENDENSE_HOME"] = old
+        shutil.rmtree(tmp_path, ignore_errors=True)
