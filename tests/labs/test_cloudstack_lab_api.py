@@ -418,3 +418,21 @@ def test_lab_control_reports_and_injects(lab: LabServer) -> None:
 def raw_status(lab: LabServer, command: str) -> int:
     exp = (datetime.now(UTC) + timedelta(minutes=5)).strftime("%Y-%m-%dT%H:%M:%S%z")
     return raw(lab, {"command": command, "signatureVersion": "3", "expires": exp}).status_code
+
+
+def test_the_lab_runs_as_a_process_found_again_by_its_directory(tmp_path: Path) -> None:
+    from labs.cloudstack.lab import CloudStackLab, CloudStackLabError
+
+    lab = CloudStackLab(tmp_path / "lab", LabConfig(libvirt=False)).start()
+    try:
+        assert (lab.lab_json.stat().st_mode & 0o777) == 0o600
+        found = CloudStackLab.attach(tmp_path / "lab")
+        assert found.url == lab.url and found.running
+        c = CloudStack(endpoint=found.url, key=found.info["api_key"], secret=found.info["secret_key"])
+        assert c.listZones()["zone"][0]["id"] == found.info["zoneid"]
+        assert found.control("GET", "/_lab/health")["pid"] == lab.proc.pid  # type: ignore[union-attr]
+    finally:
+        lab.stop()
+    assert not lab.lab_json.exists()
+    with pytest.raises(CloudStackLabError, match="no CloudStack lab is running from"):
+        CloudStackLab.attach(tmp_path / "lab")
