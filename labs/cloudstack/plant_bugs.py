@@ -90,6 +90,12 @@ BUGS: dict[str, tuple[str, str, str, list[str]]] = {
         "",
         VMS,
     ),
+    "live-migration-not-done": (
+        L + "vms.py",
+        "                source.migrate_to(vm.instancename, target)\n",
+        "                pass\n",
+        VMS,
+    ),
     "migrate-restarts-on-the-same-host": (L + "vms.py", "_boot(c, vm, target)", "_boot(c, vm, source)", VMS),
     "root-not-over-the-template": (
         L + "storage.py",

@@ -42,6 +42,7 @@ class LabConfig:
     enforce_timestamps: bool = True  # enforce.post.requests.and.timestamps
     job_delay: float = 0.0  # an async job stays pending at least this long (seconds)
     stop_timeout: float = 5.0  # a stop that is not forced waits this long for the guest, then destroys
+    live_migration: bool = True  # migrateVirtualMachine live (libvirt, QEMU's stream); False: cold move
     libvirt: bool = True  # start each host's private libvirtd (root); without, hosts are Disconnected
     libvirt_cache: str = ""  # QEMU capabilities cache shared by the hosts' libvirtds
     guest_image: str = ""  # the bootable guest's qcow2 (empty: labs.guest.build.build())

@@ -265,6 +265,14 @@ def migrate(c: Cloud, p: Params) -> AsyncWork:
             else:
                 target = place(c, vm, wanted)
             vm.state = "Migrating"
+        if c.config.live_migration:
+            try:
+                source.migrate_to(vm.instancename, target)
+            finally:
+                with c.state.lock:
+                    moved = target.running(vm.instancename)
+                    vm.state, vm.host = "Running", (target if moved else source).id
+            return _result(c, vm)
         source.stop_domain(vm.instancename, True, 0)
         with c.state.lock:
             vm.host, vm.state = None, "Stopped"

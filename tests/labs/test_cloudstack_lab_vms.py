@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import libvirt
+import libvirt_qemu
 import pytest
 import requests
 from cs import CloudStack, CloudStackApiException
@@ -159,7 +160,37 @@ def test_stop_and_start_power_the_domain(lab: LabServer, cs: CloudStack) -> None
     assert e.value.error["errorcode"] == 431 and "already running" in e.value.error["errortext"]
 
 
-def test_migrate_moves_the_running_vm_to_the_other_host_with_the_same_volumes(
+def guest_ping(dom: libvirt.virDomain, timeout: float = 30) -> float:
+    """Seconds until the guest agent (the bootable guest's busybox one) answers guest-ping."""
+    t0 = time.monotonic()
+    while True:
+        try:
+            out = libvirt_qemu.qemuAgentCommand(dom, '{"execute": "guest-ping"}', 2, 0)
+            if json.loads(out) == {"return": {}}:
+                return time.monotonic() - t0
+        except libvirt.libvirtError:
+            pass
+        assert time.monotonic() - t0 < timeout, "the guest agent does not answer"
+        time.sleep(0.2)
+
+
+def migrate(lab: LabServer, cs: CloudStack, vm: dict[str, Any], live: bool) -> dict[str, Any]:
+    lab.cloud.config.live_migration = live
+    [other] = [h for h in lab.cloud.hosts if h != vm["hostid"]]
+    t0 = time.monotonic()
+    moved: dict[str, Any] = cs.migrateVirtualMachine(
+        virtualmachineid=vm["id"], hostid=other, fetch_result=True
+    )["virtualmachine"]
+    print(f"\nFIGURE migrate job ({'live' if live else 'cold'}) {time.monotonic() - t0:.1f} s")
+    assert moved["hostid"] == other and moved["state"] == "Running"
+    assert moved["instancename"] == vm["instancename"]
+    assert domain(lab, vm["hostid"], vm["instancename"]) is None
+    assert domain(lab, other, vm["instancename"]) is not None
+    assert control(lab, f"/_lab/vms/{vm['id']}")["host"] == lab.cloud.hosts[other].name
+    return moved
+
+
+def test_migrate_moves_the_running_vm_live_to_the_other_host_with_the_same_volumes(
     lab: LabServer, cs: CloudStack
 ) -> None:
     [vm] = cs.listVirtualMachines(name="boot-me")["virtualmachine"]
@@ -167,21 +198,26 @@ def test_migrate_moves_the_running_vm_to_the_other_host_with_the_same_volumes(
     with pytest.raises(CloudStackApiException) as e:
         cs.migrateVirtualMachine(virtualmachineid=vm["id"], hostid=vm["hostid"], fetch_result=True)
     assert e.value.error["errortext"] == "Cannot migrate VM, destination host is same as current host"
-    [other] = [h for h in lab.cloud.hosts if h != vm["hostid"]]
-    t0 = time.monotonic()
-    moved = cs.migrateVirtualMachine(virtualmachineid=vm["id"], hostid=other, fetch_result=True)[
-        "virtualmachine"
-    ]
-    print(f"\nFIGURE migrate job (cold: destroy, start on the other host) {time.monotonic() - t0:.1f} s")
-    assert moved["hostid"] == other and moved["state"] == "Running"
-    assert moved["instancename"] == vm["instancename"]
-    assert domain(lab, vm["hostid"], vm["instancename"]) is None
-    assert domain(lab, other, vm["instancename"]) is not None
+    moved = migrate(lab, cs, vm, live=True)
+    dom = domain(lab, moved["hostid"], vm["instancename"])
+    assert dom is not None and guest_ping(dom) < 3  # the guest runs on: no reboot (that takes seconds)
+    assert "SENDENSE-GUEST-BOOTED" not in control(lab, f"/_lab/vms/{vm['id']}/console")
     after = cs.listVolumes(virtualmachineid=vm["id"])["volume"]
     keep = ("id", "path", "storageid", "deviceid", "size", "state")
     assert [{k: v[k] for k in keep} for v in after] == [{k: v[k] for k in keep} for v in before]
-    assert control(lab, f"/_lab/vms/{vm['id']}")["host"] == lab.cloud.hosts[other].name
+
+
+def test_a_cold_migration_restarts_the_vm_on_the_other_host_over_the_same_volumes(
+    lab: LabServer, cs: CloudStack
+) -> None:
+    [vm] = cs.listVirtualMachines(name="boot-me")["virtualmachine"]
+    before = cs.listVolumes(virtualmachineid=vm["id"])["volume"]
+    try:
+        migrate(lab, cs, vm, live=False)
+    finally:
+        lab.cloud.config.live_migration = True
     wait_console(lab, vm["id"], READY)
+    assert cs.listVolumes(virtualmachineid=vm["id"])["volume"] == before
 
 
 def test_a_data_volume_is_created_on_attach_hot_plugged_and_grown(lab: LabServer, cs: CloudStack) -> None:
