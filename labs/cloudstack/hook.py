@@ -66,7 +66,9 @@ def describe(lab: CloudStackLab) -> dict[str, Any]:
 def up(port: int = 0) -> dict[str, Any]:
     lab = attach()
     if lab is None:
-        cfg = LabConfig(libvirt=os.geteuid() == 0, libvirt_cache=str(lab_dir() / "qemu-caps"))
+        # the QEMU capabilities cache outlives the lab: a second `lab up` starts its hosts in a second
+        caps = Path.home() / ".cache" / "sendense" / "libvirt-qemu-caps"
+        cfg = LabConfig(libvirt=os.geteuid() == 0, libvirt_cache=str(caps))
         lab = CloudStackLab(lab_dir(), cfg, port=port).start(detached=True)
     config.register_lab(endpoint(lab), env(lab))
     return describe(lab)
