@@ -14,7 +14,8 @@
   one primary storage pool (a directory with a capacity), service and disk offerings, the bootable
   guest (labs/guest) as a QCOW2 template, an isolated and a shared network.
 - VMs (vms.py) run as transient libvirt domains named by their instancename on their host's libvirtd;
-  migrateVirtualMachine is a cold move (destroy on one host, start on the other, same volume files).
+  migrateVirtualMachine moves a running VM live (libvirt migrate3 between the hosts' libvirtds, the
+  same volume files; `live_migration=False`: a cold destroy-and-start on the other host).
   Volumes (volumes.py, storage.py) are qcow2 files on the pool, ROOTs over the template's copy.
 - Faults (faults.py) and the /_lab control endpoints (server.py) for tests; `plant_bugs.py` shows which
   tests catch which lab bug. `hook.py` serves `sendense lab up/down/status`; lab.py runs the server
@@ -22,5 +23,5 @@
 
 Not modelled: XML answers, accounts, projects, domains and roles (one admin key pair), snapshots,
 templates registered by users, the upload path, security groups and real guest networking (a NIC is
-restricted user networking), HA, live migration.
+user networking), HA.
 """

@@ -1,8 +1,9 @@
 """The lab's KVM hosts: each its own private libvirtd (labs/kvm/libvirtd.py, root), as a CloudStack KVM
 host runs its own. A VM runs as a transient libvirt domain (as CloudStack's KVM agent starts them)
-named by its `instancename`, with the VM's uuid, on its volumes' qcow2 files (virtio disks in deviceid
-order), a virtio NIC per CloudStack NIC (user networking, restricted: the lab has no real guest
-networks) and its serial console written to DIR/h<N>/console/<instancename>.log (host N of the lab's list).
+named by its `instancename`, with the VM's uuid, on its volumes' qcow2 files (virtio disk vd<a+N> for
+deviceid N), a virtio NIC with the MAC of each CloudStack NIC (QEMU user networking: the lab has no
+real guest networks, and the bootable guest configures none), a guest-agent channel, and its serial
+console written to DIR/h<N>/console/<instancename>.log (host N of the lab's list).
 """
 
 from __future__ import annotations

@@ -3,9 +3,10 @@
 A VM runs on one lab host's libvirtd as a transient domain named by its instancename (hosts.py).
 Placement takes the asked host, else the VM's last host, else the first host that is Up and has the
 CPUs and memory of the offering free; none: CloudStack's 533 (InsufficientServerCapacityException).
-Migration is a cold move: the domain is destroyed on its host and started on the other over the same
-volume files (the guest restarts; the volumes, their ids and paths stay), as the lab's hosts share
-one machine's primary storage directory.
+Migration is live by default: libvirt's migrate3 from one host's libvirtd to the other's, QEMU's
+stream over loopback, the disks shared (the same files on the one pool directory), the guest running
+on; with `live_migration` off it is a cold move (destroy on one host, start on the other over the same
+volume files: the guest restarts). Either way the volumes, their ids and paths stay.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ async jobs through queryAsyncJobResult, volume and VM records, faults. Hosts wit
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -29,6 +30,7 @@ def lab() -> Iterator[LabServer]:
     server = LabServer(root, LabConfig(libvirt=False, pool_capacity_gib=4)).start()
     yield server
     server.close()
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

@@ -5,6 +5,7 @@ CloudStack's errors as one-line errors of ours that name the call and never a ke
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -23,9 +24,11 @@ from sendense.errors import ResourceNotFound, ResourceUnavailable
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[LabServer]:
-    server = LabServer(Path(tempfile.mkdtemp(prefix="cslab-client-")), LabConfig(libvirt=False)).start()
+    root = Path(tempfile.mkdtemp(prefix="cslab-client-"))
+    server = LabServer(root, LabConfig(libvirt=False)).start()
     yield server
     server.close()
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
