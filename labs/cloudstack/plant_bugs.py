@@ -96,6 +96,12 @@ BUGS: dict[str, tuple[str, str, str, list[str]]] = {
         "                pass\n",
         VMS,
     ),
+    "detach-leaves-the-disk-plugged": (
+        L + "volumes.py",
+        "            host.detach_disk(vm.instancename, vol.deviceid or 0, vol.file)\n",
+        "            pass\n",
+        VMS,
+    ),
     "migrate-restarts-on-the-same-host": (L + "vms.py", "_boot(c, vm, target)", "_boot(c, vm, source)", VMS),
     "root-not-over-the-template": (
         L + "storage.py",

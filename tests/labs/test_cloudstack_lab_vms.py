@@ -237,12 +237,13 @@ def test_a_data_volume_is_created_on_attach_hot_plugged_and_grown(lab: LabServer
     grown = cs.resizeVolume(id=vol["id"], size=2, fetch_result=True)["volume"]
     assert grown["size"] == 2 * GIB
     assert dom.blockInfo("vdb")[0] == 2 * GIB and image_info(path)["virtual-size"] == 2 * GIB
-    cs.stopVirtualMachine(id=vm["id"], forced=True, fetch_result=True)
-    det = cs.detachVolume(id=vol["id"], fetch_result=True)["volume"]
+    t0 = time.monotonic()
+    det = cs.detachVolume(id=vol["id"], fetch_result=True)["volume"]  # hot-unplugged: the guest lets go
+    print(f"\nFIGURE hot detach {time.monotonic() - t0:.1f} s")
     assert "virtualmachineid" not in det and det["state"] == "Ready" and Path(path).exists()
+    assert path not in dom.XMLDesc(0)
     cs.deleteVolume(id=vol["id"])
     assert not Path(path).exists()
-    cs.startVirtualMachine(id=vm["id"], fetch_result=True)
 
 
 def test_capacity_runs_out_with_cloudstacks_errors(lab: LabServer, cs: CloudStack) -> None:
