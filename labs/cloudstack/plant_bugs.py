@@ -102,6 +102,7 @@ BUGS: dict[str, tuple[str, str, str, list[str]]] = {
         "            pass\n",
         VMS,
     ),
+    "power-state-not-synced": (L + "commands.py", "    vms.sync_power(c)\n", "", VMS),
     "migrate-restarts-on-the-same-host": (L + "vms.py", "_boot(c, vm, target)", "_boot(c, vm, source)", VMS),
     "root-not-over-the-template": (
         L + "storage.py",

@@ -148,6 +148,19 @@ def test_a_vm_from_the_guest_template_boots_as_a_domain_named_by_its_instancenam
 def test_stop_and_start_power_the_domain(lab: LabServer, cs: CloudStack) -> None:
     [vm] = cs.listVirtualMachines(name="boot-me")["virtualmachine"]
     host = vm["hostid"]
+    # not forced: ACPI shutdown, destroyed after stop_timeout if the guest has not powered off by then
+    t0 = time.monotonic()
+    assert cs.stopVirtualMachine(id=vm["id"], fetch_result=True)["virtualmachine"]["state"] == "Stopped"
+    assert time.monotonic() - t0 < lab.cloud.config.stop_timeout + 5
+    assert domain(lab, host, vm["instancename"]) is None
+    cs.startVirtualMachine(id=vm["id"], fetch_result=True)
+    # the domain going away behind CloudStack's back (a guest power-off): the next list says Stopped
+    dom = domain(lab, host, vm["instancename"])
+    assert dom is not None
+    dom.destroy()
+    [gone] = cs.listVirtualMachines(id=vm["id"])["virtualmachine"]
+    assert gone["state"] == "Stopped" and "hostid" not in gone
+    cs.startVirtualMachine(id=vm["id"], fetch_result=True)
     stopped = cs.stopVirtualMachine(id=vm["id"], forced=True, fetch_result=True)["virtualmachine"]
     assert stopped["state"] == "Stopped" and "hostid" not in stopped
     assert domain(lab, host, vm["instancename"]) is None
