@@ -189,6 +189,11 @@ def guest_ping(dom: libvirt.virDomain, timeout: float = 30) -> float:
         time.sleep(0.2)
 
 
+def qmp(dom: libvirt.virDomain, command: str, **args: Any) -> Any:
+    cmd = json.dumps({"execute": command, "arguments": args})
+    return json.loads(libvirt_qemu.qemuMonitorCommand(dom, cmd, 0))["return"]
+
+
 def migrate(lab: LabServer, cs: CloudStack, vm: dict[str, Any], live: bool) -> dict[str, Any]:
     lab.cloud.config.live_migration = live
     [other] = [h for h in lab.cloud.hosts if h != vm["hostid"]]
@@ -213,9 +218,19 @@ def test_migrate_moves_the_running_vm_live_to_the_other_host_with_the_same_volum
     with pytest.raises(CloudStackApiException) as e:
         cs.migrateVirtualMachine(virtualmachineid=vm["id"], hostid=vm["hostid"], fetch_result=True)
     assert e.value.error["errortext"] == "Cannot migrate VM, destination host is same as current host"
+    source = domain(lab, vm["hostid"], vm["instancename"])
+    assert source is not None
+    [root] = qmp(source, "query-block")
+    node = root["inserted"]["node-name"]
+    qmp(source, "block-dirty-bitmap-add", node=node, name="bm0", persistent=True)
     moved = migrate(lab, cs, vm, live=True)
     dom = domain(lab, moved["hostid"], vm["instancename"])
     assert dom is not None and guest_ping(dom) < 3  # the guest runs on: no reboot (that takes seconds)
+    # a persistent dirty bitmap (what the KVM source tracks changes with) moves with the VM: QEMU stores
+    # it in the qcow2 as the source lets go, and the destination loads it
+    [moved_root] = qmp(dom, "query-block")
+    bitmaps = {b["name"]: b for b in moved_root["inserted"].get("dirty-bitmaps", [])}
+    assert bitmaps["bm0"]["persistent"] is True
     assert "SENDENSE-GUEST-BOOTED" not in control(lab, f"/_lab/vms/{vm['id']}/console")
     after = cs.listVolumes(virtualmachineid=vm["id"])["volume"]
     keep = ("id", "path", "storageid", "deviceid", "size", "state")
