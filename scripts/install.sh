@@ -74,6 +74,10 @@ if ! err="$("$VENV/bin/python" -c 'import nbd, libvirt, temporalio' 2>&1)"; then
   rm -f "$stamp"
   die "the venv cannot import nbd, libvirt and temporalio: ${err##*$'\n'} (nbd comes from Debian's python3-libnbd through --system-site-packages)"
 fi
+if ! err="$("$VENV/bin/python" -c 'import cs' 2>&1)"; then
+  rm -f "$stamp"
+  die "the venv cannot import cs (PyPI cs, the test extra: the CloudStack lab's tests go through it): ${err##*$'\n'}"
+fi
 for bin in temporal temporal-test-server; do
   [[ -x "$VENV/bin/$bin" ]] || {
     rm -f "$stamp"

@@ -243,11 +243,15 @@ def _kill_if_qemu(pid: int) -> None:
         time.sleep(0.02)
 
 
-def start_libvirtd(base: Path, *, cache_dir: Path | None = None, timeout: float = 180) -> LabLibvirtd:
+def start_libvirtd(
+    base: Path, *, cache_dir: Path | None = None, timeout: float = 180, host_uuid: str | None = None
+) -> LabLibvirtd:
     """Start a private libvirtd + virtlogd under `base` (created if needed) and make the first call.
 
     `cache_dir`, if given, holds the QEMU capabilities cache across runs (libvirt re-probes when the
     QEMU or libvirtd binaries change), which cuts the first call from seconds to well under one.
+    `host_uuid`, if given, is the host UUID this libvirtd reports (libvirtd.conf `host_uuid`): two lab
+    libvirtds on one machine then count as two hosts, and a domain can migrate between them.
     """
     if os.geteuid() != 0:
         raise RuntimeError("the lab libvirtd runs as root (it needs a private mount namespace)")
@@ -260,7 +264,9 @@ def start_libvirtd(base: Path, *, cache_dir: Path | None = None, timeout: float 
     for sub, _ in _BINDS:
         (base / sub).mkdir(parents=True, exist_ok=True)
     (base / "etc" / "qemu").mkdir(exist_ok=True)
-    (base / "etc" / "libvirtd.conf").write_text(LIBVIRTD_CONF)
+    (base / "etc" / "libvirtd.conf").write_text(
+        LIBVIRTD_CONF + (f'host_uuid = "{host_uuid}"\n' if host_uuid else "")
+    )
     (base / "etc" / "qemu.conf").write_text(QEMU_CONF)
     (base / "etc" / "virtlogd.conf").write_text(VIRTLOGD_CONF)
     for stale in ("ns.ready", "libvirtd.pid", "virtlogd.pid"):
