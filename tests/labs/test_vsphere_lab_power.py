@@ -15,12 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pyVmomi import vim  # installed by scripts/install.sh (the vsphere extra): missing fails here
 
-pytest.importorskip("pyVmomi")
-
-from pyVmomi import vim  # noqa: E402
-
-from labs.vsphere import VsphereLab  # noqa: E402
+from labs.vsphere import VsphereLab
 
 # qemu-system-x86_64 and go are installed by scripts/install.sh: a missing one fails these tests
 
