@@ -417,7 +417,14 @@ class ReplicationWorkflow(JobRecovery):
             if found.host_id is None:
                 workflow.logger.info("job %s: source stays on host %s: %s", spec.name, was, found.why)
             return
-        self.inp.spec = spec.model_copy(update={"source": spec.source.moved(found.host_id, found.where)})
+        try:
+            source = spec.source.moved(found.host_id, found.where)
+        except ValueError as e:  # (an address the spec would refuse: the job stays where it was)
+            workflow.logger.warning(
+                "job %s: not following its source to host %s: %s", spec.name, found.host_id, e
+            )
+            return
+        self.inp.spec = spec.model_copy(update={"source": source})
         target = platforms.get(spec.target.platform)
         if (
             self.inp.target_queue == self.inp.source_queue

@@ -12,6 +12,7 @@ import os
 
 from sendense.agents import LocalVm
 from sendense.errors import ResourceUnavailable
+from sendense.models import check_url_secrets
 
 URIS_ENV = "SENDENSE_KVM_LIBVIRT_URIS"
 DEFAULT_URI = "qemu:///system"
@@ -25,7 +26,12 @@ def local_vms() -> list[LocalVm]:
     uris = [u.strip() for u in (configured or DEFAULT_URI).split(",") if u.strip()]
     vms: list[LocalVm] = []
     failed: list[str] = []
-    for uri in uris:
+    for i, uri in enumerate(uris):
+        try:  # announced URIs become specs' (moved) and go into history: never one with a password
+            check_url_secrets(uri, "give the agent ssh keys instead", noun="URI")
+        except ValueError as e:
+            failed.append(f"{URIS_ENV} entry {i + 1}: {e}")
+            continue
         try:
             conn = libvirt.open(uri)
         except libvirt.libvirtError as e:

@@ -70,3 +70,28 @@ def test_steps_run_on_the_control_queue_for_cloud_ends_and_a_cloud_target_goes_w
     assert q(kvm_s.model_copy(update={"host": "site-a"}), aws_t) == ("host-site-a", "host-site-a")
     assert q(kvm_s, kvm_t.model_copy(update={"host": "site-b"})) == (here, "host-site-b")
     assert q(aws_s.model_copy(update={"host": "site-a"}), aws_t) == ("host-site-a", "host-site-a")
+
+
+def test_a_libvirt_uri_with_a_password_is_never_announced(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """SENDENSE_KVM_LIBVIRT_URIS holding a password: not listed, not opened, said without the password."""
+    import pytest
+
+    from connectors.kvm.inventory import local_vms
+    from sendense.errors import ResourceUnavailable
+
+    monkeypatch.setenv("SENDENSE_KVM_LIBVIRT_URIS", "qemu+ssh://root:hunter2@kvm1/system")
+    with pytest.raises(ResourceUnavailable) as e:
+        local_vms()
+    assert "entry 1" in str(e.value) and "hunter2" not in str(e.value), e.value
+
+
+def test_a_moved_source_at_an_address_the_spec_refuses_stays_where_it_was() -> None:
+    """KvmSource.moved validates the announced URI (the workflow keeps the job where it was on refusal)."""
+    import pytest
+
+    from connectors.kvm.spec import KvmSource
+
+    src = KvmSource(platform="kvm", libvirt={"uri": "qemu:///system", "domain": "web", "uuid": U})
+    assert src.moved("b", "qemu+tls://b/system").libvirt.uri == "qemu+tls://b/system"  # type: ignore[union-attr]
+    with pytest.raises(ValueError):
+        src.moved("b", "qemu+ssh://root:hunter2@b/system")
