@@ -12,7 +12,7 @@ from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
 from sendense import config, platforms
-from sendense.agents import ANNOUNCE_EVERY, REGISTRY_ID, Announcement, LocalVm, Located, locate
+from sendense.agents import ANNOUNCE_EVERY, REGISTRY_ID, Announcement, LocalVm, Located, alive, locate
 from sendense.models import JobRequest
 
 log = logging.getLogger(__name__)
@@ -30,6 +30,12 @@ class Placement:
         if found is None:
             return Located(why="the source does not move between hosts")
         platform, vm_id = found
+        p = platforms.get(platform)
+        asked: Located | None = None
+        if p is not None and p.locate is not None:  # the platform's API says which host runs it
+            asked = await asyncio.to_thread(p.locate, req.spec.source)
+            if asked.host_id is None:
+                return asked
         try:
             agents = await self.client.get_workflow_handle(REGISTRY_ID).query(
                 "agents", result_type=list[Announcement]
@@ -39,7 +45,10 @@ class Placement:
                 return Located(why="no agent has announced itself yet")
             raise
         # (announcements carry the registry's time of hearing them: workflow time, the server's)
-        return locate(agents, platform, vm_id, datetime.now(UTC))
+        now = datetime.now(UTC)
+        if asked is not None:
+            return alive(agents, asked, now)
+        return locate(agents, platform, vm_id, now)
 
 
 def local_vms() -> tuple[list[LocalVm], list[str]]:

@@ -68,6 +68,19 @@ def locate(agents: list[Announcement], platform: str, vm_id: str, now: datetime)
     return Located(why=f"hosts {', '.join(hosts)} all say they run it (a migration in progress?)")
 
 
+def alive(agents: list[Announcement], asked: Located, now: datetime) -> Located:
+    """`asked` (a platform's API named the host that runs the VM) if that host's agent was heard from
+    in the last FRESH: a sync placed on a host with no agent would wait for one forever."""
+    if asked.host_id is None:
+        return asked
+    if any(a.host_id == asked.host_id and a.at is not None and now - a.at <= FRESH for a in agents):
+        return asked
+    return Located(
+        why=f"it runs on host {asked.host_id}, whose agent was not heard from in the last "
+        f"{int(FRESH.total_seconds())} s"
+    )
+
+
 def heard(table: dict[str, Announcement], a: Announcement, now: datetime) -> dict[str, Announcement]:
     """The registry's table after announcement `a` arrived at `now`: stale agents forgotten."""
     table = {h: x for h, x in table.items() if x.at is not None and now - x.at <= FORGET}

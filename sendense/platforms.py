@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sendense import config
-from sendense.agents import LocalVm
+from sendense.agents import LocalVm, Located
 from sendense.errors import InvalidSpec
 from sendense.models import JobSpec, SourceSpec, TargetSpec
 from sendense.protocols import (
@@ -33,6 +33,7 @@ REGISTRY: dict[str, str] = {
     "kvm": "connectors.kvm.plugin",
     "aws": "connectors.aws.plugin",
     "vsphere": "connectors.vsphere.plugin",
+    "cloudstack": "connectors.cloudstack.plugin",
     "memory": "connectors.memory.plugin",
 }
 
@@ -75,6 +76,9 @@ class Platform:
     # the VMs it runs on this agent's host, announced to the registry (sendense.agents) so that a job
     # follows its VM to another host; raises with a one-line message when it cannot list them
     local_vms: Callable[[], list[LocalVm]] | None = None
+    # where its source VM runs now, asked of the platform's API on the control queue before each sync
+    # (a cloud of hypervisor hosts: the VM's host's agent runs the sync's source steps)
+    locate: Callable[[Any], Located] | None = None
 
 
 _loaded: dict[str, Platform] = {}

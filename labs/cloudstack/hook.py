@@ -3,7 +3,8 @@ once it is registered; until then importable and callable as it is).
 
 `up` starts the lab in the background under SENDENSE_HOME/labs/cloudstack (or finds it running) and
 registers its API key and secret key for its endpoint (sendense.config.register_lab) under the
-environment names a spec refers to (`api_key_env`, `secret_key_env`): the keys never go in a spec.
+environment names of the spec's default login (SENDENSE_CLOUDSTACK_API_KEY / _SECRET_KEY,
+connectors.cloudstack.spec.key_envs): the keys never go in a spec.
 As root its hosts run VMs (private libvirtds); otherwise the API serves with its hosts Disconnected.
 """
 
@@ -47,8 +48,6 @@ def describe(lab: CloudStackLab) -> dict[str, Any]:
         "platform": "cloudstack",
         "url": lab.url,
         "zone": lab.info["zone"],
-        "api_key_env": API_KEY_ENV,
-        "secret_key_env": SECRET_KEY_ENV,
     }
     return {
         "running": True,
@@ -56,7 +55,12 @@ def describe(lab: CloudStackLab) -> dict[str, Any]:
         "zone": lab.info["zone"],
         "env": env(lab),
         "source": {**place, "vm": "NAME"},
-        "target": place,
+        "target": {
+            **place,
+            "storage": "lab-primary-1",
+            "template": "sendense-guest",
+            "host": LabConfig().hosts[0],
+        },
         "dir": str(lab_dir()),
         "note": "agents on this machine reach it as they are; an agent elsewhere needs the env; "
         "VMs run only when the lab runs as root (its hosts are private libvirtds)",

@@ -322,8 +322,10 @@ def test_the_lab_hook_starts_the_lab_and_says_what_a_spec_needs() -> None:
         try:
             assert info["running"] and info["target"]["zone"] == "lab-zone-1"
             env = info["env"]
-            assert info["target"]["api_key_env"] == hook.API_KEY_ENV
-            assert info["source"]["secret_key_env"] == hook.SECRET_KEY_ENV
+            from connectors.cloudstack.spec import key_envs
+
+            assert (hook.API_KEY_ENV, hook.SECRET_KEY_ENV) == key_envs("default")  # the spec's login
+            assert "login" not in info["source"] and set(env) == {hook.API_KEY_ENV, hook.SECRET_KEY_ENV}
             for value in env.values():  # the keys go by name only
                 assert value not in json.dumps(info["target"]) + json.dumps(info["source"])
             c = CloudStack(

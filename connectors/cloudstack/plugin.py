@@ -1,0 +1,38 @@
+"""The CloudStack platform as sendense.platforms sees it. Connectors are imported when first made."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from connectors.cloudstack.spec import CloudStackSource, CloudStackTarget
+from sendense.agents import Located
+from sendense.platforms import Platform
+from sendense.protocols import SourceConnector
+
+
+def _source(spec: CloudStackSource, job: str, work_dir: Path) -> SourceConnector:
+    from connectors.cloudstack.source import CloudStackSourceConnector
+
+    return CloudStackSourceConnector(job, spec, work_dir)
+
+
+def _locate(spec: CloudStackSource) -> Located:
+    from connectors.cloudstack.placement import locate
+
+    return locate(spec)
+
+
+PLATFORM = Platform(
+    name="cloudstack",
+    summary="Apache CloudStack on KVM: a VM located through the signed API, its volumes read on its "
+    "host with libvirt checkpoints",
+    source_spec=CloudStackSource,
+    target_spec=CloudStackTarget,
+    source=_source,
+    locate=_locate,
+    lab="labs.cloudstack.hook",
+    starter_endpoints=("cloudstack:*",),
+    # the logins' keys, and the host's libvirt (the VM's domain is read through it)
+    agent_env=("SENDENSE_CLOUDSTACK_*", "SENDENSE_KVM_*", "LIBVIRT_*"),
+    reached_by_api=True,  # no host in the spec: located through the API before each sync
+)
