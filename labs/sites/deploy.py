@@ -60,6 +60,7 @@ class Deployment:
     site_env: dict[str, dict[str, str]] = field(default_factory=dict)  # one agent's own (site -> env)
     # an agent given another host's certificate (site -> host id whose certificate it presents): tests
     cert_of: dict[str, str] = field(default_factory=dict)
+    platforms: list[str] = field(default_factory=lambda: ["kvm"])  # what the agents' policies allow
     agents: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict, init=False)
     relay_port: int | None = field(default=None, init=False)  # A's data server, as B reaches it
     relay_port_b: int | None = field(default=None, init=False)  # B's (failback: A pulls from B)
@@ -96,7 +97,7 @@ class Deployment:
         for site in HOSTS:
             self.home(site).mkdir(mode=0o700, exist_ok=True)
             (self.home(site) / "policy.yaml").write_text(
-                yaml.safe_dump({"platforms": ["kvm"], **{k: list(v) for k, v in self.roots.items()}})
+                yaml.safe_dump({"platforms": self.platforms, **{k: list(v) for k, v in self.roots.items()}})
             )
         self.start_agent("a")
         self.start_agent("b")
