@@ -231,10 +231,13 @@ def guest_image(config: LabConfig) -> Path:
 
 
 def private_netns() -> bool:
-    """Whether this process runs in a network namespace of its own (not the machine's): its addresses
-    reach only the namespaces a test linked to it (labs.sites), never another machine."""
+    """Whether this process runs in a named network namespace (`ip netns`, /run/netns), not the
+    machine's own: its addresses reach only the namespaces a test linked to it (labs.sites), never
+    another machine."""
     try:
-        return os.stat("/proc/self/ns/net").st_ino != os.stat("/proc/1/ns/net").st_ino
+        mine = os.stat("/proc/self/ns/net").st_ino
+        named = Path("/run/netns")
+        return any(os.stat(p).st_ino == mine for p in named.iterdir()) if named.is_dir() else False
     except OSError:
         return False
 

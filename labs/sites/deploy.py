@@ -61,6 +61,7 @@ class Deployment:
     # an agent given another host's certificate (site -> host id whose certificate it presents): tests
     cert_of: dict[str, str] = field(default_factory=dict)
     platforms: list[str] = field(default_factory=lambda: ["kvm"])  # what the agents' policies allow
+    cli_env: dict[str, str] = field(default_factory=dict)  # the operator's (e.g. a cloud's keys)
     agents: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict, init=False)
     relay_port: int | None = field(default=None, init=False)  # A's data server, as B reaches it
     relay_port_b: int | None = field(default=None, init=False)  # B's (failback: A pulls from B)
@@ -120,7 +121,7 @@ class Deployment:
                 SENDENSE_TLS_KEY=str(p / "admin-key.pem"),
                 SENDENSE_HOST_ID=HOSTS["b"],
             )
-            return env
+            return env | self.cli_env
         host = HOSTS[site]
         cert = self.cert_of.get(site, host)
         env.update(
