@@ -154,6 +154,7 @@ class LibvirtSource(LibvirtJob):
             disks, others = self._disks(dom)
             self._refuse_unsyncable(dom, disks)
             uuid = dom.UUIDString()
+            self._adopt_carried(dom, disks)
             ident = {d.target: libvirt_identity(uuid, d.target, d.source) for d in disks}
             lost: dict[str, str] = {}
             since_cp: dict[str, str | None] = {}  # the base checkpoint of each disk whose identity holds
@@ -348,7 +349,93 @@ class LibvirtSource(LibvirtJob):
             raise self._error(e, "listAllCheckpoints") from None
         return [c.getName() for c in reversed(cps) if c.getName().startswith(self.prefix)]
 
+    def _adopt_carried(self, dom: libvirt.virDomain, disks: list[DomainDisk]) -> None:
+        """This job's dirty bitmaps that QEMU loaded from the images but this libvirt has no checkpoint
+        for: the domain ran under another libvirt at its last sync (a live migration, or a restart on
+        another host over the same images, carries the persistent bitmaps in the qcow2 files, never
+        libvirt's records of them). Each is redefined as a checkpoint of this libvirt, oldest first,
+        with libvirt validating that its bitmap is there and consistent on every disk it names
+        (REDEFINE_VALIDATE: a bitmap of a QEMU that crashed, or one not recording, is refused: it is
+        redefined unvalidated only to be deleted, and that disk resyncs). A redefined checkpoint that
+        is this sync's base makes the sync incremental; any other is deleted by _clear_stale (or
+        forget) through libvirt like any checkpoint of ours.
+
+        Only bitmaps QEMU loaded at its start are in the images' bitmap directories while it runs
+        (those it creates are written there when it lets go of the image), so this finds exactly the
+        carried ones. A disabled bitmap (not recording: it missed writes) is never adopted as a base:
+        its checkpoint is redefined to be deleted, and the disk resyncs."""
+        known = set(self._checkpoint_names(dom))
+        carried: dict[str, dict[str, bool]] = {}  # name -> disk target -> recording
+        for d in disks:
+            image = Path(d.source)
+            if not image.is_file():
+                continue
+            try:
+                bitmaps = qcow2_bitmaps(image_info(image))
+            except Exception as e:  # noqa: BLE001 - adopting is an optimisation; the sync goes on
+                log.info("%s: bitmaps of disk %s unreadable: %s", self._where(), d.target, e)
+                continue
+            for name, flags in bitmaps.items():
+                if name.startswith(self.prefix) and name not in known:
+                    carried.setdefault(name, {})[d.target] = "auto" in flags
+        parent: str | None = None
+        for name in sorted(carried):  # snapshot ids sort by time
+            recording = carried[name]
+            disks_xml = "".join(
+                f"<disk name='{d.target}' checkpoint='bitmap' bitmap='{name}'/>"
+                if d.target in recording
+                else f"<disk name='{d.target}' checkpoint='no'/>"
+                for d in disks
+            )
+            parent_xml = f"<parent><name>{parent}</name></parent>" if parent else ""
+            xml = (
+                f"<domaincheckpoint><name>{name}</name>{parent_xml}"
+                f"<creationTime>{self._created(name)}</creationTime><disks>{disks_xml}</disks>"
+                "</domaincheckpoint>"
+            )
+            flags = (
+                libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE
+                | libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE_VALIDATE
+            )
+            try:
+                dom.checkpointCreateXML(xml, flags)
+            except libvirt.libvirtError as e:
+                log.warning(
+                    "%s: bitmap %s came with the images from another host but cannot be a base (%s): "
+                    "removing it",
+                    self._where(),
+                    name,
+                    error_text(e),
+                )
+                try:  # its record alone, to delete it through libvirt like a checkpoint of ours
+                    dom.checkpointCreateXML(xml, libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE)
+                except libvirt.libvirtError as e2:
+                    log.warning("%s: bitmap %s stays: %s", self._where(), name, error_text(e2))
+                    continue
+                self._delete_checkpoint(dom, name, older=True)
+                continue
+            log.info(
+                "%s: adopted checkpoint %s, whose bitmaps came with the images (disks %s)",
+                self._where(),
+                name,
+                ", ".join(sorted(recording)),
+            )
+            if not all(recording.values()):  # it missed writes: never a base
+                self._delete_checkpoint(dom, name, older=True)
+                continue
+            parent = name
+
+    @staticmethod
+    def _created(name: str) -> int:
+        """A checkpoint's creation time from its snapshot id (<job prefix><YYYYmmddTHHMMSSZ>-<seq>)."""
+        m = re.search(r"(\d{8}T\d{6})Z", name)
+        if m:
+            with suppress(ValueError):
+                return int(datetime.strptime(m.group(1), "%Y%m%dT%H%M%S").replace(tzinfo=UTC).timestamp())
+        return int(datetime.now(UTC).timestamp())
+
     def _forget_running(self, dom: libvirt.virDomain) -> None:
+        self._adopt_carried(dom, self._disks(dom)[0])
         job = self._backup(dom)
         if job is not None and self._ours(job):
             log.info("%s: ending a leftover backup job of %s", self._where(), self.job)

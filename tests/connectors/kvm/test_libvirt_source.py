@@ -872,3 +872,61 @@ def test_a_raw_disk_is_refused_at_validate_saying_what_to_do(
     finally:
         remove_lab_domain(dom)
         conn.close()
+
+
+def test_a_domain_moved_to_another_libvirt_continues_from_the_bitmaps_its_images_carry(
+    lab: LabLibvirtd, make_guest: Callable[..., Guest], work: Path, tmp_path: Path
+) -> None:
+    """A VM moved to another host (live migration, or stopped there and started here over the same
+    images) brings the job's persistent bitmap in its qcow2 files, not libvirt's checkpoint record: the
+    libvirt it runs under now adopts the bitmap as a checkpoint (validated) and the next sync is
+    incremental, holding the writes made before the move and after it. A carried bitmap that stopped
+    recording is never a base: that sync resyncs, exact. Either way nothing of the job stays behind."""
+    g = make_guest(64 * MiB)
+    src = source(lab, g, work)
+    tgt = KvmTarget("job1", tmp_path / "replicas")
+    g.write("vda", 0, 2 * MiB, 0x11)
+    s1 = sync(src, tgt, "p1")
+    uuid_ = g.dom.UUIDString()
+
+    def move() -> None:  # off under "libvirt A" (its checkpoint records go), on under "libvirt B"
+        xml = g.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+        remove_lab_domain(g.dom)
+        g.dom = g.conn.defineXML(xml)
+        g.dom.create()
+        assert g.dom.UUIDString() == uuid_ and g.checkpoints() == []
+
+    g.write("vda", 8 * MiB, 1 * MiB, 0x12)  # before the move
+    move()
+    g.write("vda", 9 * MiB, 64 * KiB, 0x13)  # after it
+    s2 = sync(src, tgt, "p2", s1.base)
+    assert s2.snap.disk("vda").tracking_lost is None
+    assert s2.results["vda"].kind == "incremental"
+    assert s2.results["vda"].stats.bytes_read == 1 * MiB + 64 * KiB
+    assert_point(tgt, "p2", g.freeze())
+    assert g.checkpoints() == ["sendense.job1.p2"]  # the adopted p1 went with the commit
+
+    # a carried bitmap that is not recording (disabled while the VM was off) missed writes
+    g.write("vda", 20 * MiB, 64 * KiB, 0x14)
+    g.dom.destroy()
+    from tools.qemu import image_info, qcow2_bitmaps
+
+    subprocess.run(["qemu-img", "bitmap", "--disable", str(g.images["vda"]), "sendense.job1.p2"], check=True)
+    assert qcow2_bitmaps(image_info(g.images["vda"]))["sendense.job1.p2"] == []  # not "auto"
+    xml = g.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+    remove_lab_domain(g.dom)
+    g.dom = g.conn.defineXML(xml)
+    g.dom.create()
+    g.write("vda", 30 * MiB, 64 * KiB, 0x15)
+    ref3 = g.freeze()
+    s3 = sync(src, tgt, "p3", s2.base)
+    lost = s3.snap.disk("vda").tracking_lost
+    assert lost and "sendense.job1.p2" in lost
+    assert s3.results["vda"].kind == "resync"
+    assert s3.results["vda"].stats.bytes_written == 128 * KiB
+    assert_point(tgt, "p3", ref3)
+    assert g.checkpoints() == ["sendense.job1.p3"]
+
+    src.forget()
+    g.dom.destroy()  # (stored: what a running QEMU keeps is in the images once it lets go)
+    assert not [b for b in qcow2_bitmaps(image_info(g.images["vda"])) if b.startswith("sendense.job1.")]

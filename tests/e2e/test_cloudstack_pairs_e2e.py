@@ -1,0 +1,164 @@
+"""CloudStack paired with the other platforms, end to end: the real dev server and its worker, the labs
+started by `sendense lab up` (their keys registered for their endpoints, never in a spec), driven
+through the CLI. The worker is the agent of the CloudStack lab's first KVM host (its host id is the
+host's name, it reads that host's libvirt), as an agent on a CloudStack host is deployed.
+
+A VM booted from the bootable guest template, with a data volume written only through its disk
+backend (a shadow of every write is what each point must hold), replicates full then incremental;
+each point is exported from the target and compared (data volume bit-exact, root volume a consistent
+file system)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from app import stack
+from connectors.cloudstack.client import CloudStackClient
+from labs.guest.fscheck import check as fscheck
+from tests.e2e.conftest import Cli, free_port
+from tests.e2e.test_replication_e2e import export_raw, same
+
+pytestmark = [pytest.mark.root, pytest.mark.slow]
+
+MiB = 1 << 20
+HOST = "cs-lab-host-1"  # the lab's first KVM host: this stack's worker is its agent
+
+
+class CsLab:
+    def __init__(self, info: dict[str, Any]) -> None:
+        env = info["env"]
+        self.info = info
+        self.url = info["endpoint_url"]
+        self.client = CloudStackClient(
+            self.url,
+            env["SENDENSE_CLOUDSTACK_API_KEY"],
+            env["SENDENSE_CLOUDSTACK_SECRET_KEY"],
+            poll_interval=0.2,
+        )
+        base = self.url.rsplit("/client/api", 1)[0]
+        with urllib.request.urlopen(f"{base}/_lab/hosts", timeout=30) as r:
+            self.hosts = {h["name"]: h for h in json.loads(r.read())}
+
+    def first(self, command: str, item: str, **params: Any) -> dict[str, Any]:
+        items = self.client.call(command, **params).get(item) or []
+        assert items, (command, params)
+        return dict(items[0])
+
+    def vm_with_data(self, name: str, tmp_path: Path) -> tuple[dict[str, Any], Any, Path]:
+        """A VM of the guest template on HOST with a 1 GiB data volume (vdb), its libvirt domain, and
+        the data volume's shadow."""
+        import libvirt
+
+        from labs.kvm.libvirtd import guest_write
+
+        zone = self.first("listZones", "zone")
+        vm = self.client.job(
+            "deployVirtualMachine",
+            zoneid=zone["id"],
+            serviceofferingid=self.first("listServiceOfferings", "serviceoffering", name="lab-small")["id"],
+            templateid=self.first("listTemplates", "template", templatefilter="all", name="sendense-guest")[
+                "id"
+            ],
+            networkids=self.first("listNetworks", "network", name="lab-isolated")["id"],
+            hostid=self.hosts[HOST]["id"],
+            name=name,
+        )["virtualmachine"]
+        custom = self.first("listDiskOfferings", "diskoffering", name="lab-custom")
+        data = self.client.call(
+            "createVolume", zoneid=zone["id"], diskofferingid=custom["id"], size=1, name=f"{name}-data"
+        )
+        self.client.job("attachVolume", id=data["id"], virtualmachineid=vm["id"])
+        dom = libvirt.open(self.hosts[HOST]["uri"]).lookupByName(vm["instancename"])
+        shadow = tmp_path / f"{name}-data.raw"
+        with shadow.open("wb") as f:
+            f.truncate(1 << 30)
+        for off, n, pat in ((0, 2 * MiB, 0x11), (700 * MiB, 1 * MiB, 0x12)):
+            guest_write(dom, "vdb", off, n, pat)
+            write_shadow(shadow, off, n, pat)
+        return vm, dom, shadow
+
+    def destroy(self, vm: dict[str, Any]) -> None:
+        self.client.job("destroyVirtualMachine", id=vm["id"], expunge=True)
+        for v in self.client.call("listVolumes", name=f"{vm['name']}-data").get("volume") or []:
+            if not v.get("virtualmachineid"):
+                self.client.call("deleteVolume", id=v["id"])
+
+
+def write_shadow(raw: Path, offset: int, length: int, pattern: int) -> None:
+    with raw.open("r+b") as f:
+        f.seek(offset)
+        f.write(bytes([pattern]) * length)
+
+
+@pytest.fixture(scope="module")
+def cs_stack() -> Iterator[tuple[Cli, dict[str, Any], CsLab]]:
+    state = Path(tempfile.mkdtemp(prefix="sdcs-", dir="/tmp"))  # short: the lab's libvirt sockets
+    port = free_port()
+    drop = ("SENDENSE_CLOUDSTACK_", "SENDENSE_VSPHERE_", "SENDENSE_VDDK_", "AWS_", "SENDENSE_KVM_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+    env.update(SENDENSE_HOME=str(state), SENDENSE_HOST_ID=HOST, AWS_EC2_METADATA_DISABLED="true")
+    env.pop("SENDENSE_TEMPORAL", None)
+    cli = Cli(env=env, state=state)
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        labs = cli.json("lab", "up", "--show-secrets")  # first: the worker reads its host's libvirt
+        lab = CsLab(labs["cloudstack"])
+        os.environ["SENDENSE_KVM_LIBVIRT_URIS"] = cli.env["SENDENSE_KVM_LIBVIRT_URIS"] = lab.hosts[HOST][
+            "uri"
+        ]
+        stack.up(state, port=port, ui_port=free_port())
+        yield cli, labs, lab
+    finally:
+        try:
+            stack.down(state)
+        finally:
+            cli.run("lab", "down", check=False)
+            os.environ.clear()
+            os.environ.update(saved)
+
+
+@pytest.mark.parametrize("target", ["aws", "vsphere"])
+def test_cloudstack_to_a_cloud_target_full_then_incremental(
+    cs_stack: tuple[Cli, dict[str, Any], CsLab], tmp_path: Path, target: str
+) -> None:
+    cli, labs, lab = cs_stack
+    job = f"cs-{target}"
+    vm, dom, shadow = lab.vm_with_data(f"{job}-vm", tmp_path)
+    from labs.kvm.libvirtd import guest_write
+
+    spec = {
+        "name": job,
+        "source": {**labs["cloudstack"]["source"], "vm": vm["name"]},
+        "target": labs[target]["target"],
+        "schedule": {"interval": "1h"},
+    }
+    (tmp_path / f"{job}.yaml").write_text(yaml.safe_dump(spec))
+    try:
+        cli.json("job", "create", "-f", str(tmp_path / f"{job}.yaml"))
+        st = cli.wait_point(job, 1, timeout=400)
+        assert st["last_sync"]["kind"] == "full", st
+        files = sorted(export_raw(cli, job, st["last_point"], tmp_path / "x1").items())
+        assert len(files) == 2, files
+        assert fscheck(files[0][1], "raw").ok  # the root volume: a consistent file system
+        assert same(files[1][1], shadow)
+
+        guest_write(dom, "vdb", 1 * MiB, 64 * 1024, 0x21)
+        write_shadow(shadow, 1 * MiB, 64 * 1024, 0x21)
+        r = cli.json("job", "sync-now", job, "--wait", timeout=400)
+        assert r["kind"] == "incremental" and r["bytes_read"] <= 4 * MiB, r
+        files = sorted(export_raw(cli, job, r["point_id"], tmp_path / "x2").items())
+        assert same(files[1][1], shadow)
+        cli.json("job", "delete", job, "--purge")
+    finally:
+        lab.destroy(vm)
