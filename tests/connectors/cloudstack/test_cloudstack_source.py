@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import libvirt
 import pytest
 from helpers_cloudstack import LabVmHandle, agent_on, client, control, lab_cache, lab_hosts, source_spec
 from helpers_kvm import MiB, Synced, sync_point
@@ -217,46 +218,104 @@ def test_a_volume_grown_by_resize_volume_between_syncs_gives_an_exact_point(
     assert kinds(s2) == {"vda": "incremental", "vdb": "incremental"}
 
 
-def test_a_vm_live_migrated_between_syncs_is_read_on_its_new_host_exactly(
-    lab: LabServer, make_vm: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def migrated(lab: LabServer, make_vm: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A booted guest synced once (p1) on its host, written there, live-migrated to the other host and
+    written there too; this process then the agent of the new host. (vm, tgt, s1, new host id)"""
     vm = make_vm(blank=False, data_gib=(1,))
     old = vm.host()
     [new] = [h for h in lab_hosts(lab) if h != old]
     agent_on(monkeypatch, lab, old)
     tgt = KvmTarget("job1", tmp_path / "replicas")
     vm.write("vdb", 0, MiB, 0x11)
-    s1 = sync(connector(lab, vm, tmp_path / "work"), vm, tgt, tmp_path, "p1")
     wait_ready(lab, vm)
+    s1 = sync(connector(lab, vm, tmp_path / "work"), vm, tgt, tmp_path, "p1")
 
     vm.write("vdb", 4 * MiB, 64 * KiB, 0x21)  # on the old host, before the migration
+    vm.write("vda", ROOT_FREE, 64 * KiB, 0x22)
     t0 = time.monotonic()
     client(lab).job("migrateVirtualMachine", virtualmachineid=vm.id, hostid=new)
-    migrated = time.monotonic() - t0
+    print(f"\nFIGURE live migration {time.monotonic() - t0:.1f} s")
     assert vm.host() == new
-    vm.write("vdb", 8 * MiB, 64 * KiB, 0x22)  # on the new host, after it
+    vm.write("vdb", 8 * MiB + 100, 10, 0x23)  # on the new host, after it
+    vm.write("vda", ROOT_FREE + 128 * KiB, 64 * KiB, 0x24)
 
     # the old host's agent is asked: refused in one line naming the VM and where it runs
     with pytest.raises(ResourceUnavailable) as e:
         connector(lab, vm, tmp_path / "work").create_snapshot("p2", s1.base)
     msg = str(e.value)
-    host_name = lab_hosts(lab)[new]["name"]
-    assert "\n" not in msg and vm.name in msg and f"runs on host {host_name}" in msg
+    assert "\n" not in msg and vm.name in msg and f"runs on host {lab_hosts(lab)[new]['name']}" in msg
     assert not e.value.retryable
-
     agent_on(monkeypatch, lab, new)  # the new host's agent (a fresh connector, as a new activity)
+    return vm, tgt, s1, new
+
+
+def bitmaps(vm: LabVmHandle) -> dict[str, list[dict[str, Any]]]:
+    from connectors.kvm.migrated_checkpoints import FollowsMigrations
+
+    with vm.domain() as dom:
+        src = FollowsMigrations("x", "", vm.instancename, Path("/nonexistent"))
+        return {k: sorted(v.values(), key=lambda b: b["name"]) for k, v in src._bitmaps(dom).items()}
+
+
+def test_a_vm_live_migrated_between_syncs_goes_on_incrementally_from_the_bitmaps_it_brought(
+    lab: LabServer, make_vm: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    vm, tgt, s1, new = migrated(lab, make_vm, tmp_path, monkeypatch)
+    # libvirt's checkpoint records stayed behind; QEMU brought the bitmaps (persistent, recording)
+    with vm.domain() as dom:
+        assert [c.getName() for c in dom.listAllCheckpoints(0)] == []
+    assert {k: [(b["name"], b["recording"], b["persistent"]) for b in v] for k, v in bitmaps(vm).items()} == {
+        "vda": [("sendense.job1.p1", True, True)],
+        "vdb": [("sendense.job1.p1", True, True)],
+    }
     s2 = sync(connector(lab, vm, tmp_path / "work-new"), vm, tgt, tmp_path, "p2", s1.base)
-    reasons = {d.key: d.tracking_lost for d in s2.snap.disks}
-    print(f"\nFIGURE live migration {migrated:.1f} s; next sync on the new host: {kinds(s2)}")
-    if kinds(s2) == {"vda": "incremental", "vdb": "incremental"}:
-        assert reasons == {"vda": None, "vdb": None}
-    else:  # the checkpoints stayed with the old host's libvirt: a resync by digests, said per disk
-        assert kinds(s2) == {"vda": "resync", "vdb": "resync"}
-        for key, why in reasons.items():
-            assert why and "\n" not in why and "sendense.job1.p1" in why, (key, why)
-    vm.write("vdb", 9 * MiB, 64 * KiB, 0x23)
+    # every write since p1, before the migration on the old host and after it on the new, is in p2
+    # (compared with the volumes at the instant): the redefined checkpoint's bitmap missed none
+    assert kinds(s2) == {"vda": "incremental", "vdb": "incremental"}
+    assert {d.key: d.tracking_lost for d in s2.snap.disks} == {"vda": None, "vdb": None}
+    assert s2.results["vdb"].stats.bytes_read == 2 * 64 * KiB
+    print(f"FIGURE after the migration: {kinds(s2)}, vdb read {s2.results['vdb'].stats.bytes_read} bytes")
+    with vm.domain() as dom:  # committed: the adopted base went, as any older checkpoint of the job
+        assert [c.getName() for c in dom.listAllCheckpoints(0)] == ["sendense.job1.p2"]
+    assert [b["name"] for b in bitmaps(vm)["vdb"]] == ["sendense.job1.p2"]
+    vm.write("vdb", 9 * MiB, 64 * KiB, 0x25)
     s3 = sync(connector(lab, vm, tmp_path / "work-new"), vm, tgt, tmp_path, "p3", s2.base)
-    assert kinds(s3) == {"vda": "incremental", "vdb": "incremental"}  # tracking from p2 on, there
+    assert kinds(s3) == {"vda": "incremental", "vdb": "incremental"}
+    assert s3.results["vdb"].stats.bytes_read == 64 * KiB
+
+
+def test_after_a_migration_a_disabled_bitmap_is_not_adopted_and_the_vm_is_resynced_with_why(
+    lab: LabServer, make_vm: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from connectors.kvm.migrated_checkpoints import REDEFINE, FollowsMigrations
+
+    vm, tgt, s1, new = migrated(lab, make_vm, tmp_path, monkeypatch)
+    node = next(
+        b["inserted"]["node-name"]
+        for b in vm.qmp("query-block")
+        if b["qdev"].endswith("virtio-disk1/virtio-backend")
+    )
+    vm.qmp("block-dirty-bitmap-disable", node=node, name="sendense.job1.p1")  # vdb's misses writes now
+    vm.write("vdb", 12 * MiB, 64 * KiB, 0x26)  # ... such as this one
+
+    # what libvirt's own REDEFINE_VALIDATE says of it (the connector checks before asking it)
+    xml = FollowsMigrations._redefine_xml("sendense.job1.p1", ["vda", "vdb"], {"vda", "vdb"}, [])
+    with vm.domain() as dom:
+        try:
+            dom.checkpointCreateXML(xml, REDEFINE).delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
+            validate = "accepted"
+        except libvirt.libvirtError as e:
+            validate = f"refused: {e.get_error_message()}"
+    print(f"\nFIGURE libvirt REDEFINE_VALIDATE with vdb's bitmap disabled: {validate}")
+
+    s2 = sync(connector(lab, vm, tmp_path / "work-new"), vm, tgt, tmp_path, "p2", s1.base)
+    assert kinds(s2) == {"vda": "resync", "vdb": "resync"}  # every disk of the checkpoint, or none
+    for d in s2.snap.disks:
+        assert d.tracking_lost and "\n" not in d.tracking_lost
+        assert "dirty bitmap sendense.job1.p1 of disk vdb is not recording (disabled)" in d.tracking_lost
+    vm.write("vdb", 13 * MiB, 64 * KiB, 0x27)
+    s3 = sync(connector(lab, vm, tmp_path / "work-new"), vm, tgt, tmp_path, "p3", s2.base)
+    assert kinds(s3) == {"vda": "incremental", "vdb": "incremental"}
 
 
 def test_a_stopped_vm_is_refused_in_one_line(
