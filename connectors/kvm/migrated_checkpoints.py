@@ -14,9 +14,10 @@ REDEFINE_VALIDATE) only when every disk whose base it is (and whose identity hol
 target and image file) has the checkpoint's bitmap, persistent, recording, not inconsistent and not
 busy, as QEMU itself says (QMP query-block through libvirt). Otherwise nothing is redefined and those
 disks are resynced as before, their `tracking_lost` saying why the bitmap was not taken. libvirt's
-REDEFINE_VALIDATE checks the bitmaps again on its side (present in the disk's image chain, and not
-inconsistent); the checks here are the ones that guard a correct incremental (a disabled bitmap
-would miss writes), said with a reason.
+REDEFINE_VALIDATE checks the bitmaps again on its side: libvirt 9.0 refuses a disabled bitmap too
+("checkpoint inconsistent: missing or broken bitmap", tests/connectors/cloudstack), and so does its
+backupBegin; the checks here come first so that the reason is said per bitmap, and so that no disk
+of a checkpoint is adopted while another of its disks is resynced.
 
 A subclass, used where domains move under the job (connectors.cloudstack): the KVM source of a
 libvirt domain the operator names keeps its plain behaviour.
