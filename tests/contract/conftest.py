@@ -1,7 +1,8 @@
 """The contract suite: every platform's connectors held to sendense.protocols, the same tests for all.
 
 - test_source_contract.py: a platform as a source (memory; kvm: a running QEMU over QMP, and a stopped
-  VM's qcow2 images; aws: the lab), into a memory target;
+  VM's qcow2 images; aws: the lab; vsphere: the lab; cloudstack: a VM of the lab, read as the agent of
+  the lab host that runs it: root, slow tier), into a memory target;
 - test_target_contract.py: a platform as a target (memory, memory with whole-block writes, kvm, aws: the
   lab), from a memory VM.
 - The VM contract comes next, in test_vm_contract.py: a `vms_rig` fixture over the platforms whose
