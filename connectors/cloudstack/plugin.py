@@ -7,13 +7,19 @@ from pathlib import Path
 from connectors.cloudstack.spec import CloudStackSource, CloudStackTarget
 from sendense.agents import Located
 from sendense.platforms import Platform
-from sendense.protocols import SourceConnector
+from sendense.protocols import SourceConnector, SourcePower
 
 
 def _source(spec: CloudStackSource, job: str, work_dir: Path) -> SourceConnector:
     from connectors.cloudstack.source import CloudStackSourceConnector
 
     return CloudStackSourceConnector(job, spec, work_dir)
+
+
+def _power(spec: CloudStackSource, job: str, work_dir: Path) -> SourcePower:
+    from connectors.cloudstack.power import CloudStackSourcePower
+
+    return CloudStackSourcePower(job, spec)
 
 
 def _locate(spec: CloudStackSource) -> Located:
@@ -30,6 +36,7 @@ PLATFORM = Platform(
     target_spec=CloudStackTarget,
     source=_source,
     locate=_locate,
+    source_power=_power,
     lab="labs.cloudstack.hook",
     starter_endpoints=("cloudstack:*",),
     # the logins' keys, and the host's libvirt (the VM's domain is read through it)

@@ -9,9 +9,10 @@ ask only the API, so they run anywhere.
 
 A VM live-migrated between syncs brings its volumes' persistent bitmaps with it (QEMU stores them in
 the qcow2 as the source lets go and the destination loads them), but not libvirt's checkpoint records,
-which stay with the old host's libvirt: the next sync's base checkpoint is then unknown to the new
-host's libvirt and that disk is resynced by digests (a full read, only differing blocks written),
-said in the sync's status.
+which stay with the old host's libvirt. The new host's agent redefines the base checkpoint from those
+bitmaps when every disk has it persistent, recording and consistent
+(connectors.kvm.migrated_checkpoints), and the sync goes on incrementally; otherwise those disks are
+resynced by digests (a full read, only differing blocks written), with the reason in the sync's status.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any
 from connectors.cloudstack import api as csapi
 from connectors.cloudstack.spec import CloudStackSource
 from connectors.kvm.inventory import DEFAULT_URI, URIS_ENV
-from connectors.kvm.libvirt_source import LibvirtSource
+from connectors.kvm.migrated_checkpoints import FollowsMigrations
 from sendense import config
 from sendense.errors import ResourceNotFound, ResourceUnavailable
 from sendense.models import DiskInfo, NicInfo, SnapshotRef, VmInfo
@@ -75,7 +76,7 @@ def vm_hardware(api: Any, vm: dict[str, Any], volumes: list[dict[str, Any]]) -> 
     }
 
 
-class _Domain(LibvirtSource):
+class _Domain(FollowsMigrations):
     """The VM's libvirt domain; its errors name the VM as CloudStack knows it, never a socket."""
 
     platform = PLATFORM

@@ -1,7 +1,8 @@
 """The contract suite: every platform's connectors held to sendense.protocols, the same tests for all.
 
 - test_source_contract.py: a platform as a source (memory; kvm: a running QEMU over QMP, and a stopped
-  VM's qcow2 images; aws: the lab), into a memory target;
+  VM's qcow2 images; aws: the lab; vsphere: the lab; cloudstack: a VM of the lab, read as the agent of
+  the lab host that runs it: root, slow tier), into a memory target;
 - test_target_contract.py: a platform as a target (memory, memory with whole-block writes, kvm, aws: the
   lab), from a memory VM.
 - The VM contract comes next, in test_vm_contract.py: a `vms_rig` fixture over the platforms whose
@@ -19,12 +20,14 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from contract.rigs import Rig
 from contract.sides import (
     AwsReplicas,
     AwsVm,
+    CloudStackVm,
     KvmReplicas,
     KvmStoppedVm,
     KvmVm,
@@ -49,14 +52,19 @@ REAL_AWS_REGION = (
     if os.environ.get("SENDENSE_AWS_TEST_INSTANCE")
     else None
 )
-SOURCES = ["memory", "kvm-qmp", "kvm-stopped", "aws", "vsphere"]
+# The CloudStack lab's hosts are private libvirtds (root) and its VMs boot under TCG (slow tier).
+CLOUDSTACK = pytest.param("cloudstack", marks=[pytest.mark.root, pytest.mark.slow], id="cloudstack")
+SOURCES: list[Any] = ["memory", "kvm-qmp", "kvm-stopped", "aws", "vsphere", CLOUDSTACK]
 # What a platform's disks can do, for the tests of it (selected by parametrization, never skipped):
 # EBS volumes never shrink (the resize test shrinks a disk and grows it back), and no EBS direct API
 # or volume operation discards blocks (a guest's TRIM is the instance's business, not the snapshot's).
 # vSphere disks never shrink either, and the lab's guest does not discard (a thin VMDK's UNMAP is the
 # guest's and ESXi's business; CBT lists nothing for it).
-RESIZABLE_SOURCES = [s for s in SOURCES if s not in ("aws", "vsphere")]
-DISCARDING_SOURCES = [s for s in SOURCES if s not in ("aws", "vsphere")]
+# CloudStack resizes volumes in whole GiB (resizeVolume; its source's own tests grow one), and the lab's
+# volumes are attached without discard=unmap, as CloudStack's KVM agent does unless the offering says
+# so: a guest's discard is a no-op there.
+RESIZABLE_SOURCES = [s for s in SOURCES if s not in ("aws", "vsphere", CLOUDSTACK)]
+DISCARDING_SOURCES = [s for s in SOURCES if s not in ("aws", "vsphere", CLOUDSTACK)]
 TARGETS = ["memory", "memory-blocks", "kvm", "aws", "vsphere", *(["aws-real"] if REAL_AWS_REGION else [])]
 
 
@@ -70,6 +78,15 @@ def contract_aws_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AwsLa
 def contract_vsphere_lab() -> Iterator[VsphereLab]:
     """The vSphere lab, and the agent's environment for it: the lab's login, its VDDK stand-in."""
     with VsphereLab(vms=1) as lab, vsphere_agent_env(lab):
+        yield lab
+
+
+@pytest.fixture(scope="session")
+def contract_cloudstack_lab(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """The CloudStack lab in this process (its two hosts' libvirtds run as root)."""
+    from helpers_cloudstack import cloudstack_lab, lab_cache
+
+    with cloudstack_lab(lab_cache(request), stop_timeout=1) as lab:
         yield lab
 
 
@@ -104,6 +121,10 @@ def source_rig(request: pytest.FixtureRequest, tmp_path: Path, store: Store) -> 
         if p == "kvm-stopped"
         else VsphereVm(request.getfixturevalue("contract_vsphere_lab"))
         if p == "vsphere"
+        else CloudStackVm(
+            request.getfixturevalue("contract_cloudstack_lab"), request.getfixturevalue("monkeypatch")
+        )
+        if p == "cloudstack"
         else AwsVm(request.getfixturevalue("contract_aws_lab"))
     )
     rig = Rig(tmp_path, vm, MemoryReplicas(store))

@@ -244,6 +244,66 @@ class AwsVm(VmSide):
         return [f"snapshot {s['SnapshotId']}" for s in snaps]
 
 
+class CloudStackVm(VmSide):
+    """A running VM of the CloudStack lab (a blank ROOT and a data volume, 1 GiB each: nothing but the
+    test writes them), read by the CloudStack source as the agent of the lab host that runs it. Its
+    guest writes go through the VM's own virtio-blk backend on that host (helpers_cloudstack)."""
+
+    platform = "cloudstack"
+    granule = 64 * KiB  # the volumes' qcow2 cluster size: the checkpoints' bitmap granularity
+
+    def __init__(self, lab: Any, monkeypatch: Any) -> None:
+        from helpers_cloudstack import LabVmHandle, agent_on
+
+        self.lab = lab
+        self.vm = LabVmHandle(lab, blank=True, data_gib=(1,))
+        self.sizes = {"vda": 1 << 30, "vdb": 1 << 30}
+        agent_on(monkeypatch, lab, self.vm.host())  # this process is the agent of the VM's host
+
+    def spec(self) -> SourceSpec:
+        from helpers_cloudstack import source_spec
+
+        return source_spec(self.lab, self.vm.name)
+
+    def write(self, key: str, offset: int, data: bytes) -> None:
+        assert len(set(data)) == 1, "qemu-io writes a pattern byte"
+        self.vm.write(key, offset, len(data), data[0])
+
+    def zero(self, key: str, offset: int, length: int) -> None:
+        self.vm.zero(key, offset, length)
+
+    def _node(self, key: str) -> str:
+        from labs.kvm.libvirtd import device_alias
+
+        with self.vm.domain() as dom:
+            qdev = f"/machine/peripheral/{device_alias(dom, key)}/virtio-backend"
+        [b] = [b for b in self.vm.qmp("query-block") if b.get("qdev") == qdev]
+        return str(b["inserted"]["node-name"])
+
+    def lose_tracking(self, key: str, change_id: str) -> None:
+        """The checkpoint's bitmap goes from that disk's image behind libvirt's back."""
+        self.vm.qmp("block-dirty-bitmap-remove", node=self._node(key), name=change_id.split("@")[0])
+
+    def tracking_state(self, job: str) -> list[str]:
+        mine = f"sendense.{job}."
+        with self.vm.domain() as dom:
+            left = [
+                f"checkpoint {n}" for c in dom.listAllCheckpoints(0) if (n := c.getName()).startswith(mine)
+            ]
+        nodes = self.vm.qmp("query-named-block-nodes", flat=True)
+        left += [
+            f"{n['node-name']}: bitmap {b['name']}"
+            for n in nodes
+            for b in n.get("dirty-bitmaps", []) or []
+            if b.get("name", "").startswith(mine)
+        ]
+        left += [f"job {j['id']}" for j in self.vm.qmp("query-jobs")]
+        return left
+
+    def close(self) -> None:
+        self.vm.destroy()
+
+
 class VsphereVm(VmSide):
     """A powered-off VM of the vSphere lab (vcsim-lab): its guest writes land in the VM's current disk
     file (the delta on top of its snapshots), written with qemu-io on the file the lab names."""

@@ -8,6 +8,7 @@ import pytest
 from contract.rigs import Rig
 
 from connectors.aws.power import AwsSourcePower
+from connectors.cloudstack.power import CloudStackSourcePower
 from sendense.errors import VmNotStartable
 from sendense.platforms import source_power_for
 from sendense.protocols import POWER_STATES, SourcePower
@@ -16,7 +17,7 @@ from sendense.protocols import POWER_STATES, SourcePower
 def test_pause_power_off_and_on_follow_the_contract(source_rig: Rig) -> None:
     p = source_power_for(source_rig.spec(), source_rig.work)
     assert isinstance(p, SourcePower)
-    if isinstance(p, AwsSourcePower):
+    if isinstance(p, AwsSourcePower | CloudStackSourcePower):
         p.poll_seconds = 0.05
     first = p.power_state()
     assert first in POWER_STATES and first not in ("gone", "unreachable")
