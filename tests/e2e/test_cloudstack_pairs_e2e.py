@@ -156,7 +156,9 @@ def test_cloudstack_to_a_cloud_target_full_then_incremental(
         guest_write(dom, "vdb", 1 * MiB, 64 * 1024, 0x21)
         write_shadow(shadow, 1 * MiB, 64 * 1024, 0x21)
         r = cli.json("job", "sync-now", job, "--wait", timeout=400)
-        assert r["kind"] == "incremental" and r["bytes_read"] <= 4 * MiB, r
+        # (only what changed is written; a target that cannot say where its replica holds data, as
+        # vSphere's, has the zero ranges read and compared too: the shrink guard of sync.py)
+        assert r["kind"] == "incremental" and r["bytes_written"] <= 4 * MiB, r
         files = sorted(export_raw(cli, job, r["point_id"], tmp_path / "x2").items())
         assert same(files[1][1], shadow)
         cli.json("job", "delete", job, "--purge")
