@@ -3,6 +3,7 @@ spec names (the zone, the VM, the pool, an offering), never an internal id alone
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from connectors.cloudstack.client import CloudStackClient
@@ -73,6 +74,22 @@ def vm_volumes(api: CloudStackClient, vm: dict[str, Any]) -> list[dict[str, Any]
     """The VM's volumes (ROOT and data), by device id."""
     vols = api.list("listVolumes", "volume", f"listVolumes of VM {vm['name']}", virtualmachineid=vm["id"])
     return sorted(vols, key=lambda v: int(v.get("deviceid") or 0))
+
+
+def pool(api: CloudStackClient, pool_id: str, what: str) -> dict[str, Any]:
+    """A primary storage pool by id."""
+    found = api.list("listStoragePools", "storagepool", f"listStoragePools of {what}", id=pool_id)
+    if not found:
+        raise ResourceNotFound(f"{what}: its primary storage pool {pool_id} is gone")
+    return found[0]
+
+
+def pool_dir(pool: dict[str, Any]) -> Path:
+    """Where a KVM host sees a primary storage pool's files: CloudStack's KVM agent mounts an NFS pool
+    at /mnt/<pool id>; a local (Filesystem) or SharedMountPoint pool is its path on every host."""
+    if str(pool.get("type")) == "NetworkFilesystem":
+        return Path("/mnt") / str(pool["id"])
+    return Path(str(pool["path"]))
 
 
 def disk_key(deviceid: int) -> str:

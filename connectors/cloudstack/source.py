@@ -1,6 +1,8 @@
 """CloudStack source: the API says which KVM host runs the VM and what its volumes are; the agent of that
 host takes each snapshot with libvirt checkpoints (QEMU dirty bitmaps in the volumes' qcow2 files), as
-the KVM source does for a libvirt domain (connectors.kvm.libvirt_source), and reads it.
+the KVM source does for a libvirt domain (connectors.kvm.libvirt_source), and reads it. A Stopped
+VM's volumes are read at rest on primary storage, in the same change tracking (connectors.cloudstack.
+stopped): a planned failover stops the VM (CloudStack has no pause) and then takes its last point.
 
 CloudStack's KVM agent runs a VM as a transient libvirt domain named by its `instancename`, with the
 VM's id as its UUID, ROOT as vda and data volumes as vd<b...> by device id. The job follows the VM to
@@ -26,6 +28,8 @@ from typing import Any
 
 from connectors.cloudstack import api as csapi
 from connectors.cloudstack.spec import CloudStackSource
+from connectors.cloudstack.stopped import StoppedVolumes
+from connectors.kvm import handles
 from connectors.kvm.inventory import DEFAULT_URI, URIS_ENV
 from connectors.kvm.migrated_checkpoints import FollowsMigrations
 from sendense import config
@@ -175,26 +179,51 @@ class CloudStackSourceConnector:
             **vm_hardware(self.api, vm, volumes),
         )
 
+    def _stopped(self) -> StoppedVolumes:
+        """The volumes of the VM, Stopped, read at rest on this agent's view of primary storage."""
+        vm = self.vm()
+        pools: dict[str, Path] = {}
+        volumes: dict[str, Path] = {}
+        for v in csapi.vm_volumes(self.api, vm):
+            sid = str(v.get("storageid") or "")
+            if not sid or not v.get("path"):
+                continue  # (allocated: never written, no file yet)
+            if sid not in pools:
+                pools[sid] = csapi.pool_dir(csapi.pool(self.api, sid, f"volume {v.get('name')}"))
+            volumes[csapi.disk_key(int(v.get("deviceid") or 0))] = pools[sid] / str(v["path"])
+        return StoppedVolumes(self.job, f"{self._where()} (Stopped)", str(vm["id"]), volumes)
+
+    def _reader(self) -> Any:
+        state = self.vm().get("state")
+        if state == "Stopped":
+            return self._stopped()
+        if state != "Running":
+            raise ResourceUnavailable(f"{self._where()} is {state}: retried until it is Running or Stopped")
+        return self._running_here()
+
+    @staticmethod
+    def _at_rest(snap: SnapshotRef) -> bool:
+        """Whether the snapshot was taken of the stopped VM's volumes (not of its running domain)."""
+        return bool(snap.disks) and bool(handles.OfflineDisk.parse(snap.disks[0].handle).path)
+
     def create_snapshot(self, snapshot_id: str, base: dict[str, str | None]) -> SnapshotRef:
-        snap: SnapshotRef = self._running_here().create_snapshot(snapshot_id, base)
+        snap: SnapshotRef = self._reader().create_snapshot(snapshot_id, base)
         for d in snap.disks:
             if d.tracking_lost and d.base_change_id:
-                log.warning(
-                    "%s: disk %s is resynced by digests (%s): its checkpoint stayed with the host that "
-                    "ran it at the last sync if it migrated since",
-                    self._where(),
-                    d.key,
-                    d.tracking_lost,
-                )
+                log.warning("%s: disk %s is resynced by digests: %s", self._where(), d.key, d.tracking_lost)
         return snap
 
     @contextmanager
     def open_disk(self, snap: SnapshotRef, key: str) -> Iterator[SourceDisk]:
-        cm: AbstractContextManager[SourceDisk] = self._running_here().open_disk(snap, key)
+        reader = self._stopped() if self._at_rest(snap) else self._running_here()
+        cm: AbstractContextManager[SourceDisk] = reader.open_disk(snap, key)
         with cm as disk:
             yield disk
 
     def release_snapshot(self, snap: SnapshotRef, committed: bool) -> None:
+        if self._at_rest(snap):
+            self._stopped().release_snapshot(snap, committed)
+            return
         try:
             lv = self._running_here()
         except (ResourceUnavailable, ResourceNotFound) as e:
@@ -206,8 +235,8 @@ class CloudStackSourceConnector:
 
     def forget(self) -> None:
         try:
-            lv = self._running_here()
+            reader = self._reader()
         except ResourceNotFound:
             log.warning("%s is gone: nothing of job %s to remove", self._where(), self.job)
             return
-        lv.forget()
+        reader.forget()

@@ -318,17 +318,6 @@ def test_after_a_migration_a_disabled_bitmap_is_not_adopted_and_the_vm_is_resync
     assert kinds(s3) == {"vda": "incremental", "vdb": "incremental"}
 
 
-def test_a_stopped_vm_is_refused_in_one_line(
-    lab: LabServer, make_vm: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    vm = make_vm(blank=True, data_gib=())
-    agent_on(monkeypatch, lab, vm.host())
-    client(lab).job("stopVirtualMachine", id=vm.id, forced=True)
-    with pytest.raises(ResourceUnavailable) as e:
-        connector(lab, vm, tmp_path / "work").create_snapshot("p1", {})
-    assert "\n" not in str(e.value) and f"CloudStack VM {vm.name} is Stopped" in str(e.value)
-
-
 def test_unknown_zone_vm_and_a_bad_key_are_one_line_each_without_the_secret(
     lab: LabServer, make_vm: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -380,3 +369,38 @@ def test_a_volume_shrunk_and_grown_back_between_syncs_gives_an_exact_point(
     # checkpoint's bitmap, so the incremental covers the zeros where the old data was (exact above)
     assert kinds(s2) == {"vda": "incremental", "vdb": "incremental"}
     print(f"\nFIGURE vdb shrunk and grown back: read {s2.results['vdb'].stats.bytes_read} B")
+
+
+def test_a_stopped_vm_is_read_at_rest_in_the_same_change_tracking_and_goes_on_when_started(
+    lab: LabServer, make_vm: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a planned failover does (CloudStack has no pause: the VM is stopped, then its last point is
+    taken): the stopped VM's volumes are read at rest, incrementally from the bitmaps QEMU stored as it
+    stopped; the point's bitmap is added to each volume, so that once the VM is started again (on
+    whichever host) that host's libvirt adopts it and the next sync is incremental too."""
+    vm = make_vm(blank=True, data_gib=(1,))
+    agent_on(monkeypatch, lab, vm.host())
+    tgt = KvmTarget("job1", tmp_path / "replicas")
+    vm.write("vdb", 0, 1 * MiB, 0x11)
+    s1 = sync(connector(lab, vm, tmp_path / "work"), vm, tgt, tmp_path, "p1")
+    vm.write("vdb", 4 * MiB, 64 * KiB, 0x12)
+    client(lab).job("stopVirtualMachine", id=vm.id)
+
+    refs = {}
+    for key, f in vm.volume_files().items():  # at rest: nothing writes them
+        refs[key] = tmp_path / f"p2-{key}.raw"
+        subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", f, refs[key]], check=True)
+    s2 = sync_point(connector(lab, vm, tmp_path / "work"), tgt, "p2", s1.base)
+    assert kinds(s2) == {"vda": "incremental", "vdb": "incremental"}
+    assert s2.results["vdb"].stats.bytes_read == 64 * KiB
+    for key, ref in refs.items():
+        assert same(tgt.point_path("p2", key), ref), key
+
+    client(lab).job("startVirtualMachine", id=vm.id)
+    agent_on(monkeypatch, lab, vm.host())  # wherever it started
+    vm.write("vdb", 8 * MiB, 64 * KiB, 0x13)
+    s3 = sync(connector(lab, vm, tmp_path / "work"), vm, tgt, tmp_path, "p3", s2.base)
+    assert kinds(s3) == {"vda": "incremental", "vdb": "incremental"}
+    assert s3.results["vdb"].stats.bytes_read == 64 * KiB
+    with vm.domain() as dom:
+        assert [c.getName() for c in dom.listAllCheckpoints(0)] == ["sendense.job1.p3"]
