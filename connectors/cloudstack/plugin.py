@@ -7,7 +7,7 @@ from pathlib import Path
 from connectors.cloudstack.spec import CloudStackSource, CloudStackTarget
 from sendense.agents import Located
 from sendense.platforms import Platform
-from sendense.protocols import SourceConnector, SourcePower
+from sendense.protocols import FailbackSink, SourceConnector, SourcePower
 
 
 def _source(spec: CloudStackSource, job: str, work_dir: Path) -> SourceConnector:
@@ -20,6 +20,12 @@ def _power(spec: CloudStackSource, job: str, work_dir: Path) -> SourcePower:
     from connectors.cloudstack.power import CloudStackSourcePower
 
     return CloudStackSourcePower(job, spec)
+
+
+def _failback_sink(spec: CloudStackSource, job: str, work_dir: Path) -> FailbackSink:
+    from connectors.cloudstack.failback_sink import CloudStackFailbackSink
+
+    return CloudStackFailbackSink(job, spec, work_dir)
 
 
 def _locate(spec: CloudStackSource) -> Located:
@@ -36,6 +42,7 @@ PLATFORM = Platform(
     target_spec=CloudStackTarget,
     source=_source,
     locate=_locate,
+    failback_sink=_failback_sink,
     source_power=_power,
     lab="labs.cloudstack.hook",
     starter_endpoints=("cloudstack:*",),

@@ -101,6 +101,17 @@ class Lab:
 
         return self.sites.call("b", get)
 
+    def text(self, path: str) -> str:
+        import urllib.request
+
+        base = self.url.rsplit("/client/api", 1)[0]
+
+        def get() -> str:
+            with urllib.request.urlopen(f"{base}/_lab/{path}", timeout=30) as r:
+                return r.read().decode(errors="replace")
+
+        return self.sites.call("b", get)
+
     def domain(self, host: str, instancename: str) -> Any:
         import libvirt
 
@@ -242,3 +253,70 @@ def test_a_cloudstack_vm_replicates_across_sites_and_is_followed_when_it_live_mi
     for v in lab.call("listVolumes", virtualmachineid=vm["id"])["volume"]:
         left = [b for b in qcow2_bitmaps(image_info(pool / v["path"])) if b.startswith("sendense.web-1.")]
         assert not left, (v["name"], left)
+
+
+def test_a_cloudstack_vm_fails_over_to_kvm_at_site_b_and_fails_back(
+    deployment: tuple[Deployment, Lab], tmp_path: Path
+) -> None:
+    """A planned failover of a CloudStack VM: CloudStack has no pause, so the VM is stopped and its last
+    point read at rest from its volumes (incrementally: the bitmaps QEMU stored as it stopped); the VM
+    boots at site B from that point. Failback writes what it changed back into the CloudStack VM's
+    volumes, in place on primary storage, and starts it again through the API: it boots there, and the
+    job replicates again, incrementally (its host's libvirt adopts the bitmaps the volumes carry)."""
+    d, lab = deployment
+    zone = lab.first("listZones", "zone")
+    vm = lab.job(
+        "deployVirtualMachine",
+        zoneid=zone["id"],
+        serviceofferingid=lab.first("listServiceOfferings", "serviceoffering", name="lab-medium")["id"],
+        templateid=lab.first("listTemplates", "template", templatefilter="all", name="sendense-guest")["id"],
+        networkids=lab.first("listNetworks", "network", name="lab-isolated")["id"],
+        hostid=lab.hosts["site-a"]["id"],
+        name="app-1",
+    )["virtualmachine"]
+    ready = "SENDENSE-GUEST-READY"
+
+    def cs_console() -> str:  # the VM's serial console, its current boot
+        return lab.text(f"vms/{vm['id']}/console")
+
+    replicas = tmp_path / "replicas"
+    spec = {
+        "name": "app-1",
+        "source": {"platform": "cloudstack", "url": lab.url, "zone": zone["name"], "vm": "app-1"},
+        "target": {"platform": "kvm", "path": str(replicas), "host": "site-b"},
+        "schedule": {"interval": "1h"},
+        "recovery": {
+            "memory_mib": 256,
+            "network_map": {"lab-isolated": "sendense-isolated"},
+            "boot_check": {"console_contains": ready, "timeout": "4m"},
+        },
+    }
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    d.cli("job", "create", "-f", str(tmp_path / "job.yaml"))
+    d.wait_point("app-1", timeout=300)
+
+    fo = d.json("failover", "app-1", timeout=600)
+    assert fo["error"] is None, fo
+    st = d.json("job", "status", "app-1")
+    assert st["last_sync"]["kind"] == "incremental", st  # the final sync, read at rest
+    assert lab.first("listVirtualMachines", "virtualmachine", id=vm["id"])["state"] == "Stopped"
+
+    def kvm_console() -> str:
+        return "".join(p.read_text(errors="replace") for p in replicas.rglob("*console*") if p.is_file())
+
+    assert ready in kvm_console()  # booted at site B from the point
+    r = d.json("failback", "app-1", timeout=900)
+    assert r["error"] is None, r
+    assert r["syncs"] >= 1 and all(x["compared_whole"] == [] for x in r["reverse_syncs"]), r
+    assert r["bytes_written"] > 0, r  # the guest's boot at site B wrote its file system
+    assert lab.first("listVirtualMachines", "virtualmachine", id=vm["id"])["state"] == "Running"
+    deadline = time.monotonic() + 240
+    while ready not in cs_console():  # started again through the API, it boots its failed-back volumes
+        assert time.monotonic() < deadline, cs_console()[-400:]
+        time.sleep(1)
+    st = d.wait_point("app-1", count=3, timeout=300)  # replicating from CloudStack again
+    assert st["failed_over"] is None and st["last_sync"]["kind"] == "incremental", st
+    root = export_raw(d, "app-1", st["last_point"], tmp_path / "after")[0]
+    from labs.guest.fscheck import check
+
+    assert check(root, "raw").ok
