@@ -107,6 +107,9 @@ def lab_up(
                 highlight=False,
             )
             _print_env(lab, show_secrets)
+            for h in lab.get("hosts") or []:  # a cloud of hypervisor hosts: an agent on each
+                env = " ".join(f"{k}={v}" for k, v in h["agent_env"].items())
+                out.print(f"  host {h['name']}'s agent: {env}", highlight=False, soft_wrap=True)
         else:
             out.print(f"{name}: {lab.get('note', '')}", highlight=False)
 

@@ -61,6 +61,15 @@ def describe(lab: CloudStackLab) -> dict[str, Any]:
             "template": "sendense-guest",
             "host": LabConfig().hosts[0],
         },
+        # an agent per lab host (a CloudStack source's steps run on the agent of the VM's host)
+        "hosts": [
+            {
+                "name": h["name"],
+                "agent_env": {"SENDENSE_HOST_ID": h["name"], "SENDENSE_KVM_LIBVIRT_URIS": h["uri"]},
+            }
+            for h in lab.control("GET", "/_lab/hosts")
+            if h.get("uri")
+        ],
         "dir": str(lab_dir()),
         "note": "agents on this machine reach it as they are; an agent elsewhere needs the env; "
         "VMs run only when the lab runs as root (its hosts are private libvirtds)",

@@ -164,3 +164,51 @@ def test_cloudstack_to_a_cloud_target_full_then_incremental(
         cli.json("job", "delete", job, "--purge")
     finally:
         lab.destroy(vm)
+
+
+def test_bad_cloudstack_specs_fail_in_one_line_naming_what_the_user_wrote(
+    cs_stack: tuple[Cli, dict[str, Any], CsLab], tmp_path: Path
+) -> None:
+    cli, labs, lab = cs_stack
+    source = labs["cloudstack"]["source"]
+    target = {"platform": "kvm", "path": str(tmp_path / "replicas")}
+    secret = labs["cloudstack"]["env"]["SENDENSE_CLOUDSTACK_SECRET_KEY"]
+    for i, (change, expect) in enumerate(
+        (
+            ({"vm": "no-such-vm"}, "source.vm: no CloudStack VM 'no-such-vm' in zone lab-zone-1"),
+            ({"zone": "atlantis", "vm": "x"}, "source.zone: no zone 'atlantis' at "),
+            (
+                {"login": "ops", "vm": "x"},
+                "set SENDENSE_CLOUDSTACK_OPS_API_KEY and SENDENSE_CLOUDSTACK_OPS_SECRET_KEY",
+            ),
+            ({"url": source["url"] + "?apikey=k&signature=s", "vm": "x"}, "source.url: "),
+        )
+    ):
+        name = f"bad-cs-{i}"
+        spec = {
+            "name": name,
+            "source": {**source, **change},
+            "target": target,
+            "schedule": {"interval": "1h"},
+        }
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(spec))
+        r = cli.run("job", "create", "-f", str(tmp_path / f"{name}.yaml"), check=False)
+        err = r.stderr.strip()
+        assert r.returncode != 0 and expect in err and len(err.splitlines()) == 1, (change, err)
+        assert secret not in err + r.stdout
+        assert name not in cli.run("job", "list").stdout
+    # a wrong secret: CloudStack answers 401, said without the key
+    key = labs["cloudstack"]["env"]["SENDENSE_CLOUDSTACK_API_KEY"]
+    bad_env = {
+        **cli.env,
+        "SENDENSE_CLOUDSTACK_API_KEY": key,
+        "SENDENSE_CLOUDSTACK_SECRET_KEY": "not-the-secret",
+    }
+    spec = {"name": "bad-cs-key", "source": {**source, "vm": "x"}, "target": target}
+    (tmp_path / "bad-cs-key.yaml").write_text(yaml.safe_dump(spec))
+    r = Cli(env=bad_env, state=cli.state).run(
+        "job", "create", "-f", str(tmp_path / "bad-cs-key.yaml"), check=False
+    )
+    err = r.stderr.strip()
+    assert r.returncode != 0 and "refused the API key or the request's signature (401" in err, err
+    assert len(err.splitlines()) == 1 and "not-the-secret" not in err and secret not in err
