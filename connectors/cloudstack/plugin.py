@@ -7,13 +7,25 @@ from pathlib import Path
 from connectors.cloudstack.spec import CloudStackSource, CloudStackTarget
 from sendense.agents import Located
 from sendense.platforms import Platform
-from sendense.protocols import SourceConnector
+from sendense.protocols import SourceConnector, TargetConnector, VmProvisioner
 
 
 def _source(spec: CloudStackSource, job: str, work_dir: Path) -> SourceConnector:
     from connectors.cloudstack.source import CloudStackSourceConnector
 
     return CloudStackSourceConnector(job, spec, work_dir)
+
+
+def _target(spec: CloudStackTarget, job: str, job_id: str) -> TargetConnector:
+    from connectors.cloudstack.target import CloudStackTargetConnector
+
+    return CloudStackTargetConnector(job, spec, job_id)
+
+
+def _vms(spec: CloudStackTarget, job: str, job_id: str) -> VmProvisioner:
+    from connectors.cloudstack.vms import CloudStackVms
+
+    return CloudStackVms(job, spec, job_id)
 
 
 def _locate(spec: CloudStackSource) -> Located:
@@ -25,10 +37,13 @@ def _locate(spec: CloudStackSource) -> Located:
 PLATFORM = Platform(
     name="cloudstack",
     summary="Apache CloudStack on KVM: a VM located through the signed API, its volumes read on its "
-    "host with libvirt checkpoints",
+    "host with libvirt checkpoints; points as qcow2 files on a primary storage pool, VMs from them "
+    "over imported volumes",
     source_spec=CloudStackSource,
     target_spec=CloudStackTarget,
     source=_source,
+    target=_target,
+    vms=_vms,
     locate=_locate,
     lab="labs.cloudstack.hook",
     starter_endpoints=("cloudstack:*",),
