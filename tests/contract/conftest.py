@@ -19,12 +19,14 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from contract.rigs import Rig
 from contract.sides import (
     AwsReplicas,
     AwsVm,
+    CloudStackReplicas,
     KvmReplicas,
     KvmStoppedVm,
     KvmVm,
@@ -32,6 +34,7 @@ from contract.sides import (
     MemoryVm,
     VsphereReplicas,
     VsphereVm,
+    cloudstack_lab,
 )
 from helpers_aws import lab_in_env
 from helpers_vsphere import vsphere_agent_env
@@ -57,7 +60,26 @@ SOURCES = ["memory", "kvm-qmp", "kvm-stopped", "aws", "vsphere"]
 # guest's and ESXi's business; CBT lists nothing for it).
 RESIZABLE_SOURCES = [s for s in SOURCES if s not in ("aws", "vsphere")]
 DISCARDING_SOURCES = [s for s in SOURCES if s not in ("aws", "vsphere")]
-TARGETS = ["memory", "memory-blocks", "kvm", "aws", "vsphere", *(["aws-real"] if REAL_AWS_REGION else [])]
+TARGETS = [
+    "memory",
+    "memory-blocks",
+    "kvm",
+    "aws",
+    "vsphere",
+    "cloudstack",
+    *(["aws-real"] if REAL_AWS_REGION else []),
+]
+
+
+@pytest.fixture(scope="session")
+def contract_cloudstack_lab() -> Iterator[Any]:
+    """The CloudStack lab without libvirtds (points only: nothing boots)."""
+    import shutil
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="cslab-contract-", dir="/tmp"))
+    yield from cloudstack_lab(root, "contract", libvirt=False)
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -128,6 +150,8 @@ def target_rig(request: pytest.FixtureRequest, tmp_path: Path, store: Store) -> 
         if p == "aws-real"
         else VsphereReplicas(request.getfixturevalue("contract_vsphere_lab"))
         if p == "vsphere"
+        else CloudStackReplicas(request.getfixturevalue("contract_cloudstack_lab"), "contract")
+        if p == "cloudstack"
         else AwsReplicas(request.getfixturevalue("contract_aws_lab"))
     )
     rig = Rig(tmp_path, MemoryVm(store), replicas)
