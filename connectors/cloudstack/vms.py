@@ -19,8 +19,9 @@ the undo of a create cut short at any step, and no error for a VM that is gone.
 
 The boot check: CloudStack says Running, then the console pattern. CloudStack's API has no console
 text; the lab serves its VMs' serial consoles (`/_lab/vms/<id>/console`); against a real management
-server the console cannot be read this way yet (the check says so; the status alone is evidence with
-`status_checks`). The guest agent channel is not reachable through the API: refused in one line.
+server the console cannot be read this way yet: the check fails saying so (a Running VM whose guest
+was not seen is not a pass). The guest agent channel is not reachable through the API: refused in
+one line.
 """
 
 from __future__ import annotations
@@ -347,9 +348,12 @@ class CloudStackVms:
             state = str(vm["state"])
             text = self._console(str(vm["id"])) if state == "Running" else None
             seconds = round(max(0.0, time.time() - started), 2)
-            if state == "Running" and text is None:
-                why = f"VM {name} is Running; CloudStack has no console text API to find {pattern!r} in"
-                return BootCheck(ok=status_checks, seconds=seconds, evidence=why, via="status")
+            if state == "Running" and text is None:  # unverified: never a pass
+                why = (
+                    f"VM {name} is Running, but {pattern!r} cannot be looked for: CloudStack's API has no "
+                    "console text"
+                )
+                return BootCheck(ok=False, seconds=seconds, evidence=why, via="status")
             lines = console_lines((text or "")[: (text or "").rfind("\n") + 1])
             last = (lines or ["no console output"])[-1]
             if failure := next((m.group(0).strip() for ln in lines if (m := BOOT_FAILURE.search(ln))), None):
