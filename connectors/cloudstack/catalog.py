@@ -33,10 +33,7 @@ def _named(
 def service_offering(api: CloudStackClient, spec: CloudStackTarget, plan: VmPlan) -> dict[str, Any]:
     """The spec's offering, or the smallest fixed one with the plan's CPUs and memory."""
     if spec.service_offering:
-        return _named(
-            api, "listServiceOfferings", "serviceoffering", spec.service_offering,
-            "target.service_offering", "service offering",
-        )  # fmt: skip
+        return named_offering(api, spec)
     fits = [
         o
         for o in api.list("listServiceOfferings", "serviceoffering", "listServiceOfferings")
@@ -48,6 +45,14 @@ def service_offering(api: CloudStackClient, spec: CloudStackTarget, plan: VmPlan
             f"{plan.memory_mib} MiB; name one"
         )
     return min(fits, key=lambda o: (int(o["memory"]), int(o["cpunumber"]), str(o.get("name"))))
+
+
+def named_offering(api: CloudStackClient, spec: CloudStackTarget) -> dict[str, Any]:
+    assert spec.service_offering
+    return _named(
+        api, "listServiceOfferings", "serviceoffering", spec.service_offering,
+        "target.service_offering", "service offering",
+    )  # fmt: skip
 
 
 def template(api: CloudStackClient, spec: CloudStackTarget, zone_id: str) -> dict[str, Any]:
@@ -74,6 +79,18 @@ def network(api: CloudStackClient, value: str, field: str, zone_id: str) -> dict
     return _named(api, "listNetworks", "network", value, field, "network in the zone", zoneid=zone_id)
 
 
+def drill_network(api: CloudStackClient, spec: CloudStackTarget, zone_id: str) -> dict[str, Any]:
+    if not spec.drill_network:
+        raise InvalidSpec("target.drill_network: name the isolated network drills run on")
+    net = network(api, spec.drill_network, "target.drill_network", zone_id)
+    if str(net.get("type", "")).lower() == "shared":
+        raise InvalidSpec(
+            f"target.drill_network: network {spec.drill_network} is Shared: a drill runs on an "
+            "isolated network, apart from production"
+        )
+    return net
+
+
 def networks(
     api: CloudStackClient, spec: CloudStackTarget, plan: VmPlan, zone_id: str
 ) -> list[dict[str, Any]]:
@@ -82,15 +99,7 @@ def networks(
     plan's `network_map`, else `target.networks` (a `*` source maps any), a VM without NICs given
     the `*` mapping's."""
     if plan.mode == "test":
-        if not spec.drill_network:
-            raise InvalidSpec("target.drill_network: name the isolated network drills run on")
-        net = network(api, spec.drill_network, "target.drill_network", zone_id)
-        if str(net.get("type", "")).lower() == "shared":
-            raise InvalidSpec(
-                f"target.drill_network: network {spec.drill_network} is Shared: a drill runs on an "
-                "isolated network, apart from production"
-            )
-        return [net]
+        return [drill_network(api, spec, zone_id)]
     mapped = {m.source: m.target for m in spec.networks}
     sources = [n.network for n in plan.nics] or ["*"]
     out = []

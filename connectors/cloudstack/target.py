@@ -149,8 +149,23 @@ class CloudStackTargetConnector:
     # ------------------------------------------------------------------ protocol
 
     def validate(self) -> None:
+        """The pool (Up, with room, mounted here, this agent's to write) and the job's directory on it;
+        and what VMs from points will be made of, where the spec names it (a template, offerings,
+        networks that do not exist are said when the job is made, not at its first drill)."""
         self.check_pool()
         self.kvm().validate()
+        from connectors.cloudstack import catalog
+
+        z = str(csapi.zone(self.api, self.spec, "target")["id"])
+        if self.spec.template:
+            catalog.template(self.api, self.spec, z)
+        if self.spec.service_offering:
+            catalog.named_offering(self.api, self.spec)
+        catalog.disk_offering(self.api, self.spec)
+        if self.spec.drill_network:
+            catalog.drill_network(self.api, self.spec, z)
+        for m in self.spec.networks:
+            catalog.network(self.api, m.target, "target.networks", z)
 
     def prepare(self, sync_id: str, disks: list[DiskInfo]) -> None:
         kvm = self.kvm()

@@ -223,3 +223,28 @@ def test_a_volume_in_the_wrong_state_stops_the_undo_in_one_line_and_it_finishes_
     c.job("destroyVirtualMachine", id=other["id"], expunge=True)
     assert leftovers(lab) == before and vms.list_vms() == []
     tgt.destroy()
+
+
+def test_validate_says_what_a_vm_from_a_point_would_miss_when_the_job_is_made(
+    lab: LabServer, tmp_path: Path
+) -> None:
+    disk = guest_disk(tmp_path / "vm.qcow2")
+    target_for(job_spec(lab, disk)).validate()  # the rig's spec: all there
+    cases: list[tuple[dict[str, object], str]] = [
+        ({"template": "no-such"}, "target.template: no template 'no-such' at "),
+        ({"service_offering": "no-such"}, "target.service_offering: no service offering 'no-such' at "),
+        ({"disk_offering": "no-such"}, "target.disk_offering: no disk offering 'no-such' at "),
+        ({"drill_network": "lab-shared"}, "target.drill_network: network lab-shared is Shared: a drill"),
+        (
+            {"networks": [{"source": "*", "target": "no-such"}]},
+            "target.networks: no network in the zone 'no-such'",
+        ),
+        ({"zone": "no-such-zone"}, f"target.zone: no zone 'no-such-zone' at {lab.url}"),
+    ]
+    for change, text in cases:
+        with pytest.raises(InvalidSpec) as e:
+            target_for(job_spec(lab, disk, **change)).validate()
+        assert one_line(e, lab).startswith(text), (change, str(e.value))
+    assert not (lab.cloud.state.pool.path / "sendense").exists() or not any(
+        (lab.cloud.state.pool.path / "sendense").iterdir()
+    )  # validate made nothing
