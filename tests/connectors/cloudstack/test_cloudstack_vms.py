@@ -6,8 +6,12 @@ status check too."""
 
 from __future__ import annotations
 
+import http.server
 import shutil
 import tempfile
+import threading
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -92,3 +96,69 @@ def test_a_failover_vm_runs_on_the_mapped_network_and_passes_the_status_check(
     vms.destroy_vm("failover-1")
     assert leftovers(lab) == before
     tgt.destroy()
+
+
+class _ApiOnly:
+    """The lab's API alone, as a management server serves it (its /_lab console endpoint answers 404):
+    a real HTTP server in front of the lab, forwarding /client/api."""
+
+    def __init__(self, lab: LabServer) -> None:
+        upstream = lab.url
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                if not self.path.startswith("/client/api"):
+                    self.send_error(404)
+                    return
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                req = urllib.request.Request(upstream, data=body, method="POST")
+                req.add_header("Content-Type", self.headers.get("Content-Type", ""))
+                try:
+                    with urllib.request.urlopen(req, timeout=30) as r:
+                        status, data = r.status, r.read()
+                except urllib.error.HTTPError as e:
+                    status, data = e.code, e.read()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:
+                self.send_error(404)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/client/api"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_without_a_console_api_a_running_vm_is_not_a_passed_boot_check(
+    lab: LabServer, tmp_path: Path
+) -> None:
+    """A real management server has no console text: the boot check says it could not look, and fails."""
+    disk = tmp_path / "guest.qcow2"
+    shutil.copyfile(build(), disk)
+    proxy = _ApiOnly(lab)
+    try:
+        spec = job_spec(lab, disk, url=proxy.url)
+        tgt = point(spec, tmp_path / "work")
+        vms = vms_for(spec)
+        vms.create_vm(VmPlan(name="blind", point_id="p1", memory_mib=256))
+        vms.power_on("blind")
+        check = vms.boot_check("blind", READY, timeout=60, status_checks=True)
+        assert not check.ok and check.via == "status"
+        assert check.evidence == (
+            f"VM blind is Running, but {READY!r} cannot be looked for: CloudStack's API has no console text"
+        )
+        assert vms.console("blind") == ""
+        vms.destroy_vm("blind")
+        tgt.destroy()
+    finally:
+        proxy.close()
