@@ -312,8 +312,12 @@ class CloudStackVms:
     def _console(self, vm_id: str) -> str | None:
         """The VM's serial console text: a lab serves it; a management server has none (None)."""
         base = self.spec.url.rstrip("/").rsplit("/client/api", 1)[0]
+        url = f"{base}/_lab/vms/{vm_id}/console"
         try:
-            with urllib.request.urlopen(f"{base}/_lab/vms/{vm_id}/console", timeout=10) as r:
+            with urllib.request.urlopen(url, timeout=10) as r:
+                # a front end that answers every path (a login page, a redirect) serves no console
+                if r.geturl() != url or not r.headers.get("Content-Type", "").startswith("text/plain"):
+                    return None
                 return bytes(r.read()).decode(errors="replace")
         except urllib.error.HTTPError:
             return None
