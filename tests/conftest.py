@@ -34,7 +34,7 @@ def agent_policy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     p.write_text(
         yaml.safe_dump(
             {
-                "platforms": ["kvm", "aws", "vsphere", "memory"],
+                "platforms": ["kvm", "aws", "vsphere", "cloudstack", "memory"],
                 "source_roots": roots,
                 "target_roots": roots,
                 "endpoints": ["*"],

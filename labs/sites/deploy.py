@@ -60,6 +60,8 @@ class Deployment:
     site_env: dict[str, dict[str, str]] = field(default_factory=dict)  # one agent's own (site -> env)
     # an agent given another host's certificate (site -> host id whose certificate it presents): tests
     cert_of: dict[str, str] = field(default_factory=dict)
+    platforms: list[str] = field(default_factory=lambda: ["kvm"])  # what the agents' policies allow
+    cli_env: dict[str, str] = field(default_factory=dict)  # the operator's (e.g. a cloud's keys)
     agents: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict, init=False)
     relay_port: int | None = field(default=None, init=False)  # A's data server, as B reaches it
     relay_port_b: int | None = field(default=None, init=False)  # B's (failback: A pulls from B)
@@ -96,7 +98,7 @@ class Deployment:
         for site in HOSTS:
             self.home(site).mkdir(mode=0o700, exist_ok=True)
             (self.home(site) / "policy.yaml").write_text(
-                yaml.safe_dump({"platforms": ["kvm"], **{k: list(v) for k, v in self.roots.items()}})
+                yaml.safe_dump({"platforms": self.platforms, **{k: list(v) for k, v in self.roots.items()}})
             )
         self.start_agent("a")
         self.start_agent("b")
@@ -119,7 +121,7 @@ class Deployment:
                 SENDENSE_TLS_KEY=str(p / "admin-key.pem"),
                 SENDENSE_HOST_ID=HOSTS["b"],
             )
-            return env
+            return env | self.cli_env
         host = HOSTS[site]
         cert = self.cert_of.get(site, host)
         env.update(

@@ -180,11 +180,11 @@ def test_durations(value: Any, seconds: float) -> None:
         (with_(target__path=...), "job.yaml: target.path: field required"),
         (
             with_(source__platform=...),
-            "job.yaml: source.platform: field required (one of: kvm, aws, vsphere)",
+            "job.yaml: source.platform: field required (one of: kvm, aws, vsphere, cloudstack)",
         ),
         (
             with_(source__platform="vmware"),
-            "job.yaml: source.platform: not a supported platform (one of: kvm, aws, vsphere)",
+            "job.yaml: source.platform: not a supported platform (one of: kvm, aws, vsphere, cloudstack)",
         ),
         (with_(source__qmp="/run/vm.qmp"), "job.yaml: source: give exactly one of disks, qmp or libvirt"),
         (with_(source__disks=...), "job.yaml: source: give exactly one of disks, qmp or libvirt"),

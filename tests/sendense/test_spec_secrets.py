@@ -105,6 +105,32 @@ EXAMPLES: dict[tuple[str, str], list[dict[str, Any]]] = {
             "vddk": {"transports": ["hotadd"]},
         },
     ],
+    ("cloudstack", "source"): [
+        {
+            "platform": "cloudstack",
+            "url": "https://cloud.example:8443/client/api",
+            "zone": "zone-1",
+            "login": "dr",
+            "vm": "web-1",
+            "vm_id": "0b1c2d3e-4f50-6172-8394-a5b6c7d8e9f0",
+            "host": "kvm-1",
+        },
+    ],
+    ("cloudstack", "target"): [
+        {
+            "platform": "cloudstack",
+            "url": "http://10.0.0.5:8080/client/api",
+            "zone": "dr-zone",
+            "storage": "primary-1",
+            "service_offering": "medium",
+            "disk_offering": "custom",
+            "template": "any-linux",
+            "networks": [{"source": "web-net", "target": "dr-net"}],
+            "drill_network": "drill-net",
+            "vm_name": "web-1-dr",
+            "host": "kvm-dr-1",
+        },
+    ],
     ("memory", "source"): [
         {"platform": "memory", "vm": "web", "store": "s1", "block_size": 65536},
         {"platform": "memory", "vm": "web", "directory": "/var/tmp/store"},

@@ -57,13 +57,13 @@ def test_the_platform_is_for_developers_only(monkeypatch: pytest.MonkeyPatch) ->
         parse_spec(data, "job.yaml")
     assert str(ei.value) == (
         "job.yaml: source.platform: 'memory' is for developers (set SENDENSE_DEVELOPER_PLATFORMS=1); "
-        "one of: kvm, aws, vsphere"
+        "one of: kvm, aws, vsphere, cloudstack"
     )
     assert "memory" not in platforms.offered("target")
     monkeypatch.setenv(platforms.DEVELOPER_PLATFORMS, "1")
     spec = parse_spec(data, "job.yaml")
     assert (spec.source.describe(), spec.target.describe()) == ("memory:default:web", "memory:lab")
-    assert platforms.offered("source") == ["kvm", "aws", "vsphere", "memory"]
+    assert platforms.offered("source") == ["kvm", "aws", "vsphere", "cloudstack", "memory"]
 
 
 @pytest.mark.parametrize(
