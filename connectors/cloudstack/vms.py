@@ -4,11 +4,12 @@ on `target.drill_network`, a failover's VM on the mapped networks.
 CloudStack refuses to import a volume with a backing file ("Volume with backing file cannot be
 imported or unmanaged.", VolumeImportUnmanageManagerImpl), and a point is an overlay in a chain. So
 for each of the point's disks the agent makes a flat qcow2 copy at the top of the pool's directory,
-named by a fresh uuid as CloudStack names its files (`qemu-img convert`), and `importVolume` (4.19.1+)
-makes it a Ready volume. Then `deployVirtualMachine` (startvm=false; the spec's template, the spec's
-offering or the smallest that fits the plan, the networks), its allocated ROOT detached and deleted,
-the imported boot disk attached at deviceid 0 (the VM's ROOT) and the others after it in order. The
-point is never written: the VM runs on its copies.
+named by a fresh uuid as CloudStack names its files (`qemu-img convert`), with a persistent dirty
+bitmap named for the point (`point_bitmap`: the VM's writes since the point, for a failback), and
+`importVolume` (4.19.1+) makes it a Ready volume. Then `deployVirtualMachine` (startvm=false; the
+spec's template, the spec's offering or the smallest that fits the plan, the networks), its allocated
+ROOT detached and deleted, the imported boot disk attached at deviceid 0 (the VM's ROOT) and the
+others after it in order. The point is never written: the VM runs on its copies.
 
 Every step registers its undo before it runs: the VM's record (`vms/<name>/vm.json` in the job's
 directory) names the flat files, then the volumes and the VM as they are made; what a step killed
@@ -62,6 +63,14 @@ def cloud_name(spec: CloudStackTarget, name: str) -> str:
     if not text[:1].isalpha():
         text = "vm-" + text
     return text[:63].rstrip("-")
+
+
+def point_bitmap(point_id: str) -> str:
+    """The persistent dirty bitmap each flat copy gets when it is made: QEMU records in it, in the
+    volume's own file, every write of the VM since its point (what a failback's first reverse sync
+    copies). Migrations carry it with the file; a forced stop that kills QEMU leaves it inconsistent
+    (a reverse sync then compares the whole disk)."""
+    return f"sendense-point-{point_id}"
 
 
 class CloudStackVms:
@@ -231,6 +240,7 @@ class CloudStackVms:
             src = kvm.point_path(plan.point_id, key)
             try:
                 qemu_img("convert", "-q", "-f", "qcow2", "-O", "qcow2", str(src), str(part))
+                qemu_img("bitmap", "--add", str(part), point_bitmap(plan.point_id))
             except SendenseError as e:
                 part.unlink(missing_ok=True)
                 reason = e.message.replace(str(part), dest.name).replace(str(src), f"point {plan.point_id}")

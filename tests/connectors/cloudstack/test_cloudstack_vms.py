@@ -18,12 +18,15 @@ from pathlib import Path
 import pytest
 from cs_target_rig import api, job_spec, leftovers, point, use_lab
 
+from connectors.cloudstack.vms import point_bitmap
 from labs.cloudstack.server import LabServer
 from labs.cloudstack.state import LabConfig
 from labs.guest.build import build
+from sendense.datapath.nbd import ALLOCATION, NbdConnection, dirty_context
 from sendense.errors import InvalidSpec
 from sendense.models import VmPlan
 from sendense.platforms import vms_for
+from tools.qemu import qemu_nbd
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -47,6 +50,14 @@ def _env(lab: LabServer, monkeypatch: pytest.MonkeyPatch) -> None:
     use_lab(lab, monkeypatch)
 
 
+def written_since_point(flat: Path) -> int:
+    """Bytes the flat copy's point bitmap says the VM wrote since its point (QEMU stored it at stop)."""
+    with qemu_nbd(flat, bitmaps=[point_bitmap("p1")]) as srv:
+        bitmap = point_bitmap("p1")
+        with NbdConnection(srv.uri, contexts=(ALLOCATION, dirty_context(bitmap))) as c:
+            return sum(e.length for e in c.changed_extents(bitmap))
+
+
 def test_a_drill_vm_from_a_point_boots_the_guest_and_leaves_nothing(lab: LabServer, tmp_path: Path) -> None:
     disk = tmp_path / "guest.qcow2"
     shutil.copyfile(build(), disk)
@@ -55,7 +66,10 @@ def test_a_drill_vm_from_a_point_boots_the_guest_and_leaves_nothing(lab: LabServ
     vms = vms_for(spec)
     before = leftovers(lab)
     tgt.hold("p1", "drill-1", "drill")
-    vms.create_vm(VmPlan(name="drill-1", point_id="p1", memory_mib=256))
+    made = vms.create_vm(VmPlan(name="drill-1", point_id="p1", memory_mib=256))
+    [root] = api(lab).call("listVolumes", virtualmachineid=made.vm_id)["volume"]
+    flat = lab.cloud.state.pool.path / root["path"]
+    assert written_since_point(flat) == 0  # the flat copy's bitmap: nothing written yet
     ref = vms.power_on("drill-1")
     assert ref.state == "running" and vms.power_on("drill-1").vm_id == ref.vm_id  # running already
     with pytest.raises(InvalidSpec, match="no guest agent channel"):
@@ -68,6 +82,7 @@ def test_a_drill_vm_from_a_point_boots_the_guest_and_leaves_nothing(lab: LabServ
     assert vm["state"] == "Running" and vm["hostname"] in ("cs-lab-host-1", "cs-lab-host-2")
     assert [n["networkname"] for n in vm["nic"]] == ["lab-isolated"]
     assert vms.power_off("drill-1").state == "stopped"
+    assert written_since_point(flat) > 0  # the guest's boot wrote (its root mounted read-write)
     vms.destroy_vm("drill-1")
     tgt.release("p1", "drill-1")
     assert vms.list_vms() == [] and leftovers(lab) == before
