@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -248,3 +249,26 @@ def test_validate_says_what_a_vm_from_a_point_would_miss_when_the_job_is_made(
     assert not (lab.cloud.state.pool.path / "sendense").exists() or not any(
         (lab.cloud.state.pool.path / "sendense").iterdir()
     )  # validate made nothing
+
+
+def test_a_volume_imported_after_its_answer_was_lost_is_found_and_removed_by_the_undo(
+    lab: LabServer, tmp_path: Path
+) -> None:
+    """The agent loses importVolume's job answer (queryAsyncJobResult fails): the volume exists in
+    CloudStack but not in the VM's record. destroy_vm finds it as the pool's volume on a recorded file."""
+    disk = guest_disk(tmp_path / "vm.qcow2", writes=WRITES)
+    spec = job_spec(lab, disk)
+    tgt = point(spec, tmp_path / "work")
+    vms = vms_for(spec)
+    before = leftovers(lab)
+    lab.cloud.faults.inject("queryAsyncJobResult", 530, text="the answer was lost")
+    with pytest.raises(CloudStackApiError, match="the answer was lost"):
+        vms.create_vm(VmPlan(name="lost", point_id="p1", memory_mib=256))
+    deadline = time.monotonic() + 10
+    while not (found := api(lab).call("listVolumes", name="lost-disk0").get("volume")):  # its job ends
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert [v["state"] for v in found] == ["Ready"]  # made, unrecorded
+    vms.destroy_vm("lost")
+    assert leftovers(lab) == before and vms.list_vms() == []
+    tgt.destroy()
