@@ -84,12 +84,21 @@ def pool(api: CloudStackClient, pool_id: str, what: str) -> dict[str, Any]:
     return found[0]
 
 
-def pool_dir(pool: dict[str, Any]) -> Path:
+FILE_POOLS = ("Filesystem", "SharedMountPoint")
+NFS_POOLS = ("NetworkFilesystem",)
+NFS_MOUNTS = Path("/mnt")  # where CloudStack's KVM agent mounts an NFS pool: /mnt/<pool uuid>
+
+
+def pool_dir(pool: dict[str, Any]) -> Path | None:
     """Where a KVM host sees a primary storage pool's files: CloudStack's KVM agent mounts an NFS pool
-    at /mnt/<pool id>; a local (Filesystem) or SharedMountPoint pool is its path on every host."""
-    if str(pool.get("type")) == "NetworkFilesystem":
-        return Path("/mnt") / str(pool["id"])
-    return Path(str(pool["path"]))
+    at /mnt/<pool id>; a local (Filesystem) or SharedMountPoint pool is its path on every host. None:
+    the pool's volumes are not files (RBD, iSCSI, ...)."""
+    kind = str(pool.get("type", ""))
+    if kind in FILE_POOLS:
+        return Path(str(pool["path"]))
+    if kind in NFS_POOLS:
+        return NFS_MOUNTS / str(pool["id"])
+    return None
 
 
 def disk_key(deviceid: int) -> str:

@@ -7,7 +7,7 @@ from pathlib import Path
 from connectors.cloudstack.spec import CloudStackSource, CloudStackTarget
 from sendense.agents import Located
 from sendense.platforms import Platform
-from sendense.protocols import FailbackSink, SourceConnector, SourcePower
+from sendense.protocols import FailbackSink, SourceConnector, SourcePower, TargetConnector, VmProvisioner
 
 
 def _source(spec: CloudStackSource, job: str, work_dir: Path) -> SourceConnector:
@@ -28,6 +28,18 @@ def _failback_sink(spec: CloudStackSource, job: str, work_dir: Path) -> Failback
     return CloudStackFailbackSink(job, spec, work_dir)
 
 
+def _target(spec: CloudStackTarget, job: str, job_id: str) -> TargetConnector:
+    from connectors.cloudstack.target import CloudStackTargetConnector
+
+    return CloudStackTargetConnector(job, spec, job_id)
+
+
+def _vms(spec: CloudStackTarget, job: str, job_id: str) -> VmProvisioner:
+    from connectors.cloudstack.vms import CloudStackVms
+
+    return CloudStackVms(job, spec, job_id)
+
+
 def _locate(spec: CloudStackSource) -> Located:
     from connectors.cloudstack.placement import locate
 
@@ -37,10 +49,13 @@ def _locate(spec: CloudStackSource) -> Located:
 PLATFORM = Platform(
     name="cloudstack",
     summary="Apache CloudStack on KVM: a VM located through the signed API, its volumes read on its "
-    "host with libvirt checkpoints",
+    "host with libvirt checkpoints; points as qcow2 files on a primary storage pool, VMs from them "
+    "over imported volumes",
     source_spec=CloudStackSource,
     target_spec=CloudStackTarget,
     source=_source,
+    target=_target,
+    vms=_vms,
     locate=_locate,
     failback_sink=_failback_sink,
     source_power=_power,

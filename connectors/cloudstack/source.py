@@ -189,7 +189,16 @@ class CloudStackSourceConnector:
             if not sid or not v.get("path"):
                 continue  # (allocated: never written, no file yet)
             if sid not in pools:
-                pools[sid] = csapi.pool_dir(csapi.pool(self.api, sid, f"volume {v.get('name')}"))
+                pool = csapi.pool(self.api, sid, f"volume {v.get('name')}")
+                found = csapi.pool_dir(pool)
+                if found is None:
+                    raise ResourceUnavailable(
+                        f"{self._where()} is Stopped and volume {v.get('name')} is on pool "
+                        f"{pool.get('name')} of type {pool.get('type')}, whose volumes are not files: "
+                        "start the VM to replicate it",
+                        retryable=False,
+                    )
+                pools[sid] = found
             volumes[csapi.disk_key(int(v.get("deviceid") or 0))] = pools[sid] / str(v["path"])
         return StoppedVolumes(self.job, f"{self._where()} (Stopped)", str(vm["id"]), volumes)
 

@@ -142,7 +142,8 @@ class CloudStackTarget(CloudStackPlace, TargetSpec):
         default=None,
         max_length=63,
         pattern=r"^[A-Za-z][A-Za-z0-9-]*$",
-        description="name of VMs from points (default: the source VM's, suffixed)",
+        description="prefix of the CloudStack names of VMs from points (<vm_name>-<the drill's or "
+        "failover's VM name>; default: that name alone)",
     )
 
     def describe(self) -> str:

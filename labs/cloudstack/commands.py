@@ -1,12 +1,12 @@
 """The lab's command table: list commands, queryAsyncJobResult / listAsyncJobs, deleteVolume (sync) and
-the async commands of labs/cloudstack/vms.py and volumes.py."""
+the async commands of labs/cloudstack/vms.py, volumes.py and imports.py."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from labs.cloudstack import views, vms, volumes, wire
+from labs.cloudstack import imports, views, vms, volumes, wire
 from labs.cloudstack.wire import list_payload
 
 if TYPE_CHECKING:
@@ -64,7 +64,7 @@ def list_hosts(c: Cloud, p: Params) -> dict[str, Any]:
 def list_storage_pools(c: Cloud, p: Params) -> dict[str, Any]:
     _zone_check(c, p)
     items = _filtered(c.state.pools.values(), p, c.state.pools, lambda x: x.name)
-    return list_payload("storagepool", [views.pool(c) for _ in items])
+    return list_payload("storagepool", [views.pool(c, x) for x in items])
 
 
 def list_service_offerings(c: Cloud, p: Params) -> dict[str, Any]:
@@ -168,6 +168,7 @@ SYNC: dict[str, SyncHandler] = {
     "queryAsyncJobResult": query_async_job_result,
     "listAsyncJobs": list_async_jobs,
     "deleteVolume": volumes.delete_volume,
+    "listVolumesForImport": imports.list_volumes_for_import,
 }
 
 ASYNC: dict[str, AsyncHandler] = {
@@ -180,4 +181,6 @@ ASYNC: dict[str, AsyncHandler] = {
     "attachVolume": volumes.attach_volume,
     "detachVolume": volumes.detach_volume,
     "resizeVolume": volumes.resize_volume,
+    "importVolume": imports.import_volume,
+    "unmanageVolume": imports.unmanage_volume,
 }

@@ -59,6 +59,8 @@ def describe(lab: CloudStackLab) -> dict[str, Any]:
             **place,
             "storage": "lab-primary-1",
             "template": "sendense-guest",
+            "drill_network": "lab-isolated",
+            "networks": [{"source": "*", "target": "lab-shared"}],
             "host": LabConfig().hosts[0],
         },
         # an agent per lab host (a CloudStack source's steps run on the agent of the VM's host)

@@ -20,6 +20,11 @@ WT = str(Path(__file__).resolve().parents[2])
 L = "labs/cloudstack/"
 API = ["tests/labs/test_cloudstack_lab_api.py", "tests/connectors/cloudstack/test_cloudstack_client.py"]
 VMS = ["tests/labs/test_cloudstack_lab_vms.py"]
+# volume import (the CloudStack target's VMs from points stand on it): the lab's tests and the target's
+IMPORTS = [
+    "tests/labs/test_cloudstack_lab_imports.py",
+    "tests/connectors/cloudstack/test_cloudstack_target.py",
+]
 
 # name: (file, text, replacement, test modules)
 BUGS: dict[str, tuple[str, str, str, list[str]]] = {
@@ -115,6 +120,50 @@ BUGS: dict[str, tuple[str, str, str, list[str]]] = {
         "                    if expunge:\n                        storage.remove(c.state, v)",
         '                    if expunge:\n                        v.state = "Destroy"',
         VMS,
+    ),
+    # volume import (imports.py)
+    "import-accepts-a-backing-file": (
+        L + "imports.py",
+        'if found["details"].get("BACKING_FILE"):',
+        "if False:",
+        IMPORTS,
+    ),
+    "import-path-escapes-the-pool": (
+        L + "imports.py",
+        'if not path or "/" in path or path in (".", ".."):',
+        "if not path:",
+        IMPORTS,
+    ),
+    "import-a-managed-file-again": (L + "imports.py", "if _managed(c, pool, path):", "if False:", IMPORTS),
+    "import-ignores-capacity": (
+        L + "imports.py",
+        "if allocated + size > pool.capacity:",
+        "if False:",
+        IMPORTS,
+    ),
+    "import-ignores-the-pool-state": (
+        L + "imports.py",
+        "            _available(pool)\n            if not path.strip():",
+        "            if not path.strip():",
+        IMPORTS,
+    ),
+    "imported-volume-allocated": (
+        L + "imports.py",
+        'Volume(vol_id, name, "DATADISK", size, state="Ready"',
+        'Volume(vol_id, name, "DATADISK", size, state="Allocated"',
+        IMPORTS,
+    ),
+    "volume-file-named-by-id": (
+        L + "state.py",
+        "return self.pool.path / (self.path or self.id) if self.pool is not None else None",
+        "return self.pool.path / self.id if self.pool is not None else None",
+        IMPORTS,
+    ),
+    "unmanage-deletes-the-file": (
+        L + "imports.py",
+        "c.state.volumes.pop(vol.id, None)  # the record goes, the file stays",
+        "storage.remove(c.state, vol)",
+        IMPORTS,
     ),
 }
 

@@ -67,6 +67,10 @@ class Pool:
     name: str
     path: Path
     capacity: int
+    # a directory every lab host sees at the same path (CloudStack's SharedMountPoint: the agent of
+    # each KVM host finds the pool's files at `path`); Up, or Maintenance / Disabled as an admin sets it
+    type: str = "SharedMountPoint"
+    state: str = "Up"
 
 
 @dataclass
@@ -116,10 +120,11 @@ class Volume:
     diskoffering: str | None = None
     template: str | None = None
     created: str = field(default_factory=now_text)
+    path: str | None = None  # its file's name in the pool's directory (its id, unless imported)
 
     @property
     def file(self) -> Path | None:
-        return self.pool.path / self.id if self.pool is not None else None
+        return self.pool.path / (self.path or self.id) if self.pool is not None else None
 
 
 @dataclass

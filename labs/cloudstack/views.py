@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from labs.cloudstack.state import GIB, MIB, DiskOffering, Network, ServiceOffering, Template, Vm, Volume
+from labs.cloudstack.state import GIB, MIB, DiskOffering, Network, Pool, ServiceOffering, Template, Vm, Volume
 
 if TYPE_CHECKING:
     from labs.cloudstack.cloud import Cloud
@@ -80,9 +80,10 @@ def host(c: Cloud, h: LabHost) -> dict[str, Any]:
     }
 
 
-def pool(c: Cloud) -> dict[str, Any]:
-    p = c.state.pool
-    used = sum(v.file.stat().st_blocks * 512 for v in c.state.volumes.values() if v.file and v.file.exists())
+def pool(c: Cloud, p: Pool) -> dict[str, Any]:
+    # what the pool's filesystem holds (as libvirt reports a mount's use): every file under its
+    # directory, volumes, template copies, and what else an agent keeps there (sendense's replicas)
+    used = sum(f.stat().st_blocks * 512 for f in p.path.rglob("*") if f.is_file() and not f.is_symlink())
     return {
         "id": p.id,
         "name": p.name,
@@ -90,10 +91,10 @@ def pool(c: Cloud) -> dict[str, Any]:
         "podid": c.state.pod.id,
         "clusterid": c.state.cluster.id,
         "clustername": c.state.cluster.name,
-        "type": "Filesystem",
+        "type": p.type,
         "path": str(p.path),
         "ipaddress": "127.0.0.1",
-        "state": "Up",
+        "state": p.state,
         "scope": "CLUSTER",
         "hypervisor": "KVM",
         "disksizetotal": p.capacity,
@@ -227,7 +228,7 @@ def volume(c: Cloud, v: Volume) -> dict[str, Any]:
         **OWNER,
     }
     if v.pool is not None:
-        out |= {"storageid": v.pool.id, "storage": v.pool.name, "path": v.id}
+        out |= {"storageid": v.pool.id, "storage": v.pool.name, "path": v.path or v.id}
     if v.diskoffering is not None:
         o = c.state.disk_offerings[v.diskoffering]
         out |= {"diskofferingid": o.id, "diskofferingname": o.name}

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 PKG = "org.apache.cloudstack.api.command.admin.volume"
 NOT_ATTACHED = "Please specify a volume that is not attached to any VM."
+ROOT_STATES = "Root volume detach can happen only when vm is in states: Stopped or Destroyed"
 
 
 def _volume(c: Cloud, p: Params) -> Volume:
@@ -78,10 +79,12 @@ def attach_volume(c: Cloud, p: Params) -> AsyncWork:
                 raise invalid("Please specify a VM that is either running or stopped.")
             used = {v.deviceid for v in vm_volumes(c, vm)}
             dev = deviceid if deviceid is not None else next(i for i in range(1, 64) if i not in used)
+            if dev == 0 and vm.state != "Stopped":  # VolumeApiServiceImpl.validateRootVolumeDetachAttach
+                raise invalid(ROOT_STATES)
+            if dev == 0 and dev in used:
+                raise invalid("Vm already has root volume attached to it")
             if dev in used:
                 raise invalid(f"deviceId {dev} is used by vm {vm.instancename}")
-            if dev == 0 and vm.state != "Stopped":
-                raise invalid(f"VM {vm.name} must be Stopped to attach a volume as its ROOT (deviceid 0)")
             on_storage = any(v.state == "Ready" for v in vm_volumes(c, vm))
             if on_storage:
                 storage.materialize(c.state, vol, c.state.pool)
@@ -105,7 +108,7 @@ def detach_volume(c: Cloud, p: Params) -> AsyncWork:
                 raise invalid(f"Volume {vol.name} is not attached to any VM")
             vm = c.state.vms[vol.vm]
             if vol.deviceid == 0 and vm.state != "Stopped":
-                raise invalid(f"VM {vm.name} must be Stopped to detach its ROOT volume")
+                raise invalid(ROOT_STATES)
             host = c.hosts[vm.host] if vm.state == "Running" and vm.host else None
         if host is not None and vol.file is not None:
             host.detach_disk(vm.instancename, vol.deviceid or 0, vol.file)

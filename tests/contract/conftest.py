@@ -27,6 +27,7 @@ from contract.rigs import Rig
 from contract.sides import (
     AwsReplicas,
     AwsVm,
+    CloudStackReplicas,
     CloudStackVm,
     KvmReplicas,
     KvmStoppedVm,
@@ -35,6 +36,7 @@ from contract.sides import (
     MemoryVm,
     VsphereReplicas,
     VsphereVm,
+    cloudstack_lab,
 )
 from helpers_aws import lab_in_env
 from helpers_vsphere import vsphere_agent_env
@@ -65,7 +67,26 @@ SOURCES: list[Any] = ["memory", "kvm-qmp", "kvm-stopped", "aws", "vsphere", CLOU
 # so: a guest's discard is a no-op there.
 RESIZABLE_SOURCES = [s for s in SOURCES if s not in ("aws", "vsphere", CLOUDSTACK)]
 DISCARDING_SOURCES = [s for s in SOURCES if s not in ("aws", "vsphere", CLOUDSTACK)]
-TARGETS = ["memory", "memory-blocks", "kvm", "aws", "vsphere", *(["aws-real"] if REAL_AWS_REGION else [])]
+TARGETS = [
+    "memory",
+    "memory-blocks",
+    "kvm",
+    "aws",
+    "vsphere",
+    "cloudstack",
+    *(["aws-real"] if REAL_AWS_REGION else []),
+]
+
+
+@pytest.fixture(scope="session")
+def contract_cloudstack_target_lab() -> Iterator[Any]:
+    """The CloudStack lab without libvirtds, for the target's points (nothing boots)."""
+    import shutil
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="cslab-contract-", dir="/tmp"))
+    yield from cloudstack_lab(root, "contract", libvirt=False)
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -149,6 +170,8 @@ def target_rig(request: pytest.FixtureRequest, tmp_path: Path, store: Store) -> 
         if p == "aws-real"
         else VsphereReplicas(request.getfixturevalue("contract_vsphere_lab"))
         if p == "vsphere"
+        else CloudStackReplicas(request.getfixturevalue("contract_cloudstack_target_lab"), "contract")
+        if p == "cloudstack"
         else AwsReplicas(request.getfixturevalue("contract_aws_lab"))
     )
     rig = Rig(tmp_path, MemoryVm(store), replicas)

@@ -3,9 +3,11 @@ replica store with what it holds of a job (rigs.py puts one of each together).""
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -493,3 +495,61 @@ class VsphereReplicas(ReplicaSide):
         fields = content.customFieldsManager.field or []
         out += [f"field {f.name}" for f in fields if f.name.startswith(f"sendense.hold.name:{job}.")]
         return sorted(out)
+
+
+class CloudStackReplicas(ReplicaSide):
+    """A CloudStack target on the CloudStack lab (in this process): the KVM target's points in the job's
+    directory on the lab's primary storage pool, written by the agent of a lab host that mounts it."""
+
+    platform = "cloudstack"
+    keeps_point_before_held = (
+        "a CloudStack point is a KVM target's file on the pool, pruned by merging it into its "
+        "successor's (qemu-img commit), which would rewrite the held point"
+    )
+
+    def __init__(self, lab: Any, login: str) -> None:
+        self.lab, self.login = lab, login
+
+    def spec(self) -> TargetSpec:
+        from connectors.cloudstack.spec import CloudStackTarget
+
+        return CloudStackTarget(
+            platform="cloudstack",
+            url=self.lab.url,
+            zone=self.lab.info["zone"],
+            login=self.login,
+            storage="lab-primary-1",
+            template="sendense-guest",
+            drill_network="lab-isolated",
+            host="cs-lab-host-1",
+        )
+
+    def leftovers(self, job: str) -> list[str]:
+        """The job's directory on the pool (a job without an id: sendense/<job>/<job>), and volumes."""
+        d = self.lab.cloud.state.pool.path / "sendense" / job
+        files = sorted(str(p.relative_to(d)) for p in d.rglob("*")) if d.exists() else []
+        vols = sorted(
+            f"volume {v.name}" for v in self.lab.cloud.state.volumes.values() if v.name.startswith(job)
+        )
+        return files + vols
+
+
+def cloudstack_lab(root: Path, login: str, *, libvirt: bool, caps: Path | None = None) -> Iterator[Any]:
+    """A CloudStack lab in this process, its keys in the environment under a login of its own (a
+    test's SENDENSE_HOME is its own: no lab registration outlives it)."""
+    from labs.cloudstack.server import LabServer
+    from labs.cloudstack.state import LabConfig
+
+    config = LabConfig(libvirt=libvirt, pool_capacity_gib=8, libvirt_cache=str(caps or ""), stop_timeout=2)
+    server = LabServer(root, config).start()
+    names = (
+        f"SENDENSE_CLOUDSTACK_{login.upper()}_API_KEY",
+        f"SENDENSE_CLOUDSTACK_{login.upper()}_SECRET_KEY",
+    )
+    os.environ[names[0]], os.environ[names[1]] = server.info["api_key"], server.info["secret_key"]
+    try:
+        yield server
+    finally:
+        for n in names:
+            os.environ.pop(n, None)
+        server.close()

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from contract.sides import cloudstack_lab
 from helpers_kvm import sync_point
 
 from connectors.kvm.source import make_kvm_source
@@ -28,7 +29,8 @@ from sendense.platforms import target_for, vms_for
 from sendense.protocols import TargetConnector, VmProvisioner
 
 READY = "SENDENSE-GUEST-READY"
-PLATFORMS = ["kvm", "aws", "vsphere"]
+# CloudStack's VMs run on the lab's hosts, private libvirtds: root, and the slower tier
+PLATFORMS = ["kvm", "aws", "vsphere", pytest.param("cloudstack", marks=[pytest.mark.root, pytest.mark.slow])]
 
 
 @dataclass
@@ -101,6 +103,32 @@ def _leftovers_aws(lab: AwsLab, job_id: str) -> Any:
     return left
 
 
+def _leftovers_cloudstack(lab: Any) -> Any:
+    """The lab's VMs and volumes, files of the pool that are no volume's, and what is at its top."""
+
+    def left() -> list[str]:
+        state = lab.cloud.state
+        vms = sorted(f"vm {v.name}" for v in state.vms.values())
+        vols = sorted(f"volume {v.name}" for v in state.volumes.values())
+        files = sorted(f"file {f.name}" for f in state.pool.path.iterdir() if f.name != "sendense")
+        domains = sorted(f"domain {d}" for h in lab.cloud.hosts.values() for d in h.domains())
+        return vms + vols + files + domains
+
+    return left
+
+
+@pytest.fixture(scope="session")
+def contract_cloudstack_vm_lab(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """The CloudStack lab with its hosts' libvirtds (root): its VMs boot."""
+    import tempfile
+
+    cache = getattr(request.config, "cache", None)
+    caps = Path(cache.mkdir("sendense-libvirt-qemu-caps")) if cache is not None else None
+    root = Path(tempfile.mkdtemp(prefix="cslab-vmc-", dir="/tmp"))
+    yield from cloudstack_lab(root, "contractvm", libvirt=True, caps=caps)
+    shutil.rmtree(root, ignore_errors=True)
+
+
 @pytest.fixture(params=PLATFORMS)
 def vm_rig(request: pytest.FixtureRequest, tmp_path: Path, contract_aws_lab: AwsLab) -> Iterator[VmRig]:  # noqa: C901
     """A point p1 of the bootable guest on the platform's target, through the registry."""
@@ -118,6 +146,18 @@ def vm_rig(request: pytest.FixtureRequest, tmp_path: Path, contract_aws_lab: Aws
             "datacenter": "DC0",
             "datastore": "LocalDS_0",
         }
+    elif request.param == "cloudstack":
+        cslab = request.getfixturevalue("contract_cloudstack_vm_lab")
+        target = {
+            "platform": "cloudstack",
+            "url": cslab.url,
+            "zone": cslab.info["zone"],
+            "login": "contractvm",
+            "storage": "lab-primary-1",
+            "template": "sendense-guest",
+            "drill_network": "lab-isolated",
+            "host": "cs-lab-host-1",
+        }
     else:
         lab = contract_aws_lab
         target = {"platform": "aws", "region": lab.region, "endpoint_url": lab.endpoint_url}
@@ -131,6 +171,8 @@ def vm_rig(request: pytest.FixtureRequest, tmp_path: Path, contract_aws_lab: Aws
         left = _leftovers_kvm(tmp_path / "replicas")
     elif request.param == "vsphere":
         left = _leftovers_vsphere(vlab, f"sendense-{job}")
+    elif request.param == "cloudstack":
+        left = _leftovers_cloudstack(cslab)
     else:
         left = _leftovers_aws(contract_aws_lab, job_id)
     rig = VmRig(spec, tgt, vms_for(spec), left)

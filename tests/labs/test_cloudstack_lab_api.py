@@ -371,7 +371,10 @@ def test_a_vm_deployed_stopped_has_an_allocated_root_that_can_be_swapped(
     )
     with pytest.raises(CloudStackApiException) as e:  # deviceid 0 is taken now
         cs.attachVolume(id=data["id"], virtualmachineid=vm["id"], deviceid=0, fetch_result=True)
-    assert e.value.error["errorcode"] == 431 and "deviceId 0 is used" in e.value.error["errortext"]
+    assert (
+        e.value.error["errorcode"] == 431
+        and e.value.error["errortext"] == "Vm already has root volume attached to it"
+    )
     with pytest.raises(CloudStackApiException) as e:  # already attached
         cs.attachVolume(id=replica["id"], virtualmachineid=vm["id"], fetch_result=True)
     assert e.value.error["errortext"] == "Please specify a volume that is not attached to any VM."
