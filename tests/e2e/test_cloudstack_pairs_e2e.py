@@ -212,3 +212,79 @@ def test_bad_cloudstack_specs_fail_in_one_line_naming_what_the_user_wrote(
     err = r.stderr.strip()
     assert r.returncode != 0 and "refused the API key or the request's signature (401" in err, err
     assert len(err.splitlines()) == 1 and "not-the-secret" not in err and secret not in err
+
+
+def test_kvm_to_cloudstack_full_then_incremental_bit_exact(
+    cs_stack: tuple[Cli, dict[str, Any], CsLab], tmp_path: Path
+) -> None:
+    """Points as qcow2 files on the lab's primary storage, written by the agent of a host that mounts
+    it (target.host: this stack's worker)."""
+    from helpers_kvm import make_qcow2, qemu_io, to_raw
+
+    cli, labs, lab = cs_stack
+    d0 = make_qcow2(tmp_path / "root.qcow2", 48 * MiB)
+    d1 = make_qcow2(tmp_path / "data.qcow2", 16 * MiB)
+    qemu_io(d0, "write -P 0x11 0 5M", "write -P 0x12 40M 1M")
+    qemu_io(d1, "write -P 0x21 3M 512k")
+    ref0 = [to_raw(d, tmp_path / f"r0-{i}.raw") for i, d in enumerate((d0, d1))]
+    target = labs["cloudstack"]["target"]
+    assert target["host"] == HOST
+    spec = {"name": "kvm-cs", "source": {"platform": "kvm", "disks": [str(d0), str(d1)]}, "target": target}
+    (tmp_path / "kvm-cs.yaml").write_text(yaml.safe_dump({**spec, "schedule": {"interval": "1h"}}))
+    cli.json("job", "create", "-f", str(tmp_path / "kvm-cs.yaml"))
+    p1 = cli.wait_point("kvm-cs", 1, timeout=300)["last_point"]
+    qemu_io(d0, "write -P 0x31 1M 4k", "write -z 40M 1M")
+    qemu_io(d1, "write -P 0x41 10M 64k")
+    ref1 = [to_raw(d, tmp_path / f"r1-{i}.raw") for i, d in enumerate((d0, d1))]
+    r = cli.json("job", "sync-now", "kvm-cs", "--wait", timeout=300)
+    assert r["kind"] == "incremental", r
+    for point, refs in ((p1, ref0), (r["point_id"], ref1)):
+        files = export_raw(cli, "kvm-cs", point, tmp_path / f"x-{point}")
+        assert same(files["disk0"], refs[0]) and same(files["disk1"], refs[1])
+    pool = Path(lab.first("listStoragePools", "storagepool")["path"])
+    assert list(pool.glob("sendense/*/kvm-cs"))  # on primary storage
+    cli.json("job", "delete", "kvm-cs", "--purge")
+    assert not list(pool.glob("sendense/*/kvm-cs"))
+
+
+def test_aws_to_cloudstack_full_then_incremental(
+    cs_stack: tuple[Cli, dict[str, Any], CsLab], tmp_path: Path
+) -> None:
+    cli, labs, _ = cs_stack
+    aws = labs["aws"]
+    inst = cli.json("lab", "instance", "cs-src", "--disk-gib", "1", "--blank")
+    vol = inst["volumes"][0]["volume_id"]
+    cli.run("lab", "write", vol, "0", "--pattern", "17", "--length", str(3 * MiB))
+    source = {"platform": "aws", "instance_id": inst["instance_id"], "region": aws["region"]}
+    spec = {
+        "name": "aws-cs",
+        "source": {**source, "endpoint_url": aws["endpoint_url"]},
+        "target": labs["cloudstack"]["target"],
+        "schedule": {"interval": "1h"},
+    }
+    (tmp_path / "aws-cs.yaml").write_text(yaml.safe_dump(spec))
+    cli.json("job", "create", "-f", str(tmp_path / "aws-cs.yaml"))
+    p1 = cli.wait_point("aws-cs", 1, timeout=300)["last_point"]
+    cli.run("lab", "write", vol, str(500 * MiB), "--pattern", "51", "--length", "4096")
+    r = cli.json("job", "sync-now", "aws-cs", "--wait", timeout=300)
+    assert r["kind"] == "incremental" and r["bytes_written"] == 4096, r
+    for point, expect in ((p1, bytes(4096)), (r["point_id"], b"\x33" * 4096)):
+        [f] = export_raw(cli, "aws-cs", point, tmp_path / f"x-{point}").values()
+        with open(f, "rb") as fh:
+            assert fh.read(3 * MiB) == b"\x11" * (3 * MiB)
+            fh.seek(500 * MiB)
+            assert fh.read(4096) == expect
+    cli.json("job", "delete", "aws-cs", "--purge")
+
+
+def test_vmware_to_cloudstack_full_then_incremental_bit_exact(
+    cs_stack: tuple[Cli, dict[str, Any], CsLab], tmp_path: Path
+) -> None:
+    """The seed's flagship pair: a VMware VM (CBT, VDDK) into CloudStack primary storage."""
+    from labs.vsphere import hook as vsphere_hook
+    from tests.e2e.test_vsphere_e2e import vmware_source_round
+
+    cli, labs, _ = cs_stack
+    vlab = vsphere_hook.attach()
+    assert vlab is not None
+    vmware_source_round((cli, labs["vsphere"], vlab), tmp_path, "vs-cs", labs["cloudstack"]["target"])
