@@ -288,3 +288,77 @@ def test_vmware_to_cloudstack_full_then_incremental_bit_exact(
     vlab = vsphere_hook.attach()
     assert vlab is not None
     vmware_source_round((cli, labs["vsphere"], vlab), tmp_path, "vs-cs", labs["cloudstack"]["target"])
+
+
+def test_vmware_to_cloudstack_drill_then_failover_boot_the_guest_in_cloudstack(
+    cs_stack: tuple[Cli, dict[str, Any], CsLab], tmp_path: Path
+) -> None:
+    """The seed's flagship flow: a VMware VM with the bootable guest replicated into CloudStack. A drill
+    makes a CloudStack VM from the point on the isolated network (its volumes flat copies imported),
+    sees the guest boot on its console and removes everything it made; a failover makes the
+    production VM on the mapped network and boots it; the point never changes."""
+    import subprocess
+
+    from helpers_vsphere import current_disk
+
+    from labs.guest.build import build as build_guest
+    from labs.vsphere import hook as vsphere_hook
+
+    cli, labs, lab = cs_stack
+    vlab = vsphere_hook.attach()
+    assert vlab is not None
+    job = "vs-cs-dr"
+    ready = "SENDENSE-GUEST-READY"
+    moref = cli.json("lab", "vm", "vs-cs-dr-vm", "--disk-mib", "256")["moref"]
+    path, fmt = current_disk(vlab, moref, 0)
+    subprocess.run(["qemu-img", "convert", "-n", "-O", fmt, str(build_guest()), path], check=True)
+    spec = {
+        "name": job,
+        "source": {**labs["vsphere"]["source"], "vm": "vs-cs-dr-vm"},
+        "target": labs["cloudstack"]["target"],
+        "schedule": {"interval": "1h"},
+        "recovery": {"memory_mib": 256, "boot_check": {"console_contains": ready, "timeout": "4m"}},
+    }
+    (tmp_path / f"{job}.yaml").write_text(yaml.safe_dump(spec))
+    cli.json("job", "create", "-f", str(tmp_path / f"{job}.yaml"))
+    pool = Path(lab.first("listStoragePools", "storagepool")["path"])
+
+    def ours() -> list[str]:
+        vms = lab.client.call("listVirtualMachines", listall=True).get("virtualmachine") or []
+        return sorted(v["name"] for v in vms if job in v["name"] or job in str(v.get("displayname", "")))
+
+    try:
+        st = cli.wait_point(job, timeout=300)
+        before = sorted(export_raw(cli, job, st["last_point"], tmp_path / "x0").items())[0][1].read_bytes()
+        files_before = sorted(p.name for p in pool.iterdir())
+        r = cli.json("drill", "run", job, timeout=600)
+        assert r["error"] is None and r["point_id"] == st["last_point"], r
+        assert r["boot"]["ok"] and ready in r["boot"]["evidence"], r["boot"]
+        assert r["cleaned"] and r["left_behind"] == [], r
+        assert ours() == []  # the drill's VM expunged
+        assert sorted(p.name for p in pool.iterdir()) == files_before  # its volumes and copies gone
+        [after] = cli.json("point", "list", job)
+        assert after["holds"] == []
+
+        fo = cli.json("failover", job, timeout=600)
+        assert fo["error"] is None and fo["boot"]["ok"] and ready in fo["boot"]["evidence"], fo
+        assert cli.json("job", "status", job)["state"] == "failed-over"
+        [vm] = [
+            v
+            for v in lab.client.call("listVirtualMachines", listall=True).get("virtualmachine") or []
+            if v["name"] in ours()
+        ]
+        assert vm["state"] == "Running" and vm["nic"][0]["networkname"] == "lab-shared", vm
+        again = sorted(export_raw(cli, job, st["last_point"], tmp_path / "x1").items())[0][1].read_bytes()
+        assert again == before  # the VM runs on a copy: the point never changes
+    finally:
+        import asyncio
+
+        from sendense.platforms import vms_for
+        from tests.e2e.test_failback_e2e import _job_spec
+
+        try:
+            vms_for(asyncio.run(_job_spec(job))).destroy_vm(job)
+        except Exception:  # noqa: BLE001 - the job may not exist
+            pass
+        cli.run("job", "delete", job, "--purge", check=False)
