@@ -362,3 +362,68 @@ def test_vmware_to_cloudstack_drill_then_failover_boot_the_guest_in_cloudstack(
         except Exception:  # noqa: BLE001 - the job may not exist
             pass
         cli.run("job", "delete", job, "--purge", check=False)
+
+
+def test_cloudstack_to_vmware_failover_then_failback(
+    cs_stack: tuple[Cli, dict[str, Any], CsLab], tmp_path: Path
+) -> None:
+    """The other way: a CloudStack VM with the bootable guest fails over to VMware (stopped, its last
+    point read at rest, the vSphere placeholder boots it), then fails back: what the VMware VM wrote
+    (CBT since the point) is written into the CloudStack VM's volumes in place, the VM is started
+    through the API and boots, and the job replicates again incrementally."""
+    import time
+
+    cli, labs, lab = cs_stack
+    job = "cs-vs-fb"
+    ready = "SENDENSE-GUEST-READY"
+    zone = lab.first("listZones", "zone")
+    vm = lab.client.job(
+        "deployVirtualMachine",
+        zoneid=zone["id"],
+        serviceofferingid=lab.first("listServiceOfferings", "serviceoffering", name="lab-medium")["id"],
+        templateid=lab.first("listTemplates", "template", templatefilter="all", name="sendense-guest")["id"],
+        networkids=lab.first("listNetworks", "network", name="lab-isolated")["id"],
+        hostid=lab.hosts[HOST]["id"],
+        name=f"{job}-vm",
+    )["virtualmachine"]
+    spec = {
+        "name": job,
+        "source": {**labs["cloudstack"]["source"], "vm": vm["name"]},
+        "target": labs["vsphere"]["target"],
+        "schedule": {"interval": "1h"},
+        "recovery": {
+            "memory_mib": 256,
+            "network_map": {"lab-isolated": "VM Network"},
+            "boot_check": {"console_contains": ready, "timeout": "4m"},
+        },
+    }
+    (tmp_path / f"{job}.yaml").write_text(yaml.safe_dump(spec))
+    base = lab.url.rsplit("/client/api", 1)[0]
+
+    def console() -> str:
+        with urllib.request.urlopen(f"{base}/_lab/vms/{vm['id']}/console", timeout=30) as r:
+            return str(r.read().decode(errors="replace"))
+
+    try:
+        cli.json("job", "create", "-f", str(tmp_path / f"{job}.yaml"))
+        cli.wait_point(job, timeout=300)
+        fo = cli.json("failover", job, timeout=600)
+        assert fo["error"] is None and fo["boot"]["ok"], fo
+        assert lab.first("listVirtualMachines", "virtualmachine", id=vm["id"])["state"] == "Stopped"
+
+        r = cli.json("failback", job, timeout=900)
+        assert r["error"] is None, r
+        assert all(s["compared_whole"] == [] for s in r["reverse_syncs"]), r  # CBT knew where
+        assert r["bytes_written"] > 0 and r["started"], r
+        assert lab.first("listVirtualMachines", "virtualmachine", id=vm["id"])["state"] == "Running"
+        deadline = time.monotonic() + 240
+        while ready not in console():  # it boots its failed-back volumes
+            assert time.monotonic() < deadline, console()[-400:]
+            time.sleep(1)
+        st = cli.wait_point(job, count=3, timeout=300)  # replicating from CloudStack again
+        assert st["failed_over"] is None and st["last_sync"]["kind"] == "incremental", st
+        root = sorted(export_raw(cli, job, st["last_point"], tmp_path / "after").items())[0][1]
+        assert fscheck(root, "raw").ok
+    finally:
+        cli.run("job", "delete", job, "--purge", check=False)
+        lab.destroy(vm)
