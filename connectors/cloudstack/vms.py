@@ -45,6 +45,7 @@ from connectors.cloudstack import catalog
 from connectors.cloudstack.spec import CloudStackTarget
 from connectors.cloudstack.target import CloudStackTargetConnector
 from connectors.kvm.vm_state import vms_dir
+from sendense import config
 from sendense.errors import InvalidSpec, ResourceNotFound, SendenseError, TargetError
 from sendense.models import BootCheck, NetworkInfo, VmPlan, VmRef, boot_disks
 from tools.boot import BOOT_FAILURE, console_lines
@@ -299,9 +300,13 @@ class CloudStackVms:
         if not rec.get("complete"):
             raise TargetError(f"VM {name}: not fully created: create_vm it again")
         if vm.get("state") != "Running":
-            vm = self.api.job("startVirtualMachine", f"VM {name}: startVirtualMachine", id=vm["id"])[
-                "virtualmachine"
-            ]
+            # on this agent's host if it is one of the zone's: its boot check can then ask the guest
+            # agent through the host's libvirt (CloudStack's API reaches no guest)
+            here = self._this_host()
+            vm = self.api.job(
+                "startVirtualMachine", f"VM {name}: startVirtualMachine", id=vm["id"],
+                hostid=here["id"] if here else None,
+            )["virtualmachine"]  # fmt: skip
             rec["started_at"] = datetime.now(UTC).timestamp()
             self._write(name, rec)
         return self._ref(name, rec, vm)
@@ -345,11 +350,6 @@ class CloudStackVms:
     ) -> BootCheck:
         """CloudStack says Running, then `pattern` on the console, within `timeout`; a VM Stopped or in
         Error, or a console that shows the guest cannot boot, is a failure with that evidence."""
-        if guest_agent:
-            raise InvalidSpec(
-                f"VM {name}: recovery.boot_check.guest_agent: CloudStack's API has no guest agent channel; "
-                "use console_contains and status_checks"
-            )
         try:
             wanted = re.compile(pattern)
         except re.error as e:
@@ -362,10 +362,26 @@ class CloudStackVms:
             state = str(vm["state"])
             text = self._console(str(vm["id"])) if state == "Running" else None
             seconds = round(max(0.0, time.time() - started), 2)
+            if guest_agent and state == "Running":
+                answered, where = self._agent_answers(vm)
+                if answered:
+                    hit = next((ln for ln in console_lines(text or "") if wanted.search(ln)), None)
+                    evidence = f"the guest agent answered guest-sync through {where}" + (
+                        f"; {hit}" if hit else ""
+                    )
+                    return BootCheck(ok=True, seconds=seconds, evidence=evidence, via="agent")
+                if where.startswith("not here"):
+                    return BootCheck(ok=False, seconds=seconds, evidence=f"VM {name} {where}", via="agent")
+                if time.monotonic() >= deadline:
+                    why = f"the guest agent did not answer within {timeout:g}s ({where})"
+                    return BootCheck(ok=False, seconds=seconds, evidence=why, via="agent")
+                time.sleep(self.poll)
+                continue
             if state == "Running" and text is None:  # unverified: never a pass
                 why = (
                     f"VM {name} is Running, but {pattern!r} cannot be looked for: CloudStack's API has no "
-                    "console text"
+                    "console text (recovery.boot_check.guest_agent: true asks the guest agent through the "
+                    "host's libvirt)"
                 )
                 return BootCheck(ok=False, seconds=seconds, evidence=why, via="status")
             lines = console_lines((text or "")[: (text or "").rfind("\n") + 1])
@@ -382,6 +398,48 @@ class CloudStackVms:
                 why = f"no {pattern!r} within {timeout:g}s; last line: {last}"
                 return BootCheck(ok=False, seconds=seconds, evidence=why, via="console")
             time.sleep(self.poll)
+
+    def _this_host(self) -> dict[str, Any] | None:
+        """The zone's KVM host this agent runs on (its host id is the host's name), if any."""
+        z = csapi.zone(self.api, self.spec, "target")
+        me = config.host_id()
+        hosts = self.api.list("listHosts", "host", f"listHosts {me}", zoneid=z["id"], name=me, type="Routing")
+        return next((h for h in hosts if h.get("name") == me), None)
+
+    def _agent_answers(self, vm: dict[str, Any]) -> tuple[bool, str]:
+        """(whether the VM's guest agent answers `guest-sync` through this host's libvirt, where or why
+        not). The VM must run on this agent's host: CloudStack's API reaches no guest."""
+        import libvirt
+        import libvirt_qemu
+
+        from connectors.kvm import guest_agent
+        from connectors.kvm.inventory import DEFAULT_URI, URIS_ENV
+
+        me = config.host_id()
+        if vm.get("hostname") != me:
+            return False, f"not here: it runs on host {vm.get('hostname')}, not on this agent's host {me}"
+        libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+        uris = [u.strip() for u in (os.environ.get(URIS_ENV) or DEFAULT_URI).split(",") if u.strip()]
+        for uri in uris:
+            try:
+                conn = libvirt.open(uri)
+            except libvirt.libvirtError:
+                continue
+            try:
+                dom = conn.lookupByUUIDString(str(vm["id"]))
+            except libvirt.libvirtError:
+                conn.close()
+                continue
+            try:
+                ident = guest_agent.new_id()
+                cmd = json.dumps({"execute": "guest-sync", "arguments": {"id": ident}})
+                out = libvirt_qemu.qemuAgentCommand(dom, cmd, 5, 0)
+                return guest_agent.answered(str(out).encode(), {ident}), f"host {me}'s libvirt"
+            except libvirt.libvirtError as e:
+                return False, f"host {me}'s libvirt: {e.get_error_message()}"
+            finally:
+                conn.close()
+        return False, f"no libvirt of host {me} ({URIS_ENV}) runs it"
 
     def list_vms(self) -> list[VmRef]:
         d = vms_dir(self.target.kvm().dir)
