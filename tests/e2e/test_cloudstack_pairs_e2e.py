@@ -335,6 +335,7 @@ def test_vmware_to_cloudstack_drill_then_failover_boot_the_guest_in_cloudstack(
         assert r["error"] is None and r["point_id"] == st["last_point"], r
         assert r["boot"]["ok"] and ready in r["boot"]["evidence"], r["boot"]
         assert r["cleaned"] and r["left_behind"] == [], r
+        print(f"FIGURE VMware -> CloudStack drill: boot {r['boot']['seconds']} s, result {r}")
         assert ours() == []  # the drill's VM expunged
         assert sorted(p.name for p in pool.iterdir()) == files_before  # its volumes and copies gone
         [after] = cli.json("point", "list", job)
@@ -342,6 +343,9 @@ def test_vmware_to_cloudstack_drill_then_failover_boot_the_guest_in_cloudstack(
 
         fo = cli.json("failover", job, timeout=600)
         assert fo["error"] is None and fo["boot"]["ok"] and ready in fo["boot"]["evidence"], fo
+        print(
+            f"FIGURE VMware -> CloudStack failover: RTO {fo['rto_seconds']} s, boot {fo['boot']['seconds']} s"
+        )
         assert cli.json("job", "status", job)["state"] == "failed-over"
         [vm] = [
             v
@@ -411,8 +415,10 @@ def test_cloudstack_to_vmware_failover_then_failback(
         assert fo["error"] is None and fo["boot"]["ok"], fo
         assert lab.first("listVirtualMachines", "virtualmachine", id=vm["id"])["state"] == "Stopped"
 
+        print(f"FIGURE CloudStack -> VMware failover: RTO {fo['rto_seconds']} s")
         r = cli.json("failback", job, timeout=900)
         assert r["error"] is None, r
+        print(f"FIGURE CloudStack <- VMware failback: {r}")
         assert all(s["compared_whole"] == [] for s in r["reverse_syncs"]), r  # CBT knew where
         assert r["bytes_written"] > 0 and r["started"], r
         assert lab.first("listVirtualMachines", "virtualmachine", id=vm["id"])["state"] == "Running"
