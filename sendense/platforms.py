@@ -66,6 +66,8 @@ class Platform:
     # what the starter agent policy (sendense.policy.starter) allows for it: its usual image
     # directories and its own endpoints (patterns)
     starter_source_roots: tuple[str, ...] = ()
+    # and where it writes replicas ("{home}/..." is under the agent's SENDENSE_HOME, e.g. its lab's)
+    starter_target_roots: tuple[str, ...] = ()
     starter_endpoints: tuple[str, ...] = ()
     # environment its connectors read on an agent (names; a trailing * is a prefix): the embedded
     # stack hands its worker these and the common ones, not the caller's whole environment

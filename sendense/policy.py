@@ -115,7 +115,8 @@ def starter(home: Path) -> str:
     doc = {
         "platforms": [p.name for p in offered],
         "source_roots": [str(home / "lab")] + [r for p in offered for r in p.starter_source_roots],
-        "target_roots": [str(home / "replicas"), "/var/lib/sendense/replicas"],
+        "target_roots": [str(home / "replicas"), "/var/lib/sendense/replicas"]
+        + [r.replace("{home}", str(home)) for p in offered for r in p.starter_target_roots],
         "endpoints": [e for p in offered for e in p.starter_endpoints],
     }
     return (

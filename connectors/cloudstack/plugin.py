@@ -61,6 +61,8 @@ PLATFORM = Platform(
     source_power=_power,
     lab="labs.cloudstack.hook",
     starter_endpoints=("cloudstack:*",),
+    # where CloudStack's KVM agent mounts NFS primary storage (/mnt/<pool id>), and the lab's pool
+    starter_target_roots=("/mnt", "{home}/labs/cloudstack/primary"),
     # the logins' keys, and the host's libvirt (the VM's domain is read through it)
     agent_env=("SENDENSE_CLOUDSTACK_*", "SENDENSE_KVM_*", "LIBVIRT_*"),
     reached_by_api=True,  # no host in the spec: located through the API before each sync

@@ -190,6 +190,11 @@ def test_the_starter_policy_allows_the_demo_and_nothing_else(
             {"platform": "kvm", "path": str(tmp_path / "replicas")},
         )
     )
+    # a CloudStack target writes its points on primary storage: an NFS pool's mount, or the lab's pool
+    for pool in (Path("/mnt/0b1c2d3e-4f50-6172-8394-a5b6c7d8e9f0"), tmp_path / "labs/cloudstack/primary"):
+        policy.require_target_path(pool / "sendense", "the pool")
+    with pytest.raises(NotAllowed):
+        policy.require_target_path(tmp_path / "labs/aws", "a lab's own state")
     for disk, target in [(tmp_path / "policy.yaml", tmp_path / "replicas"), (tmp_path / "lab/a", tmp_path)]:
         with pytest.raises(NotAllowed):
             policy.authorize(
