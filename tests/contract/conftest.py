@@ -27,6 +27,7 @@ from contract.rigs import Rig
 from contract.sides import (
     AwsReplicas,
     AwsVm,
+    CloudStackRealReplicas,
     CloudStackReplicas,
     CloudStackVm,
     KvmReplicas,
@@ -54,6 +55,12 @@ REAL_AWS_REGION = (
     if os.environ.get("SENDENSE_AWS_TEST_INSTANCE")
     else None
 )
+# A real CloudStack target (its API, a file pool this machine mounts as one of its KVM hosts, keys):
+# the target contract runs there too (CloudStackRealReplicas), writing only its own jobs' files.
+REAL_CLOUDSTACK = {k: v for k, v in os.environ.items() if k.startswith("SENDENSE_CLOUDSTACK_TEST_")}
+HAS_REAL_CLOUDSTACK = all(
+    f"SENDENSE_CLOUDSTACK_TEST_{k}" in os.environ for k in ("URL", "ZONE", "STORAGE", "HOST")
+)
 # The CloudStack lab's hosts are private libvirtds (root) and its VMs boot under TCG (slow tier).
 CLOUDSTACK = pytest.param("cloudstack", marks=[pytest.mark.root, pytest.mark.slow], id="cloudstack")
 SOURCES: list[Any] = ["memory", "kvm-qmp", "kvm-stopped", "aws", "vsphere", CLOUDSTACK]
@@ -75,6 +82,7 @@ TARGETS = [
     "vsphere",
     "cloudstack",
     *(["aws-real"] if REAL_AWS_REGION else []),
+    *(["cloudstack-real"] if HAS_REAL_CLOUDSTACK else []),
 ]
 
 
@@ -168,6 +176,8 @@ def target_rig(request: pytest.FixtureRequest, tmp_path: Path, store: Store) -> 
         if p == "kvm"
         else AwsReplicas(None, REAL_AWS_REGION)
         if p == "aws-real"
+        else CloudStackRealReplicas(REAL_CLOUDSTACK)
+        if p == "cloudstack-real"
         else VsphereReplicas(request.getfixturevalue("contract_vsphere_lab"))
         if p == "vsphere"
         else CloudStackReplicas(request.getfixturevalue("contract_cloudstack_target_lab"), "contract")

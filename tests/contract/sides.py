@@ -534,6 +534,40 @@ class CloudStackReplicas(ReplicaSide):
         return files + vols
 
 
+class CloudStackRealReplicas(CloudStackReplicas):
+    """A CloudStack target on a real management server, configured by the environment: the API
+    (SENDENSE_CLOUDSTACK_TEST_URL, _ZONE), a file pool (_STORAGE) that this machine mounts as the KVM
+    host named SENDENSE_CLOUDSTACK_TEST_HOST, and the default login's keys. It only writes files of its
+    own jobs into the pool (sendense/<job>/...) and removes them."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        super().__init__(None, "default")
+        self.env = env
+
+    def spec(self) -> TargetSpec:
+        from connectors.cloudstack.spec import CloudStackTarget
+
+        e = self.env
+        return CloudStackTarget(
+            platform="cloudstack",
+            url=e["SENDENSE_CLOUDSTACK_TEST_URL"],
+            zone=e["SENDENSE_CLOUDSTACK_TEST_ZONE"],
+            storage=e["SENDENSE_CLOUDSTACK_TEST_STORAGE"],
+            host=e["SENDENSE_CLOUDSTACK_TEST_HOST"],
+        )
+
+    def leftovers(self, job: str) -> list[str]:
+        from connectors.cloudstack import api as csapi
+        from connectors.cloudstack.spec import CloudStackTarget
+        from connectors.cloudstack.target import find_pool
+
+        spec = self.spec()
+        assert isinstance(spec, CloudStackTarget)
+        pool_dir = csapi.pool_dir(find_pool(csapi.client_for(spec), spec))
+        d = (pool_dir or Path("/nonexistent")) / "sendense" / job
+        return sorted(str(p.relative_to(d)) for p in d.rglob("*")) if d.exists() else []
+
+
 def cloudstack_lab(root: Path, login: str, *, libvirt: bool, caps: Path | None = None) -> Iterator[Any]:
     """A CloudStack lab in this process, its keys in the environment under a login of its own (a
     test's SENDENSE_HOME is its own: no lab registration outlives it)."""
