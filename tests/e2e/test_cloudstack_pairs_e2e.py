@@ -433,3 +433,52 @@ def test_cloudstack_to_vmware_failover_then_failback(
     finally:
         cli.run("job", "delete", job, "--purge", check=False)
         lab.destroy(vm)
+
+
+def test_vmware_to_cloudstack_failover_then_failback(
+    cs_stack: tuple[Cli, dict[str, Any], CsLab], tmp_path: Path
+) -> None:
+    """The flagship pair's way home: a VMware VM with the guest fails over into CloudStack (a VM over
+    flat copies of the point), boots there, and fails back: what the CloudStack VM wrote since the point
+    (the point bitmap of its volumes) goes into the VMware VM's disks in place, the VMware VM is
+    powered on, and the job replicates again incrementally."""
+    import subprocess
+
+    from helpers_vsphere import current_disk
+
+    from labs.guest.build import build as build_guest
+    from labs.vsphere import hook as vsphere_hook
+
+    cli, labs, _ = cs_stack
+    vlab = vsphere_hook.attach()
+    assert vlab is not None
+    job = "vs-cs-fb"
+    ready = "SENDENSE-GUEST-READY"
+    moref = cli.json("lab", "vm", "vs-cs-fb-vm", "--disk-mib", "256")["moref"]
+    path, fmt = current_disk(vlab, moref, 0)
+    subprocess.run(["qemu-img", "convert", "-n", "-O", fmt, str(build_guest()), path], check=True)
+    spec = {
+        "name": job,
+        "source": {**labs["vsphere"]["source"], "vm": "vs-cs-fb-vm"},
+        "target": labs["cloudstack"]["target"],
+        "schedule": {"interval": "1h"},
+        "recovery": {"memory_mib": 256, "boot_check": {"console_contains": ready, "timeout": "4m"}},
+    }
+    (tmp_path / f"{job}.yaml").write_text(yaml.safe_dump(spec))
+    try:
+        cli.json("job", "create", "-f", str(tmp_path / f"{job}.yaml"))
+        cli.wait_point(job, timeout=300)
+        fo = cli.json("failover", job, timeout=600)
+        assert fo["error"] is None and fo["boot"]["ok"], fo
+        r = cli.json("failback", job, timeout=900)
+        assert r["error"] is None, r
+        print(f"FIGURE VMware <- CloudStack failback: {r}")
+        assert r["bytes_written"] > 0 and r["started"], r  # the guest's boot in CloudStack wrote
+        assert vlab.vm(moref).runtime.powerState == "poweredOn"
+        st = cli.wait_point(job, count=2, timeout=300)  # replicating again
+        assert st["failed_over"] is None and st["last_sync"]["kind"] == "incremental", st
+        vlab.wait(vlab.vm(moref).PowerOffVM_Task())
+        path, fmt = current_disk(vlab, moref, 0)
+        assert fscheck(Path(path), fmt).ok  # the CloudStack VM's file system came home
+    finally:
+        cli.run("job", "delete", job, "--purge", check=False)
