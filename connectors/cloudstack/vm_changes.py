@@ -231,12 +231,10 @@ class CloudStackVmChanges:
                     key=key,
                     size=d.size,
                     change_id=d.change_id,
-                    base_change_id=(point_base(point_id) if was_point else d.base_change_id)
-                    if usable
-                    else None,
+                    base_change_id=outer_base,
                     tracking_lost=None if usable else d.tracking_lost,
                     handle=dh.dump(),
-                )  # fmt: skip
+                )
             )
         sh = handles.VmChangesSnapshot(vm=name, form=form, point_id=point_id, inner=inner.handle)
         log.info("job %s: reverse snapshot %s of VM %s (%s)", self.job, snapshot_id, name, form)
