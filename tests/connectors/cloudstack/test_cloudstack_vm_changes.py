@@ -1,0 +1,239 @@
+"""Failback from the CloudStack target with real QEMU under the lab's libvirtds (root): a failover's VM
+made from a point (CloudStackVms: flat copies imported, deployed, ROOT swapped) runs on a lab host;
+the test writes its disk through the VM's own virtio backend (HMP qemu-io, as its guest would: the
+point's disk boots nothing, so nothing else writes) and keeps a raw shadow of what the disk holds.
+What `CloudStackVmChanges` lists is exactly what was written (64 KiB granularity), what it reads is
+the shadow at the snapshot, running (libvirt pull backup from the flat copy's point bitmap, adopted as
+a checkpoint) and stopped (at rest); an agent of another host refuses in one line; `forget` leaves
+only the point's bitmap."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cs_target_rig import api, guest_disk, job_spec, point
+from helpers_cloudstack import agent_on, lab_hosts
+
+from connectors.cloudstack.vm_changes import CloudStackVmChanges
+from connectors.cloudstack.vms import CloudStackVms, point_bitmap
+from connectors.kvm.vm_changes import tracker
+from labs.cloudstack.server import LabServer
+from labs.cloudstack.state import LabConfig
+from labs.kvm.libvirtd import device_alias, hmp
+from sendense import platforms
+from sendense.datapath.extents import Extent
+from sendense.errors import ResourceUnavailable, SendenseError
+from sendense.models import SnapshotRef, VmPlan
+from sendense.protocols import VmChanges, point_base
+from tools.qemu import image_info, qcow2_bitmaps
+
+pytestmark = [pytest.mark.root, pytest.mark.slow]
+
+KiB, MiB = 1 << 10, 1 << 20
+G = 64 * KiB  # the flat copies' bitmap granularity (their cluster size)
+SIZE = 16 * MiB
+VM = "fo"
+KEY = "disk0"
+
+
+@pytest.fixture(scope="module")
+def lab(request: pytest.FixtureRequest) -> Iterator[LabServer]:
+    cache = getattr(request.config, "cache", None)
+    caps = Path(cache.mkdir("sendense-libvirt-qemu-caps")) if cache is not None else None
+    caps = caps or Path.home() / ".cache" / "sendense" / "libvirt-qemu-caps"
+    root = Path(tempfile.mkdtemp(prefix="csvc-", dir="/tmp"))  # short: libvirt socket paths
+    server = LabServer(root, LabConfig(pool_capacity_gib=8, libvirt_cache=str(caps), stop_timeout=2)).start()
+    yield server
+    server.close()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+class Failover:
+    """The failed-over VM, its shadow (a raw copy of what its disk holds now) and its changes."""
+
+    def __init__(self, lab: LabServer, tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.lab, self.tmp, self.mp = lab, tmp, monkeypatch
+        src = guest_disk(tmp / "src.qcow2", "16M", writes=((0x11, 0, 3 * MiB), (0x12, 8 * MiB, 2 * MiB)))
+        self.spec = job_spec(lab, src)
+        point(self.spec, tmp / "work")
+        self.vms = CloudStackVms(self.spec.name, self.spec.target, self.spec.job_id)  # type: ignore[arg-type]
+        self.vms.poll = 0.05
+        self.vms.api.poll_interval = 0.05
+        self.changes = CloudStackVmChanges(self.spec.name, self.spec.target, self.spec.job_id, vms=self.vms)  # type: ignore[arg-type]
+        self.vms.create_vm(VmPlan(name=VM, point_id="p1", memory_mib=128))
+        self.shadow = tmp / "shadow.raw"
+        subprocess.run(["qemu-img", "convert", "-O", "raw", str(src), str(self.shadow)], check=True)
+
+    def vm(self) -> dict[str, object]:
+        [vm] = api(self.lab).list("listVirtualMachines", "virtualmachine", id=self.vms._read(VM)["vm_id"])  # type: ignore[index]
+        return vm
+
+    def be_agent_of(self, host_id: str) -> None:
+        agent_on(self.mp, self.lab, host_id)
+
+    def start(self) -> str:
+        """Start the VM and become the agent of its host; the host's id."""
+        self.vms.power_on(VM)
+        host = str(self.vm()["hostid"])
+        self.be_agent_of(host)
+        return host
+
+    def flat(self) -> Path:
+        return self.vms.target.directory() / self.vms._read(VM)["files"][KEY]  # type: ignore[index]
+
+    def write(self, offset: int, length: int, byte: int) -> None:
+        """What the guest would write: through the VM's virtio backend, and into the shadow."""
+        vm = self.vm()
+        conn = self.lab.cloud.hosts[str(vm["hostid"])].libvirtd.connect()
+        try:
+            dom = conn.lookupByName(str(vm["instancename"]))
+            qdev = f"/machine/peripheral/{device_alias(dom, 'vda')}/virtio-backend"
+            out = hmp(dom, f'qemu-io -d {qdev} "write -P 0x{byte:02x} {offset} {length}"').strip()
+            assert not out, out
+        finally:
+            conn.close()
+        with self.shadow.open("r+b") as f:
+            f.seek(offset)
+            f.write(bytes([byte]) * length)
+
+    def checkpoints(self) -> list[str]:
+        vm = self.vm()
+        conn = self.lab.cloud.hosts[str(vm["hostid"])].libvirtd.connect()
+        try:
+            dom = conn.lookupByName(str(vm["instancename"]))
+            return sorted(c.getName() for c in dom.listAllCheckpoints(0))
+        finally:
+            conn.close()
+
+    def reads_as(self, snap: SnapshotRef, expected: bytes) -> None:
+        with self.changes.open_disk(snap, KEY) as disk:
+            c = disk.connect()
+            try:
+                got = b"".join(c.read(o, min(4 * MiB, SIZE - o)) for o in range(0, SIZE, 4 * MiB))
+            finally:
+                c.close()
+        assert got == expected
+
+
+@pytest.fixture
+def fo(lab: LabServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Failover]:
+    monkeypatch.setenv("SENDENSE_CLOUDSTACK_API_KEY", lab.info["api_key"])
+    monkeypatch.setenv("SENDENSE_CLOUDSTACK_SECRET_KEY", lab.info["secret_key"])
+    home = Path(tempfile.mkdtemp(prefix="csvh-", dir="/tmp"))
+    monkeypatch.setenv("SENDENSE_HOME", str(home))
+    f = Failover(lab, tmp_path, monkeypatch)
+    try:
+        yield f
+    finally:
+        f.vms.destroy_vm(VM)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def test_protocol_and_registry() -> None:
+    cs = platforms.get("cloudstack")
+    assert cs is not None and cs.vm_changes is not None
+
+
+def test_running_then_stopped_changes_are_exactly_the_writes_and_read_as_written(fo: Failover) -> None:
+    host = fo.start()
+    pb = point_bitmap(fo.spec.name, "p1")
+    assert pb.startswith(f"sendense.{tracker(fo.spec.name)}.")  # the tracker's: libvirt adopts it
+    fo.write(1 * MiB, 128 * KiB, 0xA1)  # over the point's data
+    fo.write(5000 * KiB, 4 * KiB, 0xA2)  # 4 KiB: its 64 KiB granule
+    fo.write(12 * MiB, G, 0xA3)  # where the point reads zero
+
+    r1 = fo.changes.snapshot_vm(VM, "r1")
+    d1 = r1.disk(KEY)
+    assert d1.base_change_id == point_base("p1") and d1.tracking_lost is None
+    at_r1 = fo.shadow.read_bytes()
+    fo.write(1 * MiB, G, 0xEE)  # after the snapshot: not what it reads
+    first = [Extent(1 * MiB, 128 * KiB), Extent(5000 * KiB // G * G, G), Extent(12 * MiB, G)]
+    assert [(e.offset, e.length) for e in fo.changes.changed_since_point(r1, KEY)] == [
+        (e.offset, e.length) for e in first
+    ]
+    fo.reads_as(r1, at_r1)
+    with fo.changes.open_disk(r1, KEY) as disk:  # the copy engine's view: extents of its base
+        assert [(e.offset, e.length) for e in disk.extents(d1.base_change_id)] == [
+            (e.offset, e.length) for e in first
+        ]
+    fo.changes.release(r1, committed=True)
+    assert fo.checkpoints() == sorted([pb, f"sendense.{tracker(fo.spec.name)}.r1"])
+
+    # another host's agent: refused in one line naming the VM and where it runs
+    other = next(h for h in lab_hosts(fo.lab) if h != host)
+    fo.be_agent_of(other)
+    with pytest.raises(ResourceUnavailable) as e:
+        fo.changes.snapshot_vm(VM, "r2", {KEY: d1.change_id})
+    msg = e.value.message
+    assert "\n" not in msg and f"VM {VM} of job {fo.spec.name} runs on CloudStack host" in msg, msg
+    assert not e.value.retryable and "/" not in msg and fo.lab.info["secret_key"] not in msg
+    fo.be_agent_of(host)
+
+    fo.write(9 * MiB, G, 0xB1)
+    r2 = fo.changes.snapshot_vm(VM, "r2", {KEY: d1.change_id})
+    d2 = r2.disk(KEY)
+    assert d2.base_change_id == d1.change_id and d2.tracking_lost is None
+    with fo.changes.open_disk(r2, KEY) as disk:  # only what was written since r1
+        assert [(e.offset, e.length) for e in disk.extents(d1.change_id)] == [(1 * MiB, G), (9 * MiB, G)]
+    fo.reads_as(r2, fo.shadow.read_bytes())
+    with pytest.raises(SendenseError, match="taken from an earlier reverse snapshot"):
+        list(fo.changes.changed_since_point(r2, KEY))
+    fo.changes.release(r2, committed=True)
+    assert fo.checkpoints() == sorted([pb, f"sendense.{tracker(fo.spec.name)}.r2"])  # r1 gone, point kept
+
+    # stopped (a failback's cutover): read at rest, the chain goes on from the running VM's r2
+    fo.write(14 * MiB, G, 0xC1)
+    fo.vms.power_off(VM)
+    assert fo.vm()["state"] == "Stopped"
+    r3 = fo.changes.snapshot_vm(VM, "r3", {KEY: d2.change_id})
+    d3 = r3.disk(KEY)
+    assert d3.base_change_id == d2.change_id and d3.tracking_lost is None, d3.tracking_lost
+    with fo.changes.open_disk(r3, KEY) as disk:
+        assert [(e.offset, e.length) for e in disk.extents(d2.change_id)] == [(14 * MiB, G)]
+    everything = [(1 * MiB, 128 * KiB), (5000 * KiB // G * G, G), (9 * MiB, G), (12 * MiB, G), (14 * MiB, G)]
+    assert [(e.offset, e.length) for e in fo.changes.changed_since_point(r3, KEY)] == everything
+    fo.reads_as(r3, fo.shadow.read_bytes())
+    r3p = fo.changes.snapshot_vm(VM, "r3p")  # at rest from the point: the same as running from it
+    assert r3p.disk(KEY).base_change_id == point_base("p1")
+    assert [(e.offset, e.length) for e in fo.changes.changed_since_point(r3p, KEY)] == everything
+    fo.changes.release(r3p, committed=False)
+    fo.changes.release(r3, committed=True)
+    names = set(qcow2_bitmaps(image_info(fo.flat())))
+    assert names == {pb, f"sendense.{tracker(fo.spec.name)}.r3"}
+
+    # started again (a failback given up goes on running): r3's bitmap came with the file, adopted
+    fo.start()
+    fo.write(2 * MiB, G, 0xD1)
+    r4 = fo.changes.snapshot_vm(VM, "r4", {KEY: r3.disk(KEY).change_id})
+    d4 = r4.disk(KEY)
+    assert d4.base_change_id == r3.disk(KEY).change_id and d4.tracking_lost is None, d4.tracking_lost
+    with fo.changes.open_disk(r4, KEY) as disk:
+        assert [(e.offset, e.length) for e in disk.extents(d4.base_change_id)] == [(2 * MiB, G)]
+    fo.reads_as(r4, fo.shadow.read_bytes())
+    fo.changes.release(r4, committed=False)
+
+    fo.changes.forget(VM)  # every reverse checkpoint goes; the point's stays (the failover's)
+    assert fo.checkpoints() == [pb]
+    fo.changes.forget(VM)  # idempotent
+    fo.vms.power_off(VM)
+    assert set(qcow2_bitmaps(image_info(fo.flat()))) == {pb}
+    fo.changes.forget(VM)  # stopped: nothing of failback's left to remove
+    fo.vms.destroy_vm(VM)
+    fo.changes.forget(VM)  # gone: no error
+    fo.changes.release(r4, committed=True)  # gone: no error
+
+
+def test_a_stopped_vm_never_started_reads_nothing_changed_and_forget_keeps_the_point(fo: Failover) -> None:
+    assert isinstance(fo.changes, VmChanges)
+    r = fo.changes.snapshot_vm(VM, "s1")
+    assert r.disk(KEY).base_change_id == point_base("p1")
+    assert list(fo.changes.changed_since_point(r, KEY)) == []
+    fo.reads_as(r, fo.shadow.read_bytes())
+    fo.changes.release(r, committed=True)
+    fo.changes.forget(VM)
+    assert set(qcow2_bitmaps(image_info(fo.flat()))) == {point_bitmap(fo.spec.name, "p1")}
