@@ -4,7 +4,7 @@ point over imported flat copies, connectors.cloudstack.vms) changed, read back f
 Each flat copy carries a persistent dirty bitmap from the moment it was made (`vms.point_bitmap`), so
 QEMU records in the volume's own file every write of the VM since its point, on whichever host it
 runs and across stops, starts and migrations. The bitmap is named in failback's change tracking of
-the job (`sendense.failback~<job>.`, connectors.kvm.vm_changes.tracker): the readers below treat it as
+the job (`sendense.Failback-<job>.`, `vms.tracker`): the readers below treat it as
 that tracker's checkpoint `point-<point>`, and the change ids are the CloudStack source's
 (`<checkpoint>@<identity>`, identity by the VM's id, the disk's libvirt target and its file). So:
 
@@ -40,12 +40,11 @@ from connectors.cloudstack import api as csapi
 from connectors.cloudstack.source import domain_uri
 from connectors.cloudstack.spec import CloudStackTarget
 from connectors.cloudstack.stopped import StoppedVolumes
-from connectors.cloudstack.vms import CloudStackVms, point_bitmap
+from connectors.cloudstack.vms import CloudStackVms, point_bitmap, tracker
 from connectors.kvm import handles
 from connectors.kvm.identity import libvirt_identity, split_change_id
 from connectors.kvm.migrated_checkpoints import FollowsMigrations
 from connectors.kvm.offline import NbdSourceDisk
-from connectors.kvm.vm_changes import tracker
 from sendense import config
 from sendense.datapath.extents import Extent, coalesce
 from sendense.datapath.nbd import NbdConnection

@@ -45,7 +45,6 @@ from connectors.cloudstack import catalog
 from connectors.cloudstack.spec import CloudStackTarget
 from connectors.cloudstack.target import CloudStackTargetConnector
 from connectors.kvm.identity import bitmap_prefix
-from connectors.kvm.vm_changes import tracker
 from connectors.kvm.vm_state import vms_dir
 from sendense.errors import InvalidSpec, ResourceNotFound, SendenseError, TargetError
 from sendense.models import BootCheck, NetworkInfo, VmPlan, VmRef, boot_disks
@@ -67,14 +66,21 @@ def cloud_name(spec: CloudStackTarget, name: str) -> str:
     return text[:63].rstrip("-")
 
 
+def tracker(job: str) -> str:
+    """The name failback's change tracking goes by on a failed-over VM of `job` (bitmap and libvirt
+    checkpoint prefix `sendense.Failback-<job>.`): libvirt's checkpoint names allow letters, digits,
+    '_', '-' and '.', and a job name has no capital, so no job's own checkpoints, nor its `forget`,
+    ever touch it (KVM's `failback~<job>` would be refused by libvirt)."""
+    return f"Failback-{job}"
+
+
 def point_bitmap(job: str, point_id: str) -> str:
     """The persistent dirty bitmap each flat copy gets when it is made: QEMU records in it, in the
     volume's own file, every write of the VM since its point (what a failback's first reverse sync
     copies). Migrations carry it with the file; a forced stop that kills QEMU leaves it inconsistent
     (a reverse sync then compares the whole disk). Named in failback's change tracking of the job
-    (`sendense.failback~<job>.`, connectors.kvm.vm_changes.tracker), so the libvirt of the host the
-    VM runs on adopts it as a checkpoint (LibvirtSource._adopt_carried): the first reverse snapshot's
-    base (connectors.cloudstack.vm_changes)."""
+    (`tracker`), so the libvirt of the host the VM runs on adopts it as a checkpoint
+    (LibvirtSource._adopt_carried): the first reverse snapshot's base (connectors.cloudstack.vm_changes)."""
     return f"{bitmap_prefix(tracker(job))}point-{point_id}"
 
 

@@ -20,8 +20,7 @@ from cs_target_rig import api, guest_disk, job_spec, point
 from helpers_cloudstack import agent_on, lab_hosts
 
 from connectors.cloudstack.vm_changes import CloudStackVmChanges
-from connectors.cloudstack.vms import CloudStackVms, point_bitmap
-from connectors.kvm.vm_changes import tracker
+from connectors.cloudstack.vms import CloudStackVms, point_bitmap, tracker
 from labs.cloudstack.server import LabServer
 from labs.cloudstack.state import LabConfig
 from labs.kvm.libvirtd import device_alias, hmp
