@@ -19,6 +19,7 @@ import pytest
 from cs_target_rig import api, guest_disk, job_spec, point
 from helpers_cloudstack import agent_on, lab_hosts
 
+from connectors.cloudstack.api import disk_key
 from connectors.cloudstack.vm_changes import CloudStackVmChanges
 from connectors.cloudstack.vms import CloudStackVms, point_bitmap, tracker
 from labs.cloudstack.server import LabServer
@@ -55,18 +56,23 @@ def lab(request: pytest.FixtureRequest) -> Iterator[LabServer]:
 class Failover:
     """The failed-over VM, its shadow (a raw copy of what its disk holds now) and its changes."""
 
-    def __init__(self, lab: LabServer, tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def __init__(self, lab: LabServer, tmp: Path, monkeypatch: pytest.MonkeyPatch, disks: int = 1) -> None:
         self.lab, self.tmp, self.mp = lab, tmp, monkeypatch
-        src = guest_disk(tmp / "src.qcow2", "16M", writes=((0x11, 0, 3 * MiB), (0x12, 8 * MiB, 2 * MiB)))
-        self.spec = job_spec(lab, src)
+        srcs = [guest_disk(tmp / "src.qcow2", "16M", writes=((0x11, 0, 3 * MiB), (0x12, 8 * MiB, 2 * MiB)))]
+        srcs += [
+            guest_disk(tmp / f"src{i}.qcow2", "16M", writes=((0x20 + i, 0, MiB),)) for i in range(1, disks)
+        ]
+        self.spec = job_spec(lab, srcs)
         point(self.spec, tmp / "work")
         self.vms = CloudStackVms(self.spec.name, self.spec.target, self.spec.job_id)  # type: ignore[arg-type]
         self.vms.poll = 0.05
         self.vms.api.poll_interval = 0.05
         self.changes = CloudStackVmChanges(self.spec.name, self.spec.target, self.spec.job_id, vms=self.vms)  # type: ignore[arg-type]
         self.vms.create_vm(VmPlan(name=VM, point_id="p1", memory_mib=128))
-        self.shadow = tmp / "shadow.raw"
-        subprocess.run(["qemu-img", "convert", "-O", "raw", str(src), str(self.shadow)], check=True)
+        self.shadows = {f"disk{i}": tmp / f"shadow{i}.raw" for i in range(disks)}
+        for src, shadow in zip(srcs, self.shadows.values(), strict=True):
+            subprocess.run(["qemu-img", "convert", "-O", "raw", str(src), str(shadow)], check=True)
+        self.shadow = self.shadows[KEY]
 
     def vm(self) -> dict[str, object]:
         [vm] = api(self.lab).list("listVirtualMachines", "virtualmachine", id=self.vms._read(VM)["vm_id"])  # type: ignore[index]
@@ -82,21 +88,22 @@ class Failover:
         self.be_agent_of(host)
         return host
 
-    def flat(self) -> Path:
-        return self.vms.target.directory() / self.vms._read(VM)["files"][KEY]  # type: ignore[index]
+    def flat(self, key: str = KEY) -> Path:
+        return self.vms.target.directory() / self.vms._read(VM)["files"][key]  # type: ignore[index]
 
-    def write(self, offset: int, length: int, byte: int) -> None:
+    def write(self, offset: int, length: int, byte: int, key: str = KEY) -> None:
         """What the guest would write: through the VM's virtio backend, and into the shadow."""
         vm = self.vm()
         conn = self.lab.cloud.hosts[str(vm["hostid"])].libvirtd.connect()
         try:
             dom = conn.lookupByName(str(vm["instancename"]))
-            qdev = f"/machine/peripheral/{device_alias(dom, 'vda')}/virtio-backend"
+            target = disk_key(int(key.removeprefix("disk")))  # (attached in order, by device id)
+            qdev = f"/machine/peripheral/{device_alias(dom, target)}/virtio-backend"
             out = hmp(dom, f'qemu-io -d {qdev} "write -P 0x{byte:02x} {offset} {length}"').strip()
             assert not out, out
         finally:
             conn.close()
-        with self.shadow.open("r+b") as f:
+        with self.shadows[key].open("r+b") as f:
             f.seek(offset)
             f.write(bytes([byte]) * length)
 
@@ -109,8 +116,8 @@ class Failover:
         finally:
             conn.close()
 
-    def reads_as(self, snap: SnapshotRef, expected: bytes) -> None:
-        with self.changes.open_disk(snap, KEY) as disk:
+    def reads_as(self, snap: SnapshotRef, expected: bytes, key: str = KEY) -> None:
+        with self.changes.open_disk(snap, key) as disk:
             c = disk.connect()
             try:
                 got = b"".join(c.read(o, min(4 * MiB, SIZE - o)) for o in range(0, SIZE, 4 * MiB))
@@ -236,3 +243,42 @@ def test_a_stopped_vm_never_started_reads_nothing_changed_and_forget_keeps_the_p
     fo.changes.release(r, committed=True)
     fo.changes.forget(VM)
     assert set(qcow2_bitmaps(image_info(fo.flat()))) == {point_bitmap(fo.spec.name, "p1")}
+
+
+def spans(extents: object) -> list[tuple[int, int]]:
+    return [(e.offset, e.length) for e in extents]  # type: ignore[attr-defined]
+
+
+def test_a_lost_base_falls_back_to_the_point_and_each_disk_has_its_own_changes(
+    lab: LabServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SENDENSE_CLOUDSTACK_API_KEY", lab.info["api_key"])
+    monkeypatch.setenv("SENDENSE_CLOUDSTACK_SECRET_KEY", lab.info["secret_key"])
+    home = Path(tempfile.mkdtemp(prefix="csvh-", dir="/tmp"))
+    monkeypatch.setenv("SENDENSE_HOME", str(home))
+    fo = Failover(lab, tmp_path, monkeypatch, disks=2)
+    try:
+        fo.start()
+        fo.write(1 * MiB, G, 0xA1)
+        fo.write(3 * MiB, G, 0xB1, key="disk1")
+        r1 = fo.changes.snapshot_vm(VM, "r1")
+        assert spans(fo.changes.changed_since_point(r1, "disk0")) == [(1 * MiB, G)]
+        assert spans(fo.changes.changed_since_point(r1, "disk1")) == [(3 * MiB, G)]
+        for key, shadow in fo.shadows.items():
+            fo.reads_as(r1, shadow.read_bytes(), key)
+        fo.changes.release(r1, committed=True)
+        fo.changes.forget(VM)  # r1's checkpoint and bitmaps go: a base that cannot be used any more
+        fo.write(4 * MiB, G, 0xB2, key="disk1")
+        r2 = fo.changes.snapshot_vm(
+            VM, "r2", {k: d.change_id for k in ("disk0", "disk1") if (d := r1.disk(k))}
+        )
+        for key in ("disk0", "disk1"):  # from the point, never a full read
+            assert r2.disk(key).base_change_id == point_base("p1") and r2.disk(key).tracking_lost is None
+        assert spans(fo.changes.changed_since_point(r2, "disk1")) == [(3 * MiB, G), (4 * MiB, G)]
+        assert spans(fo.changes.changed_since_point(r2, "disk0")) == [(1 * MiB, G)]
+        fo.reads_as(r2, fo.shadows["disk1"].read_bytes(), "disk1")
+        fo.changes.release(r2, committed=False)
+        assert fo.checkpoints() == [point_bitmap(fo.spec.name, "p1")]
+    finally:
+        fo.vms.destroy_vm(VM)
+        shutil.rmtree(home, ignore_errors=True)
