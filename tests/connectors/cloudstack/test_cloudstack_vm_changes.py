@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,6 @@ from labs.cloudstack.server import LabServer
 from labs.cloudstack.state import LabConfig
 from labs.kvm.libvirtd import device_alias, hmp
 from sendense import platforms
-from sendense.datapath.extents import Extent
 from sendense.errors import ResourceUnavailable, SendenseError
 from sendense.models import SnapshotRef, VmPlan
 from sendense.protocols import VmChanges, point_base
@@ -126,18 +126,32 @@ class Failover:
         assert got == expected
 
 
-@pytest.fixture
-def fo(lab: LabServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Failover]:
+@contextmanager
+def failover(lab: LabServer, tmp: Path, monkeypatch: pytest.MonkeyPatch, disks: int) -> Iterator[Failover]:
+    """The agent's keys and a home of its own (short: the pull backup's socket); the VM destroyed after."""
     monkeypatch.setenv("SENDENSE_CLOUDSTACK_API_KEY", lab.info["api_key"])
     monkeypatch.setenv("SENDENSE_CLOUDSTACK_SECRET_KEY", lab.info["secret_key"])
     home = Path(tempfile.mkdtemp(prefix="csvh-", dir="/tmp"))
     monkeypatch.setenv("SENDENSE_HOME", str(home))
-    f = Failover(lab, tmp_path, monkeypatch)
+    f = Failover(lab, tmp, monkeypatch, disks)
     try:
         yield f
     finally:
         f.vms.destroy_vm(VM)
         shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture
+def fo(lab: LabServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Failover]:
+    with failover(lab, tmp_path, monkeypatch, 1) as f:
+        yield f
+
+
+@pytest.fixture
+def fo2(lab: LabServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Failover]:
+    """A failover's VM of two disks."""
+    with failover(lab, tmp_path, monkeypatch, 2) as f:
+        yield f
 
 
 def test_protocol_and_registry() -> None:
@@ -158,15 +172,11 @@ def test_running_then_stopped_changes_are_exactly_the_writes_and_read_as_written
     assert d1.base_change_id == point_base("p1") and d1.tracking_lost is None
     at_r1 = fo.shadow.read_bytes()
     fo.write(1 * MiB, G, 0xEE)  # after the snapshot: not what it reads
-    first = [Extent(1 * MiB, 128 * KiB), Extent(5000 * KiB // G * G, G), Extent(12 * MiB, G)]
-    assert [(e.offset, e.length) for e in fo.changes.changed_since_point(r1, KEY)] == [
-        (e.offset, e.length) for e in first
-    ]
+    first = [(1 * MiB, 128 * KiB), (5000 * KiB // G * G, G), (12 * MiB, G)]
+    assert spans(fo.changes.changed_since_point(r1, KEY)) == first
     fo.reads_as(r1, at_r1)
     with fo.changes.open_disk(r1, KEY) as disk:  # the copy engine's view: extents of its base
-        assert [(e.offset, e.length) for e in disk.extents(d1.base_change_id)] == [
-            (e.offset, e.length) for e in first
-        ]
+        assert spans(disk.extents(d1.base_change_id)) == first
     fo.changes.release(r1, committed=True)
     assert fo.checkpoints() == sorted([pb, f"sendense.{tracker(fo.spec.name)}.r1"])
 
@@ -185,7 +195,7 @@ def test_running_then_stopped_changes_are_exactly_the_writes_and_read_as_written
     d2 = r2.disk(KEY)
     assert d2.base_change_id == d1.change_id and d2.tracking_lost is None
     with fo.changes.open_disk(r2, KEY) as disk:  # only what was written since r1
-        assert [(e.offset, e.length) for e in disk.extents(d1.change_id)] == [(1 * MiB, G), (9 * MiB, G)]
+        assert spans(disk.extents(d1.change_id)) == [(1 * MiB, G), (9 * MiB, G)]
     fo.reads_as(r2, fo.shadow.read_bytes())
     with pytest.raises(SendenseError, match="taken from an earlier reverse snapshot"):
         list(fo.changes.changed_since_point(r2, KEY))
@@ -200,13 +210,13 @@ def test_running_then_stopped_changes_are_exactly_the_writes_and_read_as_written
     d3 = r3.disk(KEY)
     assert d3.base_change_id == d2.change_id and d3.tracking_lost is None, d3.tracking_lost
     with fo.changes.open_disk(r3, KEY) as disk:
-        assert [(e.offset, e.length) for e in disk.extents(d2.change_id)] == [(14 * MiB, G)]
+        assert spans(disk.extents(d2.change_id)) == [(14 * MiB, G)]
     everything = [(1 * MiB, 128 * KiB), (5000 * KiB // G * G, G), (9 * MiB, G), (12 * MiB, G), (14 * MiB, G)]
-    assert [(e.offset, e.length) for e in fo.changes.changed_since_point(r3, KEY)] == everything
+    assert spans(fo.changes.changed_since_point(r3, KEY)) == everything
     fo.reads_as(r3, fo.shadow.read_bytes())
     r3p = fo.changes.snapshot_vm(VM, "r3p")  # at rest from the point: the same as running from it
     assert r3p.disk(KEY).base_change_id == point_base("p1")
-    assert [(e.offset, e.length) for e in fo.changes.changed_since_point(r3p, KEY)] == everything
+    assert spans(fo.changes.changed_since_point(r3p, KEY)) == everything
     fo.changes.release(r3p, committed=False)
     fo.changes.release(r3, committed=True)
     names = set(qcow2_bitmaps(image_info(fo.flat())))
@@ -219,7 +229,7 @@ def test_running_then_stopped_changes_are_exactly_the_writes_and_read_as_written
     d4 = r4.disk(KEY)
     assert d4.base_change_id == r3.disk(KEY).change_id and d4.tracking_lost is None, d4.tracking_lost
     with fo.changes.open_disk(r4, KEY) as disk:
-        assert [(e.offset, e.length) for e in disk.extents(d4.base_change_id)] == [(2 * MiB, G)]
+        assert spans(disk.extents(d4.base_change_id)) == [(2 * MiB, G)]
     fo.reads_as(r4, fo.shadow.read_bytes())
     fo.changes.release(r4, committed=False)
 
@@ -249,36 +259,87 @@ def spans(extents: object) -> list[tuple[int, int]]:
     return [(e.offset, e.length) for e in extents]  # type: ignore[attr-defined]
 
 
-def test_a_lost_base_falls_back_to_the_point_and_each_disk_has_its_own_changes(
-    lab: LabServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("SENDENSE_CLOUDSTACK_API_KEY", lab.info["api_key"])
-    monkeypatch.setenv("SENDENSE_CLOUDSTACK_SECRET_KEY", lab.info["secret_key"])
-    home = Path(tempfile.mkdtemp(prefix="csvh-", dir="/tmp"))
-    monkeypatch.setenv("SENDENSE_HOME", str(home))
-    fo = Failover(lab, tmp_path, monkeypatch, disks=2)
-    try:
-        fo.start()
-        fo.write(1 * MiB, G, 0xA1)
-        fo.write(3 * MiB, G, 0xB1, key="disk1")
-        r1 = fo.changes.snapshot_vm(VM, "r1")
-        assert spans(fo.changes.changed_since_point(r1, "disk0")) == [(1 * MiB, G)]
-        assert spans(fo.changes.changed_since_point(r1, "disk1")) == [(3 * MiB, G)]
-        for key, shadow in fo.shadows.items():
-            fo.reads_as(r1, shadow.read_bytes(), key)
-        fo.changes.release(r1, committed=True)
-        fo.changes.forget(VM)  # r1's checkpoint and bitmaps go: a base that cannot be used any more
-        fo.write(4 * MiB, G, 0xB2, key="disk1")
-        r2 = fo.changes.snapshot_vm(
-            VM, "r2", {k: d.change_id for k in ("disk0", "disk1") if (d := r1.disk(k))}
-        )
-        for key in ("disk0", "disk1"):  # from the point, never a full read
-            assert r2.disk(key).base_change_id == point_base("p1") and r2.disk(key).tracking_lost is None
-        assert spans(fo.changes.changed_since_point(r2, "disk1")) == [(3 * MiB, G), (4 * MiB, G)]
-        assert spans(fo.changes.changed_since_point(r2, "disk0")) == [(1 * MiB, G)]
-        fo.reads_as(r2, fo.shadows["disk1"].read_bytes(), "disk1")
-        fo.changes.release(r2, committed=False)
-        assert fo.checkpoints() == [point_bitmap(fo.spec.name, "p1")]
-    finally:
-        fo.vms.destroy_vm(VM)
-        shutil.rmtree(home, ignore_errors=True)
+def test_a_lost_base_falls_back_to_the_point_and_each_disk_has_its_own_changes(fo2: Failover) -> None:
+    fo = fo2
+    fo.start()
+    fo.write(1 * MiB, G, 0xA1)
+    fo.write(3 * MiB, G, 0xB1, key="disk1")
+    r1 = fo.changes.snapshot_vm(VM, "r1")
+    assert spans(fo.changes.changed_since_point(r1, "disk0")) == [(1 * MiB, G)]
+    assert spans(fo.changes.changed_since_point(r1, "disk1")) == [(3 * MiB, G)]
+    for key, shadow in fo.shadows.items():
+        fo.reads_as(r1, shadow.read_bytes(), key)
+    fo.changes.release(r1, committed=True)
+    fo.changes.forget(VM)  # r1's checkpoint and bitmaps go: a base that cannot be used any more
+    fo.write(4 * MiB, G, 0xB2, key="disk1")
+    r2 = fo.changes.snapshot_vm(VM, "r2", {k: d.change_id for k in ("disk0", "disk1") if (d := r1.disk(k))})
+    for key in ("disk0", "disk1"):  # from the point, never a full read
+        assert r2.disk(key).base_change_id == point_base("p1") and r2.disk(key).tracking_lost is None
+    assert spans(fo.changes.changed_since_point(r2, "disk1")) == [(3 * MiB, G), (4 * MiB, G)]
+    assert spans(fo.changes.changed_since_point(r2, "disk0")) == [(1 * MiB, G)]
+    fo.reads_as(r2, fo.shadows["disk1"].read_bytes(), "disk1")
+    fo.changes.release(r2, committed=False)
+    assert fo.checkpoints() == [point_bitmap(fo.spec.name, "p1")]
+
+
+def test_a_vm_live_migrated_between_reverse_syncs_goes_on_from_the_bitmaps_it_brought(fo2: Failover) -> None:
+    fo = fo2
+    host = fo.start()
+    fo.write(1 * MiB, G, 0xA1, key="disk1")
+    r1 = fo.changes.snapshot_vm(VM, "r1")
+    assert spans(fo.changes.changed_since_point(r1, "disk1")) == [(1 * MiB, G)]
+    fo.changes.release(r1, committed=True)
+    fo.write(2 * MiB, G, 0xA2, key="disk1")  # before the migration, on the old host
+    other = next(h for h in lab_hosts(fo.lab) if h != host)
+    api(fo.lab).job("migrateVirtualMachine", virtualmachineid=fo.vm()["id"], hostid=other)
+    assert fo.vm()["hostid"] == other
+    fo.be_agent_of(other)
+    fo.write(6 * MiB, G, 0xA3, key="disk1")  # after it, on the new host
+    base = {k: r1.disk(k).change_id for k in ("disk0", "disk1")}
+    r2 = fo.changes.snapshot_vm(VM, "r2", base)
+    for key in ("disk0", "disk1"):  # incremental from r1, whose bitmap came with the files
+        assert r2.disk(key).base_change_id == base[key] and r2.disk(key).tracking_lost is None
+    with fo.changes.open_disk(r2, "disk1") as disk:
+        assert spans(disk.extents(base["disk1"])) == [(2 * MiB, G), (6 * MiB, G)]
+    with fo.changes.open_disk(r2, "disk0") as disk:
+        assert spans(disk.extents(base["disk0"])) == []
+    fo.reads_as(r2, fo.shadows["disk1"].read_bytes(), "disk1")
+    fo.changes.release(r2, committed=True)
+    pb = point_bitmap(fo.spec.name, "p1")
+    assert fo.checkpoints() == sorted([pb, f"sendense.{tracker(fo.spec.name)}.r2"])  # the point came too
+    fo.changes.release(r2, committed=True)  # released already: no error
+
+
+def qemu_of(flat: Path) -> int:
+    """The pid of the QEMU whose disk is `flat` (a uuid-named file: this test's VM, no other)."""
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                cmd = (p / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"qemu" in cmd.split(b"\0")[0] and str(flat).encode() in cmd:
+                return int(p.name)
+    raise AssertionError(f"no QEMU runs {flat}")
+
+
+def test_a_vm_whose_qemu_was_killed_lost_its_point_bitmap_and_is_read_whole_saying_why(fo: Failover) -> None:
+    import os
+    import signal
+    import time
+
+    fo.start()
+    fo.write(1 * MiB, G, 0xA1)
+    os.kill(qemu_of(fo.flat()), signal.SIGKILL)  # a host crash: QEMU never stores its bitmaps
+    deadline = time.monotonic() + 30
+    while fo.vm()["state"] != "Stopped":  # (CloudStack's power state sync)
+        assert time.monotonic() < deadline, fo.vm()["state"]
+        time.sleep(0.2)
+    r = fo.changes.snapshot_vm(VM, "r1")
+    d = r.disk(KEY)
+    assert d.base_change_id is None and d.tracking_lost and "\n" not in d.tracking_lost
+    assert "not stored cleanly" in d.tracking_lost, d.tracking_lost
+    with fo.changes.open_disk(r, KEY) as disk:  # everything, for the sink to compare
+        assert sum(e.length for e in disk.extents(None)) >= 3 * MiB
+    fo.reads_as(r, fo.shadow.read_bytes())
+    fo.changes.release(r, committed=False)
