@@ -8,7 +8,8 @@ the job (`sendense.Failback-<job>.`, `vms.tracker`): the readers below treat it 
 that tracker's checkpoint `point-<point>`, and the change ids are the CloudStack source's
 (`<checkpoint>@<identity>`, identity by the VM's id, the disk's libvirt target and its file). So:
 
-- Running: the agent of the VM's host (the API says which; another agent refuses in one line)
+- Running: the agent of the VM's host (the API says which; another agent refuses in one line,
+  NotWhileRunning, so a failback cuts over at once and reads the stopped VM)
   takes a libvirt pull backup of the VM's transient domain (`instancename`) with checkpoints, as the
   CloudStack source does (FollowsMigrations). Its first base is the point bitmap, which that libvirt
   does not know as a checkpoint: LibvirtSource._adopt_carried redefines it from the images, since it
@@ -48,7 +49,7 @@ from connectors.kvm.offline import NbdSourceDisk
 from sendense import config
 from sendense.datapath.extents import Extent, coalesce
 from sendense.datapath.nbd import NbdConnection
-from sendense.errors import ResourceNotFound, ResourceUnavailable, SendenseError
+from sendense.errors import NotWhileRunning, ResourceNotFound, ResourceUnavailable, SendenseError
 from sendense.models import DiskSnapshot, SnapshotRef
 from sendense.private import work_dir
 from sendense.protocols import POINT_BASE, point_base
@@ -142,11 +143,10 @@ class CloudStackVmChanges:
         """The running VM's domain: on this agent's host only."""
         host, me = vm.get("hostname"), config.host_id()
         label = f"{self._label(name, vm)}, domain {vm.get('instancename')} on host {host}"
-        if host != me:
-            raise ResourceUnavailable(
+        if host != me:  # (a failback then cuts over at once: the stopped VM is read at rest, anywhere)
+            raise NotWhileRunning(
                 f"VM {name} of job {self.job} runs on CloudStack host {host}, not on this agent's host {me}: "
-                "its changes are read by the agent of its host",
-                retryable=False,
+                "its changes are read by the agent of its host, or once it is stopped"
             )
         uri = domain_uri(str(vm["id"]), label)
         return _Domain(self.tracker, uri, str(vm["instancename"]), work_dir(self.job), uuid=str(vm["id"]),
@@ -269,7 +269,7 @@ class CloudStackVmChanges:
         h = handles.VmChangesSnapshot.parse(ref.handle)
         try:
             reader = self._reader(h.vm, h.form).reader
-        except (ResourceNotFound, ResourceUnavailable) as e:  # gone, stopped or moved: its backup job ended
+        except (ResourceNotFound, ResourceUnavailable, NotWhileRunning) as e:  # gone, stopped or moved
             log.info("release of reverse snapshot %s: nothing to release here: %s", ref.snapshot_id, e)
             return
         reader.release_snapshot(self._inner(ref), committed)

@@ -27,7 +27,7 @@ from labs.cloudstack.server import LabServer
 from labs.cloudstack.state import LabConfig
 from labs.kvm.libvirtd import device_alias, hmp
 from sendense import platforms
-from sendense.errors import ResourceUnavailable, SendenseError
+from sendense.errors import NotWhileRunning, SendenseError
 from sendense.models import SnapshotRef, VmPlan
 from sendense.protocols import VmChanges, point_base
 from tools.qemu import image_info, qcow2_bitmaps
@@ -183,7 +183,7 @@ def test_running_then_stopped_changes_are_exactly_the_writes_and_read_as_written
     # another host's agent: refused in one line naming the VM and where it runs
     other = next(h for h in lab_hosts(fo.lab) if h != host)
     fo.be_agent_of(other)
-    with pytest.raises(ResourceUnavailable) as e:
+    with pytest.raises(NotWhileRunning) as e:  # (a failback then cuts over at once)
         fo.changes.snapshot_vm(VM, "r2", {KEY: d1.change_id})
     msg = e.value.message
     assert "\n" not in msg and f"VM {VM} of job {fo.spec.name} runs on CloudStack host" in msg, msg
