@@ -9,9 +9,12 @@ only the point's bitmap."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -167,7 +170,9 @@ def test_running_then_stopped_changes_are_exactly_the_writes_and_read_as_written
     fo.write(5000 * KiB, 4 * KiB, 0xA2)  # 4 KiB: its 64 KiB granule
     fo.write(12 * MiB, G, 0xA3)  # where the point reads zero
 
+    t = time.monotonic()
     r1 = fo.changes.snapshot_vm(VM, "r1")
+    print(f"\nFIGURE running snapshot from the point (adopted): {time.monotonic() - t:.2f}s")
     d1 = r1.disk(KEY)
     assert d1.base_change_id == point_base("p1") and d1.tracking_lost is None
     at_r1 = fo.shadow.read_bytes()
@@ -191,7 +196,9 @@ def test_running_then_stopped_changes_are_exactly_the_writes_and_read_as_written
     fo.be_agent_of(host)
 
     fo.write(9 * MiB, G, 0xB1)
+    t = time.monotonic()
     r2 = fo.changes.snapshot_vm(VM, "r2", {KEY: d1.change_id})
+    print(f"FIGURE running snapshot from r1: {time.monotonic() - t:.2f}s")
     d2 = r2.disk(KEY)
     assert d2.base_change_id == d1.change_id and d2.tracking_lost is None
     with fo.changes.open_disk(r2, KEY) as disk:  # only what was written since r1
@@ -206,7 +213,9 @@ def test_running_then_stopped_changes_are_exactly_the_writes_and_read_as_written
     fo.write(14 * MiB, G, 0xC1)
     fo.vms.power_off(VM)
     assert fo.vm()["state"] == "Stopped"
+    t = time.monotonic()
     r3 = fo.changes.snapshot_vm(VM, "r3", {KEY: d2.change_id})
+    print(f"FIGURE stopped snapshot from r2 (at rest): {time.monotonic() - t:.2f}s")
     d3 = r3.disk(KEY)
     assert d3.base_change_id == d2.change_id and d3.tracking_lost is None, d3.tracking_lost
     with fo.changes.open_disk(r3, KEY) as disk:
@@ -324,10 +333,6 @@ def qemu_of(flat: Path) -> int:
 
 
 def test_a_vm_whose_qemu_was_killed_lost_its_point_bitmap_and_is_read_whole_saying_why(fo: Failover) -> None:
-    import os
-    import signal
-    import time
-
     fo.start()
     fo.write(1 * MiB, G, 0xA1)
     os.kill(qemu_of(fo.flat()), signal.SIGKILL)  # a host crash: QEMU never stores its bitmaps
