@@ -49,7 +49,13 @@ from connectors.kvm.offline import NbdSourceDisk
 from sendense import config
 from sendense.datapath.extents import Extent, coalesce
 from sendense.datapath.nbd import NbdConnection
-from sendense.errors import NotWhileRunning, ResourceNotFound, ResourceUnavailable, SendenseError
+from sendense.errors import (
+    NotWhileRunning,
+    ResourceNotFound,
+    ResourceUnavailable,
+    SendenseError,
+    SnapshotInconsistent,
+)
 from sendense.models import DiskSnapshot, SnapshotRef
 from sendense.private import work_dir
 from sendense.protocols import POINT_BASE, point_base
@@ -169,10 +175,9 @@ class CloudStackVmChanges:
             raise ResourceUnavailable(
                 f"VM {name} of job {self.job} is {state}: retried until Running or Stopped"
             )
-        if form is not None and form != now:
-            raise ResourceUnavailable(
-                f"VM {name} of job {self.job} is {state} now, not as at its reverse snapshot: take another",
-                retryable=False,
+        if form is not None and form != now:  # (its backup job ended with its QEMU, or it was started)
+            raise SnapshotInconsistent(
+                f"VM {name} of job {self.job} is {state} now, not as at its reverse snapshot: take another"
             )
         if now == RUNNING:
             reader: _Domain | _Stopped = self._domain(name, vm, point)
@@ -269,7 +274,7 @@ class CloudStackVmChanges:
         h = handles.VmChangesSnapshot.parse(ref.handle)
         try:
             reader = self._reader(h.vm, h.form).reader
-        except (ResourceNotFound, ResourceUnavailable, NotWhileRunning) as e:  # gone, stopped or moved
+        except (ResourceNotFound, ResourceUnavailable, NotWhileRunning, SnapshotInconsistent) as e:
             log.info("release of reverse snapshot %s: nothing to release here: %s", ref.snapshot_id, e)
             return
         reader.release_snapshot(self._inner(ref), committed)

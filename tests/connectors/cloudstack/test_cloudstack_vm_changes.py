@@ -30,7 +30,7 @@ from labs.cloudstack.server import LabServer
 from labs.cloudstack.state import LabConfig
 from labs.kvm.libvirtd import device_alias, hmp
 from sendense import platforms
-from sendense.errors import NotWhileRunning, SendenseError
+from sendense.errors import NotWhileRunning, SendenseError, SnapshotInconsistent
 from sendense.models import SnapshotRef, VmPlan
 from sendense.protocols import VmChanges, point_base
 from tools.qemu import image_info, qcow2_bitmaps
@@ -348,3 +348,30 @@ def test_a_vm_whose_qemu_was_killed_lost_its_point_bitmap_and_is_read_whole_sayi
         assert sum(e.length for e in disk.extents(None)) >= 3 * MiB
     fo.reads_as(r, fo.shadow.read_bytes())
     fo.changes.release(r, committed=False)
+
+
+def test_a_retried_snapshot_starts_afresh_and_one_whose_vm_stopped_is_inconsistent(fo: Failover) -> None:
+    fo.start()
+    fo.write(1 * MiB, G, 0xA1)
+    fo.changes.snapshot_vm(VM, "r1")
+    fo.write(2 * MiB, G, 0xA2)
+    r1 = fo.changes.snapshot_vm(VM, "r1")  # retried: the first attempt's backup job and checkpoint go
+    assert fo.checkpoints() == sorted(
+        [point_bitmap(fo.spec.name, "p1"), f"sendense.{tracker(fo.spec.name)}.r1"]
+    )
+    assert spans(fo.changes.changed_since_point(r1, KEY)) == [(1 * MiB, G), (2 * MiB, G)]
+    fo.reads_as(r1, fo.shadow.read_bytes())
+    fo.vms.power_off(VM)
+    with pytest.raises(SnapshotInconsistent) as e:  # its pull backup ended with its QEMU
+        with fo.changes.open_disk(r1, KEY):
+            pass
+    assert (
+        e.value.message
+        == f"VM {VM} of job {fo.spec.name} is Stopped now, not as at its reverse snapshot: take another"
+    )
+    fo.changes.release(r1, committed=True)  # nothing to release: no error
+    r2 = fo.changes.snapshot_vm(VM, "r2", {KEY: r1.disk(KEY).change_id})  # QEMU stored r1's bitmap
+    assert r2.disk(KEY).base_change_id == r1.disk(KEY).change_id and r2.disk(KEY).tracking_lost is None
+    with fo.changes.open_disk(r2, KEY) as disk:
+        assert spans(disk.extents(r1.disk(KEY).change_id)) == []
+    fo.changes.release(r2, committed=False)
