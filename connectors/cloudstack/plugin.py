@@ -7,7 +7,14 @@ from pathlib import Path
 from connectors.cloudstack.spec import CloudStackSource, CloudStackTarget
 from sendense.agents import Located
 from sendense.platforms import Platform
-from sendense.protocols import FailbackSink, SourceConnector, SourcePower, TargetConnector, VmProvisioner
+from sendense.protocols import (
+    FailbackSink,
+    SourceConnector,
+    SourcePower,
+    TargetConnector,
+    VmChanges,
+    VmProvisioner,
+)
 
 
 def _source(spec: CloudStackSource, job: str, work_dir: Path) -> SourceConnector:
@@ -40,6 +47,12 @@ def _vms(spec: CloudStackTarget, job: str, job_id: str) -> VmProvisioner:
     return CloudStackVms(job, spec, job_id)
 
 
+def _vm_changes(spec: CloudStackTarget, job: str, job_id: str) -> VmChanges:
+    from connectors.cloudstack.vm_changes import CloudStackVmChanges
+
+    return CloudStackVmChanges(job, spec, job_id)
+
+
 def _locate(spec: CloudStackSource) -> Located:
     from connectors.cloudstack.placement import locate
 
@@ -58,6 +71,7 @@ PLATFORM = Platform(
     vms=_vms,
     locate=_locate,
     failback_sink=_failback_sink,
+    vm_changes=_vm_changes,
     source_power=_power,
     lab="labs.cloudstack.hook",
     starter_endpoints=("cloudstack:*",),

@@ -48,6 +48,31 @@ def local_libvirt_uris() -> list[str]:
     return [u.strip() for u in (configured or DEFAULT_URI).split(",") if u.strip()]
 
 
+def domain_uri(vm_id: str, where: str) -> str:
+    """Which of this host's libvirts runs the domain of CloudStack VM `vm_id` (CloudStack's KVM agent
+    uses one: the first that knows the UUID); `where` names the VM in the error."""
+    import libvirt
+
+    uris = local_libvirt_uris()
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+    for uri in uris:
+        try:
+            conn = libvirt.open(uri)
+        except libvirt.libvirtError:
+            continue
+        try:
+            conn.lookupByUUIDString(vm_id)
+            return uri
+        except libvirt.libvirtError:
+            continue
+        finally:
+            conn.close()
+    raise ResourceUnavailable(
+        f"{where}: CloudStack says it runs on host {config.host_id()}, but no libvirt of this agent "
+        f"({URIS_ENV}) runs it"
+    )
+
+
 def vm_hardware(api: Any, vm: dict[str, Any], volumes: list[dict[str, Any]]) -> dict[str, Any]:
     """What a VM from a point needs, from the API: CPUs and memory (the service offering), the OS
     type (the template's), the NICs with their networks, the volumes as disks by device id."""
@@ -131,28 +156,7 @@ class CloudStackSourceConnector:
         return lv
 
     def _uri_of(self, vm_id: str) -> str:
-        """Which of this host's libvirts runs the domain (CloudStack's KVM agent uses one: the first
-        that knows the UUID, else the first configured)."""
-        import libvirt
-
-        uris = local_libvirt_uris()
-        libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
-        for uri in uris:
-            try:
-                conn = libvirt.open(uri)
-            except libvirt.libvirtError:
-                continue
-            try:
-                conn.lookupByUUIDString(vm_id)
-                return uri
-            except libvirt.libvirtError:
-                continue
-            finally:
-                conn.close()
-        raise ResourceUnavailable(
-            f"{self._where()}: CloudStack says it runs on host {config.host_id()}, but no libvirt of this "
-            f"agent ({URIS_ENV}) runs it"
-        )
+        return domain_uri(vm_id, self._where())
 
     # ------------------------------------------------------------------ protocol
 

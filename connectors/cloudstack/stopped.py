@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 class StoppedVolumes:
     """The volumes (key -> file on this host's view of primary storage) of stopped VM `vm_id`."""
 
+    keep: frozenset[str] = frozenset()  # bitmaps of the job that release and forget leave (failback's point)
+
     def __init__(self, job: str, label: str, vm_id: str, volumes: dict[str, Path]) -> None:
         self.job, self.label, self.vm_id, self.volumes = job, label, vm_id, volumes
         self.prefix = bitmap_prefix(job)
@@ -139,6 +141,7 @@ class StoppedVolumes:
             new = split_change_id(d.change_id)[0]
             names = self._bitmaps(path)
             drop = [n for n in names if n.startswith(self.prefix) and n != new] if committed else [new]
+            drop = [n for n in drop if n not in self.keep]
             drop = [n for n in drop if n in names]
             try:
                 remove_bitmaps(path, drop, f"{self.label} was started: bitmaps {', '.join(drop)} stay")
@@ -150,7 +153,7 @@ class StoppedVolumes:
             if not path.is_file():
                 log.info("%s: volume %s is not here, nothing to remove", self.label, key)
                 continue
-            mine = [n for n in self._bitmaps(path) if n.startswith(self.prefix)]
+            mine = [n for n in self._bitmaps(path) if n.startswith(self.prefix) and n not in self.keep]
             remove_bitmaps(
                 path,
                 mine,

@@ -44,6 +44,7 @@ from connectors.cloudstack import api as csapi
 from connectors.cloudstack import catalog
 from connectors.cloudstack.spec import CloudStackTarget
 from connectors.cloudstack.target import CloudStackTargetConnector
+from connectors.kvm.identity import bitmap_prefix
 from connectors.kvm.vm_state import vms_dir
 from sendense import config
 from sendense.errors import InvalidSpec, ResourceNotFound, SendenseError, TargetError
@@ -66,12 +67,22 @@ def cloud_name(spec: CloudStackTarget, name: str) -> str:
     return text[:63].rstrip("-")
 
 
-def point_bitmap(point_id: str) -> str:
+def tracker(job: str) -> str:
+    """The name failback's change tracking goes by on a failed-over VM of `job` (bitmap and libvirt
+    checkpoint prefix `sendense.Failback-<job>.`): libvirt's checkpoint names allow letters, digits,
+    '_', '-' and '.', and a job name has no capital, so no job's own checkpoints, nor its `forget`,
+    ever touch it (KVM's `failback~<job>` would be refused by libvirt)."""
+    return f"Failback-{job}"
+
+
+def point_bitmap(job: str, point_id: str) -> str:
     """The persistent dirty bitmap each flat copy gets when it is made: QEMU records in it, in the
     volume's own file, every write of the VM since its point (what a failback's first reverse sync
     copies). Migrations carry it with the file; a forced stop that kills QEMU leaves it inconsistent
-    (a reverse sync then compares the whole disk)."""
-    return f"sendense-point-{point_id}"
+    (a reverse sync then compares the whole disk). Named in failback's change tracking of the job
+    (`tracker`), so the libvirt of the host the VM runs on adopts it as a checkpoint
+    (LibvirtSource._adopt_carried): the first reverse snapshot's base (connectors.cloudstack.vm_changes)."""
+    return f"{bitmap_prefix(tracker(job))}point-{point_id}"
 
 
 class CloudStackVms:
@@ -241,7 +252,7 @@ class CloudStackVms:
             src = kvm.point_path(plan.point_id, key)
             try:
                 qemu_img("convert", "-q", "-f", "qcow2", "-O", "qcow2", str(src), str(part))
-                qemu_img("bitmap", "--add", str(part), point_bitmap(plan.point_id))
+                qemu_img("bitmap", "--add", str(part), point_bitmap(self.job, plan.point_id))
             except SendenseError as e:
                 part.unlink(missing_ok=True)
                 reason = e.message.replace(str(part), dest.name).replace(str(src), f"point {plan.point_id}")

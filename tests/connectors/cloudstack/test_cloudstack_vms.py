@@ -49,10 +49,10 @@ def _env(lab: LabServer, monkeypatch: pytest.MonkeyPatch) -> None:
     use_lab(lab, monkeypatch)
 
 
-def written_since_point(flat: Path) -> int:
+def written_since_point(flat: Path, job: str) -> int:
     """Bytes the flat copy's point bitmap says the VM wrote since its point (QEMU stored it at stop)."""
-    with qemu_nbd(flat, bitmaps=[point_bitmap("p1")]) as srv:
-        bitmap = point_bitmap("p1")
+    bitmap = point_bitmap(job, "p1")
+    with qemu_nbd(flat, bitmaps=[bitmap]) as srv:
         with NbdConnection(srv.uri, contexts=(ALLOCATION, dirty_context(bitmap))) as c:
             return sum(e.length for e in c.changed_extents(bitmap))
 
@@ -68,7 +68,7 @@ def test_a_drill_vm_from_a_point_boots_the_guest_and_leaves_nothing(lab: LabServ
     made = vms.create_vm(VmPlan(name="drill-1", point_id="p1", memory_mib=256))
     [root] = api(lab).call("listVolumes", virtualmachineid=made.vm_id)["volume"]
     flat = lab.cloud.state.pool.path / root["path"]
-    assert written_since_point(flat) == 0  # the flat copy's bitmap: nothing written yet
+    assert written_since_point(flat, spec.name) == 0  # the flat copy's bitmap: nothing written yet
     ref = vms.power_on("drill-1")
     assert ref.state == "running" and vms.power_on("drill-1").vm_id == ref.vm_id  # running already
     check = vms.boot_check("drill-1", READY, timeout=180)
@@ -79,7 +79,7 @@ def test_a_drill_vm_from_a_point_boots_the_guest_and_leaves_nothing(lab: LabServ
     assert vm["state"] == "Running" and vm["hostname"] in ("cs-lab-host-1", "cs-lab-host-2")
     assert [n["networkname"] for n in vm["nic"]] == ["lab-isolated"]
     assert vms.power_off("drill-1").state == "stopped"
-    assert written_since_point(flat) > 0  # the guest's boot wrote (its root mounted read-write)
+    assert written_since_point(flat, spec.name) > 0  # the guest's boot wrote (its root mounted read-write)
     vms.destroy_vm("drill-1")
     tgt.release("p1", "drill-1")
     assert vms.list_vms() == [] and leftovers(lab) == before
