@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from sendense.agents import FORGET, FRESH, Announcement, LocalVm, heard, locate
+from sendense.agents import FORGET, FRESH, Announcement, LocalVm, Located, alive, heard, locate
 
 T0 = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
 U = "6f1c2d3e-0000-4000-8000-000000000001"
@@ -28,6 +28,20 @@ def test_a_vm_of_another_platform_with_the_same_id_is_not_it() -> None:
 def test_a_stale_agent_is_not_believed_and_is_named() -> None:
     found = locate([agent("a", U)], "kvm", U, T0 + FRESH + timedelta(seconds=1))
     assert found.host_id is None and "last seen on host a" in found.why
+
+
+def test_a_host_a_platform_api_names_is_taken_only_while_its_agent_is_fresh() -> None:
+    """A CloudStack VM's host comes from the API (Platform.locate); a sync placed on a host with no
+    live agent would wait for one forever, so that host's agent must have been heard from lately."""
+    asked = Located(host_id="kvm-2")
+    assert alive([agent("kvm-1"), agent("kvm-2")], asked, T0 + timedelta(seconds=5)) == asked
+    stale = alive([agent("kvm-2")], asked, T0 + FRESH + timedelta(seconds=1))
+    assert (
+        stale.host_id is None and "host kvm-2, whose agent was not heard from in the last 60 s" in stale.why
+    )
+    assert alive([agent("kvm-1")], asked, T0).host_id is None  # no agent on that host at all
+    nowhere = Located(why="CloudStack VM web is Stopped, on no host")
+    assert alive([agent("kvm-1")], nowhere, T0) == nowhere
 
 
 def test_two_agents_claiming_the_vm_keep_the_job_where_it_was() -> None:
