@@ -283,7 +283,11 @@ class CloudStackVmChanges:
         if isinstance(reader, _Domain) and any(inner_base[t] != from_point[t] for t in inner_base):
             # libvirt exports one bitmap a disk: what changed since the point, just before (exact with
             # what the snapshot says changed since its base: see `united`)
-            since_point = reader.changed_since(point)
+            try:
+                since_point = reader.changed_since(point)
+            except SendenseError as e:  # (only changed_since_point needs it: the snapshot goes on)
+                log.warning("VM %s: what changed since point %s is not known at %s: %s", name, point_id,
+                            snapshot_id, e.message)  # fmt: skip
         inner = reader.create_snapshot(snapshot_id, inner_base)
         fall_back = [d.key for d in inner.disks if d.tracking_lost and inner_base[d.key] != from_point[d.key]]
         if fall_back:  # a later base is lost: from the point, which always says what changed
