@@ -23,12 +23,16 @@ checkpoints, never the point's, so what the VM changed since its point stays kno
 too: it is the failover's, and goes with the VM's volumes). A base that cannot be used (its bitmap
 missing or not stored cleanly) falls back to the point; when the point's bitmap itself is lost (a
 host crash killed QEMU), the disk is read whole and the sink compares it (`tracking_lost` says why).
-`changed_since_point` of a running VM's snapshot needs the snapshot taken from the point (libvirt
-exports one bitmap per disk and backup); at rest any snapshot has it.
+`changed_since_point` of a running VM's snapshot from a later base: libvirt exports one bitmap a disk
+and backup (the base's), so just before the snapshot a backup from the point that makes no checkpoint
+says what changed since the point (block status only, kept on the agent until release); united with
+what the snapshot says changed since its base, that is exactly what changed since the point at the
+snapshot (the base is older than that moment). At rest the point's bitmap is exported with the others.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -43,13 +47,15 @@ from connectors.cloudstack.spec import CloudStackTarget
 from connectors.cloudstack.stopped import StoppedVolumes
 from connectors.cloudstack.vms import CloudStackVms, point_bitmap, tracker
 from connectors.kvm import handles
-from connectors.kvm.identity import libvirt_identity, split_change_id
+from connectors.kvm.identity import bitmap_prefix, libvirt_identity, split_change_id
+from connectors.kvm.libvirt_source import PER_DISK_INCREMENTAL
 from connectors.kvm.migrated_checkpoints import FollowsMigrations
 from connectors.kvm.offline import NbdSourceDisk
 from sendense import config
 from sendense.datapath.extents import Extent, coalesce
-from sendense.datapath.nbd import NbdConnection
+from sendense.datapath.nbd import ALLOCATION, NbdConnection, dirty_context, unix_uri
 from sendense.errors import (
+    ChangeTrackingLost,
     NotWhileRunning,
     ResourceNotFound,
     ResourceUnavailable,
@@ -57,7 +63,7 @@ from sendense.errors import (
     SnapshotInconsistent,
 )
 from sendense.models import DiskSnapshot, SnapshotRef
-from sendense.private import work_dir
+from sendense.private import private_dir, work_dir, write_atomic
 from sendense.protocols import POINT_BASE, point_base
 
 log = logging.getLogger(__name__)
@@ -87,6 +93,50 @@ class _Domain(FollowsMigrations):
     def _clear_stale(self, dom: libvirt.virDomain, base: dict[str, str | None], new: str) -> None:
         super()._clear_stale(dom, {**base, "": self.point}, new)
 
+    def changed_since(self, checkpoint: str) -> dict[str, list[Extent]]:
+        """What each disk changed since `checkpoint`, now: a pull backup from it that makes no
+        checkpoint, of which only the exported bitmap's block status is read, ended at once. {}: the
+        checkpoint is not there (its bitmap lost)."""
+        probe = f"{checkpoint}.probe"
+        with self._dom() as dom:
+            self._running(dom)
+            disks, others = self._disks(dom)
+            self._adopt_carried(dom, disks)
+            if checkpoint not in self._checkpoint_names(dom):
+                return {}
+            self._end_job(dom, None)  # (a leftover of ours: a retried snapshot)
+            private_dir(self.work_dir, "work directory")
+            sock = self._socket_path()
+            scratch = {d.target: self._scratch_path(probe, d.target) for d in disks}
+            for p in [sock, *scratch.values()]:
+                p.unlink(missing_ok=True)
+            per_disk = self._lib_version(dom) >= PER_DISK_INCREMENTAL
+            xml = self._backup_xml(
+                disks, others, {d.target: checkpoint for d in disks}, sock, scratch, per_disk
+            )
+            try:
+                dom.backupBegin(xml, None, 0)
+            except libvirt.libvirtError as e:
+                raise self._error(e, "backupBegin") from None
+            try:
+                job = self._backup(dom)
+                out: dict[str, list[Extent]] = {}
+                for d in disks:
+                    bd = job.disks.get(d.target) if job is not None else None
+                    if job is None or bd is None or not bd.bitmap:
+                        raise SendenseError(
+                            f"{self._where()}: no changes since {checkpoint} exported for {d.target}"
+                        )
+                    uri = unix_uri(job.socket or str(sock), bd.export)
+                    ctx = (ALLOCATION, dirty_context(bd.bitmap))
+                    with NbdConnection(uri, contexts=ctx, label=f"disk {d.target} of {self._where()}") as c:
+                        out[d.target] = list(coalesce(c.changed_extents(bd.bitmap)))
+            finally:
+                self._end_job(dom, None)
+                for p in scratch.values():
+                    p.unlink(missing_ok=True)
+        return out
+
 
 class _Stopped(StoppedVolumes):
     """The stopped VM's volumes under failback's tracker."""
@@ -106,6 +156,24 @@ class VmDisk:
 
     def connect(self) -> NbdConnection:
         return self.inner.connect()
+
+
+def united(earlier: list[Extent], now: list[Extent]) -> list[Extent]:
+    """`now` (what changed since a later base, at the snapshot) and what of `earlier` (what changed
+    since the point, a moment before) it does not cover: what changed since the point at the snapshot.
+    Outside `now` nothing was written since, so `earlier`'s data/zero kind still holds there."""
+    out: list[Extent] = list(now)
+    for e in earlier:
+        start = e.offset
+        for n in now:
+            if n.end <= start or n.offset >= e.end:
+                continue
+            if n.offset > start:
+                out.append(Extent(start, n.offset - start, e.zero))
+            start = max(start, n.end)
+        if start < e.end:
+            out.append(Extent(start, e.end - start, e.zero))
+    return list(coalesce(sorted(out, key=lambda x: x.offset)))
 
 
 class _Vm(NamedTuple):
@@ -211,6 +279,15 @@ class CloudStackVmChanges:
         for key, target, _ in disks:
             since = (base or {}).get(key)
             inner_base[target] = since if since and not since.startswith(POINT_BASE) else from_point[target]
+        since_point: dict[str, list[Extent]] = {}
+        if isinstance(reader, _Domain) and any(inner_base[t] != from_point[t] for t in inner_base):
+            # libvirt exports one bitmap a disk: what changed since the point, just before (exact with
+            # what the snapshot says changed since its base: see `united`)
+            try:
+                since_point = reader.changed_since(point)
+            except SendenseError as e:  # (only changed_since_point needs it: the snapshot goes on)
+                log.warning("VM %s: what changed since point %s is not known at %s: %s", name, point_id,
+                            snapshot_id, e.message)  # fmt: skip
         inner = reader.create_snapshot(snapshot_id, inner_base)
         fall_back = [d.key for d in inner.disks if d.tracking_lost and inner_base[d.key] != from_point[d.key]]
         if fall_back:  # a later base is lost: from the point, which always says what changed
@@ -240,6 +317,11 @@ class CloudStackVmChanges:
                     handle=dh.dump(),
                 )
             )
+        keep = self._since_point_file(snapshot_id)
+        keep.unlink(missing_ok=True)
+        if since_point:
+            spans = {t: [[e.offset, e.length, e.zero] for e in ex] for t, ex in since_point.items()}
+            write_atomic(keep, json.dumps(spans))
         sh = handles.VmChangesSnapshot(vm=name, form=form, point_id=point_id, inner=inner.handle)
         log.info("job %s: reverse snapshot %s of VM %s (%s)", self.job, snapshot_id, name, form)
         return SnapshotRef(snapshot_id=snapshot_id, created_at=inner.created_at, disks=out, handle=sh.dump())
@@ -252,21 +334,37 @@ class CloudStackVmChanges:
         point_cid = f"{point}@{split_change_id(dh.base or ref.disk(key).change_id)[1]}"
         form, reader = self._reader(h.vm, h.form)[:2]
         inner_ref = self._inner(ref)
-        if since_point and split_change_id(dh.base)[0] != point:
-            if form == RUNNING:
-                raise SendenseError(
-                    f"VM {h.vm} of job {self.job}: reverse snapshot {ref.snapshot_id} of the running VM was "
-                    "taken from an earlier reverse snapshot: it says what changed since that one only"
-                )
-            inner_ref = self._inner(ref, {dh.node: point_cid})
+        if since_point and form == STOPPED and split_change_id(dh.base)[0] != point:
+            inner_ref = self._inner(ref, {dh.node: point_cid})  # the point's bitmap exported too
         with reader.open_disk(inner_ref, dh.node) as inner:
             yield VmDisk(inner, {point_base(h.point_id): point_cid})
 
     def open_disk(self, ref: SnapshotRef, key: str) -> AbstractContextManager[VmDisk]:
         return self._open(ref, key)
 
+    def _since_point_file(self, snapshot_id: str) -> Path:
+        """Where a running VM's snapshot from a later base keeps what changed since the point before it."""
+        return work_dir(self.job) / f"{bitmap_prefix(self.tracker)}{snapshot_id}.since-point.json"
+
     def changed_since_point(self, ref: SnapshotRef, key: str) -> Iterator[Extent]:
-        point = point_base(handles.VmChangesSnapshot.parse(ref.handle).point_id)
+        h = handles.VmChangesSnapshot.parse(ref.handle)
+        d = ref.disk(key)
+        dh = handles.VmChangesDisk.parse(d.handle)
+        if dh.lost:
+            raise ChangeTrackingLost(f"VM {h.vm} of job {self.job}: disk {key}: {dh.lost}")
+        point = point_base(h.point_id)
+        if h.form == RUNNING and d.base_change_id != point:
+            path = self._since_point_file(ref.snapshot_id)
+            try:
+                earlier = [Extent(o, n, z) for o, n, z in json.loads(path.read_text())[dh.node]]
+            except (OSError, KeyError, ValueError):
+                raise ChangeTrackingLost(
+                    f"VM {h.vm} of job {self.job}: reverse snapshot {ref.snapshot_id} does not know what "
+                    f"disk {key} changed since point {h.point_id} (taken by another agent, or released)"
+                ) from None
+            with self._open(ref, key) as disk:
+                yield from united(earlier, list(coalesce(disk.extents(d.base_change_id))))
+            return
         with self._open(ref, key, since_point=True) as disk:
             yield from coalesce(disk.extents(point))
 
@@ -277,9 +375,13 @@ class CloudStackVmChanges:
         except (ResourceNotFound, ResourceUnavailable, NotWhileRunning, SnapshotInconsistent) as e:
             log.info("release of reverse snapshot %s: nothing to release here: %s", ref.snapshot_id, e)
             return
+        finally:
+            self._since_point_file(ref.snapshot_id).unlink(missing_ok=True)
         reader.release_snapshot(self._inner(ref), committed)
 
     def forget(self, name: str) -> None:
+        for f in work_dir(self.job).glob(f"{bitmap_prefix(self.tracker)}*.since-point.json"):
+            f.unlink(missing_ok=True)
         try:
             reader = self._reader(name).reader
         except ResourceNotFound as e:

@@ -30,7 +30,7 @@ from labs.cloudstack.server import LabServer
 from labs.cloudstack.state import LabConfig
 from labs.kvm.libvirtd import device_alias, hmp
 from sendense import platforms
-from sendense.errors import NotWhileRunning, SendenseError, SnapshotInconsistent
+from sendense.errors import ChangeTrackingLost, NotWhileRunning, SnapshotInconsistent
 from sendense.models import SnapshotRef, VmPlan
 from sendense.protocols import VmChanges, point_base
 from tools.qemu import image_info, qcow2_bitmaps
@@ -204,9 +204,12 @@ def test_running_then_stopped_changes_are_exactly_the_writes_and_read_as_written
     with fo.changes.open_disk(r2, KEY) as disk:  # only what was written since r1
         assert spans(disk.extents(d1.change_id)) == [(1 * MiB, G), (9 * MiB, G)]
     fo.reads_as(r2, fo.shadow.read_bytes())
-    with pytest.raises(SendenseError, match="taken from an earlier reverse snapshot"):
-        list(fo.changes.changed_since_point(r2, KEY))
+    # since the point, though taken from r1: a backup from the point just before, with r2's own changes
+    since_point = [(1 * MiB, 128 * KiB), (5000 * KiB // G * G, G), (9 * MiB, G), (12 * MiB, G)]
+    assert spans(fo.changes.changed_since_point(r2, KEY)) == since_point
     fo.changes.release(r2, committed=True)
+    with pytest.raises(ChangeTrackingLost, match="does not know what disk disk0 changed since point p1"):
+        list(fo.changes.changed_since_point(r2, KEY))  # released: what it knew went
     assert fo.checkpoints() == sorted([pb, f"sendense.{tracker(fo.spec.name)}.r2"])  # r1 gone, point kept
 
     # stopped (a failback's cutover): read at rest, the chain goes on from the running VM's r2
@@ -313,6 +316,8 @@ def test_a_vm_live_migrated_between_reverse_syncs_goes_on_from_the_bitmaps_it_br
     with fo.changes.open_disk(r2, "disk0") as disk:
         assert spans(disk.extents(base["disk0"])) == []
     fo.reads_as(r2, fo.shadows["disk1"].read_bytes(), "disk1")
+    assert spans(fo.changes.changed_since_point(r2, "disk1")) == [(1 * MiB, G), (2 * MiB, G), (6 * MiB, G)]
+    assert spans(fo.changes.changed_since_point(r2, "disk0")) == []
     fo.changes.release(r2, committed=True)
     pb = point_bitmap(fo.spec.name, "p1")
     assert fo.checkpoints() == sorted([pb, f"sendense.{tracker(fo.spec.name)}.r2"])  # the point came too
